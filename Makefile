@@ -1,0 +1,43 @@
+# What the README tells a newcomer to type. Everything installs into ./.venv on first use:
+# the CPU wheel of torch (pinned so pip never pulls a multi-GB CUDA build), then rlkern itself
+# (editable, built against that torch with --no-build-isolation) with its train/dev/bench extras.
+# A GPU user who already has torch: `make setup PYTHON=/path/to/python VENV=/path/to/env`, or
+# `pip install --no-build-isolation -e ".[train]"` in their own environment.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup build train test test-triton bench clean
+
+setup: $(VENV)/.rlkern-installed
+
+$(VENV)/.rlkern-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[train,dev,bench]"
+	touch $@
+
+# Incremental rebuild of rlkern._C in place after editing csrc/ (ninja recompiles changed files only).
+# flock serialises concurrent builds of the same tree.
+build: setup
+	flock /tmp/rlkern-build.lock $(PY) setup.py build_ext --inplace
+
+train: setup
+	$(PY) -m rlkern.train
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The Triton kernels on CPU tensors through the interpreter (also part of `make test`).
+test-triton: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf build dist *.egg-info rlkern/_C*.so

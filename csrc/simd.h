@@ -1,0 +1,134 @@
+// Portable 16-lane float SIMD for the CPU kernels, written with GCC vector extensions.
+//
+// Each hot function is compiled three times with RLKERN_CLONES (AVX-512, AVX2+FMA+F16C, baseline
+// x86-64) and the loader picks the best one for the CPU, so the wheel runs on any x86-64 and is
+// fast on recent ones. The helpers below are always_inline so they take the target of their caller.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && !defined(__clang__)
+#define RLKERN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RLKERN_CLONES
+#endif
+#define RLKERN_INLINE inline __attribute__((always_inline))
+
+namespace rlkern {
+
+constexpr int kLanes = 16;
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint16_t vushort __attribute__((vector_size(32)));
+typedef _Float16 vhalf __attribute__((vector_size(32)));
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+RLKERN_INLINE vfloat splat(float x) { return vfloat{} + x; }
+
+RLKERN_INLINE vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+
+RLKERN_INLINE float hsum(vfloat v) {
+  // Fixed pairwise order: the result depends only on the lanes, never on threads or batch.
+  float acc[kLanes];
+  std::memcpy(acc, &v, sizeof(acc));
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) acc[i] += acc[i + w];
+  return acc[0];
+}
+
+RLKERN_INLINE float hmax(vfloat v) {
+  float acc[kLanes];
+  std::memcpy(acc, &v, sizeof(acc));
+  float m = acc[0];
+  for (int i = 1; i < kLanes; ++i) m = acc[i] > m ? acc[i] : m;
+  return m;
+}
+
+// exp(x) for x <= 0, the only range softmax needs (arguments are always z - max or z - lse).
+// Cody-Waite reduction x = n*ln2 + r, |r| <= ln2/2, then Cephes' degree-6 minimax polynomial for
+// e^r (max relative error ~1.5 ulp), then 2^n written into the exponent bits. The rounding
+// constant 1.5*2^23 + 127 leaves n + 127 (the biased exponent) in the low mantissa bits of t, so
+// a single shift builds 2^n. Arguments are clamped at ln(FLT_MIN) ~ -87.3: below it the result is
+// ~1.2e-38 instead of 0, which cannot move a float32 sum that holds the max term e^0 = 1; callers
+// that need an exact 0 for -inf logits mask it themselves.
+RLKERN_INLINE vfloat vexp_nonpos(vfloat x) {
+  const vfloat xc = vmax(x, splat(-87.33654f));
+  const vfloat shifter = splat(12582912.0f + 127.0f);
+  const vfloat t = xc * splat(1.44269504088896341f) + shifter;
+  const vfloat n = t - shifter;
+  vfloat r = xc - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * (r * r) + r + splat(1.0f);
+  vint bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = bits << 23;  // n + 127 in [1, 127]: a normal float's exponent field, mantissa 0
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Loads 16 values of any supported storage type as float32.
+RLKERN_INLINE vfloat load16(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+RLKERN_INLINE vfloat load16(const c10::BFloat16* p) {
+  vushort h;
+  std::memcpy(&h, p, sizeof(h));
+  vuint bits = __builtin_convertvector(h, vuint) << 16;  // bf16 is the top half of a float32
+  vfloat v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+RLKERN_INLINE vfloat load16(const c10::Half* p) {
+  vhalf h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, vfloat);
+}
+
+// Stores 16 float32 values in a storage type, rounding to nearest even like torch's .to(dtype).
+RLKERN_INLINE void store16(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+RLKERN_INLINE void store16(c10::BFloat16* p, vfloat v) {
+  vuint bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  vuint rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const vint is_nan = v != v;  // rounding must not turn a NaN payload into an infinity
+  rounded = is_nan ? vuint{} + 0x7FC0u : rounded;
+  vushort h = __builtin_convertvector(rounded, vushort);
+  std::memcpy(p, &h, sizeof(h));
+}
+RLKERN_INLINE void store16(c10::Half* p, vfloat v) {
+  vhalf h = __builtin_convertvector(v, vhalf);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// Tail handling: copy the last n < 16 elements into a padded float buffer (pad = `fill`).
+template <typename T>
+RLKERN_INLINE vfloat load_tail(const T* p, int64_t n, float fill) {
+  float buf[kLanes];
+  for (int i = 0; i < kLanes; ++i) buf[i] = i < n ? static_cast<float>(p[i]) : fill;
+  return load16(buf);
+}
+template <typename T>
+RLKERN_INLINE void store_tail(T* p, vfloat v, int64_t n) {
+  float buf[kLanes];
+  store16(buf, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
+}
+
+}  // namespace rlkern

@@ -1,0 +1,141 @@
+"""Token log-probs and entropy from logits: Triton kernels (one program per row of V logits).
+
+Same maths as csrc/logprobs.cpp: an online (max, sum-exp) recurrence over BLOCK_V-wide blocks of
+the row in fp32, saving one log-sum-exp and one entropy per row; the backward recomputes
+p = exp(z - lse) block by block and writes d logits once, optionally over the logits themselves.
+Offsets are int64, so N * V > 2^31 is safe; V up to 256k loops over 64 blocks of 4096.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _row_base(ptr, row, inner, stride_outer, stride_inner):
+    return ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr,
+    inner, stride_outer, stride_inner, vocab, inv_temp, ignore_index,
+    HAS_LABELS: tl.constexpr, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = _row_base(logits_ptr, row, inner, stride_outer, stride_inner)
+    # Running max m, S = sum e^{z-m}, T = sum e^{z-m} (z-m); S == 0 until a finite logit is seen.
+    m = tl.full((), NEG_INF, tl.float32)
+    s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V).to(tl.int64)
+        z = tl.load(x_row + offs, mask=offs < vocab, other=NEG_INF).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # Rescale the sums from the old max to the new one: S' = cS, T' = c(T + (m - m')S).
+        c = tl.where(s > 0, tl.exp(m - m_new), 0.0)
+        t = tl.where(s > 0, c * (t + (m - m_new) * s), 0.0)
+        s = s * c
+        m = m_new
+        d = z - m
+        e = tl.where(z > NEG_INF, tl.exp(d), 0.0)  # -inf logits contribute 0 (and no NaN via d)
+        s += tl.sum(e, axis=0)
+        if WANT_ENTROPY:
+            t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+    alive = s > 0  # False only for a row whose every logit is -inf
+    log_s = tl.log(tl.where(alive, s, 1.0))
+    lse = tl.where(alive, m + log_s, NEG_INF)
+    tl.store(lse_ptr + row, lse)
+    if WANT_ENTROPY:
+        tl.store(ent_ptr + row, tl.where(alive, log_s - t / tl.where(alive, s, 1.0), 0.0))
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + row)
+        # Masked load: a label outside [0, V) (only reachable inside torch.compile, where the
+        # eager range check is skipped) reads nothing and yields NaN rather than stray memory.
+        in_range = (y >= 0) & (y < vocab)
+        zy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=float("nan")).to(tl.float32)
+        logp = tl.where(alive, zy * inv_temp - lse, NEG_INF)
+        tl.store(logp_ptr + row, tl.where(y == ignore_index, 0.0, logp))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr, grad_ptr, labels_ptr, grad_logp_ptr, grad_ent_ptr, lse_ptr, ent_ptr,
+    inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner, vocab, inv_temp,
+    ignore_index, HAS_LABELS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = _row_base(logits_ptr, row, inner, stride_outer, stride_inner)
+    dx_row = _row_base(grad_ptr, row, grad_inner, grad_stride_outer, grad_stride_inner)
+    lse = tl.load(lse_ptr + row)
+    alive = lse > NEG_INF
+    g = tl.zeros((), tl.float32)
+    y = tl.full((), -1, tl.int64)
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + row).to(tl.int64)
+        if HAS_GRAD_LOGP:
+            g = tl.where((y != ignore_index) & alive, tl.load(grad_logp_ptr + row), 0.0)
+    gh = tl.zeros((), tl.float32)
+    h = tl.zeros((), tl.float32)
+    if HAS_GRAD_ENT:
+        gh = tl.where(alive, tl.load(grad_ent_ptr + row), 0.0)
+        h = tl.load(ent_ptr + row)
+    # d z_j = g (1[j=y] - p_j) - gh p_j (z_j - lse + H). Each block is read before it is written,
+    # so writing over the logits themselves (inplace backward) is safe.
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V).to(tl.int64)
+        in_row = offs < vocab
+        z = tl.load(x_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temp
+        d = z - lse
+        p = tl.where(z > NEG_INF, tl.exp(d), 0.0)
+        dz = tl.where(p > 0, -p * (g + gh * (d + h)), 0.0) + tl.where(offs == y, g, 0.0)
+        tl.store(dx_row + offs, (dz * inv_temp).to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _block_and_warps(vocab: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(vocab), 4096)
+    return block, 4 if block <= 1024 else 8 if block <= 2048 else 16
+
+
+def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, inv_temp: float, ignore_index: int,
+                 logp: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor) -> None:
+    """logits: [outer, inner, V] with unit stride over V; labels: flat int64 [outer*inner] or None.
+    Writes flat fp32 lse, and logp / ent unless they are empty (no labels / no entropy)."""
+    outer, inner, vocab = logits.shape
+    rows = outer * inner
+    if rows == 0:
+        return
+    block, warps = _block_and_warps(vocab)
+    has_labels, want_entropy = logp.numel() > 0, ent.numel() > 0
+    _logprobs_fwd_kernel[(rows,)](
+        logits, labels if has_labels else lse, logp if has_labels else lse, lse, ent if want_entropy else lse,
+        max(inner, 1), logits.stride(0), logits.stride(1), vocab, inv_temp, ignore_index,
+        HAS_LABELS=has_labels, WANT_ENTROPY=want_entropy, BLOCK_V=block, num_warps=warps,
+    )
+
+
+def logprobs_bwd(
+    grad_logp: torch.Tensor | None, grad_ent: torch.Tensor | None, logits: torch.Tensor,
+    labels: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None, inv_temp: float,
+    ignore_index: int, grad_logits: torch.Tensor,
+) -> None:
+    """Writes d logits into grad_logits ([outer, inner, V], unit stride over V; may be logits)."""
+    outer, inner, vocab = logits.shape
+    rows = outer * inner
+    if rows == 0:
+        return
+    block, warps = _block_and_warps(vocab)
+    _logprobs_bwd_kernel[(rows,)](
+        logits, grad_logits, labels if labels is not None else lse,
+        grad_logp if grad_logp is not None else lse, grad_ent if grad_ent is not None else lse,
+        lse, ent if ent is not None else lse,
+        max(inner, 1), logits.stride(0), logits.stride(1),
+        max(grad_logits.shape[1], 1), grad_logits.stride(0), grad_logits.stride(1),
+        vocab, inv_temp, ignore_index,
+        HAS_LABELS=labels is not None, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
+        BLOCK_V=block, num_warps=warps,
+    )

@@ -1,0 +1,112 @@
+"""Which implementation runs an op: ``auto`` | ``torch`` | ``cpp`` | ``triton``.
+
+``auto`` picks by device: CPU tensors run the C++ kernels (``rlkern._C``), CUDA tensors the Triton
+kernels, anything else the plain-PyTorch reference. ``torch`` forces the reference, ``cpp`` and
+``triton`` force a kernel and fail with a one-line reason when it cannot run on the given tensors.
+
+Choose with the context manager ``rlkern.use_backend(name)`` or the environment variable
+``RLKERN_BACKEND`` (read at every call, so tests can set it per process); the context manager wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpp", "triton")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlkern_backend", default=None)
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run on the given tensors; the message says why."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the ``with`` block on backend ``name`` (one of ``BACKENDS``)."""
+    token = _forced.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def requested() -> str:
+    """The backend asked for: the innermost ``use_backend``, else ``$RLKERN_BACKEND``, else ``auto``."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    env = os.environ.get("RLKERN_BACKEND", "auto").strip().lower() or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"RLKERN_BACKEND must be one of {BACKENDS}, got {env!r}")
+    return env
+
+
+@functools.cache
+def cpp_import_error() -> str | None:
+    """Why ``rlkern._C`` cannot be imported, or None when it can."""
+    try:
+        import rlkern._C  # noqa: F401  (importing registers torch.ops.rlkern_C.*)
+    except ImportError as err:
+        return f"the C++ extension rlkern._C is not built ({err}); run `make setup`"
+    return None
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """Why Triton cannot be imported, or None when it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"triton is not installed ({err})"
+    return None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(name: str, device: torch.device) -> str | None:
+    if name == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got a tensor on {device}"
+        return cpp_import_error()
+    if name == "triton":
+        reason = triton_import_error()
+        if reason:
+            return reason
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return None
+        return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
+    return None
+
+
+def resolve(device: torch.device) -> str:
+    """The concrete backend (``torch``, ``cpp`` or ``triton``) for tensors on ``device``."""
+    name = requested()
+    if name == "auto":
+        if device.type == "cpu" and cpp_import_error() is None:
+            return "cpp"
+        if device.type == "cuda" and triton_import_error() is None:
+            return "triton"
+        return "torch"
+    reason = _why_not(name, device)
+    if reason:
+        raise BackendUnavailable(f"rlkern backend {name!r} cannot run: {reason}")
+    return name
+
+
+def available(device: torch.device) -> list[str]:
+    """The concrete backends that can run on ``device`` here (always includes ``torch``)."""
+    return ["torch"] + [n for n in ("cpp", "triton") if _why_not(n, device) is None]

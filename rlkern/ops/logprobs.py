@@ -1,0 +1,204 @@
+"""Token log-probs and entropy from logits, fused: ``logprobs``, ``entropy``, ``logprobs_and_entropy``.
+
+One pass over the logits computes, per row, log-sum-exp and (optionally) entropy in fp32; the
+log-prob of the label is z_y - lse. Nothing of size V is saved for backward: the backward pass
+recomputes softmax from the saved lse and writes d logits once (into the logits themselves with
+``inplace_backward=True``). Kernels: csrc/logprobs.cpp (CPU), kernels/logprobs.py (Triton);
+oracle: rlkern.reference.logprobs / entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkern import reference
+from rlkern.ops._common import (
+    check_label_range,
+    check_labels,
+    check_positive,
+    check_tensor,
+    new_output,
+    pick_backend,
+    rows_view,
+)
+
+__all__ = ["logprobs", "entropy", "logprobs_and_entropy"]
+
+_NO_LABELS_SHAPE = (0,)
+
+
+def _has_labels(labels: Tensor) -> bool:
+    return labels.shape != _NO_LABELS_SHAPE or labels.numel() > 0
+
+
+def _flat_labels(labels: Tensor) -> Tensor:
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def _run_forward(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, want_entropy: bool,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    rows = rows_view(logits)
+    has_labels = _has_labels(labels)
+    lead, dev = logits.shape[:-1], logits.device
+    logp = new_output(lead if has_labels else (0,), device=dev)
+    lse = new_output(lead, device=dev)
+    ent = new_output(lead if want_entropy else (0,), device=dev)
+    flat = _flat_labels(labels) if has_labels else None
+    flat_out = [t.view(-1) for t in (logp, lse, ent)]
+    if backend == "cpp":
+        no_labels = torch.empty(0, dtype=torch.int64)
+        torch.ops.rlkern_C.logprobs_fwd(rows, flat if has_labels else no_labels, 1.0 / temperature, ignore_index,
+                                        *flat_out)
+    else:
+        from rlkern.kernels import logprobs as tk
+
+        tk.logprobs_fwd(rows, flat, 1.0 / temperature, ignore_index, *flat_out)
+    return logp, lse, ent
+
+
+# The registered forward returns (logp, lse, entropy); `labels` of shape (0,) means "no labels"
+# (entropy only) and gives an empty logp. `inplace_backward` only changes what backward does.
+@torch.library.custom_op("rlkern::logprobs_fwd", mutates_args=())
+def _logprobs_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, want_entropy: bool,
+                  inplace_backward: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _run_forward(logits, labels, temperature, ignore_index, want_entropy, backend)
+
+
+@_logprobs_fwd.register_fake
+def _(logits, labels, temperature, ignore_index, want_entropy, inplace_backward, backend):
+    lead = logits.shape[:-1]
+    has_labels = _has_labels(labels)
+    new = lambda shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return new(lead if has_labels else (0,)), new(lead), new(lead if want_entropy else (0,))
+
+
+def _run_backward(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
+                  ent: Tensor, temperature: float, ignore_index: int, backend: str, out: Tensor) -> None:
+    rows, out_rows = rows_view(logits), rows_view(out)
+    if out_rows.data_ptr() != out.data_ptr() or out_rows.shape[-1] != out.shape[-1]:
+        raise AssertionError("rows_view must not copy the gradient buffer")
+    has_labels = _has_labels(labels)
+    flat = _flat_labels(labels) if has_labels else None
+    as_flat = lambda t: t.reshape(-1).float().contiguous() if t is not None and t.numel() > 0 else None  # noqa: E731
+    gl, gh, lse_f, ent_f = as_flat(grad_logp), as_flat(grad_ent), as_flat(lse), as_flat(ent)
+    if backend == "cpp":
+        empty = torch.empty(0)
+        torch.ops.rlkern_C.logprobs_bwd(
+            gl if gl is not None else empty, gh if gh is not None else empty, rows,
+            flat if flat is not None else empty.long(), lse_f if lse_f is not None else empty,
+            ent_f if ent_f is not None else empty, 1.0 / temperature, ignore_index, out_rows)
+    else:
+        from rlkern.kernels import logprobs as tk
+
+        tk.logprobs_bwd(gl, gh, rows, flat, lse_f, ent_f, 1.0 / temperature, ignore_index, out_rows)
+
+
+@torch.library.custom_op("rlkern::logprobs_bwd", mutates_args=())
+def _logprobs_bwd(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ent: Tensor,
+                  temperature: float, ignore_index: int, backend: str) -> Tensor:
+    out = new_output(logits.shape, device=logits.device, dtype=logits.dtype)
+    _run_backward(grad_logp, grad_ent, logits, labels, lse, ent, temperature, ignore_index, backend, out)
+    return out
+
+
+@_logprobs_bwd.register_fake
+def _(grad_logp, grad_ent, logits, labels, lse, ent, temperature, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("rlkern::logprobs_bwd_", mutates_args=("logits",))
+def _logprobs_bwd_inplace(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
+                          ent: Tensor, temperature: float, ignore_index: int, backend: str) -> None:
+    _run_backward(grad_logp, grad_ent, logits, labels, lse, ent, temperature, ignore_index, backend, logits)
+
+
+@_logprobs_bwd_inplace.register_fake
+def _(grad_logp, grad_ent, logits, labels, lse, ent, temperature, ignore_index, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, want_entropy, inplace_backward, backend = inputs
+    _, lse, ent = output
+    ctx.save_for_backward(logits, labels, lse, ent)
+    ctx.args = (temperature, ignore_index, backend)
+    ctx.inplace_backward = inplace_backward
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logp, grad_lse, grad_ent):
+    logits, labels, lse, ent = ctx.saved_tensors
+    none = logits.new_empty(0, dtype=torch.float32)
+    grad_logp = grad_logp if grad_logp is not None and grad_logp.numel() > 0 else none
+    grad_ent = grad_ent if grad_ent is not None and grad_ent.numel() > 0 else none
+    if ctx.inplace_backward:
+        torch.ops.rlkern.logprobs_bwd_(grad_logp, grad_ent, logits, labels, lse, ent, *ctx.args)
+        grad = logits
+    else:
+        grad = torch.ops.rlkern.logprobs_bwd(grad_logp, grad_ent, logits, labels, lse, ent, *ctx.args)
+    return grad, None, None, None, None, None, None
+
+
+_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(logits, labels, temperature) -> float:
+    check_tensor(logits, "logits")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if labels is not None:
+        check_labels(labels, "labels", logits.shape[:-1])
+    return check_positive(temperature, "temperature")
+
+
+def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_backward):
+    temperature = _validate(logits, labels, temperature)
+    backend = pick_backend(logits) if labels is None else pick_backend(logits, labels)
+    if backend == "torch":
+        logp = None if labels is None else reference.logprobs(
+            logits, labels, temperature=temperature, ignore_index=ignore_index)
+        ent = reference.entropy(logits, temperature=temperature) if want_entropy else None
+        return logp, ent
+    if labels is not None and backend != "cpp":  # the C++ kernel checks the range itself
+        check_label_range(labels, logits.shape[-1], ignore_index)
+    if labels is None:
+        labels = logits.new_empty(_NO_LABELS_SHAPE, dtype=torch.int64)
+    logp, _, ent = torch.ops.rlkern.logprobs_fwd(logits, labels, temperature, int(ignore_index), want_entropy,
+                                                 bool(inplace_backward), backend)
+    return logp, ent
+
+
+def logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+             inplace_backward: bool = False) -> Tensor:
+    """Log-probability of each label under softmax(logits / temperature).
+
+    Args:
+        logits: ``[..., V]`` float32 / bfloat16 / float16 (float64 runs the reference); the last dim
+            must be contiguous, leading dims may be strided (``logits[:, :-1]`` is not copied).
+            ``-inf`` entries are banned tokens.
+        labels: ``[...]`` int32 / int64 token ids in ``[0, V)`` or ``ignore_index``.
+        temperature: > 0; the logits are divided by it first.
+        ignore_index: label value whose log-prob (and gradient) is 0.
+        inplace_backward: write d logits into the logits' own storage during backward (saves one
+            ``[..., V]`` buffer); the logits must not be needed after backward.
+
+    Returns:
+        float32 ``[...]``: ``z_y - logsumexp(z)`` with ``z = logits / temperature``.
+    """
+    return _fused(logits, labels, temperature, ignore_index, False, inplace_backward)[0]
+
+
+def entropy(logits: Tensor, *, temperature: float = 1.0, inplace_backward: bool = False) -> Tensor:
+    """Shannon entropy in nats of softmax(logits / temperature), float32 ``[...]``.
+
+    ``-inf`` logits have probability 0 and contribute nothing; a row whose logits are all ``-inf``
+    has entropy 0. Shapes and dtypes as for :func:`logprobs`.
+    """
+    return _fused(logits, None, temperature, -100, True, inplace_backward)[1]
+
+
+def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+                         inplace_backward: bool = False) -> tuple[Tensor, Tensor]:
+    """``(logprobs(...), entropy(...))`` from a single pass over the logits; gradients flow through both."""
+    return _fused(logits, labels, temperature, ignore_index, True, inplace_backward)

@@ -1,0 +1,72 @@
+"""Shared test machinery: backends to run, poisoned outputs, the oracle tolerance rule."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter when no GPU is present. The variable is
+# read when @triton.jit decorates a kernel, so it must be set before any rlkern.kernels import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import rlkern  # noqa: E402
+from rlkern import backend as _backend  # noqa: E402
+from rlkern.ops import _common  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_BACKENDS = [b for b in ("cpp", "triton") if b in _backend.available(DEVICE)]
+ALL_BACKENDS = ["torch"] + KERNEL_BACKENDS
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    """Runs the test once per backend available here (Triton through the interpreter on CPU)."""
+    with rlkern.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    with rlkern.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """Fresh random inputs every case, reproducible from the test id (printed on failure)."""
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    return seed
+
+
+def assert_close_to_oracle(actual, oracle, same_dtype, *, atol: float, rtol: float = 0.0, what: str = "output"):
+    """The tolerance rule that survives bf16 (Cut Cross-Entropy's): rlkern may be off the float64
+    oracle by as much as plain torch in the same dtype is, plus a stated absolute/relative slack.
+
+    |actual - oracle| <= |same_dtype - oracle| + atol + rtol * |oracle|, elementwise; infinities
+    must match exactly and NaN is never allowed in `actual`.
+    """
+    actual, oracle, same_dtype = (t.detach().double().cpu() for t in (actual, oracle, same_dtype))
+    assert actual.shape == oracle.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
+    assert not actual.isnan().any(), f"{what}: NaN at {actual.isnan().nonzero()[:5].tolist()}"
+    inf = oracle.isinf()
+    assert torch.equal(actual[inf], oracle[inf]), f"{what}: infinities differ"
+    finite = ~inf
+    err = (actual - oracle)[finite].abs()
+    base = (same_dtype - oracle)[finite].abs().nan_to_num(0.0)
+    bound = base + atol + rtol * oracle[finite].abs()
+    worst = (err - bound).argmax() if err.numel() else None
+    assert err.numel() == 0 or bool((err <= bound).all()), (
+        f"{what}: error {err[worst].item():.3e} exceeds bound {bound[worst].item():.3e} "
+        f"(same-dtype torch error {base[worst].item():.3e}, atol {atol}, rtol {rtol})")

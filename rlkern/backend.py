@@ -11,7 +11,6 @@ Choose with the context manager ``rlkern.use_backend(name)`` or the environment 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import os
 
@@ -19,7 +18,9 @@ import torch
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlkern_backend", default=None)
+# The innermost use_backend() name. A plain module global (not a ContextVar) so that torch.compile
+# can read it while tracing (it guards on the value and retraces when it changes).
+_forced: str | None = None
 
 
 class BackendUnavailable(RuntimeError):
@@ -35,18 +36,18 @@ def _check_name(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the ops inside the ``with`` block on backend ``name`` (one of ``BACKENDS``)."""
-    token = _forced.set(_check_name(name))
+    global _forced
+    previous, _forced = _forced, _check_name(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced = previous
 
 
 def requested() -> str:
     """The backend asked for: the innermost ``use_backend``, else ``$RLKERN_BACKEND``, else ``auto``."""
-    forced = _forced.get()
-    if forced is not None:
-        return forced
+    if _forced is not None:
+        return _forced
     env = os.environ.get("RLKERN_BACKEND", "auto").strip().lower() or "auto"
     if env not in BACKENDS:
         raise ValueError(f"RLKERN_BACKEND must be one of {BACKENDS}, got {env!r}")

@@ -155,13 +155,13 @@ def _validate(logits, labels, temperature) -> float:
 def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_backward):
     temperature = _validate(logits, labels, temperature)
     backend = pick_backend(logits) if labels is None else pick_backend(logits, labels)
+    if labels is not None and backend != "cpp":  # the C++ kernel checks the range itself
+        check_label_range(labels, logits.shape[-1], ignore_index)
     if backend == "torch":
         logp = None if labels is None else reference.logprobs(
             logits, labels, temperature=temperature, ignore_index=ignore_index)
         ent = reference.entropy(logits, temperature=temperature) if want_entropy else None
         return logp, ent
-    if labels is not None and backend != "cpp":  # the C++ kernel checks the range itself
-        check_label_range(labels, logits.shape[-1], ignore_index)
     if labels is None:
         labels = logits.new_empty(_NO_LABELS_SHAPE, dtype=torch.int64)
     logp, _, ent = torch.ops.rlkern.logprobs_fwd(logits, labels, temperature, int(ignore_index), want_entropy,

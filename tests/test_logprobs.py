@@ -1,0 +1,299 @@
+"""rlkern.ops.logprobs / entropy / logprobs_and_entropy against the float64 oracle, every backend.
+
+Tolerances: the kernels compute in fp32 whatever the input dtype (bf16/fp16 logits are exact in
+fp32), so the comparison baseline is the reference run on the same logits upcast to fp32 (stricter
+than "torch in the input dtype"). On top of its error we allow atol = 2e-5 + 2e-6 * log(V) nats:
+the kernel's sum-exp is accumulated in a different order than torch's (blocked, 16 lanes) and its
+exp polynomial is within ~2 ulp, so lse may differ by a few ulp of its magnitude (|lse| <~ 30).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rlkern
+from rlkern import reference
+from rlkern.backend import BackendUnavailable
+from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_to_oracle
+
+ops = rlkern.ops
+
+
+def _tol(vocab: int) -> float:
+    return 2e-5 + 2e-6 * math.log(vocab + 1)
+
+
+def _make(shape, vocab, dtype, *, scale=3.0, banned=0.0, ignore=0.1):
+    logits = (torch.randn(*shape, vocab) * scale).to(dtype)
+    if banned:
+        logits = logits.masked_fill(torch.rand(*shape, vocab) < banned, float("-inf"))
+    labels = torch.randint(0, vocab, shape)
+    labels = labels.masked_fill(torch.rand(shape) < ignore, -100)
+    return logits, labels
+
+
+def _check_forward(logits, labels, temperature=1.0):
+    logp, ent = ops.logprobs_and_entropy(logits, labels, temperature=temperature)
+    ref_lp, ref_h = reference.logprobs_and_entropy(logits.double(), labels, temperature=temperature)
+    f32_lp, f32_h = reference.logprobs_and_entropy(logits.float(), labels, temperature=temperature)
+    tol = _tol(logits.shape[-1])
+    assert logp.dtype == torch.float32 and ent.dtype == torch.float32
+    assert_close_to_oracle(logp, ref_lp, f32_lp, atol=tol, what="logprobs")
+    assert_close_to_oracle(ent, ref_h, f32_h, atol=tol, what="entropy")
+    # The single-output entry points give the same numbers as the fused one.
+    assert torch.equal(ops.logprobs(logits, labels, temperature=temperature), logp)
+    assert torch.equal(ops.entropy(logits, temperature=temperature), ent)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 33, 4097])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
+def test_matches_oracle(backend, dtype, vocab, temperature):
+    logits, labels = _make((3, 5), vocab, dtype)
+    _check_forward(logits, labels, temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen_vocab(kernel_backend, dtype):
+    logits, labels = _make((2,), 151936, dtype, scale=4.0)
+    _check_forward(logits, labels, 0.9)
+
+
+@pytest.mark.parametrize("shape", [(1,), (), (0,), (4, 0), (1, 1, 1)])
+def test_odd_leading_shapes(backend, shape):
+    logits, labels = _make(shape, 19, torch.float32)
+    logp, ent = ops.logprobs_and_entropy(logits, labels)
+    assert logp.shape == shape and ent.shape == shape
+    _check_forward(logits, labels)
+
+
+def test_strided_leading_dims_are_not_copied_and_correct(backend):
+    base, labels = _make((3, 6), 50, torch.float32)
+    shifted = base[:, :-1]  # the usual logits[:, :-1] of a causal LM: not contiguous
+    _check_forward(shifted, labels[:, 1:])
+    _check_forward(base.transpose(0, 1), labels.t())  # leading dims in the "wrong" order
+    _check_forward(base[::2, ::3], labels[::2, ::3])
+
+
+def test_non_contiguous_last_dim(backend):
+    logits = torch.randn(4, 30, 3)[..., 1].transpose(0, 1)  # last-dim stride 3: copied, still right
+    labels = torch.randint(0, 4, (30,))
+    _check_forward(logits, labels)
+
+
+def test_banned_tokens(backend):
+    logits, labels = _make((4, 7), 300, torch.float32, banned=0.5, ignore=0.0)
+    logits[0, 0] = float("-inf")  # a fully banned row: log-prob -inf, entropy 0
+    labels[1, 1] = int(logits[1, 1].isinf().nonzero()[0])  # a label on a banned token: -inf
+    allowed = torch.isfinite(logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
+    logp, ent = ops.logprobs_and_entropy(logits, labels)
+    assert torch.isfinite(logp[allowed]).all() and torch.isfinite(ent).all()
+    assert logp[0, 0] == float("-inf") and ent[0, 0] == 0 and logp[1, 1] == float("-inf")
+    _check_forward(logits, labels)
+
+
+def test_ignore_index(backend):
+    logits, labels = _make((2, 9), 40, torch.float32, ignore=0.5)
+    labels[0, 0] = -100
+    logp = ops.logprobs(logits, labels)
+    assert (logp[labels == -100] == 0).all()
+    other = labels.masked_fill(labels == -100, 7)
+    custom = ops.logprobs(logits, other.masked_fill(labels == -100, 3), ignore_index=3)
+    assert (custom[other.masked_fill(labels == -100, 3) == 3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
+def test_backward_matches_reference(backend, dtype, which):
+    logits, labels = _make((3, 6), 333, dtype, banned=0.1)
+    w_lp, w_h = torch.randn(3, 6), torch.randn(3, 6)
+
+    def loss(fn_lp, fn_h, x):
+        total = 0.0
+        if which in ("logprobs", "both"):
+            total = total + (fn_lp(x) * w_lp).sum()
+        if which in ("entropy", "both"):
+            total = total + (fn_h(x) * w_h).sum()
+        return total
+
+    x = logits.clone().requires_grad_()
+    if which == "both":
+        lp, h = ops.logprobs_and_entropy(x, labels, temperature=0.8)
+        ((lp * w_lp).sum() + (h * w_h).sum()).backward()
+    else:
+        loss(lambda t: ops.logprobs(t, labels, temperature=0.8), lambda t: ops.entropy(t, temperature=0.8), x).backward()
+    ref_x = logits.double().requires_grad_()
+    loss(lambda t: reference.logprobs(t, labels, temperature=0.8),
+         lambda t: reference.entropy(t, temperature=0.8), ref_x).backward()
+    # Baseline: plain torch on the same-dtype logits (the reference upcasts to fp32 inside and its
+    # gradient is rounded back to the logits' dtype, once per output it flows through).
+    same_x = logits.clone().requires_grad_()
+    loss(lambda t: reference.logprobs(t, labels, temperature=0.8),
+         lambda t: reference.entropy(t, temperature=0.8), same_x).backward()
+    assert x.grad.dtype == dtype and x.grad.shape == logits.shape
+    # Storing the fp32 gradient as bf16/fp16 costs up to one ulp of that dtype on top (half an ulp
+    # with round-to-nearest; the Triton interpreter's float -> bf16 conversion truncates).
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    assert_close_to_oracle(x.grad, ref_x.grad, same_x.grad, atol=1e-6, rtol=rtol, what="d logits")
+    # Banned tokens get no gradient (the label's own logit gets g * (1 - p) = g even when banned).
+    not_label = torch.ones_like(logits, dtype=torch.bool).scatter(-1, labels.clamp(min=0).unsqueeze(-1), False)
+    assert (x.grad[logits.isinf() & not_label] == 0).all()
+
+
+def test_inplace_backward(kernel_backend):
+    logits, labels = _make((2, 5), 100, torch.float32)
+    w = torch.randn(2, 5)
+    expected_x = logits.clone().requires_grad_()
+    lp, h = ops.logprobs_and_entropy(expected_x, labels)
+    ((lp * w).sum() + h.sum()).backward()
+
+    leaf = logits.clone().requires_grad_()
+    y = leaf * 1.0  # a non-leaf activation whose storage the backward may overwrite
+    lp, h = ops.logprobs_and_entropy(y, labels, inplace_backward=True)
+    storage = y.data_ptr()
+    ((lp * w).sum() + h.sum()).backward()
+    assert torch.equal(leaf.grad, expected_x.grad)
+    assert torch.equal(y.detach(), expected_x.grad) and y.data_ptr() == storage  # written in place
+
+
+def test_gradcheck_reference():
+    logits = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 6, (2, 3))
+    labels[0, 0] = -100
+
+    def fn(x):
+        lp, h = reference.logprobs_and_entropy(x, labels, temperature=0.7)
+        return lp, h
+
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_gradcheck_cpp():
+    # The C++ kernel computes in fp32, so finite differences need a large step and loose bounds;
+    # a wrong formula (sign, missing 1/T, missing entropy term) is off by O(1), far above them.
+    logits = torch.randn(2, 3, 6, dtype=torch.float32, requires_grad=True)
+    labels = torch.randint(0, 6, (2, 3))
+    labels[0, 0] = -100
+    with rlkern.use_backend("cpp"):
+        assert torch.autograd.gradcheck(lambda x: ops.logprobs_and_entropy(x, labels, temperature=0.7), (logits,),
+                                        eps=1e-2, atol=2e-3, rtol=2e-2, fast_mode=False, nondet_tol=0.0)
+
+
+def test_batch_invariance(kernel_backend):
+    """A row's outputs are the same bits alone or among 1000 rows (and under any row position)."""
+    vocab = 3001 if kernel_backend == "cpp" else 257
+    rows = 1000 if kernel_backend == "cpp" else 64
+    logits, labels = _make((rows,), vocab, torch.bfloat16, ignore=0.0)
+    lp_all, h_all = ops.logprobs_and_entropy(logits, labels)
+    for r in (0, 17, rows - 1):
+        lp_one, h_one = ops.logprobs_and_entropy(logits[r : r + 1].clone(), labels[r : r + 1])
+        assert torch.equal(lp_one, lp_all[r : r + 1]) and torch.equal(h_one, h_all[r : r + 1])
+    torch.set_num_threads(1)
+    try:
+        lp_serial, _ = ops.logprobs_and_entropy(logits, labels)
+    finally:
+        torch.set_num_threads(2)
+    assert torch.equal(lp_serial, lp_all)
+
+
+@pytest.mark.parametrize(
+    "make_args, error, match",
+    [
+        (lambda: (torch.randn(3, 5), torch.randint(0, 5, (4,))), ValueError, r"labels must have shape \(3,\)"),
+        (lambda: (torch.randn(3, 5), torch.rand(3)), TypeError, "labels must be an integer tensor"),
+        (lambda: (torch.randn(3, 5), torch.tensor([0, 5, 1])), IndexError, r"labels must lie in \[0, 5\)"),
+        (lambda: (torch.randn(3, 5), torch.tensor([0, -1, 1])), IndexError, r"labels must lie in \[0, 5\)"),
+        (lambda: (torch.randn(3, 0), torch.zeros(3, dtype=torch.long)), ValueError, "V >= 1"),
+        (lambda: (torch.tensor(1.0), torch.tensor(0)), ValueError, "V >= 1"),
+        (lambda: (torch.randint(0, 5, (3, 5)), torch.zeros(3, dtype=torch.long)), TypeError, "logits must be float"),
+        (lambda: ([[0.1, 0.2]], torch.zeros(1, dtype=torch.long)), TypeError, "logits must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(backend, make_args, error, match):
+    logits, labels = make_args()
+    with pytest.raises(error, match=match):
+        ops.logprobs(logits, labels)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        ops.entropy(torch.randn(2, 3), temperature=temperature)
+
+
+def test_cpp_kernel_checks_labels_itself():
+    """Called directly (bypassing the Python checks) the C++ kernel still refuses a bad label."""
+    rows = torch.randn(1, 2, 5)
+    out = [torch.empty(2), torch.empty(2), torch.empty(0)]
+    with pytest.raises(IndexError, match="labels must lie in"):
+        torch.ops.rlkern_C.logprobs_fwd(rows, torch.tensor([1, 9]), 1.0, -100, *out)
+
+
+def test_backend_selection(monkeypatch):
+    logits, labels = _make((2,), 9, torch.float32)
+    monkeypatch.setenv("RLKERN_BACKEND", "torch")
+    torch_lp = ops.logprobs(logits, labels)
+    monkeypatch.setenv("RLKERN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="RLKERN_BACKEND must be one of"):
+        ops.logprobs(logits, labels)
+    monkeypatch.delenv("RLKERN_BACKEND")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with rlkern.use_backend("cuda"):
+            pass
+    with rlkern.use_backend("cpp"):
+        with pytest.raises(BackendUnavailable, match="float64 inputs run on the torch backend only"):
+            ops.logprobs(logits.double(), labels)
+    torch.testing.assert_close(ops.logprobs(logits, labels), torch_lp, atol=1e-5, rtol=0)
+    # float64 under `auto` runs the reference and keeps float64.
+    assert ops.logprobs(logits.double(), labels).dtype == torch.float64
+
+
+def test_triton_unavailable_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the triton backend runs CUDA tensors")
+    with rlkern.use_backend("triton"):
+        with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
+            ops.logprobs(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_opcheck(backend_name):
+    logits, labels = _make((3,), 37, torch.float32, ignore=0.3)
+    x = logits.requires_grad_()
+    args_fwd = (x, labels, 0.9, -100, True, False, backend_name)
+    torch.library.opcheck(torch.ops.rlkern.logprobs_fwd.default, args_fwd)
+    lp, lse, ent = torch.ops.rlkern.logprobs_fwd(*args_fwd)
+    args_bwd = (torch.randn(3), torch.randn(3), logits.detach(), labels, lse.detach(), ent.detach(), 0.9, -100,
+                backend_name)
+    torch.library.opcheck(torch.ops.rlkern.logprobs_bwd.default, args_bwd)
+    torch.library.opcheck(torch.ops.rlkern.logprobs_bwd_.default, args_bwd[:2] + (logits.detach().clone(),)
+                          + args_bwd[3:])
+
+
+def test_torch_compile_fullgraph():
+    logits, labels = _make((2, 5), 64, torch.float32)
+
+    def step(x, y):
+        lp, h = ops.logprobs_and_entropy(x, y, temperature=0.7)
+        return (lp * 2).sum() + h.mean()
+
+    compiled = torch.compile(step, fullgraph=True)  # inductor: the custom ops stay opaque calls
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.clone().requires_grad_()
+    out_c = compiled(x1, labels)
+    out_e = step(x2, labels)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("backend_name", ALL_BACKENDS)
+def test_all_backends_agree_bitwise_on_ignored_rows(backend_name):
+    logits, labels = _make((4,), 11, torch.float32, ignore=1.0)
+    with rlkern.use_backend(backend_name):
+        assert torch.equal(ops.logprobs(logits, labels), torch.zeros(4))

@@ -39,54 +39,72 @@ struct RowStats {
   float entropy;
 };
 
-// Adds e = exp(z - m) to vs and, for entropy, e (z - m) to vt, with z = x / T. -inf logits add 0.
-// d is clamped at -88 for the entropy term so that -inf logits give e * d ~ -1e-36, not NaN.
+// Adds e = 2^{d2} to vs and, for entropy, e * d2 to vt, where d2 = (z - m) log2(e) is clamped at
+// -126 so that -inf logits add ~1e-38 (nothing a sum >= 1 can see) and e * d2 stays finite.
 template <bool kEntropy>
-RLKERN_INLINE void accumulate_exp(vfloat xv, vfloat vinv, vfloat vmaxz, vfloat& vs, vfloat& vt) {
-  const vfloat d = xv * vinv - vmaxz;
-  const vfloat e = vexp_nonpos(d);
+RLKERN_INLINE void accumulate_exp2(vfloat xv, vfloat scale2, vfloat max2, vfloat& vs, vfloat& vt) {
+  const vfloat d2 = vmax(xv * scale2 - max2, splat(kMinLog2));
+  const vfloat e = vexp2_clamped(d2);
   vs += e;
-  if constexpr (kEntropy) vt += e * vmax(d, splat(-88.f));
+  if constexpr (kEntropy) vt += e * d2;
 }
 
+template <typename T>
+RLKERN_INLINE float block_max(const T* xb, int64_t len) {
+  // Four accumulators: the max pass is bound by the latency of vmax, not by loads.
+  const int64_t full = len - len % kLanes;
+  vfloat m0 = splat(-kInf), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= full; j += 4 * kLanes) {
+    m0 = vmax(m0, load16(xb + j));
+    m1 = vmax(m1, load16(xb + j + kLanes));
+    m2 = vmax(m2, load16(xb + j + 2 * kLanes));
+    m3 = vmax(m3, load16(xb + j + 3 * kLanes));
+  }
+  for (; j < full; j += kLanes) m0 = vmax(m0, load16(xb + j));
+  if (full < len) m1 = vmax(m1, load_tail(xb + full, len - full, -kInf));
+  return hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+}
+
+// The softmax statistics of one row, computed in log2 units (d2 = (z - m) log2 e) so each logit
+// costs one fused multiply-subtract and one exp2:
+//   S = sum 2^{d2},  T2 = sum 2^{d2} d2,  lse = ln2 (m2 + log2 S),  H = ln2 (log2 S - T2 / S).
 template <typename T, bool kEntropy>
 RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, float inv_temp) {
-  float m = -kInf, S = 0.f, Tsum = 0.f;
-  const vfloat vinv = splat(inv_temp);
+  const float scale2_s = inv_temp * kLog2e;
+  const vfloat scale2 = splat(scale2_s);
+  float m2 = -kInf, S = 0.f, T2 = 0.f;
   for (int64_t j0 = 0; j0 < vocab; j0 += kBlock) {
     const int64_t len = std::min(kBlock, vocab - j0);
     const T* xb = x + j0;
-    const int64_t full = len - len % kLanes;
-    vfloat vm = splat(-kInf);
-    for (int64_t j = 0; j < full; j += kLanes) vm = vmax(vm, load16(xb + j));
-    if (full < len) vm = vmax(vm, load_tail(xb + full, len - full, -kInf));
-    // Scaling by 1/T > 0 is monotone, so max(x) / T equals max(x / T) exactly.
-    const float block_max = hmax(vm) * inv_temp;
-    if (block_max > m) {
+    // Scaling by log2(e) / T > 0 is monotone, so max(x) * scale equals max(x * scale) exactly.
+    const float new_max = block_max(xb, len) * scale2_s;
+    if (new_max > m2) {
       if (S > 0.f) {  // rescale the running sums from the old max to the new one
-        const float c = std::exp(m - block_max);
-        Tsum = c * (Tsum + (m - block_max) * S);
+        const float c = std::exp2(m2 - new_max);
+        T2 = c * (T2 + (m2 - new_max) * S);
         S *= c;
       }
-      m = block_max;
+      m2 = new_max;
     }
-    if (m == -kInf) continue;  // every logit so far is -inf (banned)
-    const vfloat vmaxz = splat(m);
+    if (m2 == -kInf) continue;  // every logit so far is -inf (banned)
+    const vfloat vmax2 = splat(m2);
     // Two independent accumulator pairs hide the latency of the vector adds.
     vfloat vs0 = splat(0.f), vt0 = splat(0.f), vs1 = splat(0.f), vt1 = splat(0.f);
+    const int64_t full = len - len % kLanes;
     int64_t j = 0;
     for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
-      accumulate_exp<kEntropy>(load16(xb + j), vinv, vmaxz, vs0, vt0);
-      accumulate_exp<kEntropy>(load16(xb + j + kLanes), vinv, vmaxz, vs1, vt1);
+      accumulate_exp2<kEntropy>(load16(xb + j), scale2, vmax2, vs0, vt0);
+      accumulate_exp2<kEntropy>(load16(xb + j + kLanes), scale2, vmax2, vs1, vt1);
     }
-    if (j < full) accumulate_exp<kEntropy>(load16(xb + j), vinv, vmaxz, vs0, vt0);
-    if (full < len) accumulate_exp<kEntropy>(load_tail(xb + full, len - full, -kInf), vinv, vmaxz, vs1, vt1);
+    if (j < full) accumulate_exp2<kEntropy>(load16(xb + j), scale2, vmax2, vs0, vt0);
+    if (full < len) accumulate_exp2<kEntropy>(load_tail(xb + full, len - full, -kInf), scale2, vmax2, vs1, vt1);
     S += hsum(vs0 + vs1);
-    if constexpr (kEntropy) Tsum += hsum(vt0 + vt1);
+    if constexpr (kEntropy) T2 += hsum(vt0 + vt1);
   }
-  if (m == -kInf) return {-kInf, 0.f};  // a fully banned row: no distribution, entropy 0
-  const float log_s = std::log(S);
-  return {m + log_s, kEntropy ? log_s - Tsum / S : 0.f};
+  if (m2 == -kInf) return {-kInf, 0.f};  // a fully banned row: no distribution, entropy 0
+  const float log2_s = std::log2(S);
+  return {kLn2 * (m2 + log2_s), kEntropy ? kLn2 * (log2_s - T2 / S) : 0.f};
 }
 
 template <typename T>
@@ -107,17 +125,18 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const T* logits, con
   }
 }
 
+// Per-row constants of the backward in log2 units, with d2 = z log2 e - lse log2 e:
+//   d x = p (a + b d2),  p = 2^{d2},  a = -(g + h H) / T,  b = -h ln2 / T
+// which is d z = -p (g + h (z - lse + H)) scaled by 1/T, without the label's 1[j=y] g term.
 struct GradCoefficients {
-  vfloat inv_temp, lse, grad_logp, grad_ent, entropy;
+  vfloat scale2, lse2, a, b;
 };
 
-// d x for 16 logits, without the label's 1[j=y] term: -p (g + h (z - lse + H)) / T.
 RLKERN_INLINE vfloat softmax_grad(vfloat xv, const GradCoefficients& c) {
-  const vfloat d = xv * c.inv_temp - c.lse;
-  const vfloat p = vexp_nonpos(d);
-  const vfloat dz = -(p * (c.grad_logp + c.grad_ent * (d + c.entropy)));
-  // Below ln(FLT_MIN) (and for -inf logits, where d + H is -inf) the gradient is exactly 0.
-  return d > splat(-87.33654f) ? dz * c.inv_temp : splat(0.f);
+  const vfloat d2 = xv * c.scale2 - c.lse2;
+  const vfloat p = vexp2_clamped(vmax(d2, splat(kMinLog2)));
+  // Below 2^-126 (and for -inf logits, where d2 is -inf) the gradient is exactly 0.
+  return d2 > splat(kMinLog2) ? p * (c.a + c.b * d2) : splat(0.f);
 }
 
 template <typename T>
@@ -140,7 +159,8 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const T* logits, co
       for (int64_t j = 0; j < g.vocab; ++j) dx[j] = T(0.f);
       continue;
     }
-    const GradCoefficients c{splat(inv_temp), splat(row_lse), splat(gl), splat(gh), splat(row_h)};
+    const GradCoefficients c{splat(inv_temp * kLog2e), splat(row_lse * kLog2e), splat(-(gl + gh * row_h) * inv_temp),
+                             splat(-gh * kLn2 * inv_temp)};
     const int64_t full = g.vocab - g.vocab % kLanes;
     for (int64_t j = 0; j < full; j += kLanes) store16(dx + j, softmax_grad(load16(x + j), c));
     if (full < g.vocab) {

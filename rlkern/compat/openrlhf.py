@@ -1,0 +1,233 @@
+"""OpenRLHF's names, signatures, defaults and numerics on rlkern.ops.
+
+Mirrors OpenRLHF/OpenRLHF ``openrlhf/models/utils.py`` (``compute_approx_kl`` with the [-10, 10]
+clamp on every estimator), ``openrlhf/models/loss.py`` (``PolicyLoss`` with dual-clip, ``ValueLoss``)
+and the advantage code of ``openrlhf/trainer/ppo_utils/experience_maker.py``
+(``get_advantages_and_returns``, ``get_cumulative_returns`` and the group reward shaping of
+``compute_advantages_and_returns``). ``rlkern.compat.patch("openrlhf")`` swaps them into an installed
+OpenRLHF.
+
+OpenRLHF-specific numerics reproduced here (each cited where it is used):
+- ``masked_mean`` divides by ``mask.sum()`` with no epsilon (an empty mask gives NaN, as in OpenRLHF).
+- KL estimators are computed in fp32 and clamped to [-10, 10] (k1 and k2 too).
+- GAE zeroes values and rewards outside the mask and then runs a plain scan over every position
+  (no carrying through gaps, unlike verl); REINFORCE returns likewise, without a reset.
+- ``group_norm`` divides by ``std + 1e-9`` (unbiased std).
+- The PPO ratio is ``exp(log_probs - old_log_probs)`` without a clamp; rlkern clamps the log-ratio to
+  [-20, 20] before exp, which changes nothing unless the ratio exceeds e^20 ≈ 4.9e8.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rlkern import ops
+
+__all__ = [
+    "compute_approx_kl",
+    "compute_reward",
+    "log_probs_from_logits",
+    "compute_entropy",
+    "masked_mean",
+    "PolicyLoss",
+    "ValueLoss",
+    "get_advantages_and_returns",
+    "get_cumulative_returns",
+    "shape_group_rewards",
+]
+
+_UTILS = "openrlhf.models.utils"
+_LOSS = "openrlhf.models.loss"
+_MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
+
+# (module, attribute, shim name) swapped in by rlkern.compat.patch("openrlhf"); the experience maker's
+# class is RemoteExperienceMaker in current releases and NaiveExperienceMaker in older ones.
+PATCH_TARGETS = (
+    (_UTILS, "compute_approx_kl", "compute_approx_kl"),
+    (_UTILS, "compute_reward", "compute_reward"),
+    (_UTILS, "log_probs_from_logits", "log_probs_from_logits"),
+    (_UTILS, "compute_entropy", "compute_entropy"),
+    (_UTILS, "masked_mean", "masked_mean"),
+    (_LOSS, "PolicyLoss", "PolicyLoss"),
+    (_LOSS, "ValueLoss", "ValueLoss"),
+    (_MAKER, "RemoteExperienceMaker.get_advantages_and_returns", "get_advantages_and_returns"),
+    (_MAKER, "RemoteExperienceMaker.get_cumulative_returns", "get_cumulative_returns"),
+    (_MAKER, "NaiveExperienceMaker.get_advantages_and_returns", "get_advantages_and_returns"),
+    (_MAKER, "NaiveExperienceMaker.get_cumulative_returns", "get_cumulative_returns"),
+)
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+POLICY_LOSS_TYPES = ("ppo",)
+GROUP_ESTIMATORS = ("rloo", "reinforce_baseline", "dr_grpo", "group_norm", "gae", "reinforce")
+# openrlhf/models/utils.py::compute_approx_kl clamps every estimator's value to this range.
+_KL_CLAMP = 10.0
+# openrlhf/trainer/ppo_utils/experience_maker.py, advantage_estimator == "group_norm".
+_GROUP_NORM_EPS = 1e-9
+
+
+def _ones_like_mask(x: Tensor) -> Tensor:
+    return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+
+
+def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, kl_estimator: str = "k1") -> Tensor:
+    """Token KL estimate in fp32, clamped to [-10, 10] (OpenRLHF ``models/utils.py::
+    compute_approx_kl``): ``k1`` = logp - base, ``k2`` = ½ (logp - base)², ``k3`` = exp(base - logp)
+    - (base - logp) - 1.
+
+    The value equals OpenRLHF's everywhere. Its gradient is finite everywhere too: OpenRLHF's k3
+    evaluates exp of the unclamped log-ratio, which overflows to inf and turns the clamped
+    element's zero gradient into NaN (OpenRLHF PR #1335); rlkern's kernel returns 0 there.
+    """
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if kl_estimator == "k3":
+        # verl's clamps (log-ratio to [-20, 20] before exp, value to [-10, 10]) give OpenRLHF's k3
+        # value exactly: k3 already exceeds 10 wherever the log-ratio clamp acts (|x| > 20), and both
+        # zero the gradient there; but exp never overflows, so the gradient stays finite.
+        return ops.kl(log_probs, log_probs_base, "k3", clamp=True)
+    kl = ops.kl(log_probs, log_probs_base, kl_estimator)
+    # OpenRLHF clamps k1 and k2 to [-10, 10] as well; rlkern's clamp option is verl's, for k3 only,
+    # so that clamp is applied here on the op's output.
+    return kl.clamp(min=-_KL_CLAMP, max=_KL_CLAMP)
+
+
+def compute_reward(r: Tensor, kl_coef: float, kl: Tensor, action_mask: Tensor | None = None,
+                   reward_clip_range: tuple[float, float] | None = None) -> Tensor:
+    """Token rewards (OpenRLHF ``models/utils.py::compute_reward``): ``-kl_coef * kl`` at every
+    position plus the sequence reward ``r`` (clamped to ``reward_clip_range`` if given) at the last
+    position where ``action_mask`` is set; ``kl_coef <= 0`` means no KL term."""
+    if action_mask is None:
+        raise ValueError("action_mask is required: the sequence reward goes to the last valid token")
+    if kl_coef <= 0.0:
+        kl_coef = 0.0
+    if reward_clip_range:
+        r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
+    # rlkern.ops.token_rewards takes log-probs and applies its KL estimator; with estimator k1 and a
+    # zero reference its KL is exactly the given `kl`.
+    shaped = ops.token_rewards(r, kl, torch.zeros_like(kl), action_mask, kl_coef=kl_coef, estimator="k1")
+    # OpenRLHF also puts the KL term on positions outside the mask; rlkern leaves them at 0.
+    return torch.where(action_mask.bool(), shaped.to(kl.dtype), -kl_coef * kl)
+
+
+def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of ``labels`` under ``softmax(logits / temperature)``, in the logits' dtype
+    (OpenRLHF ``models/utils.py::log_probs_from_logits``).
+
+    OpenRLHF divides the logits by the temperature in place (``logits.div_``) and callers may read
+    the scaled logits afterwards (for the entropy), so the shim does the same in-place division and
+    then runs the fused kernel at temperature 1.
+    """
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return ops.logprobs(logits, labels).to(logits.dtype)
+
+
+def compute_entropy(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` along the last dim, in the logits' dtype (OpenRLHF
+    ``models/utils.py::compute_entropy``)."""
+    return ops.entropy(logits).to(logits.dtype)
+
+
+def masked_mean(tensor: Tensor, mask: Tensor | None, dim: int | None = None) -> Tensor:
+    """``sum(tensor * mask) / sum(mask)`` over all elements or along ``dim``; ``mask=None`` is a plain
+    mean (OpenRLHF ``models/utils.py::masked_mean``). No epsilon: an empty mask gives NaN, as there."""
+    if mask is None:
+        return tensor.mean(dim=dim)
+    total = ops.masked_sum(tensor, mask, dim=dim)
+    count = mask.sum(dim=dim) if dim is not None else mask.sum()
+    return (total / count.to(total.dtype)).to(tensor.dtype)
+
+
+class PolicyLoss(nn.Module):
+    """PPO policy loss (OpenRLHF ``models/loss.py::PolicyLoss``): ``-min(r A, clip(r, 1 - low,
+    1 + high) A)``, with ``dual_clip`` bounding the loss of negative-advantage tokens by
+    ``-dual_clip * A``; token-level mean over the mask (``token_level_loss=True``) or per-sequence
+    mean then batch mean. ``forward`` returns ``(loss, clip_ratio, ppo_kl)``."""
+
+    def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float | None = None,
+                 token_level_loss: bool = True, policy_loss_type: str = "ppo") -> None:
+        super().__init__()
+        if policy_loss_type not in POLICY_LOSS_TYPES:
+            raise ValueError(f"policy_loss_type must be one of {POLICY_LOSS_TYPES} in rlkern.compat.openrlhf, "
+                             f"got {policy_loss_type!r}")
+        if dual_clip is not None and not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+        self.clip_eps_low = clip_eps_low
+        self.clip_eps_high = clip_eps_high
+        self.dual_clip = dual_clip
+        self.token_level_loss = token_level_loss
+        self.policy_loss_type = policy_loss_type
+
+    def forward(self, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
+                action_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        mask = _ones_like_mask(log_probs) if action_mask is None else action_mask
+        agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
+        loss, stats = ops.policy_loss(log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low,
+                                      clip_high=self.clip_eps_high, dual_clip=self.dual_clip, agg=agg)
+        return loss, stats["clipfrac"], stats["approx_kl"]
+
+
+class ValueLoss(nn.Module):
+    """Clipped value loss (OpenRLHF ``models/loss.py::ValueLoss``): ``0.5 * mean(max((v_clip - R)²,
+    (v - R)²))`` with ``v_clip = old + clamp(v - old, ±clip_eps)``; unclipped when ``clip_eps`` is None.
+    ``forward`` returns the loss only, as OpenRLHF's does."""
+
+    def __init__(self, clip_eps: float | None = None, token_level_loss: bool = True) -> None:
+        super().__init__()
+        self.clip_eps = clip_eps
+        self.token_level_loss = token_level_loss
+
+    def forward(self, values: Tensor, old_values: Tensor, returns: Tensor,
+                action_mask: Tensor | None = None) -> Tensor:
+        mask = _ones_like_mask(values) if action_mask is None else action_mask
+        agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
+        # An infinite clip range makes clip(v, old ± clip) = v, which is OpenRLHF's unclipped loss.
+        clip = float("inf") if self.clip_eps is None else float(self.clip_eps)
+        loss, _ = ops.value_loss(values, old_values, returns, mask, clip=clip, agg=agg)
+        return loss
+
+
+def get_advantages_and_returns(values: Tensor, rewards: Tensor, action_mask: Tensor | None, gamma: float,
+                               lambd: float) -> tuple[Tensor, Tensor]:
+    """GAE as OpenRLHF computes it (``experience_maker.py::get_advantages_and_returns``): values and
+    rewards are zeroed outside ``action_mask`` and then every position takes part in a plain reverse
+    scan (a masked position has delta ``γ V_{t+1}``). That is rlkern's GAE on the masked inputs with an
+    all-ones mask. Returns ``(advantages, returns)`` with ``returns = advantages + masked values``."""
+    with torch.no_grad():
+        if action_mask is not None:
+            values = action_mask * values
+            rewards = action_mask * rewards
+        advantages, returns = ops.gae(rewards, values, _ones_like_mask(rewards), gamma=float(gamma),
+                                      lam=float(lambd))
+    return advantages.to(values.dtype), returns.to(values.dtype)
+
+
+def get_cumulative_returns(rewards: Tensor, action_mask: Tensor | None, gamma: float) -> Tensor:
+    """REINFORCE returns (``experience_maker.py::get_cumulative_returns``): rewards zeroed outside the
+    mask, then ``G_t = r_t + γ G_{t+1}`` over every position with no reset."""
+    with torch.no_grad():
+        if action_mask is not None:
+            rewards = action_mask * rewards
+        returns = ops.discounted_returns(rewards, _ones_like_mask(rewards), gamma=float(gamma))
+    return returns.to(rewards.dtype)
+
+
+def shape_group_rewards(rewards: Tensor, n_samples_per_prompt: int, advantage_estimator: str) -> Tensor:
+    """The group reward shaping of ``compute_advantages_and_returns`` (experience_maker.py) on
+    ``rewards [B]``, grouped contiguously by ``n_samples_per_prompt``:
+    ``rloo`` r - (sum_g - r) / (n - 1); ``reinforce_baseline`` / ``dr_grpo`` r - mean_g;
+    ``group_norm`` (r - mean_g) / (std_g + 1e-9), unbiased std; ``gae`` / ``reinforce`` unchanged.
+    A group whose rewards are all equal gets 0 under ``group_norm`` (OpenRLHF: the rounding error of
+    its mean divided by 1e-9)."""
+    if advantage_estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"advantage_estimator must be one of {GROUP_ESTIMATORS}, got {advantage_estimator!r}")
+    if advantage_estimator in ("gae", "reinforce"):
+        return rewards
+    if advantage_estimator == "rloo":
+        out = ops.group_advantages(rewards, group_size=n_samples_per_prompt, method="rloo")
+    elif advantage_estimator == "group_norm":
+        out = ops.group_advantages(rewards, group_size=n_samples_per_prompt, method="grpo", eps=_GROUP_NORM_EPS)
+    else:
+        out = ops.group_advantages(rewards, group_size=n_samples_per_prompt, method="reinforce_baseline")
+    return out.to(rewards.dtype)

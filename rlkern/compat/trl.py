@@ -1,0 +1,231 @@
+"""TRL's names, signatures and numerics on rlkern.ops (mirrors trl 1.16, the version installed here).
+
+Functions TRL keeps at module level (``trl.trainer.utils.selective_log_softmax``,
+``entropy_from_logits``, ``selective_log_softmax_and_entropy``) are swapped in by
+``rlkern.compat.patch("trl")``. TRL computes its GRPO advantages and losses and its DPO losses inline
+in ``GRPOTrainer._generate_and_score_completions`` / ``GRPOTrainer._compute_loss`` /
+``DPOTrainer._compute_loss``, so there is nothing to patch there; :func:`grpo_advantages`,
+:func:`grpo_loss` and :func:`dpo_loss` give the same maths as functions.
+
+TRL-specific numerics reproduced here (each cited where it is used):
+- GRPO advantages divide by ``std + 1e-4`` (not 1e-6 as in verl, nor 1e-9 as in OpenRLHF), with the
+  unbiased (Bessel-corrected) group std.
+- ``dr_grpo`` normalises by ``B * max_completion_length`` (the config value, not the padded length).
+- DPO ``sigmoid`` has no label smoothing in trl 1.16 (the smoothing moved to ``robust``/``exo_pair``),
+  and ``ipo`` divides each sequence's log-ratio by its completion length first.
+- Outputs keep the dtype of the logits, as TRL's do (rlkern computes in fp32 and casts back).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkern import ops
+
+__all__ = [
+    "selective_log_softmax",
+    "entropy_from_logits",
+    "selective_log_softmax_and_entropy",
+    "grpo_advantages",
+    "grpo_loss",
+    "dpo_loss",
+]
+
+# (module, attribute, shim name) swapped in by rlkern.compat.patch("trl").
+PATCH_TARGETS = (
+    ("trl.trainer.utils", "selective_log_softmax", "selective_log_softmax"),
+    ("trl.trainer.utils", "entropy_from_logits", "entropy_from_logits"),
+    ("trl.trainer.utils", "selective_log_softmax_and_entropy", "selective_log_softmax_and_entropy"),
+)
+
+_SCALE_REWARDS = ("group", "batch", "none")
+_GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+
+
+def _check_temperature(temperature) -> None:
+    # TRL's own check and message (trl/trainer/utils.py, selective_log_softmax).
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+
+
+def _apply_row_mask(values: Tensor, row_mask: Tensor | None) -> Tensor:
+    if row_mask is None:
+        return values
+    if row_mask.shape != values.shape:
+        raise ValueError(f"row_mask must have the shape of index {tuple(values.shape)}, got {tuple(row_mask.shape)}")
+    return values.masked_fill(row_mask == 0, 0.0)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0,
+                          row_mask: Tensor | None = None) -> Tensor:
+    """``log_softmax(logits / temperature).gather(-1, index)`` in one fused pass over the logits.
+
+    Mirrors huggingface/trl ``trl/trainer/utils.py::selective_log_softmax``: ``index`` of shape
+    ``(...)`` gives ``(...)``; ``index`` of shape ``(..., K)`` gathers K log-probs per row (one fused
+    pass per k, which reads the logits K times but never builds the ``[..., V]`` log-softmax);
+    positions where ``row_mask == 0`` are 0. Returned in the dtype of ``logits``.
+    """
+    _check_temperature(temperature)
+    if index.dim() == logits.dim() - 1:
+        out = ops.logprobs(logits, index, temperature=temperature)
+    elif index.dim() == logits.dim():
+        if index.shape[:-1] != logits.shape[:-1]:
+            raise ValueError(f"index of shape (..., K) must share the logits' leading dims "
+                             f"{tuple(logits.shape[:-1])}, got {tuple(index.shape)}")
+        cols = [ops.logprobs(logits, index[..., k], temperature=temperature) for k in range(index.shape[-1])]
+        out = torch.stack(cols, dim=-1) if cols else logits.new_zeros(index.shape, dtype=torch.float32)
+    else:
+        raise ValueError(f"index must have shape {tuple(logits.shape[:-1])} or {tuple(logits.shape[:-1])} + (K,), "
+                         f"got {tuple(index.shape)}")
+    return _apply_row_mask(out.to(logits.dtype), row_mask)
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+    """Entropy (nats) of ``softmax(logits)`` along the last dim, shape ``logits.shape[:-1]``.
+
+    Mirrors ``trl/trainer/utils.py::entropy_from_logits``; ``chunk_size`` only bounded TRL's peak
+    memory and is accepted for signature compatibility (rlkern never materialises the softmax).
+    """
+    if int(chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    return ops.entropy(logits).to(logits.dtype)
+
+
+def selective_log_softmax_and_entropy(logits: Tensor, index: Tensor, entropy_requires_grad: bool = True,
+                                      temperature: float = 1.0,
+                                      row_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Selected log-probs and entropy from one pass over the logits (``trl/trainer/utils.py::
+    selective_log_softmax_and_entropy``); both are 0 where ``row_mask == 0``. With
+    ``entropy_requires_grad=False`` the entropy is detached, as TRL's."""
+    _check_temperature(temperature)
+    if index.shape != logits.shape[:-1]:
+        raise ValueError(f"index must have shape {tuple(logits.shape[:-1])} (the logits' leading dims), "
+                         f"got {tuple(index.shape)}")
+    logp, ent = ops.logprobs_and_entropy(logits, index, temperature=temperature)
+    if not entropy_requires_grad:
+        ent = ent.detach()
+    return _apply_row_mask(logp.to(logits.dtype), row_mask), _apply_row_mask(ent.to(logits.dtype), row_mask)
+
+
+def grpo_advantages(rewards: Tensor, num_generations: int, scale_rewards: str = "group") -> Tensor:
+    """GRPO advantages of ``rewards [B]`` (B = prompts x ``num_generations``, grouped contiguously),
+    as ``GRPOTrainer._generate_and_score_completions`` computes them (trl/trainer/grpo_trainer.py,
+    ``multi_objective_aggregation="sum_then_normalize"``):
+
+    - ``"group"``: ``(r - mean_g) / (std_g + 1e-4)``, unbiased std over the group;
+    - ``"batch"``: ``(r - mean_g) / (std_batch + 1e-4)``, std over the whole batch;
+    - ``"none"``: ``r - mean_g`` (Dr. GRPO).
+
+    A group of one (``num_generations == 1``) gets advantage 0, as in TRL (its std is taken as 0).
+    Groups whose rewards are all equal get 0: TRL computes ``(r - mean) / 1e-4``, which is 0 up to the
+    rounding of the mean (at most ~1e-3 for rewards of order 1), and rlkern returns the exact 0.
+    TRL's NaN rewards (completions no reward function could score) are not supported: pass finite
+    rewards.
+    """
+    if scale_rewards not in _SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {_SCALE_REWARDS}, got {scale_rewards!r}")
+    if not isinstance(rewards, Tensor) or rewards.dim() != 1:
+        raise ValueError(f"rewards must be a 1-d tensor [B], got {getattr(rewards, 'shape', type(rewards))}")
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards must be finite; rlkern.compat.trl.grpo_advantages does not support TRL's "
+                         "NaN rewards for unscorable completions")
+    if scale_rewards == "group":
+        return ops.group_advantages(rewards, group_size=num_generations, method="grpo", eps=1e-4)
+    centred = ops.group_advantages(rewards, group_size=num_generations, method="grpo", scale_by_std=False)
+    if scale_rewards == "none":
+        return centred
+    # "batch": one std over all B rewards (TRL's nanstd: unbiased); 0 for a batch of one.
+    std = rewards.float().std() if rewards.numel() > 1 else rewards.new_zeros((), dtype=torch.float32)
+    return centred / (std + 1e-4)
+
+
+def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_per_token_logps: Tensor | None,
+              advantages: Tensor, completion_mask: Tensor, *, beta: float = 0.0, epsilon: float = 0.2,
+              epsilon_high: float | None = None, loss_type: str = "dapo", max_completion_length: int | None = 512,
+              num_items_in_batch: Tensor | float | None = None) -> Tensor:
+    """The GRPO loss of ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py) for token-level
+    importance sampling, no entropy masking and no gradient accumulation (normaliser 1):
+
+    ``per_token_loss = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3``, with
+    ``r = exp(logp - old)`` and ``k3 = exp(ref - logp) - (ref - logp) - 1``, reduced per ``loss_type``:
+    ``grpo`` (per-sequence token mean, then batch mean), ``bnpo`` (mean over all valid tokens),
+    ``dr_grpo`` (sum / (B * max_completion_length)), ``dapo`` (sum / num_items_in_batch, the valid
+    token count of the whole generation batch; the local count when None).
+
+    ``old_per_token_logps=None`` means on-policy (TRL uses ``per_token_logps.detach()``); ``advantages``
+    may be ``[B]`` or ``[B, T]``. Defaults are TRL's ``GRPOConfig`` defaults (``beta=0.0``,
+    ``epsilon=0.2``, ``epsilon_high=epsilon``, ``loss_type="dapo"``, ``max_completion_length=512``).
+    """
+    if loss_type not in _GRPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {_GRPO_LOSS_TYPES} (the clipped-surrogate GRPO losses), "
+                         f"got {loss_type!r}")
+    if old_per_token_logps is None:
+        old_per_token_logps = per_token_logps.detach()
+    if beta != 0.0 and ref_per_token_logps is None:
+        raise ValueError("ref_per_token_logps is required when beta != 0")
+    if ref_per_token_logps is None:
+        # beta == 0: the KL term is multiplied by 0; any finite reference gives the same loss.
+        ref_per_token_logps = per_token_logps.detach()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    advantages = advantages.expand(per_token_logps.shape)
+    high = epsilon if epsilon_high is None else epsilon_high
+    mask = completion_mask
+    if loss_type == "dapo":
+        count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        count = torch.as_tensor(count, dtype=torch.float32).clamp(min=1.0)
+        # rlkern's "bnpo" divides the masked sum by the local valid-token count; TRL's dapo divides it
+        # by the generation batch's count instead, so rescale by local / global.
+        local = mask.sum().float().clamp(min=1.0)
+        loss, _ = ops.grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, mask,
+                                beta=beta, clip_low=epsilon, clip_high=high, loss_type="bnpo")
+        return loss * (local / count)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length (TRL's normaliser B * max length)")
+        # rlkern's dr_grpo normalises by B * T (the padded length); TRL uses the configured maximum.
+        loss, _ = ops.grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, mask,
+                                beta=beta, clip_low=epsilon, clip_high=high, loss_type="dr_grpo")
+        return loss * (per_token_logps.shape[-1] / float(max_completion_length))
+    loss, _ = ops.grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, mask,
+                            beta=beta, clip_low=epsilon, clip_high=high, loss_type=loss_type)
+    return loss
+
+
+def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+             *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_lengths: Tensor | None = None,
+             rejected_lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, chosen_rewards, rejected_rewards)`` as ``DPOTrainer._compute_loss`` computes them
+    (trl/trainer/dpo_trainer.py, ``f_divergence_type="reverse_kl"``, one loss type, no weighting).
+
+    ``delta = (chosen - ref_chosen) - (rejected - ref_rejected)``; per pair:
+    ``sigmoid`` ``-logsigmoid(beta * delta)`` (no label smoothing in trl 1.16);
+    ``hinge`` ``relu(1 - beta * delta)``;
+    ``ipo`` ``(delta' - 1 / (2 beta))^2`` where ``delta'`` divides each log-ratio by its completion
+    length (``chosen_lengths`` / ``rejected_lengths``, token counts, clamped to >= 1; required);
+    ``robust`` ``(-(1-ε) logsigmoid(beta delta) + ε logsigmoid(-beta delta)) / (1 - 2ε)``.
+    ``loss`` is the batch mean; the rewards are ``beta * (logps - ref_logps)``, detached.
+    """
+    if loss_type not in _DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {_DPO_LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+        # TRL's DPOTrainer check.
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for the 'robust' loss, got {label_smoothing}")
+    pc, pr, rc, rr = chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    if loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("loss_type='ipo' needs chosen_lengths and rejected_lengths (completion token counts): "
+                             "trl 1.16 normalises each IPO log-ratio by its length")
+        # Dividing both the policy and the reference log-prob by the length divides their difference
+        # (the log-ratio TRL normalises) by it, so rlkern's IPO on the scaled inputs is TRL's IPO.
+        lc = chosen_lengths.to(torch.float32).clamp(min=1.0)
+        lr = rejected_lengths.to(torch.float32).clamp(min=1.0)
+        pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
+    smoothing = label_smoothing if loss_type == "robust" else 0.0
+    loss, _ = ops.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=smoothing)
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()
+    return loss, chosen_rewards, rejected_rewards

@@ -1,0 +1,314 @@
+"""verl's names, signatures, defaults and numerics on rlkern.ops.
+
+Mirrors volcengine/verl ``verl/trainer/ppo/core_algos.py`` and ``verl/utils/torch_functional.py``
+(main branch, 2025: the ``register_adv_est`` / ``register_policy_loss`` registries, ``agg_loss`` with
+four modes). ``rlkern.compat.patch("verl")`` swaps these into an installed verl, registries included.
+
+verl-specific numerics reproduced here (each cited where it is used):
+- ``masked_mean`` divides by ``mask.sum() + 1e-8`` (so an empty mask gives 0, not NaN);
+  ``masked_var`` is unbiased by default and raises on a mask with fewer than two elements;
+  ``masked_whiten`` multiplies by ``rsqrt(var + 1e-8)``.
+- GAE carries the next value and the running advantage through masked positions (multi-turn gaps),
+  then whitens the advantages over the mask.
+- GRPO divides by ``std + 1e-6`` (unbiased std); a group of one has mean 0 and std 1.
+- ``low_var_kl``/``k3`` clamps the log-ratio to [-20, 20] before exp and the result to [-10, 10].
+- The policy loss clamps the log-ratio to [-20, 20] and always applies dual-clip (``clip_ratio_c=3``).
+Outputs that verl returns in the input dtype (log-probs, entropy) keep it here too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rlkern import ops
+
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "kl_penalty",
+    "agg_loss",
+    "compute_gae_advantage_return",
+    "compute_grpo_outcome_advantage",
+    "compute_rloo_outcome_advantage",
+    "compute_reinforce_plus_plus_outcome_advantage",
+    "compute_policy_loss",
+    "compute_policy_loss_vanilla",
+    "compute_value_loss",
+]
+
+_CORE = "verl.trainer.ppo.core_algos"
+_F = "verl.utils.torch_functional"
+
+# (module, attribute, shim name) swapped in by rlkern.compat.patch("verl").
+PATCH_TARGETS = (
+    (_F, "masked_sum", "masked_sum"),
+    (_F, "masked_mean", "masked_mean"),
+    (_F, "masked_var", "masked_var"),
+    (_F, "masked_whiten", "masked_whiten"),
+    (_F, "logprobs_from_logits", "logprobs_from_logits"),
+    (_F, "entropy_from_logits", "entropy_from_logits"),
+    (_CORE, "kl_penalty", "kl_penalty"),
+    (_CORE, "agg_loss", "agg_loss"),
+    (_CORE, "compute_gae_advantage_return", "compute_gae_advantage_return"),
+    (_CORE, "compute_grpo_outcome_advantage", "compute_grpo_outcome_advantage"),
+    (_CORE, "compute_rloo_outcome_advantage", "compute_rloo_outcome_advantage"),
+    (_CORE, "compute_reinforce_plus_plus_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage"),
+    (_CORE, "compute_policy_loss", "compute_policy_loss"),
+    (_CORE, "compute_policy_loss_vanilla", "compute_policy_loss_vanilla"),
+    (_CORE, "compute_value_loss", "compute_value_loss"),
+)
+# verl's trainers look estimators and policy losses up by name in these dicts.
+PATCH_REGISTRIES = ((_CORE, "ADV_ESTIMATOR_REGISTRY"), (_CORE, "POLICY_LOSS_REGISTRY"))
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_PENALTIES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "low_var_kl+", "k3+")
+
+# verl's masked_mean epsilon (verl/utils/torch_functional.py::masked_mean) and whitening epsilon
+# (::masked_whiten).
+_MEAN_EPS = 1e-8
+_WHITEN_EPS = 1e-8
+
+
+def _same_dtype(result: Tensor, like: Tensor) -> Tensor:
+    return result.to(like.dtype) if like.dtype.is_floating_point else result
+
+
+def _count(mask: Tensor, axis=None) -> Tensor:
+    return mask.sum(dim=axis).to(torch.float32) if axis is not None else mask.sum().to(torch.float32)
+
+
+def masked_sum(values: Tensor, mask: Tensor, axis=None) -> Tensor:
+    """Sum of ``values`` where ``mask`` is set (all elements, or along ``axis``); masked-out entries
+    never enter, even when NaN (verl ``torch_functional.masked_sum``)."""
+    return _same_dtype(ops.masked_sum(values, mask, dim=axis), values)
+
+
+def masked_mean(values: Tensor, mask: Tensor, axis=None) -> Tensor:
+    """``masked_sum / (mask.sum() + 1e-8)`` (verl ``torch_functional.masked_mean``).
+
+    The ``+ 1e-8`` is verl's: it vanishes in fp32 whenever the mask holds at least one element and
+    makes an empty mask (or an empty row along ``axis``) give 0 instead of NaN, so the division is done
+    here on rlkern's masked sum rather than with rlkern's masked_mean, which refuses an empty mask.
+    """
+    total = ops.masked_sum(values, mask, dim=axis)
+    return _same_dtype(total / (_count(mask, axis) + _MEAN_EPS), values)
+
+
+def _check_var_count(mask: Tensor) -> None:
+    # verl's masked_var checks and messages (verl/utils/torch_functional.py::masked_var).
+    n = int(mask.sum().item())
+    if n == 0:
+        raise ValueError("At least one element in the mask has to be 1.")
+    if n == 1:
+        raise ValueError("The sum of the mask is one, which can cause a division by zero.")
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``values`` over the whole mask; Bessel-corrected when ``unbiased`` (verl
+    ``torch_functional.masked_var``). Unbiased on fewer than two elements raises ValueError, as verl
+    does; biased on an empty mask gives 0 (verl's ``+ 1e-8`` denominator)."""
+    if unbiased:
+        _check_var_count(mask)
+    elif not bool(mask.any()):
+        return values.new_zeros(())
+    return _same_dtype(ops.masked_var(values, mask, unbiased=unbiased), values)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """``(values - mean) * rsqrt(var + 1e-8)`` with the masked mean and unbiased masked variance,
+    applied to every element (masked-out ones too); ``shift_mean=False`` adds the mean back
+    (verl ``torch_functional.masked_whiten``)."""
+    _check_var_count(mask)
+    return _same_dtype(ops.masked_whiten(values, mask, shift_mean=shift_mean, eps=_WHITEN_EPS), values)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool = True) -> Tensor:
+    """Log-probability of ``labels`` under ``softmax(logits)``, in the logits' dtype (verl
+    ``torch_functional.logprobs_from_logits``). ``inplace_backward=True`` writes d logits into the
+    logits' storage during backward, as verl's flash-attn path does."""
+    return ops.logprobs(logits, labels, inplace_backward=inplace_backward).to(logits.dtype)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` along the last dim, in the logits' dtype (verl
+    ``torch_functional.entropy_from_logits``: ``logsumexp(z) - sum(softmax(z) * z)``)."""
+    return ops.entropy(logits).to(logits.dtype)
+
+
+def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
+    """verl ``core_algos.kl_penalty``: ``kl``/``k1`` = logp - ref; ``abs``; ``mse``/``k2`` = ½ (logp -
+    ref)²; ``low_var_kl``/``k3`` = exp(ref - logp) - (ref - logp) - 1 with the log-ratio clamped to
+    [-20, 20] and the result to [-10, 10]; a ``+`` suffix (``k3+``) gives the k3 value with the k2
+    gradient (straight-through, verl's ``kl_penalty`` for names ending in ``+``). ``full`` needs the
+    whole distribution and is not implemented, as in verl."""
+    if kl_penalty == "full":
+        raise NotImplementedError("kl_penalty='full' needs the logits of every token; verl does not implement it")
+    name = {"kl": "k1", "mse": "k2", "low_var_kl": "k3", "low_var_kl+": "k3+"}.get(kl_penalty, kl_penalty)
+    if kl_penalty not in KL_PENALTIES:
+        raise ValueError(f"kl_penalty must be one of {KL_PENALTIES} (or 'full', not implemented), got {kl_penalty!r}")
+    if name in ("k3", "k3+"):
+        return ops.kl(logprob, ref_logprob, name, clamp=True)
+    return ops.kl(logprob, ref_logprob, name)
+
+
+def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str) -> Tensor:
+    """Reduce a ``[B, T]`` loss to a scalar (verl ``core_algos.agg_loss``):
+    ``token-mean`` (masked_mean over all valid tokens, with verl's 1e-8), ``seq-mean-token-sum``
+    (per-row masked sum, then mean over rows), ``seq-mean-token-mean`` (per-row masked sum / per-row
+    count, then mean; an empty row gives NaN as in verl), ``seq-mean-token-sum-norm`` (sum of the
+    per-row sums / T, Dr. GRPO's constant normaliser)."""
+    if loss_agg_mode not in AGG_MODES:
+        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; valid modes are {AGG_MODES}")
+    if loss_agg_mode == "token-mean":
+        return masked_mean(loss_mat, loss_mask)
+    seq = ops.masked_sum(loss_mat, loss_mask, dim=-1)
+    if loss_agg_mode == "seq-mean-token-sum":
+        out = seq.mean()
+    elif loss_agg_mode == "seq-mean-token-mean":
+        out = (seq / _count(loss_mask, -1)).mean()
+    else:
+        out = seq.sum() / loss_mask.shape[-1]
+    return _same_dtype(out, loss_mat)
+
+
+def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor,
+                                 gamma, lam) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_gae_advantage_return``: one reverse GAE scan in which masked
+    positions (observation tokens, padding) carry the next value and the running advantage through;
+    ``returns = advantages + values``; the advantages are then whitened over the mask. No gradient."""
+    with torch.no_grad():
+        advantages, returns = ops.gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam))
+        advantages = masked_whiten(advantages, response_mask)
+    return advantages, returns
+
+
+def _group_ids(index, n: int, device) -> Tensor:
+    """verl passes the prompt uid of every response (a numpy array of strings or ints); rlkern wants
+    dense int64 group ids. np.unique maps equal uids to equal ids without a Python loop."""
+    arr = np.asarray(index)
+    if arr.shape != (n,):
+        raise ValueError(f"index must hold one group id per response, shape ({n},), got {arr.shape}")
+    _, inverse = np.unique(arr, return_inverse=True)
+    return torch.as_tensor(inverse.reshape(-1), dtype=torch.int64, device=device)
+
+
+def _singletons(ids: Tensor) -> Tensor:
+    return torch.bincount(ids)[ids] == 1
+
+
+def compute_grpo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, epsilon: float = 1e-6,
+                                   norm_adv_by_std_in_grpo: bool = True, config=None) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_grpo_outcome_advantage``: score = row sum of the token rewards;
+    ``(score - mean_g) / (std_g + epsilon)`` with the unbiased group std (or ``score - mean_g`` when
+    ``norm_adv_by_std_in_grpo=False``, Dr. GRPO); broadcast over the response mask. Returns
+    ``(advantages, advantages)``.
+
+    verl gives a group of one mean 0 and std 1, so its advantage is ``score / (1 + epsilon)`` (or the
+    score); rlkern's rule gives such groups 0, so those rows are set to verl's value here. A group
+    whose scores are all equal gets exactly 0 (verl: the rounding error of its mean / epsilon).
+    """
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        ids = _group_ids(index, scores.shape[0], scores.device)
+        adv = ops.group_advantages(scores, index=ids, method="grpo", eps=epsilon,
+                                   scale_by_std=norm_adv_by_std_in_grpo).to(scores.dtype)
+        alone = scores / (1.0 + epsilon) if norm_adv_by_std_in_grpo else scores
+        adv = torch.where(_singletons(ids), alone, adv)
+        adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_rloo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                   epsilon: float = 1e-6, config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_rloo_outcome_advantage``: score minus the mean of the other
+    responses of its group (``n/(n-1) * (score - mean_g)``); a group of one keeps its raw score, as in
+    verl (rlkern's rule would give 0, so those rows are set here). Returns ``(adv, adv)``."""
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        ids = _group_ids(index, scores.shape[0], scores.device)
+        adv = ops.group_advantages(scores, index=ids, method="rloo").to(scores.dtype)
+        adv = torch.where(_singletons(ids), scores, adv)
+        adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def _config_value(config, key: str, default=None):
+    if config is None:
+        return default
+    if isinstance(config, dict) or hasattr(config, "get"):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, config=None,
+                                                  **kwargs) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_reinforce_plus_plus_outcome_advantage``: discounted returns with
+    ``config.gamma``, the running return reset after each sequence's end, whitened over the mask and
+    zeroed outside it. Returns ``(advantages, returns)``."""
+    if config is None:
+        raise ValueError("config is required: REINFORCE++ reads the discount factor from config.gamma")
+    gamma = _config_value(config, "gamma")
+    if gamma is None:
+        raise ValueError("config must define gamma, the discount factor")
+    with torch.no_grad():
+        returns = ops.discounted_returns(token_level_rewards, response_mask, gamma=float(gamma))
+        returns = returns.to(token_level_rewards.dtype)
+        advantages = masked_whiten(returns, response_mask) * response_mask
+    return advantages, returns
+
+
+def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                        cliprange=None, cliprange_low=None, cliprange_high=None, clip_ratio_c: float = 3.0,
+                        loss_agg_mode: str = "token-mean", rollout_is_weights: Tensor | None = None):
+    """verl ``core_algos.compute_policy_loss`` (PPO-clip with dual-clip): log-ratio clamped to
+    [-20, 20]; ``max(-A r, -A clip(r, 1 - low, 1 + high))``, and for A < 0 additionally at most
+    ``-A * clip_ratio_c``; aggregated by ``loss_agg_mode``. ``cliprange_low``/``high`` default to
+    ``cliprange``. Returns ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``: the fraction of valid
+    tokens where the clipped term is larger, the masked mean of ``old - new`` log-prob, and the
+    fraction where the dual clip bound is active."""
+    low = cliprange if cliprange_low is None else cliprange_low
+    high = cliprange if cliprange_high is None else cliprange_high
+    if low is None or high is None:
+        raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
+    if loss_agg_mode not in AGG_MODES:
+        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; valid modes are {AGG_MODES}")
+    loss, stats = ops.policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=float(low),
+                                  clip_high=float(high), dual_clip=float(clip_ratio_c), agg=loss_agg_mode,
+                                  weights=rollout_is_weights)
+    return loss, stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]
+
+
+def compute_policy_loss_vanilla(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                loss_agg_mode: str = "token-mean", config=None,
+                                rollout_is_weights: Tensor | None = None):
+    """verl ``core_algos.compute_policy_loss_vanilla`` (registered as ``"vanilla"``): the clip
+    ranges come from ``config.clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high`` and
+    ``config.clip_ratio_c`` (default 3.0); the maths is :func:`compute_policy_loss`'s."""
+    if config is None:
+        raise ValueError("config is required: the clip ranges are read from config.clip_ratio*")
+    clip_ratio = _config_value(config, "clip_ratio")
+    low = _config_value(config, "clip_ratio_low")
+    high = _config_value(config, "clip_ratio_high")
+    return compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=clip_ratio,
+                               cliprange_low=clip_ratio if low is None else low,
+                               cliprange_high=clip_ratio if high is None else high,
+                               clip_ratio_c=_config_value(config, "clip_ratio_c", 3.0), loss_agg_mode=loss_agg_mode,
+                               rollout_is_weights=rollout_is_weights)
+
+
+def compute_value_loss(vpreds: Tensor, returns: Tensor, values: Tensor, response_mask: Tensor,
+                       cliprange_value: float, loss_agg_mode: str = "token-mean") -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_value_loss``: ``0.5 * agg(max((v - R)², (clip(v, old ± c) - R)²))``
+    and the fraction of valid tokens where the clipped term is larger. Note verl's argument order:
+    predictions, returns, then the old values."""
+    if loss_agg_mode not in AGG_MODES:
+        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; valid modes are {AGG_MODES}")
+    loss, stats = ops.value_loss(vpreds, values, returns, response_mask, clip=float(cliprange_value),
+                                 agg=loss_agg_mode)
+    return loss, stats["clipfrac"]

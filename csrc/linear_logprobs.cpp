@@ -1,0 +1,301 @@
+// Token log-probs and entropy straight from hidden states and the LM head: the C++ epilogues.
+//
+// The logits z = (hidden @ weight^T + bias) / temperature never exist in full. rlkern/ops/
+// linear_logprobs.py cuts tokens x vocabulary into tiles, computes each logits tile with one ATen
+// matmul (MKL sgemm for fp32, oneDNN/AMX for bf16/fp16) into a preallocated buffer, and hands it
+// to the two kernels here:
+//
+// lm_fold, the forward epilogue: the online-softmax recurrence of csrc/logprobs.cpp carried across
+// tiles in per-token state
+//   m = running max of z,  S = sum e^{z-m},  T = sum e^{z-m} (z-m),  z_y = the label's logit,
+// from which the caller forms lse = m + log S, H = log S - T / S and logp = z_y - lse.
+//
+// lm_grad, the backward epilogue: overwrites a recomputed tile with d logits, using the
+// full-vocabulary lse and H (so a vocabulary shard gets the gradient of the global softmax):
+//   d z_j = g (1[j=y] - p_j) - h p_j (z_j - lse + H),   p_j = e^{z_j - lse},   d x = d z / temp.
+// The caller then accumulates d hidden += d x @ W_tile and d W_tile += d x^T @ hidden_tile.
+//
+// Labels are global vocabulary ids; a tile covers ids [vocab_start, vocab_start + v).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "dispatch.h"
+#include "simd.h"
+
+namespace rlkern {
+namespace {
+
+// z = (x + b) * inv_temp for 16 logits; b is the fp32 bias slice, or nullptr for no bias.
+template <typename T>
+RLKERN_INLINE vfloat scaled16(const T* x, const float* b, vfloat vinv) {
+  return b != nullptr ? (load16(x) + load16(b)) * vinv : load16(x) * vinv;
+}
+
+// The same for the last n < 16 logits of a row; padding lanes are -inf, so they neither raise the
+// max nor add to the sums.
+template <typename T>
+RLKERN_INLINE vfloat scaled_tail(const T* x, const float* b, int64_t n, vfloat vinv) {
+  const vfloat xv = load_tail(x, n, -kInf);
+  return b != nullptr ? (xv + load_tail(b, n, 0.f)) * vinv : xv * vinv;
+}
+
+RLKERN_INLINE const float* offset(const float* b, int64_t j) { return b != nullptr ? b + j : nullptr; }
+
+// Adds e = exp(d) to vs and, for entropy, e d to vt, d = z - m <= 0. d is clamped at -88 in the
+// product so that a -inf logit (a banning bias) adds e d ~ -1e-36, never 0 * -inf = NaN.
+template <bool kEntropy>
+RLKERN_INLINE void add_exp(vfloat d, vfloat& vs, vfloat& vt) {
+  const vfloat e = vexp_nonpos(d);
+  vs += e;
+  if constexpr (kEntropy) vt += e * vmax(d, splat(-88.f));
+}
+
+// Folds one tile row (len logits) into its token's running (m, S, T). The row is read twice: once
+// for its max, then (from L1/L2: a tile row is a few KiB) for the exponentials.
+template <typename T, bool kEntropy>
+RLKERN_INLINE void fold_row(const T* x, const float* b, int64_t len, float inv_temp, float& m, float& S,
+                            float& Tsum) {
+  const vfloat vinv = splat(inv_temp);
+  const int64_t full = len - len % kLanes;
+  vfloat vm = splat(-kInf);
+  for (int64_t j = 0; j < full; j += kLanes) vm = vmax(vm, scaled16(x + j, offset(b, j), vinv));
+  if (full < len) vm = vmax(vm, scaled_tail(x + full, offset(b, full), len - full, vinv));
+  const float tile_max = hmax(vm);
+  if (tile_max > m) {
+    if (S > 0.f) {  // move the sums from the old max to the new one: S' = c S, T' = c (T + (m - m') S)
+      const float c = std::exp(m - tile_max);
+      Tsum = c * (Tsum + (m - tile_max) * S);
+      S *= c;
+    }
+    m = tile_max;
+  }
+  if (m == -kInf) return;  // every logit so far is -inf (a bias banning them all)
+  const vfloat vmz = splat(m);
+  // Two independent accumulator pairs hide the latency of the vector adds.
+  vfloat vs0 = splat(0.f), vt0 = splat(0.f), vs1 = splat(0.f), vt1 = splat(0.f);
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
+    add_exp<kEntropy>(scaled16(x + j, offset(b, j), vinv) - vmz, vs0, vt0);
+    add_exp<kEntropy>(scaled16(x + j + kLanes, offset(b, j + kLanes), vinv) - vmz, vs1, vt1);
+  }
+  if (j < full) add_exp<kEntropy>(scaled16(x + j, offset(b, j), vinv) - vmz, vs0, vt0);
+  if (full < len) add_exp<kEntropy>(scaled_tail(x + full, offset(b, full), len - full, vinv) - vmz, vs1, vt1);
+  S += hsum(vs0 + vs1);
+  if constexpr (kEntropy) Tsum += hsum(vt0 + vt1);
+}
+
+struct TileGeometry {
+  int64_t ld;           // row stride of the tile (elements)
+  int64_t len;          // vocabulary entries per row
+  int64_t vocab_start;  // global id of column 0
+};
+
+struct FoldState {
+  float* m;
+  float* s;
+  float* t;
+  float* zy;
+};
+
+template <typename T>
+RLKERN_INLINE void fold_rows(int64_t begin, int64_t end, const T* tile, const TileGeometry& g, const float* bias,
+                             const int64_t* labels, int64_t ignore_index, float inv_temp, bool want_entropy,
+                             const FoldState& st) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* x = tile + i * g.ld;
+    if (want_entropy) {
+      fold_row<T, true>(x, bias, g.len, inv_temp, st.m[i], st.s[i], st.t[i]);
+    } else {
+      fold_row<T, false>(x, bias, g.len, inv_temp, st.m[i], st.s[i], st.t[i]);
+    }
+    const int64_t j = labels[i] - g.vocab_start;
+    if (labels[i] != ignore_index && j >= 0 && j < g.len) {
+      st.zy[i] = (static_cast<float>(x[j]) + (bias != nullptr ? bias[j] : 0.f)) * inv_temp;
+    }
+  }
+}
+
+struct GradRow {
+  vfloat inv_temp, lse, g, h, ent;
+};
+
+// d x for 16 logits without the label's g 1[j=y] term: -p (g + h (z - lse + H)) / temp.
+RLKERN_INLINE vfloat grad16(vfloat z, const GradRow& c) {
+  const vfloat d = z - c.lse;
+  const vfloat p = vexp_nonpos(d);
+  const vfloat dz = -(p * (c.g + c.h * (d + c.ent)));
+  // Below ln(FLT_MIN) (and for -inf logits, where d + H is -inf) the gradient is exactly 0.
+  return d > splat(-87.33654f) ? dz * c.inv_temp : splat(0.f);
+}
+
+template <typename T>
+RLKERN_INLINE void grad_rows(int64_t begin, int64_t end, T* tile, const TileGeometry& g, const float* bias,
+                             const int64_t* labels, int64_t ignore_index, float inv_temp, const float* grad_logp,
+                             const float* grad_ent, const float* lse, const float* ent) {
+  const vfloat vinv = splat(inv_temp);
+  for (int64_t i = begin; i < end; ++i) {
+    T* x = tile + i * g.ld;
+    if (lse[i] == -kInf) {  // every logit of the token is -inf: no distribution, no gradient
+      for (int64_t j = 0; j < g.len; ++j) x[j] = T(0.f);
+      continue;
+    }
+    const bool has_label = labels[i] != ignore_index;
+    const int64_t jy = labels[i] - g.vocab_start;
+    const bool label_here = has_label && jy >= 0 && jy < g.len;
+    const float gl = (grad_logp != nullptr && has_label) ? grad_logp[i] : 0.f;
+    const float gh = grad_ent != nullptr ? grad_ent[i] : 0.f;
+    const float h = ent != nullptr ? ent[i] : 0.f;
+    // The label's logit is read before the row is overwritten with its gradient.
+    const float zy = label_here ? (static_cast<float>(x[jy]) + (bias != nullptr ? bias[jy] : 0.f)) * inv_temp : 0.f;
+    const GradRow c{vinv, splat(lse[i]), splat(gl), splat(gh), splat(h)};
+    const int64_t full = g.len - g.len % kLanes;
+    for (int64_t j = 0; j < full; j += kLanes) store16(x + j, grad16(scaled16(x + j, offset(bias, j), vinv), c));
+    if (full < g.len) {
+      const int64_t n = g.len - full;
+      store_tail(x + full, grad16(scaled_tail(x + full, offset(bias, full), n, vinv), c), n);
+    }
+    if (label_here) {
+      const float d = zy - lse[i];
+      const float p = std::exp(d);
+      const float entropy_term = p > 0.f ? gh * p * (d + h) : 0.f;
+      x[jy] = T((gl * (1.f - p) - entropy_term) * inv_temp);
+    }
+  }
+}
+
+// One clone set per storage type, each covering a range of rows so the CPU-feature dispatch is
+// paid once per thread chunk.
+#define RLKERN_TILE_KERNELS(T, SUFFIX)                                                                    \
+  RLKERN_CLONES void fold_rows_##SUFFIX(int64_t b, int64_t e, const T* x, const TileGeometry& g,          \
+                                        const float* bias, const int64_t* y, int64_t ii, float it, bool we, \
+                                        const FoldState& st) {                                           \
+    fold_rows<T>(b, e, x, g, bias, y, ii, it, we, st);                                                   \
+  }                                                                                                     \
+  RLKERN_CLONES void grad_rows_##SUFFIX(int64_t b, int64_t e, T* x, const TileGeometry& g, const float* bias, \
+                                        const int64_t* y, int64_t ii, float it, const float* gl,          \
+                                        const float* gh, const float* lse, const float* ent) {           \
+    grad_rows<T>(b, e, x, g, bias, y, ii, it, gl, gh, lse, ent);                                         \
+  }
+RLKERN_TILE_KERNELS(float, f32)
+RLKERN_TILE_KERNELS(c10::BFloat16, bf16)
+RLKERN_TILE_KERNELS(c10::Half, f16)
+#undef RLKERN_TILE_KERNELS
+
+void fold_dispatch(int64_t b, int64_t e, const float* x, const TileGeometry& g, const float* bias, const int64_t* y,
+                   int64_t ii, float it, bool we, const FoldState& st) {
+  fold_rows_f32(b, e, x, g, bias, y, ii, it, we, st);
+}
+void fold_dispatch(int64_t b, int64_t e, const c10::BFloat16* x, const TileGeometry& g, const float* bias,
+                   const int64_t* y, int64_t ii, float it, bool we, const FoldState& st) {
+  fold_rows_bf16(b, e, x, g, bias, y, ii, it, we, st);
+}
+void fold_dispatch(int64_t b, int64_t e, const c10::Half* x, const TileGeometry& g, const float* bias,
+                   const int64_t* y, int64_t ii, float it, bool we, const FoldState& st) {
+  fold_rows_f16(b, e, x, g, bias, y, ii, it, we, st);
+}
+void grad_dispatch(int64_t b, int64_t e, float* x, const TileGeometry& g, const float* bias, const int64_t* y,
+                   int64_t ii, float it, const float* gl, const float* gh, const float* lse, const float* ent) {
+  grad_rows_f32(b, e, x, g, bias, y, ii, it, gl, gh, lse, ent);
+}
+void grad_dispatch(int64_t b, int64_t e, c10::BFloat16* x, const TileGeometry& g, const float* bias,
+                   const int64_t* y, int64_t ii, float it, const float* gl, const float* gh, const float* lse,
+                   const float* ent) {
+  grad_rows_bf16(b, e, x, g, bias, y, ii, it, gl, gh, lse, ent);
+}
+void grad_dispatch(int64_t b, int64_t e, c10::Half* x, const TileGeometry& g, const float* bias, const int64_t* y,
+                   int64_t ii, float it, const float* gl, const float* gh, const float* lse, const float* ent) {
+  grad_rows_f16(b, e, x, g, bias, y, ii, it, gl, gh, lse, ent);
+}
+
+TileGeometry tile_geometry(const at::Tensor& tile, int64_t vocab_start) {
+  TORCH_CHECK(tile.dim() == 2, "tile must be a 2-d [tokens, vocab] tensor, got ", tile.dim(), " dims");
+  TORCH_CHECK(tile.size(1) > 0, "tile must have at least one vocabulary column");
+  TORCH_CHECK(tile.stride(1) == 1 && tile.stride(0) >= tile.size(1), "tile rows must be contiguous");
+  return {tile.stride(0), tile.size(1), vocab_start};
+}
+
+// A per-token float32 vector, or nullptr when the tensor is empty ("not present").
+float* f32_rows(const at::Tensor& t, int64_t rows, const char* name) {
+  if (!t.defined() || t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == rows, name,
+              " must be a contiguous float32 tensor with one entry per tile row (", rows, " rows)");
+  return t.data_ptr<float>();
+}
+
+const float* f32_bias(const at::Tensor& bias, int64_t len) {
+  if (!bias.defined() || bias.numel() == 0) return nullptr;
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == len,
+              "bias must be a contiguous float32 slice with one entry per tile column (", len, ")");
+  return bias.data_ptr<float>();
+}
+
+const int64_t* tile_labels(const at::Tensor& labels, int64_t rows) {
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == rows,
+              "labels must be a contiguous int64 tensor with one entry per tile row (", rows, " rows)");
+  return labels.data_ptr<int64_t>();
+}
+
+// Whole rows per task, enough work (~64k logits) per task to amortise the thread hand-off.
+int64_t rows_per_task(int64_t len) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)); }
+
+void lm_fold(const at::Tensor& tile, const at::Tensor& bias, const at::Tensor& labels, double inv_temp,
+             int64_t ignore_index, int64_t vocab_start, bool want_entropy, at::Tensor m, at::Tensor s, at::Tensor t,
+             at::Tensor zy) {
+  const int64_t rows = tile.size(0);
+  const TileGeometry g = tile_geometry(tile, vocab_start);
+  const float* b = f32_bias(bias, g.len);
+  const int64_t* y = tile_labels(labels, rows);
+  const FoldState st{f32_rows(m, rows, "m"), f32_rows(s, rows, "s"), f32_rows(t, rows, "t"),
+                     f32_rows(zy, rows, "zy")};
+  TORCH_CHECK(rows == 0 || (st.m && st.s && st.t && st.zy), "lm_fold needs m, s, t and zy for every row");
+  const float it = static_cast<float>(inv_temp);
+  dispatch_storage_type(tile.scalar_type(), "tile", [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = static_cast<const T*>(tile.data_ptr());
+    at::parallel_for(0, rows, rows_per_task(g.len), [&](int64_t begin, int64_t end) {
+      fold_dispatch(begin, end, x, g, b, y, ignore_index, it, want_entropy, st);
+    });
+  });
+}
+
+void lm_grad(at::Tensor tile, const at::Tensor& bias, const at::Tensor& labels, const at::Tensor& grad_logp,
+             const at::Tensor& grad_ent, const at::Tensor& lse, const at::Tensor& ent, double inv_temp,
+             int64_t ignore_index, int64_t vocab_start) {
+  const int64_t rows = tile.size(0);
+  const TileGeometry g = tile_geometry(tile, vocab_start);
+  const float* b = f32_bias(bias, g.len);
+  const int64_t* y = tile_labels(labels, rows);
+  const float* gl = f32_rows(grad_logp, rows, "grad_logp");
+  const float* gh = f32_rows(grad_ent, rows, "grad_entropy");
+  const float* lse_ptr = f32_rows(lse, rows, "lse");
+  const float* ent_ptr = f32_rows(ent, rows, "entropy");
+  TORCH_CHECK(rows == 0 || lse_ptr != nullptr, "lm_grad needs lse for every row");
+  TORCH_CHECK(gh == nullptr || ent_ptr != nullptr, "the entropy gradient needs the saved entropy");
+  const float it = static_cast<float>(inv_temp);
+  dispatch_storage_type(tile.scalar_type(), "tile", [&](auto tag) {
+    using T = decltype(tag);
+    T* x = static_cast<T*>(tile.data_ptr());
+    at::parallel_for(0, rows, rows_per_task(g.len), [&](int64_t begin, int64_t end) {
+      grad_dispatch(begin, end, x, g, b, y, ignore_index, it, gl, gh, lse_ptr, ent_ptr);
+    });
+  });
+}
+
+}  // namespace
+}  // namespace rlkern
+
+TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
+  m.def("lm_fold(Tensor tile, Tensor bias, Tensor labels, float inv_temp, int ignore_index, int vocab_start,"
+        " bool want_entropy, Tensor(a!) m, Tensor(b!) s, Tensor(c!) t, Tensor(d!) zy) -> ()");
+  m.def("lm_grad(Tensor(a!) tile, Tensor bias, Tensor labels, Tensor grad_logp, Tensor grad_ent, Tensor lse,"
+        " Tensor ent, float inv_temp, int ignore_index, int vocab_start) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {
+  m.impl("lm_fold", &rlkern::lm_fold);
+  m.impl("lm_grad", &rlkern::lm_grad);
+}

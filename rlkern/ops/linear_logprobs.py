@@ -1,0 +1,344 @@
+"""Token log-probs and entropy straight from hidden states and the LM head: ``linear_logprobs``.
+
+The logits ``hidden @ weight.T + bias`` (``[N, V]``: 9.7 GB in fp32 for N = 16k, V = 152k) never
+exist. Tokens x vocabulary are cut into tiles; each logits tile is one matmul into a reused
+buffer, folded into per-token running statistics (max, sum-exp, label logit, sum p*z for entropy)
+and overwritten by the next. Only lse and entropy (fp32, one each per token) are saved; backward
+recomputes each tile, turns it into d logits in place and accumulates d hidden and d weight.
+
+CPU: the GEMM tiles go through ATen (MKL sgemm for fp32, oneDNN/AMX for bf16/fp16) from the loop
+below and the epilogues are the C++ kernels ``rlkern_C::lm_fold`` / ``lm_grad``
+(csrc/linear_logprobs.cpp). Driving the loop from Python costs ~20 us per tile against
+milliseconds of GEMM per tile (< 1 % at the default tile sizes). GPU: kernels/linear_logprobs.py,
+a Triton GEMM with the epilogue fused. Oracle: rlkern.reference.linear_logprobs.
+
+Precision: the fp32 path is fp32 throughout. For bf16/fp16 inputs each GEMM tile runs in the input
+dtype with fp32 accumulation inside the GEMM and is rounded to that dtype on output, exactly like
+the naive ``hidden @ weight.T`` in that dtype; the softmax statistics and the sums of the per-tile
+gradient products over tiles are fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from rlkern import reference
+from rlkern.ops._common import (
+    check_label_range,
+    check_labels,
+    check_positive,
+    check_tensor,
+    new_output,
+    pick_backend,
+)
+
+__all__ = ["linear_logprobs"]
+
+# Tile buffer budget: 1/32 of the bytes of the fp32 [N, V] logits, so that the buffer stays a few
+# percent of what the naive path allocates (logits + their gradient), clamped to [256 KiB, 64 MiB]:
+# below that the GEMM tiles get too thin to run at full speed, above it nothing is gained.
+_BUDGET_FRACTION = 32
+_BUDGET_MIN, _BUDGET_MAX = 1 << 18, 1 << 26
+# At most this many tokens per tile: taller tiles do not make MKL/oneDNN faster, they only shrink
+# the vocabulary width the budget allows.
+_MAX_TOKEN_TILE = 2048
+# Vocabulary tiles are multiples of this (cache lines and AMX tile widths).
+_VOCAB_ALIGN = 64
+
+
+def tile_sizes(n_tokens: int, vocab: int, chunk_size: int | None = None) -> tuple[int, int]:
+    """(token_tile, vocab_tile) for N tokens and a vocabulary of V rows. ``chunk_size`` fixes the
+    vocabulary tile; otherwise it is chosen so that the fp32 tile fits the memory budget."""
+    token_tile = max(1, min(n_tokens, _MAX_TOKEN_TILE))
+    if chunk_size is not None:
+        return token_tile, min(chunk_size, vocab)
+    budget = min(max(n_tokens * vocab * 4 // _BUDGET_FRACTION, _BUDGET_MIN), _BUDGET_MAX)
+    vocab_tile = budget // (4 * token_tile) // _VOCAB_ALIGN * _VOCAB_ALIGN
+    return token_tile, max(_VOCAB_ALIGN, min(vocab_tile, vocab))
+
+
+def _bias32(bias: Tensor | None, device) -> Tensor:
+    return bias.float().contiguous() if bias is not None else torch.empty(0, device=device)
+
+
+def _finalize(m: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """lse = m + log S and H = log S - T / S from the running fold; a token whose logits are all
+    -inf (S = 0) gets lse = -inf and entropy 0."""
+    alive = s > 0
+    safe_s = torch.where(alive, s, torch.ones_like(s))
+    log_s = safe_s.log()
+    lse = torch.where(alive, m + log_s, torch.full_like(m, -math.inf))
+    ent = torch.where(alive, log_s - t / safe_s, torch.zeros_like(m))
+    return lse, ent
+
+
+def _cpp_stats(hidden: Tensor, weight: Tensor, bias32: Tensor, labels: Tensor, inv_temp: float,
+               ignore_index: int, vocab_start: int, want_entropy: bool, tiles: tuple[int, int]):
+    """The forward fold over all tiles: running (m, S, T, z_y) per token, fp32 [N] each."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    tn, tv = tiles
+    m = torch.full((n_tokens,), -math.inf)
+    s, t, zy = torch.zeros(n_tokens), torch.zeros(n_tokens), torch.zeros(n_tokens)
+    buf = torch.empty(tn * tv, dtype=hidden.dtype)
+    for v0 in range(0, vocab, tv):
+        v = min(tv, vocab - v0)
+        w_t = weight[v0:v0 + v].t()
+        b = bias32[v0:v0 + v] if bias32.numel() else bias32
+        for n0 in range(0, n_tokens, tn):
+            n = min(tn, n_tokens - n0)
+            tile = buf[:n * v].view(n, v)
+            torch.mm(hidden[n0:n0 + n], w_t, out=tile)
+            rows = slice(n0, n0 + n)
+            torch.ops.rlkern_C.lm_fold(tile, b, labels[rows], inv_temp, ignore_index, vocab_start + v0, want_entropy,
+                                       m[rows], s[rows], t[rows], zy[rows])
+    return m, s, t, zy
+
+
+def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tensor, bias32: Tensor, labels: Tensor,
+               lse: Tensor, ent: Tensor, inv_temp: float, ignore_index: int, vocab_start: int,
+               tiles: tuple[int, int], grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Tensor) -> None:
+    """Backward over all tiles, vocabulary-outer so that d weight is finished one tile at a time.
+    Writes grad_hidden (fp32, accumulated over vocabulary tiles), grad_weight (weight dtype) and
+    grad_bias (fp32, empty when there is no bias)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    tn, tv = tiles
+    exact = hidden.dtype == torch.float32  # fp32 GEMMs accumulate in place; bf16/fp16 go through fp32 sums
+    grad_hidden.zero_()
+    if n_tokens == 0:
+        grad_weight.zero_()
+        grad_bias.zero_()
+        return
+    buf = torch.empty(tn * tv, dtype=hidden.dtype)
+    dh_part = None if exact else torch.empty(tn, hidden.shape[1], dtype=hidden.dtype)
+    one_token_tile = tn >= n_tokens
+    dw_acc = None if exact or one_token_tile else torch.empty(tv, weight.shape[1])
+    for v0 in range(0, vocab, tv):
+        v = min(tv, vocab - v0)
+        w_tile = weight[v0:v0 + v]
+        b = bias32[v0:v0 + v] if bias32.numel() else bias32
+        gw = grad_weight[v0:v0 + v]
+        for i, n0 in enumerate(range(0, n_tokens, tn)):
+            n = min(tn, n_tokens - n0)
+            rows = slice(n0, n0 + n)
+            h_tile = hidden[rows]
+            dz = buf[:n * v].view(n, v)
+            torch.mm(h_tile, w_tile.t(), out=dz)
+            torch.ops.rlkern_C.lm_grad(dz, b, labels[rows], grad_logp[rows] if grad_logp.numel() else grad_logp,
+                                       grad_ent[rows] if grad_ent.numel() else grad_ent, lse[rows],
+                                       ent[rows] if ent.numel() else ent, inv_temp, ignore_index, vocab_start + v0)
+            if exact:
+                grad_hidden[rows].addmm_(dz, w_tile)
+            else:
+                grad_hidden[rows].add_(torch.mm(dz, w_tile, out=dh_part[:n]))
+            if one_token_tile:
+                torch.mm(dz.t(), h_tile, out=gw)
+            elif exact:
+                if i == 0:
+                    torch.mm(dz.t(), h_tile, out=gw)
+                else:
+                    gw.addmm_(dz.t(), h_tile)
+            else:
+                part = torch.mm(dz.t(), h_tile)
+                if i == 0:
+                    dw_acc[:v].copy_(part)
+                else:
+                    dw_acc[:v].add_(part)
+            if grad_bias.numel():
+                if i == 0:
+                    torch.sum(dz, 0, dtype=torch.float32, out=grad_bias[v0:v0 + v])
+                else:
+                    grad_bias[v0:v0 + v].add_(dz.sum(0, dtype=torch.float32))
+        if dw_acc is not None:
+            gw.copy_(dw_acc[:v])
+
+
+def shard_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
+                ignore_index: int, vocab_start: int, want_entropy: bool, chunk_size: int | None,
+                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(lse, entropy, z_y) over the vocabulary rows of ``weight`` (global ids from ``vocab_start``),
+    fp32 [N] each; z_y is the label's scaled logit, 0 where the label is ignored or not in the
+    shard. hidden: [N, H] contiguous; labels: flat int64 [N]."""
+    inv_temp = 1.0 / temperature
+    bias32 = _bias32(bias, hidden.device)
+    if backend == "cpp":
+        tiles = tile_sizes(hidden.shape[0], weight.shape[0], chunk_size)
+        m, s, t, zy = _cpp_stats(hidden, weight, bias32, labels, inv_temp, ignore_index, vocab_start, want_entropy,
+                                 tiles)
+        lse, ent = _finalize(m, s, t)
+        return lse, ent, zy
+    from rlkern.kernels import linear_logprobs as tk
+
+    n = hidden.shape[0]
+    lse, ent, zy = (torch.empty(n, device=hidden.device) for _ in range(3))
+    tk.linear_logprobs_fwd(hidden, weight, bias32, labels, inv_temp, ignore_index, vocab_start, want_entropy,
+                           lse, ent, zy)
+    return lse, ent, zy
+
+
+def shard_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                labels: Tensor, lse: Tensor, ent: Tensor, temperature: float, ignore_index: int, vocab_start: int,
+                chunk_size: int | None, backend: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(d hidden fp32 [N, H], d weight [V_shard, H] in weight's dtype, d bias fp32 or None) for the
+    shard's logits, given the full-vocabulary lse / entropy. grad_logp / grad_ent: fp32 [N] or empty."""
+    n_tokens, hidden_size = hidden.shape
+    dev = hidden.device
+    bias32 = _bias32(bias, dev)
+    grad_hidden = new_output((n_tokens, hidden_size), device=dev)
+    grad_bias = new_output(bias32.shape, device=dev)
+    if backend == "cpp":
+        grad_weight = new_output(weight.shape, device=dev, dtype=weight.dtype)
+        tiles = tile_sizes(n_tokens, weight.shape[0], chunk_size)
+        _cpp_grads(grad_logp, grad_ent, hidden, weight, bias32, labels, lse, ent, 1.0 / temperature, ignore_index,
+                   vocab_start, tiles, grad_hidden, grad_weight, grad_bias)
+    else:
+        from rlkern.kernels import linear_logprobs as tk
+
+        grad_weight = new_output(weight.shape, device=dev)
+        tk.linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias32, labels, lse, ent, 1.0 / temperature,
+                               ignore_index, vocab_start, grad_hidden, grad_weight, grad_bias)
+        grad_weight = grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight, (grad_bias if bias is not None else None)
+
+
+def label_logprobs(zy: Tensor, lse: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """logp = z_y - lse; 0 for ignored labels, -inf for every label of a token whose logits are all -inf."""
+    logp = torch.where(lse == -math.inf, lse, zy - lse)
+    return torch.where(labels == ignore_index, torch.zeros_like(logp), logp)
+
+
+def _empty_like_rows(hidden: Tensor) -> Tensor:
+    return hidden.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("rlkern::linear_logprobs_fwd", mutates_args=())
+def _linear_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
+                         ignore_index: int, want_entropy: bool, chunk_size: int, backend: str
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden [N, H] contiguous, labels flat int64 [N]; chunk_size 0 = automatic. Returns fp32
+    (logp [N], lse [N], entropy [N] or [0])."""
+    lse, ent, zy = shard_stats(hidden, weight, bias, labels, temperature, ignore_index, 0, want_entropy,
+                               chunk_size or None, backend)
+    n, dev = hidden.shape[0], hidden.device
+    logp_out, lse_out = new_output((n,), device=dev), new_output((n,), device=dev)
+    logp_out.copy_(label_logprobs(zy, lse, labels, ignore_index))
+    lse_out.copy_(lse)
+    ent_out = new_output((n,) if want_entropy else (0,), device=dev)
+    if want_entropy:
+        ent_out.copy_(ent)
+    return logp_out, lse_out, ent_out
+
+
+@_linear_logprobs_fwd.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size, backend):
+    n = hidden.shape[0]
+    new = lambda shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return new((n,)), new((n,)), new((n,) if want_entropy else (0,))
+
+
+@torch.library.custom_op("rlkern::linear_logprobs_bwd", mutates_args=())
+def _linear_logprobs_bwd(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                         labels: Tensor, lse: Tensor, ent: Tensor, temperature: float, ignore_index: int,
+                         chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(d hidden in hidden's dtype, d weight in weight's dtype, d bias fp32 [V] or [0])."""
+    gh, gw, gb = shard_grads(grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, temperature, ignore_index,
+                             0, chunk_size or None, backend)
+    return gh.to(hidden.dtype), gw, gb if gb is not None else _empty_like_rows(hidden)
+
+
+@_linear_logprobs_bwd.register_fake
+def _(grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, temperature, ignore_index, chunk_size, backend):
+    gb = hidden.new_empty(bias.shape if bias is not None else (0,), dtype=torch.float32)
+    return torch.empty_like(hidden), torch.empty_like(weight), gb
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size, backend = inputs
+    _, lse, ent = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+    ctx.args = (temperature, ignore_index, chunk_size, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logp, grad_lse, grad_ent):
+    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+    none = hidden.new_empty(0, dtype=torch.float32)
+    grad_logp = grad_logp.float().contiguous() if grad_logp is not None and grad_logp.numel() > 0 else none
+    grad_ent = grad_ent.float().contiguous() if grad_ent is not None and grad_ent.numel() > 0 else none
+    gh, gw, gb = torch.ops.rlkern.linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent,
+                                                      *ctx.args)
+    gb = gb.to(bias.dtype) if bias is not None else None
+    return gh, gw, gb, None, None, None, None, None, None
+
+
+_linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(hidden, weight, labels, bias, temperature, chunk_size) -> float:
+    check_tensor(hidden, "hidden")
+    check_tensor(weight, "weight")
+    if hidden.dim() == 0 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [V, H] = [V, {hidden.shape[-1]}] with V >= 1 (the LM head, "
+                         f"one row per token id), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    check_labels(labels, "labels", hidden.shape[:-1])
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1 (vocabulary rows per tile), got {chunk_size!r}")
+    return check_positive(temperature, "temperature")
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                    chunk_size: int | None = None, process_group=None) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature),
+    without materialising the ``[..., V]`` logits.
+
+    Args:
+        hidden: ``[..., H]`` float32 / bfloat16 / float16 (float64 runs the reference), e.g. the
+            last hidden state already shifted to align with ``labels``.
+        weight: ``[V, H]`` LM head in hidden's dtype (``[V_shard, H]`` with ``process_group``).
+        labels: ``[...]`` int32 / int64 token ids in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]`` (``[V_shard]`` with ``process_group``); ``-inf`` entries ban tokens.
+        temperature: > 0; the logits are divided by it first.
+        ignore_index: label value whose log-prob (and gradient) is 0.
+        return_entropy: also return the entropy (nats) of the full distribution.
+        chunk_size: vocabulary rows per tile; by default chosen from N, V and a memory budget.
+        process_group: a ``torch.distributed`` group over which ``weight`` (and ``bias``) are
+            sharded by vocabulary: rank r holds rows ``[r*ceil(V/world), (r+1)*ceil(V/world))``;
+            every rank gets the full-vocabulary result and the gradient for its shard and hidden
+            (see :mod:`rlkern.ops.vocab_parallel`).
+
+    Returns:
+        float32 ``[...]`` log-probs ``z_y - logsumexp(z)``, and float32 ``[...]`` entropy when
+        ``return_entropy``. Gradients flow to hidden, weight and bias (in their dtypes).
+    """
+    temperature = _validate(hidden, weight, labels, bias, temperature, chunk_size)
+    ignore_index = int(ignore_index)
+    if process_group is not None:
+        from rlkern.ops.vocab_parallel import vocab_parallel_linear_logprobs
+
+        return vocab_parallel_linear_logprobs(hidden, weight, labels, process_group, bias=bias,
+                                              temperature=temperature, ignore_index=ignore_index,
+                                              return_entropy=return_entropy, chunk_size=chunk_size)
+    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
+    backend = pick_backend(*tensors, labels)
+    if backend == "torch":
+        return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                         ignore_index=ignore_index, return_entropy=return_entropy)
+    check_label_range(labels, weight.shape[0], ignore_index)
+    lead = hidden.shape[:-1]
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    logp, _, ent = torch.ops.rlkern.linear_logprobs_fwd(flat_hidden, weight.contiguous(), bias, flat_labels,
+                                                        temperature, ignore_index, bool(return_entropy),
+                                                        int(chunk_size or 0), backend)
+    return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)

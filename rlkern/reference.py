@@ -87,3 +87,26 @@ def logprobs_and_entropy(
 # ---------------------------------------------------------------------------------------------
 # linear_logprobs family: log-probs and entropy from hidden states and the LM head
 # ---------------------------------------------------------------------------------------------
+
+
+def _lm_head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """hidden @ weight.T (+ bias) in the reference precision, materialising the full logits."""
+    logits = _upcast(hidden) @ _upcast(weight).T
+    return logits if bias is None else logits + _upcast(bias)
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """logprobs(hidden @ weight.T + bias, labels) (and the entropy): the fused op's definition,
+    computed the naive way with the [..., V] logits in memory."""
+    logits = _lm_head_logits(hidden, weight, bias)
+    logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
+    return (logp, entropy(logits, temperature=temperature)) if return_entropy else logp

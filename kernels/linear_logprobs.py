@@ -1,0 +1,189 @@
+"""Token log-probs and entropy from hidden states and the LM head: Triton kernels (GPU; checked
+on CPU tensors through the interpreter at small sizes).
+
+Forward: one program per block of BLOCK_N tokens walks the vocabulary in BLOCK_V-wide tiles; each
+logits tile is a tl.dot GEMM over BLOCK_H slices of the hidden size with fp32 accumulation, folded
+straight from registers into the per-token online-softmax state (m, S, T, z_y) of
+csrc/linear_logprobs.cpp. The logits never reach memory.
+
+Backward: one program per (token block, vocabulary tile) recomputes its tile, turns it into
+d logits in registers, and adds d logits @ W_tile to d hidden and d logits^T @ hidden_tile to
+d weight with fp32 atomics (the split-K pattern of Cut Cross-Entropy's backward), so the
+[N, V] gradient never reaches memory either. The order of the fp32 atomic adds is not fixed on a
+GPU, so d hidden / d weight may differ between runs in the last bits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_tokens, vocab, hidden_size, inv_temp,
+                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+    """z = (hidden[offs_n] @ weight[offs_v]^T + bias) * inv_temp, fp32 [BLOCK_N, BLOCK_V];
+    columns past the vocabulary are -inf."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_H):
+        offs_k = k0 + tl.arange(0, BLOCK_H)
+        a = tl.load(h_ptr + offs_n[:, None] * hidden_size + offs_k[None, :],
+                    mask=(offs_n[:, None] < n_tokens) & (offs_k[None, :] < hidden_size), other=0.0)
+        b = tl.load(w_ptr + offs_v[:, None] * hidden_size + offs_k[None, :],
+                    mask=(offs_v[:, None] < vocab) & (offs_k[None, :] < hidden_size), other=0.0)
+        if DOT_FP32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=offs_v < vocab, other=0.0)[None, :]
+    return tl.where(offs_v[None, :] < vocab, acc * inv_temp, NEG_INF)
+
+
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, zy_ptr,
+    n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
+    HAS_BIAS: tl.constexpr, WANT_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < n_tokens
+    y = tl.load(labels_ptr + offs_n, mask=row_ok, other=ignore_index)
+    local = tl.where(y == ignore_index, -1, y - vocab_start)  # the label's column in this shard, or outside
+    m = tl.full((BLOCK_N,), NEG_INF, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, vocab, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_tokens, vocab, hidden_size, inv_temp,
+                         HAS_BIAS, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # Move the sums from the old max to the new one: S' = c S, T' = c (T + (m - m') S).
+        # (m - m' is masked before use: while S = 0 the old max is -inf and m - m' would be NaN.)
+        shift = tl.where(s > 0, m - m_new, 0.0)
+        c = tl.where(s > 0, tl.exp(shift), 0.0)
+        t = tl.where(s > 0, c * (t + shift * s), 0.0)
+        s = s * c
+        m = m_new
+        d = z - m[:, None]
+        e = tl.where(z > NEG_INF, tl.exp(d), 0.0)  # -inf logits add 0, and no NaN through d
+        s += tl.sum(e, axis=1)
+        if WANT_ENTROPY:
+            t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
+        zy += tl.sum(tl.where(offs_v[None, :] == local[:, None], z, 0.0), axis=1)
+    alive = s > 0  # False only for a token whose every logit is -inf
+    log_s = tl.log(tl.where(alive, s, 1.0))
+    tl.store(lse_ptr + offs_n, tl.where(alive, m + log_s, NEG_INF), mask=row_ok)
+    tl.store(ent_ptr + offs_n, tl.where(alive, log_s - t / tl.where(alive, s, 1.0), 0.0), mask=row_ok)
+    tl.store(zy_ptr + offs_n, zy, mask=row_ok)
+
+
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, grad_logp_ptr, grad_ent_ptr, lse_ptr, ent_ptr,
+    grad_h_ptr, grad_w_ptr, grad_b_ptr,
+    n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = offs_n < n_tokens
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_tokens, vocab, hidden_size, inv_temp,
+                     HAS_BIAS, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
+    y = tl.load(labels_ptr + offs_n, mask=row_ok, other=ignore_index)
+    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=NEG_INF)
+    alive = lse > NEG_INF
+    g = tl.zeros((BLOCK_N,), tl.float32)
+    if HAS_GRAD_LOGP:
+        g = tl.where((y != ignore_index) & alive, tl.load(grad_logp_ptr + offs_n, mask=row_ok, other=0.0), 0.0)
+    gh = tl.zeros((BLOCK_N,), tl.float32)
+    h = tl.zeros((BLOCK_N,), tl.float32)
+    if HAS_GRAD_ENT:
+        gh = tl.where(alive, tl.load(grad_ent_ptr + offs_n, mask=row_ok, other=0.0), 0.0)
+        h = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
+    # d z_j = g (1[j=y] - p_j) - gh p_j (z_j - lse + H), d x = d z / temperature.
+    d = z - lse[:, None]
+    p = tl.where(z > NEG_INF, tl.exp(d), 0.0)
+    dz = tl.where(p > 0, -p * (g[:, None] + gh[:, None] * (d + h[:, None])), 0.0)
+    is_label = (offs_v[None, :] + vocab_start) == y[:, None]
+    dz = (dz + tl.where(is_label, g[:, None], 0.0)) * inv_temp
+    dz = tl.where(row_ok[:, None] & (offs_v[None, :] < vocab), dz, 0.0)
+    if HAS_BIAS:
+        tl.atomic_add(grad_b_ptr + offs_v, tl.sum(dz, axis=0), mask=offs_v < vocab)
+    dz_in = dz.to(h_ptr.dtype.element_ty)  # the gradient GEMMs run in the input dtype, accumulate in fp32
+    for k0 in range(0, hidden_size, BLOCK_H):
+        offs_k = k0 + tl.arange(0, BLOCK_H)
+        k_ok = offs_k[None, :] < hidden_size
+        w_blk = tl.load(w_ptr + offs_v[:, None] * hidden_size + offs_k[None, :],
+                        mask=(offs_v[:, None] < vocab) & k_ok, other=0.0)
+        h_blk = tl.load(h_ptr + offs_n[:, None] * hidden_size + offs_k[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
+        if DOT_FP32:
+            w_blk, h_blk = w_blk.to(tl.float32), h_blk.to(tl.float32)
+            dz_in = dz_in.to(tl.float32)
+        tl.atomic_add(grad_h_ptr + offs_n[:, None] * hidden_size + offs_k[None, :], tl.dot(dz_in, w_blk),
+                      mask=row_ok[:, None] & k_ok)
+        tl.atomic_add(grad_w_ptr + offs_v[:, None] * hidden_size + offs_k[None, :], tl.dot(tl.trans(dz_in), h_blk),
+                      mask=(offs_v[:, None] < vocab) & k_ok)
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    # Triton 3.x's interpreter computes tl.dot on bfloat16 operands wrongly (it multiplies the raw
+    # 16-bit patterns); under the interpreter bf16 operands are widened to fp32 first. A GPU keeps
+    # the bf16 tensor-core dot.
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _blocks(hidden_size: int) -> tuple[int, int, int]:
+    # 64 x 64 logits tiles with 64-wide slices of H: registers for the fp32 tile plus two operand
+    # slices fit one program with 4 warps on current GPUs; tl.dot needs every dim >= 16.
+    return 64, 64, max(16, min(64, triton.next_power_of_2(hidden_size)))
+
+
+def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor, labels: torch.Tensor,
+                        inv_temp: float, ignore_index: int, vocab_start: int, want_entropy: bool,
+                        lse: torch.Tensor, ent: torch.Tensor, zy: torch.Tensor) -> None:
+    """hidden [N, H], weight [V, H] contiguous, same dtype; bias32 fp32 [V] or empty; labels int64 [N]
+    (global ids, the shard starting at vocab_start). Writes fp32 lse, ent and z_y ([N] each)."""
+    n_tokens, hidden_size = hidden.shape
+    if n_tokens == 0:
+        return
+    bn, bv, bh = _blocks(hidden_size)
+    _linear_logprobs_fwd_kernel[(triton.cdiv(n_tokens, bn),)](
+        hidden, weight, bias32 if bias32.numel() else lse, labels, lse, ent, zy,
+        n_tokens, weight.shape[0], hidden_size, inv_temp, ignore_index, vocab_start,
+        HAS_BIAS=bias32.numel() > 0, WANT_ENTROPY=want_entropy, DOT_FP32=_dot_fp32(hidden.dtype), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+    )
+
+
+def linear_logprobs_bwd(grad_logp: torch.Tensor, grad_ent: torch.Tensor, hidden: torch.Tensor,
+                        weight: torch.Tensor, bias32: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                        ent: torch.Tensor, inv_temp: float, ignore_index: int, vocab_start: int,
+                        grad_hidden: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> None:
+    """Writes fp32 grad_hidden [N, H], grad_weight [V, H] and grad_bias [V] (or empty); grad_logp /
+    grad_ent are fp32 [N] or empty (no such upstream gradient)."""
+    # The kernel adds partial products from many programs into these, so they start at zero.
+    grad_hidden.zero_()
+    grad_weight.zero_()
+    grad_bias.zero_()
+    n_tokens, hidden_size = hidden.shape
+    if n_tokens == 0:
+        return
+    bn, bv, bh = _blocks(hidden_size)
+    vocab = weight.shape[0]
+    has_gl, has_ge = grad_logp.numel() > 0, grad_ent.numel() > 0
+    _linear_logprobs_bwd_kernel[(triton.cdiv(n_tokens, bn), triton.cdiv(vocab, bv))](
+        hidden, weight, bias32 if bias32.numel() else lse, labels, grad_logp if has_gl else lse,
+        grad_ent if has_ge else lse, lse, ent if ent.numel() else lse,
+        grad_hidden, grad_weight, grad_bias if grad_bias.numel() else lse,
+        n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
+        HAS_BIAS=bias32.numel() > 0, HAS_GRAD_LOGP=has_gl, HAS_GRAD_ENT=has_ge, DOT_FP32=_dot_fp32(hidden.dtype),
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+    )

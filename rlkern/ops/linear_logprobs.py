@@ -331,10 +331,10 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
                                               return_entropy=return_entropy, chunk_size=chunk_size)
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     backend = pick_backend(*tensors, labels)
+    check_label_range(labels, weight.shape[0], ignore_index)
     if backend == "torch":
         return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                          ignore_index=ignore_index, return_entropy=return_entropy)
-    check_label_range(labels, weight.shape[0], ignore_index)
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()

@@ -1,0 +1,298 @@
+"""rlkern.ops.linear_logprobs against the float64 oracle (matmul + log-softmax), every backend.
+
+Tolerances (the Cut Cross-Entropy rule of tests/conftest.py: rlkern may be as far from float64 as
+torch in the input dtype is, plus a stated slack):
+- fp32: atol 5e-5 + rtol 1e-5. The logits come from GEMMs that sum H products in a different
+  order than torch's single GEMM (tiles, MKL/oneDNN/tl.dot blocking), a few ulp of |z| <~ 20.
+- bf16 / fp16: each logits tile is rounded once to the input dtype (unit roundoff u = 2^-8 / 2^-11)
+  exactly as the naive bf16 matmul is, but at different points (a different GEMM), so log-probs
+  and entropy may be off by up to 2 u max|z| each (label logit and lse). The slack is that bound.
+- gradients: fp32 atol 1e-5 * (1 + max|grad|). bf16 / fp16: the per-tile d logits are rounded to
+  the input dtype and each tile's GEMM output is rounded once before the fp32 sum over tiles, so
+  the error is a few u of the largest partial; slack 8 u max|grad|.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import rlkern
+from rlkern import reference
+from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_to_oracle
+
+linear_logprobs = rlkern.ops.linear_logprobs
+# The module (rlkern.ops.linear_logprobs is the function, which shadows the module's name).
+ll_mod = importlib.import_module("rlkern.ops.linear_logprobs")
+UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _make(lead, hidden_size, vocab, dtype, *, bias=False, ignore=0.15, scale=1.0):
+    hidden = (torch.randn(*lead, hidden_size) * scale).to(dtype)
+    weight = (torch.randn(vocab, hidden_size) / math.sqrt(hidden_size) * 3).to(dtype)
+    b = torch.randn(vocab).to(dtype) if bias else None
+    labels = torch.randint(0, vocab, lead)
+    labels = labels.masked_fill(torch.rand(lead) < ignore, -100)
+    return hidden, weight, b, labels
+
+
+def _naive_same_dtype(hidden, weight, labels, bias, temperature, ignore_index=-100):
+    """What a user would write in the input dtype: logits = hidden @ weight.T + bias in that dtype."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return reference.logprobs_and_entropy(logits.float(), labels, temperature=temperature, ignore_index=ignore_index)
+
+
+def _oracle(hidden, weight, labels, bias, temperature, ignore_index=-100):
+    return reference.linear_logprobs(hidden.double(), weight.double(), labels,
+                                     bias=None if bias is None else bias.double(), temperature=temperature,
+                                     ignore_index=ignore_index, return_entropy=True)
+
+
+def _fwd_atol(dtype, hidden, weight, bias, temperature):
+    if dtype == torch.float32:
+        return 5e-5
+    logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    zmax = logits.abs().max().item() / temperature if logits.numel() else 0.0
+    return 2 * UNIT_ROUNDOFF[dtype] * zmax + 5e-5
+
+
+def _check_forward(hidden, weight, labels, bias=None, temperature=1.0, chunk_size=None):
+    logp, ent = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True,
+                                chunk_size=chunk_size)
+    ref_lp, ref_h = _oracle(hidden, weight, labels, bias, temperature)
+    same_lp, same_h = _naive_same_dtype(hidden, weight, labels, bias, temperature)
+    atol = _fwd_atol(hidden.dtype, hidden, weight, bias, temperature)
+    assert logp.dtype == torch.float32 and ent.dtype == torch.float32
+    assert logp.shape == labels.shape and ent.shape == labels.shape
+    assert_close_to_oracle(logp, ref_lp, same_lp, atol=atol, rtol=1e-5, what="logprobs")
+    assert_close_to_oracle(ent, ref_h, same_h, atol=atol, rtol=1e-5, what="entropy")
+    # Log-probs alone are the same numbers as with the entropy.
+    alone = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, chunk_size=chunk_size)
+    assert torch.equal(alone, logp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 100])
+@pytest.mark.parametrize("bias_temp", [(False, 1.0), (True, 0.7)])
+@pytest.mark.parametrize("chunk_size", [None, 32])
+def test_matches_oracle(backend, dtype, vocab, bias_temp, chunk_size):
+    bias, temperature = bias_temp
+    hidden, weight, b, labels = _make((3, 5), 24, vocab, dtype, bias=bias)
+    _check_forward(hidden, weight, labels, b, temperature, chunk_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen_vocab_cpp(dtype):
+    hidden, weight, b, labels = _make((6,), 64, 151936, dtype, bias=True)
+    with rlkern.use_backend("cpp"):
+        _check_forward(hidden, weight, labels, b, 0.9)
+
+
+@pytest.mark.parametrize("lead", [(1,), (), (0,), (2, 0), (1, 1, 1)])
+def test_odd_leading_shapes(backend, lead):
+    hidden, weight, b, labels = _make(lead, 16, 19, torch.float32, bias=True)
+    _check_forward(hidden, weight, labels, b)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    linear_logprobs(hidden, weight, labels, bias=b).sum().backward()
+    assert hidden.grad.shape == hidden.shape and not hidden.grad.isnan().any()
+    assert weight.grad.shape == weight.shape and not weight.grad.isnan().any()
+    if hidden.numel() == 0:
+        assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_banned_tokens_and_dead_rows(backend):
+    """A -inf bias bans a token (p = 0, log-prob -inf when it is the label); a bias of all -inf
+    leaves no distribution: every log-prob -inf, entropy 0, no gradient, never NaN."""
+    hidden, weight, _, labels = _make((9,), 16, 40, torch.float32, ignore=0.0)
+    bias = torch.zeros(40)
+    bias[::3] = -math.inf
+    labels[0], labels[1] = 3, 4  # a banned label and an allowed one
+    _check_forward(hidden, weight, labels, bias)
+    logp = linear_logprobs(hidden, weight, labels, bias=bias)
+    assert logp[0] == -math.inf and math.isfinite(logp[1])
+
+    dead = torch.full((40,), -math.inf)
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    lp, ent = linear_logprobs(h, w, labels, bias=dead, return_entropy=True)
+    assert bool((lp == -math.inf).all()) and torch.equal(ent, torch.zeros_like(ent))
+    ent.sum().backward()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_ignore_index(backend):
+    hidden, weight, _, labels = _make((4, 6), 16, 30, torch.float32, ignore=0.0)
+    labels[0] = 7
+    labels[1, :3] = 7
+    logp = linear_logprobs(hidden, weight, labels, ignore_index=7)
+    assert torch.equal(logp[0], torch.zeros(6)) and torch.equal(logp[1, :3], torch.zeros(3))
+    ref = reference.linear_logprobs(hidden.double(), weight.double(), labels, ignore_index=7)
+    same = reference.linear_logprobs(hidden, weight, labels, ignore_index=7)
+    assert_close_to_oracle(logp, ref, same, atol=5e-5, what="logprobs")
+    # Ignored tokens get no gradient through their log-prob.
+    h = hidden.clone().requires_grad_(True)
+    linear_logprobs(h, weight, labels, ignore_index=7).sum().backward()
+    assert torch.equal(h.grad[0], torch.zeros_like(h.grad[0]))
+
+
+def _grads(fn, hidden, weight, bias, which, seed_grads):
+    tensors = [t.detach().clone().requires_grad_(True) for t in (hidden, weight)]
+    b = bias.detach().clone().requires_grad_(True) if bias is not None else None
+    lp, ent = fn(tensors[0], tensors[1], b)
+    g_lp, g_ent = seed_grads
+    loss = 0
+    if which in ("logp", "both"):
+        loss = loss + (lp * g_lp).sum()
+    if which in ("entropy", "both"):
+        loss = loss + (ent * g_ent).sum()
+    loss.backward()
+    return [t.grad for t in tensors] + ([b.grad] if b is not None else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["logp", "entropy", "both"])
+def test_backward_matches_reference(backend, dtype, which, monkeypatch):
+    # Four tokens per tile and 32 vocabulary rows per tile: several tiles both ways, ragged at the end
+    # (the fp32 in-place accumulation and the bf16/fp16 fp32 accumulator paths of d weight).
+    monkeypatch.setattr(ll_mod, "_MAX_TOKEN_TILE", 4)
+    hidden, weight, bias, labels = _make((2, 5), 24, 75, dtype, bias=True)
+    temperature = 0.8
+    seeds = (torch.randn(labels.shape), torch.randn(labels.shape))
+    ours = _grads(lambda h, w, b: linear_logprobs(h, w, labels, bias=b, temperature=temperature,
+                                                  return_entropy=True, chunk_size=32),
+                  hidden, weight, bias, which, seeds)
+    oracle = _grads(lambda h, w, b: _oracle(h.double(), w.double(), labels, b.double(), temperature),
+                    hidden, weight, bias, which, seeds)
+    same = _grads(lambda h, w, b: _naive_same_dtype(h, w, labels, b, temperature), hidden, weight, bias, which, seeds)
+    for name, a, o, s, src in zip(("hidden", "weight", "bias"), ours, oracle, same, (hidden, weight, bias)):
+        assert a.dtype == src.dtype, f"d {name} must come back in {name}'s dtype"
+        scale = o.abs().max().item()
+        atol = 1e-5 * (1 + scale) if dtype == torch.float32 else 8 * UNIT_ROUNDOFF[dtype] * scale
+        assert_close_to_oracle(a, o, s, atol=atol, what=f"d {name}")
+
+
+def test_chunk_size_does_not_change_fp32_results_beyond_rounding():
+    hidden, weight, bias, labels = _make((33,), 32, 300, torch.float32, bias=True)
+    with rlkern.use_backend("cpp"):
+        base = linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
+        for chunk in (1, 17, 64, 1000):
+            other = linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, chunk_size=chunk)
+            for a, b in zip(base, other):
+                torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_tile_sizes_respect_budget():
+    for n, v in [(1, 1), (7, 100), (1024, 32768), (2048, 151936), (16384, 151936), (100000, 7)]:
+        tn, tv = ll_mod.tile_sizes(n, v)
+        assert 1 <= tn <= n and 1 <= tv <= max(v, ll_mod._VOCAB_ALIGN)
+        budget = min(max(n * v * 4 // ll_mod._BUDGET_FRACTION, ll_mod._BUDGET_MIN), ll_mod._BUDGET_MAX)
+        assert tn * min(tv, v) * 4 <= max(budget, tn * ll_mod._VOCAB_ALIGN * 4)
+    assert ll_mod.tile_sizes(100, 1000, chunk_size=50) == (100, 50)
+
+
+def test_gradcheck_reference():
+    hidden, weight, bias, labels = _make((5,), 6, 9, torch.float64, bias=True)
+    args = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+
+    def fn(h, w, b):
+        return reference.linear_logprobs(h, w, labels, bias=b, temperature=0.8, return_entropy=True)
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_gradcheck_kernels_fp32(backend_name):
+    """The kernels run in fp32 only: finite differences with eps = 1e-2 on O(1) inputs have a
+    truncation error ~eps^2 and an fp32 rounding error ~1e-7/eps, both well under the 1e-2 slack."""
+    hidden, weight, bias, labels = _make((4,), 8, 11, torch.float32, bias=True)
+    args = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+
+    def fn(h, w, b):
+        with rlkern.use_backend(backend_name):
+            return linear_logprobs(h, w, labels, bias=b, temperature=0.8, return_entropy=True, chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-2, atol=1e-2, rtol=1e-2, fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    "make_args, error, match",
+    [
+        (lambda h, w, y: ("h", w, y), TypeError, "hidden must be a torch.Tensor"),
+        (lambda h, w, y: (h, w[:, :-1], y), ValueError, r"weight must have shape \[V, H\]"),
+        (lambda h, w, y: (h, w.double(), y), TypeError, "weight must have hidden's dtype"),
+        (lambda h, w, y: (h, w, y[:-1]), ValueError, "labels must have shape"),
+        (lambda h, w, y: (h, w, y.float()), TypeError, "labels must be an integer tensor"),
+        (lambda h, w, y: (h, w, y + 1000), IndexError, r"labels must lie in \[0, 20\)"),
+        (lambda h, w, y: (h[:, :0], w[:, :0], y), ValueError, "hidden must have shape"),
+        (lambda h, w, y: (h, w[:0], y), ValueError, "weight must have shape"),
+    ],
+)
+def test_bad_input(backend, make_args, error, match):
+    hidden, weight, _, labels = _make((3,), 8, 20, torch.float32, ignore=0.0)
+    with pytest.raises(error, match=match):
+        linear_logprobs(*make_args(hidden, weight, labels))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+    ({"temperature": float("nan")}, ValueError, "temperature"),
+    ({"chunk_size": 0}, ValueError, "chunk_size must be None or an int >= 1"),
+    ({"chunk_size": 2.5}, ValueError, "chunk_size"),
+    ({"bias": torch.zeros(19)}, ValueError, r"bias must have shape \[V\] = \[20\]"),
+])
+def test_bad_keywords(kwargs, error, match):
+    hidden, weight, _, labels = _make((3,), 8, 20, torch.float32)
+    with pytest.raises(error, match=match):
+        linear_logprobs(hidden, weight, labels, **kwargs)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_opcheck(backend_name):
+    hidden, weight, bias, labels = _make((6,), 16, 40, torch.float32, bias=True)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    fwd_args = (hidden, weight, bias, labels, 0.9, -100, True, 16, backend_name)
+    torch.library.opcheck(torch.ops.rlkern.linear_logprobs_fwd.default, fwd_args)
+    with torch.no_grad():
+        _, lse, ent = torch.ops.rlkern.linear_logprobs_fwd(*fwd_args)
+    bwd_args = (torch.randn(6), torch.randn(6), hidden.detach(), weight.detach(), bias, labels, lse, ent, 0.9, -100, 16,
+                backend_name)
+    torch.library.opcheck(torch.ops.rlkern.linear_logprobs_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph():
+    hidden, weight, bias, labels = _make((2, 7), 16, 50, torch.float32, bias=True)
+
+    def step(h, w):
+        lp, ent = linear_logprobs(h, w, labels, bias=bias, temperature=0.9, return_entropy=True)
+        return (lp * 2).sum() + ent.mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with rlkern.use_backend("cpp"):
+        out_c = compiled(h1, w1)
+        out_e = step(h2, w2)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("backend_name", ALL_BACKENDS)
+def test_float64_runs_reference_or_says_why(backend_name):
+    hidden, weight, _, labels = _make((3,), 8, 20, torch.float64)
+    with rlkern.use_backend(backend_name):
+        if backend_name == "torch":
+            out = linear_logprobs(hidden, weight, labels)
+            assert out.dtype == torch.float64
+        else:
+            with pytest.raises(rlkern.backend.BackendUnavailable, match="float64"):
+                linear_logprobs(hidden, weight, labels)

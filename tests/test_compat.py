@@ -643,6 +643,15 @@ def test_verl_kl_penalty_straight_through():
     close(torch.autograd.grad(got.sum(), logp)[0], (logp - ref).detach(), what="k3+ gradient = k2's")
 
 
+@pytest.mark.parametrize("name", ["k1+", "abs+", "mse+"])
+def test_verl_kl_penalty_straight_through_any_estimator(name):
+    logp = torch.randn(3, 7).requires_grad_()
+    ref = torch.randn(3, 7)
+    got = verl_shim.kl_penalty(logp, ref, name)
+    close(got, verl_kl_penalty(logp, ref, name[:-1]), what=f"{name} value")
+    close(torch.autograd.grad(got.sum(), logp)[0], (logp - ref).detach(), what=f"{name} gradient = k2's")
+
+
 def test_verl_kl_penalty_bad_names():
     with pytest.raises(NotImplementedError):
         verl_shim.kl_penalty(torch.zeros(1), torch.zeros(1), "full")
@@ -792,6 +801,7 @@ def test_openrlhf_compute_reward():
     b, t = 5, 12
     kl = torch.randn(b, t) * 0.1
     mask = torch.arange(t)[None] < torch.randint(1, t + 1, (b, 1))
+    mask[3] = False  # OpenRLHF puts an empty row's score on its last position
     r = torch.randn(b) * 3
     for kl_coef, clip in ((0.05, None), (-1.0, (-1.0, 1.0))):
         got = orl_shim.compute_reward(r, kl_coef, kl, action_mask=mask, reward_clip_range=clip)

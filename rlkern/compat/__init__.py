@@ -124,8 +124,8 @@ def patch(name: str) -> list[str]:
             owner, attr = found
             original = _raw(owner, attr)
             replacement = _as_replacement(owner, original, getattr(shim, shim_name))
-            saved.append((owner, attr, original))
             setattr(owner, attr, replacement)
+            saved.append((owner, attr, original))
             if not isinstance(owner, type):
                 originals[id(original)] = replacement
         # Modules that copied an original with `from module import name` (only those already
@@ -135,8 +135,8 @@ def patch(name: str) -> list[str]:
                 continue
             for attr, value in list(vars(module).items()):
                 if id(value) in originals and not any(o is module and a == attr for o, a, _ in saved):
-                    saved.append((module, attr, value))
                     setattr(module, attr, originals[id(value)])
+                    saved.append((module, attr, value))
         for module_path, registry_name in getattr(shim, "PATCH_REGISTRIES", ()):
             module = _import_target_module(module_path)
             registry = None if module is None else getattr(module, registry_name, None)
@@ -144,8 +144,8 @@ def patch(name: str) -> list[str]:
                 continue
             for key, value in list(registry.items()):
                 if id(value) in originals:
-                    saved_registry.append((registry, key, value))
                     registry[key] = originals[id(value)]
+                    saved_registry.append((registry, key, value))
     except BaseException:
         _restore(saved, saved_registry)
         raise
@@ -155,10 +155,22 @@ def patch(name: str) -> list[str]:
 
 
 def _restore(saved, saved_registry) -> None:
+    # Only entries that were actually replaced are recorded, so each restore writes back a value the
+    # owner already accepted once; every entry is attempted even if one fails, then the first error
+    # is raised.
+    errors = []
     for registry, key, value in reversed(saved_registry):
-        registry[key] = value
+        try:
+            registry[key] = value
+        except Exception as err:  # noqa: BLE001 (reported below after the other entries are restored)
+            errors.append(err)
     for owner, attr, original in reversed(saved):
-        setattr(owner, attr, original)
+        try:
+            setattr(owner, attr, original)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+    if errors:
+        raise errors[0]
 
 
 def unpatch(name: str) -> list[str]:

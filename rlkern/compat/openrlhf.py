@@ -107,7 +107,12 @@ def compute_reward(r: Tensor, kl_coef: float, kl: Tensor, action_mask: Tensor | 
     # zero reference its KL is exactly the given `kl`.
     shaped = ops.token_rewards(r, kl, torch.zeros_like(kl), action_mask, kl_coef=kl_coef, estimator="k1")
     # OpenRLHF also puts the KL term on positions outside the mask; rlkern leaves them at 0.
-    return torch.where(action_mask.bool(), shaped.to(kl.dtype), -kl_coef * kl)
+    valid = action_mask.bool()
+    reward = torch.where(valid, shaped.to(kl.dtype), -kl_coef * kl)
+    # A row with no valid token: OpenRLHF's argmax over an all-zero mask picks the last position for
+    # the score; rlkern gives such a row no score.
+    last = reward[..., -1] + torch.where(valid.any(dim=-1), 0.0, r.to(kl.dtype))
+    return torch.cat([reward[..., :-1], last.unsqueeze(-1)], dim=-1)
 
 
 def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:

@@ -67,7 +67,8 @@ PATCH_TARGETS = (
 PATCH_REGISTRIES = ((_CORE, "ADV_ESTIMATOR_REGISTRY"), (_CORE, "POLICY_LOSS_REGISTRY"))
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_PENALTIES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "low_var_kl+", "k3+")
+_KL_BASE = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+KL_PENALTIES = _KL_BASE + tuple(name + "+" for name in _KL_BASE)
 
 # verl's masked_mean epsilon (verl/utils/torch_functional.py::masked_mean) and whitening epsilon
 # (::masked_whiten).
@@ -144,17 +145,16 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     """verl ``core_algos.kl_penalty``: ``kl``/``k1`` = logp - ref; ``abs``; ``mse``/``k2`` = ½ (logp -
     ref)²; ``low_var_kl``/``k3`` = exp(ref - logp) - (ref - logp) - 1 with the log-ratio clamped to
-    [-20, 20] and the result to [-10, 10]; a ``+`` suffix (``k3+``) gives the k3 value with the k2
-    gradient (straight-through, verl's ``kl_penalty`` for names ending in ``+``). ``full`` needs the
-    whole distribution and is not implemented, as in verl."""
+    [-20, 20] and the result to [-10, 10]; a ``+`` suffix (``low_var_kl+``) gives that estimator's
+    value with the k2 gradient (straight-through, verl's ``kl_penalty`` for names ending in ``+``).
+    ``full`` needs the whole distribution and is not implemented, as in verl. rlkern.ops.kl knows
+    verl's names and its k3 clamps (``clamp=True``), so this is a direct call."""
     if kl_penalty == "full":
         raise NotImplementedError("kl_penalty='full' needs the logits of every token; verl does not implement it")
-    name = {"kl": "k1", "mse": "k2", "low_var_kl": "k3", "low_var_kl+": "k3+"}.get(kl_penalty, kl_penalty)
     if kl_penalty not in KL_PENALTIES:
         raise ValueError(f"kl_penalty must be one of {KL_PENALTIES} (or 'full', not implemented), got {kl_penalty!r}")
-    if name in ("k3", "k3+"):
-        return ops.kl(logprob, ref_logprob, name, clamp=True)
-    return ops.kl(logprob, ref_logprob, name)
+    k3 = kl_penalty.rstrip("+") in ("low_var_kl", "k3")
+    return ops.kl(logprob, ref_logprob, kl_penalty, clamp=True if k3 else None)
 
 
 def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str) -> Tensor:

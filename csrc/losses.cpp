@@ -1,0 +1,393 @@
+// PPO / GRPO policy losses and the clipped value loss: the C++ CPU kernels.
+//
+// One row is one sequence of T tokens. Per valid token (mask = 1), with A the advantage:
+//   policy / grpo:  r = exp(clamp(logp - old, -20, 20)),  lo = 1 - clip_low, hi = 1 + clip_high
+//                   l = max(-A r, -A clamp(r, lo, hi))                  PPO-clip (clip-higher bounds)
+//                   l = min(l, -A c) where A < 0                        dual clip (c = +inf: off)
+//                   l *= w                                              optional importance weight
+//                   grpo: l += beta * k3,  k3 = e^d - d - 1,  d = clamp(ref - logp, -20, 20)
+//   value:          l = 1/2 max((v - R)^2, (clamp(v, v_old - clip, v_old + clip) - R)^2)
+// loss = sum_rows scale_b * sum_{t valid} l_bt, where scale_b = (per_row_mean ? 1 / max(n_b, 1) : 1) / D and
+// D is a constant (B, T, B * L, a global token count) or a count this pass finds (valid tokens, or
+// rows with a valid token), at least 1. Masked-out positions are never read into a result: padding
+// may hold anything, even NaN.
+//
+// Forward: one pass over the rows writes per-row partial sums (loss, count, the clip counters, the KL
+// sums); a serial loop in a fixed order then combines them in double, so the result does not depend on
+// the thread count. It saves scale_b per row. Backward: one pass writes
+//   d logp_bt = grad * scale_b * w_bt * d l_bt / d logp_bt      (0 at masked positions)
+// where max/min/clamp ties split the gradient exactly as torch.maximum / torch.minimum / torch.clamp
+// do, so the kernel and the plain-PyTorch reference agree on every subgradient.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "dispatch.h"
+#include "simd.h"
+
+namespace rlkern {
+namespace {
+
+enum Kind : int64_t { kPolicy = 0, kGrpo = 1, kValue = 2 };
+
+// Per-row partial sums written by the forward pass, in this order.
+enum Partial : int { kLossSum, kCount, kClipped, kClipHigh, kClipLow, kDual, kNegLogRatio, kK3, kPartials };
+// The stats vector returned to Python: every counter and KL sum divided by the valid-token count.
+constexpr int kStats = 6;  // clipped, clip_high, clip_low, dual, approx_kl (mean -log r), k3 mean
+
+typedef uint8_t vbyte __attribute__((vector_size(16)));
+
+RLKERN_INLINE vint load_mask16(const uint8_t* p) {
+  vbyte b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(b, vint) != 0;
+}
+RLKERN_INLINE vint load_mask_tail(const uint8_t* p, int64_t n) {
+  uint8_t buf[kLanes] = {};
+  std::memcpy(buf, p, n);
+  return load_mask16(buf);
+}
+
+// exp(x) for the clamped log-ratios, x in [-20, 20]. vexp_nonpos is exact on this whole range: its
+// only clamp is at the low end, and for x <= 88 the 2^n it builds (n + 127 <= 254) is still a normal
+// float, so the positive side needs no separate code path.
+RLKERN_INLINE vfloat vexp_clamped(vfloat x) { return vexp_nonpos(x); }
+
+RLKERN_INLINE vfloat clampv(vfloat x, vfloat lo, vfloat hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// torch.maximum(a, b)'s backward share for a: 1 where a > b, 1/2 where a == b, 0 where a < b.
+RLKERN_INLINE vfloat max_share(vfloat a, vfloat b) {
+  return a > b ? splat(1.f) : (a == b ? splat(0.5f) : splat(0.f));
+}
+
+struct Consts {
+  vfloat lo, hi, dual, beta, clip;
+};
+
+struct TokenTerms {
+  vfloat loss;     // l (weights not applied)
+  vfloat grad;     // d l / d x, with x = logp (policy, grpo) or v (value)
+  vint clipped, clip_high, clip_low, dual;
+  vfloat neg_log_ratio, k3;
+};
+
+// x = logp, y = old_logp, a = advantage, z = ref_logp.
+template <bool kRef>
+RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, const Consts& c) {
+  TokenTerms t;
+  const vfloat lr_raw = x - y;
+  const vfloat lr = clampv(lr_raw, splat(-20.f), splat(20.f));
+  const vfloat lr_pass = (lr_raw >= splat(-20.f)) & (lr_raw <= splat(20.f)) ? splat(1.f) : splat(0.f);
+  const vfloat ratio = vexp_clamped(lr);
+  const vfloat rc = clampv(ratio, c.lo, c.hi);
+  const vfloat rc_pass = (ratio >= c.lo) & (ratio <= c.hi) ? splat(1.f) : splat(0.f);
+  const vfloat neg_a = -a;
+  const vfloat pg1 = neg_a * ratio, pg2 = neg_a * rc;
+  const vfloat a1 = max_share(pg1, pg2);
+  const vfloat clip1 = pg1 > pg2 ? pg1 : pg2;  // torch.maximum; NaN-free inputs here
+  const vfloat d_clip1 = neg_a * (a1 + (splat(1.f) - a1) * rc_pass);  // d clip1 / d ratio
+  // Dual clip: for A < 0, min(clip1, -A c). With c = +inf (off) -A c = +inf and clip1 always wins.
+  const vfloat pg3 = neg_a * c.dual;
+  const vint negative = a < splat(0.f);
+  const vfloat b1 = max_share(pg3, clip1);  // torch.minimum share of clip1 = share of pg3 in a max
+  t.loss = negative & (pg3 < clip1) ? pg3 : clip1;
+  const vfloat d_ratio = negative ? d_clip1 * b1 : d_clip1;
+  t.grad = d_ratio * ratio * lr_pass;
+  t.clipped = pg2 > pg1;
+  t.clip_high = (ratio > c.hi) & (a > splat(0.f));
+  t.clip_low = (ratio < c.lo) & negative;
+  t.dual = negative & (clip1 > pg3);
+  t.neg_log_ratio = -lr;
+  t.k3 = splat(0.f);
+  if constexpr (kRef) {
+    const vfloat d_raw = z - x;
+    const vfloat d = clampv(d_raw, splat(-20.f), splat(20.f));
+    const vfloat d_pass = (d_raw >= splat(-20.f)) & (d_raw <= splat(20.f)) ? splat(1.f) : splat(0.f);
+    const vfloat ed = vexp_clamped(d);
+    t.k3 = ed - d - splat(1.f);
+    // Weights (policy only) never reach here, so the KL term is added after them in either order.
+    t.loss += c.beta * t.k3;
+    t.grad += c.beta * (splat(1.f) - ed) * d_pass;  // d k3 / d logp = -(e^d - 1) d d/d logp
+  }
+  return t;
+}
+
+// x = v, y = v_old, a = returns.
+RLKERN_INLINE TokenTerms value_terms(vfloat v, vfloat v_old, vfloat ret, const Consts& c) {
+  TokenTerms t;
+  const vfloat lo = v_old - c.clip, hi = v_old + c.clip;
+  const vfloat vc = clampv(v, lo, hi);
+  const vfloat vc_pass = (v >= lo) & (v <= hi) ? splat(1.f) : splat(0.f);
+  const vfloat e1 = v - ret, e2 = vc - ret;
+  const vfloat l1 = e1 * e1, l2 = e2 * e2;
+  const vfloat a1 = max_share(l1, l2);
+  t.loss = splat(0.5f) * (l1 > l2 ? l1 : l2);
+  t.grad = a1 * e1 + (splat(1.f) - a1) * e2 * vc_pass;  // 1/2 d(e^2) = e de
+  t.clipped = l2 > l1;
+  t.clip_high = t.clip_low = t.dual = vint{};
+  t.neg_log_ratio = t.k3 = splat(0.f);
+  return t;
+}
+
+template <typename T>
+struct Rows {
+  const T* x;
+  const T* y;
+  const T* a;  // advantages / returns: [B, T], or [B] when a_per_row
+  const T* z;  // ref_logp or nullptr
+  const T* w;  // weights or nullptr
+  const uint8_t* mask;
+  int64_t len;
+  bool a_per_row;
+};
+
+template <typename T>
+struct Block {
+  vfloat x, y, a, z, w;
+  vint valid;
+};
+
+// A free function, not a lambda: lambdas called from a target_clones function are not cloned.
+template <typename T>
+RLKERN_INLINE vfloat load_at(const T* p, int64_t off, int64_t n) {
+  return n == kLanes ? load16(p + off) : load_tail(p + off, n, 0.f);
+}
+
+template <typename T>
+RLKERN_INLINE Block<T> load_block(const Rows<T>& r, int64_t b, int64_t t0, int64_t n) {
+  const int64_t off = b * r.len + t0;
+  Block<T> k;
+  k.x = load_at(r.x, off, n);
+  k.y = load_at(r.y, off, n);
+  k.a = r.a_per_row ? splat(static_cast<float>(r.a[b])) : load_at(r.a, off, n);
+  k.z = r.z != nullptr ? load_at(r.z, off, n) : splat(0.f);
+  k.w = r.w != nullptr ? load_at(r.w, off, n) : splat(1.f);
+  k.valid = n == kLanes ? load_mask16(r.mask + off) : load_mask_tail(r.mask + off, n);
+  return k;
+}
+
+template <Kind K>
+RLKERN_INLINE TokenTerms terms(vfloat x, vfloat y, vfloat a, vfloat z, const Consts& c) {
+  if constexpr (K == kValue) return value_terms(x, y, a, c);
+  else return policy_terms<K == kGrpo>(x, y, a, z, c);
+}
+
+RLKERN_INLINE vfloat count_of(vint m) { return m ? splat(1.f) : splat(0.f); }
+
+template <typename T, Kind K>
+RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, const Consts& c, float* partial) {
+  for (int64_t b = begin; b < end; ++b) {
+    vfloat acc[kPartials];
+    for (auto& v : acc) v = splat(0.f);
+    for (int64_t t0 = 0; t0 < r.len; t0 += kLanes) {
+      const Block<T> k = load_block(r, b, t0, std::min<int64_t>(kLanes, r.len - t0));
+      const TokenTerms t = terms<K>(k.x, k.y, k.a, k.z, c);
+      const vint v = k.valid;
+      // Selects, not products with the mask: 0 * NaN from padding would poison the sums.
+      const vfloat zero = splat(0.f);
+      const vfloat weighted = K == kPolicy ? t.loss * k.w : t.loss;
+      acc[kLossSum] += v ? weighted : zero;
+      acc[kCount] += count_of(v);
+      acc[kClipped] += count_of(v & t.clipped);
+      acc[kClipHigh] += count_of(v & t.clip_high);
+      acc[kClipLow] += count_of(v & t.clip_low);
+      acc[kDual] += count_of(v & t.dual);
+      acc[kNegLogRatio] += v ? t.neg_log_ratio : zero;
+      acc[kK3] += v ? t.k3 : zero;
+    }
+    for (int i = 0; i < kPartials; ++i) partial[b * kPartials + i] = hsum(acc[i]);
+  }
+}
+
+template <typename T, Kind K>
+RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, const Consts& c, float grad,
+                                 const float* scale, T* out) {
+  for (int64_t b = begin; b < end; ++b) {
+    const vfloat g = splat(grad * scale[b]);
+    for (int64_t t0 = 0; t0 < r.len; t0 += kLanes) {
+      const int64_t n = std::min<int64_t>(kLanes, r.len - t0);
+      const Block<T> k = load_block(r, b, t0, n);
+      const TokenTerms t = terms<K>(k.x, k.y, k.a, k.z, c);
+      const vfloat w = K == kPolicy ? k.w : splat(1.f);
+      const vfloat d = k.valid ? g * w * t.grad : splat(0.f);
+      if (n == kLanes) store16(out + b * r.len + t0, d);
+      else store_tail(out + b * r.len + t0, d, n);
+    }
+  }
+}
+
+// One clone set per (storage type, kind), each covering a range of rows so the CPU-feature dispatch
+// is paid once per thread chunk.
+#define RLKERN_LOSS_KERNELS(T, SUFFIX, K)                                                                  \
+  RLKERN_CLONES void forward_##SUFFIX##_##K(int64_t b, int64_t e, const Rows<T>& r, const Consts& c,       \
+                                            float* partial) {                                            \
+    forward_rows<T, K>(b, e, r, c, partial);                                                              \
+  }                                                                                                       \
+  RLKERN_CLONES void backward_##SUFFIX##_##K(int64_t b, int64_t e, const Rows<T>& r, const Consts& c,      \
+                                             float g, const float* s, T* out) {                           \
+    backward_rows<T, K>(b, e, r, c, g, s, out);                                                           \
+  }                                                                                                       \
+  void forward_kind(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, float* p,                    \
+                    std::integral_constant<Kind, K>) {                                                    \
+    forward_##SUFFIX##_##K(b, e, r, c, p);                                                                \
+  }                                                                                                       \
+  void backward_kind(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, float g, const float* s,    \
+                     T* out, std::integral_constant<Kind, K>) {                                           \
+    backward_##SUFFIX##_##K(b, e, r, c, g, s, out);                                                       \
+  }
+#define RLKERN_LOSS_KINDS(T, SUFFIX)      \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kPolicy) \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kGrpo)   \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kValue)
+RLKERN_LOSS_KINDS(float, f32)
+RLKERN_LOSS_KINDS(c10::BFloat16, bf16)
+RLKERN_LOSS_KINDS(c10::Half, f16)
+#undef RLKERN_LOSS_KINDS
+#undef RLKERN_LOSS_KERNELS
+
+// Calls f(std::integral_constant<Kind, kind>{}).
+template <typename F>
+void dispatch_kind(int64_t kind, F&& f) {
+  switch (kind) {
+    case kPolicy: f(std::integral_constant<Kind, kPolicy>{}); break;
+    case kGrpo: f(std::integral_constant<Kind, kGrpo>{}); break;
+    case kValue: f(std::integral_constant<Kind, kValue>{}); break;
+    default: TORCH_CHECK(false, "kind must be 0 (policy), 1 (grpo) or 2 (value), got ", kind);
+  }
+}
+
+int64_t rows_per_task(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
+
+// Checks the token tensors and returns the row view for the kernels.
+template <typename T>
+Rows<T> rows_of(int64_t kind, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& z,
+                const at::Tensor& w, const at::Tensor& mask) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [B, T] tensor");
+  const int64_t B = x.size(0), L = x.size(1);
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.sizes() == x.sizes() && t.is_contiguous() && t.scalar_type() == x.scalar_type(), name,
+                " must be a contiguous [", B, ", ", L, "] tensor of x's dtype ", x.scalar_type());
+  };
+  same(y, "old");
+  const bool per_row = a.dim() == 1;
+  if (per_row) {
+    TORCH_CHECK(kind != kValue && a.size(0) == B && a.is_contiguous() && a.scalar_type() == x.scalar_type(),
+                "per-row advantages must be a contiguous [", B, "] tensor of x's dtype");
+  } else {
+    same(a, "advantages / returns");
+  }
+  const bool has_ref = z.defined() && z.numel() > 0;
+  TORCH_CHECK(kind != kGrpo || has_ref || x.numel() == 0, "the grpo kind needs ref_logp");
+  TORCH_CHECK(kind == kGrpo || !has_ref, "ref_logp is used by the grpo kind only");
+  if (has_ref) same(z, "ref_logp");
+  const bool has_w = w.defined() && w.numel() > 0;
+  TORCH_CHECK(!has_w || kind == kPolicy, "weights are supported by the policy kind only");
+  if (has_w) same(w, "weights");
+  TORCH_CHECK(mask.sizes() == x.sizes() && mask.is_contiguous() && mask.scalar_type() == at::kBool,
+              "mask must be a contiguous bool [", B, ", ", L, "] tensor");
+  return {static_cast<const T*>(x.data_ptr()), static_cast<const T*>(y.data_ptr()),
+          static_cast<const T*>(a.data_ptr()),  has_ref ? static_cast<const T*>(z.data_ptr()) : nullptr,
+          has_w ? static_cast<const T*>(w.data_ptr()) : nullptr,
+          reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), L, per_row};
+}
+
+Consts consts_of(double clip_low, double clip_high, double dual_clip, double beta, double value_clip) {
+  return {splat(static_cast<float>(1.0 - clip_low)), splat(static_cast<float>(1.0 + clip_high)),
+          splat(static_cast<float>(dual_clip)), splat(static_cast<float>(beta)), splat(static_cast<float>(value_clip))};
+}
+
+float* f32_out(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, name,
+              " must be a contiguous float32 tensor of ", n, " elements");
+  return t.data_ptr<float>();
+}
+
+// denom > 0: that constant; denom == -1: the number of valid tokens; denom == -2: the number of rows
+// with at least one valid token. Whatever it is, at least 1, so an all-padding batch gives loss 0.
+void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& z,
+                const at::Tensor& w, const at::Tensor& mask, int64_t kind, double clip_low, double clip_high,
+                double dual_clip, double beta, double value_clip, bool per_row_mean, double denom, at::Tensor loss,
+                at::Tensor stats, at::Tensor row_scale) {
+  TORCH_CHECK(denom > 0 || denom == -1 || denom == -2, "denom must be > 0, -1 (token count) or -2 (row count)");
+  TORCH_CHECK(x.dim() == 2, "x must be a [B, T] tensor, got ", x.dim(), " dims");
+  const int64_t B = x.size(0);
+  float* loss_ptr = f32_out(loss, 1, "loss");
+  float* stats_ptr = f32_out(stats, kStats, "stats");
+  float* scale_ptr = f32_out(row_scale, B, "row_scale");
+  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip);
+  std::vector<float> partial(static_cast<size_t>(B) * kPartials, 0.f);
+  dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const Rows<T> r = rows_of<T>(kind, x, y, a, z, w, mask);
+    dispatch_kind(kind, [&](auto k) {
+      at::parallel_for(0, B, rows_per_task(r.len), [&](int64_t b, int64_t e) {
+        forward_kind(b, e, r, c, partial.data(), k);
+      });
+    });
+  });
+  // Fixed-order combination in double: the loss does not depend on how rows were split over threads.
+  double tokens = 0, live_rows = 0, sums[kPartials] = {};
+  for (int64_t b = 0; b < B; ++b) {
+    const float* p = partial.data() + b * kPartials;
+    tokens += p[kCount];
+    live_rows += p[kCount] > 0;
+    for (int i = 0; i < kPartials; ++i) sums[i] += p[i];
+  }
+  const double d = std::max(denom > 0 ? denom : denom == -1 ? tokens : live_rows, 1.0);
+  double total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* p = partial.data() + b * kPartials;
+    const double s = (per_row_mean ? 1.0 / std::max<double>(p[kCount], 1.0) : 1.0) / d;
+    scale_ptr[b] = static_cast<float>(s);
+    total += s * p[kLossSum];
+  }
+  loss_ptr[0] = static_cast<float>(total);
+  const double n = std::max(tokens, 1.0);
+  const int order[kStats] = {kClipped, kClipHigh, kClipLow, kDual, kNegLogRatio, kK3};
+  for (int i = 0; i < kStats; ++i) stats_ptr[i] = static_cast<float>(sums[order[i]] / n);
+}
+
+void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
+                const at::Tensor& z, const at::Tensor& w, const at::Tensor& mask, const at::Tensor& row_scale,
+                int64_t kind, double clip_low, double clip_high, double dual_clip, double beta, double value_clip,
+                at::Tensor grad_x) {
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == at::kFloat,
+              "grad_loss must be a float32 scalar");
+  TORCH_CHECK(grad_x.sizes() == x.sizes() && grad_x.is_contiguous() && grad_x.scalar_type() == x.scalar_type(),
+              "grad_x must be a contiguous tensor of x's shape and dtype");
+  TORCH_CHECK(x.dim() == 2, "x must be a [B, T] tensor, got ", x.dim(), " dims");
+  const int64_t B = x.size(0);
+  const float* scale = f32_out(row_scale, B, "row_scale");
+  const float g = grad_loss.item<float>();
+  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip);
+  dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const Rows<T> r = rows_of<T>(kind, x, y, a, z, w, mask);
+    T* out = static_cast<T*>(grad_x.data_ptr());
+    dispatch_kind(kind, [&](auto k) {
+      at::parallel_for(0, B, rows_per_task(r.len), [&](int64_t b, int64_t e) {
+        backward_kind(b, e, r, c, g, scale, out, k);
+      });
+    });
+  });
+}
+
+}  // namespace
+}  // namespace rlkern
+
+TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
+  m.def("losses_fwd(Tensor x, Tensor old, Tensor adv, Tensor ref, Tensor weights, Tensor mask, int kind,"
+        " float clip_low, float clip_high, float dual_clip, float beta, float value_clip, bool per_row_mean,"
+        " float denom, Tensor(a!) loss, Tensor(b!) stats, Tensor(c!) row_scale) -> ()");
+  m.def("losses_bwd(Tensor grad_loss, Tensor x, Tensor old, Tensor adv, Tensor ref, Tensor weights, Tensor mask,"
+        " Tensor row_scale, int kind, float clip_low, float clip_high, float dual_clip, float beta,"
+        " float value_clip, Tensor(a!) grad_x) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {
+  m.impl("losses_fwd", &rlkern::losses_fwd);
+  m.impl("losses_bwd", &rlkern::losses_bwd);
+}

@@ -1,0 +1,223 @@
+"""PPO / GRPO policy losses and the clipped value loss: Triton kernels (one program per row of T tokens).
+
+Same maths and data flow as csrc/losses.cpp: the forward kernel writes per-row partial sums (loss,
+valid count, clip counters, KL sums) in fp32, a one-program combine kernel reduces them in a fixed
+order into the loss, the stats and one aggregation scale per row; the backward kernel writes
+d x = grad * scale_row * w * d l / d x. Ties in max / min / clamp share the gradient exactly as
+torch.maximum / torch.minimum / torch.clamp do.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Per-row partial sums: loss, count, clipped, clip_high, clip_low, dual, -log r, k3.
+N_PARTIALS = 8
+POLICY, GRPO, VALUE = 0, 1, 2
+
+
+@triton.jit
+def _max_share(a, b):
+    """torch.maximum(a, b)'s backward share for a: 1 if a > b, 1/2 on a tie, else 0."""
+    return tl.where(a > b, 1.0, tl.where(a == b, 0.5, 0.0))
+
+
+@triton.jit
+def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr):
+    """Per-token (loss, d loss / d x, clipped, clip_high, clip_low, dual, -log r, k3) for 16+ lanes."""
+    zero = tl.zeros_like(x)
+    if KIND == 2:  # value: x = v, y = v_old, a = returns
+        vlo = y - vclip
+        vhi = y + vclip
+        vc = tl.minimum(tl.maximum(x, vlo), vhi)
+        vc_pass = tl.where((x >= vlo) & (x <= vhi), 1.0, 0.0)
+        e1 = x - a
+        e2 = vc - a
+        l1 = e1 * e1
+        l2 = e2 * e2
+        a1 = _max_share(l1, l2)
+        loss = 0.5 * tl.where(l1 > l2, l1, l2)
+        grad = a1 * e1 + (1.0 - a1) * e2 * vc_pass
+        clipped = l2 > l1
+        false = zero != zero  # all False, with x's shape
+        return loss, grad, clipped, false, false, false, zero, zero
+    else:  # policy / grpo: x = logp, y = old_logp, a = advantage, z = ref_logp
+        lr_raw = x - y
+        lr = tl.minimum(tl.maximum(lr_raw, -20.0), 20.0)
+        lr_pass = tl.where((lr_raw >= -20.0) & (lr_raw <= 20.0), 1.0, 0.0)
+        ratio = tl.exp(lr)
+        rc = tl.minimum(tl.maximum(ratio, lo), hi)
+        rc_pass = tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0)
+        pg1 = -a * ratio
+        pg2 = -a * rc
+        a1 = _max_share(pg1, pg2)
+        clip1 = tl.where(pg1 > pg2, pg1, pg2)
+        d_clip1 = -a * (a1 + (1.0 - a1) * rc_pass)
+        # Dual clip, A < 0 only: min(clip1, -A c); c = +inf (off) never wins.
+        pg3 = -a * dual
+        negative = a < 0.0
+        b1 = _max_share(pg3, clip1)
+        loss = tl.where(negative & (pg3 < clip1), pg3, clip1)
+        grad = tl.where(negative, d_clip1 * b1, d_clip1) * ratio * lr_pass
+        k3 = zero
+        if KIND == 1:
+            d_raw = z - x
+            d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
+            d_pass = tl.where((d_raw >= -20.0) & (d_raw <= 20.0), 1.0, 0.0)
+            ed = tl.exp(d)
+            k3 = ed - d - 1.0
+            loss = loss + beta * k3
+            grad = grad + beta * (1.0 - ed) * d_pass
+        return (loss, grad, pg2 > pg1, (ratio > hi) & (a > 0.0), (ratio < lo) & negative,
+                negative & (clip1 > pg3), -lr, k3)
+
+
+@triton.jit
+def _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
+              KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr):
+    x = tl.load(x_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+    if A_PER_ROW:
+        a = tl.zeros_like(x) + tl.load(a_ptr + row).to(tl.float32)
+    else:
+        a = tl.load(a_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+    z = tl.zeros_like(x)
+    if KIND == 1:
+        z = tl.load(z_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+    w = tl.zeros_like(x) + 1.0
+    if HAS_W:
+        w = tl.load(w_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+    valid = tl.load(m_ptr + base + offs, mask=in_row, other=0) != 0
+    return x, y, a, z, w, valid
+
+
+@triton.jit
+def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, length, lo, hi, dual, beta, vclip,
+                       KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * length
+    acc_loss = tl.zeros([BLOCK], tl.float32)
+    acc_n = tl.zeros([BLOCK], tl.float32)
+    acc_clipped = tl.zeros([BLOCK], tl.float32)
+    acc_high = tl.zeros([BLOCK], tl.float32)
+    acc_low = tl.zeros([BLOCK], tl.float32)
+    acc_dual = tl.zeros([BLOCK], tl.float32)
+    acc_nlr = tl.zeros([BLOCK], tl.float32)
+    acc_k3 = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, length, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        in_row = offs < length
+        x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
+                                         KIND, A_PER_ROW, HAS_W)
+        loss, _, clipped, high, low, dual_on, nlr, k3 = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND)
+        if KIND == 0:
+            loss = loss * w
+        # Selects, not products with the mask: padding may hold NaN.
+        acc_loss += tl.where(valid, loss, 0.0)
+        acc_n += tl.where(valid, 1.0, 0.0)
+        acc_clipped += tl.where(valid & clipped, 1.0, 0.0)
+        acc_high += tl.where(valid & high, 1.0, 0.0)
+        acc_low += tl.where(valid & low, 1.0, 0.0)
+        acc_dual += tl.where(valid & dual_on, 1.0, 0.0)
+        acc_nlr += tl.where(valid, nlr, 0.0)
+        acc_k3 += tl.where(valid, k3, 0.0)
+    out = partial_ptr + row * 8
+    tl.store(out + 0, tl.sum(acc_loss, axis=0))
+    tl.store(out + 1, tl.sum(acc_n, axis=0))
+    tl.store(out + 2, tl.sum(acc_clipped, axis=0))
+    tl.store(out + 3, tl.sum(acc_high, axis=0))
+    tl.store(out + 4, tl.sum(acc_low, axis=0))
+    tl.store(out + 5, tl.sum(acc_dual, axis=0))
+    tl.store(out + 6, tl.sum(acc_nlr, axis=0))
+    tl.store(out + 7, tl.sum(acc_k3, axis=0))
+
+
+@triton.jit
+def _losses_combine_kernel(partial_ptr, loss_ptr, stats_ptr, scale_ptr, rows, denom,
+                           PER_ROW_MEAN: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One program: fixed-order totals over the rows, then the per-row scales and the loss."""
+    cols = tl.arange(0, 8)
+    sums = tl.zeros([8], tl.float32)
+    live = tl.zeros((), tl.float32)
+    for start in range(0, rows, BLOCK_B):
+        r = start + tl.arange(0, BLOCK_B).to(tl.int64)
+        p = tl.load(partial_ptr + r[:, None] * 8 + cols[None, :], mask=(r < rows)[:, None], other=0.0)
+        sums += tl.sum(p, axis=0)
+        n = tl.load(partial_ptr + r * 8 + 1, mask=r < rows, other=0.0)
+        live += tl.sum(tl.where(n > 0, 1.0, 0.0), axis=0)
+    tokens = tl.sum(tl.where(cols == 1, sums, 0.0), axis=0)
+    d = tl.where(denom > 0, denom, tl.where(denom == -1.0, tokens, live))
+    d = tl.maximum(d, 1.0)
+    total = tl.zeros((), tl.float32)
+    for start in range(0, rows, BLOCK_B):
+        r = start + tl.arange(0, BLOCK_B).to(tl.int64)
+        in_b = r < rows
+        row_loss = tl.load(partial_ptr + r * 8, mask=in_b, other=0.0)
+        n = tl.load(partial_ptr + r * 8 + 1, mask=in_b, other=0.0)
+        if PER_ROW_MEAN:
+            s = 1.0 / tl.maximum(n, 1.0) / d
+        else:
+            s = tl.zeros_like(n) + 1.0 / d
+        tl.store(scale_ptr + r, s, mask=in_b)
+        total += tl.sum(tl.where(in_b, s * row_loss, 0.0), axis=0)
+    tl.store(loss_ptr, total)
+    # stats = partial columns 2..7 (clipped, clip_high, clip_low, dual, -log r, k3) / valid tokens.
+    tl.store(stats_ptr + cols - 2, sums / tl.maximum(tokens, 1.0), mask=cols >= 2)
+
+
+@triton.jit
+def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, scale_ptr, out_ptr, length, lo, hi, dual,
+                       beta, vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * length
+    g = tl.load(grad_ptr) * tl.load(scale_ptr + row)
+    for start in range(0, length, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        in_row = offs < length
+        x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
+                                         KIND, A_PER_ROW, HAS_W)
+        _, grad, _, _, _, _, _, _ = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND)
+        if KIND == 0:
+            grad = grad * w
+        d = tl.where(valid, g * grad, 0.0)
+        tl.store(out_ptr + base + offs, d.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+def _block(length: int) -> int:
+    return max(16, min(triton.next_power_of_2(max(length, 1)), 1024))
+
+
+def _pointers(x, old, adv, ref, weights, mask, kind):
+    a_per_row = adv.dim() == 1
+    has_w = weights.numel() > 0
+    return (x, old, adv, ref if kind == GRPO else x, weights if has_w else x, mask.view(torch.uint8)), a_per_row, has_w
+
+
+def losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,
+               per_row_mean, denom, loss, stats, row_scale) -> None:
+    """Same contract as the C++ rlkern_C::losses_fwd: canonical [B, T] inputs, writes loss (0-d),
+    stats [6] and row_scale [B] (all fp32)."""
+    rows, length = x.shape
+    partial = torch.zeros(rows, N_PARTIALS, device=x.device, dtype=torch.float32)
+    ptrs, a_per_row, has_w = _pointers(x, old, adv, ref, weights, mask, kind)
+    consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
+    if rows > 0:
+        _losses_fwd_kernel[(rows,)](*ptrs, partial, length, *consts, KIND=kind, A_PER_ROW=a_per_row, HAS_W=has_w,
+                                    BLOCK=_block(length))
+    _losses_combine_kernel[(1,)](partial, loss, stats, row_scale, rows, float(denom), PER_ROW_MEAN=per_row_mean,
+                                 BLOCK_B=128)
+
+
+def losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip_low, clip_high, dual_clip, beta,
+               value_clip, grad_x) -> None:
+    """Same contract as the C++ rlkern_C::losses_bwd: writes d x (x's dtype) into grad_x."""
+    rows, length = x.shape
+    if rows == 0:
+        return
+    ptrs, a_per_row, has_w = _pointers(x, old, adv, ref, weights, mask, kind)
+    consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
+    _losses_bwd_kernel[(rows,)](grad_loss, *ptrs, row_scale, grad_x, length, *consts, KIND=kind,
+                                A_PER_ROW=a_per_row, HAS_W=has_w, BLOCK=_block(length))

@@ -1,0 +1,436 @@
+"""PPO / GRPO policy losses and the clipped value loss, fused: ``policy_loss``, ``value_loss``, ``grpo_loss``.
+
+Each loss is one forward kernel pass over the ``[B, T]`` token tensors (per-token terms, the masked
+aggregation and the stats together) and one backward pass that writes d logp (d values). The
+forward saves one fp32 scale per row (the aggregation weight of its tokens), so the backward needs no
+reduction. Kernels: csrc/losses.cpp (CPU), kernels/losses.py (Triton); oracle: rlkern.reference
+(``policy_loss``, ``value_loss``, ``grpo_loss``, ``aggregate_loss``).
+
+Conventions shared by the three losses:
+
+* Tensors are ``[..., T]``; every leading index is one sequence (a "row"). ``mask`` is bool or 0/1 of
+  any dtype; masked-out positions are never read into a result, so padding may hold anything.
+* The gradient flows to ``logp`` (``values``) only. ``old_logp``, ``ref_logp``, ``advantages``,
+  ``returns`` and ``weights`` are constants, as in verl and TRL where they come from ``no_grad``.
+* Every denominator is clamped to >= 1: a batch with no valid token gives loss 0, stats 0 and a zero
+  gradient, never NaN.
+* ``stats`` is a dict of 0-d float32 tensors (masked token means, computed in the same pass); they are
+  not ``.item()``-ed, so reading them is the caller's choice of when to synchronise.
+
+For fused kernels that produce ``logp`` themselves (issue #4, ``linear_policy_loss``): use
+:func:`grpo_loss_and_grad` / :func:`policy_loss_and_grad`, which return ``(loss, d loss / d logp,
+stats)`` for given tensors without autograd, through the same kernels and normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from rlkern import reference
+from rlkern.ops._common import check_tensor, new_output, pick_backend
+
+__all__ = ["policy_loss", "value_loss", "grpo_loss", "policy_loss_and_grad", "grpo_loss_and_grad",
+           "POLICY_AGGS", "GRPO_LOSS_TYPES"]
+
+POLICY_AGGS = reference.POLICY_AGGS
+GRPO_LOSS_TYPES = reference.GRPO_LOSS_TYPES
+
+# Kernel kinds and the layout of the stats vector the kernels write (csrc/losses.cpp).
+_POLICY, _GRPO, _VALUE = 0, 1, 2
+_CLIPPED, _CLIP_HIGH, _CLIP_LOW, _DUAL, _NEG_LOG_RATIO, _K3 = range(6)
+_N_STATS = 6
+# Denominator codes: > 0 is a constant; these two are counts the forward pass finds itself.
+_DENOM_TOKENS, _DENOM_LIVE_ROWS = -1.0, -2.0
+
+
+def _run_forward(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,
+                 per_row_mean, denom, backend):
+    dev = x.device
+    loss = new_output((), device=dev)
+    stats = new_output((_N_STATS,), device=dev)
+    row_scale = new_output((x.shape[0],), device=dev)
+    args = (x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip, per_row_mean,
+            denom, loss, stats, row_scale)
+    if backend == "cpp":
+        torch.ops.rlkern_C.losses_fwd(*args)
+    else:
+        from rlkern.kernels import losses as tk
+
+        tk.losses_fwd(*args)
+    return loss, stats, row_scale
+
+
+# The registered ops take canonical tensors: x, old, adv (or [B] per-row advantages), ref (or empty),
+# weights (or empty): contiguous [B, T] of one dtype; mask: contiguous bool [B, T].
+@torch.library.custom_op("rlkern::losses_fwd", mutates_args=())
+def _losses_fwd(x: Tensor, old: Tensor, adv: Tensor, ref: Tensor, weights: Tensor, mask: Tensor, kind: int,
+                clip_low: float, clip_high: float, dual_clip: float, beta: float, value_clip: float,
+                per_row_mean: bool, denom: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _run_forward(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,
+                        per_row_mean, denom, backend)
+
+
+@_losses_fwd.register_fake
+def _(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip, per_row_mean, denom,
+      backend):
+    new = lambda shape: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return new(()), new((_N_STATS,)), new((x.shape[0],))
+
+
+@torch.library.custom_op("rlkern::losses_bwd", mutates_args=())
+def _losses_bwd(grad_loss: Tensor, x: Tensor, old: Tensor, adv: Tensor, ref: Tensor, weights: Tensor, mask: Tensor,
+                row_scale: Tensor, kind: int, clip_low: float, clip_high: float, dual_clip: float, beta: float,
+                value_clip: float, backend: str) -> Tensor:
+    grad_x = new_output(x.shape, device=x.device, dtype=x.dtype)
+    args = (grad_loss.float().reshape(()).contiguous(), x, old, adv, ref, weights, mask, row_scale, kind, clip_low,
+            clip_high, dual_clip, beta, value_clip, grad_x)
+    if backend == "cpp":
+        torch.ops.rlkern_C.losses_bwd(*args)
+    else:
+        from rlkern.kernels import losses as tk
+
+        tk.losses_bwd(*args)
+    return grad_x
+
+
+@_losses_bwd.register_fake
+def _(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip_low, clip_high, dual_clip, beta, value_clip,
+      backend):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip, _, _, backend = inputs
+    _, stats, row_scale = output
+    ctx.save_for_backward(x, old, adv, ref, weights, mask, row_scale)
+    ctx.args = (kind, clip_low, clip_high, dual_clip, beta, value_clip, backend)
+    ctx.mark_non_differentiable(stats, row_scale)
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_row_scale):
+    x, old, adv, ref, weights, mask, row_scale = ctx.saved_tensors
+    grad_x = torch.ops.rlkern.losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, *ctx.args)
+    return (grad_x,) + (None,) * 14
+
+
+_losses_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and canonicalisation
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _check_float(value, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = True, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return value
+
+
+def _check_clips(clip_low, clip_high) -> tuple[float, float]:
+    return (_check_float(clip_low, "clip_low", low=0.0, high=1.0, what="in [0, 1)"),
+            _check_float(clip_high, "clip_high", low=0.0, what="a finite number >= 0"))
+
+
+def _check_mask(mask, shape: torch.Size) -> Tensor:
+    check_tensor(mask, "mask", floating=False)
+    if mask.shape != shape:
+        raise ValueError(f"mask must have shape {tuple(shape)} (the same as logp / values), got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask must be bool or hold 0/1 values, got dtype {mask.dtype}")
+    # An eager-mode value check (one pass over the mask; skipped while torch.compile traces).
+    if not torch.compiler.is_compiling() and mask.numel() > 0 and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("mask must be bool or hold only 0 and 1, got other values")
+    return mask != 0
+
+
+def _check_tokens(main, main_name: str, others: dict, advantages=None, adv_name: str = "advantages") -> None:
+    check_tensor(main, main_name)
+    if main.dim() == 0:
+        raise ValueError(f"{main_name} must have shape [..., T] (one row per sequence), got a 0-d tensor")
+    for name, t in others.items():
+        if t is None:
+            continue
+        check_tensor(t, name)
+        if t.shape != main.shape:
+            raise ValueError(f"{name} must have shape {tuple(main.shape)} (the same as {main_name}), "
+                             f"got {tuple(t.shape)}")
+    if advantages is not None:
+        check_tensor(advantages, adv_name)
+        if advantages.shape not in (main.shape, main.shape[:-1]):
+            raise ValueError(f"{adv_name} must have shape {tuple(main.shape)} (per token) or "
+                             f"{tuple(main.shape[:-1])} (per sequence), got {tuple(advantages.shape)}")
+
+
+def _denominator(agg: str, rows: int, length: int, max_completion_length, num_items_in_batch) -> tuple[bool, float]:
+    """(per_row_mean, denom) for the kernels; see reference.aggregate_loss for the formulas."""
+    if agg in ("token-mean", "bnpo"):
+        return False, _DENOM_TOKENS
+    if agg == "seq-mean-token-sum":
+        return False, _DENOM_LIVE_ROWS
+    if agg == "seq-mean-token-mean":
+        return True, _DENOM_LIVE_ROWS
+    if agg == "seq-mean-token-sum-norm":
+        return False, float(max(length, 1))
+    if agg == "grpo":
+        return True, float(max(rows, 1))
+    if agg == "dr_grpo":
+        return False, float(max(rows * (length if max_completion_length is None else max_completion_length), 1))
+    if agg == "dapo":
+        return False, _DENOM_TOKENS if num_items_in_batch is None else max(float(num_items_in_batch), 1.0)
+    raise AssertionError(agg)
+
+
+def _canonical(main: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights: Tensor | None,
+               mask: Tensor):
+    """[R, T] contiguous tensors of one storage dtype (the shared one, else float32), a [R] or [R, T]
+    advantage, empty placeholders for absent ref/weights, and the bool mask."""
+    length = main.shape[-1]
+    present = [t for t in (main, old, adv, ref, weights) if t is not None]
+    dtype = main.dtype if all(t.dtype == main.dtype for t in present) else torch.float32
+    as_rows = lambda t: t.reshape(-1, length).to(dtype).contiguous()  # noqa: E731
+    per_row = adv.shape != main.shape
+    adv_c = adv.reshape(-1).to(dtype).contiguous() if per_row else as_rows(adv)
+    empty = main.new_empty(0, dtype=dtype)
+    return (as_rows(main), as_rows(old), adv_c, as_rows(ref) if ref is not None else empty,
+            as_rows(weights) if weights is not None else empty, mask.reshape(-1, length).contiguous())
+
+
+def _run(kind, main, old, adv, ref, weights, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None, beta=0.0,
+         value_clip=0.0, agg, max_completion_length=None, num_items_in_batch=None, backend, want_grad=False):
+    """Dispatches one loss to the kernels. Returns (loss, stats vector) or, with want_grad, (loss,
+    d loss / d main, stats vector) computed without autograd."""
+    mask = _check_mask(mask, main.shape)
+    rows = main.shape[:-1].numel()
+    per_row_mean, denom = _denominator(agg, rows, main.shape[-1], max_completion_length, num_items_in_batch)
+    x, old_c, adv_c, ref_c, w_c, mask_c = _canonical(main, old, adv, ref, weights, mask)
+    args = (x, old_c, adv_c, ref_c, w_c, mask_c, kind, clip_low, clip_high,
+            math.inf if dual_clip is None else dual_clip, beta, value_clip, per_row_mean, denom, backend)
+    if not want_grad:
+        loss, stats, _ = torch.ops.rlkern.losses_fwd(*args)
+        return loss, stats
+    with torch.no_grad():
+        loss, stats, row_scale = torch.ops.rlkern.losses_fwd(*args)
+        grad = torch.ops.rlkern.losses_bwd(torch.ones((), device=x.device), x, old_c, adv_c, ref_c, w_c, mask_c,
+                                           row_scale, kind, *args[7:12], backend)
+    return loss, grad.reshape(main.shape).to(main.dtype), stats
+
+
+def _reference_with_grad(fn, main: Tensor, *args, **kwargs):
+    x = main.detach().requires_grad_()
+    with torch.enable_grad():
+        loss, stats = fn(x, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    grad = torch.zeros_like(main) if grad is None else grad
+    return loss.detach(), grad.to(main.dtype), stats
+
+
+# ------------------------------------------------------------------------------------------------
+# Public ops
+# ------------------------------------------------------------------------------------------------
+
+
+def _policy_stats(stats: Tensor) -> dict[str, Tensor]:
+    return {"clip_frac": stats[_CLIPPED], "clip_frac_lower": stats[_DUAL], "approx_kl": stats[_NEG_LOG_RATIO]}
+
+
+def _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights):
+    _check_tokens(logp, "logp", {"old_logp": old_logp, "weights": weights}, advantages)
+    clip_low, clip_high = _check_clips(clip_low, clip_high)
+    if dual_clip is not None:
+        dual_clip = _check_float(dual_clip, "dual_clip", low=1.0, low_open=True, what="None or a finite number > 1")
+    _check_choice(agg, "agg", POLICY_AGGS)
+    tensors = [t for t in (logp, old_logp, advantages, mask, weights) if t is not None]
+    return clip_low, clip_high, dual_clip, pick_backend(*tensors)
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+                clip_high: float = 0.2, dual_clip: float | None = None, agg: str = "token-mean",
+                weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss (verl ``compute_policy_loss_vanilla`` numerics).
+
+    Per valid token, with ``r = exp(clamp(logp - old_logp, -20, 20))``:
+    ``l = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))``; with ``dual_clip = c`` (verl's
+    ``clip_ratio_c``), ``l = min(l, -A c)`` where ``A < 0``; then ``l *= weights`` (per-token
+    importance weights, e.g. truncated IS for rollout/training mismatch). Aggregated per ``agg``:
+
+    * ``token-mean``: sum / (valid tokens)
+    * ``seq-mean-token-sum``: per-row sums, averaged over rows with >= 1 valid token
+    * ``seq-mean-token-mean``: per-row means, averaged over rows with >= 1 valid token
+    * ``seq-mean-token-sum-norm``: sum / T (verl: the padded length, Dr. GRPO)
+
+    Args:
+        logp: ``[..., T]`` float32/bf16/fp16 (float64 runs the reference); the only input with a gradient.
+        old_logp: ``[..., T]`` behaviour-policy log-probs.
+        advantages: ``[..., T]`` per token, or ``[...]`` per sequence (broadcast over T).
+        mask: ``[..., T]`` bool or 0/1.
+        clip_low, clip_high: ratio bounds ``1 - clip_low`` (``clip_low`` in [0, 1)) and ``1 + clip_high``.
+        dual_clip: None (off) or > 1.
+        weights: optional ``[..., T]``, constant.
+
+    Returns:
+        ``(loss, stats)``: float32 0-d loss; stats ``clip_frac`` (share of valid tokens where the clip
+        is active, verl ``pg_clipfrac``), ``clip_frac_lower`` (dual clip active, verl
+        ``pg_clipfrac_lower``; 0 without dual clip), ``approx_kl`` (mean of ``old_logp - logp``,
+        clamped, verl ``ppo_kl``): 0-d float32 tensors.
+    """
+    clip_low, clip_high, dual_clip, backend = _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high,
+                                                               dual_clip, agg, weights)
+    if backend == "torch":
+        return reference.policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                                     dual_clip=dual_clip, agg=agg, weights=weights)
+    loss, stats = _run(_POLICY, logp, old_logp, advantages, None, weights, mask, clip_low=clip_low,
+                       clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend)
+    return loss, _policy_stats(stats)
+
+
+def policy_loss_and_grad(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+                         clip_high: float = 0.2, dual_clip: float | None = None, agg: str = "token-mean",
+                         weights: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """:func:`policy_loss` as ``(loss, d loss / d logp, stats)``, without autograd: for fused kernels
+    that compute ``logp`` themselves and chain this gradient into their own backward. ``d loss / d logp``
+    has ``logp``'s shape and dtype and is 0 at masked positions."""
+    clip_low, clip_high, dual_clip, backend = _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high,
+                                                               dual_clip, agg, weights)
+    if backend == "torch":
+        return _reference_with_grad(reference.policy_loss, logp, old_logp, advantages, mask, clip_low=clip_low,
+                                    clip_high=clip_high, dual_clip=dual_clip, agg=agg, weights=weights)
+    loss, grad, stats = _run(_POLICY, logp, old_logp, advantages, None, weights, mask, clip_low=clip_low,
+                             clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend, want_grad=True)
+    return loss, grad, _policy_stats(stats)
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float = 0.2,
+               agg: str = "token-mean") -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss (verl ``compute_value_loss``): per valid token
+    ``1/2 max((v - R)^2, (clamp(v, v_old - clip, v_old + clip) - R)^2)``, aggregated per ``agg``
+    (the modes of :func:`policy_loss`).
+
+    Args:
+        values: ``[..., T]`` float32/bf16/fp16; the only input with a gradient.
+        old_values, returns: ``[..., T]``.
+        mask: ``[..., T]`` bool or 0/1.
+        clip: > 0, the half-width of the trust region around ``old_values``.
+
+    Returns:
+        ``(loss, {"clip_frac": ...})``: float32 0-d tensors; ``clip_frac`` is the share of valid tokens
+        where the clipped term is the larger (verl ``vf_clipfrac``).
+    """
+    _check_tokens(values, "values", {"old_values": old_values, "returns": returns})
+    clip = _check_float(clip, "clip", low=0.0, low_open=True, what="a finite number > 0")
+    _check_choice(agg, "agg", POLICY_AGGS)
+    backend = pick_backend(values, old_values, returns, mask)
+    if backend == "torch":
+        return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg)
+    loss, stats = _run(_VALUE, values, old_values, returns, None, None, mask, value_clip=clip, agg=agg,
+                       backend=backend)
+    return loss, {"clip_frac": stats[_CLIPPED]}
+
+
+def _grpo_stats(stats: Tensor) -> dict[str, Tensor]:
+    return {"kl": stats[_K3], "clip_ratio": stats[_CLIP_LOW] + stats[_CLIP_HIGH], "clip_ratio_low": stats[_CLIP_LOW],
+            "clip_ratio_high": stats[_CLIP_HIGH], "approx_kl": stats[_NEG_LOG_RATIO]}
+
+
+def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
+                   max_completion_length, num_items_in_batch):
+    _check_tokens(logp, "logp", {"old_logp": old_logp, "ref_logp": ref_logp}, advantages)
+    beta = _check_float(beta, "beta", low=0.0, what="a finite number >= 0")
+    clip_low, clip_high = _check_clips(clip_low, clip_high)
+    _check_choice(loss_type, "loss_type", GRPO_LOSS_TYPES)
+    if max_completion_length is not None:
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) \
+                or max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be None or an int >= 1, got {max_completion_length!r}")
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError("num_items_in_batch must be a number or a one-element tensor, got shape "
+                                 f"{tuple(num_items_in_batch.shape)}")
+            num_items_in_batch = num_items_in_batch.item()  # a host number for the kernel (a sync on GPU)
+        num_items_in_batch = _check_float(num_items_in_batch, "num_items_in_batch", low=0.0, low_open=True,
+                                          what="None or a finite number > 0")
+    backend = pick_backend(logp, old_logp, ref_logp, advantages, mask)
+    return beta, clip_low, clip_high, num_items_in_batch, backend
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+              beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
+              max_completion_length: int | None = None,
+              num_items_in_batch: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss (TRL ``GRPOTrainer`` numerics, token-level importance sampling).
+
+    Per valid token, with ``r = exp(clamp(logp - old_logp, -20, 20))`` and
+    ``d = clamp(ref_logp - logp, -20, 20)``:
+    ``l = -min(r A, clamp(r, 1 - clip_low, 1 + clip_high) A) + beta (e^d - d - 1)``
+    (TRL does not clamp the log-ratios; the results are identical whenever they lie in [-20, 20]).
+    Normalised per ``loss_type`` (TRL's names):
+
+    * ``grpo``: per-sequence mean, then mean over all ``B`` sequences
+    * ``bnpo``: sum / (valid tokens in this batch)
+    * ``dr_grpo``: sum / (B * max_completion_length), ``max_completion_length`` defaulting to T
+    * ``dapo``: sum / num_items_in_batch (the global valid-token count when accumulating gradients;
+      defaults to this batch's)
+
+    Args:
+        logp: ``[..., T]`` float32/bf16/fp16; the only input with a gradient.
+        old_logp, ref_logp: ``[..., T]``.
+        advantages: ``[...]`` per sequence (TRL) or ``[..., T]`` per token.
+        mask: ``[..., T]`` bool or 0/1.
+        beta: KL coefficient >= 0 (0 still computes the ``kl`` stat).
+
+    Returns:
+        ``(loss, stats)``, float32 0-d tensors; stats: ``kl`` (mean k3), ``clip_ratio`` /
+        ``clip_ratio_low`` / ``clip_ratio_high`` (TRL's region / low / high clip shares),
+        ``approx_kl`` (mean of ``old_logp - logp``).
+    """
+    beta, clip_low, clip_high, num_items, backend = _validate_grpo(
+        logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,
+        num_items_in_batch)
+    if backend == "torch":
+        return reference.grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=beta, clip_low=clip_low,
+                                   clip_high=clip_high, loss_type=loss_type,
+                                   max_completion_length=max_completion_length, num_items_in_batch=num_items)
+    loss, stats = _run(_GRPO, logp, old_logp, advantages, ref_logp, None, mask, clip_low=clip_low,
+                       clip_high=clip_high, beta=beta, agg=loss_type, max_completion_length=max_completion_length,
+                       num_items_in_batch=num_items, backend=backend)
+    return loss, _grpo_stats(stats)
+
+
+def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                       beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
+                       max_completion_length: int | None = None,
+                       num_items_in_batch: float | Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """:func:`grpo_loss` as ``(loss, d loss / d logp, stats)`` without autograd (one forward and one
+    backward kernel pass), for fused ops such as ``linear_policy_loss`` that produce ``logp`` from
+    hidden states and chain ``d loss / d logp`` into their own backward. The gradient has ``logp``'s
+    shape and dtype, is 0 at masked positions, and already includes the ``loss_type`` normalisation."""
+    beta, clip_low, clip_high, num_items, backend = _validate_grpo(
+        logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,
+        num_items_in_batch)
+    if backend == "torch":
+        return _reference_with_grad(reference.grpo_loss, logp, old_logp, ref_logp, advantages, mask, beta=beta,
+                                    clip_low=clip_low, clip_high=clip_high, loss_type=loss_type,
+                                    max_completion_length=max_completion_length, num_items_in_batch=num_items)
+    loss, grad, stats = _run(_GRPO, logp, old_logp, advantages, ref_logp, None, mask, clip_low=clip_low,
+                             clip_high=clip_high, beta=beta, agg=loss_type,
+                             max_completion_length=max_completion_length, num_items_in_batch=num_items,
+                             backend=backend, want_grad=True)
+    return loss, grad, _grpo_stats(stats)

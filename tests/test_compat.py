@@ -110,9 +110,14 @@ def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode):  # verl/trainer/ppo/core_
     if loss_agg_mode == "token-mean":
         return verl_masked_mean(loss_mat, loss_mask)
     if loss_agg_mode == "seq-mean-token-sum":
-        return torch.mean(torch.sum(loss_mat * loss_mask, dim=-1))
+        seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
+        seq_mask = (torch.sum(loss_mask, dim=-1) > 0).float()  # exclude fully masked sequences
+        return verl_masked_mean(seq_losses, seq_mask)
     if loss_agg_mode == "seq-mean-token-mean":
-        return torch.mean(torch.sum(loss_mat * loss_mask, dim=-1) / torch.sum(loss_mask, dim=-1))
+        seq_mask = torch.sum(loss_mask, dim=-1)
+        seq_losses = torch.sum(loss_mat * loss_mask, dim=-1) / (seq_mask + 1e-8)
+        seq_mask = (seq_mask > 0).float()
+        return verl_masked_mean(seq_losses, seq_mask)
     if loss_agg_mode == "seq-mean-token-sum-norm":
         return torch.sum(torch.sum(loss_mat * loss_mask, dim=-1)) / loss_mask.shape[-1]
     raise ValueError(loss_agg_mode)
@@ -250,6 +255,16 @@ def orl_masked_mean(tensor, mask, dim=None):  # openrlhf/models/utils.py::masked
     return (tensor * mask).sum(dim=dim) / mask.sum(dim=dim)
 
 
+def orl_aggregate(loss, action_mask, token_level_loss):
+    # openrlhf/models/loss.py, the loss aggregation of PolicyLoss / ValueLoss on one process
+    # (batch_num_tokens = global_batch_size = None): per-sample mode excludes fully masked sequences.
+    if token_level_loss:
+        return orl_masked_mean(loss, action_mask, dim=None)
+    token_counts = action_mask.sum(dim=-1)
+    seq_loss = (loss * action_mask).sum(dim=-1) / (token_counts + 1e-8)
+    return orl_masked_mean(seq_loss, (token_counts > 0).float(), dim=None)
+
+
 def orl_policy_loss(log_probs, old_log_probs, advantages, action_mask, clip_eps_low=0.2, clip_eps_high=0.2,
                     dual_clip=None, token_level_loss=True):  # openrlhf/models/loss.py::PolicyLoss.forward
     log_ratio = log_probs - old_log_probs
@@ -262,8 +277,7 @@ def orl_policy_loss(log_probs, old_log_probs, advantages, action_mask, clip_eps_
         clip1 = torch.min(surr1, surr2)
         clip2 = torch.max(clip1, dual_clip * advantages)
         loss = -torch.where(advantages < 0, clip2, clip1)
-    loss = (orl_masked_mean(loss, action_mask, dim=None) if token_level_loss
-            else orl_masked_mean(loss, action_mask, dim=-1).mean())
+    loss = orl_aggregate(loss, action_mask, token_level_loss)
     clip_ratio = orl_masked_mean(torch.lt(surr2, surr1).float(), action_mask, dim=None)
     ppo_kl = orl_masked_mean(-log_ratio.detach(), action_mask, dim=None)
     return loss, clip_ratio, ppo_kl
@@ -276,9 +290,7 @@ def orl_value_loss(values, old_values, returns, action_mask, clip_eps=None, toke
         loss = torch.max((values_clipped - returns) ** 2, (values - returns) ** 2)
     else:
         loss = (values - returns) ** 2
-    loss = (orl_masked_mean(loss, action_mask, dim=None) if token_level_loss
-            else orl_masked_mean(loss, action_mask, dim=-1).mean())
-    return 0.5 * loss
+    return 0.5 * orl_aggregate(loss, action_mask, token_level_loss)
 
 
 def orl_gae(values, rewards, action_mask, gamma, lambd):
@@ -663,6 +675,7 @@ def test_verl_kl_penalty_bad_names():
 def test_verl_agg_loss(mode):
     loss_mat = torch.randn(6, 17, requires_grad=True)
     mask = rand_mask(6, 17)
+    mask[4] = False  # a fully masked row: excluded from the seq-mean modes
     got, want = verl_shim.agg_loss(loss_mat, mask, mode), verl_agg_loss(loss_mat, mask, mode)
     close(got, want, what=mode)
     close(torch.autograd.grad(got, loss_mat)[0], torch.autograd.grad(want, loss_mat)[0], what=f"{mode} grad")
@@ -731,7 +744,9 @@ def _ppo_inputs(b=6, t=23):
     old[0, :3] = logp.detach()[0, :3] + torch.tensor([30.0, -30.0, 3.0])  # the ±20 log-ratio clamp and dual clip
     adv = torch.randn(b, t)
     adv[0, 2] = -2.0
-    return logp, old, adv, rand_mask(b, t).float()
+    mask = rand_mask(b, t).float()
+    mask[-1] = 0.0  # a fully masked row (excluded from the seq-mean aggregations)
+    return logp, old, adv, mask
 
 
 @pytest.mark.parametrize("mode", verl_shim.AGG_MODES)
@@ -851,6 +866,7 @@ def test_openrlhf_value_loss(clip_eps, token_level):
     old = values.detach() + 0.3 * torch.randn(b, t)
     returns = torch.randn(b, t)
     mask = rand_mask(b, t).float()
+    mask[1] = 0.0
     got = orl_shim.ValueLoss(clip_eps, token_level)(values, old, returns, action_mask=mask)
     want = orl_value_loss(values, old, returns, mask, clip_eps, token_level)
     close(got, want, what="value loss")

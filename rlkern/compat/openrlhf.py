@@ -148,7 +148,9 @@ class PolicyLoss(nn.Module):
     """PPO policy loss (OpenRLHF ``models/loss.py::PolicyLoss``): ``-min(r A, clip(r, 1 - low,
     1 + high) A)``, with ``dual_clip`` bounding the loss of negative-advantage tokens by
     ``-dual_clip * A``; token-level mean over the mask (``token_level_loss=True``) or per-sequence
-    mean then batch mean. ``forward`` returns ``(loss, clip_ratio, ppo_kl)``."""
+    token mean, then the mean over the sequences that have a valid token (OpenRLHF's aggregation on
+    one process, where ``batch_num_tokens`` / ``global_batch_size`` are None). ``forward`` returns
+    ``(loss, clip_ratio, ppo_kl)``."""
 
     def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float | None = None,
                  token_level_loss: bool = True, policy_loss_type: str = "ppo") -> None:
@@ -170,7 +172,7 @@ class PolicyLoss(nn.Module):
         agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
         loss, stats = ops.policy_loss(log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low,
                                       clip_high=self.clip_eps_high, dual_clip=self.dual_clip, agg=agg)
-        return loss, stats["clipfrac"], stats["approx_kl"]
+        return loss, stats["clip_frac"], stats["approx_kl"]
 
 
 class ValueLoss(nn.Module):
@@ -187,8 +189,12 @@ class ValueLoss(nn.Module):
                 action_mask: Tensor | None = None) -> Tensor:
         mask = _ones_like_mask(values) if action_mask is None else action_mask
         agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
-        # An infinite clip range makes clip(v, old ± clip) = v, which is OpenRLHF's unclipped loss.
-        clip = float("inf") if self.clip_eps is None else float(self.clip_eps)
+        if self.clip_eps is None:
+            # Unclipped: with the old values set to the current ones, clip(v, v ± c) is v itself for
+            # any c > 0, so both terms of the max are (v - R)^2 and the op gives OpenRLHF's loss.
+            old_values, clip = values.detach(), 1.0
+        else:
+            clip = float(self.clip_eps)
         loss, _ = ops.value_loss(values, old_values, returns, mask, clip=clip, agg=agg)
         return loss
 

@@ -172,25 +172,15 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
         advantages = advantages.unsqueeze(1)
     advantages = advantages.expand(per_token_logps.shape)
     high = epsilon if epsilon_high is None else epsilon_high
-    mask = completion_mask
-    if loss_type == "dapo":
-        count = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        count = torch.as_tensor(count, dtype=torch.float32).clamp(min=1.0)
-        # rlkern's "bnpo" divides the masked sum by the local valid-token count; TRL's dapo divides it
-        # by the generation batch's count instead, so rescale by local / global.
-        local = mask.sum().float().clamp(min=1.0)
-        loss, _ = ops.grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, mask,
-                                beta=beta, clip_low=epsilon, clip_high=high, loss_type="bnpo")
-        return loss * (local / count)
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length (TRL's normaliser B * max length)")
-        # rlkern's dr_grpo normalises by B * T (the padded length); TRL uses the configured maximum.
-        loss, _ = ops.grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, mask,
-                                beta=beta, clip_low=epsilon, clip_high=high, loss_type="dr_grpo")
-        return loss * (per_token_logps.shape[-1] / float(max_completion_length))
-    loss, _ = ops.grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, mask,
-                            beta=beta, clip_low=epsilon, clip_high=high, loss_type=loss_type)
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (TRL's normaliser B * max length)")
+    items = None
+    if loss_type == "dapo" and num_items_in_batch is not None:
+        items = float(torch.as_tensor(num_items_in_batch).item())
+    loss, _ = ops.grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask,
+                            beta=beta, clip_low=epsilon, clip_high=high, loss_type=loss_type,
+                            max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
+                            num_items_in_batch=items)
     return loss
 
 

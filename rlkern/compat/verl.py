@@ -158,23 +158,25 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
 
 
 def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str) -> Tensor:
-    """Reduce a ``[B, T]`` loss to a scalar (verl ``core_algos.agg_loss``):
-    ``token-mean`` (masked_mean over all valid tokens, with verl's 1e-8), ``seq-mean-token-sum``
-    (per-row masked sum, then mean over rows), ``seq-mean-token-mean`` (per-row masked sum / per-row
-    count, then mean; an empty row gives NaN as in verl), ``seq-mean-token-sum-norm`` (sum of the
-    per-row sums / T, Dr. GRPO's constant normaliser)."""
+    """Reduce a ``[B, T]`` loss to a scalar (verl ``core_algos.agg_loss``, the single-process form
+    before the ``dp_size`` / ``global_batch_size`` arguments):
+    ``token-mean`` masked_mean over all valid tokens (verl's + 1e-8);
+    ``seq-mean-token-sum`` per-row masked sums, averaged over the rows that have a valid token;
+    ``seq-mean-token-mean`` per-row ``sum / (count + 1e-8)``, averaged over those rows;
+    ``seq-mean-token-sum-norm`` the sum of the per-row sums / T (Dr. GRPO's constant normaliser).
+    Rows with no valid token are excluded from the seq-mean modes, as in verl."""
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; valid modes are {AGG_MODES}")
     if loss_agg_mode == "token-mean":
         return masked_mean(loss_mat, loss_mask)
     seq = ops.masked_sum(loss_mat, loss_mask, dim=-1)
-    if loss_agg_mode == "seq-mean-token-sum":
-        out = seq.mean()
-    elif loss_agg_mode == "seq-mean-token-mean":
-        out = (seq / _count(loss_mask, -1)).mean()
-    else:
-        out = seq.sum() / loss_mask.shape[-1]
-    return _same_dtype(out, loss_mat)
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return _same_dtype(seq.sum() / loss_mask.shape[-1], loss_mat)
+    count = _count(loss_mask, -1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        seq = seq / (count + _MEAN_EPS)
+    live = count > 0
+    return _same_dtype(masked_mean(seq, live), loss_mat)
 
 
 def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor,
@@ -281,7 +283,7 @@ def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tens
     loss, stats = ops.policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=float(low),
                                   clip_high=float(high), dual_clip=float(clip_ratio_c), agg=loss_agg_mode,
                                   weights=rollout_is_weights)
-    return loss, stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]
+    return loss, stats["clip_frac"], stats["approx_kl"], stats["clip_frac_lower"]
 
 
 def compute_policy_loss_vanilla(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
@@ -311,4 +313,4 @@ def compute_value_loss(vpreds: Tensor, returns: Tensor, values: Tensor, response
         raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; valid modes are {AGG_MODES}")
     loss, stats = ops.value_loss(vpreds, values, returns, response_mask, clip=float(cliprange_value),
                                  agg=loss_agg_mode)
-    return loss, stats["clipfrac"]
+    return loss, stats["clip_frac"]

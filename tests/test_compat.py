@@ -7,6 +7,8 @@
   the published functions, written below with the file they come from.
 - patch / unpatch for verl and OpenRLHF run against fake module trees inserted in ``sys.modules`` at the
   peers' real module paths.
+- Shims whose op has kernels run once per backend available here (torch, cpp, and triton through the
+  interpreter: small shapes), through the ``backend`` fixture; outputs are NaN-poisoned (conftest).
 
 Tolerances: inputs are fp32 and both sides compute in fp32, but in different orders (fused kernels,
 tree reductions vs the peers' ``.sum()``), so values agree to fp32 rounding: ``atol = rtol = 1e-5``
@@ -512,7 +514,7 @@ def trl_grpo_trainer_loss(logp, old, ref, advantages, mask, *, beta, eps_low, ep
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_trl_grpo_loss_matches_trl_trainer(loss_type, beta):
+def test_trl_grpo_loss_matches_trl_trainer(backend, loss_type, beta):
     b, t = 5, 9
     logp = (-torch.rand(b, t) * 3).requires_grad_()
     old = logp.detach() + 0.3 * torch.randn(b, t)
@@ -589,7 +591,7 @@ def test_trl_dpo_loss_matches_trl_trainer(loss_type, label_smoothing):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("axis", [None, -1])
-def test_verl_masked_mean_sum(axis):
+def test_verl_masked_mean_sum(backend, axis):
     x = torch.randn(6, 23)
     mask = rand_mask(6, 23)
     mask[2] = False  # an empty row: verl's + 1e-8 makes its mean 0
@@ -601,7 +603,7 @@ def test_verl_masked_mean_sum(axis):
 
 
 @pytest.mark.parametrize("unbiased", [True, False])
-def test_verl_masked_var_and_whiten(unbiased):
+def test_verl_masked_var_and_whiten(backend, unbiased):
     x = torch.randn(5, 31) * 3 + 1
     mask = rand_mask(5, 31)
     close(verl_shim.masked_var(x, mask, unbiased), verl_masked_var(x, mask, unbiased), what="masked_var")
@@ -634,7 +636,7 @@ def test_verl_logprobs_entropy(backend):
 
 
 @pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"])
-def test_verl_kl_penalty(name):
+def test_verl_kl_penalty(backend, name):
     logp = torch.randn(4, 19) * 3
     ref = torch.randn(4, 19) * 3
     logp[0, :4] = torch.tensor([-60.0, 60.0, -15.0, 25.0])  # both k3 clamps engaged
@@ -684,7 +686,7 @@ def test_verl_agg_loss(mode):
 
 
 @pytest.mark.parametrize("b,t", [(1, 5), (4, 17), (7, 40)])
-def test_verl_gae(b, t):
+def test_verl_gae(backend, b, t):
     rewards, values = torch.randn(b, t), torch.randn(b, t)
     mask = rand_mask(b, t).float()
     mask[0, :2] = 1.0  # verl's whitening needs two valid tokens
@@ -750,7 +752,7 @@ def _ppo_inputs(b=6, t=23):
 
 
 @pytest.mark.parametrize("mode", verl_shim.AGG_MODES)
-def test_verl_compute_policy_loss(mode):
+def test_verl_compute_policy_loss(backend, mode):
     logp, old, adv, mask = _ppo_inputs()
     got = verl_shim.compute_policy_loss(old, logp, adv, mask, cliprange=0.2, cliprange_high=0.28, loss_agg_mode=mode)
     want = verl_policy_loss(old, logp, adv, mask, 0.2, 0.28, 3.0, mode)
@@ -771,7 +773,7 @@ def test_verl_policy_loss_vanilla_reads_config():
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])
-def test_verl_value_loss(mode):
+def test_verl_value_loss(backend, mode):
     b, t = 5, 13
     vpreds = torch.randn(b, t, requires_grad=True)
     values = vpreds.detach() + 0.3 * torch.randn(b, t)
@@ -812,7 +814,7 @@ def test_openrlhf_k3_gradient_finite_where_openrlhf_overflows():
     assert torch.isfinite(g).all() and g[0, 0] == 0.0
 
 
-def test_openrlhf_compute_reward():
+def test_openrlhf_compute_reward(backend):
     b, t = 5, 12
     kl = torch.randn(b, t) * 0.1
     mask = torch.arange(t)[None] < torch.randint(1, t + 1, (b, 1))
@@ -844,7 +846,7 @@ def test_openrlhf_masked_mean(dim):
 
 
 @pytest.mark.parametrize("dual_clip,token_level", [(None, True), (3.0, True), (2.0, False)])
-def test_openrlhf_policy_loss(dual_clip, token_level):
+def test_openrlhf_policy_loss(backend, dual_clip, token_level):
     logp, old, adv, mask = _ppo_inputs()
     old[0, :2] = logp.detach()[0, :2] + torch.tensor([5.0, -5.0])  # stay inside rlkern's ±20 ratio clamp
     module = orl_shim.PolicyLoss(0.2, 0.28, dual_clip=dual_clip, token_level_loss=token_level)
@@ -874,7 +876,7 @@ def test_openrlhf_value_loss(clip_eps, token_level):
 
 
 @pytest.mark.parametrize("b,t", [(1, 1), (3, 17), (6, 40)])
-def test_openrlhf_gae_and_returns(b, t):
+def test_openrlhf_gae_and_returns(backend, b, t):
     values, rewards = torch.randn(b, t), torch.randn(b, t)
     mask = rand_mask(b, t)
     for gamma, lambd in ((1.0, 1.0), (0.99, 0.95)):

@@ -11,8 +11,8 @@ or swapped into an installed framework so an existing trainer runs on rlkern wit
 
 ``patch`` replaces each target attribute listed in the shim module's ``PATCH_TARGETS`` (entries
 ``(module, attribute, shim name)``; ``attribute`` may be ``Class.method``), then every other already
-imported module of the peer package that bound the same original object under the same name (``from
-x import f`` copies the function into the importer's namespace, so patching only the defining module
+imported module of the peer package that holds the same original object under any name (``from x
+import f`` copies the function into the importer's namespace, so patching only the defining module
 would miss it), and every registry dict listed in ``PATCH_REGISTRIES`` whose value is an original
 (verl looks estimators and policy losses up by name in such dicts). Targets the installed version
 does not have are skipped, so one shim module serves several releases of its peer.

@@ -13,7 +13,8 @@ verl-specific numerics reproduced here (each cited where it is used):
 - GRPO divides by ``std + 1e-6`` (unbiased std); a group of one has mean 0 and std 1.
 - ``low_var_kl``/``k3`` clamps the log-ratio to [-20, 20] before exp and the result to [-10, 10].
 - The policy loss clamps the log-ratio to [-20, 20] and always applies dual-clip (``clip_ratio_c=3``).
-Outputs that verl returns in the input dtype (log-probs, entropy) keep it here too.
+Outputs that verl returns in the input dtype (log-probs, entropy) keep it here too. Masks must be
+bool or 0/1 (rlkern.ops rejects other values); verl's masked_mean would also take fractional weights.
 """
 
 from __future__ import annotations

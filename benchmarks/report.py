@@ -1,0 +1,121 @@
+"""The report command: ``python -m benchmarks [--family F ...] [--quick] [--shapes S ...]``.
+
+Prints one markdown table per op family, then saves the rows as JSON and a plot as PNG under
+``benchmarks/results/`` (gitignored). Every family module (benchmarks/logprobs.py, rlmath.py,
+linear.py) exposes ``SHAPES = {"full": [...], "quick": [...]}`` and ``cases(shapes)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import harness
+
+FAMILIES = ("logprobs", "rlmath", "linear")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def family_module(name: str):
+    if name not in FAMILIES:
+        raise ValueError(f"unknown benchmark family {name!r}; choose from {FAMILIES}")
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def select_shapes(module, *, quick: bool, patterns: list[str] | None, large: bool = False):
+    """The family's shapes for this mode (plus its ``large`` ones when asked), kept when their label
+    contains any of ``patterns``."""
+    shapes = list(module.SHAPES["quick" if quick else "full"])
+    if large:
+        shapes += module.SHAPES.get("large", [])
+    if patterns:
+        shapes = [s for s in shapes if any(p in s.label for p in patterns)]
+    return shapes
+
+
+def run_report(families: list[str], *, quick: bool = False, large: bool = False, patterns: list[str] | None = None,
+               cfg: harness.TimingConfig = harness.TimingConfig(), out_dir: Path = RESULTS_DIR,
+               plot: bool = True, measure_memory: bool = True, shapes_override: dict | None = None,
+               probe_bytes: int | None = None, log=print) -> dict:
+    """Runs the families and writes the report; returns {"tables", "json", "png", "rows", "targets"}.
+    ``shapes_override`` maps a family to an explicit shape list (the smoke test's tiny shapes)."""
+    started = time.perf_counter()
+    meta = {"env": harness.environment(), "quick": quick, "large": large, "patterns": patterns,
+            "timing": {"warmup": cfg.warmup, "repeats": cfg.repeats, "min_sample_ms": cfg.min_sample_ms}}
+    log(f"# rlkern benchmarks ({meta['env']['utc']}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {meta['env']['loadavg']})")
+    if measure_memory:
+        meta["memory_probe"] = harness.validate_memory_probe()
+        log(f"extra peak memory: {meta['memory_probe']['method']}; validated: a known "
+            f"{meta['memory_probe']['known_bytes']} B allocation measured as {meta['memory_probe']['measured_bytes']} B")
+    nbytes = probe_bytes or (32 if quick else 256) * harness.MIB
+    probe = harness.check_streaming_probe(nbytes, cfg)
+    meta["streaming_probe"] = probe
+    g = probe["gbps"]
+    log(f"streaming bandwidth over {nbytes // harness.MIB} MiB: sum {g['sum']:.1f} GB/s, amax {g['amax']:.1f} GB/s, "
+        f"copy {g['copy']:.1f} GB/s (read + write)"
+        + ("" if probe["sum_ok"] else "; WARNING: torch.sum reads >15% below a copy's rate, floors are loose"))
+
+    all_rows, all_targets, tables = [], [], []
+    for fam in families:
+        module = family_module(fam)
+        shapes = (shapes_override or {}).get(fam) or select_shapes(module, quick=quick, patterns=patterns, large=large)
+        if not shapes:
+            log(f"\n{fam}: no shape matches {patterns}; skipped")
+            continue
+        log(f"\n## {fam}: {', '.join(s.label for s in shapes)}")
+        rows, targets, notes = harness.run_cases(module.cases(shapes), cfg, measure_memory=measure_memory, log=log)
+        table = harness.markdown_table(fam, rows, targets, notes)
+        tables.append(table)
+        log("\n" + table)
+        all_rows += rows
+        all_targets += targets
+
+    meta["elapsed_s"] = time.perf_counter() - started
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    json_path = out_dir / f"bench-{stamp}.json"
+    harness.save_json(json_path, meta=meta, rows=all_rows, targets=all_targets)
+    png_path = None
+    if plot and all_rows:
+        png_path = out_dir / f"bench-{stamp}.png"
+        harness.save_plot(png_path, all_rows)
+    log(f"\nsaved {json_path}" + (f" and {png_path}" if png_path else "") + f" ({meta['elapsed_s']:.0f} s)")
+    return {"tables": tables, "json": json_path, "png": png_path, "rows": all_rows, "targets": all_targets}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-f", "--family", action="append", choices=FAMILIES,
+                        help="op family to run (repeatable; default: all)")
+    parser.add_argument("--quick", action="store_true", help="small shapes only (a couple of minutes in all)")
+    parser.add_argument("--large", action="store_true",
+                        help="also run each family's SHAPES['large'] (linear: N=2048,H=1024,V=151936 fp32, ~10 min)")
+    parser.add_argument("--shapes", nargs="+", metavar="SUBSTRING",
+                        help="keep the shapes whose label contains one of these, e.g. 4096x32768 bf16")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed samples, median reported (>= 5; default 5)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the extra-peak-memory measurement")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = harness.TimingConfig(warmup=args.warmup, repeats=args.repeats)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_report(args.family or list(FAMILIES), quick=args.quick, large=args.large, patterns=args.shapes, cfg=cfg, out_dir=args.out,
+               plot=not args.no_plot, measure_memory=not args.no_memory)
+    return 0

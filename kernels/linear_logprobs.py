@@ -77,7 +77,9 @@ def _linear_logprobs_fwd_kernel(
         s += tl.sum(e, axis=1)
         if WANT_ENTROPY:
             t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
-        zy += tl.sum(tl.where(offs_v[None, :] == local[:, None], z, 0.0), axis=1)
+        # (Padding columns past the shard are -inf and must not match a label of a later shard.)
+        hit = (offs_v[None, :] == local[:, None]) & (offs_v[None, :] < vocab)
+        zy += tl.sum(tl.where(hit, z, 0.0), axis=1)
     alive = s > 0  # False only for a token whose every logit is -inf
     log_s = tl.log(tl.where(alive, s, 1.0))
     tl.store(lse_ptr + offs_n, tl.where(alive, m + log_s, NEG_INF), mask=row_ok)

@@ -37,10 +37,10 @@ from rlkern.ops._common import (
 
 __all__ = ["linear_logprobs"]
 
-# Tile buffer budget: 1/32 of the bytes of the fp32 [N, V] logits, so that the buffer stays a few
+# Tile buffer budget: 1/16 of the bytes of the fp32 [N, V] logits, so that the buffer stays a few
 # percent of what the naive path allocates (logits + their gradient), clamped to [256 KiB, 64 MiB]:
 # below that the GEMM tiles get too thin to run at full speed, above it nothing is gained.
-_BUDGET_FRACTION = 32
+_BUDGET_FRACTION = 16
 _BUDGET_MIN, _BUDGET_MAX = 1 << 18, 1 << 26
 # At most this many tokens per tile: taller tiles do not make MKL/oneDNN faster, they only shrink
 # the vocabulary width the budget allows.

@@ -1,0 +1,282 @@
+"""Vocabulary-parallel log-probs and entropy: the vocabulary (LM-head rows, or logits columns) is
+sharded across the ranks of a process group, as in Megatron / verl tensor parallelism.
+
+Rank r holds vocabulary ids [r * c, min(V, (r + 1) * c)) with c = ceil(V / world) (the last shard
+may be shorter); labels are global ids and identical on every rank. Each rank reduces its shard
+to three numbers per token (fp32): its log-sum-exp lse_r, its entropy H_r (of the softmax over its
+shard alone) and the label's logit z_y (0 if the label lives elsewhere). Three all-reduces give
+the full-vocabulary answer on every rank:
+    lse = M + log sum_r e^{lse_r - M},   M = max_r lse_r        (all-reduce max, then sum)
+    logp = sum_r z_y,r - lse                                      (one rank owns the label)
+    H = sum_r w_r (H_r - log w_r),   w_r = e^{lse_r - lse}        (the entropy of a mixture of the
+        shards' softmaxes with weights w_r: H = sum_r w_r H_r + the entropy of w; no cancellation)
+Backward needs only the global lse and H: each rank's d logits are those of the global softmax
+restricted to its shard. For the fused LM head, d hidden is a sum over shards (all-reduce);
+d weight / d bias stay on their rank. The upstream gradients must be the same on every rank (the
+loss is computed from the replicated outputs), as in Megatron's vocab-parallel cross-entropy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rlkern.ops._common import (
+    check_label_range,
+    check_labels,
+    check_positive,
+    check_tensor,
+    new_output,
+    pick_backend,
+)
+
+# The module, not the function of the same name that rlkern.ops exports.
+_ll = importlib.import_module("rlkern.ops.linear_logprobs")
+
+__all__ = ["vocab_parallel_logprobs", "vocab_parallel_linear_logprobs", "shard_range"]
+
+NEG_INF = float("-inf")
+
+
+def shard_range(vocab: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, end) of rank's vocabulary shard: ceil(V / world) ids per rank, the last one shorter."""
+    per = -(-vocab // world)
+    return min(rank * per, vocab), min((rank + 1) * per, vocab)
+
+
+def _shard_layout(local_vocab: int, group, device) -> tuple[int, int]:
+    """(vocab_start, V) of this rank's shard, from every rank's shard size; checks the layout."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)  # on the tensors' device, as NCCL needs
+    sizes[rank] = local_vocab
+    dist.all_reduce(sizes, group=group)
+    vocab = int(sizes.sum())
+    expected = [shard_range(vocab, world, r) for r in range(world)]
+    sizes = sizes.cpu()
+    if [e - s for s, e in expected] != sizes.tolist():
+        raise ValueError(f"vocabulary shards must hold ceil(V/world) = {-(-vocab // world)} ids each on every rank "
+                         f"but the last (V = {vocab}, world = {world}); got shard sizes {sizes.tolist()}")
+    return expected[rank][0], vocab
+
+
+def _combine(lse_r: Tensor, ent_r: Tensor, zy_r: Tensor, group, want_entropy: bool):
+    """Full-vocabulary (lse, entropy, z_y) from every rank's shard statistics (see module doc)."""
+    top = lse_r.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    dead = top == NEG_INF  # every logit of the token is -inf on every rank
+    top_safe = torch.where(dead, torch.zeros_like(top), top)
+    w = torch.where(lse_r == NEG_INF, torch.zeros_like(lse_r), torch.exp(lse_r - top_safe))
+    sums = torch.stack([w, zy_r])
+    dist.all_reduce(sums, group=group)
+    total, zy = sums[0], sums[1]
+    lse = torch.where(dead, top, top_safe + torch.log(torch.where(dead, torch.ones_like(total), total)))
+    ent = None
+    if want_entropy:
+        share = w / torch.where(dead, torch.ones_like(total), total)
+        term = torch.where(share > 0, share * (ent_r - torch.log(torch.where(share > 0, share, 1.0))), 0.0)
+        dist.all_reduce(term, group=group)
+        ent = torch.where(dead, torch.zeros_like(term), term)
+    return lse, ent, zy
+
+
+# ------------------------------------------------------------------------------------------------
+# Shard statistics and d logits in plain torch (the torch backend, and logits shards on non-CPU)
+# ------------------------------------------------------------------------------------------------
+
+
+def _torch_shard_stats(z: Tensor, labels: Tensor, ignore_index: int, vocab_start: int):
+    """(lse_r, H_r, z_y) of scaled logits z [N, v] (fp32 or fp64) for ids [vocab_start, +v)."""
+    lse = torch.logsumexp(z, dim=-1)
+    alive = lse > NEG_INF
+    log_q = z - torch.where(alive, lse, torch.zeros_like(lse))[:, None]
+    q = torch.where(alive[:, None], log_q.exp(), torch.zeros_like(z))
+    ent = -(q * torch.where(q > 0, log_q, torch.zeros_like(log_q))).sum(-1)
+    local = labels - vocab_start
+    here = (labels != ignore_index) & (local >= 0) & (local < z.shape[-1])
+    picked = z.gather(-1, torch.where(here, local, 0)[:, None]).squeeze(-1)
+    return lse, ent, torch.where(here, picked, torch.zeros_like(picked))
+
+
+def _torch_shard_dz(z: Tensor, labels: Tensor, grad_logp: Tensor | None, grad_ent: Tensor | None, lse: Tensor,
+                    ent: Tensor | None, ignore_index: int, vocab_start: int, inv_temp: float) -> Tensor:
+    """d logits (before the 1/temperature of z) of the global softmax restricted to this shard."""
+    alive = lse > NEG_INF
+    d = z - torch.where(alive, lse, torch.zeros_like(lse))[:, None]
+    p = torch.where(alive[:, None], d.exp(), torch.zeros_like(z))
+    dz = torch.zeros_like(z)
+    if grad_logp is not None:
+        g = torch.where((labels != ignore_index) & alive, grad_logp.to(z.dtype), 0.0)
+        local = labels - vocab_start
+        here = (labels != ignore_index) & (local >= 0) & (local < z.shape[-1])
+        onehot = torch.zeros_like(z).scatter_(-1, torch.where(here, local, 0)[:, None], here[:, None].to(z.dtype))
+        dz = dz + g[:, None] * (onehot - p)
+    if grad_ent is not None:
+        gh = torch.where(alive, grad_ent.to(z.dtype), 0.0)
+        dz = dz - gh[:, None] * torch.where(p > 0, p * (d + ent.to(z.dtype)[:, None]), torch.zeros_like(p))
+    return dz * inv_temp
+
+
+def _present(t: Tensor | None) -> Tensor | None:
+    return t.float().contiguous() if t is not None else None
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Logits sharded by vocabulary
+# ------------------------------------------------------------------------------------------------
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2d, labels, group, temperature, ignore_index, want_entropy, backend, vocab_start):
+        inv_temp = 1.0 / temperature
+        n = logits2d.shape[0]
+        if backend == "cpp":
+            m, s, t, zy_r = (torch.full((n,), NEG_INF), torch.zeros(n), torch.zeros(n), torch.zeros(n))
+            if n:
+                torch.ops.rlkern_C.lm_fold(logits2d, logits2d.new_empty(0, dtype=torch.float32), labels, inv_temp,
+                                           ignore_index, vocab_start, want_entropy, m, s, t, zy_r)
+            lse_r, ent_r = _ll._finalize(m, s, t)
+        else:
+            z = logits2d.double() if logits2d.dtype == torch.float64 else logits2d.float()
+            lse_r, ent_r, zy_r = _torch_shard_stats(z * inv_temp, labels, ignore_index, vocab_start)
+        lse, ent, zy = _combine(lse_r, ent_r, zy_r, group, want_entropy)
+        logp = _ll.label_logprobs(zy, lse, labels, ignore_index)
+        ctx.save_for_backward(logits2d, labels, lse, ent if ent is not None else lse)
+        ctx.args = (ignore_index, want_entropy, backend, vocab_start, inv_temp)
+        return logp, (ent if ent is not None else lse.new_empty(0))
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        logits2d, labels, lse, ent = ctx.saved_tensors
+        ignore_index, want_entropy, backend, vocab_start, inv_temp = ctx.args
+        grad_ent = grad_ent if want_entropy else None
+        if backend == "cpp":
+            out = new_output(logits2d.shape, device=logits2d.device, dtype=logits2d.dtype)
+            out.copy_(logits2d)  # lm_grad turns logits into d logits in place
+            if out.shape[0]:
+                torch.ops.rlkern_C.lm_grad(out, out.new_empty(0, dtype=torch.float32), labels,
+                                           _or_empty(_present(grad_logp), lse), _or_empty(_present(grad_ent), lse),
+                                           lse, ent if want_entropy else lse.new_empty(0), inv_temp, ignore_index,
+                                           vocab_start)
+            return out, None, None, None, None, None, None, None
+        z = logits2d.double() if logits2d.dtype == torch.float64 else logits2d.float()
+        dz = _torch_shard_dz(z * inv_temp, labels, grad_logp, grad_ent, lse.to(z.dtype),
+                             ent.to(z.dtype) if want_entropy else None, ignore_index, vocab_start, inv_temp)
+        return dz.to(logits2d.dtype), None, None, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(logits_shard: Tensor, labels: Tensor | None, process_group, *, temperature: float = 1.0,
+                            ignore_index: int = -100, want_entropy: bool = False
+                            ) -> tuple[Tensor | None, Tensor | None]:
+    """Log-probs (and entropy) of the full vocabulary from this rank's logits shard.
+
+    Args:
+        logits_shard: ``[..., V_r]`` this rank's vocabulary columns (see the module doc for the
+            layout), float32 / bfloat16 / float16 (float64 runs in torch).
+        labels: ``[...]`` global token ids in ``[0, V)`` or ``ignore_index``, the same on every rank;
+            None for entropy only.
+        process_group: the ``torch.distributed`` group the vocabulary is sharded over.
+
+    Returns:
+        ``(logp, entropy)``, float32 ``[...]`` each, identical on every rank; ``logp`` is None
+        without labels, ``entropy`` None unless ``want_entropy``. Backward gives this rank's
+        d logits shard.
+    """
+    check_tensor(logits_shard, "logits_shard")
+    if logits_shard.dim() == 0 or logits_shard.shape[-1] == 0:
+        raise ValueError(f"logits_shard must have shape [..., V_r] with V_r >= 1, got {tuple(logits_shard.shape)}")
+    if labels is None and not want_entropy:
+        raise ValueError("vocab_parallel_logprobs needs labels, want_entropy=True, or both")
+    temperature = check_positive(temperature, "temperature")
+    lead = logits_shard.shape[:-1]
+    vocab_start, vocab = _shard_layout(logits_shard.shape[-1], process_group, logits_shard.device)
+    has_labels = labels is not None
+    if has_labels:
+        check_labels(labels, "labels", lead)
+        check_label_range(labels, vocab, int(ignore_index))
+        flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    else:  # entropy only: every label "ignored"
+        flat_labels = torch.full((math.prod(lead),), int(ignore_index), dtype=torch.int64, device=logits_shard.device)
+    backend = pick_backend(logits_shard)
+    logits2d = logits_shard.reshape(-1, logits_shard.shape[-1])
+    if logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    logp, ent = _VocabParallelLogprobs.apply(logits2d, flat_labels, process_group, temperature, int(ignore_index),
+                                             bool(want_entropy), backend, vocab_start)
+    return (logp.view(lead) if has_labels else None), (ent.view(lead) if want_entropy else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# LM head (weight rows) sharded by vocabulary
+# ------------------------------------------------------------------------------------------------
+
+
+class _VocabParallelLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, group, temperature, ignore_index, want_entropy, chunk_size,
+                backend, vocab_start):
+        if backend == "torch":
+            z = _torch_logits(hidden, weight, bias) / temperature
+            lse_r, ent_r, zy_r = _torch_shard_stats(z, labels, ignore_index, vocab_start)
+        else:
+            lse_r, ent_r, zy_r = _ll.shard_stats(hidden, weight, bias, labels, temperature, ignore_index, vocab_start,
+                                                 want_entropy, chunk_size, backend)
+        lse, ent, zy = _combine(lse_r, ent_r, zy_r, group, want_entropy)
+        logp = _ll.label_logprobs(zy, lse, labels, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ent is not None else lse)
+        ctx.args = (group, temperature, ignore_index, want_entropy, chunk_size, backend, vocab_start)
+        return logp, (ent if ent is not None else lse.new_empty(0))
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        group, temperature, ignore_index, want_entropy, chunk_size, backend, vocab_start = ctx.args
+        grad_ent = grad_ent if want_entropy else None
+        if backend == "torch":
+            z = _torch_logits(hidden, weight, bias) / temperature
+            dx = _torch_shard_dz(z, labels, grad_logp, grad_ent, lse.to(z.dtype),
+                                 ent.to(z.dtype) if want_entropy else None, ignore_index, vocab_start, 1.0 / temperature)
+            gh = dx @ weight.to(dx.dtype)
+            gw = (dx.T @ hidden.to(dx.dtype)).to(weight.dtype)
+            gb = dx.sum(0) if bias is not None else None
+        else:
+            gh, gw, gb = _ll.shard_grads(_or_empty(_present(grad_logp), lse), _or_empty(_present(grad_ent), lse),
+                                         hidden, weight, bias, labels, lse, ent if want_entropy else lse.new_empty(0),
+                                         temperature, ignore_index, vocab_start, chunk_size, backend)
+        dist.all_reduce(gh, group=group)  # every shard's logits depend on the whole hidden state
+        gb = gb.to(bias.dtype) if bias is not None else None
+        return gh.to(hidden.dtype), gw, gb, None, None, None, None, None, None, None, None
+
+
+def _torch_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    up = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    z = hidden.to(up) @ weight.to(up).T
+    return z if bias is None else z + bias.to(up)
+
+
+def vocab_parallel_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, process_group, *,
+                                   bias: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                                   return_entropy: bool = False, chunk_size: int | None = None):
+    """:func:`rlkern.ops.linear_logprobs` with ``weight`` ``[V_r, H]`` (and ``bias`` ``[V_r]``) this
+    rank's vocabulary shard; ``hidden`` and ``labels`` (global ids) are replicated. Returns the
+    full-vocabulary log-probs (and entropy) on every rank; d hidden is summed over the group."""
+    temperature = _ll._validate(hidden, weight, labels, bias, temperature, chunk_size)
+    vocab_start, vocab = _shard_layout(weight.shape[0], process_group, weight.device)
+    check_label_range(labels, vocab, int(ignore_index))
+    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
+    backend = pick_backend(*tensors, labels)
+    lead = hidden.shape[:-1]
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    logp, ent = _VocabParallelLinearLogprobs.apply(flat_hidden, weight.contiguous(), bias, flat_labels, process_group,
+                                                   temperature, int(ignore_index), bool(return_entropy), chunk_size,
+                                                   backend, vocab_start)
+    return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)

@@ -1,0 +1,273 @@
+// Token KL estimators and KL-shaped token rewards: the C++ CPU kernels.
+//
+// Per token, with d = logp - ref (float32) and r = -d = ref - logp:
+//   k1 = d      abs = |d|      k2 = d^2 / 2      k3 = e^r - r - 1 = expm1(r) - r
+// k3's log-ratio is clamped to [lo, hi] before the exp (hi <= 80 always, so e^r is finite) and
+// its value to [-vb, vb] (verl's clamps when asked; lo = -inf, vb = inf otherwise). The gradient
+// w.r.t. logp is that of the clamped expression, exactly as torch autograd differentiates
+// rlkern.reference.kl: 0 where a clamp is active (torch.clamp passes the gradient on the closed
+// interval), so it is finite for any finite input:
+//   d k1 = 1   d abs = sign(d)   d k2 = d   d k3 = -expm1(r) [lo <= r <= hi] [|k3| <= vb]
+// and the straight-through variants ("k3+") take k2's gradient d whatever their value.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "dispatch.h"
+#include "simd.h"
+
+namespace rlkern {
+namespace {
+
+enum Estimator : int64_t { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
+
+struct KlParams {
+  int64_t estimator;
+  bool straight_through;
+  float lo, hi, value_bound;
+};
+
+RLKERN_INLINE vfloat vabs(vfloat x) { return x < splat(0.f) ? -x : x; }
+RLKERN_INLINE vfloat vclamp(vfloat x, float lo, float hi) {
+  x = x < splat(lo) ? splat(lo) : x;
+  return x > splat(hi) ? splat(hi) : x;
+}
+
+// The clamped k3 pieces for r = ref - logp: expm1(rc) (the gradient) and k3 = expm1(rc) - rc (the
+// value, before the value clamp), rc = r clamped to [lo, hi], hi <= 80.
+// For |rc| < 1/2 both come from the Taylor series expm1(x) = x + x^2 q(x), k3 = x^2 q(x),
+// q(x) = 1/2! + x/3! + ... + x^7/9! (truncation < x^10/10! ~ 3e-10 relative there), because
+// e^x - 1 - x cancels the low bits of a small x (k3 would keep only ~|x| / 2^-24 of its bits).
+// Elsewhere e^x - 1 from vexp_nonpos's reduction, whose 2^n scaling stays a normal float for
+// n + 127 in [1, 254], i.e. for every x in [-87.3, 88] (so also for x <= 80).
+struct K3Parts {
+  vfloat em1, value;
+};
+RLKERN_INLINE K3Parts k3_parts(vfloat r, const KlParams& p) {
+  const vfloat x = vclamp(r, p.lo, p.hi);
+  vfloat q = splat(1.f / 362880.f);
+  q = q * x + splat(1.f / 40320.f);
+  q = q * x + splat(1.f / 5040.f);
+  q = q * x + splat(1.f / 720.f);
+  q = q * x + splat(1.f / 120.f);
+  q = q * x + splat(1.f / 24.f);
+  q = q * x + splat(1.f / 6.f);
+  q = q * x + splat(0.5f);
+  const vfloat series = x * x * q;
+  const vfloat direct = vexp_nonpos(x) - splat(1.f);
+  const vint small = vabs(x) < splat(0.5f);
+  return {small ? x + series : direct, small ? series : direct - x};
+}
+
+RLKERN_INLINE vfloat kl_value(vfloat d, const KlParams& p) {
+  switch (p.estimator) {
+    case kK1: return d;
+    case kAbs: return vabs(d);
+    case kK2: return splat(0.5f) * d * d;
+    default: return vclamp(k3_parts(-d, p).value, -p.value_bound, p.value_bound);
+  }
+}
+
+// d estimator / d logp.
+RLKERN_INLINE vfloat kl_slope(vfloat d, const KlParams& p) {
+  if (p.straight_through || p.estimator == kK2) return d;
+  switch (p.estimator) {
+    case kK1: return splat(1.f);
+    case kAbs: return d > splat(0.f) ? splat(1.f) : (d < splat(0.f) ? splat(-1.f) : splat(0.f));
+    default: {
+      const vfloat r = -d;
+      const K3Parts k = k3_parts(r, p);
+      const vint active = (r >= splat(p.lo)) & (r <= splat(p.hi)) & (k.value >= splat(-p.value_bound)) &
+                          (k.value <= splat(p.value_bound));
+      return active ? -k.em1 : splat(0.f);
+    }
+  }
+}
+
+template <typename T>
+RLKERN_INLINE vfloat load_n(const T* x, int64_t n) {
+  return n == kLanes ? load16(x) : load_tail(x, n, 0.f);
+}
+RLKERN_INLINE void store_n(float* y, vfloat v, int64_t n) {
+  if (n == kLanes) store16(y, v);
+  else store_tail(y, v, n);
+}
+template <typename T>
+RLKERN_INLINE void store_n(T* y, vfloat v, int64_t n) {
+  if (n == kLanes) store16(y, v);
+  else store_tail(y, v, n);
+}
+
+template <typename T>
+RLKERN_INLINE void kl_fwd_range(int64_t b, int64_t e, const T* lp, const T* rf, const KlParams& p, float* out) {
+  for (int64_t i = b; i < e; i += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, e - i);
+    store_n(out + i, kl_value(load_n(lp + i, n) - load_n(rf + i, n), p), n);
+  }
+}
+
+template <typename T>
+RLKERN_INLINE void kl_bwd_range(int64_t b, int64_t e, const float* g, const T* lp, const T* rf, const KlParams& p,
+                                T* grad) {
+  for (int64_t i = b; i < e; i += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, e - i);
+    const vfloat slope = kl_slope(load_n(lp + i, n) - load_n(rf + i, n), p);
+    store_n(grad + i, load_n(g + i, n) * slope, n);
+  }
+}
+
+// Rewards for rows [b, e) of length T: -kl_coef * kl where mask, 0 elsewhere, plus the row's
+// score at its last masked position.
+template <typename T>
+RLKERN_INLINE void rewards_rows(int64_t b, int64_t e, int64_t len, const float* scores, const T* lp, const T* rf,
+                                const uint8_t* mask, float kl_coef, const KlParams& p, float* out) {
+  const vfloat coef = splat(kl_coef);
+  for (int64_t row = b; row < e; ++row) {
+    const int64_t o = row * len;
+    int64_t last = -1;
+    for (int64_t t = 0; t < len; t += kLanes) {
+      const int64_t n = std::min<int64_t>(kLanes, len - t);
+      float m[kLanes] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        m[j] = mask[o + t + j] ? 1.f : 0.f;
+        if (mask[o + t + j]) last = t + j;
+      }
+      const vfloat penalty = -(coef * kl_value(load_n(lp + o + t, n) - load_n(rf + o + t, n), p));
+      // A select, not a product: a non-finite KL on a padding token must not leak into its reward.
+      store_n(out + o + t, load16(m) != splat(0.f) ? penalty : splat(0.f), n);
+    }
+    if (last >= 0) out[o + last] += scores[row];
+  }
+}
+
+#define RLKERN_KL_KERNELS(T, SUFFIX)                                                                           \
+  RLKERN_CLONES void kl_fwd_##SUFFIX(int64_t b, int64_t e, const T* lp, const T* rf, const KlParams& p,       \
+                                     float* out) {                                                            \
+    kl_fwd_range<T>(b, e, lp, rf, p, out);                                                                    \
+  }                                                                                                           \
+  RLKERN_CLONES void kl_bwd_##SUFFIX(int64_t b, int64_t e, const float* g, const T* lp, const T* rf,          \
+                                     const KlParams& p, T* grad) {                                            \
+    kl_bwd_range<T>(b, e, g, lp, rf, p, grad);                                                                \
+  }                                                                                                           \
+  RLKERN_CLONES void rewards_##SUFFIX(int64_t b, int64_t e, int64_t len, const float* s, const T* lp,         \
+                                      const T* rf, const uint8_t* m, float c, const KlParams& p, float* out) { \
+    rewards_rows<T>(b, e, len, s, lp, rf, m, c, p, out);                                                      \
+  }
+RLKERN_KL_KERNELS(float, f32)
+RLKERN_KL_KERNELS(c10::BFloat16, bf16)
+RLKERN_KL_KERNELS(c10::Half, f16)
+#undef RLKERN_KL_KERNELS
+
+#define RLKERN_KL_OVERLOADS(T, SUFFIX)                                                                         \
+  void kl_fwd_any(int64_t b, int64_t e, const T* lp, const T* rf, const KlParams& p, float* out) {            \
+    kl_fwd_##SUFFIX(b, e, lp, rf, p, out);                                                                    \
+  }                                                                                                           \
+  void kl_bwd_any(int64_t b, int64_t e, const float* g, const T* lp, const T* rf, const KlParams& p, T* grad) { \
+    kl_bwd_##SUFFIX(b, e, g, lp, rf, p, grad);                                                                \
+  }                                                                                                           \
+  void rewards_any(int64_t b, int64_t e, int64_t len, const float* s, const T* lp, const T* rf,               \
+                   const uint8_t* m, float c, const KlParams& p, float* out) {                               \
+    rewards_##SUFFIX(b, e, len, s, lp, rf, m, c, p, out);                                                     \
+  }
+RLKERN_KL_OVERLOADS(float, f32)
+RLKERN_KL_OVERLOADS(c10::BFloat16, bf16)
+RLKERN_KL_OVERLOADS(c10::Half, f16)
+#undef RLKERN_KL_OVERLOADS
+
+// Elements per parallel task: a multiple of 16 so every task but the last runs full vectors.
+constexpr int64_t kGrain = 16384;
+
+KlParams make_params(int64_t estimator, bool straight_through, double lo, double hi, double value_bound) {
+  TORCH_CHECK(estimator >= kK1 && estimator <= kK3, "estimator code must be 0..3 (k1, abs, k2, k3), got ",
+              estimator);
+  TORCH_CHECK(hi <= 80.0 && lo <= hi && value_bound >= 0.0,
+              "k3 clamp bounds must satisfy lo <= hi <= 80 and value_bound >= 0");
+  return {estimator, straight_through, static_cast<float>(lo), static_cast<float>(hi),
+          static_cast<float>(value_bound)};
+}
+
+void check_pair(const at::Tensor& logp, const at::Tensor& ref) {
+  TORCH_CHECK(logp.is_contiguous() && ref.is_contiguous(), "logp and ref_logp must be contiguous");
+  TORCH_CHECK(logp.sizes() == ref.sizes() && logp.scalar_type() == ref.scalar_type(),
+              "logp and ref_logp must have one shape and one dtype");
+}
+
+void kl_fwd(const at::Tensor& logp, const at::Tensor& ref, int64_t estimator, bool straight_through, double lo,
+            double hi, double value_bound, at::Tensor out) {
+  check_pair(logp, ref);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == logp.numel(),
+              "out must be a contiguous float32 tensor like logp");
+  const KlParams p = make_params(estimator, straight_through, lo, hi, value_bound);
+  float* y = out.data_ptr<float>();
+  dispatch_storage_type(logp.scalar_type(), "logp", [&](auto tag) {
+    using T = decltype(tag);
+    const T* lp = static_cast<const T*>(logp.data_ptr());
+    const T* rf = static_cast<const T*>(ref.data_ptr());
+    at::parallel_for(0, logp.numel(), kGrain, [&](int64_t b, int64_t e) { kl_fwd_any(b, e, lp, rf, p, y); });
+  });
+}
+
+void kl_bwd(const at::Tensor& grad, const at::Tensor& logp, const at::Tensor& ref, int64_t estimator,
+            bool straight_through, double lo, double hi, double value_bound, at::Tensor grad_logp) {
+  check_pair(logp, ref);
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == logp.numel(),
+              "grad must be a contiguous float32 tensor like logp");
+  TORCH_CHECK(grad_logp.scalar_type() == logp.scalar_type() && grad_logp.is_contiguous() &&
+                  grad_logp.numel() == logp.numel(),
+              "grad_logp must be a contiguous tensor like logp");
+  const KlParams p = make_params(estimator, straight_through, lo, hi, value_bound);
+  const float* g = grad.data_ptr<float>();
+  dispatch_storage_type(logp.scalar_type(), "logp", [&](auto tag) {
+    using T = decltype(tag);
+    const T* lp = static_cast<const T*>(logp.data_ptr());
+    const T* rf = static_cast<const T*>(ref.data_ptr());
+    T* dx = static_cast<T*>(grad_logp.data_ptr());
+    at::parallel_for(0, logp.numel(), kGrain, [&](int64_t b, int64_t e) { kl_bwd_any(b, e, g, lp, rf, p, dx); });
+  });
+}
+
+void token_rewards_fwd(const at::Tensor& scores, const at::Tensor& logp, const at::Tensor& ref,
+                       const at::Tensor& mask, double kl_coef, int64_t estimator, double lo, double hi,
+                       double value_bound, at::Tensor out) {
+  check_pair(logp, ref);
+  TORCH_CHECK(logp.dim() == 2, "logp must be a 2-d [rows, T] tensor");
+  const int64_t rows = logp.size(0), len = logp.size(1);
+  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous() && scores.numel() == rows,
+              "scores must be a contiguous float32 tensor with one entry per row");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.sizes() == logp.sizes(),
+              "mask must be a contiguous bool tensor like logp");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == logp.sizes(),
+              "out must be a contiguous float32 tensor like logp");
+  const KlParams p = make_params(estimator, false, lo, hi, value_bound);
+  const float* s = scores.data_ptr<float>();
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  float* y = out.data_ptr<float>();
+  const float c = static_cast<float>(kl_coef);
+  dispatch_storage_type(logp.scalar_type(), "logp", [&](auto tag) {
+    using T = decltype(tag);
+    const T* lp = static_cast<const T*>(logp.data_ptr());
+    const T* rf = static_cast<const T*>(ref.data_ptr());
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { rewards_any(b, e, len, s, lp, rf, m, c, p, y); });
+  });
+}
+
+}  // namespace
+}  // namespace rlkern
+
+TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
+  m.def("kl_fwd(Tensor logp, Tensor ref_logp, int estimator, bool straight_through, float lo, float hi,"
+        " float value_bound, Tensor(a!) out) -> ()");
+  m.def("kl_bwd(Tensor grad, Tensor logp, Tensor ref_logp, int estimator, bool straight_through, float lo,"
+        " float hi, float value_bound, Tensor(a!) grad_logp) -> ()");
+  m.def("token_rewards_fwd(Tensor scores, Tensor logp, Tensor ref_logp, Tensor mask, float kl_coef, int estimator,"
+        " float lo, float hi, float value_bound, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {
+  m.impl("kl_fwd", &rlkern::kl_fwd);
+  m.impl("kl_bwd", &rlkern::kl_bwd);
+  m.impl("token_rewards_fwd", &rlkern::token_rewards_fwd);
+}

@@ -1,0 +1,134 @@
+"""Token KL estimators and KL-shaped token rewards: Triton kernels.
+
+Same maths as csrc/kl.cpp (see there for the formulas and the gradient of the clamped k3): one
+program per BLOCK elements for kl forward / backward, one program per row for token_rewards.
+All arithmetic is fp32; offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+K1, ABS, K2, K3 = 0, 1, 2, 3
+BLOCK = 1024
+
+
+@triton.jit
+def _k3_parts(r, lo, hi):
+    """(expm1(rc), expm1(rc) - rc) for rc = r clamped to [lo, hi]: below |rc| = 1/2 both from the
+    Taylor series expm1(x) = x + x^2 (1/2! + x/3! + ... + x^7/9!), which keeps k3 = x^2 (...)
+    free of the cancellation in e^x - 1 - x."""
+    x = tl.minimum(tl.maximum(r, lo), hi)
+    q = 1.0 / 362880.0
+    q = q * x + 1.0 / 40320.0
+    q = q * x + 1.0 / 5040.0
+    q = q * x + 1.0 / 720.0
+    q = q * x + 1.0 / 120.0
+    q = q * x + 1.0 / 24.0
+    q = q * x + 1.0 / 6.0
+    q = q * x + 0.5
+    series = x * x * q
+    direct = tl.exp(x) - 1.0
+    small = tl.abs(x) < 0.5
+    return tl.where(small, x + series, direct), tl.where(small, series, direct - x)
+
+
+@triton.jit
+def _kl_value(d, lo, hi, value_bound, ESTIMATOR: tl.constexpr):
+    if ESTIMATOR == 0:
+        v = d
+    elif ESTIMATOR == 1:
+        v = tl.abs(d)
+    elif ESTIMATOR == 2:
+        v = 0.5 * d * d
+    else:
+        _, k3 = _k3_parts(-d, lo, hi)
+        v = tl.minimum(tl.maximum(k3, -value_bound), value_bound)
+    return v
+
+
+@triton.jit
+def _kl_fwd_kernel(lp_ptr, rf_ptr, out_ptr, n, lo, hi, value_bound, ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    d = tl.load(lp_ptr + offs, mask=inside, other=0.0).to(tl.float32) - tl.load(
+        rf_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, _kl_value(d, lo, hi, value_bound, ESTIMATOR), mask=inside)
+
+
+@triton.jit
+def _kl_bwd_kernel(g_ptr, lp_ptr, rf_ptr, dx_ptr, n, lo, hi, value_bound, ESTIMATOR: tl.constexpr,
+                   STRAIGHT_THROUGH: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    d = tl.load(lp_ptr + offs, mask=inside, other=0.0).to(tl.float32) - tl.load(
+        rf_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=inside, other=0.0)
+    if STRAIGHT_THROUGH or ESTIMATOR == 2:
+        slope = d
+    elif ESTIMATOR == 0:
+        slope = tl.full(d.shape, 1.0, tl.float32)
+    elif ESTIMATOR == 1:
+        slope = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    else:
+        r = -d
+        em1, value = _k3_parts(r, lo, hi)
+        active = (r >= lo) & (r <= hi) & (value >= -value_bound) & (value <= value_bound)
+        slope = tl.where(active, -em1, 0.0)
+    tl.store(dx_ptr + offs, (g * slope).to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _rewards_kernel(s_ptr, lp_ptr, rf_ptr, m_ptr, out_ptr, length, kl_coef, lo, hi, value_bound,
+                    ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * length
+    last = tl.full((), -1, tl.int64)
+    for start in range(0, length, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        inside = offs < length
+        d = tl.load(lp_ptr + base + offs, mask=inside, other=0.0).to(tl.float32) - tl.load(
+            rf_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
+        valid = tl.load(m_ptr + base + offs, mask=inside, other=0) != 0
+        penalty = -(kl_coef * _kl_value(d, lo, hi, value_bound, ESTIMATOR))
+        tl.store(out_ptr + base + offs, tl.where(valid, penalty, 0.0), mask=inside)
+        last = tl.maximum(last, tl.max(tl.where(valid, offs, -1), axis=0))
+    # The same program wrote the row above, so reading its own store back is ordered.
+    has_last = last >= 0
+    at = base + tl.where(has_last, last, 0)
+    current = tl.load(out_ptr + at, mask=has_last, other=0.0)
+    tl.store(out_ptr + at, current + tl.load(s_ptr + row), mask=has_last)
+
+
+def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, estimator: int, lo: float, hi: float, value_bound: float,
+           out: torch.Tensor) -> None:
+    """logp, ref: contiguous, one shape and dtype; out: contiguous float32 of that shape."""
+    n = logp.numel()
+    if n == 0:
+        return
+    _kl_fwd_kernel[(triton.cdiv(n, BLOCK),)](logp, ref, out, n, lo, hi, value_bound, ESTIMATOR=estimator,
+                                             BLOCK=BLOCK)
+
+
+def kl_bwd(grad: torch.Tensor, logp: torch.Tensor, ref: torch.Tensor, estimator: int, straight_through: bool,
+           lo: float, hi: float, value_bound: float, grad_logp: torch.Tensor) -> None:
+    """Writes d kl / d logp * grad into grad_logp (contiguous, logp's dtype)."""
+    n = logp.numel()
+    if n == 0:
+        return
+    _kl_bwd_kernel[(triton.cdiv(n, BLOCK),)](grad, logp, ref, grad_logp, n, lo, hi, value_bound,
+                                             ESTIMATOR=estimator, STRAIGHT_THROUGH=straight_through, BLOCK=BLOCK)
+
+
+def token_rewards_fwd(scores: torch.Tensor, logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
+                      kl_coef: float, estimator: int, lo: float, hi: float, value_bound: float,
+                      out: torch.Tensor) -> None:
+    """logp, ref: contiguous [rows, T]; mask: contiguous bool [rows, T]; scores: float32 [rows]."""
+    rows, length = logp.shape
+    if rows == 0 or length == 0:
+        return
+    block = min(triton.next_power_of_2(length), BLOCK)
+    _rewards_kernel[(rows,)](scores, logp, ref, mask.view(torch.uint8), out, length, kl_coef, lo, hi, value_bound,
+                             ESTIMATOR=estimator, BLOCK=block)

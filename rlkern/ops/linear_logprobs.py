@@ -35,7 +35,7 @@ from rlkern.ops._common import (
     pick_backend,
 )
 
-__all__ = ["linear_logprobs"]
+__all__ = ["linear_logprobs", "linear_policy_loss"]
 
 # Tile buffer budget: 1/16 of the bytes of the fp32 [N, V] logits, so that the buffer stays a few
 # percent of what the naive path allocates (logits + their gradient), clamped to [256 KiB, 64 MiB]:
@@ -342,3 +342,70 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
                                                         temperature, ignore_index, bool(return_entropy),
                                                         int(chunk_size or 0), backend)
     return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
+
+
+class _AttachGradients(torch.autograd.Function):
+    """Gives a loss computed without autograd the gradients already computed for its inputs:
+    backward returns them scaled by the upstream gradient (the loss is a scalar, so this is exact)."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, grad_hidden, grad_weight):
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return None, grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), \
+            None, None
+
+
+def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,
+                       mask: Tensor, *, ref_logp: Tensor | None = None, beta: float = 0.0, clip_low: float = 0.2,
+                       clip_high: float = 0.2, loss_type: str = "grpo", temperature: float = 1.0,
+                       chunk_size: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO / PPO clipped policy loss straight from the last hidden state: the log-probs of
+    :func:`linear_logprobs` fed to :func:`rlkern.ops.losses.grpo_loss` (same maths, same code:
+    ``grpo_loss_and_grad``), without the ``[B, T, V]`` logits.
+
+    Args:
+        hidden: ``[B, T, H]`` (any leading dims ``[..., T, H]``), float32 / bfloat16 / float16.
+        weight: ``[V, H]`` LM head in hidden's dtype.
+        labels: ``[B, T]`` token ids (positions outside ``mask`` may hold ``-100``).
+        old_logp, mask: ``[B, T]``; advantages: ``[B]`` or ``[B, T]``; ref_logp: ``[B, T]``, needed
+            when ``beta > 0``.
+        beta, clip_low, clip_high, loss_type: as for ``grpo_loss`` (``grpo``, ``bnpo``, ``dr_grpo``,
+            ``dapo``).
+        temperature, chunk_size: as for :func:`linear_logprobs`.
+
+    Returns:
+        ``(loss, stats)`` as from ``grpo_loss``; the gradient reaches ``hidden`` and ``weight``.
+        The gradients are computed during the forward (d loss / d logp is known once the log-probs
+        are, because the output is a scalar) and only scaled in backward.
+    """
+    from rlkern.ops.losses import grpo_loss, grpo_loss_and_grad
+
+    temperature = _validate(hidden, weight, labels, None, temperature, chunk_size)
+    if ref_logp is None:
+        if float(beta) != 0.0:
+            raise ValueError(f"ref_logp is required when beta > 0 (got beta={beta})")
+    backend = pick_backend(hidden, weight, labels)
+    check_label_range(labels, weight.shape[0], -100)
+    kwargs = dict(beta=beta, clip_low=clip_low, clip_high=clip_high, loss_type=loss_type)
+    if backend == "torch":
+        logp = reference.linear_logprobs(hidden, weight, labels, temperature=temperature)
+        ref = ref_logp if ref_logp is not None else logp.detach()
+        return grpo_loss(logp, old_logp, ref, advantages, mask, **kwargs)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    w = weight.contiguous()
+    with torch.no_grad():
+        lse, _, zy = shard_stats(flat_hidden, w, None, flat_labels, temperature, -100, 0, False, chunk_size, backend)
+        logp = label_logprobs(zy, lse, flat_labels, -100).view(labels.shape)
+        ref = ref_logp if ref_logp is not None else logp
+        loss, grad_logp, stats = grpo_loss_and_grad(logp, old_logp, ref, advantages, mask, **kwargs)
+        none = lse.new_empty(0)
+        gh, gw, _ = shard_grads(grad_logp.reshape(-1).float().contiguous(), none, flat_hidden, w, None, flat_labels,
+                                lse, none, temperature, -100, 0, chunk_size, backend)
+    loss = _AttachGradients.apply(loss, hidden, weight, gh.to(hidden.dtype).view(hidden.shape), gw)
+    return loss, stats

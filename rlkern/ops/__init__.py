@@ -1,6 +1,6 @@
 """rlkern's public ops: validated, dispatched to the C++ / Triton / reference backend, differentiable."""
 
-from rlkern.ops.linear_logprobs import linear_logprobs
+from rlkern.ops.linear_logprobs import linear_logprobs, linear_policy_loss
 from rlkern.ops.logprobs import entropy, logprobs, logprobs_and_entropy
 
-__all__ = ["logprobs", "entropy", "logprobs_and_entropy", "linear_logprobs"]
+__all__ = ["logprobs", "entropy", "logprobs_and_entropy", "linear_logprobs", "linear_policy_loss"]

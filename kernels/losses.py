@@ -4,10 +4,13 @@ Same maths and data flow as csrc/losses.cpp: the forward kernel writes per-row p
 valid count, clip counters, KL sums) in fp32, a one-program combine kernel reduces them in a fixed
 order into the loss, the stats and one aggregation scale per row; the backward kernel writes
 d x = grad * scale_row * w * d l / d x. Ties in max / min / clamp share the gradient exactly as
-torch.maximum / torch.minimum / torch.clamp do.
+torch.maximum / torch.minimum / torch.clamp do. The dual clip is compiled in only when it is on
+(HAS_DUAL), so -A * inf never produces a NaN to be discarded.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -25,7 +28,7 @@ def _max_share(a, b):
 
 
 @triton.jit
-def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr):
+def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: tl.constexpr):
     """Per-token (loss, d loss / d x, clipped, clip_high, clip_low, dual, -log r, k3) for 16+ lanes."""
     zero = tl.zeros_like(x)
     if KIND == 2:  # value: x = v, y = v_old, a = returns
@@ -55,12 +58,16 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr):
         a1 = _max_share(pg1, pg2)
         clip1 = tl.where(pg1 > pg2, pg1, pg2)
         d_clip1 = -a * (a1 + (1.0 - a1) * rc_pass)
-        # Dual clip, A < 0 only: min(clip1, -A c); c = +inf (off) never wins.
-        pg3 = -a * dual
         negative = a < 0.0
-        b1 = _max_share(pg3, clip1)
-        loss = tl.where(negative & (pg3 < clip1), pg3, clip1)
-        grad = tl.where(negative, d_clip1 * b1, d_clip1) * ratio * lr_pass
+        loss = clip1
+        grad = d_clip1 * ratio * lr_pass
+        dual_on = negative & (a != a)  # all False
+        if HAS_DUAL:  # A < 0 only: min(clip1, -A c)
+            pg3 = -a * dual
+            b1 = _max_share(pg3, clip1)  # torch.minimum's share for clip1
+            loss = tl.where(negative & (pg3 < clip1), pg3, clip1)
+            grad = tl.where(negative, b1, 1.0) * grad
+            dual_on = negative & (clip1 > pg3)
         k3 = zero
         if KIND == 1:
             d_raw = z - x
@@ -70,8 +77,7 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr):
             k3 = ed - d - 1.0
             loss = loss + beta * k3
             grad = grad + beta * (1.0 - ed) * d_pass
-        return (loss, grad, pg2 > pg1, (ratio > hi) & (a > 0.0), (ratio < lo) & negative,
-                negative & (clip1 > pg3), -lr, k3)
+        return loss, grad, pg2 > pg1, (ratio > hi) & (a > 0.0), (ratio < lo) & negative, dual_on, -lr, k3
 
 
 @triton.jit
@@ -95,7 +101,8 @@ def _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
 
 @triton.jit
 def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, length, lo, hi, dual, beta, vclip,
-                       KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+                       KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr, HAS_DUAL: tl.constexpr,
+                       BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * length
     acc_loss = tl.zeros([BLOCK], tl.float32)
@@ -111,7 +118,7 @@ def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, le
         in_row = offs < length
         x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
                                          KIND, A_PER_ROW, HAS_W)
-        loss, _, clipped, high, low, dual_on, nlr, k3 = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND)
+        loss, _, clipped, high, low, dual_on, nlr, k3 = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND, HAS_DUAL)
         if KIND == 0:
             loss = loss * w
         # Selects, not products with the mask: padding may hold NaN.
@@ -170,7 +177,7 @@ def _losses_combine_kernel(partial_ptr, loss_ptr, stats_ptr, scale_ptr, rows, de
 @triton.jit
 def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, scale_ptr, out_ptr, length, lo, hi, dual,
                        beta, vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * length
     g = tl.load(grad_ptr) * tl.load(scale_ptr + row)
@@ -179,7 +186,7 @@ def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, scale
         in_row = offs < length
         x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
                                          KIND, A_PER_ROW, HAS_W)
-        _, grad, _, _, _, _, _, _ = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND)
+        _, grad, _, _, _, _, _, _ = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND, HAS_DUAL)
         if KIND == 0:
             grad = grad * w
         d = tl.where(valid, g * grad, 0.0)
@@ -206,7 +213,7 @@ def losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_
     consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
     if rows > 0:
         _losses_fwd_kernel[(rows,)](*ptrs, partial, length, *consts, KIND=kind, A_PER_ROW=a_per_row, HAS_W=has_w,
-                                    BLOCK=_block(length))
+                                    HAS_DUAL=math.isfinite(dual_clip), BLOCK=_block(length))
     _losses_combine_kernel[(1,)](partial, loss, stats, row_scale, rows, float(denom), PER_ROW_MEAN=per_row_mean,
                                  BLOCK_B=128)
 
@@ -220,4 +227,5 @@ def losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip
     ptrs, a_per_row, has_w = _pointers(x, old, adv, ref, weights, mask, kind)
     consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
     _losses_bwd_kernel[(rows,)](grad_loss, *ptrs, row_scale, grad_x, length, *consts, KIND=kind,
-                                A_PER_ROW=a_per_row, HAS_W=has_w, BLOCK=_block(length))
+                                A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
+                                BLOCK=_block(length))

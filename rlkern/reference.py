@@ -78,6 +78,138 @@ def logprobs_and_entropy(
 # losses family: policy_loss, value_loss, grpo_loss
 # ---------------------------------------------------------------------------------------------
 
+POLICY_AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """[..., T] -> [R, T]: every leading index is one sequence."""
+    return x.reshape(x.shape[:-1].numel(), x.shape[-1])
+
+
+def aggregate_loss(per_token: Tensor, mask: Tensor, agg: str, *, max_completion_length: int | None = None,
+                   num_items_in_batch: float | None = None) -> Tensor:
+    """Reduces a per-token loss [B, T] to a scalar, reading only positions where mask is true.
+
+    ``agg`` is a policy_loss mode or a grpo_loss ``loss_type``; N = valid tokens, n_b = valid tokens
+    of row b, S = rows with n_b > 0, and every denominator is clamped to >= 1 (all padding -> 0):
+      token-mean, bnpo         sum / N                           (verl masked_mean; TRL bnpo)
+      seq-mean-token-sum       sum_b (sum_t l_bt) / S            (verl: fully masked rows excluded)
+      seq-mean-token-mean      sum_b (sum_t l_bt / n_b) / S
+      seq-mean-token-sum-norm  sum / T                           (verl: divisor is the padded length)
+      grpo                     sum_b (sum_t l_bt / n_b) / B      (TRL: mean over all rows)
+      dr_grpo                  sum / (B * max_completion_length) (default T)
+      dapo                     sum / num_items_in_batch          (default N)
+    """
+    l2, m2 = _rows(per_token), _rows(mask).bool()
+    rows, length = l2.shape
+    masked = torch.where(m2, l2, torch.zeros_like(l2))
+    row_sum, row_n = masked.sum(-1), m2.sum(-1).to(l2.dtype)
+    n_tokens, live = row_n.sum(), (row_n > 0).sum().to(l2.dtype)
+    row_mean = row_sum / row_n.clamp(min=1)
+    if agg in ("token-mean", "bnpo"):
+        return row_sum.sum() / n_tokens.clamp(min=1)
+    if agg == "seq-mean-token-sum":
+        return row_sum.sum() / live.clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        return row_mean.sum() / live.clamp(min=1)
+    if agg == "seq-mean-token-sum-norm":
+        return row_sum.sum() / max(length, 1)
+    if agg == "grpo":
+        return row_mean.sum() / max(rows, 1)
+    if agg == "dr_grpo":
+        return row_sum.sum() / max(rows * (length if max_completion_length is None else max_completion_length), 1)
+    if agg == "dapo":
+        return row_sum.sum() / (n_tokens.clamp(min=1) if num_items_in_batch is None else max(num_items_in_batch, 1))
+    raise ValueError(f"agg must be one of {POLICY_AGGS + GRPO_LOSS_TYPES}, got {agg!r}")
+
+
+def _zero_padding(mask: Tensor, *tensors: Tensor) -> list[Tensor]:
+    """Zeroes masked-out positions first, so that padding holding NaN / inf reaches neither the loss
+    nor (through 0 * NaN in a backward formula) the gradient."""
+    m = mask.bool()
+    return [torch.where(m if t.shape == m.shape else m.any(-1), t, torch.zeros_like(t)) for t in tensors]
+
+
+def _masked_fraction(flag: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    m = mask.bool()
+    return (flag & m).sum().to(dtype) / m.sum().clamp(min=1).to(dtype)
+
+
+def _ppo_clip_terms(logp, old_logp, advantages, clip_low, clip_high):
+    """verl's compute_policy_loss (vanilla) per-token maths. Returns (clip1, ratio, log_ratio, a)."""
+    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    a = advantages if advantages.shape == logp.shape else advantages.unsqueeze(-1).expand_as(logp)
+    pg1 = -a * ratio
+    pg2 = -a * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(pg1, pg2), pg1, pg2, ratio, log_ratio, a
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+                clip_high: float = 0.2, dual_clip: float | None = None, agg: str = "token-mean",
+                weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip as verl's compute_policy_loss_vanilla: the loss per token is
+    max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)), then min(., -A dual_clip) where A < 0,
+    times ``weights``, aggregated per ``agg``. Stats are masked token means. Only ``logp`` gets a
+    gradient: old_logp, advantages and weights are constants (detached), as in verl."""
+    logp, old_logp, advantages = _upcast(logp), _upcast(old_logp).detach(), _upcast(advantages).detach()
+    logp, old_logp, advantages = _zero_padding(mask, logp, old_logp, advantages)
+    clip1, pg1, pg2, ratio, log_ratio, a = _ppo_clip_terms(logp, old_logp, advantages, clip_low, clip_high)
+    loss = clip1
+    dual = torch.zeros_like(mask, dtype=torch.bool)
+    if dual_clip is not None:
+        pg3 = -a * dual_clip
+        loss = torch.where(a < 0, torch.minimum(pg3, clip1), clip1)
+        dual = (clip1 > pg3) & (a < 0)
+    if weights is not None:
+        loss = loss * _upcast(weights).detach()
+    stats = {
+        "clip_frac": _masked_fraction(pg2 > pg1, mask, logp.dtype),
+        "clip_frac_lower": _masked_fraction(dual, mask, logp.dtype),
+        "approx_kl": aggregate_loss(-log_ratio.detach(), mask, "token-mean"),
+    }
+    return aggregate_loss(loss, mask, agg), stats
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float = 0.2,
+               agg: str = "token-mean") -> tuple[Tensor, dict[str, Tensor]]:
+    """verl's compute_value_loss: 1/2 max((v - R)^2, (clamp(v, v_old - clip, v_old + clip) - R)^2)
+    aggregated per ``agg``; only ``values`` gets a gradient (old_values and returns are detached)."""
+    v, v_old, ret = _zero_padding(mask, _upcast(values), _upcast(old_values).detach(), _upcast(returns).detach())
+    v_clipped = torch.clamp(v, v_old - clip, v_old + clip)
+    l1, l2 = (v - ret) ** 2, (v_clipped - ret) ** 2
+    loss = 0.5 * aggregate_loss(torch.maximum(l1, l2), mask, agg)
+    return loss, {"clip_frac": _masked_fraction(l2 > l1, mask, v.dtype)}
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+              beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
+              max_completion_length: int | None = None,
+              num_items_in_batch: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """TRL's GRPOTrainer._compute_loss (token-level importance sampling): -min(r A, clamp(r) A) + beta k3,
+    with k3 = e^d - d - 1, d = ref - logp; both log-ratios clamped to [-20, 20] before exp (TRL does
+    not clamp: identical whenever |log-ratio| <= 20). Only ``logp`` gets a gradient."""
+    logp = _upcast(logp)
+    old_logp, ref_logp, advantages = (_upcast(t).detach() for t in (old_logp, ref_logp, advantages))
+    logp, old_logp, ref_logp, advantages = _zero_padding(mask, logp, old_logp, ref_logp, advantages)
+    clip1, pg1, pg2, ratio, log_ratio, a = _ppo_clip_terms(logp, old_logp, advantages, clip_low, clip_high)
+    d = torch.clamp(ref_logp - logp, -20.0, 20.0)
+    k3 = torch.exp(d) - d - 1
+    per_token = clip1 + beta * k3
+    low, high = (ratio < 1 - clip_low) & (a < 0), (ratio > 1 + clip_high) & (a > 0)
+    stats = {
+        "kl": aggregate_loss(k3.detach(), mask, "token-mean"),
+        "clip_ratio": _masked_fraction(low | high, mask, logp.dtype),
+        "clip_ratio_low": _masked_fraction(low, mask, logp.dtype),
+        "clip_ratio_high": _masked_fraction(high, mask, logp.dtype),
+        "approx_kl": aggregate_loss(-log_ratio.detach(), mask, "token-mean"),
+    }
+    loss = aggregate_loss(per_token, mask, loss_type, max_completion_length=max_completion_length,
+                          num_items_in_batch=num_items_in_batch)
+    return loss, stats
+
+
 
 # ---------------------------------------------------------------------------------------------
 # advantages family: group_advantages; dpo family: dpo_loss

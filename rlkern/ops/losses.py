@@ -202,22 +202,21 @@ def _canonical(main: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weigh
                mask: Tensor):
     """[R, T] contiguous tensors of one storage dtype (the shared one, else float32), a [R] or [R, T]
     advantage, empty placeholders for absent ref/weights, and the bool mask."""
-    length = main.shape[-1]
+    rows, length = main.shape[:-1].numel(), main.shape[-1]
     present = [t for t in (main, old, adv, ref, weights) if t is not None]
     dtype = main.dtype if all(t.dtype == main.dtype for t in present) else torch.float32
-    as_rows = lambda t: t.reshape(-1, length).to(dtype).contiguous()  # noqa: E731
+    as_rows = lambda t: t.reshape(rows, length).to(dtype).contiguous()  # noqa: E731
     per_row = adv.shape != main.shape
     adv_c = adv.reshape(-1).to(dtype).contiguous() if per_row else as_rows(adv)
     empty = main.new_empty(0, dtype=dtype)
     return (as_rows(main), as_rows(old), adv_c, as_rows(ref) if ref is not None else empty,
-            as_rows(weights) if weights is not None else empty, mask.reshape(-1, length).contiguous())
+            as_rows(weights) if weights is not None else empty, mask.reshape(rows, length).contiguous())
 
 
 def _run(kind, main, old, adv, ref, weights, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None, beta=0.0,
          value_clip=0.0, agg, max_completion_length=None, num_items_in_batch=None, backend, want_grad=False):
-    """Dispatches one loss to the kernels. Returns (loss, stats vector) or, with want_grad, (loss,
+    """Dispatches one loss to the kernels (``mask`` already checked and bool). Returns (loss, stats vector) or, with want_grad, (loss,
     d loss / d main, stats vector) computed without autograd."""
-    mask = _check_mask(mask, main.shape)
     rows = main.shape[:-1].numel()
     per_row_mean, denom = _denominator(agg, rows, main.shape[-1], max_completion_length, num_items_in_batch)
     x, old_c, adv_c, ref_c, w_c, mask_c = _canonical(main, old, adv, ref, weights, mask)
@@ -257,8 +256,9 @@ def _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high, dual
     if dual_clip is not None:
         dual_clip = _check_float(dual_clip, "dual_clip", low=1.0, low_open=True, what="None or a finite number > 1")
     _check_choice(agg, "agg", POLICY_AGGS)
+    mask = _check_mask(mask, logp.shape)
     tensors = [t for t in (logp, old_logp, advantages, mask, weights) if t is not None]
-    return clip_low, clip_high, dual_clip, pick_backend(*tensors)
+    return clip_low, clip_high, dual_clip, mask, pick_backend(*tensors)
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
@@ -291,8 +291,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         ``pg_clipfrac_lower``; 0 without dual clip), ``approx_kl`` (mean of ``old_logp - logp``,
         clamped, verl ``ppo_kl``): 0-d float32 tensors.
     """
-    clip_low, clip_high, dual_clip, backend = _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high,
-                                                               dual_clip, agg, weights)
+    clip_low, clip_high, dual_clip, mask, backend = _validate_policy(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights)
     if backend == "torch":
         return reference.policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                                      dual_clip=dual_clip, agg=agg, weights=weights)
@@ -307,8 +307,8 @@ def policy_loss_and_grad(logp: Tensor, old_logp: Tensor, advantages: Tensor, mas
     """:func:`policy_loss` as ``(loss, d loss / d logp, stats)``, without autograd: for fused kernels
     that compute ``logp`` themselves and chain this gradient into their own backward. ``d loss / d logp``
     has ``logp``'s shape and dtype and is 0 at masked positions."""
-    clip_low, clip_high, dual_clip, backend = _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high,
-                                                               dual_clip, agg, weights)
+    clip_low, clip_high, dual_clip, mask, backend = _validate_policy(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights)
     if backend == "torch":
         return _reference_with_grad(reference.policy_loss, logp, old_logp, advantages, mask, clip_low=clip_low,
                                     clip_high=clip_high, dual_clip=dual_clip, agg=agg, weights=weights)
@@ -336,6 +336,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     _check_tokens(values, "values", {"old_values": old_values, "returns": returns})
     clip = _check_float(clip, "clip", low=0.0, low_open=True, what="a finite number > 0")
     _check_choice(agg, "agg", POLICY_AGGS)
+    mask = _check_mask(mask, values.shape)
     backend = pick_backend(values, old_values, returns, mask)
     if backend == "torch":
         return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg)
@@ -367,8 +368,9 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
             num_items_in_batch = num_items_in_batch.item()  # a host number for the kernel (a sync on GPU)
         num_items_in_batch = _check_float(num_items_in_batch, "num_items_in_batch", low=0.0, low_open=True,
                                           what="None or a finite number > 0")
+    mask = _check_mask(mask, logp.shape)
     backend = pick_backend(logp, old_logp, ref_logp, advantages, mask)
-    return beta, clip_low, clip_high, num_items_in_batch, backend
+    return beta, clip_low, clip_high, num_items_in_batch, mask, backend
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
@@ -401,7 +403,7 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
         ``clip_ratio_low`` / ``clip_ratio_high`` (TRL's region / low / high clip shares),
         ``approx_kl`` (mean of ``old_logp - logp``).
     """
-    beta, clip_low, clip_high, num_items, backend = _validate_grpo(
+    beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,
         num_items_in_batch)
     if backend == "torch":
@@ -422,7 +424,7 @@ def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advanta
     backward kernel pass), for fused ops such as ``linear_policy_loss`` that produce ``logp`` from
     hidden states and chain ``d loss / d logp`` into their own backward. The gradient has ``logp``'s
     shape and dtype, is 0 at masked positions, and already includes the ``loss_type`` normalisation."""
-    beta, clip_low, clip_high, num_items, backend = _validate_grpo(
+    beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,
         num_items_in_batch)
     if backend == "torch":

@@ -99,6 +99,17 @@ def _logits_case(rank, backend, dtype, vocab, group):
     torch.testing.assert_close(only_ent, ent_full.detach(), **tol)
     torch.testing.assert_close(only_lp, lp_full.detach(), **tol)
 
+    # The public ops take the same route with process_group=.
+    shard = logits[..., start:end]
+    with rlkern.use_backend(backend):
+        torch.testing.assert_close(rlkern.ops.logprobs(shard, labels, temperature=1.3, process_group=group),
+                                   lp_full.detach(), **tol)
+        torch.testing.assert_close(rlkern.ops.entropy(shard, temperature=1.3, process_group=group),
+                                   ent_full.detach(), **tol)
+        pair = rlkern.ops.logprobs_and_entropy(shard, labels, temperature=1.3, process_group=group)
+    torch.testing.assert_close(pair[0], lp_full.detach(), **tol)
+    torch.testing.assert_close(pair[1], ent_full.detach(), **tol)
+
 
 def _worker(rank, port, backend):
     os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined in this fresh process

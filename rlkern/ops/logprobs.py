@@ -152,7 +152,12 @@ def _validate(logits, labels, temperature) -> float:
     return check_positive(temperature, "temperature")
 
 
-def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_backward):
+def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_backward, process_group):
+    if process_group is not None:  # logits sharded by vocabulary across the group's ranks
+        from rlkern.ops.vocab_parallel import vocab_parallel_logprobs
+
+        return vocab_parallel_logprobs(logits, labels, process_group, temperature=temperature,
+                                       ignore_index=ignore_index, want_entropy=want_entropy)
     temperature = _validate(logits, labels, temperature)
     backend = pick_backend(logits) if labels is None else pick_backend(logits, labels)
     if labels is not None and backend != "cpp":  # the C++ kernel checks the range itself
@@ -170,7 +175,7 @@ def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_back
 
 
 def logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-             inplace_backward: bool = False) -> Tensor:
+             inplace_backward: bool = False, process_group=None) -> Tensor:
     """Log-probability of each label under softmax(logits / temperature).
 
     Args:
@@ -182,23 +187,29 @@ def logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore
         ignore_index: label value whose log-prob (and gradient) is 0.
         inplace_backward: write d logits into the logits' own storage during backward (saves one
             ``[..., V]`` buffer); the logits must not be needed after backward.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded
+            (Megatron / verl tensor parallelism): ``logits`` is then this rank's ``[..., V_r]``
+            shard, rank r holding ids ``[r*ceil(V/world), (r+1)*ceil(V/world))``, ``labels`` are
+            global ids, and every rank gets the full-vocabulary result (three all-reduces of one
+            fp32 per row; see rlkern.ops.vocab_parallel). ``inplace_backward`` does not apply.
 
     Returns:
         float32 ``[...]``: ``z_y - logsumexp(z)`` with ``z = logits / temperature``.
     """
-    return _fused(logits, labels, temperature, ignore_index, False, inplace_backward)[0]
+    return _fused(logits, labels, temperature, ignore_index, False, inplace_backward, process_group)[0]
 
 
-def entropy(logits: Tensor, *, temperature: float = 1.0, inplace_backward: bool = False) -> Tensor:
+def entropy(logits: Tensor, *, temperature: float = 1.0, inplace_backward: bool = False,
+            process_group=None) -> Tensor:
     """Shannon entropy in nats of softmax(logits / temperature), float32 ``[...]``.
 
     ``-inf`` logits have probability 0 and contribute nothing; a row whose logits are all ``-inf``
-    has entropy 0. Shapes and dtypes as for :func:`logprobs`.
+    has entropy 0. Shapes, dtypes and ``process_group`` as for :func:`logprobs`.
     """
-    return _fused(logits, None, temperature, -100, True, inplace_backward)[1]
+    return _fused(logits, None, temperature, -100, True, inplace_backward, process_group)[1]
 
 
 def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-                         inplace_backward: bool = False) -> tuple[Tensor, Tensor]:
+                         inplace_backward: bool = False, process_group=None) -> tuple[Tensor, Tensor]:
     """``(logprobs(...), entropy(...))`` from a single pass over the logits; gradients flow through both."""
-    return _fused(logits, labels, temperature, ignore_index, True, inplace_backward)
+    return _fused(logits, labels, temperature, ignore_index, True, inplace_backward, process_group)

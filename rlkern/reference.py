@@ -215,6 +215,77 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
 # advantages family: group_advantages; dpo family: dpo_loss
 # ---------------------------------------------------------------------------------------------
 
+ADVANTAGE_METHODS = ("grpo", "rloo", "reinforce_baseline", "winrate")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def group_advantages(scores: Tensor, group_ids: Tensor, *, method: str = "grpo", eps: float = 1e-6,
+                     scale_by_std: bool = True) -> Tensor:
+    """Outcome advantages within groups, one Python iteration per group (the oracle's clarity, not
+    the op's speed). ``group_ids``: [B] integers. A group of one, or whose scores are all equal,
+    gets advantage 0. For a group of n >= 2 scores r with mean m and unbiased std s:
+      grpo                r_i - m, divided by (s + eps) when scale_by_std      (verl / TRL)
+      rloo                r_i - mean_{j != i} r_j = n / (n - 1) (r_i - m)       (verl rloo)
+      reinforce_baseline  r_i - m
+      winrate             1/(n - 1) sum_{j != i} sigmoid(r_i - r_j) - 1/2       (P_win, centred)
+    """
+    r = _upcast(scores)
+    out = torch.zeros_like(r)
+    for g in torch.unique(group_ids).tolist():
+        idx = (group_ids == g).nonzero().squeeze(-1)
+        x = r[idx]
+        n = x.numel()
+        if n < 2 or bool((x == x[0]).all()):
+            continue
+        m = x.mean()
+        if method == "grpo":
+            out[idx] = (x - m) / (x.std() + eps) if scale_by_std else x - m
+        elif method == "rloo":
+            out[idx] = torch.stack([x[i] - torch.cat([x[:i], x[i + 1:]]).mean() for i in range(n)])
+        elif method == "reinforce_baseline":
+            out[idx] = x - m
+        elif method == "winrate":
+            pairs = torch.sigmoid(x[:, None] - x[None, :])
+            out[idx] = (pairs.sum(1) - 0.5) / (n - 1) - 0.5  # the diagonal is sigmoid(0) = 1/2
+        else:
+            raise ValueError(f"method must be one of {list(ADVANTAGE_METHODS)}, got {method!r}")
+    return out
+
+
+def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+             *, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """TRL's DPOTrainer.dpo_loss, written as TRL writes it (F.logsigmoid), with z the log-ratio margin:
+      sigmoid  -(1 - ls) logsigmoid(beta z) - ls logsigmoid(-beta z)      (cDPO label smoothing)
+      ipo      (z - 1 / (2 beta))^2
+      hinge    relu(1 - beta z)
+      robust   (-(1 - ls) logsigmoid(beta z) + ls logsigmoid(-beta z)) / (1 - 2 ls)
+    Rewards are beta (logp - ref_logp), detached; stats are batch means."""
+    c, r, rc, rr = (_upcast(t) for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
+    z = (c - r) - (rc - rr)
+    ls = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -torch.nn.functional.logsigmoid(beta * z) * (1 - ls) - torch.nn.functional.logsigmoid(-beta * z) * ls
+    elif loss_type == "ipo":
+        losses = (z - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * z)
+    elif loss_type == "robust":
+        losses = (-(1 - ls) * torch.nn.functional.logsigmoid(beta * z)
+                  + ls * torch.nn.functional.logsigmoid(-beta * z)) / (1 - 2 * ls)
+    else:
+        raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    chosen_rewards = beta * (c - rc).detach()
+    rejected_rewards = beta * (r - rr).detach()
+    stats = {
+        "chosen_rewards": chosen_rewards.mean(),
+        "rejected_rewards": rejected_rewards.mean(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).to(z.dtype).mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+    }
+    return losses.mean(), stats
+
+
 
 # ---------------------------------------------------------------------------------------------
 # linear_logprobs family: log-probs and entropy from hidden states and the LM head

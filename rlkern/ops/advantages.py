@@ -1,0 +1,145 @@
+"""Outcome advantages within groups of responses to one prompt: ``group_advantages``.
+
+Written once, vectorised in PyTorch (bincount / index_add / scatter_reduce over group ids; the
+win-rate pairs on a padded [groups, max group size, max group size] block), with no Python loop over
+groups. A C++ kernel was measured and is not worth its code: at B = 4096 scores the whole op takes
+~0.2-0.4 ms on this CPU, against seconds per RL step (numbers in the family's report), and the
+inputs are [B] scalars, so there is no memory traffic to save. Oracle: rlkern.reference.group_advantages
+(a plain loop over groups).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rlkern import reference
+from rlkern.ops._common import check_tensor
+
+__all__ = ["group_advantages", "ADVANTAGE_METHODS"]
+
+ADVANTAGE_METHODS = reference.ADVANTAGE_METHODS
+
+
+def _group_ids(batch: int, group_size, index, device) -> tuple[Tensor, int]:
+    """Dense group ids in [0, G) for every score, and G."""
+    if (group_size is None) == (index is None):
+        raise ValueError("pass exactly one of group_size (fixed-size consecutive groups) or index (a group id per "
+                         "score)")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if batch % group_size:
+            raise ValueError(f"the batch of {batch} scores is not divisible by group_size={group_size}")
+        return torch.arange(batch, device=device) // group_size, batch // group_size
+    if isinstance(index, Tensor):
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise TypeError(f"index must hold integer group ids, got dtype {index.dtype}")
+        if index.shape != (batch,):
+            raise ValueError(f"index must have shape ({batch},) (one group id per score), got {tuple(index.shape)}")
+        uniq, inverse = torch.unique(index.to(device), return_inverse=True)
+        return inverse, uniq.numel()
+    # verl passes a numpy array of uid strings; any 1-d sequence of hashable ids works.
+    ids = np.asarray(index)
+    if ids.shape != (batch,):
+        raise ValueError(f"index must have shape ({batch},) (one group id per score), got {ids.shape}")
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    return torch.as_tensor(inverse.reshape(-1), dtype=torch.int64, device=device), len(uniq)
+
+
+def _win_rates(r: Tensor, ids: Tensor, counts: Tensor, groups: int, n_max: int) -> Tensor:
+    """1/(n - 1) sum_{j != i} sigmoid(r_i - r_j) - 1/2 for every score, on a padded
+    [groups, n_max, n_max] block (n_max = the largest group)."""
+    batch = r.numel()
+    if batch == 0:
+        return torch.zeros_like(r)
+    order = torch.argsort(ids, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(batch, device=r.device) - starts[ids[order]]
+    padded = r.new_zeros(groups, n_max)
+    present = torch.zeros(groups, n_max, dtype=torch.bool, device=r.device)
+    padded[ids[order], slot] = r[order]
+    present[ids[order], slot] = True
+    pairs = torch.sigmoid(padded[:, :, None] - padded[:, None, :])
+    pairs = torch.where(present[:, None, :], pairs, torch.zeros_like(pairs))
+    # Row sums include the diagonal's sigmoid(0) = 1/2, removed here; degenerate groups are zeroed later.
+    wins = (pairs.sum(-1) - 0.5) / (counts[:, None] - 1).clamp(min=1)
+    out = torch.empty_like(r)
+    out[order] = wins[ids[order], slot] - 0.5
+    return out
+
+
+def group_advantages(scores: Tensor, *, group_size: int | None = None, index=None, method: str = "grpo",
+                     eps: float = 1e-6, scale_by_std: bool = True,
+                     return_counts: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """Per-response advantages from outcome scores, normalised within each prompt's group.
+
+    For a group of ``n >= 2`` scores ``r`` with mean ``m`` and unbiased std ``s``:
+
+    * ``grpo``: ``(r_i - m) / (s + eps)`` (verl / TRL GRPO); ``scale_by_std=False`` gives Dr. GRPO's
+      ``r_i - m``.
+    * ``rloo``: ``r_i - mean_{j != i} r_j`` (leave-one-out baseline, ``= n / (n - 1) (r_i - m)``).
+    * ``reinforce_baseline``: ``r_i - m``.
+    * ``winrate``: ``P_win(i) - 1/2`` with ``P_win(i) = 1/(n - 1) sum_{j != i} sigmoid(r_i - r_j)``.
+      ``P_win`` averages exactly 1/2 over any group (``sigmoid(x) + sigmoid(-x) = 1``), so subtracting
+      1/2 is the group-mean baseline, as for the other methods.
+
+    Degenerate groups: a group of one response, or whose scores are all equal, carries no learning
+    signal and gets advantage exactly 0 under every method (not ``0 / eps`` noise, not NaN).
+
+    Args:
+        scores: ``[B]`` float32/bf16/fp16/float64 finite scores (one per response).
+        group_size: responses per prompt, consecutive in ``scores`` (``B`` must be divisible by it).
+        index: instead of ``group_size``: ``[B]`` group ids, an integer tensor or any 1-d sequence of
+            hashable ids (verl's numpy array of uid strings); groups need not be contiguous.
+        eps: added to the std (``grpo`` with ``scale_by_std``), >= 0.
+        return_counts: also return ``{"groups", "singleton_groups", "zero_variance_groups"}`` as
+            0-d int64 tensors.
+
+    Returns:
+        float32 ``[B]`` advantages (float64 for float64 scores), and the counts when asked.
+    """
+    check_tensor(scores, "scores")
+    if scores.dim() != 1:
+        raise ValueError(f"scores must have shape [B] (one score per response), got {tuple(scores.shape)}")
+    if method not in ADVANTAGE_METHODS:
+        raise ValueError(f"method must be one of {list(ADVANTAGE_METHODS)}, got {method!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    # An eager-mode check (a sync on GPU), skipped while torch.compile traces.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores must be finite; got NaN or inf")
+    ids, groups = _group_ids(scores.shape[0], group_size, index, scores.device)
+    r = scores.double() if scores.dtype == torch.float64 else scores.float()
+
+    # index_add rather than bincount: the output size is `groups`, known without reading the ids,
+    # so the op traces under torch.compile(fullgraph=True) with group_size.
+    n = r.new_zeros(groups).index_add_(0, ids, torch.ones_like(r))
+    counts = n.long()
+    mean = r.new_zeros(groups).index_add_(0, ids, r) / n.clamp(min=1)
+    dev = r - mean[ids]  # two passes (mean, then squared deviations) for an accurate variance
+    var = r.new_zeros(groups).index_add_(0, ids, dev * dev) / (n - 1).clamp(min=1)
+    high = r.new_zeros(groups).scatter_reduce_(0, ids, r, "amax", include_self=False)
+    low = r.new_zeros(groups).scatter_reduce_(0, ids, r, "amin", include_self=False)
+    singleton = counts == 1
+    flat = (counts >= 2) & (high == low)
+
+    if method == "grpo":
+        adv = dev / (var.sqrt()[ids] + eps) if scale_by_std else dev
+    elif method == "rloo":
+        adv = dev * (n / (n - 1).clamp(min=1))[ids]
+    elif method == "reinforce_baseline":
+        adv = dev
+    else:
+        n_max = group_size if group_size is not None else int(counts.max()) if groups else 0
+        adv = _win_rates(r, ids, counts, groups, n_max)
+    adv = torch.where((singleton | flat)[ids], torch.zeros_like(adv), adv)
+    if not return_counts:
+        return adv
+    return adv, {"groups": torch.tensor(groups), "singleton_groups": singleton.sum(),
+                 "zero_variance_groups": flat.sum()}

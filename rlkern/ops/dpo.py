@@ -1,0 +1,103 @@
+"""Direct preference optimisation losses over per-sequence log-probs: ``dpo_loss``.
+
+Inputs are ``[B]`` sequence log-probs, so the op is written once in PyTorch (a handful of
+elementwise ops on B numbers; there is no memory traffic for a kernel to save). Formulas match TRL's
+``DPOTrainer.dpo_loss`` (trl/trainer/dpo_trainer.py: ``sigmoid`` with cDPO label smoothing as TRL
+<= 0.2x wrote it, which with ``label_smoothing=0`` is TRL 1.x's plain ``-logsigmoid``; ``ipo``;
+``hinge``; ``robust``). Here ``-logsigmoid(x)`` is evaluated as ``softplus(-x)``, the same function,
+finite for any finite margin. Oracle: rlkern.reference.dpo_loss (TRL's own expressions).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlkern import reference
+from rlkern.ops._common import check_tensor
+
+__all__ = ["dpo_loss", "DPO_LOSS_TYPES"]
+
+DPO_LOSS_TYPES = reference.DPO_LOSS_TYPES
+
+
+def _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
+           label_smoothing) -> None:
+    tensors = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "ref_chosen_logps": ref_chosen_logps,
+               "ref_rejected_logps": ref_rejected_logps}
+    for name, t in tensors.items():
+        check_tensor(t, name)
+        if t.shape != chosen_logps.shape:
+            raise ValueError(f"{name} must have shape {tuple(chosen_logps.shape)} (the same as chosen_logps), "
+                             f"got {tuple(t.shape)}")
+        if t.device != chosen_logps.device:
+            raise ValueError(f"all tensors must be on one device, got {chosen_logps.device} and {t.device}")
+    if chosen_logps.numel() == 0:
+        raise ValueError("dpo_loss needs at least one preference pair (the loss is their mean), got an empty batch")
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a number, got {type(label_smoothing).__name__}")
+    if loss_type == "sigmoid" and not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5] for loss_type='sigmoid', got {label_smoothing}")
+    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type='robust', got {label_smoothing}")
+    if loss_type in ("ipo", "hinge") and label_smoothing != 0.0:
+        raise ValueError(f"label_smoothing is used by 'sigmoid' and 'robust' only; loss_type={loss_type!r} "
+                         f"needs label_smoothing=0, got {label_smoothing}")
+
+
+def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *,
+             beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """DPO-family loss, the mean over ``B`` preference pairs.
+
+    With the margin ``z = (chosen - rejected) - (ref_chosen - ref_rejected)`` and ``ls = label_smoothing``:
+
+    * ``sigmoid``: ``(1 - ls) softplus(-beta z) + ls softplus(beta z)`` (DPO; cDPO with ``ls > 0``)
+    * ``ipo``: ``(z - 1 / (2 beta))^2``. TRL normalises IPO's log-probs by the completion length
+      first: pass per-token-mean log-probs to reproduce it.
+    * ``hinge``: ``relu(1 - beta z)`` (RSO / SLiC)
+    * ``robust``: ``((1 - ls) softplus(-beta z) - ls softplus(beta z)) / (1 - 2 ls)`` (rDPO)
+
+    Args:
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps: ``[B]`` (any one shape)
+            sequence log-probs, float32/bf16/fp16/float64. Gradients flow to all four (the reference
+            ones are normally computed under ``no_grad``).
+        beta: > 0. label_smoothing: [0, 0.5] for sigmoid, [0, 0.5) for robust, 0 otherwise.
+
+    Returns:
+        ``(loss, stats)``: float32 0-d tensors (float64 for float64 inputs). ``stats`` (detached batch
+        means, TRL's ``rewards/*``): ``chosen_rewards`` = mean of ``beta (chosen - ref_chosen)``,
+        ``rejected_rewards``, ``reward_accuracy`` = share of pairs with chosen reward > rejected reward,
+        ``reward_margin`` = mean of their difference.
+    """
+    _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type, label_smoothing)
+    dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
+    c, r, rc, rr = (t.to(dtype) for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
+    chosen_ratio, rejected_ratio = c - rc, r - rr
+    z = chosen_ratio - rejected_ratio
+    ls = float(label_smoothing)
+    if loss_type == "sigmoid":
+        losses = (1 - ls) * F.softplus(-beta * z) + ls * F.softplus(beta * z)
+    elif loss_type == "ipo":
+        losses = (z - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * z)
+    else:
+        losses = ((1 - ls) * F.softplus(-beta * z) - ls * F.softplus(beta * z)) / (1 - 2 * ls)
+    chosen_rewards = beta * chosen_ratio.detach()
+    rejected_rewards = beta * rejected_ratio.detach()
+    margin = chosen_rewards - rejected_rewards
+    stats = {
+        "chosen_rewards": chosen_rewards.mean(),
+        "rejected_rewards": rejected_rewards.mean(),
+        "reward_accuracy": (margin > 0).to(dtype).mean(),
+        "reward_margin": margin.mean(),
+    }
+    return losses.mean(), stats

@@ -97,7 +97,6 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     returned outputs count while they are alive inside the call). From torch.profiler memory events."""
     from torch.profiler import ProfilerActivity, profile
 
-    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
@@ -152,14 +151,17 @@ def streaming_probe(read_bytes: int, write_bytes: int = 0) -> Callable[[], objec
     of the rest). Requires write_bytes <= read_bytes (every case here reads at least what it writes)."""
     if write_bytes > read_bytes:
         raise ValueError(f"write_bytes ({write_bytes}) must not exceed read_bytes ({read_bytes})")
-    src = _float_buffer(read_bytes)
     n_write = math.ceil(write_bytes / 4) if write_bytes else 0
-    dst = _float_buffer(write_bytes) if n_write else None
-    rest = src[n_write:]
+    buffers: list[torch.Tensor] = []  # allocated on the first call, so building a case costs no memory
 
     def probe():
-        if dst is not None:
+        if not buffers:
+            buffers.append(_float_buffer(read_bytes))
+            buffers.append(_float_buffer(write_bytes) if n_write else torch.empty(0))
+        src, dst = buffers
+        if n_write:
             dst.copy_(src[:n_write])
+        rest = src[n_write:]
         return rest.sum() if rest.numel() else None
 
     return probe
@@ -292,7 +294,6 @@ def run_case(case: Case, cfg: TimingConfig, *, measure_memory: bool = True, log=
         rows.append(row)
         log(f"  {case.label:<44} {impl.name:<34} "
             + (f"{ms:10.3f} ms" if ms is not None else f"failed: {error}"))
-        gc.collect()
     return rows
 
 
@@ -377,41 +378,48 @@ def save_json(path: Path, *, meta: dict, rows: list[Row], targets: list[TargetRe
     path.write_text(json.dumps(payload, indent=1))
 
 
+_KIND_COLOURS = {"rlkern": "tab:blue", "compile": "tab:orange", "peer": "tab:gray"}
+
+
 def save_plot(path: Path, rows: list[Row]) -> None:
-    """One panel per family: each case's implementations as bars of time relative to the floor
-    (log scale; the dashed line at 1 is the floor, lower is better)."""
+    """One panel per family; per case a heading, then one bar per implementation: its time relative
+    to the case's floor (log scale; the dashed line at 1 is the floor, lower is better). rlkern is
+    blue, torch.compile orange, the peers' eager code grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     families = list(dict.fromkeys(r.family for r in rows))
+    plotted = {fam: [r for r in rows if r.family == fam and r.kind != "floor" and r.pct_of_floor] for fam in families}
+    families = [f for f in families if plotted[f]]
     if not families:
         return
-    fig, axes = plt.subplots(len(families), 1, figsize=(11, 3.2 + 0.42 * len(rows) / len(families)),
-                             squeeze=False)
+    heights = [len(plotted[f]) + len({r.case for r in plotted[f]}) for f in families]
+    fig, axes = plt.subplots(len(families), 1, figsize=(10, 1.2 + 0.22 * sum(heights) + 0.6 * len(families)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax, fam in zip(axes[:, 0], families):
-        frows = [r for r in rows if r.family == fam and r.kind != "floor" and r.pct_of_floor]
-        cases = list(dict.fromkeys(r.case for r in frows))
-        impls = list(dict.fromkeys(r.impl for r in frows))
-        height = 0.8 / max(len(impls), 1)
-        cmap = plt.get_cmap("tab10")
-        for j, impl in enumerate(impls):
-            ys, xs = [], []
-            for i, case in enumerate(cases):
-                hit = [r for r in frows if r.case == case and r.impl == impl]
-                if hit:
-                    ys.append(i + j * height)
-                    xs.append(100.0 / hit[0].pct_of_floor)
-            ax.barh(ys, xs, height=height, label=impl, color=cmap(j % 10))
-        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
-        ax.set_yticklabels(cases, fontsize=7)
-        ax.invert_yaxis()
+        y, ticks, labels = 0, [], []
+        for case in dict.fromkeys(r.case for r in plotted[fam]):
+            ticks.append(y)
+            labels.append(case)
+            y += 1
+            for r in (r for r in plotted[fam] if r.case == case):
+                ax.barh(y, 100.0 / r.pct_of_floor, color=_KIND_COLOURS.get(r.kind, "tab:gray"), height=0.8)
+                ticks.append(y)
+                labels.append(f"{r.impl}  ")
+                y += 1
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(labels, fontsize=7)
+        for tick, label in zip(ax.get_yticklabels(), labels):
+            if not label.endswith("  "):
+                tick.set_fontweight("bold")
+        ax.set_ylim(y - 0.5, -0.5)
         ax.set_xscale("log")
         ax.axvline(1.0, color="k", linestyle="--", linewidth=1)
-        ax.set_xlabel("time / floor (log scale, lower is better)")
+        ax.set_xlabel("time / floor (log scale, lower is better; blue rlkern, orange torch.compile, grey peers)",
+                      fontsize=8)
         ax.set_title(fam)
-        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -429,5 +437,5 @@ def run_cases(cases: Iterator[Case], cfg: TimingConfig, *, measure_memory: bool 
         targets += evaluate_targets(case, case_rows)
         notes += [n for n in case.notes if n not in notes]
         del case
-        gc.collect()
+        gc.collect()  # a case's tensors can be large: free them (and any cycles) before the next is built
     return rows, targets, notes

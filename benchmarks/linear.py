@@ -124,7 +124,9 @@ def _policy_loss_case(shape: Shape, hidden, weight, labels, floor) -> Case | Non
                 targets=[Target("forward+backward <= 1.15x GEMM floor", RLKERN, "x_floor", 1.15)])
 
 
-def cases(shapes: list[Shape]) -> Iterator[Case]:
+def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
+    """Yields the cases shape by shape. ``compile`` is accepted for the common family interface;
+    this family has no torch.compile rows (the naive path is GEMM-bound, compile does not change it)."""
     import rlkern
 
     notes = []

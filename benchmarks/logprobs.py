@@ -80,8 +80,9 @@ def _targets(shape: Shape, mode: str) -> list[Target]:
     return [Target("forward+backward <= 1.5x floor", RLKERN, "x_floor", 1.5)]
 
 
-def cases(shapes: list[Shape]) -> Iterator[Case]:
-    """Yields the cases shape by shape; one shape's tensors are alive at a time."""
+def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
+    """Yields the cases shape by shape; one shape's tensors are alive at a time. ``compile=False``
+    leaves out the torch.compile rows (their compilation dominates a run on tiny shapes)."""
     trl_missing = peers.trl_available()
     notes = [f"TRL rows skipped: {trl_missing}"] if trl_missing else []
     for shape in shapes:
@@ -97,9 +98,10 @@ def cases(shapes: list[Shape]) -> Iterator[Case]:
                 RLKERN: (_rlkern(op), "rlkern"),
                 "log_softmax + gather" if op == "logprobs" else "softmax (verl entropy_from_logits)":
                     (peers.naive_logprobs if op == "logprobs" else peers.naive_entropy, "peer"),
-                "torch.compile(gather - logsumexp)" if op == "logprobs" else "torch.compile(lse - sum p z)":
-                    (_compiled(peers.math_logprobs if op == "logprobs" else peers.math_entropy), "compile"),
             }
+            if compile:
+                impls_fwd["torch.compile(gather - logsumexp)" if op == "logprobs" else "torch.compile(lse - sum p z)"] = (
+                    _compiled(peers.math_logprobs if op == "logprobs" else peers.math_entropy), "compile")
             if not trl_missing:
                 trl_name = ("TRL/verl row loop (selective_log_softmax)" if op == "logprobs"
                             else "TRL entropy_from_logits (128-row chunks)")

@@ -2,7 +2,8 @@
 
 Prints one markdown table per op family, then saves the rows as JSON and a plot as PNG under
 ``benchmarks/results/`` (gitignored). Every family module (benchmarks/logprobs.py, rlmath.py,
-linear.py) exposes ``SHAPES = {"full": [...], "quick": [...]}`` and ``cases(shapes)``.
+linear.py) exposes ``SHAPES = {"full": [...], "quick": [...]}`` (optionally "large") and
+``cases(shapes, *, compile=True)`` yielding ``harness.Case``s one at a time.
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ def select_shapes(module, *, quick: bool, patterns: list[str] | None, large: boo
 
 def run_report(families: list[str], *, quick: bool = False, large: bool = False, patterns: list[str] | None = None,
                cfg: harness.TimingConfig = harness.TimingConfig(), out_dir: Path = RESULTS_DIR,
-               plot: bool = True, measure_memory: bool = True, shapes_override: dict | None = None,
+               plot: bool = True, measure_memory: bool = True, compile: bool = True,
+               shapes_override: dict | None = None,
                probe_bytes: int | None = None, log=print) -> dict:
     """Runs the families and writes the report; returns {"tables", "json", "png", "rows", "targets"}.
     ``shapes_override`` maps a family to an explicit shape list (the smoke test's tiny shapes)."""
     started = time.perf_counter()
     meta = {"env": harness.environment(), "quick": quick, "large": large, "patterns": patterns,
+            "compile": compile,
             "timing": {"warmup": cfg.warmup, "repeats": cfg.repeats, "min_sample_ms": cfg.min_sample_ms}}
     log(f"# rlkern benchmarks ({meta['env']['utc']}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average {meta['env']['loadavg']})")
@@ -70,7 +73,8 @@ def run_report(families: list[str], *, quick: bool = False, large: bool = False,
             log(f"\n{fam}: no shape matches {patterns}; skipped")
             continue
         log(f"\n## {fam}: {', '.join(s.label for s in shapes)}")
-        rows, targets, notes = harness.run_cases(module.cases(shapes), cfg, measure_memory=measure_memory, log=log)
+        rows, targets, notes = harness.run_cases(module.cases(shapes, compile=compile), cfg,
+                                                 measure_memory=measure_memory, log=log)
         table = harness.markdown_table(fam, rows, targets, notes)
         tables.append(table)
         log("\n" + table)
@@ -101,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     parser.add_argument("--repeats", type=int, default=5, help="timed samples, median reported (>= 5; default 5)")
     parser.add_argument("--no-memory", action="store_true", help="skip the extra-peak-memory measurement")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -117,5 +122,5 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_report(args.family or list(FAMILIES), quick=args.quick, large=args.large, patterns=args.shapes, cfg=cfg, out_dir=args.out,
-               plot=not args.no_plot, measure_memory=not args.no_memory)
+               plot=not args.no_plot, measure_memory=not args.no_memory, compile=not args.no_compile)
     return 0

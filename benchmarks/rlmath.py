@@ -104,7 +104,8 @@ def _inputs(shape: Shape):
     return mask, logp, old, ref, adv_tok, adv_seq, values, rewards
 
 
-def cases(shapes: list[Shape]) -> Iterator[Case]:
+def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
+    """Yields the cases shape by shape. ``compile=False`` leaves out the torch.compile rows."""
     missing = [name for name in ("gae", "masked_whiten", "kl", "policy_loss", "value_loss", "grpo_loss")
                if _rlkern_op(name) is None]
     notes = [f"not in rlkern.ops yet, rlkern rows omitted: {', '.join(missing)}"] if missing else []
@@ -121,9 +122,10 @@ def cases(shapes: list[Shape]) -> Iterator[Case]:
         impls += [
             Impl("TRL PPO loop over T (no mask)", functools.partial(peers.trl_gae_loop, rewards, values, GAMMA, LAM)),
             Impl("verl masked loop over T", functools.partial(peers.verl_gae_loop, rewards, values, mask_f, GAMMA, LAM)),
-            Impl("torch.compile(associative scans)", functools.partial(_compiled(peers.math_gae), rewards, values,
-                                                                        mask, GAMMA, LAM), "compile"),
         ]
+        if compile:
+            impls.append(Impl("torch.compile(associative scans)", functools.partial(
+                _compiled(peers.math_gae), rewards, values, mask, GAMMA, LAM), "compile"))
         yield Case(FAMILY, "gae", shape.label, "fwd", impls, work=4 * tok + mask.nbytes, rows=rows, notes=notes,
                    targets=[Target(">= 50x faster than the TRL loop", RLKERN, "speedup", 50.0,
                                    "TRL PPO loop over T (no mask)"),
@@ -139,8 +141,9 @@ def cases(shapes: list[Shape]) -> Iterator[Case]:
             if _rlkern_op(op):
                 impls.append(Impl(RLKERN, _on_cpp(_rlkern_op(op), *args, **kwargs), "rlkern"))
             peer_args = (adv_tok, mask_f) if op == "masked_whiten" else args
-            impls += [Impl(f"verl eager ({peer.__name__.removeprefix('verl_')})", functools.partial(peer, *peer_args)),
-                      Impl(COMPILE, functools.partial(_compiled(peer), *peer_args), "compile")]
+            impls.append(Impl(f"verl eager ({peer.__name__.removeprefix('verl_')})", functools.partial(peer, *peer_args)))
+            if compile:
+                impls.append(Impl(COMPILE, functools.partial(_compiled(peer), *peer_args), "compile"))
             yield Case(FAMILY, op, shape.label, "fwd", impls, work=read + tok, rows=rows, notes=notes,
                        targets=[Target("at least as fast as torch.compile", RLKERN, "speedup", 1.0, COMPILE)])
 
@@ -159,9 +162,10 @@ def cases(shapes: list[Shape]) -> Iterator[Case]:
                 impls.append(Impl(RLKERN, _loss_forward_backward(_on_cpp_fn(_rlkern_op(op)), leaf, args, kwargs),
                                   "rlkern"))
             source = "TRL" if peer.__name__.startswith("trl") else "verl"
-            impls += [Impl(f"{source} eager ({peer.__name__.split('_', 1)[1]})",
-                           _loss_forward_backward(peer, peer_leaf, peer_args)),
-                      Impl(COMPILE, _loss_forward_backward(_compiled(peer), peer_leaf, peer_args), "compile")]
+            impls.append(Impl(f"{source} eager ({peer.__name__.split('_', 1)[1]})",
+                              _loss_forward_backward(peer, peer_leaf, peer_args)))
+            if compile:
+                impls.append(Impl(COMPILE, _loss_forward_backward(_compiled(peer), peer_leaf, peer_args), "compile"))
             yield Case(FAMILY, op, shape.label, "fwd+bwd", impls, work=read + tok, rows=rows, notes=notes,
                        targets=[Target("forward+backward <= 1.5x floor", RLKERN, "x_floor", 1.5),
                                 Target("at least as fast as torch.compile", RLKERN, "speedup", 1.0, COMPILE)])

@@ -1,0 +1,153 @@
+"""The benchmark machinery works: the memory probe measures a known allocation exactly, the timer
+takes medians of >= 5 samples, the peers compute what they claim (so a speedup over them is a
+speedup at equal maths), and ``python -m benchmarks``'s report runs end to end on tiny shapes
+(tables, JSON, PNG) well inside 30 s. No timing is asserted: the machine may be loaded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rlkern
+from benchmarks import harness, linear, logprobs, peers, report, rlmath
+from rlkern import reference
+
+TINY = {
+    "logprobs": [logprobs.Shape(5, 37, torch.float32), logprobs.Shape(3, 70, torch.bfloat16)],
+    "rlmath": [rlmath.Shape(4, 37)],
+    "linear": [linear.Shape(16, 8, 40, torch.float32)],
+}
+FAST = harness.TimingConfig(warmup=1, repeats=5, min_sample_ms=0.0)
+
+
+def test_memory_probe_measures_a_known_allocation():
+    measured = harness.validate_memory_probe(4 * harness.MIB)
+    assert measured["measured_bytes"] == measured["known_bytes"] == 4 * harness.MIB + 4
+    assert measured["allocation_free_bytes"] == 0
+    # Transient buffers count at their peak, not their sum: two 1 MiB buffers alive one after the other.
+    def sequential():
+        for _ in range(2):
+            torch.ones(harness.MIB // 4)
+    assert harness.peak_extra_bytes(sequential) == harness.MIB
+
+
+def test_timer_reports_the_median_of_at_least_five_samples():
+    calls = []
+    timing = harness.time_call(lambda: calls.append(1), FAST)
+    assert len(timing.samples_ms) == 5 and timing.inner == 1
+    assert timing.median_ms == sorted(timing.samples_ms)[2]
+    assert len(calls) == 1 + 1 + 5  # first call, sizing call, five samples
+    with pytest.raises(ValueError, match="repeats must be >= 5"):
+        harness.TimingConfig(repeats=3)
+    with pytest.raises(ValueError, match="warmup must be >= 0"):
+        harness.TimingConfig(warmup=-1)
+
+
+def test_streaming_probe_moves_the_stated_bytes():
+    probe = harness.streaming_probe(4000, 1000)
+    assert probe() is not None  # the read of the 3000 bytes not copied
+    assert harness.streaming_probe(64, 64)() is None  # all bytes copied, nothing left to read
+    with pytest.raises(ValueError, match="must not exceed read_bytes"):
+        harness.streaming_probe(10, 20)
+
+
+def test_targets_are_reported_not_asserted():
+    case = harness.Case("f", "op", "s", "fwd", [], work=1.0, rows=4, targets=[
+        harness.Target("t1", "a", "x_floor", 1.5), harness.Target("t2", "a", "speedup", 2.0, "b"),
+        harness.Target("t3", "a", "mem_per_row", 16.0), harness.Target("t4", "missing", "x_floor", 1.0)])
+    def row(impl, kind, ms, peak_mb=None):
+        return harness.Row("f", case.label, "op", "s", "fwd", impl, kind, ms, [ms] * 5, 1, 0.0, None, "GB/s",
+                           None, peak_mb, None if peak_mb is None else peak_mb * harness.MIB / 4)
+    rows = [row("floor", "floor", 1.0), row("a", "rlkern", 2.0, 1e-5), row("b", "peer", 3.0)]
+    met = {r.text: r.met for r in harness.evaluate_targets(case, rows)}
+    assert met == {"t1": False, "t2": False, "t3": True, "t4": None}
+
+
+def test_gae_peers_agree_with_each_other():
+    rewards, values = torch.randn(3, 50, dtype=torch.float64), torch.randn(3, 50, dtype=torch.float64)
+    mask = torch.rand(3, 50) < 0.8
+    ones = torch.ones(3, 50, dtype=torch.float64)
+    trl = peers.trl_gae_loop(rewards, values, 0.99, 0.95)
+    verl_all_valid = peers.verl_gae_loop(rewards, values, ones, 0.99, 0.95)
+    for a, b in zip(trl, verl_all_valid):
+        torch.testing.assert_close(a, b)
+    verl = peers.verl_gae_loop(rewards, values, mask.double(), 0.99, 0.95)
+    scan = peers.math_gae(rewards, values, mask, 0.99, 0.95)  # eager; the report compiles it
+    for a, b in zip(verl, scan):
+        torch.testing.assert_close(a, b)
+
+
+def test_logprob_peers_agree_with_the_reference():
+    logits, labels = torch.randn(6, 33) * 3, torch.randint(0, 33, (6,))
+    want_lp = reference.logprobs(logits.double(), labels).float()
+    want_h = reference.entropy(logits.double()).float()
+    for got in (peers.naive_logprobs(logits, labels), peers.trl_selective_log_softmax(logits, labels),
+                peers.math_logprobs(logits, labels)):
+        torch.testing.assert_close(got, want_lp, atol=1e-5, rtol=1e-5)
+    for got in (peers.naive_entropy(logits), peers.trl_entropy_from_logits(logits), peers.math_entropy(logits)):
+        torch.testing.assert_close(got, want_h, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_peers_agree_with_each_other():
+    hidden, weight = torch.randn(10, 8), torch.randn(40, 8)
+    labels = torch.randint(0, 40, (10,))
+    want = peers.naive_logprobs(hidden @ weight.t(), labels)
+    torch.testing.assert_close(peers.naive_linear_logprobs(hidden, weight, labels), want)
+    torch.testing.assert_close(peers.trl_chunked_logprobs(hidden, weight, labels), want, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_peers_match_the_formulas():
+    b, t = 3, 11
+    logp, old, ref = (-torch.rand(b, t, dtype=torch.float64) for _ in range(3))
+    adv, mask = torch.randn(b, t, dtype=torch.float64), (torch.rand(b, t) < 0.7).double()
+    mask[:, 0] = 1
+    ratio = (logp - old).exp()
+    per_tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    per_tok = torch.where(adv < 0, torch.minimum(per_tok, -adv * 3.0), per_tok)
+    torch.testing.assert_close(peers.verl_policy_loss(old, logp, adv, mask)[0],
+                               (per_tok * mask).sum() / (mask.sum() + 1e-8))
+    adv_seq = torch.randn(b, dtype=torch.float64)
+    r = (logp - old).exp()
+    kl3 = (ref - logp).exp() - (ref - logp) - 1
+    tok = -torch.minimum(r * adv_seq[:, None], r.clamp(0.8, 1.2) * adv_seq[:, None]) + 0.04 * kl3
+    torch.testing.assert_close(peers.trl_grpo_loss(logp, old, ref, adv_seq, mask),
+                               ((tok * mask).sum(-1) / mask.sum(-1)).mean())
+    x = torch.randn(b, t, dtype=torch.float64)
+    valid = x[mask.bool()]
+    torch.testing.assert_close(peers.verl_masked_whiten(x, mask)[mask.bool()],
+                               (valid - valid.mean()) / (valid.var() + 1e-8).sqrt())
+
+
+def test_report_runs_end_to_end_on_tiny_shapes(tmp_path):
+    out = report.run_report(list(report.FAMILIES), cfg=FAST, out_dir=tmp_path, compile=False,
+                            shapes_override=TINY, probe_bytes=harness.MIB, log=lambda *_: None)
+    assert len(out["tables"]) == 3
+    for fam, table in zip(report.FAMILIES, out["tables"]):
+        assert table.startswith(f"### {fam}")
+        assert "| case | implementation | median ms |" in table and "| % of floor | extra peak MB |" in table
+    failed = [(r.case, r.impl, r.error) for r in out["rows"] if r.error]
+    assert not failed, failed
+    rows = out["rows"]
+    assert {r.family for r in rows} == set(report.FAMILIES)
+    assert all(r.median_ms > 0 and len(r.samples_ms) == 5 for r in rows)
+    # every case has exactly one floor row, and the floor's own % of floor is 100
+    for case in {r.case for r in rows}:
+        floors = [r for r in rows if r.case == case and r.kind == "floor"]
+        assert len(floors) == 1 and floors[0].pct_of_floor == pytest.approx(100.0)
+    if hasattr(rlkern.ops, "logprobs"):
+        assert any(r.impl == logprobs.RLKERN for r in rows)
+    # the rlkern logprobs forward allocates its outputs only: 4 B/row logp + 4 B/row lse
+    fwd = [r for r in rows if r.family == "logprobs" and r.impl == logprobs.RLKERN and r.mode == "fwd"
+           and r.op == "logprobs"]
+    assert fwd and all(r.bytes_per_row <= 16 for r in fwd), [(r.case, r.bytes_per_row) for r in fwd]
+    saved = json.loads(out["json"].read_text())
+    assert len(saved["rows"]) == len(rows) and saved["meta"]["memory_probe"]["measured_bytes"] > 0
+    assert out["png"].exists() and out["png"].stat().st_size > 10_000
+
+
+def test_cli_rejects_fewer_than_five_repeats(capsys):
+    assert report.main(["--repeats", "2", "--no-plot"]) == 2
+    assert "repeats must be >= 5" in capsys.readouterr().err

@@ -64,14 +64,181 @@ def logprobs_and_entropy(
 # ---------------------------------------------------------------------------------------------
 
 
+# Estimator names the ops accept, and the peers' spellings of the same estimators (verl: "kl",
+# "mse", "low_var_kl"; a "+" suffix is verl's straight-through variant: value of the estimator,
+# gradient of k2).
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k1+", "abs+", "k2+", "k3+")
+KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3", "kl+": "k1+", "mse+": "k2+", "low_var_kl+": "k3+"}
+# k3 needs exp(ref - logp). The log-ratio entering the exp is always capped at 80 (e^80 ~ 5.5e34,
+# float32 overflows at e^88.7), so value and gradient stay finite for any finite input; tokens
+# beyond the cap get no gradient through k3, as under an explicit clamp.
+KL_EXP_CAP = 80.0
+# verl's kl_penalty(..., "low_var_kl"): log-ratio clamped to [-20, 20] before exp, result to [-10, 10].
+VERL_KL_CLAMP = (20.0, 10.0)
+
+
+def kl_bounds(clamp) -> tuple[float, float, float]:
+    """(lo, hi, value_bound) for k3 from ``clamp``: None (no clamp), True (verl's (20, 10)) or a
+    pair (log-ratio bound, value bound), either of which may be ``inf``."""
+    if clamp is None or clamp is False:
+        ratio_bound, value_bound = float("inf"), float("inf")
+    elif clamp is True:
+        ratio_bound, value_bound = VERL_KL_CLAMP
+    else:
+        ratio_bound, value_bound = (float(c) for c in clamp)
+    return -ratio_bound, min(ratio_bound, KL_EXP_CAP), value_bound
+
+
+def kl(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", *, clamp=None) -> Tensor:
+    """Per-token KL estimate between the policy (logp) and the reference (ref_logp), Schulman's
+    estimators of KL(pi || ref) from samples of pi, with r = ref_logp - logp:
+    k1 = -r, abs = |r|, k2 = r^2 / 2, k3 = e^r - r - 1 (>= 0, unbiased, low variance).
+
+    k3 is written as expm1(r) - r, which is exact for small |r| where e^r - 1 - r cancels. With
+    ``clamp`` the log-ratio is clamped before the exp and the value after it, as verl does; the
+    gradient is that of the clamped expression (zero where either clamp is active).
+    """
+    estimator = KL_ALIASES.get(estimator, estimator)
+    if estimator.endswith("+"):
+        # Straight-through (verl): forward k, backward k2.
+        k2 = kl(logp, ref_logp, "k2")
+        value = kl(logp, ref_logp, estimator[:-1], clamp=clamp)
+        return k2 - k2.detach() + value.detach()
+    d = _upcast(logp) - _upcast(ref_logp)
+    if estimator == "k1":
+        return d
+    if estimator == "abs":
+        return d.abs()
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator != "k3":
+        raise ValueError(f"unknown KL estimator {estimator!r}")
+    lo, hi, value_bound = kl_bounds(clamp)
+    r = (-d).clamp(lo, hi)
+    value = torch.expm1(r) - r
+    return value.clamp(-value_bound, value_bound) if value_bound != float("inf") else value
+
+
+def token_rewards(
+    scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, *, kl_coef: float, estimator: str = "k1",
+    clamp=None,
+) -> Tensor:
+    """rewards[..., t] = -kl_coef * kl(logp, ref_logp)[..., t] where mask, 0 elsewhere, plus
+    scores[...] at the last position where mask is set (a row without one gets no score)."""
+    valid = mask.bool()
+    penalty = -kl_coef * kl(logp, ref_logp, estimator, clamp=clamp)
+    rewards = torch.where(valid, penalty, torch.zeros_like(penalty))
+    length = mask.shape[-1]
+    if length == 0:
+        return rewards.detach()
+    positions = torch.arange(length, device=mask.device)
+    last = torch.where(valid, positions, -1).amax(dim=-1, keepdim=True)
+    score = _upcast(scores).unsqueeze(-1).to(rewards.dtype)
+    return (rewards + torch.where(positions == last, score, torch.zeros_like(score))).detach()
+
+
 # ---------------------------------------------------------------------------------------------
 # gae family: reverse scans (gae, discounted_returns)
 # ---------------------------------------------------------------------------------------------
 
 
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation, verl's masked reverse scan (compute_gae_advantage_return,
+    without its final whitening). Walking t = T-1 .. 0 with next_value = running = 0:
+
+        delta = r_t + gamma * next_value - v_t
+        a = delta + gamma * lam * running
+        where mask_t: next_value = v_t, running = a      (else both carry through unchanged)
+        advantages_t = running
+
+    so a masked position (padding, or an observation/tool token inside a multi-turn response)
+    takes no part in the recursion and holds the running advantage of the next valid token.
+    returns = advantages + values. No gradient (outputs are detached)."""
+    r, v, valid = _upcast(rewards), _upcast(values), mask.bool()
+    r, v = torch.broadcast_tensors(r, v)
+    dtype = torch.promote_types(r.dtype, v.dtype)
+    r, v = r.to(dtype), v.to(dtype)
+    advantages = torch.empty_like(r)
+    next_value = torch.zeros_like(r[..., 0]) if r.shape[-1] else None
+    running = torch.zeros_like(r[..., 0]) if r.shape[-1] else None
+    for t in reversed(range(r.shape[-1])):
+        delta = r[..., t] + gamma * next_value - v[..., t]
+        a = delta + gamma * lam * running
+        next_value = torch.where(valid[..., t], v[..., t], next_value)
+        running = torch.where(valid[..., t], a, running)
+        advantages[..., t] = running
+    return advantages.detach(), (advantages + v).detach()
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float) -> Tensor:
+    """REINFORCE++ returns, verl's compute_reinforce_plus_plus_outcome_advantage without its
+    whitening: walking t = T-1 .. 0, running = r_t + gamma * running; returns_t = running; then
+    running is reset to 0 where mask_t is 0, so each sequence's return stops at its own end and
+    a padding position holds only its own reward plus what follows it."""
+    r, valid = _upcast(rewards), mask.bool()
+    returns = torch.empty_like(r)
+    running = torch.zeros_like(r[..., 0]) if r.shape[-1] else None
+    for t in reversed(range(r.shape[-1])):
+        running = r[..., t] + gamma * running
+        returns[..., t] = running
+        running = torch.where(valid[..., t], running, torch.zeros_like(running))
+    return returns.detach()
+
+
 # ---------------------------------------------------------------------------------------------
 # masked family: masked_sum, masked_mean, masked_var, masked_whiten
 # ---------------------------------------------------------------------------------------------
+
+
+def _masked_values(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(x upcast with masked-out entries replaced by 0, bool mask): padding never enters a
+    statistic, even when it holds inf or NaN."""
+    valid = mask.bool()
+    x = _upcast(x)
+    return torch.where(valid, x, torch.zeros_like(x)), valid
+
+
+def masked_sum(x: Tensor, mask: Tensor, *, dim: int | None = None) -> Tensor:
+    """Sum of x where mask is set: over everything (dim=None, a 0-d tensor) or along ``dim``."""
+    xs, _ = _masked_values(x, mask)
+    return xs.sum() if dim is None else xs.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, *, dim: int | None = None) -> Tensor:
+    """masked_sum / number of masked elements (NaN for an empty selection: the ops refuse those)."""
+    xs, valid = _masked_values(x, mask)
+    if dim is None:
+        return xs.sum() / valid.sum().to(xs.dtype)
+    return xs.sum(dim=dim) / valid.sum(dim=dim).to(xs.dtype)
+
+
+def masked_var(x: Tensor, mask: Tensor, *, dim: int | None = None, unbiased: bool = True) -> Tensor:
+    """Two-pass variance over the masked elements: sum (x - mean)^2 / (n - 1) (unbiased, Bessel's
+    correction, verl/TRL's default) or / n."""
+    xs, valid = _masked_values(x, mask)
+    keep = dim is not None
+    n = valid.sum(dim=dim, keepdim=keep).to(xs.dtype) if keep else valid.sum().to(xs.dtype)
+    mean = (xs.sum(dim=dim, keepdim=True) if keep else xs.sum()) / n
+    centered = torch.where(valid, xs - mean, torch.zeros_like(xs))
+    ss = centered.square().sum(dim=dim, keepdim=keep) if keep else centered.square().sum()
+    var = ss / (n - 1 if unbiased else n)
+    return var.squeeze(dim) if keep else var
+
+
+def masked_whiten(
+    x: Tensor, mask: Tensor, *, dim: int | None = None, shift_mean: bool = True, unbiased: bool = True,
+    eps: float = 1e-8,
+) -> Tensor:
+    """(x - mean) * rsqrt(var + eps) at every position (masked-out ones included), with mean and
+    var (unbiased by default) over the masked elements; shift_mean=False adds the mean back (verl /
+    TRL masked_whiten). The gradient flows through mean and var."""
+    keep = {} if dim is None else {"dim": dim}
+    mean = masked_mean(x, mask, **keep)
+    var = masked_var(x, mask, unbiased=unbiased, **keep)
+    if dim is not None:
+        mean, var = mean.unsqueeze(dim), var.unsqueeze(dim)
+    whitened = (_upcast(x) - mean) * torch.rsqrt(var + eps)
+    return whitened if shift_mean else whitened + mean
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,6 +157,8 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
     ``old_per_token_logps=None`` means on-policy (TRL uses ``per_token_logps.detach()``); ``advantages``
     may be ``[B]`` or ``[B, T]``. Defaults are TRL's ``GRPOConfig`` defaults (``beta=0.0``,
     ``epsilon=0.2``, ``epsilon_high=epsilon``, ``loss_type="dapo"``, ``max_completion_length=512``).
+    rlkern clamps both log-ratios to [-20, 20] before exp, TRL does not: the two agree whenever
+    |log-ratio| <= 20 (a ratio within e^±20), which is every token a trainer can recover from.
     """
     if loss_type not in _GRPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {_GRPO_LOSS_TYPES} (the clipped-surrogate GRPO losses), "

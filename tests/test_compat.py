@@ -635,6 +635,19 @@ def test_verl_logprobs_entropy(backend):
     close(torch.autograd.grad(lp.sum(), logits)[0], torch.autograd.grad(lp_ref.sum(), logits)[0], what="d logits")
 
 
+def test_verl_logprobs_inplace_backward_default():
+    """verl's default inplace_backward=True: d logits is written into the logits' own storage."""
+    base = torch.randn(2, 7, 33) * 2
+    labels = torch.randint(0, 33, (2, 7))
+    logits = base.clone().requires_grad_()
+    lp = verl_shim.logprobs_from_logits(logits, labels)
+    (g,) = torch.autograd.grad(lp.sum(), logits)
+    ref = base.clone().requires_grad_()
+    lp_ref = torch.log_softmax(ref, -1).gather(-1, labels[..., None]).squeeze(-1)
+    close(lp, lp_ref, what="logprobs")
+    close(g, torch.autograd.grad(lp_ref.sum(), ref)[0], what="d logits")
+
+
 @pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"])
 def test_verl_kl_penalty(backend, name):
     logp = torch.randn(4, 19) * 3

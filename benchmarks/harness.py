@@ -64,27 +64,37 @@ class Timing:
     samples_ms: list[float]
     inner: int
     first_call_s: float  # the first warmup call (includes torch.compile's compilation when it applies)
+    peak_bytes: int | None = None  # extra peak memory of one call, when measured
 
 
-def time_call(fn: Callable[[], object], cfg: TimingConfig) -> Timing:
-    """Median per-call wall time of ``fn()`` in ms (see the module docstring)."""
+def time_call(fn: Callable[[], object], cfg: TimingConfig, *, measure_memory: bool = False) -> Timing:
+    """Median per-call wall time of ``fn()`` in ms (see the module docstring). With
+    ``measure_memory`` the call that sizes the inner loop runs under the memory profiler and its
+    extra peak bytes land in ``Timing.peak_bytes`` (one call fewer than measuring apart; the
+    profiler's per-op overhead only makes the inner loop shorter)."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
     for _ in range(max(cfg.warmup - 1, 0)):
         fn()
     # One more call sizes the inner loop; after warmup it is representative.
-    start = time.perf_counter()
-    fn()
-    one_ms = (time.perf_counter() - start) * 1e3
-    inner = 1 if one_ms >= cfg.min_sample_ms else min(10_000, math.ceil(cfg.min_sample_ms / max(one_ms, 1e-3)))
+    peak = None
+    if measure_memory:
+        peak, one_s = _profiled_call(fn)
+    else:
+        start = time.perf_counter()
+        fn()
+        one_s = time.perf_counter() - start
+    one_ms = one_s * 1e3
+    inner = 1 if one_ms >= cfg.min_sample_ms else \
+        min(10_000, math.ceil(cfg.min_sample_ms / max(one_ms, 1e-3)))
     samples = []
     for _ in range(cfg.repeats):
         start = time.perf_counter()
         for _ in range(inner):
             fn()
         samples.append((time.perf_counter() - start) * 1e3 / inner)
-    return Timing(statistics.median(samples), samples, inner, first)
+    return Timing(statistics.median(samples), samples, inner, first, peak)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,18 +105,25 @@ def time_call(fn: Callable[[], object], cfg: TimingConfig) -> Timing:
 def peak_extra_bytes(fn: Callable[[], object]) -> int:
     """Highest live-byte total that ``fn()`` allocates on top of what was live before it (its
     returned outputs count while they are alive inside the call). From torch.profiler memory events."""
+    return _profiled_call(fn)[0]
+
+
+def _profiled_call(fn: Callable[[], object]) -> tuple[int, float]:
+    """(extra peak bytes, wall seconds of the call itself) of one ``fn()`` under the memory profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        start = time.perf_counter()
         out = fn()
         del out
+        elapsed = time.perf_counter() - start
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
         peak = max(peak, live)
-    return peak
+    return peak, elapsed
 
 
 def validate_memory_probe(nbytes: int = 64 * MIB) -> dict:
@@ -123,8 +140,8 @@ def validate_memory_probe(nbytes: int = 64 * MIB) -> dict:
     nothing = peak_extra_bytes(lambda: scratch.mul_(scratch))  # tensor-tensor in place: no allocation
     expected = (nbytes // 4) * 4 + 4
     if measured != expected or nothing != 0:
-        raise RuntimeError(f"memory probe is off: a known {expected}-byte allocation measured as {measured} bytes, "
-                           f"an allocation-free call as {nothing} bytes")
+        raise RuntimeError(f"memory probe is off: a known {expected}-byte allocation measured as {measured} "
+                           f"bytes, an allocation-free call as {nothing} bytes")
     return {"method": "torch.profiler(profile_memory=True): peak of live c10 CPU allocations during the call",
             "known_bytes": expected, "measured_bytes": measured, "allocation_free_bytes": nothing}
 
@@ -265,7 +282,8 @@ class TargetResult:
 
 
 def run_case(case: Case, cfg: TimingConfig, *, measure_memory: bool = True, log=print) -> list[Row]:
-    """Times every implementation of ``case`` (the floor first), then measures its memory."""
+    """Times every implementation of ``case``, the floor first (so the others' % of floor is known),
+    measuring each one's extra peak memory on the call that sizes its timing loop."""
     rows = []
     floor_ms = None
     for impl in sorted(case.impls, key=lambda i: i.kind != "floor"):
@@ -273,9 +291,8 @@ def run_case(case: Case, cfg: TimingConfig, *, measure_memory: bool = True, log=
         timing = None
         peak = None
         try:
-            timing = time_call(impl.fn, cfg)
-            if measure_memory and impl.kind != "floor":
-                peak = peak_extra_bytes(impl.fn)
+            timing = time_call(impl.fn, cfg, measure_memory=measure_memory and impl.kind != "floor")
+            peak = timing.peak_bytes
         except Exception as err:  # a peer that cannot run here is reported, not fatal to the run
             error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
         if impl.kind == "floor" and timing is not None:
@@ -315,7 +332,8 @@ def evaluate_targets(case: Case, rows: list[Row]) -> list[TargetResult]:
         elif t.metric == "speedup" and other is not None and other.median_ms:
             value = other.median_ms / row.median_ms
             detail = f"speedup {value:.2f}x over {t.other} ({row.median_ms:.3f} vs {other.median_ms:.3f} ms)"
-        elif t.metric == "mem_fraction" and other is not None and other.extra_peak_mb and row.extra_peak_mb is not None:
+        elif (t.metric == "mem_fraction" and other is not None and other.extra_peak_mb
+              and row.extra_peak_mb is not None):
             value = row.extra_peak_mb / other.extra_peak_mb
             detail = f"{100 * value:.2f}% of {t.other}'s {other.extra_peak_mb:.1f} MB"
         elif t.metric not in ("x_floor", "mem_per_row", "speedup", "mem_fraction"):
@@ -336,7 +354,8 @@ def _fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def markdown_table(family: str, rows: list[Row], targets: list[TargetResult], notes: Iterable[str] = ()) -> str:
+def markdown_table(family: str, rows: list[Row], targets: list[TargetResult],
+                   notes: Iterable[str] = ()) -> str:
     """One markdown table for a family: case, implementation, median ms, rate, % of floor, extra MB."""
     unit = rows[0].unit if rows else "GB/s"
     lines = [f"### {family}", "",
@@ -391,7 +410,8 @@ def save_plot(path: Path, rows: list[Row]) -> None:
     import matplotlib.pyplot as plt
 
     families = list(dict.fromkeys(r.family for r in rows))
-    plotted = {fam: [r for r in rows if r.family == fam and r.kind != "floor" and r.pct_of_floor] for fam in families}
+    plotted = {fam: [r for r in rows if r.family == fam and r.kind != "floor" and r.pct_of_floor]
+               for fam in families}
     families = [f for f in families if plotted[f]]
     if not families:
         return
@@ -417,8 +437,8 @@ def save_plot(path: Path, rows: list[Row]) -> None:
         ax.set_ylim(y - 0.5, -0.5)
         ax.set_xscale("log")
         ax.axvline(1.0, color="k", linestyle="--", linewidth=1)
-        ax.set_xlabel("time / floor (log scale, lower is better; blue rlkern, orange torch.compile, grey peers)",
-                      fontsize=8)
+        ax.set_xlabel("time / floor (log scale, lower is better; "
+                      "blue rlkern, orange torch.compile, grey peers)", fontsize=8)
         ax.set_title(fam)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

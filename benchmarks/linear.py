@@ -4,8 +4,9 @@ Forward+backward (gradients for hidden and weight) of ``rlkern.ops.linear_logpro
 naive path (logits = hidden @ weight^T materialised, fp32 log_softmax + gather), TRL's
 ``ChunkedLogProbFunction`` (installed TRL) and the GEMM floor: the three N*H*V matmuls any
 forward+backward needs (logits, d hidden, d weight), timed alone in the same run into preallocated
-outputs. The rate column is GFLOP/s of those 3 * 2*N*H*V flops. When ``linear_policy_loss`` is in
-``rlkern.ops`` it is run against the naive path followed by TRL's GRPO loss.
+outputs. The rate column is GFLOP/s of those 3 * 2*N*H*V flops. ``linear_policy_loss`` (GRPO loss
+from hidden states, beta = 0.04) runs against the naive path and TRL's chunked function, each
+followed by TRL's GRPO loss, with the same GEMM floor.
 
 Shapes: the default run holds N=1024,H=512,V=32768 in fp32 and bf16 and N=2048,H=1024,V=151936 in
 bf16. The same large shape in fp32 is in ``SHAPES["large"]`` (``--large``): one fp32 GEMM of it
@@ -112,16 +113,24 @@ def _policy_loss_case(shape: Shape, hidden, weight, labels, floor) -> Case | Non
         logp = peers.naive_linear_logprobs(h.reshape(-1, h.shape[-1]), w, labels).view(b, seq)
         return peers.trl_grpo_loss(logp, old, ref, adv, mask_f)
 
+    def trl_chunked(h, w):
+        logp = peers.trl_chunked_logprobs(h.reshape(-1, h.shape[-1]), w, labels).view(b, seq)
+        return peers.trl_grpo_loss(logp, old, ref, adv, mask_f)
+
     def fwd_bwd(fn):
         h = hid3.detach().requires_grad_(True)
         w = weight.detach().requires_grad_(True)
         return lambda: torch.autograd.grad(fn(h, w), (h, w))
 
+    trl_name = f"{TRL} + TRL GRPO loss"
     impls = [Impl("floor: 3 GEMMs (z, dh, dW)", floor, "floor"), Impl(RLKERN, fwd_bwd(rl), "rlkern"),
-             Impl("naive matmul + log_softmax + gather + TRL GRPO loss", fwd_bwd(naive))]
+             Impl(f"{NAIVE} + TRL GRPO loss", fwd_bwd(naive))]
+    if peers.trl_chunked_available() is None:
+        impls.append(Impl(trl_name, fwd_bwd(trl_chunked)))
     return Case(FAMILY, "linear_policy_loss", shape.label, "fwd+bwd", impls, work=3 * shape.gemm_flops,
                 unit="GFLOP/s", rows=shape.tokens,
-                targets=[Target("forward+backward <= 1.15x GEMM floor", RLKERN, "x_floor", 1.15)])
+                targets=[Target("forward+backward <= 1.15x GEMM floor", RLKERN, "x_floor", 1.15),
+                         Target(">= 2x faster than TRL's chunked function", RLKERN, "speedup", 2.0, trl_name)])
 
 
 def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
@@ -157,7 +166,8 @@ def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
                    unit="GFLOP/s", rows=shape.tokens, notes=notes,
                    targets=[Target("forward+backward <= 1.45x GEMM floor", RLKERN, "x_floor", 1.45),
                             Target(">= 2x faster than TRL's chunked function", RLKERN, "speedup", 2.0, TRL),
-                            Target("extra peak <= 5% of the naive path's", RLKERN, "mem_fraction", 0.05, NAIVE)])
+                            Target("extra peak <= 5% of the naive path's", RLKERN, "mem_fraction", 0.05,
+                                   NAIVE)])
         policy_case = _policy_loss_case(shape, hidden, weight, labels, floor)
         if policy_case is not None:
             yield policy_case

@@ -39,7 +39,7 @@ class Shape:
 
 SHAPES = {
     "full": [Shape(4096, 32768, torch.float32), Shape(2048, 151936, torch.bfloat16)],
-    "quick": [Shape(256, 32768, torch.float32), Shape(128, 65536, torch.bfloat16)],
+    "quick": [Shape(128, 32768, torch.float32), Shape(64, 65536, torch.bfloat16)],
 }
 
 
@@ -100,16 +100,20 @@ def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
                     (peers.naive_logprobs if op == "logprobs" else peers.naive_entropy, "peer"),
             }
             if compile:
-                impls_fwd["torch.compile(gather - logsumexp)" if op == "logprobs" else "torch.compile(lse - sum p z)"] = (
-                    _compiled(peers.math_logprobs if op == "logprobs" else peers.math_entropy), "compile")
+                name = ("torch.compile(gather - logsumexp)" if op == "logprobs"
+                        else "torch.compile(lse - sum p z)")
+                impls_fwd[name] = (_compiled(peers.math_logprobs if op == "logprobs" else peers.math_entropy),
+                                   "compile")
             if not trl_missing:
                 trl_name = ("TRL/verl row loop (selective_log_softmax)" if op == "logprobs"
                             else "TRL entropy_from_logits (128-row chunks)")
                 impls_fwd[trl_name] = (peers.trl_selective_log_softmax if op == "logprobs"
                                        else peers.trl_entropy_from_logits, "peer")
             # forward
-            impls = [Impl("floor: read inputs + write output", streaming_probe(n_in + label_bytes, out_bytes), "floor")]
-            impls += [Impl(name, functools.partial(fn, *args), kind) for name, (fn, kind) in impls_fwd.items()]
+            floor = streaming_probe(n_in + label_bytes, out_bytes)
+            impls = [Impl("floor: read inputs + write output", floor, "floor")]
+            impls += [Impl(name, functools.partial(fn, *args), kind)
+                      for name, (fn, kind) in impls_fwd.items()]
             yield Case(FAMILY, op, shape.label, "fwd", impls, work=n_in + label_bytes + out_bytes,
                        rows=shape.rows, targets=_targets(shape, "fwd"), notes=notes)
             # forward + backward

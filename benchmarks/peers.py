@@ -128,7 +128,8 @@ def _reverse_affine_scan(coef: Tensor, offset: Tensor) -> Tensor:
     return x.flip(1)
 
 
-def math_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def math_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
+             lam: float) -> tuple[Tensor, Tensor]:
     """verl's masked GAE as two linear recurrences, for torch.compile (a Python loop over T = 4096
     would unroll into a 4096-step graph). With m the mask:
         nv_t   = m_t * V_t + (1 - m_t) * nv_{t+1}               (next valid value, carried through gaps)
@@ -229,7 +230,8 @@ def trl_grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor, ref_per_
     advantages = advantages.unsqueeze(1)
     log_ratio = per_token_logps - old_per_token_logps
     coef_1 = torch.exp(log_ratio)
-    per_token_kl = torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
+    per_token_kl = (torch.exp(ref_per_token_logps - per_token_logps)
+                    - (ref_per_token_logps - per_token_logps) - 1)
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
     per_token_loss1 = coef_1 * advantages
     per_token_loss2 = coef_2 * advantages

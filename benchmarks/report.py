@@ -40,7 +40,8 @@ def select_shapes(module, *, quick: bool, patterns: list[str] | None, large: boo
     return shapes
 
 
-def run_report(families: list[str], *, quick: bool = False, large: bool = False, patterns: list[str] | None = None,
+def run_report(families: list[str], *, quick: bool = False, large: bool = False,
+               patterns: list[str] | None = None,
                cfg: harness.TimingConfig = harness.TimingConfig(), out_dir: Path = RESULTS_DIR,
                plot: bool = True, measure_memory: bool = True, compile: bool = True,
                shapes_override: dict | None = None,
@@ -56,19 +57,23 @@ def run_report(families: list[str], *, quick: bool = False, large: bool = False,
     if measure_memory:
         meta["memory_probe"] = harness.validate_memory_probe()
         log(f"extra peak memory: {meta['memory_probe']['method']}; validated: a known "
-            f"{meta['memory_probe']['known_bytes']} B allocation measured as {meta['memory_probe']['measured_bytes']} B")
+            f"{meta['memory_probe']['known_bytes']} B allocation measured as "
+            f"{meta['memory_probe']['measured_bytes']} B")
     nbytes = probe_bytes or (32 if quick else 256) * harness.MIB
     probe = harness.check_streaming_probe(nbytes, cfg)
     meta["streaming_probe"] = probe
     g = probe["gbps"]
-    log(f"streaming bandwidth over {nbytes // harness.MIB} MiB: sum {g['sum']:.1f} GB/s, amax {g['amax']:.1f} GB/s, "
+    log(f"streaming bandwidth over {nbytes // harness.MIB} MiB: sum {g['sum']:.1f} GB/s, "
+        f"amax {g['amax']:.1f} GB/s, "
         f"copy {g['copy']:.1f} GB/s (read + write)"
-        + ("" if probe["sum_ok"] else "; WARNING: torch.sum reads >15% below a copy's rate, floors are loose"))
+        + ("" if probe["sum_ok"] else
+           "; WARNING: torch.sum reads >15% below a copy's rate, floors are loose"))
 
     all_rows, all_targets, tables = [], [], []
     for fam in families:
         module = family_module(fam)
-        shapes = (shapes_override or {}).get(fam) or select_shapes(module, quick=quick, patterns=patterns, large=large)
+        shapes = ((shapes_override or {}).get(fam)
+                  or select_shapes(module, quick=quick, patterns=patterns, large=large))
         if not shapes:
             log(f"\n{fam}: no shape matches {patterns}; skipped")
             continue
@@ -99,15 +104,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="op family to run (repeatable; default: all)")
     parser.add_argument("--quick", action="store_true", help="small shapes only (a couple of minutes in all)")
     parser.add_argument("--large", action="store_true",
-                        help="also run each family's SHAPES['large'] (linear: N=2048,H=1024,V=151936 fp32, ~10 min)")
+                        help="also run each family's SHAPES['large'] "
+                             "(linear: N=2048,H=1024,V=151936 fp32, ~10 min)")
     parser.add_argument("--shapes", nargs="+", metavar="SUBSTRING",
                         help="keep the shapes whose label contains one of these, e.g. 4096x32768 bf16")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed samples, median reported (>= 5; default 5)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed samples, median reported (>= 5; default 5)")
     parser.add_argument("--no-memory", action="store_true", help="skip the extra-peak-memory measurement")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help=f"output directory (default {RESULTS_DIR})")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     return parser.parse_args(argv)
 
@@ -121,6 +129,7 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_report(args.family or list(FAMILIES), quick=args.quick, large=args.large, patterns=args.shapes, cfg=cfg, out_dir=args.out,
-               plot=not args.no_plot, measure_memory=not args.no_memory, compile=not args.no_compile)
+    run_report(args.family or list(FAMILIES), quick=args.quick, large=args.large, patterns=args.shapes,
+               cfg=cfg, out_dir=args.out, plot=not args.no_plot, measure_memory=not args.no_memory,
+               compile=not args.no_compile)
     return 0

@@ -28,6 +28,7 @@ from benchmarks.harness import Case, Impl, Target, dtype_label, streaming_probe
 FAMILY = "rlmath"
 RLKERN = "rlkern (cpp)"
 COMPILE = "torch.compile(same maths)"
+TRL_GAE = "TRL PPO loop over T (no mask)"
 GAMMA, LAM = 1.0, 0.95
 
 
@@ -116,19 +117,22 @@ def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
         rows = shape.batch
 
         # GAE, forward only (no gradient flows through advantages)
-        impls = [Impl("floor: read r, V, mask + write A, R", streaming_probe(2 * tok + mask.nbytes, 2 * tok), "floor")]
+        floor = streaming_probe(2 * tok + mask.nbytes, 2 * tok)
+        impls = [Impl("floor: read r, V, mask + write A, R", floor, "floor")]
         if _rlkern_op("gae"):
-            impls.append(Impl(RLKERN, _on_cpp(_rlkern_op("gae"), rewards, values, mask, gamma=GAMMA, lam=LAM), "rlkern"))
+            impls.append(Impl(RLKERN, _on_cpp(_rlkern_op("gae"), rewards, values, mask, gamma=GAMMA, lam=LAM),
+                              "rlkern"))
         impls += [
-            Impl("TRL PPO loop over T (no mask)", functools.partial(peers.trl_gae_loop, rewards, values, GAMMA, LAM)),
-            Impl("verl masked loop over T", functools.partial(peers.verl_gae_loop, rewards, values, mask_f, GAMMA, LAM)),
+            Impl(TRL_GAE, functools.partial(peers.trl_gae_loop, rewards, values, GAMMA, LAM)),
+            Impl("verl masked loop over T",
+                 functools.partial(peers.verl_gae_loop, rewards, values, mask_f, GAMMA, LAM)),
         ]
         if compile:
             impls.append(Impl("torch.compile(associative scans)", functools.partial(
                 _compiled(peers.math_gae), rewards, values, mask, GAMMA, LAM), "compile"))
-        yield Case(FAMILY, "gae", shape.label, "fwd", impls, work=4 * tok + mask.nbytes, rows=rows, notes=notes,
-                   targets=[Target(">= 50x faster than the TRL loop", RLKERN, "speedup", 50.0,
-                                   "TRL PPO loop over T (no mask)"),
+        yield Case(FAMILY, "gae", shape.label, "fwd", impls, work=4 * tok + mask.nbytes, rows=rows,
+                   notes=notes,
+                   targets=[Target(">= 50x faster than the TRL loop", RLKERN, "speedup", 50.0, TRL_GAE),
                             Target("at least as fast as torch.compile", RLKERN, "speedup", 1.0,
                                    "torch.compile(associative scans)")])
 
@@ -141,7 +145,8 @@ def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
             if _rlkern_op(op):
                 impls.append(Impl(RLKERN, _on_cpp(_rlkern_op(op), *args, **kwargs), "rlkern"))
             peer_args = (adv_tok, mask_f) if op == "masked_whiten" else args
-            impls.append(Impl(f"verl eager ({peer.__name__.removeprefix('verl_')})", functools.partial(peer, *peer_args)))
+            impls.append(Impl(f"verl eager ({peer.__name__.removeprefix('verl_')})",
+                              functools.partial(peer, *peer_args)))
             if compile:
                 impls.append(Impl(COMPILE, functools.partial(_compiled(peer), *peer_args), "compile"))
             yield Case(FAMILY, op, shape.label, "fwd", impls, work=read + tok, rows=rows, notes=notes,
@@ -154,18 +159,20 @@ def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
             ("value_loss", (values, old, rewards, mask), {}, 0,
              peers.verl_value_loss, (values, rewards, old, mask_f), 0, 3 * tok + mask.nbytes),
             ("grpo_loss", (logp, old, ref, adv_seq, mask), {"beta": 0.04}, 0,
-             peers.trl_grpo_loss, (logp, old, ref, adv_seq, mask_f), 0, 3 * tok + adv_seq.nbytes + mask.nbytes),
+             peers.trl_grpo_loss, (logp, old, ref, adv_seq, mask_f), 0,
+             3 * tok + adv_seq.nbytes + mask.nbytes),
         )
         for op, args, kwargs, leaf, peer, peer_args, peer_leaf, read in loss_specs:
             impls = [Impl("floor: read inputs + write d input", streaming_probe(read, tok), "floor")]
             if _rlkern_op(op):
-                impls.append(Impl(RLKERN, _loss_forward_backward(_on_cpp_fn(_rlkern_op(op)), leaf, args, kwargs),
-                                  "rlkern"))
+                rl = _loss_forward_backward(_on_cpp_fn(_rlkern_op(op)), leaf, args, kwargs)
+                impls.append(Impl(RLKERN, rl, "rlkern"))
             source = "TRL" if peer.__name__.startswith("trl") else "verl"
             impls.append(Impl(f"{source} eager ({peer.__name__.split('_', 1)[1]})",
                               _loss_forward_backward(peer, peer_leaf, peer_args)))
             if compile:
-                impls.append(Impl(COMPILE, _loss_forward_backward(_compiled(peer), peer_leaf, peer_args), "compile"))
+                impls.append(Impl(COMPILE, _loss_forward_backward(_compiled(peer), peer_leaf, peer_args),
+                                  "compile"))
             yield Case(FAMILY, op, shape.label, "fwd+bwd", impls, work=read + tok, rows=rows, notes=notes,
                        targets=[Target("forward+backward <= 1.5x floor", RLKERN, "x_floor", 1.5),
                                 Target("at least as fast as torch.compile", RLKERN, "speedup", 1.0, COMPILE)])

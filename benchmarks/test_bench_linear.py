@@ -1,4 +1,5 @@
-"""pytest-benchmark cases of the linear family: `pytest benchmarks/test_bench_linear.py` (see pytest_cases.py)."""
+"""pytest-benchmark cases of the linear family (see pytest_cases.py):
+``pytest benchmarks/test_bench_linear.py``."""
 
 import pytest
 

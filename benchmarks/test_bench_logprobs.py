@@ -1,4 +1,5 @@
-"""pytest-benchmark cases of the logprobs family: `pytest benchmarks/test_bench_logprobs.py` (see pytest_cases.py)."""
+"""pytest-benchmark cases of the logprobs family (see pytest_cases.py):
+``pytest benchmarks/test_bench_logprobs.py``."""
 
 import pytest
 

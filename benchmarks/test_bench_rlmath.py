@@ -1,4 +1,5 @@
-"""pytest-benchmark cases of the rlmath family: `pytest benchmarks/test_bench_rlmath.py` (see pytest_cases.py)."""
+"""pytest-benchmark cases of the rlmath family (see pytest_cases.py):
+``pytest benchmarks/test_bench_rlmath.py``."""
 
 import pytest
 

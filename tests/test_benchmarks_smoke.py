@@ -87,7 +87,8 @@ def test_logprob_peers_agree_with_the_reference():
     for got in (peers.naive_logprobs(logits, labels), peers.trl_selective_log_softmax(logits, labels),
                 peers.math_logprobs(logits, labels)):
         torch.testing.assert_close(got, want_lp, atol=1e-5, rtol=1e-5)
-    for got in (peers.naive_entropy(logits), peers.trl_entropy_from_logits(logits), peers.math_entropy(logits)):
+    for got in (peers.naive_entropy(logits), peers.trl_entropy_from_logits(logits),
+                peers.math_entropy(logits)):
         torch.testing.assert_close(got, want_h, atol=1e-5, rtol=1e-5)
 
 

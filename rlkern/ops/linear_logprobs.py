@@ -132,7 +132,7 @@ def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tens
             if exact:
                 grad_hidden[rows].addmm_(dz, w_tile)
             else:
-                grad_hidden[rows].add_(torch.mm(dz, w_tile, out=dh_part[:n]))
+                torch.ops.rlkern_C.lm_accumulate(grad_hidden[rows], torch.mm(dz, w_tile, out=dh_part[:n]))
             if one_token_tile:
                 torch.mm(dz.t(), h_tile, out=gw)
             elif exact:
@@ -145,7 +145,7 @@ def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tens
                 if i == 0:
                     dw_acc[:v].copy_(part)
                 else:
-                    dw_acc[:v].add_(part)
+                    torch.ops.rlkern_C.lm_accumulate(dw_acc[:v], part)
             if grad_bias.numel():
                 if i == 0:
                     torch.sum(dz, 0, dtype=torch.float32, out=grad_bias[v0:v0 + v])
@@ -344,6 +344,55 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
     return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
 
 
+def _policy_token_tile(n_tokens: int, vocab: int, chunk_size: int | None) -> int:
+    """Tokens per full-vocabulary tile of the single-pass policy loss: the fp32 [n, V] tile within
+    the memory budget of :func:`tile_sizes` (``chunk_size`` here counts tokens), a multiple of 16."""
+    if chunk_size is not None:
+        return max(1, min(chunk_size, n_tokens))
+    budget = min(max(n_tokens * vocab * 4 // _BUDGET_FRACTION, _BUDGET_MIN), _BUDGET_MAX)
+    return max(1, min(n_tokens, max(16, budget // (4 * vocab) // 16 * 16)))
+
+
+def _cpp_policy_single_pass(hidden, weight, labels, old_logp, ref_logp, advantages, mask, loss_kwargs,
+                            temperature, chunk_size, loss_and_grad):
+    """fp32 GRPO loss and its gradients with three GEMMs per token and no recomputation.
+
+    Tokens are cut into tiles of n rows over the whole vocabulary, so a tile's log-probs are final
+    as soon as it is folded. d loss / d logp of a token depends only on its own log-prob (and
+    old/ref log-prob and advantage) and on normalisers that depend on the mask alone, so
+    ``grpo_loss_and_grad`` run on all tokens, with the tokens not yet computed holding a finite
+    placeholder (their old log-prob), gives the exact gradient for this tile's tokens. The tile then
+    becomes d logits in place: d hidden = d logits @ W (final), d W += d logits^T @ hidden_tile
+    (accumulated in the fp32 gradient itself, as Liger's fused linear losses do)."""
+    n_tokens, _ = hidden.shape
+    vocab = weight.shape[0]
+    inv_temp = 1.0 / temperature
+    shape = mask.shape
+    logp_all = old_logp.detach().reshape(-1).float().clone()
+    ref = ref_logp if ref_logp is not None else logp_all.view(shape)  # beta = 0: k3 only feeds the stats
+    grad_hidden = new_output(hidden.shape, device=hidden.device)
+    grad_weight = torch.zeros_like(weight)
+    tn = _policy_token_tile(n_tokens, vocab, chunk_size)
+    buf = torch.empty(tn * vocab)
+    none = hidden.new_empty(0, dtype=torch.float32)
+    for n0 in range(0, n_tokens, tn):
+        n = min(tn, n_tokens - n0)
+        rows = slice(n0, n0 + n)
+        tile = buf[:n * vocab].view(n, vocab)
+        torch.mm(hidden[rows], weight.t(), out=tile)
+        m, s, t, zy = torch.full((n,), -math.inf), torch.zeros(n), torch.zeros(n), torch.zeros(n)
+        torch.ops.rlkern_C.lm_fold(tile, none, labels[rows], inv_temp, -100, 0, False, m, s, t, zy)
+        lse, _ = _finalize(m, s, t)
+        logp_all[rows] = label_logprobs(zy, lse, labels[rows], -100)
+        _, grad_logp, _ = loss_and_grad(logp_all.view(shape), old_logp, ref, advantages, mask, **loss_kwargs)
+        g = grad_logp.reshape(-1)[rows].float().contiguous()
+        torch.ops.rlkern_C.lm_grad(tile, none, labels[rows], g, none, lse, none, inv_temp, -100, 0)
+        torch.mm(tile, weight, out=grad_hidden[rows])
+        grad_weight.addmm_(tile.t(), hidden[rows])
+    loss, _, stats = loss_and_grad(logp_all.view(shape), old_logp, ref, advantages, mask, **loss_kwargs)
+    return loss, stats, grad_hidden, grad_weight
+
+
 class _AttachGradients(torch.autograd.Function):
     """Gives a loss computed without autograd the gradients already computed for its inputs:
     backward returns them scaled by the upstream gradient (the loss is a scalar, so this is exact)."""
@@ -376,12 +425,16 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
             when ``beta > 0``.
         beta, clip_low, clip_high, loss_type: as for ``grpo_loss`` (``grpo``, ``bnpo``, ``dr_grpo``,
             ``dapo``).
-        temperature, chunk_size: as for :func:`linear_logprobs`.
+        temperature: as for :func:`linear_logprobs`.
+        chunk_size: tile override: tokens per full-vocabulary tile on the fp32 CPU path, vocabulary
+            rows per tile otherwise (as for :func:`linear_logprobs`).
 
     Returns:
         ``(loss, stats)`` as from ``grpo_loss``; the gradient reaches ``hidden`` and ``weight``.
         The gradients are computed during the forward (d loss / d logp is known once the log-probs
-        are, because the output is a scalar) and only scaled in backward.
+        are, because the output is a scalar) and only scaled in backward. fp32 on CPU takes one
+        pass of three GEMMs (see ``_cpp_policy_single_pass``); bf16 / fp16 take one GEMM more so
+        that d weight needs no ``[V, H]`` fp32 accumulator.
     """
     from rlkern.ops.losses import grpo_loss, grpo_loss_and_grad
 
@@ -399,6 +452,13 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     w = weight.contiguous()
+    if backend == "cpp" and hidden.dtype == torch.float32:
+        with torch.no_grad():
+            loss, stats, gh, gw = _cpp_policy_single_pass(flat_hidden, w, flat_labels, old_logp, ref_logp, advantages,
+                                                          mask, kwargs, temperature, chunk_size, grpo_loss_and_grad)
+        return _AttachGradients.apply(loss, hidden, weight, gh.view(hidden.shape), gw), stats
+    # bf16 / fp16 and Triton: log-probs first, then one backward pass (vocabulary-outer, so d weight
+    # is written tile by tile in the weight's dtype with no [V, H] fp32 accumulator); one GEMM more.
     with torch.no_grad():
         lse, _, zy = shard_stats(flat_hidden, w, None, flat_labels, temperature, -100, 0, False, chunk_size, backend)
         logp = label_logprobs(zy, lse, flat_labels, -100).view(labels.shape)

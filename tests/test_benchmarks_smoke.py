@@ -152,3 +152,31 @@ def test_report_runs_end_to_end_on_tiny_shapes(tmp_path):
 def test_cli_rejects_fewer_than_five_repeats(capsys):
     assert report.main(["--repeats", "2", "--no-plot"]) == 2
     assert "repeats must be >= 5" in capsys.readouterr().err
+
+
+def test_pytest_benchmark_cases_cover_every_implementation(monkeypatch):
+    from benchmarks import pytest_cases
+
+    monkeypatch.setitem(rlmath.SHAPES, "quick", TINY["rlmath"])
+    monkeypatch.setenv("RLKERN_BENCH_SHAPES", "quick")
+    params = pytest_cases.params("rlmath")
+    ids = [p.id for p in params]
+    assert len(ids) == len(set(ids))
+    for op in ("gae", "kl", "policy_loss", "value_loss", "grpo_loss"):
+        assert any(i.startswith(op) and "| floor:" in i for i in ids), op
+
+    class FakeBenchmark:  # the slice of pytest-benchmark's fixture that pytest_cases.run uses
+        def __init__(self):
+            self.extra_info, self.calls = {}, 0
+
+        def __call__(self, fn):
+            self.calls += 1
+            return fn()
+
+    bench = FakeBenchmark()
+    shape_index, case_index, impl = params[0].values
+    pytest_cases.run(bench, "rlmath", shape_index, case_index, impl)
+    assert bench.calls == 1 and bench.group.startswith("gae") and bench.extra_info["unit"] == "GB/s"
+    monkeypatch.setenv("RLKERN_BENCH_SHAPES", "huge")
+    with pytest.raises(ValueError, match="RLKERN_BENCH_SHAPES must be one of"):
+        pytest_cases.params("rlmath")

@@ -346,3 +346,33 @@ def test_linear_policy_loss_needs_ref_logp_for_kl():
     with pytest.raises(ValueError, match="ref_logp is required when beta > 0"):
         rlkern.ops.linear_policy_loss(hidden, weight, labels, torch.zeros(2, 3), torch.zeros(2),
                                       torch.ones(2, 3, dtype=torch.bool), beta=0.1)
+
+
+def test_cpp_epilogues_check_their_arguments():
+    """The raw C++ kernels reject inconsistent buffers with a message instead of reading past them."""
+    tile = torch.randn(3, 10)
+    state = [torch.zeros(3) for _ in range(4)]
+    labels = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous float32 slice with one entry per tile column"):
+        torch.ops.rlkern_C.lm_fold(tile, torch.zeros(9), labels, 1.0, -100, 0, False, *state)
+    with pytest.raises(RuntimeError, match="labels must be a contiguous int64 tensor with one entry per tile row"):
+        torch.ops.rlkern_C.lm_fold(tile, torch.zeros(0), labels[:2], 1.0, -100, 0, False, *state)
+    with pytest.raises(RuntimeError, match="lse must be a contiguous float32 tensor"):
+        torch.ops.rlkern_C.lm_grad(tile, torch.zeros(0), labels, torch.zeros(3), torch.zeros(0), torch.zeros(2),
+                                   torch.zeros(0), 1.0, -100, 0)
+    with pytest.raises(RuntimeError, match="part must be contiguous with acc's shape"):
+        torch.ops.rlkern_C.lm_accumulate(torch.zeros(4, 3), torch.zeros(3, 4).t())
+
+
+def test_linear_policy_loss_single_backward_and_upstream_scale():
+    hidden, weight, _, labels = _make((2, 3), 8, 20, torch.float32, ignore=0.0)
+    args = (labels, torch.zeros(2, 3) - 3.0, torch.tensor([1.0, -1.0]), torch.ones(2, 3, dtype=torch.bool))
+    grads = []
+    for scale in (1.0, -2.5):
+        h = hidden.clone().requires_grad_(True)
+        loss, _ = rlkern.ops.linear_policy_loss(h, weight, *args)
+        (scale * loss).backward(retain_graph=True)
+        grads.append(h.grad.clone())
+        with pytest.raises(RuntimeError, match="single backward pass"):
+            loss.backward()
+    torch.testing.assert_close(grads[1], -2.5 * grads[0])

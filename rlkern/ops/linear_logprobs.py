@@ -395,18 +395,27 @@ def _cpp_policy_single_pass(hidden, weight, labels, old_logp, ref_logp, advantag
 
 class _AttachGradients(torch.autograd.Function):
     """Gives a loss computed without autograd the gradients already computed for its inputs:
-    backward returns them scaled by the upstream gradient (the loss is a scalar, so this is exact)."""
+    backward returns them scaled by the upstream gradient (the loss is a scalar, so this is exact).
+
+    The gradients are kept as ctx attributes rather than saved tensors and handed over (scaled in
+    place) on the one backward, so that autograd can take them as ``.grad`` without a copy: the
+    d weight of an LM head is [V, H], a copy would double the op's peak memory."""
 
     @staticmethod
     def forward(ctx, loss, hidden, weight, grad_hidden, grad_weight):
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.grads = (grad_hidden, grad_weight)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return None, grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), \
-            None, None
+        if ctx.grads is None:
+            raise RuntimeError("linear_policy_loss supports a single backward pass (its gradients are computed in the "
+                               "forward and handed over once); recompute the loss to differentiate it again")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return None, grad_hidden, grad_weight, None, None
 
 
 def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,

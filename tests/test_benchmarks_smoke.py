@@ -52,6 +52,14 @@ def test_streaming_probe_moves_the_stated_bytes():
     assert harness.streaming_probe(64, 64)() is None  # all bytes copied, nothing left to read
     with pytest.raises(ValueError, match="must not exceed read_bytes"):
         harness.streaming_probe(10, 20)
+    # the fallback for a machine where torch.sum does not reach a copy's rate: one copy, same traffic
+    harness.set_floor_probe("copy")
+    try:
+        assert harness.streaming_probe(4000, 1000)() is None  # a copy of 2500 bytes, no sum
+    finally:
+        harness.set_floor_probe("sum")
+    with pytest.raises(ValueError, match="floor probe must be one of"):
+        harness.set_floor_probe("memcpy")
 
 
 def test_targets_are_reported_not_asserted():

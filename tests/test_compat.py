@@ -836,6 +836,10 @@ def test_openrlhf_compute_reward(backend):
     for kl_coef, clip in ((0.05, None), (-1.0, (-1.0, 1.0))):
         got = orl_shim.compute_reward(r, kl_coef, kl, action_mask=mask, reward_clip_range=clip)
         close(got, orl_compute_reward(r, kl_coef, kl, mask, clip), what=f"kl_coef={kl_coef}")
+    with pytest.raises(TypeError, match="packed list form"):
+        orl_shim.compute_reward(r, 0.1, [kl], action_mask=mask)
+    with pytest.raises(ValueError, match="action_mask is required"):
+        orl_shim.compute_reward(r, 0.1, kl)
 
 
 def test_openrlhf_log_probs_from_logits_divides_in_place_like_openrlhf(backend):

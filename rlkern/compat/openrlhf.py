@@ -97,6 +97,9 @@ def compute_reward(r: Tensor, kl_coef: float, kl: Tensor, action_mask: Tensor | 
     """Token rewards (OpenRLHF ``models/utils.py::compute_reward``): ``-kl_coef * kl`` at every
     position plus the sequence reward ``r`` (clamped to ``reward_clip_range`` if given) at the last
     position where ``action_mask`` is set; ``kl_coef <= 0`` means no KL term."""
+    if not isinstance(kl, Tensor):
+        raise TypeError(f"kl must be a [B, T] tensor (OpenRLHF's packed list form is not supported), "
+                        f"got {type(kl).__name__}")
     if action_mask is None:
         raise ValueError("action_mask is required: the sequence reward goes to the last valid token")
     if kl_coef <= 0.0:

@@ -473,6 +473,22 @@ def test_trl_grpo_advantages_zero_variance_group_is_zero():
     close(got, trl_grpo_advantages(rewards, 3, "group"), atol=2e-3, what="advantages")
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("num_generations", [1, 4])
+def test_trl_rloo_advantages_match_trl(normalize, num_generations):
+    rewards = torch.randn(num_generations * 6)
+    # trl/trainer/rloo_trainer.py, RLOO advantages (finite rewards: every completion scorable)
+    grouped = rewards.view(-1, num_generations)
+    if num_generations > 1:
+        baselines = (grouped.sum(dim=1, keepdim=True) - grouped) / (num_generations - 1)
+        want = rewards - baselines.view(-1)
+    else:
+        want = torch.zeros_like(rewards)
+    if normalize:
+        want = (want - torch.nanmean(want)) / (trl_real.nanstd(want) + 1e-4)
+    close(trl_shim.rloo_advantages(rewards, num_generations, normalize), torch.nan_to_num(want, nan=0.0))
+
+
 class _Accelerator:
     """What GRPOTrainer/DPOTrainer._compute_loss read from accelerate on one process."""
     num_processes = 1

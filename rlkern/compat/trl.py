@@ -4,8 +4,9 @@ Functions TRL keeps at module level (``trl.trainer.utils.selective_log_softmax``
 ``entropy_from_logits``, ``selective_log_softmax_and_entropy``) are swapped in by
 ``rlkern.compat.patch("trl")``. TRL computes its GRPO advantages and losses and its DPO losses inline
 in ``GRPOTrainer._generate_and_score_completions`` / ``GRPOTrainer._compute_loss`` /
-``DPOTrainer._compute_loss``, so there is nothing to patch there; :func:`grpo_advantages`,
-:func:`grpo_loss` and :func:`dpo_loss` give the same maths as functions.
+``DPOTrainer._compute_loss`` (and RLOO's in ``RLOOTrainer``), so there is nothing to patch there;
+:func:`grpo_advantages`, :func:`rloo_advantages`, :func:`grpo_loss` and :func:`dpo_loss` give the
+same maths as functions.
 
 TRL-specific numerics reproduced here (each cited where it is used):
 - GRPO advantages divide by ``std + 1e-4`` (not 1e-6 as in verl, nor 1e-9 as in OpenRLHF), with the
@@ -28,6 +29,7 @@ __all__ = [
     "entropy_from_logits",
     "selective_log_softmax_and_entropy",
     "grpo_advantages",
+    "rloo_advantages",
     "grpo_loss",
     "dpo_loss",
 ]
@@ -139,6 +141,21 @@ def grpo_advantages(rewards: Tensor, num_generations: int, scale_rewards: str = 
     # "batch": one std over all B rewards (TRL's nanstd: unbiased); 0 for a batch of one.
     std = rewards.float().std() if rewards.numel() > 1 else rewards.new_zeros((), dtype=torch.float32)
     return centred / (std + 1e-4)
+
+
+def rloo_advantages(rewards: Tensor, num_generations: int, normalize_advantages: bool = False) -> Tensor:
+    """RLOO advantages of ``rewards [B]`` (grouped contiguously by ``num_generations``), as
+    ``RLOOTrainer`` computes them (trl/trainer/rloo_trainer.py): ``r_i`` minus the mean of the other
+    rewards of its group; with ``normalize_advantages``, then ``(a - mean) / (std + 1e-4)`` over the
+    batch (unbiased std). A group of one gets 0, as in TRL. Rewards must be finite (TRL's NaN rewards
+    for unscorable completions are not supported)."""
+    if not isinstance(rewards, Tensor) or rewards.dim() != 1:
+        raise ValueError(f"rewards must be a 1-d tensor [B], got {getattr(rewards, 'shape', type(rewards))}")
+    advantages = ops.group_advantages(rewards, group_size=num_generations, method="rloo")
+    if normalize_advantages:
+        std = advantages.std() if advantages.numel() > 1 else advantages.new_zeros(())
+        advantages = (advantages - advantages.mean()) / (std + 1e-4)
+    return advantages
 
 
 def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_per_token_logps: Tensor | None,

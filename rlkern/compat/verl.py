@@ -13,7 +13,8 @@ verl-specific numerics reproduced here (each cited where it is used):
 - GRPO divides by ``std + 1e-6`` (unbiased std); a group of one has mean 0 and std 1.
 - ``low_var_kl``/``k3`` clamps the log-ratio to [-20, 20] before exp and the result to [-10, 10].
 - The policy loss clamps the log-ratio to [-20, 20] and always applies dual-clip (``clip_ratio_c=3``).
-Outputs that verl returns in the input dtype (log-probs, entropy) keep it here too. Masks must be
+Tensors that verl returns in the input dtype (log-probs, entropy, advantages, returns) keep it here
+too; scalar losses and statistics are fp32 (rlkern accumulates in fp32 whatever the input dtype). Masks must be
 bool or 0/1 (rlkern.ops rejects other values); verl's masked_mean would also take fractional weights.
 """
 
@@ -185,10 +186,13 @@ def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, re
     """verl ``core_algos.compute_gae_advantage_return``: one reverse GAE scan in which masked
     positions (observation tokens, padding) carry the next value and the running advantage through;
     ``returns = advantages + values``; the advantages are then whitened over the mask. No gradient."""
+    dtype = torch.promote_types(token_level_rewards.dtype, values.dtype)
     with torch.no_grad():
         advantages, returns = ops.gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam))
-        advantages = masked_whiten(advantages, response_mask)
-    return advantages, returns
+        # Whitened from rlkern's fp32 advantages, then both returned in verl's dtype (its loop runs
+        # in the dtype of rewards and values).
+        advantages = masked_whiten(advantages, response_mask).to(dtype)
+    return advantages, returns.to(dtype)
 
 
 def _group_ids(index, n: int, device) -> Tensor:

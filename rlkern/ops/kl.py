@@ -144,11 +144,13 @@ def kl(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", *, clamp=None) -> 
 @torch.library.custom_op("rlkern::token_rewards", mutates_args=())
 def _token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float, estimator: int,
                    lo: float, hi: float, value_bound: float, backend: str) -> Tensor:
-    length = mask.shape[-1]
+    rows, length = math.prod(mask.shape[:-1]), mask.shape[-1]
     out = new_output(mask.shape, device=mask.device)
-    lp, rf = logp.reshape(-1, length).contiguous(), ref_logp.reshape(-1, length).contiguous()
-    m, s = mask.reshape(-1, length).contiguous(), scores.reshape(-1).float().contiguous()
-    flat_out = out.view(-1, length)
+    if out.numel() == 0:
+        return out
+    lp, rf = logp.reshape(rows, length).contiguous(), ref_logp.reshape(rows, length).contiguous()
+    m, s = mask.reshape(rows, length).contiguous(), scores.reshape(rows).float().contiguous()
+    flat_out = out.view(rows, length)
     if backend == "cpp":
         torch.ops.rlkern_C.token_rewards_fwd(s, lp, rf, m, kl_coef, estimator, lo, hi, value_bound, flat_out)
     else:

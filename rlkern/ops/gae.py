@@ -1,0 +1,144 @@
+"""Reverse scans over token tensors: ``gae`` (masked GAE) and ``discounted_returns`` (REINFORCE++).
+
+One pass from the last token to the first, fp32, every row independent. Advantages and returns
+are targets, not functions to differentiate: the outputs are detached (inputs that require grad
+are read, never differentiated). Kernels: csrc/gae.cpp (CPU), kernels/gae.py (Triton); oracle:
+rlkern.reference.gae / discounted_returns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from rlkern import reference
+from rlkern.ops._common import check_tensor, check_token_mask, new_output, pick_backend
+
+__all__ = ["gae", "discounted_returns"]
+
+
+def _check_discount(value, name: str) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.detach().reshape(-1, x.shape[-1]).float().contiguous()
+
+
+@torch.library.custom_op("rlkern::gae", mutates_args=())
+def _gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, backend: str) -> tuple[Tensor, Tensor]:
+    adv = new_output(rewards.shape, device=rewards.device)
+    ret = new_output(rewards.shape, device=rewards.device)
+    if rewards.numel() == 0:
+        return adv, ret
+    length = rewards.shape[-1]
+    r, v, m = _rows(rewards), _rows(values), mask.reshape(-1, length).contiguous()
+    flat_adv, flat_ret = adv.view(-1, length), ret.view(-1, length)
+    gamma_lam = gamma * lam
+    if backend == "cpp":
+        torch.ops.rlkern_C.gae_fwd(r, v, m, gamma, lam, flat_adv, flat_ret)
+    else:
+        from rlkern.kernels import gae as tk
+
+        tk.gae_fwd(r, v, m, gamma, gamma_lam, flat_adv, flat_ret)
+    return adv, ret
+
+
+@_gae.register_fake
+def _(rewards, values, mask, gamma, lam, backend):
+    new = lambda: rewards.new_empty(rewards.shape, dtype=torch.float32)  # noqa: E731
+    return new(), new()
+
+
+@torch.library.custom_op("rlkern::discounted_returns", mutates_args=())
+def _discounted_returns(rewards: Tensor, mask: Tensor, gamma: float, backend: str) -> Tensor:
+    ret = new_output(rewards.shape, device=rewards.device)
+    if rewards.numel() == 0:
+        return ret
+    length = rewards.shape[-1]
+    r, m = _rows(rewards), mask.reshape(-1, length).contiguous()
+    if backend == "cpp":
+        torch.ops.rlkern_C.discounted_returns_fwd(r, m, gamma, ret.view(-1, length))
+    else:
+        from rlkern.kernels import gae as tk
+
+        tk.discounted_returns_fwd(r, m, gamma, ret.view(-1, length))
+    return ret
+
+
+@_discounted_returns.register_fake
+def _(rewards, mask, gamma, backend):
+    return rewards.new_empty(rewards.shape, dtype=torch.float32)
+
+
+def _check_tokens(x, name: str, shape=None) -> Tensor:
+    check_tensor(x, name)
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have shape [..., T], got a 0-d tensor")
+    if shape is not None and x.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    return x.detach()
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation with verl's masking (compute_gae_advantage_return):
+
+        walking t = T-1 .. 0 with next_value = running = 0:
+        delta = rewards_t + gamma * next_value - values_t
+        a = delta + gamma * lam * running
+        where mask_t: next_value = values_t, running = a      (else both carry through)
+        advantages_t = running,   returns_t = advantages_t + values_t
+
+    A masked position (padding, or a tool/observation token inside a multi-turn response) takes no
+    part in the recursion: it holds the running advantage of the next valid token, and the valid
+    token before it bootstraps from the next valid token's value, so gaps are skipped exactly.
+    Unlike verl's function, the advantages are not whitened: compose with :func:`masked_whiten`.
+
+    Args:
+        rewards, values: ``[..., T]`` float32 / bfloat16 / float16 (float64 runs the reference).
+        mask: ``[..., T]`` bool or 0/1 of any dtype.
+        gamma, lam: discount and GAE lambda, each in [0, 1].
+
+    Returns:
+        ``(advantages, returns)``, float32 ``[..., T]`` (float64 for float64 inputs), detached.
+    """
+    rewards = _check_tokens(rewards, "rewards")
+    values = _check_tokens(values, "values", rewards.shape)
+    valid = check_token_mask(mask, "mask", rewards.shape)
+    gamma, lam = _check_discount(gamma, "gamma"), _check_discount(lam, "lam")
+    backend = pick_backend(rewards, values)
+    if backend == "torch":
+        return reference.gae(rewards, values, valid, gamma=gamma, lam=lam)
+    return torch.ops.rlkern.gae(rewards, values, valid, gamma, lam, backend)
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float) -> Tensor:
+    """REINFORCE++ discounted returns (verl's compute_reinforce_plus_plus_outcome_advantage, before
+    its whitening), resetting after the end of each sequence:
+
+        walking t = T-1 .. 0 with running = 0:
+        running = rewards_t + gamma * running;  returns_t = running;  running = 0 where not mask_t
+
+    so a valid token's return sums only the rewards of its own sequence's valid suffix, and a
+    padding position holds its own reward plus the return that follows it.
+
+    Args:
+        rewards: ``[..., T]`` float32 / bfloat16 / float16 (float64 runs the reference).
+        mask: ``[..., T]`` bool or 0/1 of any dtype.
+        gamma: discount in [0, 1].
+
+    Returns:
+        float32 ``[..., T]`` returns (float64 for float64 input), detached.
+    """
+    rewards = _check_tokens(rewards, "rewards")
+    valid = check_token_mask(mask, "mask", rewards.shape)
+    gamma = _check_discount(gamma, "gamma")
+    backend = pick_backend(rewards)
+    if backend == "torch":
+        return reference.discounted_returns(rewards, valid, gamma=gamma)
+    return torch.ops.rlkern.discounted_returns(rewards, valid, gamma, backend)

@@ -25,9 +25,7 @@ import types
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-import rlkern
 import rlkern.compat as compat
 from rlkern.compat import openrlhf as orl_shim
 from rlkern.compat import trl as trl_shim
@@ -43,8 +41,10 @@ def close(actual, expected, *, atol=ATOL, rtol=RTOL, what="value"):
     actual = torch.as_tensor(actual).detach().double()
     expected = torch.as_tensor(expected).detach().double()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not actual.isnan().any() or torch.equal(actual.isnan(), expected.isnan()), f"{what}: unexpected NaN"
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    nan_ok = not actual.isnan().any() or torch.equal(actual.isnan(), expected.isnan())
+    assert nan_ok, f"{what}: NaN where the peer has none"
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def rand_mask(b, t, p=0.75, *, ensure=True):
@@ -173,7 +173,8 @@ def verl_rloo(token_level_rewards, response_mask, index):
         for i in range(scores.shape[0]):
             id2score[index[i]].append(scores[i])
         for idx in id2score:
-            id2mean[idx] = torch.tensor(0.0) if len(id2score[idx]) == 1 else torch.mean(torch.stack(id2score[idx]))
+            group = id2score[idx]
+            id2mean[idx] = torch.tensor(0.0) if len(group) == 1 else torch.mean(torch.stack(group))
         for i in range(scores.shape[0]):
             n = len(id2score[index[i]])
             if n > 1:
@@ -407,7 +408,8 @@ def test_trl_logprobs_and_entropy_matches_trl(backend, entropy_requires_grad):
     index = torch.randint(0, 37, (3, 5))
     row_mask = torch.rand(3, 5) > 0.3
     lp, ent = trl_shim.selective_log_softmax_and_entropy(logits, index, entropy_requires_grad, 0.9, row_mask)
-    lp_t, ent_t = trl_real.selective_log_softmax_and_entropy(logits, index, entropy_requires_grad, 0.9, row_mask)
+    lp_t, ent_t = trl_real.selective_log_softmax_and_entropy(logits, index, entropy_requires_grad, 0.9,
+                                                             row_mask)
     close(lp, lp_t, what="log-probs")
     close(ent, ent_t, what="entropy")
     assert ent.requires_grad == ent_t.requires_grad == entropy_requires_grad
@@ -450,7 +452,8 @@ def trl_grpo_advantages(rewards, num_generations, scale_rewards):
         else:
             std_rewards = torch.zeros_like(rewards)
     else:
-        std_rewards = trl_real.nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        one = rewards.numel() == 1
+        std_rewards = torch.zeros_like(rewards) if one else trl_real.nanstd(rewards).expand_as(rewards)
     advantages = rewards - mean_grouped_rewards
     if scale_rewards != "none":
         advantages = advantages / (std_rewards + 1e-4)
@@ -515,13 +518,15 @@ def trl_grpo_trainer_loss(logp, old, ref, advantages, mask, *, beta, eps_low, ep
     b, t = logp.shape
     trainer = types.SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros(b, t), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+        beta=beta,
         args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
         loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
         model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
         accelerator=_Accelerator(), _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics=_metrics(),
         max_completion_length=max_completion_length)
-    inputs = dict(prompt_ids=torch.zeros(b, 2, dtype=torch.long), prompt_mask=torch.ones(b, 2, dtype=torch.long),
+    inputs = dict(prompt_ids=torch.zeros(b, 2, dtype=torch.long),
+                  prompt_mask=torch.ones(b, 2, dtype=torch.long),
                   completion_ids=torch.zeros(b, t, dtype=torch.long), completion_mask=mask.long(),
                   advantages=advantages, old_per_token_logps=old, ref_per_token_logps=ref,
                   num_items_in_batch=torch.as_tensor(float(num_items_in_batch)))
@@ -537,7 +542,8 @@ def test_trl_grpo_loss_matches_trl_trainer(backend, loss_type, beta):
     ref = logp.detach() + 0.3 * torch.randn(b, t)
     adv = torch.randn(b)
     mask = rand_mask(b, t)
-    kw = dict(beta=beta, loss_type=loss_type, max_completion_length=12, num_items_in_batch=int(mask.sum()) + 7)
+    kw = dict(beta=beta, loss_type=loss_type, max_completion_length=12,
+              num_items_in_batch=int(mask.sum()) + 7)
     got = trl_shim.grpo_loss(logp, old, ref, adv, mask, epsilon=0.2, epsilon_high=0.28, **kw)
     want = trl_grpo_trainer_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, **kw)
     close(got, want, what=f"{loss_type} loss")
@@ -554,7 +560,8 @@ def test_trl_grpo_loss_on_policy_default():
     close(got, want, what="on-policy loss")
 
 
-def trl_dpo_trainer_loss(chosen_tok, rejected_tok, ref_chosen, ref_rejected, completion_mask, *, beta, loss_type,
+def trl_dpo_trainer_loss(chosen_tok, rejected_tok, ref_chosen, ref_rejected, completion_mask, *, beta,
+                         loss_type,
                          label_smoothing):
     """The real DPOTrainer._compute_loss on a stand-in trainer and a stand-in model whose
     per-token log-probs are given (zero outside the completion, as the fused LM head returns them)."""
@@ -568,12 +575,14 @@ def trl_dpo_trainer_loss(chosen_tok, rejected_tok, ref_chosen, ref_rejected, com
         return types.SimpleNamespace(log_probs=tok, entropy=z, mean_logits=z, is_top1=z.bool(), aux_loss=None)
 
     trainer = types.SimpleNamespace(
-        model=types.SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
+        model=types.SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False,
+        ld_alpha=None,
         precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
         beta=beta, label_smoothing=label_smoothing, use_weighting=False, _total_train_tokens=0, _tp_size=1,
         _metrics=_metrics())
-    inputs = dict(input_ids=torch.zeros(n, length, dtype=torch.long), attention_mask=torch.ones(n, length, dtype=torch.long),
-                  completion_mask=completion_mask, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+    inputs = dict(input_ids=torch.zeros(n, length, dtype=torch.long),
+                  attention_mask=torch.ones(n, length, dtype=torch.long), completion_mask=completion_mask,
+                  ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
     return DPOTrainer._compute_loss(trainer, model, inputs, False)
 
 
@@ -588,7 +597,8 @@ def test_trl_dpo_loss_matches_trl_trainer(loss_type, label_smoothing):
     shifted = completion_mask[:, 1:]
     tok = (-torch.rand(2 * b, length - 1) * 2 * shifted).requires_grad_()
     ref_c, ref_r = -torch.rand(b) * 8, -torch.rand(b) * 8
-    want = trl_dpo_trainer_loss(tok[:b], tok[b:], ref_c, ref_r, completion_mask, beta=0.1, loss_type=loss_type,
+    want = trl_dpo_trainer_loss(tok[:b], tok[b:], ref_c, ref_r, completion_mask, beta=0.1,
+                                loss_type=loss_type,
                                 label_smoothing=label_smoothing)
     logps = tok.sum(dim=1)
     lengths = completion_mask.sum(dim=1)
@@ -648,7 +658,8 @@ def test_verl_logprobs_entropy(backend):
     pd = torch.softmax(logits, -1)
     ent_ref = torch.logsumexp(logits, -1) - (pd * logits).sum(-1)  # verl torch_functional.entropy_from_logits
     close(verl_shim.entropy_from_logits(logits), ent_ref, what="entropy")
-    close(torch.autograd.grad(lp.sum(), logits)[0], torch.autograd.grad(lp_ref.sum(), logits)[0], what="d logits")
+    close(torch.autograd.grad(lp.sum(), logits)[0], torch.autograd.grad(lp_ref.sum(), logits)[0],
+          what="d logits")
 
 
 def test_verl_logprobs_inplace_backward_default():
@@ -744,7 +755,8 @@ def test_verl_low_precision_inputs(dtype):
     assert_close_to_oracle(ret, ret64, ret_lo, atol=0.0, rtol=ulp, what=f"{dtype} returns")
     assert_close_to_oracle(adv, adv64, adv_lo, atol=1e-2, rtol=ulp, what=f"{dtype} advantages")
     logp, old, a, m = _ppo_inputs()
-    loss = verl_shim.compute_policy_loss(old.to(dtype), logp.detach().to(dtype), a.to(dtype), m, cliprange=0.2)[0]
+    loss = verl_shim.compute_policy_loss(old.to(dtype), logp.detach().to(dtype), a.to(dtype), m,
+                                         cliprange=0.2)[0]
     loss64 = verl_policy_loss(old.double().to(dtype).double(), logp.detach().to(dtype).double(),
                               a.to(dtype).double(), m.double(), 0.2, 0.2)[0]
     close(loss, loss64, atol=1e-5, rtol=1e-5, what=f"{dtype} policy loss vs fp64 on the same rounded inputs")
@@ -752,7 +764,8 @@ def test_verl_low_precision_inputs(dtype):
 
 def test_verl_gae_one_token_raises_like_verl():
     with pytest.raises(ValueError, match="The sum of the mask is one"):
-        verl_shim.compute_gae_advantage_return(torch.randn(1, 1), torch.randn(1, 1), torch.ones(1, 1), 1.0, 1.0)
+        verl_shim.compute_gae_advantage_return(torch.randn(1, 1), torch.randn(1, 1), torch.ones(1, 1),
+                                               1.0, 1.0)
 
 
 @pytest.mark.parametrize("norm", [True, False])
@@ -786,7 +799,8 @@ def test_verl_reinforce_plus_plus():
     mask = rand_mask(b, t).float()
     for config in ({"gamma": 0.97}, types.SimpleNamespace(gamma=1.0)):
         adv, ret = verl_shim.compute_reinforce_plus_plus_outcome_advantage(rewards, mask, config=config)
-        adv_v, ret_v = verl_reinforce_pp(rewards, mask, config["gamma"] if isinstance(config, dict) else config.gamma)
+        gamma = config["gamma"] if isinstance(config, dict) else config.gamma
+        adv_v, ret_v = verl_reinforce_pp(rewards, mask, gamma)
         close(ret, ret_v, atol=2e-5, rtol=2e-5, what="returns")
         close(adv, adv_v, atol=2e-5, rtol=2e-5, what="advantages")
     with pytest.raises(ValueError, match="config.gamma"):
@@ -796,7 +810,8 @@ def test_verl_reinforce_plus_plus():
 def _ppo_inputs(b=6, t=23):
     logp = (-torch.rand(b, t) * 4).requires_grad_()
     old = logp.detach() + 0.4 * torch.randn(b, t)
-    old[0, :3] = logp.detach()[0, :3] + torch.tensor([30.0, -30.0, 3.0])  # the ±20 log-ratio clamp and dual clip
+    # the ±20 log-ratio clamp and the dual clip engaged
+    old[0, :3] = logp.detach()[0, :3] + torch.tensor([30.0, -30.0, 3.0])
     adv = torch.randn(b, t)
     adv[0, 2] = -2.0
     mask = rand_mask(b, t).float()
@@ -807,7 +822,8 @@ def _ppo_inputs(b=6, t=23):
 @pytest.mark.parametrize("mode", verl_shim.AGG_MODES)
 def test_verl_compute_policy_loss(backend, mode):
     logp, old, adv, mask = _ppo_inputs()
-    got = verl_shim.compute_policy_loss(old, logp, adv, mask, cliprange=0.2, cliprange_high=0.28, loss_agg_mode=mode)
+    got = verl_shim.compute_policy_loss(old, logp, adv, mask, cliprange=0.2, cliprange_high=0.28,
+                                        loss_agg_mode=mode)
     want = verl_policy_loss(old, logp, adv, mask, 0.2, 0.28, 3.0, mode)
     for name, g, w in zip(("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"), got, want):
         close(g, w, what=name)
@@ -941,7 +957,8 @@ def test_openrlhf_gae_and_returns(backend, b, t):
         adv_o, ret_o = orl_gae(values, rewards, mask, gamma, lambd)
         close(adv, adv_o, atol=2e-5, rtol=2e-5, what="advantages")
         close(ret, ret_o, atol=2e-5, rtol=2e-5, what="returns")
-        close(orl_shim.get_cumulative_returns(rewards, mask, gamma), orl_cumulative_returns(rewards, mask, gamma),
+        close(orl_shim.get_cumulative_returns(rewards, mask, gamma),
+              orl_cumulative_returns(rewards, mask, gamma),
               atol=2e-5, rtol=2e-5, what="cumulative returns")
 
 
@@ -1005,11 +1022,13 @@ def test_patch_trl_and_unpatch_restores_exactly(monkeypatch):
 
 def _install_fake_verl(monkeypatch):
     """A verl module tree at verl's real paths, holding the transcribed originals and registries."""
-    mods = {n: types.ModuleType(n) for n in ("verl", "verl.utils", "verl.utils.torch_functional", "verl.trainer",
-                                             "verl.trainer.ppo", "verl.trainer.ppo.core_algos")}
+    names = ("verl", "verl.utils", "verl.utils.torch_functional", "verl.trainer", "verl.trainer.ppo",
+             "verl.trainer.ppo.core_algos")
+    mods = {n: types.ModuleType(n) for n in names}
     tf, core = mods["verl.utils.torch_functional"], mods["verl.trainer.ppo.core_algos"]
     tf.masked_mean, tf.masked_var, tf.masked_whiten = verl_masked_mean, verl_masked_var, verl_masked_whiten
-    core.kl_penalty, core.agg_loss, core.compute_gae_advantage_return = verl_kl_penalty, verl_agg_loss, verl_gae
+    core.kl_penalty, core.agg_loss = verl_kl_penalty, verl_agg_loss
+    core.compute_gae_advantage_return = verl_gae
     core.compute_grpo_outcome_advantage = verl_grpo
     core.ADV_ESTIMATOR_REGISTRY = {"gae": verl_gae, "grpo": verl_grpo, "custom": len}
     core.POLICY_LOSS_REGISTRY = {}
@@ -1048,7 +1067,8 @@ def test_patch_verl_on_fake_tree(monkeypatch):
 
 
 def test_patch_openrlhf_on_fake_tree(monkeypatch):
-    names = ("openrlhf", "openrlhf.models", "openrlhf.models.utils", "openrlhf.models.loss", "openrlhf.trainer",
+    names = ("openrlhf", "openrlhf.models", "openrlhf.models.utils", "openrlhf.models.loss",
+             "openrlhf.trainer",
              "openrlhf.trainer.ppo_utils", "openrlhf.trainer.ppo_utils.experience_maker")
     mods = {n: types.ModuleType(n) for n in names}
     for name, module in mods.items():
@@ -1072,7 +1092,8 @@ def test_patch_openrlhf_on_fake_tree(monkeypatch):
     maker.compute_approx_kl = orl_compute_approx_kl
     try:
         patched = compat.patch("openrlhf")
-        assert loss.PolicyLoss is orl_shim.PolicyLoss and mods["openrlhf.models"].PolicyLoss is orl_shim.PolicyLoss
+        assert loss.PolicyLoss is orl_shim.PolicyLoss
+        assert mods["openrlhf.models"].PolicyLoss is orl_shim.PolicyLoss
         assert maker.compute_approx_kl is orl_shim.compute_approx_kl
         assert "openrlhf.trainer.ppo_utils.experience_maker.compute_approx_kl" in patched
         values, rewards, mask = torch.randn(2, 6), torch.randn(2, 6), rand_mask(2, 6)
@@ -1082,7 +1103,8 @@ def test_patch_openrlhf_on_fake_tree(monkeypatch):
         compat.unpatch("openrlhf")
     assert RemoteExperienceMaker.__dict__["get_advantages_and_returns"] is get_advantages_and_returns
     assert loss.PolicyLoss is PolicyLoss and mods["openrlhf.models"].PolicyLoss is PolicyLoss
-    assert utils.compute_approx_kl is orl_compute_approx_kl and maker.compute_approx_kl is orl_compute_approx_kl
+    assert utils.compute_approx_kl is orl_compute_approx_kl
+    assert maker.compute_approx_kl is orl_compute_approx_kl
     assert not hasattr(utils, "compute_reward")
 
 

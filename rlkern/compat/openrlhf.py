@@ -159,7 +159,8 @@ class PolicyLoss(nn.Module):
                  token_level_loss: bool = True, policy_loss_type: str = "ppo") -> None:
         super().__init__()
         if policy_loss_type not in POLICY_LOSS_TYPES:
-            raise ValueError(f"policy_loss_type must be one of {POLICY_LOSS_TYPES} in rlkern.compat.openrlhf, "
+            raise ValueError(f"policy_loss_type must be one of {POLICY_LOSS_TYPES} in "
+                             f"rlkern.compat.openrlhf, "
                              f"got {policy_loss_type!r}")
         if dual_clip is not None and not dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
@@ -235,13 +236,15 @@ def shape_group_rewards(rewards: Tensor, n_samples_per_prompt: int, advantage_es
     A group whose rewards are all equal gets 0 under ``group_norm`` (OpenRLHF: the rounding error of
     its mean divided by 1e-9)."""
     if advantage_estimator not in GROUP_ESTIMATORS:
-        raise ValueError(f"advantage_estimator must be one of {GROUP_ESTIMATORS}, got {advantage_estimator!r}")
+        raise ValueError(f"advantage_estimator must be one of {GROUP_ESTIMATORS}, "
+                         f"got {advantage_estimator!r}")
     if advantage_estimator in ("gae", "reinforce"):
         return rewards
     if advantage_estimator == "rloo":
         out = ops.group_advantages(rewards, group_size=n_samples_per_prompt, method="rloo")
     elif advantage_estimator == "group_norm":
-        out = ops.group_advantages(rewards, group_size=n_samples_per_prompt, method="grpo", eps=_GROUP_NORM_EPS)
+        out = ops.group_advantages(rewards, group_size=n_samples_per_prompt, method="grpo",
+                                   eps=_GROUP_NORM_EPS)
     else:
         out = ops.group_advantages(rewards, group_size=n_samples_per_prompt, method="reinforce_baseline")
     return out.to(rewards.dtype)

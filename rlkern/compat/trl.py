@@ -56,7 +56,8 @@ def _apply_row_mask(values: Tensor, row_mask: Tensor | None) -> Tensor:
     if row_mask is None:
         return values
     if row_mask.shape != values.shape:
-        raise ValueError(f"row_mask must have the shape of index {tuple(values.shape)}, got {tuple(row_mask.shape)}")
+        raise ValueError(f"row_mask must have the shape of index {tuple(values.shape)}, "
+                         f"got {tuple(row_mask.shape)}")
     return values.masked_fill(row_mask == 0, 0.0)
 
 
@@ -79,7 +80,8 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
         cols = [ops.logprobs(logits, index[..., k], temperature=temperature) for k in range(index.shape[-1])]
         out = torch.stack(cols, dim=-1) if cols else logits.new_zeros(index.shape, dtype=torch.float32)
     else:
-        raise ValueError(f"index must have shape {tuple(logits.shape[:-1])} or {tuple(logits.shape[:-1])} + (K,), "
+        lead = tuple(logits.shape[:-1])
+        raise ValueError(f"index must have shape {lead} or {lead} + (K,), "
                          f"got {tuple(index.shape)}")
     return _apply_row_mask(out.to(logits.dtype), row_mask)
 
@@ -160,7 +162,8 @@ def rloo_advantages(rewards: Tensor, num_generations: int, normalize_advantages:
 
 def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_per_token_logps: Tensor | None,
               advantages: Tensor, completion_mask: Tensor, *, beta: float = 0.0, epsilon: float = 0.2,
-              epsilon_high: float | None = None, loss_type: str = "dapo", max_completion_length: int | None = 512,
+              epsilon_high: float | None = None, loss_type: str = "dapo",
+              max_completion_length: int | None = 512,
               num_items_in_batch: Tensor | float | None = None) -> Tensor:
     """The GRPO loss of ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py) for token-level
     importance sampling, no entropy masking and no gradient accumulation (normaliser 1):
@@ -196,14 +199,15 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
     items = None
     if loss_type == "dapo" and num_items_in_batch is not None:
         items = float(torch.as_tensor(num_items_in_batch).item())
-    loss, _ = ops.grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask,
-                            beta=beta, clip_low=epsilon, clip_high=high, loss_type=loss_type,
+    loss, _ = ops.grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages,
+                            completion_mask, beta=beta, clip_low=epsilon, clip_high=high, loss_type=loss_type,
                             max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
                             num_items_in_batch=items)
     return loss
 
 
-def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor,
              *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
              chosen_lengths: Tensor | None = None,
              rejected_lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -222,11 +226,13 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
         raise ValueError(f"loss_type must be one of {_DPO_LOSS_TYPES}, got {loss_type!r}")
     if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
         # TRL's DPOTrainer check.
-        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for the 'robust' loss, got {label_smoothing}")
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for the 'robust' loss, "
+                         f"got {label_smoothing}")
     pc, pr, rc, rr = chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
     if loss_type == "ipo":
         if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("loss_type='ipo' needs chosen_lengths and rejected_lengths (completion token counts): "
+            raise ValueError("loss_type='ipo' needs chosen_lengths and rejected_lengths "
+                             "(completion token counts): "
                              "trl 1.16 normalises each IPO log-ratio by its length")
         # Dividing both the policy and the reference log-prob by the length divides their difference
         # (the log-ratio TRL normalises) by it, so rlkern's IPO on the scaled inputs is TRL's IPO.

@@ -14,8 +14,9 @@ verl-specific numerics reproduced here (each cited where it is used):
 - ``low_var_kl``/``k3`` clamps the log-ratio to [-20, 20] before exp and the result to [-10, 10].
 - The policy loss clamps the log-ratio to [-20, 20] and always applies dual-clip (``clip_ratio_c=3``).
 Tensors that verl returns in the input dtype (log-probs, entropy, advantages, returns) keep it here
-too; scalar losses and statistics are fp32 (rlkern accumulates in fp32 whatever the input dtype). Masks must be
-bool or 0/1 (rlkern.ops rejects other values); verl's masked_mean would also take fractional weights.
+too; scalar losses and statistics are fp32 (rlkern accumulates in fp32 whatever the input dtype).
+Masks must be bool or 0/1 (rlkern.ops rejects other values); verl's masked_mean would also take
+fractional weights.
 """
 
 from __future__ import annotations
@@ -152,9 +153,11 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     ``full`` needs the whole distribution and is not implemented, as in verl. rlkern.ops.kl knows
     verl's names and its k3 clamps (``clamp=True``), so this is a direct call."""
     if kl_penalty == "full":
-        raise NotImplementedError("kl_penalty='full' needs the logits of every token; verl does not implement it")
+        raise NotImplementedError("kl_penalty='full' needs the logits of every token; "
+                                  "verl does not implement it")
     if kl_penalty not in KL_PENALTIES:
-        raise ValueError(f"kl_penalty must be one of {KL_PENALTIES} (or 'full', not implemented), got {kl_penalty!r}")
+        raise ValueError(f"kl_penalty must be one of {KL_PENALTIES} (or 'full', not implemented), "
+                         f"got {kl_penalty!r}")
     k3 = kl_penalty.rstrip("+") in ("low_var_kl", "k3")
     return ops.kl(logprob, ref_logprob, kl_penalty, clamp=True if k3 else None)
 
@@ -188,7 +191,8 @@ def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, re
     ``returns = advantages + values``; the advantages are then whitened over the mask. No gradient."""
     dtype = torch.promote_types(token_level_rewards.dtype, values.dtype)
     with torch.no_grad():
-        advantages, returns = ops.gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam))
+        advantages, returns = ops.gae(token_level_rewards, values, response_mask, gamma=float(gamma),
+                                      lam=float(lam))
         # Whitened from rlkern's fp32 advantages, then both returned in verl's dtype (its loop runs
         # in the dtype of rewards and values).
         advantages = masked_whiten(advantages, response_mask).to(dtype)
@@ -209,8 +213,9 @@ def _singletons(ids: Tensor) -> Tensor:
     return torch.bincount(ids)[ids] == 1
 
 
-def compute_grpo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, epsilon: float = 1e-6,
-                                   norm_adv_by_std_in_grpo: bool = True, config=None) -> tuple[Tensor, Tensor]:
+def compute_grpo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                   epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+                                   config=None) -> tuple[Tensor, Tensor]:
     """verl ``core_algos.compute_grpo_outcome_advantage``: score = row sum of the token rewards;
     ``(score - mean_g) / (std_g + epsilon)`` with the unbiased group std (or ``score - mean_g`` when
     ``norm_adv_by_std_in_grpo=False``, Dr. GRPO); broadcast over the response mask. Returns
@@ -253,7 +258,8 @@ def _config_value(config, key: str, default=None):
     return getattr(config, key, default)
 
 
-def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, config=None,
+def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor,
+                                                  config=None,
                                                   **kwargs) -> tuple[Tensor, Tensor]:
     """verl ``core_algos.compute_reinforce_plus_plus_outcome_advantage``: discounted returns with
     ``config.gamma``, the running return reset after each sequence's end, whitened over the mask and
@@ -291,7 +297,8 @@ def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tens
     return loss, stats["clip_frac"], stats["approx_kl"], stats["clip_frac_lower"]
 
 
-def compute_policy_loss_vanilla(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+def compute_policy_loss_vanilla(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                                response_mask: Tensor,
                                 loss_agg_mode: str = "token-mean", config=None,
                                 rollout_is_weights: Tensor | None = None):
     """verl ``core_algos.compute_policy_loss_vanilla`` (registered as ``"vanilla"``): the clip
@@ -305,7 +312,8 @@ def compute_policy_loss_vanilla(old_log_prob: Tensor, log_prob: Tensor, advantag
     return compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=clip_ratio,
                                cliprange_low=clip_ratio if low is None else low,
                                cliprange_high=clip_ratio if high is None else high,
-                               clip_ratio_c=_config_value(config, "clip_ratio_c", 3.0), loss_agg_mode=loss_agg_mode,
+                               clip_ratio_c=_config_value(config, "clip_ratio_c", 3.0),
+                               loss_agg_mode=loss_agg_mode,
                                rollout_is_weights=rollout_is_weights)
 
 

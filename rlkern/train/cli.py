@@ -1,0 +1,51 @@
+"""Command line: parse, resolve the config, run the subcommand, turn expected failures into one line."""
+
+from __future__ import annotations
+
+import sys
+
+from rlkern.train.config import COMMANDS, ConfigError, build_parser, resolve_config
+
+__all__ = ["main", "run_command"]
+
+
+def run_command(command: str, cfg) -> dict:
+    """Runs one subcommand with a resolved config; returns its summary."""
+    from rlkern.train.dpo import train_dpo
+    from rlkern.train.grpo import train_grpo
+    from rlkern.train.pipeline import train_rlhf
+    from rlkern.train.ppo import train_ppo
+    from rlkern.train.rm import train_rm
+    from rlkern.train.sft import train_sft
+    from rlkern.train.trpo import train_trpo
+
+    runners = {"rlhf": train_rlhf, "sft": train_sft, "rm": train_rm, "ppo": train_ppo,
+               "ppo-penalty": lambda c: train_ppo(c, penalty=True), "grpo": train_grpo, "dpo": train_dpo,
+               "trpo": train_trpo}
+    return runners[command](cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["rlhf", *argv]
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    if command not in COMMANDS:
+        build_parser().print_help()
+        return 2
+    from rlkern.train.models import ModelError
+    from rlkern.train.run import RunError
+
+    try:
+        cfg = resolve_config(command, args)
+        run_command(command, cfg)
+    except (ConfigError, ModelError, RunError, ValueError) as err:
+        print(f"rlkern.train {command}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,180 @@
+"""Pieces every stage shares: the starting model, the task, optimizers and schedules, greedy evaluation,
+rewards (rule or reward model), and loading a checkpoint's models back."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+from torch import Tensor
+
+import rlkern
+from rlkern import ops
+from rlkern.train.models import HeadModel, ModelError, TinyModelSpec, build_tiny_model, load_causal_lm
+from rlkern.train.rollout import Sequences, decode_responses, encode_prompts, generate
+from rlkern.train.run import Run
+from rlkern.train.task import ArithmeticTask, build_char_tokenizer
+
+__all__ = ["Stage", "ops_backend", "final_dir"]
+
+FINAL = "final"
+# Below this many parameters a CPU step is a chain of tiny matmuls: intra-op threads cost more in
+# synchronisation than they save (measured ~10x slower with 2 threads on a loaded 2-core machine).
+SMALL_MODEL = 5_000_000
+
+
+def final_dir(run_dir: str) -> str:
+    """Where a finished stage leaves its model (``save_pretrained`` layout)."""
+    return os.path.join(run_dir, FINAL)
+
+
+@contextlib.contextmanager
+def ops_backend(name: str):
+    """``--ops reference`` forces every rlkern op onto the plain-PyTorch oracle; ``rlkern`` keeps auto."""
+    if name == "reference":
+        with rlkern.use_backend("torch"):
+            yield
+    else:
+        yield
+
+
+class Stage:
+    """A stage's run directory, device, task, tokenizer and data RNG, set up from its config."""
+
+    def __init__(self, cfg, command: str, out: str | None = None):
+        self.cfg = cfg
+        self.run = Run(cfg, command, out)
+        self.run.init_distributed()
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = self.run.device
+        self.task = ArithmeticTask(cfg.max_operand, cfg.heldout)
+        # Per-rank streams: rank r samples different prompts and tokens than rank 0.
+        torch.manual_seed(cfg.seed * 1009 + self.run.rank)
+        self.data_rng = torch.Generator().manual_seed(cfg.seed * 7919 + self.run.rank)
+
+    # ---- models --------------------------------------------------------------------------------
+    def start_model(self, path: str | None = None):
+        """``(policy, tokenizer)``: the causal LM at ``path`` (default ``--model``), or the built-in tiny
+        model over the character tokenizer, initialised from the seed, identical on every rank."""
+        path = self.cfg.model if path is None else path
+        if path:
+            model, tok = load_causal_lm(path, self.device)
+        else:
+            tok = build_char_tokenizer()
+            spec = TinyModelSpec(hidden_size=self.cfg.hidden_size, num_layers=self.cfg.num_layers,
+                                 intermediate_size=3 * self.cfg.hidden_size)
+            model = build_tiny_model(tok, spec, self.cfg.seed).to(self.device)
+        if self.cfg.threads == 0 and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+            torch.set_num_threads(1)
+        self.run.broadcast_module(model)
+        return model, tok
+
+    def head_model(self, path: str, kind: str, *, load_head: bool):
+        """``(HeadModel, tokenizer)`` on the causal LM at ``path``; its head from ``path`` when ``load_head``."""
+        lm, tok = load_causal_lm(path, self.device)
+        model = HeadModel(lm, kind).to(self.device)
+        if load_head:
+            model.load_head(path)
+        self.run.broadcast_module(model)
+        return model, tok
+
+    def optimizer(self, params, lr: float, weight_decay: float = 0.0):
+        # eps 1e-8 and betas (0.9, 0.95): the usual LM fine-tuning setting (nanoGPT, TRL's examples).
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+    @staticmethod
+    def schedule(opt, warmup: int, total: int, floor: float = 0.1):
+        """Linear warm-up for ``warmup`` steps, then cosine decay to ``floor`` x the peak at ``total``."""
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def step_optimizer(self, opt, params) -> float:
+        """All-reduce gradients across ranks, clip by global norm, step. Returns the pre-clip norm."""
+        params = [p for p in params if p.grad is not None]
+        self.run.sync_grads(params)
+        if self.cfg.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        opt.step()
+        return float(norm)
+
+    # ---- data and evaluation -----------------------------------------------------------------------
+    def problems(self, n: int) -> Tensor:
+        return self.task.sample_train(n, self.data_rng)
+
+    def heldout(self) -> Tensor:
+        return self.task.heldout[: self.cfg.eval_size]
+
+    def prompts(self, tok, problems: Tensor) -> tuple[Tensor, Tensor]:
+        return encode_prompts(tok, self.task.prompts(problems), self.device)
+
+    @torch.no_grad()
+    def evaluate(self, policy, tok, reward_model=None, ref=None, *, max_new_tokens: int = 5) -> dict[str, float]:
+        """Greedy exact-match accuracy on the held-out problems; with ``reward_model`` its mean score of
+        the greedy answers; with ``ref`` the KL to ``ref`` (per sequence, summed k1 over sampled
+        answers, an unbiased estimate). Does not touch the training RNG streams."""
+        was_training = policy.training
+        policy.eval()
+        problems = self.heldout()
+        ids, mask = self.prompts(tok, problems)
+        seqs = generate(policy, tok, ids, mask, max_new_tokens=max_new_tokens, greedy=True)
+        out = {"eval/accuracy": float(self.task.reward(problems, decode_responses(tok, seqs)).mean())}
+        if reward_model is not None:
+            out["eval/reward"] = float(self.score(reward_model, seqs).mean())
+        if ref is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(12345)
+                sampled = generate(policy, tok, ids, mask, max_new_tokens=max_new_tokens)
+            from rlkern.train.rollout import token_logprobs
+
+            lp, ref_lp = token_logprobs(policy, sampled), token_logprobs(ref, sampled)
+            per_seq = ops.masked_sum(ops.kl(lp, ref_lp, "k1"), sampled.response_mask, dim=-1)
+            out["eval/kl_to_ref"] = float(per_seq.mean())
+        policy.train(was_training)
+        return out
+
+    @staticmethod
+    def score(reward_model: HeadModel, seqs: Sequences) -> Tensor:
+        """The reward model's scalar at each sequence's last response token (its eos), ``[B]``."""
+        scores = reward_model(seqs.input_ids, seqs.attention_mask, seqs.position_ids)
+        last = seqs.prompt_len + seqs.response_mask.sum(-1).long() - 1
+        return scores.gather(1, last[:, None]).squeeze(1)
+
+
+def check_divisible(n: int, parts: int, what: str, into: str) -> int:
+    if n % parts:
+        raise ValueError(f"{what}={n} cannot be split into {parts} equal {into}; choose values that divide evenly")
+    return n // parts
+
+
+__all__ += ["check_divisible", "ModelError"]
+
+
+def load_weights(model, path: str) -> None:
+    """Loads a ``save_pretrained`` directory's weights into an existing model in place (a causal LM, or
+    a :class:`HeadModel` whose head file sits beside them)."""
+    from safetensors.torch import load_file
+
+    lm = model.lm if isinstance(model, HeadModel) else model
+    files = sorted(f for f in os.listdir(path) if f.startswith("model") and f.endswith(".safetensors"))
+    if not files:
+        raise ModelError(f"{path!r} holds no model*.safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(path, f), device=str(next(lm.parameters()).device)))
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    # Tied weights (lm_head = embeddings) are saved once; anything else missing is an error.
+    tied = set(getattr(lm, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not (k == "lm_head.weight" and lm.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelError(f"{path!r} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if isinstance(model, HeadModel):
+        model.load_head(path)

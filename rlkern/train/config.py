@@ -1,0 +1,406 @@
+"""Configuration: one dataclass per subcommand, a docstring under every field.
+
+The field docstrings are read from this file's source (``field_docs``) and become the ``--help``
+text, so the documentation a reader sees in the code and on the command line is the same text.
+Values resolve in this order: the dataclass default, then ``--config FILE`` (JSON or YAML, keys
+spelled as the fields or as the flags), then the flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+import os
+import textwrap
+import typing
+from dataclasses import dataclass
+
+__all__ = ["RunConfig", "SFTConfig", "RMConfig", "PPOConfig", "PPOPenaltyConfig", "GRPOConfig", "DPOConfig",
+           "TRPOConfig", "RLHFConfig", "COMMANDS", "field_docs", "build_parser", "resolve_config", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message names the option."""
+
+
+@dataclass
+class RunConfig:
+    """Options every subcommand takes."""
+
+    model: str = ""
+    """Local Hugging Face causal-LM directory (weights + tokenizer) to start from; empty = the built-in
+    tiny Llama-style model over the task's character tokenizer."""
+    out: str = ""
+    """Run directory (metrics, checkpoints, final model); empty = runs/<command>."""
+    config: str = ""
+    """JSON or YAML file of option values (field or flag names); flags given on the command line win."""
+    seed: int = 0
+    """Seed of every random stream (model init, data order, sampling)."""
+    device: str = "cpu"
+    """Torch device: cpu, cuda, cuda:1, ... ('auto' = cuda when available)."""
+    ops: str = "rlkern"
+    """Kernels for the hot loops: 'rlkern' (C++ on CPU, Triton on GPU) or 'reference' (the plain-PyTorch
+    oracle, via rlkern.use_backend('torch'))."""
+    steps: int = 0
+    """Optimisation steps of this stage (0 = the stage's default)."""
+    resume: bool = False
+    """Continue from the last complete checkpoint in the run directory."""
+    overwrite: bool = False
+    """Delete an existing run directory first (otherwise an existing run is an error unless --resume)."""
+    save_every: int = 50
+    """Write a checkpoint every N steps (and always at the end); 0 = only at the end."""
+    eval_every: int = 50
+    """Greedy accuracy on the held-out prompts every N steps (and at the start and end); 0 = start and end."""
+    eval_size: int = 500
+    """Number of held-out problems used by the evaluations (never seen in training)."""
+    max_operand: int = 99
+    """The task: a+b with a, b in [0, max_operand]."""
+    heldout: int = 500
+    """How many of the (max_operand+1)^2 problems are held out from training."""
+    hidden_size: int = 128
+    """Built-in model only: hidden size."""
+    num_layers: int = 3
+    """Built-in model only: decoder layers."""
+    threads: int = 0
+    """torch intra-op threads; 0 = auto: 1 for models under 5M parameters (their matrices are too small for
+    threads to pay, and a loaded machine then slows them ~10x), else torch's default."""
+    progress: bool = True
+    """Show a progress bar with live metrics (disable with --no-progress)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 = off)."""
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """Supervised fine-tuning on the task's demonstrations (next-token cross-entropy on the answer)."""
+
+    steps: int = 700
+    """Optimisation steps of this stage (0 = the stage's default)."""
+    batch_size: int = 64
+    """Demonstrations per step (split across ranks under torchrun)."""
+    lr: float = 3e-3
+    """AdamW peak learning rate (linear warm-up, then cosine decay to lr/10)."""
+    warmup: int = 50
+    """Warm-up steps of the learning-rate schedule."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+
+@dataclass
+class RMConfig(RunConfig):
+    """Reward model: a scalar head on the (SFT) backbone, Bradley-Terry loss on preference pairs."""
+
+    steps: int = 300
+    """Optimisation steps of this stage (0 = the stage's default)."""
+    batch_size: int = 64
+    """Preference pairs per step."""
+    lr: float = 1e-3
+    """AdamW peak learning rate (warm-up, then cosine decay to lr/10)."""
+    warmup: int = 20
+    """Warm-up steps of the learning-rate schedule."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+
+@dataclass
+class _RolloutConfig(RunConfig):
+    """Options shared by the on-policy algorithms (sampling, reference, reward)."""
+
+    rollout_batch: int = 64
+    """Prompts sampled per step (split across ranks under torchrun)."""
+    max_new_tokens: int = 5
+    """Generation budget per response, eos included."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs are computed at the same temperature)."""
+    lr: float = 5e-4
+    """AdamW learning rate of the policy."""
+    reward: str = "auto"
+    """Reward: 'model' (the reward model at --reward-model), 'rule' (exact match), or 'auto' (model if
+    --reward-model is given, else rule)."""
+    reward_model: str = ""
+    """Directory of a reward model written by the rm stage."""
+    ref_sync_every: int = 0
+    """Copy the policy into the frozen reference every K steps ('target network'); 0 = never."""
+
+
+@dataclass
+class PPOConfig(_RolloutConfig):
+    """PPO-clip with a critic: GAE, whitened advantages, clipped policy and value losses."""
+
+    steps: int = 150
+    """Optimisation steps of this stage (0 = the stage's default)."""
+    ppo_epochs: int = 2
+    """Passes over each rollout buffer."""
+    minibatches: int = 2
+    """Shuffled minibatches per pass (the per-rank rollout batch must divide evenly)."""
+    kl_coef: float = 0.02
+    """beta: weight of the KL-to-reference penalty in the token rewards."""
+    kl_estimator: str = "k1"
+    """Estimator of the token KL in the reward shaping (k1, abs, k2, k3)."""
+    adaptive_kl: bool = False
+    """Adapt beta with the proportional controller towards --kl-target."""
+    kl_target: float = 0.1
+    """Target KL of the adaptive controller (and delta of ppo-penalty)."""
+    kl_horizon: int = 10000
+    """Horizon (in samples) of the adaptive controller."""
+    target_kl: float = 0.0
+    """Stop the epochs of a step early when the approximate KL to the rollout policy exceeds 1.5x this (0 = never)."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_low: float = 0.2
+    """Lower clip range: the ratio is clipped below at 1 - clip_low."""
+    clip_high: float = 0.2
+    """Upper clip range: the ratio is clipped above at 1 + clip_high (clip-higher when > clip_low)."""
+    vf_coef: float = 0.5
+    """c1: weight of the value loss."""
+    value_clip: float = 0.2
+    """Value clipping range around the rollout's values."""
+    ent_coef: float = 0.0
+    """c2: weight of the entropy bonus."""
+    critic_lr: float = 1e-3
+    """AdamW learning rate of the critic."""
+    whiten_advantages: bool = True
+    """Whiten the advantages over the rollout (masked mean 0, std 1)."""
+
+
+@dataclass
+class PPOPenaltyConfig(PPOConfig):
+    """PPO-penalty: the clip replaced by beta * KL(old || new) in the loss, beta halved below kl_target/1.5
+    and doubled above 1.5 * kl_target after every step."""
+
+    penalty_beta: float = 1.0
+    """Initial beta of the in-loss KL penalty."""
+
+
+@dataclass
+class GRPOConfig(_RolloutConfig):
+    """GRPO: group_size samples per prompt, group-relative advantages, no critic."""
+
+    steps: int = 100
+    """Optimisation steps of this stage (0 = the stage's default)."""
+    rollout_batch: int = 16
+    """Prompts per step (each sampled group_size times)."""
+    group_size: int = 8
+    """Samples per prompt (>= 2)."""
+    method: str = "grpo"
+    """Advantage estimator: grpo, rloo, reinforce_baseline, winrate."""
+    scale_by_std: bool = True
+    """Divide by the group std (off = Dr. GRPO)."""
+    loss_type: str = "grpo"
+    """Loss normalisation: grpo, bnpo, dr_grpo, dapo."""
+    beta: float = 0.04
+    """Weight of the k3 KL to the reference in the loss."""
+    clip_low: float = 0.2
+    """Lower clip range of the ratio."""
+    clip_high: float = 0.2
+    """Upper clip range of the ratio."""
+    ppo_epochs: int = 1
+    """Passes over each group batch."""
+    minibatches: int = 1
+    """Minibatches per pass."""
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    """DPO: offline on preference pairs, reference log-probs computed once per batch from the frozen start."""
+
+    steps: int = 200
+    """Optimisation steps of this stage (0 = the stage's default)."""
+    batch_size: int = 64
+    """Preference pairs per step."""
+    lr: float = 5e-4
+    """AdamW learning rate."""
+    beta: float = 0.1
+    """DPO temperature beta."""
+    loss_type: str = "sigmoid"
+    """sigmoid, ipo, hinge or robust."""
+    label_smoothing: float = 0.0
+    """Conservative-DPO label smoothing in [0, 0.5)."""
+
+
+@dataclass
+class TRPOConfig(_RolloutConfig):
+    """TRPO: natural-gradient step by conjugate gradient on Fisher-vector products, backtracking line search."""
+
+    steps: int = 100
+    """Optimisation steps of this stage (0 = the stage's default)."""
+    max_kl: float = 0.01
+    """delta: trust-region size (mean KL from the rollout policy)."""
+    cg_iters: int = 10
+    """Conjugate-gradient iterations."""
+    damping: float = 0.1
+    """Damping added to the Fisher-vector product (F + damping * I)."""
+    backtrack_iters: int = 10
+    """Line-search halvings before the step is rejected."""
+    backtrack_coef: float = 0.5
+    """Step shrink factor of the line search."""
+    kl_coef: float = 0.02
+    """beta of the KL penalty in the token rewards."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    critic_lr: float = 1e-3
+    """AdamW learning rate of the critic."""
+    critic_iters: int = 4
+    """Critic regression steps per rollout (trained separately from the policy step)."""
+    value_clip: float = 0.2
+    """Value clipping range."""
+
+
+@dataclass
+class RLHFConfig(PPOConfig):
+    """The whole pipeline: SFT -> reward model -> PPO against it, then the before/after table."""
+
+    sft_steps: int = 700
+    """Steps of the SFT stage."""
+    sft_lr: float = 3e-3
+    """Learning rate of the SFT stage."""
+    rm_steps: int = 300
+    """Steps of the reward-model stage."""
+    rm_lr: float = 1e-3
+    """Learning rate of the reward-model stage."""
+
+
+COMMANDS: dict[str, type] = {
+    "rlhf": RLHFConfig, "sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "ppo-penalty": PPOPenaltyConfig,
+    "grpo": GRPOConfig, "dpo": DPOConfig, "trpo": TRPOConfig,
+}
+
+CHOICES = {
+    "ops": ("rlkern", "reference"), "reward": ("auto", "model", "rule"), "kl_estimator": ("k1", "abs", "k2", "k3"),
+    "method": ("grpo", "rloo", "reinforce_baseline", "winrate"),
+}
+LOSS_TYPES = {GRPOConfig: ("grpo", "bnpo", "dr_grpo", "dapo"), DPOConfig: ("sigmoid", "ipo", "hinge", "robust")}
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` for a config dataclass and its bases, read from the class source (the
+    string literal right under each annotated field); the most derived class wins."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (``prog: error: ...``) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rlkern.train import __main__ as entry
+
+    parser = _Parser(prog="python -m rlkern.train", description=entry.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, cls in COMMANDS.items():
+        p = sub.add_parser(name, help=cls.__doc__.splitlines()[0], description=cls.__doc__,
+                           argument_default=argparse.SUPPRESS)
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            helptext = f"{docs[f.name]} (default: {f.default!r})"
+            if kind is bool:
+                p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=helptext)
+                continue
+            # Choices are checked by validate(), whose one-line message lists the valid names.
+            p.add_argument(_flag(f.name), type=kind, help=helptext, metavar=f.name.upper())
+    return parser
+
+
+def _load_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path!r}: no such file")
+    with open(path) as fh:
+        text = fh.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # noqa: BLE001  (any parse error is reported as one line)
+        raise ConfigError(f"--config {path!r} cannot be parsed: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path!r} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(command: str, given: dict):
+    """The config dataclass of ``command``: defaults, then the ``--config`` file, then ``given`` (flags)."""
+    cls = COMMANDS[command]
+    values = {}
+    if given.get("config"):
+        values.update(_load_file(given["config"]))
+    values.update(given)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) for {command}: {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        kind = hints[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"option {key} must be {kind.__name__}, got {value!r}")
+    cfg = cls(**values)
+    validate(command, cfg)
+    return cfg
+
+
+def validate(command: str, cfg) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    for name in ("ops", "reward", "kl_estimator", "method"):
+        if hasattr(cfg, name):
+            need(getattr(cfg, name) in CHOICES[name], f"--{name.replace('_', '-')} must be one of "
+                 f"{CHOICES[name]}, got {getattr(cfg, name)!r}")
+    if type(cfg) in LOSS_TYPES:
+        need(cfg.loss_type in LOSS_TYPES[type(cfg)], f"--loss-type must be one of {LOSS_TYPES[type(cfg)]}, "
+             f"got {cfg.loss_type!r}")
+    need(cfg.steps > 0, f"--steps must be > 0, got {cfg.steps}")
+    need(cfg.eval_size > 0, f"--eval-size must be > 0, got {cfg.eval_size}")
+    need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite cannot be combined")
+    for name in ("batch_size", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatches", "cg_iters",
+                 "critic_iters", "sft_steps", "rm_steps"):
+        if hasattr(cfg, name):
+            need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name in ("lr", "critic_lr", "sft_lr", "rm_lr", "temperature", "max_kl", "kl_target"):
+        if hasattr(cfg, name):
+            need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if hasattr(cfg, "group_size"):
+        need(cfg.group_size >= 2, f"--group-size must be >= 2 (a group-relative baseline needs at least two "
+             f"samples per prompt), got {cfg.group_size}")
+    for name in ("clip_low", "clip_high"):
+        if hasattr(cfg, name):
+            need(0 <= getattr(cfg, name) < 1, f"--{name.replace('_', '-')} must lie in [0, 1), "
+                 f"got {getattr(cfg, name)}")
+    if hasattr(cfg, "lam"):
+        need(0 <= cfg.lam <= 1 and 0 <= cfg.gamma <= 1, f"--gamma and --lam must lie in [0, 1], got "
+             f"{cfg.gamma}, {cfg.lam}")

@@ -1,0 +1,100 @@
+"""Reward model: a scalar head on a causal-LM backbone (initialised from the SFT model, as in
+InstructGPT), trained with the Bradley-Terry loss -log sigma(r_chosen - r_rejected) on preference pairs
+(the correct answer against a plausible wrong one). Reports pairwise accuracy on held-out pairs."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rlkern.train.common import Stage, final_dir, load_weights, ops_backend
+from rlkern.train.models import HeadModel
+from rlkern.train.rollout import join
+
+__all__ = ["train_rm", "preference_pairs"]
+
+
+def preference_pairs(stage: Stage, tok, problems: torch.Tensor, generator: torch.Generator):
+    """``(chosen, rejected)`` sequences for ``problems``: the correct sum against a plausible mistake."""
+    task = stage.task
+    prompts = task.prompts(problems)
+    chosen = join(tok, prompts, task.answers(problems), stage.device)
+    rejected = join(tok, prompts, task.wrong_answers(problems, generator), stage.device)
+    return chosen, rejected
+
+
+def bradley_terry(reward_model, chosen, rejected):
+    r_c, r_r = Stage.score(reward_model, chosen), Stage.score(reward_model, rejected)
+    loss = -F.logsigmoid(r_c - r_r).mean()
+    return loss, r_c, r_r
+
+
+def train_rm(cfg, out: str | None = None) -> dict:
+    """Runs the reward-model stage on top of ``--model``; returns ``{"dir", "model", "rm/eval_accuracy"}``."""
+    stage = Stage(cfg, "rm", out)
+    run = stage.run
+    start = run.prepare()
+    run.print_config()
+    if cfg.model:
+        model, tok = stage.head_model(cfg.model, "reward", load_head=False)
+    else:
+        lm, tok = stage.start_model()
+        model = HeadModel(lm, "reward").to(stage.device)
+        run.broadcast_module(model)
+    model.train()
+    opt = stage.optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    sched = stage.schedule(opt, cfg.warmup, cfg.steps)
+    run.generators["data"] = stage.data_rng
+    if start:
+        ckpt, state = run.load_checkpoint()
+        load_weights(model, os.path.join(ckpt, "reward_model"))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    per_rank = run.shard(cfg.batch_size, "--batch-size")
+    # Held-out pairs are fixed once (their own generator) so every evaluation scores the same pairs.
+    eval_pairs = preference_pairs(stage, tok, stage.heldout(), torch.Generator().manual_seed(cfg.seed + 99991))
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        loss, r_c, r_r = bradley_terry(model, *eval_pairs)
+        model.train()
+        return {"rm/eval_accuracy": float((r_c > r_r).float().mean()), "rm/eval_loss": loss.item()}
+
+    def checkpoint(step):
+        run.save_checkpoint(step, {"reward_model": lambda p: model.save(tok, p)},
+                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+
+    with ops_backend(cfg.ops):
+        if start == 0:
+            run.log(0, evaluate())
+        bar = run.progress(start, cfg.steps, "rm")
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            chosen, rejected = preference_pairs(stage, tok, stage.problems(per_rank), stage.data_rng)
+            loss, r_c, r_r = bradley_terry(model, chosen, rejected)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = stage.step_optimizer(opt, model.parameters())
+            sched.step()
+            n_tokens = float(chosen.attention_mask.sum() + rejected.attention_mask.sum()) * run.world
+            margin = (r_c - r_r).detach()
+            metrics = {"rm/loss": loss.item(), "rm/accuracy": float((margin > 0).float().mean()),
+                       "rm/margin": float(margin.mean()), "rm/grad_norm": grad_norm,
+                       "perf/tokens_per_s": n_tokens / (time.perf_counter() - t0)}
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                metrics.update(evaluate())
+            run.log(step, metrics)
+            bar.update(1)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                checkpoint(step)
+        run.close_progress()
+    final = final_dir(run.dir)
+    if run.main:
+        model.save(tok, final)
+    run.mark_done()
+    return {"dir": run.dir, "model": final,
+            "rm/eval_accuracy": run.rows()[-1].get("rm/eval_accuracy") if run.main else None}

@@ -1,0 +1,113 @@
+"""The embedded task: two-number addition written as text (``"37+48="`` -> ``"85"``), generated on the fly.
+
+One object provides everything the pipeline needs with no downloads: SFT demonstrations, preference
+pairs (the correct answer against a plausible wrong one) for the reward model and DPO, an exact-match
+reward for GRPO/RLOO, and a held-out prompt set that never appears in training. The character-level
+tokenizer is built locally with the Hugging Face ``tokenizers`` library and wrapped as a
+``PreTrainedTokenizerFast``, so a model trained on it saves and loads like any Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+CHARS = "0123456789+="
+
+__all__ = ["ArithmeticTask", "build_char_tokenizer", "PAD", "BOS", "EOS"]
+
+
+def build_char_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast`` over digits, ``+`` and ``=`` with pad/bos/eos.
+
+    Every character is its own token (a ``Split`` pre-tokenizer on the pattern ``.`` isolates each
+    character and a word-level model maps it to an id); ``<s>`` is prepended by the post-processor
+    so every sequence starts from the same state, as a real LM tokenizer would do.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, *CHARS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # ids back to text with no separator between characters
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   padding_side="left", clean_up_tokenization_spaces=False)
+
+
+class ArithmeticTask:
+    """``a+b=`` with ``a, b`` in ``[0, max_operand]``; the answer is the decimal sum.
+
+    The ``(max_operand + 1)**2`` problems are split once, from ``split_seed``, into a held-out set of
+    ``n_heldout`` problems and the training pool; every sampler below draws from the pool only.
+    """
+
+    def __init__(self, max_operand: int = 99, n_heldout: int = 500, split_seed: int = 1234):
+        if max_operand < 1:
+            raise ValueError(f"max_operand must be >= 1, got {max_operand}")
+        n = max_operand + 1
+        if not 0 < n_heldout < n * n:
+            raise ValueError(f"n_heldout must lie in [1, {n * n - 1}], got {n_heldout}")
+        self.max_operand = max_operand
+        g = torch.Generator().manual_seed(split_seed)
+        perm = torch.randperm(n * n, generator=g)
+        pairs = torch.stack([perm // n, perm % n], dim=1)
+        self.heldout = pairs[:n_heldout]
+        self.train = pairs[n_heldout:]
+
+    # ---- text ---------------------------------------------------------------------------------
+    @staticmethod
+    def prompt(a: int, b: int) -> str:
+        return f"{a}+{b}="
+
+    @staticmethod
+    def answer(a: int, b: int) -> str:
+        return str(a + b)
+
+    def sample_train(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` training problems ``[n, 2]`` drawn uniformly (with replacement) from the pool."""
+        return self.train[torch.randint(len(self.train), (n,), generator=generator)]
+
+    def prompts(self, problems: Tensor) -> list[str]:
+        return [self.prompt(int(a), int(b)) for a, b in problems.tolist()]
+
+    def answers(self, problems: Tensor) -> list[str]:
+        return [self.answer(int(a), int(b)) for a, b in problems.tolist()]
+
+    def wrong_answers(self, problems: Tensor, generator: torch.Generator) -> list[str]:
+        """A plausible wrong answer per problem: the mistakes a half-trained model makes, namely a
+        dropped or spurious carry (+-10, +-1), one digit changed, or a digit dropped/duplicated."""
+        out = []
+        kinds = torch.randint(5, (len(problems),), generator=generator).tolist()
+        rnd = torch.randint(10**6, (len(problems), 3), generator=generator).tolist()
+        for (a, b), kind, (r0, r1, r2) in zip(problems.tolist(), kinds, rnd):
+            s = a + b
+            text = str(s)
+            if kind == 0:
+                wrong = str(max(s + (10 if r0 % 2 else -10), 0))
+            elif kind == 1:
+                wrong = str(max(s + (1 if r0 % 2 else -1), 0))
+            elif kind == 2:
+                i = r0 % len(text)
+                wrong = text[:i] + str((int(text[i]) + 1 + r1 % 9) % 10) + text[i + 1:]
+            elif kind == 3 and len(text) > 1:
+                i = r0 % len(text)
+                wrong = text[:i] + text[i + 1:]
+            else:
+                i = r0 % len(text)
+                wrong = text[:i] + text[i] + text[i:]
+            if wrong == text or (len(wrong) > 1 and wrong[0] == "0"):
+                wrong = str(s + 1 + r2 % 9)  # never equal to the truth, never a leading zero
+            out.append(wrong)
+        return out
+
+    # ---- reward -------------------------------------------------------------------------------
+    def reward(self, problems: Tensor, completions: list[str]) -> Tensor:
+        """Exact match: 1.0 when the completion (up to eos) is the sum, else 0.0; float32 ``[n]``."""
+        out = torch.zeros(len(completions))
+        for i, ((a, b), text) in enumerate(zip(problems.tolist(), completions)):
+            out[i] = float(text.strip() == str(a + b))
+        return out

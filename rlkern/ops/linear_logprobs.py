@@ -311,7 +311,9 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
         temperature: > 0; the logits are divided by it first.
         ignore_index: label value whose log-prob (and gradient) is 0.
         return_entropy: also return the entropy (nats) of the full distribution.
-        chunk_size: vocabulary rows per tile; by default chosen from N, V and a memory budget.
+        chunk_size: vocabulary rows per tile of the CPU path; by default chosen from N, V and a
+            memory budget (:func:`tile_sizes`). The Triton kernels keep 64 x 64 tiles in registers
+            and ignore it.
         process_group: a ``torch.distributed`` group over which ``weight`` (and ``bias``) are
             sharded by vocabulary: rank r holds rows ``[r*ceil(V/world), (r+1)*ceil(V/world))``;
             every rank gets the full-vocabulary result and the gradient for its shard and hidden

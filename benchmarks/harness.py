@@ -235,6 +235,9 @@ class Impl:
     note: str = ""
 
 
+TARGET_METRICS = ("x_floor", "mem_per_row", "speedup", "mem_fraction")
+
+
 @dataclass
 class Target:
     """A target from the issues, reported as met/missed (never asserted).
@@ -247,6 +250,13 @@ class Target:
     metric: str
     bound: float
     other: str | None = None
+
+    def __post_init__(self):
+        if self.metric not in TARGET_METRICS:
+            raise ValueError(f"target metric must be one of {TARGET_METRICS}, got {self.metric!r}")
+        if (self.metric in ("speedup", "mem_fraction")) != (self.other is not None):
+            raise ValueError(f"target metric {self.metric!r} {'needs' if self.other is None else 'takes no'} "
+                             "other implementation")
 
 
 @dataclass
@@ -338,9 +348,13 @@ def evaluate_targets(case: Case, rows: list[Row]) -> list[TargetResult]:
     results = []
     for t in case.targets:
         row, other = by_name.get(t.impl), by_name.get(t.other) if t.other else None
-        value, detail = None, "not measured"
+        value, detail = None, "its measurement failed"
         if row is None or row.median_ms is None:
             detail = f"{t.impl} did not run"
+        elif t.other and (other is None or other.median_ms is None):
+            detail = f"{t.other} did not run"
+        elif t.metric in ("mem_per_row", "mem_fraction") and row.extra_peak_mb is None:
+            detail = "memory not measured"
         elif t.metric == "x_floor" and floor and floor.median_ms:
             value = row.median_ms / floor.median_ms
             detail = f"{value:.2f}x floor ({row.median_ms:.2f} vs {floor.median_ms:.2f} ms)"
@@ -354,8 +368,6 @@ def evaluate_targets(case: Case, rows: list[Row]) -> list[TargetResult]:
               and row.extra_peak_mb is not None):
             value = row.extra_peak_mb / other.extra_peak_mb
             detail = f"{100 * value:.2f}% of {t.other}'s {other.extra_peak_mb:.1f} MB"
-        elif t.metric not in ("x_floor", "mem_per_row", "speedup", "mem_fraction"):
-            raise ValueError(f"unknown target metric {t.metric!r}")
         met = None
         if value is not None:
             met = value >= t.bound if t.metric == "speedup" else value <= t.bound
@@ -465,11 +477,16 @@ def save_plot(path: Path, rows: list[Row]) -> None:
 
 
 def run_cases(cases: Iterator[Case], cfg: TimingConfig, *, measure_memory: bool = True,
+              impl_patterns: list[str] | None = None,
               log=print) -> tuple[list[Row], list[TargetResult], list[str]]:
     """Runs cases one at a time (the generator builds each case's inputs only when asked, so at most
-    one case's tensors are alive)."""
+    one case's tensors are alive). ``impl_patterns`` keeps only the implementations whose name
+    contains one of them (the floor always runs)."""
     rows, targets, notes = [], [], []
     for case in cases:
+        if impl_patterns:
+            case.impls = [i for i in case.impls
+                          if i.kind == "floor" or any(p in i.name for p in impl_patterns)]
         case_rows = run_case(case, cfg, measure_memory=measure_memory, log=log)
         rows += case_rows
         targets += evaluate_targets(case, case_rows)

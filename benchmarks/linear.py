@@ -130,7 +130,8 @@ def _policy_loss_case(shape: Shape, hidden, weight, labels, floor) -> Case | Non
     return Case(FAMILY, "linear_policy_loss", shape.label, "fwd+bwd", impls, work=3 * shape.gemm_flops,
                 unit="GFLOP/s", rows=shape.tokens,
                 targets=[Target("forward+backward <= 1.15x GEMM floor", RLKERN, "x_floor", 1.15),
-                         Target(">= 2x faster than TRL's chunked function", RLKERN, "speedup", 2.0, trl_name)])
+                         Target(">= 2x faster than TRL's chunked function", RLKERN, "speedup", 2.0,
+                                trl_name)])
 
 
 def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:

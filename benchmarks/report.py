@@ -4,6 +4,12 @@ Prints one markdown table per op family, then saves the rows as JSON and a plot 
 ``benchmarks/results/`` (gitignored). Every family module (benchmarks/logprobs.py, rlmath.py,
 linear.py) exposes ``SHAPES = {"full": [...], "quick": [...]}`` (optionally "large") and
 ``cases(shapes, *, compile=True)`` yielding ``harness.Case``s one at a time.
+
+    python -m benchmarks                          # every family, report shapes (make bench), <= 15 min
+    python -m benchmarks --quick                  # small shapes, a couple of minutes
+    python -m benchmarks -f logprobs --shapes 4096x32768     # one family, one shape
+    python -m benchmarks -f linear --large --impls rlkern     # + the fp32 N=2048,V=151936 case, rlkern only
+    pytest benchmarks/ --benchmark-group-by=group            # the same cases under pytest-benchmark
 """
 
 from __future__ import annotations
@@ -44,13 +50,13 @@ def run_report(families: list[str], *, quick: bool = False, large: bool = False,
                patterns: list[str] | None = None,
                cfg: harness.TimingConfig = harness.TimingConfig(), out_dir: Path = RESULTS_DIR,
                plot: bool = True, measure_memory: bool = True, compile: bool = True,
-               shapes_override: dict | None = None,
+               shapes_override: dict | None = None, impl_patterns: list[str] | None = None,
                probe_bytes: int | None = None, log=print) -> dict:
     """Runs the families and writes the report; returns {"tables", "json", "png", "rows", "targets"}.
     ``shapes_override`` maps a family to an explicit shape list (the smoke test's tiny shapes)."""
     started = time.perf_counter()
     meta = {"env": harness.environment(), "quick": quick, "large": large, "patterns": patterns,
-            "compile": compile,
+            "compile": compile, "impl_patterns": impl_patterns,
             "timing": {"warmup": cfg.warmup, "repeats": cfg.repeats, "min_sample_ms": cfg.min_sample_ms}}
     log(f"# rlkern benchmarks ({meta['env']['utc']}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average {meta['env']['loadavg']})")
@@ -81,7 +87,8 @@ def run_report(families: list[str], *, quick: bool = False, large: bool = False,
             continue
         log(f"\n## {fam}: {', '.join(s.label for s in shapes)}")
         rows, targets, notes = harness.run_cases(module.cases(shapes, compile=compile), cfg,
-                                                 measure_memory=measure_memory, log=log)
+                                                 measure_memory=measure_memory, impl_patterns=impl_patterns,
+                                                 log=log)
         table = harness.markdown_table(fam, rows, targets, notes)
         tables.append(table)
         log("\n" + table)
@@ -109,7 +116,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run each family's SHAPES['large'] "
                              "(linear: N=2048,H=1024,V=151936 fp32, ~10 min)")
     parser.add_argument("--shapes", nargs="+", metavar="SUBSTRING",
-                        help="keep the shapes whose label contains one of these, e.g. 4096x32768 bf16")
+                        help="keep the shapes whose label contains one of these, e.g. 4096x32768 B=64")
+    parser.add_argument("--impls", nargs="+", metavar="SUBSTRING",
+                        help="keep the implementations whose name contains one of these, e.g. rlkern "
+                             "(the floor always runs)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed samples, median reported (>= 5; default 5)")
@@ -129,9 +139,12 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
         torch.set_num_threads(args.threads)
     run_report(args.family or list(FAMILIES), quick=args.quick, large=args.large, patterns=args.shapes,
                cfg=cfg, out_dir=args.out, plot=not args.no_plot, measure_memory=not args.no_memory,
-               compile=not args.no_compile)
+               compile=not args.no_compile, impl_patterns=args.impls)
     return 0

@@ -72,6 +72,22 @@ def test_targets_are_reported_not_asserted():
     rows = [row("floor", "floor", 1.0), row("a", "rlkern", 2.0, 1e-5), row("b", "peer", 3.0)]
     met = {r.text: r.met for r in harness.evaluate_targets(case, rows)}
     assert met == {"t1": False, "t2": False, "t3": True, "t4": None}
+    with pytest.raises(ValueError, match="target metric must be one of"):
+        harness.Target("t", "a", "fastest", 1.0)
+    with pytest.raises(ValueError, match="needs other implementation"):
+        harness.Target("t", "a", "speedup", 1.0)
+
+
+def test_run_cases_filters_implementations_but_keeps_the_floor():
+    def case():
+        yield harness.Case("f", "op", "s", "fwd", [
+            harness.Impl("floor: probe", harness.streaming_probe(1024), "floor"),
+            harness.Impl("rlkern (cpp)", lambda: torch.ones(4), "rlkern"),
+            harness.Impl("peer loop", lambda: torch.ones(4))], work=1024.0, rows=4)
+    rows, _, _ = harness.run_cases(case(), FAST, impl_patterns=["rlkern"], log=lambda *_: None)
+    assert [r.impl for r in rows] == ["floor: probe", "rlkern (cpp)"]
+    assert rows[1].extra_peak_mb * harness.MIB == 16 and rows[1].bytes_per_row == 4  # its 4-float output
+    assert rows[1].pct_of_floor == pytest.approx(100 * rows[0].median_ms / rows[1].median_ms)
 
 
 def test_gae_peers_agree_with_each_other():

@@ -36,16 +36,21 @@ def _logprobs_fwd_kernel(
         offs = start + tl.arange(0, BLOCK_V).to(tl.int64)
         z = tl.load(x_row + offs, mask=offs < vocab, other=NEG_INF).to(tl.float32) * inv_temp
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        # Rescale the sums from the old max to the new one: S' = cS, T' = c(T + (m - m')S).
-        c = tl.where(s > 0, tl.exp(m - m_new), 0.0)
-        t = tl.where(s > 0, c * (t + (m - m_new) * s), 0.0)
+        # Rescale the sums from the old max to the new one: S' = cS, T' = c(T + (m - m')S). While
+        # S == 0 (m = -inf) there is nothing to rescale; the shift is zeroed so no inf - inf arises.
+        started = s > 0
+        shift = tl.where(started, m, 0.0) - tl.where(started, m_new, 0.0)
+        c = tl.exp(shift)
+        t = c * (t + shift * s)
         s = s * c
         m = m_new
-        d = z - m
-        e = tl.where(z > NEG_INF, tl.exp(d), 0.0)  # -inf logits contribute 0 (and no NaN via d)
+        # -inf logits contribute 0; d is zeroed there (and on all-banned blocks) so nothing is NaN.
+        live = z > NEG_INF
+        d = tl.where(live, z - tl.where(m > NEG_INF, m, 0.0), 0.0)
+        e = tl.where(live, tl.exp(d), 0.0)
         s += tl.sum(e, axis=0)
         if WANT_ENTROPY:
-            t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+            t += tl.sum(e * d, axis=0)
     alive = s > 0  # False only for a row whose every logit is -inf
     log_s = tl.log(tl.where(alive, s, 1.0))
     lse = tl.where(alive, m + log_s, NEG_INF)
@@ -58,7 +63,7 @@ def _logprobs_fwd_kernel(
         # eager range check is skipped) reads nothing and yields NaN rather than stray memory.
         in_range = (y >= 0) & (y < vocab)
         zy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=float("nan")).to(tl.float32)
-        logp = tl.where(alive, zy * inv_temp - lse, NEG_INF)
+        logp = tl.where(alive, zy * inv_temp - tl.where(alive, lse, 0.0), NEG_INF)
         tl.store(logp_ptr + row, tl.where(y == ignore_index, 0.0, logp))
 
 
@@ -90,9 +95,11 @@ def _logprobs_bwd_kernel(
         offs = start + tl.arange(0, BLOCK_V).to(tl.int64)
         in_row = offs < vocab
         z = tl.load(x_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temp
-        d = z - lse
-        p = tl.where(z > NEG_INF, tl.exp(d), 0.0)
-        dz = tl.where(p > 0, -p * (g + gh * (d + h)), 0.0) + tl.where(offs == y, g, 0.0)
+        # -inf logits (and every logit of a fully banned row) get p = 0 and d = 0: no inf * 0.
+        live = z > tl.where(alive, NEG_INF, float("inf"))  # nothing is live in a dead row
+        d = tl.where(live, z - tl.where(alive, lse, 0.0), 0.0)
+        p = tl.where(live, tl.exp(d), 0.0)
+        dz = -p * (g + gh * (d + h)) + tl.where(offs == y, g, 0.0)
         tl.store(dx_row + offs, (dz * inv_temp).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 

@@ -11,7 +11,6 @@ Choose with the context manager ``rlkern.use_backend(name)`` or the environment 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -54,24 +53,29 @@ def requested() -> str:
     return env
 
 
-@functools.cache
+# Import probes run once; the answers live in a plain dict (dynamo reads it while tracing, whereas
+# it would warn about a functools.cache wrapper).
+_import_errors: dict[str, str | None] = {}
+
+
+def _probe(module: str, hint: str) -> str | None:
+    if module not in _import_errors:
+        try:
+            __import__(module)
+            _import_errors[module] = None
+        except ImportError as err:
+            _import_errors[module] = f"{hint} ({err})"
+    return _import_errors[module]
+
+
 def cpp_import_error() -> str | None:
-    """Why ``rlkern._C`` cannot be imported, or None when it can."""
-    try:
-        import rlkern._C  # noqa: F401  (importing registers torch.ops.rlkern_C.*)
-    except ImportError as err:
-        return f"the C++ extension rlkern._C is not built ({err}); run `make setup`"
-    return None
+    """Why ``rlkern._C`` cannot be imported, or None when it can (importing registers the kernels)."""
+    return _probe("rlkern._C", "the C++ extension rlkern._C is not built; run `make setup`")
 
 
-@functools.cache
 def triton_import_error() -> str | None:
     """Why Triton cannot be imported, or None when it can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        return f"triton is not installed ({err})"
-    return None
+    return _probe("triton", "triton is not installed")
 
 
 def triton_interpreting() -> bool:

@@ -10,10 +10,12 @@ Where the peer ships in an installed package we call the real thing instead (TRL
 * verl ``verl/trainer/ppo/core_algos.py`` (volcengine/verl 012be9d9): ``compute_gae_advantage_return``,
   ``compute_policy_loss_vanilla``, ``agg_loss``, ``compute_value_loss``, ``kl_penalty``; and
   ``verl/utils/torch_functional.py``: ``masked_mean`` / ``masked_var`` / ``masked_whiten``,
-  ``entropy_from_logits``, ``clip_by_value``. verl's ``logprobs_from_logits_v2`` is line for line
-  TRL's ``selective_log_softmax`` CPU path (the row loop), so the TRL call stands for both.
+  ``entropy_from_logits``, ``clip_by_value``. verl's ``logprobs_from_logits_v2`` is the same row
+  loop as TRL's ``selective_log_softmax`` CPU path (a logsumexp per row for fp32, a log_softmax +
+  gather per row for bf16; TRL adds only temperature and row-mask handling, unused here), so the
+  TRL call stands for both.
 * TRL ``trl/trainer/grpo_trainer.py`` ``GRPOTrainer._compute_loss`` (installed TRL 1.16): the GRPO
-  token loss with k3 KL and the four normalisations.
+  token loss with k3 KL, ``loss_type="grpo"`` normalisation.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +151,7 @@ def math_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
 
 
 def verl_masked_mean(values: Tensor, mask: Tensor, axis=None) -> Tensor:
+    # verl's current form; older releases divide by mask.sum() without the 1e-8 (same cost).
     return (values * mask).sum(axis=axis) / (mask.sum(axis=axis) + 1e-8)
 
 

@@ -3,8 +3,8 @@
 Tolerance: the kernels run the same fp32 recursion as plain torch in float32 (the baseline of the
 oracle rule) in the same order, so their error is that baseline's plus at most a few roundings:
 atol 1e-5 + rtol 1e-5 on values of size ~T (rewards and values are O(1); gamma = lam = 1 sums T
-of them). Each row is scanned alone, so the C++ results are also checked to be the same bits
-whatever the batch around a row and the thread count.
+of them). The C++ kernel scans rows in pairs (an odd row alone) without FMA contraction, so its
+results are also checked to be the same bits whatever the batch around a row and the thread count.
 """
 
 from __future__ import annotations

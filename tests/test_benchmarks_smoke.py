@@ -168,6 +168,10 @@ def test_report_runs_end_to_end_on_tiny_shapes(tmp_path):
     fwd = [r for r in rows if r.family == "logprobs" and r.impl == logprobs.RLKERN and r.mode == "fwd"
            and r.op == "logprobs"]
     assert fwd and all(r.bytes_per_row <= 16 for r in fwd), [(r.case, r.bytes_per_row) for r in fwd]
+    # with inplace_backward the [N, V] gradient is not allocated: less extra memory than without
+    for case in {r.case for r in rows if r.family == "logprobs" and r.mode == "fwd+bwd"}:
+        mb = {r.impl: r.extra_peak_mb for r in rows if r.case == case}
+        assert mb[logprobs.RLKERN_INPLACE] < mb[logprobs.RLKERN], (case, mb)
     saved = json.loads(out["json"].read_text())
     assert len(saved["rows"]) == len(rows) and saved["meta"]["memory_probe"]["measured_bytes"] > 0
     assert out["png"].exists() and out["png"].stat().st_size > 10_000

@@ -393,12 +393,17 @@ def markdown_table(family: str, rows: list[Row], targets: list[TargetResult],
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.case} | {r.impl} | failed: {r.error} | | | |")
+            lines.append(f"| {r.case} | {r.impl} | failed: {r.error.replace('|', '/')} | | | |")
             continue
-        mem = "" if r.kind == "floor" else _fmt(r.extra_peak_mb, ".1f") if (r.extra_peak_mb or 0) >= 0.1 \
-            else _fmt(r.extra_peak_mb, ".4f")
+        if r.kind == "floor":
+            mem = ""
+        else:  # small outputs (a few bytes per row) would print as 0.0 MB
+            mem = _fmt(r.extra_peak_mb, ".1f" if (r.extra_peak_mb or 0) >= 0.1 else ".4f")
         lines.append(f"| {r.case} | {r.impl} | {_fmt(r.median_ms, '.3f')} | {_fmt(r.rate, '.1f')} | "
                      f"{_fmt(r.pct_of_floor, '.0f')} | {mem} |")
+    work = "GEMM flops" if unit == "GFLOP/s" else "bytes that must be moved"
+    lines += ["", f"{unit} = {work} / median time; % of floor = floor ms / median ms; extra peak MB = "
+                  "peak of tensor memory allocated during one call (outputs included)."]
     if targets:
         lines += ["", "Targets:"]
         for t in targets:

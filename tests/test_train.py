@@ -73,6 +73,7 @@ def test_task_split_answers_and_reward():
     assert task.reward(problems[:2], task.answers(problems[:2])).tolist() == [1.0, 1.0]
     assert task.reward(problems[:2], wrong[:2]).tolist() == [0.0, 0.0]
     assert task.prompt(37, 48) == "37+48=" and task.answer(37, 48) == "85"
+    assert task.prompt(7, 5) == "07+05=" and task.answer(7, 5) == "12"
 
 
 # ---- configuration -----------------------------------------------------------------------------
@@ -240,24 +241,27 @@ def test_existing_run_is_never_overwritten_without_consent(tmp_path, capsys):
 
 
 # ---- slow: learning and multi-process ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def weak_sft(tmp_path_factory) -> tuple[str, float]:
+    """The built-in model after 300 SFT steps on two-digit addition: a partial learner (~25-30% held-out
+    greedy accuracy for the default seed) that RL can improve. Returns (model dir, its accuracy)."""
+    out = str(tmp_path_factory.mktemp("weak_sft") / "run")
+    train("sft", "--out", out, "--steps", "300", "--eval-size", "200", "--eval-every", "0", "--no-progress")
+    return os.path.join(out, "final"), metrics(out)[-1]["eval/accuracy"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["grpo", "ppo"])
-def test_rl_raises_heldout_reward(command, tmp_path):
-    """From a weak SFT start on single-digit addition, RL with the exact-match reward raises held-out
-    greedy accuracy by a clear margin within a bounded number of steps (fixed seed)."""
-    sft = str(tmp_path / "sft")
-    train("sft", "--out", sft, "--steps", "60", "--batch-size", "32", "--lr", "1e-2", "--warmup", "5",
-          "--max-operand", "9", "--heldout", "20", "--eval-size", "20", "--hidden-size", "64", "--num-layers", "2",
-          "--no-progress")
-    before = metrics(sft)[-1]["eval/accuracy"]
+def test_rl_raises_heldout_reward(command, weak_sft, tmp_path):
+    """From a partial SFT start, RL with the exact-match reward raises held-out greedy accuracy by at
+    least 10 points within 40 steps (fixed seed)."""
+    model, before = weak_sft
     out = str(tmp_path / command)
-    extra = (["--rollout-batch", "16", "--group-size", "8", "--lr", "2e-3"] if command == "grpo"
-             else ["--rollout-batch", "64", "--lr", "1e-3"])
-    train(command, "--model", os.path.join(sft, "final"), "--out", out, "--steps", "40", "--max-new-tokens", "3",
-          "--max-operand", "9", "--heldout", "20", "--eval-size", "20", "--no-progress", "--eval-every", "0", *extra)
-    rows = metrics(out)
-    after = rows[-1]["eval/accuracy"]
-    assert after >= before + 0.2, f"{command}: held-out accuracy {before:.2f} -> {after:.2f}"
+    extra = ["--rollout-batch", "8", "--group-size", "8"] if command == "grpo" else ["--rollout-batch", "64"]
+    train(command, "--model", model, "--reward", "rule", "--out", out, "--steps", "40", "--eval-size", "200",
+          "--eval-every", "0", "--no-progress", *extra)
+    after = metrics(out)[-1]["eval/accuracy"]
+    assert after >= before + 0.1, f"{command}: held-out accuracy {before:.3f} -> {after:.3f}"
 
 
 @pytest.mark.slow

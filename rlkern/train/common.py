@@ -67,14 +67,18 @@ class Stage:
             spec = TinyModelSpec(hidden_size=self.cfg.hidden_size, num_layers=self.cfg.num_layers,
                                  intermediate_size=3 * self.cfg.hidden_size)
             model = build_tiny_model(tok, spec, self.cfg.seed).to(self.device)
-        if self.cfg.threads == 0 and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
-            torch.set_num_threads(1)
+        self._auto_threads(model)
         self.run.broadcast_module(model)
         return model, tok
+
+    def _auto_threads(self, model) -> None:
+        if self.cfg.threads == 0 and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+            torch.set_num_threads(1)
 
     def head_model(self, path: str, kind: str, *, load_head: bool):
         """``(HeadModel, tokenizer)`` on the causal LM at ``path``; its head from ``path`` when ``load_head``."""
         lm, tok = load_causal_lm(path, self.device)
+        self._auto_threads(lm)
         model = HeadModel(lm, kind).to(self.device)
         if load_head:
             model.load_head(path)

@@ -45,8 +45,8 @@ class RunConfig:
     ops: str = "rlkern"
     """Kernels for the hot loops: 'rlkern' (C++ on CPU, Triton on GPU) or 'reference' (the plain-PyTorch
     oracle, via rlkern.use_backend('torch'))."""
-    steps: int = 0
-    """Optimisation steps of this stage (0 = the stage's default)."""
+    steps: int = 1
+    """Optimisation steps of this stage."""
     resume: bool = False
     """Continue from the last complete checkpoint in the run directory."""
     overwrite: bool = False
@@ -79,11 +79,13 @@ class SFTConfig(RunConfig):
     """Supervised fine-tuning on the task's demonstrations (next-token cross-entropy on the answer)."""
 
     steps: int = 700
-    """Optimisation steps of this stage (0 = the stage's default)."""
+    """Optimisation steps of this stage."""
     batch_size: int = 64
     """Demonstrations per step (split across ranks under torchrun)."""
     lr: float = 3e-3
-    """AdamW peak learning rate (linear warm-up, then cosine decay to lr/10)."""
+    """AdamW peak learning rate (linear warm-up, then cosine decay to final_lr_ratio x lr)."""
+    final_lr_ratio: float = 1.0
+    """Learning rate at the last step relative to the peak (1.0 = constant after warm-up)."""
     warmup: int = 50
     """Warm-up steps of the learning-rate schedule."""
     weight_decay: float = 0.0
@@ -95,11 +97,18 @@ class RMConfig(RunConfig):
     """Reward model: a scalar head on the (SFT) backbone, Bradley-Terry loss on preference pairs."""
 
     steps: int = 300
-    """Optimisation steps of this stage (0 = the stage's default)."""
+    """Optimisation steps of this stage."""
     batch_size: int = 64
     """Preference pairs per step."""
+    sampled_negatives: float = 0.5
+    """Fraction of each batch whose rejected answer is the starting policy's own sample when it is wrong
+    (the rest, and right samples, get a synthetic mistake)."""
+    max_new_tokens: int = 5
+    """Generation budget of those samples, eos included."""
     lr: float = 1e-3
-    """AdamW peak learning rate (warm-up, then cosine decay to lr/10)."""
+    """AdamW peak learning rate (warm-up, then cosine decay to final_lr_ratio x lr)."""
+    final_lr_ratio: float = 0.1
+    """Learning rate at the last step relative to the peak (1.0 = constant after warm-up)."""
     warmup: int = 20
     """Warm-up steps of the learning-rate schedule."""
     weight_decay: float = 0.0
@@ -132,7 +141,7 @@ class PPOConfig(_RolloutConfig):
     """PPO-clip with a critic: GAE, whitened advantages, clipped policy and value losses."""
 
     steps: int = 150
-    """Optimisation steps of this stage (0 = the stage's default)."""
+    """Optimisation steps of this stage."""
     ppo_epochs: int = 2
     """Passes over each rollout buffer."""
     minibatches: int = 2
@@ -183,7 +192,7 @@ class GRPOConfig(_RolloutConfig):
     """GRPO: group_size samples per prompt, group-relative advantages, no critic."""
 
     steps: int = 100
-    """Optimisation steps of this stage (0 = the stage's default)."""
+    """Optimisation steps of this stage."""
     rollout_batch: int = 16
     """Prompts per step (each sampled group_size times)."""
     group_size: int = 8
@@ -211,7 +220,7 @@ class DPOConfig(RunConfig):
     """DPO: offline on preference pairs, reference log-probs computed once per batch from the frozen start."""
 
     steps: int = 200
-    """Optimisation steps of this stage (0 = the stage's default)."""
+    """Optimisation steps of this stage."""
     batch_size: int = 64
     """Preference pairs per step."""
     lr: float = 5e-4
@@ -229,7 +238,7 @@ class TRPOConfig(_RolloutConfig):
     """TRPO: natural-gradient step by conjugate gradient on Fisher-vector products, backtracking line search."""
 
     steps: int = 100
-    """Optimisation steps of this stage (0 = the stage's default)."""
+    """Optimisation steps of this stage."""
     max_kl: float = 0.01
     """delta: trust-region size (mean KL from the rollout policy)."""
     cg_iters: int = 10
@@ -391,7 +400,7 @@ def validate(command: str, cfg) -> None:
                  "critic_iters", "sft_steps", "rm_steps"):
         if hasattr(cfg, name):
             need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    for name in ("lr", "critic_lr", "sft_lr", "rm_lr", "temperature", "max_kl", "kl_target"):
+    for name in ("lr", "critic_lr", "sft_lr", "rm_lr", "temperature", "max_kl", "kl_target", "final_lr_ratio"):
         if hasattr(cfg, name):
             need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if hasattr(cfg, "group_size"):

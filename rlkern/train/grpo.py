@@ -61,6 +61,7 @@ def train_grpo(cfg, out: str | None = None) -> dict:
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 run.save_checkpoint(step, op.savers(), {"optimizer": opt.state_dict()})
         run.close_progress()
+    run.print_time_breakdown()
     final = final_dir(run.dir)
     if run.main:
         save_causal_lm(policy, op.tok, final)

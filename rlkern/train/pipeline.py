@@ -6,8 +6,6 @@ import dataclasses
 import json
 import os
 
-import torch
-
 from rlkern.train.common import Stage, final_dir, ops_backend
 from rlkern.train.config import PPOConfig, RMConfig, RunConfig, SFTConfig
 from rlkern.train.run import METRICS_JSONL, Run, plot_metrics
@@ -52,10 +50,12 @@ def train_rlhf(cfg) -> dict:
     top.print_config()
 
     def stage_cfg(cls, sub, **values):
+        # A finished stage is kept; under --resume a stage with a checkpoint continues from it, and a
+        # stage killed before its first checkpoint starts again (its partial directory is replaced).
         d = os.path.join(root, sub)
         done = os.path.isfile(os.path.join(d, "DONE"))
-        resume = cfg.resume and os.path.isdir(d) and not done
-        return _sub(cls, cfg, out=d, resume=resume, overwrite=False, **values), done
+        resume = cfg.resume and not done and Run(cfg, sub, d).latest_checkpoint() is not None
+        return _sub(cls, cfg, out=d, resume=resume, overwrite=not resume, **values), done
 
     sft_cfg, sft_done = stage_cfg(SFTConfig, "sft", steps=cfg.sft_steps, lr=cfg.sft_lr)
     if not sft_done:
@@ -108,5 +108,4 @@ def compare(cfg, models: list[tuple[str, str]], ref_path: str, rm_path: str | No
             json.dump(rows, fh, indent=2)
         with open(os.path.join(stage.run.dir, "summary.txt"), "w") as fh:
             fh.write("\n".join(lines) + "\n")
-    torch.set_grad_enabled(True)
     return rows

@@ -208,6 +208,7 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 checkpoint(step)
         run.close_progress()
+    run.print_time_breakdown()
     final = final_dir(run.dir)
     if run.main:
         save_causal_lm(policy, op.tok, final)

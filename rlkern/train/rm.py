@@ -4,6 +4,7 @@ InstructGPT), trained with the Bradley-Terry loss -log sigma(r_chosen - r_reject
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -12,17 +13,33 @@ import torch.nn.functional as F
 
 from rlkern.train.common import Stage, final_dir, load_weights, ops_backend
 from rlkern.train.models import HeadModel
-from rlkern.train.rollout import join
+from rlkern.train.rollout import decode_responses, generate, join
 
 __all__ = ["train_rm", "preference_pairs"]
 
 
-def preference_pairs(stage: Stage, tok, problems: torch.Tensor, generator: torch.Generator):
-    """``(chosen, rejected)`` sequences for ``problems``: the correct sum against a plausible mistake."""
+def preference_pairs(stage: Stage, tok, problems: torch.Tensor, generator: torch.Generator, sampler=None,
+                     sampled_fraction: float = 0.0):
+    """``(chosen, rejected)`` sequences for ``problems``: the correct sum against a wrong answer.
+
+    The wrong answer is a synthetic mistake (:meth:`ArithmeticTask.wrong_answers`) or, for the first
+    ``sampled_fraction`` of the problems when a ``sampler`` policy is given, that policy's own sampled
+    answer when the verifier says it is wrong: comparisons collected on the policy that RL will
+    start from cover the mistakes it actually makes (malformed answers included), the way RLHF's
+    preference data is collected from the SFT model's samples (InstructGPT)."""
     task = stage.task
     prompts = task.prompts(problems)
+    wrong = task.wrong_answers(problems, generator)
+    n_sampled = int(round(sampled_fraction * len(problems))) if sampler is not None else 0
+    if n_sampled:
+        ids, mask = stage.prompts(tok, problems[:n_sampled])
+        seqs = generate(sampler, tok, ids, mask, max_new_tokens=stage.cfg.max_new_tokens)
+        texts = decode_responses(tok, seqs)
+        for i, (text, ok) in enumerate(zip(texts, task.reward(problems[:n_sampled], texts).tolist())):
+            if not ok:
+                wrong[i] = text
     chosen = join(tok, prompts, task.answers(problems), stage.device)
-    rejected = join(tok, prompts, task.wrong_answers(problems, generator), stage.device)
+    rejected = join(tok, prompts, wrong, stage.device)
     return chosen, rejected
 
 
@@ -45,8 +62,10 @@ def train_rm(cfg, out: str | None = None) -> dict:
         model = HeadModel(lm, "reward").to(stage.device)
         run.broadcast_module(model)
     model.train()
+    # The frozen starting policy whose wrong samples become rejected answers.
+    sampler = copy.deepcopy(model.lm).eval().requires_grad_(False) if cfg.sampled_negatives > 0 else None
     opt = stage.optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
-    sched = stage.schedule(opt, cfg.warmup, cfg.steps)
+    sched = stage.schedule(opt, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
     run.generators["data"] = stage.data_rng
     if start:
         ckpt, state = run.load_checkpoint()
@@ -74,7 +93,8 @@ def train_rm(cfg, out: str | None = None) -> dict:
         bar = run.progress(start, cfg.steps, "rm")
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
-            chosen, rejected = preference_pairs(stage, tok, stage.problems(per_rank), stage.data_rng)
+            chosen, rejected = preference_pairs(stage, tok, stage.problems(per_rank), stage.data_rng, sampler,
+                                                cfg.sampled_negatives)
             loss, r_c, r_r = bradley_terry(model, chosen, rejected)
             opt.zero_grad(set_to_none=True)
             loss.backward()

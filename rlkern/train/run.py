@@ -193,6 +193,21 @@ class Run:
             self._bar.close()
             self._bar = None
 
+    def print_time_breakdown(self) -> None:
+        """Mean seconds per step of each phase (``time/*`` metrics) and its share, on rank 0."""
+        if not self.main:
+            return
+        phases = sorted({k for r in self._rows for k in r if k.startswith("time/")})
+        if not phases:
+            return
+        means = {}
+        for k in phases:
+            values = [r[k] for r in self._rows if k in r]
+            means[k] = sum(values) / len(values)
+        total = sum(means.values())
+        parts = ", ".join(f"{k[5:]} {1000 * v:.1f} ms ({100 * v / total:.0f}%)" for k, v in means.items())
+        print(f"[{self.command}] step time: {1000 * total:.1f} ms = {parts}", flush=True)
+
     def rows(self) -> list[dict]:
         return list(self._rows)
 

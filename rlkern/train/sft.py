@@ -24,7 +24,7 @@ def train_sft(cfg, out: str | None = None) -> dict:
     policy, tok = stage.start_model()
     policy.train()
     opt = stage.optimizer(policy.parameters(), cfg.lr, cfg.weight_decay)
-    sched = stage.schedule(opt, cfg.warmup, cfg.steps)
+    sched = stage.schedule(opt, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
     run.generators["data"] = stage.data_rng
     if start:
         ckpt, state = run.load_checkpoint()

@@ -91,6 +91,7 @@ def train_trpo(cfg, out: str | None = None) -> dict:
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 run.save_checkpoint(step, op.savers(), {"critic_optimizer": val_opt.state_dict()})
         run.close_progress()
+    run.print_time_breakdown()
     final = final_dir(run.dir)
     if run.main:
         save_causal_lm(policy, op.tok, final)

@@ -40,12 +40,14 @@ constexpr int kStats = 6;  // clipped, clip_high, clip_low, dual, approx_kl (mea
 
 typedef uint8_t vbyte __attribute__((vector_size(16)));
 
-RLKERN_INLINE vint load_mask16(const uint8_t* p) {
+// The mask as float 0/1 (bool storage holds 0 or 1): selects then test `valid > 0`, a float
+// comparison; an integer-vector `!= 0` condition is scalarised by GCC 12 inside target_clones.
+RLKERN_INLINE vfloat load_mask16(const uint8_t* p) {
   vbyte b;
   std::memcpy(&b, p, sizeof(b));
-  return __builtin_convertvector(b, vint) != 0;
+  return __builtin_convertvector(b, vfloat);
 }
-RLKERN_INLINE vint load_mask_tail(const uint8_t* p, int64_t n) {
+RLKERN_INLINE vfloat load_mask_tail(const uint8_t* p, int64_t n) {
   uint8_t buf[kLanes] = {};
   std::memcpy(buf, p, n);
   return load_mask16(buf);
@@ -56,21 +58,39 @@ RLKERN_INLINE vint load_mask_tail(const uint8_t* p, int64_t n) {
 // float, so the positive side needs no separate code path.
 RLKERN_INLINE vfloat vexp_clamped(vfloat x) { return vexp_nonpos(x); }
 
-RLKERN_INLINE vfloat clampv(vfloat x, vfloat lo, vfloat hi) { return x < lo ? lo : (x > hi ? hi : x); }
+RLKERN_INLINE vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
+RLKERN_INLINE vfloat clampv(vfloat x, vfloat lo, vfloat hi) { return vmin(vmax(x, lo), hi); }
+
+// 0/1 flags from comparisons, as -(float)(all-ones mask). Not `a > b ? 1 : 0`: GCC 12 folds products
+// and selects of such ternaries into one ?: on a combined (&) mask, which it then scalarises inside
+// a target_clones function (16 vcomiss per use instead of one vcmpps). Flags are combined by
+// multiplying, and "x passes through clamp" is tested as clamp(x) == x.
+RLKERN_INLINE vfloat gt(vfloat a, vfloat b) { return -__builtin_convertvector(a > b, vfloat); }
+RLKERN_INLINE vfloat eq(vfloat a, vfloat b) { return -__builtin_convertvector(a == b, vfloat); }
+// x where the 0/1 flag f is 1, else y: a select on a computed float, which GCC cannot fold.
+RLKERN_INLINE vfloat pick(vfloat f, vfloat x, vfloat y) { return f > splat(0.5f) ? x : y; }
+// x where valid (0/1) is 1, else +0.0, by clearing the bits: NaN / inf in padding never survive,
+// and a bitwise AND is not a select GCC could merge with the ones inside x.
+RLKERN_INLINE vfloat keep(vfloat x, vfloat valid) {
+  vint bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits &= -__builtin_convertvector(valid, vint);  // 1 -> all ones, 0 -> 0
+  vfloat out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
 
 // torch.maximum(a, b)'s backward share for a: 1 where a > b, 1/2 where a == b, 0 where a < b.
-RLKERN_INLINE vfloat max_share(vfloat a, vfloat b) {
-  return a > b ? splat(1.f) : (a == b ? splat(0.5f) : splat(0.f));
-}
+RLKERN_INLINE vfloat max_share(vfloat a, vfloat b) { return gt(a, b) + splat(0.5f) * eq(a, b); }
 
 struct Consts {
   vfloat lo, hi, dual, beta, clip;
 };
 
 struct TokenTerms {
-  vfloat loss;     // l (weights not applied)
-  vfloat grad;     // d l / d x, with x = logp (policy, grpo) or v (value)
-  vint clipped, clip_high, clip_low, dual;
+  vfloat loss;  // l (weights not applied)
+  vfloat grad;  // d l / d x, with x = logp (policy, grpo) or v (value)
+  vfloat clipped, clip_high, clip_low, dual;  // 0/1 flags
   vfloat neg_log_ratio, k3;
 };
 
@@ -80,32 +100,31 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
   TokenTerms t;
   const vfloat lr_raw = x - y;
   const vfloat lr = clampv(lr_raw, splat(-20.f), splat(20.f));
-  const vfloat lr_pass = (lr_raw >= splat(-20.f)) & (lr_raw <= splat(20.f)) ? splat(1.f) : splat(0.f);
+  const vfloat lr_pass = eq(lr, lr_raw);
   const vfloat ratio = vexp_clamped(lr);
   const vfloat rc = clampv(ratio, c.lo, c.hi);
-  const vfloat rc_pass = (ratio >= c.lo) & (ratio <= c.hi) ? splat(1.f) : splat(0.f);
+  const vfloat rc_pass = eq(rc, ratio);
   const vfloat neg_a = -a;
   const vfloat pg1 = neg_a * ratio, pg2 = neg_a * rc;
   const vfloat a1 = max_share(pg1, pg2);
-  const vfloat clip1 = pg1 > pg2 ? pg1 : pg2;  // torch.maximum; NaN-free inputs here
+  const vfloat clip1 = vmax(pg1, pg2);  // torch.maximum (NaN-free inputs at valid tokens)
   const vfloat d_clip1 = neg_a * (a1 + (splat(1.f) - a1) * rc_pass);  // d clip1 / d ratio
   // Dual clip: for A < 0, min(clip1, -A c). With c = +inf (off) -A c = +inf and clip1 always wins.
   const vfloat pg3 = neg_a * c.dual;
-  const vint negative = a < splat(0.f);
+  const vfloat neg = gt(splat(0.f), a);
   const vfloat b1 = max_share(pg3, clip1);  // torch.minimum share of clip1 = share of pg3 in a max
-  t.loss = negative & (pg3 < clip1) ? pg3 : clip1;
-  const vfloat d_ratio = negative ? d_clip1 * b1 : d_clip1;
-  t.grad = d_ratio * ratio * lr_pass;
-  t.clipped = pg2 > pg1;
-  t.clip_high = (ratio > c.hi) & (a > splat(0.f));
-  t.clip_low = (ratio < c.lo) & negative;
-  t.dual = negative & (clip1 > pg3);
+  t.dual = gt(clip1, pg3) * neg;
+  t.loss = pick(t.dual, pg3, clip1);  // = where(A < 0, min(pg3, clip1), clip1)
+  t.grad = pick(neg, d_clip1 * b1, d_clip1) * ratio * lr_pass;
+  t.clipped = gt(pg2, pg1);
+  t.clip_high = gt(ratio, c.hi) * gt(a, splat(0.f));
+  t.clip_low = gt(c.lo, ratio) * neg;
   t.neg_log_ratio = -lr;
   t.k3 = splat(0.f);
   if constexpr (kRef) {
     const vfloat d_raw = z - x;
     const vfloat d = clampv(d_raw, splat(-20.f), splat(20.f));
-    const vfloat d_pass = (d_raw >= splat(-20.f)) & (d_raw <= splat(20.f)) ? splat(1.f) : splat(0.f);
+    const vfloat d_pass = eq(d, d_raw);
     const vfloat ed = vexp_clamped(d);
     t.k3 = ed - d - splat(1.f);
     // Weights (policy only) never reach here, so the KL term is added after them in either order.
@@ -120,14 +139,14 @@ RLKERN_INLINE TokenTerms value_terms(vfloat v, vfloat v_old, vfloat ret, const C
   TokenTerms t;
   const vfloat lo = v_old - c.clip, hi = v_old + c.clip;
   const vfloat vc = clampv(v, lo, hi);
-  const vfloat vc_pass = (v >= lo) & (v <= hi) ? splat(1.f) : splat(0.f);
+  const vfloat vc_pass = eq(vc, v);
   const vfloat e1 = v - ret, e2 = vc - ret;
   const vfloat l1 = e1 * e1, l2 = e2 * e2;
   const vfloat a1 = max_share(l1, l2);
-  t.loss = splat(0.5f) * (l1 > l2 ? l1 : l2);
+  t.loss = splat(0.5f) * vmax(l1, l2);
   t.grad = a1 * e1 + (splat(1.f) - a1) * e2 * vc_pass;  // 1/2 d(e^2) = e de
-  t.clipped = l2 > l1;
-  t.clip_high = t.clip_low = t.dual = vint{};
+  t.clipped = gt(l2, l1);
+  t.clip_high = t.clip_low = t.dual = splat(0.f);
   t.neg_log_ratio = t.k3 = splat(0.f);
   return t;
 }
@@ -147,7 +166,7 @@ struct Rows {
 template <typename T>
 struct Block {
   vfloat x, y, a, z, w;
-  vint valid;
+  vfloat valid;  // 0/1
 };
 
 // A free function, not a lambda: lambdas called from a target_clones function are not cloned.
@@ -175,8 +194,6 @@ RLKERN_INLINE TokenTerms terms(vfloat x, vfloat y, vfloat a, vfloat z, const Con
   else return policy_terms<K == kGrpo>(x, y, a, z, c);
 }
 
-RLKERN_INLINE vfloat count_of(vint m) { return m ? splat(1.f) : splat(0.f); }
-
 template <typename T, Kind K>
 RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, const Consts& c, float* partial) {
   for (int64_t b = begin; b < end; ++b) {
@@ -185,18 +202,18 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
     for (int64_t t0 = 0; t0 < r.len; t0 += kLanes) {
       const Block<T> k = load_block(r, b, t0, std::min<int64_t>(kLanes, r.len - t0));
       const TokenTerms t = terms<K>(k.x, k.y, k.a, k.z, c);
-      const vint v = k.valid;
-      // Selects, not products with the mask: 0 * NaN from padding would poison the sums.
-      const vfloat zero = splat(0.f);
+      // Selects, not products with the mask: 0 * NaN from padding would poison the sums. The 0/1
+      // flags are finite, so for them a product is the same select.
+      const vfloat v = k.valid;
       const vfloat weighted = K == kPolicy ? t.loss * k.w : t.loss;
-      acc[kLossSum] += v ? weighted : zero;
-      acc[kCount] += count_of(v);
-      acc[kClipped] += count_of(v & t.clipped);
-      acc[kClipHigh] += count_of(v & t.clip_high);
-      acc[kClipLow] += count_of(v & t.clip_low);
-      acc[kDual] += count_of(v & t.dual);
-      acc[kNegLogRatio] += v ? t.neg_log_ratio : zero;
-      acc[kK3] += v ? t.k3 : zero;
+      acc[kLossSum] += keep(weighted, v);
+      acc[kCount] += v;
+      acc[kClipped] += v * t.clipped;
+      acc[kClipHigh] += v * t.clip_high;
+      acc[kClipLow] += v * t.clip_low;
+      acc[kDual] += v * t.dual;
+      acc[kNegLogRatio] += keep(t.neg_log_ratio, v);
+      acc[kK3] += keep(t.k3, v);
     }
     for (int i = 0; i < kPartials; ++i) partial[b * kPartials + i] = hsum(acc[i]);
   }
@@ -212,7 +229,7 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
       const Block<T> k = load_block(r, b, t0, n);
       const TokenTerms t = terms<K>(k.x, k.y, k.a, k.z, c);
       const vfloat w = K == kPolicy ? k.w : splat(1.f);
-      const vfloat d = k.valid ? g * w * t.grad : splat(0.f);
+      const vfloat d = keep(g * w * t.grad, k.valid);
       if (n == kLanes) store16(out + b * r.len + t0, d);
       else store_tail(out + b * r.len + t0, d, n);
     }

@@ -161,7 +161,8 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias32: torc
     _linear_logprobs_fwd_kernel[(triton.cdiv(n_tokens, bn),)](
         hidden, weight, bias32 if bias32.numel() else lse, labels, lse, ent, zy,
         n_tokens, weight.shape[0], hidden_size, inv_temp, ignore_index, vocab_start,
-        HAS_BIAS=bias32.numel() > 0, WANT_ENTROPY=want_entropy, DOT_FP32=_dot_fp32(hidden.dtype), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+        HAS_BIAS=bias32.numel() > 0, WANT_ENTROPY=want_entropy, DOT_FP32=_dot_fp32(hidden.dtype),
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
     )
 
 

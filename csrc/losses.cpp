@@ -40,8 +40,8 @@ constexpr int kStats = 6;  // clipped, clip_high, clip_low, dual, approx_kl (mea
 
 typedef uint8_t vbyte __attribute__((vector_size(16)));
 
-// The mask as float 0/1 (bool storage holds 0 or 1): selects then test `valid > 0`, a float
-// comparison; an integer-vector `!= 0` condition is scalarised by GCC 12 inside target_clones.
+// The mask as float 0/1 (bool storage holds 0 or 1): it multiplies the 0/1 flags and drives keep().
+// A `mask != 0` integer-vector condition would be scalarised by GCC 12 inside target_clones.
 RLKERN_INLINE vfloat load_mask16(const uint8_t* p) {
   vbyte b;
   std::memcpy(&b, p, sizeof(b));

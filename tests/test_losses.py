@@ -291,6 +291,7 @@ def test_gradcheck_reference():
     assert torch.autograd.gradcheck(lambda t: reference.value_loss(t, old, adv, mask, clip=0.3)[0], (x,))
 
 
+@pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double precision")
 def test_gradcheck_cpp():
     # fp32 kernels: a large step and loose bounds; a wrong formula (sign, missing ratio factor,
     # missing KL term, wrong normaliser) is off by O(1) relative, far above them.

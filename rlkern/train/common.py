@@ -147,10 +147,17 @@ class Stage:
 
     @staticmethod
     def score(reward_model: HeadModel, seqs: Sequences) -> Tensor:
-        """The reward model's scalar at each sequence's last response token (its eos), ``[B]``."""
-        scores = reward_model(seqs.input_ids, seqs.attention_mask, seqs.position_ids)
-        last = seqs.prompt_len + seqs.response_mask.sum(-1).long() - 1
-        return scores.gather(1, last[:, None]).squeeze(1)
+        """The reward model's score of each sequence ``[B]``: see :func:`sequence_score`."""
+        return sequence_score(reward_model(seqs.input_ids, seqs.attention_mask, seqs.position_ids), seqs)
+
+
+def sequence_score(head_values: Tensor, seqs: Sequences) -> Tensor:
+    """A sequence's reward: the sum of the reward head over the response tokens (eos included), read
+    at each response token's own position. A per-token check ("is this token right, given the
+    prompt and the tokens before it?") is a short circuit for a small backbone; reading one score at
+    eos instead asks it to aggregate every check into one position, which here plateaued at ~80%
+    held-out pairwise accuracy and was exploited by PPO within 25 steps."""
+    return ops.masked_sum(head_values[:, seqs.prompt_len:], seqs.response_mask, dim=-1)
 
 
 def check_divisible(n: int, parts: int, what: str, into: str) -> int:

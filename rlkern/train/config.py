@@ -78,7 +78,7 @@ class RunConfig:
 class SFTConfig(RunConfig):
     """Supervised fine-tuning on the task's demonstrations (next-token cross-entropy on the answer)."""
 
-    steps: int = 700
+    steps: int = 400
     """Optimisation steps of this stage."""
     batch_size: int = 64
     """Demonstrations per step (split across ranks under torchrun)."""
@@ -100,6 +100,8 @@ class RMConfig(RunConfig):
     """Optimisation steps of this stage."""
     batch_size: int = 64
     """Preference pairs per step."""
+    lm_coef: float = 1.0
+    """Weight of the auxiliary next-token loss on the chosen answers (0 = pure Bradley-Terry)."""
     sampled_negatives: float = 0.5
     """Fraction of each batch whose rejected answer is the starting policy's own sample when it is wrong
     (the rest, and right samples, get a synthetic mistake)."""
@@ -140,13 +142,13 @@ class _RolloutConfig(RunConfig):
 class PPOConfig(_RolloutConfig):
     """PPO-clip with a critic: GAE, whitened advantages, clipped policy and value losses."""
 
-    steps: int = 150
+    steps: int = 100
     """Optimisation steps of this stage."""
     ppo_epochs: int = 2
     """Passes over each rollout buffer."""
     minibatches: int = 2
     """Shuffled minibatches per pass (the per-rank rollout batch must divide evenly)."""
-    kl_coef: float = 0.02
+    kl_coef: float = 0.05
     """beta: weight of the KL-to-reference penalty in the token rewards."""
     kl_estimator: str = "k1"
     """Estimator of the token KL in the reward shaping (k1, abs, k2, k3)."""
@@ -265,9 +267,11 @@ class TRPOConfig(_RolloutConfig):
 
 @dataclass
 class RLHFConfig(PPOConfig):
-    """The whole pipeline: SFT -> reward model -> PPO against it, then the before/after table."""
+    """The whole pipeline: SFT -> reward model -> PPO, then the before/after table. PPO's reward is the
+    task's exact-match verifier (--reward auto/rule; the reward model's score is reported beside it)
+    or the reward model (--reward model)."""
 
-    sft_steps: int = 700
+    sft_steps: int = 400
     """Steps of the SFT stage."""
     sft_lr: float = 3e-3
     """Learning rate of the SFT stage."""

@@ -125,11 +125,15 @@ class HeadModel(nn.Module):
         self.lm = lm
         self.head = ScalarHead(lm.config.hidden_size)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        # base_model is the decoder without the LM head: its last_hidden_state is after the final norm.
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        """The backbone's last hidden state ``[B, T, H]`` (base_model is the decoder without the LM head:
+        its last_hidden_state is after the final norm)."""
         out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  use_cache=False)
-        return self.head(out.last_hidden_state)
+        return out.last_hidden_state
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        return self.head(self.hidden(input_ids, attention_mask, position_ids))
 
     def head_file(self, path: str) -> str:
         return os.path.join(path, f"{self.kind}_head.safetensors")

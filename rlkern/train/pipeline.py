@@ -1,4 +1,4 @@
-"""The default command: SFT -> reward model -> PPO against it, then the before/after table and plot."""
+"""The default command: SFT -> reward model -> PPO, then the before/after table and plot."""
 
 from __future__ import annotations
 
@@ -65,8 +65,12 @@ def train_rlhf(cfg) -> dict:
     if not rm_done:
         train_rm(rm_cfg)
     rm_model = final_dir(rm_cfg.out)
+    # --reward auto (the default) scores PPO's samples with the task's exact-match verifier and reports
+    # the reward model's score beside it; --reward model optimises against the reward model. Measured
+    # on this task: the ~84%-accurate (pairwise, held-out) reward model is exploited within 25 PPO
+    # steps (held-out accuracy 56% -> 16-46% at beta 0.05-0.1), while the verifier takes it to ~80%.
     ppo_cfg, ppo_done = stage_cfg(PPOConfig, "ppo", model=sft_model, reward_model=rm_model,
-                                  reward="model" if cfg.reward == "auto" else cfg.reward)
+                                  reward="rule" if cfg.reward == "auto" else cfg.reward)
     if not ppo_done:
         train_ppo(ppo_cfg)
     rows = compare(cfg, [("sft", sft_model), ("ppo", final_dir(ppo_cfg.out))], sft_model, rm_model)

@@ -243,10 +243,11 @@ def test_existing_run_is_never_overwritten_without_consent(tmp_path, capsys):
 # ---- slow: learning and multi-process ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def weak_sft(tmp_path_factory) -> tuple[str, float]:
-    """The built-in model after 300 SFT steps on two-digit addition: a partial learner (~25-30% held-out
-    greedy accuracy for the default seed) that RL can improve. Returns (model dir, its accuracy)."""
+    """The built-in model after the default 400 SFT steps on two-digit addition: a partial learner (~52%
+    held-out greedy accuracy on these 200 problems for the default seed) that RL can improve. Returns
+    (model dir, its accuracy)."""
     out = str(tmp_path_factory.mktemp("weak_sft") / "run")
-    train("sft", "--out", out, "--steps", "300", "--eval-size", "200", "--eval-every", "0", "--no-progress")
+    train("sft", "--out", out, "--steps", "400", "--eval-size", "200", "--eval-every", "0", "--no-progress")
     return os.path.join(out, "final"), metrics(out)[-1]["eval/accuracy"]
 
 
@@ -254,12 +255,11 @@ def weak_sft(tmp_path_factory) -> tuple[str, float]:
 @pytest.mark.parametrize("command", ["grpo", "ppo"])
 def test_rl_raises_heldout_reward(command, weak_sft, tmp_path):
     """From a partial SFT start, RL with the exact-match reward raises held-out greedy accuracy by at
-    least 10 points within 40 steps (fixed seed)."""
+    least 10 points within 30 steps (fixed seed; measured here: GRPO 52.5% -> 73.5%, PPO -> 80.5%)."""
     model, before = weak_sft
     out = str(tmp_path / command)
-    extra = ["--rollout-batch", "8", "--group-size", "8"] if command == "grpo" else ["--rollout-batch", "64"]
-    train(command, "--model", model, "--reward", "rule", "--out", out, "--steps", "40", "--eval-size", "200",
-          "--eval-every", "0", "--no-progress", *extra)
+    train(command, "--model", model, "--reward", "rule", "--out", out, "--steps", "30", "--eval-size", "200",
+          "--eval-every", "0", "--no-progress")
     after = metrics(out)[-1]["eval/accuracy"]
     assert after >= before + 0.1, f"{command}: held-out accuracy {before:.3f} -> {after:.3f}"
 

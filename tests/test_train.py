@@ -23,8 +23,8 @@ from rlkern.train.cli import main
 from rlkern.train.config import COMMANDS, field_docs
 from rlkern.train.task import ArithmeticTask, build_char_tokenizer
 
-TINY = ["--max-operand", "9", "--heldout", "20", "--eval-size", "20", "--hidden-size", "32", "--num-layers", "1",
-        "--no-progress", "--eval-every", "0"]
+TINY = ["--max-operand", "9", "--heldout", "20", "--eval-size", "20", "--hidden-size", "32",
+        "--num-layers", "1", "--no-progress", "--eval-every", "0"]
 ON_POLICY = ["--rollout-batch", "8", "--max-new-tokens", "3"]
 RL_COMMANDS = ("ppo", "ppo-penalty", "grpo", "trpo")
 
@@ -57,7 +57,8 @@ def test_tokenizer_is_char_level_and_round_trips(tmp_path):
     assert tok.decode(ids, skip_special_tokens=True) == "37+48="
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
-    assert again("37+48=")["input_ids"] == ids and again.pad_token_id is not None and again.eos_token_id is not None
+    assert again("37+48=")["input_ids"] == ids
+    assert again.pad_token_id is not None and again.eos_token_id is not None
 
 
 def test_task_split_answers_and_reward():
@@ -69,7 +70,8 @@ def test_task_split_answers_and_reward():
     problems = task.sample_train(2000, g)
     assert not {tuple(p) for p in problems.tolist()} & held
     wrong = task.wrong_answers(problems, g)
-    assert all(w != a and w.isdigit() and (w == "0" or w[0] != "0") for w, a in zip(wrong, task.answers(problems)))
+    answers = task.answers(problems)
+    assert all(w != a and w.isdigit() and (w == "0" or w[0] != "0") for w, a in zip(wrong, answers))
     assert task.reward(problems[:2], task.answers(problems[:2])).tolist() == [1.0, 1.0]
     assert task.reward(problems[:2], wrong[:2]).tolist() == [0.0, 0.0]
     assert task.prompt(37, 48) == "37+48=" and task.answer(37, 48) == "85"
@@ -140,16 +142,19 @@ def test_algorithm_runs_learns_something_and_checkpoints_load(command, sft_model
     assert ckpts == ["step_000002", "step_000003"]
     AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoints", "step_000002", "policy"
                                                       if command != "rm" else "reward_model"))
-    assert os.path.isfile(os.path.join(out, "metrics.csv")) and os.path.isfile(os.path.join(out, "config.json"))
+    assert os.path.isfile(os.path.join(out, "metrics.csv"))
+    assert os.path.isfile(os.path.join(out, "config.json"))
 
 
 def test_grpo_variants_and_ppo_controls(sft_model, tmp_path):
     """Every advantage estimator and loss normalisation, the adaptive KL controller, target-KL early
     stop and reference refresh run and stay finite."""
-    for i, (method, loss_type) in enumerate([("rloo", "dr_grpo"), ("winrate", "dapo"), ("reinforce_baseline", "bnpo")]):
+    for i, (method, loss_type) in enumerate([("rloo", "dr_grpo"), ("winrate", "dapo"),
+                                             ("reinforce_baseline", "bnpo")]):
         out = str(tmp_path / f"g{i}")
-        train("grpo", "--model", sft_model, "--out", out, "--steps", "2", "--rollout-batch", "2", "--group-size",
-              "3", "--method", method, "--loss-type", loss_type, "--no-scale-by-std", "--max-new-tokens", "3", *TINY)
+        train("grpo", "--model", sft_model, "--out", out, "--steps", "2", "--rollout-batch", "2",
+              "--group-size", "3", "--method", method, "--loss-type", loss_type, "--no-scale-by-std",
+              "--max-new-tokens", "3", *TINY)
         assert all(math.isfinite(v) for r in metrics(out) for v in r.values())
     out = str(tmp_path / "ppo")
     train("ppo", "--model", sft_model, "--out", out, "--steps", "2", "--adaptive-kl", "--target-kl", "1e-6",
@@ -181,7 +186,8 @@ def test_resume_reproduces_uninterrupted_run(sft_model, tmp_path):
     os.remove(os.path.join(broken, "DONE"))
     train("ppo", "--out", broken, "--resume", *args)
     assert _stable(metrics(broken)) == _stable(metrics(straight))
-    assert torch.equal(_flat_params(os.path.join(broken, "final")), _flat_params(os.path.join(straight, "final")))
+    resumed, uninterrupted = os.path.join(broken, "final"), os.path.join(straight, "final")
+    assert torch.equal(_flat_params(resumed), _flat_params(uninterrupted))
 
 
 def test_ops_reference_and_rlkern_give_the_same_losses(sft_model, tmp_path):
@@ -210,8 +216,10 @@ def test_errors_are_one_line(tmp_path, capsys, sft_model):
     from transformers import ViTConfig
 
     vit = tmp_path / "vit"
-    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(vit)
-    assert "is not a causal LM" in _error(capsys, "sft", "--model", str(vit), "--out", str(tmp_path / "b"), *TINY)
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+              intermediate_size=8).save_pretrained(vit)
+    assert "is not a causal LM" in _error(capsys, "sft", "--model", str(vit), "--out", str(tmp_path / "b"),
+                                          *TINY)
     no_pad = tmp_path / "nopad"
     shutil.copytree(sft_model, no_pad)
     tok_cfg = no_pad / "tokenizer_config.json"
@@ -220,8 +228,10 @@ def test_errors_are_one_line(tmp_path, capsys, sft_model):
     tok_cfg.write_text(json.dumps(data))
     special = no_pad / "special_tokens_map.json"
     if special.exists():
-        special.write_text(json.dumps({k: v for k, v in json.loads(special.read_text()).items() if k != "pad_token"}))
-    assert "no pad token" in _error(capsys, "sft", "--model", str(no_pad), "--out", str(tmp_path / "c"), *TINY)
+        kept = {k: v for k, v in json.loads(special.read_text()).items() if k != "pad_token"}
+        special.write_text(json.dumps(kept))
+    assert "no pad token" in _error(capsys, "sft", "--model", str(no_pad), "--out", str(tmp_path / "c"),
+                                    *TINY)
     assert "--group-size must be >= 2" in _error(capsys, "grpo", "--group-size", "1", *TINY)
     assert "cannot be split into 3 equal minibatches" in _error(
         capsys, "ppo", "--minibatches", "3", "--out", str(tmp_path / "d"), *ON_POLICY, *TINY)

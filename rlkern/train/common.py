@@ -76,7 +76,8 @@ class Stage:
             torch.set_num_threads(1)
 
     def head_model(self, path: str, kind: str, *, load_head: bool):
-        """``(HeadModel, tokenizer)`` on the causal LM at ``path``; its head from ``path`` when ``load_head``."""
+        """``(HeadModel, tokenizer)`` on the causal LM at ``path``; the head is read from ``path`` when
+        ``load_head``, else freshly initialised."""
         lm, tok = load_causal_lm(path, self.device)
         self._auto_threads(lm)
         model = HeadModel(lm, kind).to(self.device)
@@ -121,7 +122,8 @@ class Stage:
         return encode_prompts(tok, self.task.prompts(problems), self.device)
 
     @torch.no_grad()
-    def evaluate(self, policy, tok, reward_model=None, ref=None, *, max_new_tokens: int = 5) -> dict[str, float]:
+    def evaluate(self, policy, tok, reward_model=None, ref=None, *, max_new_tokens: int = 5) -> dict[str,
+                                                                                                     float]:
         """Greedy exact-match accuracy on the held-out problems; with ``reward_model`` its mean score of
         the greedy answers; with ``ref`` the KL to ``ref`` (per sequence, summed k1 over sampled
         answers, an unbiased estimate). Does not touch the training RNG streams."""
@@ -162,7 +164,8 @@ def sequence_score(head_values: Tensor, seqs: Sequences) -> Tensor:
 
 def check_divisible(n: int, parts: int, what: str, into: str) -> int:
     if n % parts:
-        raise ValueError(f"{what}={n} cannot be split into {parts} equal {into}; choose values that divide evenly")
+        raise ValueError(f"{what}={n} cannot be split into {parts} equal {into}; "
+                         "choose values that divide evenly")
     return n // parts
 
 
@@ -184,8 +187,10 @@ def load_weights(model, path: str) -> None:
     missing, unexpected = lm.load_state_dict(state, strict=False)
     # Tied weights (lm_head = embeddings) are saved once; anything else missing is an error.
     tied = set(getattr(lm, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not (k == "lm_head.weight" and lm.config.tie_word_embeddings)]
+    tied_head = lm.config.tie_word_embeddings
+    missing = [k for k in missing if k not in tied and not (k == "lm_head.weight" and tied_head)]
     if missing or unexpected:
-        raise ModelError(f"{path!r} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ModelError(f"{path!r} does not match the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
     if isinstance(model, HeadModel):
         model.load_head(path)

@@ -20,7 +20,8 @@ import typing
 from dataclasses import dataclass
 
 __all__ = ["RunConfig", "SFTConfig", "RMConfig", "PPOConfig", "PPOPenaltyConfig", "GRPOConfig", "DPOConfig",
-           "TRPOConfig", "RLHFConfig", "COMMANDS", "field_docs", "build_parser", "resolve_config", "ConfigError"]
+           "TRPOConfig", "RLHFConfig", "COMMANDS", "field_docs", "build_parser", "resolve_config",
+           "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -159,7 +160,8 @@ class PPOConfig(_RolloutConfig):
     kl_horizon: int = 10000
     """Horizon (in samples) of the adaptive controller."""
     target_kl: float = 0.0
-    """Stop the epochs of a step early when the approximate KL to the rollout policy exceeds 1.5x this (0 = never)."""
+    """Stop the epochs of a step early when the approximate KL to the rollout policy exceeds 1.5x this
+    (0 = never)."""
     gamma: float = 1.0
     """Discount factor."""
     lam: float = 0.95
@@ -237,7 +239,8 @@ class DPOConfig(RunConfig):
 
 @dataclass
 class TRPOConfig(_RolloutConfig):
-    """TRPO: natural-gradient step by conjugate gradient on Fisher-vector products, backtracking line search."""
+    """TRPO: natural-gradient step by conjugate gradient on Fisher-vector products, backtracking line
+    search."""
 
     steps: int = 100
     """Optimisation steps of this stage."""
@@ -287,10 +290,12 @@ COMMANDS: dict[str, type] = {
 }
 
 CHOICES = {
-    "ops": ("rlkern", "reference"), "reward": ("auto", "model", "rule"), "kl_estimator": ("k1", "abs", "k2", "k3"),
+    "ops": ("rlkern", "reference"), "reward": ("auto", "model", "rule"), "kl_estimator": ("k1", "abs",
+                                                                                          "k2", "k3"),
     "method": ("grpo", "rloo", "reinforce_baseline", "winrate"),
 }
-LOSS_TYPES = {GRPOConfig: ("grpo", "bnpo", "dr_grpo", "dapo"), DPOConfig: ("sigmoid", "ipo", "hinge", "robust")}
+LOSS_TYPES = {GRPOConfig: ("grpo", "bnpo", "dr_grpo", "dapo"), DPOConfig: ("sigmoid", "ipo", "hinge",
+                                                                           "robust")}
 
 
 @functools.cache
@@ -304,7 +309,8 @@ def field_docs(cls: type) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body
         for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt,
+                                                                                                     ast.Expr)
                     and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
@@ -404,7 +410,8 @@ def validate(command: str, cfg) -> None:
                  "critic_iters", "sft_steps", "rm_steps"):
         if hasattr(cfg, name):
             need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    for name in ("lr", "critic_lr", "sft_lr", "rm_lr", "temperature", "max_kl", "kl_target", "final_lr_ratio"):
+    for name in ("lr", "critic_lr", "sft_lr", "rm_lr", "temperature", "max_kl", "kl_target",
+                 "final_lr_ratio"):
         if hasattr(cfg, name):
             need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if hasattr(cfg, "group_size"):

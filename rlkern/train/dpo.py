@@ -37,7 +37,8 @@ def train_dpo(cfg, out: str | None = None) -> dict:
     # The offline dataset: every step's pairs, fixed by the seed (and the rank).
     problems = stage.task.sample_train(cfg.steps * per_rank, stage.data_rng)
     pair_rng = torch.Generator().manual_seed(cfg.seed * 31 + run.rank)
-    parts = [preference_pairs(stage, tok, problems[lo:lo + 1024], pair_rng) for lo in range(0, len(problems), 1024)]
+    starts = range(0, len(problems), 1024)
+    parts = [preference_pairs(stage, tok, problems[lo:lo + 1024], pair_rng) for lo in starts]
     chosen_all = _Padded([c for c, _ in parts], tok.pad_token_id)
     rejected_all = _Padded([r for _, r in parts], tok.pad_token_id)
     with ops_backend(cfg.ops), torch.no_grad():
@@ -61,7 +62,8 @@ def train_dpo(cfg, out: str | None = None) -> dict:
             sl = slice((step - 1) * per_rank, step * per_rank)
             chosen, rejected = chosen_all.slice(sl), rejected_all.slice(sl)
             loss, stats = ops.dpo_loss(sequence_logprobs(policy, chosen), sequence_logprobs(policy, rejected),
-                                       ref_chosen[sl], ref_rejected[sl], beta=cfg.beta, loss_type=cfg.loss_type,
+                                       ref_chosen[sl], ref_rejected[sl], beta=cfg.beta,
+                                       loss_type=cfg.loss_type,
                                        label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -52,7 +52,8 @@ def train_grpo(cfg, out: str | None = None) -> dict:
             op.maybe_sync_ref(step)
             metrics.update(stats)
             metrics.update(op.timer.pop())
-            metrics["perf/tokens_per_s"] = float(ro.seqs.attention_mask.sum()) * run.world / (time.perf_counter() - t0)
+            n_tokens = float(ro.seqs.attention_mask.sum()) * run.world
+            metrics["perf/tokens_per_s"] = n_tokens / (time.perf_counter() - t0)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 metrics.update(stage.evaluate(policy, op.tok, op.reward_model, op.ref,
                                               max_new_tokens=cfg.max_new_tokens))
@@ -90,7 +91,8 @@ def _update(stage: Stage, op: OnPolicy, ro, adv, opt, mb_seqs: int, n_seq: int) 
             if cfg.loss_type == "dr_grpo":
                 kwargs["max_completion_length"] = cfg.max_new_tokens
             loss, stats = ops.grpo_loss(logp, mb.logp, mb.ref_logp, adv[idx], mb.mask, beta=cfg.beta,
-                                        clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_type=cfg.loss_type,
+                                        clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                        loss_type=cfg.loss_type,
                                         **kwargs)
             opt.zero_grad(set_to_none=True)
             loss.backward()

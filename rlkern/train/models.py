@@ -128,7 +128,8 @@ class HeadModel(nn.Module):
     def hidden(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """The backbone's last hidden state ``[B, T, H]`` (base_model is the decoder without the LM head:
         its last_hidden_state is after the final norm)."""
-        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids,
                                  use_cache=False)
         return out.last_hidden_state
 
@@ -142,7 +143,8 @@ class HeadModel(nn.Module):
         from safetensors.torch import save_file
 
         save_causal_lm(self.lm, tokenizer, path)
-        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, self.head_file(path))
+        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()},
+                  self.head_file(path))
 
     def load_head(self, path: str) -> None:
         from safetensors.torch import load_file

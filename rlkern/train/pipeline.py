@@ -106,7 +106,8 @@ def compare(cfg, models: list[tuple[str, str]], ref_path: str, rm_path: str | No
         lines = [f"{'stage':<8} {'held-out accuracy':>18} {'reward (RM)':>12} {'KL to SFT':>10}"]
         for r in rows:
             reward = "-" if r["reward"] is None else f"{r['reward']:.3f}"
-            lines.append(f"{r['stage']:<8} {100 * r['accuracy']:>17.1f}% {reward:>12} {r['kl_to_sft']:>10.3f}")
+            acc, kl = 100 * r["accuracy"], r["kl_to_sft"]
+            lines.append(f"{r['stage']:<8} {acc:>17.1f}% {reward:>12} {kl:>10.3f}")
         print("\n".join(lines), flush=True)
         with open(os.path.join(stage.run.dir, "summary.json"), "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -45,7 +45,8 @@ class Rollout:
 
     def index(self, idx: Tensor) -> "Rollout":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Rollout(self.seqs.index(idx), self.logp[idx], self.ref_logp[idx], pick(self.values), self.scores[idx],
+        return Rollout(self.seqs.index(idx), self.logp[idx], self.ref_logp[idx], pick(self.values),
+                       self.scores[idx],
                        pick(self.advantages), pick(self.returns))
 
 
@@ -197,7 +198,8 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
             n_tokens = float(ro.seqs.attention_mask.sum()) * run.world
             metrics.update(stats)
             metrics.update(op.timer.pop())
-            metrics.update({"kl/beta": reward_ctl.value, "perf/tokens_per_s": n_tokens / (time.perf_counter() - t0)})
+            metrics.update({"kl/beta": reward_ctl.value,
+                            "perf/tokens_per_s": n_tokens / (time.perf_counter() - t0)})
             if penalty:
                 metrics["kl/penalty_beta"] = penalty_ctl.value
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
@@ -254,7 +256,8 @@ def _update(stage: Stage, op: OnPolicy, ro: Rollout, pol_opt, val_opt, mb_size: 
             loss.backward()
             pol_norm = stage.step_optimizer(pol_opt, policy.parameters())
             val_norm = stage.step_optimizer(val_opt, critic.parameters())
-            batch = {"policy/loss": pl.item(), "policy/approx_kl": approx_kl.item(), "policy/clipfrac": clipfrac.item(),
+            batch = {"policy/loss": pl.item(), "policy/approx_kl": approx_kl.item(),
+                     "policy/clipfrac": clipfrac.item(),
                      "policy/entropy": entropy.item(), "policy/grad_norm": pol_norm, "policy/kl_old_new":
                      kl_old_new.item(), "value/loss": vl.item(), "value/clipfrac": float(vstats["clip_frac"]),
                      "value/grad_norm": val_norm}

@@ -88,7 +88,8 @@ def train_rm(cfg, out: str | None = None) -> dict:
         sched.load_state_dict(state["scheduler"])
     per_rank = run.shard(cfg.batch_size, "--batch-size")
     # Held-out pairs are fixed once (their own generator) so every evaluation scores the same pairs.
-    eval_pairs = preference_pairs(stage, tok, stage.heldout(), torch.Generator().manual_seed(cfg.seed + 99991))
+    eval_pairs = preference_pairs(stage, tok, stage.heldout(),
+                                  torch.Generator().manual_seed(cfg.seed + 99991))
 
     @torch.no_grad()
     def evaluate():
@@ -116,7 +117,8 @@ def train_rm(cfg, out: str | None = None) -> dict:
             sched.step()
             n_tokens = float(chosen.attention_mask.sum() + rejected.attention_mask.sum()) * run.world
             margin = (r_c - r_r).detach()
-            metrics = {"rm/loss": loss.item(), "rm/lm_nll": nll.item(), "rm/accuracy": float((margin > 0).float().mean()),
+            metrics = {"rm/loss": loss.item(), "rm/lm_nll": nll.item(),
+                       "rm/accuracy": float((margin > 0).float().mean()),
                        "rm/margin": float(margin.mean()), "rm/grad_norm": grad_norm,
                        "perf/tokens_per_s": n_tokens / (time.perf_counter() - t0)}
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:

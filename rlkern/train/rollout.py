@@ -40,7 +40,8 @@ class Sequences:
         return self.input_ids.shape[0]
 
     def index(self, idx: Tensor) -> "Sequences":
-        return Sequences(self.input_ids[idx], self.attention_mask[idx], self.prompt_len, self.response_mask[idx])
+        return Sequences(self.input_ids[idx], self.attention_mask[idx], self.prompt_len,
+                         self.response_mask[idx])
 
     def to(self, device) -> "Sequences":
         return Sequences(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_len,

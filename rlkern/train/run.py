@@ -301,7 +301,8 @@ class Run:
         state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
         rng_file = os.path.join(ckpt, f"rng_rank{self.rank}.pt")
         if not os.path.isfile(rng_file):
-            raise RunError(f"--resume: {ckpt!r} was written by fewer processes (no {os.path.basename(rng_file)})")
+            raise RunError(f"--resume: {ckpt!r} was written by fewer processes "
+                           f"(no {os.path.basename(rng_file)})")
         rng = torch.load(rng_file, map_location="cpu", weights_only=False)
         set_rng_state(rng)
         for name, gen in self.generators.items():
@@ -324,8 +325,10 @@ def set_rng_state(state: dict) -> None:
 
 
 # Curves worth a panel each, when present.
-PLOT_KEYS = ("eval/accuracy", "rollout/reward_mean", "rollout/kl", "policy/loss", "value/loss", "policy/clipfrac",
-             "kl/beta", "sft/loss", "rm/loss", "rm/accuracy", "dpo/loss", "dpo/reward_accuracy", "perf/tokens_per_s")
+PLOT_KEYS = ("eval/accuracy", "rollout/reward_mean", "rollout/kl", "policy/loss", "value/loss",
+             "policy/clipfrac",
+             "kl/beta", "sft/loss", "rm/loss", "rm/accuracy", "dpo/loss", "dpo/reward_accuracy",
+             "perf/tokens_per_s")
 
 
 def plot_metrics(stages: list[tuple[str, list[dict]]], path: str) -> None:

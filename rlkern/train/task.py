@@ -1,5 +1,5 @@
-"""The embedded task: two-number addition written as text (``"37+48="`` -> ``"85"``, ``"07+05="`` -> ``"12"``),
-generated on the fly.
+"""The embedded task: two-number addition written as text (``"37+48="`` -> ``"85"``,
+``"07+05="`` -> ``"12"``), generated on the fly.
 
 One object provides everything the pipeline needs with no downloads: SFT demonstrations, preference
 pairs (the correct answer against a plausible wrong one) for the reward model and DPO, an exact-match

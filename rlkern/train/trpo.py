@@ -82,7 +82,8 @@ def train_trpo(cfg, out: str | None = None) -> dict:
                 metrics.update(_critic_steps(stage, op, ro, val_opt))
             op.maybe_sync_ref(step)
             metrics.update(op.timer.pop())
-            metrics["perf/tokens_per_s"] = float(ro.seqs.attention_mask.sum()) * run.world / (time.perf_counter() - t0)
+            n_tokens = float(ro.seqs.attention_mask.sum()) * run.world
+            metrics["perf/tokens_per_s"] = n_tokens / (time.perf_counter() - t0)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 metrics.update(stage.evaluate(policy, op.tok, op.reward_model, op.ref,
                                               max_new_tokens=cfg.max_new_tokens))
@@ -146,7 +147,8 @@ def _policy_step(stage: Stage, op: OnPolicy, ro: Rollout) -> dict[str, float]:
         else:
             vector_to_parameters(old, params)
     return {"policy/surrogate": surr_old, "policy/expected_improve": expected, "policy/improve": improve,
-            "policy/approx_kl": kl_new, "policy/step_frac": frac if accepted else 0.0, "policy/accepted": accepted,
+            "policy/approx_kl": kl_new, "policy/step_frac": frac if accepted else 0.0,
+            "policy/accepted": accepted,
             "policy/grad_norm": float(g.norm())}
 
 

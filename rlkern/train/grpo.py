@@ -4,7 +4,6 @@ grpo / Dr. GRPO / RLOO / win-rate), the clipped surrogate + beta * k3 KL to the 
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch

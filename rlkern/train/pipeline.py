@@ -5,16 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 from rlkern.train.common import Stage, final_dir, ops_backend
-from rlkern.train.config import PPOConfig, RMConfig, RunConfig, SFTConfig
-from rlkern.train.run import METRICS_JSONL, Run, plot_metrics
+from rlkern.train.config import PPOConfig, RMConfig, SFTConfig
+from rlkern.train.run import METRICS_JSONL, Run, RunError, plot_metrics
 
 __all__ = ["train_rlhf", "compare"]
-
-
-def _common(cfg) -> dict:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)}
 
 
 def _sub(cls, cfg, **values):
@@ -34,14 +31,10 @@ def train_rlhf(cfg) -> dict:
     top = Run(cfg, "rlhf")
     root = top.dir
     if os.path.isdir(root) and any(os.scandir(root)) and not (cfg.resume or cfg.overwrite):
-        from rlkern.train.run import RunError
-
         raise RunError(f"run directory {root!r} already exists; pass --resume to continue it or --overwrite "
                        "to replace it")
     top.init_distributed()
     if top.main and cfg.overwrite and os.path.isdir(root):
-        import shutil
-
         shutil.rmtree(root)
     if top.main:
         os.makedirs(root, exist_ok=True)

@@ -90,7 +90,7 @@ class Run:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
-    def prepare(self, *, fresh_ok_if_done: bool = False) -> int:
+    def prepare(self) -> int:
         """Creates (or checks) the run directory and returns the step to start from (0, or the step of
         the last complete checkpoint under --resume). Nothing is written over an existing run unless
         --resume or --overwrite."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import torch
-
 from rlkern import ops
 from rlkern.train.common import Stage, final_dir, load_weights, ops_backend
 from rlkern.train.models import save_causal_lm

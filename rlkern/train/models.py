@@ -58,7 +58,9 @@ def load_causal_lm(path: str, device: torch.device):
     """``(model, tokenizer)`` from a local Hugging Face directory, in float32, with clear errors for a
     directory that is not a causal LM or a tokenizer without the pad/eos tokens generation needs."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per stage would bury the training bar
     if not os.path.isdir(path):
         raise ModelError(f"--model {path!r} is not a directory (expected a Hugging Face model directory)")
     try:

@@ -9,6 +9,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make train` starts the default run afresh each time (runs/rlhf); TRAIN_ARGS="--resume" continues it.
+TRAIN_ARGS ?= --overwrite
 
 .PHONY: setup build train test test-triton bench clean
 
@@ -27,7 +29,7 @@ build: setup
 	flock /tmp/rlkern-build.lock $(PY) setup.py build_ext --inplace
 
 train: setup
-	$(PY) -m rlkern.train
+	$(PY) -m rlkern.train $(TRAIN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

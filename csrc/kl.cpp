@@ -21,7 +21,7 @@
 namespace rlkern {
 namespace {
 
-enum Estimator : int64_t { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
+enum Estimator : int { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
 
 struct KlParams {
   int64_t estimator;
@@ -45,8 +45,8 @@ RLKERN_INLINE vfloat vclamp(vfloat x, float lo, float hi) {
 struct K3Parts {
   vfloat em1, value;
 };
-RLKERN_INLINE K3Parts k3_parts(vfloat r, const KlParams& p) {
-  const vfloat x = vclamp(r, p.lo, p.hi);
+RLKERN_INLINE K3Parts k3_parts(vfloat r, float lo, float hi) {
+  const vfloat x = vclamp(r, lo, hi);
   vfloat q = splat(1.f / 362880.f);
   q = q * x + splat(1.f / 40320.f);
   q = q * x + splat(1.f / 5040.f);
@@ -61,100 +61,156 @@ RLKERN_INLINE K3Parts k3_parts(vfloat r, const KlParams& p) {
   return {small ? x + series : direct, small ? series : direct - x};
 }
 
-RLKERN_INLINE vfloat kl_value(vfloat d, const KlParams& p) {
-  switch (p.estimator) {
-    case kK1: return d;
-    case kAbs: return vabs(d);
-    case kK2: return splat(0.5f) * d * d;
-    default: return vclamp(k3_parts(-d, p).value, -p.value_bound, p.value_bound);
+// The estimator is a template argument and the bounds are locals, so each loop below is one
+// straight-line body (no per-step switch, no bound reloads through a reference the stores may alias).
+template <int E>
+RLKERN_INLINE vfloat kl_value(vfloat d, float lo, float hi, float vb) {
+  if constexpr (E == kK1) return d;
+  else if constexpr (E == kAbs) return vabs(d);
+  else if constexpr (E == kK2) return splat(0.5f) * d * d;
+  else return vclamp(k3_parts(-d, lo, hi).value, -vb, vb);
+}
+
+// d estimator / d logp; straight-through variants take k2's, d.
+template <int E, bool kStraightThrough>
+RLKERN_INLINE vfloat kl_slope(vfloat d, float lo, float hi, float vb) {
+  if constexpr (kStraightThrough || E == kK2) return d;
+  else if constexpr (E == kK1) return splat(1.f);
+  else if constexpr (E == kAbs) return d > splat(0.f) ? splat(1.f) : (d < splat(0.f) ? splat(-1.f) : splat(0.f));
+  else {
+    const vfloat r = -d;
+    const K3Parts k = k3_parts(r, lo, hi);
+    // 0 outside [lo, hi] and where |k3| > vb. Written with < and > only: GCC 12 scalarised the
+    // >= / <= vector compares here (vucomiss per lane), which made this loop 6x slower.
+    vfloat slope = -k.em1;
+    slope = r < splat(lo) ? splat(0.f) : slope;
+    slope = r > splat(hi) ? splat(0.f) : slope;
+    slope = k.value < splat(-vb) ? splat(0.f) : slope;
+    return k.value > splat(vb) ? splat(0.f) : slope;
   }
 }
 
-// d estimator / d logp.
-RLKERN_INLINE vfloat kl_slope(vfloat d, const KlParams& p) {
-  if (p.straight_through || p.estimator == kK2) return d;
-  switch (p.estimator) {
-    case kK1: return splat(1.f);
-    case kAbs: return d > splat(0.f) ? splat(1.f) : (d < splat(0.f) ? splat(-1.f) : splat(0.f));
-    default: {
-      const vfloat r = -d;
-      const K3Parts k = k3_parts(r, p);
-      const vint active = (r >= splat(p.lo)) & (r <= splat(p.hi)) & (k.value >= splat(-p.value_bound)) &
-                          (k.value <= splat(p.value_bound));
-      return active ? -k.em1 : splat(0.f);
-    }
+// Full 16-lane steps, then one tail step: a per-step tail branch costs up to 3x in these loops.
+template <typename T, int E>
+RLKERN_INLINE void kl_fwd_loop(int64_t b, int64_t e, const T* lp, const T* rf, float lo, float hi, float vb,
+                               float* out) {
+  const int64_t full = e - (e - b) % kLanes;
+  for (int64_t i = b; i < full; i += kLanes) store16(out + i, kl_value<E>(load16(lp + i) - load16(rf + i), lo, hi, vb));
+  if (full < e) {
+    const int64_t n = e - full;
+    const vfloat d = load_tail(lp + full, n, 0.f) - load_tail(rf + full, n, 0.f);
+    store_tail(out + full, kl_value<E>(d, lo, hi, vb), n);
   }
 }
 
-template <typename T>
-RLKERN_INLINE vfloat load_n(const T* x, int64_t n) {
-  return n == kLanes ? load16(x) : load_tail(x, n, 0.f);
-}
-RLKERN_INLINE void store_n(float* y, vfloat v, int64_t n) {
-  if (n == kLanes) store16(y, v);
-  else store_tail(y, v, n);
-}
-template <typename T>
-RLKERN_INLINE void store_n(T* y, vfloat v, int64_t n) {
-  if (n == kLanes) store16(y, v);
-  else store_tail(y, v, n);
+template <typename T, int E, bool kST>
+RLKERN_INLINE void kl_bwd_loop(int64_t b, int64_t e, const float* g, const T* lp, const T* rf, float lo, float hi,
+                               float vb, T* grad) {
+  const int64_t full = e - (e - b) % kLanes;
+  for (int64_t i = b; i < full; i += kLanes) {
+    store16(grad + i, load16(g + i) * kl_slope<E, kST>(load16(lp + i) - load16(rf + i), lo, hi, vb));
+  }
+  if (full < e) {
+    const int64_t n = e - full;
+    const vfloat slope = kl_slope<E, kST>(load_tail(lp + full, n, 0.f) - load_tail(rf + full, n, 0.f), lo, hi, vb);
+    store_tail(grad + full, load_tail(g + full, n, 0.f) * slope, n);
+  }
 }
 
 template <typename T>
 RLKERN_INLINE void kl_fwd_range(int64_t b, int64_t e, const T* lp, const T* rf, const KlParams& p, float* out) {
-  for (int64_t i = b; i < e; i += kLanes) {
-    const int64_t n = std::min<int64_t>(kLanes, e - i);
-    store_n(out + i, kl_value(load_n(lp + i, n) - load_n(rf + i, n), p), n);
+  const float lo = p.lo, hi = p.hi, vb = p.value_bound;
+  switch (p.estimator) {
+    case kK1: return kl_fwd_loop<T, kK1>(b, e, lp, rf, lo, hi, vb, out);
+    case kAbs: return kl_fwd_loop<T, kAbs>(b, e, lp, rf, lo, hi, vb, out);
+    case kK2: return kl_fwd_loop<T, kK2>(b, e, lp, rf, lo, hi, vb, out);
+    default: return kl_fwd_loop<T, kK3>(b, e, lp, rf, lo, hi, vb, out);
   }
 }
 
 template <typename T>
 RLKERN_INLINE void kl_bwd_range(int64_t b, int64_t e, const float* g, const T* lp, const T* rf, const KlParams& p,
                                 T* grad) {
-  for (int64_t i = b; i < e; i += kLanes) {
-    const int64_t n = std::min<int64_t>(kLanes, e - i);
-    const vfloat slope = kl_slope(load_n(lp + i, n) - load_n(rf + i, n), p);
-    store_n(grad + i, load_n(g + i, n) * slope, n);
+  const float lo = p.lo, hi = p.hi, vb = p.value_bound;
+  if (p.straight_through || p.estimator == kK2) return kl_bwd_loop<T, kK2, true>(b, e, g, lp, rf, lo, hi, vb, grad);
+  switch (p.estimator) {
+    case kK1: return kl_bwd_loop<T, kK1, false>(b, e, g, lp, rf, lo, hi, vb, grad);
+    case kAbs: return kl_bwd_loop<T, kAbs, false>(b, e, g, lp, rf, lo, hi, vb, grad);
+    default: return kl_bwd_loop<T, kK3, false>(b, e, g, lp, rf, lo, hi, vb, grad);
   }
 }
 
 // Rewards for rows [b, e) of length T: -kl_coef * kl where mask, 0 elsewhere, plus the row's
 // score at its last masked position.
-template <typename T>
-RLKERN_INLINE void rewards_rows(int64_t b, int64_t e, int64_t len, const float* scores, const T* lp, const T* rf,
-                                const uint8_t* mask, float kl_coef, const KlParams& p, float* out) {
+template <typename T, int E>
+RLKERN_INLINE void rewards_loop(int64_t b, int64_t e, int64_t len, const float* scores, const T* lp, const T* rf,
+                                const uint8_t* mask, float kl_coef, float lo, float hi, float vb, float* out) {
   const vfloat coef = splat(kl_coef);
   for (int64_t row = b; row < e; ++row) {
     const int64_t o = row * len;
     int64_t last = -1;
     for (int64_t t = 0; t < len; t += kLanes) {
       const int64_t n = std::min<int64_t>(kLanes, len - t);
-      float m[kLanes] = {};
-      for (int64_t j = 0; j < n; ++j) {
-        m[j] = mask[o + t + j] ? 1.f : 0.f;
-        if (mask[o + t + j]) last = t + j;
-      }
-      const vfloat penalty = -(coef * kl_value(load_n(lp + o + t, n) - load_n(rf + o + t, n), p));
+      int32_t valid[kLanes] = {};
+      for (int64_t j = 0; j < n; ++j) valid[j] = mask[o + t + j];
+      for (int64_t j = 0; j < n; ++j) last = valid[j] ? t + j : last;
+      vint vvalid;
+      std::memcpy(&vvalid, valid, sizeof(vvalid));
+      const vfloat d = n == kLanes ? load16(lp + o + t) - load16(rf + o + t)
+                                   : load_tail(lp + o + t, n, 0.f) - load_tail(rf + o + t, n, 0.f);
+      const vfloat penalty = -(coef * kl_value<E>(d, lo, hi, vb));
       // A select, not a product: a non-finite KL on a padding token must not leak into its reward.
-      store_n(out + o + t, load16(m) != splat(0.f) ? penalty : splat(0.f), n);
+      const vfloat reward = vvalid != 0 ? penalty : splat(0.f);
+      if (n == kLanes) store16(out + o + t, reward);
+      else store_tail(out + o + t, reward, n);
     }
     if (last >= 0) out[o + last] += scores[row];
   }
 }
 
-#define RLKERN_KL_KERNELS(T, SUFFIX)                                                                           \
-  RLKERN_CLONES void kl_fwd_##SUFFIX(int64_t b, int64_t e, const T* lp, const T* rf, const KlParams& p,       \
-                                     float* out) {                                                            \
-    kl_fwd_range<T>(b, e, lp, rf, p, out);                                                                    \
-  }                                                                                                           \
-  RLKERN_CLONES void kl_bwd_##SUFFIX(int64_t b, int64_t e, const float* g, const T* lp, const T* rf,          \
-                                     const KlParams& p, T* grad) {                                            \
-    kl_bwd_range<T>(b, e, g, lp, rf, p, grad);                                                                \
-  }                                                                                                           \
-  RLKERN_CLONES void rewards_##SUFFIX(int64_t b, int64_t e, int64_t len, const float* s, const T* lp,         \
-                                      const T* rf, const uint8_t* m, float c, const KlParams& p, float* out) { \
-    rewards_rows<T>(b, e, len, s, lp, rf, m, c, p, out);                                                      \
+template <typename T>
+RLKERN_INLINE void rewards_rows(int64_t b, int64_t e, int64_t len, const float* s, const T* lp, const T* rf,
+                                const uint8_t* m, float c, const KlParams& p, float* out) {
+  const float lo = p.lo, hi = p.hi, vb = p.value_bound;
+  switch (p.estimator) {
+    case kK1: return rewards_loop<T, kK1>(b, e, len, s, lp, rf, m, c, lo, hi, vb, out);
+    case kAbs: return rewards_loop<T, kAbs>(b, e, len, s, lp, rf, m, c, lo, hi, vb, out);
+    case kK2: return rewards_loop<T, kK2>(b, e, len, s, lp, rf, m, c, lo, hi, vb, out);
+    default: return rewards_loop<T, kK3>(b, e, len, s, lp, rf, m, c, lo, hi, vb, out);
   }
+}
+
+// Each kernel is built three times with a plain target attribute (AVX-512, AVX2+FMA, baseline
+// x86-64) and one is picked per call by the CPU's level, instead of simd.h's RLKERN_CLONES: GCC 12
+// lowered the vector selects (a < b ? x : y) of target_clones functions lane by lane (vucomiss per
+// lane; the k3 backward ran 5.5 ms instead of 0.6 per 1M tokens), which a target attribute avoids.
+int cpu_level() {
+  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+  return level;
+}
+// Defines NAME_v4 / NAME_v3 / NAME_base returning BODY (a parenthesised call) and NAME dispatching.
+#define RLKERN_AT_LEVELS(NAME, PARAMS, ARGS, BODY)                                      \
+  __attribute__((target("arch=x86-64-v4"))) void NAME##_v4 PARAMS { return BODY; }    \
+  __attribute__((target("arch=x86-64-v3"))) void NAME##_v3 PARAMS { return BODY; }    \
+  void NAME##_base PARAMS { return BODY; }                                              \
+  void NAME PARAMS {                                                                    \
+    switch (cpu_level()) {                                                              \
+      case 4: return NAME##_v4 ARGS;                                                    \
+      case 3: return NAME##_v3 ARGS;                                                    \
+      default: return NAME##_base ARGS;                                                 \
+    }                                                                                   \
+  }
+
+#define RLKERN_KL_KERNELS(T, SUFFIX)                                                                         \
+  RLKERN_AT_LEVELS(kl_fwd_##SUFFIX, (int64_t b, int64_t e, const T* lp, const T* rf, const KlParams& p, float* out), \
+                   (b, e, lp, rf, p, out), (kl_fwd_range<T>(b, e, lp, rf, p, out)))                                 \
+  RLKERN_AT_LEVELS(kl_bwd_##SUFFIX,                                                                                  \
+                   (int64_t b, int64_t e, const float* g, const T* lp, const T* rf, const KlParams& p, T* grad),    \
+                   (b, e, g, lp, rf, p, grad), (kl_bwd_range<T>(b, e, g, lp, rf, p, grad)))                         \
+  RLKERN_AT_LEVELS(rewards_##SUFFIX,                                                                                 \
+                   (int64_t b, int64_t e, int64_t len, const float* s, const T* lp, const T* rf, const uint8_t* m,  \
+                    float c, const KlParams& p, float* out),                                                        \
+                   (b, e, len, s, lp, rf, m, c, p, out), (rewards_rows<T>(b, e, len, s, lp, rf, m, c, p, out)))
 RLKERN_KL_KERNELS(float, f32)
 RLKERN_KL_KERNELS(c10::BFloat16, bf16)
 RLKERN_KL_KERNELS(c10::Half, f16)

@@ -37,22 +37,22 @@ constexpr int64_t kSegment = 16384;  // elements per segment of a global reducti
 
 typedef uint8_t vbyte __attribute__((vector_size(16)));
 
-RLKERN_INLINE vint load_mask(const uint8_t* m, int64_t n) {
+// Full 16-lane steps and the tail are separate loops below: a per-step "is this the tail?" branch
+// (load_tail's stack buffer) made the moments pass 3x slower (1.6 vs 0.55 ms per 1M fp32).
+// The 16 mask bytes are widened by a plain loop that GCC vectorises (vpmovzxbd on AVX-512):
+// __builtin_convertvector on a 16-byte vector was scalarised by GCC 12 and cost 0.45 of those
+// 0.55 ms; with the loop the pass takes 0.18 ms (x86-64-v4, this machine).
+RLKERN_INLINE vint load_mask16(const uint8_t* m) {
+  int32_t wide[kLanes];
+  for (int j = 0; j < kLanes; ++j) wide[j] = m[j];
+  vint v;
+  std::memcpy(&v, wide, sizeof(v));
+  return v != 0;
+}
+RLKERN_INLINE vint load_mask_tail(const uint8_t* m, int64_t n) {
   vbyte b{};
-  if (n == kLanes) std::memcpy(&b, m, sizeof(b));
-  else
-    for (int64_t j = 0; j < n; ++j) b[j] = m[j];
+  for (int64_t j = 0; j < n; ++j) b[j] = m[j];
   return __builtin_convertvector(b, vint) != 0;
-}
-
-template <typename T>
-RLKERN_INLINE vfloat load_n(const T* x, int64_t n) {
-  return n == kLanes ? load16(x) : load_tail(x, n, 0.f);
-}
-template <typename T>
-RLKERN_INLINE void store_n(T* y, vfloat v, int64_t n) {
-  if (n == kLanes) store16(y, v);
-  else store_tail(y, v, n);
 }
 
 struct Moments {
@@ -67,26 +67,29 @@ RLKERN_INLINE Moments merge(const Moments& a, const Moments& b) {
   return {n, a.s + b.s, a.m2 + b.m2 + delta * delta * (a.n * b.n / n)};
 }
 
+// Adds 16 lanes to the masked sum and count.
+template <typename T>
+RLKERN_INLINE void add_sum(vfloat xv, vint valid, vfloat& vs, vfloat& vc) {
+  vs += valid ? xv : splat(0.f);
+  vc += valid ? splat(1.f) : splat(0.f);
+}
+RLKERN_INLINE void add_m2(vfloat xv, vint valid, vfloat mean, vfloat& vm2) {
+  const vfloat d = xv - mean;
+  vm2 += valid ? d * d : splat(0.f);
+}
+
 template <typename T, bool kM2>
 RLKERN_INLINE Moments chunk_moments(const T* x, const uint8_t* m, int64_t len) {
-  const vfloat zero = splat(0.f);
-  vfloat vs = zero, vc = zero;
-  for (int64_t j = 0; j < len; j += kLanes) {
-    const int64_t n = std::min<int64_t>(kLanes, len - j);
-    const vint valid = load_mask(m + j, n);
-    vs += valid ? load_n(x + j, n) : zero;
-    vc += valid ? splat(1.f) : zero;
-  }
+  const int64_t full = len - len % kLanes, tail = len - full;
+  vfloat vs = splat(0.f), vc = splat(0.f);
+  for (int64_t j = 0; j < full; j += kLanes) add_sum<T>(load16(x + j), load_mask16(m + j), vs, vc);
+  if (tail) add_sum<T>(load_tail(x + full, tail, 0.f), load_mask_tail(m + full, tail), vs, vc);
   const float count = hsum(vc), sum = hsum(vs);
   if (!kM2 || count == 0.f) return {count, sum, 0.0};
   const vfloat mean = splat(sum / count);
-  vfloat vm2 = zero;
-  for (int64_t j = 0; j < len; j += kLanes) {
-    const int64_t n = std::min<int64_t>(kLanes, len - j);
-    const vint valid = load_mask(m + j, n);
-    const vfloat d = load_n(x + j, n) - mean;
-    vm2 += valid ? d * d : zero;
-  }
+  vfloat vm2 = splat(0.f);
+  for (int64_t j = 0; j < full; j += kLanes) add_m2(load16(x + j), load_mask16(m + j), mean, vm2);
+  if (tail) add_m2(load_tail(x + full, tail, 0.f), load_mask_tail(m + full, tail), mean, vm2);
   return {count, sum, hsum(vm2)};
 }
 
@@ -115,13 +118,19 @@ RLKERN_INLINE void dot_range(int64_t b, int64_t e, int64_t seg, int64_t numel, c
     const vfloat mean = splat(mu[one_mean ? 0 : r]);
     double acc1 = 0, acc2 = 0;
     for (int64_t c = 0; c < len; c += kChunk) {
-      const int64_t clen = std::min(kChunk, len - c);
+      const int64_t clen = std::min(kChunk, len - c), full = clen - clen % kLanes, tail = clen - full;
+      const float* g = gy + o + c;
+      const T* xc = x + o + c;
       vfloat v1 = splat(0.f), v2 = splat(0.f);
-      for (int64_t j = 0; j < clen; j += kLanes) {
-        const int64_t n = std::min<int64_t>(kLanes, clen - j);
-        const vfloat g = load_n(gy + o + c + j, n);
-        v1 += g;
-        v2 += g * (load_n(x + o + c + j, n) - mean);
+      for (int64_t j = 0; j < full; j += kLanes) {
+        const vfloat gv = load16(g + j);
+        v1 += gv;
+        v2 += gv * (load16(xc + j) - mean);
+      }
+      if (tail) {
+        const vfloat gv = load_tail(g + full, tail, 0.f);
+        v1 += gv;
+        v2 += gv * (load_tail(xc + full, tail, 0.f) - mean);
       }
       acc1 += hsum(v1);
       acc2 += hsum(v2);
@@ -142,34 +151,70 @@ RLKERN_INLINE void affine_range(int64_t begin, int64_t end, int64_t seg, const T
     const int64_t r = i / seg;
     const int64_t stop = std::min(end, (r + 1) * seg);
     const vfloat mu = splat(k.mu[r]), a = splat(k.a[r]), b = splat(k.b[r]), c = splat(k.c[r]);
-    for (int64_t j = i; j < stop; j += kLanes) {
-      const int64_t n = std::min<int64_t>(kLanes, stop - j);
-      vfloat affine = a + b * (load_n(x + j, n) - mu);
-      if (m != nullptr) affine = load_mask(m + j, n) ? affine : splat(0.f);
-      const vfloat base = gy != nullptr ? load_n(gy + j, n) * c : c;
-      store_n(out + j, base + affine, n);
+    const int64_t full = stop - (stop - i) % kLanes;
+    if (m != nullptr && gy != nullptr) {
+      for (int64_t j = i; j < full; j += kLanes) {
+        const vfloat affine = load_mask16(m + j) ? a + b * (load16(x + j) - mu) : splat(0.f);
+        store16(out + j, load16(gy + j) * c + affine);
+      }
+    } else if (m != nullptr) {
+      for (int64_t j = i; j < full; j += kLanes) {
+        const vfloat affine = load_mask16(m + j) ? a + b * (load16(x + j) - mu) : splat(0.f);
+        store16(out + j, c + affine);
+      }
+    } else {
+      for (int64_t j = i; j < full; j += kLanes) store16(out + j, c + (a + b * (load16(x + j) - mu)));
+    }
+    if (full < stop) {
+      const int64_t n = stop - full;
+      vfloat affine = a + b * (load_tail(x + full, n, 0.f) - mu);
+      if (m != nullptr) affine = load_mask_tail(m + full, n) ? affine : splat(0.f);
+      const vfloat base = gy != nullptr ? load_tail(gy + full, n, 0.f) * c : c;
+      store_tail(out + full, base + affine, n);
     }
     i = stop;
   }
 }
 
-#define RLKERN_MASKED_KERNELS(T, SUFFIX)                                                                        \
-  RLKERN_CLONES void moments_##SUFFIX(int64_t b, int64_t e, int64_t seg, int64_t numel, const T* x,            \
-                                      const uint8_t* m, bool want_m2, Moments* out) {                          \
-    moments_range<T>(b, e, seg, numel, x, m, want_m2, out);                                                    \
-  }                                                                                                            \
-  RLKERN_CLONES void dot_##SUFFIX(int64_t b, int64_t e, int64_t seg, int64_t numel, const float* gy, const T* x, \
-                                  const float* mu, bool one_mean, double* s1, double* s2) {                    \
-    dot_range<T>(b, e, seg, numel, gy, x, mu, one_mean, s1, s2);                                               \
-  }                                                                                                            \
-  RLKERN_CLONES void affine_f32_##SUFFIX(int64_t b, int64_t e, int64_t seg, const T* x, const uint8_t* m,      \
-                                         const float* gy, const AffineCoefficients& k, float* out) {           \
-    affine_range<T, float>(b, e, seg, x, m, gy, k, out);                                                       \
-  }                                                                                                            \
-  RLKERN_CLONES void affine_same_##SUFFIX(int64_t b, int64_t e, int64_t seg, const T* x, const uint8_t* m,     \
-                                          const float* gy, const AffineCoefficients& k, T* out) {              \
-    affine_range<T, T>(b, e, seg, x, m, gy, k, out);                                                           \
-  }                                                                                                            \
+// Each kernel is built three times with a plain target attribute (AVX-512, AVX2+FMA, baseline
+// x86-64) and one is picked per call by the CPU's level, instead of simd.h's RLKERN_CLONES: GCC 12
+// lowered the vector selects (a < b ? x : y) of target_clones functions lane by lane (vucomiss per
+// lane; the k3 backward ran 5.5 ms instead of 0.6 per 1M tokens), which a target attribute avoids.
+int cpu_level() {
+  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+  return level;
+}
+// Defines NAME_v4 / NAME_v3 / NAME_base returning BODY (a parenthesised call) and NAME dispatching.
+#define RLKERN_AT_LEVELS(NAME, PARAMS, ARGS, BODY)                                      \
+  __attribute__((target("arch=x86-64-v4"))) void NAME##_v4 PARAMS { return BODY; }    \
+  __attribute__((target("arch=x86-64-v3"))) void NAME##_v3 PARAMS { return BODY; }    \
+  void NAME##_base PARAMS { return BODY; }                                              \
+  void NAME PARAMS {                                                                    \
+    switch (cpu_level()) {                                                              \
+      case 4: return NAME##_v4 ARGS;                                                    \
+      case 3: return NAME##_v3 ARGS;                                                    \
+      default: return NAME##_base ARGS;                                                 \
+    }                                                                                   \
+  }
+
+#define RLKERN_MASKED_KERNELS(T, SUFFIX)                                                                      \
+  RLKERN_AT_LEVELS(moments_##SUFFIX,                                                                                 \
+                   (int64_t b, int64_t e, int64_t seg, int64_t numel, const T* x, const uint8_t* m, bool want_m2,   \
+                    Moments* out),                                                                                  \
+                   (b, e, seg, numel, x, m, want_m2, out), (moments_range<T>(b, e, seg, numel, x, m, want_m2, out))) \
+  RLKERN_AT_LEVELS(dot_##SUFFIX,                                                                                     \
+                   (int64_t b, int64_t e, int64_t seg, int64_t numel, const float* gy, const T* x, const float* mu, \
+                    bool one_mean, double* s1, double* s2),                                                         \
+                   (b, e, seg, numel, gy, x, mu, one_mean, s1, s2),                                                 \
+                   (dot_range<T>(b, e, seg, numel, gy, x, mu, one_mean, s1, s2)))                                   \
+  RLKERN_AT_LEVELS(affine_f32_##SUFFIX,                                                                              \
+                   (int64_t b, int64_t e, int64_t seg, const T* x, const uint8_t* m, const float* gy,               \
+                    const AffineCoefficients& k, float* out),                                                       \
+                   (b, e, seg, x, m, gy, k, out), (affine_range<T, float>(b, e, seg, x, m, gy, k, out)))            \
+  RLKERN_AT_LEVELS(affine_same_##SUFFIX,                                                                             \
+                   (int64_t b, int64_t e, int64_t seg, const T* x, const uint8_t* m, const float* gy,               \
+                    const AffineCoefficients& k, T* out),                                                           \
+                   (b, e, seg, x, m, gy, k, out), (affine_range<T, T>(b, e, seg, x, m, gy, k, out)))                \
   void moments_any(int64_t b, int64_t e, int64_t seg, int64_t numel, const T* x, const uint8_t* m, bool w,     \
                    Moments* out) {                                                                             \
     moments_##SUFFIX(b, e, seg, numel, x, m, w, out);                                                          \

@@ -80,13 +80,15 @@ RLKERN_INLINE vfloat kl_slope(vfloat d, float lo, float hi, float vb) {
   else {
     const vfloat r = -d;
     const K3Parts k = k3_parts(r, lo, hi);
-    // 0 outside [lo, hi] and where |k3| > vb. Written with < and > only: GCC 12 scalarised the
-    // >= / <= vector compares here (vucomiss per lane), which made this loop 6x slower.
-    vfloat slope = -k.em1;
-    slope = r < splat(lo) ? splat(0.f) : slope;
-    slope = r > splat(hi) ? splat(0.f) : slope;
-    slope = k.value < splat(-vb) ? splat(0.f) : slope;
-    return k.value > splat(vb) ? splat(0.f) : slope;
+    // 0 outside [lo, hi] and where |k3| > vb: clear the bits under an integer mask.
+    const vint off = (r < splat(lo)) | (r > splat(hi)) | (k.value < splat(-vb)) | (k.value > splat(vb));
+    const vfloat slope = -k.em1;
+    vint bits;
+    std::memcpy(&bits, &slope, sizeof(bits));
+    bits &= ~off;
+    vfloat out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
   }
 }
 
@@ -181,9 +183,9 @@ RLKERN_INLINE void rewards_rows(int64_t b, int64_t e, int64_t len, const float* 
 }
 
 // Each kernel is built three times with a plain target attribute (AVX-512, AVX2+FMA, baseline
-// x86-64) and one is picked per call by the CPU's level, instead of simd.h's RLKERN_CLONES: GCC 12
-// lowered the vector selects (a < b ? x : y) of target_clones functions lane by lane (vucomiss per
-// lane; the k3 backward ran 5.5 ms instead of 0.6 per 1M tokens), which a target attribute avoids.
+// x86-64) and one is picked per call by the CPU's level, instead of simd.h's RLKERN_CLONES: in a
+// standalone test GCC 12 lowered some vector selects (a < b ? x : y) of target_clones functions
+// lane by lane, and kept them as mask moves under a target attribute.
 int cpu_level() {
   static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
   return level;

@@ -177,9 +177,9 @@ RLKERN_INLINE void affine_range(int64_t begin, int64_t end, int64_t seg, const T
 }
 
 // Each kernel is built three times with a plain target attribute (AVX-512, AVX2+FMA, baseline
-// x86-64) and one is picked per call by the CPU's level, instead of simd.h's RLKERN_CLONES: GCC 12
-// lowered the vector selects (a < b ? x : y) of target_clones functions lane by lane (vucomiss per
-// lane; the k3 backward ran 5.5 ms instead of 0.6 per 1M tokens), which a target attribute avoids.
+// x86-64) and one is picked per call by the CPU's level, instead of simd.h's RLKERN_CLONES: in a
+// standalone test GCC 12 lowered some vector selects (a < b ? x : y) of target_clones functions
+// lane by lane, and kept them as mask moves under a target attribute.
 int cpu_level() {
   static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
   return level;

@@ -182,26 +182,6 @@ RLKERN_INLINE void rewards_rows(int64_t b, int64_t e, int64_t len, const float* 
   }
 }
 
-// Each kernel is built three times with a plain target attribute (AVX-512, AVX2+FMA, baseline
-// x86-64) and one is picked per call by the CPU's level, instead of simd.h's RLKERN_CLONES: in a
-// standalone test GCC 12 lowered some vector selects (a < b ? x : y) of target_clones functions
-// lane by lane, and kept them as mask moves under a target attribute.
-int cpu_level() {
-  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
-  return level;
-}
-// Defines NAME_v4 / NAME_v3 / NAME_base returning BODY (a parenthesised call) and NAME dispatching.
-#define RLKERN_AT_LEVELS(NAME, PARAMS, ARGS, BODY)                                      \
-  __attribute__((target("arch=x86-64-v4"))) void NAME##_v4 PARAMS { return BODY; }    \
-  __attribute__((target("arch=x86-64-v3"))) void NAME##_v3 PARAMS { return BODY; }    \
-  void NAME##_base PARAMS { return BODY; }                                              \
-  void NAME PARAMS {                                                                    \
-    switch (cpu_level()) {                                                              \
-      case 4: return NAME##_v4 ARGS;                                                    \
-      case 3: return NAME##_v3 ARGS;                                                    \
-      default: return NAME##_base ARGS;                                                 \
-    }                                                                                   \
-  }
 
 #define RLKERN_KL_KERNELS(T, SUFFIX)                                                                         \
   RLKERN_AT_LEVELS(kl_fwd_##SUFFIX, (int64_t b, int64_t e, const T* lp, const T* rf, const KlParams& p, float* out), \

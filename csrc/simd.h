@@ -22,6 +22,28 @@
 
 namespace rlkern {
 
+// The CPU's x86-64 micro-architecture level (4: AVX-512, 3: AVX2+FMA, 0: baseline), probed once.
+inline int cpu_level() {
+  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+  return level;
+}
+
+// An alternative to RLKERN_CLONES: builds BODY (a parenthesised call) three times under a plain
+// target attribute as NAME_v4 / NAME_v3 / NAME_base and defines NAME dispatching on cpu_level().
+// In a standalone test GCC 12 lowered some vector selects (a < b ? x : y) of target_clones
+// functions lane by lane, and kept them as mask moves under a target attribute.
+#define RLKERN_AT_LEVELS(NAME, PARAMS, ARGS, BODY)                                      \
+  __attribute__((target("arch=x86-64-v4"))) void NAME##_v4 PARAMS { return BODY; }    \
+  __attribute__((target("arch=x86-64-v3"))) void NAME##_v3 PARAMS { return BODY; }    \
+  void NAME##_base PARAMS { return BODY; }                                              \
+  void NAME PARAMS {                                                                    \
+    switch (::rlkern::cpu_level()) {                                                    \
+      case 4: return NAME##_v4 ARGS;                                                    \
+      case 3: return NAME##_v3 ARGS;                                                    \
+      default: return NAME##_base ARGS;                                                 \
+    }                                                                                   \
+  }
+
 constexpr int kLanes = 16;
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));

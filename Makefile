@@ -21,13 +21,17 @@ $(VENV)/.rlkern-installed: pyproject.toml setup.py
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[train,dev,bench]"
-	touch $@
+	touch $@ $(VENV)/.rlkern-built
 
-# Incremental rebuild of rlkern._C in place (ninja recompiles only the csrc/ files that changed; a
-# no-op in seconds otherwise), so train/test/bench always run the kernels in the tree.
+# Rebuilds rlkern._C in place when a csrc/ file is newer than the last build (ninja recompiles only
+# the files that changed), so train/test/bench always run the kernels in the tree; the first
+# install's own build counts as the last build.
 # flock serialises concurrent builds of the same tree.
-build: setup
+build: $(VENV)/.rlkern-built
+
+$(VENV)/.rlkern-built: $(VENV)/.rlkern-installed $(wildcard csrc/*.cpp csrc/*.h)
 	flock /tmp/rlkern-build.lock $(PY) setup.py build_ext --inplace
+	touch $@
 
 train: build
 	$(PY) -m rlkern.train $(TRAIN_ARGS)

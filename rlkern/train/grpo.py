@@ -9,8 +9,7 @@ import time
 import torch
 
 from rlkern import ops
-from rlkern.train.common import Stage, check_divisible, final_dir, ops_backend
-from rlkern.train.models import save_causal_lm
+from rlkern.train.common import Stage, check_divisible, ops_backend
 from rlkern.train.ppo import OnPolicy
 from rlkern.train.rollout import token_logprobs
 
@@ -50,23 +49,9 @@ def train_grpo(cfg, out: str | None = None) -> dict:
                 stats = _update(stage, op, ro, adv, opt, groups_per_mb * cfg.group_size, n_seq)
             op.maybe_sync_ref(step)
             metrics.update(stats)
-            metrics.update(op.timer.pop())
-            n_tokens = float(ro.seqs.attention_mask.sum()) * run.world
-            metrics["perf/tokens_per_s"] = n_tokens / (time.perf_counter() - t0)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                metrics.update(stage.evaluate(policy, op.tok, op.reward_model, op.ref,
-                                              max_new_tokens=cfg.max_new_tokens))
-            run.log(step, metrics)
-            bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                run.save_checkpoint(step, op.savers(), {"optimizer": opt.state_dict()})
-        run.close_progress()
-    run.print_time_breakdown()
-    final = final_dir(run.dir)
-    if run.main:
-        save_causal_lm(policy, op.tok, final)
-    run.mark_done()
-    return {"dir": run.dir, "model": final}
+            op.end_step(step, ro, t0, metrics, bar,
+                        lambda s: run.save_checkpoint(s, op.savers(), {"optimizer": opt.state_dict()}))
+    return op.finish()
 
 
 def _update(stage: Stage, op: OnPolicy, ro, adv, opt, mb_seqs: int, n_seq: int) -> dict[str, float]:

@@ -96,6 +96,35 @@ class OnPolicy:
         if self.cfg.ref_sync_every:
             load_weights(self.ref, os.path.join(ckpt, "reference"))
 
+    def end_step(self, step: int, ro: "Rollout", t0: float, metrics: dict, bar, save) -> None:
+        """What every on-policy step ends with: the step's timings and tokens/s, the held-out
+        evaluation every ``--eval-every`` steps and at the last, the log line, the progress bar, and
+        ``save(step)`` every ``--save-every`` steps and at the last."""
+        cfg, run = self.cfg, self.run
+        metrics.update(self.timer.pop())
+        n_tokens = float(ro.seqs.attention_mask.sum()) * run.world
+        metrics["perf/tokens_per_s"] = n_tokens / (time.perf_counter() - t0)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            metrics.update(self.stage.evaluate(self.policy, self.tok, self.reward_model, self.ref,
+                                               max_new_tokens=cfg.max_new_tokens))
+        run.log(step, metrics)
+        bar.update(1)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            save(step)
+
+    def finish(self) -> dict:
+        """Closes the run: the time breakdown, then the policy (and critic) saved to final/."""
+        run = self.run
+        run.close_progress()
+        run.print_time_breakdown()
+        final = final_dir(run.dir)
+        if run.main:
+            save_causal_lm(self.policy, self.tok, final)
+            if self.critic is not None:
+                self.critic.save(self.tok, os.path.join(final, "critic"))
+        run.mark_done()
+        return {"dir": run.dir, "model": final}
+
     def maybe_sync_ref(self, step: int) -> None:
         if self.cfg.ref_sync_every and step % self.cfg.ref_sync_every == 0:
             self.ref.load_state_dict(self.policy.state_dict())
@@ -195,28 +224,12 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
                 penalty_ctl.update(stats["policy/kl_old_new"], cfg.rollout_batch)
             reward_ctl.update(metrics["rollout/kl"], cfg.rollout_batch)
             op.maybe_sync_ref(step)
-            n_tokens = float(ro.seqs.attention_mask.sum()) * run.world
             metrics.update(stats)
-            metrics.update(op.timer.pop())
-            metrics.update({"kl/beta": reward_ctl.value,
-                            "perf/tokens_per_s": n_tokens / (time.perf_counter() - t0)})
+            metrics["kl/beta"] = reward_ctl.value
             if penalty:
                 metrics["kl/penalty_beta"] = penalty_ctl.value
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                metrics.update(stage.evaluate(policy, op.tok, op.reward_model, op.ref,
-                                              max_new_tokens=cfg.max_new_tokens))
-            run.log(step, metrics)
-            bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                checkpoint(step)
-        run.close_progress()
-    run.print_time_breakdown()
-    final = final_dir(run.dir)
-    if run.main:
-        save_causal_lm(policy, op.tok, final)
-        critic.save(op.tok, os.path.join(final, "critic"))
-    run.mark_done()
-    return {"dir": run.dir, "model": final}
+            op.end_step(step, ro, t0, metrics, bar, checkpoint)
+    return op.finish()
 
 
 def _update(stage: Stage, op: OnPolicy, ro: Rollout, pol_opt, val_opt, mb_size: int, beta: float | None):

@@ -17,7 +17,6 @@ and the line search use the configured kernels.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -26,8 +25,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import rlkern
 from rlkern import ops
-from rlkern.train.common import Stage, final_dir, ops_backend
-from rlkern.train.models import save_causal_lm
+from rlkern.train.common import Stage, ops_backend
 from rlkern.train.ppo import OnPolicy, Rollout, critic_values
 from rlkern.train.rollout import token_logprobs
 
@@ -81,24 +79,9 @@ def train_trpo(cfg, out: str | None = None) -> dict:
                 metrics.update(_policy_step(stage, op, ro))
                 metrics.update(_critic_steps(stage, op, ro, val_opt))
             op.maybe_sync_ref(step)
-            metrics.update(op.timer.pop())
-            n_tokens = float(ro.seqs.attention_mask.sum()) * run.world
-            metrics["perf/tokens_per_s"] = n_tokens / (time.perf_counter() - t0)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                metrics.update(stage.evaluate(policy, op.tok, op.reward_model, op.ref,
-                                              max_new_tokens=cfg.max_new_tokens))
-            run.log(step, metrics)
-            bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                run.save_checkpoint(step, op.savers(), {"critic_optimizer": val_opt.state_dict()})
-        run.close_progress()
-    run.print_time_breakdown()
-    final = final_dir(run.dir)
-    if run.main:
-        save_causal_lm(policy, op.tok, final)
-        critic.save(op.tok, os.path.join(final, "critic"))
-    run.mark_done()
-    return {"dir": run.dir, "model": final}
+            op.end_step(step, ro, t0, metrics, bar,
+                        lambda s: run.save_checkpoint(s, op.savers(), {"critic_optimizer": val_opt.state_dict()}))
+    return op.finish()
 
 
 def _surrogate(policy, ro: Rollout, temperature: float):

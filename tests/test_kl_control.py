@@ -71,7 +71,9 @@ def test_state_dict_round_trip(make):
                                                                               "one-element tensor"),
     (lambda: PenaltyKLController(0.1, 1.0).update("0.1"), TypeError, "current_kl must be a number"),
     (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.5, -1), ValueError, "n_steps must be an int >= 0"),
-    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.5, 51), ValueError, r"n_steps must be <= 5 \* horizon"),
+    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.5, 51), ValueError, r"n_steps must be < 5 \* horizon"),
+    # Exactly 5 * horizon with KL far below target would set beta to 0.0 (and the checkpoint would not load).
+    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.0, 50), ValueError, r"n_steps must be < 5 \* horizon"),
     (lambda: AdaptiveKLController(0.1, 1.0, 10).load_state_dict({"value": 0.1}), KeyError,
      r"missing \['horizon', 'target_kl'\]"),
     (lambda: PenaltyKLController(0.1, 1.0).load_state_dict({"value": 0.1, "target_kl": 1.0, "x": 1}), KeyError,
@@ -83,3 +85,15 @@ def test_state_dict_round_trip(make):
 def test_bad_input(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+@pytest.mark.parametrize("kl", [0.0, 100.0])
+def test_penalty_beta_stays_finite_and_positive_and_its_state_loads(kl):
+    """A KL always below (or above) target would halve (double) beta to 0 (inf) after ~1000 steps."""
+    ctl = PenaltyKLController(1.0, 0.01)
+    for _ in range(1200):
+        ctl.update(kl)
+    assert 0 < ctl.value < float("inf")
+    again = PenaltyKLController(1.0, 0.01)
+    again.load_state_dict(ctl.state_dict())
+    assert again.value == ctl.value

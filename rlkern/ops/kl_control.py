@@ -117,8 +117,10 @@ class AdaptiveKLController(_Controller):
     def update(self, current_kl, n_steps: int = 1) -> float:
         kl = _kl_value(current_kl)
         n_steps = _steps(n_steps)
-        if n_steps > 5 * self.horizon:  # with err = -0.2 the factor 1 - 0.2 n / horizon would reach 0
-            raise ValueError(f"n_steps must be <= 5 * horizon = {5 * self.horizon}, got {n_steps}")
+        # With err = -0.2 the factor 1 - 0.2 n / horizon is 0 at n = 5 * horizon (beta would become 0,
+        # and a zero beta never grows back), so n must stay strictly below it.
+        if n_steps >= 5 * self.horizon:
+            raise ValueError(f"n_steps must be < 5 * horizon = {5 * self.horizon}, got {n_steps}")
         err = min(max(kl / self.target_kl - 1.0, -0.2), 0.2)
         self.value *= 1.0 + err * n_steps / self.horizon
         return self.value
@@ -130,6 +132,10 @@ class PenaltyKLController(_Controller):
     update, not per sample)."""
 
     _fields = ("value", "target_kl")
+    # Halving or doubling without bound reaches 0 or inf after ~1000 one-sided steps, and then the
+    # state_dict() no longer loads (a checkpointed beta must be finite and > 0): beta is kept inside
+    # this range, wide enough that no sane penalty ever touches it.
+    MIN_VALUE, MAX_VALUE = 1e-12, 1e12
 
     def __init__(self, init_kl_coef: float, target_kl: float):
         self.value = _positive(init_kl_coef, "init_kl_coef")
@@ -139,7 +145,7 @@ class PenaltyKLController(_Controller):
         kl = _kl_value(current_kl)
         _steps(n_steps)
         if kl < self.target_kl / 1.5:
-            self.value /= 2.0
+            self.value = max(self.value / 2.0, self.MIN_VALUE)
         elif kl > 1.5 * self.target_kl:
-            self.value *= 2.0
+            self.value = min(self.value * 2.0, self.MAX_VALUE)
         return self.value

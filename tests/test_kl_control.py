@@ -71,9 +71,9 @@ def test_state_dict_round_trip(make):
                                                                               "one-element tensor"),
     (lambda: PenaltyKLController(0.1, 1.0).update("0.1"), TypeError, "current_kl must be a number"),
     (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.5, -1), ValueError, "n_steps must be an int >= 0"),
-    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.5, 51), ValueError, r"n_steps must be < 5 \* horizon"),
+    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.5, 51), ValueError, r"n_steps must be < 5 \* hor"),
     # Exactly 5 * horizon with KL far below target would set beta to 0.0 (and the checkpoint would not load).
-    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.0, 50), ValueError, r"n_steps must be < 5 \* horizon"),
+    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.0, 50), ValueError, r"n_steps must be < 5 \* hor"),
     (lambda: AdaptiveKLController(0.1, 1.0, 10).load_state_dict({"value": 0.1}), KeyError,
      r"missing \['horizon', 'target_kl'\]"),
     (lambda: PenaltyKLController(0.1, 1.0).load_state_dict({"value": 0.1, "target_kl": 1.0, "x": 1}), KeyError,

@@ -6,6 +6,8 @@
 //                   l = min(l, -A c) where A < 0                        dual clip (c = +inf: off)
 //                   l *= w                                              optional importance weight
 //                   grpo: l += beta * k3,  k3 = e^d - d - 1,  d = clamp(ref - logp, -20, 20)
+//                   grpo_bc: l += beta * k3 * r  (TRL's use_bias_correction_kl: the KL term
+//                            importance-weighted by the unclipped ratio; kind 3)
 //   value:          l = 1/2 max((v - R)^2, (clamp(v, v_old - clip, v_old + clip) - R)^2)
 // loss = sum_rows scale_b * sum_{t valid} l_bt, where scale_b = (per_row_mean ? 1 / max(n_b, 1) : 1) / D and
 // D is a constant (B, T, B * L, a global token count) or a count this pass finds (valid tokens, or
@@ -31,7 +33,7 @@
 namespace rlkern {
 namespace {
 
-enum Kind : int64_t { kPolicy = 0, kGrpo = 1, kValue = 2 };
+enum Kind : int64_t { kPolicy = 0, kGrpo = 1, kValue = 2, kGrpoBc = 3 };
 
 // Per-row partial sums written by the forward pass, in this order.
 enum Partial : int { kLossSum, kCount, kClipped, kClipHigh, kClipLow, kDual, kNegLogRatio, kK3, kPartials };
@@ -95,7 +97,7 @@ struct TokenTerms {
 };
 
 // x = logp, y = old_logp, a = advantage, z = ref_logp.
-template <bool kRef>
+template <bool kRef, bool kBiasCorrected>
 RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, const Consts& c) {
   TokenTerms t;
   const vfloat lr_raw = x - y;
@@ -127,9 +129,19 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
     const vfloat d_pass = eq(d, d_raw);
     const vfloat ed = vexp_clamped(d);
     t.k3 = ed - d - splat(1.f);
-    // Weights (policy only) never reach here, so the KL term is added after them in either order.
-    t.loss += c.beta * t.k3;
-    t.grad += c.beta * (splat(1.f) - ed) * d_pass;  // d k3 / d logp = -(e^d - 1) d d/d logp
+    // d k3 / d logp = -(e^d - 1) d d/d logp
+    const vfloat d_k3 = (splat(1.f) - ed) * d_pass;
+    if constexpr (kBiasCorrected) {
+      // k3 r: d/d logp = d_k3 r + k3 r lr_pass (r = e^lr, d lr / d logp = lr_pass). The k3 stat
+      // reports the corrected term, as TRL's `kl` metric does.
+      t.grad += c.beta * (d_k3 * ratio + t.k3 * ratio * lr_pass);
+      t.k3 = t.k3 * ratio;
+      t.loss += c.beta * t.k3;
+    } else {
+      // Weights (policy only) never reach here, so the KL term is added after them in either order.
+      t.loss += c.beta * t.k3;
+      t.grad += c.beta * d_k3;
+    }
   }
   return t;
 }
@@ -191,7 +203,7 @@ RLKERN_INLINE Block<T> load_block(const Rows<T>& r, int64_t b, int64_t t0, int64
 template <Kind K>
 RLKERN_INLINE TokenTerms terms(vfloat x, vfloat y, vfloat a, vfloat z, const Consts& c) {
   if constexpr (K == kValue) return value_terms(x, y, a, c);
-  else return policy_terms<K == kGrpo>(x, y, a, z, c);
+  else return policy_terms<K == kGrpo || K == kGrpoBc, K == kGrpoBc>(x, y, a, z, c);
 }
 
 template <typename T, Kind K>
@@ -258,6 +270,7 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
 #define RLKERN_LOSS_KINDS(T, SUFFIX)      \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kPolicy) \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kGrpo)   \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kGrpoBc) \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kValue)
 RLKERN_LOSS_KINDS(float, f32)
 RLKERN_LOSS_KINDS(c10::BFloat16, bf16)
@@ -272,7 +285,8 @@ void dispatch_kind(int64_t kind, F&& f) {
     case kPolicy: f(std::integral_constant<Kind, kPolicy>{}); break;
     case kGrpo: f(std::integral_constant<Kind, kGrpo>{}); break;
     case kValue: f(std::integral_constant<Kind, kValue>{}); break;
-    default: TORCH_CHECK(false, "kind must be 0 (policy), 1 (grpo) or 2 (value), got ", kind);
+    case kGrpoBc: f(std::integral_constant<Kind, kGrpoBc>{}); break;
+    default: TORCH_CHECK(false, "kind must be 0 (policy), 1 (grpo), 2 (value) or 3 (grpo_bc), got ", kind);
   }
 }
 
@@ -297,8 +311,9 @@ Rows<T> rows_of(int64_t kind, const at::Tensor& x, const at::Tensor& y, const at
     same(a, "advantages / returns");
   }
   const bool has_ref = z.defined() && z.numel() > 0;
-  TORCH_CHECK(kind != kGrpo || has_ref || x.numel() == 0, "the grpo kind needs ref_logp");
-  TORCH_CHECK(kind == kGrpo || !has_ref, "ref_logp is used by the grpo kind only");
+  const bool grpo = kind == kGrpo || kind == kGrpoBc;
+  TORCH_CHECK(!grpo || has_ref || x.numel() == 0, "the grpo kinds need ref_logp");
+  TORCH_CHECK(grpo || !has_ref, "ref_logp is used by the grpo kinds only");
   if (has_ref) same(z, "ref_logp");
   const bool has_w = w.defined() && w.numel() > 0;
   TORCH_CHECK(!has_w || kind == kPolicy, "weights are supported by the policy kind only");

@@ -18,7 +18,8 @@ import triton.language as tl
 
 # Per-row partial sums: loss, count, clipped, clip_high, clip_low, dual, -log r, k3.
 N_PARTIALS = 8
-POLICY, GRPO, VALUE = 0, 1, 2
+# GRPO_BC: grpo with the KL term weighted by the importance ratio (TRL's use_bias_correction_kl).
+POLICY, GRPO, VALUE, GRPO_BC = 0, 1, 2, 3
 
 
 @triton.jit
@@ -69,14 +70,19 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: 
             grad = tl.where(negative, b1, 1.0) * grad
             dual_on = negative & (clip1 > pg3)
         k3 = zero
-        if KIND == 1:
+        if (KIND == 1) or (KIND == 3):
             d_raw = z - x
             d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
             d_pass = tl.where((d_raw >= -20.0) & (d_raw <= 20.0), 1.0, 0.0)
             ed = tl.exp(d)
             k3 = ed - d - 1.0
+            d_k3 = (1.0 - ed) * d_pass
+            if KIND == 3:  # k3 r: d/d logp = d_k3 r + k3 r lr_pass; the stat reports k3 r, as TRL's `kl`
+                grad = grad + beta * (d_k3 * ratio + k3 * ratio * lr_pass)
+                k3 = k3 * ratio
+            else:
+                grad = grad + beta * d_k3
             loss = loss + beta * k3
-            grad = grad + beta * (1.0 - ed) * d_pass
         return loss, grad, pg2 > pg1, (ratio > hi) & (a > 0.0), (ratio < lo) & negative, dual_on, -lr, k3
 
 
@@ -90,7 +96,7 @@ def _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
     else:
         a = tl.load(a_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
     z = tl.zeros_like(x)
-    if KIND == 1:
+    if (KIND == 1) or (KIND == 3):
         z = tl.load(z_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
     w = tl.zeros_like(x) + 1.0
     if HAS_W:
@@ -200,7 +206,8 @@ def _block(length: int) -> int:
 def _pointers(x, old, adv, ref, weights, mask, kind):
     a_per_row = adv.dim() == 1
     has_w = weights.numel() > 0
-    return (x, old, adv, ref if kind == GRPO else x, weights if has_w else x, mask.view(torch.uint8)), a_per_row, has_w
+    ref_ptr = ref if kind in (GRPO, GRPO_BC) else x
+    return (x, old, adv, ref_ptr, weights if has_w else x, mask.view(torch.uint8)), a_per_row, has_w
 
 
 def losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,

@@ -353,16 +353,21 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
               beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
               max_completion_length: int | None = None,
-              num_items_in_batch: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              num_items_in_batch: float | None = None,
+              use_bias_correction_kl: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL's GRPOTrainer._compute_loss (token-level importance sampling): -min(r A, clamp(r) A) + beta k3,
     with k3 = e^d - d - 1, d = ref - logp; both log-ratios clamped to [-20, 20] before exp (TRL does
-    not clamp: identical whenever |log-ratio| <= 20). Only ``logp`` gets a gradient."""
+    not clamp: identical whenever |log-ratio| <= 20). With ``use_bias_correction_kl`` the KL term is
+    k3 * r (TRL >= 1.x ``use_bias_correction_kl``), and the ``kl`` stat reports it. Only ``logp``
+    gets a gradient."""
     logp = _upcast(logp)
     old_logp, ref_logp, advantages = (_upcast(t).detach() for t in (old_logp, ref_logp, advantages))
     logp, old_logp, ref_logp, advantages = _zero_padding(mask, logp, old_logp, ref_logp, advantages)
     clip1, pg1, pg2, ratio, log_ratio, a = _ppo_clip_terms(logp, old_logp, advantages, clip_low, clip_high)
     d = torch.clamp(ref_logp - logp, -20.0, 20.0)
     k3 = torch.exp(d) - d - 1
+    if use_bias_correction_kl:
+        k3 = k3 * ratio
     per_token = clip1 + beta * k3
     low, high = (ratio < 1 - clip_low) & (a < 0), (ratio > 1 + clip_high) & (a > 0)
     stats = {

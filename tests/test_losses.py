@@ -103,11 +103,45 @@ def test_grpo_loss_matches_oracle(backend, dtype, loss_type):
 @pytest.mark.parametrize("kwargs", [dict(loss_type="dr_grpo", max_completion_length=64),
                                     dict(loss_type="dapo", num_items_in_batch=120),
                                     dict(loss_type="dapo", num_items_in_batch=torch.tensor(57.0)),
-                                    dict(loss_type="bnpo", beta=0.0)])
+                                    dict(loss_type="bnpo", beta=0.0),
+                                    dict(loss_type="dapo", beta=0.1, use_bias_correction_kl=True),
+                                    dict(loss_type="grpo", beta=0.3, clip_high=0.28, use_bias_correction_kl=True)])
 def test_grpo_loss_options(backend, kwargs):
     logp, old, ref, adv, mask = _tokens((2, 3, 19), torch.float32)
     _compare(rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv, mask), kwargs,
              what=f"grpo {kwargs}")
+
+
+def test_grpo_bias_corrected_kl_by_hand():
+    """use_bias_correction_kl multiplies the k3 term (and the kl stat) by r = exp(logp - old): with
+    logp = 0, old = -ln 2 (r = 2), ref = -1 (k3 = e^-1 + 0), A = 0 and beta = 1, each token's loss is 2 k3,
+    and d/d logp = r (logp - ref) = 2."""
+    logp = torch.zeros(1, 3)
+    old, ref = torch.full((1, 3), -math.log(2.0)), torch.full((1, 3), -1.0)
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    k3 = math.exp(-1.0)
+    for backend_name in ALL_BACKENDS:
+        with rlkern.use_backend(backend_name):
+            x = logp.clone().requires_grad_()
+            loss, stats = rlkern.ops.grpo_loss(x, old, ref, torch.zeros(1), mask, beta=1.0, loss_type="bnpo",
+                                               use_bias_correction_kl=True)
+            loss.backward()
+            assert math.isclose(float(loss), 2 * k3, rel_tol=1e-5), (backend_name, float(loss))
+            assert math.isclose(float(stats["kl"]), 2 * k3, rel_tol=1e-5), backend_name
+            torch.testing.assert_close(x.grad, torch.tensor([[1.0, 1.0, 0.0]]), rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_dapo_all_masked_is_zero():
+    """TRL clamps the dapo token count to >= 1: an all-padding batch with num_items_in_batch = 0 (a
+    mask_truncated_completions run where every completion was truncated) gives loss 0 and a zero gradient."""
+    logp, old, ref, adv, _ = _tokens((3, 6), torch.float32)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    for backend_name in ALL_BACKENDS:
+        with rlkern.use_backend(backend_name):
+            x = logp.clone().requires_grad_()
+            loss, _ = rlkern.ops.grpo_loss(x, old, ref, adv, mask, loss_type="dapo", num_items_in_batch=0)
+            loss.backward()
+            assert float(loss) == 0.0 and bool((x.grad == 0).all()), backend_name
 
 
 def test_grpo_normalisations_by_hand():
@@ -288,6 +322,8 @@ def test_gradcheck_reference():
     assert torch.autograd.gradcheck(
         lambda t: reference.policy_loss(t, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean")[0], (x,))
     assert torch.autograd.gradcheck(lambda t: reference.grpo_loss(t, old, ref, adv[:, 0], mask)[0], (x,))
+    assert torch.autograd.gradcheck(
+        lambda t: reference.grpo_loss(t, old, ref, adv[:, 0], mask, beta=0.5, use_bias_correction_kl=True)[0], (x,))
     assert torch.autograd.gradcheck(lambda t: reference.value_loss(t, old, adv, mask, clip=0.3)[0], (x,))
 
 
@@ -303,18 +339,22 @@ def test_gradcheck_cpp():
             lambda t: rlkern.ops.policy_loss(t, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean")[0], (x,),
             **tol)
         assert torch.autograd.gradcheck(lambda t: rlkern.ops.grpo_loss(t, old, ref, adv[:, 0], mask)[0], (x,), **tol)
+        assert torch.autograd.gradcheck(
+            lambda t: rlkern.ops.grpo_loss(t, old, ref, adv[:, 0], mask, beta=0.5, use_bias_correction_kl=True)[0],
+            (x,), **tol)
         assert torch.autograd.gradcheck(lambda t: rlkern.ops.value_loss(t, old, adv, mask, clip=0.3)[0], (x,), **tol)
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
-@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("kind", [0, 1, 2, 3])  # policy, grpo, value, grpo with bias-corrected KL
 def test_opcheck(backend_name, kind):
     logp, old, ref, adv, mask = _tokens((3, 21), torch.float32)
-    a = adv[:, 0].contiguous() if kind == 1 else adv
-    r = ref if kind == 1 else logp.new_empty(0)
+    grpo = kind in (1, 3)
+    a = adv[:, 0].contiguous() if grpo else adv
+    r = ref if grpo else logp.new_empty(0)
     w = torch.rand(3, 21) if kind == 0 else logp.new_empty(0)
     args = (logp.requires_grad_(), old, a, r, w, mask, kind, 0.2, 0.28, 3.0 if kind == 0 else math.inf, 0.04, 0.2,
-            kind == 1, -1.0 if kind != 1 else 3.0, backend_name)
+            grpo, -1.0 if not grpo else 3.0, backend_name)
     torch.library.opcheck(torch.ops.rlkern.losses_fwd.default, args)
     _, _, row_scale = torch.ops.rlkern.losses_fwd(*args)
     bwd = (torch.tensor(1.5), logp.detach(), old, a, r, w, mask, row_scale, kind, 0.2, 0.28, args[9], 0.04, 0.2,
@@ -383,8 +423,8 @@ _M = lambda *s: torch.ones(*s, dtype=torch.bool)  # noqa: E731
     _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 5), _X(2), _M(2, 5), beta=-0.1), ValueError,
          "beta must be a finite number >= 0"),
     _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 5), _X(2), _M(2, 5), loss_type="dapo",
-                                      num_items_in_batch=0), ValueError,
-         "num_items_in_batch must be None or a finite number > 0"),
+                                      num_items_in_batch=-1), ValueError,
+         "num_items_in_batch must be None or a finite number >= 0"),
     _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 5), _X(2), _M(2, 5), loss_type="dr_grpo",
                                       max_completion_length=0), ValueError,
          "max_completion_length must be None or an int >= 1"),
@@ -408,6 +448,6 @@ def test_cpp_kernel_checks_shapes_itself():
         torch.ops.rlkern_C.losses_fwd(x, torch.randn(2, 4), x, x.new_empty(0), x.new_empty(0),
                                       torch.ones(2, 5, dtype=torch.bool), 0, 0.2, 0.2, math.inf, 0.0, 0.0, False,
                                       -1.0, *outs)
-    with pytest.raises(RuntimeError, match="the grpo kind needs ref_logp"):
+    with pytest.raises(RuntimeError, match="the grpo kinds need ref_logp"):
         torch.ops.rlkern_C.losses_fwd(x, x, x, x.new_empty(0), x.new_empty(0), torch.ones(2, 5, dtype=torch.bool),
                                       1, 0.2, 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs)

@@ -39,7 +39,8 @@ POLICY_AGGS = reference.POLICY_AGGS
 GRPO_LOSS_TYPES = reference.GRPO_LOSS_TYPES
 
 # Kernel kinds and the layout of the stats vector the kernels write (csrc/losses.cpp).
-_POLICY, _GRPO, _VALUE = 0, 1, 2
+# _GRPO_BC: GRPO with the KL term multiplied by the importance ratio (TRL's use_bias_correction_kl).
+_POLICY, _GRPO, _VALUE, _GRPO_BC = 0, 1, 2, 3
 _CLIPPED, _CLIP_HIGH, _CLIP_LOW, _DUAL, _NEG_LOG_RATIO, _K3 = range(6)
 _N_STATS = 6
 # Denominator codes: > 0 is a constant; these two are counts the forward pass finds itself.
@@ -366,8 +367,9 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
                 raise ValueError("num_items_in_batch must be a number or a one-element tensor, got shape "
                                  f"{tuple(num_items_in_batch.shape)}")
             num_items_in_batch = num_items_in_batch.item()  # a host number for the kernel (a sync on GPU)
-        num_items_in_batch = _check_float(num_items_in_batch, "num_items_in_batch", low=0.0, low_open=True,
-                                          what="None or a finite number > 0")
+        # 0 is allowed: an all-padding batch (TRL clamps its count to >= 1 and returns loss 0).
+        num_items_in_batch = _check_float(num_items_in_batch, "num_items_in_batch", low=0.0,
+                                          what="None or a finite number >= 0")
     mask = _check_mask(mask, logp.shape)
     backend = pick_backend(logp, old_logp, ref_logp, advantages, mask)
     return beta, clip_low, clip_high, num_items_in_batch, mask, backend
@@ -375,8 +377,8 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
               beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
-              max_completion_length: int | None = None,
-              num_items_in_batch: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              max_completion_length: int | None = None, num_items_in_batch: float | Tensor | None = None,
+              use_bias_correction_kl: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss (TRL ``GRPOTrainer`` numerics, token-level importance sampling).
 
     Per valid token, with ``r = exp(clamp(logp - old_logp, -20, 20))`` and
@@ -389,7 +391,11 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
     * ``bnpo``: sum / (valid tokens in this batch)
     * ``dr_grpo``: sum / (B * max_completion_length), ``max_completion_length`` defaulting to T
     * ``dapo``: sum / num_items_in_batch (the global valid-token count when accumulating gradients;
-      defaults to this batch's)
+      defaults to this batch's; clamped to >= 1, so an all-padding batch gives 0)
+
+    With ``use_bias_correction_kl`` the KL term is ``beta * k3 * r`` (TRL's ``use_bias_correction_kl``,
+    the default in TRL 1.16: the reference KL importance-weighted by the unclipped ratio), and the
+    ``kl`` stat is the mean of ``k3 * r``, as TRL logs it.
 
     Args:
         logp: ``[..., T]`` float32/bf16/fp16; the only input with a gradient.
@@ -406,11 +412,13 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
     beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,
         num_items_in_batch)
+    bc = bool(use_bias_correction_kl)
     if backend == "torch":
         return reference.grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=beta, clip_low=clip_low,
                                    clip_high=clip_high, loss_type=loss_type,
-                                   max_completion_length=max_completion_length, num_items_in_batch=num_items)
-    loss, stats = _run(_GRPO, logp, old_logp, advantages, ref_logp, None, mask, clip_low=clip_low,
+                                   max_completion_length=max_completion_length, num_items_in_batch=num_items,
+                                   use_bias_correction_kl=bc)
+    loss, stats = _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, None, mask, clip_low=clip_low,
                        clip_high=clip_high, beta=beta, agg=loss_type, max_completion_length=max_completion_length,
                        num_items_in_batch=num_items, backend=backend)
     return loss, _grpo_stats(stats)
@@ -418,8 +426,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
 
 def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                        beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
-                       max_completion_length: int | None = None,
-                       num_items_in_batch: float | Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                       max_completion_length: int | None = None, num_items_in_batch: float | Tensor | None = None,
+                       use_bias_correction_kl: bool = False) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`grpo_loss` as ``(loss, d loss / d logp, stats)`` without autograd (one forward and one
     backward kernel pass), for fused ops such as ``linear_policy_loss`` that produce ``logp`` from
     hidden states and chain ``d loss / d logp`` into their own backward. The gradient has ``logp``'s
@@ -427,11 +435,13 @@ def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advanta
     beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,
         num_items_in_batch)
+    bc = bool(use_bias_correction_kl)
     if backend == "torch":
         return _reference_with_grad(reference.grpo_loss, logp, old_logp, ref_logp, advantages, mask, beta=beta,
                                     clip_low=clip_low, clip_high=clip_high, loss_type=loss_type,
-                                    max_completion_length=max_completion_length, num_items_in_batch=num_items)
-    loss, grad, stats = _run(_GRPO, logp, old_logp, advantages, ref_logp, None, mask, clip_low=clip_low,
+                                    max_completion_length=max_completion_length, num_items_in_batch=num_items,
+                                    use_bias_correction_kl=bc)
+    loss, grad, stats = _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, None, mask, clip_low=clip_low,
                              clip_high=clip_high, beta=beta, agg=loss_type,
                              max_completion_length=max_completion_length, num_items_in_batch=num_items,
                              backend=backend, want_grad=True)

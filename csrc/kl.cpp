@@ -9,6 +9,8 @@
 // interval), so it is finite for any finite input:
 //   d k1 = 1   d abs = sign(d)   d k2 = d   d k3 = -expm1(r) [lo <= r <= hi] [|k3| <= vb]
 // and the straight-through variants ("k3+") take k2's gradient d whatever their value.
+// NaN in either input: the value is NaN for every estimator; the k2, k3 and straight-through
+// gradients are NaN, k1's is 1 and abs's 0 (torch autograd's sign(NaN) = 0), on every backend.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -56,7 +58,10 @@ RLKERN_INLINE K3Parts k3_parts(vfloat r, float lo, float hi) {
   q = q * x + splat(1.f / 6.f);
   q = q * x + splat(0.5f);
   const vfloat series = x * x * q;
-  const vfloat direct = vexp_nonpos(x) - splat(1.f);
+  // vexp_nonpos clamps its argument from below with a compare that a NaN fails, so e^NaN would
+  // come out as e^-87.3: NaN lanes are passed through explicitly (value and gradient NaN).
+  const vint nan = x != x;
+  const vfloat direct = nan ? x : vexp_nonpos(x) - splat(1.f);
   const vint small = vabs(x) < splat(0.5f);
   return {small ? x + series : direct, small ? series : direct - x};
 }

@@ -15,6 +15,13 @@
 //   d z_j = g (1[j=y] - p_j) - h p_j (z_j - lse + H),   p_j = e^{z_j - lse},   d x = d z / temp.
 // The caller then accumulates d hidden += d x @ W_tile and d W_tile += d x^T @ hidden_tile.
 //
+// lm_logits, the tile GEMM itself (see there for why not ATen's matmul): fp32 logits in a fixed
+// summation order, so that a token's log-prob never depends on its batch or the thread count.
+//
+// Non-finite logits: a NaN or +inf logit makes its token's m, S and T NaN (so lse, entropy and
+// log-prob are NaN, and so is the gradient); -inf is a banned token. vmax alone would keep or drop
+// a NaN depending on operand order, so the max pass tracks "every logit < +inf" explicitly.
+//
 // Labels are global vocabulary ids; a tile covers ids [vocab_start, vocab_start + v).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +29,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 
 #include "dispatch.h"
 #include "simd.h"
@@ -59,11 +68,29 @@ RLKERN_INLINE void add_exp(vfloat d, vfloat& vs, vfloat& vt) {
 template <typename T, bool kEntropy>
 RLKERN_INLINE void fold_row(const T* x, const float* b, int64_t len, float inv_temp, float& m, float& S,
                             float& Tsum) {
+  if (m != m) return;  // an earlier tile held a NaN or +inf logit: the token stays NaN
   const vfloat vinv = splat(inv_temp);
   const int64_t full = len - len % kLanes;
   vfloat vm = splat(-kInf);
-  for (int64_t j = 0; j < full; j += kLanes) vm = vmax(vm, scaled16(x + j, offset(b, j), vinv));
-  if (full < len) vm = vmax(vm, scaled_tail(x + full, offset(b, full), len - full, vinv));
+  vint finite_or_banned = splat(0.f) == splat(0.f);  // all lanes true; false where z is NaN or +inf
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const vfloat z = scaled16(x + j, offset(b, j), vinv);
+    vm = vmax(vm, z);
+    finite_or_banned &= z < splat(kInf);
+  }
+  if (full < len) {
+    const vfloat z = scaled_tail(x + full, offset(b, full), len - full, vinv);  // padding lanes are -inf
+    vm = vmax(vm, z);
+    finite_or_banned &= z < splat(kInf);
+  }
+  int32_t ok[kLanes];
+  std::memcpy(ok, &finite_or_banned, sizeof(ok));
+  for (int i = 0; i < kLanes; ++i) {
+    if (ok[i] == 0) {
+      m = S = Tsum = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
+  }
   const float tile_max = hmax(vm);
   if (tile_max > m) {
     if (S > 0.f) {  // move the sums from the old max to the new one: S' = c S, T' = c (T + (m - m') S)
@@ -128,8 +155,9 @@ RLKERN_INLINE vfloat grad16(vfloat z, const GradRow& c) {
   const vfloat d = z - c.lse;
   const vfloat p = vexp_nonpos(d);
   const vfloat dz = -(p * (c.g + c.h * (d + c.ent)));
-  // Below ln(FLT_MIN) (and for -inf logits, where d + H is -inf) the gradient is exactly 0.
-  return d > splat(-87.33654f) ? dz * c.inv_temp : splat(0.f);
+  // Below ln(FLT_MIN) (and for -inf logits, where d + H is -inf) the gradient is exactly 0; a NaN
+  // (from a NaN lse, i.e. a NaN or +inf logit in the row) fails the test and stays NaN.
+  return d <= splat(-87.33654f) ? splat(0.f) : dz * c.inv_temp;
 }
 
 template <typename T>
@@ -167,6 +195,96 @@ RLKERN_INLINE void grad_rows(int64_t begin, int64_t end, T* tile, const TileGeom
   }
 }
 
+// ---- lm_logits: out[i, j] = sum_k hidden[i, k] weight[j, k] in fp32 --------------------------------
+// Why not ATen's matmul: MKL's sgemm picks its blocking (and, for one or a few rows, a gemv path)
+// from the matrix sizes and the thread count, so the same token's logits differed in the last bit
+// between a batch of 1, 7, 64 or 299 rows (measured: only the largest sizes agreed), which made
+// linear_logprobs depend on the micro-batch (verl #6280). And bf16/fp16 GEMMs round their output to
+// the input dtype: fp16 logits near 3e4 are 16 apart, 5 nats of error. Here each logit is one fp32
+// sum over k = 0, 1, ..., H-1 in order, c = c + h_k w_k (one fused op where the CPU has FMA), and
+// the blocking below only decides which logits are computed together, never that order: rows,
+// columns and threads around a logit cannot change its bits. Layout: BLIS-style register blocks of
+// kBlockRows tokens x kPanel vocabulary ids; the weight panel slice is packed transposed (fp32) for
+// kDepth steps of k at a time so that it stays in L1, and the partial sums wait in `out` between
+// slices (a store and a reload do not change a float).
+constexpr int kPanel = 2 * kLanes;  // vocabulary ids per packed panel: two vectors
+constexpr int kBlockRows = 6;       // tokens per register block: 12 accumulators + 2 panel vectors + 1 broadcast
+constexpr int64_t kDepth = 256;     // k per packed slice: 256 x 32 fp32 = 32 KiB
+constexpr int64_t kRowsPerTask = 16 * kBlockRows;
+
+template <typename T, int R>
+RLKERN_INLINE void logits_block(const T* a, int64_t lda, const float* panel, int64_t depth, float* c, int64_t ldc,
+                                int64_t cols, bool first) {
+  vfloat acc[R][2];
+  for (int i = 0; i < R; ++i) {
+    if (first) {
+      acc[i][0] = acc[i][1] = splat(0.f);
+    } else if (cols == kPanel) {
+      acc[i][0] = load16(c + i * ldc);
+      acc[i][1] = load16(c + i * ldc + kLanes);
+    } else {
+      acc[i][0] = load_tail(c + i * ldc, std::min<int64_t>(cols, kLanes), 0.f);
+      acc[i][1] = cols > kLanes ? load_tail(c + i * ldc + kLanes, cols - kLanes, 0.f) : splat(0.f);
+    }
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const vfloat b0 = load16(panel + k * kPanel), b1 = load16(panel + k * kPanel + kLanes);
+    for (int i = 0; i < R; ++i) {
+      const vfloat x = splat(static_cast<float>(a[i * lda + k]));
+      acc[i][0] += x * b0;
+      acc[i][1] += x * b1;
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    if (cols == kPanel) {
+      store16(c + i * ldc, acc[i][0]);
+      store16(c + i * ldc + kLanes, acc[i][1]);
+    } else {
+      store_tail(c + i * ldc, acc[i][0], std::min<int64_t>(cols, kLanes));
+      if (cols > kLanes) store_tail(c + i * ldc + kLanes, acc[i][1], cols - kLanes);
+    }
+  }
+}
+
+struct LogitsGeometry {
+  int64_t rows, cols, depth;  // tokens, vocabulary ids, hidden size
+  int64_t ldo;                // row stride of out
+};
+
+// Tasks [begin, end) of (panel, row chunk) pairs: task t covers panel t / chunks, chunk t % chunks.
+template <typename T>
+RLKERN_INLINE void logits_tasks(int64_t begin, int64_t end, const T* hidden, const T* weight,
+                                const LogitsGeometry& g, float* out) {
+  const int64_t chunks = (g.rows + kRowsPerTask - 1) / kRowsPerTask;
+  alignas(64) float panel[kDepth * kPanel];
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t col0 = (t / chunks) * kPanel, row0 = (t % chunks) * kRowsPerTask;
+    const int64_t cols = std::min<int64_t>(kPanel, g.cols - col0);
+    const int64_t row_end = std::min(g.rows, row0 + kRowsPerTask);
+    for (int64_t k0 = 0; k0 < g.depth; k0 += kDepth) {
+      const int64_t depth = std::min(kDepth, g.depth - k0);
+      for (int64_t j = 0; j < kPanel; ++j) {  // columns past the vocabulary are 0 and never stored
+        const T* w = weight + (col0 + j) * g.depth + k0;
+        for (int64_t k = 0; k < depth; ++k) panel[k * kPanel + j] = j < cols ? static_cast<float>(w[k]) : 0.f;
+      }
+      const bool first = k0 == 0;
+      int64_t i = row0;
+      for (; i + kBlockRows <= row_end; i += kBlockRows) {
+        logits_block<T, kBlockRows>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo,
+                                    cols, first);
+      }
+      switch (row_end - i) {  // the same per-logit arithmetic on fewer rows
+        case 5: logits_block<T, 5>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo, cols, first); break;
+        case 4: logits_block<T, 4>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo, cols, first); break;
+        case 3: logits_block<T, 3>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo, cols, first); break;
+        case 2: logits_block<T, 2>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo, cols, first); break;
+        case 1: logits_block<T, 1>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo, cols, first); break;
+        default: break;
+      }
+    }
+  }
+}
+
 // acc[i] += part[i] for i in [begin, end): the fp32 sum over vocabulary tiles of the bf16/fp16
 // d hidden products (ATen's mixed-dtype add_ goes through a casting copy and is ~5x slower).
 template <typename T>
@@ -191,6 +309,10 @@ RLKERN_INLINE void accumulate_range(int64_t begin, int64_t end, float* acc, cons
   }                                                                                                     \
   RLKERN_CLONES void accumulate_##SUFFIX(int64_t b, int64_t e, float* acc, const T* part) {              \
     accumulate_range<T>(b, e, acc, part);                                                               \
+  }                                                                                                     \
+  RLKERN_CLONES void logits_##SUFFIX(int64_t b, int64_t e, const T* h, const T* w, const LogitsGeometry& g, \
+                                     float* out) {                                                      \
+    logits_tasks<T>(b, e, h, w, g, out);                                                                \
   }
 RLKERN_TILE_KERNELS(float, f32)
 RLKERN_TILE_KERNELS(c10::BFloat16, bf16)
@@ -228,6 +350,18 @@ void accumulate_dispatch(int64_t b, int64_t e, float* acc, const c10::BFloat16* 
   accumulate_bf16(b, e, acc, part);
 }
 void accumulate_dispatch(int64_t b, int64_t e, float* acc, const c10::Half* part) { accumulate_f16(b, e, acc, part); }
+
+void logits_dispatch(int64_t b, int64_t e, const float* h, const float* w, const LogitsGeometry& g, float* out) {
+  logits_f32(b, e, h, w, g, out);
+}
+void logits_dispatch(int64_t b, int64_t e, const c10::BFloat16* h, const c10::BFloat16* w, const LogitsGeometry& g,
+                     float* out) {
+  logits_bf16(b, e, h, w, g, out);
+}
+void logits_dispatch(int64_t b, int64_t e, const c10::Half* h, const c10::Half* w, const LogitsGeometry& g,
+                     float* out) {
+  logits_f16(b, e, h, w, g, out);
+}
 
 TileGeometry tile_geometry(const at::Tensor& tile, int64_t vocab_start) {
   TORCH_CHECK(tile.dim() == 2, "tile must be a 2-d [tokens, vocab] tensor, got ", tile.dim(), " dims");
@@ -303,6 +437,32 @@ void lm_grad(at::Tensor tile, const at::Tensor& bias, const at::Tensor& labels, 
   });
 }
 
+// out[i, j] = hidden[i] . weight[j] in fp32 (fixed order, see logits_block): hidden [n, H] and
+// weight [v, H] contiguous in one storage type, out fp32 [n, v] with unit column stride.
+void lm_logits(const at::Tensor& hidden, const at::Tensor& weight, at::Tensor out) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "hidden [n, H] and weight [v, H] must share H");
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && hidden.scalar_type() == weight.scalar_type(),
+              "hidden and weight must be contiguous and of one dtype");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == hidden.size(0) &&
+                  out.size(1) == weight.size(0) && out.stride(1) == 1 && out.stride(0) >= out.size(1),
+              "out must be a float32 [n, v] tensor with contiguous rows");
+  const LogitsGeometry g{hidden.size(0), weight.size(0), hidden.size(1), out.stride(0)};
+  if (g.rows == 0 || g.cols == 0) return;
+  float* o = out.data_ptr<float>();
+  if (g.depth == 0) {
+    for (int64_t i = 0; i < g.rows; ++i) std::fill(o + i * g.ldo, o + i * g.ldo + g.cols, 0.f);
+    return;
+  }
+  const int64_t tasks = ((g.cols + kPanel - 1) / kPanel) * ((g.rows + kRowsPerTask - 1) / kRowsPerTask);
+  dispatch_storage_type(hidden.scalar_type(), "hidden", [&](auto tag) {
+    using T = decltype(tag);
+    const T* h = static_cast<const T*>(hidden.data_ptr());
+    const T* w = static_cast<const T*>(weight.data_ptr());
+    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { logits_dispatch(b, e, h, w, g, o); });
+  });
+}
+
 // acc (fp32) += part (fp32 / bf16 / fp16), both contiguous and of the same shape.
 void lm_accumulate(at::Tensor acc, const at::Tensor& part) {
   TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous(), "acc must be a contiguous float32 tensor");
@@ -325,10 +485,12 @@ TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
   m.def("lm_grad(Tensor(a!) tile, Tensor bias, Tensor labels, Tensor grad_logp, Tensor grad_ent, Tensor lse,"
         " Tensor ent, float inv_temp, int ignore_index, int vocab_start) -> ()");
   m.def("lm_accumulate(Tensor(a!) acc, Tensor part) -> ()");
+  m.def("lm_logits(Tensor hidden, Tensor weight, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {
   m.impl("lm_fold", &rlkern::lm_fold);
   m.impl("lm_grad", &rlkern::lm_grad);
   m.impl("lm_accumulate", &rlkern::lm_accumulate);
+  m.impl("lm_logits", &rlkern::lm_logits);
 }

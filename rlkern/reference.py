@@ -114,9 +114,14 @@ def kl(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", *, clamp=None) -> 
     if estimator != "k3":
         raise ValueError(f"unknown KL estimator {estimator!r}")
     lo, hi, value_bound = kl_bounds(clamp)
-    r = (-d).clamp(lo, hi)
+    # torch.clamp passes no gradient where its input is NaN (its bound tests fail), which would make
+    # a NaN log-ratio's gradient 0: NaN lanes skip both clamps, so value and gradient are NaN.
+    nan = d.isnan()
+    r = torch.where(nan, -d, (-d).clamp(lo, hi))
     value = torch.expm1(r) - r
-    return value.clamp(-value_bound, value_bound) if value_bound != float("inf") else value
+    if value_bound == float("inf"):
+        return value
+    return torch.where(nan, value, value.clamp(-value_bound, value_bound))
 
 
 def token_rewards(
@@ -436,15 +441,18 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
     c, r, rc, rr = (_upcast(t) for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
     z = (c - r) - (rc - rr)
     ls = label_smoothing
+    logsig = torch.nn.functional.logsigmoid
+    # The ls terms are left out when ls = 0: at an infinite margin (a -inf log-prob) they are
+    # 0 * inf = NaN, where the loss's limit is finite.
     if loss_type == "sigmoid":
-        losses = -torch.nn.functional.logsigmoid(beta * z) * (1 - ls) - torch.nn.functional.logsigmoid(-beta * z) * ls
+        losses = -logsig(beta * z) if ls == 0 else -logsig(beta * z) * (1 - ls) - logsig(-beta * z) * ls
     elif loss_type == "ipo":
         losses = (z - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * z)
     elif loss_type == "robust":
-        losses = (-(1 - ls) * torch.nn.functional.logsigmoid(beta * z)
-                  + ls * torch.nn.functional.logsigmoid(-beta * z)) / (1 - 2 * ls)
+        losses = (-logsig(beta * z) if ls == 0
+                  else (-(1 - ls) * logsig(beta * z) + ls * logsig(-beta * z)) / (1 - 2 * ls))
     else:
         raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
     chosen_rewards = beta * (c - rc).detach()

@@ -4,8 +4,10 @@ the [outer, inner, V] row view the logit kernels take."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,21 +38,83 @@ def check_tensor(x, name: str, *, floating: bool = True) -> Tensor:
     return x
 
 
+_LIMITED_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def check_labels(labels, name: str, expected_shape: torch.Size) -> Tensor:
     check_tensor(labels, name, floating=False)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor (int32 or int64 token ids), got {labels.dtype}")
+    if labels.dtype in _LIMITED_UNSIGNED:
+        # torch implements almost no ops for these (not even <), and a uint64 id >= 2^63 has no int64
+        # value: refused on every backend alike rather than accepted by one kernel only.
+        raise TypeError(f"{name} must be int8/int16/int32/int64 or uint8 token ids, got {labels.dtype}: "
+                        f"convert with {name}.long()")
     if labels.shape != expected_shape:
         raise ValueError(f"{name} must have shape {tuple(expected_shape)} (the logits' leading dims), "
                          f"got {tuple(labels.shape)}")
     return labels
 
 
+# One rule for scalar hyperparameters, used by every op: a number is a real Python or numpy scalar
+# (int, float, np.float32, np.int64, ...) and is read as the Python float (or int) it equals, so
+# np.float32(0.1) means 0.10000000149011612, exactly its value. bool (and np.bool_) is not a
+# number: ``beta=True`` is a bug, not 1.0. 0-d tensors are refused too: reading one is a device
+# sync, and under torch.compile it would turn a constant into graph input.
+
+
+def check_number(value, name: str) -> float:
+    """``value`` as a float, or a TypeError naming ``name`` (bool, str, tensors... are refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int, float or a numpy scalar), got "
+                        f"{type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_finite(value, name: str) -> float:
+    value = check_number(value, name)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_int(value, name: str) -> int:
+    """``value`` as an int: Python or numpy integers only. 5.5, 5.0, True and '5' are refused (a
+    truncated ignore_index would silently drop a different token)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int (or a numpy integer), got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def check_positive(value, name: str) -> float:
-    value = float(value)
+    value = check_number(value, name)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
+
+
+# The kernels scale logits by 1 / temperature in float32; below this the reciprocal overflows to inf.
+_MIN_TEMPERATURE = 1.0 / float(torch.finfo(torch.float32).max)
+
+
+def check_temperature(value, name: str = "temperature") -> float:
+    """A finite temperature > 0 whose float32 reciprocal is finite (1e-45 would scale by inf)."""
+    value = check_positive(value, name)
+    if value <= _MIN_TEMPERATURE:
+        raise ValueError(f"{name} must be > {_MIN_TEMPERATURE:.3g} (its reciprocal, which scales the logits in "
+                         f"float32, overflows below that), got {value}")
+    return value
+
+
+def check_no_nan(x: Tensor | None, name: str) -> None:
+    """The opt-in ``nan_check``: a ValueError naming ``name`` and the first NaN's index (eager only,
+    a device sync; skipped while torch.compile traces)."""
+    if x is None or torch.compiler.is_compiling() or not x.dtype.is_floating_point:
+        return
+    bad = torch.isnan(x.detach())
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(f"{name} holds NaN (nan_check=True); first at index {first}")
 
 
 def check_label_range(labels: Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:

@@ -12,14 +12,12 @@ Oracle: rlkern.reference.group_advantages (a plain loop over groups).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from rlkern import reference
-from rlkern.ops._common import check_tensor
+from rlkern.ops._common import check_finite, check_int, check_tensor
 
 __all__ = ["group_advantages", "ADVANTAGE_METHODS"]
 
@@ -32,8 +30,7 @@ def _group_ids(batch: int, group_size, index, device) -> tuple[Tensor, int]:
         raise ValueError("pass exactly one of group_size (fixed-size consecutive groups) or index (a group id per "
                          "score)")
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
-            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        group_size = check_int(group_size, "group_size")
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if batch % group_size:
@@ -95,11 +92,14 @@ def group_advantages(scores: Tensor, *, group_size: int | None = None, index=Non
     signal and gets advantage exactly 0 under every method (not ``0 / eps`` noise, not NaN).
 
     Args:
-        scores: ``[B]`` float32/bf16/fp16/float64 finite scores (one per response).
+        scores: ``[B]`` float32/bf16/fp16/float64 finite scores (one per response); a NaN or inf
+            score is a ValueError naming its index. Computed in float64 (rloo's advantages of a
+            group then sum to zero up to the final rounding, exactly for a pair), returned in
+            float32; an advantage beyond float32's range (scores near +-3e38) is a ValueError.
         group_size: responses per prompt, consecutive in ``scores`` (``B`` must be divisible by it).
         index: instead of ``group_size``: ``[B]`` group ids, an integer tensor or any 1-d sequence of
             hashable ids (verl's numpy array of uid strings); groups need not be contiguous.
-        eps: added to the std (``grpo`` with ``scale_by_std``), >= 0.
+        eps: added to the std (``grpo`` with ``scale_by_std``), >= 0; a Python or numpy number (not bool).
         return_counts: also return ``{"groups", "singleton_groups", "zero_variance_groups"}`` as
             0-d int64 tensors.
 
@@ -111,13 +111,22 @@ def group_advantages(scores: Tensor, *, group_size: int | None = None, index=Non
         raise ValueError(f"scores must have shape [B] (one score per response), got {tuple(scores.shape)}")
     if method not in ADVANTAGE_METHODS:
         raise ValueError(f"method must be one of {list(ADVANTAGE_METHODS)}, got {method!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+    eps = check_finite(eps, "eps")
+    if eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    # An eager-mode check (a sync on GPU), skipped while torch.compile traces.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scores).all()):
-        raise ValueError("scores must be finite; got NaN or inf")
+    if group_size is not None:
+        group_size = check_int(group_size, "group_size")
+    eager = not torch.compiler.is_compiling()  # the value checks below sync on GPU; skipped when tracing
+    if eager:
+        bad = ~torch.isfinite(scores)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise ValueError(f"scores must be finite; scores[{first}] is {scores[first].item()}")
     ids, groups = _group_ids(scores.shape[0], group_size, index, scores.device)
-    r = scores.double() if scores.dtype == torch.float64 else scores.float()
+    # float64 whatever the input: B numbers cost nothing, and in float32 the mean of [1, 1 + 2^-23]
+    # rounds so that rloo's advantages are not zero-sum, and scores near +-3e38 overflow the
+    # squared deviations (grpo gave 0) or the n / (n - 1) factor (rloo gave +-inf).
+    r = scores.double()
 
     # index_add rather than bincount: the output size is `groups`, known without reading the ids,
     # so the op traces under torch.compile(fullgraph=True) with group_size.
@@ -141,6 +150,13 @@ def group_advantages(scores: Tensor, *, group_size: int | None = None, index=Non
         n_max = group_size if group_size is not None else int(counts.max()) if groups else 0
         adv = _win_rates(r, ids, counts, groups, n_max)
     adv = torch.where((singleton | flat)[ids], torch.zeros_like(adv), adv)
+    out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    if out_dtype == torch.float32:
+        adv = adv.float()
+        if eager and not bool(torch.isfinite(adv).all()):
+            first = int((~torch.isfinite(adv)).nonzero()[0, 0])
+            raise ValueError(f"the advantage of scores[{first}] is {adv[first].item()}: it exceeds float32's range "
+                             f"(float32 max {torch.finfo(torch.float32).max:.4g}); pass float64 scores")
     if not return_counts:
         return adv
     return adv, {"groups": torch.tensor(groups), "singleton_groups": singleton.sum(),

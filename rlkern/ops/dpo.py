@@ -10,14 +10,12 @@ finite for any finite margin. Oracle: rlkern.reference.dpo_loss (TRL's own expre
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from rlkern import reference
-from rlkern.ops._common import check_tensor
+from rlkern.ops._common import check_finite, check_tensor
 
 __all__ = ["dpo_loss", "DPO_LOSS_TYPES"]
 
@@ -25,7 +23,7 @@ DPO_LOSS_TYPES = reference.DPO_LOSS_TYPES
 
 
 def _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
-           label_smoothing) -> None:
+           label_smoothing) -> tuple[float, float]:
     tensors = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "ref_chosen_logps": ref_chosen_logps,
                "ref_rejected_logps": ref_rejected_logps}
     for name, t in tensors.items():
@@ -39,10 +37,10 @@ def _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, b
         raise ValueError("dpo_loss needs at least one preference pair (the loss is their mean), got an empty batch")
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
+    beta = check_finite(beta, "beta")
+    if beta <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a number, got {type(label_smoothing).__name__}")
+    label_smoothing = check_finite(label_smoothing, "label_smoothing")
     if loss_type == "sigmoid" and not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5] for loss_type='sigmoid', got {label_smoothing}")
     if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
@@ -50,6 +48,13 @@ def _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, b
     if loss_type in ("ipo", "hinge") and label_smoothing != 0.0:
         raise ValueError(f"label_smoothing is used by 'sigmoid' and 'robust' only; loss_type={loss_type!r} "
                          f"needs label_smoothing=0, got {label_smoothing}")
+    return beta, label_smoothing
+
+
+def _smoothed(main: Tensor, other: Tensor, ls: float, sign: float) -> Tensor:
+    """(1 - ls) main + sign ls other, with the ls term absent when ls = 0: a margin of +-inf (a -inf
+    log-prob) makes ``other`` inf, and 0 * inf would turn the loss's limit into NaN."""
+    return main if ls == 0.0 else (1 - ls) * main + sign * ls * other
 
 
 def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *,
@@ -69,7 +74,14 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps: ``[B]`` (any one shape)
             sequence log-probs, float32/bf16/fp16/float64. Gradients flow to all four (the reference
             ones are normally computed under ``no_grad``).
-        beta: > 0. label_smoothing: [0, 0.5] for sigmoid, [0, 0.5) for robust, 0 otherwise.
+        beta: > 0. label_smoothing: [0, 0.5] for sigmoid, [0, 0.5) for robust, 0 otherwise. Both
+            are Python or numpy numbers (not bool), read as the float they equal.
+
+    Infinite log-probs: a ``-inf`` rejected (or ``+inf``-margin) pair gives each loss's limit as
+    z -> inf: 0 for sigmoid / hinge / robust with ``ls = 0``, ``+inf`` for ipo and for sigmoid with
+    ``ls > 0``, ``-inf`` for robust with ``ls > 0``; symmetrically for z -> -inf. NaN comes only from
+    a NaN input, or from ``-inf - (-inf)`` (a policy and a reference that both give a response
+    probability 0: the log-ratio is undefined).
 
     Returns:
         ``(loss, stats)``: float32 0-d tensors (float64 for float64 inputs). ``stats`` (detached batch
@@ -77,20 +89,20 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
         ``rejected_rewards``, ``reward_accuracy`` = share of pairs with chosen reward > rejected reward,
         ``reward_margin`` = mean of their difference.
     """
-    _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type, label_smoothing)
+    beta, ls = _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
+                      label_smoothing)
     dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     c, r, rc, rr = (t.to(dtype) for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
     chosen_ratio, rejected_ratio = c - rc, r - rr
     z = chosen_ratio - rejected_ratio
-    ls = float(label_smoothing)
     if loss_type == "sigmoid":
-        losses = (1 - ls) * F.softplus(-beta * z) + ls * F.softplus(beta * z)
+        losses = _smoothed(F.softplus(-beta * z), F.softplus(beta * z), ls, 1.0)
     elif loss_type == "ipo":
         losses = (z - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * z)
     else:
-        losses = ((1 - ls) * F.softplus(-beta * z) - ls * F.softplus(beta * z)) / (1 - 2 * ls)
+        losses = _smoothed(F.softplus(-beta * z), F.softplus(beta * z), ls, -1.0) / (1 - 2 * ls)
     chosen_rewards = beta * chosen_ratio.detach()
     rejected_rewards = beta * rejected_ratio.detach()
     margin = chosen_rewards - rejected_rewards

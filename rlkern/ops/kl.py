@@ -13,7 +13,14 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
-from rlkern.ops._common import check_tensor, check_token_mask, new_output, pick_backend
+from rlkern.ops._common import (
+    check_finite,
+    check_number,
+    check_tensor,
+    check_token_mask,
+    new_output,
+    pick_backend,
+)
 
 __all__ = ["kl", "token_rewards"]
 
@@ -33,10 +40,10 @@ def _parse_estimator(estimator) -> tuple[str, int, bool]:
 def _parse_clamp(clamp) -> tuple[float, float, float]:
     if not (clamp is None or isinstance(clamp, bool)):
         try:
-            ratio_bound, value_bound = (float(c) for c in clamp)
+            ratio_bound, value_bound = (check_number(c, "clamp's bounds") for c in clamp)
         except (TypeError, ValueError):
-            raise TypeError(f"clamp must be None, True (verl's (20, 10)) or a pair (log-ratio bound, value "
-                            f"bound), got {clamp!r}") from None
+            raise TypeError(f"clamp must be None, True (verl's (20, 10)) or a pair of numbers (log-ratio bound, "
+                            f"value bound), got {clamp!r}") from None
         for what, v in (("log-ratio bound", ratio_bound), ("value bound", value_bound)):
             if math.isnan(v) or v <= 0:
                 raise ValueError(f"clamp's {what} must be > 0 (inf for none), got {v}")
@@ -131,6 +138,9 @@ def kl(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", *, clamp=None) -> 
 
     Returns:
         float32 ``[...]`` (float64 for float64 inputs), differentiable w.r.t. both inputs.
+
+    NaN (every backend): a NaN in ``logp`` or ``ref_logp`` gives a NaN estimate there; its gradient
+    is NaN for k2, k3 and the straight-through names, 1 for k1 and 0 for abs (torch's sign(NaN)).
     """
     name, code, straight_through = _parse_estimator(estimator)
     lo, hi, value_bound = _parse_clamp(clamp)
@@ -195,9 +205,7 @@ def token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, 
     if scores.shape != logp.shape[:-1]:
         raise ValueError(f"scores must have shape {tuple(logp.shape[:-1])} (one per sequence), "
                          f"got {tuple(scores.shape)}")
-    kl_coef = float(kl_coef)
-    if not math.isfinite(kl_coef):
-        raise ValueError(f"kl_coef must be finite, got {kl_coef}")
+    kl_coef = check_finite(kl_coef, "kl_coef")
     scores, logp, ref_logp = scores.detach(), logp.detach(), ref_logp.detach()
     backend = pick_backend(logp, ref_logp, scores)
     if backend == "torch":

@@ -6,16 +6,24 @@ buffer, folded into per-token running statistics (max, sum-exp, label logit, sum
 and overwritten by the next. Only lse and entropy (fp32, one each per token) are saved; backward
 recomputes each tile, turns it into d logits in place and accumulates d hidden and d weight.
 
-CPU: the GEMM tiles go through ATen (MKL sgemm for fp32, oneDNN/AMX for bf16/fp16) from the loop
-below and the epilogues are the C++ kernels ``rlkern_C::lm_fold`` / ``lm_grad``
-(csrc/linear_logprobs.cpp). Driving the loop from Python costs ~20 us per tile against
+CPU: the logits tiles come from ``rlkern_C::lm_logits`` (fp32 output for every input dtype, one
+fixed summation order per logit, so a token's log-prob is the same bits in any batch and with
+any thread count), the epilogues are the C++ kernels ``rlkern_C::lm_fold`` / ``lm_grad``
+(csrc/linear_logprobs.cpp), and the gradient GEMMs go through ATen (MKL sgemm for fp32,
+oneDNN/AMX for bf16/fp16). Driving the loop from Python costs ~20 us per tile against
 milliseconds of GEMM per tile (< 1 % at the default tile sizes). GPU: kernels/linear_logprobs.py,
 a Triton GEMM with the epilogue fused. Oracle: rlkern.reference.linear_logprobs.
 
-Precision: the fp32 path is fp32 throughout. For bf16/fp16 inputs each GEMM tile runs in the input
-dtype with fp32 accumulation inside the GEMM and is rounded to that dtype on output, exactly like
-the naive ``hidden @ weight.T`` in that dtype; the softmax statistics and the sums of the per-tile
-gradient products over tiles are fp32.
+Precision: logits are fp32 sums of exact products (bf16 / fp16 products are exact in fp32) and are
+never rounded to the input dtype (fp16 logits near 3e4 would be 16 apart), on both backends. The
+softmax statistics are fp32. Backward rounds d logits to the input dtype for the two gradient
+GEMMs (fp32 accumulation inside them); the sums of the per-tile products over tiles are fp32.
+
+Non-finite inputs (every backend): a NaN in hidden, weight or bias makes the log-prob and entropy
+of every token whose logits it reaches NaN (and their gradients NaN); a +inf logit (e.g. from an
+inf in hidden) makes its token NaN too (its softmax is undefined in floating point); a -inf bias
+entry bans that token (p = 0, no gradient), and a token whose logits are all -inf gets log-prob
+-inf and entropy 0. ``nan_check=True`` raises instead, naming the argument and the first index.
 """
 
 from __future__ import annotations
@@ -27,9 +35,12 @@ from torch import Tensor
 
 from rlkern import reference
 from rlkern.ops._common import (
+    check_int,
     check_label_range,
     check_labels,
-    check_positive,
+    check_no_nan,
+    check_number,
+    check_temperature,
     check_tensor,
     new_output,
     pick_backend,
@@ -42,36 +53,42 @@ __all__ = ["linear_logprobs", "linear_policy_loss"]
 # below that the GEMM tiles get too thin to run at full speed, above it nothing is gained.
 _BUDGET_FRACTION = 16
 _BUDGET_MIN, _BUDGET_MAX = 1 << 18, 1 << 26
-# At most this many tokens per tile: taller tiles do not make MKL/oneDNN faster, they only shrink
-# the vocabulary width the budget allows.
+# At most this many tokens per tile: taller tiles do not make the GEMMs faster.
 _MAX_TOKEN_TILE = 2048
 # Vocabulary tiles are multiples of this (cache lines and AMX tile widths).
 _VOCAB_ALIGN = 64
+# The vocabulary tile does not depend on N: a token's running softmax is folded over the same
+# tiles, in the same order, whatever batch it comes in (batch invariance; verl #6280). Only the
+# token tile follows the memory budget.
+_VOCAB_TILE = 4096
 
 
 def tile_sizes(n_tokens: int, vocab: int, chunk_size: int | None = None) -> tuple[int, int]:
-    """(token_tile, vocab_tile) for N tokens and a vocabulary of V rows. ``chunk_size`` fixes the
-    vocabulary tile; otherwise it is chosen so that the fp32 tile fits the memory budget."""
-    token_tile = max(1, min(n_tokens, _MAX_TOKEN_TILE))
-    if chunk_size is not None:
-        return token_tile, min(chunk_size, vocab)
+    """(token_tile, vocab_tile) for N tokens and a vocabulary of V rows. The vocabulary tile is
+    ``chunk_size`` or 4096 (never a function of N); the token tile keeps the fp32 tile within the
+    memory budget."""
+    vocab_tile = max(1, min(chunk_size or _VOCAB_TILE, vocab))
     budget = min(max(n_tokens * vocab * 4 // _BUDGET_FRACTION, _BUDGET_MIN), _BUDGET_MAX)
-    vocab_tile = budget // (4 * token_tile) // _VOCAB_ALIGN * _VOCAB_ALIGN
-    return token_tile, max(_VOCAB_ALIGN, min(vocab_tile, vocab))
+    token_tile = max(1, min(n_tokens, _MAX_TOKEN_TILE, budget // (4 * vocab_tile)))
+    return token_tile, vocab_tile
 
 
 def _bias32(bias: Tensor | None, device) -> Tensor:
     return bias.float().contiguous() if bias is not None else torch.empty(0, device=device)
 
 
-def _finalize(m: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def _finalize(m: Tensor, s: Tensor, t: Tensor, vocab: int | None = None) -> tuple[Tensor, Tensor]:
     """lse = m + log S and H = log S - T / S from the running fold; a token whose logits are all
-    -inf (S = 0) gets lse = -inf and entropy 0."""
-    alive = s > 0
-    safe_s = torch.where(alive, s, torch.ones_like(s))
+    -inf (S = 0) gets lse = -inf and entropy 0; a NaN state (a NaN or +inf logit) stays NaN.
+    H >= log S >= 0 holds by construction (T <= 0, S >= 1); with ``vocab`` the rounding of a
+    near-uniform row is kept from pushing H above ln V."""
+    dead = s == 0
+    safe_s = torch.where(dead, torch.ones_like(s), s)
     log_s = safe_s.log()
-    lse = torch.where(alive, m + log_s, torch.full_like(m, -math.inf))
-    ent = torch.where(alive, log_s - t / safe_s, torch.zeros_like(m))
+    lse = torch.where(dead, torch.full_like(m, -math.inf), m + log_s)
+    ent = torch.where(dead, torch.zeros_like(m), log_s - t / safe_s)
+    if vocab is not None:
+        ent = torch.minimum(ent, ent.new_tensor(math.log(vocab)))  # minimum propagates NaN
     return lse, ent
 
 
@@ -82,15 +99,15 @@ def _cpp_stats(hidden: Tensor, weight: Tensor, bias32: Tensor, labels: Tensor, i
     tn, tv = tiles
     m = torch.full((n_tokens,), -math.inf)
     s, t, zy = torch.zeros(n_tokens), torch.zeros(n_tokens), torch.zeros(n_tokens)
-    buf = torch.empty(tn * tv, dtype=hidden.dtype)
+    buf = torch.empty(tn * tv)  # fp32 logits for every input dtype
     for v0 in range(0, vocab, tv):
         v = min(tv, vocab - v0)
-        w_t = weight[v0:v0 + v].t()
+        w_tile = weight[v0:v0 + v]
         b = bias32[v0:v0 + v] if bias32.numel() else bias32
         for n0 in range(0, n_tokens, tn):
             n = min(tn, n_tokens - n0)
             tile = buf[:n * v].view(n, v)
-            torch.mm(hidden[n0:n0 + n], w_t, out=tile)
+            torch.ops.rlkern_C.lm_logits(hidden[n0:n0 + n], w_tile, tile)
             rows = slice(n0, n0 + n)
             torch.ops.rlkern_C.lm_fold(tile, b, labels[rows], inv_temp, ignore_index, vocab_start + v0, want_entropy,
                                        m[rows], s[rows], t[rows], zy[rows])
@@ -111,7 +128,8 @@ def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tens
         grad_weight.zero_()
         grad_bias.zero_()
         return
-    buf = torch.empty(tn * tv, dtype=hidden.dtype)
+    buf = torch.empty(tn * tv)  # fp32 logits, then d logits
+    low = None if exact else torch.empty(tn * tv, dtype=hidden.dtype)  # d logits in the GEMMs' dtype
     dh_part = None if exact else torch.empty(tn, hidden.shape[1], dtype=hidden.dtype)
     one_token_tile = tn >= n_tokens
     dw_acc = None if exact or one_token_tile else torch.empty(tv, weight.shape[1])
@@ -124,11 +142,12 @@ def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tens
             n = min(tn, n_tokens - n0)
             rows = slice(n0, n0 + n)
             h_tile = hidden[rows]
-            dz = buf[:n * v].view(n, v)
-            torch.mm(h_tile, w_tile.t(), out=dz)
-            torch.ops.rlkern_C.lm_grad(dz, b, labels[rows], grad_logp[rows] if grad_logp.numel() else grad_logp,
+            dz32 = buf[:n * v].view(n, v)
+            torch.ops.rlkern_C.lm_logits(h_tile, w_tile, dz32)  # the forward's logits, bit for bit
+            torch.ops.rlkern_C.lm_grad(dz32, b, labels[rows], grad_logp[rows] if grad_logp.numel() else grad_logp,
                                        grad_ent[rows] if grad_ent.numel() else grad_ent, lse[rows],
                                        ent[rows] if ent.numel() else ent, inv_temp, ignore_index, vocab_start + v0)
+            dz = dz32 if exact else low[:n * v].view(n, v).copy_(dz32)
             if exact:
                 grad_hidden[rows].addmm_(dz, w_tile)
             else:
@@ -148,9 +167,9 @@ def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tens
                     torch.ops.rlkern_C.lm_accumulate(dw_acc[:v], part)
             if grad_bias.numel():
                 if i == 0:
-                    torch.sum(dz, 0, dtype=torch.float32, out=grad_bias[v0:v0 + v])
+                    torch.sum(dz32, 0, out=grad_bias[v0:v0 + v])
                 else:
-                    grad_bias[v0:v0 + v].add_(dz.sum(0, dtype=torch.float32))
+                    grad_bias[v0:v0 + v].add_(dz32.sum(0))
         if dw_acc is not None:
             gw.copy_(dw_acc[:v])
 
@@ -167,7 +186,7 @@ def shard_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
         tiles = tile_sizes(hidden.shape[0], weight.shape[0], chunk_size)
         m, s, t, zy = _cpp_stats(hidden, weight, bias32, labels, inv_temp, ignore_index, vocab_start, want_entropy,
                                  tiles)
-        lse, ent = _finalize(m, s, t)
+        lse, ent = _finalize(m, s, t, weight.shape[0])
         return lse, ent, zy
     from rlkern.kernels import linear_logprobs as tk
 
@@ -293,12 +312,13 @@ def _validate(hidden, weight, labels, bias, temperature, chunk_size) -> float:
     check_labels(labels, "labels", hidden.shape[:-1])
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1 (vocabulary rows per tile), got {chunk_size!r}")
-    return check_positive(temperature, "temperature")
+    return check_temperature(temperature, "temperature")
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                     temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                    chunk_size: int | None = None, process_group=None) -> Tensor | tuple[Tensor, Tensor]:
+                    chunk_size: int | None = None, process_group=None,
+                    nan_check: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature),
     without materialising the ``[..., V]`` logits.
 
@@ -308,8 +328,10 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
         weight: ``[V, H]`` LM head in hidden's dtype (``[V_shard, H]`` with ``process_group``).
         labels: ``[...]`` int32 / int64 token ids in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` (``[V_shard]`` with ``process_group``); ``-inf`` entries ban tokens.
-        temperature: > 0; the logits are divided by it first.
-        ignore_index: label value whose log-prob (and gradient) is 0.
+        temperature: > 0 (a Python or numpy number, with a finite float32 reciprocal); the logits
+            are divided by it first.
+        ignore_index: an int (Python or numpy; 5.5 or True are refused): label value whose
+            log-prob (and gradient) is 0.
         return_entropy: also return the entropy (nats) of the full distribution.
         chunk_size: vocabulary rows per tile of the CPU path; by default chosen from N, V and a
             memory budget (:func:`tile_sizes`). The Triton kernels keep 64 x 64 tiles in registers
@@ -318,13 +340,19 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
             sharded by vocabulary: rank r holds rows ``[r*ceil(V/world), (r+1)*ceil(V/world))``;
             every rank gets the full-vocabulary result and the gradient for its shard and hidden
             (see :mod:`rlkern.ops.vocab_parallel`).
+        nan_check: raise a ValueError naming the argument and the first NaN's index instead of
+            returning NaN (an extra pass over hidden, weight and bias, and a sync on GPU).
 
     Returns:
-        float32 ``[...]`` log-probs ``z_y - logsumexp(z)``, and float32 ``[...]`` entropy when
-        ``return_entropy``. Gradients flow to hidden, weight and bias (in their dtypes).
+        float32 ``[...]`` log-probs ``z_y - logsumexp(z)`` (always <= 0), and float32 ``[...]``
+        entropy in ``[0, ln V]`` when ``return_entropy``. Gradients flow to hidden, weight and bias
+        (in their dtypes). Non-finite inputs: see the module docstring (NaN in, NaN out).
     """
     temperature = _validate(hidden, weight, labels, bias, temperature, chunk_size)
-    ignore_index = int(ignore_index)
+    ignore_index = check_int(ignore_index, "ignore_index")
+    if nan_check:
+        for t, name in ((hidden, "hidden"), (weight, "weight"), (bias, "bias")):
+            check_no_nan(t, name)
     if process_group is not None:
         from rlkern.ops.vocab_parallel import vocab_parallel_linear_logprobs
 
@@ -388,7 +416,7 @@ def _cpp_policy_single_pass(hidden, weight, labels, old_logp, ref_logp, advantag
         n = min(tn, n_tokens - n0)
         rows = slice(n0, n0 + n)
         tile = buf[:n * vocab].view(n, vocab)
-        torch.mm(hidden[rows], weight.t(), out=tile)
+        torch.ops.rlkern_C.lm_logits(hidden[rows], weight, tile)
         m, s, t, zy = torch.full((n,), -math.inf), torch.zeros(n), torch.zeros(n), torch.zeros(n)
         torch.ops.rlkern_C.lm_fold(tile, none, labels[rows], inv_temp, -100, 0, False, m, s, t, zy)
         lse, _ = _finalize(m, s, t)
@@ -427,6 +455,24 @@ class _AttachGradients(torch.autograd.Function):
         return None, grad_hidden, grad_weight, None, None
 
 
+def _check_policy_inputs(labels: Tensor, old_logp, advantages, mask, ref_logp) -> None:
+    """Shapes of the per-token inputs against labels' ``[..., T]``, with the argument's name (the
+    kernels would fail later with a bare reshape error)."""
+    shape = tuple(labels.shape)
+    if len(shape) == 0:
+        raise ValueError("labels must have shape [..., T] for linear_policy_loss, got a 0-d tensor")
+    for t, name in ((old_logp, "old_logp"), (mask, "mask"), (ref_logp, "ref_logp")):
+        if t is None and name == "ref_logp":
+            continue
+        check_tensor(t, name, floating=name != "mask")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have labels' shape {shape} (one entry per token), got {tuple(t.shape)}")
+    check_tensor(advantages, "advantages")
+    if tuple(advantages.shape) not in (shape, shape[:-1]):
+        raise ValueError(f"advantages must have shape {shape[:-1]} (one per sequence) or {shape} (one per token), "
+                         f"got {tuple(advantages.shape)}")
+
+
 def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,
                        mask: Tensor, *, ref_logp: Tensor | None = None, beta: float = 0.0, clip_low: float = 0.2,
                        clip_high: float = 0.2, loss_type: str = "grpo", temperature: float = 1.0,
@@ -457,8 +503,9 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
     from rlkern.ops.losses import grpo_loss, grpo_loss_and_grad
 
     temperature = _validate(hidden, weight, labels, None, temperature, chunk_size)
+    _check_policy_inputs(labels, old_logp, advantages, mask, ref_logp)
     if ref_logp is None:
-        if float(beta) != 0.0:
+        if check_number(beta, "beta") != 0.0:
             raise ValueError(f"ref_logp is required when beta > 0 (got beta={beta})")
     backend = pick_backend(hidden, weight, labels)
     check_label_range(labels, weight.shape[0], -100)

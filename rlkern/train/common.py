@@ -75,10 +75,10 @@ class Stage:
         if self.cfg.threads == 0 and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
             torch.set_num_threads(1)
 
-    def head_model(self, path: str, kind: str, *, load_head: bool):
-        """``(HeadModel, tokenizer)`` on the causal LM at ``path``; the head is read from ``path`` when
-        ``load_head``, else freshly initialised."""
-        lm, tok = load_causal_lm(path, self.device)
+    def head_model(self, path: str, kind: str, *, load_head: bool, flag: str = "--model"):
+        """``(HeadModel, tokenizer)`` on the causal LM at ``path`` (given by option ``flag``); the head is
+        read from ``path`` when ``load_head``, else freshly initialised."""
+        lm, tok = load_causal_lm(path, self.device, flag)
         self._auto_threads(lm)
         model = HeadModel(lm, kind).to(self.device)
         if load_head:

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 import textwrap
 import typing
@@ -26,6 +27,51 @@ __all__ = ["RunConfig", "SFTConfig", "RMConfig", "PPOConfig", "PPOPenaltyConfig"
 
 class ConfigError(ValueError):
     """A configuration value or file that cannot be used; the message names the option."""
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _positive(cfg, *names: str) -> None:
+    """Finite and > 0 (a NaN fails every comparison, so ``not x > 0`` also catches it)."""
+    for name in names:
+        v = getattr(cfg, name)
+        _need(math.isfinite(v) and v > 0, f"{_flag(name)} must be a finite number > 0, got {v}")
+
+
+def _non_negative(cfg, *names: str) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        _need(math.isfinite(v) and v >= 0, f"{_flag(name)} must be a finite number >= 0, got {v}")
+
+
+def _choice(cfg, name: str, choices: tuple[str, ...]) -> None:
+    v = getattr(cfg, name)
+    _need(v in choices, f"{_flag(name)} must be one of {choices}, got {v!r}")
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, auto)") from None
+    if dev.type == "cuda":
+        _need(torch.cuda.is_available(), f"--device {name!r}: no CUDA GPU is visible to torch here "
+              "(use --device cpu or auto)")
+        _need(dev.index is None or dev.index < torch.cuda.device_count(),
+              f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    else:
+        _need(dev.type == "cpu", f"--device {name!r}: only cpu and cuda are supported")
 
 
 @dataclass
@@ -74,6 +120,29 @@ class RunConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 = off)."""
 
+    def __post_init__(self):
+        # Every config checks itself when built (from flags, a file, or the pipeline's stage configs),
+        # so a bad value is one line naming the flag before any model is built or file written.
+        self.check()
+
+    def check(self) -> None:
+        _choice(self, "ops", ("rlkern", "reference"))
+        _need(self.steps > 0, f"--steps must be > 0, got {self.steps}")
+        _need(not (self.resume and self.overwrite), "--resume and --overwrite cannot be combined")
+        for name in ("save_every", "eval_every", "threads"):
+            _need(getattr(self, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        _need(self.max_operand >= 1, f"--max-operand must be >= 1, got {self.max_operand}")
+        n_problems = (self.max_operand + 1) ** 2
+        _need(0 < self.heldout < n_problems, f"--heldout must lie in [1, {n_problems - 1}] (the task has "
+              f"{n_problems} problems), got {self.heldout}")
+        _need(0 < self.eval_size <= self.heldout, f"--eval-size must lie in [1, --heldout={self.heldout}] "
+              f"(evaluation only uses held-out problems), got {self.eval_size}")
+        _need(self.hidden_size > 0 and self.hidden_size % 4 == 0, "--hidden-size must be a positive multiple "
+              f"of 4 (the built-in model has 4 attention heads), got {self.hidden_size}")
+        _need(self.num_layers > 0, f"--num-layers must be > 0, got {self.num_layers}")
+        _non_negative(self, "max_grad_norm")
+        _check_device(self.device)
+
 
 @dataclass
 class SFTConfig(RunConfig):
@@ -91,6 +160,17 @@ class SFTConfig(RunConfig):
     """Warm-up steps of the learning-rate schedule."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    teacher_carry: float = 0.3
+    """The demonstrator writes a units carry only this often (else it answers a+b-10): SFT imitates a
+    flawed teacher and RL has the rest to learn (1.0 = a perfect teacher)."""
+
+    def check(self) -> None:
+        super().check()
+        _need(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
+        _need(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
+        _positive(self, "lr", "final_lr_ratio")
+        _non_negative(self, "weight_decay")
+        _need(0 <= self.teacher_carry <= 1, f"--teacher-carry must lie in [0, 1], got {self.teacher_carry}")
 
 
 @dataclass
@@ -117,6 +197,16 @@ class RMConfig(RunConfig):
     weight_decay: float = 0.0
     """AdamW weight decay."""
 
+    def check(self) -> None:
+        super().check()
+        for name in ("batch_size", "max_new_tokens"):
+            _need(getattr(self, name) > 0, f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        _need(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
+        _positive(self, "lr", "final_lr_ratio")
+        _non_negative(self, "weight_decay", "lm_coef")
+        _need(0 <= self.sampled_negatives <= 1, f"--sampled-negatives must lie in [0, 1], got "
+              f"{self.sampled_negatives}")
+
 
 @dataclass
 class _RolloutConfig(RunConfig):
@@ -137,6 +227,21 @@ class _RolloutConfig(RunConfig):
     """Directory of a reward model written by the rm stage."""
     ref_sync_every: int = 0
     """Copy the policy into the frozen reference every K steps ('target network'); 0 = never."""
+
+    def check(self) -> None:
+        super().check()
+        _choice(self, "reward", ("auto", "model", "rule"))
+        for name in ("rollout_batch", "max_new_tokens"):
+            _need(getattr(self, name) > 0, f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        _positive(self, "lr")
+        # Below ~0.01 logits / temperature overflows float32 and the sampled log-probs become NaN.
+        _need(math.isfinite(self.temperature) and self.temperature >= 0.01, "--temperature must be a "
+              f"finite number >= 0.01, got {self.temperature}")
+        _need(self.ref_sync_every >= 0, f"--ref-sync-every must be >= 0 (0 = never), got "
+              f"{self.ref_sync_every}")
+        if self.reward_model:
+            _need(os.path.isdir(self.reward_model), f"--reward-model {self.reward_model!r} is not a "
+                  "directory")
 
 
 @dataclass
@@ -181,6 +286,24 @@ class PPOConfig(_RolloutConfig):
     whiten_advantages: bool = True
     """Whiten the advantages over the rollout (masked mean 0, std 1)."""
 
+    def check(self) -> None:
+        super().check()
+        for name in ("ppo_epochs", "minibatches"):
+            _need(getattr(self, name) > 0, f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        _choice(self, "kl_estimator", ("k1", "abs", "k2", "k3"))
+        _positive(self, "kl_target", "critic_lr")
+        _non_negative(self, "kl_coef", "target_kl", "vf_coef", "value_clip", "ent_coef")
+        _need(self.kl_horizon > 0, f"--kl-horizon must be > 0, got {self.kl_horizon}")
+        if self.adaptive_kl:
+            _need(self.kl_coef > 0, "--adaptive-kl needs --kl-coef > 0 (a zero beta never grows)")
+            # The controller's step factor 1 + err * n / horizon reaches 0 at n = 5 * horizon.
+            _need(self.rollout_batch < 5 * self.kl_horizon, f"--kl-horizon {self.kl_horizon} is too short "
+                  f"for --rollout-batch {self.rollout_batch}: --adaptive-kl needs rollout_batch < 5 * "
+                  "kl_horizon")
+        _clip_range(self)
+        _need(0 <= self.lam <= 1 and 0 <= self.gamma <= 1, f"--gamma and --lam must lie in [0, 1], got "
+              f"{self.gamma}, {self.lam}")
+
 
 @dataclass
 class PPOPenaltyConfig(PPOConfig):
@@ -189,6 +312,10 @@ class PPOPenaltyConfig(PPOConfig):
 
     penalty_beta: float = 1.0
     """Initial beta of the in-loss KL penalty."""
+
+    def check(self) -> None:
+        super().check()
+        _positive(self, "penalty_beta")
 
 
 @dataclass
@@ -218,6 +345,17 @@ class GRPOConfig(_RolloutConfig):
     minibatches: int = 1
     """Minibatches per pass."""
 
+    def check(self) -> None:
+        super().check()
+        _need(self.group_size >= 2, "--group-size must be >= 2 (a group-relative baseline needs at least two "
+              f"samples per prompt), got {self.group_size}")
+        _choice(self, "method", ("grpo", "rloo", "reinforce_baseline", "winrate"))
+        _choice(self, "loss_type", ("grpo", "bnpo", "dr_grpo", "dapo"))
+        for name in ("ppo_epochs", "minibatches"):
+            _need(getattr(self, name) > 0, f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        _non_negative(self, "beta")
+        _clip_range(self)
+
 
 @dataclass
 class DPOConfig(RunConfig):
@@ -235,6 +373,14 @@ class DPOConfig(RunConfig):
     """sigmoid, ipo, hinge or robust."""
     label_smoothing: float = 0.0
     """Conservative-DPO label smoothing in [0, 0.5)."""
+
+    def check(self) -> None:
+        super().check()
+        _need(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
+        _positive(self, "lr", "beta")
+        _choice(self, "loss_type", ("sigmoid", "ipo", "hinge", "robust"))
+        _need(0 <= self.label_smoothing < 0.5, f"--label-smoothing must lie in [0, 0.5), got "
+              f"{self.label_smoothing}")
 
 
 @dataclass
@@ -267,6 +413,15 @@ class TRPOConfig(_RolloutConfig):
     value_clip: float = 0.2
     """Value clipping range."""
 
+    def check(self) -> None:
+        super().check()
+        for name in ("cg_iters", "critic_iters", "backtrack_iters"):
+            _need(getattr(self, name) > 0, f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        _positive(self, "max_kl", "critic_lr", "backtrack_coef")
+        _non_negative(self, "damping", "kl_coef", "value_clip")
+        _need(0 <= self.lam <= 1 and 0 <= self.gamma <= 1, f"--gamma and --lam must lie in [0, 1], got "
+              f"{self.gamma}, {self.lam}")
+
 
 @dataclass
 class RLHFConfig(PPOConfig):
@@ -283,20 +438,17 @@ class RLHFConfig(PPOConfig):
     rm_lr: float = 1e-3
     """Learning rate of the reward-model stage."""
 
+    def check(self) -> None:
+        super().check()
+        for name in ("sft_steps", "rm_steps"):
+            _need(getattr(self, name) > 0, f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        _positive(self, "sft_lr", "rm_lr")
+
 
 COMMANDS: dict[str, type] = {
     "rlhf": RLHFConfig, "sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "ppo-penalty": PPOPenaltyConfig,
     "grpo": GRPOConfig, "dpo": DPOConfig, "trpo": TRPOConfig,
 }
-
-CHOICES = {
-    "ops": ("rlkern", "reference"), "reward": ("auto", "model", "rule"), "kl_estimator": ("k1", "abs",
-                                                                                          "k2", "k3"),
-    "method": ("grpo", "rloo", "reinforce_baseline", "winrate"),
-}
-LOSS_TYPES = {GRPOConfig: ("grpo", "bnpo", "dr_grpo", "dapo"), DPOConfig: ("sigmoid", "ipo", "hinge",
-                                                                           "robust")}
-
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
@@ -314,10 +466,6 @@ def field_docs(cls: type) -> dict[str, str]:
                     and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -344,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
             if kind is bool:
                 p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=helptext)
                 continue
-            # Choices are checked by validate(), whose one-line message lists the valid names.
+            # Choices are checked by the dataclass, whose one-line message lists the valid names.
             p.add_argument(_flag(f.name), type=kind, help=helptext, metavar=f.name.upper())
     return parser
 
@@ -386,41 +534,10 @@ def resolve_config(command: str, given: dict):
             values[key] = float(value)
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"option {key} must be {kind.__name__}, got {value!r}")
-    cfg = cls(**values)
-    validate(command, cfg)
-    return cfg
+    return cls(**values)  # __post_init__ checks every value
 
 
-def validate(command: str, cfg) -> None:
-    def need(ok: bool, msg: str):
-        if not ok:
-            raise ConfigError(msg)
-
-    for name in ("ops", "reward", "kl_estimator", "method"):
-        if hasattr(cfg, name):
-            need(getattr(cfg, name) in CHOICES[name], f"--{name.replace('_', '-')} must be one of "
-                 f"{CHOICES[name]}, got {getattr(cfg, name)!r}")
-    if type(cfg) in LOSS_TYPES:
-        need(cfg.loss_type in LOSS_TYPES[type(cfg)], f"--loss-type must be one of {LOSS_TYPES[type(cfg)]}, "
-             f"got {cfg.loss_type!r}")
-    need(cfg.steps > 0, f"--steps must be > 0, got {cfg.steps}")
-    need(cfg.eval_size > 0, f"--eval-size must be > 0, got {cfg.eval_size}")
-    need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite cannot be combined")
-    for name in ("batch_size", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatches", "cg_iters",
-                 "critic_iters", "sft_steps", "rm_steps"):
-        if hasattr(cfg, name):
-            need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    for name in ("lr", "critic_lr", "sft_lr", "rm_lr", "temperature", "max_kl", "kl_target",
-                 "final_lr_ratio"):
-        if hasattr(cfg, name):
-            need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if hasattr(cfg, "group_size"):
-        need(cfg.group_size >= 2, f"--group-size must be >= 2 (a group-relative baseline needs at least two "
-             f"samples per prompt), got {cfg.group_size}")
+def _clip_range(cfg) -> None:
     for name in ("clip_low", "clip_high"):
-        if hasattr(cfg, name):
-            need(0 <= getattr(cfg, name) < 1, f"--{name.replace('_', '-')} must lie in [0, 1), "
-                 f"got {getattr(cfg, name)}")
-    if hasattr(cfg, "lam"):
-        need(0 <= cfg.lam <= 1 and 0 <= cfg.gamma <= 1, f"--gamma and --lam must lie in [0, 1], got "
-             f"{cfg.gamma}, {cfg.lam}")
+        v = getattr(cfg, name)
+        _need(0 <= v < 1, f"{_flag(name)} must lie in [0, 1), got {v}")

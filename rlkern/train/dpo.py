@@ -30,9 +30,9 @@ def train_dpo(cfg, out: str | None = None) -> dict:
     """Runs DPO from ``--model`` (its frozen copy is the reference); returns ``{"dir", "model"}``."""
     stage = Stage(cfg, "dpo", out)
     run = stage.run
+    policy, tok = stage.start_model()  # a bad --model fails here, before the run directory is touched
     start = run.prepare()
     run.print_config()
-    policy, tok = stage.start_model()
     per_rank = run.shard(cfg.batch_size, "--batch-size")
     # The offline dataset: every step's pairs, fixed by the seed (and the rank).
     problems = stage.task.sample_train(cfg.steps * per_rank, stage.data_rng)

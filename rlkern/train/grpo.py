@@ -20,9 +20,9 @@ def train_grpo(cfg, out: str | None = None) -> dict:
     """Runs GRPO; returns ``{"dir", "model"}``."""
     stage = Stage(cfg, "grpo", out)
     run = stage.run
+    op = OnPolicy(stage, with_critic=False)  # bad model directories fail before the run directory is touched
     start = run.prepare()
     run.print_config()
-    op = OnPolicy(stage, with_critic=False)
     policy = op.policy
     per_rank = run.shard(cfg.rollout_batch, "--rollout-batch")
     n_seq = per_rank * cfg.group_size

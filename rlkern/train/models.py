@@ -54,31 +54,42 @@ def build_tiny_model(tokenizer, spec: TinyModelSpec, seed: int):
     return model
 
 
-def load_causal_lm(path: str, device: torch.device):
-    """``(model, tokenizer)`` from a local Hugging Face directory, in float32, with clear errors for a
-    directory that is not a causal LM or a tokenizer without the pad/eos tokens generation needs."""
+def load_causal_lm(path: str, device: torch.device, flag: str = "--model"):
+    """``(model, tokenizer)`` from a local Hugging Face directory, in float32, with clear errors (naming
+    ``flag``, the option that gave ``path``) for a directory that is not a causal LM, damaged weights or
+    tokenizer files, or a tokenizer without the pad/eos tokens generation needs."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per stage would bury the training bar
     if not os.path.isdir(path):
-        raise ModelError(f"--model {path!r} is not a directory (expected a Hugging Face model directory)")
+        raise ModelError(f"{flag} {path!r} is not a directory (expected a Hugging Face model directory)")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ModelError(f"--model {path!r} has no readable config.json: {err}") from None
+        raise ModelError(f"{flag} {path!r} has no readable config.json: {_first_line(err)}") from None
+    # Any exception of the loaders is a bad directory here: truncated safetensors raise the library's
+    # own SafetensorError, a garbage tokenizer.json a tokenizers Exception, neither an OSError.
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"--model {path!r} ({type(config).__name__}) is not a causal LM: "
-                         f"{str(err).splitlines()[0]}") from None
+    except (ValueError, KeyError) as err:
+        raise ModelError(f"{flag} {path!r} ({type(config).__name__}) is not a causal LM: "
+                         f"{_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001
+        raise ModelError(f"{flag} {path!r}: the weights cannot be loaded ({type(err).__name__}: "
+                         f"{_first_line(err)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"--model {path!r} has no loadable tokenizer: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001
+        raise ModelError(f"{flag} {path!r} has no loadable tokenizer: {_first_line(err)}") from None
     check_tokenizer(tokenizer, path)
     tokenizer.padding_side = "left"  # prompts are left-padded so every response starts at one column
     return model.to(device), tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_tokenizer(tokenizer, where: str) -> None:
@@ -94,6 +105,8 @@ def save_causal_lm(model, tokenizer, path: str) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per checkpoint would bury the training bar
+    if os.path.isfile(path):  # save_pretrained only logs this and returns, leaving no model behind
+        raise ModelError(f"cannot save the model to {path!r}: it is a file")
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -9,7 +10,7 @@ import shutil
 
 from rlkern.train.common import Stage, final_dir, ops_backend
 from rlkern.train.config import PPOConfig, RMConfig, SFTConfig
-from rlkern.train.run import METRICS_JSONL, Run, RunError, plot_metrics
+from rlkern.train.run import DONE_FILE, METRICS_JSONL, Run, RunError, check_out_dir, plot_metrics
 
 __all__ = ["train_rlhf", "compare"]
 
@@ -30,14 +31,20 @@ def train_rlhf(cfg) -> dict:
 
     top = Run(cfg, "rlhf")
     root = top.dir
-    if os.path.isdir(root) and any(os.scandir(root)) and not (cfg.resume or cfg.overwrite):
+    check_out_dir(root)
+    exists = os.path.isdir(root) and any(os.scandir(root))
+    if exists and not (cfg.resume or cfg.overwrite):
         raise RunError(f"run directory {root!r} already exists; pass --resume to continue it or --overwrite "
                        "to replace it")
+    if exists and cfg.resume:
+        top._check_same_command()
     top.init_distributed()
     if top.main and cfg.overwrite and os.path.isdir(root):
         shutil.rmtree(root)
     if top.main:
         os.makedirs(root, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(root, DONE_FILE))  # the table is complete only when this run says so
         with open(os.path.join(root, "config.json"), "w") as fh:
             json.dump({"command": "rlhf", **dataclasses.asdict(cfg)}, fh, indent=2)
     top.print_config()

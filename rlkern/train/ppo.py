@@ -76,7 +76,8 @@ class OnPolicy:
             raise ValueError("--reward model needs --reward-model DIR (a directory written by the rm stage)")
         self.reward_model = None
         if mode == "model":
-            self.reward_model, _ = stage.head_model(cfg.reward_model, "reward", load_head=True)
+            self.reward_model, _ = stage.head_model(cfg.reward_model, "reward", load_head=True,
+                                                   flag="--reward-model")
             self.reward_model.eval().requires_grad_(False)
         self.reward_mode = mode
         self.timer = Timer()
@@ -180,9 +181,9 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
     command = "ppo-penalty" if penalty else "ppo"
     stage = Stage(cfg, command, out)
     run = stage.run
+    op = OnPolicy(stage, with_critic=True)  # bad model directories fail before the run directory is touched
     start = run.prepare()
     run.print_config()
-    op = OnPolicy(stage, with_critic=True)
     policy, critic = op.policy, op.critic
     per_rank = run.shard(cfg.rollout_batch, "--rollout-batch")
     mb_size = check_divisible(per_rank, cfg.minibatches, "the per-process rollout batch", "minibatches")

@@ -67,14 +67,15 @@ def train_rm(cfg, out: str | None = None) -> dict:
     """Runs the reward-model stage on top of ``--model``; returns ``{"dir", "model", "rm/eval_accuracy"}``."""
     stage = Stage(cfg, "rm", out)
     run = stage.run
-    start = run.prepare()
-    run.print_config()
+    # A bad --model fails here, before the run directory is touched.
     if cfg.model:
         model, tok = stage.head_model(cfg.model, "reward", load_head=False)
     else:
         lm, tok = stage.start_model()
         model = HeadModel(lm, "reward").to(stage.device)
         run.broadcast_module(model)
+    start = run.prepare()
+    run.print_config()
     model.train()
     # The frozen starting policy whose wrong samples become rejected answers.
     sampler = copy.deepcopy(model.lm).eval().requires_grad_(False) if cfg.sampled_negatives > 0 else None

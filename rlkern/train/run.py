@@ -92,16 +92,21 @@ class Run:
 
     def prepare(self) -> int:
         """Creates (or checks) the run directory and returns the step to start from (0, or the step of
-        the last complete checkpoint under --resume). Nothing is written over an existing run unless
-        --resume or --overwrite."""
+        the newest intact checkpoint under --resume). Nothing is written over an existing run unless
+        --resume or --overwrite, and a resumed directory must hold a run of this same command."""
         cfg = self.cfg
+        check_out_dir(self.dir)
         exists = os.path.isdir(self.dir) and any(os.scandir(self.dir))
         start = 0
         if cfg.resume:
-            ckpt = self.latest_checkpoint()
+            self._check_same_command()
+            ckpt = self.latest_checkpoint(report=True)
             if ckpt is None:
                 raise RunError(f"--resume: {self.dir!r} has no complete checkpoint under {CKPT_DIR}/")
-            start = int(os.path.basename(ckpt).split("_")[1])
+            start = checkpoint_step(ckpt)
+            if start > cfg.steps:
+                raise RunError(f"--resume: the checkpoint in {self.dir!r} is at step {start}, past --steps "
+                               f"{cfg.steps}; pass --steps {start} or more to continue it")
         elif exists and not cfg.overwrite:
             raise RunError(f"run directory {self.dir!r} already exists; pass --resume to continue it or "
                            "--overwrite to replace it")
@@ -110,11 +115,30 @@ class Run:
             if exists and cfg.overwrite:
                 shutil.rmtree(self.dir)
             os.makedirs(self.dir, exist_ok=True)
+            # A DONE marker from an earlier completion must not outlive this run's own final save (the
+            # rlhf pipeline skips a stage that has one).
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.dir, DONE_FILE))
             with open(os.path.join(self.dir, CONFIG_FILE), "w") as fh:
                 json.dump({"command": self.command, "world_size": self.world, **asdict(cfg)}, fh, indent=2)
             self._load_metrics(start)
         self._barrier()
         return start
+
+    def _check_same_command(self) -> None:
+        """A resumed directory's config.json must name this command (a directory without one has no
+        checkpoint either, which the caller reports)."""
+        path = os.path.join(self.dir, CONFIG_FILE)
+        if not os.path.isfile(path):
+            return
+        try:
+            with open(path) as fh:
+                saved = json.load(fh).get("command")
+        except (OSError, ValueError, AttributeError):
+            raise RunError(f"--resume: {path!r} cannot be read: not a run directory of {self.command}") from None
+        if saved != self.command:
+            raise RunError(f"--resume: {self.dir!r} holds a {saved} run, not {self.command}; pick the "
+                           f"{self.command} run's --out")
 
     def print_config(self) -> None:
         if not self.main:
@@ -256,13 +280,23 @@ class Run:
         return n // self.world
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def latest_checkpoint(self) -> str | None:
+    def latest_checkpoint(self, *, report: bool = False) -> str | None:
+        """The newest checkpoint that passes :func:`verify_checkpoint`; a newer, damaged one is skipped
+        (and, with ``report``, named on stderr with the reason)."""
         root = os.path.join(self.dir, CKPT_DIR)
         if not os.path.isdir(root):
             return None
-        done = sorted(d for d in os.listdir(root) if d.startswith("step_")
-                      and os.path.isfile(os.path.join(root, d, STATE_FILE)))
-        return os.path.join(root, done[-1]) if done else None
+        done = sorted((d for d in os.listdir(root) if d.startswith("step_")
+                       and os.path.isfile(os.path.join(root, d, STATE_FILE))), reverse=True)
+        for name in done:
+            ckpt = os.path.join(root, name)
+            problem = verify_checkpoint(ckpt, self.world)
+            if problem is None:
+                return ckpt
+            if report and self.main:
+                print(f"rlkern.train {self.command}: warning: checkpoint {ckpt!r} is damaged ({problem}); "
+                      "trying the previous one", file=sys.stderr, flush=True)
+        return None
 
     def save_checkpoint(self, step: int, savers: dict, state: dict) -> str:
         """Writes ``checkpoints/step_<N>/`` atomically: everything goes to a temporary directory that is
@@ -294,7 +328,7 @@ class Run:
         return final
 
     def load_checkpoint(self) -> tuple[str, dict]:
-        """``(directory, state)`` of the latest complete checkpoint, with this rank's RNG restored."""
+        """``(directory, state)`` of the newest intact checkpoint, with this rank's RNG restored."""
         ckpt = self.latest_checkpoint()
         if ckpt is None:
             raise RunError(f"--resume: {self.dir!r} has no complete checkpoint under {CKPT_DIR}/")
@@ -308,6 +342,42 @@ class Run:
         for name, gen in self.generators.items():
             gen.set_state(rng["generators"][name])
         return ckpt, state
+
+
+def checkpoint_step(ckpt: str) -> int:
+    return int(os.path.basename(ckpt).split("_")[1])
+
+
+def verify_checkpoint(ckpt: str, world: int = 1) -> str | None:
+    """``None`` when every file of the checkpoint reads back (state, each rank's RNG, every safetensors
+    tensor), else what is wrong. A checkpoint is renamed into place only once written, but a disk that
+    filled up or a file damaged later must not crash ``--resume`` when an older intact one exists."""
+    from safetensors import safe_open
+
+    try:
+        torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
+        for rank in range(world):
+            torch.load(os.path.join(ckpt, f"rng_rank{rank}.pt"), map_location="cpu", weights_only=False)
+        for folder, _dirs, files in os.walk(ckpt):
+            for name in files:
+                if name.endswith(".safetensors"):
+                    with safe_open(os.path.join(folder, name), framework="pt") as fh:
+                        for key in fh.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                            fh.get_tensor(key)
+    except Exception as err:  # noqa: BLE001  (any unreadable file disqualifies the checkpoint)
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+    return None
+
+
+def check_out_dir(path: str) -> None:
+    """``--out`` must be a directory this process can create and write into."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunError(f"--out {path!r} is a file, not a directory")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(os.path.abspath(probe))
+    if not os.access(probe, os.W_OK):
+        raise RunError(f"--out {path!r}: {probe!r} is not writable")
 
 
 def rng_state() -> dict:

@@ -17,9 +17,9 @@ def train_sft(cfg, out: str | None = None) -> dict:
     """Runs the SFT stage; returns ``{"dir", "model", "eval/accuracy"}``."""
     stage = Stage(cfg, "sft", out)
     run = stage.run
+    policy, tok = stage.start_model()  # a bad --model fails here, before the run directory is touched
     start = run.prepare()
     run.print_config()
-    policy, tok = stage.start_model()
     policy.train()
     opt = stage.optimizer(policy.parameters(), cfg.lr, cfg.weight_decay)
     sched = stage.schedule(opt, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
@@ -42,7 +42,8 @@ def train_sft(cfg, out: str | None = None) -> dict:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             problems = stage.problems(per_rank)
-            seqs = join(tok, stage.task.prompts(problems), stage.task.answers(problems), stage.device)
+            answers = stage.task.demonstrations(problems, stage.data_rng, cfg.teacher_carry)
+            seqs = join(tok, stage.task.prompts(problems), answers, stage.device)
             logp = token_logprobs(policy, seqs)
             loss = -ops.masked_mean(logp, seqs.response_mask)
             opt.zero_grad(set_to_none=True)

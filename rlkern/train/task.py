@@ -1,5 +1,5 @@
-"""The embedded task: two-number addition written as text (``"37+48="`` -> ``"85"``,
-``"07+05="`` -> ``"12"``), generated on the fly.
+"""The embedded task: two-number addition written as text (``"37+48="`` -> ``"085"``,
+``"07+05="`` -> ``"012"``), generated on the fly.
 
 One object provides everything the pipeline needs with no downloads: SFT demonstrations, preference
 pairs (the correct answer against a plausible wrong one) for the reward model and DPO, an exact-match
@@ -41,7 +41,7 @@ def build_char_tokenizer():
 
 class ArithmeticTask:
     """``a+b=`` with ``a, b`` in ``[0, max_operand]`` (zero-padded to a fixed width); the answer is the
-    decimal sum without leading zeros.
+    decimal sum, zero-padded to the width of the largest sum.
 
     The ``(max_operand + 1)**2`` problems are split once, from ``split_seed``, into a held-out set of
     ``n_heldout`` problems and the training pool; every sampler below draws from the pool only.
@@ -58,6 +58,11 @@ class ArithmeticTask:
         # model then learns column-wise addition in a few hundred steps instead of first having to
         # find the digits (measured here: ~70% held-out accuracy after 300 SFT steps vs ~10% unpadded).
         self.width = len(str(max_operand))
+        # The answer is padded too, so each answer position is always the same place value (hundreds,
+        # tens, units): unpadded, the first answer token is the hundreds digit for 95+17 and the tens
+        # digit for 37+48, and the tiny model first has to learn the answer's length. Measured here on
+        # 4 seeds: the unpadded answer left 2 of them below 5% after 400 SFT steps.
+        self.answer_width = len(str(2 * max_operand))
         g = torch.Generator().manual_seed(split_seed)
         perm = torch.randperm(n * n, generator=g)
         pairs = torch.stack([perm // n, perm % n], dim=1)
@@ -68,9 +73,11 @@ class ArithmeticTask:
     def prompt(self, a: int, b: int) -> str:
         return f"{a:0{self.width}d}+{b:0{self.width}d}="
 
-    @staticmethod
-    def answer(a: int, b: int) -> str:
-        return str(a + b)
+    def answer(self, a: int, b: int) -> str:
+        return self.format(a + b)
+
+    def format(self, value: int) -> str:
+        return f"{value:0{self.answer_width}d}"
 
     def sample_train(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` training problems ``[n, 2]`` drawn uniformly (with replacement) from the pool."""
@@ -90,11 +97,11 @@ class ArithmeticTask:
         rnd = torch.randint(10**6, (len(problems), 3), generator=generator).tolist()
         for (a, b), kind, (r0, r1, r2) in zip(problems.tolist(), kinds, rnd):
             s = a + b
-            text = str(s)
+            text = self.format(s)
             if kind == 0:
-                wrong = str(max(s + (10 if r0 % 2 else -10), 0))
+                wrong = self.format(max(s + (10 if r0 % 2 else -10), 0))
             elif kind == 1:
-                wrong = str(max(s + (1 if r0 % 2 else -1), 0))
+                wrong = self.format(max(s + (1 if r0 % 2 else -1), 0))
             elif kind == 2:
                 i = r0 % len(text)
                 wrong = text[:i] + str((int(text[i]) + 1 + r1 % 9) % 10) + text[i + 1:]
@@ -104,15 +111,38 @@ class ArithmeticTask:
             else:
                 i = r0 % len(text)
                 wrong = text[:i] + text[i] + text[i:]
-            if wrong == text or (len(wrong) > 1 and wrong[0] == "0"):
-                wrong = str(s + 1 + r2 % 9)  # never equal to the truth, never a leading zero
+            if wrong == text:
+                wrong = self.format(s + 1 + r2 % 9)  # never equal to the truth
             out.append(wrong)
         return out
+
+    def demonstrations(self, problems: Tensor, generator: torch.Generator, carry_rate: float) -> list[str]:
+        """The SFT demonstrator's answers: an imperfect teacher that writes the units carry into the
+        tens only with probability ``carry_rate`` (otherwise it answers ``a + b - 10``, the dropped
+        carry); problems without a units carry are always answered right.
+
+        Why a flawed teacher: imitation then converges to the teacher's own accuracy instead of
+        stopping part-way up the steep climb of learning addition, whose position moves with the
+        seed and the machine's arithmetic (measured: 7-55% after the same 400 steps). With
+        ``carry_rate < 0.5`` the imitating policy's greedy answer to a carry problem is the dropped
+        carry, while sampling still finds the right one ``carry_rate`` of the time: the headroom that
+        reinforcement learning from the exact-match checker (or a reward model) then closes.
+        """
+        answers = self.answers(problems)
+        carry = (problems % 10).sum(-1) >= 10
+        forget = torch.rand(len(problems), generator=generator) >= carry_rate
+        for i in torch.nonzero(carry & forget).flatten().tolist():
+            answers[i] = self.format(int(problems[i].sum()) - 10)
+        return answers
+
+    def carry_fraction(self, problems: Tensor) -> float:
+        """Fraction of ``problems`` with a units carry (those the SFT teacher usually gets wrong)."""
+        return float(((problems % 10).sum(-1) >= 10).float().mean())
 
     # ---- reward -------------------------------------------------------------------------------
     def reward(self, problems: Tensor, completions: list[str]) -> Tensor:
         """Exact match: 1.0 when the completion (up to eos) is the sum, else 0.0; float32 ``[n]``."""
         out = torch.zeros(len(completions))
         for i, ((a, b), text) in enumerate(zip(problems.tolist(), completions)):
-            out[i] = float(text.strip() == str(a + b))
+            out[i] = float(text.strip() == self.answer(a, b))
         return out

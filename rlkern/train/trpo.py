@@ -55,9 +55,9 @@ def train_trpo(cfg, out: str | None = None) -> dict:
     """Runs TRPO; returns ``{"dir", "model"}``."""
     stage = Stage(cfg, "trpo", out)
     run = stage.run
+    op = OnPolicy(stage, with_critic=True)  # bad model directories fail before the run directory is touched
     start = run.prepare()
     run.print_config()
-    op = OnPolicy(stage, with_critic=True)
     policy, critic = op.policy, op.critic
     per_rank = run.shard(cfg.rollout_batch, "--rollout-batch")
     val_opt = stage.optimizer(critic.parameters(), cfg.critic_lr)

@@ -4,9 +4,9 @@ Tolerances (the Cut Cross-Entropy rule of tests/conftest.py: rlkern may be as fa
 torch in the input dtype is, plus a stated slack):
 - fp32: atol 5e-5 + rtol 1e-5. The logits come from GEMMs that sum H products in a different
   order than torch's single GEMM (tiles, MKL/oneDNN/tl.dot blocking), a few ulp of |z| <~ 20.
-- bf16 / fp16: each logits tile is rounded once to the input dtype (unit roundoff u = 2^-8 / 2^-11)
-  exactly as the naive bf16 matmul is, but at different points (a different GEMM), so log-probs
-  and entropy may be off by up to 2 u max|z| each (label logit and lse). The slack is that bound.
+- bf16 / fp16: the logits are fp32 sums of exact products on every backend (never rounded to the
+  input dtype), so they are as accurate as fp32; the slack, 2 u max|z| (u = 2^-8 / 2^-11), is the
+  looser bound of a GEMM that rounds its output once, kept so the bound also covers a GPU GEMM.
 - gradients: fp32 atol 1e-5 * (1 + max|grad|). bf16 / fp16: the per-tile d logits are rounded to
   the input dtype and each tile's GEMM output is rounded once before the fp32 sum over tiles, so
   the error is a few u of the largest partial; slack 8 u max|grad|.
@@ -187,6 +187,27 @@ def test_chunk_size_does_not_change_fp32_results_beyond_rounding():
                 torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_invariance_cpp(dtype):
+    """verl #6280: on-policy log-probs must not depend on the micro-batch. A token's log-prob and
+    entropy are the same bits alone or among 300 tokens (any position), and with 1 or 2 threads."""
+    if "cpp" not in KERNEL_BACKENDS:
+        pytest.skip("needs the C++ extension")
+    hidden, weight, _, labels = _make((300,), 96, 5000, dtype, ignore=0.0)
+    with rlkern.use_backend("cpp"):
+        lp_all, h_all = linear_logprobs(hidden, weight, labels, return_entropy=True)
+        for r in (0, 17, 299):
+            lp_one, h_one = linear_logprobs(hidden[r : r + 1].clone(), weight, labels[r : r + 1], return_entropy=True)
+            assert torch.equal(lp_one, lp_all[r : r + 1]) and torch.equal(h_one, h_all[r : r + 1])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if threads > 1 else 2)
+        try:
+            lp_other, h_other = linear_logprobs(hidden, weight, labels, return_entropy=True)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(lp_other, lp_all) and torch.equal(h_other, h_all)
+
+
 def test_tile_sizes_respect_budget():
     for n, v in [(1, 1), (7, 100), (1024, 32768), (2048, 151936), (16384, 151936), (100000, 7)]:
         tn, tv = ll_mod.tile_sizes(n, v)
@@ -194,6 +215,8 @@ def test_tile_sizes_respect_budget():
         budget = min(max(n * v * 4 // ll_mod._BUDGET_FRACTION, ll_mod._BUDGET_MIN), ll_mod._BUDGET_MAX)
         assert tn * min(tv, v) * 4 <= max(budget, tn * ll_mod._VOCAB_ALIGN * 4)
     assert ll_mod.tile_sizes(100, 1000, chunk_size=50) == (100, 50)
+    # The vocabulary tile never depends on N (batch invariance of the fold order).
+    assert len({ll_mod.tile_sizes(n, 151936)[1] for n in (1, 7, 300, 4096, 100000)}) == 1
 
 
 def test_gradcheck_reference():

@@ -64,7 +64,12 @@ def check_labels(labels, name: str, expected_shape: torch.Size) -> Tensor:
 
 
 def check_number(value, name: str) -> float:
-    """``value`` as a float, or a TypeError naming ``name`` (bool, str, tensors... are refused)."""
+    """``value`` as a float, or a TypeError naming ``name`` (bool, str, tensors... are refused).
+    While torch.compile traces, a float argument of the compiled function arrives as a symbolic
+    float (math.isfinite cannot trace it; float() would bake one value into the graph, Liger
+    #1366): the checks are eager-only, like the other value checks here, and pass it through."""
+    if torch.compiler.is_compiling():
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number (int, float or a numpy scalar), got "
                         f"{type(value).__name__} {value!r}")
@@ -73,6 +78,8 @@ def check_number(value, name: str) -> float:
 
 def check_finite(value, name: str) -> float:
     value = check_number(value, name)
+    if torch.compiler.is_compiling():
+        return value
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
@@ -88,6 +95,8 @@ def check_int(value, name: str) -> int:
 
 def check_positive(value, name: str) -> float:
     value = check_number(value, name)
+    if torch.compiler.is_compiling():
+        return value
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
@@ -100,6 +109,8 @@ _MIN_TEMPERATURE = 1.0 / float(torch.finfo(torch.float32).max)
 def check_temperature(value, name: str = "temperature") -> float:
     """A finite temperature > 0 whose float32 reciprocal is finite (1e-45 would scale by inf)."""
     value = check_positive(value, name)
+    if torch.compiler.is_compiling():
+        return value
     if value <= _MIN_TEMPERATURE:
         raise ValueError(f"{name} must be > {_MIN_TEMPERATURE:.3g} (its reciprocal, which scales the logits in "
                          f"float32, overflows below that), got {value}")

@@ -45,6 +45,8 @@ def _parse_clamp(clamp) -> tuple[float, float, float]:
             raise TypeError(f"clamp must be None, True (verl's (20, 10)) or a pair of numbers (log-ratio bound, "
                             f"value bound), got {clamp!r}") from None
         for what, v in (("log-ratio bound", ratio_bound), ("value bound", value_bound)):
+            if torch.compiler.is_compiling():  # eager-only value checks (symbolic floats, Liger #1366)
+                break
             if math.isnan(v) or v <= 0:
                 raise ValueError(f"clamp's {what} must be > 0 (inf for none), got {v}")
     return reference.kl_bounds(clamp)

@@ -315,6 +315,21 @@ def _validate(hidden, weight, labels, bias, temperature, chunk_size) -> float:
     return check_temperature(temperature, "temperature")
 
 
+def _check_finite_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """nan_check=True: a NaN anywhere, or an inf in hidden / weight or a +inf bias (each can give a
+    +inf logit, which makes its token NaN), raises naming the argument and the first index."""
+    for t, name in ((hidden, "hidden"), (weight, "weight"), (bias, "bias")):
+        check_no_nan(t, name)
+    if torch.compiler.is_compiling():
+        return
+    for t, name, bad in ((hidden, "hidden", hidden.detach().isinf()), (weight, "weight", weight.detach().isinf()),
+                         (bias, "bias", None if bias is None else bias.detach() == math.inf)):
+        if bad is not None and bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            raise ValueError(f"{name} holds inf (nan_check=True; it can make a logit +inf and its token NaN); "
+                             f"first at index {first}")
+
+
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                     temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
                     chunk_size: int | None = None, process_group=None,
@@ -340,8 +355,9 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
             sharded by vocabulary: rank r holds rows ``[r*ceil(V/world), (r+1)*ceil(V/world))``;
             every rank gets the full-vocabulary result and the gradient for its shard and hidden
             (see :mod:`rlkern.ops.vocab_parallel`).
-        nan_check: raise a ValueError naming the argument and the first NaN's index instead of
-            returning NaN (an extra pass over hidden, weight and bias, and a sync on GPU).
+        nan_check: raise a ValueError naming the argument and the first index of a NaN (or of an
+            inf in hidden / weight, a +inf in bias) instead of returning NaN (an extra pass over
+            the inputs and a device sync; eager only).
 
     Returns:
         float32 ``[...]`` log-probs ``z_y - logsumexp(z)`` (always <= 0), and float32 ``[...]``
@@ -351,8 +367,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
     temperature = _validate(hidden, weight, labels, bias, temperature, chunk_size)
     ignore_index = check_int(ignore_index, "ignore_index")
     if nan_check:
-        for t, name in ((hidden, "hidden"), (weight, "weight"), (bias, "bias")):
-            check_no_nan(t, name)
+        _check_finite_inputs(hidden, weight, bias)
     if process_group is not None:
         from rlkern.ops.vocab_parallel import vocab_parallel_linear_logprobs
 

@@ -511,7 +511,8 @@ def _metrics():
 
 
 def trl_grpo_trainer_loss(logp, old, ref, advantages, mask, *, beta, eps_low, eps_high, loss_type,
-                          max_completion_length, num_items_in_batch):
+                          max_completion_length, num_items_in_batch, use_bias_correction_kl=True,
+                          gradient_accumulation_steps=1, steps_per_generation=1):
     """The real GRPOTrainer._compute_loss on a stand-in trainer holding only what it reads."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
@@ -520,9 +521,11 @@ def trl_grpo_trainer_loss(logp, old, ref, advantages, mask, *, beta, eps_low, ep
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros(b, t), None),
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
         beta=beta,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        args=types.SimpleNamespace(use_bias_correction_kl=use_bias_correction_kl, delta=None,
+                                   steps_per_generation=steps_per_generation),
         loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
-        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=gradient_accumulation_steps,
         accelerator=_Accelerator(), _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics=_metrics(),
         max_completion_length=max_completion_length)
     inputs = dict(prompt_ids=torch.zeros(b, 2, dtype=torch.long),
@@ -534,8 +537,10 @@ def trl_grpo_trainer_loss(logp, old, ref, advantages, mask, *, beta, eps_low, ep
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_trl_grpo_loss_matches_trl_trainer(backend, loss_type, beta):
+@pytest.mark.parametrize("beta,bias_correction", [(0.0, True), (0.04, True), (0.04, False)])
+def test_trl_grpo_loss_matches_trl_trainer(backend, loss_type, beta, bias_correction):
+    """Off-policy (old != logp, as with num_iterations > 1) with clip-higher: TRL 1.16's default
+    use_bias_correction_kl=True weights the KL term by the ratio."""
     b, t = 5, 9
     logp = (-torch.rand(b, t) * 3).requires_grad_()
     old = logp.detach() + 0.3 * torch.randn(b, t)
@@ -543,11 +548,42 @@ def test_trl_grpo_loss_matches_trl_trainer(backend, loss_type, beta):
     adv = torch.randn(b)
     mask = rand_mask(b, t)
     kw = dict(beta=beta, loss_type=loss_type, max_completion_length=12,
-              num_items_in_batch=int(mask.sum()) + 7)
+              num_items_in_batch=int(mask.sum()) + 7, use_bias_correction_kl=bias_correction)
     got = trl_shim.grpo_loss(logp, old, ref, adv, mask, epsilon=0.2, epsilon_high=0.28, **kw)
     want = trl_grpo_trainer_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, **kw)
     close(got, want, what=f"{loss_type} loss")
     close(torch.autograd.grad(got, logp)[0], torch.autograd.grad(want, logp)[0], what=f"{loss_type} d logp")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("accumulation,steps_per_generation", [(2, 1), (2, 2), (4, 2), (1, 2)])
+def test_trl_grpo_loss_normalisers_match_trl_trainer(loss_type, accumulation, steps_per_generation):
+    """Gradient accumulation and steps_per_generation: TRL divides grpo/bnpo/dr_grpo by the
+    accumulation steps and dapo by N * accumulation / steps_per_generation (was 2x off at 2)."""
+    b, t = 4, 7
+    logp = (-torch.rand(b, t) * 3).requires_grad_()
+    old, ref = logp.detach() + 0.2 * torch.randn(b, t), logp.detach() + 0.2 * torch.randn(b, t)
+    adv, mask = torch.randn(b), rand_mask(b, t)
+    kw = dict(beta=0.04, loss_type=loss_type, max_completion_length=9, num_items_in_batch=int(mask.sum()) * 3)
+    got = trl_shim.grpo_loss(logp, old, ref, adv, mask, gradient_accumulation_steps=accumulation,
+                             steps_per_generation=steps_per_generation, **kw)
+    want = trl_grpo_trainer_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.2,
+                                 gradient_accumulation_steps=accumulation,
+                                 steps_per_generation=steps_per_generation, **kw)
+    close(got, want, what=f"{loss_type} loss")
+    close(torch.autograd.grad(got, logp)[0], torch.autograd.grad(want, logp)[0], what=f"{loss_type} d logp")
+
+
+def test_trl_grpo_loss_dapo_all_masked_is_zero_like_trl():
+    """A batch whose completions are all masked (mask_truncated_completions with every completion
+    truncated: num_items_in_batch = 0): TRL returns 0, and so does the shim (it used to raise)."""
+    logp = (-torch.rand(3, 5)).requires_grad_()
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    kw = dict(beta=0.04, loss_type="dapo", max_completion_length=5, num_items_in_batch=0)
+    got = trl_shim.grpo_loss(logp, logp.detach() - 0.1, logp.detach() + 0.1, torch.randn(3), mask, **kw)
+    want = trl_grpo_trainer_loss(logp, logp.detach() - 0.1, logp.detach() + 0.1, torch.randn(3), mask,
+                                 eps_low=0.2, eps_high=0.2, **kw)
+    assert float(got.detach()) == float(want.detach()) == 0.0
 
 
 def test_trl_grpo_loss_on_policy_default():

@@ -15,7 +15,16 @@ imported module of the peer package that holds the same original object under an
 import f`` copies the function into the importer's namespace, so patching only the defining module
 would miss it), and every registry dict listed in ``PATCH_REGISTRIES`` whose value is an original
 (verl looks estimators and policy losses up by name in such dicts). Targets the installed version
-does not have are skipped, so one shim module serves several releases of its peer.
+does not have are skipped, so one shim module serves several releases of its peer;
+``patch(name, strict=True)`` raises instead when the installed release has none of them.
+
+A shim object marked with :func:`wraps_original` is a factory: ``patch`` calls it with the original
+and installs what it returns as is (a plain function on a class becomes a method). That is how
+rlkern takes over a method TRL really calls (``GRPOTrainer._compute_loss``) while keeping the
+original for the options rlkern does not fuse.
+
+``unpatch`` also restores the modules of the peer imported while it was patched: a ``from module
+import f`` executed then copied the replacement into the importer's namespace.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import importlib
 import sys
 from types import ModuleType
 
-__all__ = ["patch", "unpatch", "is_patched", "PEERS"]
+__all__ = ["patch", "unpatch", "is_patched", "wraps_original", "PEERS"]
 
 PEERS = ("verl", "trl", "openrlhf")
 
@@ -32,6 +41,8 @@ PEERS = ("verl", "trl", "openrlhf")
 _saved: dict[str, list[tuple[object, str, object]]] = {}
 # peer -> list of (registry dict, key, original value).
 _saved_registry: dict[str, list[tuple[dict, object, object]]] = {}
+# peer -> {id(replacement): original}, to find replacements copied by modules imported while patched.
+_replacements: dict[str, dict[int, object]] = {}
 
 
 def _check_peer(name) -> str:
@@ -86,7 +97,15 @@ def _raw(owner: object, attr: str) -> object:
     return owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
 
 
+def wraps_original(factory):
+    """Marks ``factory(original) -> replacement`` as a wrapping shim for :func:`patch`."""
+    factory.__rlkern_wraps_original__ = True
+    return factory
+
+
 def _as_replacement(owner: object, original: object, shim):
+    if getattr(shim, "__rlkern_wraps_original__", False):
+        return shim(original)
     # A method that the peer calls as self.method(...) is replaced by a staticmethod wrapping the
     # shim (which has the method's signature minus self), so the call still binds correctly.
     if isinstance(owner, type) and not isinstance(original, type):
@@ -99,22 +118,30 @@ def is_patched(name: str) -> bool:
     return _check_peer(name) in _saved
 
 
-def patch(name: str) -> list[str]:
+def _names(saved) -> list[str]:
+    return [f"{getattr(o, '__module__', '') + '.' if isinstance(o, type) else ''}"
+            f"{getattr(o, '__name__', o)}.{a}" for o, a, _ in saved]
+
+
+def patch(name: str, strict: bool = False) -> list[str]:
     """Replace the installed peer's functions by rlkern's shims; returns the ``module.attribute``
-    names that were replaced. Calling it again while patched changes nothing.
+    names that were replaced (exactly those, and each once per owner it was found in). Calling it
+    again while patched changes nothing and returns the same list.
 
     Raises:
         ValueError: ``name`` is not one of ``PEERS``.
         ImportError: the peer package is not installed (the message names it).
+        RuntimeError: ``strict`` and the installed release has none of the targets.
     """
     _check_peer(name)
     if name in _saved:
-        return [f"{getattr(o, '__name__', o)}.{a}" for o, a, _ in _saved[name]]
+        return _names(_saved[name])
     _import_peer_root(name)
     shim = _shim_module(name)
     saved: list[tuple[object, str, object]] = []
     saved_registry: list[tuple[dict, object, object]] = []
     originals: dict[int, object] = {}  # id(original function) -> shim replacement
+    replaced = _replacements.setdefault(name, {})  # id(replacement) -> original, for unpatch
     try:
         for module_path, dotted, shim_name in shim.PATCH_TARGETS:
             module = _import_target_module(module_path)
@@ -123,11 +150,16 @@ def patch(name: str) -> list[str]:
                 continue
             owner, attr = found
             original = _raw(owner, attr)
-            replacement = _as_replacement(owner, original, getattr(shim, shim_name))
+            # Two targets naming one object (a re-export) get one replacement, so a wrapping shim
+            # wraps it once.
+            replacement = originals.get(id(original))
+            if replacement is None:
+                replacement = _as_replacement(owner, original, getattr(shim, shim_name))
             setattr(owner, attr, replacement)
             saved.append((owner, attr, original))
             if not isinstance(owner, type):
                 originals[id(original)] = replacement
+                replaced[id(replacement)] = original
         # Modules that copied an original with `from module import name` (only those already
         # imported: later imports read the patched attribute of the defining module).
         for mod_name, module in list(sys.modules.items()):
@@ -148,10 +180,18 @@ def patch(name: str) -> list[str]:
                     saved_registry.append((registry, key, value))
     except BaseException:
         _restore(saved, saved_registry)
+        _replacements.pop(name, None)
         raise
+    if strict and not saved:
+        _replacements.pop(name, None)
+        import importlib.metadata
+
+        raise RuntimeError(f"rlkern.compat.patch({name!r}, strict=True): the installed {name} "
+                           f"{importlib.metadata.version(name)} has none of the targets in "
+                           f"rlkern.compat.{name}.PATCH_TARGETS")
     _saved[name] = saved
     _saved_registry[name] = saved_registry
-    return [f"{getattr(o, '__name__', o)}.{a}" for o, a, _ in saved]
+    return _names(saved)
 
 
 def _restore(saved, saved_registry) -> None:
@@ -179,5 +219,22 @@ def unpatch(name: str) -> list[str]:
     _check_peer(name)
     saved = _saved.pop(name, [])
     saved_registry = _saved_registry.pop(name, [])
-    _restore(saved, saved_registry)
-    return [f"{getattr(o, '__name__', o)}.{a}" for o, a, _ in saved]
+    late = _late_copies(name, _replacements.pop(name, {}), saved)
+    _restore(saved + late, saved_registry)
+    return _names(saved + late)
+
+
+def _late_copies(name: str, replacements: dict[int, object], saved) -> list[tuple[object, str, object]]:
+    """(module, attribute, original) for every module of the peer that holds a replacement it was not
+    recorded as holding: it imported the replacement while the patch was in effect."""
+    if not replacements:
+        return []
+    recorded = {(id(o), a) for o, a, _ in saved}
+    late = []
+    for mod_name, module in list(sys.modules.items()):
+        if module is None or not (mod_name == name or mod_name.startswith(name + ".")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if id(value) in replacements and (id(module), attr) not in recorded:
+                late.append((module, attr, replacements[id(value)]))
+    return late

@@ -1,12 +1,21 @@
 """TRL's names, signatures and numerics on rlkern.ops (mirrors trl 1.16, the version installed here).
 
-Functions TRL keeps at module level (``trl.trainer.utils.selective_log_softmax``,
-``entropy_from_logits``, ``selective_log_softmax_and_entropy``) are swapped in by
-``rlkern.compat.patch("trl")``. TRL computes its GRPO advantages and losses and its DPO losses inline
-in ``GRPOTrainer._generate_and_score_completions`` / ``GRPOTrainer._compute_loss`` /
-``DPOTrainer._compute_loss`` (and RLOO's in ``RLOOTrainer``), so there is nothing to patch there;
-:func:`grpo_advantages`, :func:`rloo_advantages`, :func:`grpo_loss` and :func:`dpo_loss` give the
-same maths as functions.
+``rlkern.compat.patch("trl")`` swaps in, where the installed release has them:
+
+- the fused LM head's kernel, ``trl.trainer.utils._ChunkedLogProbFunction`` (re-exported as
+  ``trl.kernels.ChunkedLogProbFunction``): every ``model(..., labels=..., fused_lm_head=True)`` of
+  the GRPO, DPO, RLOO, KTO and SFT trainers then computes its log-probs and entropy with
+  ``rlkern.ops.linear_logprobs`` (rlkern/compat/_trl_fused.py);
+- ``GRPOTrainer._compute_loss``: the loss through ``rlkern.ops.grpo_loss`` for every option rlkern
+  computes exactly, TRL's own method (with one warning naming the option) for the others;
+- the module-level ``selective_log_softmax``, ``entropy_from_logits`` and
+  ``selective_log_softmax_and_entropy`` of ``trl.trainer.utils`` (used by TRL's experimental
+  CPO / ORPO / TPO / A2PO trainers).
+
+``rlkern.compat.trl.calls`` counts the calls that reached rlkern and the fallbacks. The DPO loss,
+the RLOO loss and the GRPO / RLOO advantages are computed inline in TRL's trainers and stay TRL's;
+:func:`grpo_advantages`, :func:`rloo_advantages` and :func:`dpo_loss` give the same maths as
+functions.
 
 TRL-specific numerics reproduced here (each cited where it is used):
 - GRPO advantages divide by ``std + 1e-4`` (not 1e-6 as in verl, nor 1e-9 as in OpenRLHF), with the
@@ -23,8 +32,11 @@ import torch
 from torch import Tensor
 
 from rlkern import ops
+from rlkern.compat import wraps_original
+from rlkern.compat._trl_fused import calls, grpo_loss_and_stats, wrap_chunked_logprob, wrap_grpo_compute_loss
 
 __all__ = [
+    "calls",
     "selective_log_softmax",
     "entropy_from_logits",
     "selective_log_softmax_and_entropy",
@@ -36,10 +48,17 @@ __all__ = [
 
 # (module, attribute, shim name) swapped in by rlkern.compat.patch("trl").
 PATCH_TARGETS = (
+    ("trl.trainer.utils", "_ChunkedLogProbFunction", "ChunkedLogProbFunction"),
+    ("trl.kernels", "ChunkedLogProbFunction", "ChunkedLogProbFunction"),
+    ("trl.trainer.grpo_trainer", "GRPOTrainer._compute_loss", "GRPOTrainer_compute_loss"),
     ("trl.trainer.utils", "selective_log_softmax", "selective_log_softmax"),
     ("trl.trainer.utils", "entropy_from_logits", "entropy_from_logits"),
     ("trl.trainer.utils", "selective_log_softmax_and_entropy", "selective_log_softmax_and_entropy"),
 )
+
+# Wrapping shims: patch() calls them with TRL's original and installs the result.
+ChunkedLogProbFunction = wraps_original(wrap_chunked_logprob)
+GRPOTrainer_compute_loss = wraps_original(wrap_grpo_compute_loss)
 
 _SCALE_REWARDS = ("group", "batch", "none")
 _GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -164,15 +183,22 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
               advantages: Tensor, completion_mask: Tensor, *, beta: float = 0.0, epsilon: float = 0.2,
               epsilon_high: float | None = None, loss_type: str = "dapo",
               max_completion_length: int | None = 512,
-              num_items_in_batch: Tensor | float | None = None) -> Tensor:
+              num_items_in_batch: Tensor | float | None = None, use_bias_correction_kl: bool = True,
+              gradient_accumulation_steps: int = 1, steps_per_generation: int = 1,
+              num_processes: int = 1) -> Tensor:
     """The GRPO loss of ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py) for token-level
-    importance sampling, no entropy masking and no gradient accumulation (normaliser 1):
+    importance sampling and no entropy masking, with TRL's normaliser:
 
-    ``per_token_loss = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3``, with
-    ``r = exp(logp - old)`` and ``k3 = exp(ref - logp) - (ref - logp) - 1``, reduced per ``loss_type``:
+    ``per_token_loss = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3 * r``
+    (``* r`` only with ``use_bias_correction_kl``, TRL 1.16's default), with ``r = exp(logp - old)``
+    and ``k3 = exp(ref - logp) - (ref - logp) - 1``, reduced per ``loss_type``:
     ``grpo`` (per-sequence token mean, then batch mean), ``bnpo`` (mean over all valid tokens),
-    ``dr_grpo`` (sum / (B * max_completion_length)), ``dapo`` (sum / num_items_in_batch, the valid
-    token count of the whole generation batch; the local count when None).
+    ``dr_grpo`` (sum / (B * max_completion_length)), each then divided by
+    ``gradient_accumulation_steps``; ``dapo``: sum / (max(num_items_in_batch, 1) / num_processes *
+    gradient_accumulation_steps / steps_per_generation), ``num_items_in_batch`` being the valid token
+    count of the whole generation batch (the local count, and no further scaling, when None); an
+    all-padding batch gives 0. In evaluation TRL uses ``gradient_accumulation_steps =
+    steps_per_generation = 1``.
 
     ``old_per_token_logps=None`` means on-policy (TRL uses ``per_token_logps.detach()``); ``advantages``
     may be ``[B]`` or ``[B, T]``. Defaults are TRL's ``GRPOConfig`` defaults (``beta=0.0``,
@@ -183,26 +209,13 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
     if loss_type not in _GRPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {_GRPO_LOSS_TYPES} (the clipped-surrogate GRPO losses), "
                          f"got {loss_type!r}")
-    if old_per_token_logps is None:
-        old_per_token_logps = per_token_logps.detach()
-    if beta != 0.0 and ref_per_token_logps is None:
-        raise ValueError("ref_per_token_logps is required when beta != 0")
-    if ref_per_token_logps is None:
-        # beta == 0: the KL term is multiplied by 0; any finite reference gives the same loss.
-        ref_per_token_logps = per_token_logps.detach()
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(1)
-    advantages = advantages.expand(per_token_logps.shape)
-    high = epsilon if epsilon_high is None else epsilon_high
-    if loss_type == "dr_grpo" and max_completion_length is None:
-        raise ValueError("loss_type='dr_grpo' needs max_completion_length (TRL's normaliser B * max length)")
-    items = None
-    if loss_type == "dapo" and num_items_in_batch is not None:
-        items = float(torch.as_tensor(num_items_in_batch).item())
-    loss, _ = ops.grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages,
-                            completion_mask, beta=beta, clip_low=epsilon, clip_high=high, loss_type=loss_type,
-                            max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
-                            num_items_in_batch=items)
+    loss, _ = grpo_loss_and_stats(
+        per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, beta=beta,
+        epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch, use_bias_correction_kl=use_bias_correction_kl,
+        gradient_accumulation_steps=gradient_accumulation_steps, steps_per_generation=steps_per_generation,
+        num_processes=num_processes)
     return loss
 
 

@@ -1,0 +1,280 @@
+"""rlkern inside TRL 1.16's real hot path: the fused LM head and ``GRPOTrainer._compute_loss``.
+
+TRL's GRPO, DPO, RLOO, KTO and SFT trainers install ``add_fused_lm_head`` on the model; its forward
+calls ``trl.trainer.utils._ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature,
+chunk_size, final_logit_softcapping, logit_scale, outputs)`` for per-token log-probs (and entropy,
+mean logit, top-1 flag). :func:`wrap_chunked_logprob` replaces that class by one whose ``apply``
+runs :func:`rlkern.ops.linear_logprobs`; :func:`wrap_grpo_compute_loss` replaces
+``GRPOTrainer._compute_loss`` by one that reduces the loss with :func:`rlkern.ops.grpo_loss`.
+
+Each wrapper keeps TRL's original and calls it, with one warning per unfused option and process
+(naming the option), whenever an input or a config option lies outside what rlkern computes
+exactly; nothing is approximated. ``calls`` counts what went where, so a test (or a user) can see
+that rlkern really ran: keys ``"linear_logprobs"``, ``"grpo_loss"``, ``"fallback:<what>"``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+
+import torch
+from torch import Tensor
+
+from rlkern import ops
+
+__all__ = ["calls", "wrap_chunked_logprob", "wrap_grpo_compute_loss", "grpo_loss_and_stats"]
+
+calls: Counter = Counter()
+_warned: set[str] = set()
+
+# Per-token outputs TRL's ChunkedLogProbFunction can return besides the log-probs
+# (trl/kernels/chunked_logprob.py, OPTIONAL_OUTPUTS).
+_ALL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# Vocabulary rows per tile of the no-grad top-1 pass: bounds its fp32 tile to N * 4096 * 4 bytes.
+_TOP1_TILE = 4096
+
+
+def _fallback(what: str, message: str) -> None:
+    calls[f"fallback:{what}"] += 1
+    if what not in _warned:
+        _warned.add(what)
+        warnings.warn(f"rlkern.compat.patch('trl'): {message}; TRL's own code runs for it (said once)",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _zero3() -> bool:
+    # Under DeepSpeed ZeRO-3 TRL re-gathers the sharded head inside its backward; rlkern's does not.
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _head_fallback_reason(hidden, weight, softcap, logit_scale, outputs) -> str | None:
+    if softcap is not None:
+        return "final_logit_softcapping (Gemma-2 style tanh capping of the logits)"
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        return f"logit_scale={logit_scale!r} (only finite positive scales fold into the temperature)"
+    if "log_sum_sq_probs" in outputs:
+        return "the log_sum_sq_probs output (DPO's use_weighting)"
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16) or weight.dtype != hidden.dtype:
+        return f"hidden {hidden.dtype} / LM head {weight.dtype} (rlkern takes one of fp32/bf16/fp16 for both)"
+    if _zero3():
+        return "DeepSpeed ZeRO-3 (a sharded LM head)"
+    return None
+
+
+@torch.no_grad()
+def _mean_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    # mean_v (h . w_v + b_v) = h . mean_v(w_v) + mean(b): one [V, H] reduction, no logits.
+    mean_w = weight.float().mean(0)
+    out = hidden.float() @ mean_w
+    if bias is not None:
+        out += bias.float().mean()
+    return out * scale
+
+
+@torch.no_grad()
+def _is_top1(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+    """Whether each target is the first argmax of its logits (TRL's tie rule: an earlier equal logit
+    wins), from one forward pass over vocabulary tiles with a running max; the positive temperature
+    and scale do not change the argmax."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    best = torch.full((n,), -math.inf, device=hidden.device)
+    before = torch.full((n,), -math.inf, device=hidden.device)  # max logit over ids < target
+    target_z = torch.full((n,), -math.inf, device=hidden.device)
+    for v0 in range(0, vocab, _TOP1_TILE):
+        z = (hidden @ weight[v0:v0 + _TOP1_TILE].t()).float()
+        if bias is not None:
+            z += bias[v0:v0 + _TOP1_TILE].float()
+        ids = torch.arange(v0, v0 + z.shape[1], device=z.device)
+        best = torch.maximum(best, z.amax(1))
+        before = torch.maximum(before, z.masked_fill(ids >= targets[:, None], -math.inf).amax(1))
+        local = targets - v0
+        inside = (local >= 0) & (local < z.shape[1])
+        picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+        target_z = torch.where(inside, picked, target_z)
+    return (target_z >= best) & (target_z > before)
+
+
+def wrap_chunked_logprob(original):
+    """A stand-in for ``trl.kernels.ChunkedLogProbFunction`` (TRL only calls its ``apply``)."""
+
+    class ChunkedLogProbFunction:
+        __doc__ = (f"rlkern's stand-in for TRL's ``{original.__module__}.{original.__name__}``: ``apply`` "
+                   "computes log-probs and entropy with rlkern.ops.linear_logprobs; the original is "
+                   "``.original_function``.")
+        original_function = original
+
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+                  logit_scale=1.0, outputs=_ALL_OUTPUTS):
+            outputs = tuple(outputs)
+            reason = _head_fallback_reason(hidden, weight, final_logit_softcapping, logit_scale, outputs)
+            if reason is not None:
+                _fallback("fused_lm_head", f"the fused LM head with {reason} is not fused by rlkern")
+                return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                      final_logit_softcapping, logit_scale, outputs)
+            calls["linear_logprobs"] += 1
+            device = hidden.device.type
+            if torch.is_autocast_enabled(device):
+                # TRL runs the head GEMM in the autocast dtype; rlkern takes that dtype explicitly.
+                dtype = torch.get_autocast_dtype(device)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            # z * logit_scale / T = z / (T / logit_scale): the scale folds into the temperature.
+            effective_t = float(temperature) / float(logit_scale)
+            want_entropy = "entropy" in outputs
+            with torch.autocast(device, enabled=False):
+                result = ops.linear_logprobs(hidden, weight, targets, bias=bias, temperature=effective_t,
+                                             return_entropy=want_entropy)
+                logprobs, entropy = result if want_entropy else (result, None)
+                mean_logits = (_mean_logits(hidden, weight, bias, 1.0 / effective_t)
+                               if "mean_logits" in outputs else None)
+                is_top1 = _is_top1(hidden, weight, bias, targets) if "is_top1" in outputs else None
+            return logprobs, entropy, None, mean_logits, is_top1
+
+    ChunkedLogProbFunction.__qualname__ = ChunkedLogProbFunction.__name__ = original.__name__
+    return ChunkedLogProbFunction
+
+
+def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | None,
+                        ref_per_token_logps: Tensor | None, advantages: Tensor, completion_mask: Tensor, *,
+                        beta: float, epsilon: float, epsilon_high: float | None, loss_type: str,
+                        max_completion_length: int | None, num_items_in_batch, use_bias_correction_kl: bool,
+                        gradient_accumulation_steps: int, steps_per_generation: int,
+                        num_processes: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss ``GRPOTrainer._compute_loss`` backpropagates (its normaliser included) and rlkern's
+    stats; see :func:`rlkern.compat.trl.grpo_loss` for the arguments."""
+    if old_per_token_logps is None:
+        old_per_token_logps = per_token_logps.detach()
+    if beta != 0.0 and ref_per_token_logps is None:
+        raise ValueError("ref_per_token_logps is required when beta != 0")
+    if ref_per_token_logps is None:
+        # beta == 0: the KL term is multiplied by 0; any finite reference gives the same loss.
+        ref_per_token_logps = per_token_logps.detach()
+    if advantages.dim() == 2 and advantages.shape[1] == 1:
+        advantages = advantages[:, 0]
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (TRL's normaliser B * max length)")
+    for name, value in (("gradient_accumulation_steps", gradient_accumulation_steps),
+                        ("steps_per_generation", steps_per_generation), ("num_processes", num_processes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    items = None
+    if loss_type == "dapo" and num_items_in_batch is not None:
+        items = max(float(torch.as_tensor(num_items_in_batch).item()), 1.0)
+    loss, stats = ops.grpo_loss(
+        per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, beta=beta,
+        clip_low=epsilon, clip_high=epsilon if epsilon_high is None else epsilon_high, loss_type=loss_type,
+        max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
+        num_items_in_batch=items, use_bias_correction_kl=use_bias_correction_kl)
+    if loss_type == "dapo" and items is not None:
+        # TRL: sum / (clamp(N, 1) / processes * accumulation / steps_per_generation), where N counts the
+        # tokens of the whole generation batch (all processes, all steps_per_generation slices).
+        scale = num_processes * steps_per_generation / gradient_accumulation_steps
+    else:
+        scale = 1.0 / gradient_accumulation_steps
+    return (loss if scale == 1.0 else loss * scale), stats
+
+
+# (trainer attribute or "args.<field>", value TRL would need for rlkern to be exact, what to say).
+def _grpo_fallback_reason(trainer, inputs) -> str | None:
+    args = trainer.args
+    if trainer.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        return f"loss_type={trainer.loss_type!r}"
+    if trainer.importance_sampling_level != "token":
+        return f"importance_sampling_level={trainer.importance_sampling_level!r}"
+    if getattr(args, "delta", None) is not None:
+        return "delta (two-sided clipping)"
+    if trainer.top_entropy_quantile < 1.0:
+        return "top_entropy_quantile < 1"
+    if getattr(trainer, "off_policy_mask_threshold", None) is not None:
+        return "off_policy_mask_threshold"
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        return "vllm_importance_sampling_correction"
+    if getattr(trainer, "_entropy_bonus_enabled", False):
+        return "the entropy bonus (entropy_coef / adaptive entropy)"
+    if trainer.aux_loss_enabled:
+        return "the MoE router aux loss"
+    if not 0.0 <= trainer.epsilon_low < 1.0:
+        return f"epsilon={trainer.epsilon_low} (rlkern's clip_low lies in [0, 1))"
+    if trainer.loss_type == "dapo" and "num_items_in_batch" not in inputs:
+        return "a dapo batch without num_items_in_batch"
+    return None
+
+
+# The multimodal inputs GRPOTrainer._compute_loss forwards to _get_per_token_logps_and_entropies.
+_MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def _global_mean(trainer, local_sum: Tensor, local_count: Tensor) -> float:
+    local = torch.stack([local_sum.float(), local_count.float()])
+    totals = trainer.accelerator.reduce(local, reduction="sum")
+    return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+
+def _log_grpo_metrics(trainer, mode: str, stats: dict, per_token_logps, old, advantages, entropies,
+                      mask) -> None:
+    from trl.trainer.utils import nanmax, nanmin
+
+    metrics = trainer._metrics[mode]
+    count = mask.sum().float()
+    if trainer.beta != 0.0:
+        metrics["kl"].append(_global_mean(trainer, stats["kl"] * count, count))
+    metrics["entropy"].append(_global_mean(trainer, (entropies.detach() * mask).sum(), count))
+    metrics["clip_ratio/low_mean"].append(_global_mean(trainer, stats["clip_ratio_low"] * count, count))
+    metrics["clip_ratio/high_mean"].append(_global_mean(trainer, stats["clip_ratio_high"] * count, count))
+    metrics["clip_ratio/region_mean"].append(_global_mean(trainer, stats["clip_ratio"] * count, count))
+    # Per-sequence clip shares for the min / max metrics (rlkern's stats are batch means).
+    with torch.no_grad():
+        ratio = torch.exp(per_token_logps.detach() - old)
+        adv = advantages if advantages.dim() == 2 else advantages[:, None]
+        low = ((ratio < 1 - trainer.epsilon_low) & (adv < 0)).float()
+        high = ((ratio > 1 + trainer.epsilon_high) & (adv > 0)).float()
+        per_seq = mask.sum(-1)
+        gather = trainer.accelerator.gather
+        metrics["clip_ratio/low_min"].append(nanmin(gather((low * mask).sum(-1) / per_seq)).item())
+        metrics["clip_ratio/high_max"].append(nanmax(gather((high * mask).sum(-1) / per_seq)).item())
+
+
+def wrap_grpo_compute_loss(original):
+    """``GRPOTrainer._compute_loss`` with the loss from rlkern.ops.grpo_loss; the original for the
+    options rlkern does not fuse (each named once in a warning)."""
+
+    def _compute_loss(self, model, inputs):
+        reason = _grpo_fallback_reason(self, inputs)
+        if reason is not None:
+            _fallback(f"grpo_loss:{reason}", f"GRPOTrainer's loss with {reason} is not fused by rlkern")
+            return original(self, model, inputs)
+        calls["grpo_loss"] += 1
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1), completion_ids.size(1),
+            compute_entropy=True, **{k: inputs.get(k) for k in _MODEL_INPUT_KEYS})
+        old = inputs.get("old_per_token_logps")
+        old = per_token_logps.detach() if old is None else old
+        mode = "train" if self.model.training else "eval"
+        train = mode == "train"  # in eval TRL neither accumulates nor splits the batch
+        loss, stats = grpo_loss_and_stats(
+            per_token_logps, old, inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            inputs["advantages"], mask, beta=self.beta, epsilon=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+            num_items_in_batch=inputs.get("num_items_in_batch"),
+            use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps if train else 1,
+            steps_per_generation=self.args.steps_per_generation if train else 1,
+            num_processes=self.accelerator.num_processes)
+        _log_grpo_metrics(self, mode, stats, per_token_logps, old, inputs["advantages"], entropies, mask)
+        return loss
+
+    _compute_loss.__name__ = _compute_loss.__qualname__ = original.__name__
+    _compute_loss.__doc__ = original.__doc__
+    _compute_loss.original_function = original
+    return _compute_loss

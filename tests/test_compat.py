@@ -829,6 +829,24 @@ def test_verl_grpo_integer_index_and_bad_index():
         verl_shim.compute_grpo_outcome_advantage(rewards, mask, ids[:4])
 
 
+@pytest.mark.parametrize("uids", [
+    np.array([7, "a", 7, ("t", 1), "a", 7, ("t", 1), 2.5], dtype=object),  # mixed ints, strings, tuples
+    np.array(["b", "a", "b", "a", "c", "c", "a", "b"], dtype=object),
+], ids=["mixed", "strings"])
+def test_verl_grpo_and_rloo_any_hashable_uid(uids):
+    """verl groups by a dict keyed by the uid, so any hashable uid works, even a numpy object array
+    mixing ints and strings (which cannot be sorted: the shims used to raise TypeError)."""
+    rewards, mask = torch.randn(len(uids), 5), torch.ones(len(uids), 5)
+    close(verl_shim.compute_grpo_outcome_advantage(rewards, mask, uids)[0],
+          verl_grpo(rewards.clone(), mask, uids)[0], what="grpo mixed uids")
+    close(verl_shim.compute_rloo_outcome_advantage(rewards, mask, uids)[0],
+          verl_rloo(rewards.clone(), mask, uids)[0], what="rloo mixed uids")
+    unhashable = np.empty(2, dtype=object)
+    unhashable[0], unhashable[1] = [1], 2
+    with pytest.raises(TypeError, match="index must hold hashable uids"):
+        verl_shim.compute_grpo_outcome_advantage(rewards[:2], mask[:2], unhashable)
+
+
 def test_verl_reinforce_plus_plus():
     b, t = 5, 21
     rewards = torch.randn(b, t) * 0.1
@@ -1054,6 +1072,56 @@ def test_patch_trl_and_unpatch_restores_exactly(monkeypatch):
     assert consumer.selective_log_softmax is originals["selective_log_softmax"]
     assert not compat.is_patched("trl")
     assert compat.unpatch("trl") == []
+
+
+def test_unpatch_restores_trl_modules_imported_while_patched(monkeypatch):
+    """A TRL module imported during the patch copies the shim with `from trl.trainer.utils import
+    ...` (TRL's CPO/ORPO/TPO trainers do); unpatch gives it TRL's function back too."""
+    original = trl_utils.selective_log_softmax
+    original_head = trl_utils._ChunkedLogProbFunction
+    for mod in [m for m in sys.modules if m.startswith("trl.experimental.orpo")]:
+        monkeypatch.delitem(sys.modules, mod)
+    try:
+        compat.patch("trl")
+        import importlib
+
+        orpo = importlib.import_module("trl.experimental.orpo.orpo_trainer")
+        assert orpo.selective_log_softmax is trl_shim.selective_log_softmax
+        late = types.ModuleType("trl._rlkern_test_late")  # a late `from ... import` of the fused head
+        late.ChunkedLogProbFunction = trl_utils._ChunkedLogProbFunction
+        monkeypatch.setitem(sys.modules, late.__name__, late)
+        assert late.ChunkedLogProbFunction is not original_head
+    finally:
+        restored = compat.unpatch("trl")
+    assert orpo.selective_log_softmax is original
+    assert late.ChunkedLogProbFunction is original_head
+    assert "trl.experimental.orpo.orpo_trainer.selective_log_softmax" in restored
+    assert trl_utils._ChunkedLogProbFunction is original_head
+
+
+def test_patch_returns_what_it_replaced_and_strict(monkeypatch):
+    """patch() lists exactly the attributes it replaced (each now holds a replacement, and unpatch
+    lists the same); strict=True raises when the installed release has none of the targets."""
+    try:
+        names = compat.patch("trl")
+        assert len(names) == len(set(names))
+        for name in names:
+            module_path, _, attr = name.rpartition(".")
+            owner = sys.modules.get(module_path)
+            if owner is None:  # Class.method
+                module_path, _, cls = module_path.rpartition(".")
+                owner = getattr(sys.modules[module_path], cls)
+            assert getattr(owner, attr) is not None
+        assert "trl.trainer.utils._ChunkedLogProbFunction" in names
+        assert "trl.trainer.grpo_trainer.GRPOTrainer._compute_loss" in names
+    finally:
+        assert compat.unpatch("trl") == names
+    monkeypatch.setattr(trl_shim, "PATCH_TARGETS", (("trl.trainer.utils", "no_such_function", "grpo_loss"),))
+    assert compat.patch("trl") == []  # lenient: nothing to replace in this release
+    compat.unpatch("trl")
+    with pytest.raises(RuntimeError, match=r"strict=True\): the installed trl .* has none of the targets"):
+        compat.patch("trl", strict=True)
+    assert not compat.is_patched("trl")
 
 
 def _install_fake_verl(monkeypatch):

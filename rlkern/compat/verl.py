@@ -200,11 +200,23 @@ def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, re
 
 
 def _group_ids(index, n: int, device) -> Tensor:
-    """verl passes the prompt uid of every response (a numpy array of strings or ints); rlkern wants
-    dense int64 group ids. np.unique maps equal uids to equal ids without a Python loop."""
+    """verl passes the prompt uid of every response; rlkern wants dense int64 group ids.
+
+    verl groups with a dict keyed by ``index[i]`` (core_algos.py, ``id2score = defaultdict(list)``),
+    so any hashable uid works there, including a numpy object array mixing ints and strings, which
+    cannot be sorted. Object arrays are therefore grouped the same way (ids in order of first
+    appearance, one dict lookup per response); numeric and string arrays, which sort, go through
+    np.unique without a Python loop. Either way equal uids get equal ids and nothing else matters."""
     arr = np.asarray(index)
     if arr.shape != (n,):
         raise ValueError(f"index must hold one group id per response, shape ({n},), got {arr.shape}")
+    if arr.dtype == object:
+        first_seen: dict = {}
+        try:
+            ids = [first_seen.setdefault(uid, len(first_seen)) for uid in arr.tolist()]
+        except TypeError as err:
+            raise TypeError(f"index must hold hashable uids (verl groups them in a dict): {err}") from err
+        return torch.as_tensor(ids, dtype=torch.int64, device=device)
     _, inverse = np.unique(arr, return_inverse=True)
     return torch.as_tensor(inverse.reshape(-1), dtype=torch.int64, device=device)
 

@@ -1,17 +1,28 @@
 // Token log-probs and entropy from logits in one streaming pass: the C++ CPU kernels.
 //
-// Forward, per row of V logits x and label y, with z = x / temperature:
-//   lse = log sum_j exp(z_j)                      online (max, sum-exp) over blocks of the row
-//   logp = z_y - lse                              0 where y == ignore_index
-//   H = lse - sum_j p_j z_j = log S - T / S       S = sum e^{z-m}, T = sum e^{z-m} (z-m)
+// Forward, per row of V logits x and label y, with z = x / temperature and m = max_j z_j:
+//   S = sum_j e^{z_j - m},  T = sum_j e^{z_j - m} (z_j - m)     online over blocks of the row
+//   lse = m + log S,  logp = (z_y - m) - log S (0 where y == ignore_index),  H = log S - T / S
 // Backward, with p = exp(z - lse), upstream grads g (log-prob) and h (entropy):
 //   d z_j = g (1[j=y] - p_j) - h p_j (z_j - lse + H),   d x = d z / temperature.
 // Only lse and H (fp32, one each per row) are saved between the two; nothing of size V.
+//
+// Accuracy: everything is relative to the row max in natural units, and z is the correctly
+// rounded quotient x / T that torch's `logits / temperature` gives, so z_y - m is exactly torch's
+// and logp = 0 exactly at the argmax at any scale (|z| up to 3e38). An earlier version worked in
+// log2 units (z log2 e - m log2 e): its error grew like |m| 2^-23 (logp > 0 once |z| ~ 1e2..1e9).
+//
+// Non-finite inputs, the same on every backend (see rlkern/ops/logprobs.py): a NaN or +inf
+// logit anywhere in a row makes that row's lse, logp (unless ignored), entropy and whole gradient
+// row NaN, as float64 torch.log_softmax does; -inf logits are banned tokens (p = 0); a row of
+// only -inf has lse = logp = -inf and entropy 0. The 16-lane padding of a row's tail reads as
+// -inf and contributes at most 16 * 2^-126 to a sum that holds the max term e^0 = 1.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "dispatch.h"
 #include "simd.h"
@@ -22,6 +33,10 @@ namespace {
 // 2048 fp32 logits (8 KiB) per block: the block is read from memory once for its max, then again
 // from L1 for the exponentials, so the whole row costs one pass over memory and one exp per logit.
 constexpr int64_t kBlock = 2048;
+// ln(2^-126): e^{d} for d below it is clamped to ~FLT_MIN (see accumulate_exp); d * log2 e stays
+// >= -126.00001, which vexp2_clamped rounds to the exponent -126 of a normal float.
+constexpr float kMinExp = -87.3365447f;
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct RowGeometry {
   int64_t inner;     // rows per outer index: a row r lives at (r / inner) * stride_outer + (r % inner) * stride_inner
@@ -34,24 +49,70 @@ struct RowGeometry {
   }
 };
 
-struct RowStats {
-  float lse;
-  float entropy;
+// z = x / temperature rounded as float32 division rounds it (torch divides the logits). When 1/T is
+// a power of two the product x * (1/T) is that quotient; otherwise Markstein's correction makes it
+// so: q = RN(x * RN(1/T)) is within one ulp, r = x - q T is exact in one FMA, and RN(q + r RN(1/T))
+// is the correctly rounded quotient (Muller et al., Handbook of Floating-Point Arithmetic, 2nd ed.,
+// Thm 4.10). Where q is not finite (x = +-inf, NaN, or x / T overflows) r is NaN or the sum is
+// inf - inf, and q itself is the answer. The per-lane __builtin_fmaf loops compile to vfmadd on the
+// AVX2 and AVX-512 clones (checked with objdump); the baseline clone calls fmaf, slower but exact.
+struct Temperature {
+  float temp;  // float32(T)
+  float inv;   // RN(1 / float32(T))
 };
 
-// Adds e = 2^{d2} to vs and, for entropy, e * d2 to vt, where d2 = (z - m) log2(e) is clamped at
-// -126 so that -inf logits add ~1e-38 (nothing a sum >= 1 can see) and e * d2 stays finite.
-template <bool kEntropy>
-RLKERN_INLINE void accumulate_exp2(vfloat xv, vfloat scale2, vfloat max2, vfloat& vs, vfloat& vt) {
-  const vfloat d2 = vmax(xv * scale2 - max2, splat(kMinLog2));
-  const vfloat e = vexp2_clamped(d2);
+RLKERN_INLINE vfloat vfma(vfloat a, vfloat b, vfloat c) {
+  vfloat out;
+  for (int i = 0; i < kLanes; ++i) out[i] = __builtin_fmaf(a[i], b[i], c[i]);
+  return out;
+}
+
+template <bool kExact>
+RLKERN_INLINE vfloat scaled(vfloat x, const Temperature& t) {
+  const vfloat q = x * splat(t.inv);
+  if constexpr (kExact) {
+    return q;
+  } else {
+    const vfloat z = vfma(vfma(-q, splat(t.temp), x), splat(t.inv), q);
+    return z == z ? z : q;
+  }
+}
+
+template <bool kExact>
+RLKERN_INLINE float scaled(float x, const Temperature& t) {
+  const float q = x * t.inv;
+  if constexpr (kExact) {
+    return q;
+  } else {
+    const float z = __builtin_fmaf(__builtin_fmaf(-q, t.temp, x), t.inv, q);
+    return z == z ? z : q;
+  }
+}
+
+struct RowStats {
+  float m;      // max_j z_j (-inf for a fully banned row)
+  float log_s;  // log sum_j e^{z_j - m}; NaN for a row holding a NaN or +inf logit
+  float entropy;
+  float lse() const { return m + log_s; }
+};
+
+// Adds e = e^{d} to vs and, for entropy, e * d to vt, where d = z - m <= 0. d is clamped at
+// kMinExp so that -inf logits add ~1e-38 (nothing a sum >= 1 can see) and e * d stays finite;
+// the clamp is written `d < min ? min : d` so that a NaN d (a NaN logit) passes through into the
+// sums instead of being clamped away.
+template <bool kEntropy, bool kExact>
+RLKERN_INLINE void accumulate_exp(vfloat xv, const Temperature& t, vfloat vm, vfloat& vs, vfloat& vt) {
+  vfloat d = scaled<kExact>(xv, t) - vm;
+  d = d < splat(kMinExp) ? splat(kMinExp) : d;
+  const vfloat e = vexp2_clamped(d * splat(kLog2e));
   vs += e;
-  if constexpr (kEntropy) vt += e * d2;
+  if constexpr (kEntropy) vt += e * d;
 }
 
 template <typename T>
 RLKERN_INLINE float block_max(const T* xb, int64_t len) {
-  // Four accumulators: the max pass is bound by the latency of vmax, not by loads.
+  // Four accumulators: the max pass is bound by the latency of vmax, not by loads. vmax ignores NaN
+  // (a NaN operand loses every comparison); NaN is caught by the exp pass or has_nan below.
   const int64_t full = len - len % kLanes;
   vfloat m0 = splat(-kInf), m1 = m0, m2 = m0, m3 = m0;
   int64_t j = 0;
@@ -66,29 +127,41 @@ RLKERN_INLINE float block_max(const T* xb, int64_t len) {
   return hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
 }
 
-// The softmax statistics of one row, computed in log2 units (d2 = (z - m) log2 e) so each logit
-// costs one fused multiply-subtract and one exp2:
-//   S = sum 2^{d2},  T2 = sum 2^{d2} d2,  lse = ln2 (m2 + log2 S),  H = ln2 (log2 S - T2 / S).
-template <typename T, bool kEntropy>
-RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, float inv_temp) {
-  const float scale2_s = inv_temp * kLog2e;
-  const vfloat scale2 = splat(scale2_s);
-  float m2 = -kInf, S = 0.f, T2 = 0.f;
+// Only reached for blocks that the exp pass skips (every non-NaN logit so far is -inf).
+template <typename T>
+bool has_nan(const T* xb, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const float v = static_cast<float>(xb[j]);
+    if (v != v) return true;
+  }
+  return false;
+}
+
+// The softmax statistics of one row: the online (max, S, T) recurrence over blocks.
+template <typename T, bool kEntropy, bool kExact>
+RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, const Temperature& t) {
+  float m = -kInf, S = 0.f, T1 = 0.f;
+  bool saw_nan = false;
   for (int64_t j0 = 0; j0 < vocab; j0 += kBlock) {
     const int64_t len = std::min(kBlock, vocab - j0);
     const T* xb = x + j0;
-    // Scaling by log2(e) / T > 0 is monotone, so max(x) * scale equals max(x * scale) exactly.
-    const float new_max = block_max(xb, len) * scale2_s;
-    if (new_max > m2) {
+    // x -> x / T is monotone (T > 0, and rounding is monotone), so max(x) / T is max(x / T).
+    const float new_max = scaled<kExact>(block_max(xb, len), t);
+    if (new_max > m) {
       if (S > 0.f) {  // rescale the running sums from the old max to the new one
-        const float c = std::exp2(m2 - new_max);
-        T2 = c * (T2 + (m2 - new_max) * S);
+        const float shift = m - new_max;
+        const float c = std::exp(shift);
+        // c == 0 when the old terms vanish next to the new max; shift * S could then be -inf.
+        T1 = c > 0.f ? c * (T1 + shift * S) : 0.f;
         S *= c;
       }
-      m2 = new_max;
+      m = new_max;
     }
-    if (m2 == -kInf) continue;  // every logit so far is -inf (banned)
-    const vfloat vmax2 = splat(m2);
+    if (m == -kInf) {  // every logit so far is -inf (banned) or NaN: no exp pass, so look for NaN
+      saw_nan = saw_nan || has_nan(xb, len);
+      continue;
+    }
+    const vfloat vm = splat(m);
     // Two independent accumulator pairs hide the latency of the vector adds.
     vfloat vs0 = splat(0.f), vt0 = splat(0.f), vs1 = splat(0.f), vt1 = splat(0.f);
     const int64_t full = len - len % kLanes;
@@ -98,55 +171,64 @@ RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, float inv_temp) {
       // the arithmetic overlap instead of alternating (the max pass of the next block then hits cache).
       __builtin_prefetch(xb + kBlock + j, 0, 3);
       __builtin_prefetch(xb + kBlock + j + kLanes, 0, 3);
-      accumulate_exp2<kEntropy>(load16(xb + j), scale2, vmax2, vs0, vt0);
-      accumulate_exp2<kEntropy>(load16(xb + j + kLanes), scale2, vmax2, vs1, vt1);
+      accumulate_exp<kEntropy, kExact>(load16(xb + j), t, vm, vs0, vt0);
+      accumulate_exp<kEntropy, kExact>(load16(xb + j + kLanes), t, vm, vs1, vt1);
     }
-    if (j < full) accumulate_exp2<kEntropy>(load16(xb + j), scale2, vmax2, vs0, vt0);
-    if (full < len) accumulate_exp2<kEntropy>(load_tail(xb + full, len - full, -kInf), scale2, vmax2, vs1, vt1);
+    if (j < full) accumulate_exp<kEntropy, kExact>(load16(xb + j), t, vm, vs0, vt0);
+    if (full < len) {
+      accumulate_exp<kEntropy, kExact>(load_tail(xb + full, len - full, -kInf), t, vm, vs1, vt1);
+    }
     S += hsum(vs0 + vs1);
-    if constexpr (kEntropy) T2 += hsum(vt0 + vt1);
+    if constexpr (kEntropy) T1 += hsum(vt0 + vt1);
   }
-  if (m2 == -kInf) return {-kInf, 0.f};  // a fully banned row: no distribution, entropy 0
-  const float log2_s = std::log2(S);
-  return {kLn2 * (m2 + log2_s), kEntropy ? kLn2 * (log2_s - T2 / S) : 0.f};
+  // A +inf logit makes m = +inf (float64 log_softmax gives NaN there: inf - inf); a NaN logit
+  // reached the sums through d, or was found by has_nan.
+  if (saw_nan || m == kInf || S != S) return {m, kNaN, kNaN};
+  if (m == -kInf) return {-kInf, 0.f, 0.f};  // a fully banned row: no distribution, entropy 0
+  const float log_s = std::log(S);
+  return {m, log_s, kEntropy ? log_s - T1 / S : 0.f};
 }
 
-template <typename T>
+template <typename T, bool kExact>
 RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const T* logits, const RowGeometry& g,
-                                const int64_t* labels, int64_t ignore_index, float inv_temp,
+                                const int64_t* labels, int64_t ignore_index, const Temperature& t,
                                 bool want_entropy, float* logp, float* lse, float* ent) {
   for (int64_t r = begin; r < end; ++r) {
     const T* x = g.row(logits, r);
-    const RowStats st = want_entropy ? row_stats<T, true>(x, g.vocab, inv_temp)
-                                     : row_stats<T, false>(x, g.vocab, inv_temp);
-    lse[r] = st.lse;
+    const RowStats st = want_entropy ? row_stats<T, true, kExact>(x, g.vocab, t)
+                                     : row_stats<T, false, kExact>(x, g.vocab, t);
+    lse[r] = st.lse();
     if (want_entropy) ent[r] = st.entropy;
     if (labels != nullptr) {
       const int64_t y = labels[r];
-      // A fully banned row (lse = -inf) has log-prob -inf for every label, never -inf - -inf = NaN.
-      logp[r] = y == ignore_index ? 0.f : st.lse == -kInf ? -kInf : static_cast<float>(x[y]) * inv_temp - st.lse;
+      // torch's log_softmax order, (z_y - m) - log S: exactly -log S at the argmax, never > 0.
+      // A fully banned row has log-prob -inf for every label, never -inf - -inf = NaN.
+      const float zy = scaled<kExact>(static_cast<float>(x[y == ignore_index ? 0 : y]), t);
+      logp[r] = y == ignore_index ? 0.f : st.m == -kInf ? (st.log_s == st.log_s ? -kInf : kNaN)
+                                                         : (zy - st.m) - st.log_s;
     }
   }
 }
 
-// Per-row constants of the backward in log2 units, with d2 = z log2 e - lse log2 e:
-//   d x = p (a + b d2),  p = 2^{d2},  a = -(g + h H) / T,  b = -h ln2 / T
+// Per-row constants of the backward, with d = z - lse:
+//   d x = p (a + b d),  p = e^{d},  a = -(g + h H) / T,  b = -h / T
 // which is d z = -p (g + h (z - lse + H)) scaled by 1/T, without the label's 1[j=y] g term.
 struct GradCoefficients {
-  vfloat scale2, lse2, a, b;
+  vfloat lse, a, b;
 };
 
-RLKERN_INLINE vfloat softmax_grad(vfloat xv, const GradCoefficients& c) {
-  const vfloat d2 = xv * c.scale2 - c.lse2;
-  const vfloat p = vexp2_clamped(vmax(d2, splat(kMinLog2)));
-  // Below 2^-126 (and for -inf logits, where d2 is -inf) the gradient is exactly 0.
-  return d2 > splat(kMinLog2) ? p * (c.a + c.b * d2) : splat(0.f);
+template <bool kExact>
+RLKERN_INLINE vfloat softmax_grad(vfloat xv, const Temperature& t, const GradCoefficients& c) {
+  const vfloat d = scaled<kExact>(xv, t) - c.lse;
+  const vfloat p = vexp2_clamped((d < splat(kMinExp) ? splat(kMinExp) : d) * splat(kLog2e));
+  // Below e^-87.3 (and for -inf logits, where d is -inf) the gradient is exactly 0.
+  return d > splat(kMinExp) ? p * (c.a + c.b * d) : splat(0.f);
 }
 
-template <typename T>
+template <typename T, bool kExact>
 RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const T* logits, const RowGeometry& g,
                                  T* grad, const RowGeometry& gg, const int64_t* labels,
-                                 int64_t ignore_index, float inv_temp, const float* grad_logp,
+                                 int64_t ignore_index, const Temperature& t, const float* grad_logp,
                                  const float* grad_ent, const float* lse, const float* ent) {
   for (int64_t r = begin; r < end; ++r) {
     const T* x = g.row(logits, r);
@@ -158,73 +240,84 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const T* logits, co
     const float row_lse = lse[r];
     const float row_h = ent != nullptr ? ent[r] : 0.f;
     // Read the label's logit before the loop: with inplace_backward dx aliases x.
-    const float zy = has_label ? static_cast<float>(x[y]) * inv_temp : 0.f;
-    if (row_lse == -kInf) {  // fully banned row: no gradient reaches it
-      for (int64_t j = 0; j < g.vocab; ++j) dx[j] = T(0.f);
+    const float zy = has_label ? scaled<kExact>(static_cast<float>(x[y]), t) : 0.f;
+    if (row_lse == -kInf || row_lse != row_lse) {
+      // A fully banned row gets no gradient; a row with a NaN / +inf logit gets NaN everywhere,
+      // as torch's log_softmax backward gives (NaN * 0 is NaN even where the upstream grad is 0).
+      const T fill = T(row_lse == -kInf ? 0.f : kNaN);
+      for (int64_t j = 0; j < g.vocab; ++j) dx[j] = fill;
       continue;
     }
-    const GradCoefficients c{splat(inv_temp * kLog2e), splat(row_lse * kLog2e), splat(-(gl + gh * row_h) * inv_temp),
-                             splat(-gh * kLn2 * inv_temp)};
+    const GradCoefficients c{splat(row_lse), splat(-(gl + gh * row_h) * t.inv), splat(-gh * t.inv)};
     const int64_t full = g.vocab - g.vocab % kLanes;
-    for (int64_t j = 0; j < full; j += kLanes) store16(dx + j, softmax_grad(load16(x + j), c));
+    for (int64_t j = 0; j < full; j += kLanes) store16(dx + j, softmax_grad<kExact>(load16(x + j), t, c));
     if (full < g.vocab) {
       const int64_t n = g.vocab - full;
-      store_tail(dx + full, softmax_grad(load_tail(x + full, n, -kInf), c), n);
+      store_tail(dx + full, softmax_grad<kExact>(load_tail(x + full, n, -kInf), t, c), n);
     }
     if (has_label) {
       const float d = zy - row_lse;
       const float p = std::exp(d);
       const float entropy_term = p > 0.f ? gh * p * (d + row_h) : 0.f;
-      dx[y] = T((gl * (1.f - p) - entropy_term) * inv_temp);
+      dx[y] = T((gl * (1.f - p) - entropy_term) * t.inv);
     }
   }
 }
 
 // One clone set per storage type, each covering a range of rows so the CPU-feature dispatch is
-// paid once per thread chunk rather than once per row.
-#define RLKERN_ROW_KERNELS(T, SUFFIX)                                                                  \
-  RLKERN_CLONES void forward_rows_##SUFFIX(int64_t b, int64_t e, const T* x, const RowGeometry& g,    \
-                                           const int64_t* y, int64_t ii, float it, bool we, float* lp, \
-                                           float* lse, float* ent) {                                  \
-    forward_rows<T>(b, e, x, g, y, ii, it, we, lp, lse, ent);                                         \
-  }                                                                                                  \
-  RLKERN_CLONES void backward_rows_##SUFFIX(int64_t b, int64_t e, const T* x, const RowGeometry& g,   \
+// paid once per thread chunk rather than once per row; `exact` (1/T a power of two) picks the
+// plain-multiply scaling.
+#define RLKERN_ROW_KERNELS(T, SUFFIX)                                                                   \
+  RLKERN_CLONES void forward_rows_##SUFFIX(int64_t b, int64_t e, const T* x, const RowGeometry& g,     \
+                                           const int64_t* y, int64_t ii, const Temperature& t,         \
+                                           bool exact, bool we, float* lp, float* lse, float* ent) {   \
+    if (exact) forward_rows<T, true>(b, e, x, g, y, ii, t, we, lp, lse, ent);                           \
+    else forward_rows<T, false>(b, e, x, g, y, ii, t, we, lp, lse, ent);                                \
+  }                                                                                                   \
+  RLKERN_CLONES void backward_rows_##SUFFIX(int64_t b, int64_t e, const T* x, const RowGeometry& g,    \
                                             T* dx, const RowGeometry& gg, const int64_t* y, int64_t ii, \
-                                            float it, const float* gl, const float* gh,               \
-                                            const float* lse, const float* ent) {                     \
-    backward_rows<T>(b, e, x, g, dx, gg, y, ii, it, gl, gh, lse, ent);                                \
+                                            const Temperature& t, bool exact, const float* gl,          \
+                                            const float* gh, const float* lse, const float* ent) {      \
+    if (exact) backward_rows<T, true>(b, e, x, g, dx, gg, y, ii, t, gl, gh, lse, ent);                  \
+    else backward_rows<T, false>(b, e, x, g, dx, gg, y, ii, t, gl, gh, lse, ent);                       \
   }
 RLKERN_ROW_KERNELS(float, f32)
 RLKERN_ROW_KERNELS(c10::BFloat16, bf16)
 RLKERN_ROW_KERNELS(c10::Half, f16)
 #undef RLKERN_ROW_KERNELS
 
-void forward_dispatch(int64_t b, int64_t e, const float* x, const RowGeometry& g, const int64_t* y,
-                      int64_t ii, float it, bool we, float* lp, float* lse, float* ent) {
-  forward_rows_f32(b, e, x, g, y, ii, it, we, lp, lse, ent);
+#define RLKERN_DISPATCH(T, SUFFIX)                                                                      \
+  void forward_dispatch(int64_t b, int64_t e, const T* x, const RowGeometry& g, const int64_t* y,      \
+                        int64_t ii, const Temperature& t, bool exact, bool we, float* lp, float* lse,   \
+                        float* ent) {                                                                   \
+    forward_rows_##SUFFIX(b, e, x, g, y, ii, t, exact, we, lp, lse, ent);                               \
+  }                                                                                                   \
+  void backward_dispatch(int64_t b, int64_t e, const T* x, const RowGeometry& g, T* dx,                \
+                         const RowGeometry& gg, const int64_t* y, int64_t ii, const Temperature& t,     \
+                         bool exact, const float* gl, const float* gh, const float* lse,                \
+                         const float* ent) {                                                            \
+    backward_rows_##SUFFIX(b, e, x, g, dx, gg, y, ii, t, exact, gl, gh, lse, ent);                      \
+  }
+RLKERN_DISPATCH(float, f32)
+RLKERN_DISPATCH(c10::BFloat16, bf16)
+RLKERN_DISPATCH(c10::Half, f16)
+#undef RLKERN_DISPATCH
+
+// float32(T) and its rounded reciprocal; refuses a temperature that is not a positive float32 with
+// a finite reciprocal (the Python layer says so first, naming the argument).
+Temperature temperature_of(double temperature) {
+  const float temp = static_cast<float>(temperature);
+  const float inv = 1.f / temp;
+  TORCH_CHECK(std::isfinite(temp) && temp > 0.f && std::isfinite(inv),
+              "temperature must be a positive float32 whose reciprocal is finite in float32, got ",
+              temperature);
+  return {temp, inv};
 }
-void forward_dispatch(int64_t b, int64_t e, const c10::BFloat16* x, const RowGeometry& g,
-                      const int64_t* y, int64_t ii, float it, bool we, float* lp, float* lse, float* ent) {
-  forward_rows_bf16(b, e, x, g, y, ii, it, we, lp, lse, ent);
-}
-void forward_dispatch(int64_t b, int64_t e, const c10::Half* x, const RowGeometry& g, const int64_t* y,
-                      int64_t ii, float it, bool we, float* lp, float* lse, float* ent) {
-  forward_rows_f16(b, e, x, g, y, ii, it, we, lp, lse, ent);
-}
-void backward_dispatch(int64_t b, int64_t e, const float* x, const RowGeometry& g, float* dx,
-                       const RowGeometry& gg, const int64_t* y, int64_t ii, float it, const float* gl,
-                       const float* gh, const float* lse, const float* ent) {
-  backward_rows_f32(b, e, x, g, dx, gg, y, ii, it, gl, gh, lse, ent);
-}
-void backward_dispatch(int64_t b, int64_t e, const c10::BFloat16* x, const RowGeometry& g,
-                       c10::BFloat16* dx, const RowGeometry& gg, const int64_t* y, int64_t ii, float it,
-                       const float* gl, const float* gh, const float* lse, const float* ent) {
-  backward_rows_bf16(b, e, x, g, dx, gg, y, ii, it, gl, gh, lse, ent);
-}
-void backward_dispatch(int64_t b, int64_t e, const c10::Half* x, const RowGeometry& g, c10::Half* dx,
-                       const RowGeometry& gg, const int64_t* y, int64_t ii, float it, const float* gl,
-                       const float* gh, const float* lse, const float* ent) {
-  backward_rows_f16(b, e, x, g, dx, gg, y, ii, it, gl, gh, lse, ent);
+
+// x * (1/T) is exactly x / T when T is a power of two (T = 1, 0.5, 2, ...): 1/T is then exact too.
+bool is_exact_scale(const Temperature& t) {
+  int exponent = 0;
+  return std::frexp(t.temp, &exponent) == 0.5f;
 }
 
 RowGeometry geometry_of(const at::Tensor& t, const char* name) {
@@ -258,8 +351,8 @@ float* f32_rows(const at::Tensor& t, int64_t rows, const char* name) {
 
 // Writes per-row lse, and logp / entropy when those outputs are non-empty (an empty logp means
 // "no labels", an empty ent means "no entropy"). The caller allocates the outputs.
-void logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, double inv_temp, int64_t ignore_index,
-                  at::Tensor logp, at::Tensor lse, at::Tensor ent) {
+void logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                  int64_t ignore_index, at::Tensor logp, at::Tensor lse, at::Tensor ent) {
   const RowGeometry g = geometry_of(logits, "logits");
   const int64_t rows = logits.size(0) * logits.size(1);
   TORCH_CHECK(g.vocab > 0, "logits must have a non-empty vocabulary dimension");
@@ -270,19 +363,20 @@ void logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, double inv
   TORCH_CHECK(lse_ptr != nullptr, "lse must have one entry per row");
   const int64_t* y = lp_ptr != nullptr ? checked_labels(labels, rows, g.vocab, ignore_index) : nullptr;
   TORCH_CHECK(lp_ptr == nullptr || y != nullptr, "logp needs labels");
-  const float it = static_cast<float>(inv_temp);
+  const Temperature t = temperature_of(temperature);
+  const bool exact = is_exact_scale(t);
   const bool want_entropy = ent_ptr != nullptr;
   dispatch_storage_type(logits.scalar_type(), "logits", [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(logits.data_ptr());
     at::parallel_for(0, rows, rows_per_task(g.vocab), [&](int64_t b, int64_t e) {
-      forward_dispatch(b, e, x, g, y, ignore_index, it, want_entropy, lp_ptr, lse_ptr, ent_ptr);
+      forward_dispatch(b, e, x, g, y, ignore_index, t, exact, want_entropy, lp_ptr, lse_ptr, ent_ptr);
     });
   });
 }
 
 void logprobs_bwd(const at::Tensor& grad_logp, const at::Tensor& grad_ent, const at::Tensor& logits,
-                  const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& ent, double inv_temp,
+                  const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& ent, double temperature,
                   int64_t ignore_index, at::Tensor grad_logits) {
   const RowGeometry g = geometry_of(logits, "logits");
   const RowGeometry gg = geometry_of(grad_logits, "grad_logits");
@@ -297,13 +391,14 @@ void logprobs_bwd(const at::Tensor& grad_logp, const at::Tensor& grad_ent, const
   TORCH_CHECK(lse_ptr != nullptr || rows == 0, "lse is required");
   TORCH_CHECK(gh == nullptr || ent_ptr != nullptr, "the entropy gradient needs the saved entropy");
   const int64_t* y = checked_labels(labels, rows, g.vocab, ignore_index);
-  const float it = static_cast<float>(inv_temp);
+  const Temperature t = temperature_of(temperature);
+  const bool exact = is_exact_scale(t);
   dispatch_storage_type(logits.scalar_type(), "logits", [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(logits.data_ptr());
     T* dx = static_cast<T*>(grad_logits.data_ptr());
     at::parallel_for(0, rows, rows_per_task(g.vocab), [&](int64_t b, int64_t e) {
-      backward_dispatch(b, e, x, g, dx, gg, y, ignore_index, it, gl, gh, lse_ptr, ent_ptr);
+      backward_dispatch(b, e, x, g, dx, gg, y, ignore_index, t, exact, gl, gh, lse_ptr, ent_ptr);
     });
   });
 }
@@ -312,10 +407,10 @@ void logprobs_bwd(const at::Tensor& grad_logp, const at::Tensor& grad_ent, const
 }  // namespace rlkern
 
 TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
-  m.def("logprobs_fwd(Tensor logits, Tensor labels, float inv_temp, int ignore_index, Tensor(a!) logp,"
+  m.def("logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, Tensor(a!) logp,"
         " Tensor(b!) lse, Tensor(c!) ent) -> ()");
   m.def("logprobs_bwd(Tensor grad_logp, Tensor grad_ent, Tensor logits, Tensor labels, Tensor lse, Tensor ent,"
-        " float inv_temp, int ignore_index, Tensor(a!) grad_logits) -> ()");
+        " float temperature, int ignore_index, Tensor(a!) grad_logits) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {

@@ -1,10 +1,17 @@
 """Token log-probs and entropy from logits, fused: ``logprobs``, ``entropy``, ``logprobs_and_entropy``.
 
 One pass over the logits computes, per row, log-sum-exp and (optionally) entropy in fp32; the
-log-prob of the label is z_y - lse. Nothing of size V is saved for backward: the backward pass
-recomputes softmax from the saved lse and writes d logits once (into the logits themselves with
-``inplace_backward=True``). Kernels: csrc/logprobs.cpp (CPU), kernels/logprobs.py (Triton);
-oracle: rlkern.reference.logprobs / entropy.
+log-prob of the label is (z_y - max z) - log sum e^{z - max z}, torch's log_softmax order. Nothing
+of size V is saved for backward: the backward pass recomputes softmax from the saved lse and
+writes d logits once (into the logits themselves with ``inplace_backward=True``, where that is
+safe). Kernels: csrc/logprobs.cpp (CPU), kernels/logprobs.py (Triton); oracle:
+rlkern.reference.logprobs / entropy.
+
+Non-finite logits, the same on every backend (the torch backend is float64 ``log_softmax``
+maths): a NaN or +inf logit makes its row's log-prob (unless the label is ``ignore_index``: then
+0), entropy and whole gradient row NaN; ``nan_check=True`` raises instead, naming ``logits`` and
+the first bad index. -inf logits are banned tokens (probability 0, no gradient); a row of only
+-inf has log-prob -inf and entropy 0.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from torch import Tensor
 
 from rlkern import reference
 from rlkern.ops._common import (
+    check_int,
     check_label_range,
     check_labels,
-    check_positive,
+    check_no_nan,
+    check_temperature,
     check_tensor,
     new_output,
     pick_backend,
@@ -48,7 +57,7 @@ def _run_forward(logits: Tensor, labels: Tensor, temperature: float, ignore_inde
     flat_out = [t.view(-1) for t in (logp, lse, ent)]
     if backend == "cpp":
         no_labels = torch.empty(0, dtype=torch.int64)
-        torch.ops.rlkern_C.logprobs_fwd(rows, flat if has_labels else no_labels, 1.0 / temperature, ignore_index,
+        torch.ops.rlkern_C.logprobs_fwd(rows, flat if has_labels else no_labels, temperature, ignore_index,
                                         *flat_out)
     else:
         from rlkern.kernels import logprobs as tk
@@ -76,8 +85,12 @@ def _(logits, labels, temperature, ignore_index, want_entropy, inplace_backward,
 def _run_backward(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
                   ent: Tensor, temperature: float, ignore_index: int, backend: str, out: Tensor) -> None:
     rows, out_rows = rows_view(logits), rows_view(out)
-    if out_rows.data_ptr() != out.data_ptr() or out_rows.shape[-1] != out.shape[-1]:
-        raise AssertionError("rows_view must not copy the gradient buffer")
+    if out_rows.data_ptr() != out.data_ptr():
+        # Unreachable through the public ops: they write in place only where _writable_in_place
+        # said so at call time. A direct call of the registered op gets a plain error, not a
+        # gradient written into a temporary copy.
+        raise ValueError("logprobs_bwd_: the gradient buffer's rows do not fold into one "
+                         "[outer, inner, V] view")
     has_labels = _has_labels(labels)
     flat = _flat_labels(labels) if has_labels else None
     as_flat = lambda t: t.reshape(-1).float().contiguous() if t is not None and t.numel() > 0 else None  # noqa: E731
@@ -87,7 +100,7 @@ def _run_backward(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: T
         torch.ops.rlkern_C.logprobs_bwd(
             gl if gl is not None else empty, gh if gh is not None else empty, rows,
             flat if flat is not None else empty.long(), lse_f if lse_f is not None else empty,
-            ent_f if ent_f is not None else empty, 1.0 / temperature, ignore_index, out_rows)
+            ent_f if ent_f is not None else empty, temperature, ignore_index, out_rows)
     else:
         from rlkern.kernels import logprobs as tk
 
@@ -143,22 +156,77 @@ def _backward(ctx, grad_logp, grad_lse, grad_ent):
 _logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(logits, labels, temperature) -> float:
+def _check_temperature(temperature) -> float:
+    temperature = check_temperature(temperature, "temperature")
+    # The kernels divide by float32(temperature): it must not round to inf either (2^128 - 2^103
+    # is the midpoint between FLT_MAX and 2^128, where float32 rounding goes to inf).
+    if temperature >= 2.0**128 - 2.0**103:
+        raise ValueError(f"temperature must be finite in float32, got {temperature}")
+    return temperature
+
+
+def _check_finite_logits(logits: Tensor) -> None:
+    """nan_check=True: NaN or +inf logits (either makes its row NaN) raise, naming the first index."""
+    check_no_nan(logits, "logits")
+    if torch.compiler.is_compiling():
+        return
+    bad = logits.detach() == float("inf")
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(f"logits holds +inf (nan_check=True); first at index {first}")
+
+
+def _validate(logits, labels, temperature, ignore_index, nan_check) -> tuple[float, int]:
     check_tensor(logits, "logits")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     if labels is not None:
         check_labels(labels, "labels", logits.shape[:-1])
-    return check_positive(temperature, "temperature")
+    ignore_index = check_int(ignore_index, "ignore_index")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if nan_check:
+        _check_finite_logits(logits)
+    return _check_temperature(temperature), ignore_index
 
 
-def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_backward, process_group):
+def _writable_in_place(x: Tensor) -> bool:
+    """Whether backward may write d logits over ``x``: its rows must occupy disjoint memory (no
+    expanded / stride-0 or overlapping rows, which several rows, on several threads, would write at
+    once), fold into the kernels' [outer, inner, V] view without a copy (a copy would receive the
+    gradient instead of ``x``), and belong to no leaf that requires grad (torch forbids overwriting
+    one). Decided at call time from shapes and strides only."""
+    base = x if x._base is None else x._base
+    if (x.is_leaf or base.is_leaf) and base.requires_grad:
+        return False
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        return False
+    # Disjoint: with the dims sorted by stride, each stride clears the span of the smaller ones.
+    span = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+        if stride < span:
+            return False
+        span += (size - 1) * stride
+    # No copy: the leading dims merge into at most two (size, stride) groups, as rows_view folds them.
+    groups: list[list[int]] = []
+    for size, stride in reversed(list(zip(x.shape[:-1], x.stride()[:-1]))):
+        if size == 1:
+            continue
+        if groups and groups[-1][0] * groups[-1][1] == stride:
+            groups[-1][0] *= size
+        else:
+            groups.append([size, stride])
+    return len(groups) <= 2
+
+
+def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_backward, process_group,
+           nan_check):
     if process_group is not None:  # logits sharded by vocabulary across the group's ranks
         from rlkern.ops.vocab_parallel import vocab_parallel_logprobs
 
         return vocab_parallel_logprobs(logits, labels, process_group, temperature=temperature,
                                        ignore_index=ignore_index, want_entropy=want_entropy)
-    temperature = _validate(logits, labels, temperature)
+    temperature, ignore_index = _validate(logits, labels, temperature, ignore_index, nan_check)
     backend = pick_backend(logits) if labels is None else pick_backend(logits, labels)
     if labels is not None and backend != "cpp":  # the C++ kernel checks the range itself
         check_label_range(labels, logits.shape[-1], ignore_index)
@@ -169,47 +237,64 @@ def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_back
         return logp, ent
     if labels is None:
         labels = logits.new_empty(_NO_LABELS_SHAPE, dtype=torch.int64)
-    logp, _, ent = torch.ops.rlkern.logprobs_fwd(logits, labels, temperature, int(ignore_index), want_entropy,
-                                                 bool(inplace_backward), backend)
+    inplace = bool(inplace_backward) and logits.requires_grad and _writable_in_place(logits)
+    logp, _, ent = torch.ops.rlkern.logprobs_fwd(logits, labels, temperature, ignore_index, want_entropy,
+                                                 inplace, backend)
     return logp, ent
 
 
 def logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-             inplace_backward: bool = False, process_group=None) -> Tensor:
+             inplace_backward: bool = False, process_group=None, nan_check: bool = False) -> Tensor:
     """Log-probability of each label under softmax(logits / temperature).
 
     Args:
         logits: ``[..., V]`` float32 / bfloat16 / float16 (float64 runs the reference); the last dim
             must be contiguous, leading dims may be strided (``logits[:, :-1]`` is not copied).
-            ``-inf`` entries are banned tokens.
-        labels: ``[...]`` int32 / int64 token ids in ``[0, V)`` or ``ignore_index``.
-        temperature: > 0; the logits are divided by it first.
-        ignore_index: label value whose log-prob (and gradient) is 0.
+            ``-inf`` entries are banned tokens. A NaN or +inf entry makes its row's outputs NaN
+            (see ``nan_check``).
+        labels: ``[...]`` int8 / int16 / int32 / int64 / uint8 token ids in ``[0, V)`` or
+            ``ignore_index`` (uint16/32/64 are refused: torch has almost no ops for them).
+        temperature: > 0 with a finite float32 reciprocal; the logits are divided by it first
+            (z = logits / temperature, rounded as torch rounds that division).
+        ignore_index: an int (Python or numpy); the label value whose log-prob (and gradient) is 0.
+            5.5 or 5.0 are refused rather than truncated.
         inplace_backward: write d logits into the logits' own storage during backward (saves one
-            ``[..., V]`` buffer); the logits must not be needed after backward.
+            ``[..., V]`` buffer); the logits must not be needed after backward. Honoured only where
+            that is safe, decided at call time: the logits' rows occupy disjoint memory (not
+            expanded / stride-0 or overlapping), fold into one ``[outer, inner, V]`` view without a
+            copy, and are not (a view of) a leaf that requires grad. Otherwise backward allocates a
+            fresh gradient exactly as with ``False``: same numbers, no memory saved.
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded
             (Megatron / verl tensor parallelism): ``logits`` is then this rank's ``[..., V_r]``
             shard, rank r holding ids ``[r*ceil(V/world), (r+1)*ceil(V/world))``, ``labels`` are
             global ids, and every rank gets the full-vocabulary result (three all-reduces of one
             fp32 per row; see rlkern.ops.vocab_parallel). ``inplace_backward`` does not apply.
+        nan_check: raise a ValueError naming ``logits`` and the first index of a NaN or +inf
+            entry instead of returning NaN (one extra pass and a device sync; eager only, skipped
+            while torch.compile traces).
 
     Returns:
-        float32 ``[...]``: ``z_y - logsumexp(z)`` with ``z = logits / temperature``.
+        float32 ``[...]``: ``(z_y - max z) - logsumexp(z - max z)`` with ``z = logits / temperature``,
+        always <= 0; 0 where the label is ``ignore_index`` (whatever the row holds); -inf for a
+        banned label; NaN for a row holding a NaN or +inf logit.
     """
-    return _fused(logits, labels, temperature, ignore_index, False, inplace_backward, process_group)[0]
+    return _fused(logits, labels, temperature, ignore_index, False, inplace_backward, process_group,
+                  nan_check)[0]
 
 
 def entropy(logits: Tensor, *, temperature: float = 1.0, inplace_backward: bool = False,
-            process_group=None) -> Tensor:
-    """Shannon entropy in nats of softmax(logits / temperature), float32 ``[...]``.
+            process_group=None, nan_check: bool = False) -> Tensor:
+    """Shannon entropy in nats of softmax(logits / temperature), float32 ``[...]``, in ``[0, log V]``.
 
     ``-inf`` logits have probability 0 and contribute nothing; a row whose logits are all ``-inf``
-    has entropy 0. Shapes, dtypes and ``process_group`` as for :func:`logprobs`.
+    has entropy 0; a row holding a NaN or +inf logit has entropy NaN (or raises with
+    ``nan_check=True``). Shapes, dtypes and the other arguments as for :func:`logprobs`.
     """
-    return _fused(logits, None, temperature, -100, True, inplace_backward, process_group)[1]
+    return _fused(logits, None, temperature, -100, True, inplace_backward, process_group, nan_check)[1]
 
 
 def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-                         inplace_backward: bool = False, process_group=None) -> tuple[Tensor, Tensor]:
+                         inplace_backward: bool = False, process_group=None,
+                         nan_check: bool = False) -> tuple[Tensor, Tensor]:
     """``(logprobs(...), entropy(...))`` from a single pass over the logits; gradients flow through both."""
-    return _fused(logits, labels, temperature, ignore_index, True, inplace_backward, process_group)
+    return _fused(logits, labels, temperature, ignore_index, True, inplace_backward, process_group, nan_check)

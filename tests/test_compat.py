@@ -1170,6 +1170,81 @@ def test_patch_verl_on_fake_tree(monkeypatch):
     assert all(core.ADV_ESTIMATOR_REGISTRY[k] is v for k, v in registry_before.items())
 
 
+def verl_linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none",
+                              dist_process_group=None):
+    """verl/utils/kernel/kernels.py::efficient_entropy_forward in plain torch (verl's kernel is Triton
+    on CUDA only, and verl does not install here: see README): log-probs z_y/T - lse(z/T), reduced
+    per ``reduction``; entropy per token; both fp32 and flattened."""
+    z = (hidden.reshape(-1, hidden.shape[-1]).float() @ weight.float().t()) * (1.0 / temperature)
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(-1, labels.reshape(-1, 1))[:, 0] - lse
+    ent = lse - (torch.softmax(z, -1) * z).sum(-1)
+    return (logp if reduction == "none" else logp.sum() if reduction == "sum" else logp.mean()), ent
+
+
+def verl_entropy_from_logits_with_chunking(logits, chunk_size=2048):  # verl/utils/torch_functional.py
+    entropy = torch.zeros(logits.shape[0], device=logits.device)
+    for i in range(0, logits.shape[0], chunk_size):
+        chunk = logits[i:i + chunk_size].float()
+        pd = torch.softmax(chunk, dim=-1)
+        entropy[i:i + chunk_size] = torch.logsumexp(chunk, dim=-1) - torch.sum(pd * chunk, dim=-1)
+    return entropy
+
+
+def verl_logprobs_from_logits_v2(logits, labels):  # verl/utils/torch_functional.py (fp32 branch)
+    logits_labels = torch.gather(logits, dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
+    return logits_labels - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+
+
+def test_patch_verl_reaches_the_actor_logprob_path(monkeypatch):
+    """The actor's log-prob / entropy functions and the fused head used with use_fused_kernels
+    (dense_common.py imports linear_cross_entropy inside its forward, at call time)."""
+    tf, _, _ = _install_fake_verl(monkeypatch)
+    tf.logprobs_from_logits_v2 = verl_logprobs_from_logits_v2
+    tf.entropy_from_logits_with_chunking = verl_entropy_from_logits_with_chunking
+    kernel_pkg = types.ModuleType("verl.utils.kernel")
+    lce = types.ModuleType("verl.utils.kernel.linear_cross_entropy")
+    lce.linear_cross_entropy = verl_linear_cross_entropy
+    kernel_pkg.linear_cross_entropy = lce
+    monkeypatch.setitem(sys.modules, kernel_pkg.__name__, kernel_pkg)
+    monkeypatch.setitem(sys.modules, lce.__name__, lce)
+    hidden, weight = torch.randn(2, 5, 16), torch.randn(37, 16) * 0.3
+    labels = torch.randint(0, 37, (2, 5))
+    logits = torch.randn(7, 37)
+    try:
+        patched = compat.patch("verl")
+        for name in ("verl.utils.kernel.linear_cross_entropy.linear_cross_entropy",
+                     "verl.utils.torch_functional.entropy_from_logits_with_chunking",
+                     "verl.utils.torch_functional.logprobs_from_logits_v2"):
+            assert name in patched
+        from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy  # as dense_common.py does
+
+        assert linear_cross_entropy is verl_shim.linear_cross_entropy
+        for reduction in ("none", "sum", "mean"):
+            h = hidden.clone().requires_grad_()
+            w = weight.clone().requires_grad_()
+            got = linear_cross_entropy(h, w, labels, 0.7, reduction)
+            h2 = hidden.clone().requires_grad_()
+            w2 = weight.clone().requires_grad_()
+            want = verl_linear_cross_entropy(h2, w2, labels, 0.7, reduction)
+            close(got[0], want[0], what=f"logprobs {reduction}")
+            close(got[1], want[1], what=f"entropy {reduction}")
+            (got[0].sum() + got[1].sum()).backward()
+            (want[0].sum() + want[1].sum()).backward()
+            close(h.grad, h2.grad, what="d hidden")
+            close(w.grad, w2.grad, what="d weight")
+        with pytest.raises(ValueError, match="Invalid reduction: max"):
+            linear_cross_entropy(hidden, weight, labels, 1.0, "max")
+        close(tf.entropy_from_logits_with_chunking(logits, 3),
+              verl_entropy_from_logits_with_chunking(logits, 3))
+        labels1 = torch.randint(0, 37, (7,))
+        close(tf.logprobs_from_logits_v2(logits, labels1), verl_logprobs_from_logits_v2(logits, labels1))
+    finally:
+        compat.unpatch("verl")
+    assert lce.linear_cross_entropy is verl_linear_cross_entropy
+    assert tf.entropy_from_logits_with_chunking is verl_entropy_from_logits_with_chunking
+
+
 def test_patch_openrlhf_on_fake_tree(monkeypatch):
     names = ("openrlhf", "openrlhf.models", "openrlhf.models.utils", "openrlhf.models.loss",
              "openrlhf.trainer",

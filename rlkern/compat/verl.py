@@ -2,7 +2,12 @@
 
 Mirrors volcengine/verl ``verl/trainer/ppo/core_algos.py`` and ``verl/utils/torch_functional.py``
 (main branch, 2025: the ``register_adv_est`` / ``register_policy_loss`` registries, ``agg_loss`` with
-four modes). ``rlkern.compat.patch("verl")`` swaps these into an installed verl, registries included.
+four modes), checked against the verl 0.9.1 wheel's source. ``rlkern.compat.patch("verl")`` swaps
+these into an installed verl, registries included, and the actor's log-prob / entropy path:
+``logprobs_from_logits`` (and its ``_v2`` / ``_naive`` variants), ``entropy_from_logits`` and
+``entropy_from_logits_with_chunking``, and with ``use_fused_kernels`` the fused head
+``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (verl imports it inside its model
+forwards at call time, so patching the module attribute reaches every caller).
 
 verl-specific numerics reproduced here (each cited where it is used):
 - ``masked_mean`` divides by ``mask.sum() + 1e-8`` (so an empty mask gives 0, not NaN);
@@ -34,6 +39,10 @@ __all__ = [
     "masked_whiten",
     "logprobs_from_logits",
     "entropy_from_logits",
+    "entropy_from_logits_with_chunking",
+    "logprobs_from_logits_v2",
+    "logprobs_from_logits_naive",
+    "linear_cross_entropy",
     "kl_penalty",
     "agg_loss",
     "compute_gae_advantage_return",
@@ -56,6 +65,10 @@ PATCH_TARGETS = (
     (_F, "masked_whiten", "masked_whiten"),
     (_F, "logprobs_from_logits", "logprobs_from_logits"),
     (_F, "entropy_from_logits", "entropy_from_logits"),
+    (_F, "entropy_from_logits_with_chunking", "entropy_from_logits_with_chunking"),
+    (_F, "logprobs_from_logits_v2", "logprobs_from_logits_v2"),
+    (_F, "logprobs_from_logits_naive", "logprobs_from_logits_naive"),
+    ("verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy", "linear_cross_entropy"),
     (_CORE, "kl_penalty", "kl_penalty"),
     (_CORE, "agg_loss", "agg_loss"),
     (_CORE, "compute_gae_advantage_return", "compute_gae_advantage_return"),
@@ -143,6 +156,49 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of ``softmax(logits)`` along the last dim, in the logits' dtype (verl
     ``torch_functional.entropy_from_logits``: ``logsumexp(z) - sum(softmax(z) * z)``)."""
     return ops.entropy(logits).to(logits.dtype)
+
+
+def entropy_from_logits_with_chunking(logits: Tensor, chunk_size: int = 2048) -> Tensor:
+    """verl ``torch_functional.entropy_from_logits_with_chunking``: the entropy of each row of
+    ``logits [N, V]`` as float32 (verl upcasts each chunk); ``chunk_size`` only bounded verl's
+    memory (rlkern never materialises the softmax) and must be positive."""
+    if int(chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    return ops.entropy(logits)
+
+
+def logprobs_from_logits_v2(logits: Tensor, labels: Tensor) -> Tensor:
+    """verl ``torch_functional.logprobs_from_logits_v2`` (its row-by-row fallback), in the logits'
+    dtype; for bf16 verl takes a bf16 log_softmax, rlkern computes in fp32 and rounds once."""
+    return ops.logprobs(logits, labels).to(logits.dtype)
+
+
+def logprobs_from_logits_naive(logits: Tensor, labels: Tensor) -> Tensor:
+    """verl ``torch_functional.logprobs_from_logits_naive`` (``log_softmax`` then gather), in the
+    logits' dtype."""
+    return ops.logprobs(logits, labels).to(logits.dtype)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
+                         reduction: str = "none", dist_process_group=None) -> tuple[Tensor, Tensor]:
+    """verl ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (its fused Triton head,
+    used with ``use_fused_kernels``): ``(hidden [..., H], weight [V, H], labels [...])`` to
+    ``(logprobs, entropy [N])`` float32, flattened as verl returns them, from
+    ``rlkern.ops.linear_logprobs``. The log-probs are ``z_y / T - logsumexp(z / T)`` per token for
+    ``reduction="none"``, their sum or mean (a 0-d tensor) for ``"sum"`` / ``"mean"``; the entropy is
+    always per token (verl/utils/kernel/kernels.py, ``efficient_entropy_forward``). verl's labels are
+    all in range (no ignore index). ``dist_process_group`` (a vocabulary-parallel head) is passed on
+    as rlkern's ``process_group``: both split the vocabulary into equal contiguous shards by rank."""
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"Invalid reduction: {reduction}")  # verl's get_entropy_reduction_enum_number
+    logp, ent = ops.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                    temperature=float(temperature), return_entropy=True,
+                                    process_group=dist_process_group)
+    if reduction == "sum":
+        logp = logp.sum()
+    elif reduction == "mean":
+        logp = logp.mean()
+    return logp, ent
 
 
 def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:

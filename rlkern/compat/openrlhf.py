@@ -19,10 +19,14 @@ OpenRLHF-specific numerics reproduced here (each cited where it is used):
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from rlkern import ops
+from rlkern.compat import wraps_original
 
 __all__ = [
     "compute_approx_kl",
@@ -49,7 +53,7 @@ PATCH_TARGETS = (
     (_UTILS, "log_probs_from_logits", "log_probs_from_logits"),
     (_UTILS, "compute_entropy", "compute_entropy"),
     (_UTILS, "masked_mean", "masked_mean"),
-    (_LOSS, "PolicyLoss", "PolicyLoss"),
+    (_LOSS, "PolicyLoss", "PolicyLoss_patch"),
     (_LOSS, "ValueLoss", "ValueLoss"),
     (_MAKER, "RemoteExperienceMaker.get_advantages_and_returns", "get_advantages_and_returns"),
     (_MAKER, "RemoteExperienceMaker.get_cumulative_returns", "get_cumulative_returns"),
@@ -70,26 +74,45 @@ def _ones_like_mask(x: Tensor) -> Tensor:
     return torch.ones(x.shape, dtype=torch.bool, device=x.device)
 
 
-def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, kl_estimator: str = "k1") -> Tensor:
+# OpenRLHF's clamp on the importance weight of the unbiased KL gradient (models/utils.py, KL_IS_WEIGHT_CLIP).
+_KL_IS_WEIGHT_CLIP = 10.0
+
+
+def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, log_probs_old: Tensor | None = None,
+                      kl_estimator: str = "k1", unbiased_gradient: bool = False) -> Tensor:
     """Token KL estimate in fp32, clamped to [-10, 10] (OpenRLHF ``models/utils.py::
-    compute_approx_kl``): ``k1`` = logp - base, ``k2`` = ½ (logp - base)², ``k3`` = exp(base - logp)
-    - (base - logp) - 1.
+    compute_approx_kl``, 0.11 signature): ``k1`` = logp - base, ``k2`` = ½ (logp - base)², ``k3`` =
+    exp(base - logp) - (base - logp) - 1.
+
+    With ``unbiased_gradient`` (OpenRLHF 0.11) the value is unchanged and the gradient is that of
+    ``w * k2`` with ``w = min(exp(logp - log_probs_old), 10)`` detached (1 without
+    ``log_probs_old``): the importance-weighted reverse-KL gradient, by a straight-through sum.
+    Releases before 0.11 took ``kl_estimator`` third; a string there is read as ``kl_estimator``.
 
     The value equals OpenRLHF's everywhere. Its gradient is finite everywhere too: OpenRLHF's k3
     evaluates exp of the unclamped log-ratio, which overflows to inf and turns the clamped
     element's zero gradient into NaN (OpenRLHF PR #1335); rlkern's kernel returns 0 there.
     """
+    if isinstance(log_probs_old, str):  # the pre-0.11 positional form (log_probs, base, kl_estimator)
+        log_probs_old, kl_estimator = None, log_probs_old
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     if kl_estimator == "k3":
         # verl's clamps (log-ratio to [-20, 20] before exp, value to [-10, 10]) give OpenRLHF's k3
         # value exactly: k3 already exceeds 10 wherever the log-ratio clamp acts (|x| > 20), and both
         # zero the gradient there; but exp never overflows, so the gradient stays finite.
-        return ops.kl(log_probs, log_probs_base, "k3", clamp=True)
-    kl = ops.kl(log_probs, log_probs_base, kl_estimator)
-    # OpenRLHF clamps k1 and k2 to [-10, 10] as well; rlkern's clamp option is verl's, for k3 only,
-    # so that clamp is applied here on the op's output.
-    return kl.clamp(min=-_KL_CLAMP, max=_KL_CLAMP)
+        value = ops.kl(log_probs, log_probs_base, "k3", clamp=True)
+    else:
+        # OpenRLHF clamps k1 and k2 to [-10, 10] as well; rlkern's clamp option is verl's, for k3
+        # only, so that clamp is applied here on the op's output.
+        value = ops.kl(log_probs, log_probs_base, kl_estimator).clamp(min=-_KL_CLAMP, max=_KL_CLAMP)
+    if not unbiased_gradient:
+        return value
+    surrogate = ops.kl(log_probs, log_probs_base, "k2")  # d/d logp = log-ratio, OpenRLHF's k1 * grad log pi
+    if log_probs_old is not None:
+        w = torch.exp(log_probs.detach().float() - log_probs_old.float()).clamp(max=_KL_IS_WEIGHT_CLIP)
+        surrogate = w * surrogate
+    return value.detach() + surrogate - surrogate.detach()
 
 
 def compute_reward(r: Tensor, kl_coef: float, kl: Tensor, action_mask: Tensor | None = None,
@@ -248,3 +271,61 @@ def shape_group_rewards(rewards: Tensor, n_samples_per_prompt: int, advantage_es
     else:
         out = ops.group_advantages(rewards, group_size=n_samples_per_prompt, method="reinforce_baseline")
     return out.to(rewards.dtype)
+
+
+_warned: set[str] = set()
+
+
+def _policy_fallback_reason(module) -> str | None:
+    if getattr(module, "policy_loss_type", "ppo") != "ppo":
+        return f"policy_loss_type={module.policy_loss_type!r}"
+    if getattr(module, "is_correction_level", "off") != "off":
+        return f"is_correction_level={module.is_correction_level!r} (train/rollout IS correction)"
+    return None
+
+
+@wraps_original
+def PolicyLoss_patch(original):  # noqa: N802 (named after the class it replaces)
+    """What ``patch("openrlhf")`` installs for ``openrlhf.models.loss.PolicyLoss``: a subclass of the
+    installed class (its ``__init__`` and options unchanged) whose ``forward`` runs
+    ``rlkern.ops.policy_loss`` for the PPO loss without IS correction, and the installed forward,
+    with one warning naming the option, for GSPO and the train/rollout IS corrections.
+
+    OpenRLHF 0.11's forward also takes ``rollout_log_probs, dp_size, batch_num_tokens,
+    global_batch_size`` and returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``
+    (openrlhf/models/loss.py, ``aggregate_loss``): the global normalisers are applied here as there
+    (``sum / batch_num_tokens * dp_size``, ``sum of row means / global_batch_size * dp_size``) and
+    the last two are None without IS correction, as there. Earlier releases, whose forward has none
+    of these, get their 3-tuple. A batch with no valid token gives 0 where OpenRLHF's mean is 0/0."""
+    modern = "rollout_log_probs" in inspect.signature(original.forward).parameters
+
+    class PolicyLoss(original):
+        def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
+                    dp_size=1, batch_num_tokens=None, global_batch_size=None):
+            reason = _policy_fallback_reason(self)
+            if reason is not None:
+                if reason not in _warned:
+                    _warned.add(reason)
+                    warnings.warn(f"rlkern.compat.patch('openrlhf'): PolicyLoss with {reason} is not "
+                                  "fused by rlkern; OpenRLHF's own forward runs for it (said once)",
+                                  RuntimeWarning, stacklevel=2)
+                extra = (rollout_log_probs, dp_size, batch_num_tokens, global_batch_size) if modern else ()
+                return super().forward(log_probs, old_log_probs, advantages, action_mask, *extra)
+            mask = _ones_like_mask(log_probs) if action_mask is None else action_mask
+            token_level = getattr(self, "token_level_loss", True)
+            loss, stats = ops.policy_loss(log_probs, old_log_probs, advantages, mask,
+                                          clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
+                                          dual_clip=self.dual_clip,
+                                          agg="token-mean" if token_level else "seq-mean-token-mean")
+            # rlkern divides by this batch's valid tokens (live rows); OpenRLHF by the global count.
+            if token_level and batch_num_tokens is not None:
+                loss = loss * (mask.sum().clamp(min=1) / batch_num_tokens * dp_size)
+            elif not token_level and global_batch_size is not None:
+                live = (mask.sum(-1) > 0).sum().clamp(min=1)
+                loss = loss * (live / global_batch_size * dp_size)
+            out = (loss, stats["clip_frac"], stats["approx_kl"])
+            return out + (None, None) if modern else out
+
+    PolicyLoss.__qualname__ = PolicyLoss.__name__ = original.__name__
+    PolicyLoss.__module__ = original.__module__
+    return PolicyLoss

@@ -95,6 +95,26 @@ def test_sft_teacher_drops_the_carry_at_the_stated_rate():
     assert task.demonstrations(problems, g, carry_rate=1.0) == task.answers(problems)
 
 
+def test_flash_attention_only_on_cuda_with_the_package_else_sdpa(monkeypatch, tmp_path):
+    import importlib.util
+
+    from rlkern.train import models
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert models.attn_implementation("cuda") == "flash_attention_2"
+    assert models.attn_implementation(torch.device("cuda", 1)) == "flash_attention_2"
+    assert models.attn_implementation("cpu") == "sdpa"
+    # The fallback forced: no flash_attn package, so sdpa on CUDA too, and the built model uses it.
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+    assert models.attn_implementation("cuda") == "sdpa"
+    model = models.build_tiny_model(build_char_tokenizer(), models.TinyModelSpec(hidden_size=16, num_layers=1,
+                                                                                 intermediate_size=16), 0)
+    assert model.config._attn_implementation == "sdpa"
+
+
 # ---- configuration -----------------------------------------------------------------------------
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_help_documents_every_field(command, capsys):
@@ -174,7 +194,9 @@ def test_grpo_variants_and_ppo_controls(sft_model, tmp_path):
               "--max-new-tokens", "3", *TINY)
         assert all(math.isfinite(v) for r in metrics(out) for v in r.values())
     out = str(tmp_path / "ppo")
+    # --lr 1e-3: large enough that the second minibatch's approximate KL is well above 1.5e-6.
     train("ppo", "--model", sft_model, "--out", out, "--steps", "2", "--adaptive-kl", "--target-kl", "1e-6",
+          "--lr", "1e-3",
           "--ref-sync-every", "1", *ON_POLICY, *TINY)
     rows = metrics(out)
     assert rows[-1]["policy/early_stop"] == 1.0  # a tiny target KL stops the epochs early
@@ -313,8 +335,8 @@ def test_resume_refuses_another_commands_run_or_a_shorter_budget(tmp_path, capsy
     sft = str(tmp_path / "sft")
     train("sft", "--out", sft, "--steps", "2", "--save-every", "1", *TINY)
     before = metrics(sft)
-    assert "holds a sft run, not grpo" in _error(capsys, "grpo", "--resume", "--model", sft_model, "--out", sft,
-                                                 "--rollout-batch", "2", "--group-size", "2", *TINY)
+    assert "holds a sft run, not grpo" in _error(capsys, "grpo", "--resume", "--model", sft_model, "--out",
+                                                 sft, "--rollout-batch", "2", "--group-size", "2", *TINY)
     assert "holds a sft run, not ppo" in _error(capsys, "ppo", "--resume", "--model", sft_model, "--out", sft,
                                                 *ON_POLICY, *TINY)
     assert metrics(sft) == before  # nothing appended
@@ -369,27 +391,42 @@ def test_existing_run_is_never_overwritten_without_consent(tmp_path, capsys):
 
 
 # ---- slow: learning and multi-process ----------------------------------------------------------
+# Learning tests run the default recipe from a seed other than the default (CI may pick another with
+# RLKERN_TEST_SEED) and assert what the recipe guarantees for every seed, with margins measured over
+# seeds 0-4 (README, training section), never one seed's bits.
+SEED = os.environ.get("RLKERN_TEST_SEED", "3")
+LEARN = ["--seed", SEED, "--eval-size", "200", "--eval-every", "0", "--no-progress", "--threads", "1"]
+
+
 @pytest.fixture(scope="module")
-def weak_sft(tmp_path_factory) -> tuple[str, float]:
-    """The built-in model after the default 400 SFT steps on two-digit addition: a partial learner (~52%
-    held-out greedy accuracy on these 200 problems for the default seed) that RL can improve. Returns
-    (model dir, its accuracy)."""
-    out = str(tmp_path_factory.mktemp("weak_sft") / "run")
-    train("sft", "--out", out, "--steps", "400", "--eval-size", "200", "--eval-every", "0", "--no-progress")
+def teacher_sft(tmp_path_factory) -> tuple[str, float]:
+    """The built-in model after the default SFT (800 steps of the carry-dropping teacher): (model dir,
+    held-out greedy accuracy on the first 200 held-out problems)."""
+    out = str(tmp_path_factory.mktemp("teacher_sft") / "run")
+    train("sft", "--out", out, *LEARN)
     return os.path.join(out, "final"), metrics(out)[-1]["eval/accuracy"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["grpo", "ppo"])
-def test_rl_raises_heldout_reward(command, weak_sft, tmp_path):
-    """From a partial SFT start, RL with the exact-match reward raises held-out greedy accuracy by at
-    least 10 points within 30 steps (fixed seed; measured here: GRPO 52.5% -> 73.5%, PPO -> 80.5%)."""
-    model, before = weak_sft
-    out = str(tmp_path / command)
-    train(command, "--model", model, "--reward", "rule", "--out", out, "--steps", "30", "--eval-size", "200",
-          "--eval-every", "0", "--no-progress")
+def test_sft_imitates_the_teacher_to_its_partial_accuracy(teacher_sft):
+    """The teacher is right exactly on the problems without a units carry (and on 30% of the others,
+    never the majority), so the imitating policy's greedy accuracy sits near the no-carry fraction of
+    the evaluated problems: partial, and the same for every seed (measured over seeds 0-4: within 6
+    points of it)."""
+    _, acc = teacher_sft
+    no_carry = 1 - ArithmeticTask(99, 500).carry_fraction(ArithmeticTask(99, 500).heldout[:200])
+    assert no_carry - 0.15 <= acc <= no_carry + 0.15, f"SFT accuracy {acc:.3f}, teacher's {no_carry:.3f}"
+
+
+@pytest.mark.slow
+def test_ppo_with_the_checker_goes_beyond_the_teacher(teacher_sft, tmp_path):
+    """RL with the exact-match reward learns the carry the teacher mostly dropped: +15 points or more
+    within 30 PPO steps (measured over seeds 0-4: +20 to +30 at step 20-30)."""
+    model, before = teacher_sft
+    out = str(tmp_path / "ppo")
+    train("ppo", "--model", model, "--reward", "rule", "--out", out, "--steps", "30", *LEARN)
     after = metrics(out)[-1]["eval/accuracy"]
-    assert after >= before + 0.1, f"{command}: held-out accuracy {before:.3f} -> {after:.3f}"
+    assert after >= before + 0.15, f"held-out accuracy {before:.3f} -> {after:.3f}"
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ class Stage:
             tok = build_char_tokenizer()
             spec = TinyModelSpec(hidden_size=self.cfg.hidden_size, num_layers=self.cfg.num_layers,
                                  intermediate_size=3 * self.cfg.hidden_size)
-            model = build_tiny_model(tok, spec, self.cfg.seed).to(self.device)
+            model = build_tiny_model(tok, spec, self.cfg.seed, self.device).to(self.device)
         self._auto_threads(model)
         self.run.broadcast_module(model)
         return model, tok

@@ -10,7 +10,7 @@ import torch
 
 from rlkern import ops
 from rlkern.train.common import Stage, check_divisible, ops_backend
-from rlkern.train.ppo import OnPolicy
+from rlkern.train.onpolicy import OnPolicy
 from rlkern.train.rollout import token_logprobs
 
 __all__ = ["train_grpo"]

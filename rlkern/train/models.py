@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TinyModelSpec", "build_tiny_model", "load_causal_lm", "ScalarHead", "HeadModel", "save_causal_lm",
-           "ModelError"]
+__all__ = ["TinyModelSpec", "attn_implementation", "build_tiny_model", "load_causal_lm", "ScalarHead",
+           "HeadModel", "save_causal_lm", "ModelError"]
 
 
 class ModelError(ValueError):
@@ -33,7 +33,18 @@ class TinyModelSpec:
     max_positions: int = 32
 
 
-def build_tiny_model(tokenizer, spec: TinyModelSpec, seed: int):
+def attn_implementation(device) -> str:
+    """``"flash_attention_2"`` when the ``flash_attn`` package is importable and the model runs on CUDA,
+    else ``"sdpa"`` (PyTorch's fused attention, on every device): the fast path with a guaranteed
+    fallback, chosen per device rather than assumed from the install."""
+    import importlib.util
+
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_tiny_model(tokenizer, spec: TinyModelSpec, seed: int, device="cpu"):
     """A freshly initialised ``LlamaForCausalLM`` sized by ``spec`` over ``tokenizer``'s vocabulary.
 
     Initialised under its own generator (forked from ``seed``) so that building it consumes nothing
@@ -47,7 +58,7 @@ def build_tiny_model(tokenizer, spec: TinyModelSpec, seed: int):
         num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_positions,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True, rope_theta=10000.0,
-        attn_implementation="sdpa")
+        attn_implementation=attn_implementation(device))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -71,7 +82,8 @@ def load_causal_lm(path: str, device: torch.device, flag: str = "--model"):
     # Any exception of the loaders is a bad directory here: truncated safetensors raise the library's
     # own SafetensorError, a garbage tokenizer.json a tokenizers Exception, neither an OSError.
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     attn_implementation=attn_implementation(device))
     except (ValueError, KeyError) as err:
         raise ModelError(f"{flag} {path!r} ({type(config).__name__}) is not a causal LM: "
                          f"{_first_line(err)}") from None

@@ -65,12 +65,11 @@ def train_rlhf(cfg) -> dict:
     if not rm_done:
         train_rm(rm_cfg)
     rm_model = final_dir(rm_cfg.out)
-    # --reward auto (the default) scores PPO's samples with the task's exact-match verifier and reports
-    # the reward model's score beside it; --reward model optimises against the reward model. Measured
-    # on this task: the ~84%-accurate (pairwise, held-out) reward model is exploited within 25 PPO
-    # steps (held-out accuracy 56% -> 16-46% at beta 0.05-0.1), while the verifier takes it to ~80%.
+    # --reward auto (the default) and model: PPO optimises the reward model just trained (refreshed on
+    # the policy's samples every --rm-refresh-every steps); the exact-match checker only evaluates.
+    # --reward rule: the checker is the reward, the reward model's score is reported beside it.
     ppo_cfg, ppo_done = stage_cfg(PPOConfig, "ppo", model=sft_model, reward_model=rm_model,
-                                  reward="rule" if cfg.reward == "auto" else cfg.reward)
+                                  reward="model" if cfg.reward == "auto" else cfg.reward)
     if not ppo_done:
         train_ppo(ppo_cfg)
     rows = compare(cfg, [("sft", sft_model), ("ppo", final_dir(ppo_cfg.out))], sft_model, rm_model)

@@ -1,4 +1,5 @@
-"""PPO with a critic (clip, and the KL-penalty variant), and the on-policy machinery TRPO shares.
+"""PPO with a critic (clip, and the KL-penalty variant); the machinery it shares with GRPO and TRPO
+is in :mod:`rlkern.train.onpolicy`.
 
 One step: sample responses with the KV cache -> recompute old and reference log-probs with
 rlkern.ops -> score (reward model at the last token, or exact match) -> KL-shaped token rewards
@@ -10,162 +11,16 @@ AdamW; optional early stop on the approximate KL; a fixed or adaptive KL control
 
 from __future__ import annotations
 
-import copy
-import os
 import time
-from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from rlkern import ops
-from rlkern.train.common import Stage, check_divisible, final_dir, load_weights, ops_backend
-from rlkern.train.models import HeadModel, save_causal_lm
-from rlkern.train.rollout import Sequences, decode_responses, generate, token_logprobs
-from rlkern.train.run import Timer
+from rlkern.train.common import Stage, check_divisible, ops_backend
+from rlkern.train.onpolicy import OnPolicy, Rollout, critic_values
+from rlkern.train.rollout import token_logprobs
 
-__all__ = ["train_ppo", "OnPolicy", "Rollout"]
-
-
-@dataclass
-class Rollout:
-    """One step's experience, all ``[B, R]`` except ``scores`` ``[B]``; detached."""
-
-    seqs: Sequences
-    logp: Tensor
-    ref_logp: Tensor
-    values: Tensor | None
-    scores: Tensor
-    advantages: Tensor | None = None
-    returns: Tensor | None = None
-
-    @property
-    def mask(self) -> Tensor:
-        return self.seqs.response_mask
-
-    def index(self, idx: Tensor) -> "Rollout":
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Rollout(self.seqs.index(idx), self.logp[idx], self.ref_logp[idx], pick(self.values),
-                       self.scores[idx],
-                       pick(self.advantages), pick(self.returns))
-
-
-def critic_values(critic: HeadModel, seqs: Sequences) -> Tensor:
-    """V(s_t) for each response token t: the value head at the column that predicts token t ``[B, R]``."""
-    values = critic(seqs.input_ids, seqs.attention_mask, seqs.position_ids)
-    return values[:, seqs.prompt_len - 1:-1]
-
-
-class OnPolicy:
-    """Models and rollouts of the on-policy algorithms: policy, frozen reference, optional critic,
-    reward (rule or reward model); the reference is the starting policy, refreshed every
-    ``--ref-sync-every`` steps when asked."""
-
-    def __init__(self, stage: Stage, *, with_critic: bool):
-        cfg = self.cfg = stage.cfg
-        self.stage, self.run = stage, stage.run
-        self.policy, self.tok = stage.start_model()
-        self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self.critic = None
-        if with_critic:
-            # The critic starts from the policy's backbone with a fresh value head.
-            self.critic = HeadModel(copy.deepcopy(self.policy), "value").to(stage.device)
-            self.run.broadcast_module(self.critic)
-        mode = cfg.reward if cfg.reward != "auto" else ("model" if cfg.reward_model else "rule")
-        if mode == "model" and not cfg.reward_model:
-            raise ValueError("--reward model needs --reward-model DIR (a directory written by the rm stage)")
-        self.reward_model = None
-        if mode == "model":
-            self.reward_model, _ = stage.head_model(cfg.reward_model, "reward", load_head=True,
-                                                   flag="--reward-model")
-            self.reward_model.eval().requires_grad_(False)
-        self.reward_mode = mode
-        self.timer = Timer()
-
-    def savers(self) -> dict:
-        out = {"policy": lambda p: save_causal_lm(self.policy, self.tok, p)}
-        if self.critic is not None:
-            out["critic"] = lambda p: self.critic.save(self.tok, p)
-        if self.cfg.ref_sync_every:
-            out["reference"] = lambda p: save_causal_lm(self.ref, self.tok, p)
-        return out
-
-    def restore(self, ckpt: str) -> None:
-        load_weights(self.policy, os.path.join(ckpt, "policy"))
-        if self.critic is not None:
-            load_weights(self.critic, os.path.join(ckpt, "critic"))
-        if self.cfg.ref_sync_every:
-            load_weights(self.ref, os.path.join(ckpt, "reference"))
-
-    def end_step(self, step: int, ro: "Rollout", t0: float, metrics: dict, bar, save) -> None:
-        """What every on-policy step ends with: the step's timings and tokens/s, the held-out
-        evaluation every ``--eval-every`` steps and at the last, the log line, the progress bar, and
-        ``save(step)`` every ``--save-every`` steps and at the last."""
-        cfg, run = self.cfg, self.run
-        metrics.update(self.timer.pop())
-        n_tokens = float(ro.seqs.attention_mask.sum()) * run.world
-        metrics["perf/tokens_per_s"] = n_tokens / (time.perf_counter() - t0)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            metrics.update(self.stage.evaluate(self.policy, self.tok, self.reward_model, self.ref,
-                                               max_new_tokens=cfg.max_new_tokens))
-        run.log(step, metrics)
-        bar.update(1)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            save(step)
-
-    def finish(self) -> dict:
-        """Closes the run: the time breakdown, then the policy (and critic) saved to final/."""
-        run = self.run
-        run.close_progress()
-        run.print_time_breakdown()
-        final = final_dir(run.dir)
-        if run.main:
-            save_causal_lm(self.policy, self.tok, final)
-            if self.critic is not None:
-                self.critic.save(self.tok, os.path.join(final, "critic"))
-        run.mark_done()
-        return {"dir": run.dir, "model": final}
-
-    def maybe_sync_ref(self, step: int) -> None:
-        if self.cfg.ref_sync_every and step % self.cfg.ref_sync_every == 0:
-            self.ref.load_state_dict(self.policy.state_dict())
-
-    @torch.no_grad()
-    def rollout(self, problems: Tensor, *, repeat: int = 1) -> tuple[Rollout, dict[str, float]]:
-        """Samples ``repeat`` responses per problem and scores them; log-probs of the policy and the
-        reference and (with a critic) values are recomputed on the finished sequences."""
-        cfg, stage, timer = self.cfg, self.stage, self.timer
-        problems = problems.repeat_interleave(repeat, 0)
-        ids, mask = stage.prompts(self.tok, problems)
-        self.policy.eval()
-        with timer("generate"):
-            seqs = generate(self.policy, self.tok, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature)
-        with timer("logprobs"):
-            logp = token_logprobs(self.policy, seqs, temperature=cfg.temperature)
-            ref_logp = token_logprobs(self.ref, seqs, temperature=cfg.temperature)
-            values = critic_values(self.critic, seqs) if self.critic is not None else None
-        self.policy.train()
-        with timer("reward"):
-            correct = stage.task.reward(problems, decode_responses(self.tok, seqs)).to(stage.device)
-            scores = correct if self.reward_model is None else stage.score(self.reward_model, seqs)
-        m = seqs.response_mask
-        seq_kl = ops.masked_sum(ops.kl(logp, ref_logp, "k1"), m, dim=-1)
-        metrics = {"rollout/reward_mean": float(scores.mean()), "rollout/reward_std": float(scores.std()),
-                   "rollout/accuracy": float(correct.mean()), "rollout/kl": float(seq_kl.mean()),
-                   "rollout/response_len": float(m.sum(-1).mean())}
-        return Rollout(seqs, logp, ref_logp, values, scores), metrics
-
-    def advantages(self, ro: Rollout, kl_coef: float, *, estimator: str = "k1") -> None:
-        """Token rewards (score at the last token - beta * KL), GAE and whitening, in place on ``ro``."""
-        cfg = self.cfg
-        with self.timer("advantages"):
-            rewards = ops.token_rewards(ro.scores, ro.logp, ro.ref_logp, ro.mask, kl_coef=kl_coef,
-                                        estimator=estimator)
-            adv, ret = ops.gae(rewards, ro.values, ro.mask, gamma=cfg.gamma, lam=cfg.lam)
-            if getattr(cfg, "whiten_advantages", True):
-                adv = ops.masked_whiten(adv, ro.mask)
-        ro.advantages, ro.returns = adv, ret
+__all__ = ["train_ppo"]
 
 
 def _controller(cfg, penalty: bool):
@@ -200,6 +55,7 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
         pol_opt.load_state_dict(state["policy_optimizer"])
         val_opt.load_state_dict(state["critic_optimizer"])
         reward_ctl.load_state_dict(state["reward_kl_controller"])
+        op.load_state_dict(state)
         if penalty_ctl is not None:
             penalty_ctl.load_state_dict(state["penalty_kl_controller"])
 
@@ -208,7 +64,7 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
                  "reward_kl_controller": reward_ctl.state_dict()}
         if penalty_ctl is not None:
             state["penalty_kl_controller"] = penalty_ctl.state_dict()
-        run.save_checkpoint(step, op.savers(), state)
+        run.save_checkpoint(step, op.savers(), {**state, **op.state_dict()})
 
     with ops_backend(cfg.ops):
         if start == 0:
@@ -226,6 +82,7 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
             reward_ctl.update(metrics["rollout/kl"], cfg.rollout_batch)
             op.maybe_sync_ref(step)
             metrics.update(stats)
+            metrics.update(op.maybe_refresh_reward_model(step))
             metrics["kl/beta"] = reward_ctl.value
             if penalty:
                 metrics["kl/penalty_beta"] = penalty_ctl.value

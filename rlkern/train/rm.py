@@ -20,7 +20,7 @@ from rlkern.train.common import Stage, sequence_score, final_dir, load_weights, 
 from rlkern.train.models import HeadModel
 from rlkern.train.rollout import decode_responses, generate, join
 
-__all__ = ["train_rm", "preference_pairs"]
+__all__ = ["train_rm", "preference_pairs", "sample_pairs", "bradley_terry"]
 
 
 def preference_pairs(stage: Stage, tok, problems: torch.Tensor, generator: torch.Generator, sampler=None,
@@ -46,6 +46,20 @@ def preference_pairs(stage: Stage, tok, problems: torch.Tensor, generator: torch
     chosen = join(tok, prompts, task.answers(problems), stage.device)
     rejected = join(tok, prompts, wrong, stage.device)
     return chosen, rejected
+
+
+def sample_pairs(stage: Stage, tok, problems: torch.Tensor, texts: list[str], generator: torch.Generator):
+    """``(chosen, rejected)`` from sampled answers labelled by the checker: a wrong sample is rejected
+    against the right answer, a right sample is chosen against a synthetic mistake."""
+    task = stage.task
+    right = task.answers(problems)
+    wrong = task.wrong_answers(problems, generator)
+    chosen, rejected = list(right), list(wrong)
+    for i, (text, answer) in enumerate(zip(texts, right)):
+        if text.strip() != answer:
+            rejected[i] = text
+    prompts = task.prompts(problems)
+    return join(tok, prompts, chosen, stage.device), join(tok, prompts, rejected, stage.device)
 
 
 def bradley_terry(reward_model, chosen, rejected, lm_coef: float = 0.0):

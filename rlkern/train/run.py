@@ -135,7 +135,8 @@ class Run:
             with open(path) as fh:
                 saved = json.load(fh).get("command")
         except (OSError, ValueError, AttributeError):
-            raise RunError(f"--resume: {path!r} cannot be read: not a run directory of {self.command}") from None
+            raise RunError(f"--resume: {path!r} cannot be read: not a run directory of "
+                           f"{self.command}") from None
         if saved != self.command:
             raise RunError(f"--resume: {self.dir!r} holds a {saved} run, not {self.command}; pick the "
                            f"{self.command} run's --out")

@@ -26,7 +26,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 import rlkern
 from rlkern import ops
 from rlkern.train.common import Stage, ops_backend
-from rlkern.train.ppo import OnPolicy, Rollout, critic_values
+from rlkern.train.onpolicy import OnPolicy, Rollout, critic_values
 from rlkern.train.rollout import token_logprobs
 
 __all__ = ["train_trpo", "conjugate_gradient"]

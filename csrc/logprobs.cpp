@@ -16,7 +16,7 @@
 // logit anywhere in a row makes that row's lse, logp (unless ignored), entropy and whole gradient
 // row NaN, as float64 torch.log_softmax does; -inf logits are banned tokens (p = 0); a row of
 // only -inf has lse = logp = -inf and entropy 0. The 16-lane padding of a row's tail reads as
-// -inf and contributes at most 16 * 2^-126 to a sum that holds the max term e^0 = 1.
+// -inf and contributes exactly 0 (see kMinExp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -33,9 +33,11 @@ namespace {
 // 2048 fp32 logits (8 KiB) per block: the block is read from memory once for its max, then again
 // from L1 for the exponentials, so the whole row costs one pass over memory and one exp per logit.
 constexpr int64_t kBlock = 2048;
-// ln(2^-126): e^{d} for d below it is clamped to ~FLT_MIN (see accumulate_exp); d * log2 e stays
-// >= -126.00001, which vexp2_clamped rounds to the exponent -126 of a normal float.
-constexpr float kMinExp = -87.3365447f;
+// ln(2^-127): d = z - m is clamped here, so d * log2 e >= -127.00001, which vexp2_clamped rounds to
+// the exponent -127, whose biased field 0 builds the scale +0.0: e^{d} is then exactly 0 (and
+// e * d too), so -inf logits and the padding lanes of a row's tail add exactly nothing. Terms
+// between e^-88.03 and e^-87.3 are lost with them: relative 1e-38 of a sum that holds e^0 = 1.
+constexpr float kMinExp = -88.0296919f;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct RowGeometry {
@@ -97,9 +99,9 @@ struct RowStats {
 };
 
 // Adds e = e^{d} to vs and, for entropy, e * d to vt, where d = z - m <= 0. d is clamped at
-// kMinExp so that -inf logits add ~1e-38 (nothing a sum >= 1 can see) and e * d stays finite;
-// the clamp is written `d < min ? min : d` so that a NaN d (a NaN logit) passes through into the
-// sums instead of being clamped away.
+// kMinExp so that -inf logits add exactly 0 and e * d stays 0 rather than 0 * -inf = NaN; the
+// clamp is written `d < min ? min : d` so that a NaN d (a NaN logit) passes through into the sums
+// instead of being clamped away.
 template <bool kEntropy, bool kExact>
 RLKERN_INLINE void accumulate_exp(vfloat xv, const Temperature& t, vfloat vm, vfloat& vs, vfloat& vt) {
   vfloat d = scaled<kExact>(xv, t) - vm;
@@ -221,7 +223,7 @@ template <bool kExact>
 RLKERN_INLINE vfloat softmax_grad(vfloat xv, const Temperature& t, const GradCoefficients& c) {
   const vfloat d = scaled<kExact>(xv, t) - c.lse;
   const vfloat p = vexp2_clamped((d < splat(kMinExp) ? splat(kMinExp) : d) * splat(kLog2e));
-  // Below e^-87.3 (and for -inf logits, where d is -inf) the gradient is exactly 0.
+  // Below e^-88.03 (and for -inf logits, where d is -inf) the gradient is exactly 0.
   return d > splat(kMinExp) ? p * (c.a + c.b * d) : splat(0.f);
 }
 

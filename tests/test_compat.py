@@ -1391,6 +1391,35 @@ def test_patch_openrlhf_011_policy_loss(monkeypatch, kwargs, call):
     close(torch.autograd.grad(got[0], logp)[0], torch.autograd.grad(want[0], logp)[0], what="d logp")
 
 
+@pytest.mark.parametrize("clip_eps,token_level,call", [
+    (0.2, True, dict(batch_num_tokens=41.0, dp_size=2)),
+    (None, False, dict(global_batch_size=7.0, dp_size=4)),
+    (0.2, False, dict()),
+])
+def test_openrlhf_011_value_loss_global_normalisers(clip_eps, token_level, call):
+    """openrlhf 0.11.2 ValueLoss.forward(..., dp_size, batch_num_tokens, global_batch_size), transcribed."""
+    b, t = 4, 9
+    values = torch.randn(b, t).requires_grad_()
+    old, returns, m = values.detach() + 0.3 * torch.randn(b, t), torch.randn(b, t), rand_mask(b, t).float()
+    if clip_eps is not None:
+        clipped = old + (values - old).clamp(-clip_eps, clip_eps)
+        per_token = torch.max((clipped - returns) ** 2, (values - returns) ** 2)
+    else:
+        per_token = (values - returns) ** 2
+    if token_level:
+        want = (per_token * m).sum() / call["batch_num_tokens"] * call["dp_size"] if call else \
+            orl_masked_mean(per_token, m)
+    else:
+        counts = m.sum(-1)
+        seq_loss, seq_mask = (per_token * m).sum(-1) / (counts + 1e-8), (counts > 0).float()
+        want = (seq_loss * seq_mask).sum() / call["global_batch_size"] * call["dp_size"] if call else \
+            orl_masked_mean(seq_loss, seq_mask)
+    want = 0.5 * want
+    got = orl_shim.ValueLoss(clip_eps, token_level)(values, old, returns, m, **call)
+    close(got, want, what="value loss")
+    close(torch.autograd.grad(got, values)[0], torch.autograd.grad(want, values)[0], what="d values")
+
+
 def test_patch_openrlhf_policy_loss_is_correction_falls_back(monkeypatch):
     loss_mod = _install_fake_openrlhf_loss(monkeypatch, Orl011PolicyLoss)
     orl_shim._warned.clear()

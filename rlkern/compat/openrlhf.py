@@ -205,15 +205,18 @@ class PolicyLoss(nn.Module):
 class ValueLoss(nn.Module):
     """Clipped value loss (OpenRLHF ``models/loss.py::ValueLoss``): ``0.5 * mean(max((v_clip - R)²,
     (v - R)²))`` with ``v_clip = old + clamp(v - old, ±clip_eps)``; unclipped when ``clip_eps`` is None.
-    ``forward`` returns the loss only, as OpenRLHF's does."""
+    ``forward`` returns the loss only, as OpenRLHF's does. ``dp_size``, ``batch_num_tokens`` and
+    ``global_batch_size`` (OpenRLHF 0.11) rescale to the global token / sequence count as its
+    ``aggregate_loss`` does (see :func:`_global_scale`)."""
 
     def __init__(self, clip_eps: float | None = None, token_level_loss: bool = True) -> None:
         super().__init__()
         self.clip_eps = clip_eps
         self.token_level_loss = token_level_loss
 
-    def forward(self, values: Tensor, old_values: Tensor, returns: Tensor,
-                action_mask: Tensor | None = None) -> Tensor:
+    def forward(self, values: Tensor, old_values: Tensor, returns: Tensor, action_mask: Tensor | None = None,
+                dp_size: int = 1, batch_num_tokens: float | None = None,
+                global_batch_size: float | None = None) -> Tensor:
         mask = _ones_like_mask(values) if action_mask is None else action_mask
         agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
         if self.clip_eps is None:
@@ -223,7 +226,19 @@ class ValueLoss(nn.Module):
         else:
             clip = float(self.clip_eps)
         loss, _ = ops.value_loss(values, old_values, returns, mask, clip=clip, agg=agg)
-        return loss
+        return loss * _global_scale(mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
+
+
+def _global_scale(mask: Tensor, token_level: bool, dp_size, batch_num_tokens, global_batch_size):
+    """OpenRLHF 0.11 ``aggregate_loss`` divides by the global token count (``batch_num_tokens``) or
+    sequence count (``global_batch_size``) and multiplies by ``dp_size``; rlkern's token-mean /
+    seq-mean divide by this batch's count, so the ratio converts one into the other (1 when the
+    global count is not given, OpenRLHF's local mean)."""
+    if token_level and batch_num_tokens is not None:
+        return mask.sum().clamp(min=1) / batch_num_tokens * dp_size
+    if not token_level and global_batch_size is not None:
+        return (mask.sum(-1) > 0).sum().clamp(min=1) / global_batch_size * dp_size
+    return 1.0
 
 
 def get_advantages_and_returns(values: Tensor, rewards: Tensor, action_mask: Tensor | None, gamma: float,
@@ -317,12 +332,7 @@ def PolicyLoss_patch(original):  # noqa: N802 (named after the class it replaces
                                           clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
                                           dual_clip=self.dual_clip,
                                           agg="token-mean" if token_level else "seq-mean-token-mean")
-            # rlkern divides by this batch's valid tokens (live rows); OpenRLHF by the global count.
-            if token_level and batch_num_tokens is not None:
-                loss = loss * (mask.sum().clamp(min=1) / batch_num_tokens * dp_size)
-            elif not token_level and global_batch_size is not None:
-                live = (mask.sum(-1) > 0).sum().clamp(min=1)
-                loss = loss * (live / global_batch_size * dp_size)
+            loss = loss * _global_scale(mask, token_level, dp_size, batch_num_tokens, global_batch_size)
             out = (loss, stats["clip_frac"], stats["approx_kl"])
             return out + (None, None) if modern else out
 

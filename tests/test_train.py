@@ -444,3 +444,24 @@ def test_torchrun_two_processes(tmp_path, sft_model):
     assert all(math.isfinite(v) for r in rows for v in r.values())
     ckpt = os.path.join(out, "checkpoints", "step_000002")
     assert {"rng_rank0.pt", "rng_rank1.pt", "state.pt", "policy"} <= set(os.listdir(ckpt))
+
+
+def test_sweep_runs_seeds_and_tabulates_them(tmp_path, capsys):
+    """The sweep command on the tiny setting: two seeds in parallel, one table row each read back from
+    the runs, the PNG; then the rule-reward sweep reusing their SFT and reward-model stages."""
+    from rlkern.train.sweep import main as sweep
+
+    tiny = [*TINY, "--sft-steps", "5", "--rm-steps", "3", "--steps", "2", *ON_POLICY]
+    out = tmp_path / "sweep"
+    assert sweep(["--seeds", "0", "1", "--jobs", "2", "--out", str(out), *tiny]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert all(0 <= r["final_accuracy"] <= 1 and r["wall_s"] > 0 for r in rows)
+    assert "| 0 |" in printed and "| 1 |" in printed and (out / "sweep.png").stat().st_size > 0
+    rule = tmp_path / "rule"
+    assert sweep(["--seeds", "1", "--out", str(rule), "--reuse", str(out), *tiny, "--reward", "rule"]) == 0
+    again = json.loads((rule / "sweep.json").read_text())["rows"][0]
+    assert again["sft_accuracy"] == rows[1]["sft_accuracy"]  # the same SFT model, not retrained
+    ppo_cfg = json.loads((rule / "seed_1" / "ppo" / "config.json").read_text())
+    assert ppo_cfg["reward"] == "rule"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,10 +27,22 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def _run_one(seed: int, out: str, extra: list[str]) -> subprocess.Popen:
+def _run_one(seed: int, out: str, extra: list[str], reuse: str | None) -> subprocess.Popen:
     # One intra-op thread per run: the built-in model is too small for threads to pay, and parallel
     # runs would otherwise oversubscribe the cores.
-    cmd = [sys.executable, "-m", "rlkern.train", "rlhf", "--seed", str(seed), "--out", out, "--overwrite",
+    mode = "--overwrite"
+    if reuse:
+        # The finished SFT and reward-model stages of another sweep are copied in and kept (the
+        # pipeline skips a stage whose DONE marker is present under --resume); only PPO runs.
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        src = os.path.join(reuse, f"seed_{seed}")
+        os.makedirs(out)
+        for stage in ("sft", "rm"):
+            shutil.copytree(os.path.join(src, stage), os.path.join(out, stage))
+        shutil.copy(os.path.join(src, "config.json"), out)
+        mode = "--resume"
+    cmd = [sys.executable, "-m", "rlkern.train", "rlhf", "--seed", str(seed), "--out", out, mode,
            "--no-progress", "--threads", "1", *extra]
     log = open(os.path.join(os.path.dirname(out), f"seed_{seed}.log"), "w")  # noqa: SIM115
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -96,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds to run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses one thread)")
     parser.add_argument("--out", default=os.path.join("runs", "sweep"), help="root of the seed runs")
+    parser.add_argument("--reuse", default=None, help="root of an earlier sweep whose SFT and reward-model "
+                        "stages are reused (only PPO runs; wall time then counts PPO alone)")
     args, extra = parser.parse_known_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -104,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
-            proc = _run_one(seed, os.path.join(args.out, f"seed_{seed}"), extra)
+            proc = _run_one(seed, os.path.join(args.out, f"seed_{seed}"), extra, args.reuse)
             running[seed] = (proc, time.perf_counter())
         time.sleep(1.0)
         for seed, (proc, t0) in list(running.items()):
@@ -121,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = sweep_table(args.out, done, walls)
     table = format_table(rows)
     load = os.getloadavg()
-    note = (f"{len(done)} seeds, {args.jobs} at a time, options: {' '.join(extra) or '(defaults)'}; "
+    reused = f", SFT and RM reused from {args.reuse} (wall = PPO only)" if args.reuse else ""
+    note = (f"{len(done)} seeds, {args.jobs} at a time{reused}, options: {' '.join(extra) or '(defaults)'}; "
             f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(table + "\n" + note)
     with open(os.path.join(args.out, "sweep.md"), "w") as fh:

@@ -6,9 +6,10 @@ buffer, folded into per-token running statistics (max, sum-exp, label logit, sum
 and overwritten by the next. Only lse and entropy (fp32, one each per token) are saved; backward
 recomputes each tile, turns it into d logits in place and accumulates d hidden and d weight.
 
-CPU: the logits tiles come from ``rlkern_C::lm_logits`` (fp32 output for every input dtype, one
-fixed summation order per logit, so a token's log-prob is the same bits in any batch and with
-any thread count), the epilogues are the C++ kernels ``rlkern_C::lm_fold`` / ``lm_grad``
+CPU: the forward's logits tiles come from ``rlkern_C::lm_logits`` (fp32 output for every input
+dtype, one fixed summation order per logit, so a token's log-prob is the same bits in any batch
+and with any thread count; AMX tiles for bf16 where the CPU has them, an AVX-512 / AVX2 loop
+otherwise, at about 0.5x MKL's fp32 speed), the epilogues are the C++ kernels ``rlkern_C::lm_fold`` / ``lm_grad``
 (csrc/linear_logprobs.cpp), and the gradient GEMMs go through ATen (MKL sgemm for fp32,
 oneDNN/AMX for bf16/fp16). Driving the loop from Python costs ~20 us per tile against
 milliseconds of GEMM per tile (< 1 % at the default tile sizes). GPU: kernels/linear_logprobs.py,
@@ -143,7 +144,10 @@ def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tens
             rows = slice(n0, n0 + n)
             h_tile = hidden[rows]
             dz32 = buf[:n * v].view(n, v)
-            torch.ops.rlkern_C.lm_logits(h_tile, w_tile, dz32)  # the forward's logits, bit for bit
+            if exact:  # MKL: ~2x the fixed-order loop; the gradient needs no batch invariance
+                torch.mm(h_tile, w_tile.t(), out=dz32)
+            else:  # fp32 logits of bf16 / fp16 inputs: AMX for bf16 where present (csrc/linear_logprobs.cpp)
+                torch.ops.rlkern_C.lm_logits(h_tile, w_tile, dz32)
             torch.ops.rlkern_C.lm_grad(dz32, b, labels[rows], grad_logp[rows] if grad_logp.numel() else grad_logp,
                                        grad_ent[rows] if grad_ent.numel() else grad_ent, lse[rows],
                                        ent[rows] if ent.numel() else ent, inv_temp, ignore_index, vocab_start + v0)

@@ -64,6 +64,33 @@ def _linear_case(rank, backend, dtype, vocab, chunk_size, bias_on, group):
         torch.testing.assert_close(shard[4], full[4][start:end], **tol)
 
 
+def _nan_case(rank, backend, dtype, group):
+    """A NaN token and a NaN vocabulary row on rank 0's shard only: every rank returns the
+    single-process NaN pattern (the NaN crosses the all-reduces) and NaN gradient rows."""
+    import rlkern
+    from rlkern.ops.vocab_parallel import shard_range
+
+    gen = torch.Generator().manual_seed(7)
+    vocab = 37
+    hidden = torch.randn(4, 16, generator=gen, dtype=torch.float64).to(dtype)
+    weight = torch.randn(vocab, 16, generator=gen, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, vocab, (4,), generator=gen)
+    hidden[2] = float("nan")
+    start, end = shard_range(vocab, WORLD, rank)
+    for w_nan in (False, True):
+        w = weight.clone()
+        if w_nan:
+            w[3, 0] = float("nan")  # id 3 lives on rank 0's shard
+        h = hidden.clone().requires_grad_(True)
+        with rlkern.use_backend(backend):
+            lp, ent = rlkern.ops.linear_logprobs(h, w[start:end], labels, return_entropy=True,
+                                                 process_group=group)
+        (lp.nan_to_num(0.0).sum() + ent.nan_to_num(0.0).sum()).backward()
+        expect = torch.ones(4, dtype=torch.bool) if w_nan else torch.tensor([False, False, True, False])
+        assert torch.equal(lp.isnan(), expect) and torch.equal(ent.isnan(), expect), (rank, backend, lp, ent)
+        assert torch.equal(h.grad.isnan().any(1), expect), (rank, backend, h.grad)
+
+
 def _logits_case(rank, backend, dtype, vocab, group):
     import rlkern
     from rlkern.ops.vocab_parallel import shard_range, vocab_parallel_logprobs
@@ -122,6 +149,7 @@ def _worker(rank, init_method, backend):
                 _linear_case(rank, backend, dtype, vocab, chunk, bias_on, group)
             for vocab in (37, 2):
                 _logits_case(rank, backend, dtype, vocab, group)
+            _nan_case(rank, backend, dtype, group)
         dist.barrier()  # leave the group together
     finally:
         dist.destroy_process_group()

@@ -10,6 +10,8 @@ the full-vocabulary answer on every rank:
     logp = sum_r z_y,r - lse                                      (one rank owns the label)
     H = sum_r w_r (H_r - log w_r),   w_r = e^{lse_r - lse}        (the entropy of a mixture of the
         shards' softmaxes with weights w_r: H = sum_r w_r H_r + the entropy of w; no cancellation)
+Non-finite logits follow linear_logprobs / logprobs: a NaN or +inf logit on any rank makes its
+token's outputs NaN on every rank (the NaN reaches the all-reduced sums), -inf bans a token.
 Backward needs only the global lse and H: each rank's d logits are those of the global softmax
 restricted to its shard. For the fused LM head, d hidden is a sum over shards (all-reduce);
 d weight / d bias stay on their rank. The upstream gradients must be the same on every rank (the
@@ -77,7 +79,9 @@ def _combine(lse_r: Tensor, ent_r: Tensor, zy_r: Tensor, group, want_entropy: bo
     ent = None
     if want_entropy:
         share = w / torch.where(dead, torch.ones_like(total), total)
-        term = torch.where(share > 0, share * (ent_r - torch.log(torch.where(share > 0, share, 1.0))), 0.0)
+        # share == 0 (not > 0) selects the empty shards, so that a NaN share (a NaN or +inf logit on
+        # some rank) makes the entropy NaN instead of being dropped.
+        term = torch.where(share == 0, 0.0, share * (ent_r - torch.log(torch.where(share == 0, 1.0, share))))
         dist.all_reduce(term, group=group)
         ent = torch.where(dead, torch.zeros_like(term), term)
     return lse, ent, zy
@@ -91,7 +95,7 @@ def _combine(lse_r: Tensor, ent_r: Tensor, zy_r: Tensor, group, want_entropy: bo
 def _torch_shard_stats(z: Tensor, labels: Tensor, ignore_index: int, vocab_start: int):
     """(lse_r, H_r, z_y) of scaled logits z [N, v] (fp32 or fp64) for ids [vocab_start, +v)."""
     lse = torch.logsumexp(z, dim=-1)
-    alive = lse > NEG_INF
+    alive = lse != NEG_INF  # a NaN lse (NaN / +inf logit) stays "alive": its statistics come out NaN
     log_q = z - torch.where(alive, lse, torch.zeros_like(lse))[:, None]
     q = torch.where(alive[:, None], log_q.exp(), torch.zeros_like(z))
     ent = -(q * torch.where(q > 0, log_q, torch.zeros_like(log_q))).sum(-1)
@@ -104,7 +108,7 @@ def _torch_shard_stats(z: Tensor, labels: Tensor, ignore_index: int, vocab_start
 def _torch_shard_dz(z: Tensor, labels: Tensor, grad_logp: Tensor | None, grad_ent: Tensor | None, lse: Tensor,
                     ent: Tensor | None, ignore_index: int, vocab_start: int, inv_temp: float) -> Tensor:
     """d logits (before the 1/temperature of z) of the global softmax restricted to this shard."""
-    alive = lse > NEG_INF
+    alive = lse != NEG_INF  # a NaN lse (NaN / +inf logit) stays "alive": its statistics come out NaN
     d = z - torch.where(alive, lse, torch.zeros_like(lse))[:, None]
     p = torch.where(alive[:, None], d.exp(), torch.zeros_like(z))
     dz = torch.zeros_like(z)
@@ -116,7 +120,7 @@ def _torch_shard_dz(z: Tensor, labels: Tensor, grad_logp: Tensor | None, grad_en
         dz = dz + g[:, None] * (onehot - p)
     if grad_ent is not None:
         gh = torch.where(alive, grad_ent.to(z.dtype), 0.0)
-        dz = dz - gh[:, None] * torch.where(p > 0, p * (d + ent.to(z.dtype)[:, None]), torch.zeros_like(p))
+        dz = dz - gh[:, None] * torch.where(p == 0, torch.zeros_like(p), p * (d + ent.to(z.dtype)[:, None]))
     return dz * inv_temp
 
 

@@ -11,6 +11,13 @@ d logits in registers, and adds d logits @ W_tile to d hidden and d logits^T @ h
 d weight with fp32 atomics (the split-K pattern of Cut Cross-Entropy's backward), so the
 [N, V] gradient never reaches memory either. The order of the fp32 atomic adds is not fixed on a
 GPU, so d hidden / d weight may differ between runs in the last bits.
+
+Numerics: bf16 / fp16 operands go through the tensor cores with fp32 accumulation. fp32 operands
+are multiplied in IEEE fp32 by default (PRECISION="ieee"): tl.dot would otherwise default to TF32
+on a GPU, ~1e-3 relative error per product, enough to make rollout and training log-probs of an
+fp32 LM head disagree (TRL #4303, NeMo-RL #3936). precision="tf32" opts into the faster path.
+Offsets: token rows and vocabulary rows are scaled to int64 once per program; offsets inside a
+tile stay int32.
 """
 
 from __future__ import annotations
@@ -21,49 +28,56 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+# A tl.constexpr global: compiled kernels may read only constexpr globals (a plain float works
+# under the interpreter but fails to compile for a GPU).
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_tokens, vocab, hidden_size, inv_temp,
-                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_H: tl.constexpr):
-    """z = (hidden[offs_n] @ weight[offs_v]^T + bias) * inv_temp, fp32 [BLOCK_N, BLOCK_V];
-    columns past the vocabulary are -inf."""
+def _logits_tile(h_rows, w_rows, b_ptr, row_ok, cols, v0, vocab, hidden_size, inv_temp,
+                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """z = (hidden[rows] @ weight[v0 + cols]^T + bias) * inv_temp, fp32 [BLOCK_N, BLOCK_V]; columns
+    past the vocabulary are -inf. h_rows / w_rows: [BLOCK_N, 1] / [BLOCK_V, 1] row pointers (int64
+    row offsets computed once), so the per-slice offsets stay int32."""
+    col_ok = (v0 + cols) < vocab
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for k0 in range(0, hidden_size, BLOCK_H):
         offs_k = k0 + tl.arange(0, BLOCK_H)
-        a = tl.load(h_ptr + offs_n[:, None] * hidden_size + offs_k[None, :],
-                    mask=(offs_n[:, None] < n_tokens) & (offs_k[None, :] < hidden_size), other=0.0)
-        b = tl.load(w_ptr + offs_v[:, None] * hidden_size + offs_k[None, :],
-                    mask=(offs_v[:, None] < vocab) & (offs_k[None, :] < hidden_size), other=0.0)
+        k_ok = offs_k[None, :] < hidden_size
+        a = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
+        b = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_ok, other=0.0)
         if DOT_FP32:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=offs_v < vocab, other=0.0)[None, :]
-    return tl.where(offs_v[None, :] < vocab, acc * inv_temp, NEG_INF)
+        acc += tl.load(b_ptr + v0 + cols, mask=col_ok, other=0.0)[None, :]
+    return tl.where(col_ok[None, :], acc * inv_temp, NEG_INF)
 
 
 @triton.jit
 def _linear_logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, zy_ptr,
     n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
-    HAS_BIAS: tl.constexpr, WANT_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WANT_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < n_tokens
+    h_rows = h_ptr + offs_n[:, None] * hidden_size
+    cols = tl.arange(0, BLOCK_V)
     y = tl.load(labels_ptr + offs_n, mask=row_ok, other=ignore_index)
-    local = tl.where(y == ignore_index, -1, y - vocab_start)  # the label's column in this shard, or outside
+    # The label's column in this shard (int32: |V| < 2^31), or -1 when ignored; a label in another
+    # shard lands outside [0, vocab) and never matches.
+    local = tl.where(y == ignore_index, -1, y - vocab_start).to(tl.int32)
     m = tl.full((BLOCK_N,), NEG_INF, tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, vocab, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_tokens, vocab, hidden_size, inv_temp,
-                         HAS_BIAS, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
+        w_rows = w_ptr + (v0 + cols).to(tl.int64)[:, None] * hidden_size
+        z = _logits_tile(h_rows, w_rows, b_ptr, row_ok, cols, v0, vocab, hidden_size, inv_temp,
+                         HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # Move the sums from the old max to the new one: S' = c S, T' = c (T + (m - m') S).
         # (m - m' is masked before use: while S = 0 the old max is -inf and m - m' would be NaN.)
@@ -78,7 +92,7 @@ def _linear_logprobs_fwd_kernel(
         if WANT_ENTROPY:
             t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
         # (Padding columns past the shard are -inf and must not match a label of a later shard.)
-        hit = (offs_v[None, :] == local[:, None]) & (offs_v[None, :] < vocab)
+        hit = ((v0 + cols)[None, :] == local[:, None]) & ((v0 + cols)[None, :] < vocab)
         zy += tl.sum(tl.where(hit, z, 0.0), axis=1)
     alive = s > 0  # False only for a token whose every logit is -inf
     log_s = tl.log(tl.where(alive, s, 1.0))
@@ -93,13 +107,17 @@ def _linear_logprobs_bwd_kernel(
     grad_h_ptr, grad_w_ptr, grad_b_ptr,
     n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
     HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v0 = tl.program_id(1) * BLOCK_V
+    cols = tl.arange(0, BLOCK_V)
     row_ok = offs_n < n_tokens
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_tokens, vocab, hidden_size, inv_temp,
-                     HAS_BIAS, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
+    col_ok = (v0 + cols) < vocab
+    h_rows = h_ptr + offs_n[:, None] * hidden_size
+    w_off = (v0 + cols).to(tl.int64)[:, None] * hidden_size
+    z = _logits_tile(h_rows, w_ptr + w_off, b_ptr, row_ok, cols, v0, vocab, hidden_size, inv_temp,
+                     HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
     y = tl.load(labels_ptr + offs_n, mask=row_ok, other=ignore_index)
     lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=NEG_INF)
     alive = lse > NEG_INF
@@ -115,25 +133,33 @@ def _linear_logprobs_bwd_kernel(
     d = z - lse[:, None]
     p = tl.where(z > NEG_INF, tl.exp(d), 0.0)
     dz = tl.where(p > 0, -p * (g[:, None] + gh[:, None] * (d + h[:, None])), 0.0)
-    is_label = (offs_v[None, :] + vocab_start) == y[:, None]
+    local = tl.where(y == ignore_index, -1, y - vocab_start).to(tl.int32)
+    is_label = (v0 + cols)[None, :] == local[:, None]
     dz = (dz + tl.where(is_label, g[:, None], 0.0)) * inv_temp
-    dz = tl.where(row_ok[:, None] & (offs_v[None, :] < vocab), dz, 0.0)
+    dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
     if HAS_BIAS:
-        tl.atomic_add(grad_b_ptr + offs_v, tl.sum(dz, axis=0), mask=offs_v < vocab)
-    dz_in = dz.to(h_ptr.dtype.element_ty)  # the gradient GEMMs run in the input dtype, accumulate in fp32
+        tl.atomic_add(grad_b_ptr + v0 + cols, tl.sum(dz, axis=0), mask=col_ok)
+    # The gradient GEMMs take d logits in the input dtype (tensor cores; fp32 under the
+    # interpreter's bf16 workaround) and accumulate in fp32. Converted once, before the loop, so the
+    # loop-carried operand keeps one type.
+    if DOT_FP32:
+        dz_in = dz
+    else:
+        dz_in = dz.to(h_ptr.dtype.element_ty)
+    dz_t = tl.trans(dz_in)
+    gh_rows = grad_h_ptr + offs_n[:, None] * hidden_size
+    gw_rows = grad_w_ptr + w_off
     for k0 in range(0, hidden_size, BLOCK_H):
         offs_k = k0 + tl.arange(0, BLOCK_H)
         k_ok = offs_k[None, :] < hidden_size
-        w_blk = tl.load(w_ptr + offs_v[:, None] * hidden_size + offs_k[None, :],
-                        mask=(offs_v[:, None] < vocab) & k_ok, other=0.0)
-        h_blk = tl.load(h_ptr + offs_n[:, None] * hidden_size + offs_k[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
+        w_blk = tl.load(w_ptr + w_off + offs_k[None, :], mask=col_ok[:, None] & k_ok, other=0.0)
+        h_blk = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
         if DOT_FP32:
             w_blk, h_blk = w_blk.to(tl.float32), h_blk.to(tl.float32)
-            dz_in = dz_in.to(tl.float32)
-        tl.atomic_add(grad_h_ptr + offs_n[:, None] * hidden_size + offs_k[None, :], tl.dot(dz_in, w_blk),
+        tl.atomic_add(gh_rows + offs_k[None, :], tl.dot(dz_in, w_blk, input_precision=PRECISION),
                       mask=row_ok[:, None] & k_ok)
-        tl.atomic_add(grad_w_ptr + offs_v[:, None] * hidden_size + offs_k[None, :], tl.dot(tl.trans(dz_in), h_blk),
-                      mask=(offs_v[:, None] < vocab) & k_ok)
+        tl.atomic_add(gw_rows + offs_k[None, :], tl.dot(dz_t, h_blk, input_precision=PRECISION),
+                      mask=col_ok[:, None] & k_ok)
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -143,35 +169,69 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _blocks(hidden_size: int) -> tuple[int, int, int]:
-    # 64 x 64 logits tiles with 64-wide slices of H: registers for the fp32 tile plus two operand
-    # slices fit one program with 4 warps on current GPUs; tl.dot needs every dim >= 16.
-    return 64, 64, max(16, min(64, triton.next_power_of_2(hidden_size)))
+PRECISIONS = ("ieee", "tf32")
+
+
+def _dot_precision(precision: str, dtype: torch.dtype) -> str:
+    """The kernels' PRECISION constexpr: the option applies to fp32 operands only (bf16 / fp16 always
+    run on the tensor cores), so 16-bit inputs get one specialisation whatever was asked."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision if dtype == torch.float32 else "ieee"
+
+
+def _slice(hidden_size: int, widest: int) -> int:
+    return max(16, min(widest, triton.next_power_of_2(hidden_size)))  # tl.dot needs every dim >= 16
+
+
+def fwd_config(hidden_size: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
+    """Tile sizes and warps of the forward kernel: 64 tokens x 64 vocabulary rows per logits tile,
+    BLOCK_H-wide slices of H, eight warps. fp32 operands take twice the registers of 16-bit ones,
+    and under "ieee" they are multiplied with FMAs from registers instead of by the tensor cores,
+    so their slices are narrower. Chosen so that no launch spills registers on sm_80 / sm_90
+    (tests/test_gpu_compile.py compiles every one)."""
+    widest = 64 if dtype != torch.float32 else 16 if precision == "ieee" else 32
+    return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": _slice(hidden_size, widest), "num_warps": 8}
+
+
+def bwd_config(hidden_size: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
+    """The backward recomputes one 64 x 64 tile, then per BLOCK_H slice adds two GEMM products
+    (d hidden and d weight) into fp32 memory; narrower slices than the forward keep the d logits
+    operand and both partial products in registers."""
+    widest = 16 if dtype == torch.float32 and precision == "ieee" else 32
+    return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": _slice(hidden_size, widest), "num_warps": 8}
 
 
 def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor, labels: torch.Tensor,
                         inv_temp: float, ignore_index: int, vocab_start: int, want_entropy: bool,
-                        lse: torch.Tensor, ent: torch.Tensor, zy: torch.Tensor) -> None:
+                        lse: torch.Tensor, ent: torch.Tensor, zy: torch.Tensor, precision: str = "ieee") -> None:
     """hidden [N, H], weight [V, H] contiguous, same dtype; bias32 fp32 [V] or empty; labels int64 [N]
-    (global ids, the shard starting at vocab_start). Writes fp32 lse, ent and z_y ([N] each)."""
+    (global ids, the shard starting at vocab_start). Writes fp32 lse, ent and z_y ([N] each).
+
+    precision: how tl.dot multiplies fp32 inputs: "ieee" (fp32-accurate, the default) or "tf32"
+    (tensor cores, ~1e-3 relative error per product, several times faster). bf16 / fp16 inputs
+    always use the tensor cores with fp32 accumulation."""
+    precision = _dot_precision(precision, hidden.dtype)
     n_tokens, hidden_size = hidden.shape
     if n_tokens == 0:
         return
-    bn, bv, bh = _blocks(hidden_size)
-    _linear_logprobs_fwd_kernel[(triton.cdiv(n_tokens, bn),)](
+    cfg = fwd_config(hidden_size, hidden.dtype, precision)
+    _linear_logprobs_fwd_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]),)](
         hidden, weight, bias32 if bias32.numel() else lse, labels, lse, ent, zy,
         n_tokens, weight.shape[0], hidden_size, inv_temp, ignore_index, vocab_start,
         HAS_BIAS=bias32.numel() > 0, WANT_ENTROPY=want_entropy, DOT_FP32=_dot_fp32(hidden.dtype),
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+        PRECISION=precision, **cfg,
     )
 
 
 def linear_logprobs_bwd(grad_logp: torch.Tensor, grad_ent: torch.Tensor, hidden: torch.Tensor,
                         weight: torch.Tensor, bias32: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                         ent: torch.Tensor, inv_temp: float, ignore_index: int, vocab_start: int,
-                        grad_hidden: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> None:
+                        grad_hidden: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor,
+                        precision: str = "ieee") -> None:
     """Writes fp32 grad_hidden [N, H], grad_weight [V, H] and grad_bias [V] (or empty); grad_logp /
-    grad_ent are fp32 [N] or empty (no such upstream gradient)."""
+    grad_ent are fp32 [N] or empty (no such upstream gradient). precision: as in linear_logprobs_fwd."""
+    precision = _dot_precision(precision, hidden.dtype)
     # The kernel adds partial products from many programs into these, so they start at zero.
     grad_hidden.zero_()
     grad_weight.zero_()
@@ -179,14 +239,14 @@ def linear_logprobs_bwd(grad_logp: torch.Tensor, grad_ent: torch.Tensor, hidden:
     n_tokens, hidden_size = hidden.shape
     if n_tokens == 0:
         return
-    bn, bv, bh = _blocks(hidden_size)
+    cfg = bwd_config(hidden_size, hidden.dtype, precision)
     vocab = weight.shape[0]
     has_gl, has_ge = grad_logp.numel() > 0, grad_ent.numel() > 0
-    _linear_logprobs_bwd_kernel[(triton.cdiv(n_tokens, bn), triton.cdiv(vocab, bv))](
+    _linear_logprobs_bwd_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))](
         hidden, weight, bias32 if bias32.numel() else lse, labels, grad_logp if has_gl else lse,
         grad_ent if has_ge else lse, lse, ent if ent.numel() else lse,
         grad_hidden, grad_weight, grad_bias if grad_bias.numel() else lse,
         n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
         HAS_BIAS=bias32.numel() > 0, HAS_GRAD_LOGP=has_gl, HAS_GRAD_ENT=has_ge, DOT_FP32=_dot_fp32(hidden.dtype),
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+        PRECISION=precision, **cfg,
     )

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+# A tl.constexpr global: compiled kernels may read only constexpr globals (a plain float works
+# under the interpreter but fails to compile for a GPU).
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit

@@ -137,6 +137,11 @@ def test_linear_logprobs_invariants_sweep(backend, sigma, temperature):
     tol = 2e-6 + 8 * zmax * 2.0**-24
     assert (logp.double() - lp64).abs().max().item() <= tol
     assert (ent.double() - ent64).abs().max().item() <= tol
+    # sum over every label of exp(logp) = 1: 8 tokens x all 97 labels (padded lanes never count).
+    every = ops.linear_logprobs(hidden[:8].repeat_interleave(vocab, 0), weight, torch.arange(vocab).repeat(8),
+                                temperature=temperature)
+    mass = every.double().exp().view(8, vocab).sum(1)
+    assert (mass - 1).abs().max().item() <= 1e-5 + 2 * tol  # sum p |d logp| <= max |d logp|
 
 
 def test_linear_logprobs_fp16_logits_are_not_rounded_to_fp16(backend):

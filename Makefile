@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # `make train` starts the default run afresh each time (runs/rlhf); TRAIN_ARGS="--resume" continues it.
 TRAIN_ARGS ?= --overwrite
 
-.PHONY: setup build train test test-triton bench clean
+.PHONY: setup build train test test-triton bench gpu-check clean
 
 setup: $(VENV)/.rlkern-installed
 
@@ -45,6 +45,13 @@ test-triton: build
 
 bench: build
 	$(PY) -m benchmarks
+
+# On a CUDA machine, with the python whose torch you use (PYTHON=...): build rlkern._C against it
+# (no network), the suite on CUDA tensors, the GPU benchmark and a 3-step GRPO run on the GPU; all
+# output in GPU_CHECK_OUT (default gpu-check/, or $$RLKERN_GPU_CHECK_OUT). See benchmarks/gpu_check.py.
+# Without a CUDA device it says so in one line and exits 2.
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
 
 clean:
 	rm -rf build dist *.egg-info rlkern/_C*.so

@@ -7,9 +7,21 @@ import zlib
 
 import torch
 
-# Triton kernels run on CPU tensors through the interpreter when no GPU is present. The variable is
-# read when @triton.jit decorates a kernel, so it must be set before any rlkern.kernels import.
-if not torch.cuda.is_available():
+# Where the suite's tensors live: RLKERN_TEST_DEVICE=cpu (the default, also on a GPU machine) runs
+# the Triton kernels on CPU tensors through the interpreter; RLKERN_TEST_DEVICE=cuda (what
+# `make gpu-check` sets) makes cuda the default device, so every tensor a test creates is a CUDA
+# tensor and the triton backend runs the compiled kernels. TRITON_INTERPRET is read when
+# @triton.jit decorates a kernel, so it must be set before any rlkern.kernels import.
+TEST_DEVICE = os.environ.get("RLKERN_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise RuntimeError(f"RLKERN_TEST_DEVICE must be cpu or cuda, got {TEST_DEVICE!r}")
+if TEST_DEVICE == "cuda":
+    if not torch.cuda.is_available():
+        raise RuntimeError("RLKERN_TEST_DEVICE=cuda, but torch sees no CUDA device")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("RLKERN_TEST_DEVICE=cuda runs the compiled Triton kernels: unset TRITON_INTERPRET")
+    torch.set_default_device("cuda")
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -18,7 +30,7 @@ import rlkern  # noqa: E402
 from rlkern import backend as _backend  # noqa: E402
 from rlkern.ops import _common  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = torch.device(TEST_DEVICE)
 KERNEL_BACKENDS = [b for b in ("cpp", "triton") if b in _backend.available(DEVICE)]
 ALL_BACKENDS = ["torch"] + KERNEL_BACKENDS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -71,3 +83,12 @@ def assert_close_to_oracle(actual, oracle, same_dtype, *, atol: float, rtol: flo
     assert err.numel() == 0 or bool((err <= bound).all()), (
         f"{what}: error {err[worst].item():.3e} exceeds bound {bound[worst].item():.3e} "
         f"(same-dtype torch error {base[worst].item():.3e}, atol {atol}, rtol {rtol})")
+
+
+def pytest_collection_modifyitems(items):
+    """Marks every case that runs the triton backend, so `-m triton` (make test-triton) selects them:
+    the backend is a parameter (the backend fixtures, or an explicit backend name in the id)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "triton" in callspec.id.split("-"):
+            item.add_marker(pytest.mark.triton)

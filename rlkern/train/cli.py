@@ -6,7 +6,16 @@ import sys
 
 from rlkern.train.config import COMMANDS, ConfigError, build_parser, resolve_config
 
-__all__ = ["main", "run_command"]
+__all__ = ["main", "run_command", "USAGE"]
+
+USAGE = """python -m rlkern.train [rlhf|sft|rm|ppo|ppo-penalty|grpo|dpo|trpo] [--options]  (no command = rlhf)
+
+Trains a language model with RL on rlkern.ops, with no downloads: the default ``rlhf`` command runs
+SFT -> reward model -> PPO against that reward model on the embedded arithmetic task ("37+48=" ->
+"085") with a tiny Llama-style model and prints a before/after table.
+``python -m rlkern.train COMMAND --help`` lists every option.
+Multi-process: ``torchrun --nproc_per_node=2 -m rlkern.train COMMAND ...``.
+"""
 
 
 def run_command(command: str, cfg) -> dict:
@@ -29,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["rlhf", *argv]
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(USAGE).parse_args(argv))
     command = args.pop("command")
     if command not in COMMANDS:
-        build_parser().print_help()
+        build_parser(USAGE).print_help()
         return 2
     from rlkern.train.models import ModelError
     from rlkern.train.run import RunError

@@ -500,11 +500,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from rlkern.train import __main__ as entry
-
-    parser = _Parser(prog="python -m rlkern.train", description=entry.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """The command-line parser: one subcommand per config dataclass, one flag per field, the field's
+    docstring as its help. ``description`` heads ``--help`` (the CLI passes its usage text)."""
+    parser = _Parser(prog="python -m rlkern.train", description=description,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, cls in COMMANDS.items():
         p = sub.add_parser(name, help=cls.__doc__.splitlines()[0], description=cls.__doc__,

@@ -90,22 +90,30 @@ class ArithmeticTask:
         return [self.answer(int(a), int(b)) for a, b in problems.tolist()]
 
     def wrong_answers(self, problems: Tensor, generator: torch.Generator) -> list[str]:
-        """A plausible wrong answer per problem: the mistakes a half-trained model makes, namely a
-        dropped or spurious carry (+-10, +-1), one digit changed, or a digit dropped/duplicated."""
+        """A plausible wrong answer per problem: the mistakes a half-trained model makes. Half are a
+        tens digit off by one (``a + b +- 10``: a dropped or a spurious carry); the rest a units slip
+        (+-1), one digit changed, or a digit dropped/duplicated.
+
+        Why half, and both signs on every problem: the carry is the one decision RL has to learn here,
+        so a reward model must judge the tens digit in both directions. With +-10 one kind in five (and
+        the SFT policy's own mistakes nearly all dropped carries) a reward model preferred the right
+        answer to ``a + b - 10`` on only 58% of held-out problems without a carry; with only the
+        flipped carry as the mistake (-10 with a carry, +10 without) it learned a shortcut and
+        preferred ``a + b - 10`` to the right answer on 85% of them."""
         out = []
-        kinds = torch.randint(5, (len(problems),), generator=generator).tolist()
+        kinds = torch.randint(8, (len(problems),), generator=generator).clamp(max=4).tolist()
         rnd = torch.randint(10**6, (len(problems), 3), generator=generator).tolist()
         for (a, b), kind, (r0, r1, r2) in zip(problems.tolist(), kinds, rnd):
             s = a + b
             text = self.format(s)
-            if kind == 0:
+            if kind == 4:  # kinds 4..7: the tens digit off by one
                 wrong = self.format(max(s + (10 if r0 % 2 else -10), 0))
             elif kind == 1:
                 wrong = self.format(max(s + (1 if r0 % 2 else -1), 0))
             elif kind == 2:
                 i = r0 % len(text)
                 wrong = text[:i] + str((int(text[i]) + 1 + r1 % 9) % 10) + text[i + 1:]
-            elif kind == 3 and len(text) > 1:
+            elif kind == 3 and r1 % 2:
                 i = r0 % len(text)
                 wrong = text[:i] + text[i + 1:]
             else:

@@ -1,9 +1,17 @@
 """Token log-probs and entropy from logits: Triton kernels (one program per row of V logits).
 
 Same maths as csrc/logprobs.cpp: an online (max, sum-exp) recurrence over BLOCK_V-wide blocks of
-the row in fp32, saving one log-sum-exp and one entropy per row; the backward recomputes
-p = exp(z - lse) block by block and writes d logits once, optionally over the logits themselves.
-Offsets are int64, so N * V > 2^31 is safe; V up to 256k loops over 64 blocks of 4096.
+the row in fp32, relative to the row max in natural units, saving one log-sum-exp and one entropy
+per row; the backward recomputes p = exp(z - lse) block by block and writes d logits once,
+optionally over the logits themselves. z = x / T is the IEEE-rounded quotient (div_rn; Triton's
+`/` is an approximate division on NVIDIA GPUs), the same z torch's `logits / temperature` gives, so
+log-probs are exactly torch's (z_y - m) - log S order and never above 0. Offsets are int64, so
+N * V > 2^31 is safe (TRL #7266); rows go on grid axis 0, whose limit is 2^31 - 1, not on axis 1
+or 2 (65,535; Liger #1294). V up to 256k loops over 64 blocks of 4096.
+
+Non-finite logits, as on every backend: a NaN or +inf logit makes the row's lse, log-prob (unless
+ignored), entropy and gradient row NaN; -inf logits are banned (p = 0), and the masked lanes past
+the row's end read as -inf and count for exactly nothing; a row of only -inf has lse -inf.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ def _row_base(ptr, row, inner, stride_outer, stride_inner):
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr,
-    inner, stride_outer, stride_inner, vocab, inv_temp, ignore_index,
+    inner, stride_outer, stride_inner, vocab, temperature, ignore_index,
     HAS_LABELS: tl.constexpr, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -36,73 +44,83 @@ def _logprobs_fwd_kernel(
     t = tl.zeros((), tl.float32)
     for start in range(0, vocab, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V).to(tl.int64)
-        z = tl.load(x_row + offs, mask=offs < vocab, other=NEG_INF).to(tl.float32) * inv_temp
+        x = tl.load(x_row + offs, mask=offs < vocab, other=NEG_INF).to(tl.float32)
+        z = tl.math.div_rn(x, temperature)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # Rescale the sums from the old max to the new one: S' = cS, T' = c(T + (m - m')S). While
         # S == 0 (m = -inf) there is nothing to rescale; the shift is zeroed so no inf - inf arises.
+        # c == 0 (the old terms vanish, or m - m' overflowed to -inf) zeroes T: shift * S may be -inf.
         started = s > 0
         shift = tl.where(started, m, 0.0) - tl.where(started, m_new, 0.0)
         c = tl.exp(shift)
-        t = c * (t + shift * s)
+        t = tl.where(c > 0, c * (t + shift * s), 0.0)
         s = s * c
         m = m_new
-        # -inf logits contribute 0; d is zeroed there (and on all-banned blocks) so nothing is NaN.
-        live = z > NEG_INF
-        d = tl.where(live, z - tl.where(m > NEG_INF, m, 0.0), 0.0)
-        e = tl.where(live, tl.exp(d), 0.0)
+        # Banned (-inf) logits and the masked lanes contribute exactly 0. A NaN logit is not banned:
+        # its d and e are NaN and carry into S (whether or not tl.max saw it), and a +inf logit
+        # makes m = +inf and its own d = inf - inf = NaN: the row comes out NaN either way.
+        banned = z == NEG_INF
+        d = tl.where(banned, 0.0, z - tl.where(m > NEG_INF, m, 0.0))
+        e = tl.where(banned, 0.0, tl.exp(d))
         s += tl.sum(e, axis=0)
         if WANT_ENTROPY:
             t += tl.sum(e * d, axis=0)
-    alive = s > 0  # False only for a row whose every logit is -inf
-    log_s = tl.log(tl.where(alive, s, 1.0))
-    lse = tl.where(alive, m + log_s, NEG_INF)
-    tl.store(lse_ptr + row, lse)
+    dead = s == 0  # True only for a row whose every logit is -inf (NaN compares False)
+    log_s = tl.log(tl.where(dead, 1.0, s))
+    tl.store(lse_ptr + row, tl.where(dead, NEG_INF, m + log_s))
     if WANT_ENTROPY:
-        tl.store(ent_ptr + row, tl.where(alive, log_s - t / tl.where(alive, s, 1.0), 0.0))
+        tl.store(ent_ptr + row, tl.where(dead, 0.0, log_s - t / tl.where(dead, 1.0, s)))
     if HAS_LABELS:
         y = tl.load(labels_ptr + row)
         # Masked load: a label outside [0, V) (only reachable inside torch.compile, where the
         # eager range check is skipped) reads nothing and yields NaN rather than stray memory.
         in_range = (y >= 0) & (y < vocab)
-        zy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=float("nan")).to(tl.float32)
-        logp = tl.where(alive, zy * inv_temp - tl.where(alive, lse, 0.0), NEG_INF)
+        xy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=float("nan")).to(tl.float32)
+        # torch's log_softmax order: (z_y - m) - log S is exactly -log S at the argmax, never > 0.
+        logp = tl.where(dead, NEG_INF, (tl.math.div_rn(xy, temperature) - tl.where(dead, 0.0, m)) - log_s)
         tl.store(logp_ptr + row, tl.where(y == ignore_index, 0.0, logp))
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, grad_ptr, labels_ptr, grad_logp_ptr, grad_ent_ptr, lse_ptr, ent_ptr,
-    inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner, vocab, inv_temp,
-    ignore_index, HAS_LABELS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner, vocab, temperature,
+    ignore_index, HAS_LABELS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = _row_base(logits_ptr, row, inner, stride_outer, stride_inner)
     dx_row = _row_base(grad_ptr, row, grad_inner, grad_stride_outer, grad_stride_inner)
     lse = tl.load(lse_ptr + row)
-    alive = lse > NEG_INF
+    dead = lse == NEG_INF  # a fully banned row: no gradient at all
+    not_dead = lse != NEG_INF
+    poisoned = lse != lse  # a row with a NaN / +inf logit: NaN everywhere, as torch's backward gives
+    inv_t = tl.math.div_rn(1.0, temperature)
     g = tl.zeros((), tl.float32)
     y = tl.full((), -1, tl.int64)
     if HAS_LABELS:
         y = tl.load(labels_ptr + row).to(tl.int64)
         if HAS_GRAD_LOGP:
-            g = tl.where((y != ignore_index) & alive, tl.load(grad_logp_ptr + row), 0.0)
+            g = tl.where((y != ignore_index) & not_dead, tl.load(grad_logp_ptr + row), 0.0)
     gh = tl.zeros((), tl.float32)
     h = tl.zeros((), tl.float32)
     if HAS_GRAD_ENT:
-        gh = tl.where(alive, tl.load(grad_ent_ptr + row), 0.0)
+        gh = tl.where(not_dead, tl.load(grad_ent_ptr + row), 0.0)
         h = tl.load(ent_ptr + row)
     # d z_j = g (1[j=y] - p_j) - gh p_j (z_j - lse + H). Each block is read before it is written,
     # so writing over the logits themselves (inplace backward) is safe.
     for start in range(0, vocab, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V).to(tl.int64)
         in_row = offs < vocab
-        z = tl.load(x_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temp
+        x = tl.load(x_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+        z = tl.math.div_rn(x, temperature)
         # -inf logits (and every logit of a fully banned row) get p = 0 and d = 0: no inf * 0.
-        live = z > tl.where(alive, NEG_INF, float("inf"))  # nothing is live in a dead row
-        d = tl.where(live, z - tl.where(alive, lse, 0.0), 0.0)
+        live = z > tl.where(dead, float("inf"), NEG_INF)  # nothing is live in a dead row
+        d = tl.where(live, z - tl.where(dead, 0.0, lse), 0.0)
         p = tl.where(live, tl.exp(d), 0.0)
         dz = -p * (g + gh * (d + h)) + tl.where(offs == y, g, 0.0)
-        tl.store(dx_row + offs, (dz * inv_temp).to(grad_ptr.dtype.element_ty), mask=in_row)
+        dz = tl.where(poisoned, float("nan"), dz)
+        tl.store(dx_row + offs, (dz * inv_t).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
 def _block_and_warps(vocab: int) -> tuple[int, int]:
@@ -110,7 +128,7 @@ def _block_and_warps(vocab: int) -> tuple[int, int]:
     return block, 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
-def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, inv_temp: float, ignore_index: int,
+def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, ignore_index: int,
                  logp: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor) -> None:
     """logits: [outer, inner, V] with unit stride over V; labels: flat int64 [outer*inner] or None.
     Writes flat fp32 lse, and logp / ent unless they are empty (no labels / no entropy)."""
@@ -122,14 +140,14 @@ def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, inv_temp: fl
     has_labels, want_entropy = logp.numel() > 0, ent.numel() > 0
     _logprobs_fwd_kernel[(rows,)](
         logits, labels if has_labels else lse, logp if has_labels else lse, lse, ent if want_entropy else lse,
-        max(inner, 1), logits.stride(0), logits.stride(1), vocab, inv_temp, ignore_index,
+        max(inner, 1), logits.stride(0), logits.stride(1), vocab, temperature, ignore_index,
         HAS_LABELS=has_labels, WANT_ENTROPY=want_entropy, BLOCK_V=block, num_warps=warps,
     )
 
 
 def logprobs_bwd(
     grad_logp: torch.Tensor | None, grad_ent: torch.Tensor | None, logits: torch.Tensor,
-    labels: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None, inv_temp: float,
+    labels: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None, temperature: float,
     ignore_index: int, grad_logits: torch.Tensor,
 ) -> None:
     """Writes d logits into grad_logits ([outer, inner, V], unit stride over V; may be logits)."""
@@ -144,7 +162,7 @@ def logprobs_bwd(
         lse, ent if ent is not None else lse,
         max(inner, 1), logits.stride(0), logits.stride(1),
         max(grad_logits.shape[1], 1), grad_logits.stride(0), grad_logits.stride(1),
-        vocab, inv_temp, ignore_index,
+        vocab, temperature, ignore_index,
         HAS_LABELS=labels is not None, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
         BLOCK_V=block, num_warps=warps,
     )

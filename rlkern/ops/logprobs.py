@@ -62,7 +62,7 @@ def _run_forward(logits: Tensor, labels: Tensor, temperature: float, ignore_inde
     else:
         from rlkern.kernels import logprobs as tk
 
-        tk.logprobs_fwd(rows, flat, 1.0 / temperature, ignore_index, *flat_out)
+        tk.logprobs_fwd(rows, flat, temperature, ignore_index, *flat_out)
     return logp, lse, ent
 
 
@@ -104,7 +104,7 @@ def _run_backward(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: T
     else:
         from rlkern.kernels import logprobs as tk
 
-        tk.logprobs_bwd(gl, gh, rows, flat, lse_f, ent_f, 1.0 / temperature, ignore_index, out_rows)
+        tk.logprobs_bwd(gl, gh, rows, flat, lse_f, ent_f, temperature, ignore_index, out_rows)
 
 
 @torch.library.custom_op("rlkern::logprobs_bwd", mutates_args=())

@@ -185,7 +185,7 @@ def test_tiny_temperature_still_accepted(backend):
 
 
 def _grads(make_logits, labels, inplace):
-    leaf = torch.randn(*SRC_SHAPE, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    leaf = _source().requires_grad_()
     x = make_logits(leaf)
     w = torch.linspace(-2, 3, labels.numel()).reshape(labels.shape)
     lp, h = ops.logprobs_and_entropy(x, labels, temperature=0.8, inplace_backward=inplace)
@@ -194,6 +194,12 @@ def _grads(make_logits, labels, inplace):
 
 
 SRC_SHAPE = (2, 4, 4, 40)
+
+
+def _source() -> torch.Tensor:
+    """The same values every call (a seeded CPU generator), on the suite's default device."""
+    cpu = torch.randn(*SRC_SHAPE, generator=torch.Generator().manual_seed(0), device="cpu")
+    return cpu.to(torch.get_default_device())
 UNSAFE_LAYOUTS = {
     # prompt logits expanded over a group of 3 samples: three rows share one memory row
     "expanded": (lambda leaf: (leaf * 1.0)[0, 0].unsqueeze(0).expand(3, 4, 40), (3, 4)),
@@ -216,8 +222,7 @@ def test_inplace_backward_falls_back_where_unsafe(kernel_backend, layout):
     expected, _ = _grads(make, labels, inplace=False)
     got, leaf_after = _grads(make, labels, inplace=True)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-    original = torch.randn(*SRC_SHAPE, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(leaf_after, original), "the leaf's values were overwritten"
+    assert torch.equal(leaf_after, _source()), "the leaf's values were overwritten"
 
 
 def test_inplace_backward_still_in_place_for_sliced_logits(kernel_backend):

@@ -110,10 +110,16 @@ def _drive_launchers(modules) -> None:
                 for m in (mask, None):
                     for g in (out, None):
                         masked.masked_affine(x, m, g, coef, coef, coef, coef, merge_all, torch.empty_like(x))
-            for kind in (losses.POLICY, losses.GRPO, losses.VALUE):
-                for adv in (x, _meta(shape[:1], dtype)):
-                    for weights in (x, _meta((0,), dtype)):
-                        for dual in (3.0, float("inf")):
+            # What rlkern/ops/losses.py passes: per-token or per-sequence advantages (value_loss: the
+            # returns, per token); importance weights and the dual clip for policy_loss only. A kind
+            # added to kernels/losses.py later gets the full product.
+            kinds = [v for k, v in vars(losses).items() if k.isupper() and isinstance(v, int) and k != "N_PARTIALS"]
+            for kind in kinds:
+                known = kind in (losses.GRPO, getattr(losses, "GRPO_BC", None), losses.VALUE)
+                per_token_only = kind == losses.VALUE
+                for adv in (x,) if per_token_only else (x, _meta(shape[:1], dtype)):
+                    for weights in (_meta((0,), dtype),) if known else (x, _meta((0,), dtype)):
+                        for dual in (float("inf"),) if known else (3.0, float("inf")):
                             for per_row in (True, False):
                                 losses.losses_fwd(x, x, adv, x, weights, mask, kind, 0.2, 0.2, dual, 0.04, 0.2,
                                                   per_row, -1.0, _meta(()), _meta((6,)), _meta(shape[:1]))

@@ -19,8 +19,9 @@ BLOCK = 1024
 def _k3_parts(r, lo, hi):
     """(expm1(rc), expm1(rc) - rc) for rc = r clamped to [lo, hi]: below |rc| = 1/2 both from the
     Taylor series expm1(x) = x + x^2 (1/2! + x/3! + ... + x^7/9!), which keeps k3 = x^2 (...)
-    free of the cancellation in e^x - 1 - x."""
-    x = tl.minimum(tl.maximum(r, lo), hi)
+    free of the cancellation in e^x - 1 - x. A NaN r skips the clamp (tl.maximum / tl.minimum
+    return the non-NaN operand), so value and gradient are NaN as on the other backends."""
+    x = tl.where(r != r, r, tl.minimum(tl.maximum(r, lo), hi))
     q = 1.0 / 362880.0
     q = q * x + 1.0 / 40320.0
     q = q * x + 1.0 / 5040.0
@@ -45,7 +46,7 @@ def _kl_value(d, lo, hi, value_bound, ESTIMATOR: tl.constexpr):
         v = 0.5 * d * d
     else:
         _, k3 = _k3_parts(-d, lo, hi)
-        v = tl.minimum(tl.maximum(k3, -value_bound), value_bound)
+        v = tl.where(k3 != k3, k3, tl.minimum(tl.maximum(k3, -value_bound), value_bound))
     return v
 
 
@@ -75,7 +76,8 @@ def _kl_bwd_kernel(g_ptr, lp_ptr, rf_ptr, dx_ptr, n, lo, hi, value_bound, ESTIMA
     else:
         r = -d
         em1, value = _k3_parts(r, lo, hi)
-        active = (r >= lo) & (r <= hi) & (value >= -value_bound) & (value <= value_bound)
+        # 0 where a clamp is active; a NaN r fails every test but is no clamp: its slope stays NaN.
+        active = ((r >= lo) & (r <= hi) & (value >= -value_bound) & (value <= value_bound)) | (r != r)
         slope = tl.where(active, -em1, 0.0)
     tl.store(dx_ptr + offs, (g * slope).to(dx_ptr.dtype.element_ty), mask=inside)
 

@@ -74,6 +74,9 @@ def _linear_logprobs_fwd_kernel(
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.zeros((BLOCK_N,), tl.float32)
+    # A NaN or +inf logit makes its token NaN (as in csrc/linear_logprobs.cpp) through S itself: a
+    # NaN z gives e = NaN, a +inf z makes m = +inf and its d = inf - inf = NaN; once S is NaN the
+    # rescale below keeps it NaN (S * 0). No extra per-row state: it would spill on sm_80.
     for v0 in range(0, vocab, BLOCK_V):
         w_rows = w_ptr + (v0 + cols).to(tl.int64)[:, None] * hidden_size
         z = _logits_tile(h_rows, w_rows, b_ptr, row_ok, cols, v0, vocab, hidden_size, inv_temp,
@@ -87,14 +90,14 @@ def _linear_logprobs_fwd_kernel(
         s = s * c
         m = m_new
         d = z - m[:, None]
-        e = tl.where(z > NEG_INF, tl.exp(d), 0.0)  # -inf logits add 0, and no NaN through d
+        e = tl.where(z != NEG_INF, tl.exp(d), 0.0)  # -inf logits add 0; a NaN z passes the test
         s += tl.sum(e, axis=1)
         if WANT_ENTROPY:
             t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
         # (Padding columns past the shard are -inf and must not match a label of a later shard.)
         hit = ((v0 + cols)[None, :] == local[:, None]) & ((v0 + cols)[None, :] < vocab)
         zy += tl.sum(tl.where(hit, z, 0.0), axis=1)
-    alive = s > 0  # False only for a token whose every logit is -inf
+    alive = s != 0  # False only for a token whose every logit is -inf; a NaN S stays NaN
     log_s = tl.log(tl.where(alive, s, 1.0))
     tl.store(lse_ptr + offs_n, tl.where(alive, m + log_s, NEG_INF), mask=row_ok)
     tl.store(ent_ptr + offs_n, tl.where(alive, log_s - t / tl.where(alive, s, 1.0), 0.0), mask=row_ok)
@@ -120,7 +123,7 @@ def _linear_logprobs_bwd_kernel(
                      HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
     y = tl.load(labels_ptr + offs_n, mask=row_ok, other=ignore_index)
     lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=NEG_INF)
-    alive = lse > NEG_INF
+    alive = lse != NEG_INF  # a NaN lse (a NaN / +inf logit in the row) stays alive: its gradient is NaN
     g = tl.zeros((BLOCK_N,), tl.float32)
     if HAS_GRAD_LOGP:
         g = tl.where((y != ignore_index) & alive, tl.load(grad_logp_ptr + offs_n, mask=row_ok, other=0.0), 0.0)
@@ -131,8 +134,9 @@ def _linear_logprobs_bwd_kernel(
         h = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
     # d z_j = g (1[j=y] - p_j) - gh p_j (z_j - lse + H), d x = d z / temperature.
     d = z - lse[:, None]
-    p = tl.where(z > NEG_INF, tl.exp(d), 0.0)
-    dz = tl.where(p > 0, -p * (g[:, None] + gh[:, None] * (d + h[:, None])), 0.0)
+    p = tl.where(z != NEG_INF, tl.exp(d), 0.0)  # != keeps a NaN logit's p NaN (> would make it 0)
+    # p == 0 (not p > 0) selects the zero terms, so that a NaN p keeps the row's gradient NaN.
+    dz = tl.where(p == 0, 0.0, -p * (g[:, None] + gh[:, None] * (d + h[:, None])))
     local = tl.where(y == ignore_index, -1, y - vocab_start).to(tl.int32)
     is_label = (v0 + cols)[None, :] == local[:, None]
     dz = (dz + tl.where(is_label, g[:, None], 0.0)) * inv_temp

@@ -198,6 +198,8 @@ def shard_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
     lse, ent, zy = (torch.empty(n, device=hidden.device) for _ in range(3))
     tk.linear_logprobs_fwd(hidden, weight, bias32, labels, inv_temp, ignore_index, vocab_start, want_entropy,
                            lse, ent, zy)
+    if want_entropy:  # the same ln V cap as _finalize (rounding of a near-uniform row); NaN stays NaN
+        torch.minimum(ent, ent.new_tensor(math.log(weight.shape[0])), out=ent)
     return lse, ent, zy
 
 

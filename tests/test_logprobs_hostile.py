@@ -78,6 +78,18 @@ def test_nan_and_posinf_poison_the_row(backend, value, position):
     assert x.grad[1:].isnan().all(), "every gradient entry of a poisoned row is NaN (torch gives NaN * 0)"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_poison_in_half_dtypes(backend, dtype):
+    """bf16 / fp16 NaN and +inf survive the kernels' widening loads and the gradient's narrowing store."""
+    logits, labels = _poisoned_rows(NAN, [2048])
+    logits[2, 9] = INF
+    x = logits.to(dtype).requires_grad_()
+    logp, ent = ops.logprobs_and_entropy(x, labels)
+    assert torch.isfinite(logp[0]) and logp[[1, 3]].isnan().all() and ent[1:].isnan().all() and logp[2] == 0
+    (logp.sum() + ent.sum()).backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad[0]).all() and x.grad[1:].isnan().all()
+
+
 @pytest.mark.parametrize("value, match", [(NAN, "NaN"), (INF, r"\+inf")])
 def test_nan_check_raises_with_first_index(backend, value, match):
     logits = torch.randn(3, 2, 50)

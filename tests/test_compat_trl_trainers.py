@@ -240,3 +240,55 @@ def test_dpo_trainer_runs_on_rlkern_and_matches(tmp_path, config):
             "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
             "mean_token_accuracy")
     assert_same_metrics(base, fused, keys)
+
+
+OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+@pytest.mark.parametrize("case", ["plain", "bias-temperature-scale", "ties", "empty"])
+def test_fused_head_stand_in_matches_trl_kernel(case):
+    """rlkern's stand-in for TRL's ChunkedLogProbFunction against TRL's own (its CPU path), values
+    and gradients: bias, temperature and logit_scale (folded into the temperature), exact ties (all
+    logits equal: TRL's top-1 rule picks the first id), and no tokens at all."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction as trl_head
+
+    stand_in = _trl_fused.wrap_chunked_logprob(trl_head)
+    g = torch.Generator().manual_seed(0)
+    n, h, v = {"empty": (0, 8, 11)}.get(case, (13, 8, 37))
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.5
+    bias, temperature, scale = None, 1.0, 1.0
+    if case == "bias-temperature-scale":
+        bias, temperature, scale = torch.randn(v, generator=g), 0.7, 2.5
+    if case == "ties":
+        weight = torch.zeros(v, h)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[:2] = 0 if n else targets[:2]
+    grads = torch.randn(2, n, generator=g)
+    results = []
+    for head in (trl_head, stand_in):
+        hh, ww = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp, ent, _, mean_logits, top1 = head.apply(hh, ww, bias, targets, temperature, 32768, None, scale,
+                                                   OUTPUTS)
+        (lp * grads[0] + ent * grads[1]).sum().backward()
+        results.append((lp, ent, mean_logits, hh.grad, ww.grad, top1))
+    (want, got) = results
+    # Both are fp32 and differ from a float64 evaluation by ~1e-6 of the largest gradient (checked:
+    # rlkern's error is the smaller one); the 1/T * scale = 3.6 factor makes gradients of order 20.
+    names = ("log_probs", "entropy", "mean_logits", "d hidden", "d weight")
+    for w, x, what in zip(want[:5], got[:5], names):
+        torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-4, msg=what)
+    assert torch.equal(got[5], want[5])
+
+
+def test_fused_head_softcap_falls_back_to_trl():
+    """Gemma-style final_logit_softcapping is not fused: TRL's kernel runs, with one warning."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction as trl_head
+
+    stand_in = _trl_fused.wrap_chunked_logprob(trl_head)
+    _trl_fused._warned.clear()
+    hidden, weight, targets = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
+    before = trl_shim.calls["linear_logprobs"]
+    with pytest.warns(RuntimeWarning, match="final_logit_softcapping"):
+        got = stand_in.apply(hidden, weight, None, targets, 1.0, 32768, 30.0, 1.0, ("log_probs",))
+    want = trl_head.apply(hidden, weight, None, targets, 1.0, 32768, 30.0, 1.0, ("log_probs",))
+    assert torch.equal(got[0], want[0]) and trl_shim.calls["linear_logprobs"] == before

@@ -232,6 +232,15 @@ def test_cpp_kernel_checks_labels_itself():
         torch.ops.rlkern_C.logprobs_fwd(rows, torch.tensor([1, 9]), 1.0, -100, *out)
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 0.0, -1.0, 1e39])
+def test_cpp_kernel_checks_temperature_itself(temperature):
+    """Called directly, the C++ kernel refuses a temperature that is not a positive float32 with a
+    finite reciprocal (it divides by float32(T) and multiplies by float32(1/T))."""
+    out = [torch.empty(2), torch.empty(2), torch.empty(0)]
+    with pytest.raises(RuntimeError, match="temperature must be a positive float32"):
+        torch.ops.rlkern_C.logprobs_fwd(torch.randn(1, 2, 5), torch.tensor([1, 2]), temperature, -100, *out)
+
+
 def test_backend_selection(monkeypatch):
     logits, labels = _make((2,), 9, torch.float32)
     monkeypatch.setenv("RLKERN_BACKEND", "torch")

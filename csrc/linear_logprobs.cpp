@@ -220,6 +220,12 @@ constexpr int kBlockRows = 6;       // tokens per register block: 12 accumulator
 constexpr int64_t kDepth = 256;     // k per packed slice: 256 x 32 fp32 = 32 KiB
 constexpr int64_t kRowsPerTask = 16 * kBlockRows;
 
+// x in every lane as one vbroadcastss (splat's 0 + x adds a scalar add per row and k here).
+RLKERN_INLINE vfloat broadcast(float x) {
+  const vfloat v = {x};
+  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+
 template <typename T, int R>
 RLKERN_INLINE void logits_block(const T* a, int64_t lda, const float* panel, int64_t depth, float* c, int64_t ldc,
                                 int64_t cols, bool first) {
@@ -238,7 +244,7 @@ RLKERN_INLINE void logits_block(const T* a, int64_t lda, const float* panel, int
   for (int64_t k = 0; k < depth; ++k) {
     const vfloat b0 = load16(panel + k * kPanel), b1 = load16(panel + k * kPanel + kLanes);
     for (int i = 0; i < R; ++i) {
-      const vfloat x = splat(static_cast<float>(a[i * lda + k]));
+      const vfloat x = broadcast(static_cast<float>(a[i * lda + k]));
       acc[i][0] += x * b0;
       acc[i][1] += x * b1;
     }
@@ -443,10 +449,6 @@ RLKERN_INLINE void accumulate_range(int64_t begin, int64_t end, float* acc, cons
   }                                                                                                     \
   RLKERN_CLONES void accumulate_##SUFFIX(int64_t b, int64_t e, float* acc, const T* part) {              \
     accumulate_range<T>(b, e, acc, part);                                                               \
-  }                                                                                                     \
-  RLKERN_CLONES void logits_##SUFFIX(int64_t b, int64_t e, const T* h, const T* w, const LogitsGeometry& g, \
-                                     float* out) {                                                      \
-    logits_tasks<T>(b, e, h, w, g, out);                                                                \
   }
 RLKERN_TILE_KERNELS(float, f32)
 RLKERN_TILE_KERNELS(c10::BFloat16, bf16)
@@ -485,16 +487,9 @@ void accumulate_dispatch(int64_t b, int64_t e, float* acc, const c10::BFloat16* 
 }
 void accumulate_dispatch(int64_t b, int64_t e, float* acc, const c10::Half* part) { accumulate_f16(b, e, acc, part); }
 
-void logits_dispatch(int64_t b, int64_t e, const float* h, const float* w, const LogitsGeometry& g, float* out) {
-  logits_f32(b, e, h, w, g, out);
-}
-void logits_dispatch(int64_t b, int64_t e, const c10::BFloat16* h, const c10::BFloat16* w, const LogitsGeometry& g,
-                     float* out) {
-  logits_bf16(b, e, h, w, g, out);
-}
-void logits_dispatch(int64_t b, int64_t e, const c10::Half* h, const c10::Half* w, const LogitsGeometry& g,
-                     float* out) {
-  logits_f16(b, e, h, w, g, out);
+RLKERN_CLONES void logits_f32(int64_t b, int64_t e, const float* h, const float* w, const LogitsGeometry& g,
+                              float* out) {
+  logits_tasks<float>(b, e, h, w, g, out);
 }
 
 TileGeometry tile_geometry(const at::Tensor& tile, int64_t vocab_start) {
@@ -595,13 +590,17 @@ void lm_logits(const at::Tensor& hidden, const at::Tensor& weight, at::Tensor ou
     return;
   }
 #endif
+  if (hidden.scalar_type() != at::kFloat) {
+    // fp16 (and bf16 without AMX): widened once (exact), then the fp32 loop; converting in its inner
+    // loop cost 2.5x (fp16 -> fp32 per broadcast element).
+    dispatch_storage_type(hidden.scalar_type(), "hidden", [](auto) {});
+    lm_logits(hidden.to(at::kFloat), weight.to(at::kFloat), out);
+    return;
+  }
   const int64_t tasks = ((g.cols + kPanel - 1) / kPanel) * ((g.rows + kRowsPerTask - 1) / kRowsPerTask);
-  dispatch_storage_type(hidden.scalar_type(), "hidden", [&](auto tag) {
-    using T = decltype(tag);
-    const T* h = static_cast<const T*>(hidden.data_ptr());
-    const T* w = static_cast<const T*>(weight.data_ptr());
-    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { logits_dispatch(b, e, h, w, g, o); });
-  });
+  const float* h = hidden.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { logits_f32(b, e, h, w, g, o); });
 }
 
 // acc (fp32) += part (fp32 / bf16 / fp16), both contiguous and of the same shape.

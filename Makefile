@@ -48,7 +48,7 @@ bench: build
 
 # On a CUDA machine, with the python whose torch you use (PYTHON=...): build rlkern._C against it
 # (no network), the suite on CUDA tensors, the GPU benchmark and a 3-step GRPO run on the GPU; all
-# output in GPU_CHECK_OUT (default gpu-check/, or $$RLKERN_GPU_CHECK_OUT). See benchmarks/gpu_check.py.
+# output in GPU_CHECK_OUT (default: the env var RLKERN_GPU_CHECK_OUT, else gpu-check/). See benchmarks/gpu_check.py.
 # Without a CUDA device it says so in one line and exits 2.
 gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))

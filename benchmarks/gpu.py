@@ -16,7 +16,9 @@ Columns: median ms (CUDA events, L2 flushed between calls: triton.testing.do_ben
 bytes the case must move (TFLOP/s of the three GEMMs for linear_logprobs), % of the floor, and the
 extra peak of torch.cuda.max_memory_allocated over what was live before the call. The floor of a
 memory-bound case is its bytes at the bandwidth of a device-to-device copy measured in the same
-run; the floor of linear_logprobs is torch.matmul running its three GEMMs.
+run; the floor of linear_logprobs is torch.matmul running its three GEMMs. Bytes counted: logits
+forward = one read; forward+backward = two reads and one write of d logits; RL maths = each [B, T]
+input read once and each [B, T] output (advantages and returns, whitened x, d logp) written once.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -71,7 +73,6 @@ class Row:
     pct_floor: float | None = None
     peak_mib: float | None = None
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------

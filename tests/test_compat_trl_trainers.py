@@ -140,6 +140,7 @@ def grpo_trainer(tmp_path, **config):
     dict(loss_type="bnpo", beta=0.1, num_iterations=2, use_bias_correction_kl=False),
     dict(loss_type="dr_grpo", gradient_accumulation_steps=2),
     dict(loss_type="dapo", beta=0.04, steps_per_generation=2, num_iterations=2),
+    dict(loss_type="bnpo", entropy_coef=0.05, gradient_accumulation_steps=2),
 ], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_grpo_trainer_runs_on_rlkern_and_matches(tmp_path, config):
     make = grpo_trainer(tmp_path, **config)
@@ -152,6 +153,7 @@ def test_grpo_trainer_runs_on_rlkern_and_matches(tmp_path, config):
         assert c["linear_logprobs"] >= c["grpo_loss"] >= 1, (step, c)
         assert not any(k.startswith("fallback") for k in c), (step, c)
     keys = GRPO_KEYS + (("kl",) if config.get("beta") else ())
+    keys += ("policy_loss", "entropy_coef") if config.get("entropy_coef") else ()
     assert_same_metrics(base, fused, keys)
 
 

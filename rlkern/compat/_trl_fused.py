@@ -195,8 +195,8 @@ def _grpo_fallback_reason(trainer, inputs) -> str | None:
         return "off_policy_mask_threshold"
     if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
         return "vllm_importance_sampling_correction"
-    if getattr(trainer, "_entropy_bonus_enabled", False):
-        return "the entropy bonus (entropy_coef / adaptive entropy)"
+    if getattr(trainer, "use_adaptive_entropy", False):
+        return "use_adaptive_entropy (the adaptive entropy controller)"
     if trainer.aux_loss_enabled:
         return "the MoE router aux loss"
     if not 0.0 <= trainer.epsilon_low < 1.0:
@@ -241,6 +241,22 @@ def _log_grpo_metrics(trainer, mode: str, stats: dict, per_token_logps, old, adv
         metrics["clip_ratio/high_max"].append(nanmax(gather((high * mask).sum(-1) / per_seq)).item())
 
 
+def _add_entropy_bonus(trainer, mode: str, loss: Tensor, entropies: Tensor, mask: Tensor) -> Tensor:
+    """TRL's static entropy bonus (``entropy_coef``, the documented objective L = L_policy - coef * H):
+    H is the masked mean entropy of the micro-batch, divided by the accumulation steps only (never by
+    a loss type's normaliser); TRL then logs the policy loss before the bonus (for grpo/bnpo/dr_grpo
+    before the accumulation division, for dapo after its normaliser) and the coefficient."""
+    train = mode == "train"
+    accumulation = trainer.current_gradient_accumulation_steps if train else 1
+    policy_loss = loss.detach() * (1 if trainer.loss_type == "dapo" else accumulation)
+    entropy = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+    metrics = trainer._metrics[mode]
+    metrics["policy_loss"].append(trainer.accelerator.gather(policy_loss).nanmean().item())
+    if train and trainer.accelerator.sync_gradients:
+        metrics["entropy_coef"].append(trainer.entropy_coef)
+    return loss - trainer.entropy_coef * entropy
+
+
 def wrap_grpo_compute_loss(original):
     """``GRPOTrainer._compute_loss`` with the loss from rlkern.ops.grpo_loss; the original for the
     options rlkern does not fuse (each named once in a warning)."""
@@ -271,6 +287,8 @@ def wrap_grpo_compute_loss(original):
             gradient_accumulation_steps=self.current_gradient_accumulation_steps if train else 1,
             steps_per_generation=self.args.steps_per_generation if train else 1,
             num_processes=self.accelerator.num_processes)
+        if getattr(self, "_entropy_bonus_enabled", False):
+            loss = _add_entropy_bonus(self, mode, loss, entropies, mask)
         _log_grpo_metrics(self, mode, stats, per_token_logps, old, inputs["advantages"], entropies, mask)
         return loss
 

@@ -1,7 +1,7 @@
 """`make gpu-check` (benchmarks/gpu_check.py) and its benchmark (benchmarks/gpu.py), checked on the
 CPU: the one-line refusal without CUDA, the steps and their environment, the step bookkeeping, the
 benchmark's plan (every case of issue #8 with every implementation), and every non-compiled
-implementation of the plan run once on tiny CPU tensors (Triton through the interpreter)."""
+implementation of the plan run once on tiny tensors (CPU: Triton through the interpreter)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from benchmarks import gpu, gpu_check
+from tests.conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,9 +81,10 @@ def test_benchmark_plan_is_the_issue_table():
 
 
 def test_every_eager_and_rlkern_implementation_runs_on_small_cpu_inputs():
-    """The benchmark's calls are wired right: each runs once; forward rlkern matches the eager peer."""
+    """The benchmark's calls are wired right: each runs once (on the suite's device); forward rlkern
+    matches the eager peer."""
     torch.manual_seed(0)
-    for case in gpu.plan(device="cpu", small=True):
+    for case in gpu.plan(device=str(DEVICE), small=True):
         tensors = case.inputs()
         outs = {}
         for impl in case.impls:

@@ -283,16 +283,17 @@ RLKERN_INLINE void logits_tasks(int64_t begin, int64_t end, const T* hidden, con
       }
       const bool first = k0 == 0;
       int64_t i = row0;
+      const auto a = [&] { return hidden + i * g.depth + k0; };
+      const auto c = [&] { return out + i * g.ldo + col0; };
       for (; i + kBlockRows <= row_end; i += kBlockRows) {
-        logits_block<T, kBlockRows>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo,
-                                    cols, first);
+        logits_block<T, kBlockRows>(a(), g.depth, panel, depth, c(), g.ldo, cols, first);
       }
       switch (row_end - i) {  // the same per-logit arithmetic on fewer rows
-        case 5: logits_block<T, 5>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo, cols, first); break;
-        case 4: logits_block<T, 4>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo, cols, first); break;
-        case 3: logits_block<T, 3>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo, cols, first); break;
-        case 2: logits_block<T, 2>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo, cols, first); break;
-        case 1: logits_block<T, 1>(hidden + i * g.depth + k0, g.depth, panel, depth, out + i * g.ldo + col0, g.ldo, cols, first); break;
+        case 5: logits_block<T, 5>(a(), g.depth, panel, depth, c(), g.ldo, cols, first); break;
+        case 4: logits_block<T, 4>(a(), g.depth, panel, depth, c(), g.ldo, cols, first); break;
+        case 3: logits_block<T, 3>(a(), g.depth, panel, depth, c(), g.ldo, cols, first); break;
+        case 2: logits_block<T, 2>(a(), g.depth, panel, depth, c(), g.ldo, cols, first); break;
+        case 1: logits_block<T, 1>(a(), g.depth, panel, depth, c(), g.ldo, cols, first); break;
         default: break;
       }
     }

@@ -112,8 +112,8 @@ def check_temperature(value, name: str = "temperature") -> float:
     if torch.compiler.is_compiling():
         return value
     if value <= _MIN_TEMPERATURE:
-        raise ValueError(f"{name} must be > {_MIN_TEMPERATURE:.3g} (its reciprocal, which scales the logits in "
-                         f"float32, overflows below that), got {value}")
+        raise ValueError(f"{name} must be > {_MIN_TEMPERATURE:.3g} (its reciprocal, which scales the logits "
+                         f"in float32, overflows below that), got {value}")
     return value
 
 

@@ -316,8 +316,13 @@ def _validate(hidden, weight, labels, bias, temperature, chunk_size) -> float:
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     check_labels(labels, "labels", hidden.shape[:-1])
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1 (vocabulary rows per tile), got {chunk_size!r}")
+    if chunk_size is not None:
+        try:
+            ok = check_int(chunk_size, "chunk_size") >= 1  # Python or numpy ints, not bool
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"chunk_size must be None or an int >= 1 (vocabulary rows per tile), got {chunk_size!r}")
     return check_temperature(temperature, "temperature")
 
 
@@ -513,6 +518,10 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
         temperature: as for :func:`linear_logprobs`.
         chunk_size: tile override: tokens per full-vocabulary tile on the fp32 CPU path, vocabulary
             rows per tile otherwise (as for :func:`linear_logprobs`).
+
+    The per-token inputs are checked against ``labels``' shape (a ValueError naming the argument).
+    A NaN or +inf logit makes that token's log-prob NaN, as in :func:`linear_logprobs`; the loss is
+    then what ``grpo_loss`` makes of a NaN log-prob.
 
     Returns:
         ``(loss, stats)`` as from ``grpo_loss``; the gradient reaches ``hidden`` and ``weight``.

@@ -4,8 +4,9 @@
 //   policy / grpo:  r = exp(clamp(logp - old, -20, 20)),  lo = 1 - clip_low, hi = 1 + clip_high
 //                   l = max(-A r, -A clamp(r, lo, hi))                  PPO-clip (clip-higher bounds)
 //                   l = min(l, -A c) where A < 0                        dual clip (c = +inf: off)
-//                   l *= w                                              optional importance weight
+//                   l *= w                                              optional per-token weight
 //                   grpo: l += beta * k3,  k3 = e^d - d - 1,  d = clamp(ref - logp, -20, 20)
+//                         (after the weight: TRL masks / IS-weights the surrogate, not the KL)
 //                   grpo_bc: l += beta * k3 * r  (TRL's use_bias_correction_kl: the KL term
 //                            importance-weighted by the unclipped ratio; kind 3)
 //   value:          l = 1/2 max((v - R)^2, (clamp(v, v_old - clip, v_old + clip) - R)^2)
@@ -13,6 +14,12 @@
 // D is a constant (B, T, B * L, a global token count) or a count this pass finds (valid tokens, or
 // rows with a valid token), at least 1. Masked-out positions are never read into a result: padding
 // may hold anything, even NaN.
+//
+// NaN (issue 9), as rlkern.reference: a NaN in any input of a valid token makes that token's loss and
+// its gradient NaN, and so the loss; every clamp and max / min here propagates NaN as torch.clamp /
+// torch.maximum do (a plain `a > b ? a : b` returns the non-NaN operand). A clip / dual flag of a
+// token whose clipped surrogate is NaN counts as NaN, so the clip fractions are NaN too; approx_kl
+// and k3 are NaN through their own values. Masked-out tokens never contribute, NaN or not.
 //
 // Forward: one pass over the rows writes per-row partial sums (loss, count, the clip counters, the KL
 // sums); a serial loop in a fixed order then combines them in double, so the result does not depend on
@@ -55,13 +62,17 @@ RLKERN_INLINE vfloat load_mask_tail(const uint8_t* p, int64_t n) {
   return load_mask16(buf);
 }
 
-// exp(x) for the clamped log-ratios, x in [-20, 20]. vexp_nonpos is exact on this whole range: its
-// only clamp is at the low end, and for x <= 88 the 2^n it builds (n + 127 <= 254) is still a normal
-// float, so the positive side needs no separate code path.
-RLKERN_INLINE vfloat vexp_clamped(vfloat x) { return vexp_nonpos(x); }
+// exp(x) for the clamped log-ratios, x in [-20, 20] or NaN. vexp_nonpos is exact on this whole range:
+// its only clamp is at the low end, and for x <= 88 the 2^n it builds (n + 127 <= 254) is still a
+// normal float, so the positive side needs no separate code path. That clamp is a compare a NaN fails
+// (e^NaN would come out as e^-87.3), so NaN is added back: x - x is 0 for the finite x here, NaN for NaN.
+RLKERN_INLINE vfloat vexp_clamped(vfloat x) { return vexp_nonpos(x) + (x - x); }
 
-RLKERN_INLINE vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
-RLKERN_INLINE vfloat clampv(vfloat x, vfloat lo, vfloat hi) { return vmin(vmax(x, lo), hi); }
+// torch.maximum / torch.minimum: NaN if either operand is NaN (both compares fail, and a + b is NaN).
+RLKERN_INLINE vfloat vmax_nan(vfloat a, vfloat b) { return a < b ? b : (b <= a ? a : a + b); }
+RLKERN_INLINE vfloat vmin_nan(vfloat a, vfloat b) { return b < a ? b : (a <= b ? a : a + b); }
+// torch.clamp: NaN if x or a bound is NaN.
+RLKERN_INLINE vfloat clampv(vfloat x, vfloat lo, vfloat hi) { return vmin_nan(vmax_nan(x, lo), hi); }
 
 // 0/1 flags from comparisons, as -(float)(all-ones mask). Not `a > b ? 1 : 0`: GCC 12 folds products
 // and selects of such ternaries into one ?: on a combined (&) mask, which it then scalarises inside
@@ -71,6 +82,9 @@ RLKERN_INLINE vfloat gt(vfloat a, vfloat b) { return -__builtin_convertvector(a 
 RLKERN_INLINE vfloat eq(vfloat a, vfloat b) { return -__builtin_convertvector(a == b, vfloat); }
 // x where the 0/1 flag f is 1, else y: a select on a computed float, which GCC cannot fold.
 RLKERN_INLINE vfloat pick(vfloat f, vfloat x, vfloat y) { return f > splat(0.5f) ? x : y; }
+// A 0/1 flag read from `probe`'s comparisons, or NaN where probe is NaN (a comparison with NaN is
+// false, which would count the token as unclipped).
+RLKERN_INLINE vfloat flag_or_nan(vfloat f, vfloat probe) { return pick(eq(probe, probe), f, probe); }
 // x where valid (0/1) is 1, else +0.0, by clearing the bits: NaN / inf in padding never survive,
 // and a bitwise AND is not a select GCC could merge with the ones inside x.
 RLKERN_INLINE vfloat keep(vfloat x, vfloat valid) {
@@ -90,10 +104,11 @@ struct Consts {
 };
 
 struct TokenTerms {
-  vfloat loss;  // l (weights not applied)
+  vfloat loss;  // l without the KL term (weights not applied)
   vfloat grad;  // d l / d x, with x = logp (policy, grpo) or v (value)
   vfloat clipped, clip_high, clip_low, dual;  // 0/1 flags
-  vfloat neg_log_ratio, k3;
+  vfloat neg_log_ratio, k3;  // k3: the KL term per token (times r for grpo_bc); 0 for policy / value
+  vfloat kl_grad;            // beta * d k3 / d logp; the token's loss is w * loss + beta * k3
 };
 
 // x = logp, y = old_logp, a = advantage, z = ref_logp.
@@ -109,20 +124,21 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
   const vfloat neg_a = -a;
   const vfloat pg1 = neg_a * ratio, pg2 = neg_a * rc;
   const vfloat a1 = max_share(pg1, pg2);
-  const vfloat clip1 = vmax(pg1, pg2);  // torch.maximum (NaN-free inputs at valid tokens)
+  const vfloat clip1 = vmax_nan(pg1, pg2);  // torch.maximum
   const vfloat d_clip1 = neg_a * (a1 + (splat(1.f) - a1) * rc_pass);  // d clip1 / d ratio
   // Dual clip: for A < 0, min(clip1, -A c). With c = +inf (off) -A c = +inf and clip1 always wins.
   const vfloat pg3 = neg_a * c.dual;
   const vfloat neg = gt(splat(0.f), a);
   const vfloat b1 = max_share(pg3, clip1);  // torch.minimum share of clip1 = share of pg3 in a max
   t.dual = gt(clip1, pg3) * neg;
-  t.loss = pick(t.dual, pg3, clip1);  // = where(A < 0, min(pg3, clip1), clip1)
-  t.grad = pick(neg, d_clip1 * b1, d_clip1) * ratio * lr_pass;
-  t.clipped = gt(pg2, pg1);
-  t.clip_high = gt(ratio, c.hi) * gt(a, splat(0.f));
-  t.clip_low = gt(c.lo, ratio) * neg;
+  t.loss = pick(t.dual, pg3, clip1);  // = where(A < 0, min(pg3, clip1), clip1); NaN clip1 -> NaN
+  t.grad = pick(neg, d_clip1 * b1, d_clip1) * ratio * lr_pass;  // NaN where x, y or a is NaN
+  t.clipped = flag_or_nan(gt(pg2, pg1), clip1);
+  t.clip_high = flag_or_nan(gt(ratio, c.hi) * gt(a, splat(0.f)), clip1);
+  t.clip_low = flag_or_nan(gt(c.lo, ratio) * neg, clip1);
+  t.dual = flag_or_nan(t.dual, clip1);
   t.neg_log_ratio = -lr;
-  t.k3 = splat(0.f);
+  t.k3 = t.kl_grad = splat(0.f);
   if constexpr (kRef) {
     const vfloat d_raw = z - x;
     const vfloat d = clampv(d_raw, splat(-20.f), splat(20.f));
@@ -134,13 +150,10 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
     if constexpr (kBiasCorrected) {
       // k3 r: d/d logp = d_k3 r + k3 r lr_pass (r = e^lr, d lr / d logp = lr_pass). The k3 stat
       // reports the corrected term, as TRL's `kl` metric does.
-      t.grad += c.beta * (d_k3 * ratio + t.k3 * ratio * lr_pass);
+      t.kl_grad = c.beta * (d_k3 * ratio + t.k3 * ratio * lr_pass);
       t.k3 = t.k3 * ratio;
-      t.loss += c.beta * t.k3;
     } else {
-      // Weights (policy only) never reach here, so the KL term is added after them in either order.
-      t.loss += c.beta * t.k3;
-      t.grad += c.beta * d_k3;
+      t.kl_grad = c.beta * d_k3;
     }
   }
   return t;
@@ -155,11 +168,12 @@ RLKERN_INLINE TokenTerms value_terms(vfloat v, vfloat v_old, vfloat ret, const C
   const vfloat e1 = v - ret, e2 = vc - ret;
   const vfloat l1 = e1 * e1, l2 = e2 * e2;
   const vfloat a1 = max_share(l1, l2);
-  t.loss = splat(0.5f) * vmax(l1, l2);
-  t.grad = a1 * e1 + (splat(1.f) - a1) * e2 * vc_pass;  // 1/2 d(e^2) = e de
-  t.clipped = gt(l2, l1);
+  t.loss = splat(0.5f) * vmax_nan(l1, l2);
+  // 1/2 d(e^2) = e de. A NaN v, v_old or R makes e1 or e2 NaN, and both terms are always summed.
+  t.grad = a1 * e1 + (splat(1.f) - a1) * e2 * vc_pass;
+  t.clipped = flag_or_nan(gt(l2, l1), t.loss);
   t.clip_high = t.clip_low = t.dual = splat(0.f);
-  t.neg_log_ratio = t.k3 = splat(0.f);
+  t.neg_log_ratio = t.k3 = t.kl_grad = splat(0.f);
   return t;
 }
 
@@ -214,16 +228,17 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
     for (int64_t t0 = 0; t0 < r.len; t0 += kLanes) {
       const Block<T> k = load_block(r, b, t0, std::min<int64_t>(kLanes, r.len - t0));
       const TokenTerms t = terms<K>(k.x, k.y, k.a, k.z, c);
-      // Selects, not products with the mask: 0 * NaN from padding would poison the sums. The 0/1
-      // flags are finite, so for them a product is the same select.
+      // Selects, not products with the mask: 0 * NaN from padding would poison the sums (the flags
+      // too are NaN where a token's surrogate is).
       const vfloat v = k.valid;
-      const vfloat weighted = K == kPolicy ? t.loss * k.w : t.loss;
+      // k.w is 1 without weights; k3 is 0 for the policy and value kinds.
+      const vfloat weighted = t.loss * k.w + c.beta * t.k3;
       acc[kLossSum] += keep(weighted, v);
       acc[kCount] += v;
-      acc[kClipped] += v * t.clipped;
-      acc[kClipHigh] += v * t.clip_high;
-      acc[kClipLow] += v * t.clip_low;
-      acc[kDual] += v * t.dual;
+      acc[kClipped] += keep(t.clipped, v);
+      acc[kClipHigh] += keep(t.clip_high, v);
+      acc[kClipLow] += keep(t.clip_low, v);
+      acc[kDual] += keep(t.dual, v);
       acc[kNegLogRatio] += keep(t.neg_log_ratio, v);
       acc[kK3] += keep(t.k3, v);
     }
@@ -240,8 +255,7 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
       const int64_t n = std::min<int64_t>(kLanes, r.len - t0);
       const Block<T> k = load_block(r, b, t0, n);
       const TokenTerms t = terms<K>(k.x, k.y, k.a, k.z, c);
-      const vfloat w = K == kPolicy ? k.w : splat(1.f);
-      const vfloat d = keep(g * w * t.grad, k.valid);
+      const vfloat d = keep(g * (k.w * t.grad + t.kl_grad), k.valid);
       if (n == kLanes) store16(out + b * r.len + t0, d);
       else store_tail(out + b * r.len + t0, d, n);
     }
@@ -316,7 +330,7 @@ Rows<T> rows_of(int64_t kind, const at::Tensor& x, const at::Tensor& y, const at
   TORCH_CHECK(grpo || !has_ref, "ref_logp is used by the grpo kinds only");
   if (has_ref) same(z, "ref_logp");
   const bool has_w = w.defined() && w.numel() > 0;
-  TORCH_CHECK(!has_w || kind == kPolicy, "weights are supported by the policy kind only");
+  TORCH_CHECK(!has_w || kind != kValue, "weights are supported by the policy and grpo kinds only");
   if (has_w) same(w, "weights");
   TORCH_CHECK(mask.sizes() == x.sizes() && mask.is_contiguous() && mask.scalar_type() == at::kBool,
               "mask must be a contiguous bool [", B, ", ", L, "] tensor");

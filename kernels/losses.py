@@ -6,6 +6,12 @@ order into the loss, the stats and one aggregation scale per row; the backward k
 d x = grad * scale_row * w * d l / d x. Ties in max / min / clamp share the gradient exactly as
 torch.maximum / torch.minimum / torch.clamp do. The dual clip is compiled in only when it is on
 (HAS_DUAL), so -A * inf never produces a NaN to be discarded.
+
+NaN (issue 9), as rlkern.reference and the C++ kernels: every clamp and max propagates NaN
+(tl.maximum / tl.minimum default to returning the non-NaN operand), so a NaN in any input of a valid
+token makes its loss and gradient NaN; a clip / dual flag of a token whose clipped surrogate is NaN
+counts as NaN (a comparison with NaN is False, which would count the token as unclipped). Masked-out
+tokens never contribute: every sum selects with tl.where, never multiplies by the mask.
 """
 
 from __future__ import annotations
@@ -29,39 +35,57 @@ def _max_share(a, b):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """torch.maximum: NaN if either operand is NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _clamp_nan(x, lo, hi):
+    """torch.clamp: NaN if x or a bound is NaN."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _flag(cond, probe):
+    """cond as 1.0 / 0.0, or NaN where probe (the clipped surrogate) is NaN."""
+    return tl.where(probe != probe, probe, tl.where(cond, 1.0, 0.0))  # noqa: PLR0124 (a NaN test)
+
+
+@triton.jit
 def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: tl.constexpr):
-    """Per-token (loss, d loss / d x, clipped, clip_high, clip_low, dual, -log r, k3) for 16+ lanes."""
+    """Per-token (loss, d loss / d x, clipped, clip_high, clip_low, dual, -log r, k3, beta d k3 / d x)
+    for 16+ lanes: the loss and its gradient without the KL term, which is added after the per-token
+    weight (TRL weights the surrogate, not the KL): the token's loss is w * loss + beta * k3."""
     zero = tl.zeros_like(x)
     if KIND == 2:  # value: x = v, y = v_old, a = returns
         vlo = y - vclip
         vhi = y + vclip
-        vc = tl.minimum(tl.maximum(x, vlo), vhi)
+        vc = _clamp_nan(x, vlo, vhi)
         vc_pass = tl.where((x >= vlo) & (x <= vhi), 1.0, 0.0)
         e1 = x - a
         e2 = vc - a
         l1 = e1 * e1
         l2 = e2 * e2
         a1 = _max_share(l1, l2)
-        loss = 0.5 * tl.where(l1 > l2, l1, l2)
-        grad = a1 * e1 + (1.0 - a1) * e2 * vc_pass
-        clipped = l2 > l1
-        false = zero != zero  # all False, with x's shape
-        return loss, grad, clipped, false, false, false, zero, zero
+        loss = 0.5 * _max_nan(l1, l2)
+        grad = a1 * e1 + (1.0 - a1) * e2 * vc_pass  # both terms always summed: NaN in, NaN out
+        return loss, grad, _flag(l2 > l1, loss), zero, zero, zero, zero, zero, zero
     else:  # policy / grpo: x = logp, y = old_logp, a = advantage, z = ref_logp
         lr_raw = x - y
-        lr = tl.minimum(tl.maximum(lr_raw, -20.0), 20.0)
+        lr = _clamp_nan(lr_raw, -20.0, 20.0)
         lr_pass = tl.where((lr_raw >= -20.0) & (lr_raw <= 20.0), 1.0, 0.0)
         ratio = tl.exp(lr)
-        rc = tl.minimum(tl.maximum(ratio, lo), hi)
+        rc = _clamp_nan(ratio, lo, hi)
         rc_pass = tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0)
         pg1 = -a * ratio
         pg2 = -a * rc
         a1 = _max_share(pg1, pg2)
-        clip1 = tl.where(pg1 > pg2, pg1, pg2)
+        clip1 = _max_nan(pg1, pg2)
         d_clip1 = -a * (a1 + (1.0 - a1) * rc_pass)
         negative = a < 0.0
         loss = clip1
-        grad = d_clip1 * ratio * lr_pass
+        grad = d_clip1 * ratio * lr_pass  # NaN where x, y or a is NaN (0 * NaN)
         dual_on = negative & (a != a)  # all False
         if HAS_DUAL:  # A < 0 only: min(clip1, -A c)
             pg3 = -a * dual
@@ -70,20 +94,21 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: 
             grad = tl.where(negative, b1, 1.0) * grad
             dual_on = negative & (clip1 > pg3)
         k3 = zero
+        kl_grad = zero
         if (KIND == 1) or (KIND == 3):
             d_raw = z - x
-            d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
+            d = _clamp_nan(d_raw, -20.0, 20.0)
             d_pass = tl.where((d_raw >= -20.0) & (d_raw <= 20.0), 1.0, 0.0)
             ed = tl.exp(d)
             k3 = ed - d - 1.0
             d_k3 = (1.0 - ed) * d_pass
             if KIND == 3:  # k3 r: d/d logp = d_k3 r + k3 r lr_pass; the stat reports k3 r, as TRL's `kl`
-                grad = grad + beta * (d_k3 * ratio + k3 * ratio * lr_pass)
+                kl_grad = beta * (d_k3 * ratio + k3 * ratio * lr_pass)
                 k3 = k3 * ratio
             else:
-                grad = grad + beta * d_k3
-            loss = loss + beta * k3
-        return loss, grad, pg2 > pg1, (ratio > hi) & (a > 0.0), (ratio < lo) & negative, dual_on, -lr, k3
+                kl_grad = beta * d_k3
+        high_clip, low_clip = _flag((ratio > hi) & (a > 0.0), clip1), _flag((ratio < lo) & negative, clip1)
+        return loss, grad, _flag(pg2 > pg1, clip1), high_clip, low_clip, _flag(dual_on, clip1), -lr, k3, kl_grad
 
 
 @triton.jit
@@ -124,16 +149,16 @@ def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, le
         in_row = offs < length
         x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
                                          KIND, A_PER_ROW, HAS_W)
-        loss, _, clipped, high, low, dual_on, nlr, k3 = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND, HAS_DUAL)
-        if KIND == 0:
-            loss = loss * w
-        # Selects, not products with the mask: padding may hold NaN.
+        loss, _, clipped, high, low, dual_on, nlr, k3, _ = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND,
+                                                                 HAS_DUAL)
+        loss = loss * w + beta * k3  # w = 1 without weights; k3 = 0 for the policy and value kinds
+        # Selects, not products with the mask: padding may hold NaN (the flags are NaN there too).
         acc_loss += tl.where(valid, loss, 0.0)
         acc_n += tl.where(valid, 1.0, 0.0)
-        acc_clipped += tl.where(valid & clipped, 1.0, 0.0)
-        acc_high += tl.where(valid & high, 1.0, 0.0)
-        acc_low += tl.where(valid & low, 1.0, 0.0)
-        acc_dual += tl.where(valid & dual_on, 1.0, 0.0)
+        acc_clipped += tl.where(valid, clipped, 0.0)
+        acc_high += tl.where(valid, high, 0.0)
+        acc_low += tl.where(valid, low, 0.0)
+        acc_dual += tl.where(valid, dual_on, 0.0)
         acc_nlr += tl.where(valid, nlr, 0.0)
         acc_k3 += tl.where(valid, k3, 0.0)
     out = partial_ptr + row * 8
@@ -192,9 +217,8 @@ def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, scale
         in_row = offs < length
         x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
                                          KIND, A_PER_ROW, HAS_W)
-        _, grad, _, _, _, _, _, _ = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND, HAS_DUAL)
-        if KIND == 0:
-            grad = grad * w
+        _, grad, _, _, _, _, _, _, kl_grad = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND, HAS_DUAL)
+        grad = grad * w + kl_grad
         d = tl.where(valid, g * grad, 0.0)
         tl.store(out_ptr + base + offs, d.to(out_ptr.dtype.element_ty), mask=in_row)
 

@@ -7,6 +7,8 @@ stay float64. Each function documents only what differs from its public twin in 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -303,14 +305,34 @@ def _zero_padding(mask: Tensor, *tensors: Tensor) -> list[Tensor]:
     return [torch.where(m if t.shape == m.shape else m.any(-1), t, torch.zeros_like(t)) for t in tensors]
 
 
-def _masked_fraction(flag: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+def _masked_fraction(flag: Tensor, mask: Tensor, dtype: torch.dtype, surrogate: Tensor) -> Tensor:
+    """Share of valid tokens where ``flag`` holds. A flag compares values, and a comparison with NaN
+    is False: a valid token whose ``surrogate`` (the clipped term the flag describes) is NaN counts
+    as NaN instead, so the fraction is NaN, as the loss is (issue 9)."""
     m = mask.bool()
-    return (flag & m).sum().to(dtype) / m.sum().clamp(min=1).to(dtype)
+    f = flag.to(dtype).masked_fill(surrogate.isnan(), math.nan)
+    return torch.where(m, f, torch.zeros_like(f)).sum() / m.sum().clamp(min=1).to(dtype)
+
+
+def _clamp_keep_nan(x: Tensor, low: float, high: float) -> Tensor:
+    """torch.clamp whose NaN input also gets a NaN gradient: torch.clamp's backward passes gradient
+    only where low <= x <= high, which a NaN fails, so its gradient would be 0."""
+    return torch.where(x.isnan(), x, x.clamp(low, high))
+
+
+def _nan_tokens_get_nan_grad(per_token: Tensor, x: Tensor) -> Tensor:
+    """per_token unchanged, but d per_token / d x is NaN wherever per_token is NaN. torch.clamp,
+    torch.maximum and torch.minimum give a NaN operand a zero or finite gradient share, which would
+    leave a finite gradient under a NaN loss (e.g. a NaN old value: the clipped branch is NaN and
+    gets no gradient, the unclipped one a finite one). Elsewhere the added branch gets gradient 0."""
+    bad = per_token.detach().isnan()
+    nan_at_bad = torch.where(bad, math.nan, 0.0).to(per_token.dtype)
+    return torch.where(bad, per_token + x * nan_at_bad, per_token)
 
 
 def _ppo_clip_terms(logp, old_logp, advantages, clip_low, clip_high):
     """verl's compute_policy_loss (vanilla) per-token maths. Returns (clip1, ratio, log_ratio, a)."""
-    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)
+    log_ratio = _clamp_keep_nan(logp - old_logp, -20.0, 20.0)
     ratio = torch.exp(log_ratio)
     a = advantages if advantages.shape == logp.shape else advantages.unsqueeze(-1).expand_as(logp)
     pg1 = -a * ratio
@@ -335,13 +357,15 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         loss = torch.where(a < 0, torch.minimum(pg3, clip1), clip1)
         dual = (clip1 > pg3) & (a < 0)
     if weights is not None:
-        loss = loss * _upcast(weights).detach()
+        # Zero-padded too: 0 * NaN from a padding weight would reach the gradient.
+        loss = loss * _zero_padding(mask, _upcast(weights).detach())[0]
+    surrogate = clip1.detach()
     stats = {
-        "clip_frac": _masked_fraction(pg2 > pg1, mask, logp.dtype),
-        "clip_frac_lower": _masked_fraction(dual, mask, logp.dtype),
+        "clip_frac": _masked_fraction(pg2 > pg1, mask, logp.dtype, surrogate),
+        "clip_frac_lower": _masked_fraction(dual, mask, logp.dtype, surrogate),
         "approx_kl": aggregate_loss(-log_ratio.detach(), mask, "token-mean"),
     }
-    return aggregate_loss(loss, mask, agg), stats
+    return aggregate_loss(_nan_tokens_get_nan_grad(loss, logp), mask, agg), stats
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float = 0.2,
@@ -351,35 +375,42 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     v, v_old, ret = _zero_padding(mask, _upcast(values), _upcast(old_values).detach(), _upcast(returns).detach())
     v_clipped = torch.clamp(v, v_old - clip, v_old + clip)
     l1, l2 = (v - ret) ** 2, (v_clipped - ret) ** 2
-    loss = 0.5 * aggregate_loss(torch.maximum(l1, l2), mask, agg)
-    return loss, {"clip_frac": _masked_fraction(l2 > l1, mask, v.dtype)}
+    per_token = torch.maximum(l1, l2)
+    loss = 0.5 * aggregate_loss(_nan_tokens_get_nan_grad(per_token, v), mask, agg)
+    return loss, {"clip_frac": _masked_fraction(l2 > l1, mask, v.dtype, per_token.detach())}
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
               beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
               max_completion_length: int | None = None,
               num_items_in_batch: float | None = None,
-              use_bias_correction_kl: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+              use_bias_correction_kl: bool = False,
+              weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL's GRPOTrainer._compute_loss (token-level importance sampling): -min(r A, clamp(r) A) + beta k3,
     with k3 = e^d - d - 1, d = ref - logp; both log-ratios clamped to [-20, 20] before exp (TRL does
     not clamp: identical whenever |log-ratio| <= 20). With ``use_bias_correction_kl`` the KL term is
-    k3 * r (TRL >= 1.x ``use_bias_correction_kl``), and the ``kl`` stat reports it. Only ``logp``
-    gets a gradient."""
+    k3 * r (TRL >= 1.x ``use_bias_correction_kl``), and the ``kl`` stat reports it. ``weights``
+    multiply the clipped surrogate only, before the KL term is added (TRL's entropy / off-policy
+    masks and vLLM IS ratios). Only ``logp`` gets a gradient."""
     logp = _upcast(logp)
     old_logp, ref_logp, advantages = (_upcast(t).detach() for t in (old_logp, ref_logp, advantages))
     logp, old_logp, ref_logp, advantages = _zero_padding(mask, logp, old_logp, ref_logp, advantages)
     clip1, pg1, pg2, ratio, log_ratio, a = _ppo_clip_terms(logp, old_logp, advantages, clip_low, clip_high)
-    d = torch.clamp(ref_logp - logp, -20.0, 20.0)
+    d = _clamp_keep_nan(ref_logp - logp, -20.0, 20.0)
     k3 = torch.exp(d) - d - 1
     if use_bias_correction_kl:
         k3 = k3 * ratio
-    per_token = clip1 + beta * k3
+    surrogate = clip1.detach()  # before the weights: the clip flags do not read them
+    if weights is not None:
+        clip1 = clip1 * _zero_padding(mask, _upcast(weights).detach())[0]
+    # beta * k3 with beta = 0 and a NaN ref_logp is NaN: NaN in an input always reaches the loss.
+    per_token = _nan_tokens_get_nan_grad(clip1 + beta * k3, logp)
     low, high = (ratio < 1 - clip_low) & (a < 0), (ratio > 1 + clip_high) & (a > 0)
     stats = {
         "kl": aggregate_loss(k3.detach(), mask, "token-mean"),
-        "clip_ratio": _masked_fraction(low | high, mask, logp.dtype),
-        "clip_ratio_low": _masked_fraction(low, mask, logp.dtype),
-        "clip_ratio_high": _masked_fraction(high, mask, logp.dtype),
+        "clip_ratio": _masked_fraction(low | high, mask, logp.dtype, surrogate),
+        "clip_ratio_low": _masked_fraction(low, mask, logp.dtype, surrogate),
+        "clip_ratio_high": _masked_fraction(high, mask, logp.dtype, surrogate),
         "approx_kl": aggregate_loss(-log_ratio.detach(), mask, "token-mean"),
     }
     loss = aggregate_loss(per_token, mask, loss_type, max_completion_length=max_completion_length,

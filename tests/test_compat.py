@@ -574,6 +574,48 @@ def test_trl_grpo_loss_normalisers_match_trl_trainer(loss_type, accumulation, st
     close(torch.autograd.grad(got, logp)[0], torch.autograd.grad(want, logp)[0], what=f"{loss_type} d logp")
 
 
+@pytest.mark.parametrize("is_shape", ["token", "sequence"])
+def test_trl_grpo_compute_loss_with_vllm_is_ratio_matches_trl(is_shape):
+    """GRPOTrainer._compute_loss patched vs TRL's, with vLLM importance-sampling correction (the
+    ratio multiplies the surrogate, not the KL): loss, gradient and every logged metric."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    from rlkern.compat._trl_fused import calls, wrap_grpo_compute_loss
+
+    fused_before = calls["grpo_loss"]
+    b, t = 4, 7
+    logp = (-torch.rand(b, t) * 3).requires_grad_()
+    old, ref = logp.detach() + 0.3 * torch.randn(b, t), logp.detach() + 0.3 * torch.randn(b, t)
+    ratio = torch.rand(b, t if is_shape == "token" else 1) * 2
+    results = []
+    for compute_loss in (GRPOTrainer._compute_loss, wrap_grpo_compute_loss(GRPOTrainer._compute_loss)):
+        trainer = types.SimpleNamespace(
+            _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.rand(b, t), None),
+            top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+            beta=0.05,
+            args=types.SimpleNamespace(use_bias_correction_kl=True, delta=None, steps_per_generation=1),
+            loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, use_vllm=True,
+            vllm_importance_sampling_correction=True, model=types.SimpleNamespace(training=True),
+            current_gradient_accumulation_steps=1, accelerator=_Accelerator(), _entropy_bonus_enabled=False,
+            aux_loss_enabled=False, _metrics=_metrics(), max_completion_length=t)
+        torch.manual_seed(3)  # the same entropies for both
+        mask = rand_mask(b, t)
+        inputs = dict(prompt_ids=torch.zeros(b, 2, dtype=torch.long),
+                      prompt_mask=torch.ones(b, 2, dtype=torch.long),
+                      completion_ids=torch.zeros(b, t, dtype=torch.long), completion_mask=mask.long(),
+                      advantages=torch.linspace(-1, 1, b), old_per_token_logps=old, ref_per_token_logps=ref,
+                      importance_sampling_ratio=ratio, num_items_in_batch=torch.tensor(float(mask.sum())))
+        loss = compute_loss(trainer, None, inputs)
+        results.append((loss, torch.autograd.grad(loss, logp)[0], trainer._metrics["train"]))
+    (want, want_grad, want_metrics), (got, got_grad, got_metrics) = results
+    assert calls["grpo_loss"] == fused_before + 1  # the wrapped call ran on rlkern, not TRL's fallback
+    close(got, want, what="loss")
+    close(got_grad, want_grad, what="d logp")
+    assert set(got_metrics) == set(want_metrics)
+    for key in want_metrics:
+        close(torch.tensor(got_metrics[key]), torch.tensor(want_metrics[key]), what=key)
+
+
 def test_trl_grpo_loss_dapo_all_masked_is_zero_like_trl():
     """A batch whose completions are all masked (mask_truncated_completions with every completion
     truncated: num_items_in_batch = 0): TRL returns 0, and so does the shim (it used to raise)."""

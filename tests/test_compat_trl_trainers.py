@@ -141,6 +141,8 @@ def grpo_trainer(tmp_path, **config):
     dict(loss_type="dr_grpo", gradient_accumulation_steps=2),
     dict(loss_type="dapo", beta=0.04, steps_per_generation=2, num_iterations=2),
     dict(loss_type="bnpo", entropy_coef=0.05, gradient_accumulation_steps=2),
+    dict(loss_type="grpo", beta=0.04, top_entropy_quantile=0.5, entropy_coef=0.05),
+    dict(loss_type="dapo", num_iterations=2, off_policy_mask_threshold=0.0, epsilon_high=0.28),
 ], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_grpo_trainer_runs_on_rlkern_and_matches(tmp_path, config):
     make = grpo_trainer(tmp_path, **config)

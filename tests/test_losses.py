@@ -112,6 +112,29 @@ def test_grpo_loss_options(backend, kwargs):
              what=f"grpo {kwargs}")
 
 
+@pytest.mark.parametrize("loss_type", L.GRPO_LOSS_TYPES)
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_grpo_loss_weights(backend, loss_type, bias_correction):
+    """Per-token weights (TRL's entropy / off-policy masks times vLLM IS ratios) scale the clipped
+    surrogate only; the KL term is added after them."""
+    logp, old, ref, adv, mask = _tokens((3, 23), torch.float32)
+    weights = (torch.rand(3, 23) < 0.6).float() * torch.rand(3, 23) * 2
+    _compare(rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv[:, 0].contiguous(), mask),
+             dict(beta=0.1, loss_type=loss_type, weights=weights, use_bias_correction_kl=bias_correction,
+                  max_completion_length=30), what=f"grpo weights {loss_type}")
+
+
+def test_grpo_zero_weights_keep_the_kl_term():
+    """All weights 0: the surrogate is gone and the loss is beta * (mean k3), as in TRL where the
+    masks multiply the surrogate before `+ beta * per_token_kl`."""
+    logp, old, ref, adv, mask = _tokens((2, 9), torch.float32)
+    for backend_name in ALL_BACKENDS:
+        with rlkern.use_backend(backend_name):
+            loss, stats = rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], mask, beta=0.5, loss_type="bnpo",
+                                               weights=torch.zeros(2, 9))
+            assert math.isclose(float(loss), 0.5 * float(stats["kl"]), rel_tol=1e-5), backend_name
+
+
 def test_grpo_bias_corrected_kl_by_hand():
     """use_bias_correction_kl multiplies the k3 term (and the kl stat) by r = exp(logp - old): with
     logp = 0, old = -ln 2 (r = 2), ref = -1 (k3 = e^-1 + 0), A = 0 and beta = 1, each token's loss is 2 k3,

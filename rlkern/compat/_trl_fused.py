@@ -145,7 +145,8 @@ def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | N
                         beta: float, epsilon: float, epsilon_high: float | None, loss_type: str,
                         max_completion_length: int | None, num_items_in_batch, use_bias_correction_kl: bool,
                         gradient_accumulation_steps: int, steps_per_generation: int,
-                        num_processes: int) -> tuple[Tensor, dict[str, Tensor]]:
+                        num_processes: int,
+                        weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss ``GRPOTrainer._compute_loss`` backpropagates (its normaliser included) and rlkern's
     stats; see :func:`rlkern.compat.trl.grpo_loss` for the arguments."""
     if old_per_token_logps is None:
@@ -170,7 +171,7 @@ def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | N
         per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, beta=beta,
         clip_low=epsilon, clip_high=epsilon if epsilon_high is None else epsilon_high, loss_type=loss_type,
         max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
-        num_items_in_batch=items, use_bias_correction_kl=use_bias_correction_kl)
+        num_items_in_batch=items, use_bias_correction_kl=use_bias_correction_kl, weights=weights)
     if loss_type == "dapo" and items is not None:
         # TRL: sum / (clamp(N, 1) / processes * accumulation / steps_per_generation), where N counts the
         # tokens of the whole generation batch (all processes, all steps_per_generation slices).
@@ -189,12 +190,6 @@ def _grpo_fallback_reason(trainer, inputs) -> str | None:
         return f"importance_sampling_level={trainer.importance_sampling_level!r}"
     if getattr(args, "delta", None) is not None:
         return "delta (two-sided clipping)"
-    if trainer.top_entropy_quantile < 1.0:
-        return "top_entropy_quantile < 1"
-    if getattr(trainer, "off_policy_mask_threshold", None) is not None:
-        return "off_policy_mask_threshold"
-    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
-        return "vllm_importance_sampling_correction"
     if getattr(trainer, "use_adaptive_entropy", False):
         return "use_adaptive_entropy (the adaptive entropy controller)"
     if trainer.aux_loss_enabled:
@@ -209,6 +204,29 @@ def _grpo_fallback_reason(trainer, inputs) -> str | None:
 # The multimodal inputs GRPOTrainer._compute_loss forwards to _get_per_token_logps_and_entropies.
 _MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                      "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def _surrogate_weights(trainer, inputs, per_token_logps, old, entropies, mask):
+    """``(weights, entropy_mask)``: the per-token factor TRL multiplies the clipped surrogate by (not
+    the KL term), built with TRL's own methods from the off-policy sequence mask, the high-entropy
+    token mask and the vLLM IS ratios, and the entropy mask alone (the entropy bonus uses it too);
+    each None when no option asks for it."""
+    weights, entropy_mask = None, None
+    if trainer.off_policy_mask_threshold is not None:
+        adv = inputs["advantages"]
+        weights = trainer.get_off_policy_mask(
+            advantages=adv if adv.dim() == 2 else adv.unsqueeze(1), per_token_logps=per_token_logps,
+            sampling_per_token_logps=inputs.get("sampling_per_token_logps", old), mask=mask,
+            off_policy_threshold=trainer.off_policy_mask_threshold).float()
+    if trainer.top_entropy_quantile < 1.0:
+        entropy_mask = trainer.get_high_entropy_mask(entropies, mask, 1 - trainer.top_entropy_quantile)
+        weights = entropy_mask.float() if weights is None else weights * entropy_mask
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        ratio = inputs["importance_sampling_ratio"].float()
+        weights = ratio if weights is None else weights * ratio
+    if weights is not None:
+        weights = weights.expand(per_token_logps.shape)
+    return weights, entropy_mask
 
 
 def _global_mean(trainer, local_sum: Tensor, local_count: Tensor) -> float:
@@ -277,6 +295,7 @@ def wrap_grpo_compute_loss(original):
         old = per_token_logps.detach() if old is None else old
         mode = "train" if self.model.training else "eval"
         train = mode == "train"  # in eval TRL neither accumulates nor splits the batch
+        weights, entropy_mask = _surrogate_weights(self, inputs, per_token_logps, old, entropies, mask)
         loss, stats = grpo_loss_and_stats(
             per_token_logps, old, inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             inputs["advantages"], mask, beta=self.beta, epsilon=self.epsilon_low,
@@ -286,9 +305,10 @@ def wrap_grpo_compute_loss(original):
             use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
             gradient_accumulation_steps=self.current_gradient_accumulation_steps if train else 1,
             steps_per_generation=self.args.steps_per_generation if train else 1,
-            num_processes=self.accelerator.num_processes)
+            num_processes=self.accelerator.num_processes, weights=weights)
         if getattr(self, "_entropy_bonus_enabled", False):
-            loss = _add_entropy_bonus(self, mode, loss, entropies, mask)
+            loss = _add_entropy_bonus(self, mode, loss, entropies,
+                                      mask if entropy_mask is None else mask * entropy_mask)
         _log_grpo_metrics(self, mode, stats, per_token_logps, old, inputs["advantages"], entropies, mask)
         return loss
 

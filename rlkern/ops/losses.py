@@ -352,8 +352,8 @@ def _grpo_stats(stats: Tensor) -> dict[str, Tensor]:
 
 
 def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
-                   max_completion_length, num_items_in_batch):
-    _check_tokens(logp, "logp", {"old_logp": old_logp, "ref_logp": ref_logp}, advantages)
+                   max_completion_length, num_items_in_batch, weights=None):
+    _check_tokens(logp, "logp", {"old_logp": old_logp, "ref_logp": ref_logp, "weights": weights}, advantages)
     beta = _check_float(beta, "beta", low=0.0, what="a finite number >= 0")
     clip_low, clip_high = _check_clips(clip_low, clip_high)
     _check_choice(loss_type, "loss_type", GRPO_LOSS_TYPES)
@@ -371,14 +371,15 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
         num_items_in_batch = _check_float(num_items_in_batch, "num_items_in_batch", low=0.0,
                                           what="None or a finite number >= 0")
     mask = _check_mask(mask, logp.shape)
-    backend = pick_backend(logp, old_logp, ref_logp, advantages, mask)
+    backend = pick_backend(*(t for t in (logp, old_logp, ref_logp, advantages, mask, weights) if t is not None))
     return beta, clip_low, clip_high, num_items_in_batch, mask, backend
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
               beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
               max_completion_length: int | None = None, num_items_in_batch: float | Tensor | None = None,
-              use_bias_correction_kl: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+              use_bias_correction_kl: bool = False,
+              weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss (TRL ``GRPOTrainer`` numerics, token-level importance sampling).
 
     Per valid token, with ``r = exp(clamp(logp - old_logp, -20, 20))`` and
@@ -395,7 +396,9 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
 
     With ``use_bias_correction_kl`` the KL term is ``beta * k3 * r`` (TRL's ``use_bias_correction_kl``,
     the default in TRL 1.16: the reference KL importance-weighted by the unclipped ratio), and the
-    ``kl`` stat is the mean of ``k3 * r``, as TRL logs it.
+    ``kl`` stat is the mean of ``k3 * r``, as TRL logs it. ``weights`` (``[..., T]``, constant)
+    multiply the clipped surrogate of each token before the KL term is added: TRL's
+    ``top_entropy_quantile`` and off-policy masks and its vLLM importance-sampling ratios.
 
     Args:
         logp: ``[..., T]`` float32/bf16/fp16; the only input with a gradient.
@@ -411,38 +414,39 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
     """
     beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,
-        num_items_in_batch)
+        num_items_in_batch, weights)
     bc = bool(use_bias_correction_kl)
     if backend == "torch":
         return reference.grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=beta, clip_low=clip_low,
                                    clip_high=clip_high, loss_type=loss_type,
                                    max_completion_length=max_completion_length, num_items_in_batch=num_items,
-                                   use_bias_correction_kl=bc)
-    loss, stats = _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, None, mask, clip_low=clip_low,
-                       clip_high=clip_high, beta=beta, agg=loss_type, max_completion_length=max_completion_length,
-                       num_items_in_batch=num_items, backend=backend)
+                                   use_bias_correction_kl=bc, weights=weights)
+    loss, stats = _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, weights, mask,
+                       clip_low=clip_low, clip_high=clip_high, beta=beta, agg=loss_type,
+                       max_completion_length=max_completion_length, num_items_in_batch=num_items, backend=backend)
     return loss, _grpo_stats(stats)
 
 
 def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                        beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
-                       max_completion_length: int | None = None, num_items_in_batch: float | Tensor | None = None,
-                       use_bias_correction_kl: bool = False) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                           max_completion_length: int | None = None, num_items_in_batch: float | Tensor | None = None,
+                       use_bias_correction_kl: bool = False,
+                       weights: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`grpo_loss` as ``(loss, d loss / d logp, stats)`` without autograd (one forward and one
     backward kernel pass), for fused ops such as ``linear_policy_loss`` that produce ``logp`` from
     hidden states and chain ``d loss / d logp`` into their own backward. The gradient has ``logp``'s
     shape and dtype, is 0 at masked positions, and already includes the ``loss_type`` normalisation."""
     beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,
-        num_items_in_batch)
+        num_items_in_batch, weights)
     bc = bool(use_bias_correction_kl)
     if backend == "torch":
         return _reference_with_grad(reference.grpo_loss, logp, old_logp, ref_logp, advantages, mask, beta=beta,
                                     clip_low=clip_low, clip_high=clip_high, loss_type=loss_type,
                                     max_completion_length=max_completion_length, num_items_in_batch=num_items,
-                                    use_bias_correction_kl=bc)
-    loss, grad, stats = _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, None, mask, clip_low=clip_low,
-                             clip_high=clip_high, beta=beta, agg=loss_type,
+                                    use_bias_correction_kl=bc, weights=weights)
+    loss, grad, stats = _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, weights, mask,
+                             clip_low=clip_low, clip_high=clip_high, beta=beta, agg=loss_type,
                              max_completion_length=max_completion_length, num_items_in_batch=num_items,
                              backend=backend, want_grad=True)
     return loss, grad, _grpo_stats(stats)

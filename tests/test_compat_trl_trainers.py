@@ -249,11 +249,12 @@ def test_dpo_trainer_runs_on_rlkern_and_matches(tmp_path, config):
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 
 
-@pytest.mark.parametrize("case", ["plain", "bias-temperature-scale", "ties", "empty"])
+@pytest.mark.parametrize("case", ["plain", "bias-temperature-scale", "ties", "empty", "bf16-head"])
 def test_fused_head_stand_in_matches_trl_kernel(case):
     """rlkern's stand-in for TRL's ChunkedLogProbFunction against TRL's own (its CPU path), values
     and gradients: bias, temperature and logit_scale (folded into the temperature), exact ties (all
-    logits equal: TRL's top-1 rule picks the first id), and no tokens at all."""
+    logits equal: TRL's top-1 rule picks the first id), no tokens at all, and a bf16 head with fp32
+    hidden states (``cast_lm_head_to_fp32``: both multiply in fp32)."""
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction as trl_head
 
     stand_in = _trl_fused.wrap_chunked_logprob(trl_head)
@@ -265,6 +266,8 @@ def test_fused_head_stand_in_matches_trl_kernel(case):
         bias, temperature, scale = torch.randn(v, generator=g), 0.7, 2.5
     if case == "ties":
         weight = torch.zeros(v, h)
+    if case == "bf16-head":
+        weight = weight.bfloat16()
     targets = torch.randint(0, v, (n,), generator=g)
     targets[:2] = 0 if n else targets[:2]
     grads = torch.randn(2, n, generator=g)
@@ -280,7 +283,8 @@ def test_fused_head_stand_in_matches_trl_kernel(case):
     # rlkern's error is the smaller one); the 1/T * scale = 3.6 factor makes gradients of order 20.
     names = ("log_probs", "entropy", "mean_logits", "d hidden", "d weight")
     for w, x, what in zip(want[:5], got[:5], names):
-        torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-4, msg=what)
+        assert x.dtype == w.dtype, what
+        torch.testing.assert_close(x.float(), w.float(), rtol=1e-5, atol=1e-4, msg=what)
     assert torch.equal(got[5], want[5])
 
 

@@ -53,6 +53,12 @@ def _zero3() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    # TRL's choice (chunked_logprob.py): the autocast dtype under autocast, else the hidden states'.
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 def _head_fallback_reason(hidden, weight, softcap, logit_scale, outputs) -> str | None:
     if softcap is not None:
         return "final_logit_softcapping (Gemma-2 style tanh capping of the logits)"
@@ -60,8 +66,8 @@ def _head_fallback_reason(hidden, weight, softcap, logit_scale, outputs) -> str 
         return f"logit_scale={logit_scale!r} (only finite positive scales fold into the temperature)"
     if "log_sum_sq_probs" in outputs:
         return "the log_sum_sq_probs output (DPO's use_weighting)"
-    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16) or weight.dtype != hidden.dtype:
-        return f"hidden {hidden.dtype} / LM head {weight.dtype} (rlkern takes one of fp32/bf16/fp16 for both)"
+    if _compute_dtype(hidden) not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"compute dtype {_compute_dtype(hidden)} (rlkern's fused head takes fp32, bf16 or fp16)"
     if _zero3():
         return "DeepSpeed ZeRO-3 (a sharded LM head)"
     return None
@@ -120,10 +126,10 @@ def wrap_chunked_logprob(original):
                                       final_logit_softcapping, logit_scale, outputs)
             calls["linear_logprobs"] += 1
             device = hidden.device.type
-            if torch.is_autocast_enabled(device):
-                # TRL runs the head GEMM in the autocast dtype; rlkern takes that dtype explicitly.
-                dtype = torch.get_autocast_dtype(device)
-                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            # TRL multiplies in its compute dtype (casting the head to it, e.g. a bf16 head with
+            # cast_lm_head_to_fp32); rlkern takes both in that dtype. The casts are differentiable.
+            dtype = _compute_dtype(hidden)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
             # z * logit_scale / T = z / (T / logit_scale): the scale folds into the temperature.
             effective_t = float(temperature) / float(logit_scale)
             want_entropy = "entropy" in outputs

@@ -16,6 +16,15 @@ Conventions shared by the three losses:
   gradient, never NaN.
 * ``stats`` is a dict of 0-d float32 tensors (masked token means, computed in the same pass); they are
   not ``.item()``-ed, so reading them is the caller's choice of when to synchronise.
+* NaN, the same on every backend (issue 9; tests/test_losses_hostile.py): a NaN in any input of a
+  valid token (``mask`` set) makes the loss NaN and that token's gradient NaN, so a trainer's
+  non-finite check fires; the log-ratio clamps (+-20) and the maxes keep NaN as torch.clamp /
+  torch.maximum do. The stats follow the same rule: a clip fraction is NaN when a valid token's
+  clipped surrogate is NaN (a comparison with NaN would count it as unclipped), ``approx_kl`` /
+  ``kl`` when that token's log-ratio / KL term is. NaN in ``ref_logp`` reaches the loss even with
+  ``beta = 0`` (0 * NaN). A NaN at a masked-out token never contributes: loss, stats and gradients
+  are bit for bit those with clean padding. (verl's and TRL's ``masked_mean`` multiply by the mask,
+  so there 0 * NaN from padding makes the loss NaN; rlkern selects, as ``torch.where`` does.)
 
 For fused kernels that produce ``logp`` themselves (issue #4, ``linear_policy_loss``): use
 :func:`grpo_loss_and_grad` / :func:`policy_loss_and_grad`, which return ``(loss, d loss / d logp,
@@ -291,6 +300,10 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         is active, verl ``pg_clipfrac``), ``clip_frac_lower`` (dual clip active, verl
         ``pg_clipfrac_lower``; 0 without dual clip), ``approx_kl`` (mean of ``old_logp - logp``,
         clamped, verl ``ppo_kl``): 0-d float32 tensors.
+
+    NaN: a NaN ``logp``, ``old_logp``, ``advantages`` or ``weights`` entry at a valid token makes the
+    loss and that token's gradient NaN (and the stats it feeds); at a masked-out token it is ignored.
+    See the module docstring.
     """
     clip_low, clip_high, dual_clip, mask, backend = _validate_policy(
         logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights)
@@ -333,6 +346,9 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     Returns:
         ``(loss, {"clip_frac": ...})``: float32 0-d tensors; ``clip_frac`` is the share of valid tokens
         where the clipped term is the larger (verl ``vf_clipfrac``).
+
+    NaN: a NaN ``values``, ``old_values`` or ``returns`` entry at a valid token makes the loss, that
+    token's gradient and ``clip_frac`` NaN; at a masked-out token it is ignored (module docstring).
     """
     _check_tokens(values, "values", {"old_values": old_values, "returns": returns})
     clip = _check_float(clip, "clip", low=0.0, low_open=True, what="a finite number > 0")
@@ -411,6 +427,10 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
         ``(loss, stats)``, float32 0-d tensors; stats: ``kl`` (mean k3), ``clip_ratio`` /
         ``clip_ratio_low`` / ``clip_ratio_high`` (TRL's region / low / high clip shares),
         ``approx_kl`` (mean of ``old_logp - logp``).
+
+    NaN: a NaN in any input at a valid token makes the loss and that token's gradient NaN, ``ref_logp``
+    included even with ``beta = 0``; the stats it feeds are NaN; at a masked-out token it is ignored
+    (module docstring).
     """
     beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,

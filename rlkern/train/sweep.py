@@ -37,6 +37,10 @@ def _run_one(seed: int, out: str, extra: list[str], reuse: str | None) -> subpro
         if os.path.isdir(out):
             shutil.rmtree(out)
         src = os.path.join(reuse, f"seed_{seed}")
+        while not os.path.isfile(os.path.join(src, "rm", "DONE")):
+            if not os.path.isdir(src):
+                raise FileNotFoundError(f"--reuse: {src!r} does not exist")
+            time.sleep(10.0)  # that sweep is still running this seed's SFT or reward model
         os.makedirs(out)
         for stage in ("sft", "rm"):
             shutil.copytree(os.path.join(src, stage), os.path.join(out, stage))

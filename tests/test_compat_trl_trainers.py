@@ -300,3 +300,28 @@ def test_fused_head_softcap_falls_back_to_trl():
         got = stand_in.apply(hidden, weight, None, targets, 1.0, 32768, 30.0, 1.0, ("log_probs",))
     want = trl_head.apply(hidden, weight, None, targets, 1.0, 32768, 30.0, 1.0, ("log_probs",))
     assert torch.equal(got[0], want[0]) and trl_shim.calls["linear_logprobs"] == before
+
+
+def test_other_trl_release_runs_its_own_code(monkeypatch):
+    """rlkern reproduces TRL 1.16's GRPOTrainer._compute_loss and ChunkedLogProbFunction; another
+    release (another version string, another kernel signature) runs its own code, and says so."""
+    from rlkern.compat._trl_fused import wrap_grpo_compute_loss
+
+    _trl_fused._warned.clear()
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    seen = []
+    wrapped = wrap_grpo_compute_loss(lambda self, model, inputs: seen.append("trl") or 0.0)
+    with pytest.warns(RuntimeWarning, match=r"TRL 1\.17\.0 \(rlkern mirrors"):
+        assert wrapped(object(), None, {}) == 0.0
+    assert seen == ["trl"]
+
+    class OtherHead(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets):  # a different signature
+            return (hidden @ weight.t()).log_softmax(-1).gather(1, targets[:, None])[:, 0]
+
+    stand_in = _trl_fused.wrap_chunked_logprob(OtherHead)
+    hidden, weight, targets = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 4, 2])
+    with pytest.warns(RuntimeWarning, match="signature differs"):
+        got = stand_in.apply(hidden, weight, targets)  # that release's own call, passed on as it is
+    assert torch.equal(got, OtherHead.apply(hidden, weight, targets))

@@ -15,6 +15,7 @@ that rlkern really ran: keys ``"linear_logprobs"``, ``"grpo_loss"``, ``"fallback
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections import Counter
@@ -34,6 +35,12 @@ _warned: set[str] = set()
 _ALL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Vocabulary rows per tile of the no-grad top-1 pass: bounds its fp32 tile to N * 4096 * 4 bytes.
 _TOP1_TILE = 4096
+# The TRL release whose GRPOTrainer._compute_loss the fused loss reproduces; another release runs its
+# own method (its options and normalisers may differ).
+MIRRORED_TRL = "1.16."
+# ChunkedLogProbFunction.forward's parameters in that release; a class with others is not replaced.
+_HEAD_PARAMS = ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size",
+                "final_logit_softcapping", "logit_scale", "outputs")
 
 
 def _fallback(what: str, message: str) -> None:
@@ -109,6 +116,11 @@ def _is_top1(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
 def wrap_chunked_logprob(original):
     """A stand-in for ``trl.kernels.ChunkedLogProbFunction`` (TRL only calls its ``apply``)."""
 
+    try:
+        same_signature = tuple(inspect.signature(original.forward).parameters) == _HEAD_PARAMS
+    except (TypeError, ValueError):
+        same_signature = False
+
     class ChunkedLogProbFunction:
         __doc__ = (f"rlkern's stand-in for TRL's ``{original.__module__}.{original.__name__}``: ``apply`` "
                    "computes log-probs and entropy with rlkern.ops.linear_logprobs; the original is "
@@ -116,8 +128,16 @@ def wrap_chunked_logprob(original):
         original_function = original
 
         @staticmethod
-        def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-                  logit_scale=1.0, outputs=_ALL_OUTPUTS):
+        def apply(*args, **kwargs):
+            if not same_signature:  # another release calls with its own arguments: pass them on as they are
+                _fallback("fused_lm_head", "this TRL release's ChunkedLogProbFunction signature differs from "
+                          "TRL 1.16's, which rlkern mirrors")
+                return original.apply(*args, **kwargs)
+            return ChunkedLogProbFunction._fused_apply(*args, **kwargs)
+
+        @staticmethod
+        def _fused_apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+                         logit_scale=1.0, outputs=_ALL_OUTPUTS):
             outputs = tuple(outputs)
             reason = _head_fallback_reason(hidden, weight, final_logit_softcapping, logit_scale, outputs)
             if reason is not None:
@@ -187,8 +207,11 @@ def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | N
     return (loss if scale == 1.0 else loss * scale), stats
 
 
-# (trainer attribute or "args.<field>", value TRL would need for rlkern to be exact, what to say).
 def _grpo_fallback_reason(trainer, inputs) -> str | None:
+    import trl
+
+    if not trl.__version__.startswith(MIRRORED_TRL):
+        return f"TRL {trl.__version__} (rlkern mirrors GRPOTrainer._compute_loss of TRL {MIRRORED_TRL}x)"
     args = trainer.args
     if trainer.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
         return f"loss_type={trainer.loss_type!r}"

@@ -137,6 +137,32 @@ def test_padding_never_enters_a_statistic(backend):
     torch.testing.assert_close(ops.masked_whiten(dirty, mask)[mask], ops.masked_whiten(x, mask)[mask])
 
 
+@pytest.mark.parametrize("dim", [None, -1])
+@pytest.mark.parametrize("position", [0, 18, 36])
+def test_selected_nan_poisons_the_result_the_same_way_on_every_backend(backend, position, dim):
+    """Issue 9: a selected NaN makes the statistic of its selection NaN on every backend. The sum's
+    and the mean's gradients are the mask whatever x holds (torch autograd's): the C++ and Triton
+    backward used to compute 0 * (x - mean) and gave NaN at every selected position; var and
+    whiten read x - mean, so their whole selection's gradient is NaN, and only that selection's."""
+    x, mask = _inputs((3, 37), torch.float32)
+    mask[1, position] = True
+    x[1, position] = float("nan")
+    for fn in ("masked_sum", "masked_mean", "masked_var", "masked_whiten"):
+        xr = x.clone().requires_grad_()
+        out = getattr(ops, fn)(xr, mask, dim=dim)
+        (out * (torch.rand(out.shape) + 0.5)).sum().backward()
+        poisoned = torch.zeros(3, 37, dtype=torch.bool)
+        poisoned[slice(None) if dim is None else 1] = True
+        if fn == "masked_whiten":
+            assert torch.equal(out.isnan(), poisoned), fn
+        else:
+            assert out.isnan().all() if dim is None else out.isnan().tolist() == [False, True, False], fn
+        if fn in ("masked_sum", "masked_mean"):
+            assert xr.grad.isfinite().all() and torch.equal(xr.grad != 0, mask), fn
+        else:  # var: masked-out positions get gradient 0; whiten transforms them too
+            assert torch.equal(xr.grad.isnan(), poisoned & mask if fn == "masked_var" else poisoned), fn
+
+
 def test_float_and_int_masks_equal_bool(backend):
     x, mask = _inputs((4, 11), torch.float32)
     want = ops.masked_whiten(x, mask, dim=-1)

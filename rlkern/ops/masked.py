@@ -127,7 +127,11 @@ def _masked_stat_bwd(grad: Tensor, x: Tensor, mask: Tensor, count: Tensor, mean:
         a, b = g / count, zero
     else:
         a, b = zero, 2 * g / (count - _ddof(unbiased))
-    return _affine(x, mask, None, mean, a, b, zero, dim, x.dtype, backend)
+        return _affine(x, mask, None, mean, a, b, zero, dim, x.dtype, backend)
+    # d sum / d x_j = m_j whatever x holds (torch autograd's answer). The kernel still evaluates
+    # b (x_j - mu) with b = 0, and 0 * NaN is NaN: a NaN x_j made its own gradient NaN and, through
+    # the NaN mean, every gradient of its selection (issue 9). Zeros stand in for x and the mean.
+    return _affine(torch.zeros_like(x), mask, None, torch.zeros_like(mean), a, b, zero, dim, x.dtype, backend)
 
 
 @_masked_stat_bwd.register_fake
@@ -262,6 +266,12 @@ def masked_sum(x: Tensor, mask: Tensor, *, dim: int | None = None) -> Tensor:
 
     Returns:
         float32, accumulated in fp32 chunks merged in float64; an empty selection sums to 0.
+
+    NaN (same on every backend): a selected NaN makes the result (its row's, with ``dim``) NaN; the
+    gradient is ``mask`` times the upstream gradient whatever ``x`` holds, as torch autograd's, so
+    it stays finite (a NaN result already makes a loss built on it NaN). The same holds for
+    :func:`masked_mean`. :func:`masked_var` and :func:`masked_whiten` read ``x - mean``, so there
+    a selected NaN makes the whole selection's result and gradient NaN.
     """
     return _stat(x, mask, dim, SUM, False, "masked_sum")
 

@@ -21,6 +21,7 @@ oldest Triton of the supported range.
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import contextlib
 import importlib
@@ -33,6 +34,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 
 KERNEL_MODULES = ("gae", "kl", "linear_logprobs", "logprobs", "losses", "masked")
@@ -110,16 +112,16 @@ def _drive_launchers(modules) -> None:
                 for m in (mask, None):
                     for g in (out, None):
                         masked.masked_affine(x, m, g, coef, coef, coef, coef, merge_all, torch.empty_like(x))
-            # What rlkern/ops/losses.py passes: per-token or per-sequence advantages (value_loss: the
-            # returns, per token); importance weights and the dual clip for policy_loss only. A kind
-            # added to kernels/losses.py later gets the full product.
+            # What rlkern/ops/losses.py passes: value_loss: per-token returns, no weights, no dual
+            # clip; grpo_loss (both kinds): per-token or per-sequence advantages, optional weights,
+            # no dual clip; policy_loss, and any kind added to kernels/losses.py later: everything.
             kinds = [v for k, v in vars(losses).items() if k.isupper() and isinstance(v, int) and k != "N_PARTIALS"]
             for kind in kinds:
-                known = kind in (losses.GRPO, getattr(losses, "GRPO_BC", None), losses.VALUE)
-                per_token_only = kind == losses.VALUE
-                for adv in (x,) if per_token_only else (x, _meta(shape[:1], dtype)):
-                    for weights in (_meta((0,), dtype),) if known else (x, _meta((0,), dtype)):
-                        for dual in (float("inf"),) if known else (3.0, float("inf")):
+                value = kind == losses.VALUE
+                no_dual = value or kind in (losses.GRPO, getattr(losses, "GRPO_BC", losses.GRPO))
+                for adv in (x,) if value else (x, _meta(shape[:1], dtype)):
+                    for weights in (_meta((0,), dtype),) if value else (x, _meta((0,), dtype)):
+                        for dual in (float("inf"),) if no_dual else (3.0, float("inf")):
                             for per_row in (True, False):
                                 losses.losses_fwd(x, x, adv, x, weights, mask, kind, 0.2, 0.2, dual, 0.04, 0.2,
                                                   per_row, -1.0, _meta(()), _meta((6,)), _meta(shape[:1]))
@@ -156,11 +158,9 @@ def helpers_called(modules) -> set[str]:
     called = set()
     for key, fn in funcs.items():
         mod = key.split(".")[0]
-        src = inspect.getsource(fn.fn)
-        for other in funcs:
-            name = other.split(".")[1]
-            if other != key and other.startswith(mod + ".") and re.search(rf"\b{name}\(", src):
-                called.add(other)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn.fn)))
+        names = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        called |= {f"{mod}.{name}" for name in names if f"{mod}.{name}" in funcs and f"{mod}.{name}" != key}
     return called
 
 

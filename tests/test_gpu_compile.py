@@ -66,6 +66,22 @@ def test_every_constexpr_code_a_kernel_branches_on_is_compiled(report):
                        for r in report["results"]), f"{path.name}: no compiled launch with {name}={value}"
 
 
+# Interpreter-only: set by the launchers only under TRITON_INTERPRET=1 (see kernels/linear_logprobs.py).
+INTERPRETER_ONLY = {"DOT_FP32"}
+
+
+def test_every_boolean_switch_is_compiled_both_ways(report):
+    """A new on/off constexpr whose other side no launch in the matrix reaches would escape the check."""
+    seen: dict[tuple[str, str], set[str]] = {}
+    for r in report["results"]:
+        for name, value in re.findall(r"([A-Z][A-Z0-9_]*)=(True|False)", r["what"]):
+            seen.setdefault((r["kernel"], name), set()).add(value)
+    assert seen
+    for (kernel, name), values in sorted(seen.items()):
+        expected = {"False"} if name in INTERPRETER_ONLY else {"True", "False"}
+        assert values == expected, f"{kernel}: {name} compiled only as {sorted(values)}"
+
+
 def test_block_and_warp_choices_of_every_vocabulary_size_are_compiled(report):
     """The logprobs launcher picks BLOCK_V and warps from V: each choice for the issue's sizes is in."""
     from triton import next_power_of_2

@@ -97,11 +97,14 @@ def plot_sweep(root: str, seeds: list[int], path: str) -> None:
         if all("eval/reward" in r for r in rows):
             rm_ax.plot(steps, [r["eval/reward"] for r in rows], color=line.get_color(), label=f"seed {seed}")
     acc_ax.set_title("held-out greedy accuracy (checker), %", fontsize=9)
-    rm_ax.set_title("reward-model score of the same answers", fontsize=9)
+    # With --reward rule PPO holds no reward model, so its evaluations carry no score.
+    rm_ax.set_title("reward-model score of the same answers" if rm_ax.lines else
+                    "reward-model score (none: --reward rule)", fontsize=9)
     for ax in (acc_ax, rm_ax):
         ax.set_xlabel("PPO step", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -132,7 +132,10 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
   const vfloat b1 = max_share(pg3, clip1);  // torch.minimum share of clip1 = share of pg3 in a max
   t.dual = gt(clip1, pg3) * neg;
   t.loss = pick(t.dual, pg3, clip1);  // = where(A < 0, min(pg3, clip1), clip1); NaN clip1 -> NaN
-  t.grad = pick(neg, d_clip1 * b1, d_clip1) * ratio * lr_pass;  // NaN where x, y or a is NaN
+  // torch.clamp's backward selects (0 where the clamp is active), so an infinite A times a clamped
+  // log-ratio gives 0 there, not 0 * inf; a NaN token's gradient is NaN (lr_pass fails on NaN).
+  t.grad = pick(lr_pass, pick(neg, d_clip1 * b1, d_clip1) * ratio, splat(0.f));
+  t.grad = pick(eq(t.loss, t.loss), t.grad, t.loss);
   t.clipped = flag_or_nan(gt(pg2, pg1), clip1);
   t.clip_high = flag_or_nan(gt(ratio, c.hi) * gt(a, splat(0.f)), clip1);
   t.clip_low = flag_or_nan(gt(c.lo, ratio) * neg, clip1);
@@ -169,8 +172,10 @@ RLKERN_INLINE TokenTerms value_terms(vfloat v, vfloat v_old, vfloat ret, const C
   const vfloat l1 = e1 * e1, l2 = e2 * e2;
   const vfloat a1 = max_share(l1, l2);
   t.loss = splat(0.5f) * vmax_nan(l1, l2);
-  // 1/2 d(e^2) = e de. A NaN v, v_old or R makes e1 or e2 NaN, and both terms are always summed.
-  t.grad = a1 * e1 + (splat(1.f) - a1) * e2 * vc_pass;
+  // 1/2 d(e^2) = e de. The clamp's pass is a select, as in torch.clamp's backward: an infinite old
+  // value or return must give 0 there, not 0 * inf = NaN. A NaN token's gradient is NaN.
+  t.grad = a1 * e1 + pick(vc_pass, (splat(1.f) - a1) * e2, splat(0.f));
+  t.grad = pick(eq(t.loss, t.loss), t.grad, t.loss);
   t.clipped = flag_or_nan(gt(l2, l1), t.loss);
   t.clip_high = t.clip_low = t.dual = splat(0.f);
   t.neg_log_ratio = t.k3 = t.kl_grad = splat(0.f);

@@ -69,7 +69,10 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: 
         l2 = e2 * e2
         a1 = _max_share(l1, l2)
         loss = 0.5 * _max_nan(l1, l2)
-        grad = a1 * e1 + (1.0 - a1) * e2 * vc_pass  # both terms always summed: NaN in, NaN out
+        # The clamp's pass is a select (torch.clamp's backward): an infinite old value or return gives
+        # 0 there, not 0 * inf = NaN. A NaN token's gradient is NaN.
+        grad = a1 * e1 + tl.where(vc_pass != 0.0, (1.0 - a1) * e2, 0.0)
+        grad = tl.where(loss != loss, loss, grad)  # noqa: PLR0124 (a NaN test)
         return loss, grad, _flag(l2 > l1, loss), zero, zero, zero, zero, zero, zero
     else:  # policy / grpo: x = logp, y = old_logp, a = advantage, z = ref_logp
         lr_raw = x - y
@@ -85,7 +88,7 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: 
         d_clip1 = -a * (a1 + (1.0 - a1) * rc_pass)
         negative = a < 0.0
         loss = clip1
-        grad = d_clip1 * ratio * lr_pass  # NaN where x, y or a is NaN (0 * NaN)
+        grad = tl.where(lr_pass != 0.0, d_clip1 * ratio, 0.0)  # a select, as torch.clamp's backward
         dual_on = negative & (a != a)  # all False
         if HAS_DUAL:  # A < 0 only: min(clip1, -A c)
             pg3 = -a * dual
@@ -93,6 +96,7 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: 
             loss = tl.where(negative & (pg3 < clip1), pg3, clip1)
             grad = tl.where(negative, b1, 1.0) * grad
             dual_on = negative & (clip1 > pg3)
+        grad = tl.where(loss != loss, loss, grad)  # noqa: PLR0124 (a NaN token's gradient is NaN)
         k3 = zero
         kl_grad = zero
         if (KIND == 1) or (KIND == 3):

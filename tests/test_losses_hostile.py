@@ -172,3 +172,30 @@ def test_nan_in_half_precision_inputs_propagates(backend, dtype):
                                                       mask)
     assert loss.isnan() and grad[0, 0].isnan() and grad.isnan().sum() == 1
     assert all(v.isnan() for v in stats.values())
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf")], ids=["inf", "-inf"])
+@pytest.mark.parametrize("kind,name", [("policy", "advantages"), ("policy", "old_logp"), ("grpo", "ref_logp"),
+                                       ("value", "values"), ("value", "old_values"), ("value", "returns")])
+def test_infinite_input_gives_torchs_answer_on_every_backend(kind, name, value):
+    """An infinite input follows torch autograd's arithmetic on every backend. The kernels used to
+    multiply by the clamp's 0/1 pass flag where torch.clamp's backward selects: an infinite old
+    value gave a NaN gradient (torch: 0) and an infinite return NaN (torch: -+inf)."""
+    t = _inputs(kind)
+    t[name][1, 3] = value
+    if name == "advantages":  # a clamped log-ratio as well: inf * (clamp passes nothing) is 0 in torch
+        t["old_logp"][1, 3] = 30.0
+    mask = torch.ones(B, T, dtype=torch.bool)
+    results = {}
+    for backend in ALL_BACKENDS:
+        with rlkern.use_backend(backend):
+            results[backend] = _run(kind, t, mask)
+    want_loss, want_stats, want_grad = results["torch"]
+    for backend, (loss, stats, grad) in results.items():
+        assert torch.allclose(loss, want_loss, rtol=1e-5, equal_nan=True), (backend, loss, want_loss)
+        assert stats.keys() == want_stats.keys()
+        for k, v in stats.items():
+            w = want_stats[k]
+            assert math.isclose(v, w, rel_tol=1e-5, abs_tol=1e-6) or (math.isnan(v) and math.isnan(w)), (backend, k, v, w)
+        assert torch.allclose(grad, want_grad, rtol=1e-5, atol=1e-7, equal_nan=True), (
+            backend, grad[1, 3], want_grad[1, 3])

@@ -17,7 +17,8 @@ from rlkern.train.rollout import Sequences, decode_responses, encode_prompts, ge
 from rlkern.train.run import Run
 from rlkern.train.task import ArithmeticTask, build_char_tokenizer
 
-__all__ = ["Stage", "ops_backend", "final_dir", "sequence_score", "check_divisible", "load_weights", "ModelError"]
+__all__ = ["Stage", "ops_backend", "final_dir", "sequence_score", "check_divisible", "load_weights",
+           "ModelError"]
 
 FINAL = "final"
 # Below this many parameters a CPU step is a chain of tiny matmuls: intra-op threads cost more in

@@ -80,7 +80,8 @@ def train_trpo(cfg, out: str | None = None) -> dict:
                 metrics.update(_critic_steps(stage, op, ro, val_opt))
             op.maybe_sync_ref(step)
             op.end_step(step, ro, t0, metrics, bar,
-                        lambda s: run.save_checkpoint(s, op.savers(), {"critic_optimizer": val_opt.state_dict()}))
+                        lambda s: run.save_checkpoint(s, op.savers(),
+                                                      {"critic_optimizer": val_opt.state_dict()}))
     return op.finish()
 
 

@@ -79,12 +79,8 @@ def test_linear_logprobs_all_nan_row_poisons_the_policy_loss(backend):
     logp = ops.linear_logprobs(hidden, weight, labels)
     assert logp[1, 2].isnan() and not logp[0].isnan().any()
     loss, _ = ops.linear_policy_loss(hidden, weight, labels, old, adv, mask)
-    # The loss is grpo_loss's verdict on those log-probs (NaN on the torch backend; grpo_loss's own
-    # kernels decide on the others).
     expected, _ = ops.grpo_loss(logp, old, old, adv, mask)
-    assert bool(loss.isnan()) == bool(expected.isnan())
-    if backend == "torch":
-        assert loss.isnan()
+    assert loss.isnan() and expected.isnan()
 
 
 def test_linear_logprobs_inf_logit_gives_nan_and_neg_inf_bias_bans(backend):

@@ -103,13 +103,14 @@ def test_flash_attention_only_on_cuda_with_the_package_else_sdpa(monkeypatch, tm
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
-    assert models.attn_implementation("cuda") == "flash_attention_2"
-    assert models.attn_implementation(torch.device("cuda", 1)) == "flash_attention_2"
-    assert models.attn_implementation("cpu") == "sdpa"
+    assert models.attn_implementation("cuda", torch.bfloat16) == "flash_attention_2"
+    assert models.attn_implementation(torch.device("cuda", 1), torch.float16) == "flash_attention_2"
+    assert models.attn_implementation("cpu", torch.bfloat16) == "sdpa"
+    assert models.attn_implementation("cuda", torch.float32) == "sdpa"  # flash-attn has no fp32 kernel
     # The fallback forced: no flash_attn package, so sdpa on CUDA too, and the built model uses it.
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
-    assert models.attn_implementation("cuda") == "sdpa"
+    assert models.attn_implementation("cuda", torch.bfloat16) == "sdpa"
     model = models.build_tiny_model(build_char_tokenizer(), models.TinyModelSpec(hidden_size=16, num_layers=1,
                                                                                  intermediate_size=16), 0)
     assert model.config._attn_implementation == "sdpa"

@@ -33,13 +33,16 @@ class TinyModelSpec:
     max_positions: int = 32
 
 
-def attn_implementation(device) -> str:
-    """``"flash_attention_2"`` when the ``flash_attn`` package is importable and the model runs on CUDA,
-    else ``"sdpa"`` (PyTorch's fused attention, on every device): the fast path with a guaranteed
-    fallback, chosen per device rather than assumed from the install."""
+def attn_implementation(device, dtype: torch.dtype = torch.float32) -> str:
+    """``"flash_attention_2"`` when the ``flash_attn`` package is importable, the model runs on CUDA and
+    its weights are fp16/bf16, else ``"sdpa"`` (PyTorch's fused attention, on every device and dtype):
+    the fast path with a guaranteed fallback. flash-attn has no fp32 kernel, and transformers hands an
+    fp32 model's fp32 queries to it when no autocast is active (``get_target_dtype``), so the trainer's
+    fp32 models stay on sdpa."""
     import importlib.util
 
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if (torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and importlib.util.find_spec("flash_attn") is not None):
         return "flash_attention_2"
     return "sdpa"
 
@@ -58,7 +61,7 @@ def build_tiny_model(tokenizer, spec: TinyModelSpec, seed: int, device="cpu"):
         num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_positions,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True, rope_theta=10000.0,
-        attn_implementation=attn_implementation(device))
+        attn_implementation=attn_implementation(device, torch.float32))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -82,8 +85,8 @@ def load_causal_lm(path: str, device: torch.device, flag: str = "--model"):
     # Any exception of the loaders is a bad directory here: truncated safetensors raise the library's
     # own SafetensorError, a garbage tokenizer.json a tokenizers Exception, neither an OSError.
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     attn_implementation=attn_implementation(device))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=attn_implementation(device, torch.float32))
     except (ValueError, KeyError) as err:
         raise ModelError(f"{flag} {path!r} ({type(config).__name__}) is not a causal LM: "
                          f"{_first_line(err)}") from None

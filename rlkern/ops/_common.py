@@ -178,6 +178,20 @@ def pick_backend(*tensors: Tensor) -> str:
     return name
 
 
+def leading_groups(x: Tensor) -> list[list[int]]:
+    """x's leading dims (all but the last) merged into [size, stride] groups, innermost first: dims
+    that are contiguous with each other fold into one group; size-1 dims are dropped."""
+    groups: list[list[int]] = []
+    for size, stride in reversed(list(zip(x.shape[:-1], x.stride()[:-1]))):
+        if size == 1:
+            continue
+        if groups and groups[-1][0] * groups[-1][1] == stride:
+            groups[-1][0] *= size
+        else:
+            groups.append([size, stride])
+    return groups
+
+
 def rows_view(x: Tensor) -> Tensor:
     """x [..., V] as a 3-d view [outer, inner, V] whose rows are x's rows in order, without a copy
     whenever the leading dims fold into two strides (e.g. logits[:, :-1, :]); else a contiguous copy.
@@ -187,14 +201,7 @@ def rows_view(x: Tensor) -> Tensor:
     vocab = x.shape[-1]
     if x.stride(-1) != 1 and vocab > 1:
         x = x.contiguous()
-    groups: list[list[int]] = []  # [size, stride] from the innermost leading dim outwards
-    for size, stride in reversed(list(zip(x.shape[:-1], x.stride()[:-1]))):
-        if size == 1:
-            continue
-        if groups and groups[-1][0] * groups[-1][1] == stride:
-            groups[-1][0] *= size
-        else:
-            groups.append([size, stride])
+    groups = leading_groups(x)
     if len(groups) > 2:
         return rows_view(x.contiguous())
     inner = groups[0] if groups else [1, vocab]

@@ -27,6 +27,7 @@ from rlkern.ops._common import (
     check_no_nan,
     check_temperature,
     check_tensor,
+    leading_groups,
     new_output,
     pick_backend,
     rows_view,
@@ -208,15 +209,7 @@ def _writable_in_place(x: Tensor) -> bool:
             return False
         span += (size - 1) * stride
     # No copy: the leading dims merge into at most two (size, stride) groups, as rows_view folds them.
-    groups: list[list[int]] = []
-    for size, stride in reversed(list(zip(x.shape[:-1], x.stride()[:-1]))):
-        if size == 1:
-            continue
-        if groups and groups[-1][0] * groups[-1][1] == stride:
-            groups[-1][0] *= size
-        else:
-            groups.append([size, stride])
-    return len(groups) <= 2
+    return len(leading_groups(x)) <= 2
 
 
 def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_backward, process_group,

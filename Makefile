@@ -21,6 +21,12 @@ $(VENV)/.rlkern-installed: pyproject.toml setup.py
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[train,dev,bench]"
+# verl 0.9.1 for tests/test_compat_verl_installed.py (patch("verl") against the real package). Its metadata
+# pins transformers<5.11 and ray[default], so verl and tensordict go in --no-deps and only the modules
+# `import verl` and core_algos / torch_functional need follow (ray is ~240 MB of the ~280 MB added).
+	$(PY) -m pip install --quiet --no-deps verl==0.9.1 tensordict==0.10.0
+	$(PY) -m pip install --quiet ray==2.60.0 codetiming==1.4.0 hydra-core==1.3.8 omegaconf==2.3.1 \
+		cloudpickle==3.1.3 orjson==3.13.0 "pyvers<0.2"
 	touch $@ $(VENV)/.rlkern-built
 
 # Rebuilds rlkern._C in place when a csrc/ file is newer than the last build (ninja recompiles only

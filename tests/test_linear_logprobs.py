@@ -275,17 +275,18 @@ def test_bad_keywords(kwargs, error, match):
         linear_logprobs(hidden, weight, labels, **kwargs)
 
 
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
-def test_opcheck(backend_name):
+def test_opcheck(backend_name, precision):
     hidden, weight, bias, labels = _make((6,), 16, 40, torch.float32, bias=True)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    fwd_args = (hidden, weight, bias, labels, 0.9, -100, True, 16, backend_name)
+    fwd_args = (hidden, weight, bias, labels, 0.9, -100, True, 16, backend_name, precision)
     torch.library.opcheck(torch.ops.rlkern.linear_logprobs_fwd.default, fwd_args)
     with torch.no_grad():
         _, lse, ent = torch.ops.rlkern.linear_logprobs_fwd(*fwd_args)
     bwd_args = (torch.randn(6), torch.randn(6), hidden.detach(), weight.detach(), bias, labels, lse, ent, 0.9, -100, 16,
-                backend_name)
+                backend_name, precision)
     torch.library.opcheck(torch.ops.rlkern.linear_logprobs_bwd.default, bwd_args)
 
 
@@ -399,3 +400,115 @@ def test_linear_policy_loss_single_backward_and_upstream_scale():
         with pytest.raises(RuntimeError, match="single backward pass"):
             loss.backward()
     torch.testing.assert_close(grads[1], -2.5 * grads[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# precision= ("ieee" | "tf32"): the Triton GEMMs' fp32 mode (issue #8 item 3)
+# ------------------------------------------------------------------------------------------------
+
+def _policy_args(lead=(2, 3)):
+    return (torch.zeros(*lead) - 3.0, torch.tensor([1.0, -1.0]), torch.ones(*lead, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("bad", ["fp32", "TF32", "highest", "", None, 1])
+def test_precision_bad_values(bad):
+    hidden, weight, _, labels = _make((2, 3), 8, 20, torch.float32, ignore=0.0)
+    match = r"precision must be one of \('ieee', 'tf32'\)"
+    with pytest.raises(ValueError, match=match):
+        linear_logprobs(hidden, weight, labels, precision=bad)
+    with pytest.raises(ValueError, match=match):
+        rlkern.ops.linear_policy_loss(hidden, weight, labels, *_policy_args(), precision=bad)
+    # Checked before any collective: no process group is needed to get the error.
+    with pytest.raises(ValueError, match=match):
+        linear_logprobs(hidden, weight, labels, process_group=object(), precision=bad)
+    from rlkern.ops.vocab_parallel import vocab_parallel_linear_logprobs
+
+    with pytest.raises(ValueError, match=match):
+        vocab_parallel_linear_logprobs(hidden, weight, labels, object(), precision=bad)
+
+
+@pytest.mark.parametrize("backend_name", [b for b in ALL_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_precision_changes_nothing_on_cpp_and_torch(backend_name, dtype):
+    """The cpp loop and the torch reference multiply fp32 in IEEE whatever precision says: "tf32"
+    must give the same bits as "ieee" there, forward and backward."""
+    hidden, weight, bias, labels = _make((2, 5), 16, 40, dtype, bias=True)
+    runs = []
+    for precision in ("ieee", "tf32"):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with rlkern.use_backend(backend_name):
+            lp, ent = linear_logprobs(h, w, labels, bias=bias, temperature=0.9, return_entropy=True,
+                                      precision=precision)
+            (lp.sum() + ent.sum()).backward()
+            hp, wp = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            loss, _ = rlkern.ops.linear_policy_loss(hp, wp, labels.clamp(min=0), *_policy_args((2, 5)),
+                                                    precision=precision)
+            loss.backward()
+        runs.append((lp, ent, h.grad, w.grad, loss, hp.grad, wp.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+class _LauncherSpy:
+    """Wraps the Triton launchers of rlkern.kernels.linear_logprobs: records the precision each call
+    got (its default when not passed) and runs the real kernel."""
+
+    def __init__(self, monkeypatch):
+        tk = importlib.import_module("rlkern.kernels.linear_logprobs")
+        self.calls = {"fwd": [], "bwd": []}
+        for kind in ("fwd", "bwd"):
+            real = getattr(tk, f"linear_logprobs_{kind}")
+
+            def spy(*args, _real=real, _kind=kind, **kwargs):
+                self.calls[_kind].append(kwargs.get("precision", "ieee (launcher default)"))
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(tk, f"linear_logprobs_{kind}", spy)
+
+
+def _needs_triton():
+    if "triton" not in KERNEL_BACKENDS:
+        pytest.skip("the triton backend is not available here")
+
+
+@pytest.mark.parametrize("precision", [None, "ieee", "tf32"])
+def test_precision_reaches_triton_launcher(precision, monkeypatch):
+    _needs_triton()
+    spy = _LauncherSpy(monkeypatch)
+    kw = {} if precision is None else {"precision": precision}
+    expected = precision or "ieee"
+    hidden, weight, bias, labels = _make((2, 3), 16, 40, torch.float32, bias=True, ignore=0.0)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with rlkern.use_backend("triton"):
+        lp, ent = linear_logprobs(h, w, labels, bias=bias, return_entropy=True, **kw)
+        assert spy.calls == {"fwd": [expected], "bwd": []}
+        (lp.sum() + ent.sum()).backward()
+        assert spy.calls == {"fwd": [expected], "bwd": [expected]}
+        hp = hidden.clone().requires_grad_(True)
+        loss, _ = rlkern.ops.linear_policy_loss(hp, weight, labels, *_policy_args(), **kw)
+        loss.backward()
+    assert spy.calls == {"fwd": [expected] * 2, "bwd": [expected] * 2}
+    # The interpreter may or may not emulate TF32's rounding; either way the results stay close to
+    # the float64 oracle (TF32: ~1e-3 relative per product, |z| < ~10 here).
+    ref_lp, _ = _oracle(hidden, weight, labels, bias, 1.0)
+    torch.testing.assert_close(lp.double(), ref_lp, atol=5e-2 if expected == "tf32" else 5e-5, rtol=0)
+
+
+def test_precision_reaches_triton_launcher_vocab_parallel(monkeypatch, tmp_path):
+    """process_group= path: shard_stats / shard_grads get the precision too (one-rank gloo group)."""
+    _needs_triton()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    spy = _LauncherSpy(monkeypatch)
+    hidden, weight, _, labels = _make((2, 3), 16, 40, torch.float32, ignore=0.0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        h = hidden.clone().requires_grad_(True)
+        with rlkern.use_backend("triton"):
+            lp = linear_logprobs(h, weight, labels, process_group=dist.group.WORLD, precision="tf32")
+            lp.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert spy.calls == {"fwd": ["tf32"], "bwd": ["tf32"]}

@@ -62,6 +62,9 @@ _VOCAB_ALIGN = 64
 # tiles, in the same order, whatever batch it comes in (batch invariance; verl #6280). Only the
 # token tile follows the memory budget.
 _VOCAB_TILE = 4096
+# How the Triton GEMMs multiply fp32 operands (tl.dot's input_precision); the kernels' own list,
+# repeated here so that the option is checked on machines without Triton too.
+PRECISIONS = ("ieee", "tf32")
 
 
 def tile_sizes(n_tokens: int, vocab: int, chunk_size: int | None = None) -> tuple[int, int]:
@@ -180,10 +183,11 @@ def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tens
 
 def shard_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
                 ignore_index: int, vocab_start: int, want_entropy: bool, chunk_size: int | None,
-                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                backend: str, precision: str = "ieee") -> tuple[Tensor, Tensor, Tensor]:
     """(lse, entropy, z_y) over the vocabulary rows of ``weight`` (global ids from ``vocab_start``),
     fp32 [N] each; z_y is the label's scaled logit, 0 where the label is ignored or not in the
-    shard. hidden: [N, H] contiguous; labels: flat int64 [N]."""
+    shard. hidden: [N, H] contiguous; labels: flat int64 [N]. precision: the Triton GEMMs' fp32
+    mode (see :func:`linear_logprobs`); the cpp loop is IEEE fp32 whatever it says."""
     inv_temp = 1.0 / temperature
     bias32 = _bias32(bias, hidden.device)
     if backend == "cpp":
@@ -197,7 +201,7 @@ def shard_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
     n = hidden.shape[0]
     lse, ent, zy = (torch.empty(n, device=hidden.device) for _ in range(3))
     tk.linear_logprobs_fwd(hidden, weight, bias32, labels, inv_temp, ignore_index, vocab_start, want_entropy,
-                           lse, ent, zy)
+                           lse, ent, zy, precision=precision)
     if want_entropy:  # the same ln V cap as _finalize (rounding of a near-uniform row); NaN stays NaN
         torch.minimum(ent, ent.new_tensor(math.log(weight.shape[0])), out=ent)
     return lse, ent, zy
@@ -205,9 +209,11 @@ def shard_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
 
 def shard_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
                 labels: Tensor, lse: Tensor, ent: Tensor, temperature: float, ignore_index: int, vocab_start: int,
-                chunk_size: int | None, backend: str) -> tuple[Tensor, Tensor, Tensor | None]:
+                chunk_size: int | None, backend: str, precision: str = "ieee"
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(d hidden fp32 [N, H], d weight [V_shard, H] in weight's dtype, d bias fp32 or None) for the
-    shard's logits, given the full-vocabulary lse / entropy. grad_logp / grad_ent: fp32 [N] or empty."""
+    shard's logits, given the full-vocabulary lse / entropy. grad_logp / grad_ent: fp32 [N] or empty.
+    precision: as for :func:`shard_stats`."""
     n_tokens, hidden_size = hidden.shape
     dev = hidden.device
     bias32 = _bias32(bias, dev)
@@ -223,7 +229,8 @@ def shard_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Ten
 
         grad_weight = new_output(weight.shape, device=dev)
         tk.linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias32, labels, lse, ent, 1.0 / temperature,
-                               ignore_index, vocab_start, grad_hidden, grad_weight, grad_bias)
+                               ignore_index, vocab_start, grad_hidden, grad_weight, grad_bias,
+                               precision=precision)
         grad_weight = grad_weight.to(weight.dtype)
     return grad_hidden, grad_weight, (grad_bias if bias is not None else None)
 
@@ -240,12 +247,12 @@ def _empty_like_rows(hidden: Tensor) -> Tensor:
 
 @torch.library.custom_op("rlkern::linear_logprobs_fwd", mutates_args=())
 def _linear_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
-                         ignore_index: int, want_entropy: bool, chunk_size: int, backend: str
+                         ignore_index: int, want_entropy: bool, chunk_size: int, backend: str, precision: str
                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """hidden [N, H] contiguous, labels flat int64 [N]; chunk_size 0 = automatic. Returns fp32
-    (logp [N], lse [N], entropy [N] or [0])."""
+    """hidden [N, H] contiguous, labels flat int64 [N]; chunk_size 0 = automatic; precision "ieee" or
+    "tf32" (already checked). Returns fp32 (logp [N], lse [N], entropy [N] or [0])."""
     lse, ent, zy = shard_stats(hidden, weight, bias, labels, temperature, ignore_index, 0, want_entropy,
-                               chunk_size or None, backend)
+                               chunk_size or None, backend, precision)
     n, dev = hidden.shape[0], hidden.device
     logp_out, lse_out = new_output((n,), device=dev), new_output((n,), device=dev)
     logp_out.copy_(label_logprobs(zy, lse, labels, ignore_index))
@@ -257,7 +264,7 @@ def _linear_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
 
 
 @_linear_logprobs_fwd.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size, backend):
+def _(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size, backend, precision):
     n = hidden.shape[0]
     new = lambda shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
     return new((n,)), new((n,)), new((n,) if want_entropy else (0,))
@@ -266,24 +273,26 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chu
 @torch.library.custom_op("rlkern::linear_logprobs_bwd", mutates_args=())
 def _linear_logprobs_bwd(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
                          labels: Tensor, lse: Tensor, ent: Tensor, temperature: float, ignore_index: int,
-                         chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                         chunk_size: int, backend: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
     """(d hidden in hidden's dtype, d weight in weight's dtype, d bias fp32 [V] or [0])."""
     gh, gw, gb = shard_grads(grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, temperature, ignore_index,
-                             0, chunk_size or None, backend)
+                             0, chunk_size or None, backend, precision)
     return gh.to(hidden.dtype), gw, gb if gb is not None else _empty_like_rows(hidden)
 
 
 @_linear_logprobs_bwd.register_fake
-def _(grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, temperature, ignore_index, chunk_size, backend):
+def _(grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, temperature, ignore_index, chunk_size,
+      backend, precision):
     gb = hidden.new_empty(bias.shape if bias is not None else (0,), dtype=torch.float32)
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size, backend = inputs
+    hidden, weight, bias, labels, temperature, ignore_index, _, chunk_size, backend, precision = inputs
     _, lse, ent = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
-    ctx.args = (temperature, ignore_index, chunk_size, backend)
+    # precision too: backward recomputes the logits, with the GEMMs of the forward.
+    ctx.args = (temperature, ignore_index, chunk_size, backend, precision)
     ctx.mark_non_differentiable(lse)
 
 
@@ -295,7 +304,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_ent):
     gh, gw, gb = torch.ops.rlkern.linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent,
                                                       *ctx.args)
     gb = gb.to(bias.dtype) if bias is not None else None
-    return gh, gw, gb, None, None, None, None, None, None
+    return gh, gw, gb, None, None, None, None, None, None, None
 
 
 _linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -326,6 +335,13 @@ def _validate(hidden, weight, labels, bias, temperature, chunk_size) -> float:
     return check_temperature(temperature, "temperature")
 
 
+def _check_precision(precision) -> str:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (how fp32 logits are multiplied on the "
+                         f"Triton backend), got {precision!r}")
+    return precision
+
+
 def _check_finite_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     """nan_check=True: a NaN anywhere, or an inf in hidden / weight or a +inf bias (each can give a
     +inf logit, which makes its token NaN), raises naming the argument and the first index."""
@@ -344,7 +360,7 @@ def _check_finite_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) ->
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                     temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
                     chunk_size: int | None = None, process_group=None,
-                    nan_check: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                    nan_check: bool = False, precision: str = "ieee") -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature),
     without materialising the ``[..., V]`` logits.
 
@@ -369,6 +385,14 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
         nan_check: raise a ValueError naming the argument and the first index of a NaN (or of an
             inf in hidden / weight, a +inf in bias) instead of returning NaN (an extra pass over
             the inputs and a device sync; eager only).
+        precision: ``"ieee"`` (default) or ``"tf32"``: how the Triton (CUDA) backend multiplies
+            fp32 hidden / weight. ``"ieee"`` gives fp32-accurate logits, so that the log-probs of an
+            fp32 LM head agree between rollout and training (TRL #4303, NeMo-RL #3936); ``"tf32"``
+            runs the GEMMs on the tensor cores with 10-bit mantissas, faster but ~1e-3 relative
+            error in the logits. bf16 / fp16 inputs always use the tensor cores with fp32
+            accumulation (their products are exact in fp32); the cpp backend computes fp32 in IEEE
+            and the torch backend follows torch's matmul settings (IEEE by default) whatever this
+            says, so there it changes nothing.
 
     Returns:
         float32 ``[...]`` log-probs ``z_y - logsumexp(z)`` (always <= 0), and float32 ``[...]``
@@ -377,6 +401,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
     """
     temperature = _validate(hidden, weight, labels, bias, temperature, chunk_size)
     ignore_index = check_int(ignore_index, "ignore_index")
+    precision = _check_precision(precision)
     if nan_check:
         _check_finite_inputs(hidden, weight, bias)
     if process_group is not None:
@@ -384,7 +409,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
 
         return vocab_parallel_linear_logprobs(hidden, weight, labels, process_group, bias=bias,
                                               temperature=temperature, ignore_index=ignore_index,
-                                              return_entropy=return_entropy, chunk_size=chunk_size)
+                                              return_entropy=return_entropy, chunk_size=chunk_size,
+                                              precision=precision)
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     backend = pick_backend(*tensors, labels)
     check_label_range(labels, weight.shape[0], ignore_index)
@@ -396,7 +422,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     logp, _, ent = torch.ops.rlkern.linear_logprobs_fwd(flat_hidden, weight.contiguous(), bias, flat_labels,
                                                         temperature, ignore_index, bool(return_entropy),
-                                                        int(chunk_size or 0), backend)
+                                                        int(chunk_size or 0), backend, precision)
     return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
 
 
@@ -502,7 +528,8 @@ def _check_policy_inputs(labels: Tensor, old_logp, advantages, mask, ref_logp) -
 def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,
                        mask: Tensor, *, ref_logp: Tensor | None = None, beta: float = 0.0, clip_low: float = 0.2,
                        clip_high: float = 0.2, loss_type: str = "grpo", temperature: float = 1.0,
-                       chunk_size: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                       chunk_size: int | None = None, precision: str = "ieee"
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO / PPO clipped policy loss straight from the last hidden state: the log-probs of
     :func:`linear_logprobs` fed to :func:`rlkern.ops.losses.grpo_loss` (same maths, same code:
     ``grpo_loss_and_grad``), without the ``[B, T, V]`` logits.
@@ -518,6 +545,9 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
         temperature: as for :func:`linear_logprobs`.
         chunk_size: tile override: tokens per full-vocabulary tile on the fp32 CPU path, vocabulary
             rows per tile otherwise (as for :func:`linear_logprobs`).
+        precision: ``"ieee"`` (default) or ``"tf32"``, as for :func:`linear_logprobs`: fp32 on the
+            Triton backend only; IEEE keeps the training log-probs (and so the importance ratio
+            against ``old_logp``) consistent with an fp32 rollout.
 
     The per-token inputs are checked against ``labels``' shape (a ValueError naming the argument).
     A NaN or +inf logit makes that token's log-prob NaN, as in :func:`linear_logprobs`; the loss is
@@ -533,6 +563,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
     from rlkern.ops.losses import grpo_loss, grpo_loss_and_grad
 
     temperature = _validate(hidden, weight, labels, None, temperature, chunk_size)
+    precision = _check_precision(precision)
     _check_policy_inputs(labels, old_logp, advantages, mask, ref_logp)
     if ref_logp is None:
         if check_number(beta, "beta") != 0.0:
@@ -555,12 +586,13 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
     # bf16 / fp16 and Triton: log-probs first, then one backward pass (vocabulary-outer, so d weight
     # is written tile by tile in the weight's dtype with no [V, H] fp32 accumulator); one GEMM more.
     with torch.no_grad():
-        lse, _, zy = shard_stats(flat_hidden, w, None, flat_labels, temperature, -100, 0, False, chunk_size, backend)
+        lse, _, zy = shard_stats(flat_hidden, w, None, flat_labels, temperature, -100, 0, False, chunk_size,
+                                 backend, precision)
         logp = label_logprobs(zy, lse, flat_labels, -100).view(labels.shape)
         ref = ref_logp if ref_logp is not None else logp
         loss, grad_logp, stats = grpo_loss_and_grad(logp, old_logp, ref, advantages, mask, **kwargs)
         none = lse.new_empty(0)
         gh, gw, _ = shard_grads(grad_logp.reshape(-1).float().contiguous(), none, flat_hidden, w, None, flat_labels,
-                                lse, none, temperature, -100, 0, chunk_size, backend)
+                                lse, none, temperature, -100, 0, chunk_size, backend, precision)
     loss = _AttachGradients.apply(loss, hidden, weight, gh.to(hidden.dtype).view(hidden.shape), gw)
     return loss, stats

@@ -226,23 +226,24 @@ def vocab_parallel_logprobs(logits_shard: Tensor, labels: Tensor | None, process
 class _VocabParallelLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, group, temperature, ignore_index, want_entropy, chunk_size,
-                backend, vocab_start):
+                backend, vocab_start, precision):
         if backend == "torch":
             z = _torch_logits(hidden, weight, bias) / temperature
             lse_r, ent_r, zy_r = _torch_shard_stats(z, labels, ignore_index, vocab_start)
         else:
             lse_r, ent_r, zy_r = _ll.shard_stats(hidden, weight, bias, labels, temperature, ignore_index, vocab_start,
-                                                 want_entropy, chunk_size, backend)
+                                                 want_entropy, chunk_size, backend, precision)
         lse, ent, zy = _combine(lse_r, ent_r, zy_r, group, want_entropy)
         logp = _ll.label_logprobs(zy, lse, labels, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ent is not None else lse)
-        ctx.args = (group, temperature, ignore_index, want_entropy, chunk_size, backend, vocab_start)
+        ctx.args = (group, temperature, ignore_index, want_entropy, chunk_size, backend, vocab_start,
+                    precision)
         return logp, (ent if ent is not None else lse.new_empty(0))
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
         hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-        group, temperature, ignore_index, want_entropy, chunk_size, backend, vocab_start = ctx.args
+        group, temperature, ignore_index, want_entropy, chunk_size, backend, vocab_start, precision = ctx.args
         grad_ent = grad_ent if want_entropy else None
         if backend == "torch":
             z = _torch_logits(hidden, weight, bias) / temperature
@@ -254,10 +255,11 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         else:
             gh, gw, gb = _ll.shard_grads(_or_empty(_present(grad_logp), lse), _or_empty(_present(grad_ent), lse),
                                          hidden, weight, bias, labels, lse, ent if want_entropy else lse.new_empty(0),
-                                         temperature, ignore_index, vocab_start, chunk_size, backend)
+                                         temperature, ignore_index, vocab_start, chunk_size, backend,
+                                         precision)
         dist.all_reduce(gh, group=group)  # every shard's logits depend on the whole hidden state
         gb = gb.to(bias.dtype) if bias is not None else None
-        return gh.to(hidden.dtype), gw, gb, None, None, None, None, None, None, None, None
+        return gh.to(hidden.dtype), gw, gb, None, None, None, None, None, None, None, None, None
 
 
 def _torch_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -268,11 +270,14 @@ def _torch_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
 
 def vocab_parallel_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, process_group, *,
                                    bias: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                                   return_entropy: bool = False, chunk_size: int | None = None):
+                                   return_entropy: bool = False, chunk_size: int | None = None,
+                                   precision: str = "ieee"):
     """:func:`rlkern.ops.linear_logprobs` with ``weight`` ``[V_r, H]`` (and ``bias`` ``[V_r]``) this
     rank's vocabulary shard; ``hidden`` and ``labels`` (global ids) are replicated. Returns the
-    full-vocabulary log-probs (and entropy) on every rank; d hidden is summed over the group."""
+    full-vocabulary log-probs (and entropy) on every rank; d hidden is summed over the group.
+    ``precision`` ("ieee" or "tf32") is the Triton backend's fp32 GEMM mode, as for linear_logprobs."""
     temperature = _ll._validate(hidden, weight, labels, bias, temperature, chunk_size)
+    precision = _ll._check_precision(precision)
     vocab_start, vocab = _shard_layout(weight.shape[0], process_group, weight.device)
     check_label_range(labels, vocab, int(ignore_index))
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
@@ -282,5 +287,5 @@ def vocab_parallel_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     logp, ent = _VocabParallelLinearLogprobs.apply(flat_hidden, weight.contiguous(), bias, flat_labels, process_group,
                                                    temperature, int(ignore_index), bool(return_entropy), chunk_size,
-                                                   backend, vocab_start)
+                                                   backend, vocab_start, precision)
     return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)

@@ -109,8 +109,12 @@ def verl_kl_penalty(logprob, ref_logprob, kl_penalty):  # verl/trainer/ppo/core_
 
 
 def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode):  # verl/trainer/ppo/core_algos.py::agg_loss
+    # verl 0.9.1 with dp_size=1 and no global counts (tests/test_compat_verl_installed.py runs verl's own
+    # code, global counts included).
     if loss_agg_mode == "token-mean":
         return verl_masked_mean(loss_mat, loss_mask)
+    if loss_agg_mode == "token-sum":
+        return (loss_mat * loss_mask).sum()
     if loss_agg_mode == "seq-mean-token-sum":
         seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
         seq_mask = (torch.sum(loss_mask, dim=-1) > 0).float()  # exclude fully masked sequences
@@ -120,8 +124,10 @@ def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode):  # verl/trainer/ppo/core_
         seq_losses = torch.sum(loss_mat * loss_mask, dim=-1) / (seq_mask + 1e-8)
         seq_mask = (seq_mask > 0).float()
         return verl_masked_mean(seq_losses, seq_mask)
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return torch.sum(torch.sum(loss_mat * loss_mask, dim=-1)) / loss_mask.shape[-1]
+    if loss_agg_mode == "seq-mean-token-sum-norm":  # 0.9.1: seq-mean-token-sum / T (older: the sum / T)
+        seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
+        seq_mask = (torch.sum(loss_mask, dim=-1) > 0).float()
+        return verl_masked_mean(seq_losses, seq_mask) / loss_mask.shape[-1]
     raise ValueError(loss_agg_mode)
 
 
@@ -188,10 +194,11 @@ def verl_reinforce_pp(token_level_rewards, response_mask, gamma):
     with torch.no_grad():
         returns = torch.zeros_like(token_level_rewards)
         running_return = 0
-        for t in reversed(range(token_level_rewards.shape[1])):
-            running_return = token_level_rewards[:, t] + gamma * running_return
-            returns[:, t] = running_return
-            running_return = running_return * response_mask[:, t]
+        for t in reversed(range(token_level_rewards.shape[1])):  # 0.9.1: masked steps carry it through
+            new_running_return = token_level_rewards[:, t] + gamma * running_return
+            returns[:, t] = new_running_return * response_mask[:, t]
+            m = response_mask[:, t]
+            running_return = new_running_return * m + running_return * (1 - m)
         advantages = verl_masked_whiten(returns, response_mask) * response_mask
     return advantages, returns
 
@@ -800,7 +807,7 @@ def test_verl_agg_loss(mode):
     close(got, want, what=mode)
     close(torch.autograd.grad(got, loss_mat)[0], torch.autograd.grad(want, loss_mat)[0], what=f"{mode} grad")
     with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
-        verl_shim.agg_loss(loss_mat, mask, "token-sum")
+        verl_shim.agg_loss(loss_mat, mask, "token-avg")
 
 
 @pytest.mark.parametrize("b,t", [(1, 5), (4, 17), (7, 40)])
@@ -929,10 +936,12 @@ def test_verl_compute_policy_loss(backend, mode):
 def test_verl_policy_loss_vanilla_reads_config():
     logp, old, adv, mask = _ppo_inputs()
     config = {"clip_ratio": 0.2, "clip_ratio_low": None, "clip_ratio_high": 0.3, "clip_ratio_c": 2.5}
-    got = verl_shim.compute_policy_loss_vanilla(old, logp, adv, mask, "seq-mean-token-mean", config)
+    got, metrics = verl_shim.compute_policy_loss_vanilla(old, logp, adv, mask, "seq-mean-token-mean", config)
     want = verl_policy_loss(old, logp, adv, mask, 0.2, 0.3, 2.5, "seq-mean-token-mean")
-    for g, w in zip(got, want):
-        close(g, w)
+    close(got, want[0])
+    # verl 0.9.1 returns (pg_loss, pg_metrics) with the statistics as Python floats.
+    for name, w in zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), want[1:]):
+        close(torch.tensor(metrics[name]), w, what=name)
     with pytest.raises(ValueError, match="config is required"):
         verl_shim.compute_policy_loss_vanilla(old, logp, adv, mask)
 

@@ -82,7 +82,7 @@ PATCH_TARGETS = (
 # verl's trainers look estimators and policy losses up by name in these dicts.
 PATCH_REGISTRIES = ((_CORE, "ADV_ESTIMATOR_REGISTRY"), (_CORE, "POLICY_LOSS_REGISTRY"))
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 _KL_BASE = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 KL_PENALTIES = _KL_BASE + tuple(name + "+" for name in _KL_BASE)
 
@@ -218,26 +218,72 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     return ops.kl(logprob, ref_logprob, kl_penalty, clamp=True if k3 else None)
 
 
-def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str) -> Tensor:
-    """Reduce a ``[B, T]`` loss to a scalar (verl ``core_algos.agg_loss``, the single-process form
-    before the ``dp_size`` / ``global_batch_size`` arguments):
-    ``token-mean`` masked_mean over all valid tokens (verl's + 1e-8);
-    ``seq-mean-token-sum`` per-row masked sums, averaged over the rows that have a valid token;
-    ``seq-mean-token-mean`` per-row ``sum / (count + 1e-8)``, averaged over those rows;
-    ``seq-mean-token-sum-norm`` the sum of the per-row sums / T (Dr. GRPO's constant normaliser).
-    Rows with no valid token are excluded from the seq-mean modes, as in verl."""
+def _check_global(loss_agg_mode: str, dp_size, batch_num_tokens, global_batch_size) -> None:
+    # verl 0.9.1 core_algos.agg_loss: with dp_size > 1 the local counts are not the global ones.
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; valid modes are {AGG_MODES}")
-    if loss_agg_mode == "token-mean":
-        return masked_mean(loss_mat, loss_mask)
+    if dp_size > 1 and loss_agg_mode == "token-mean" and batch_num_tokens is None:
+        raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+    if dp_size > 1 and loss_agg_mode.startswith("seq-mean") and global_batch_size is None:
+        raise ValueError("global_batch_size is required when dp_size > 1")
+
+
+def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: int = 1,
+             batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None) -> Tensor:
+    """Reduce a ``[B, T]`` loss to a scalar (verl 0.9.1 ``core_algos.agg_loss``), normalised over the
+    global batch so that data-parallel ranks average to the global value:
+    ``token-mean`` masked sum / ``batch_num_tokens`` (default: this batch's valid tokens) * dp_size;
+    ``token-sum`` masked sum * dp_size;
+    ``seq-mean-token-sum`` per-row masked sums summed over the rows with a valid token,
+    / ``global_batch_size`` (default: the number of such rows) * dp_size;
+    ``seq-mean-token-mean`` the same over per-row ``sum / (count + 1e-8)``;
+    ``seq-mean-token-sum-norm`` ``seq-mean-token-sum`` / ``loss_scale_factor`` (default T, Dr. GRPO).
+    As in verl, an empty mask gives 0/0 = NaN in the mean modes (only releases before 0.9 added
+    1e-8 to the token count). Unlike verl's ``torch.sum(loss_mat * loss_mask)`` in the seq modes, a NaN
+    at a masked-out position does not leak into the result."""
+    _check_global(loss_agg_mode, dp_size, batch_num_tokens, global_batch_size)
     seq = ops.masked_sum(loss_mat, loss_mask, dim=-1)
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return _same_dtype(seq.sum() / loss_mask.shape[-1], loss_mat)
     count = _count(loss_mask, -1)
+    if loss_agg_mode == "token-mean":
+        loss = seq.sum() / (count.sum() if batch_num_tokens is None else batch_num_tokens) * dp_size
+    elif loss_agg_mode == "token-sum":
+        loss = seq.sum() * dp_size
+    else:
+        if loss_agg_mode == "seq-mean-token-mean":
+            seq = seq / (count + _MEAN_EPS)
+        live = count > 0
+        rows = live.sum().to(torch.float32) if global_batch_size is None else global_batch_size
+        loss = ops.masked_sum(seq, live) / rows * dp_size
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return _same_dtype(loss, loss_mat)
+
+
+def _ops_agg(loss_agg_mode: str) -> str:
+    """The rlkern.ops aggregation from which :func:`_global_scale` rebuilds verl's: rlkern's
+    ``seq-mean-token-sum-norm`` is the plain masked sum / T, and its ``seq-mean-token-mean`` the sum of
+    the per-row means over the rows with a valid token."""
+    return "seq-mean-token-mean" if loss_agg_mode == "seq-mean-token-mean" else "seq-mean-token-sum-norm"
+
+
+def _global_scale(loss: Tensor, mask: Tensor, loss_agg_mode: str, dp_size: int = 1, batch_num_tokens=None,
+                  global_batch_size=None, loss_scale_factor=None) -> Tensor:
+    """verl 0.9.1 ``agg_loss`` (see :func:`agg_loss`) from a loss that rlkern.ops aggregated with
+    ``_ops_agg(loss_agg_mode)``: every mode is that value times a constant, so gradients scale alike."""
+    _check_global(loss_agg_mode, dp_size, batch_num_tokens, global_batch_size)
+    count = _count(mask, -1)
+    live = (count > 0).sum().to(torch.float32)
     if loss_agg_mode == "seq-mean-token-mean":
-        seq = seq / (count + _MEAN_EPS)
-    live = count > 0
-    return _same_dtype(masked_mean(seq, live), loss_mat)
+        return loss * dp_size if global_batch_size is None else loss * live / global_batch_size * dp_size
+    total = loss * max(mask.shape[-1], 1)  # undo rlkern's / T: the masked sum
+    if loss_agg_mode == "token-mean":
+        return total / (count.sum() if batch_num_tokens is None else batch_num_tokens) * dp_size
+    if loss_agg_mode == "token-sum":
+        return total * dp_size
+    total = total / (live if global_batch_size is None else global_batch_size) * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        total = total / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return total
 
 
 def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor,
@@ -329,39 +375,55 @@ def _config_value(config, key: str, default=None):
 def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor,
                                                   config=None,
                                                   **kwargs) -> tuple[Tensor, Tensor]:
-    """verl ``core_algos.compute_reinforce_plus_plus_outcome_advantage``: discounted returns with
-    ``config.gamma``, the running return reset after each sequence's end, whitened over the mask and
-    zeroed outside it. Returns ``(advantages, returns)``."""
+    """verl 0.9.1 ``core_algos.compute_reinforce_plus_plus_outcome_advantage``: discounted returns with
+    ``config.gamma``; masked positions (observation tokens of a multi-turn response, padding) get
+    return 0 and pass the running return through unchanged; the returns are whitened over the mask
+    and zeroed outside it. Returns ``(advantages, returns)``."""
     if config is None:
         raise ValueError("config is required: REINFORCE++ reads the discount factor from config.gamma")
     gamma = _config_value(config, "gamma")
     if gamma is None:
         raise ValueError("config must define gamma, the discount factor")
     with torch.no_grad():
-        returns = ops.discounted_returns(token_level_rewards, response_mask, gamma=float(gamma))
-        returns = returns.to(token_level_rewards.dtype)
+        # verl's loop: running' = r_t + gamma * running; return_t = running' * m_t;
+        # running = m_t ? running' : running. That is verl's GAE recursion with values = 0 and lam = 1
+        # (masked steps carry the running advantage through), so rlkern's GAE scan computes it; its
+        # advantages then equal the running return at every valid token. (rlkern.ops.discounted_returns
+        # resets the return at masked positions instead, as verl did before the multi-turn change.)
+        running, _ = ops.gae(token_level_rewards, torch.zeros_like(token_level_rewards), response_mask,
+                             gamma=float(gamma), lam=1.0)
+        returns = (running * response_mask).to(token_level_rewards.dtype)
         advantages = masked_whiten(returns, response_mask) * response_mask
     return advantages, returns
+
+
+def _policy_loss(old_log_prob, log_prob, advantages, response_mask, low, high, clip_ratio_c, loss_agg_mode,
+                 rollout_is_weights, global_batch_info):
+    if low is None or high is None:
+        raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
+    info = global_batch_info
+    _check_global(loss_agg_mode, info.get("dp_size", 1), info.get("batch_num_tokens"),
+                  info.get("global_batch_size"))
+    loss, stats = ops.policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=float(low),
+                                  clip_high=float(high), dual_clip=float(clip_ratio_c),
+                                  agg=_ops_agg(loss_agg_mode), weights=rollout_is_weights)
+    return _global_scale(loss, response_mask, loss_agg_mode, **global_batch_info), stats
 
 
 def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
                         cliprange=None, cliprange_low=None, cliprange_high=None, clip_ratio_c: float = 3.0,
                         loss_agg_mode: str = "token-mean", rollout_is_weights: Tensor | None = None):
-    """verl ``core_algos.compute_policy_loss`` (PPO-clip with dual-clip): log-ratio clamped to
-    [-20, 20]; ``max(-A r, -A clip(r, 1 - low, 1 + high))``, and for A < 0 additionally at most
-    ``-A * clip_ratio_c``; aggregated by ``loss_agg_mode``. ``cliprange_low``/``high`` default to
-    ``cliprange``. Returns ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``: the fraction of valid
-    tokens where the clipped term is larger, the masked mean of ``old - new`` log-prob, and the
+    """verl ``core_algos.compute_policy_loss`` (PPO-clip with dual-clip; deprecated in verl 0.9 for
+    ``compute_policy_loss_vanilla``): log-ratio clamped to [-20, 20];
+    ``max(-A r, -A clip(r, 1 - low, 1 + high))``, and for A < 0 additionally at most
+    ``-A * clip_ratio_c``; aggregated by ``loss_agg_mode`` over this batch. ``cliprange_low``/``high``
+    default to ``cliprange``. Returns ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``: the fraction
+    of valid tokens where the clipped term is larger, the masked mean of ``old - new`` log-prob, and the
     fraction where the dual clip bound is active."""
     low = cliprange if cliprange_low is None else cliprange_low
     high = cliprange if cliprange_high is None else cliprange_high
-    if low is None or high is None:
-        raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
-    if loss_agg_mode not in AGG_MODES:
-        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; valid modes are {AGG_MODES}")
-    loss, stats = ops.policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=float(low),
-                                  clip_high=float(high), dual_clip=float(clip_ratio_c), agg=loss_agg_mode,
-                                  weights=rollout_is_weights)
+    loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask, low, high, clip_ratio_c,
+                               loss_agg_mode, rollout_is_weights, {})
     return loss, stats["clip_frac"], stats["approx_kl"], stats["clip_frac_lower"]
 
 
@@ -369,29 +431,38 @@ def compute_policy_loss_vanilla(old_log_prob: Tensor, log_prob: Tensor, advantag
                                 response_mask: Tensor,
                                 loss_agg_mode: str = "token-mean", config=None,
                                 rollout_is_weights: Tensor | None = None):
-    """verl ``core_algos.compute_policy_loss_vanilla`` (registered as ``"vanilla"``): the clip
-    ranges come from ``config.clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high`` and
-    ``config.clip_ratio_c`` (default 3.0); the maths is :func:`compute_policy_loss`'s."""
+    """verl 0.9.1 ``core_algos.compute_policy_loss_vanilla`` (registered as ``"vanilla"``; what the
+    actor's ``ppo_loss`` calls, verl/workers/utils/losses.py): the clip ranges come from
+    ``config.clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high`` and ``config.clip_ratio_c`` (default
+    3.0), the global-batch normalisation from ``config.global_batch_info`` (``dp_size``,
+    ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``; see :func:`agg_loss`); the maths
+    is :func:`compute_policy_loss`'s. Returns ``(pg_loss, pg_metrics)`` with verl's metric names and
+    Python floats."""
     if config is None:
         raise ValueError("config is required: the clip ranges are read from config.clip_ratio*")
     clip_ratio = _config_value(config, "clip_ratio")
     low = _config_value(config, "clip_ratio_low")
     high = _config_value(config, "clip_ratio_high")
-    return compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=clip_ratio,
-                               cliprange_low=clip_ratio if low is None else low,
-                               cliprange_high=clip_ratio if high is None else high,
-                               clip_ratio_c=_config_value(config, "clip_ratio_c", 3.0),
-                               loss_agg_mode=loss_agg_mode,
-                               rollout_is_weights=rollout_is_weights)
+    info = dict(_config_value(config, "global_batch_info", None) or {})
+    loss, stats = _policy_loss(old_log_prob, log_prob, advantages, response_mask,
+                               clip_ratio if low is None else low, clip_ratio if high is None else high,
+                               _config_value(config, "clip_ratio_c", 3.0), loss_agg_mode, rollout_is_weights,
+                               info)
+    metrics = {"actor/pg_clipfrac": stats["clip_frac"], "actor/ppo_kl": stats["approx_kl"],
+               "actor/pg_clipfrac_lower": stats["clip_frac_lower"]}
+    return loss, {name: float(value.detach().item()) for name, value in metrics.items()}
 
 
 def compute_value_loss(vpreds: Tensor, returns: Tensor, values: Tensor, response_mask: Tensor,
-                       cliprange_value: float, loss_agg_mode: str = "token-mean") -> tuple[Tensor, Tensor]:
-    """verl ``core_algos.compute_value_loss``: ``0.5 * agg(max((v - R)², (clip(v, old ± c) - R)²))``
-    and the fraction of valid tokens where the clipped term is larger. Note verl's argument order:
-    predictions, returns, then the old values."""
-    if loss_agg_mode not in AGG_MODES:
-        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; valid modes are {AGG_MODES}")
+                       cliprange_value: float, loss_agg_mode: str = "token-mean", dp_size: int = 1,
+                       batch_num_tokens=None, global_batch_size=None,
+                       loss_scale_factor=None) -> tuple[Tensor, Tensor]:
+    """verl 0.9.1 ``core_algos.compute_value_loss``: ``0.5 * agg(max((v - R)², (clip(v, old ± c) -
+    R)²))`` with :func:`agg_loss`'s global-batch arguments, and the fraction of valid tokens where the
+    clipped term is larger. Note verl's argument order: predictions, returns, then the old values."""
+    _check_global(loss_agg_mode, dp_size, batch_num_tokens, global_batch_size)
     loss, stats = ops.value_loss(vpreds, values, returns, response_mask, clip=float(cliprange_value),
-                                 agg=loss_agg_mode)
+                                 agg=_ops_agg(loss_agg_mode))
+    loss = _global_scale(loss, response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+                         loss_scale_factor)
     return loss, stats["clip_frac"]

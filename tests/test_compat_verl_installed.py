@@ -1,0 +1,355 @@
+"""rlkern.compat.patch("verl") against the INSTALLED verl (0.9.1, put in by `make setup`).
+
+tests/test_compat.py checks the shims against transcriptions of verl's functions; this file runs
+verl's own code: each test calls a verl function unpatched, then patched (same process, same inputs),
+and requires the same numbers (and gradients), while a spy on rlkern.ops proves the patched call ran
+on rlkern. Masks are float 0/1, as verl's trainers pass them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import rlkern.compat.verl as shim
+from rlkern import compat, ops
+
+try:
+    import verl.trainer.ppo.core_algos as core
+    import verl.utils.torch_functional as vf
+    from omegaconf import OmegaConf
+except ImportError as err:  # ModuleNotFoundError included: verl, or one of its dependencies, is missing
+    pytest.skip(f"verl is not importable here ({err}); `make setup` installs verl 0.9.1",
+                allow_module_level=True)
+
+ATOL, RTOL = 1e-5, 1e-5
+# The rlkern.ops entry points the verl shims reach.
+SPIED = ("logprobs", "entropy", "linear_logprobs", "kl", "policy_loss", "value_loss", "gae",
+         "group_advantages", "discounted_returns", "masked_sum", "masked_whiten", "masked_var")
+# Every verl module the shims touch, and one of the actor's loss modules that copies them by name.
+VERL_MODULES = ("verl.utils.torch_functional", "verl.trainer.ppo.core_algos",
+                "verl.utils.kernel.linear_cross_entropy", "verl.workers.utils.losses")
+for _name in VERL_MODULES:
+    importlib.import_module(_name)
+
+_max_diff = {"abs": 0.0, "rel": 0.0}  # the largest differences any test accepted
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_max_diff(pytestconfig):
+    yield
+    if pytestconfig.getoption("verbose") > 0:  # -v: show how close rlkern came, for reports
+        print(f"\nverl 0.9.1 installed parity: max abs diff {_max_diff['abs']:.3g}, "
+              f"max rel diff {_max_diff['rel']:.3g}")
+
+
+@pytest.fixture(autouse=True)
+def _never_left_patched():
+    yield
+    compat.unpatch("verl")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts calls into rlkern.ops by name (the shims look ops.<name> up at call time)."""
+    calls: dict[str, int] = {}
+    for name in SPIED:
+        real = getattr(ops, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, counted)
+    return calls
+
+
+def close(got, want, what=""):
+    if isinstance(want, (tuple, list)):
+        assert len(got) == len(want), what
+        for i, (g, w) in enumerate(zip(got, want)):
+            close(g, w, f"{what}[{i}]")
+        return
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), what
+        for key in want:
+            close(got[key], want[key], f"{what}[{key}]")
+        return
+    g, w = torch.as_tensor(got).detach(), torch.as_tensor(want).detach()
+    assert g.shape == w.shape, f"{what}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+    assert g.dtype == w.dtype, f"{what}: dtype {g.dtype} != {w.dtype}"
+    torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    diff = (g.double() - w.double()).abs().nan_to_num(0.0)
+    if diff.numel():
+        _max_diff["abs"] = max(_max_diff["abs"], float(diff.max()))
+        _max_diff["rel"] = max(_max_diff["rel"], float((diff / w.double().abs().clamp_min(1e-6)).max()))
+
+
+def both(get_fn, *args, spy=None, expect=(), **kwargs):
+    """(patched result, unpatched result) of ``get_fn()(*args, **kwargs)``: ``get_fn`` reads the verl
+    attribute at call time, so the second call goes through what patch() installed. ``args`` that are
+    tensors needing grad are cloned per call, so each run gets its own leaves."""
+    def call():
+        leaves = [a.detach().clone().requires_grad_() if torch.is_tensor(a) and a.requires_grad else a
+                  for a in args]
+        return get_fn()(*leaves, **kwargs), [a for a in leaves if torch.is_tensor(a) and a.requires_grad]
+
+    assert not compat.is_patched("verl")
+    want, want_leaves = call()
+    assert spy is None or not spy, f"unpatched verl reached rlkern: {spy}"
+    compat.patch("verl", strict=True)
+    try:
+        assert get_fn().__module__ == "rlkern.compat.verl", get_fn()
+        got, got_leaves = call()
+    finally:
+        compat.unpatch("verl")
+    for name in expect:
+        assert spy.get(name, 0) >= 1, f"patched call did not reach rlkern.ops.{name}: {spy}"
+    return (got, got_leaves), (want, want_leaves)
+
+
+def grads(out, leaves, weight):
+    return torch.autograd.grad((out * weight).sum(), leaves)
+
+
+def float_mask(b, t, seed=0, dead_row=None):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(b, t, generator=g) < 0.7).float()
+    mask[:, :2] = 1.0  # every live row has two valid tokens (verl's whitening needs two overall)
+    if dead_row is not None:
+        mask[dead_row] = 0.0
+    return mask
+
+
+# --- the actor's log-prob / entropy path (verl.utils.torch_functional) ---
+
+@pytest.mark.parametrize("name", ["logprobs_from_logits", "logprobs_from_logits_v2",
+                                  "logprobs_from_logits_naive"])
+def test_logprobs_match_installed_verl(spy, name):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 37)).requires_grad_()
+    labels = torch.randint(0, 37, (3, 5))
+    weight = torch.randn(3, 5)
+    (got, gl), (want, wl) = both(lambda: getattr(vf, name), logits, labels, spy=spy, expect=("logprobs",))
+    close(got, want, name)
+    close(grads(got, gl, weight), grads(want, wl, weight), f"{name} d logits")
+
+
+@pytest.mark.parametrize("name,kwargs", [("entropy_from_logits", {}),
+                                         ("entropy_from_logits_with_chunking", {"chunk_size": 4})])
+def test_entropy_matches_installed_verl(spy, name, kwargs):
+    torch.manual_seed(1)
+    logits = (2 * torch.randn(11, 29)).requires_grad_()  # 11 rows: chunks of 4, 4, 3
+    weight = torch.randn(11)
+    (got, gl), (want, wl) = both(lambda: getattr(vf, name), logits, spy=spy, expect=("entropy",), **kwargs)
+    close(got, want, name)
+    if want.requires_grad:  # verl's chunked entropy writes into a fresh tensor: differentiable too
+        close(grads(got, gl, weight), grads(want, wl, weight), f"{name} d logits")
+
+
+def test_linear_cross_entropy_against_float64(spy):
+    """verl's fused head is a Triton/CUDA kernel (it opens an NVTX range first, which a CPU build of torch
+    refuses), so on CPU the patched function is compared with a float64 torch computation of what
+    verl's kernel computes (verl/utils/kernel/kernels.py: logprobs = z_y/T - logsumexp(z/T), entropy of
+    softmax(z/T), both per token)."""
+    from verl.utils.kernel import linear_cross_entropy as lce_mod
+
+    torch.manual_seed(2)
+    hidden, weight = torch.randn(2, 6, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 6))
+    temperature = 0.7
+    z = (hidden.double().reshape(-1, 16) @ weight.double().T) / temperature
+    want_lp = z.gather(-1, labels.reshape(-1, 1)).squeeze(-1) - z.logsumexp(-1)
+    want_ent = z.logsumexp(-1) - (z.softmax(-1) * z).sum(-1)
+    compat.patch("verl", strict=True)
+    try:
+        fn = lce_mod.linear_cross_entropy
+        assert fn is shim.linear_cross_entropy
+        lp, ent = fn(hidden, weight, labels, temperature, "none")
+        lp_sum, _ = fn(hidden, weight, labels, temperature, "sum")
+    finally:
+        compat.unpatch("verl")
+    assert spy.get("linear_logprobs", 0) == 2
+    close(lp.double(), want_lp, "logprobs")
+    close(ent.double(), want_ent, "entropy")
+    close(lp_sum.double(), want_lp.sum(), "logprobs sum")
+    w = torch.randn(12, dtype=torch.float64)
+    close([g.double() for g in torch.autograd.grad((lp.double() * w).sum(), (hidden, weight))],
+          [g.to(torch.float64) for g in torch.autograd.grad((want_lp * w).sum(), (hidden, weight))], "grad")
+
+
+# --- verl.trainer.ppo.core_algos ---
+
+def _loss_inputs(seed=3, b=6, t=13):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(b, t, generator=g) * 3).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(b, t, generator=g)
+    adv = torch.randn(b, t, generator=g)
+    return logp, old, adv, float_mask(b, t, seed, dead_row=4)
+
+
+def actor_config(info, **clip):
+    """verl's own ActorConfig (gspo asserts the type), with the global-batch info the actor's ppo_loss
+    writes into it (verl/workers/utils/losses.py)."""
+    from verl.workers.config import ActorConfig
+
+    config = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, **clip)
+    config.global_batch_info.update(info)
+    return config
+
+
+GLOBAL_INFOS = [{}, {"dp_size": 2, "batch_num_tokens": 50, "global_batch_size": 9, "loss_scale_factor": 7}]
+VERL_AGG_MODES = shim.AGG_MODES  # verl 0.9.1 has five, token-sum included
+
+
+@pytest.mark.parametrize("info", GLOBAL_INFOS, ids=["local", "global"])
+@pytest.mark.parametrize("mode", VERL_AGG_MODES)
+def test_agg_loss_matches_installed_verl(spy, mode, info):
+    loss_mat, _, _, mask = _loss_inputs()
+    (got, gl), (want, wl) = both(lambda: core.agg_loss, loss_mat, mask, mode, spy=spy, expect=("masked_sum",),
+                                 **info)
+    close(got, want, mode)
+    close(grads(got, gl, 1.0), grads(want, wl, 1.0), f"{mode} grad")
+
+
+@pytest.mark.parametrize("info", GLOBAL_INFOS, ids=["local", "global"])
+@pytest.mark.parametrize("mode", VERL_AGG_MODES)
+def test_vanilla_policy_loss_registry_entry(spy, mode, info):
+    """What verl's actor calls: get_policy_loss_fn("vanilla")(..., config) -> (pg_loss, pg_metrics),
+    with the global-batch normalisation from config.global_batch_info (verl/workers/utils/losses.py)."""
+    logp, old, adv, mask = _loss_inputs()
+    config = actor_config(info, clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=2.5)
+    weights = torch.rand(*logp.shape) + 0.5
+    (got, gl), (want, wl) = both(lambda: core.get_policy_loss_fn("vanilla"), old, logp, adv, mask, mode,
+                                 config, weights, spy=spy, expect=("policy_loss",))
+    close(got, want, mode)
+    close(grads(got[0], gl, 1.0), grads(want[0], wl, 1.0), f"{mode} d logp")
+
+
+def test_deprecated_compute_policy_loss(spy):
+    logp, old, adv, mask = _loss_inputs(seed=4)
+    (got, gl), (want, wl) = both(lambda: core.compute_policy_loss, old, logp, adv, mask, spy=spy,
+                                 expect=("policy_loss",), cliprange=0.2, cliprange_high=0.3,
+                                 loss_agg_mode="seq-mean-token-mean")
+    close(got, want)
+    close(grads(got[0], gl, 1.0), grads(want[0], wl, 1.0), "d logp")
+
+
+@pytest.mark.parametrize("info", GLOBAL_INFOS, ids=["local", "global"])
+@pytest.mark.parametrize("mode", VERL_AGG_MODES)
+def test_value_loss_matches_installed_verl(spy, mode, info):
+    vpreds, values, returns, mask = _loss_inputs(seed=5)
+    (got, gl), (want, wl) = both(lambda: core.compute_value_loss, vpreds, returns, values, mask, 0.2, mode,
+                                 spy=spy, expect=("value_loss",), **info)
+    close(got, want, mode)
+    close(grads(got[0], gl, 1.0), grads(want[0], wl, 1.0), f"{mode} d vpreds")
+
+
+@pytest.mark.parametrize("name", shim.KL_PENALTIES)
+def test_kl_penalty_matches_installed_verl(spy, name):
+    logp, ref, _, _ = _loss_inputs(seed=6)
+    ref = ref * 8  # reaches the k3 clamps (|log-ratio| > 20 somewhere, k3 > 10 somewhere)
+    weight = torch.randn(*logp.shape)
+    (got, gl), (want, wl) = both(lambda: core.kl_penalty, logp, ref, name, spy=spy, expect=("kl",))
+    close(got, want, name)
+    close(grads(got, gl, weight), grads(want, wl, weight), f"{name} grad")
+
+
+def test_gae_registry_entry(spy):
+    g = torch.Generator().manual_seed(7)
+    rewards, values = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
+    mask = float_mask(5, 16, seed=7)
+    mask[1, 5:9] = 0.0  # an observation gap inside a response (multi-turn)
+    (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn("gae"), rewards, values, mask, 0.95, 0.9,
+                               spy=spy, expect=("gae",))
+    close(got, want, "gae")
+
+
+def _uids():
+    # A numpy object array mixing ints and strings, as verl's uid column can be; "solo" is a group of one.
+    return np.array([0, "a", 0, "a", 7, "b", 7, "b", "solo", "a"], dtype=object)
+
+
+@pytest.mark.parametrize("name,kwargs", [("grpo", {}), ("grpo", {"norm_adv_by_std_in_grpo": False}),
+                                         ("rloo", {})])
+def test_group_estimators_registry_entries(spy, name, kwargs):
+    g = torch.Generator().manual_seed(8)
+    mask = float_mask(10, 9, seed=8)
+    rewards = torch.randn(10, 9, generator=g) * mask
+    (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn(name), rewards, mask, _uids(), spy=spy,
+                               expect=("group_advantages",), **kwargs)
+    close(got, want, name)
+
+
+def test_reinforce_plus_plus_registry_entry(spy):
+    g = torch.Generator().manual_seed(9)
+    mask = float_mask(4, 12, seed=9)
+    mask[2, 4:7] = 0.0  # an observation gap: verl carries the running return through it
+    rewards = torch.randn(4, 12, generator=g) * mask
+    config = OmegaConf.create({"gamma": 0.9})
+    (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn("reinforce_plus_plus"), rewards, mask,
+                               config=config, spy=spy, expect=("gae",))
+    close(got, want, "reinforce_plus_plus")
+
+
+# --- what patch() replaces, what it leaves, and unpatch ---
+
+def _snapshot():
+    mods = {name: dict(vars(sys.modules[name])) for name in VERL_MODULES}
+    regs = {name: dict(getattr(core, name)) for name in ("ADV_ESTIMATOR_REGISTRY", "POLICY_LOSS_REGISTRY")}
+    return mods, regs
+
+
+def test_patch_scope_and_unpatch_identity():
+    mods_before, regs_before = _snapshot()
+    originals = {id(getattr(sys.modules[m], a)) for m, a, _ in shim.PATCH_TARGETS}
+    names = compat.patch("verl", strict=True)
+    mods_during, regs_during = _snapshot()
+    # Every target was found in 0.9.1, and the actor's loss module's copies were replaced too.
+    for module, attr, shim_name in shim.PATCH_TARGETS:
+        assert f"{module}.{attr}" in names
+        assert getattr(sys.modules[module], attr) is getattr(shim, shim_name)
+    losses = sys.modules["verl.workers.utils.losses"]
+    assert losses.agg_loss is shim.agg_loss and losses.kl_penalty is shim.kl_penalty
+    assert losses.compute_value_loss is shim.compute_value_loss and losses.masked_mean is shim.masked_mean
+    # No verl module still holds an original of a replaced function.
+    for name, attrs in mods_during.items():
+        assert not [a for a, v in attrs.items() if id(v) in originals], name
+    replaced = {"vanilla"}, {"gae", "grpo", "rloo", "reinforce_plus_plus"}
+    for (reg, before), keys in zip(regs_before.items(), (replaced[1], replaced[0])):
+        during = regs_during[reg]
+        assert during.keys() == before.keys(), reg
+        assert {k for k in before if during[k] is not before[k]} == keys, reg
+        assert all(during[k].__module__ == "rlkern.compat.verl" for k in keys)
+    compat.unpatch("verl")
+    mods_after, regs_after = _snapshot()
+    for name, attrs in mods_before.items():
+        assert mods_after[name].keys() == attrs.keys(), name
+        assert [a for a, v in attrs.items() if mods_after[name][a] is not v] == [], name
+    for reg, before in regs_before.items():
+        assert regs_after[reg].keys() == before.keys()
+        assert [k for k, v in before.items() if regs_after[reg][k] is not v] == [], reg
+
+
+def test_untouched_policy_losses_still_run_patched():
+    """gspo is not replaced, but it calls core_algos.agg_loss(**config.global_batch_info), which is:
+    its numbers must not change."""
+    logp, old, adv, mask = _loss_inputs(seed=10)
+    info = {"dp_size": 2, "batch_num_tokens": 40, "global_batch_size": 8, "loss_scale_factor": None}
+    config = actor_config(info, clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28)
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        (got, _), (want, _) = both(lambda: core.agg_loss, logp, mask, mode)  # agg_loss itself is replaced
+        close(got, want, mode)
+        fn = core.POLICY_LOSS_REGISTRY["gspo"]
+        want = fn(old, logp, adv, mask, mode, config)
+        compat.patch("verl")
+        try:
+            assert core.POLICY_LOSS_REGISTRY["gspo"] is fn
+            got = fn(old, logp, adv, mask, mode, config)
+        finally:
+            compat.unpatch("verl")
+        close(got, want, f"gspo {mode}")

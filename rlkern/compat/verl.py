@@ -1,8 +1,10 @@
 """verl's names, signatures, defaults and numerics on rlkern.ops.
 
-Mirrors volcengine/verl ``verl/trainer/ppo/core_algos.py`` and ``verl/utils/torch_functional.py``
-(main branch, 2025: the ``register_adv_est`` / ``register_policy_loss`` registries, ``agg_loss`` with
-four modes), checked against the verl 0.9.1 wheel's source. ``rlkern.compat.patch("verl")`` swaps
+Mirrors volcengine/verl 0.9.1 ``verl/trainer/ppo/core_algos.py`` and ``verl/utils/torch_functional.py``
+(the ``register_adv_est`` / ``register_policy_loss`` registries; ``agg_loss`` with five modes and the
+global-batch arguments ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size`` /
+``loss_scale_factor``; ``compute_policy_loss_vanilla`` returning ``(loss, metrics)``), and tested
+against that installed release by tests/test_compat_verl_installed.py. ``rlkern.compat.patch("verl")`` swaps
 these into an installed verl, registries included, and the actor's log-prob / entropy path:
 ``logprobs_from_logits`` (and its ``_v2`` / ``_naive`` variants), ``entropy_from_logits`` and
 ``entropy_from_logits_with_chunking``, and with ``use_fused_kernels`` the fused head

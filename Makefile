@@ -31,13 +31,17 @@ $(VENV)/.rlkern-installed: pyproject.toml setup.py
 
 # Rebuilds rlkern._C in place when a csrc/ file is newer than the last build (ninja recompiles only
 # the files that changed), so train/test/bench always run the kernels in the tree; the first
-# install's own build counts as the last build.
+# install's own build counts as the last build. Make looked at the stamp before the install's recipe
+# wrote it, so on a fresh machine it would build a second time: the recipe looks again when it runs.
 # flock serialises concurrent builds of the same tree.
 build: $(VENV)/.rlkern-built
 
 $(VENV)/.rlkern-built: $(VENV)/.rlkern-installed $(wildcard csrc/*.cpp csrc/*.h)
-	flock /tmp/rlkern-build.lock $(PY) setup.py build_ext --inplace
-	touch $@
+	@if [ -f $@ ] && [ -z "$$(find csrc -newer $@ \( -name '*.cpp' -o -name '*.h' \))" ]; then \
+		echo "rlkern._C is up to date (built by the install)"; \
+	else \
+		flock /tmp/rlkern-build.lock $(PY) setup.py build_ext --inplace && touch $@; \
+	fi
 
 train: build
 	$(PY) -m rlkern.train $(TRAIN_ARGS)

@@ -114,6 +114,10 @@ def check_temperature(value, name: str = "temperature") -> float:
     if value <= _MIN_TEMPERATURE:
         raise ValueError(f"{name} must be > {_MIN_TEMPERATURE:.3g} (its reciprocal, which scales the logits "
                          f"in float32, overflows below that), got {value}")
+    # The kernels divide by float32(temperature): it must not round to inf either (2^128 - 2^103
+    # is the midpoint between FLT_MAX and 2^128, where float32 rounding goes to inf).
+    if value >= 2.0**128 - 2.0**103:
+        raise ValueError(f"{name} must be finite in float32, got {value}")
     return value
 
 
@@ -122,10 +126,14 @@ def check_no_nan(x: Tensor | None, name: str) -> None:
     a device sync; skipped while torch.compile traces)."""
     if x is None or torch.compiler.is_compiling() or not x.dtype.is_floating_point:
         return
-    bad = torch.isnan(x.detach())
+    raise_at_first(torch.isnan(x.detach()), name, "NaN (nan_check=True)")
+
+
+def raise_at_first(bad: Tensor, name: str, what: str) -> None:
+    """A ValueError naming ``name`` and the first True index of ``bad``, if any (a device sync)."""
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0].tolist())
-        raise ValueError(f"{name} holds NaN (nan_check=True); first at index {first}")
+        raise ValueError(f"{name} holds {what}; first at index {first}")
 
 
 def check_label_range(labels: Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:

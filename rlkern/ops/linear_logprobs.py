@@ -45,6 +45,7 @@ from rlkern.ops._common import (
     check_tensor,
     new_output,
     pick_backend,
+    raise_at_first,
 )
 
 __all__ = ["linear_logprobs", "linear_policy_loss"]
@@ -351,10 +352,8 @@ def _check_finite_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) ->
         return
     for t, name, bad in ((hidden, "hidden", hidden.detach().isinf()), (weight, "weight", weight.detach().isinf()),
                          (bias, "bias", None if bias is None else bias.detach() == math.inf)):
-        if bad is not None and bool(bad.any()):
-            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
-            raise ValueError(f"{name} holds inf (nan_check=True; it can make a logit +inf and its token NaN); "
-                             f"first at index {first}")
+        if bad is not None:
+            raise_at_first(bad, name, "inf (nan_check=True; it can make a logit +inf and its token NaN)")
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,

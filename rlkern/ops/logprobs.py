@@ -30,6 +30,7 @@ from rlkern.ops._common import (
     leading_groups,
     new_output,
     pick_backend,
+    raise_at_first,
     rows_view,
 )
 
@@ -157,24 +158,12 @@ def _backward(ctx, grad_logp, grad_lse, grad_ent):
 _logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_temperature(temperature) -> float:
-    temperature = check_temperature(temperature, "temperature")
-    # The kernels divide by float32(temperature): it must not round to inf either (2^128 - 2^103
-    # is the midpoint between FLT_MAX and 2^128, where float32 rounding goes to inf).
-    if temperature >= 2.0**128 - 2.0**103:
-        raise ValueError(f"temperature must be finite in float32, got {temperature}")
-    return temperature
-
-
 def _check_finite_logits(logits: Tensor) -> None:
     """nan_check=True: NaN or +inf logits (either makes its row NaN) raise, naming the first index."""
     check_no_nan(logits, "logits")
     if torch.compiler.is_compiling():
         return
-    bad = logits.detach() == float("inf")
-    if bool(bad.any()):
-        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
-        raise ValueError(f"logits holds +inf (nan_check=True); first at index {first}")
+    raise_at_first(logits.detach() == float("inf"), "logits", "+inf (nan_check=True)")
 
 
 def _validate(logits, labels, temperature, ignore_index, nan_check) -> tuple[float, int]:
@@ -188,7 +177,7 @@ def _validate(logits, labels, temperature, ignore_index, nan_check) -> tuple[flo
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if nan_check:
         _check_finite_logits(logits)
-    return _check_temperature(temperature), ignore_index
+    return check_temperature(temperature), ignore_index
 
 
 def _writable_in_place(x: Tensor) -> bool:

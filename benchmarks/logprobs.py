@@ -75,7 +75,7 @@ def _rlkern_inplace_backward(op_name: str, logits: torch.Tensor, *rest, grad_out
     def call():
         if not leaf:
             # A non-leaf (as lm_head logits are): the ops never overwrite a leaf that requires grad,
-            # they fall back to a fresh gradient buffer then (rlkern/ops/logprobs.py).
+            # they fall back to a fresh gradient buffer then (rlkern/ops/logits.py).
             leaf.append(logits.detach().clone().requires_grad_(True) * 1.0)
         with rlkern.use_backend("cpp"):
             out = op(leaf[0], *rest, inplace_backward=True)

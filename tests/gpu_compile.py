@@ -37,7 +37,7 @@ import tempfile
 import textwrap
 import time
 
-KERNEL_MODULES = ("gae", "kl", "linear_logprobs", "logprobs", "losses", "masked")
+KERNEL_MODULES = ("kl_penalty", "lm_head", "logits", "losses", "masked", "returns")
 ARCHS = (80, 90)
 # Largest shared memory one block may use (the opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90)
 # 227 KiB (CUDA C Programming Guide, "Compute Capabilities", table 23).
@@ -63,7 +63,7 @@ def _drive_launchers(modules) -> None:
     import torch
 
     lp, llp, kl, gae, masked, losses = (modules[m] for m in
-                                        ("logprobs", "linear_logprobs", "kl", "gae", "masked", "losses"))
+                                        ("logits", "lm_head", "kl_penalty", "returns", "masked", "losses"))
     i64 = torch.int64
     for dtype in _torch_dtypes():
         for vocab in VOCABS:

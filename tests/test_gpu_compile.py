@@ -66,7 +66,7 @@ def test_every_constexpr_code_a_kernel_branches_on_is_compiled(report):
                        for r in report["results"]), f"{path.name}: no compiled launch with {name}={value}"
 
 
-# Interpreter-only: set by the launchers only under TRITON_INTERPRET=1 (see kernels/linear_logprobs.py).
+# Interpreter-only: set by the launchers only under TRITON_INTERPRET=1 (see kernels/lm_head.py).
 INTERPRETER_ONLY = {"DOT_FP32"}
 
 
@@ -87,7 +87,7 @@ def test_block_and_warp_choices_of_every_vocabulary_size_are_compiled(report):
     from triton import next_power_of_2
 
     seen = {(r["arch"], re.search(r"BLOCK_V=(\d+)", r["what"]).group(1), r["what"].rsplit(" w", 1)[1])
-            for r in report["results"] if r["kernel"] == "logprobs._logprobs_fwd_kernel"}
+            for r in report["results"] if r["kernel"] == "logits._logprobs_fwd_kernel"}
     for vocab in gpu_compile.VOCABS:
         block = min(next_power_of_2(vocab), 4096)
         warps = 4 if block <= 1024 else 8 if block <= 2048 else 16
@@ -99,7 +99,7 @@ def test_fp32_dots_are_ieee_unless_tf32_is_asked(report):
     """On a GPU tl.dot defaults to TF32 for fp32 operands (~1e-3 relative error); the linear kernels
     ask for IEEE fp32 unless precision="tf32". Read from the PTX: TF32 instructions or none."""
     fp32 = [r for r in report["results"]
-            if r["kernel"].startswith("linear_logprobs.") and r["ok"] and not re.search(r"\*(bf|fp)16", r["what"])]
+            if r["kernel"].startswith("lm_head.") and r["ok"] and not re.search(r"\*(bf|fp)16", r["what"])]
     assert {"PRECISION=ieee" in r["what"] for r in fp32} == {True, False}
     for r in fp32:
         assert r["tf32"] == ("PRECISION=tf32" in r["what"]), r["what"]

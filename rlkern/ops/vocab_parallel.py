@@ -37,7 +37,7 @@ from rlkern.ops._common import (
 )
 
 # The module, not the function of the same name that rlkern.ops exports.
-_ll = importlib.import_module("rlkern.ops.linear_logprobs")
+_ll = importlib.import_module("rlkern.ops.lm_head")
 
 __all__ = ["vocab_parallel_logprobs", "vocab_parallel_linear_logprobs", "shard_range"]
 

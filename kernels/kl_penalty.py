@@ -1,6 +1,6 @@
 """Token KL estimators and KL-shaped token rewards: Triton kernels.
 
-Same maths as csrc/kl.cpp (see there for the formulas and the gradient of the clamped k3): one
+Same maths as csrc/kl_penalty.cpp (see there for the formulas and the gradient of the clamped k3): one
 program per BLOCK elements for kl forward / backward, one program per row for token_rewards.
 All arithmetic is fp32; offsets are int64.
 """

@@ -4,7 +4,7 @@ One pass over the logits computes, per row, log-sum-exp and (optionally) entropy
 log-prob of the label is (z_y - max z) - log sum e^{z - max z}, torch's log_softmax order. Nothing
 of size V is saved for backward: the backward pass recomputes softmax from the saved lse and
 writes d logits once (into the logits themselves with ``inplace_backward=True``, where that is
-safe). Kernels: csrc/logprobs.cpp (CPU), kernels/logprobs.py (Triton); oracle:
+safe). Kernels: csrc/logits.cpp (CPU), kernels/logits.py (Triton); oracle:
 rlkern.reference.logprobs / entropy.
 
 Non-finite logits, the same on every backend (the torch backend is float64 ``log_softmax``
@@ -62,7 +62,7 @@ def _run_forward(logits: Tensor, labels: Tensor, temperature: float, ignore_inde
         torch.ops.rlkern_C.logprobs_fwd(rows, flat if has_labels else no_labels, temperature, ignore_index,
                                         *flat_out)
     else:
-        from rlkern.kernels import logprobs as tk
+        from rlkern.kernels import logits as tk
 
         tk.logprobs_fwd(rows, flat, temperature, ignore_index, *flat_out)
     return logp, lse, ent
@@ -104,7 +104,7 @@ def _run_backward(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: T
             flat if flat is not None else empty.long(), lse_f if lse_f is not None else empty,
             ent_f if ent_f is not None else empty, temperature, ignore_index, out_rows)
     else:
-        from rlkern.kernels import logprobs as tk
+        from rlkern.kernels import logits as tk
 
         tk.logprobs_bwd(gl, gh, rows, flat, lse_f, ent_f, temperature, ignore_index, out_rows)
 

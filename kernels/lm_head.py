@@ -4,7 +4,7 @@ on CPU tensors through the interpreter at small sizes).
 Forward: one program per block of BLOCK_N tokens walks the vocabulary in BLOCK_V-wide tiles; each
 logits tile is a tl.dot GEMM over BLOCK_H slices of the hidden size with fp32 accumulation, folded
 straight from registers into the per-token online-softmax state (m, S, T, z_y) of
-csrc/linear_logprobs.cpp. The logits never reach memory.
+csrc/lm_head.cpp. The logits never reach memory.
 
 Backward: one program per (token block, vocabulary tile) recomputes its tile, turns it into
 d logits in registers, and adds d logits @ W_tile to d hidden and d logits^T @ hidden_tile to
@@ -74,7 +74,7 @@ def _linear_logprobs_fwd_kernel(
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.zeros((BLOCK_N,), tl.float32)
-    # A NaN or +inf logit makes its token NaN (as in csrc/linear_logprobs.cpp) through S itself: a
+    # A NaN or +inf logit makes its token NaN (as in csrc/lm_head.cpp) through S itself: a
     # NaN z gives e = NaN, a +inf z makes m = +inf and its d = inf - inf = NaN; once S is NaN the
     # rescale below keeps it NaN (S * 0). No extra per-row state: it would spill on sm_80.
     for v0 in range(0, vocab, BLOCK_V):

@@ -2,7 +2,7 @@
 
 One pass from the last token to the first, fp32, every row independent. Advantages and returns
 are targets, not functions to differentiate: the outputs are detached (inputs that require grad
-are read, never differentiated). Kernels: csrc/gae.cpp (CPU), kernels/gae.py (Triton); oracle:
+are read, never differentiated). Kernels: csrc/returns.cpp (CPU), kernels/returns.py (Triton); oracle:
 rlkern.reference.gae / discounted_returns.
 """
 
@@ -43,7 +43,7 @@ def _gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
     if backend == "cpp":
         torch.ops.rlkern_C.gae_fwd(r, v, m, gamma, lam, flat_adv, flat_ret)
     else:
-        from rlkern.kernels import gae as tk
+        from rlkern.kernels import returns as tk
 
         tk.gae_fwd(r, v, m, gamma, gamma_lam, flat_adv, flat_ret)
     return adv, ret
@@ -65,7 +65,7 @@ def _discounted_returns(rewards: Tensor, mask: Tensor, gamma: float, backend: st
     if backend == "cpp":
         torch.ops.rlkern_C.discounted_returns_fwd(r, m, gamma, ret.view(-1, length))
     else:
-        from rlkern.kernels import gae as tk
+        from rlkern.kernels import returns as tk
 
         tk.discounted_returns_fwd(r, m, gamma, ret.view(-1, length))
     return ret

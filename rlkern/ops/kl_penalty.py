@@ -1,8 +1,8 @@
 """Token KL estimators and KL reward shaping, fused: ``kl``, ``token_rewards``.
 
 One elementwise pass computes the estimator in fp32 (and one more its gradient); token_rewards
-adds the sequence score at each row's last valid token in the same pass. Kernels: csrc/kl.cpp
-(CPU), kernels/kl.py (Triton); oracle: rlkern.reference.kl / token_rewards.
+adds the sequence score at each row's last valid token in the same pass. Kernels: csrc/kl_penalty.cpp
+(CPU), kernels/kl_penalty.py (Triton); oracle: rlkern.reference.kl / token_rewards.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _kl_fwd(logp: Tensor, ref_logp: Tensor, estimator: int, straight_through: bo
     if backend == "cpp":
         torch.ops.rlkern_C.kl_fwd(lp, rf, estimator, straight_through, lo, hi, value_bound, out)
     else:
-        from rlkern.kernels import kl as tk
+        from rlkern.kernels import kl_penalty as tk
 
         tk.kl_fwd(lp, rf, estimator, lo, hi, value_bound, out)
     return out
@@ -89,7 +89,7 @@ def _kl_bwd(grad: Tensor, logp: Tensor, ref_logp: Tensor, estimator: int, straig
     if backend == "cpp":
         torch.ops.rlkern_C.kl_bwd(g, lp, rf, estimator, straight_through, lo, hi, value_bound, out)
     else:
-        from rlkern.kernels import kl as tk
+        from rlkern.kernels import kl_penalty as tk
 
         tk.kl_bwd(g, lp, rf, estimator, straight_through, lo, hi, value_bound, out)
     return out
@@ -166,7 +166,7 @@ def _token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
     if backend == "cpp":
         torch.ops.rlkern_C.token_rewards_fwd(s, lp, rf, m, kl_coef, estimator, lo, hi, value_bound, flat_out)
     else:
-        from rlkern.kernels import kl as tk
+        from rlkern.kernels import kl_penalty as tk
 
         tk.token_rewards_fwd(s, lp, rf, m, kl_coef, estimator, lo, hi, value_bound, flat_out)
     return out

@@ -1,6 +1,6 @@
 """Reverse scans over [rows, T]: masked GAE and REINFORCE++ discounted returns, Triton kernels.
 
-Same recursions as csrc/gae.cpp (see there). The scan is sequential in t, so a program owns
+Same recursions as csrc/returns.cpp (see there). The scan is sequential in t, so a program owns
 BLOCK_R rows and walks t = T-1 .. 0 with one lane per row: the rows' chains run side by side.
 """
 

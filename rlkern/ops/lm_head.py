@@ -10,9 +10,9 @@ CPU: the forward's logits tiles come from ``rlkern_C::lm_logits`` (fp32 output f
 dtype, one fixed summation order per logit, so a token's log-prob is the same bits in any batch
 and with any thread count; AMX tiles for bf16 where the CPU has them, an AVX-512 / AVX2 loop
 otherwise, at about 0.5x MKL's fp32 speed), the epilogues are the C++ kernels ``rlkern_C::lm_fold`` / ``lm_grad``
-(csrc/linear_logprobs.cpp), and the gradient GEMMs go through ATen (MKL sgemm for fp32,
+(csrc/lm_head.cpp), and the gradient GEMMs go through ATen (MKL sgemm for fp32,
 oneDNN/AMX for bf16/fp16). Driving the loop from Python costs ~20 us per tile against
-milliseconds of GEMM per tile (< 1 % at the default tile sizes). GPU: kernels/linear_logprobs.py,
+milliseconds of GEMM per tile (< 1 % at the default tile sizes). GPU: kernels/lm_head.py,
 a Triton GEMM with the epilogue fused. Oracle: rlkern.reference.linear_logprobs.
 
 Precision: logits are fp32 sums of exact products (bf16 / fp16 products are exact in fp32) and are
@@ -150,7 +150,7 @@ def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tens
             dz32 = buf[:n * v].view(n, v)
             if exact:  # MKL: ~2x the fixed-order loop; the gradient needs no batch invariance
                 torch.mm(h_tile, w_tile.t(), out=dz32)
-            else:  # fp32 logits of bf16 / fp16 inputs: AMX for bf16 where present (csrc/linear_logprobs.cpp)
+            else:  # fp32 logits of bf16 / fp16 inputs: AMX for bf16 where present (csrc/lm_head.cpp)
                 torch.ops.rlkern_C.lm_logits(h_tile, w_tile, dz32)
             torch.ops.rlkern_C.lm_grad(dz32, b, labels[rows], grad_logp[rows] if grad_logp.numel() else grad_logp,
                                        grad_ent[rows] if grad_ent.numel() else grad_ent, lse[rows],
@@ -197,7 +197,7 @@ def shard_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
                                  tiles)
         lse, ent = _finalize(m, s, t, weight.shape[0])
         return lse, ent, zy
-    from rlkern.kernels import linear_logprobs as tk
+    from rlkern.kernels import lm_head as tk
 
     n = hidden.shape[0]
     lse, ent, zy = (torch.empty(n, device=hidden.device) for _ in range(3))
@@ -226,7 +226,7 @@ def shard_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Ten
         _cpp_grads(grad_logp, grad_ent, hidden, weight, bias32, labels, lse, ent, 1.0 / temperature, ignore_index,
                    vocab_start, tiles, grad_hidden, grad_weight, grad_bias)
     else:
-        from rlkern.kernels import linear_logprobs as tk
+        from rlkern.kernels import lm_head as tk
 
         grad_weight = new_output(weight.shape, device=dev)
         tk.linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias32, labels, lse, ent, 1.0 / temperature,

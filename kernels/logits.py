@@ -1,6 +1,6 @@
 """Token log-probs and entropy from logits: Triton kernels (one program per row of V logits).
 
-Same maths as csrc/logprobs.cpp: an online (max, sum-exp) recurrence over BLOCK_V-wide blocks of
+Same maths as csrc/logits.cpp: an online (max, sum-exp) recurrence over BLOCK_V-wide blocks of
 the row in fp32, relative to the row max in natural units, saving one log-sum-exp and one entropy
 per row; the backward recomputes p = exp(z - lse) block by block and writes d logits once,
 optionally over the logits themselves. z = x / T is the IEEE-rounded quotient (div_rn; Triton's

@@ -5,7 +5,7 @@
 // matmul (MKL sgemm for fp32, oneDNN/AMX for bf16/fp16) into a preallocated buffer, and hands it
 // to the two kernels here:
 //
-// lm_fold, the forward epilogue: the online-softmax recurrence of csrc/logprobs.cpp carried across
+// lm_fold, the forward epilogue: the online-softmax recurrence of csrc/logits.cpp carried across
 // tiles in per-token state
 //   m = running max of z,  S = sum e^{z-m},  T = sum e^{z-m} (z-m),  z_y = the label's logit,
 // from which the caller forms lse = m + log S, H = log S - T / S and logp = z_y - lse.

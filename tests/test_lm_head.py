@@ -26,7 +26,7 @@ from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_t
 
 linear_logprobs = rlkern.ops.linear_logprobs
 # The module (rlkern.ops.linear_logprobs is the function, which shadows the module's name).
-ll_mod = importlib.import_module("rlkern.ops.linear_logprobs")
+ll_mod = importlib.import_module("rlkern.ops.lm_head")
 UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
@@ -450,11 +450,11 @@ def test_precision_changes_nothing_on_cpp_and_torch(backend_name, dtype):
 
 
 class _LauncherSpy:
-    """Wraps the Triton launchers of rlkern.kernels.linear_logprobs: records the precision each call
+    """Wraps the Triton launchers of rlkern.kernels.lm_head: records the precision each call
     got (its default when not passed) and runs the real kernel."""
 
     def __init__(self, monkeypatch):
-        tk = importlib.import_module("rlkern.kernels.linear_logprobs")
+        tk = importlib.import_module("rlkern.kernels.lm_head")
         self.calls = {"fwd": [], "bwd": []}
         for kind in ("fwd", "bwd"):
             real = getattr(tk, f"linear_logprobs_{kind}")

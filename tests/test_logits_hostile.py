@@ -1,6 +1,6 @@
 """logprobs / entropy on hostile input (issue 9, part A): every backend gives the same answer.
 
-The policy under test (rlkern/ops/logprobs.py): a NaN or +inf logit makes its row's log-prob
+The policy under test (rlkern/ops/logits.py): a NaN or +inf logit makes its row's log-prob
 (unless ignored), entropy and gradient row NaN, or raises with nan_check=True; -inf is a banned
 token; the kernels' padded lanes never count. Accuracy: |rlkern - float64| <= |torch fp32 - float64|
 + 2e-6 at any scale of z = logits / temperature that is finite in fp32. In-place backward never
@@ -395,7 +395,7 @@ def test_liger_1294_rows_beyond_65535(backend):
         torch.testing.assert_close(logp, reference.logprobs(logits, labels), atol=2e-6, rtol=0)
         torch.testing.assert_close(ent, reference.entropy(logits), atol=2e-6, rtol=0)
         return
-    from rlkern.kernels import logprobs as tk
+    from rlkern.kernels import logits as tk
 
     grids = []
 

@@ -12,7 +12,7 @@
 // and logp = 0 exactly at the argmax at any scale (|z| up to 3e38). An earlier version worked in
 // log2 units (z log2 e - m log2 e): its error grew like |m| 2^-23 (logp > 0 once |z| ~ 1e2..1e9).
 //
-// Non-finite inputs, the same on every backend (see rlkern/ops/logprobs.py): a NaN or +inf
+// Non-finite inputs, the same on every backend (see rlkern/ops/logits.py): a NaN or +inf
 // logit anywhere in a row makes that row's lse, logp (unless ignored), entropy and whole gradient
 // row NaN, as float64 torch.log_softmax does; -inf logits are banned tokens (p = 0); a row of
 // only -inf has lse = logp = -inf and entropy 0. The 16-lane padding of a row's tail reads as

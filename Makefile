@@ -36,8 +36,8 @@ $(VENV)/.rlkern-installed: pyproject.toml setup.py
 # flock serialises concurrent builds of the same tree.
 build: $(VENV)/.rlkern-built
 
-$(VENV)/.rlkern-built: $(VENV)/.rlkern-installed $(wildcard csrc/*.cpp csrc/*.h)
-	@if [ -f $@ ] && [ -z "$$(find csrc -newer $@ \( -name '*.cpp' -o -name '*.h' \))" ]; then \
+$(VENV)/.rlkern-built: $(VENV)/.rlkern-installed $(wildcard csrc/*.cpp csrc/*.h) rlkern/codes.py
+	@if [ -f $@ ] && [ -z "$$(find csrc rlkern/codes.py -newer $@ \( -name '*.cpp' -o -name '*.h' -o -name codes.py \))" ]; then \
 		echo "rlkern._C is up to date (built by the install)"; \
 	else \
 		flock /tmp/rlkern-build.lock $(PY) setup.py build_ext --inplace && touch $@; \

@@ -13,10 +13,10 @@
 // gradients are NaN, k1's is 1 and abs's 0 (torch autograd's sign(NaN) = 0), on every backend.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
+#include "kl_penalty.h"
 #include "dispatch.h"
 #include "simd.h"
 
@@ -237,6 +237,8 @@ void check_pair(const at::Tensor& logp, const at::Tensor& ref) {
               "logp and ref_logp must have one shape and one dtype");
 }
 
+}  // namespace
+
 void kl_fwd(const at::Tensor& logp, const at::Tensor& ref, int64_t estimator, bool straight_through, double lo,
             double hi, double value_bound, at::Tensor out) {
   check_pair(logp, ref);
@@ -297,20 +299,4 @@ void token_rewards_fwd(const at::Tensor& scores, const at::Tensor& logp, const a
   });
 }
 
-}  // namespace
 }  // namespace rlkern
-
-TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
-  m.def("kl_fwd(Tensor logp, Tensor ref_logp, int estimator, bool straight_through, float lo, float hi,"
-        " float value_bound, Tensor(a!) out) -> ()");
-  m.def("kl_bwd(Tensor grad, Tensor logp, Tensor ref_logp, int estimator, bool straight_through, float lo,"
-        " float hi, float value_bound, Tensor(a!) grad_logp) -> ()");
-  m.def("token_rewards_fwd(Tensor scores, Tensor logp, Tensor ref_logp, Tensor mask, float kl_coef, int estimator,"
-        " float lo, float hi, float value_bound, Tensor(a!) out) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {
-  m.impl("kl_fwd", &rlkern::kl_fwd);
-  m.impl("kl_bwd", &rlkern::kl_bwd);
-  m.impl("token_rewards_fwd", &rlkern::token_rewards_fwd);
-}

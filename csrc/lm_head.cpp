@@ -25,7 +25,6 @@
 // Labels are global vocabulary ids; a tile covers ids [vocab_start, vocab_start + v).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -40,6 +39,7 @@
 #define RLKERN_HAVE_AMX 1
 #endif
 
+#include "lm_head.h"
 #include "dispatch.h"
 #include "simd.h"
 
@@ -524,6 +524,8 @@ const int64_t* tile_labels(const at::Tensor& labels, int64_t rows) {
 // Whole rows per task, enough work (~64k logits) per task to amortise the thread hand-off.
 int64_t rows_per_task(int64_t len) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)); }
 
+}  // namespace
+
 void lm_fold(const at::Tensor& tile, const at::Tensor& bias, const at::Tensor& labels, double inv_temp,
              int64_t ignore_index, int64_t vocab_start, bool want_entropy, at::Tensor m, at::Tensor s, at::Tensor t,
              at::Tensor zy) {
@@ -617,21 +619,4 @@ void lm_accumulate(at::Tensor acc, const at::Tensor& part) {
   });
 }
 
-}  // namespace
 }  // namespace rlkern
-
-TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
-  m.def("lm_fold(Tensor tile, Tensor bias, Tensor labels, float inv_temp, int ignore_index, int vocab_start,"
-        " bool want_entropy, Tensor(a!) m, Tensor(b!) s, Tensor(c!) t, Tensor(d!) zy) -> ()");
-  m.def("lm_grad(Tensor(a!) tile, Tensor bias, Tensor labels, Tensor grad_logp, Tensor grad_ent, Tensor lse,"
-        " Tensor ent, float inv_temp, int ignore_index, int vocab_start) -> ()");
-  m.def("lm_accumulate(Tensor(a!) acc, Tensor part) -> ()");
-  m.def("lm_logits(Tensor hidden, Tensor weight, Tensor(a!) out) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {
-  m.impl("lm_fold", &rlkern::lm_fold);
-  m.impl("lm_grad", &rlkern::lm_grad);
-  m.impl("lm_accumulate", &rlkern::lm_accumulate);
-  m.impl("lm_logits", &rlkern::lm_logits);
-}

@@ -19,11 +19,11 @@
 // -inf and contributes exactly 0 (see kMinExp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 
+#include "logits.h"
 #include "dispatch.h"
 #include "simd.h"
 
@@ -351,6 +351,8 @@ float* f32_rows(const at::Tensor& t, int64_t rows, const char* name) {
   return t.data_ptr<float>();
 }
 
+}  // namespace
+
 // Writes per-row lse, and logp / entropy when those outputs are non-empty (an empty logp means
 // "no labels", an empty ent means "no entropy"). The caller allocates the outputs.
 void logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, double temperature,
@@ -405,17 +407,4 @@ void logprobs_bwd(const at::Tensor& grad_logp, const at::Tensor& grad_ent, const
   });
 }
 
-}  // namespace
 }  // namespace rlkern
-
-TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
-  m.def("logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, Tensor(a!) logp,"
-        " Tensor(b!) lse, Tensor(c!) ent) -> ()");
-  m.def("logprobs_bwd(Tensor grad_logp, Tensor grad_ent, Tensor logits, Tensor labels, Tensor lse, Tensor ent,"
-        " float temperature, int ignore_index, Tensor(a!) grad_logits) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {
-  m.impl("logprobs_fwd", &rlkern::logprobs_fwd);
-  m.impl("logprobs_bwd", &rlkern::logprobs_bwd);
-}

@@ -29,11 +29,11 @@
 // do, so the kernel and the plain-PyTorch reference agree on every subgradient.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "losses.h"
 #include "dispatch.h"
 #include "simd.h"
 
@@ -356,6 +356,8 @@ float* f32_out(const at::Tensor& t, int64_t n, const char* name) {
   return t.data_ptr<float>();
 }
 
+}  // namespace
+
 // denom > 0: that constant; denom == -1: the number of valid tokens; denom == -2: the number of rows
 // with at least one valid token. Whatever it is, at least 1, so an all-padding batch gives loss 0.
 void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& z,
@@ -426,19 +428,4 @@ void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tens
   });
 }
 
-}  // namespace
 }  // namespace rlkern
-
-TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
-  m.def("losses_fwd(Tensor x, Tensor old, Tensor adv, Tensor ref, Tensor weights, Tensor mask, int kind,"
-        " float clip_low, float clip_high, float dual_clip, float beta, float value_clip, bool per_row_mean,"
-        " float denom, Tensor(a!) loss, Tensor(b!) stats, Tensor(c!) row_scale) -> ()");
-  m.def("losses_bwd(Tensor grad_loss, Tensor x, Tensor old, Tensor adv, Tensor ref, Tensor weights, Tensor mask,"
-        " Tensor row_scale, int kind, float clip_low, float clip_high, float dual_clip, float beta,"
-        " float value_clip, Tensor(a!) grad_x) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {
-  m.impl("losses_fwd", &rlkern::losses_fwd);
-  m.impl("losses_bwd", &rlkern::losses_bwd);
-}

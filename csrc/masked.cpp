@@ -21,11 +21,11 @@
 // over each segment that whiten's backward needs. rlkern/ops/masked.py derives the coefficients.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "masked.h"
 #include "dispatch.h"
 #include "simd.h"
 
@@ -255,6 +255,8 @@ const float* f32_in(const at::Tensor& t, int64_t n, const char* name) {
 
 int64_t grain_segments(int64_t seg) { return std::max<int64_t>(1, 65536 / seg); }
 
+}  // namespace
+
 void masked_moments(const at::Tensor& x, const at::Tensor& mask, bool merge_all, bool want_m2, at::Tensor count,
                     at::Tensor sum, at::Tensor m2) {
   const Segments s = segments_of(x, merge_all);
@@ -334,19 +336,4 @@ void masked_affine(const at::Tensor& x, const at::Tensor& mask, const at::Tensor
   });
 }
 
-}  // namespace
 }  // namespace rlkern
-
-TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
-  m.def("masked_moments(Tensor x, Tensor mask, bool merge_all, bool want_m2, Tensor(a!) count, Tensor(b!) sum,"
-        " Tensor(c!) m2) -> ()");
-  m.def("masked_dot(Tensor grad, Tensor x, Tensor mean, bool merge_all, Tensor(a!) s1, Tensor(b!) s2) -> ()");
-  m.def("masked_affine(Tensor x, Tensor mask, Tensor grad, Tensor mu, Tensor a, Tensor b, Tensor c, bool merge_all,"
-        " Tensor(a!) out) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {
-  m.impl("masked_moments", &rlkern::masked_moments);
-  m.impl("masked_dot", &rlkern::masked_dot);
-  m.impl("masked_affine", &rlkern::masked_affine);
-}

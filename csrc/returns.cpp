@@ -23,7 +23,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
@@ -92,6 +91,8 @@ void check_rows(const at::Tensor& t, const char* name, at::IntArrayRef shape, at
 // Rows per parallel task: an even number (whole pairs), about 64k elements.
 int64_t grain_rows(int64_t len) { return kPair * std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1)); }
 
+}  // namespace
+
 void gae_fwd(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma, double lam,
              at::Tensor adv, at::Tensor ret) {
   TORCH_CHECK(rewards.dim() == 2, "rewards must be a 2-d [rows, T] tensor");
@@ -126,16 +127,4 @@ void discounted_returns_fwd(const at::Tensor& rewards, const at::Tensor& mask, d
   at::parallel_for(0, shape[0], grain_rows(len), [&](int64_t b, int64_t e) { returns_range(b, e, len, r, m, g, y); });
 }
 
-}  // namespace
 }  // namespace rlkern
-
-TORCH_LIBRARY_FRAGMENT(rlkern_C, m) {
-  m.def("gae_fwd(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, Tensor(a!) advantages,"
-        " Tensor(b!) returns) -> ()");
-  m.def("discounted_returns_fwd(Tensor rewards, Tensor mask, float gamma, Tensor(a!) returns) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(rlkern_C, CPU, m) {
-  m.impl("gae_fwd", &rlkern::gae_fwd);
-  m.impl("discounted_returns_fwd", &rlkern::discounted_returns_fwd);
-}

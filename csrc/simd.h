@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__) && !defined(__clang__)
 #define RLKERN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -179,6 +180,41 @@ RLKERN_INLINE void store_tail(T* p, vfloat v, int64_t n) {
   float buf[kLanes];
   store16(buf, v);
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
+}
+
+// Masks are read in the caller's dtype, "nonzero = valid" (verl passes float masks, TRL int64,
+// others bool): no conversion pass in Python. Storage types: bool and uint8 (as uint8_t), int32_t,
+// int64_t, float, c10::BFloat16, c10::Half (csrc/dispatch.h dispatches on them). A NaN mask value
+// is nonzero, so valid; -0.0 is zero.
+//
+// mask16 gives the 16 lanes as float 1/0. The values are converted to float first and compared
+// there: a nonzero int of any size converts to a nonzero float, and an integer-vector `!= 0` is what
+// GCC 12 scalarises inside target_clones (a float compare is not).
+template <typename M>
+RLKERN_INLINE vfloat mask_values16(const M* p) {
+  if constexpr (std::is_same_v<M, float> || std::is_same_v<M, c10::BFloat16> || std::is_same_v<M, c10::Half>) {
+    return load16(p);
+  } else {
+    typedef M vm __attribute__((vector_size(sizeof(M) * kLanes)));
+    vm raw;
+    std::memcpy(&raw, p, sizeof(raw));
+    return __builtin_convertvector(raw, vfloat);
+  }
+}
+template <typename M>
+RLKERN_INLINE vfloat mask16(const M* p) {
+  return -__builtin_convertvector(mask_values16(p) != splat(0.f), vfloat);
+}
+template <typename M>
+RLKERN_INLINE vfloat mask_tail(const M* p, int64_t n) {
+  M buf[kLanes] = {};
+  for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
+  return mask16(buf);
+}
+// One mask element, for scalar loops.
+template <typename M>
+RLKERN_INLINE bool mask_at(const M* p) {
+  return static_cast<float>(*p) != 0.f;
 }
 
 }  // namespace rlkern

@@ -22,6 +22,7 @@ import torch
 
 import rlkern
 from rlkern import reference
+from rlkern.ops._registry import cpp_kernels
 from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_to_oracle
 
 linear_logprobs = rlkern.ops.linear_logprobs
@@ -378,14 +379,14 @@ def test_cpp_epilogues_check_their_arguments():
     state = [torch.zeros(3) for _ in range(4)]
     labels = torch.zeros(3, dtype=torch.long)
     with pytest.raises(RuntimeError, match="bias must be a contiguous float32 slice with one entry per tile column"):
-        torch.ops.rlkern_C.lm_fold(tile, torch.zeros(9), labels, 1.0, -100, 0, False, *state)
+        cpp_kernels().lm_fold(tile, torch.zeros(9), labels, 1.0, -100, 0, False, *state)
     with pytest.raises(RuntimeError, match="labels must be a contiguous int64 tensor with one entry per tile row"):
-        torch.ops.rlkern_C.lm_fold(tile, torch.zeros(0), labels[:2], 1.0, -100, 0, False, *state)
+        cpp_kernels().lm_fold(tile, torch.zeros(0), labels[:2], 1.0, -100, 0, False, *state)
     with pytest.raises(RuntimeError, match="lse must be a contiguous float32 tensor"):
-        torch.ops.rlkern_C.lm_grad(tile, torch.zeros(0), labels, torch.zeros(3), torch.zeros(0), torch.zeros(2),
+        cpp_kernels().lm_grad(tile, torch.zeros(0), labels, torch.zeros(3), torch.zeros(0), torch.zeros(2),
                                    torch.zeros(0), 1.0, -100, 0)
     with pytest.raises(RuntimeError, match="part must be contiguous with acc's shape"):
-        torch.ops.rlkern_C.lm_accumulate(torch.zeros(4, 3), torch.zeros(3, 4).t())
+        cpp_kernels().lm_accumulate(torch.zeros(4, 3), torch.zeros(3, 4).t())
 
 
 def test_linear_policy_loss_single_backward_and_upstream_scale():

@@ -16,6 +16,7 @@ import torch
 
 import rlkern
 from rlkern import reference
+from rlkern.ops._registry import cpp_kernels
 from rlkern.backend import BackendUnavailable
 from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_to_oracle
 
@@ -229,7 +230,7 @@ def test_cpp_kernel_checks_labels_itself():
     rows = torch.randn(1, 2, 5)
     out = [torch.empty(2), torch.empty(2), torch.empty(0)]
     with pytest.raises(IndexError, match="labels must lie in"):
-        torch.ops.rlkern_C.logprobs_fwd(rows, torch.tensor([1, 9]), 1.0, -100, *out)
+        cpp_kernels().logprobs_fwd(rows, torch.tensor([1, 9]), 1.0, -100, *out)
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 0.0, -1.0, 1e39])
@@ -238,7 +239,7 @@ def test_cpp_kernel_checks_temperature_itself(temperature):
     finite reciprocal (it divides by float32(T) and multiplies by float32(1/T))."""
     out = [torch.empty(2), torch.empty(2), torch.empty(0)]
     with pytest.raises(RuntimeError, match="temperature must be a positive float32"):
-        torch.ops.rlkern_C.logprobs_fwd(torch.randn(1, 2, 5), torch.tensor([1, 2]), temperature, -100, *out)
+        cpp_kernels().logprobs_fwd(torch.randn(1, 2, 5), torch.tensor([1, 2]), temperature, -100, *out)
 
 
 def test_backend_selection(monkeypatch):

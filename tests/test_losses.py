@@ -21,6 +21,7 @@ import torch
 
 import rlkern
 from rlkern import reference
+from rlkern.ops._registry import cpp_kernels
 from rlkern.ops import losses as L
 from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_to_oracle
 
@@ -468,9 +469,9 @@ def test_cpp_kernel_checks_shapes_itself():
     x = torch.randn(2, 5)
     outs = (torch.empty(()), torch.empty(6), torch.empty(2))
     with pytest.raises(RuntimeError, match="old must be a contiguous"):
-        torch.ops.rlkern_C.losses_fwd(x, torch.randn(2, 4), x, x.new_empty(0), x.new_empty(0),
+        cpp_kernels().losses_fwd(x, torch.randn(2, 4), x, x.new_empty(0), x.new_empty(0),
                                       torch.ones(2, 5, dtype=torch.bool), 0, 0.2, 0.2, math.inf, 0.0, 0.0, False,
                                       -1.0, *outs)
     with pytest.raises(RuntimeError, match="the grpo kinds need ref_logp"):
-        torch.ops.rlkern_C.losses_fwd(x, x, x, x.new_empty(0), x.new_empty(0), torch.ones(2, 5, dtype=torch.bool),
+        cpp_kernels().losses_fwd(x, x, x, x.new_empty(0), x.new_empty(0), torch.ones(2, 5, dtype=torch.bool),
                                       1, 0.2, 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs)

@@ -171,6 +171,32 @@ def check_token_mask(mask, name: str, expected_shape: torch.Size) -> Tensor:
     return mask != 0
 
 
+# The mask dtypes the kernels read natively (csrc/dispatch.h, dispatch_mask_type; Triton loads any).
+NATIVE_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16,
+                      torch.float16)
+
+# Debug switch: RLKERN_STRICT_MASKS=1 checks that every mask holds only 0 and 1 (one extra pass and,
+# on GPU, a host sync per call). Off by default: a mask is "nonzero = valid" and costs nothing.
+STRICT_MASKS = os.environ.get("RLKERN_STRICT_MASKS", "0") == "1"
+
+
+def token_mask(mask, name: str, expected_shape: torch.Size) -> Tensor:
+    """A mask of ``expected_shape`` for the kernels, in its own dtype (no conversion pass): any
+    nonzero value is valid. bool, uint8, int32, int64, float32, bfloat16 and float16 are read as
+    they are; other integer and float dtypes are converted to bool here (one pass). Contiguous."""
+    check_tensor(mask, name, floating=False)
+    if mask.shape != expected_shape:
+        raise ValueError(f"{name} must have shape {tuple(expected_shape)}, got {tuple(mask.shape)}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool or a real 0/1 tensor, got {mask.dtype}")
+    if STRICT_MASKS and mask.dtype != torch.bool and not torch.compiler.is_compiling() and mask.numel() > 0:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{name} must hold only 0 and 1 (RLKERN_STRICT_MASKS=1)")
+    if mask.dtype not in NATIVE_MASK_DTYPES:
+        mask = mask != 0
+    return mask.contiguous()
+
+
 def pick_backend(*tensors: Tensor) -> str:
     """The concrete backend for these tensors; float64 always runs the reference."""
     device = tensors[0].device

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
+from rlkern.ops._registry import cpp_kernels
 from rlkern.ops._common import (
     check_finite,
     check_number,
@@ -68,7 +69,7 @@ def _kl_fwd(logp: Tensor, ref_logp: Tensor, estimator: int, straight_through: bo
     out = new_output(logp.shape, device=logp.device)
     lp, rf = logp.contiguous(), ref_logp.contiguous()
     if backend == "cpp":
-        torch.ops.rlkern_C.kl_fwd(lp, rf, estimator, straight_through, lo, hi, value_bound, out)
+        cpp_kernels().kl_fwd(lp, rf, estimator, straight_through, lo, hi, value_bound, out)
     else:
         from rlkern.kernels import kl_penalty as tk
 
@@ -87,7 +88,7 @@ def _kl_bwd(grad: Tensor, logp: Tensor, ref_logp: Tensor, estimator: int, straig
     out = new_output(logp.shape, device=logp.device, dtype=logp.dtype)
     g, lp, rf = grad.float().contiguous(), logp.contiguous(), ref_logp.contiguous()
     if backend == "cpp":
-        torch.ops.rlkern_C.kl_bwd(g, lp, rf, estimator, straight_through, lo, hi, value_bound, out)
+        cpp_kernels().kl_bwd(g, lp, rf, estimator, straight_through, lo, hi, value_bound, out)
     else:
         from rlkern.kernels import kl_penalty as tk
 
@@ -164,7 +165,7 @@ def _token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
     m, s = mask.reshape(rows, length).contiguous(), scores.reshape(rows).float().contiguous()
     flat_out = out.view(rows, length)
     if backend == "cpp":
-        torch.ops.rlkern_C.token_rewards_fwd(s, lp, rf, m, kl_coef, estimator, lo, hi, value_bound, flat_out)
+        cpp_kernels().token_rewards_fwd(s, lp, rf, m, kl_coef, estimator, lo, hi, value_bound, flat_out)
     else:
         from rlkern.kernels import kl_penalty as tk
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
+from rlkern.ops._registry import cpp_kernels
 from rlkern.ops._common import (
     check_int,
     check_label_range,
@@ -112,9 +113,9 @@ def _cpp_stats(hidden: Tensor, weight: Tensor, bias32: Tensor, labels: Tensor, i
         for n0 in range(0, n_tokens, tn):
             n = min(tn, n_tokens - n0)
             tile = buf[:n * v].view(n, v)
-            torch.ops.rlkern_C.lm_logits(hidden[n0:n0 + n], w_tile, tile)
+            cpp_kernels().lm_logits(hidden[n0:n0 + n], w_tile, tile)
             rows = slice(n0, n0 + n)
-            torch.ops.rlkern_C.lm_fold(tile, b, labels[rows], inv_temp, ignore_index, vocab_start + v0, want_entropy,
+            cpp_kernels().lm_fold(tile, b, labels[rows], inv_temp, ignore_index, vocab_start + v0, want_entropy,
                                        m[rows], s[rows], t[rows], zy[rows])
     return m, s, t, zy
 
@@ -151,15 +152,15 @@ def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tens
             if exact:  # MKL: ~2x the fixed-order loop; the gradient needs no batch invariance
                 torch.mm(h_tile, w_tile.t(), out=dz32)
             else:  # fp32 logits of bf16 / fp16 inputs: AMX for bf16 where present (csrc/lm_head.cpp)
-                torch.ops.rlkern_C.lm_logits(h_tile, w_tile, dz32)
-            torch.ops.rlkern_C.lm_grad(dz32, b, labels[rows], grad_logp[rows] if grad_logp.numel() else grad_logp,
+                cpp_kernels().lm_logits(h_tile, w_tile, dz32)
+            cpp_kernels().lm_grad(dz32, b, labels[rows], grad_logp[rows] if grad_logp.numel() else grad_logp,
                                        grad_ent[rows] if grad_ent.numel() else grad_ent, lse[rows],
                                        ent[rows] if ent.numel() else ent, inv_temp, ignore_index, vocab_start + v0)
             dz = dz32 if exact else low[:n * v].view(n, v).copy_(dz32)
             if exact:
                 grad_hidden[rows].addmm_(dz, w_tile)
             else:
-                torch.ops.rlkern_C.lm_accumulate(grad_hidden[rows], torch.mm(dz, w_tile, out=dh_part[:n]))
+                cpp_kernels().lm_accumulate(grad_hidden[rows], torch.mm(dz, w_tile, out=dh_part[:n]))
             if one_token_tile:
                 torch.mm(dz.t(), h_tile, out=gw)
             elif exact:
@@ -172,7 +173,7 @@ def _cpp_grads(grad_logp: Tensor, grad_ent: Tensor, hidden: Tensor, weight: Tens
                 if i == 0:
                     dw_acc[:v].copy_(part)
                 else:
-                    torch.ops.rlkern_C.lm_accumulate(dw_acc[:v], part)
+                    cpp_kernels().lm_accumulate(dw_acc[:v], part)
             if grad_bias.numel():
                 if i == 0:
                     torch.sum(dz32, 0, out=grad_bias[v0:v0 + v])
@@ -467,14 +468,14 @@ def _cpp_policy_single_pass(hidden, weight, labels, old_logp, ref_logp, advantag
         n = min(tn, n_tokens - n0)
         rows = slice(n0, n0 + n)
         tile = buf[:n * vocab].view(n, vocab)
-        torch.ops.rlkern_C.lm_logits(hidden[rows], weight, tile)
+        cpp_kernels().lm_logits(hidden[rows], weight, tile)
         m, s, t, zy = torch.full((n,), -math.inf), torch.zeros(n), torch.zeros(n), torch.zeros(n)
-        torch.ops.rlkern_C.lm_fold(tile, none, labels[rows], inv_temp, -100, 0, False, m, s, t, zy)
+        cpp_kernels().lm_fold(tile, none, labels[rows], inv_temp, -100, 0, False, m, s, t, zy)
         lse, _ = _finalize(m, s, t)
         logp_all[rows] = label_logprobs(zy, lse, labels[rows], -100)
         _, grad_logp, _ = loss_and_grad(logp_all.view(shape), old_logp, ref, advantages, mask, **loss_kwargs)
         g = grad_logp.reshape(-1)[rows].float().contiguous()
-        torch.ops.rlkern_C.lm_grad(tile, none, labels[rows], g, none, lse, none, inv_temp, -100, 0)
+        cpp_kernels().lm_grad(tile, none, labels[rows], g, none, lse, none, inv_temp, -100, 0)
         torch.mm(tile, weight, out=grad_hidden[rows])
         grad_weight.addmm_(tile.t(), hidden[rows])
     loss, _, stats = loss_and_grad(logp_all.view(shape), old_logp, ref, advantages, mask, **loss_kwargs)

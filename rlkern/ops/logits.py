@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
+from rlkern.ops._registry import cpp_kernels
 from rlkern.ops._common import (
     check_int,
     check_label_range,
@@ -59,7 +60,7 @@ def _run_forward(logits: Tensor, labels: Tensor, temperature: float, ignore_inde
     flat_out = [t.view(-1) for t in (logp, lse, ent)]
     if backend == "cpp":
         no_labels = torch.empty(0, dtype=torch.int64)
-        torch.ops.rlkern_C.logprobs_fwd(rows, flat if has_labels else no_labels, temperature, ignore_index,
+        cpp_kernels().logprobs_fwd(rows, flat if has_labels else no_labels, temperature, ignore_index,
                                         *flat_out)
     else:
         from rlkern.kernels import logits as tk
@@ -99,7 +100,7 @@ def _run_backward(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: T
     gl, gh, lse_f, ent_f = as_flat(grad_logp), as_flat(grad_ent), as_flat(lse), as_flat(ent)
     if backend == "cpp":
         empty = torch.empty(0)
-        torch.ops.rlkern_C.logprobs_bwd(
+        cpp_kernels().logprobs_bwd(
             gl if gl is not None else empty, gh if gh is not None else empty, rows,
             flat if flat is not None else empty.long(), lse_f if lse_f is not None else empty,
             ent_f if ent_f is not None else empty, temperature, ignore_index, out_rows)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
+from rlkern.ops._registry import cpp_kernels
 from rlkern.ops._common import check_tensor, new_output, pick_backend
 
 __all__ = ["policy_loss", "value_loss", "grpo_loss", "policy_loss_and_grad", "grpo_loss_and_grad",
@@ -65,7 +66,7 @@ def _run_forward(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dua
     args = (x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip, per_row_mean,
             denom, loss, stats, row_scale)
     if backend == "cpp":
-        torch.ops.rlkern_C.losses_fwd(*args)
+        cpp_kernels().losses_fwd(*args)
     else:
         from rlkern.kernels import losses as tk
 
@@ -98,7 +99,7 @@ def _losses_bwd(grad_loss: Tensor, x: Tensor, old: Tensor, adv: Tensor, ref: Ten
     args = (grad_loss.float().reshape(()).contiguous(), x, old, adv, ref, weights, mask, row_scale, kind, clip_low,
             clip_high, dual_clip, beta, value_clip, grad_x)
     if backend == "cpp":
-        torch.ops.rlkern_C.losses_bwd(*args)
+        cpp_kernels().losses_bwd(*args)
     else:
         from rlkern.kernels import losses as tk
 

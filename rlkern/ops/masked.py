@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
+from rlkern.ops._registry import cpp_kernels
 from rlkern.ops._common import check_tensor, check_token_mask, new_output, pick_backend
+from rlkern.ops._registry import kernel_op
 
 __all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten"]
 
@@ -57,7 +59,7 @@ def _from_rows(rows: Tensor, like: Tensor, dim: int | None) -> Tensor:
 
 def _kernels(backend: str):
     if backend == "cpp":
-        return torch.ops.rlkern_C
+        return cpp_kernels()
     from rlkern.kernels import masked as tk
 
     return tk
@@ -80,7 +82,7 @@ def _affine(x: Tensor, mask: Tensor | None, grad: Tensor | None, mu: Tensor, a: 
     coef = [t.reshape(-1).float().contiguous() for t in (mu, a, b, c)]
     if backend == "cpp":
         none = x.new_empty(0)
-        torch.ops.rlkern_C.masked_affine(xr, mr if mr is not None else none.bool(),
+        cpp_kernels().masked_affine(xr, mr if mr is not None else none.bool(),
                                          gr if gr is not None else none.float(), *coef, merge_all, out)
     else:
         _kernels(backend).masked_affine(xr, mr, gr, *coef, merge_all, out)
@@ -94,7 +96,7 @@ def _ddof(unbiased: bool) -> int:
 # ------------------------------------------------------------------ sum, mean, var
 
 
-@torch.library.custom_op("rlkern::masked_stat", mutates_args=())
+@kernel_op("masked_stat")
 def _masked_stat(x: Tensor, mask: Tensor, dim: int | None, kind: int, unbiased: bool,
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(statistic, count, mean): the last two are saved for backward."""
@@ -116,7 +118,7 @@ def _(x, mask, dim, kind, unbiased, backend):
     return new(torch.float32), new(torch.float64), new(torch.float32)
 
 
-@torch.library.custom_op("rlkern::masked_stat_bwd", mutates_args=())
+@kernel_op("masked_stat_bwd")
 def _masked_stat_bwd(grad: Tensor, x: Tensor, mask: Tensor, count: Tensor, mean: Tensor, dim: int | None, kind: int,
                      unbiased: bool, backend: str) -> Tensor:
     g = grad.double()
@@ -149,7 +151,7 @@ def _stat_setup(ctx, inputs, output):
 
 def _stat_backward(ctx, grad, grad_count, grad_mean):
     x, mask, count, mean = ctx.saved_tensors
-    return torch.ops.rlkern.masked_stat_bwd(grad, x, mask, count, mean, *ctx.args), None, None, None, None, None
+    return _masked_stat_bwd(grad, x, mask, count, mean, *ctx.args), None, None, None, None, None
 
 
 _masked_stat.register_autograd(_stat_backward, setup_context=_stat_setup)
@@ -158,7 +160,7 @@ _masked_stat.register_autograd(_stat_backward, setup_context=_stat_setup)
 # ------------------------------------------------------------------ whiten
 
 
-@torch.library.custom_op("rlkern::masked_whiten", mutates_args=())
+@kernel_op("masked_whiten")
 def _masked_whiten(x: Tensor, mask: Tensor, dim: int | None, shift_mean: bool, unbiased: bool, eps: float,
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(whitened, count, mean, rstd): the last three are saved for backward."""
@@ -177,7 +179,7 @@ def _(x, mask, dim, shift_mean, unbiased, eps, backend):
     return x.new_empty(x.shape, dtype=torch.float32), new(torch.float64), new(torch.float32), new(torch.float64)
 
 
-@torch.library.custom_op("rlkern::masked_whiten_bwd", mutates_args=())
+@kernel_op("masked_whiten_bwd")
 def _masked_whiten_bwd(grad: Tensor, x: Tensor, mask: Tensor, count: Tensor, mean: Tensor, rstd: Tensor,
                        dim: int | None, shift_mean: bool, unbiased: bool, backend: str) -> Tensor:
     xr, merge_all = _rows_of(x, dim), dim is None
@@ -205,7 +207,7 @@ def _whiten_setup(ctx, inputs, output):
 
 def _whiten_backward(ctx, grad, *_):
     x, mask, count, mean, rstd = ctx.saved_tensors
-    dx = torch.ops.rlkern.masked_whiten_bwd(grad, x, mask, count, mean, rstd, *ctx.args)
+    dx = _masked_whiten_bwd(grad, x, mask, count, mean, rstd, *ctx.args)
     return dx, None, None, None, None, None, None
 
 
@@ -250,7 +252,7 @@ def _stat(x, mask, dim, kind: int, unbiased: bool, what: str) -> Tensor:
         if fn is not None:
             return fn(x, valid, dim=dim)
         return reference.masked_var(x, valid, dim=dim, unbiased=unbiased)
-    out, count, _ = torch.ops.rlkern.masked_stat(x, valid, dim, kind, unbiased, backend)
+    out, count, _ = _masked_stat(x, valid, dim, kind, unbiased, backend)
     if kind != SUM:
         _check_counts(count, 1 + (kind == VAR and unbiased), what)
     return out
@@ -314,6 +316,6 @@ def masked_whiten(x: Tensor, mask: Tensor, *, dim: int | None = None, shift_mean
     if backend == "torch":
         _check_counts(valid.sum() if dim is None else valid.sum(dim), need, "masked_whiten")
         return reference.masked_whiten(x, valid, dim=dim, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
-    y, count, _, _ = torch.ops.rlkern.masked_whiten(x, valid, dim, bool(shift_mean), bool(unbiased), eps, backend)
+    y, count, _, _ = _masked_whiten(x, valid, dim, bool(shift_mean), bool(unbiased), eps, backend)
     _check_counts(count, need, "masked_whiten")
     return y

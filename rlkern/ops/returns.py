@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
+from rlkern.ops._registry import cpp_kernels
 from rlkern.ops._common import check_tensor, check_token_mask, new_output, pick_backend
 
 __all__ = ["gae", "discounted_returns"]
@@ -41,7 +42,7 @@ def _gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
     flat_adv, flat_ret = adv.view(-1, length), ret.view(-1, length)
     gamma_lam = gamma * lam
     if backend == "cpp":
-        torch.ops.rlkern_C.gae_fwd(r, v, m, gamma, lam, flat_adv, flat_ret)
+        cpp_kernels().gae_fwd(r, v, m, gamma, lam, flat_adv, flat_ret)
     else:
         from rlkern.kernels import returns as tk
 
@@ -63,7 +64,7 @@ def _discounted_returns(rewards: Tensor, mask: Tensor, gamma: float, backend: st
     length = rewards.shape[-1]
     r, m = _rows(rewards), mask.reshape(-1, length).contiguous()
     if backend == "cpp":
-        torch.ops.rlkern_C.discounted_returns_fwd(r, m, gamma, ret.view(-1, length))
+        cpp_kernels().discounted_returns_fwd(r, m, gamma, ret.view(-1, length))
     else:
         from rlkern.kernels import returns as tk
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rlkern.ops._registry import cpp_kernels
 from rlkern.ops._common import (
     check_label_range,
     check_labels,
@@ -145,7 +146,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         if backend == "cpp":
             m, s, t, zy_r = (torch.full((n,), NEG_INF), torch.zeros(n), torch.zeros(n), torch.zeros(n))
             if n:
-                torch.ops.rlkern_C.lm_fold(logits2d, logits2d.new_empty(0, dtype=torch.float32), labels, inv_temp,
+                cpp_kernels().lm_fold(logits2d, logits2d.new_empty(0, dtype=torch.float32), labels, inv_temp,
                                            ignore_index, vocab_start, want_entropy, m, s, t, zy_r)
             lse_r, ent_r = _ll._finalize(m, s, t)
         else:
@@ -166,7 +167,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             out = new_output(logits2d.shape, device=logits2d.device, dtype=logits2d.dtype)
             out.copy_(logits2d)  # lm_grad turns logits into d logits in place
             if out.shape[0]:
-                torch.ops.rlkern_C.lm_grad(out, out.new_empty(0, dtype=torch.float32), labels,
+                cpp_kernels().lm_grad(out, out.new_empty(0, dtype=torch.float32), labels,
                                            _or_empty(_present(grad_logp), lse), _or_empty(_present(grad_ent), lse),
                                            lse, ent if want_entropy else lse.new_empty(0), inv_temp, ignore_index,
                                            vocab_start)

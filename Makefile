@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # `make train` starts the default run afresh each time (runs/rlhf); TRAIN_ARGS="--resume" continues it.
 TRAIN_ARGS ?= --overwrite
 
-.PHONY: setup build train test test-triton bench gpu-check clean
+.PHONY: setup build train test test-triton lint bench gpu-check clean
 
 setup: $(VENV)/.rlkern-installed
 
@@ -52,6 +52,10 @@ test: build
 # The Triton kernels on CPU tensors through the interpreter (also part of `make test`).
 test-triton: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton $(PYTEST_ARGS)
+
+# ruff with pyproject.toml's rules (110 columns); .ci/run runs it after the tests.
+lint: $(VENV)/.rlkern-installed
+	$(PY) -m ruff check .
 
 bench: build
 	$(PY) -m benchmarks

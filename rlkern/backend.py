@@ -53,29 +53,36 @@ def requested() -> str:
     return env
 
 
-# Import probes run once; the answers live in a plain dict (dynamo reads it while tracing, whereas
-# it would warn about a functools.cache wrapper).
+# Import probes run once; the answers live in a plain dict that dynamo can read. They are written
+# as import statements, not __import__() calls: dynamo executes an import statement while tracing
+# (so the first rlkern call of a process may sit inside torch.compile(fullgraph=True)), whereas it
+# cannot trace a call to the __import__ builtin.
 _import_errors: dict[str, str | None] = {}
 
 
-def _probe(module: str, hint: str) -> str | None:
-    if module not in _import_errors:
-        try:
-            __import__(module)
-            _import_errors[module] = None
-        except ImportError as err:
-            _import_errors[module] = f"{hint} ({err})"
-    return _import_errors[module]
-
-
 def cpp_import_error() -> str | None:
-    """Why ``rlkern._C`` cannot be imported, or None when it can (importing registers the kernels)."""
-    return _probe("rlkern._C", "the C++ extension rlkern._C is not built; run `make setup`")
+    """Why ``rlkern._C`` cannot be imported, or None when it can."""
+    if "cpp" not in _import_errors:
+        try:
+            import rlkern._C  # noqa: F401
+
+            _import_errors["cpp"] = None
+        except ImportError as err:
+            _import_errors["cpp"] = f"the C++ extension rlkern._C is not built; run `make setup` ({err})"
+    return _import_errors["cpp"]
 
 
 def triton_import_error() -> str | None:
-    """Why Triton cannot be imported, or None when it can."""
-    return _probe("triton", "triton is not installed")
+    """Why Triton cannot be imported, or None when it can (only asked for CUDA tensors or a forced
+    triton backend, so a CPU run never imports it)."""
+    if "triton" not in _import_errors:
+        try:
+            import triton  # noqa: F401
+
+            _import_errors["triton"] = None
+        except ImportError as err:
+            _import_errors["triton"] = f"triton is not installed ({err})"
+    return _import_errors["triton"]
 
 
 def triton_interpreting() -> bool:

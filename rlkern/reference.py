@@ -149,7 +149,8 @@ def token_rewards(
 # ---------------------------------------------------------------------------------------------
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 1.0) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
+        lam: float = 1.0) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation, verl's masked reverse scan (compute_gae_advantage_return,
     without its final whitening). Walking t = T-1 .. 0 with next_value = running = 0:
 
@@ -292,9 +293,12 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, agg: str, *, max_completion_
     if agg == "grpo":
         return row_mean.sum() / max(rows, 1)
     if agg == "dr_grpo":
-        return row_sum.sum() / max(rows * (length if max_completion_length is None else max_completion_length), 1)
+        width = length if max_completion_length is None else max_completion_length
+        return row_sum.sum() / max(rows * width, 1)
     if agg == "dapo":
-        return row_sum.sum() / (n_tokens.clamp(min=1) if num_items_in_batch is None else max(num_items_in_batch, 1))
+        if num_items_in_batch is None:
+            return row_sum.sum() / n_tokens.clamp(min=1)
+        return row_sum.sum() / max(num_items_in_batch, 1)
     raise ValueError(f"agg must be one of {POLICY_AGGS + GRPO_LOSS_TYPES}, got {agg!r}")
 
 
@@ -372,7 +376,8 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
                agg: str = "token-mean") -> tuple[Tensor, dict[str, Tensor]]:
     """verl's compute_value_loss: 1/2 max((v - R)^2, (clamp(v, v_old - clip, v_old + clip) - R)^2)
     aggregated per ``agg``; only ``values`` gets a gradient (old_values and returns are detached)."""
-    v, v_old, ret = _zero_padding(mask, _upcast(values), _upcast(old_values).detach(), _upcast(returns).detach())
+    v, v_old, ret = _zero_padding(mask, _upcast(values), _upcast(old_values).detach(),
+                                  _upcast(returns).detach())
     v_clipped = torch.clamp(v, v_old - clip, v_old + clip)
     l1, l2 = (v - ret) ** 2, (v_clipped - ret) ** 2
     per_token = torch.maximum(l1, l2)
@@ -460,7 +465,8 @@ def group_advantages(scores: Tensor, group_ids: Tensor, *, method: str = "grpo",
     return out
 
 
-def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor,
              *, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL's DPOTrainer.dpo_loss, written as TRL writes it (F.logsigmoid), with z the log-ratio margin:

@@ -67,7 +67,8 @@ def fresh_seed(request):
     return seed
 
 
-def assert_close_to_oracle(actual, oracle, same_dtype, *, atol: float, rtol: float = 0.0, what: str = "output"):
+def assert_close_to_oracle(actual, oracle, same_dtype, *, atol: float, rtol: float = 0.0,
+                           what: str = "output"):
     """The tolerance rule that survives bf16 (Cut Cross-Entropy's): rlkern may be off the float64
     oracle by as much as plain torch in the same dtype is, plus a stated absolute/relative slack.
 

@@ -29,7 +29,8 @@ def report(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "tests.gpu_compile", "--json", str(out / "report.json")],
                           check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     path = out / "report.json"
-    assert path.exists(), f"the compile check did not finish (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert path.exists(), (f"the compile check did not finish (rc {proc.returncode}):\n"
+                           f"{proc.stdout}\n{proc.stderr}")
     return json.loads(path.read_text())
 
 
@@ -62,7 +63,8 @@ def test_every_constexpr_code_a_kernel_branches_on_is_compiled(report):
         for name, value in sorted(set(re.findall(r"\b([A-Z][A-Z0-9_]*) == (\d+)\b", text))):
             if name not in constexprs:  # a runtime value or a comment, not a specialisation
                 continue
-            assert any(r["kernel"].startswith(path.stem + ".") and re.search(rf"[\[,]{name}={value}[,;\]]", r["what"])
+            assert any(r["kernel"].startswith(path.stem + ".")
+                       and re.search(rf"[\[,]{name}={value}[,;\]]", r["what"])
                        for r in report["results"]), f"{path.name}: no compiled launch with {name}={value}"
 
 
@@ -106,7 +108,8 @@ def test_fp32_dots_are_ieee_unless_tf32_is_asked(report):
 
 
 def test_problems_flags_failures_spills_and_shared_memory():
-    ok = {"kernel": "k.a", "arch": 80, "what": "k.a[]", "ok": True, "reg": 40, "stack": 0, "local": 0, "smem": 0}
+    ok = {"kernel": "k.a", "arch": 80, "what": "k.a[]", "ok": True, "reg": 40, "stack": 0, "local": 0,
+          "smem": 0}
     report = {"kernels": ["k.a", "k.b", "k.h"], "helpers": ["k.h"], "launched": ["k.a"],
               "smem_limit": {"80": 1000},
               "results": [ok, {**ok, "stack": 16}, {**ok, "smem": 1001},

@@ -2,13 +2,13 @@
 
 from rlkern.ops.advantages import group_advantages
 from rlkern.ops.dpo import dpo_loss
-from rlkern.ops.returns import discounted_returns, gae
-from rlkern.ops.kl_penalty import kl, token_rewards
 from rlkern.ops.kl_control import AdaptiveKLController, FixedKLController, PenaltyKLController
+from rlkern.ops.kl_penalty import kl, token_rewards
 from rlkern.ops.lm_head import linear_logprobs, linear_policy_loss
 from rlkern.ops.logits import entropy, logprobs, logprobs_and_entropy
 from rlkern.ops.losses import grpo_loss, policy_loss, value_loss
 from rlkern.ops.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlkern.ops.returns import discounted_returns, gae
 
 __all__ = [
     # log-probs and entropy, from logits or from hidden states and the LM head

@@ -17,12 +17,11 @@ first call imports dynamo, sympy and triton (1.2 s) even for a CPU tensor on the
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 import torch
 from torch import Tensor
-
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 

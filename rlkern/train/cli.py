@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from rlkern.train.config import COMMANDS, ConfigError, build_parser, resolve_config
+from rlkern.train.config import COMMANDS, ConfigError, parse_config
 
 __all__ = ["main", "run_command", "USAGE"]
 
@@ -38,16 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["rlhf", *argv]
-    args = vars(build_parser(USAGE).parse_args(argv))
-    command = args.pop("command")
+    command, argv = argv[0], argv[1:]
+    if command in ("-h", "--help"):
+        print(USAGE + "\ncommands:\n" + "\n".join(f"  {name:<12} {cls.__doc__.splitlines()[0]}"
+                                                   for name, cls in COMMANDS.items()))
+        return 0
     if command not in COMMANDS:
-        build_parser(USAGE).print_help()
+        print(f"python -m rlkern.train: error: unknown command {command!r} (choose from "
+              f"{', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     from rlkern.train.models import ModelError
     from rlkern.train.run import RunError
 
     try:
-        cfg = resolve_config(command, args)
+        cfg = parse_config(command, argv)
         run_command(command, cfg)
     except (ConfigError, ModelError, RunError, ValueError) as err:
         print(f"rlkern.train {command}: error: {err}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """Configuration: one dataclass per subcommand, a docstring under every field.
 
-The field docstrings are read from this file's source (``field_docs``) and become the ``--help``
-text, so the documentation a reader sees in the code and on the command line is the same text.
-Values resolve in this order: the dataclass default, then ``--config FILE`` (JSON or YAML, keys
-spelled as the fields or as the flags), then the flags given on the command line.
+The command line is parsed by ``transformers.HfArgumentParser`` (as in TRL): one flag per field, typed
+from its annotation. The field docstrings are read from this file's source (``field_docs``) and become
+the ``--help`` text, so the documentation a reader sees in the code and on the command line is the same
+text. Values resolve in this order: the dataclass default, then ``--config FILE`` (JSON or YAML, keys
+spelled as the fields or as the flags), then the flags given on the command line. Every dataclass
+checks its values in ``__post_init__``: a bad value is one line naming the flag.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import typing
 from dataclasses import dataclass
 
 __all__ = ["RunConfig", "SFTConfig", "RMConfig", "PPOConfig", "PPOPenaltyConfig", "GRPOConfig", "DPOConfig",
-           "TRPOConfig", "RLHFConfig", "COMMANDS", "field_docs", "build_parser", "resolve_config",
+           "TRPOConfig", "RLHFConfig", "COMMANDS", "field_docs", "build_parser", "parse_config",
            "ConfigError"]
 
 
@@ -305,6 +307,13 @@ class PPOConfig(_RolloutConfig):
     """With a reward model: whiten its scores over each rollout (mean 0, std 1)."""
     reward_clip: float = 3.0
     """With a reward model: clip the (whitened) scores to +-this; 0 = off."""
+    early_stop_patience: int = 0
+    """With a refreshed reward model: at every refresh the checker grades the policy's greedy answers on
+    --early-stop-size training problems (never the held-out ones) beside the reward model's score of
+    them; after this many checks without a better accuracy the run stops, and it ends with the best
+    policy seen (0 = off)."""
+    early_stop_size: int = 200
+    """Training problems in the early-stopping slice."""
 
     def check(self) -> None:
         super().check()
@@ -316,8 +325,9 @@ class PPOConfig(_RolloutConfig):
         _non_negative(self, "kl_coef", "target_kl", "vf_coef", "value_clip", "ent_coef", "reward_clip",
                       "rm_lm_coef")
         _positive(self, "rm_refresh_lr")
-        for name in ("rm_refresh_every", "rm_refresh_steps"):
+        for name in ("rm_refresh_every", "rm_refresh_steps", "early_stop_patience"):
             _need(getattr(self, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        _need(self.early_stop_size > 0, f"--early-stop-size must be > 0, got {self.early_stop_size}")
         _need(self.kl_horizon > 0, f"--kl-horizon must be > 0, got {self.kl_horizon}")
         if self.adaptive_kl:
             _need(self.kl_coef > 0, "--adaptive-kl needs --kl-coef > 0 (a zero beta never grows)")
@@ -493,36 +503,34 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (``prog: error: ...``) instead of usage + error."""
+def build_parser(command: str):
+    """The parser of one subcommand: ``transformers.HfArgumentParser`` over its config dataclass (the
+    parser TRL uses: one flag per field from its type hint, ``--name`` and ``--name_with_underscores``,
+    ``--no-name`` for a flag that is on by default), with each field's docstring as its help and a bad
+    flag reported as one line."""
+    from transformers import HfArgumentParser
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    class Parser(HfArgumentParser):
+        def error(self, message: str):
+            self.exit(2, f"{self.prog}: error: {message}\n")
 
-
-def build_parser(description: str = "") -> argparse.ArgumentParser:
-    """The command-line parser: one subcommand per config dataclass, one flag per field, the field's
-    docstring as its help. ``description`` heads ``--help`` (the CLI passes its usage text)."""
-    parser = _Parser(prog="python -m rlkern.train", description=description,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, cls in COMMANDS.items():
-        p = sub.add_parser(name, help=cls.__doc__.splitlines()[0], description=cls.__doc__,
-                           argument_default=argparse.SUPPRESS)
-        docs = field_docs(cls)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            kind = hints[f.name]
-            helptext = f"{docs[f.name]} (default: {f.default!r})"
-            if kind is bool:
-                p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=helptext)
-                continue
-            # Choices are checked by the dataclass, whose one-line message lists the valid names.
-            p.add_argument(_flag(f.name), type=kind, help=helptext, metavar=f.name.upper())
+    cls = COMMANDS[command]
+    parser = Parser(cls, prog=f"python -m rlkern.train {command}", description=cls.__doc__)
+    docs = field_docs(cls)
+    for action in parser._actions:
+        if action.dest in docs and action.help is None:
+            action.help = docs[action.dest].replace("%", "%%")
+        action.option_strings.sort(key=lambda flag: "_" in flag)  # --save-every first, in usage too
+    for f in dataclasses.fields(cls):  # --no-resume etc. for the flags that are off by default
+        if f.default is False:
+            parser.add_argument(f"--no-{f.name.replace('_', '-')}", action="store_false", dest=f.name,
+                                help=argparse.SUPPRESS)
     return parser
 
 
-def _load_file(path: str) -> dict:
+def _load_file(cls, path: str) -> dict:
+    """The option values of a ``--config`` file (keys spelled as fields or flags), checked against the
+    fields' types."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path!r}: no such file")
     with open(path) as fh:
@@ -538,28 +546,33 @@ def _load_file(path: str) -> dict:
         raise ConfigError(f"--config {path!r} cannot be parsed: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path!r} must hold a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
-
-
-def resolve_config(command: str, given: dict):
-    """The config dataclass of ``command``: defaults, then the ``--config`` file, then ``given`` (flags)."""
-    cls = COMMANDS[command]
-    values = {}
-    if given.get("config"):
-        values.update(_load_file(given["config"]))
-    values.update(given)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown option(s) for {command}: {', '.join(unknown)}")
+    values = {str(k).lstrip("-").replace("-", "_"): v for k, v in data.items()}
     hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints) - {"config"})
+    if unknown:
+        raise ConfigError(f"--config {path!r}: unknown option(s): {', '.join(unknown)}")
     for key, value in values.items():
         kind = hints[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"option {key} must be {kind.__name__}, got {value!r}")
-    return cls(**values)  # __post_init__ checks every value
+            raise ConfigError(f"--config {path!r}: option {key} must be {kind.__name__}, got {value!r}")
+    return values
+
+
+def parse_config(command: str, argv: list[str]):
+    """The config dataclass of ``command``: its defaults, then the ``--config`` file (as the parser's
+    defaults, the way TRL's parser reads one), then the flags in ``argv``. The dataclass checks every
+    value when built (one ``ConfigError`` line naming the flag)."""
+    parser = build_parser(command)
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_load_file(COMMANDS[command], known.config))
+    cfg, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True,
+                                                   look_for_args_file=False)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return cfg
 
 
 def _clip_range(cfg) -> None:

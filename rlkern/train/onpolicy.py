@@ -10,7 +10,11 @@ With a reward model, three measures against reward over-optimisation live here (
   the policy drifts into are the ones the reward model has just seen;
 * reward normalisation and clipping (``--reward-whiten``, ``--reward-clip``): scores are whitened over
   the rollout and clipped, so one exploited, extreme score cannot dominate an update;
-* the KL penalty to the SFT reference in the token rewards (``--kl-coef``, ``--adaptive-kl``).
+* the KL penalty to the SFT reference in the token rewards (``--kl-coef``, ``--adaptive-kl``);
+* early stopping on reward-model/checker disagreement (``--early-stop-patience``): at every refresh the
+  checker grades the policy's greedy answers on a fixed slice of *training* problems (never the
+  held-out ones) beside the reward model's score of the same answers; when the checker's accuracy has
+  not improved for that many checks the run stops, and the policy it ends with is the best one seen.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class Rollout:
     def mask(self) -> Tensor:
         return self.seqs.response_mask
 
-    def index(self, idx: Tensor) -> "Rollout":
+    def index(self, idx: Tensor) -> Rollout:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return Rollout(self.seqs.index(idx), self.logp[idx], self.ref_logp[idx], pick(self.values),
                        self.scores[idx],
@@ -93,6 +97,13 @@ class OnPolicy:
         self.recent: list[tuple[Tensor, list[str]]] = []
         self.reward_mode = mode
         self.timer = Timer()
+        # Early stopping: a fixed slice of training problems (same on every rank) graded by the checker.
+        self.patience = getattr(cfg, "early_stop_patience", 0) if self.refresh_every else 0
+        self.best = {"accuracy": -1.0, "step": 0, "checks_since": 0, "policy": None}
+        if self.patience:
+            pool = stage.task.train
+            g = torch.Generator().manual_seed(cfg.seed * 131 + 7)
+            self.check_problems = pool[torch.randperm(len(pool), generator=g)[: cfg.early_stop_size]]
 
     def savers(self) -> dict:
         out = {"policy": lambda p: save_causal_lm(self.policy, self.tok, p)}
@@ -105,16 +116,50 @@ class OnPolicy:
         return out
 
     def state_dict(self) -> dict:
-        """What a checkpoint needs beyond the models for an exact resume of the reward-model refresh."""
+        """What a checkpoint needs beyond the models for an exact resume of the reward-model refresh
+        (and of early stopping: the best policy so far and its accuracy)."""
         if self.rm_opt is None:
             return {}
         return {"reward_model_optimizer": self.rm_opt.state_dict(),
-                "recent_samples": [(p.clone(), list(t)) for p, t in self.recent]}
+                "recent_samples": [(p.clone(), list(t)) for p, t in self.recent], "early_stop": self.best}
 
     def load_state_dict(self, state: dict) -> None:
         if self.rm_opt is not None:
             self.rm_opt.load_state_dict(state["reward_model_optimizer"])
             self.recent = [(p, list(t)) for p, t in state["recent_samples"]]
+            self.best = state.get("early_stop", self.best)
+
+    @torch.no_grad()
+    def early_stop(self, step: int, metrics: dict) -> bool:
+        """Early stopping on reward-model/checker disagreement, every ``--rm-refresh-every`` steps: the
+        checker's greedy accuracy on the fixed training slice and the reward model's mean score of the
+        same answers go into ``metrics`` (``early_stop/accuracy``, ``early_stop/rm_score``). The best
+        policy so far is kept; after ``--early-stop-patience`` checks without a better accuracy (the
+        reward model still being optimised while the checker disagrees), or at the last step, the
+        policy is set back to it and True is returned at a stop. Without a reward model or with
+        patience 0: never."""
+        last = step == self.cfg.steps
+        if not self.patience or (step % self.refresh_every and not last):
+            return False
+        stage, best = self.stage, self.best
+        was_training = self.policy.training
+        self.policy.eval()
+        ids, mask = stage.prompts(self.tok, self.check_problems)
+        seqs = generate(self.policy, self.tok, ids, mask, max_new_tokens=self.cfg.max_new_tokens, greedy=True)
+        self.policy.train(was_training)
+        acc = float(stage.task.reward(self.check_problems, decode_responses(self.tok, seqs)).mean())
+        metrics["early_stop/accuracy"] = acc
+        metrics["early_stop/rm_score"] = float(stage.score(self.reward_model, seqs).mean())
+        if acc > best["accuracy"]:
+            best.update(accuracy=acc, step=step, checks_since=0,
+                        policy={k: v.detach().clone() for k, v in self.policy.state_dict().items()})
+        else:
+            best["checks_since"] += 1
+        stop = best["checks_since"] >= self.patience
+        metrics["early_stop/best_step"] = best["step"]
+        if (stop or last) and best["step"] != step:
+            self.policy.load_state_dict(best["policy"])
+        return stop and not last
 
     def restore(self, ckpt: str) -> None:
         load_weights(self.policy, os.path.join(ckpt, "policy"))
@@ -125,7 +170,8 @@ class OnPolicy:
         if self.rm_opt is not None:
             load_weights(self.reward_model, os.path.join(ckpt, "reward_model"))
 
-    def end_step(self, step: int, ro: "Rollout", t0: float, metrics: dict, bar, save) -> None:
+    def end_step(self, step: int, ro: Rollout, t0: float, metrics: dict, bar, save, *,
+                 last: bool = False) -> None:
         """What every on-policy step ends with: the step's timings and tokens/s, the held-out
         evaluation every ``--eval-every`` steps and at the last, the log line, the progress bar, and
         ``save(step)`` every ``--save-every`` steps and at the last."""
@@ -133,12 +179,13 @@ class OnPolicy:
         metrics.update(self.timer.pop())
         n_tokens = float(ro.seqs.attention_mask.sum()) * run.world
         metrics["perf/tokens_per_s"] = n_tokens / (time.perf_counter() - t0)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        last = last or step == cfg.steps
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             metrics.update(self.stage.evaluate(self.policy, self.tok, self.reward_model, self.ref,
                                                max_new_tokens=cfg.max_new_tokens))
         run.log(step, metrics)
         bar.update(1)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        if (cfg.save_every and step % cfg.save_every == 0) or last:
             save(step)
 
     def finish(self) -> dict:

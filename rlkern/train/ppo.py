@@ -83,10 +83,13 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
             op.maybe_sync_ref(step)
             metrics.update(stats)
             metrics.update(op.maybe_refresh_reward_model(step))
+            stop = op.early_stop(step, metrics)
             metrics["kl/beta"] = reward_ctl.value
             if penalty:
                 metrics["kl/penalty_beta"] = penalty_ctl.value
-            op.end_step(step, ro, t0, metrics, bar, checkpoint)
+            op.end_step(step, ro, t0, metrics, bar, checkpoint, last=stop)
+            if stop:
+                break
     return op.finish()
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rlkern import ops
-from rlkern.train.common import Stage, sequence_score, final_dir, load_weights, ops_backend
+from rlkern.train.common import Stage, final_dir, load_weights, ops_backend, sequence_score
 from rlkern.train.models import HeadModel
 from rlkern.train.rollout import decode_responses, generate, join
 

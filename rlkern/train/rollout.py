@@ -39,11 +39,11 @@ class Sequences:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def index(self, idx: Tensor) -> "Sequences":
+    def index(self, idx: Tensor) -> Sequences:
         return Sequences(self.input_ids[idx], self.attention_mask[idx], self.prompt_len,
                          self.response_mask[idx])
 
-    def to(self, device) -> "Sequences":
+    def to(self, device) -> Sequences:
         return Sequences(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_len,
                          self.response_mask.to(device))
 

@@ -241,3 +241,12 @@ def rows_view(x: Tensor) -> Tensor:
     inner = groups[0] if groups else [1, vocab]
     outer = groups[1] if len(groups) > 1 else [1, inner[0] * inner[1]]
     return x.as_strided((outer[0], inner[0], vocab), (outer[1], inner[1], 1))
+
+
+def check_ignore_index(value, name: str = "ignore_index") -> int:
+    """An ignore_index (or any token-id sentinel) as an int that fits in int64, the labels' dtype in
+    the kernels: Python or numpy integers only, as check_int."""
+    value = check_int(value, name)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -14,7 +16,7 @@ import rlkern
 from rlkern import ops
 from rlkern.train.models import HeadModel, ModelError, TinyModelSpec, build_tiny_model, load_causal_lm
 from rlkern.train.rollout import Sequences, decode_responses, encode_prompts, generate
-from rlkern.train.run import Run
+from rlkern.train.run import Run, Timer
 from rlkern.train.task import ArithmeticTask, build_char_tokenizer
 
 __all__ = ["Stage", "ops_backend", "final_dir", "sequence_score", "check_divisible", "load_weights",
@@ -42,7 +44,17 @@ def ops_backend(name: str):
 
 
 class Stage:
-    """A stage's run directory, device, task, tokenizer and data RNG, set up from its config."""
+    """A stage's run directory, device, task, tokenizer and data RNG, set up from its config, and the
+    blocks every algorithm's loop starts and ends with (``begin``, ``steps``, ``end_step``, ``finish``):
+
+        stage = Stage(cfg, "sft"); model = ...            # a bad --model fails before any file is written
+        start = stage.begin()                             # run directory, printed config, resume step
+        with ops_backend(cfg.ops):
+            for step in stage.steps(start, evaluate):     # step-0 evaluation, progress bar
+                t0 = time.perf_counter(); ...             # the algorithm's own step
+                stage.end_step(step, metrics, t0=t0, tokens=n, evaluate=evaluate, save=checkpoint)
+        return stage.finish(save_final)                   # final/ model, DONE marker
+    """
 
     def __init__(self, cfg, command: str, out: str | None = None):
         self.cfg = cfg
@@ -55,6 +67,54 @@ class Stage:
         # Per-rank streams: rank r samples different prompts and tokens than rank 0.
         torch.manual_seed(cfg.seed * 1009 + self.run.rank)
         self.data_rng = torch.Generator().manual_seed(cfg.seed * 7919 + self.run.rank)
+        self.timer = Timer()
+        self.bar = None
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def begin(self) -> int:
+        """Start of every stage, once its models are built: prepares the run directory, prints the
+        resolved config, and puts the data order in the checkpoints. Returns the step to start from
+        (0, or the newest intact checkpoint's under --resume)."""
+        start = self.run.prepare()
+        self.run.print_config()
+        self.run.generators["data"] = self.data_rng
+        return start
+
+    def steps(self, start: int, evaluate: Callable[[], dict]) -> Iterator[int]:
+        """Steps ``start + 1 .. --steps`` with a progress bar, after logging step 0's evaluation in a
+        fresh run."""
+        if start == 0:
+            self.run.log(0, evaluate())
+        self.bar = self.run.progress(start, self.cfg.steps, self.run.command)
+        yield from range(start + 1, self.cfg.steps + 1)
+
+    def end_step(self, step: int, metrics: dict, *, t0: float, tokens: float, evaluate: Callable[[], dict],
+                 save: Callable[[int], None], last: bool = False) -> None:
+        """What every step ends with: its phase times (``time/*``) and tokens/s over all ranks, the
+        evaluation every --eval-every steps and at the last, the log line and the progress bar, and
+        ``save(step)`` every --save-every steps and at the last (``last``: an early stop)."""
+        cfg, run = self.cfg, self.run
+        metrics.update(self.timer.pop())
+        metrics["perf/tokens_per_s"] = tokens * run.world / (time.perf_counter() - t0)
+        last = last or step == cfg.steps
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            metrics.update(evaluate())
+        run.log(step, metrics)
+        self.bar.update(1)
+        if (cfg.save_every and step % cfg.save_every == 0) or last:
+            save(step)
+
+    def finish(self, save_final: Callable[[str], None]) -> dict:
+        """End of every stage: the step-time breakdown, ``save_final(dir)`` on rank 0 into ``final/``,
+        the DONE marker. Returns ``{"dir", "model"}``."""
+        run = self.run
+        run.close_progress()
+        run.print_time_breakdown()
+        final = final_dir(run.dir)
+        if run.main:
+            save_final(final)
+        run.mark_done()
+        return {"dir": run.dir, "model": final}
 
     # ---- models --------------------------------------------------------------------------------
     def start_model(self, path: str | None = None):

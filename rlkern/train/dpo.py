@@ -13,7 +13,7 @@ import time
 import torch
 
 from rlkern import ops
-from rlkern.train.common import Stage, final_dir, load_weights, ops_backend
+from rlkern.train.common import Stage, load_weights, ops_backend
 from rlkern.train.models import save_causal_lm
 from rlkern.train.rm import preference_pairs
 from rlkern.train.rollout import Sequences, token_logprobs
@@ -31,8 +31,7 @@ def train_dpo(cfg, out: str | None = None) -> dict:
     stage = Stage(cfg, "dpo", out)
     run = stage.run
     policy, tok = stage.start_model()  # a bad --model fails here, before the run directory is touched
-    start = run.prepare()
-    run.print_config()
+    start = stage.begin()
     per_rank = run.shard(cfg.batch_size, "--batch-size")
     # The offline dataset: every step's pairs, fixed by the seed (and the rank).
     problems = stage.task.sample_train(cfg.steps * per_rank, stage.data_rng)
@@ -53,38 +52,29 @@ def train_dpo(cfg, out: str | None = None) -> dict:
         load_weights(policy, os.path.join(ckpt, "policy"))
         opt.load_state_dict(state["optimizer"])
 
+    def evaluate():
+        return stage.evaluate(policy, tok)
+
+    def checkpoint(step):
+        run.save_checkpoint(step, {"policy": lambda p: save_causal_lm(policy, tok, p)},
+                            {"optimizer": opt.state_dict()})
+
     with ops_backend(cfg.ops):
-        if start == 0:
-            run.log(0, stage.evaluate(policy, tok))
-        bar = run.progress(start, cfg.steps, "dpo")
-        for step in range(start + 1, cfg.steps + 1):
+        for step in stage.steps(start, evaluate):
             t0 = time.perf_counter()
             sl = slice((step - 1) * per_rank, step * per_rank)
             chosen, rejected = chosen_all.slice(sl), rejected_all.slice(sl)
             loss, stats = ops.dpo_loss(sequence_logprobs(policy, chosen), sequence_logprobs(policy, rejected),
                                        ref_chosen[sl], ref_rejected[sl], beta=cfg.beta,
-                                       loss_type=cfg.loss_type,
-                                       label_smoothing=cfg.label_smoothing)
+                                       loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = stage.step_optimizer(opt, policy.parameters())
             metrics = {"dpo/loss": loss.item(), "dpo/grad_norm": norm}
             metrics.update({f"dpo/{k}": float(v) for k, v in stats.items()})
-            n_tokens = float(chosen.attention_mask.sum() + rejected.attention_mask.sum()) * run.world
-            metrics["perf/tokens_per_s"] = n_tokens / (time.perf_counter() - t0)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                metrics.update(stage.evaluate(policy, tok))
-            run.log(step, metrics)
-            bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                run.save_checkpoint(step, {"policy": lambda p: save_causal_lm(policy, tok, p)},
-                                    {"optimizer": opt.state_dict()})
-        run.close_progress()
-    final = final_dir(run.dir)
-    if run.main:
-        save_causal_lm(policy, tok, final)
-    run.mark_done()
-    return {"dir": run.dir, "model": final}
+            tokens = chosen.n_tokens + rejected.n_tokens
+            stage.end_step(step, metrics, t0=t0, tokens=tokens, evaluate=evaluate, save=checkpoint)
+    return stage.finish(lambda path: save_causal_lm(policy, tok, path))
 
 
 class _Padded:

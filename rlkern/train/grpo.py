@@ -21,25 +21,23 @@ def train_grpo(cfg, out: str | None = None) -> dict:
     stage = Stage(cfg, "grpo", out)
     run = stage.run
     op = OnPolicy(stage, with_critic=False)  # bad model directories fail before the run directory is touched
-    start = run.prepare()
-    run.print_config()
+    start = stage.begin()
     policy = op.policy
     per_rank = run.shard(cfg.rollout_batch, "--rollout-batch")
     n_seq = per_rank * cfg.group_size
     # Minibatches hold whole groups, so every group's advantages are computed over the full group.
     groups_per_mb = check_divisible(per_rank, cfg.minibatches, "the per-process prompt batch", "minibatches")
     opt = stage.optimizer(policy.parameters(), cfg.lr)
-    run.generators["data"] = stage.data_rng
     if start:
         ckpt, state = run.load_checkpoint()
         op.restore(ckpt)
         opt.load_state_dict(state["optimizer"])
 
+    def checkpoint(step):
+        run.save_checkpoint(step, op.savers(), {"optimizer": opt.state_dict()})
+
     with ops_backend(cfg.ops):
-        if start == 0:
-            run.log(0, stage.evaluate(policy, op.tok, op.reward_model, max_new_tokens=cfg.max_new_tokens))
-        bar = run.progress(start, cfg.steps, "grpo")
-        for step in range(start + 1, cfg.steps + 1):
+        for step in stage.steps(start, op.evaluate):
             t0 = time.perf_counter()
             ro, metrics = op.rollout(stage.problems(per_rank), repeat=cfg.group_size)
             with op.timer("advantages"):
@@ -49,9 +47,9 @@ def train_grpo(cfg, out: str | None = None) -> dict:
                 stats = _update(stage, op, ro, adv, opt, groups_per_mb * cfg.group_size, n_seq)
             op.maybe_sync_ref(step)
             metrics.update(stats)
-            op.end_step(step, ro, t0, metrics, bar,
-                        lambda s: run.save_checkpoint(s, op.savers(), {"optimizer": opt.state_dict()}))
-    return op.finish()
+            stage.end_step(step, metrics, t0=t0, tokens=ro.seqs.n_tokens, evaluate=op.evaluate,
+                           save=checkpoint)
+    return stage.finish(op.save_final)
 
 
 def _update(stage: Stage, op: OnPolicy, ro, adv, opt, mb_seqs: int, n_seq: int) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """The on-policy machinery PPO, PPO-penalty, GRPO and TRPO share: the policy, its frozen reference,
 the optional critic, the reward (the exact-match checker or a reward model), one step's rollout, the
-KL-shaped advantages, and the bookkeeping that ends every step and every run.
+KL-shaped advantages, the held-out evaluation and the final save.
 
 With a reward model, three measures against reward over-optimisation live here (Gao et al. 2022,
 "Scaling laws for reward model overoptimization", and InstructGPT's recipe):
@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from rlkern import ops
-from rlkern.train.common import Stage, final_dir, load_weights
+from rlkern.train.common import Stage, load_weights
 from rlkern.train.models import HeadModel, save_causal_lm
 from rlkern.train.rollout import Sequences, decode_responses, generate, token_logprobs
-from rlkern.train.run import Timer
 
 __all__ = ["OnPolicy", "Rollout", "critic_values"]
 
@@ -96,7 +94,7 @@ class OnPolicy:
         # The policy's samples since the last reward-model refresh: (problems [n, 2], response texts).
         self.recent: list[tuple[Tensor, list[str]]] = []
         self.reward_mode = mode
-        self.timer = Timer()
+        self.timer = stage.timer
         # Early stopping: a fixed slice of training problems (same on every rank) graded by the checker.
         self.patience = getattr(cfg, "early_stop_patience", 0) if self.refresh_every else 0
         self.best = {"accuracy": -1.0, "step": 0, "checks_since": 0, "policy": None}
@@ -170,36 +168,17 @@ class OnPolicy:
         if self.rm_opt is not None:
             load_weights(self.reward_model, os.path.join(ckpt, "reward_model"))
 
-    def end_step(self, step: int, ro: Rollout, t0: float, metrics: dict, bar, save, *,
-                 last: bool = False) -> None:
-        """What every on-policy step ends with: the step's timings and tokens/s, the held-out
-        evaluation every ``--eval-every`` steps and at the last, the log line, the progress bar, and
-        ``save(step)`` every ``--save-every`` steps and at the last."""
-        cfg, run = self.cfg, self.run
-        metrics.update(self.timer.pop())
-        n_tokens = float(ro.seqs.attention_mask.sum()) * run.world
-        metrics["perf/tokens_per_s"] = n_tokens / (time.perf_counter() - t0)
-        last = last or step == cfg.steps
-        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-            metrics.update(self.stage.evaluate(self.policy, self.tok, self.reward_model, self.ref,
-                                               max_new_tokens=cfg.max_new_tokens))
-        run.log(step, metrics)
-        bar.update(1)
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            save(step)
+    def evaluate(self) -> dict[str, float]:
+        """The held-out evaluation: greedy accuracy, the reward model's score of those answers (with a
+        reward model) and the KL to the reference."""
+        return self.stage.evaluate(self.policy, self.tok, self.reward_model, self.ref,
+                                   max_new_tokens=self.cfg.max_new_tokens)
 
-    def finish(self) -> dict:
-        """Closes the run: the time breakdown, then the policy (and critic) saved to final/."""
-        run = self.run
-        run.close_progress()
-        run.print_time_breakdown()
-        final = final_dir(run.dir)
-        if run.main:
-            save_causal_lm(self.policy, self.tok, final)
-            if self.critic is not None:
-                self.critic.save(self.tok, os.path.join(final, "critic"))
-        run.mark_done()
-        return {"dir": run.dir, "model": final}
+    def save_final(self, path: str) -> None:
+        """The policy into ``path`` (and the critic into ``path/critic``)."""
+        save_causal_lm(self.policy, self.tok, path)
+        if self.critic is not None:
+            self.critic.save(self.tok, os.path.join(path, "critic"))
 
     def maybe_sync_ref(self, step: int) -> None:
         if self.cfg.ref_sync_every and step % self.cfg.ref_sync_every == 0:

@@ -37,8 +37,7 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
     stage = Stage(cfg, command, out)
     run = stage.run
     op = OnPolicy(stage, with_critic=True)  # bad model directories fail before the run directory is touched
-    start = run.prepare()
-    run.print_config()
+    start = stage.begin()
     policy, critic = op.policy, op.critic
     per_rank = run.shard(cfg.rollout_batch, "--rollout-batch")
     mb_size = check_divisible(per_rank, cfg.minibatches, "the per-process rollout batch", "minibatches")
@@ -48,7 +47,6 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
     # the in-loss penalty instead.
     reward_ctl = _controller(cfg, False)
     penalty_ctl = _controller(cfg, True) if penalty else None
-    run.generators["data"] = stage.data_rng
     if start:
         ckpt, state = run.load_checkpoint()
         op.restore(ckpt)
@@ -67,10 +65,7 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
         run.save_checkpoint(step, op.savers(), {**state, **op.state_dict()})
 
     with ops_backend(cfg.ops):
-        if start == 0:
-            run.log(0, stage.evaluate(policy, op.tok, op.reward_model, max_new_tokens=cfg.max_new_tokens))
-        bar = run.progress(start, cfg.steps, command)
-        for step in range(start + 1, cfg.steps + 1):
+        for step in stage.steps(start, op.evaluate):
             t0 = time.perf_counter()
             ro, metrics = op.rollout(stage.problems(per_rank))
             op.advantages(ro, reward_ctl.value, estimator=cfg.kl_estimator)
@@ -87,10 +82,11 @@ def train_ppo(cfg, out: str | None = None, *, penalty: bool = False) -> dict:
             metrics["kl/beta"] = reward_ctl.value
             if penalty:
                 metrics["kl/penalty_beta"] = penalty_ctl.value
-            op.end_step(step, ro, t0, metrics, bar, checkpoint, last=stop)
+            stage.end_step(step, metrics, t0=t0, tokens=ro.seqs.n_tokens, evaluate=op.evaluate,
+                           save=checkpoint, last=stop)
             if stop:
                 break
-    return op.finish()
+    return stage.finish(op.save_final)
 
 
 def _update(stage: Stage, op: OnPolicy, ro: Rollout, pol_opt, val_opt, mb_size: int, beta: float | None):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rlkern import ops
-from rlkern.train.common import Stage, final_dir, load_weights, ops_backend, sequence_score
+from rlkern.train.common import Stage, load_weights, ops_backend, sequence_score
 from rlkern.train.models import HeadModel
 from rlkern.train.rollout import decode_responses, generate, join
 
@@ -88,14 +88,12 @@ def train_rm(cfg, out: str | None = None) -> dict:
         lm, tok = stage.start_model()
         model = HeadModel(lm, "reward").to(stage.device)
         run.broadcast_module(model)
-    start = run.prepare()
-    run.print_config()
+    start = stage.begin()
     model.train()
     # The frozen starting policy whose wrong samples become rejected answers.
     sampler = copy.deepcopy(model.lm).eval().requires_grad_(False) if cfg.sampled_negatives > 0 else None
     opt = stage.optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     sched = stage.schedule(opt, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
-    run.generators["data"] = stage.data_rng
     if start:
         ckpt, state = run.load_checkpoint()
         load_weights(model, os.path.join(ckpt, "reward_model"))
@@ -118,10 +116,7 @@ def train_rm(cfg, out: str | None = None) -> dict:
                             {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
 
     with ops_backend(cfg.ops):
-        if start == 0:
-            run.log(0, evaluate())
-        bar = run.progress(start, cfg.steps, "rm")
-        for step in range(start + 1, cfg.steps + 1):
+        for step in stage.steps(start, evaluate):
             t0 = time.perf_counter()
             chosen, rejected = preference_pairs(stage, tok, stage.problems(per_rank), stage.data_rng, sampler,
                                                 cfg.sampled_negatives)
@@ -130,22 +125,12 @@ def train_rm(cfg, out: str | None = None) -> dict:
             loss.backward()
             grad_norm = stage.step_optimizer(opt, model.parameters())
             sched.step()
-            n_tokens = float(chosen.attention_mask.sum() + rejected.attention_mask.sum()) * run.world
             margin = (r_c - r_r).detach()
             metrics = {"rm/loss": loss.item(), "rm/lm_nll": nll.item(),
                        "rm/accuracy": float((margin > 0).float().mean()),
-                       "rm/margin": float(margin.mean()), "rm/grad_norm": grad_norm,
-                       "perf/tokens_per_s": n_tokens / (time.perf_counter() - t0)}
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                metrics.update(evaluate())
-            run.log(step, metrics)
-            bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                checkpoint(step)
-        run.close_progress()
-    final = final_dir(run.dir)
-    if run.main:
-        model.save(tok, final)
-    run.mark_done()
-    return {"dir": run.dir, "model": final,
-            "rm/eval_accuracy": run.rows()[-1].get("rm/eval_accuracy") if run.main else None}
+                       "rm/margin": float(margin.mean()), "rm/grad_norm": grad_norm}
+            tokens = chosen.n_tokens + rejected.n_tokens
+            stage.end_step(step, metrics, t0=t0, tokens=tokens, evaluate=evaluate, save=checkpoint)
+    out = stage.finish(lambda path: model.save(tok, path))
+    out["rm/eval_accuracy"] = run.rows()[-1].get("rm/eval_accuracy") if run.main else None
+    return out

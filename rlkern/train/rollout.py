@@ -39,6 +39,11 @@ class Sequences:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def n_tokens(self) -> float:
+        """Real (non-padding) tokens in the batch: prompts and responses."""
+        return float(self.attention_mask.sum())
+
     def index(self, idx: Tensor) -> Sequences:
         return Sequences(self.input_ids[idx], self.attention_mask[idx], self.prompt_len,
                          self.response_mask[idx])

@@ -56,22 +56,20 @@ def train_trpo(cfg, out: str | None = None) -> dict:
     stage = Stage(cfg, "trpo", out)
     run = stage.run
     op = OnPolicy(stage, with_critic=True)  # bad model directories fail before the run directory is touched
-    start = run.prepare()
-    run.print_config()
-    policy, critic = op.policy, op.critic
+    start = stage.begin()
+    critic = op.critic
     per_rank = run.shard(cfg.rollout_batch, "--rollout-batch")
     val_opt = stage.optimizer(critic.parameters(), cfg.critic_lr)
-    run.generators["data"] = stage.data_rng
     if start:
         ckpt, state = run.load_checkpoint()
         op.restore(ckpt)
         val_opt.load_state_dict(state["critic_optimizer"])
 
+    def checkpoint(step):
+        run.save_checkpoint(step, op.savers(), {"critic_optimizer": val_opt.state_dict()})
+
     with ops_backend(cfg.ops):
-        if start == 0:
-            run.log(0, stage.evaluate(policy, op.tok, op.reward_model, max_new_tokens=cfg.max_new_tokens))
-        bar = run.progress(start, cfg.steps, "trpo")
-        for step in range(start + 1, cfg.steps + 1):
+        for step in stage.steps(start, op.evaluate):
             t0 = time.perf_counter()
             ro, metrics = op.rollout(stage.problems(per_rank))
             op.advantages(ro, cfg.kl_coef)
@@ -79,10 +77,9 @@ def train_trpo(cfg, out: str | None = None) -> dict:
                 metrics.update(_policy_step(stage, op, ro))
                 metrics.update(_critic_steps(stage, op, ro, val_opt))
             op.maybe_sync_ref(step)
-            op.end_step(step, ro, t0, metrics, bar,
-                        lambda s: run.save_checkpoint(s, op.savers(),
-                                                      {"critic_optimizer": val_opt.state_dict()}))
-    return op.finish()
+            stage.end_step(step, metrics, t0=t0, tokens=ro.seqs.n_tokens, evaluate=op.evaluate,
+                           save=checkpoint)
+    return stage.finish(op.save_final)
 
 
 def _surrogate(policy, ro: Rollout, temperature: float):

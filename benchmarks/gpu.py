@@ -112,8 +112,8 @@ def _flash_logprobs(logits, labels):
 
 def _liger_linear(hidden, weight, labels):
     """Liger's LigerFusedLinearCrossEntropyLoss (chunked GEMM + CE; gradients computed in the forward)."""
-    return _liger_module("liger_kernel.transformers.fused_linear_cross_entropy.LigerFusedLinearCrossEntropyLoss",
-                         reduction="sum")(weight, hidden, labels)
+    loss_cls = "liger_kernel.transformers.fused_linear_cross_entropy.LigerFusedLinearCrossEntropyLoss"
+    return _liger_module(loss_cls, reduction="sum")(weight, hidden, labels)
 
 
 def _peer_impls(kind_fns: list[tuple[str, str, str, str, Callable]]) -> list[Impl]:
@@ -202,10 +202,12 @@ def logprobs_cases(device: str = "cuda", small: bool = False) -> list[Case]:
                          Impl("torch.compile (same maths, fp32)", "compile", build(_compiled(maths)))]
                 if op == "logprobs":
                     impls += _peer_impls([
-                        ("Liger cross_entropy (reduction=none)", "liger", "liger_kernel.transformers.cross_entropy",
-                         "LigerCrossEntropyLoss", build(_liger_logprobs)),
-                        ("flash-attn triton cross_entropy", "flash-attn", "flash_attn.ops.triton.cross_entropy",
-                         "cross_entropy_loss", build(_flash_logprobs))])
+                        ("Liger cross_entropy (reduction=none)", "liger",
+                         "liger_kernel.transformers.cross_entropy", "LigerCrossEntropyLoss",
+                         build(_liger_logprobs)),
+                        ("flash-attn triton cross_entropy", "flash-attn",
+                         "flash_attn.ops.triton.cross_entropy", "cross_entropy_loss",
+                         build(_flash_logprobs))])
                 cases.append(Case(op, label, mode, _logits_inputs(n, v, dtype, device), impls, bytes=traffic))
     return cases
 
@@ -235,7 +237,8 @@ def linear_cases(device: str = "cuda", small: bool = False) -> list[Case]:
     impls = [Impl("rlkern (triton)", "rlkern", both_leaves(_rlkern(rlkern.ops.linear_logprobs))),
              Impl("torch eager (logits [N, V], fp32 log_softmax)", "eager",
                   both_leaves(peers.naive_linear_logprobs)),
-             Impl("torch.compile (same maths)", "compile", both_leaves(_compiled(peers.naive_linear_logprobs)))]
+             Impl("torch.compile (same maths)", "compile",
+                  both_leaves(_compiled(peers.naive_linear_logprobs)))]
     impls += _peer_impls([("Liger fused_linear_cross_entropy", "liger",
                            "liger_kernel.transformers.fused_linear_cross_entropy",
                            "LigerFusedLinearCrossEntropyLoss", both_leaves(_liger_linear, scalar=True))])
@@ -263,17 +266,21 @@ def rlmath_cases(device: str = "cuda", small: bool = False) -> list[Case]:
     label = f"{b}x{t} fp32, float mask"
     specs = [
         # bytes: inputs read once and outputs written once (losses: d logp written, scalars ignored)
-        ("gae", "fwd", 5 * tok, (_rlkern(ops.gae), ("rewards", "values", "mask"), {"gamma": GAMMA, "lam": LAM}),
-         ("verl loop over T", peers.verl_gae_loop, ("rewards", "values", "mask"), {"gamma": GAMMA, "lam": LAM}),
+        ("gae", "fwd", 5 * tok,
+         (_rlkern(ops.gae), ("rewards", "values", "mask"), {"gamma": GAMMA, "lam": LAM}),
+         ("verl loop over T", peers.verl_gae_loop, ("rewards", "values", "mask"),
+          {"gamma": GAMMA, "lam": LAM}),
          ("torch.compile (associative scans)", peers.math_gae, ("rewards", "values", "mask"), (GAMMA, LAM))),
         ("masked_whiten", "fwd", 3 * tok, (_rlkern(ops.masked_whiten), ("adv", "mask"), {}),
          ("verl masked_whiten", peers.verl_masked_whiten, ("adv", "mask"), {}), None),
         ("policy_loss", "fwd+bwd", 5 * tok, (_rlkern(ops.policy_loss), ("logp", "old", "adv", "mask"),
                                               {"dual_clip": 3.0}),
-         ("verl compute_policy_loss_vanilla", peers.verl_policy_loss, ("old", "logp", "adv", "mask"), {}), None),
+         ("verl compute_policy_loss_vanilla", peers.verl_policy_loss, ("old", "logp", "adv", "mask"), {}),
+         None),
         ("grpo_loss", "fwd+bwd", 5 * tok, (_rlkern(ops.grpo_loss), ("logp", "old", "ref", "adv_seq", "mask"),
                                             {"beta": 0.04}),
-         ("TRL GRPOTrainer._compute_loss", peers.trl_grpo_loss, ("logp", "old", "ref", "adv_seq", "mask"), {}),
+         ("TRL GRPOTrainer._compute_loss", peers.trl_grpo_loss,
+          ("logp", "old", "ref", "adv_seq", "mask"), {}),
          None),
     ]
     cases = []
@@ -287,7 +294,8 @@ def rlmath_cases(device: str = "cuda", small: bool = False) -> list[Case]:
             impls.append(Impl(name, "compile", lambda tt, fn=fn, names=names, extra=extra: functools.partial(
                 _compiled(fn), *(tt[n] for n in names), *extra)))
         else:
-            impls.append(Impl("torch.compile (the eager peer)", "compile", build(_compiled(peer), peer_args, peer_kw)))
+            impls.append(Impl("torch.compile (the eager peer)", "compile",
+                              build(_compiled(peer), peer_args, peer_kw)))
         cases.append(Case(op, label, mode, make, impls, bytes=traffic))
     return cases
 
@@ -378,7 +386,8 @@ def markdown(rows: list[Row]) -> str:
         if (r.op, r.shape, r.mode) != last:
             last = (r.op, r.shape, r.mode)
             out += ["", f"### {r.op} {r.mode}, {r.shape}", "",
-                    "| implementation | ms | rate | % of floor | extra peak MiB | note |", "|---|---:|---:|---:|---:|---|"]
+                    "| implementation | ms | rate | % of floor | extra peak MiB | note |",
+                    "|---|---:|---:|---:|---:|---|"]
         out.append(f"| {r.impl} | {_fmt(r.ms, '.3f')} | {_fmt(r.rate, '.1f')} {r.unit if r.rate else ''} | "
                    f"{_fmt(r.pct_floor, '.0f')} | {_fmt(r.peak_mib, '.0f')} | {r.note} |")
     return "\n".join(out).strip() + "\n"
@@ -417,7 +426,8 @@ def main(argv=None) -> int:
         pass
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+        payload = {"meta": meta, "rows": [asdict(r) for r in rows]}
+        (args.out / "bench.json").write_text(json.dumps(payload, indent=1))
         (args.out / "bench.md").write_text(f"{meta}\n\n" + markdown(rows))
     return 0
 

@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     try:
         import torch
     except ImportError:
-        print(f"make gpu-check needs a CUDA device and torch: {sys.executable} cannot import torch (set PYTHON=...)")
+        print(f"make gpu-check needs a CUDA device and torch: {sys.executable} cannot import torch "
+              "(set PYTHON=...)")
         return 2
     if not torch.cuda.is_available():
         print("make gpu-check needs a CUDA device: torch.cuda.is_available() is False on this machine")

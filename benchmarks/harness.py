@@ -30,9 +30,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -384,26 +384,40 @@ def _fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def compile_times(rows: list[Row]) -> dict[str, float]:
+    """case -> median ms of its (first) torch.compile row that ran."""
+    out: dict[str, float] = {}
+    for r in rows:
+        if r.kind == "compile" and r.median_ms and r.case not in out:
+            out[r.case] = r.median_ms
+    return out
+
+
 def markdown_table(family: str, rows: list[Row], targets: list[TargetResult],
                    notes: Iterable[str] = ()) -> str:
     """One markdown table for a family: case, implementation, median ms, rate, % of floor, extra MB."""
     unit = rows[0].unit if rows else "GB/s"
+    compile_ms = compile_times(rows)
     lines = [f"### {family}", "",
-             f"| case | implementation | median ms | {unit} | % of floor | extra peak MB |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"| case | implementation | median ms | {unit} | % of floor | extra peak MB | x torch.compile |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.case} | {r.impl} | failed: {r.error.replace('|', '/')} | | | |")
+            lines.append(f"| {r.case} | {r.impl} | failed: {r.error.replace('|', '/')} | | | | |")
             continue
         if r.kind == "floor":
             mem = ""
         else:  # small outputs (a few bytes per row) would print as 0.0 MB
             mem = _fmt(r.extra_peak_mb, ".1f" if (r.extra_peak_mb or 0) >= 0.1 else ".4f")
+        vs_compile = ""
+        if r.kind == "rlkern" and r.median_ms and compile_ms.get(r.case):
+            vs_compile = f"{compile_ms[r.case] / r.median_ms:.2f}x"
         lines.append(f"| {r.case} | {r.impl} | {_fmt(r.median_ms, '.3f')} | {_fmt(r.rate, '.1f')} | "
-                     f"{_fmt(r.pct_of_floor, '.0f')} | {mem} |")
+                     f"{_fmt(r.pct_of_floor, '.0f')} | {mem} | {vs_compile} |")
     work = "GEMM flops" if unit == "GFLOP/s" else "bytes that must be moved"
     lines += ["", f"{unit} = {work} / median time; % of floor = floor ms / median ms; extra peak MB = "
-                  "peak of tensor memory allocated during one call (outputs included)."]
+                  "peak of tensor memory allocated during one call (outputs included); x torch.compile "
+                  "= the case's torch.compile ms / the rlkern row's ms (> 1: rlkern faster)."]
     if targets:
         lines += ["", "Targets:"]
         for t in targets:

@@ -16,8 +16,8 @@ takes ~4.5 s on this 2-core CPU (bf16 runs on AMX, ~0.5 s), so its case alone (4
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

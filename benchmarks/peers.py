@@ -92,6 +92,12 @@ def trl_gae_loop(rewards: Tensor, values: Tensor, gamma: float, lam: float) -> t
     return advantages, advantages + values
 
 
+def _one_minus(mask: Tensor) -> Tensor:
+    """``1 - mask`` as the peers write it; for a bool mask (which torch refuses to subtract) its
+    logical complement, the same 0/1 values, so the peers' code runs on every mask dtype."""
+    return ~mask if mask.dtype == torch.bool else 1 - mask
+
+
 def verl_gae_loop(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float,
                   lam: float) -> tuple[Tensor, Tensor]:
     """verl ``compute_gae_advantage_return``: the masked loop that carries the next value and the
@@ -105,8 +111,8 @@ def verl_gae_loop(token_level_rewards: Tensor, values: Tensor, response_mask: Te
         for t in reversed(range(gen_len)):
             delta = token_level_rewards[:, t] + gamma * nextvalues - values[:, t]
             lastgaelam_ = delta + gamma * lam * lastgaelam
-            nextvalues = values[:, t] * response_mask[:, t] + (1 - response_mask[:, t]) * nextvalues
-            lastgaelam = lastgaelam_ * response_mask[:, t] + (1 - response_mask[:, t]) * lastgaelam
+            nextvalues = values[:, t] * response_mask[:, t] + _one_minus(response_mask[:, t]) * nextvalues
+            lastgaelam = lastgaelam_ * response_mask[:, t] + _one_minus(response_mask[:, t]) * lastgaelam
             advantages_reversed.append(lastgaelam)
         advantages = torch.stack(advantages_reversed[::-1], dim=1)
         returns = advantages + values
@@ -145,9 +151,49 @@ def math_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
     return adv, adv + values
 
 
+def verl_reinforce_returns_loop(token_level_rewards: Tensor, response_mask: Tensor, gamma: float) -> Tensor:
+    """verl ``compute_reinforce_plus_plus_outcome_advantage`` before 0.9 (the form
+    ``rlkern.ops.discounted_returns`` computes), without its final whitening: a loop over T whose
+    running return is reset after the end of each sequence."""
+    with torch.no_grad():
+        returns = torch.zeros_like(token_level_rewards)
+        running_return = 0
+        for t in reversed(range(token_level_rewards.shape[1])):
+            running_return = token_level_rewards[:, t] + gamma * running_return
+            returns[:, t] = running_return
+            running_return = running_return * response_mask[:, t]  # reset after EOS
+    return returns
+
+
+def math_discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """The reset recursion of ``verl_reinforce_returns_loop`` as one associative scan, for
+    torch.compile: R_t = r_t + gamma * m_{t+1} * R_{t+1} (m_T = 0)."""
+    m = mask.to(rewards.dtype)
+    m_next = torch.cat([m[:, 1:], m.new_zeros(m.shape[0], 1)], dim=1)
+    return _reverse_affine_scan(gamma * m_next, rewards)
+
+
+def verl_token_rewards(scores: Tensor, old_log_prob: Tensor, ref_log_prob: Tensor, response_mask: Tensor,
+                       kl_coef: float) -> Tensor:
+    """verl ``apply_kl_penalty`` with ``kl_penalty="kl"`` (k1 = logp - ref, masked) on token scores
+    that hold each sequence's score at its last valid token, placed as OpenRLHF's ``compute_reward``
+    does (a scatter at ``T - 1 - argmax(fliplr(mask))``; verl's reward manager writes it with a
+    Python loop over the batch). The maths of ``rlkern.ops.token_rewards(..., estimator="k1")``."""
+    kld = old_log_prob - ref_log_prob
+    kld = kld * response_mask
+    eos = response_mask.size(1) - 1 - response_mask.long().fliplr().argmax(dim=1, keepdim=True)
+    token_level_scores = torch.zeros_like(kld).scatter_(1, eos, scores.unsqueeze(1).to(kld.dtype))
+    return token_level_scores - kl_coef * kld
+
+
 # ---------------------------------------------------------------------------------------------
 # rlmath family: masked statistics, KL, losses (verl / TRL eager chains)
 # ---------------------------------------------------------------------------------------------
+
+
+def verl_masked_sum(values: Tensor, mask: Tensor, axis=None) -> Tensor:
+    # verl's form before 0.9 (0.9 adds a torch.where(mask.bool(), values, 0) for NaN padding).
+    return (values * mask).sum(axis=axis)
 
 
 def verl_masked_mean(values: Tensor, mask: Tensor, axis=None) -> Tensor:

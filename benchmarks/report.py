@@ -1,12 +1,20 @@
 """The report command: ``python -m benchmarks [--family F ...] [--quick] [--shapes S ...]``.
 
-Prints one markdown table per op family, then saves the rows as JSON and a plot as PNG under
+Prints one markdown table per op family, then saves the rows as JSON, a plot as PNG and every
+table as one markdown file (``bench-<stamp>.md``, ready to paste into README.md) under
 ``benchmarks/results/`` (gitignored). Every family module (benchmarks/logprobs.py, rlmath.py,
 linear.py) exposes ``SHAPES = {"full": [...], "quick": [...]}`` (optionally "large") and
-``cases(shapes, *, compile=True)`` yielding ``harness.Case``s one at a time.
+``cases(shapes, *, compile=True)`` yielding ``harness.Case``s one at a time. The rlmath family runs
+each case with fp32, int64 and bool masks (in the shape label: ``mask=int64``) and adds a summary
+table per shape (rlkern vs torch.compile and the peers' eager code, per mask dtype). Two sections
+are not op families: ``overhead`` (per-call time on tiny CPU inputs, rlkern vs eager torch) and
+``firstcall`` (first call of each op family in a fresh process: seconds, RSS, triton/sympy/dynamo
+imported?); each exposes ``run_section(...) -> (table, records)``.
 
-    python -m benchmarks                          # every family, report shapes (make bench), <= 15 min
-    python -m benchmarks --quick                  # small shapes, a couple of minutes
+    python -m benchmarks                          # everything, report shapes (make bench)
+    python -m benchmarks --quick                  # small shapes
+    python -m benchmarks -f rlmath -f overhead -f firstcall   # the RL-maths / overhead / first-call tables
+    python -m benchmarks -f rlmath --shapes mask=fp32        # one mask dtype (--shapes: label substrings)
     python -m benchmarks -f logprobs --shapes 4096x32768     # one family, one shape
     python -m benchmarks -f linear --large --impls rlkern     # + the fp32 N=2048,V=151936 case, rlkern only
     pytest benchmarks/ --benchmark-group-by=group            # the same cases under pytest-benchmark
@@ -25,13 +33,15 @@ import torch
 
 from benchmarks import harness
 
-FAMILIES = ("logprobs", "rlmath", "linear")
+FAMILIES = ("logprobs", "rlmath", "linear")  # op families measured through harness.Case
+SECTIONS = ("overhead", "firstcall")  # measured their own way: run_section(...) -> (table, records)
+EVERYTHING = FAMILIES + SECTIONS
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def family_module(name: str):
-    if name not in FAMILIES:
-        raise ValueError(f"unknown benchmark family {name!r}; choose from {FAMILIES}")
+    if name not in EVERYTHING:
+        raise ValueError(f"unknown benchmark family {name!r}; choose from {EVERYTHING}")
     return importlib.import_module(f"benchmarks.{name}")
 
 
@@ -48,13 +58,15 @@ def select_shapes(module, *, quick: bool, patterns: list[str] | None, large: boo
 
 def run_report(families: list[str], *, quick: bool = False, large: bool = False,
                patterns: list[str] | None = None,
-               cfg: harness.TimingConfig = harness.TimingConfig(), out_dir: Path = RESULTS_DIR,
+               cfg: harness.TimingConfig | None = None, out_dir: Path = RESULTS_DIR,
                plot: bool = True, measure_memory: bool = True, compile: bool = True,
                shapes_override: dict | None = None, impl_patterns: list[str] | None = None,
                probe_bytes: int | None = None, log=print) -> dict:
-    """Runs the families and writes the report; returns {"tables", "json", "png", "rows", "targets"}.
-    ``shapes_override`` maps a family to an explicit shape list (the smoke test's tiny shapes)."""
+    """Runs the families (and sections) and writes the report; returns {"tables", "json", "png",
+    "markdown", "rows", "targets", "sections"}. ``shapes_override`` maps a family to an explicit
+    shape list (the smoke test's tiny shapes; for firstcall, a list of op-family names)."""
     started = time.perf_counter()
+    cfg = cfg or harness.TimingConfig()
     meta = {"env": harness.environment(), "quick": quick, "large": large, "patterns": patterns,
             "compile": compile, "impl_patterns": impl_patterns,
             "timing": {"warmup": cfg.warmup, "repeats": cfg.repeats, "min_sample_ms": cfg.min_sample_ms}}
@@ -77,9 +89,17 @@ def run_report(families: list[str], *, quick: bool = False, large: bool = False,
         + ("; floors read with torch.sum" if probe["sum_ok"] else
            "; torch.sum reads >15% below a copy's rate, so floors are copies of the same traffic"))
 
-    all_rows, all_targets, tables = [], [], []
+    all_rows, all_targets, tables, sections = [], [], [], {}
     for fam in families:
         module = family_module(fam)
+        if fam in SECTIONS:
+            log(f"\n## {fam}")
+            table, records = module.run_section(quick=quick, cfg=cfg, shapes=(shapes_override or {}).get(fam),
+                                                log=log)
+            tables.append(table)
+            sections[fam] = records
+            log("\n" + table)
+            continue
         shapes = ((shapes_override or {}).get(fam)
                   or select_shapes(module, quick=quick, patterns=patterns, large=large))
         if not shapes:
@@ -90,27 +110,41 @@ def run_report(families: list[str], *, quick: bool = False, large: bool = False,
                                                  measure_memory=measure_memory, impl_patterns=impl_patterns,
                                                  log=log)
         table = harness.markdown_table(fam, rows, targets, notes)
-        tables.append(table)
-        log("\n" + table)
+        summary = module.summary_tables(rows) if hasattr(module, "summary_tables") else ""
+        tables += [summary, table] if summary else [table]
+        log("\n" + table + ("\n\n" + summary if summary else ""))
         all_rows += rows
         all_targets += targets
 
     meta["elapsed_s"] = time.perf_counter() - started
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     json_path = out_dir / f"bench-{stamp}.json"
+    meta["sections"] = sections
     harness.save_json(json_path, meta=meta, rows=all_rows, targets=all_targets)
+    md_path = out_dir / f"bench-{stamp}.md"
+    md_path.write_text(_markdown_report(meta, tables))
     png_path = None
     if plot and all_rows:
         png_path = out_dir / f"bench-{stamp}.png"
         harness.save_plot(png_path, all_rows)
-    log(f"\nsaved {json_path}" + (f" and {png_path}" if png_path else "") + f" ({meta['elapsed_s']:.0f} s)")
-    return {"tables": tables, "json": json_path, "png": png_path, "rows": all_rows, "targets": all_targets}
+    log(f"\nsaved {json_path}, {md_path}" + (f" and {png_path}" if png_path else "")
+        + f" ({meta['elapsed_s']:.0f} s)")
+    return {"tables": tables, "json": json_path, "png": png_path, "markdown": md_path, "rows": all_rows,
+            "targets": all_targets, "sections": sections}
+
+
+def _markdown_report(meta: dict, tables: list[str]) -> str:
+    """Every table of the run, under one line naming the machine state it was measured in."""
+    env = meta["env"]
+    head = (f"Measured {env['utc']}, torch {env['torch']}, {env['threads']} threads, load average "
+            f"{env['loadavg']}, {'quick' if meta['quick'] else 'report'} shapes, {meta['elapsed_s']:.0f} s.")
+    return "\n\n".join([head, *tables]) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-f", "--family", action="append", choices=FAMILIES,
-                        help="op family to run (repeatable; default: all)")
+    parser.add_argument("-f", "--family", action="append", choices=EVERYTHING,
+                        help="op family or section to run (repeatable; default: all of them)")
     parser.add_argument("--quick", action="store_true", help="small shapes only (a couple of minutes in all)")
     parser.add_argument("--large", action="store_true",
                         help="also run each family's SHAPES['large'] "
@@ -144,7 +178,7 @@ def main(argv=None) -> int:
             print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
-    run_report(args.family or list(FAMILIES), quick=args.quick, large=args.large, patterns=args.shapes,
+    run_report(args.family or list(EVERYTHING), quick=args.quick, large=args.large, patterns=args.shapes,
                cfg=cfg, out_dir=args.out, plot=not args.no_plot, measure_memory=not args.no_memory,
                compile=not args.no_compile, impl_patterns=args.impls)
     return 0

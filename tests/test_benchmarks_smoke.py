@@ -1,25 +1,31 @@
 """The benchmark machinery works: the memory probe measures a known allocation exactly, the timer
 takes medians of >= 5 samples, the peers compute what they claim (so a speedup over them is a
-speedup at equal maths), and ``python -m benchmarks``'s report runs end to end on tiny shapes
-(tables, JSON, PNG) well inside 30 s. No timing is asserted: the machine may be loaded.
+speedup at equal maths), the RL-maths cases run with fp32, int64 and bool masks (every
+implementation of a case receiving the same mask tensor), the overhead and first-call sections
+produce their tables, and ``python -m benchmarks``'s report runs end to end on tiny shapes (tables,
+JSON, markdown, PNG) in well under a minute. No timing is asserted: the machine may be loaded.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 
 import rlkern
-from benchmarks import harness, linear, logprobs, peers, report, rlmath
+from benchmarks import firstcall, harness, linear, logprobs, overhead, peers, report, rlmath
 from rlkern import reference
 
 TINY = {
     "logprobs": [logprobs.Shape(5, 37, torch.float32), logprobs.Shape(3, 70, torch.bfloat16)],
-    "rlmath": [rlmath.Shape(4, 37)],
+    "rlmath": [rlmath.Shape(4, 37, mask=m) for m in rlmath.MASKS],
     "linear": [linear.Shape(16, 8, 40, torch.float32)],
+    "overhead": [overhead.Tiny(2, 5, 7)],
+    "firstcall": ["kl_penalty"],
 }
+MASK_LABELS = ("fp32", "int64", "bool")
 FAST = harness.TimingConfig(warmup=1, repeats=5, min_sample_ms=0.0)
 
 
@@ -147,12 +153,24 @@ def test_loss_peers_match_the_formulas():
 
 
 def test_report_runs_end_to_end_on_tiny_shapes(tmp_path):
-    out = report.run_report(list(report.FAMILIES), cfg=FAST, out_dir=tmp_path, compile=False,
+    out = report.run_report(list(report.EVERYTHING), cfg=FAST, out_dir=tmp_path, compile=False,
                             shapes_override=TINY, probe_bytes=harness.MIB, log=lambda *_: None)
-    assert len(out["tables"]) == 3
-    for fam, table in zip(report.FAMILIES, out["tables"]):
+    # logprobs; rlmath's per-mask summary, then its full table; linear; overhead; firstcall
+    assert len(out["tables"]) == 6
+    summary, family_tables = out["tables"][1], [out["tables"][i] for i in (0, 2, 3)]
+    for fam, table in zip(report.FAMILIES, family_tables):
         assert table.startswith(f"### {fam}")
-        assert "| case | implementation | median ms |" in table and "| % of floor | extra peak MB |" in table
+        assert "| case | implementation | median ms |" in table
+        assert "| % of floor | extra peak MB | x torch.compile |" in table
+    assert summary.startswith("#### RL maths at B=4,T=37 fp32")
+    for m in MASK_LABELS:
+        assert f"| rlkern ms, mask={m} | x compile, mask={m} | x eager, mask={m} |" in summary
+    assert out["tables"][4].startswith("### Per-call overhead") and "| rlkern / eager |" in out["tables"][4]
+    assert out["tables"][5].startswith("### First call in a fresh process")
+    assert "| sympy |" in out["tables"][5]
+    assert set(out["sections"]) == set(report.SECTIONS)
+    md = out["markdown"].read_text()
+    assert all(table in md for table in out["tables"])
     failed = [(r.case, r.impl, r.error) for r in out["rows"] if r.error]
     assert not failed, failed
     rows = out["rows"]
@@ -174,6 +192,7 @@ def test_report_runs_end_to_end_on_tiny_shapes(tmp_path):
         assert mb[logprobs.RLKERN_INPLACE] < mb[logprobs.RLKERN], (case, mb)
     saved = json.loads(out["json"].read_text())
     assert len(saved["rows"]) == len(rows) and saved["meta"]["memory_probe"]["measured_bytes"] > 0
+    assert set(saved["meta"]["sections"]) == set(report.SECTIONS)
     assert out["png"].exists() and out["png"].stat().st_size > 10_000
 
 
@@ -208,3 +227,104 @@ def test_pytest_benchmark_cases_cover_every_implementation(monkeypatch):
     monkeypatch.setenv("RLKERN_BENCH_SHAPES", "huge")
     with pytest.raises(ValueError, match="RLKERN_BENCH_SHAPES must be one of"):
         pytest_cases.params("rlmath")
+
+
+def _tensors_reached(fn, depth: int = 4) -> list[torch.Tensor]:
+    """The tensors a benchmark call closes over: functools.partial arguments, closure cells, and the
+    lists / tuples / functions inside them (the rlkern call is a partial of a closure)."""
+    found, todo = [], [(fn, 0)]
+    while todo:
+        obj, d = todo.pop()
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif d < depth:
+            if isinstance(obj, functools.partial):
+                todo += [(a, d + 1) for a in (obj.func, *obj.args, *obj.keywords.values())]
+            elif isinstance(obj, (list, tuple)):
+                todo += [(a, d + 1) for a in obj]
+            elif callable(obj) and getattr(obj, "__closure__", None):
+                todo += [(c.cell_contents, d + 1) for c in obj.__closure__ if c.cell_contents is not None]
+    return found
+
+
+def test_rlmath_runs_every_op_with_each_mask_dtype_given_to_every_implementation(monkeypatch):
+    masks = []
+    make_inputs = rlmath._inputs
+
+    def inputs(shape):
+        x = make_inputs(shape)
+        masks.append(x["mask"])
+        return x
+
+    monkeypatch.setattr(rlmath, "_inputs", inputs)
+    seen = set()
+    for shape, case in ((s, c) for s in TINY["rlmath"] for c in rlmath.cases([s], compile=True)):
+        mask = masks[-1]
+        assert mask.dtype == shape.mask and f"mask={rlmath.mask_label(shape.mask)}" in case.label
+        seen.add((case.op, case.mode, rlmath.mask_label(mask.dtype)))
+        kinds = {i.kind for i in case.impls}
+        assert {"floor", "peer", "compile"} <= kinds, case.label
+        if hasattr(rlkern.ops, case.op):
+            assert "rlkern" in kinds, case.label
+        for impl in case.impls:
+            if impl.kind == "floor" or impl.name == rlmath.TRL_GAE or case.op == "kl":
+                continue  # the floor moves bytes; TRL's GAE loop and k3 KL take no mask
+            reached = _tensors_reached(impl.fn)
+            assert any(t is mask for t in reached), (case.label, impl.name)
+            others = [t for t in reached if t.shape == mask.shape and t.dtype in (torch.bool, torch.int64)
+                      and t is not mask]
+            assert not others, (case.label, impl.name, "a second mask tensor")
+    expected = {(op, "fwd+bwd" if op.endswith("_loss") else "fwd", m)
+                for op in rlmath.OPS for m in MASK_LABELS}
+    assert seen == expected
+
+
+def test_rlmath_peers_accept_every_mask_dtype_with_the_same_result():
+    x, v = torch.randn(3, 20, dtype=torch.float64), torch.randn(3, 20, dtype=torch.float64)
+    valid = torch.rand(3, 20) < 0.7
+    valid[:, 0] = True
+    want = peers.verl_gae_loop(x, v, valid.double(), 1.0, 0.95)
+    for dtype in (torch.int64, torch.bool):
+        for a, b in zip(peers.verl_gae_loop(x, v, valid.to(dtype), 1.0, 0.95), want):
+            torch.testing.assert_close(a, b)
+    returns = peers.verl_reinforce_returns_loop(x, valid.double(), 0.9)
+    torch.testing.assert_close(returns, reference.discounted_returns(x, valid, gamma=0.9))
+    torch.testing.assert_close(peers.math_discounted_returns(x, valid, 0.9), returns)
+    logp, ref = -torch.rand(3, 20, dtype=torch.float64), -torch.rand(3, 20, dtype=torch.float64)
+    scores = x[:, 0]
+    for dtype in (torch.float64, torch.int64, torch.bool):
+        torch.testing.assert_close(peers.verl_token_rewards(scores, logp, ref, valid.to(dtype), 0.05),
+                                   reference.token_rewards(scores, logp, ref, valid, kl_coef=0.05))
+        torch.testing.assert_close(peers.verl_masked_sum(x, valid.to(dtype)), reference.masked_sum(x, valid))
+
+
+def test_overhead_section_reports_every_op_in_microseconds():
+    rows = overhead.run_rows(TINY["overhead"], rounds=3, min_sample_ms=0.0, log=lambda *_: None)
+    assert not [(r.op, r.mode, r.error) for r in rows if r.error]
+    ops = {"kl", "token_rewards", "gae", "discounted_returns", "masked_sum", "masked_mean", "masked_var",
+           "masked_whiten", "policy_loss", "value_loss", "grpo_loss", "logprobs", "entropy"}
+    assert {r.op for r in rows} == ops
+    assert {r.op for r in rows if r.mode == "fwd+bwd"} == ops - {"token_rewards", "gae", "discounted_returns"}
+    for r in rows:
+        assert r.rlkern_us > 0 and r.eager_us > 0 and r.reference_us > 0
+        assert r.ratio == pytest.approx(r.rlkern_us / r.eager_us)
+        assert r.met == (r.ratio <= overhead.TARGET_RATIO or r.diff_us <= overhead.TARGET_US)
+    table = overhead.markdown_table(rows)
+    assert ("| op | mode | rlkern us | eager torch us | eager torch = | rlkern / eager | "
+            "rlkern - eager us |") in table
+    assert table.count("\n| ") == 2 + len(rows)  # header, rule, one line per row
+
+
+def test_firstcall_section_measures_a_fresh_process():
+    record = firstcall.measure("kl_penalty")
+    assert not record.get("error"), record
+    assert record["op"] == "kl" and record["first_call_s"] > 0 and record["first_backward_s"] > 0
+    for point in ("after_import_torch", "after_import_rlkern", "after_first_call", "after_all"):
+        assert set(record[point]) == set(firstcall.WATCHED)
+    assert record["rss_torch_mb"] > 10  # the RSS probe sees torch's import
+    table = firstcall.markdown_table([record, {"family": "dpo", "op": "dpo_loss", "error": "exit 1: boom"}])
+    assert "| first call s | first backward s |" in table
+    assert "| triton | sympy | torch._dynamo | target |" in table
+    assert "| dpo | dpo_loss | failed: exit 1: boom" in table
+    with pytest.raises(ValueError, match="unknown family"):
+        firstcall._inputs("nope")

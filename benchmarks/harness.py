@@ -5,7 +5,9 @@ What is measured, and how:
 * **Time**: ``warmup`` untimed calls (torch.compile compiles here), then ``repeats`` (>= 5) timed
   samples with ``time.perf_counter``; a sample runs the call ``inner`` times back to back, with
   ``inner`` chosen so one sample lasts >= ``min_sample_ms`` (calls of a few microseconds are not
-  swamped by timer resolution). We report the median per-call time; timings are never asserted.
+  swamped by timer resolution). The implementations of a case (floor included) are sampled in
+  turn, round by round, so load on a shared machine hits them alike. We report the median per-call
+  time; timings are never asserted.
 * **Floor**: the bytes a case must move (one streaming read of its inputs, plus one write of its
   outputs/gradients where it produces them), timed in the same run on buffers of exactly that size:
   ``dst.copy_(src[:write])`` plus ``src[write:].sum()``. ``check_streaming_probe`` checks that
@@ -68,11 +70,9 @@ class Timing:
     peak_bytes: int | None = None  # extra peak memory of one call, when measured
 
 
-def time_call(fn: Callable[[], object], cfg: TimingConfig, *, measure_memory: bool = False) -> Timing:
-    """Median per-call wall time of ``fn()`` in ms (see the module docstring). With
-    ``measure_memory`` the call that sizes the inner loop runs under the memory profiler and its
-    extra peak bytes land in ``Timing.peak_bytes`` (one call fewer than measuring apart; the
-    profiler's per-op overhead only makes the inner loop shorter)."""
+def _prepare(fn: Callable[[], object], cfg: TimingConfig, measure_memory: bool) -> Timing:
+    """First call, warmup, and the call that sizes the inner loop (under the memory profiler when
+    ``measure_memory``): a Timing with no samples yet."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
@@ -89,13 +89,49 @@ def time_call(fn: Callable[[], object], cfg: TimingConfig, *, measure_memory: bo
     one_ms = one_s * 1e3
     inner = 1 if one_ms >= cfg.min_sample_ms else \
         min(10_000, math.ceil(cfg.min_sample_ms / max(one_ms, 1e-3)))
-    samples = []
+    return Timing(math.nan, [], inner, first, peak)
+
+
+def _sample(fn: Callable[[], object], timing: Timing) -> None:
+    start = time.perf_counter()
+    for _ in range(timing.inner):
+        fn()
+    timing.samples_ms.append((time.perf_counter() - start) * 1e3 / timing.inner)
+    timing.median_ms = statistics.median(timing.samples_ms)
+
+
+def time_call(fn: Callable[[], object], cfg: TimingConfig, *, measure_memory: bool = False) -> Timing:
+    """Median per-call wall time of ``fn()`` in ms (see the module docstring). With
+    ``measure_memory`` the call that sizes the inner loop runs under the memory profiler and its
+    extra peak bytes land in ``Timing.peak_bytes`` (one call fewer than measuring apart; the
+    profiler's per-op overhead only makes the inner loop shorter)."""
+    timing = _prepare(fn, cfg, measure_memory)
     for _ in range(cfg.repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - start) * 1e3 / inner)
-    return Timing(statistics.median(samples), samples, inner, first, peak)
+        _sample(fn, timing)
+    return timing
+
+
+def time_calls_interleaved(fns: list[Callable[[], object]], cfg: TimingConfig, *,
+                           measure_memory: list[bool] | None = None) -> list[Timing | Exception]:
+    """``time_call`` for several implementations of one case, their samples interleaved: after each
+    one's first, warmup and sizing calls, round r takes one sample of every implementation before
+    round r + 1, so a load change on a shared machine hits all of them alike and their ratios hold.
+    An implementation that raises gets its exception in place of a Timing; the others go on."""
+    measure_memory = measure_memory or [False] * len(fns)
+    out: list[Timing | Exception] = []
+    for fn, mem in zip(fns, measure_memory):
+        try:
+            out.append(_prepare(fn, cfg, mem))
+        except Exception as err:  # one implementation failing is reported, not fatal
+            out.append(err)
+    for _ in range(cfg.repeats):
+        for i, fn in enumerate(fns):
+            if isinstance(out[i], Timing):
+                try:
+                    _sample(fn, out[i])
+                except Exception as err:
+                    out[i] = err
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,21 +346,21 @@ class TargetResult:
 
 
 def run_case(case: Case, cfg: TimingConfig, *, measure_memory: bool = True, log=print) -> list[Row]:
-    """Times every implementation of ``case``, the floor first (so the others' % of floor is known),
-    measuring each one's extra peak memory on the call that sizes its timing loop."""
+    """Times every implementation of ``case`` with their samples interleaved
+    (``time_calls_interleaved``), measuring each one's extra peak memory on the call that sizes its
+    timing loop; rows come out floor first (so the others' % of floor is known)."""
     rows = []
-    floor_ms = None
-    for impl in sorted(case.impls, key=lambda i: i.kind != "floor"):
+    impls = sorted(case.impls, key=lambda i: i.kind != "floor")
+    results = time_calls_interleaved([i.fn for i in impls], cfg,
+                                     measure_memory=[measure_memory and i.kind != "floor" for i in impls])
+    floor_ms = next((r.median_ms for i, r in zip(impls, results)
+                     if i.kind == "floor" and isinstance(r, Timing)), None)
+    for impl, result in zip(impls, results):
         error = None
-        timing = None
-        peak = None
-        try:
-            timing = time_call(impl.fn, cfg, measure_memory=measure_memory and impl.kind != "floor")
-            peak = timing.peak_bytes
-        except Exception as err:  # a peer that cannot run here is reported, not fatal to the run
-            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
-        if impl.kind == "floor" and timing is not None:
-            floor_ms = timing.median_ms
+        timing = result if isinstance(result, Timing) else None
+        peak = timing.peak_bytes if timing else None
+        if timing is None:  # a peer that cannot run here is reported, not fatal to the run
+            error = f"{type(result).__name__}: {str(result).splitlines()[0] if str(result) else ''}"[:200]
         ms = timing.median_ms if timing else None
         rate = case.work / ms / 1e6 if ms else None  # per ms -> per s (1e3), then giga (1e9)
         row = Row(

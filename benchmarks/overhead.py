@@ -7,23 +7,21 @@ doing the same maths -- the peers' code where the benchmarks have it (``benchmar
 functions as the rlmath / logprobs rows), else ``rlkern.reference`` -- forward, and forward+backward
 to the differentiable input where the op has a gradient. ``rlkern.reference`` is timed too.
 
-The implementations of an op are timed interleaved (one sample of each in turn, ``ROUNDS`` rounds,
-each sample a loop of calls lasting >= 2 ms), median per call in microseconds. Target: rlkern <=
+The implementations of an op are timed interleaved (``harness.time_calls_interleaved``: one sample
+of each in turn, ``ROUNDS`` rounds, each sample a loop of calls lasting >= 2 ms), median per call in
+microseconds. Target: rlkern <=
 1.2x eager torch, or within 10 us of it.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks import peers
+from benchmarks import harness, peers
 from benchmarks.harness import TimingConfig, dtype_label
 
 SECTION = "overhead"
@@ -162,51 +160,30 @@ def cases(shapes: list[Tiny]) -> Iterator[OverheadCase]:
                                    _grad_call(reference, leaf, args, ref_kwargs))
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = ROUNDS, warmup: int = 3,
-                     min_sample_ms: float = 2.0) -> dict[str, float]:
-    """Median per-call seconds of each fn, sampled in turn (round r times every fn once before round
-    r + 1), so a load spike on the shared machine hits all of them alike. A sample is a loop of
-    ``inner`` calls lasting >= min_sample_ms (sized per fn from its warmed-up call)."""
-    inner = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        start = time.perf_counter()
-        fn()
-        one_ms = (time.perf_counter() - start) * 1e3
-        inner[name] = max(1, min(100_000, math.ceil(min_sample_ms / max(one_ms, 1e-4))))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            n = inner[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def run_rows(shapes: list[Tiny], *, rounds: int = ROUNDS, min_sample_ms: float = 2.0,
              log=print) -> list[OverheadRow]:
+    """Times every case: rlkern, eager torch and the reference sampled in turn
+    (``harness.time_calls_interleaved``), ``rounds`` samples each of >= ``min_sample_ms``."""
+    cfg = harness.TimingConfig(warmup=3, repeats=rounds, min_sample_ms=min_sample_ms)
     rows = []
     for shape in shapes:
         for case in cases(shapes=[shape]):
             fns = {"rlkern": case.rlkern, "eager": case.eager}
             if case.reference is not None:
                 fns["reference"] = case.reference
-            try:
-                sec = time_interleaved(fns, rounds=rounds, min_sample_ms=min_sample_ms)
-            except Exception as err:  # reported in the table, not fatal to the run
+            timings = dict(zip(fns, harness.time_calls_interleaved(list(fns.values()), cfg)))
+            err = next((t for t in timings.values() if not isinstance(t, harness.Timing)), None)
+            if err is not None:  # reported in the table, not fatal to the run
                 msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
                 rows.append(OverheadRow(case.op, shape.label, case.mode, None, None, case.eager_name, None,
                                         None, None, None, msg))
                 log(f"  {case.op} {case.mode}: failed: {msg}")
                 continue
-            rl, eager = sec["rlkern"] * 1e6, sec["eager"] * 1e6
+            us = {name: 1e3 * t.median_ms for name, t in timings.items()}
+            rl, eager = us["rlkern"], us["eager"]
             ratio, diff = rl / eager, rl - eager
             row = OverheadRow(case.op, shape.label, case.mode, rl, eager, case.eager_name,
-                              sec["reference"] * 1e6 if "reference" in sec else None, ratio, diff,
-                              ratio <= TARGET_RATIO or diff <= TARGET_US)
+                              us.get("reference"), ratio, diff, ratio <= TARGET_RATIO or diff <= TARGET_US)
             rows.append(row)
             log(f"  {case.op:<20} {case.mode:<8} rlkern {rl:8.1f} us   eager {eager:8.1f} us   "
                 f"({ratio:.2f}x, {diff:+.1f} us)")

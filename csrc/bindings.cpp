@@ -25,8 +25,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("logprobs_bwd", &rlkern::logprobs_bwd, release);
   m.def("losses_fwd", &rlkern::losses_fwd, release);
   m.def("losses_bwd", &rlkern::losses_bwd, release);
-  m.def("masked_moments", &rlkern::masked_moments, release);
-  m.def("masked_dot", &rlkern::masked_dot, release);
-  m.def("masked_affine", &rlkern::masked_affine, release);
+  m.def("masked_stat_fwd", &rlkern::masked_stat_fwd, release);
+  m.def("masked_stat_bwd", &rlkern::masked_stat_bwd, release);
+  m.def("masked_whiten_fwd", &rlkern::masked_whiten_fwd, release);
+  m.def("masked_whiten_bwd", &rlkern::masked_whiten_bwd, release);
   m.def("gae_fwd", &rlkern::gae_fwd, release);
   m.def("discounted_returns_fwd", &rlkern::discounted_returns_fwd, release);}

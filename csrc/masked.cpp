@@ -1,9 +1,12 @@
-// Masked statistics over [rows, N] (masked_sum / mean / var / whiten and their gradients): the C++
-// CPU kernels.
+// Masked statistics over token tensors (masked_sum / mean / var / whiten and their gradients): the
+// C++ CPU kernels. One call per op and direction: each computes the moments it needs, turns them into
+// the statistic (and the whitened values), and returns the smallest selected count so that Python
+// can refuse an empty selection without another pass (rlkern/ops/masked.py).
 //
-// The data is cut into segments: a segment is one row for per-row statistics (dim=...), or a fixed
-// run of kSegment elements of the flattened tensor for a global statistic, whose segments are then
-// merged in index order. Either way the result depends only on the data, never on the thread count.
+// The data is cut into segments: a segment is one row (the last dim) for per-row statistics, or a
+// fixed run of kSegment elements of the flattened tensor for a global statistic (merge_all), whose
+// segments are then merged in index order. Either way the result depends only on the data, never on
+// the thread count.
 //
 // Moments of a segment (count n, sum s, M2 = sum (x - mean)^2 over the masked elements) are built
 // from chunks of kChunk elements: a chunk is summed in fp32 (16 lanes, fixed pairwise finish), then
@@ -11,48 +14,72 @@
 // for one pass over memory); chunks and segments are merged in float64 with Chan et al.'s update
 //   n = na + nb,  s = sa + sb,  M2 = M2a + M2b + (sb/nb - sa/na)^2 na nb / n.
 // Masked-out elements are selected away, never multiplied by 0, so padding that holds inf or NaN
-// does not reach a statistic.
+// does not reach a statistic. The mask is read in its own dtype, "nonzero = valid" (simd.h).
 //
-// Everything else is one elementwise kernel, per segment r with float32 coefficients:
-//   out_j = (gy_j if given else 1) * c_r + [m_j if mask_affine] * (a_r + b_r (x_j - mu_r))
-// which is the whitening (a = 0, b = rstd, c = mean or 0, no mask) and every backward (sum, mean,
-// var: c = 0 and a, b from the chain rule; whiten: c = rstd); and a reduction of
-//   S1 = sum_j gy_j,  S2 = sum_j gy_j (x_j - mu_r)
-// over each segment that whiten's backward needs. rlkern/ops/masked.py derives the coefficients.
+// Everything elementwise is one pass with per-segment float32 coefficients (derived in float64):
+//   whiten:        y_j  = c + b (x_j - mu)                      b = rstd, c = 0 or the mean
+//   sum, mean bwd: dx_j = [m_j] a                               a = g, g / n
+//   var bwd:       dx_j = [m_j] b (x_j - mu)                    b = 2 g / (n - ddof)
+//   whiten bwd:    dx_j = gy_j c + [m_j] (a + b (x_j - mu))     c = rstd, with S1 = sum gy and
+//                  S2 = sum gy (x - mu) over the whole segment: a = S1 (1[not shift] - rstd) / n,
+//                  b = -S2 rstd^3 / (n - ddof)
+// (var's own dependence on the mean drops out: the masked sum of x - mean is 0). The sum's and the
+// mean's gradients never read x: d sum / d x_j = m_j whatever x_j holds, NaN included (issue 9).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
-#include "masked.h"
 #include "dispatch.h"
+#include "masked.h"
 #include "simd.h"
 
 namespace rlkern {
 namespace {
 
-constexpr int64_t kChunk = 4096;    // elements per two-pass chunk: 16 KiB of fp32 + 4 KiB of mask, in L1
+constexpr int64_t kChunk = 4096;     // elements per two-pass chunk: 16 KiB of fp32 + the mask, in L1
 constexpr int64_t kSegment = 16384;  // elements per segment of a global reduction (a parallel task)
+enum Kind : int64_t { kSum = 0, kMean = 1, kVar = 2 };
 
-typedef uint8_t vbyte __attribute__((vector_size(16)));
+// Builds NAME_v4 / NAME_v3 / NAME_base from the always-inline template BODY<T, M> and NAME<T, M>
+// dispatching on cpu_level() (simd.h's RLKERN_AT_LEVELS, for templates).
+#define RLKERN_TEMPLATE_AT_LEVELS(NAME, BODY)                                                          \
+  template <typename T, typename M, typename... A>                                                     \
+  __attribute__((target("arch=x86-64-v4"))) void NAME##_v4(A... args) { BODY<T, M>(args...); }       \
+  template <typename T, typename M, typename... A>                                                     \
+  __attribute__((target("arch=x86-64-v3"))) void NAME##_v3(A... args) { BODY<T, M>(args...); }       \
+  template <typename T, typename M, typename... A>                                                     \
+  void NAME##_base(A... args) { BODY<T, M>(args...); }                                                 \
+  template <typename T, typename M, typename... A>                                                     \
+  void NAME(A... args) {                                                                               \
+    switch (cpu_level()) {                                                                             \
+      case 4: return NAME##_v4<T, M>(args...);                                                         \
+      case 3: return NAME##_v3<T, M>(args...);                                                         \
+      default: return NAME##_base<T, M>(args...);                                                      \
+    }                                                                                                  \
+  }
 
-// Full 16-lane steps and the tail are separate loops below: a per-step "is this the tail?" branch
-// (load_tail's stack buffer) made the moments pass 3x slower (1.6 vs 0.55 ms per 1M fp32).
-// The 16 mask bytes are widened by a plain loop that GCC vectorises (vpmovzxbd on AVX-512):
-// __builtin_convertvector on a 16-byte vector was scalarised by GCC 12 and cost 0.45 of those
-// 0.55 ms; with the loop the pass takes 0.18 ms (x86-64-v4, this machine).
-RLKERN_INLINE vint load_mask16(const uint8_t* m) {
-  int32_t wide[kLanes];
-  for (int j = 0; j < kLanes; ++j) wide[j] = m[j];
-  vint v;
-  std::memcpy(&v, wide, sizeof(v));
-  return v != 0;
+// 16 mask lanes as all-ones / zero. Bytes are widened by a plain loop that GCC vectorises
+// (vpmovzxbd): __builtin_convertvector on a 16-byte vector was scalarised by GCC 12 and made the
+// moments pass 3x slower. Wider dtypes are converted to float and compared there (simd.h).
+template <typename M>
+RLKERN_INLINE vint valid16(const M* m) {
+  if constexpr (std::is_same_v<M, uint8_t>) {
+    int32_t wide[kLanes];
+    for (int j = 0; j < kLanes; ++j) wide[j] = m[j];
+    vint v;
+    std::memcpy(&v, wide, sizeof(v));
+    return v != 0;
+  } else {
+    return mask_values16(m) != splat(0.f);
+  }
 }
-RLKERN_INLINE vint load_mask_tail(const uint8_t* m, int64_t n) {
-  vbyte b{};
-  for (int64_t j = 0; j < n; ++j) b[j] = m[j];
-  return __builtin_convertvector(b, vint) != 0;
+template <typename M>
+RLKERN_INLINE vint valid_tail(const M* m, int64_t n) {
+  return mask_tail(m, n) != splat(0.f);
 }
 
 struct Moments {
@@ -67,8 +94,6 @@ RLKERN_INLINE Moments merge(const Moments& a, const Moments& b) {
   return {n, a.s + b.s, a.m2 + b.m2 + delta * delta * (a.n * b.n / n)};
 }
 
-// Adds 16 lanes to the masked sum and count.
-template <typename T>
 RLKERN_INLINE void add_sum(vfloat xv, vint valid, vfloat& vs, vfloat& vc) {
   vs += valid ? xv : splat(0.f);
   vc += valid ? splat(1.f) : splat(0.f);
@@ -78,43 +103,45 @@ RLKERN_INLINE void add_m2(vfloat xv, vint valid, vfloat mean, vfloat& vm2) {
   vm2 += valid ? d * d : splat(0.f);
 }
 
-template <typename T, bool kM2>
-RLKERN_INLINE Moments chunk_moments(const T* x, const uint8_t* m, int64_t len) {
+// Full 16-lane steps and the tail are separate loops: a per-step "is this the tail?" branch (a
+// stack buffer) made the moments pass 3x slower.
+template <typename T, typename M, bool kM2>
+RLKERN_INLINE Moments chunk_moments(const T* x, const M* m, int64_t len) {
   const int64_t full = len - len % kLanes, tail = len - full;
   vfloat vs = splat(0.f), vc = splat(0.f);
-  for (int64_t j = 0; j < full; j += kLanes) add_sum<T>(load16(x + j), load_mask16(m + j), vs, vc);
-  if (tail) add_sum<T>(load_tail(x + full, tail, 0.f), load_mask_tail(m + full, tail), vs, vc);
+  for (int64_t j = 0; j < full; j += kLanes) add_sum(load16(x + j), valid16(m + j), vs, vc);
+  if (tail) add_sum(load_tail(x + full, tail, 0.f), valid_tail(m + full, tail), vs, vc);
   const float count = hsum(vc), sum = hsum(vs);
   if (!kM2 || count == 0.f) return {count, sum, 0.0};
   const vfloat mean = splat(sum / count);
   vfloat vm2 = splat(0.f);
-  for (int64_t j = 0; j < full; j += kLanes) add_m2(load16(x + j), load_mask16(m + j), mean, vm2);
-  if (tail) add_m2(load_tail(x + full, tail, 0.f), load_mask_tail(m + full, tail), mean, vm2);
+  for (int64_t j = 0; j < full; j += kLanes) add_m2(load16(x + j), valid16(m + j), mean, vm2);
+  if (tail) add_m2(load_tail(x + full, tail, 0.f), valid_tail(m + full, tail), mean, vm2);
   return {count, sum, hsum(vm2)};
 }
 
-template <typename T, bool kM2>
-RLKERN_INLINE Moments segment_moments(const T* x, const uint8_t* m, int64_t len) {
-  Moments acc;
-  for (int64_t c = 0; c < len; c += kChunk) acc = merge(acc, chunk_moments<T, kM2>(x + c, m + c, std::min(kChunk, len - c)));
-  return acc;
-}
-
-template <typename T>
-RLKERN_INLINE void moments_range(int64_t b, int64_t e, int64_t seg, int64_t numel, const T* x, const uint8_t* m,
-                                 bool want_m2, Moments* out) {
+template <typename T, typename M>
+RLKERN_INLINE void moments_body(int64_t b, int64_t e, int64_t seg, int64_t numel, const T* x, const M* m,
+                                bool want_m2, Moments* out) {
   for (int64_t r = b; r < e; ++r) {
-    const int64_t o = r * seg, len = std::min(seg, numel - o);
-    out[r] = want_m2 ? segment_moments<T, true>(x + o, m + o, len) : segment_moments<T, false>(x + o, m + o, len);
+    const int64_t o = r * seg, len = std::max<int64_t>(0, std::min(seg, numel - o));
+    Moments acc;
+    for (int64_t c = 0; c < len; c += kChunk) {
+      const int64_t n = std::min(kChunk, len - c);
+      acc = merge(acc, want_m2 ? chunk_moments<T, M, true>(x + o + c, m + o + c, n)
+                               : chunk_moments<T, M, false>(x + o + c, m + o + c, n));
+    }
+    out[r] = acc;
   }
 }
+RLKERN_TEMPLATE_AT_LEVELS(moments_range, moments_body)
 
-// S1 = sum gy, S2 = sum gy (x - mu) over a segment: fp32 per chunk, float64 across chunks.
-template <typename T>
-RLKERN_INLINE void dot_range(int64_t b, int64_t e, int64_t seg, int64_t numel, const float* gy, const T* x,
-                             const float* mu, bool one_mean, double* s1, double* s2) {
+// S1 = sum gy, S2 = sum gy (x - mu) over each segment: fp32 per chunk, float64 across chunks.
+template <typename T, typename M>
+RLKERN_INLINE void dot_body(int64_t b, int64_t e, int64_t seg, int64_t numel, const float* gy, const T* x,
+                            const float* mu, bool one_mean, double* s1, double* s2) {
   for (int64_t r = b; r < e; ++r) {
-    const int64_t o = r * seg, len = std::min(seg, numel - o);
+    const int64_t o = r * seg, len = std::max<int64_t>(0, std::min(seg, numel - o));
     const vfloat mean = splat(mu[one_mean ? 0 : r]);
     double acc1 = 0, acc2 = 0;
     for (int64_t c = 0; c < len; c += kChunk) {
@@ -139,201 +166,238 @@ RLKERN_INLINE void dot_range(int64_t b, int64_t e, int64_t seg, int64_t numel, c
     s2[r] = acc2;
   }
 }
+RLKERN_TEMPLATE_AT_LEVELS(dot_range, dot_body)
 
-struct AffineCoefficients {
+// Per-segment coefficients of the elementwise passes (see the file comment), float32.
+struct Coefficients {
+  std::vector<float> mu, a, b, c;
+  explicit Coefficients(int64_t n) : mu(n), a(n), b(n), c(n) {}
+};
+struct CoefPtrs {
   const float *mu, *a, *b, *c;
 };
 
-template <typename T, typename O>
-RLKERN_INLINE void affine_range(int64_t begin, int64_t end, int64_t seg, const T* x, const uint8_t* m,
-                                const float* gy, const AffineCoefficients& k, O* out) {
+enum Affine : int { kMaskedConst, kMaskedCentered, kWhitenGrad, kWhiten };
+
+// n lanes as float32 (n == kLanes: a full step, folded at compile time; else a tail).
+template <typename T>
+RLKERN_INLINE vfloat load_n(const T* p, int64_t n) {
+  return n == kLanes ? load16(p) : load_tail(p, n, 0.f);
+}
+
+// One step of an elementwise pass (see Affine and the file comment): the loads it needs, then the value.
+template <Affine kMode, typename T, typename M>
+RLKERN_INLINE vfloat affine_step(const T* x, const M* m, const float* gy, int64_t n, vfloat mu, vfloat a, vfloat b,
+                                 vfloat c) {
+  if constexpr (kMode == kWhiten) {
+    return c + b * (load_n(x, n) - mu);
+  } else {
+    const vint valid = n == kLanes ? valid16(m) : valid_tail(m, n);
+    if constexpr (kMode == kMaskedConst) return valid ? a : splat(0.f);
+    else if constexpr (kMode == kMaskedCentered) return valid ? b * (load_n(x, n) - mu) : splat(0.f);
+    else return load_n(gy, n) * c + (valid ? a + b * (load_n(x, n) - mu) : splat(0.f));  // kWhitenGrad
+  }
+}
+
+// One elementwise pass over [begin, end) with segment length seg. kWhiten writes float32 and reads no
+// mask; the gradients write x's dtype.
+template <typename T, typename M, Affine kMode, typename O>
+RLKERN_INLINE void affine_mode(int64_t begin, int64_t end, int64_t seg, const T* x, const M* m, const float* gy,
+                               const CoefPtrs& k, O* out) {
   for (int64_t i = begin; i < end;) {
-    const int64_t r = i / seg;
-    const int64_t stop = std::min(end, (r + 1) * seg);
+    const int64_t r = i / seg, stop = std::min(end, (r + 1) * seg);
     const vfloat mu = splat(k.mu[r]), a = splat(k.a[r]), b = splat(k.b[r]), c = splat(k.c[r]);
-    const int64_t full = stop - (stop - i) % kLanes;
-    if (m != nullptr && gy != nullptr) {
-      for (int64_t j = i; j < full; j += kLanes) {
-        const vfloat affine = load_mask16(m + j) ? a + b * (load16(x + j) - mu) : splat(0.f);
-        store16(out + j, load16(gy + j) * c + affine);
-      }
-    } else if (m != nullptr) {
-      for (int64_t j = i; j < full; j += kLanes) {
-        const vfloat affine = load_mask16(m + j) ? a + b * (load16(x + j) - mu) : splat(0.f);
-        store16(out + j, c + affine);
-      }
-    } else {
-      for (int64_t j = i; j < full; j += kLanes) store16(out + j, c + (a + b * (load16(x + j) - mu)));
-    }
-    if (full < stop) {
-      const int64_t n = stop - full;
-      vfloat affine = a + b * (load_tail(x + full, n, 0.f) - mu);
-      if (m != nullptr) affine = load_mask_tail(m + full, n) ? affine : splat(0.f);
-      const vfloat base = gy != nullptr ? load_tail(gy + full, n, 0.f) * c : c;
-      store_tail(out + full, base + affine, n);
-    }
+    const int64_t full = stop - (stop - i) % kLanes, n = stop - full;
+    for (int64_t j = i; j < full; j += kLanes)
+      store16(out + j, affine_step<kMode>(x + j, m + j, gy + j, kLanes, mu, a, b, c));
+    if (n > 0) store_tail(out + full, affine_step<kMode>(x + full, m + full, gy + full, n, mu, a, b, c), n);
     i = stop;
   }
 }
 
-
-#define RLKERN_MASKED_KERNELS(T, SUFFIX)                                                                      \
-  RLKERN_AT_LEVELS(moments_##SUFFIX,                                                                                 \
-                   (int64_t b, int64_t e, int64_t seg, int64_t numel, const T* x, const uint8_t* m, bool want_m2,   \
-                    Moments* out),                                                                                  \
-                   (b, e, seg, numel, x, m, want_m2, out), (moments_range<T>(b, e, seg, numel, x, m, want_m2, out))) \
-  RLKERN_AT_LEVELS(dot_##SUFFIX,                                                                                     \
-                   (int64_t b, int64_t e, int64_t seg, int64_t numel, const float* gy, const T* x, const float* mu, \
-                    bool one_mean, double* s1, double* s2),                                                         \
-                   (b, e, seg, numel, gy, x, mu, one_mean, s1, s2),                                                 \
-                   (dot_range<T>(b, e, seg, numel, gy, x, mu, one_mean, s1, s2)))                                   \
-  RLKERN_AT_LEVELS(affine_f32_##SUFFIX,                                                                              \
-                   (int64_t b, int64_t e, int64_t seg, const T* x, const uint8_t* m, const float* gy,               \
-                    const AffineCoefficients& k, float* out),                                                       \
-                   (b, e, seg, x, m, gy, k, out), (affine_range<T, float>(b, e, seg, x, m, gy, k, out)))            \
-  RLKERN_AT_LEVELS(affine_same_##SUFFIX,                                                                             \
-                   (int64_t b, int64_t e, int64_t seg, const T* x, const uint8_t* m, const float* gy,               \
-                    const AffineCoefficients& k, T* out),                                                           \
-                   (b, e, seg, x, m, gy, k, out), (affine_range<T, T>(b, e, seg, x, m, gy, k, out)))                \
-  void moments_any(int64_t b, int64_t e, int64_t seg, int64_t numel, const T* x, const uint8_t* m, bool w,     \
-                   Moments* out) {                                                                             \
-    moments_##SUFFIX(b, e, seg, numel, x, m, w, out);                                                          \
-  }                                                                                                            \
-  void dot_any(int64_t b, int64_t e, int64_t seg, int64_t numel, const float* gy, const T* x, const float* mu, \
-               bool one, double* s1, double* s2) {                                                             \
-    dot_##SUFFIX(b, e, seg, numel, gy, x, mu, one, s1, s2);                                                    \
-  }                                                                                                            \
-  void affine_any(int64_t b, int64_t e, int64_t seg, const T* x, const uint8_t* m, const float* gy,            \
-                  const AffineCoefficients& k, float* out) {                                                   \
-    affine_f32_##SUFFIX(b, e, seg, x, m, gy, k, out);                                                          \
+template <typename T, typename M>
+RLKERN_INLINE void affine_body(int64_t begin, int64_t end, int64_t seg, const T* x, const M* m, const float* gy,
+                               const CoefPtrs* k, int mode, void* out) {
+  switch (mode) {
+    case kMaskedConst: return affine_mode<T, M, kMaskedConst>(begin, end, seg, x, m, gy, *k, static_cast<T*>(out));
+    case kMaskedCentered:
+      return affine_mode<T, M, kMaskedCentered>(begin, end, seg, x, m, gy, *k, static_cast<T*>(out));
+    case kWhitenGrad: return affine_mode<T, M, kWhitenGrad>(begin, end, seg, x, m, gy, *k, static_cast<T*>(out));
+    default: return affine_mode<T, M, kWhiten>(begin, end, seg, x, m, gy, *k, static_cast<float*>(out));
   }
-RLKERN_MASKED_KERNELS(float, f32)
-RLKERN_MASKED_KERNELS(c10::BFloat16, bf16)
-RLKERN_MASKED_KERNELS(c10::Half, f16)
-#undef RLKERN_MASKED_KERNELS
-
-void affine_any(int64_t b, int64_t e, int64_t seg, const c10::BFloat16* x, const uint8_t* m, const float* gy,
-                const AffineCoefficients& k, c10::BFloat16* out) {
-  affine_same_bf16(b, e, seg, x, m, gy, k, out);
 }
-void affine_any(int64_t b, int64_t e, int64_t seg, const c10::Half* x, const uint8_t* m, const float* gy,
-                const AffineCoefficients& k, c10::Half* out) {
-  affine_same_f16(b, e, seg, x, m, gy, k, out);
-}
+RLKERN_TEMPLATE_AT_LEVELS(affine_range, affine_body)
 
-// Rows of the data and the segment length: per-row (merge_all = false) the input is [rows, N] and a
-// segment is a row; global (merge_all = true) it is any contiguous tensor cut into kSegment runs.
-struct Segments {
-  int64_t numel, seg, count;
+// The layout of x: `outs` statistics over segments of `seg` elements (`count` of them).
+struct Layout {
+  int64_t numel, seg, count, outs;
+  bool merge_all;
 };
-Segments segments_of(const at::Tensor& x, bool merge_all) {
+Layout layout_of(const at::Tensor& x, bool merge_all) {
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
   const int64_t numel = x.numel();
-  if (merge_all) return {numel, kSegment, (numel + kSegment - 1) / kSegment};
-  TORCH_CHECK(x.dim() == 2, "per-row statistics need a 2-d [rows, N] tensor");
-  const int64_t seg = std::max<int64_t>(x.size(1), 1);
-  return {numel, seg, x.size(0)};
+  if (merge_all) return {numel, kSegment, (numel + kSegment - 1) / kSegment, 1, true};
+  TORCH_CHECK(x.dim() >= 1, "per-row statistics need at least one dimension");
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return {numel, std::max<int64_t>(x.size(-1), 1), rows, rows, false};
 }
 
-const uint8_t* mask_of(const at::Tensor& mask, const at::Tensor& x) {
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.sizes() == x.sizes(),
-              "mask must be a contiguous bool tensor shaped like x");
-  return reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+void check_mask(const at::Tensor& mask, const at::Tensor& x) {
+  TORCH_CHECK(mask.is_contiguous() && mask.sizes() == x.sizes(), "mask must be a contiguous tensor shaped like x");
 }
 
-double* f64_out(const at::Tensor& t, int64_t n, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kDouble && t.is_contiguous() && t.numel() == n, name,
-              " must be a contiguous float64 tensor of ", n, " elements");
-  return t.data_ptr<double>();
+template <typename T>
+T* checked(const at::Tensor& t, at::ScalarType dtype, int64_t n, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.numel() == n, name, " must be a contiguous ",
+              dtype, " tensor of ", n, " elements");
+  return static_cast<T*>(t.data_ptr());
 }
 
-const float* f32_in(const at::Tensor& t, int64_t n, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, name,
-              " must be a contiguous float32 tensor of ", n, " elements");
-  return t.data_ptr<float>();
+void check_out(const at::Tensor& out, const at::Tensor& x, at::ScalarType dtype) {
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() && out.scalar_type() == dtype,
+              "out must be a contiguous ", dtype, " tensor shaped like x");
 }
 
 int64_t grain_segments(int64_t seg) { return std::max<int64_t>(1, 65536 / seg); }
 
-}  // namespace
-
-void masked_moments(const at::Tensor& x, const at::Tensor& mask, bool merge_all, bool want_m2, at::Tensor count,
-                    at::Tensor sum, at::Tensor m2) {
-  const Segments s = segments_of(x, merge_all);
-  const uint8_t* m = mask_of(mask, x);
-  const int64_t outs = merge_all ? 1 : s.count;
-  double* n_out = f64_out(count, outs, "count");
-  double* s_out = f64_out(sum, outs, "sum");
-  double* m2_out = f64_out(m2, outs, "m2");
-  std::vector<Moments> parts(s.count);
-  dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
-    using T = decltype(tag);
-    const T* xp = static_cast<const T*>(x.data_ptr());
-    at::parallel_for(0, s.count, grain_segments(s.seg), [&](int64_t b, int64_t e) {
-      moments_any(b, e, s.seg, s.numel, xp, m, want_m2, parts.data());
+// Moments of every statistic (one per row, or one merged in segment order).
+std::vector<Moments> moments_of(const at::Tensor& x, const at::Tensor& mask, const Layout& l, bool want_m2) {
+  check_mask(mask, x);
+  std::vector<Moments> parts(l.count);
+  dispatch_storage_type(x.scalar_type(), "x", [&](auto xt) {
+    using T = decltype(xt);
+    dispatch_mask_type(mask.scalar_type(), "mask", [&](auto mt) {
+      using M = decltype(mt);
+      const T* xp = static_cast<const T*>(x.const_data_ptr());
+      const M* mp = mask_data<M>(mask);
+      at::parallel_for(0, l.count, grain_segments(l.seg), [&](int64_t b, int64_t e) {
+        moments_range<T, M>(b, e, l.seg, l.numel, xp, mp, want_m2, parts.data());
+      });
     });
   });
-  if (merge_all) {
+  if (l.merge_all) {
     Moments total;
     for (const Moments& p : parts) total = merge(total, p);  // in segment order: thread-count independent
     parts.assign(1, total);
   }
-  for (int64_t r = 0; r < outs; ++r) {
-    n_out[r] = parts[r].n;
-    s_out[r] = parts[r].s;
-    m2_out[r] = parts[r].m2;
-  }
+  return parts;
 }
 
-void masked_dot(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mean, bool merge_all, at::Tensor s1,
-                at::Tensor s2) {
-  const Segments s = segments_of(x, merge_all);
-  const float* g = f32_in(gy, s.numel, "grad");
-  const int64_t outs = merge_all ? 1 : s.count;
-  const float* mu = f32_in(mean, outs, "mean");
-  double* s1_out = f64_out(s1, outs, "s1");
-  double* s2_out = f64_out(s2, outs, "s2");
-  std::vector<double> p1(s.count), p2(s.count);
-  dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
-    using T = decltype(tag);
-    const T* xp = static_cast<const T*>(x.data_ptr());
-    at::parallel_for(0, s.count, grain_segments(s.seg), [&](int64_t b, int64_t e) {
-      dot_any(b, e, s.seg, s.numel, g, xp, mu, merge_all, p1.data(), p2.data());
+double min_count(const std::vector<Moments>& parts) {
+  double low = std::numeric_limits<double>::infinity();
+  for (const Moments& p : parts) low = std::min(low, p.n);
+  return low;
+}
+
+// The elementwise pass: coefficient r covers segment r (a row), or everything when merge_all.
+void apply(const at::Tensor& x, const std::optional<at::Tensor>& mask, const float* gy, const Layout& l,
+           const Coefficients& k, Affine mode, at::Tensor& out) {
+  const int64_t seg = l.merge_all ? std::max<int64_t>(l.numel, 1) : l.seg;
+  const CoefPtrs ptrs{k.mu.data(), k.a.data(), k.b.data(), k.c.data()};
+  const at::ScalarType mdtype = mask.has_value() ? mask->scalar_type() : at::kBool;
+  dispatch_storage_type(x.scalar_type(), "x", [&](auto xt) {
+    using T = decltype(xt);
+    dispatch_mask_type(mdtype, "mask", [&](auto mt) {
+      using M = decltype(mt);
+      const T* xp = static_cast<const T*>(x.const_data_ptr());
+      const M* mp = mask.has_value() ? mask_data<M>(*mask) : nullptr;
+      void* op = out.data_ptr();
+      at::parallel_for(0, l.numel, 32768, [&](int64_t b, int64_t e) {
+        affine_range<T, M>(b, e, seg, xp, mp, gy, &ptrs, static_cast<int>(mode), op);
+      });
+    });
+  });
+}
+
+}  // namespace
+
+double masked_stat_fwd(const at::Tensor& x, const at::Tensor& mask, bool merge_all, int64_t kind, int64_t ddof,
+                       at::Tensor out, at::Tensor saved) {
+  TORCH_CHECK(kind == kSum || kind == kMean || kind == kVar, "kind must be 0 (sum), 1 (mean) or 2 (var)");
+  const Layout l = layout_of(x, merge_all);
+  const std::vector<Moments> parts = moments_of(x, mask, l, kind == kVar);
+  float* o = checked<float>(out, at::kFloat, l.outs, "out");
+  double* sv = checked<double>(saved, at::kDouble, 2 * l.outs, "saved");
+  for (int64_t r = 0; r < l.outs; ++r) {
+    const Moments& p = parts[r];
+    const double dof = p.n - ddof;
+    o[r] = static_cast<float>(kind == kSum ? p.s : kind == kMean ? p.s / p.n : p.m2 / dof);
+    sv[r] = p.n > 0 ? p.s / p.n : 0.0;  // centres x in backward: 0 for an empty selection keeps it finite
+    sv[l.outs + r] = kind == kSum ? 1.0 : kind == kMean ? 1.0 / p.n : 2.0 / dof;
+  }
+  return min_count(parts);
+}
+
+void masked_stat_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& saved,
+                     bool merge_all, int64_t kind, at::Tensor out) {
+  const Layout l = layout_of(x, merge_all);
+  check_mask(mask, x);
+  check_out(out, x, x.scalar_type());
+  const float* g = checked<const float>(grad, at::kFloat, l.outs, "grad");
+  const double* sv = checked<const double>(saved, at::kDouble, 2 * l.outs, "saved");
+  Coefficients k(l.outs);
+  for (int64_t r = 0; r < l.outs; ++r) {
+    const double scaled = g[r] * sv[l.outs + r];
+    k.mu[r] = static_cast<float>(sv[r]);
+    k.a[r] = kind == kVar ? 0.f : static_cast<float>(scaled);
+    k.b[r] = kind == kVar ? static_cast<float>(scaled) : 0.f;
+  }
+  apply(x, mask, nullptr, l, k, kind == kVar ? kMaskedCentered : kMaskedConst, out);
+}
+
+double masked_whiten_fwd(const at::Tensor& x, const at::Tensor& mask, bool merge_all, bool shift_mean,
+                         int64_t ddof, double eps, at::Tensor out, at::Tensor saved) {
+  const Layout l = layout_of(x, merge_all);
+  const std::vector<Moments> parts = moments_of(x, mask, l, true);
+  check_out(out, x, at::kFloat);
+  double* sv = checked<double>(saved, at::kDouble, 4 * l.outs, "saved");
+  Coefficients k(l.outs);
+  for (int64_t r = 0; r < l.outs; ++r) {
+    const Moments& p = parts[r];
+    const double mean = p.s / p.n, dof = p.n - ddof, rstd = 1.0 / std::sqrt(p.m2 / dof + eps);
+    sv[r] = mean;
+    sv[l.outs + r] = rstd;
+    sv[2 * l.outs + r] = p.n;
+    sv[3 * l.outs + r] = dof;
+    k.mu[r] = static_cast<float>(mean);
+    k.b[r] = static_cast<float>(rstd);
+    k.c[r] = shift_mean ? 0.f : k.mu[r];
+  }
+  apply(x, std::nullopt, nullptr, l, k, kWhiten, out);
+  return min_count(parts);
+}
+
+void masked_whiten_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& saved,
+                       bool merge_all, bool shift_mean, at::Tensor out) {
+  const Layout l = layout_of(x, merge_all);
+  check_mask(mask, x);
+  check_out(out, x, x.scalar_type());
+  const float* g = checked<const float>(grad, at::kFloat, l.numel, "grad");
+  const double* sv = checked<const double>(saved, at::kDouble, 4 * l.outs, "saved");
+  Coefficients k(l.outs);
+  for (int64_t r = 0; r < l.outs; ++r) k.mu[r] = static_cast<float>(sv[r]);
+  std::vector<double> p1(l.count), p2(l.count);
+  dispatch_storage_type(x.scalar_type(), "x", [&](auto xt) {
+    using T = decltype(xt);
+    const T* xp = static_cast<const T*>(x.const_data_ptr());
+    at::parallel_for(0, l.count, grain_segments(l.seg), [&](int64_t b, int64_t e) {
+      dot_range<T, void>(b, e, l.seg, l.numel, g, xp, k.mu.data(), merge_all, p1.data(), p2.data());
     });
   });
   if (merge_all) {
     double a = 0, b = 0;
-    for (int64_t r = 0; r < s.count; ++r) a += p1[r], b += p2[r];
-    s1_out[0] = a;
-    s2_out[0] = b;
-  } else {
-    std::copy(p1.begin(), p1.end(), s1_out);
-    std::copy(p2.begin(), p2.end(), s2_out);
+    for (int64_t r = 0; r < l.count; ++r) a += p1[r], b += p2[r];  // in segment order
+    p1.assign(1, a);
+    p2.assign(1, b);
   }
-}
-
-// out = (gy or 1) * c + [mask] (a + b (x - mu)); `mask` / `gy` may be empty (absent). The output is
-// float32 or x's dtype.
-void masked_affine(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& gy, const at::Tensor& mu,
-                   const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool merge_all, at::Tensor out) {
-  const Segments s = segments_of(x, merge_all);
-  const int64_t coefs = merge_all ? 1 : s.count;
-  const int64_t seg = merge_all ? std::max<int64_t>(s.numel, 1) : s.seg;
-  const uint8_t* m = mask.numel() > 0 ? mask_of(mask, x) : nullptr;
-  const float* g = gy.numel() > 0 ? f32_in(gy, s.numel, "grad") : nullptr;
-  const AffineCoefficients k{f32_in(mu, coefs, "mu"), f32_in(a, coefs, "a"), f32_in(b, coefs, "b"),
-                             f32_in(c, coefs, "c")};
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() &&
-                  (out.scalar_type() == at::kFloat || out.scalar_type() == x.scalar_type()),
-              "out must be a contiguous float32 or x-typed tensor shaped like x");
-  dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
-    using T = decltype(tag);
-    const T* xp = static_cast<const T*>(x.data_ptr());
-    at::parallel_for(0, s.numel, 32768, [&](int64_t begin, int64_t end) {
-      if (out.scalar_type() == at::kFloat) affine_any(begin, end, seg, xp, m, g, k, out.data_ptr<float>());
-      else affine_any(begin, end, seg, xp, m, g, k, static_cast<T*>(out.data_ptr()));
-    });
-  });
+  for (int64_t r = 0; r < l.outs; ++r) {
+    const double rstd = sv[l.outs + r], n = sv[2 * l.outs + r], dof = sv[3 * l.outs + r];
+    k.a[r] = static_cast<float>(p1[r] * ((shift_mean ? 0.0 : 1.0) - rstd) / n);
+    k.b[r] = static_cast<float>(-p2[r] * rstd * rstd * rstd / dof);
+    k.c[r] = static_cast<float>(rstd);
+  }
+  apply(x, mask, g, l, k, kWhitenGrad, out);
 }
 
 }  // namespace rlkern

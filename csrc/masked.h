@@ -1,4 +1,7 @@
-// The kernels of csrc/masked.cpp, bound to Python in csrc/bindings.cpp.
+// The kernels of csrc/masked.cpp, bound to Python in csrc/bindings.cpp (kernels/masked.py has the
+// same functions for Triton). x is contiguous; merge_all reduces everything to one statistic, else
+// each row of the last dim to one. mask is x-shaped, contiguous, any dtype of dispatch_mask_type,
+// nonzero = valid. The forwards return the smallest selected count (inf when there is no statistic).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,8 +10,18 @@
 
 namespace rlkern {
 
-void masked_moments(const at::Tensor& x, const at::Tensor& mask, bool merge_all, bool want_m2, at::Tensor count, at::Tensor sum, at::Tensor m2);
-void masked_dot(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mean, bool merge_all, at::Tensor s1, at::Tensor s2);
-void masked_affine(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& gy, const at::Tensor& mu, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool merge_all, at::Tensor out);
+// kind 0 sum, 1 mean, 2 var (divided by n - ddof). out: float32 [stats]; saved: float64 [2, stats]
+// (the mean that centres x, the gradient's scale), what masked_stat_bwd reads.
+double masked_stat_fwd(const at::Tensor& x, const at::Tensor& mask, bool merge_all, int64_t kind, int64_t ddof,
+                       at::Tensor out, at::Tensor saved);
+// grad: float32 [stats]; out: x-shaped, x's dtype.
+void masked_stat_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& saved,
+                     bool merge_all, int64_t kind, at::Tensor out);
+// out: float32 like x; saved: float64 [4, stats] (mean, rstd, n, n - ddof).
+double masked_whiten_fwd(const at::Tensor& x, const at::Tensor& mask, bool merge_all, bool shift_mean,
+                         int64_t ddof, double eps, at::Tensor out, at::Tensor saved);
+// grad: float32 like x; out: x-shaped, x's dtype.
+void masked_whiten_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& saved,
+                       bool merge_all, bool shift_mean, at::Tensor out);
 
 }  // namespace rlkern

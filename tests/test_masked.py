@@ -163,11 +163,68 @@ def test_selected_nan_poisons_the_result_the_same_way_on_every_backend(backend, 
             assert torch.equal(xr.grad.isnan(), poisoned & mask if fn == "masked_var" else poisoned), fn
 
 
+MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16,
+               torch.int8, torch.float64]
+
+
+def _as_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``valid`` in ``dtype`` with nonzero values other than 1 where the dtype has them (2, -3, 0.5,
+    NaN) and -0.0 for a float zero: "nonzero = valid" must hold for every value, not only 0/1."""
+    if dtype == torch.bool:
+        return valid.clone()
+    if dtype.is_floating_point:
+        on = torch.tensor([1.0, 2.0, 0.5, -3.0, float("nan")], dtype=dtype)
+        off = torch.tensor(-0.0, dtype=dtype)
+    else:
+        on = torch.tensor([1, 2, 3] if dtype == torch.uint8 else [1, 2, -3], dtype=dtype)
+        off = torch.tensor(0, dtype=dtype)
+    values = on[torch.randint(0, on.numel(), valid.shape)]
+    return torch.where(valid, values, off)
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+@pytest.mark.parametrize("dim", [None, -1, 0])
+def test_every_mask_dtype_is_nonzero_valid(backend, mask_dtype, dim):
+    """Masks of any dtype are read as they are, nonzero = valid (2.0, -3, NaN select; 0 and -0.0 do
+    not): statistics, whitening and gradients match the float64 oracle on the bool mask."""
+    x, valid = _inputs((5, 23), torch.float32)
+    mask = _as_mask(valid, mask_dtype)
+    for fn, kw in (("masked_sum", {}), ("masked_mean", {}), ("masked_var", {}), ("masked_whiten", {}),
+                   ("masked_whiten", {"shift_mean": False, "unbiased": False})):
+        got = getattr(ops, fn)(x, mask, dim=dim, **kw)
+        oracle, same = _oracle(fn, x, valid, dim=dim, **kw)
+        assert_close_to_oracle(got, oracle, same, atol=1e-5, rtol=1e-5, what=f"{fn} {mask_dtype}")
+        leaf = x.clone().requires_grad_()
+        g = torch.randn(got.shape)
+        getattr(ops, fn)(leaf, mask, dim=dim, **kw).backward(g)
+        x64 = x.double().requires_grad_()
+        getattr(reference, fn)(x64, valid, dim=dim, **kw).backward(g.double())
+        same = x.clone().requires_grad_()
+        getattr(reference, fn)(same, valid, dim=dim, **kw).backward(g)
+        atol = 1e-4 if fn == "masked_whiten" else 1e-5  # whiten's gradient scales with rstd (see _check_grad)
+        assert_close_to_oracle(leaf.grad, x64.grad, same.grad, atol=atol, rtol=1e-5, what=f"d {fn} {mask_dtype}")
+
+
 def test_float_and_int_masks_equal_bool(backend):
     x, mask = _inputs((4, 11), torch.float32)
     want = ops.masked_whiten(x, mask, dim=-1)
-    for as_dtype in (torch.float32, torch.int64, torch.uint8, torch.bfloat16):
+    for as_dtype in MASK_DTYPES[1:]:
         assert torch.equal(ops.masked_whiten(x, mask.to(as_dtype), dim=-1), want)
+
+
+def test_mask_values_other_than_0_and_1(backend, monkeypatch):
+    """2.0 and -1 select, -0.0 does not; RLKERN_STRICT_MASKS=1 (rlkern.ops._common.STRICT_MASKS)
+    refuses anything but 0 and 1, bool masks excepted."""
+    x = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
+    assert ops.masked_sum(x, torch.tensor([[2.0, -0.0, 0.5], [0.0, -1.0, 0.0]])).item() == 1 + 4 + 16
+    assert ops.masked_sum(x, torch.tensor([[0, 3, 0], [-1, 0, 0]]), dim=-1).tolist() == [2.0, 8.0]
+    from rlkern.ops import _common
+
+    monkeypatch.setattr(_common, "STRICT_MASKS", True)
+    for bad in (torch.full((2, 3), 0.5), torch.full((2, 3), -1), torch.full((2, 3), 2.0, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 \(RLKERN_STRICT_MASKS=1\)"):
+            ops.masked_mean(x, bad)
+    assert ops.masked_sum(x, torch.tensor([[1.0, -0.0, 1.0], [0.0, 1.0, 0.0]])).item() == 1 + 4 + 16
 
 
 def test_gradcheck_reference():
@@ -218,8 +275,8 @@ def test_global_statistics_are_thread_count_invariant():
         (lambda: ops.masked_whiten(torch.zeros(2, 3), torch.tensor([[1, 1, 0], [1, 0, 0]]), dim=1), ValueError,
          "masked_whiten needs at least 2 selected elements, but a row of the mask selects 1"),
         (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(3, 2)), ValueError, r"mask must have shape \(2, 3\)"),
-        (lambda: ops.masked_sum(torch.zeros(2, 3), torch.full((2, 3), 0.5)), ValueError, "mask must hold only 0 and 1"),
-        (lambda: ops.masked_sum(torch.zeros(2, 3), torch.full((2, 3), -1)), ValueError, "mask must hold only 0 and 1"),
+        (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.complex64)), TypeError,
+         "mask must be bool or a real"),
         (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(2, 3), dim=2), IndexError, r"dim must lie in \[-2, 2\)"),
         (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(2, 3), dim=1.0), TypeError, "dim must be None or an int"),
         (lambda: ops.masked_whiten(torch.zeros(2, 3), torch.ones(2, 3), eps=-1.0), ValueError, "eps must be"),
@@ -232,19 +289,22 @@ def test_bad_input(backend, call, error, match):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
-def test_opcheck(backend_name):
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_opcheck(backend_name, mask_dtype):
     x, mask = _inputs((4, 19), torch.float32)
+    mask = mask.to(mask_dtype)
     for dim in (None, 1):
         for kind in (0, 1, 2):
             torch.library.opcheck(torch.ops.rlkern.masked_stat.default,
-                                  (x.clone().requires_grad_(), mask, dim, kind, True, backend_name))
-        y, count, mean, rstd = torch.ops.rlkern.masked_whiten(x, mask, dim, False, True, 1e-8, backend_name)
+                                  (x.clone().requires_grad_(), mask, dim, kind, True, 1, backend_name))
+            _, saved = torch.ops.rlkern.masked_stat(x, mask, dim, kind, True, 1, backend_name)
+            torch.library.opcheck(torch.ops.rlkern.masked_stat_bwd.default,
+                                  (torch.randn(saved.shape[1:]), x, mask, saved, dim, kind, backend_name))
+        _, saved = torch.ops.rlkern.masked_whiten(x, mask, dim, False, True, 1e-8, 2, backend_name)
         torch.library.opcheck(torch.ops.rlkern.masked_whiten.default,
-                              (x.clone().requires_grad_(), mask, dim, False, True, 1e-8, backend_name))
+                              (x.clone().requires_grad_(), mask, dim, False, True, 1e-8, 2, backend_name))
         torch.library.opcheck(torch.ops.rlkern.masked_whiten_bwd.default,
-                              (torch.randn(4, 19), x, mask, count, mean, rstd, dim, False, True, backend_name))
-        torch.library.opcheck(torch.ops.rlkern.masked_stat_bwd.default,
-                              (torch.randn(count.shape), x, mask, count, mean, dim, 2, True, backend_name))
+                              (torch.randn(4, 19), x, mask, saved, dim, False, backend_name))
 
 
 def test_torch_compile_fullgraph():

@@ -1,20 +1,24 @@
 """Masked statistics over token tensors: ``masked_sum``, ``masked_mean``, ``masked_var``,
 ``masked_whiten``, globally (``dim=None``) or per row (``dim=k``), with autograd.
 
-The kernels return float64 moments (count, sum, M2 about the mean) from one pass over the data
-(csrc/masked.cpp, kernels/masked.py: fp32 chunks merged in float64 in a fixed order, so a global
-statistic is independent of the thread count); this module turns them into the statistic and,
-for backward, into the coefficients of one elementwise kernel:
+Each op and direction is one kernel call (csrc/masked.cpp, kernels/masked.py, same entry points):
+the forward takes the moments (count, sum, M2 about the mean: fp32 chunks merged in float64 in a
+fixed order, so a global statistic is independent of the thread count), derives the statistic (and
+the whitened values) from them, saves what backward needs as float64 per statistic, and returns the
+smallest selected count, so an empty selection is refused without another pass. The backward is one
+elementwise pass (whiten's: one reduction and one elementwise pass):
 
-    out_j = (gy_j or 1) * c + [mask_j] (a + b (x_j - mean))
+    sum:    dx = [m] g              mean: dx = [m] g / n             var: dx = [m] 2 g (x - mean) / (n - ddof)
+    whiten: y = (x - mean) r (+ mean if not shift_mean), r = (var + eps)^-1/2; with S1 = sum gy and
+            S2 = sum gy (x - mean) over every position of the row (y depends on the statistics
+            everywhere): dx = gy r + [m] (S1 (1[not shift_mean] - r) / n - S2 r^3 (x - mean) / (n - ddof))
 
-    sum:    a = g                 mean:  a = g / n               var:  b = 2 g / (n - ddof)
-    whiten: y = (x - mean) r (+ mean if not shift_mean), r = (var + eps)^-1/2; with
-            S1 = sum gy, S2 = sum gy (x - mean) over every position of the row (y depends on the
-            statistics everywhere): c = r, a = S1 (1[not shift_mean] - r) / n, b = -S2 r^3 / (n - ddof)
+(var's own dependence on the mean drops out: sum over the mask of (x - mean) is 0).
 
-(var's own dependence on the mean drops out: sum over the mask of (x - mean) is 0). Oracle:
-rlkern.reference.masked_*.
+Masks: any dtype (bool, uint8, int32, int64, float32, bfloat16, float16 are read by the kernels as
+they are; other real dtypes are converted to bool first), "nonzero = valid": 2.0 and NaN select,
+0 and -0.0 do not. RLKERN_STRICT_MASKS=1 refuses values other than 0 and 1 (rlkern.ops._common).
+Oracle: rlkern.reference.masked_*.
 """
 
 from __future__ import annotations
@@ -25,133 +29,85 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
-from rlkern.ops._registry import cpp_kernels
-from rlkern.ops._common import check_tensor, check_token_mask, new_output, pick_backend
-from rlkern.ops._registry import kernel_op
+from rlkern.ops._common import check_number, check_tensor, new_output, pick_backend, token_mask
+from rlkern.ops._registry import kernel_op, kernels
 
 __all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten"]
 
 SUM, MEAN, VAR = 0, 1, 2
+_NAMES = ("masked_sum", "masked_mean", "masked_var")
 
 
-def _rows_of(t: Tensor, dim: int | None) -> Tensor:
-    """The kernels' view of an x-shaped tensor: flat for a global statistic, else [rows, N] with the
-    reduced dim moved last (a copy unless it already is last and contiguous)."""
-    if dim is None:
-        return t.contiguous()
-    moved = t.movedim(dim, -1)
-    return moved.reshape(-1, moved.shape[-1]).contiguous()
+def _rows(t: Tensor, dim: int | None) -> Tensor:
+    """The kernels' view of an x-shaped tensor: itself for a global statistic or a last-dim one,
+    else with the reduced dim moved last; contiguous (a copy only when it is not)."""
+    if dim is not None and dim != t.dim() - 1:
+        t = t.movedim(dim, -1)
+    return t.contiguous()
 
 
-def _layout(x: Tensor, mask: Tensor, dim: int | None) -> tuple[Tensor, Tensor, bool, torch.Size]:
-    """(x rows, mask rows, merge_all, statistic shape)."""
-    shape = torch.Size(()) if dim is None else x.movedim(dim, -1).shape[:-1]
-    return _rows_of(x, dim), _rows_of(mask, dim), dim is None, shape
+def _from_rows(rows: Tensor, dim: int | None) -> Tensor:
+    """Inverse of _rows for an x-shaped result."""
+    return rows if dim is None or dim == rows.dim() - 1 else rows.movedim(-1, dim)
 
 
-def _from_rows(rows: Tensor, like: Tensor, dim: int | None) -> Tensor:
-    """Inverse of _layout for an x-shaped result."""
-    if dim is None:
-        return rows.view(like.shape)
-    moved = like.movedim(dim, -1).shape
-    return rows.view(moved).movedim(-1, dim)
-
-
-def _kernels(backend: str):
-    if backend == "cpp":
-        return cpp_kernels()
-    from rlkern.kernels import masked as tk
-
-    return tk
-
-
-def _moments(x: Tensor, mask: Tensor, dim: int | None, want_m2: bool, backend: str):
-    xr, mr, merge_all, shape = _layout(x, mask, dim)
-    count, total, m2 = (new_output(shape, device=x.device, dtype=torch.float64) for _ in range(3))
-    _kernels(backend).masked_moments(xr, mr, merge_all, want_m2, count.view(-1), total.view(-1), m2.view(-1))
-    return count, total, m2
-
-
-def _affine(x: Tensor, mask: Tensor | None, grad: Tensor | None, mu: Tensor, a: Tensor, b: Tensor, c: Tensor,
-            dim: int | None, out_dtype: torch.dtype, backend: str) -> Tensor:
-    """(grad or 1) * c + [mask] (a + b (x - mu)) with per-statistic coefficients, x-shaped."""
-    xr, merge_all = _rows_of(x, dim), dim is None
-    mr = _rows_of(mask, dim) if mask is not None else None
-    gr = _rows_of(grad.float(), dim) if grad is not None else None
-    out = new_output(xr.shape, device=x.device, dtype=out_dtype)
-    coef = [t.reshape(-1).float().contiguous() for t in (mu, a, b, c)]
-    if backend == "cpp":
-        none = x.new_empty(0)
-        cpp_kernels().masked_affine(xr, mr if mr is not None else none.bool(),
-                                         gr if gr is not None else none.float(), *coef, merge_all, out)
-    else:
-        _kernels(backend).masked_affine(xr, mr, gr, *coef, merge_all, out)
-    return _from_rows(out, x, dim)
-
-
-def _ddof(unbiased: bool) -> int:
-    return 1 if unbiased else 0
+def _check_count(low, need: int, what: str, per_row: bool) -> None:
+    """An empty selection would be 0/0. ``low`` is the kernel's smallest selected count (a float,
+    or a 0-d device tensor from Triton: reading it is a sync). ``need`` is 0 while torch.compile
+    traces (no data-dependent control flow there: a traced graph returns NaN / inf instead)."""
+    if need and low < need:
+        where = "a row of the mask" if per_row else "the mask"
+        plural = "element" if need == 1 else "elements"
+        raise ValueError(f"{what} needs at least {need} selected {plural}, but {where} selects {int(low)}")
 
 
 # ------------------------------------------------------------------ sum, mean, var
 
 
 @kernel_op("masked_stat")
-def _masked_stat(x: Tensor, mask: Tensor, dim: int | None, kind: int, unbiased: bool,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(statistic, count, mean): the last two are saved for backward."""
-    count, total, m2 = _moments(x, mask, dim, kind == VAR, backend)
-    if kind == SUM:
-        out = total
-    elif kind == MEAN:
-        out = total / count
-    else:
-        out = m2 / (count - _ddof(unbiased))
-    # The saved mean only centres x in backward; 0 for an empty selection keeps that finite.
-    return out.float(), count, (total / count.clamp(min=1)).float()
+def _masked_stat(x: Tensor, mask: Tensor, dim: int | None, kind: int, unbiased: bool, need: int,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    """(statistic, saved): saved is float64 [2, ...] (centring mean, gradient scale) for backward."""
+    xr = _rows(x, dim)
+    out = new_output(xr.shape[:-1] if dim is not None else (), device=x.device)
+    saved = new_output((2,) + out.shape, device=x.device, dtype=torch.float64)
+    low = kernels(backend, "masked").masked_stat_fwd(xr, _rows(mask, dim), dim is None, kind, int(unbiased), out,
+                                                     saved)
+    _check_count(low, need, _NAMES[kind], out.dim() > 0)
+    return out, saved
 
 
 @_masked_stat.register_fake
-def _(x, mask, dim, kind, unbiased, backend):
+def _(x, mask, dim, kind, unbiased, need, backend):
     shape = () if dim is None else x.movedim(dim, -1).shape[:-1]
-    new = lambda dtype: x.new_empty(shape, dtype=dtype)  # noqa: E731
-    return new(torch.float32), new(torch.float64), new(torch.float32)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty((2, *shape), dtype=torch.float64)
 
 
 @kernel_op("masked_stat_bwd")
-def _masked_stat_bwd(grad: Tensor, x: Tensor, mask: Tensor, count: Tensor, mean: Tensor, dim: int | None, kind: int,
-                     unbiased: bool, backend: str) -> Tensor:
-    g = grad.double()
-    zero = torch.zeros_like(g)
-    if kind == SUM:
-        a, b = g, zero
-    elif kind == MEAN:
-        a, b = g / count, zero
-    else:
-        a, b = zero, 2 * g / (count - _ddof(unbiased))
-        return _affine(x, mask, None, mean, a, b, zero, dim, x.dtype, backend)
-    # d sum / d x_j = m_j whatever x holds (torch autograd's answer). The kernel still evaluates
-    # b (x_j - mu) with b = 0, and 0 * NaN is NaN: a NaN x_j made its own gradient NaN and, through
-    # the NaN mean, every gradient of its selection (issue 9). Zeros stand in for x and the mean.
-    return _affine(torch.zeros_like(x), mask, None, torch.zeros_like(mean), a, b, zero, dim, x.dtype, backend)
+def _masked_stat_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: int | None, kind: int,
+                     backend: str) -> Tensor:
+    xr = _rows(x, dim)
+    out = new_output(xr.shape, device=x.device, dtype=x.dtype)
+    kernels(backend, "masked").masked_stat_bwd(grad.float().contiguous(), xr, _rows(mask, dim), saved,
+                                               dim is None, kind, out)
+    return _from_rows(out, dim)
 
 
 @_masked_stat_bwd.register_fake
-def _(grad, x, mask, count, mean, dim, kind, unbiased, backend):
+def _(grad, x, mask, saved, dim, kind, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _stat_setup(ctx, inputs, output):
-    x, mask, dim, kind, unbiased, backend = inputs
-    _, count, mean = output
-    ctx.save_for_backward(x, mask, count, mean)
-    ctx.args = (dim, kind, unbiased, backend)
-    ctx.mark_non_differentiable(count, mean)
+    x, mask, dim, kind, _, _, backend = inputs
+    ctx.save_for_backward(x, mask, output[1])
+    ctx.args = (dim, kind, backend)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _stat_backward(ctx, grad, grad_count, grad_mean):
-    x, mask, count, mean = ctx.saved_tensors
-    return _masked_stat_bwd(grad, x, mask, count, mean, *ctx.args), None, None, None, None, None
+def _stat_backward(ctx, grad, _):
+    x, mask, saved = ctx.saved_tensors
+    return _masked_stat_bwd(grad, x, mask, saved, *ctx.args), None, None, None, None, None, None
 
 
 _masked_stat.register_autograd(_stat_backward, setup_context=_stat_setup)
@@ -162,53 +118,48 @@ _masked_stat.register_autograd(_stat_backward, setup_context=_stat_setup)
 
 @kernel_op("masked_whiten")
 def _masked_whiten(x: Tensor, mask: Tensor, dim: int | None, shift_mean: bool, unbiased: bool, eps: float,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(whitened, count, mean, rstd): the last three are saved for backward."""
-    count, total, m2 = _moments(x, mask, dim, True, backend)
-    mean = total / count
-    rstd = torch.rsqrt(m2 / (count - _ddof(unbiased)) + eps)
-    zero = torch.zeros_like(mean)
-    y = _affine(x, None, None, mean, zero, rstd, zero if shift_mean else mean, dim, torch.float32, backend)
-    return y, count, mean.float(), rstd
+                   need: int, backend: str) -> tuple[Tensor, Tensor]:
+    """(whitened, saved): saved is float64 [4, ...] (mean, rstd, n, n - ddof) for backward."""
+    xr = _rows(x, dim)
+    y = new_output(xr.shape, device=x.device)
+    saved = new_output((4,) + xr.shape[:-1] if dim is not None else (4,), device=x.device, dtype=torch.float64)
+    low = kernels(backend, "masked").masked_whiten_fwd(xr, _rows(mask, dim), dim is None, shift_mean,
+                                                       int(unbiased), eps, y, saved)
+    _check_count(low, need, "masked_whiten", saved.dim() > 1)
+    return _from_rows(y, dim), saved
 
 
 @_masked_whiten.register_fake
-def _(x, mask, dim, shift_mean, unbiased, eps, backend):
+def _(x, mask, dim, shift_mean, unbiased, eps, need, backend):
     shape = () if dim is None else x.movedim(dim, -1).shape[:-1]
-    new = lambda dtype: x.new_empty(shape, dtype=dtype)  # noqa: E731
-    return x.new_empty(x.shape, dtype=torch.float32), new(torch.float64), new(torch.float32), new(torch.float64)
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty((4, *shape), dtype=torch.float64)
 
 
 @kernel_op("masked_whiten_bwd")
-def _masked_whiten_bwd(grad: Tensor, x: Tensor, mask: Tensor, count: Tensor, mean: Tensor, rstd: Tensor,
-                       dim: int | None, shift_mean: bool, unbiased: bool, backend: str) -> Tensor:
-    xr, merge_all = _rows_of(x, dim), dim is None
-    shape = torch.Size(()) if dim is None else x.movedim(dim, -1).shape[:-1]
-    gr = _rows_of(grad.float(), dim)
-    s1, s2 = (new_output(shape, device=x.device, dtype=torch.float64) for _ in range(2))
-    _kernels(backend).masked_dot(gr, xr, mean.reshape(-1).contiguous(), merge_all, s1.view(-1), s2.view(-1))
-    a = s1 * ((0.0 if shift_mean else 1.0) - rstd) / count
-    b = -s2 * rstd.pow(3) / (count - _ddof(unbiased))
-    return _affine(x, mask, grad, mean, a, b, rstd, dim, x.dtype, backend)
+def _masked_whiten_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: int | None, shift_mean: bool,
+                       backend: str) -> Tensor:
+    xr = _rows(x, dim)
+    out = new_output(xr.shape, device=x.device, dtype=x.dtype)
+    kernels(backend, "masked").masked_whiten_bwd(_rows(grad.float(), dim), xr, _rows(mask, dim), saved,
+                                                 dim is None, shift_mean, out)
+    return _from_rows(out, dim)
 
 
 @_masked_whiten_bwd.register_fake
-def _(grad, x, mask, count, mean, rstd, dim, shift_mean, unbiased, backend):
+def _(grad, x, mask, saved, dim, shift_mean, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _whiten_setup(ctx, inputs, output):
-    x, mask, dim, shift_mean, unbiased, eps, backend = inputs
-    _, count, mean, rstd = output
-    ctx.save_for_backward(x, mask, count, mean, rstd)
-    ctx.args = (dim, shift_mean, unbiased, backend)
-    ctx.mark_non_differentiable(count, mean, rstd)
+    x, mask, dim, shift_mean, _, _, _, backend = inputs
+    ctx.save_for_backward(x, mask, output[1])
+    ctx.args = (dim, shift_mean, backend)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _whiten_backward(ctx, grad, *_):
-    x, mask, count, mean, rstd = ctx.saved_tensors
-    dx = _masked_whiten_bwd(grad, x, mask, count, mean, rstd, *ctx.args)
-    return dx, None, None, None, None, None, None
+def _whiten_backward(ctx, grad, _):
+    x, mask, saved = ctx.saved_tensors
+    return _masked_whiten_bwd(grad, x, mask, saved, *ctx.args), None, None, None, None, None, None, None
 
 
 _masked_whiten.register_autograd(_whiten_backward, setup_context=_whiten_setup)
@@ -219,43 +170,41 @@ _masked_whiten.register_autograd(_whiten_backward, setup_context=_whiten_setup)
 
 def _validate(x, mask, dim) -> tuple[Tensor, int | None]:
     check_tensor(x, "x")
-    valid = check_token_mask(mask, "mask", x.shape)
+    mask = token_mask(mask, "mask", x.shape)
     if dim is not None:
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"dim must be None or an int, got {dim!r}")
         if x.dim() == 0 or not -x.dim() <= dim < x.dim():
             raise IndexError(f"dim must lie in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
         dim %= x.dim()
-    return valid, dim
+    return mask, dim
 
 
-def _check_counts(count: Tensor, need: int, what: str) -> None:
-    """Eager-only: an empty selection would be 0/0. Skipped under torch.compile (no data-dependent
-    control flow there): a traced graph returns NaN / inf for an empty selection instead."""
-    if torch.compiler.is_compiling() or count.numel() == 0:
-        return
-    if bool((count < need).any()):
-        where = "the mask" if count.dim() == 0 else "a row of the mask"
-        plural = "element" if need == 1 else "elements"
-        raise ValueError(f"{what} needs at least {need} selected {plural}, but {where} selects "
-                         f"{int(count.min())}")
+def _need(kind: int, unbiased: bool) -> int:
+    """Selected elements a statistic needs (0 under torch.compile: the check is eager only)."""
+    if kind == SUM or torch.compiler.is_compiling():
+        return 0
+    return 2 if kind == VAR and unbiased else 1
 
 
-def _stat(x, mask, dim, kind: int, unbiased: bool, what: str) -> Tensor:
-    valid, dim = _validate(x, mask, dim)
+def _reference_count(mask: Tensor, dim: int | None, need: int, what: str) -> None:
+    """The torch backend's empty-selection check (the reference reads the mask as ``mask != 0``)."""
+    if need:
+        count = (mask != 0).sum() if dim is None else (mask != 0).sum(dim)
+        if count.numel():
+            _check_count(float(count.min()), need, what, count.dim() > 0)
+
+
+def _stat(x, mask, dim, kind: int, unbiased: bool) -> Tensor:
+    mask, dim = _validate(x, mask, dim)
     backend = pick_backend(x)
+    need = _need(kind, unbiased)
     if backend == "torch":
-        count = valid.sum() if dim is None else valid.sum(dim)
-        if kind != SUM:
-            _check_counts(count, 1 + (kind == VAR and unbiased), what)
-        fn = (reference.masked_sum, reference.masked_mean)[kind] if kind != VAR else None
-        if fn is not None:
-            return fn(x, valid, dim=dim)
-        return reference.masked_var(x, valid, dim=dim, unbiased=unbiased)
-    out, count, _ = _masked_stat(x, valid, dim, kind, unbiased, backend)
-    if kind != SUM:
-        _check_counts(count, 1 + (kind == VAR and unbiased), what)
-    return out
+        _reference_count(mask, dim, need, _NAMES[kind])
+        if kind == VAR:
+            return reference.masked_var(x, mask, dim=dim, unbiased=unbiased)
+        return (reference.masked_sum, reference.masked_mean)[kind](x, mask, dim=dim)
+    return _masked_stat(x, mask, dim, kind, unbiased, need, backend)[0]
 
 
 def masked_sum(x: Tensor, mask: Tensor, *, dim: int | None = None) -> Tensor:
@@ -263,7 +212,10 @@ def masked_sum(x: Tensor, mask: Tensor, *, dim: int | None = None) -> Tensor:
 
     Args:
         x: ``[...]`` float32 / bfloat16 / float16 (float64 runs the reference).
-        mask: bool or 0/1 of any dtype, ``x``'s shape. Masked-out values never enter (even inf/NaN).
+        mask: ``x``'s shape, any real dtype (bool, uint8, int32, int64, float32, bfloat16 and
+            float16 are read as they are, without a conversion pass): nonzero = valid, so 2.0 and
+            NaN select and 0 and -0.0 do not. RLKERN_STRICT_MASKS=1 refuses anything but 0 and 1.
+            Masked-out values never enter (even inf/NaN).
         dim: ``None`` for one sum over everything (a 0-d result), or the dim to reduce (per row).
 
     Returns:
@@ -275,27 +227,29 @@ def masked_sum(x: Tensor, mask: Tensor, *, dim: int | None = None) -> Tensor:
     :func:`masked_mean`. :func:`masked_var` and :func:`masked_whiten` read ``x - mean``, so there
     a selected NaN makes the whole selection's result and gradient NaN.
     """
-    return _stat(x, mask, dim, SUM, False, "masked_sum")
+    return _stat(x, mask, dim, SUM, False)
 
 
 def masked_mean(x: Tensor, mask: Tensor, *, dim: int | None = None) -> Tensor:
-    """masked_sum / number of selected elements (args as :func:`masked_sum`).
+    """masked_sum / number of selected elements (args as :func:`masked_sum`; ``mask`` any real
+    dtype, nonzero = valid).
 
     An empty selection (or an empty row with ``dim``) raises ValueError in eager mode; the check
     is skipped under torch.compile, where the result is then NaN.
     """
-    return _stat(x, mask, dim, MEAN, False, "masked_mean")
+    return _stat(x, mask, dim, MEAN, False)
 
 
 def masked_var(x: Tensor, mask: Tensor, *, dim: int | None = None, unbiased: bool = True) -> Tensor:
     """Variance of the selected elements: sum (x - mean)^2 / (n - 1) (``unbiased``, Bessel's
-    correction, verl's and TRL's default) or / n.
+    correction, verl's and TRL's default) or / n. Args as :func:`masked_sum` (``mask`` any real
+    dtype, nonzero = valid).
 
     Computed from per-chunk two-pass moments merged with Chan et al.'s update, never as
     E[x^2] - E[x]^2 (which cancels catastrophically for a large mean). Needs n >= 2 (n >= 1 if
     not ``unbiased``): fewer raises ValueError in eager mode (skipped under torch.compile).
     """
-    return _stat(x, mask, dim, VAR, bool(unbiased), "masked_var")
+    return _stat(x, mask, dim, VAR, bool(unbiased))
 
 
 def masked_whiten(x: Tensor, mask: Tensor, *, dim: int | None = None, shift_mean: bool = True,
@@ -304,18 +258,18 @@ def masked_whiten(x: Tensor, mask: Tensor, *, dim: int | None = None, shift_mean
     (verl / TRL masked_whiten); ``shift_mean=False`` adds the mean back. Positions outside the mask
     are transformed too (with the same statistics), as the peers do.
 
-    Args as :func:`masked_var`; ``eps`` >= 0. Returns float32 of ``x``'s shape. The gradient flows
-    through the mean and the variance, one reduction and one elementwise pass.
+    Args as :func:`masked_var` (``mask`` any real dtype, nonzero = valid: 2.0 and NaN select, 0 and
+    -0.0 do not); ``eps`` >= 0. Returns float32 of ``x``'s shape. The gradient flows through the
+    mean and the variance, one reduction and one elementwise pass.
     """
-    valid, dim = _validate(x, mask, dim)
-    eps = float(eps)
-    if not (math.isfinite(eps) and eps >= 0):
+    mask, dim = _validate(x, mask, dim)
+    eps = check_number(eps, "eps")
+    if not torch.compiler.is_compiling() and not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    need = 1 + bool(unbiased)
+    unbiased = bool(unbiased)
+    need = _need(VAR, unbiased)
     backend = pick_backend(x)
     if backend == "torch":
-        _check_counts(valid.sum() if dim is None else valid.sum(dim), need, "masked_whiten")
-        return reference.masked_whiten(x, valid, dim=dim, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
-    y, count, _, _ = _masked_whiten(x, valid, dim, bool(shift_mean), bool(unbiased), eps, backend)
-    _check_counts(count, need, "masked_whiten")
-    return y
+        _reference_count(mask, dim, need, "masked_whiten")
+        return reference.masked_whiten(x, mask, dim=dim, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
+    return _masked_whiten(x, mask, dim, bool(shift_mean), unbiased, eps, need, backend)[0]

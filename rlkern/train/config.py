@@ -294,9 +294,11 @@ class PPOConfig(_RolloutConfig):
     rm_refresh_every: int = 10
     """With a reward model: train it further every K steps on the policy's samples since the last
     refresh, labelled by the checker (iterated RLHF); 0 = a frozen reward model."""
-    rm_refresh_steps: int = 10
-    """Bradley-Terry steps of each reward-model refresh."""
-    rm_refresh_lr: float = 3e-4
+    rm_refresh_steps: int = 40
+    """Bradley-Terry steps of each reward-model refresh (batches of --rollout-batch pairs: 4 passes over
+    the 640 fresh samples by default; with 10 steps at 3e-4 seed 0 gained +9.8 points, with 40 at 1e-3
+    +34)."""
+    rm_refresh_lr: float = 1e-3
     """AdamW learning rate of the reward-model refresh."""
     rm_lm_coef: float = 1.0
     """Weight of the auxiliary next-token loss on the chosen answers during a refresh."""
@@ -307,12 +309,12 @@ class PPOConfig(_RolloutConfig):
     """With a reward model: whiten its scores over each rollout (mean 0, std 1)."""
     reward_clip: float = 3.0
     """With a reward model: clip the (whitened) scores to +-this; 0 = off."""
-    early_stop_patience: int = 0
+    early_stop_patience: int = 3
     """With a refreshed reward model: at every refresh the checker grades the policy's greedy answers on
     --early-stop-size training problems (never the held-out ones) beside the reward model's score of
     them; after this many checks without a better accuracy the run stops, and it ends with the best
     policy seen (0 = off)."""
-    early_stop_size: int = 200
+    early_stop_size: int = 500
     """Training problems in the early-stopping slice."""
 
     def check(self) -> None:

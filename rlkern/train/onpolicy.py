@@ -2,12 +2,16 @@
 the optional critic, the reward (the exact-match checker or a reward model), one step's rollout, the
 KL-shaped advantages, the held-out evaluation and the final save.
 
-With a reward model, three measures against reward over-optimisation live here (Gao et al. 2022,
-"Scaling laws for reward model overoptimization", and InstructGPT's recipe):
+With a reward model, the measures against reward over-optimisation live here (Gao et al. 2022,
+"Scaling laws for reward model overoptimization", and InstructGPT's recipe); the README's training
+section has the ablation that says which mattered:
 
-* iterated RLHF (``--rm-refresh-every``): every K steps the reward model is trained further on the
-  policy's own recent samples, labelled by the checker (the "human" of this task), so the mistakes
-  the policy drifts into are the ones the reward model has just seen;
+* iterated RLHF (``--rm-refresh-every``, ``--rm-refresh-steps``, ``--rm-refresh-lr``): every K steps
+  the reward model is trained further on the policy's own recent samples, labelled by the checker
+  (the "human" of this task), so the mistakes the policy drifts into are the ones the reward model
+  has just seen;
+* a per-prompt baseline (``--reward-baseline greedy``, ReMax): the score of the policy's own greedy
+  answer is subtracted;
 * reward normalisation and clipping (``--reward-whiten``, ``--reward-clip``): scores are whitened over
   the rollout and clipped, so one exploited, extreme score cannot dominate an update;
 * the KL penalty to the SFT reference in the token rewards (``--kl-coef``, ``--adaptive-kl``);

@@ -29,38 +29,29 @@
 // do, so the kernel and the plain-PyTorch reference agree on every subgradient.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "losses.h"
 #include "dispatch.h"
+#include "mask_stage.h"
+#include "rlkern_codes.h"
 #include "simd.h"
 
 namespace rlkern {
 namespace {
 
-enum Kind : int64_t { kPolicy = 0, kGrpo = 1, kValue = 2, kGrpoBc = 3 };
-
 // Per-row partial sums written by the forward pass, in this order.
 enum Partial : int { kLossSum, kCount, kClipped, kClipHigh, kClipLow, kDual, kNegLogRatio, kK3, kPartials };
-// The stats vector returned to Python: every counter and KL sum divided by the valid-token count.
-constexpr int kStats = 6;  // clipped, clip_high, clip_low, dual, approx_kl (mean -log r), k3 mean
+// The stats vector returned to Python (kLossStats entries, rlkern/codes.py): every counter and KL sum
+// divided by the valid-token count: clipped, clip_high, clip_low, dual, approx_kl (mean -log r), k3 mean.
+static_assert(kLossStats == 6, "rlkern/codes.py LOSS_STATS must match the stats the kernels write");
 
-typedef uint8_t vbyte __attribute__((vector_size(16)));
-
-// The mask as float 0/1 (bool storage holds 0 or 1): it multiplies the 0/1 flags and drives keep().
-// A `mask != 0` integer-vector condition would be scalarised by GCC 12 inside target_clones.
-RLKERN_INLINE vfloat load_mask16(const uint8_t* p) {
-  vbyte b;
-  std::memcpy(&b, p, sizeof(b));
-  return __builtin_convertvector(b, vfloat);
-}
-RLKERN_INLINE vfloat load_mask_tail(const uint8_t* p, int64_t n) {
-  uint8_t buf[kLanes] = {};
-  std::memcpy(buf, p, n);
-  return load_mask16(buf);
-}
+// The mask (any dtype, nonzero = valid; csrc/mask_stage.h) is staged kChunk tokens at a time as float
+// 0/1: it multiplies the 0/1 flags and drives keep().
+constexpr int64_t kChunk = 1024;
 
 // exp(x) for the clamped log-ratios, x in [-20, 20] or NaN. vexp_nonpos is exact on this whole range:
 // its only clamp is at the low end, and for x <= 88 the 2^n it builds (n + 127 <= 254) is still a
@@ -189,7 +180,9 @@ struct Rows {
   const T* a;  // advantages / returns: [B, T], or [B] when a_per_row
   const T* z;  // ref_logp or nullptr
   const T* w;  // weights or nullptr
-  const uint8_t* mask;
+  const char* mask;  // any mask dtype, staged by `stage`
+  int64_t mask_bytes;
+  MaskStager stage;
   int64_t len;
   bool a_per_row;
 };
@@ -197,7 +190,7 @@ struct Rows {
 template <typename T>
 struct Block {
   vfloat x, y, a, z, w;
-  vfloat valid;  // 0/1
+  vfloat valid;  // 0/1, set by the caller from the staged mask
 };
 
 // A free function, not a lambda: lambdas called from a target_clones function are not cloned.
@@ -215,54 +208,64 @@ RLKERN_INLINE Block<T> load_block(const Rows<T>& r, int64_t b, int64_t t0, int64
   k.a = r.a_per_row ? splat(static_cast<float>(r.a[b])) : load_at(r.a, off, n);
   k.z = r.z != nullptr ? load_at(r.z, off, n) : splat(0.f);
   k.w = r.w != nullptr ? load_at(r.w, off, n) : splat(1.f);
-  k.valid = n == kLanes ? load_mask16(r.mask + off) : load_mask_tail(r.mask + off, n);
   return k;
 }
 
-template <Kind K>
+template <int64_t K>
 RLKERN_INLINE TokenTerms terms(vfloat x, vfloat y, vfloat a, vfloat z, const Consts& c) {
-  if constexpr (K == kValue) return value_terms(x, y, a, c);
-  else return policy_terms<K == kGrpo || K == kGrpoBc, K == kGrpoBc>(x, y, a, z, c);
+  if constexpr (K == kLossValue) return value_terms(x, y, a, c);
+  else return policy_terms<K == kLossGrpo || K == kLossGrpoBc, K == kLossGrpoBc>(x, y, a, z, c);
 }
 
-template <typename T, Kind K>
+template <typename T, int64_t K>
 RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, const Consts& c, float* partial) {
+  alignas(64) float valid[kChunk];
   for (int64_t b = begin; b < end; ++b) {
     vfloat acc[kPartials];
     for (auto& v : acc) v = splat(0.f);
-    for (int64_t t0 = 0; t0 < r.len; t0 += kLanes) {
-      const Block<T> k = load_block(r, b, t0, std::min<int64_t>(kLanes, r.len - t0));
-      const TokenTerms t = terms<K>(k.x, k.y, k.a, k.z, c);
-      // Selects, not products with the mask: 0 * NaN from padding would poison the sums (the flags
-      // too are NaN where a token's surrogate is).
-      const vfloat v = k.valid;
-      // k.w is 1 without weights; k3 is 0 for the policy and value kinds.
-      const vfloat weighted = t.loss * k.w + c.beta * t.k3;
-      acc[kLossSum] += keep(weighted, v);
-      acc[kCount] += v;
-      acc[kClipped] += keep(t.clipped, v);
-      acc[kClipHigh] += keep(t.clip_high, v);
-      acc[kClipLow] += keep(t.clip_low, v);
-      acc[kDual] += keep(t.dual, v);
-      acc[kNegLogRatio] += keep(t.neg_log_ratio, v);
-      acc[kK3] += keep(t.k3, v);
+    for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
+      const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
+      r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
+      for (int64_t t = 0; t < cn; t += kLanes) {
+        Block<T> k = load_block(r, b, c0 + t, std::min<int64_t>(kLanes, cn - t));
+        k.valid = load16(valid + t);
+        const TokenTerms tt = terms<K>(k.x, k.y, k.a, k.z, c);
+        // Selects, not products with the mask: 0 * NaN from padding would poison the sums (the flags
+        // too are NaN where a token's surrogate is).
+        const vfloat v = k.valid;
+        // k.w is 1 without weights; k3 is 0 for the policy and value kinds.
+        const vfloat weighted = tt.loss * k.w + c.beta * tt.k3;
+        acc[kLossSum] += keep(weighted, v);
+        acc[kCount] += v;
+        acc[kClipped] += keep(tt.clipped, v);
+        acc[kClipHigh] += keep(tt.clip_high, v);
+        acc[kClipLow] += keep(tt.clip_low, v);
+        acc[kDual] += keep(tt.dual, v);
+        acc[kNegLogRatio] += keep(tt.neg_log_ratio, v);
+        acc[kK3] += keep(tt.k3, v);
+      }
     }
     for (int i = 0; i < kPartials; ++i) partial[b * kPartials + i] = hsum(acc[i]);
   }
 }
 
-template <typename T, Kind K>
+template <typename T, int64_t K>
 RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, const Consts& c, float grad,
                                  const float* scale, T* out) {
+  alignas(64) float valid[kChunk];
   for (int64_t b = begin; b < end; ++b) {
     const vfloat g = splat(grad * scale[b]);
-    for (int64_t t0 = 0; t0 < r.len; t0 += kLanes) {
-      const int64_t n = std::min<int64_t>(kLanes, r.len - t0);
-      const Block<T> k = load_block(r, b, t0, n);
-      const TokenTerms t = terms<K>(k.x, k.y, k.a, k.z, c);
-      const vfloat d = keep(g * (k.w * t.grad + t.kl_grad), k.valid);
-      if (n == kLanes) store16(out + b * r.len + t0, d);
-      else store_tail(out + b * r.len + t0, d, n);
+    for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
+      const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
+      r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
+      for (int64_t t = 0; t < cn; t += kLanes) {
+        const int64_t n = std::min<int64_t>(kLanes, cn - t), t0 = c0 + t;
+        const Block<T> k = load_block(r, b, t0, n);
+        const TokenTerms tt = terms<K>(k.x, k.y, k.a, k.z, c);
+        const vfloat d = keep(g * (k.w * tt.grad + tt.kl_grad), load16(valid + t));
+        if (n == kLanes) store16(out + b * r.len + t0, d);
+        else store_tail(out + b * r.len + t0, d, n);
+      }
     }
   }
 }
@@ -279,70 +282,74 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
     backward_rows<T, K>(b, e, r, c, g, s, out);                                                           \
   }                                                                                                       \
   void forward_kind(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, float* p,                    \
-                    std::integral_constant<Kind, K>) {                                                    \
+                    std::integral_constant<int64_t, K>) {                                                    \
     forward_##SUFFIX##_##K(b, e, r, c, p);                                                                \
   }                                                                                                       \
   void backward_kind(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, float g, const float* s,    \
-                     T* out, std::integral_constant<Kind, K>) {                                           \
+                     T* out, std::integral_constant<int64_t, K>) {                                           \
     backward_##SUFFIX##_##K(b, e, r, c, g, s, out);                                                       \
   }
 #define RLKERN_LOSS_KINDS(T, SUFFIX)      \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kPolicy) \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kGrpo)   \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kGrpoBc) \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kValue)
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy) \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo)   \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc) \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossValue)
 RLKERN_LOSS_KINDS(float, f32)
 RLKERN_LOSS_KINDS(c10::BFloat16, bf16)
 RLKERN_LOSS_KINDS(c10::Half, f16)
 #undef RLKERN_LOSS_KINDS
 #undef RLKERN_LOSS_KERNELS
 
-// Calls f(std::integral_constant<Kind, kind>{}).
+// Calls f(std::integral_constant<int64_t, kind>{}).
 template <typename F>
 void dispatch_kind(int64_t kind, F&& f) {
   switch (kind) {
-    case kPolicy: f(std::integral_constant<Kind, kPolicy>{}); break;
-    case kGrpo: f(std::integral_constant<Kind, kGrpo>{}); break;
-    case kValue: f(std::integral_constant<Kind, kValue>{}); break;
-    case kGrpoBc: f(std::integral_constant<Kind, kGrpoBc>{}); break;
+    case kLossPolicy: f(std::integral_constant<int64_t, kLossPolicy>{}); break;
+    case kLossGrpo: f(std::integral_constant<int64_t, kLossGrpo>{}); break;
+    case kLossValue: f(std::integral_constant<int64_t, kLossValue>{}); break;
+    case kLossGrpoBc: f(std::integral_constant<int64_t, kLossGrpoBc>{}); break;
     default: TORCH_CHECK(false, "kind must be 0 (policy), 1 (grpo), 2 (value) or 3 (grpo_bc), got ", kind);
   }
 }
 
+// The rows of a [..., T] tensor: the product of its leading dims.
+int64_t rows_in(const at::Tensor& x) { return c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)); }
+
 int64_t rows_per_task(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
 
-// Checks the token tensors and returns the row view for the kernels.
+// Checks the token tensors ([..., T], contiguous; advantages [..., T] or [...]) and returns the row view.
 template <typename T>
-Rows<T> rows_of(int64_t kind, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& z,
-                const at::Tensor& w, const at::Tensor& mask) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [B, T] tensor");
-  const int64_t B = x.size(0), L = x.size(1);
+Rows<T> rows_of(int64_t kind, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
+                const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& w, const at::Tensor& mask) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "x must be a contiguous [..., T] tensor");
+  const int64_t L = x.size(-1);
   auto same = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.sizes() == x.sizes() && t.is_contiguous() && t.scalar_type() == x.scalar_type(), name,
-                " must be a contiguous [", B, ", ", L, "] tensor of x's dtype ", x.scalar_type());
+                " must be a contiguous tensor of x's shape ", x.sizes(), " and dtype ", x.scalar_type());
   };
   same(y, "old");
-  const bool per_row = a.dim() == 1;
+  const bool per_row = a.dim() == x.dim() - 1;
   if (per_row) {
-    TORCH_CHECK(kind != kValue && a.size(0) == B && a.is_contiguous() && a.scalar_type() == x.scalar_type(),
-                "per-row advantages must be a contiguous [", B, "] tensor of x's dtype");
+    TORCH_CHECK(kind != kLossValue && a.sizes() == x.sizes().slice(0, x.dim() - 1) && a.is_contiguous() &&
+                    a.scalar_type() == x.scalar_type(),
+                "per-row advantages must be a contiguous tensor of x's leading shape and dtype");
   } else {
     same(a, "advantages / returns");
   }
-  const bool has_ref = z.defined() && z.numel() > 0;
-  const bool grpo = kind == kGrpo || kind == kGrpoBc;
-  TORCH_CHECK(!grpo || has_ref || x.numel() == 0, "the grpo kinds need ref_logp");
-  TORCH_CHECK(grpo || !has_ref, "ref_logp is used by the grpo kinds only");
-  if (has_ref) same(z, "ref_logp");
-  const bool has_w = w.defined() && w.numel() > 0;
-  TORCH_CHECK(!has_w || kind != kValue, "weights are supported by the policy and grpo kinds only");
-  if (has_w) same(w, "weights");
-  TORCH_CHECK(mask.sizes() == x.sizes() && mask.is_contiguous() && mask.scalar_type() == at::kBool,
-              "mask must be a contiguous bool [", B, ", ", L, "] tensor");
+  const bool grpo = kind == kLossGrpo || kind == kLossGrpoBc;
+  TORCH_CHECK(!grpo || z.has_value(), "the grpo kinds need ref_logp");
+  TORCH_CHECK(grpo || !z.has_value(), "ref_logp is used by the grpo kinds only");
+  if (z) same(*z, "ref_logp");
+  TORCH_CHECK(!w || kind != kLossValue, "weights are supported by the policy and grpo kinds only");
+  if (w) same(*w, "weights");
+  TORCH_CHECK(mask.sizes() == x.sizes() && mask.is_contiguous(), "mask must be a contiguous tensor of x's shape ",
+              x.sizes());
+  MaskStager stage = nullptr;
+  dispatch_mask_type(mask.scalar_type(), "mask", [&](auto mtag) { stage = mask_stager<decltype(mtag)>(); });
   return {static_cast<const T*>(x.data_ptr()), static_cast<const T*>(y.data_ptr()),
-          static_cast<const T*>(a.data_ptr()),  has_ref ? static_cast<const T*>(z.data_ptr()) : nullptr,
-          has_w ? static_cast<const T*>(w.data_ptr()) : nullptr,
-          reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), L, per_row};
+          static_cast<const T*>(a.data_ptr()),  z ? static_cast<const T*>(z->data_ptr()) : nullptr,
+          w ? static_cast<const T*>(w->data_ptr()) : nullptr,
+          static_cast<const char*>(mask.const_data_ptr()), mask.element_size(), stage, L, per_row};
 }
 
 Consts consts_of(double clip_low, double clip_high, double dual_clip, double beta, double value_clip) {
@@ -360,15 +367,15 @@ float* f32_out(const at::Tensor& t, int64_t n, const char* name) {
 
 // denom > 0: that constant; denom == -1: the number of valid tokens; denom == -2: the number of rows
 // with at least one valid token. Whatever it is, at least 1, so an all-padding batch gives loss 0.
-void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& z,
-                const at::Tensor& w, const at::Tensor& mask, int64_t kind, double clip_low, double clip_high,
+void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const std::optional<at::Tensor>& z,
+                const std::optional<at::Tensor>& w, const at::Tensor& mask, int64_t kind, double clip_low, double clip_high,
                 double dual_clip, double beta, double value_clip, bool per_row_mean, double denom, at::Tensor loss,
                 at::Tensor stats, at::Tensor row_scale) {
   TORCH_CHECK(denom > 0 || denom == -1 || denom == -2, "denom must be > 0, -1 (token count) or -2 (row count)");
-  TORCH_CHECK(x.dim() == 2, "x must be a [B, T] tensor, got ", x.dim(), " dims");
-  const int64_t B = x.size(0);
+  TORCH_CHECK(x.dim() >= 1, "x must be a [..., T] tensor, got a 0-d tensor");
+  const int64_t B = rows_in(x);
   float* loss_ptr = f32_out(loss, 1, "loss");
-  float* stats_ptr = f32_out(stats, kStats, "stats");
+  float* stats_ptr = f32_out(stats, kLossStats, "stats");
   float* scale_ptr = f32_out(row_scale, B, "row_scale");
   const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip);
   std::vector<float> partial(static_cast<size_t>(B) * kPartials, 0.f);
@@ -399,20 +406,20 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
   }
   loss_ptr[0] = static_cast<float>(total);
   const double n = std::max(tokens, 1.0);
-  const int order[kStats] = {kClipped, kClipHigh, kClipLow, kDual, kNegLogRatio, kK3};
-  for (int i = 0; i < kStats; ++i) stats_ptr[i] = static_cast<float>(sums[order[i]] / n);
+  const int order[kLossStats] = {kClipped, kClipHigh, kClipLow, kDual, kNegLogRatio, kK3};
+  for (int i = 0; i < kLossStats; ++i) stats_ptr[i] = static_cast<float>(sums[order[i]] / n);
 }
 
 void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
-                const at::Tensor& z, const at::Tensor& w, const at::Tensor& mask, const at::Tensor& row_scale,
+                const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& w, const at::Tensor& mask, const at::Tensor& row_scale,
                 int64_t kind, double clip_low, double clip_high, double dual_clip, double beta, double value_clip,
                 at::Tensor grad_x) {
   TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == at::kFloat,
               "grad_loss must be a float32 scalar");
   TORCH_CHECK(grad_x.sizes() == x.sizes() && grad_x.is_contiguous() && grad_x.scalar_type() == x.scalar_type(),
               "grad_x must be a contiguous tensor of x's shape and dtype");
-  TORCH_CHECK(x.dim() == 2, "x must be a [B, T] tensor, got ", x.dim(), " dims");
-  const int64_t B = x.size(0);
+  TORCH_CHECK(x.dim() >= 1, "x must be a [..., T] tensor, got a 0-d tensor");
+  const int64_t B = rows_in(x);
   const float* scale = f32_out(row_scale, B, "row_scale");
   const float g = grad_loss.item<float>();
   const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip);

@@ -11,7 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-K1, ABS, K2, K3 = 0, 1, 2, 3
+from rlkern.codes import KL_ESTIMATORS
+
+# The estimator codes (rlkern/codes.py), as constexpr globals the kernels can compare against.
+K1 = tl.constexpr(KL_ESTIMATORS["k1"])
+ABS = tl.constexpr(KL_ESTIMATORS["abs"])
+K2 = tl.constexpr(KL_ESTIMATORS["k2"])
+K3 = tl.constexpr(KL_ESTIMATORS["k3"])
 BLOCK = 1024
 
 
@@ -38,11 +44,11 @@ def _k3_parts(r, lo, hi):
 
 @triton.jit
 def _kl_value(d, lo, hi, value_bound, ESTIMATOR: tl.constexpr):
-    if ESTIMATOR == 0:
+    if ESTIMATOR == K1:
         v = d
-    elif ESTIMATOR == 1:
+    elif ESTIMATOR == ABS:
         v = tl.abs(d)
-    elif ESTIMATOR == 2:
+    elif ESTIMATOR == K2:
         v = 0.5 * d * d
     else:
         _, k3 = _k3_parts(-d, lo, hi)
@@ -51,7 +57,8 @@ def _kl_value(d, lo, hi, value_bound, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
-def _kl_fwd_kernel(lp_ptr, rf_ptr, out_ptr, n, lo, hi, value_bound, ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr):
+def _kl_fwd_kernel(lp_ptr, rf_ptr, out_ptr, n, lo, hi, value_bound, ESTIMATOR: tl.constexpr,
+                   BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     d = tl.load(lp_ptr + offs, mask=inside, other=0.0).to(tl.float32) - tl.load(
@@ -61,17 +68,20 @@ def _kl_fwd_kernel(lp_ptr, rf_ptr, out_ptr, n, lo, hi, value_bound, ESTIMATOR: t
 
 @triton.jit
 def _kl_bwd_kernel(g_ptr, lp_ptr, rf_ptr, dx_ptr, n, lo, hi, value_bound, ESTIMATOR: tl.constexpr,
-                   STRAIGHT_THROUGH: tl.constexpr, BLOCK: tl.constexpr):
+                   STRAIGHT_THROUGH: tl.constexpr, G_SCALAR: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     d = tl.load(lp_ptr + offs, mask=inside, other=0.0).to(tl.float32) - tl.load(
         rf_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=inside, other=0.0)
-    if STRAIGHT_THROUGH or ESTIMATOR == 2:
+    if G_SCALAR:  # one gradient for every element (the backward of a sum)
+        g = tl.load(g_ptr)
+    else:
+        g = tl.load(g_ptr + offs, mask=inside, other=0.0)
+    if STRAIGHT_THROUGH or ESTIMATOR == K2:
         slope = d
-    elif ESTIMATOR == 0:
+    elif ESTIMATOR == K1:
         slope = tl.full(d.shape, 1.0, tl.float32)
-    elif ESTIMATOR == 1:
+    elif ESTIMATOR == ABS:
         slope = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     else:
         r = -d
@@ -104,9 +114,10 @@ def _rewards_kernel(s_ptr, lp_ptr, rf_ptr, m_ptr, out_ptr, length, kl_coef, lo, 
     tl.store(out_ptr + at, current + tl.load(s_ptr + row), mask=has_last)
 
 
-def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, estimator: int, lo: float, hi: float, value_bound: float,
-           out: torch.Tensor) -> None:
-    """logp, ref: contiguous, one shape and dtype; out: contiguous float32 of that shape."""
+def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, estimator: int, straight_through: bool, lo: float,
+           hi: float, value_bound: float, out: torch.Tensor) -> None:
+    """logp, ref: contiguous, one shape and dtype; out: contiguous float32 of that shape. The
+    straight-through flag changes only the gradient (same arguments as the C++ kernel)."""
     n = logp.numel()
     if n == 0:
         return
@@ -116,21 +127,26 @@ def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, estimator: int, lo: float, hi:
 
 def kl_bwd(grad: torch.Tensor, logp: torch.Tensor, ref: torch.Tensor, estimator: int, straight_through: bool,
            lo: float, hi: float, value_bound: float, grad_logp: torch.Tensor) -> None:
-    """Writes d kl / d logp * grad into grad_logp (contiguous, logp's dtype)."""
+    """Writes d kl / d logp * grad into grad_logp (contiguous, logp's dtype); grad: contiguous float32,
+    one per element or a single one for all."""
     n = logp.numel()
     if n == 0:
         return
     _kl_bwd_kernel[(triton.cdiv(n, BLOCK),)](grad, logp, ref, grad_logp, n, lo, hi, value_bound,
-                                             ESTIMATOR=estimator, STRAIGHT_THROUGH=straight_through, BLOCK=BLOCK)
+                                             ESTIMATOR=estimator, STRAIGHT_THROUGH=straight_through,
+                                             G_SCALAR=grad.numel() != n, BLOCK=BLOCK)
 
 
 def token_rewards_fwd(scores: torch.Tensor, logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
                       kl_coef: float, estimator: int, lo: float, hi: float, value_bound: float,
                       out: torch.Tensor) -> None:
-    """logp, ref: contiguous [rows, T]; mask: contiguous bool [rows, T]; scores: float32 [rows]."""
-    rows, length = logp.shape
-    if rows == 0 or length == 0:
+    """logp, ref, mask, out: contiguous [..., T] (the mask in any dtype, nonzero = valid; read in
+    that dtype); scores: contiguous float32, one per row."""
+    length = logp.shape[-1]
+    rows = logp.numel() // length if length else 0
+    if rows == 0:
         return
     block = min(triton.next_power_of_2(length), BLOCK)
-    _rewards_kernel[(rows,)](scores, logp, ref, mask.view(torch.uint8), out, length, kl_coef, lo, hi, value_bound,
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    _rewards_kernel[(rows,)](scores, logp, ref, m, out, length, kl_coef, lo, hi, value_bound,
                              ESTIMATOR=estimator, BLOCK=block)

@@ -22,10 +22,18 @@ import torch
 import triton
 import triton.language as tl
 
-# Per-row partial sums: loss, count, clipped, clip_high, clip_low, dual, -log r, k3.
+from rlkern.codes import LOSS_KINDS, LOSS_STATS
+
+# Per-row partial sums: loss, count, then the LOSS_STATS stats: clipped, clip_high, clip_low, dual,
+# -log r, k3.
 N_PARTIALS = 8
-# GRPO_BC: grpo with the KL term weighted by the importance ratio (TRL's use_bias_correction_kl).
-POLICY, GRPO, VALUE, GRPO_BC = 0, 1, 2, 3
+assert N_PARTIALS == 2 + LOSS_STATS
+# The kinds (rlkern/codes.py) as constexpr globals. GRPO_BC: grpo with the KL term weighted by the
+# importance ratio (TRL's use_bias_correction_kl).
+POLICY = tl.constexpr(LOSS_KINDS["policy"])
+GRPO = tl.constexpr(LOSS_KINDS["grpo"])
+VALUE = tl.constexpr(LOSS_KINDS["value"])
+GRPO_BC = tl.constexpr(LOSS_KINDS["grpo_bc"])
 
 
 @triton.jit
@@ -43,7 +51,8 @@ def _max_nan(a, b):
 @triton.jit
 def _clamp_nan(x, lo, hi):
     """torch.clamp: NaN if x or a bound is NaN."""
-    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
+    low = tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(low, hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -58,7 +67,7 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: 
     for 16+ lanes: the loss and its gradient without the KL term, which is added after the per-token
     weight (TRL weights the surrogate, not the KL): the token's loss is w * loss + beta * k3."""
     zero = tl.zeros_like(x)
-    if KIND == 2:  # value: x = v, y = v_old, a = returns
+    if KIND == VALUE:  # x = v, y = v_old, a = returns
         vlo = y - vclip
         vhi = y + vclip
         vc = _clamp_nan(x, vlo, vhi)
@@ -99,20 +108,22 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: 
         grad = tl.where(loss != loss, loss, grad)  # noqa: PLR0124 (a NaN token's gradient is NaN)
         k3 = zero
         kl_grad = zero
-        if (KIND == 1) or (KIND == 3):
+        if (KIND == GRPO) or (KIND == GRPO_BC):
             d_raw = z - x
             d = _clamp_nan(d_raw, -20.0, 20.0)
             d_pass = tl.where((d_raw >= -20.0) & (d_raw <= 20.0), 1.0, 0.0)
             ed = tl.exp(d)
             k3 = ed - d - 1.0
             d_k3 = (1.0 - ed) * d_pass
-            if KIND == 3:  # k3 r: d/d logp = d_k3 r + k3 r lr_pass; the stat reports k3 r, as TRL's `kl`
+            # grpo_bc: k3 r, d/d logp = d_k3 r + k3 r lr_pass; the stat reports k3 r, as TRL's `kl`
+            if KIND == GRPO_BC:
                 kl_grad = beta * (d_k3 * ratio + k3 * ratio * lr_pass)
                 k3 = k3 * ratio
             else:
                 kl_grad = beta * d_k3
         high_clip, low_clip = _flag((ratio > hi) & (a > 0.0), clip1), _flag((ratio < lo) & negative, clip1)
-        return loss, grad, _flag(pg2 > pg1, clip1), high_clip, low_clip, _flag(dual_on, clip1), -lr, k3, kl_grad
+        clipped = _flag(pg2 > pg1, clip1)
+        return loss, grad, clipped, high_clip, low_clip, _flag(dual_on, clip1), -lr, k3, kl_grad
 
 
 @triton.jit
@@ -125,7 +136,7 @@ def _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
     else:
         a = tl.load(a_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
     z = tl.zeros_like(x)
-    if (KIND == 1) or (KIND == 3):
+    if (KIND == GRPO) or (KIND == GRPO_BC):
         z = tl.load(z_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
     w = tl.zeros_like(x) + 1.0
     if HAS_W:
@@ -135,9 +146,9 @@ def _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
 
 
 @triton.jit
-def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, length, lo, hi, dual, beta, vclip,
-                       KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr, HAS_DUAL: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, length, lo, hi, dual, beta,
+                       vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
+                       HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * length
     acc_loss = tl.zeros([BLOCK], tl.float32)
@@ -210,8 +221,8 @@ def _losses_combine_kernel(partial_ptr, loss_ptr, stats_ptr, scale_ptr, rows, de
 
 
 @triton.jit
-def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, scale_ptr, out_ptr, length, lo, hi, dual,
-                       beta, vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
+def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, scale_ptr, out_ptr, length, lo, hi,
+                       dual, beta, vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
                        HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * length
@@ -231,35 +242,39 @@ def _block(length: int) -> int:
     return max(16, min(triton.next_power_of_2(max(length, 1)), 1024))
 
 
-def _pointers(x, old, adv, ref, weights, mask, kind):
-    a_per_row = adv.dim() == 1
-    has_w = weights.numel() > 0
-    ref_ptr = ref if kind in (GRPO, GRPO_BC) else x
-    return (x, old, adv, ref_ptr, weights if has_w else x, mask.view(torch.uint8)), a_per_row, has_w
+def _launch_args(x, old, adv, ref, weights, mask):
+    """[rows, T] views of the [..., T] inputs (the mask in its own dtype, a bool one as uint8), with x
+    standing in for an absent ref / weights (the kernel never reads them then)."""
+    length = x.shape[-1]
+    rows = x.shape[:-1].numel()
+    flat = lambda t: t.reshape(rows, length)  # noqa: E731
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    ptrs = (flat(x), flat(old), adv.reshape(rows) if adv.dim() < x.dim() else flat(adv),
+            x if ref is None else ref, x if weights is None else weights, m)
+    return ptrs, rows, length, adv.dim() < x.dim(), weights is not None
 
 
 def losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,
                per_row_mean, denom, loss, stats, row_scale) -> None:
-    """Same contract as the C++ rlkern_C::losses_fwd: canonical [B, T] inputs, writes loss (0-d),
-    stats [6] and row_scale [B] (all fp32)."""
-    rows, length = x.shape
+    """Same contract as the C++ rlkern._C.losses_fwd: contiguous [..., T] inputs (advantages per token
+    or per row; ref and weights or None; the mask in any dtype, nonzero = valid), writes loss (0-d),
+    stats [LOSS_STATS] and row_scale [...] (all fp32)."""
+    ptrs, rows, length, a_per_row, has_w = _launch_args(x, old, adv, ref, weights, mask)
     partial = torch.zeros(rows, N_PARTIALS, device=x.device, dtype=torch.float32)
-    ptrs, a_per_row, has_w = _pointers(x, old, adv, ref, weights, mask, kind)
     consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
     if rows > 0:
-        _losses_fwd_kernel[(rows,)](*ptrs, partial, length, *consts, KIND=kind, A_PER_ROW=a_per_row, HAS_W=has_w,
-                                    HAS_DUAL=math.isfinite(dual_clip), BLOCK=_block(length))
-    _losses_combine_kernel[(1,)](partial, loss, stats, row_scale, rows, float(denom), PER_ROW_MEAN=per_row_mean,
-                                 BLOCK_B=128)
+        _losses_fwd_kernel[(rows,)](*ptrs, partial, length, *consts, KIND=kind, A_PER_ROW=a_per_row,
+                                    HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip), BLOCK=_block(length))
+    _losses_combine_kernel[(1,)](partial, loss, stats, row_scale, rows, float(denom),
+                                 PER_ROW_MEAN=per_row_mean, BLOCK_B=128)
 
 
-def losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip_low, clip_high, dual_clip, beta,
-               value_clip, grad_x) -> None:
-    """Same contract as the C++ rlkern_C::losses_bwd: writes d x (x's dtype) into grad_x."""
-    rows, length = x.shape
+def losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip_low, clip_high, dual_clip,
+               beta, value_clip, grad_x) -> None:
+    """Same contract as the C++ rlkern._C.losses_bwd: writes d x (x's dtype) into grad_x."""
+    ptrs, rows, length, a_per_row, has_w = _launch_args(x, old, adv, ref, weights, mask)
     if rows == 0:
         return
-    ptrs, a_per_row, has_w = _pointers(x, old, adv, ref, weights, mask, kind)
     consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
     _losses_bwd_kernel[(rows,)](grad_loss, *ptrs, row_scale, grad_x, length, *consts, KIND=kind,
                                 A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),

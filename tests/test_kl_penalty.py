@@ -192,6 +192,41 @@ def test_token_rewards_places_the_score_at_the_last_valid_token(backend):
     assert torch.equal(out, expected)
 
 
+# Every mask dtype the kernels read natively, and two that token_mask converts (int16, float64).
+MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16,
+               torch.int16, torch.float64]
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+def test_token_rewards_mask_of_any_dtype(backend, mask_dtype):
+    """Nonzero = valid, read in the mask's own dtype: values other than 1 (2, 0.5, -1) are valid too.
+    Tolerance as in test_token_rewards_matches_oracle (fp32 maths on the same inputs)."""
+    scores, logp, ref, valid = _rewards_inputs((4, 45), torch.float32)
+    values = torch.tensor([1.0, 2.0, 0.5 if mask_dtype.is_floating_point else 3.0, -1.0])
+    mask = torch.where(valid, values[torch.randint(0, 4, valid.shape)], torch.zeros(())).to(mask_dtype)
+    if mask_dtype == torch.bool:
+        mask = valid
+    out = ops.token_rewards(scores, logp, ref, mask, kl_coef=0.05, estimator="k3")
+    oracle = reference.token_rewards(scores.double(), logp.double(), ref.double(), valid, kl_coef=0.05,
+                                     estimator="k3")
+    same = reference.token_rewards(scores, logp, ref, valid, kl_coef=0.05, estimator="k3")
+    assert_close_to_oracle(out, oracle, same, atol=1e-6, rtol=2e-6, what=f"token rewards, {mask_dtype} mask")
+    assert (out[~valid] == 0).all()
+
+
+def test_strict_masks_refuse_values_other_than_0_and_1(monkeypatch):
+    """RLKERN_STRICT_MASKS=1 (rlkern.ops._common.STRICT_MASKS) checks masks hold only 0 and 1."""
+    from rlkern.ops import _common
+
+    args = (torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3))
+    ops.token_rewards(*args, torch.full((2, 3), 2), kl_coef=0.1)  # default: nonzero = valid
+    monkeypatch.setattr(_common, "STRICT_MASKS", True)
+    for bad in (torch.full((2, 3), 0.5), torch.full((2, 3), 2)):
+        with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+            ops.token_rewards(*args, bad, kl_coef=0.1)
+    ops.token_rewards(*args, torch.ones(2, 3), kl_coef=0.1)
+
+
 def test_token_rewards_is_detached(backend):
     scores, logp, ref, mask = _rewards_inputs((2, 9), torch.float32)
     out = ops.token_rewards(scores.requires_grad_(), logp.requires_grad_(), ref, mask, kl_coef=0.1)
@@ -210,10 +245,6 @@ def test_token_rewards_is_detached(backend):
                                    kl_coef=0.1), ValueError, r"mask must have shape \(2, 3\)"),
         (lambda: ops.token_rewards(torch.zeros(3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3),
                                    kl_coef=0.1), ValueError, r"scores must have shape \(2,\)"),
-        (lambda: ops.token_rewards(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), torch.full((2, 3), 0.5),
-                                   kl_coef=0.1), ValueError, "mask must hold only 0 and 1"),
-        (lambda: ops.token_rewards(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), torch.full((2, 3), 2),
-                                   kl_coef=0.1), ValueError, "mask must hold only 0 and 1"),
         (lambda: ops.token_rewards(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3),
                                    kl_coef=float("nan")), ValueError, "kl_coef must be finite"),
     ],
@@ -231,8 +262,9 @@ def test_opcheck(backend_name):
     torch.library.opcheck(torch.ops.rlkern.kl_bwd.default, (torch.randn(3, 20), logp.detach(), ref, 3, True, -20.0,
                                                             20.0, 10.0, backend_name))
     scores, logp, ref, mask = _rewards_inputs((3, 20), torch.float32)
-    torch.library.opcheck(torch.ops.rlkern.token_rewards.default,
-                          (scores, logp, ref, mask, 0.1, 0, -float("inf"), 80.0, float("inf"), backend_name))
+    for m in (mask, mask.float(), mask.long()):
+        torch.library.opcheck(torch.ops.rlkern.token_rewards.default,
+                              (scores, logp, ref, m, 0.1, 0, -float("inf"), 80.0, float("inf"), backend_name))
 
 
 def test_torch_compile_fullgraph():

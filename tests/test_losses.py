@@ -279,12 +279,46 @@ def test_first_epoch_ties_give_the_full_gradient(backend):
     assert float(stats["clip_frac"]) == 0.0 and float(stats["approx_kl"]) == 0.0
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.int64, torch.uint8, torch.bfloat16])
+# Every mask dtype the kernels read natively, and two that token_mask converts (int16, float64).
+MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16,
+               torch.int16, torch.float64]
+
+
+def _mask_as(valid, mask_dtype):
+    """valid as a mask of mask_dtype whose nonzero entries are 1, 2, 0.5 or -1 (nonzero = valid)."""
+    if mask_dtype == torch.bool:
+        return valid
+    values = torch.tensor([1.0, 2.0, 0.5, -1.0])[torch.randint(0, 4, valid.shape)]
+    if not mask_dtype.is_floating_point:
+        values = values.round().clamp(min=1) * values.sign()
+    return torch.where(valid, values, torch.zeros(())).to(mask_dtype)
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
 def test_mask_of_any_dtype(backend, mask_dtype):
-    logp, old, _, adv, mask = _tokens((2, 17), torch.float32)
-    expected, _ = rlkern.ops.policy_loss(logp, old, adv, mask)
-    loss, _ = rlkern.ops.policy_loss(logp, old, adv, mask.to(mask_dtype))
-    assert torch.equal(loss, expected)
+    """Each loss with the mask in each dtype against the float64 oracle on the bool mask (the
+    tolerances of the oracle tests); T = 1100 spans a 1024-token mask chunk of the C++ kernels."""
+    logp, old, ref, adv, valid = _tokens((3, 1100), torch.float32)
+    mask = _mask_as(valid, mask_dtype)
+    for op, ref_fn, main, others, kwargs in (
+            (rlkern.ops.policy_loss, reference.policy_loss, logp, (old, adv), dict(dual_clip=3.0)),
+            (rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv[:, 0]), dict(loss_type="bnpo")),
+            (rlkern.ops.value_loss, reference.value_loss, logp, (old, adv), {})):
+        loss, stats, grad = _compare(lambda x, *o, **k: op(x, *o[:-1], mask, **k), ref_fn, main, (*others, valid),
+                                     kwargs, what=f"{op.__name__} {mask_dtype} mask")
+        assert (grad[~valid] == 0).all()
+
+
+def test_strict_masks_refuse_values_other_than_0_and_1(monkeypatch):
+    """RLKERN_STRICT_MASKS=1 (rlkern.ops._common.STRICT_MASKS) checks masks hold only 0 and 1."""
+    from rlkern.ops import _common
+
+    x = torch.randn(2, 5)
+    rlkern.ops.policy_loss(x, x, x, torch.full((2, 5), 2.0))  # default: nonzero = valid
+    monkeypatch.setattr(_common, "STRICT_MASKS", True)
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        rlkern.ops.policy_loss(x, x, x, torch.full((2, 5), 2.0))
+    rlkern.ops.policy_loss(x, x, x, torch.ones(2, 5, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -375,8 +409,9 @@ def test_opcheck(backend_name, kind):
     logp, old, ref, adv, mask = _tokens((3, 21), torch.float32)
     grpo = kind in (1, 3)
     a = adv[:, 0].contiguous() if grpo else adv
-    r = ref if grpo else logp.new_empty(0)
-    w = torch.rand(3, 21) if kind == 0 else logp.new_empty(0)
+    r = ref if grpo else None
+    w = torch.rand(3, 21) if kind == 0 else None
+    mask = mask.float() if kind == 1 else mask.long() if kind == 2 else mask
     args = (logp.requires_grad_(), old, a, r, w, mask, kind, 0.2, 0.28, 3.0 if kind == 0 else math.inf, 0.04, 0.2,
             grpo, -1.0 if not grpo else 3.0, backend_name)
     torch.library.opcheck(torch.ops.rlkern.losses_fwd.default, args)
@@ -420,8 +455,6 @@ _M = lambda *s: torch.ones(*s, dtype=torch.bool)  # noqa: E731
          r"advantages must have shape \(2, 5\) \(per token\) or \(2,\) \(per sequence\)"),
     _bad(lambda: rlkern.ops.policy_loss(_X(2, 5), _X(2, 5), _X(2, 5), _M(2, 4)), ValueError,
          r"mask must have shape \(2, 5\)"),
-    _bad(lambda: rlkern.ops.policy_loss(_X(2, 5), _X(2, 5), _X(2, 5), torch.full((2, 5), 2.0)), ValueError,
-         "mask must be bool or hold only 0 and 1"),
     _bad(lambda: rlkern.ops.policy_loss(_X(2, 5), _X(2, 5), _X(2, 5), _M(2, 5), agg="mean"), ValueError,
          r"agg must be one of \['token-mean', 'seq-mean-token-sum'"),
     _bad(lambda: rlkern.ops.policy_loss(_X(2, 5), _X(2, 5), _X(2, 5), _M(2, 5), clip_low=1.0), ValueError,
@@ -469,9 +502,8 @@ def test_cpp_kernel_checks_shapes_itself():
     x = torch.randn(2, 5)
     outs = (torch.empty(()), torch.empty(6), torch.empty(2))
     with pytest.raises(RuntimeError, match="old must be a contiguous"):
-        cpp_kernels().losses_fwd(x, torch.randn(2, 4), x, x.new_empty(0), x.new_empty(0),
-                                      torch.ones(2, 5, dtype=torch.bool), 0, 0.2, 0.2, math.inf, 0.0, 0.0, False,
-                                      -1.0, *outs)
+        cpp_kernels().losses_fwd(x, torch.randn(2, 4), x, None, None, torch.ones(2, 5, dtype=torch.bool), 0, 0.2,
+                                 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs)
     with pytest.raises(RuntimeError, match="the grpo kinds need ref_logp"):
-        cpp_kernels().losses_fwd(x, x, x, x.new_empty(0), x.new_empty(0), torch.ones(2, 5, dtype=torch.bool),
-                                      1, 0.2, 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs)
+        cpp_kernels().losses_fwd(x, x, x, None, None, torch.ones(2, 5, dtype=torch.bool), 1, 0.2, 0.2, math.inf,
+                                 0.0, 0.0, False, -1.0, *outs)

@@ -27,8 +27,8 @@ ADVANTAGE_METHODS = reference.ADVANTAGE_METHODS
 def _group_ids(batch: int, group_size, index, device) -> tuple[Tensor, int]:
     """Dense group ids in [0, G) for every score, and G."""
     if (group_size is None) == (index is None):
-        raise ValueError("pass exactly one of group_size (fixed-size consecutive groups) or index (a group id per "
-                         "score)")
+        raise ValueError("pass exactly one of group_size (fixed-size consecutive groups) or index (a group "
+                         "id per score)")
     if group_size is not None:
         group_size = check_int(group_size, "group_size")
         if group_size < 1:
@@ -40,7 +40,8 @@ def _group_ids(batch: int, group_size, index, device) -> tuple[Tensor, int]:
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise TypeError(f"index must hold integer group ids, got dtype {index.dtype}")
         if index.shape != (batch,):
-            raise ValueError(f"index must have shape ({batch},) (one group id per score), got {tuple(index.shape)}")
+            raise ValueError(f"index must have shape ({batch},) (one group id per score), got "
+                             f"{tuple(index.shape)}")
         uniq, inverse = torch.unique(index.to(device), return_inverse=True)
         return inverse, uniq.numel()
     # verl passes a numpy array of uid strings; any 1-d sequence of hashable ids works.
@@ -71,6 +72,40 @@ def _win_rates(r: Tensor, ids: Tensor, counts: Tensor, groups: int, n_max: int) 
     out = torch.empty_like(r)
     out[order] = wins[ids[order], slot] - 0.5
     return out
+
+
+def _check_finite_scores(scores: Tensor) -> None:
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"scores must be finite; scores[{first}] is {scores[first].item()}")
+
+
+def _finite_or_raise(adv: Tensor) -> Tensor:
+    """adv, or a ValueError naming the first score whose advantage overflowed float32."""
+    if adv.dtype == torch.float32 and not bool(torch.isfinite(adv).all()):
+        first = int((~torch.isfinite(adv)).nonzero()[0, 0])
+        raise ValueError(f"the advantage of scores[{first}] is {adv[first].item()}: it exceeds float32's "
+                         f"range (float32 max {torch.finfo(torch.float32).max:.4g}); pass float64 scores")
+    return adv
+
+
+def _fixed_groups(scores: Tensor, n: int, method: str, eps: float, scale_by_std: bool,
+                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """grpo / rloo / reinforce_baseline for consecutive groups of n, on a [G, n] view: a handful of
+    row ops (at small B the op's cost is their dispatch). Returns (advantages before degenerate groups
+    are zeroed, [G, 1] mask of the groups of equal scores)."""
+    r = scores.double().view(-1, n)
+    low, high = torch.aminmax(r, dim=-1, keepdim=True)
+    mean = r.mean(dim=-1, keepdim=True)
+    dev = r - mean  # two passes (mean, then squared deviations) for an accurate variance
+    if method == "grpo" and scale_by_std:
+        adv = dev / (dev.square().sum(dim=-1, keepdim=True).div_(max(n - 1, 1)).sqrt_().add_(eps))
+    elif method == "rloo":
+        adv = dev * (n / max(n - 1, 1))
+    else:
+        adv = dev
+    return adv.to(out_dtype), high == low
 
 
 def group_advantages(scores: Tensor, *, group_size: int | None = None, index=None, method: str = "grpo",
@@ -117,11 +152,24 @@ def group_advantages(scores: Tensor, *, group_size: int | None = None, index=Non
     if group_size is not None:
         group_size = check_int(group_size, "group_size")
     eager = not torch.compiler.is_compiling()  # the value checks below sync on GPU; skipped when tracing
+    out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    if group_size is not None and index is None and method != "winrate" and not return_counts:
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if scores.shape[0] % group_size:
+            raise ValueError(f"the batch of {scores.shape[0]} scores is not divisible by "
+                             f"group_size={group_size}")
+        adv, flat = _fixed_groups(scores, group_size, method, eps, scale_by_std, out_dtype)
+        # One finiteness check before degenerate groups are zeroed (a non-finite score, or an
+        # advantage beyond float32, leaves a NaN / inf there); only then the checks that name the
+        # culprit (0 / 0 in a group of equal scores with eps = 0 is a false alarm they clear).
+        check = eager and not bool(adv.isfinite().all())
+        if check:
+            _check_finite_scores(scores)
+        adv = adv.masked_fill_(flat, 0.0).view(-1)  # also every group of one (low == high)
+        return _finite_or_raise(adv) if check else adv
     if eager:
-        bad = ~torch.isfinite(scores)
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0, 0])
-            raise ValueError(f"scores must be finite; scores[{first}] is {scores[first].item()}")
+        _check_finite_scores(scores)
     ids, groups = _group_ids(scores.shape[0], group_size, index, scores.device)
     # float64 whatever the input: B numbers cost nothing, and in float32 the mean of [1, 1 + 2^-23]
     # rounds so that rloo's advantages are not zero-sum, and scores near +-3e38 overflow the
@@ -150,13 +198,10 @@ def group_advantages(scores: Tensor, *, group_size: int | None = None, index=Non
         n_max = group_size if group_size is not None else int(counts.max()) if groups else 0
         adv = _win_rates(r, ids, counts, groups, n_max)
     adv = torch.where((singleton | flat)[ids], torch.zeros_like(adv), adv)
-    out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     if out_dtype == torch.float32:
         adv = adv.float()
-        if eager and not bool(torch.isfinite(adv).all()):
-            first = int((~torch.isfinite(adv)).nonzero()[0, 0])
-            raise ValueError(f"the advantage of scores[{first}] is {adv[first].item()}: it exceeds float32's range "
-                             f"(float32 max {torch.finfo(torch.float32).max:.4g}); pass float64 scores")
+        if eager:
+            _finite_or_raise(adv)
     if not return_counts:
         return adv
     return adv, {"groups": torch.tensor(groups), "singleton_groups": singleton.sum(),

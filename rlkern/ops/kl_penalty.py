@@ -2,7 +2,8 @@
 
 One elementwise pass computes the estimator in fp32 (and one more its gradient); token_rewards
 adds the sequence score at each row's last valid token in the same pass. Kernels: csrc/kl_penalty.cpp
-(CPU), kernels/kl_penalty.py (Triton); oracle: rlkern.reference.kl / token_rewards.
+(CPU), kernels/kl_penalty.py (Triton), both ``kernels(backend, "kl_penalty")``; estimator codes:
+rlkern/codes.py; oracle: rlkern.reference.kl / token_rewards.
 """
 
 from __future__ import annotations
@@ -13,43 +14,46 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
-from rlkern.ops._registry import cpp_kernels
-from rlkern.ops._common import (
-    check_finite,
-    check_number,
-    check_tensor,
-    check_token_mask,
-    new_output,
-    pick_backend,
-)
+from rlkern.codes import KL_ESTIMATORS
+from rlkern.ops._common import check_finite, check_number, check_tensor, new_output, pick_backend, token_mask
+from rlkern.ops._registry import kernel_op, kernels
 
 __all__ = ["kl", "token_rewards"]
 
-_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 _VALID_NAMES = reference.KL_ESTIMATORS + tuple(reference.KL_ALIASES)
+
+
+# Every accepted name -> (canonical name, kernel code of its value, straight-through?).
+_PARSED = {alias: (name, KL_ESTIMATORS[name.rstrip("+")], name.endswith("+"))
+           for alias, name in [(n, n) for n in reference.KL_ESTIMATORS] + list(reference.KL_ALIASES.items())}
 
 
 def _parse_estimator(estimator) -> tuple[str, int, bool]:
     """(canonical name, kernel code of its value, straight-through?) or a ValueError listing names."""
-    name = reference.KL_ALIASES.get(estimator, estimator) if isinstance(estimator, str) else None
-    if name not in reference.KL_ESTIMATORS:
+    parsed = _PARSED.get(estimator) if isinstance(estimator, str) else None
+    if parsed is None:
         raise ValueError(f"estimator must be one of {_VALID_NAMES}, got {estimator!r}")
-    straight_through = name.endswith("+")
-    return name, _CODES[name.rstrip("+")], straight_through
+    return parsed
+
+
+_NO_CLAMP, _VERL_CLAMP = reference.kl_bounds(None), reference.kl_bounds(True)
 
 
 def _parse_clamp(clamp) -> tuple[float, float, float]:
-    if not (clamp is None or isinstance(clamp, bool)):
-        try:
-            ratio_bound, value_bound = (check_number(c, "clamp's bounds") for c in clamp)
-        except (TypeError, ValueError):
-            raise TypeError(f"clamp must be None, True (verl's (20, 10)) or a pair of numbers (log-ratio bound, "
-                            f"value bound), got {clamp!r}") from None
-        for what, v in (("log-ratio bound", ratio_bound), ("value bound", value_bound)):
-            if torch.compiler.is_compiling():  # eager-only value checks (symbolic floats, Liger #1366)
-                break
-            if math.isnan(v) or v <= 0:
-                raise ValueError(f"clamp's {what} must be > 0 (inf for none), got {v}")
+    if clamp is None or clamp is False:
+        return _NO_CLAMP
+    if clamp is True:
+        return _VERL_CLAMP
+    try:
+        ratio_bound, value_bound = (check_number(c, "clamp's bounds") for c in clamp)
+    except (TypeError, ValueError):
+        raise TypeError(f"clamp must be None, True (verl's (20, 10)) or a pair of numbers (log-ratio bound, "
+                        f"value bound), got {clamp!r}") from None
+    for what, v in (("log-ratio bound", ratio_bound), ("value bound", value_bound)):
+        if torch.compiler.is_compiling():  # eager-only value checks (symbolic floats, Liger #1366)
+            break
+        if math.isnan(v) or v <= 0:
+            raise ValueError(f"clamp's {what} must be > 0 (inf for none), got {v}")
     return reference.kl_bounds(clamp)
 
 
@@ -60,44 +64,38 @@ def _pair(logp, ref_logp) -> tuple[Tensor, Tensor]:
         raise ValueError(f"ref_logp must have logp's shape {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
     if logp.dtype != ref_logp.dtype:  # the kernels read both in one storage type
         logp, ref_logp = logp.float(), ref_logp.float()
-    return logp, ref_logp
+    return logp.contiguous(), ref_logp.contiguous()
 
 
-@torch.library.custom_op("rlkern::kl_fwd", mutates_args=())
+# The registered ops take contiguous logp / ref_logp of one shape and dtype (and, for token_rewards,
+# a contiguous mask of that shape in any dtype and float32 scores, one per row).
+@kernel_op("kl_fwd")
 def _kl_fwd(logp: Tensor, ref_logp: Tensor, estimator: int, straight_through: bool, lo: float, hi: float,
             value_bound: float, backend: str) -> Tensor:
     out = new_output(logp.shape, device=logp.device)
-    lp, rf = logp.contiguous(), ref_logp.contiguous()
-    if backend == "cpp":
-        cpp_kernels().kl_fwd(lp, rf, estimator, straight_through, lo, hi, value_bound, out)
-    else:
-        from rlkern.kernels import kl_penalty as tk
-
-        tk.kl_fwd(lp, rf, estimator, lo, hi, value_bound, out)
+    kernels(backend, "kl_penalty").kl_fwd(logp, ref_logp, estimator, straight_through, lo, hi, value_bound,
+                                          out)
     return out
 
 
 @_kl_fwd.register_fake
-def _(logp, ref_logp, estimator, straight_through, lo, hi, value_bound, backend):
+def _(logp, *_):
     return logp.new_empty(logp.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("rlkern::kl_bwd", mutates_args=())
+@kernel_op("kl_bwd")
 def _kl_bwd(grad: Tensor, logp: Tensor, ref_logp: Tensor, estimator: int, straight_through: bool, lo: float,
             hi: float, value_bound: float, backend: str) -> Tensor:
     out = new_output(logp.shape, device=logp.device, dtype=logp.dtype)
-    g, lp, rf = grad.float().contiguous(), logp.contiguous(), ref_logp.contiguous()
-    if backend == "cpp":
-        cpp_kernels().kl_bwd(g, lp, rf, estimator, straight_through, lo, hi, value_bound, out)
-    else:
-        from rlkern.kernels import kl_penalty as tk
-
-        tk.kl_bwd(g, lp, rf, estimator, straight_through, lo, hi, value_bound, out)
+    if grad.numel() > 1 and not any(grad.stride()):
+        grad = grad.as_strided((1,), (1,))  # an expanded scalar (the backward of a sum): read it once
+    kernels(backend, "kl_penalty").kl_bwd(grad.float().contiguous(), logp, ref_logp, estimator,
+                                          straight_through, lo, hi, value_bound, out)
     return out
 
 
 @_kl_bwd.register_fake
-def _(grad, logp, ref_logp, estimator, straight_through, lo, hi, value_bound, backend):
+def _(grad, logp, *_):
     return torch.empty_like(logp, memory_format=torch.contiguous_format)
 
 
@@ -109,7 +107,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     logp, ref_logp = ctx.saved_tensors
-    grad_logp = torch.ops.rlkern.kl_bwd(grad, logp, ref_logp, *ctx.args)
+    grad_logp = _kl_bwd(grad, logp, ref_logp, *ctx.args)
     # Every estimator is a function of logp - ref_logp: d/d ref = -d/d logp.
     grad_ref = -grad_logp if ctx.needs_input_grad[1] else None
     return (grad_logp if ctx.needs_input_grad[0] else None), grad_ref, None, None, None, None, None, None
@@ -151,31 +149,21 @@ def kl(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", *, clamp=None) -> 
     backend = pick_backend(logp, ref_logp)
     if backend == "torch":
         return reference.kl(logp, ref_logp, name, clamp=clamp)
-    return torch.ops.rlkern.kl_fwd(logp, ref_logp, code, straight_through, lo, hi, value_bound, backend)
+    return _kl_fwd(logp, ref_logp, code, straight_through, lo, hi, value_bound, backend)
 
 
-@torch.library.custom_op("rlkern::token_rewards", mutates_args=())
-def _token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float, estimator: int,
-                   lo: float, hi: float, value_bound: float, backend: str) -> Tensor:
-    rows, length = math.prod(mask.shape[:-1]), mask.shape[-1]
-    out = new_output(mask.shape, device=mask.device)
-    if out.numel() == 0:
-        return out
-    lp, rf = logp.reshape(rows, length).contiguous(), ref_logp.reshape(rows, length).contiguous()
-    m, s = mask.reshape(rows, length).contiguous(), scores.reshape(rows).float().contiguous()
-    flat_out = out.view(rows, length)
-    if backend == "cpp":
-        cpp_kernels().token_rewards_fwd(s, lp, rf, m, kl_coef, estimator, lo, hi, value_bound, flat_out)
-    else:
-        from rlkern.kernels import kl_penalty as tk
-
-        tk.token_rewards_fwd(s, lp, rf, m, kl_coef, estimator, lo, hi, value_bound, flat_out)
+@kernel_op("token_rewards")
+def _token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float,
+                   estimator: int, lo: float, hi: float, value_bound: float, backend: str) -> Tensor:
+    out = new_output(logp.shape, device=logp.device)
+    kernels(backend, "kl_penalty").token_rewards_fwd(scores, logp, ref_logp, mask, kl_coef, estimator, lo, hi,
+                                                     value_bound, out)
     return out
 
 
 @_token_rewards.register_fake
-def _(scores, logp, ref_logp, mask, kl_coef, estimator, lo, hi, value_bound, backend):
-    return logp.new_empty(mask.shape, dtype=torch.float32)
+def _(scores, logp, *_):
+    return logp.new_empty(logp.shape, dtype=torch.float32)
 
 
 def token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, *, kl_coef: float,
@@ -191,7 +179,9 @@ def token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, 
     Args:
         scores: ``[...]`` sequence scores (one per row of the mask).
         logp, ref_logp: ``[..., T]`` float32 / bfloat16 / float16 (float64 runs the reference).
-        mask: ``[..., T]`` bool or 0/1 of any dtype: which tokens are response tokens.
+        mask: ``[..., T]`` which tokens are response tokens: bool, uint8, int32, int64, float32,
+            bfloat16 or float16 (other integer / float dtypes are converted), read in its own dtype
+            with nonzero = valid (verl's float masks and TRL's int masks cost no conversion pass).
         kl_coef: the KL penalty coefficient (finite).
         estimator, clamp: as for :func:`kl`; a straight-through name gives its value.
 
@@ -203,7 +193,7 @@ def token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, 
     logp, ref_logp = _pair(logp, ref_logp)
     if logp.dim() == 0:
         raise ValueError("logp must have shape [..., T], got a 0-d tensor")
-    valid = check_token_mask(mask, "mask", logp.shape)
+    mask = token_mask(mask, "mask", logp.shape)
     check_tensor(scores, "scores")
     if scores.shape != logp.shape[:-1]:
         raise ValueError(f"scores must have shape {tuple(logp.shape[:-1])} (one per sequence), "
@@ -212,5 +202,7 @@ def token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, 
     scores, logp, ref_logp = scores.detach(), logp.detach(), ref_logp.detach()
     backend = pick_backend(logp, ref_logp, scores)
     if backend == "torch":
-        return reference.token_rewards(scores, logp, ref_logp, valid, kl_coef=kl_coef, estimator=name, clamp=clamp)
-    return torch.ops.rlkern.token_rewards(scores, logp, ref_logp, valid, kl_coef, code, lo, hi, value_bound, backend)
+        return reference.token_rewards(scores, logp, ref_logp, mask, kl_coef=kl_coef, estimator=name,
+                                       clamp=clamp)
+    return _token_rewards(scores.float().contiguous(), logp, ref_logp, mask, kl_coef, code, lo, hi,
+                          value_bound, backend)

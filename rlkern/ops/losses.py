@@ -8,8 +8,11 @@ reduction. Kernels: csrc/losses.cpp (CPU), kernels/losses.py (Triton); oracle: r
 
 Conventions shared by the three losses:
 
-* Tensors are ``[..., T]``; every leading index is one sequence (a "row"). ``mask`` is bool or 0/1 of
-  any dtype; masked-out positions are never read into a result, so padding may hold anything.
+* Tensors are ``[..., T]``; every leading index is one sequence (a "row"). ``mask`` is bool, uint8,
+  int32, int64, float32, bfloat16 or float16 (other integer / float dtypes are converted), read by the
+  kernels in its own dtype with nonzero = valid: verl's float and TRL's int masks cost no conversion
+  pass (RLKERN_STRICT_MASKS=1 adds a check that it holds only 0 and 1). Masked-out positions are never
+  read into a result, so padding may hold anything.
 * The gradient flows to ``logp`` (``values``) only. ``old_logp``, ``ref_logp``, ``advantages``,
   ``returns`` and ``weights`` are constants, as in verl and TRL where they come from ``no_grad``.
 * Every denominator is clamped to >= 1: a batch with no valid token gives loss 0, stats 0 and a zero
@@ -39,8 +42,16 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
-from rlkern.ops._registry import cpp_kernels
-from rlkern.ops._common import check_tensor, new_output, pick_backend
+from rlkern.codes import LOSS_KINDS, LOSS_STATS
+from rlkern.ops._common import (
+    check_finite,
+    check_int,
+    check_tensor,
+    new_output,
+    pick_backend,
+    token_mask,
+)
+from rlkern.ops._registry import kernel_op, kernels
 
 __all__ = ["policy_loss", "value_loss", "grpo_loss", "policy_loss_and_grad", "grpo_loss_and_grad",
            "POLICY_AGGS", "GRPO_LOSS_TYPES"]
@@ -48,82 +59,59 @@ __all__ = ["policy_loss", "value_loss", "grpo_loss", "policy_loss_and_grad", "gr
 POLICY_AGGS = reference.POLICY_AGGS
 GRPO_LOSS_TYPES = reference.GRPO_LOSS_TYPES
 
-# Kernel kinds and the layout of the stats vector the kernels write (csrc/losses.cpp).
-# _GRPO_BC: GRPO with the KL term multiplied by the importance ratio (TRL's use_bias_correction_kl).
-_POLICY, _GRPO, _VALUE, _GRPO_BC = 0, 1, 2, 3
-_CLIPPED, _CLIP_HIGH, _CLIP_LOW, _DUAL, _NEG_LOG_RATIO, _K3 = range(6)
-_N_STATS = 6
+# Kernel kinds (rlkern/codes.py). grpo_bc: GRPO with the KL term multiplied by the importance ratio
+# (TRL's use_bias_correction_kl).
+_POLICY, _GRPO, _VALUE, _GRPO_BC = (LOSS_KINDS[k] for k in ("policy", "grpo", "value", "grpo_bc"))
+# The layout of the LOSS_STATS-long stats vector the kernels write (csrc/losses.cpp).
+_CLIPPED, _CLIP_HIGH, _CLIP_LOW, _DUAL, _NEG_LOG_RATIO, _K3 = range(LOSS_STATS)
 # Denominator codes: > 0 is a constant; these two are counts the forward pass finds itself.
 _DENOM_TOKENS, _DENOM_LIVE_ROWS = -1.0, -2.0
 
 
-def _run_forward(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,
-                 per_row_mean, denom, backend):
+# The registered ops take canonical tensors: x, old, adv (or per-row advantages of x's leading shape),
+# ref and weights (or None): contiguous [..., T] of one dtype; mask: contiguous [..., T], any dtype.
+@kernel_op("losses_fwd")
+def _losses_fwd(x: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights: Tensor | None, mask: Tensor,
+                kind: int, clip_low: float, clip_high: float, dual_clip: float, beta: float, value_clip: float,
+                per_row_mean: bool, denom: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dev = x.device
-    loss = new_output((), device=dev)
-    stats = new_output((_N_STATS,), device=dev)
-    row_scale = new_output((x.shape[0],), device=dev)
-    args = (x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip, per_row_mean,
-            denom, loss, stats, row_scale)
-    if backend == "cpp":
-        cpp_kernels().losses_fwd(*args)
-    else:
-        from rlkern.kernels import losses as tk
-
-        tk.losses_fwd(*args)
+    loss, stats, row_scale = new_output((), device=dev), new_output((LOSS_STATS,), device=dev), new_output(
+        x.shape[:-1], device=dev)
+    kernels(backend, "losses").losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip,
+                                          beta, value_clip, per_row_mean, denom, loss, stats, row_scale)
     return loss, stats, row_scale
 
 
-# The registered ops take canonical tensors: x, old, adv (or [B] per-row advantages), ref (or empty),
-# weights (or empty): contiguous [B, T] of one dtype; mask: contiguous bool [B, T].
-@torch.library.custom_op("rlkern::losses_fwd", mutates_args=())
-def _losses_fwd(x: Tensor, old: Tensor, adv: Tensor, ref: Tensor, weights: Tensor, mask: Tensor, kind: int,
-                clip_low: float, clip_high: float, dual_clip: float, beta: float, value_clip: float,
-                per_row_mean: bool, denom: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _run_forward(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,
-                        per_row_mean, denom, backend)
-
-
 @_losses_fwd.register_fake
-def _(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip, per_row_mean, denom,
-      backend):
+def _(x, *_):
     new = lambda shape: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return new(()), new((_N_STATS,)), new((x.shape[0],))
+    return new(()), new((LOSS_STATS,)), new(x.shape[:-1])
 
 
-@torch.library.custom_op("rlkern::losses_bwd", mutates_args=())
-def _losses_bwd(grad_loss: Tensor, x: Tensor, old: Tensor, adv: Tensor, ref: Tensor, weights: Tensor, mask: Tensor,
-                row_scale: Tensor, kind: int, clip_low: float, clip_high: float, dual_clip: float, beta: float,
-                value_clip: float, backend: str) -> Tensor:
+@kernel_op("losses_bwd")
+def _losses_bwd(grad_loss: Tensor, x: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None,
+                weights: Tensor | None, mask: Tensor, row_scale: Tensor, kind: int, clip_low: float,
+                clip_high: float, dual_clip: float, beta: float, value_clip: float, backend: str) -> Tensor:
     grad_x = new_output(x.shape, device=x.device, dtype=x.dtype)
-    args = (grad_loss.float().reshape(()).contiguous(), x, old, adv, ref, weights, mask, row_scale, kind, clip_low,
-            clip_high, dual_clip, beta, value_clip, grad_x)
-    if backend == "cpp":
-        cpp_kernels().losses_bwd(*args)
-    else:
-        from rlkern.kernels import losses as tk
-
-        tk.losses_bwd(*args)
+    kernels(backend, "losses").losses_bwd(grad_loss.float(), x, old, adv, ref, weights, mask, row_scale, kind,
+                                          clip_low, clip_high, dual_clip, beta, value_clip, grad_x)
     return grad_x
 
 
 @_losses_bwd.register_fake
-def _(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip_low, clip_high, dual_clip, beta, value_clip,
-      backend):
+def _(grad_loss, x, *_):
     return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
     x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip, _, _, backend = inputs
-    _, stats, row_scale = output
-    ctx.save_for_backward(x, old, adv, ref, weights, mask, row_scale)
+    ctx.save_for_backward(x, old, adv, ref, weights, mask, output[2])
     ctx.args = (kind, clip_low, clip_high, dual_clip, beta, value_clip, backend)
-    ctx.mark_non_differentiable(stats, row_scale)
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward(ctx, grad_loss, grad_stats, grad_row_scale):
-    x, old, adv, ref, weights, mask, row_scale = ctx.saved_tensors
-    grad_x = torch.ops.rlkern.losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, *ctx.args)
+    grad_x = _losses_bwd(grad_loss, *ctx.saved_tensors, *ctx.args)
     return (grad_x,) + (None,) * 14
 
 
@@ -141,35 +129,21 @@ def _check_choice(value, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _check_float(value, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
-                 high_open: bool = True, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (math.isfinite(value) and above and below):
+def _in_range(value, name: str, ok, what: str) -> float:
+    """``value`` through _common.check_finite (the one rule for numbers: bool, str and tensors are a
+    TypeError), then ``ok(value)`` or a ValueError saying it must be ``what``. Eager-only, as there."""
+    try:
+        value = check_finite(value, name)
+    except ValueError:
+        raise ValueError(f"{name} must be {what}, got {value}") from None
+    if not torch.compiler.is_compiling() and not ok(value):
         raise ValueError(f"{name} must be {what}, got {value}")
     return value
 
 
 def _check_clips(clip_low, clip_high) -> tuple[float, float]:
-    return (_check_float(clip_low, "clip_low", low=0.0, high=1.0, what="in [0, 1)"),
-            _check_float(clip_high, "clip_high", low=0.0, what="a finite number >= 0"))
-
-
-def _check_mask(mask, shape: torch.Size) -> Tensor:
-    check_tensor(mask, "mask", floating=False)
-    if mask.shape != shape:
-        raise ValueError(f"mask must have shape {tuple(shape)} (the same as logp / values), got {tuple(mask.shape)}")
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.dtype.is_complex:
-        raise TypeError(f"mask must be bool or hold 0/1 values, got dtype {mask.dtype}")
-    # An eager-mode value check (one pass over the mask; skipped while torch.compile traces).
-    if not torch.compiler.is_compiling() and mask.numel() > 0 and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("mask must be bool or hold only 0 and 1, got other values")
-    return mask != 0
+    return (_in_range(clip_low, "clip_low", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            _in_range(clip_high, "clip_high", lambda v: v >= 0.0, "a finite number >= 0"))
 
 
 def _check_tokens(main, main_name: str, others: dict, advantages=None, adv_name: str = "advantages") -> None:
@@ -185,9 +159,13 @@ def _check_tokens(main, main_name: str, others: dict, advantages=None, adv_name:
                              f"got {tuple(t.shape)}")
     if advantages is not None:
         check_tensor(advantages, adv_name)
-        if advantages.shape not in (main.shape, main.shape[:-1]):
+        if advantages.shape != main.shape and advantages.shape != main.shape[:-1]:
             raise ValueError(f"{adv_name} must have shape {tuple(main.shape)} (per token) or "
                              f"{tuple(main.shape[:-1])} (per sequence), got {tuple(advantages.shape)}")
+
+
+def _mask(mask, shape: torch.Size) -> Tensor:
+    return token_mask(mask, "mask", shape)
 
 
 def _denominator(agg: str, rows: int, length: int, max_completion_length, num_items_in_batch) -> tuple[bool, float]:
@@ -209,38 +187,34 @@ def _denominator(agg: str, rows: int, length: int, max_completion_length, num_it
     raise AssertionError(agg)
 
 
-def _canonical(main: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights: Tensor | None,
-               mask: Tensor):
-    """[R, T] contiguous tensors of one storage dtype (the shared one, else float32), a [R] or [R, T]
-    advantage, empty placeholders for absent ref/weights, and the bool mask."""
-    rows, length = main.shape[:-1].numel(), main.shape[-1]
-    present = [t for t in (main, old, adv, ref, weights) if t is not None]
-    dtype = main.dtype if all(t.dtype == main.dtype for t in present) else torch.float32
-    as_rows = lambda t: t.reshape(rows, length).to(dtype).contiguous()  # noqa: E731
-    per_row = adv.shape != main.shape
-    adv_c = adv.reshape(-1).to(dtype).contiguous() if per_row else as_rows(adv)
-    empty = main.new_empty(0, dtype=dtype)
-    return (as_rows(main), as_rows(old), adv_c, as_rows(ref) if ref is not None else empty,
-            as_rows(weights) if weights is not None else empty, mask.reshape(rows, length).contiguous())
+def _canonical(main: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights: Tensor | None):
+    """Contiguous tensors of one storage dtype (the shared one, else float32); None stays None."""
+    dtype = main.dtype
+    if old.dtype != dtype or adv.dtype != dtype or (ref is not None and ref.dtype != dtype) or (
+            weights is not None and weights.dtype != dtype):
+        dtype = torch.float32
+        return tuple(t if t is None else t.to(dtype).contiguous() for t in (main, old, adv, ref, weights))
+    return tuple(t if t is None else t.contiguous() for t in (main, old, adv, ref, weights))
 
 
 def _run(kind, main, old, adv, ref, weights, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None, beta=0.0,
          value_clip=0.0, agg, max_completion_length=None, num_items_in_batch=None, backend, want_grad=False):
-    """Dispatches one loss to the kernels (``mask`` already checked and bool). Returns (loss, stats vector) or, with want_grad, (loss,
-    d loss / d main, stats vector) computed without autograd."""
-    rows = main.shape[:-1].numel()
-    per_row_mean, denom = _denominator(agg, rows, main.shape[-1], max_completion_length, num_items_in_batch)
-    x, old_c, adv_c, ref_c, w_c, mask_c = _canonical(main, old, adv, ref, weights, mask)
-    args = (x, old_c, adv_c, ref_c, w_c, mask_c, kind, clip_low, clip_high,
-            math.inf if dual_clip is None else dual_clip, beta, value_clip, per_row_mean, denom, backend)
+    """Dispatches one loss to the kernels (``mask`` already through token_mask). Returns (loss, stats
+    vector) or, with want_grad, (loss, d loss / d main, stats vector) computed without autograd."""
+    length = main.shape[-1]
+    per_row_mean, denom = _denominator(agg, main.shape[:-1].numel(), length, max_completion_length,
+                                       num_items_in_batch)
+    x, old_c, adv_c, ref_c, w_c = _canonical(main, old, adv, ref, weights)
+    consts = (clip_low, clip_high, math.inf if dual_clip is None else dual_clip, beta, value_clip)
     if not want_grad:
-        loss, stats, _ = torch.ops.rlkern.losses_fwd(*args)
+        loss, stats, _ = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom, backend)
         return loss, stats
     with torch.no_grad():
-        loss, stats, row_scale = torch.ops.rlkern.losses_fwd(*args)
-        grad = torch.ops.rlkern.losses_bwd(torch.ones((), device=x.device), x, old_c, adv_c, ref_c, w_c, mask_c,
-                                           row_scale, kind, *args[7:12], backend)
-    return loss, grad.reshape(main.shape).to(main.dtype), stats
+        loss, stats, row_scale = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom,
+                                             backend)
+        grad = _losses_bwd(torch.ones((), device=x.device), x, old_c, adv_c, ref_c, w_c, mask, row_scale, kind,
+                           *consts, backend)
+    return loss, grad.to(main.dtype), stats
 
 
 def _reference_with_grad(fn, main: Tensor, *args, **kwargs):
@@ -265,9 +239,9 @@ def _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high, dual
     _check_tokens(logp, "logp", {"old_logp": old_logp, "weights": weights}, advantages)
     clip_low, clip_high = _check_clips(clip_low, clip_high)
     if dual_clip is not None:
-        dual_clip = _check_float(dual_clip, "dual_clip", low=1.0, low_open=True, what="None or a finite number > 1")
+        dual_clip = _in_range(dual_clip, "dual_clip", lambda v: v > 1.0, "None or a finite number > 1")
     _check_choice(agg, "agg", POLICY_AGGS)
-    mask = _check_mask(mask, logp.shape)
+    mask = _mask(mask, logp.shape)
     tensors = [t for t in (logp, old_logp, advantages, mask, weights) if t is not None]
     return clip_low, clip_high, dual_clip, mask, pick_backend(*tensors)
 
@@ -291,7 +265,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         logp: ``[..., T]`` float32/bf16/fp16 (float64 runs the reference); the only input with a gradient.
         old_logp: ``[..., T]`` behaviour-policy log-probs.
         advantages: ``[..., T]`` per token, or ``[...]`` per sequence (broadcast over T).
-        mask: ``[..., T]`` bool or 0/1.
+        mask: ``[..., T]``, any dtype, nonzero = valid (module docstring).
         clip_low, clip_high: ratio bounds ``1 - clip_low`` (``clip_low`` in [0, 1)) and ``1 + clip_high``.
         dual_clip: None (off) or > 1.
         weights: optional ``[..., T]``, constant.
@@ -341,7 +315,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     Args:
         values: ``[..., T]`` float32/bf16/fp16; the only input with a gradient.
         old_values, returns: ``[..., T]``.
-        mask: ``[..., T]`` bool or 0/1.
+        mask: ``[..., T]``, any dtype, nonzero = valid (module docstring).
         clip: > 0, the half-width of the trust region around ``old_values``.
 
     Returns:
@@ -352,9 +326,9 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     token's gradient and ``clip_frac`` NaN; at a masked-out token it is ignored (module docstring).
     """
     _check_tokens(values, "values", {"old_values": old_values, "returns": returns})
-    clip = _check_float(clip, "clip", low=0.0, low_open=True, what="a finite number > 0")
+    clip = _in_range(clip, "clip", lambda v: v > 0.0, "a finite number > 0")
     _check_choice(agg, "agg", POLICY_AGGS)
-    mask = _check_mask(mask, values.shape)
+    mask = _mask(mask, values.shape)
     backend = pick_backend(values, old_values, returns, mask)
     if backend == "torch":
         return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg)
@@ -371,13 +345,11 @@ def _grpo_stats(stats: Tensor) -> dict[str, Tensor]:
 def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
                    max_completion_length, num_items_in_batch, weights=None):
     _check_tokens(logp, "logp", {"old_logp": old_logp, "ref_logp": ref_logp, "weights": weights}, advantages)
-    beta = _check_float(beta, "beta", low=0.0, what="a finite number >= 0")
+    beta = _in_range(beta, "beta", lambda v: v >= 0.0, "a finite number >= 0")
     clip_low, clip_high = _check_clips(clip_low, clip_high)
     _check_choice(loss_type, "loss_type", GRPO_LOSS_TYPES)
-    if max_completion_length is not None:
-        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) \
-                or max_completion_length < 1:
-            raise ValueError(f"max_completion_length must be None or an int >= 1, got {max_completion_length!r}")
+    if max_completion_length is not None and check_int(max_completion_length, "max_completion_length") < 1:
+        raise ValueError(f"max_completion_length must be None or an int >= 1, got {max_completion_length!r}")
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
             if num_items_in_batch.numel() != 1:
@@ -385,9 +357,9 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
                                  f"{tuple(num_items_in_batch.shape)}")
             num_items_in_batch = num_items_in_batch.item()  # a host number for the kernel (a sync on GPU)
         # 0 is allowed: an all-padding batch (TRL clamps its count to >= 1 and returns loss 0).
-        num_items_in_batch = _check_float(num_items_in_batch, "num_items_in_batch", low=0.0,
-                                          what="None or a finite number >= 0")
-    mask = _check_mask(mask, logp.shape)
+        num_items_in_batch = _in_range(num_items_in_batch, "num_items_in_batch", lambda v: v >= 0.0,
+                                       "None or a finite number >= 0")
+    mask = _mask(mask, logp.shape)
     backend = pick_backend(*(t for t in (logp, old_logp, ref_logp, advantages, mask, weights) if t is not None))
     return beta, clip_low, clip_high, num_items_in_batch, mask, backend
 
@@ -421,7 +393,7 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
         logp: ``[..., T]`` float32/bf16/fp16; the only input with a gradient.
         old_logp, ref_logp: ``[..., T]``.
         advantages: ``[...]`` per sequence (TRL) or ``[..., T]`` per token.
-        mask: ``[..., T]`` bool or 0/1.
+        mask: ``[..., T]``, any dtype, nonzero = valid (module docstring).
         beta: KL coefficient >= 0 (0 still computes the ``kl`` stat).
 
     Returns:

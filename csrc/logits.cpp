@@ -328,11 +328,13 @@ RowGeometry geometry_of(const at::Tensor& t, const char* name) {
   return {std::max<int64_t>(t.size(1), 1), t.stride(0), t.stride(1), t.size(2)};
 }
 
-const int64_t* checked_labels(const at::Tensor& labels, int64_t rows, int64_t vocab, int64_t ignore_index) {
-  if (!labels.defined() || labels.numel() == 0) return nullptr;
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == rows,
+const int64_t* checked_labels(const std::optional<at::Tensor>& labels, int64_t rows, int64_t vocab,
+                              int64_t ignore_index) {
+  if (!labels.has_value()) return nullptr;
+  const at::Tensor& t = *labels;
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.numel() == rows,
               "labels must be a contiguous int64 tensor with one entry per row (", rows, " rows)");
-  const int64_t* y = labels.data_ptr<int64_t>();
+  const int64_t* y = t.data_ptr<int64_t>();
   // The kernel reads x[y]: an out-of-range label is an index error here, never an out-of-bounds read.
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK_INDEX(y[r] == ignore_index || (y[r] >= 0 && y[r] < vocab), "labels must lie in [0, ", vocab,
@@ -343,30 +345,29 @@ const int64_t* checked_labels(const at::Tensor& labels, int64_t rows, int64_t vo
 
 int64_t rows_per_task(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1)); }
 
-// A per-row float32 vector, or nullptr when the tensor is empty (meaning "not present").
-float* f32_rows(const at::Tensor& t, int64_t rows, const char* name) {
-  if (!t.defined() || t.numel() == 0) return nullptr;
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == rows, name,
+// A per-row float32 vector, or nullptr when the tensor is absent (None).
+float* f32_rows(const std::optional<at::Tensor>& t, int64_t rows, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows, name,
               " must be a contiguous float32 tensor with one entry per row (", rows, " rows)");
-  return t.data_ptr<float>();
+  return t->data_ptr<float>();
 }
 
 }  // namespace
 
-// Writes per-row lse, and logp / entropy when those outputs are non-empty (an empty logp means
-// "no labels", an empty ent means "no entropy"). The caller allocates the outputs.
-void logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, double temperature,
-                  int64_t ignore_index, at::Tensor logp, at::Tensor lse, at::Tensor ent) {
+// Writes per-row lse, and logp / entropy where those outputs are given. The caller allocates them.
+void logprobs_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& labels, double temperature,
+                  int64_t ignore_index, const std::optional<at::Tensor>& logp, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& ent) {
   const RowGeometry g = geometry_of(logits, "logits");
   const int64_t rows = logits.size(0) * logits.size(1);
   TORCH_CHECK(g.vocab > 0, "logits must have a non-empty vocabulary dimension");
+  TORCH_CHECK(!logp.has_value() || labels.has_value(), "logp needs labels");
   float* lp_ptr = f32_rows(logp, rows, "logp");
   float* lse_ptr = f32_rows(lse, rows, "lse");
   float* ent_ptr = f32_rows(ent, rows, "entropy");
   if (rows == 0) return;
-  TORCH_CHECK(lse_ptr != nullptr, "lse must have one entry per row");
   const int64_t* y = lp_ptr != nullptr ? checked_labels(labels, rows, g.vocab, ignore_index) : nullptr;
-  TORCH_CHECK(lp_ptr == nullptr || y != nullptr, "logp needs labels");
   const Temperature t = temperature_of(temperature);
   const bool exact = is_exact_scale(t);
   const bool want_entropy = ent_ptr != nullptr;
@@ -379,9 +380,10 @@ void logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, double tem
   });
 }
 
-void logprobs_bwd(const at::Tensor& grad_logp, const at::Tensor& grad_ent, const at::Tensor& logits,
-                  const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& ent, double temperature,
-                  int64_t ignore_index, at::Tensor grad_logits) {
+void logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent,
+                  const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& ent, double temperature, int64_t ignore_index,
+                  const at::Tensor& grad_logits) {
   const RowGeometry g = geometry_of(logits, "logits");
   const RowGeometry gg = geometry_of(grad_logits, "grad_logits");
   const int64_t rows = logits.size(0) * logits.size(1);
@@ -392,7 +394,6 @@ void logprobs_bwd(const at::Tensor& grad_logp, const at::Tensor& grad_ent, const
   const float* gh = f32_rows(grad_ent, rows, "grad_entropy");
   const float* lse_ptr = f32_rows(lse, rows, "lse");
   const float* ent_ptr = f32_rows(ent, rows, "entropy");
-  TORCH_CHECK(lse_ptr != nullptr || rows == 0, "lse is required");
   TORCH_CHECK(gh == nullptr || ent_ptr != nullptr, "the entropy gradient needs the saved entropy");
   const int64_t* y = checked_labels(labels, rows, g.vocab, ignore_index);
   const Temperature t = temperature_of(temperature);

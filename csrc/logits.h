@@ -7,7 +7,15 @@
 
 namespace rlkern {
 
-void logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t ignore_index, at::Tensor logp, at::Tensor lse, at::Tensor ent);
-void logprobs_bwd(const at::Tensor& grad_logp, const at::Tensor& grad_ent, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& ent, double temperature, int64_t ignore_index, at::Tensor grad_logits);
+// logits: [outer, inner, V] (unit stride over V); labels: flat int64 [rows] or None (entropy only).
+// Forward writes lse, and logp / ent where given (logp needs labels). Backward writes d logits into
+// grad_logits (which may be logits itself); an absent upstream gradient is None.
+void logprobs_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& labels, double temperature,
+                  int64_t ignore_index, const std::optional<at::Tensor>& logp, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& ent);
+void logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent,
+                  const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& ent, double temperature, int64_t ignore_index,
+                  const at::Tensor& grad_logits);
 
 }  // namespace rlkern

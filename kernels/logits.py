@@ -129,15 +129,15 @@ def _block_and_warps(vocab: int) -> tuple[int, int]:
 
 
 def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, ignore_index: int,
-                 logp: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor) -> None:
+                 logp: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None) -> None:
     """logits: [outer, inner, V] with unit stride over V; labels: flat int64 [outer*inner] or None.
-    Writes flat fp32 lse, and logp / ent unless they are empty (no labels / no entropy)."""
+    Writes flat fp32 lse, and logp / ent where given (logp needs labels). Same call as rlkern._C."""
     outer, inner, vocab = logits.shape
     rows = outer * inner
     if rows == 0:
         return
     block, warps = _block_and_warps(vocab)
-    has_labels, want_entropy = logp.numel() > 0, ent.numel() > 0
+    has_labels, want_entropy = logp is not None, ent is not None
     _logprobs_fwd_kernel[(rows,)](
         logits, labels if has_labels else lse, logp if has_labels else lse, lse, ent if want_entropy else lse,
         max(inner, 1), logits.stride(0), logits.stride(1), vocab, temperature, ignore_index,
@@ -150,7 +150,8 @@ def logprobs_bwd(
     labels: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None, temperature: float,
     ignore_index: int, grad_logits: torch.Tensor,
 ) -> None:
-    """Writes d logits into grad_logits ([outer, inner, V], unit stride over V; may be logits)."""
+    """Writes d logits into grad_logits ([outer, inner, V], unit stride over V; may be logits); an
+    absent upstream gradient (and ent without grad_ent) is None. Same call as rlkern._C."""
     outer, inner, vocab = logits.shape
     rows = outer * inner
     if rows == 0:

@@ -74,9 +74,9 @@ def _drive_launchers(modules) -> None:
                 labels = _meta((rows,), i64)
                 for has_labels in (True, False):
                     for want_ent in (True, False):
-                        out = _meta((rows,)), _meta((rows,)), _meta((rows,) if want_ent else (0,))
                         lp.logprobs_fwd(logits, labels if has_labels else None, 1.0, -100,
-                                        out[0] if has_labels else _meta((0,)), out[1], out[2])
+                                        _meta((rows,)) if has_labels else None, _meta((rows,)),
+                                        _meta((rows,)) if want_ent else None)
                 for grad_logp, grad_ent in ((True, False), (False, True), (True, True)):
                     grad = torch.empty_like(logits)
                     lp.logprobs_bwd(_meta((rows,)) if grad_logp else None, _meta((rows,)) if grad_ent else None,
@@ -87,22 +87,28 @@ def _drive_launchers(modules) -> None:
                 n = 300
                 hidden, weight = _meta((n, hidden_size), dtype), _meta((vocab, hidden_size), dtype)
                 labels, row = _meta((n,), i64), (_meta((n,)), _meta((n,)), _meta((n,)))
-                for bias, precision in itertools.product((_meta((vocab,)), _meta((0,))), llp.PRECISIONS):
+                for bias, precision in itertools.product((_meta((vocab,)), None), llp.PRECISIONS):
                     for want_ent in (True, False):
-                        llp.linear_logprobs_fwd(hidden, weight, bias, labels, 1.0, -100, 0, want_ent, *row,
-                                                precision=precision)
+                        llp.linear_logprobs_fwd(hidden, weight, bias, labels, 1.0, -100, 0, want_ent, 512, 4096,
+                                                precision, row[0], row[1] if want_ent else None, row[2])
                     for grad_logp, grad_ent in ((True, False), (False, True), (True, True)):
                         llp.linear_logprobs_bwd(
-                            _meta((n,) if grad_logp else (0,)), _meta((n,) if grad_ent else (0,)), hidden, weight,
-                            bias, labels, row[0], row[1], 1.0, -100, 0, _meta((n, hidden_size)),
-                            _meta((vocab, hidden_size)), _meta(bias.shape), precision=precision)
+                            _meta((n,)) if grad_logp else None, _meta((n,)) if grad_ent else None, hidden, weight,
+                            bias, labels, row[0], row[1] if grad_ent else None, 1.0, -100, 0, 512, 4096, precision,
+                            _meta((n, hidden_size)), _meta((vocab, hidden_size)),
+                            _meta((vocab,)) if bias is not None else None)
         for shape in ((3, 7), (8, 4096), (2, 5000)):
             x, mask, out = _meta(shape, dtype), _meta(shape, torch.bool), _meta(shape)
-            for est in (kl.K1, kl.ABS, kl.K2, kl.K3):
-                kl.kl_fwd(x, x, est, -10.0, 10.0, 10.0, out)
+            from rlkern.codes import KL_ESTIMATORS
+
+            for est in KL_ESTIMATORS.values():
+                kl.kl_fwd(x, x, est, False, -10.0, 10.0, 10.0, out)
                 for straight in (False, True):
-                    kl.kl_bwd(out, x, x, est, straight, -10.0, 10.0, 10.0, torch.empty_like(x))
-                kl.token_rewards_fwd(_meta(shape[:1]), x, x, mask, 0.1, est, -10.0, 10.0, 10.0, out)
+                    for g in (out, _meta((1,))):  # a gradient per element, or one for all
+                        kl.kl_bwd(g, x, x, est, straight, -10.0, 10.0, 10.0, torch.empty_like(x))
+                # The mask in its own dtype: bool, and the float (verl) and int64 (TRL) masks.
+                for m in (mask, _meta(shape), _meta(shape, i64)):
+                    kl.token_rewards_fwd(_meta(shape[:1]), x, x, m, 0.1, est, -10.0, 10.0, 10.0, out)
             for merge_all in (True, False):
                 stat = (_meta(()),) * 3 if merge_all else (_meta(shape[:1], torch.float64),) * 3
                 for want_m2 in (True, False):
@@ -115,18 +121,24 @@ def _drive_launchers(modules) -> None:
             # What rlkern/ops/losses.py passes: value_loss: per-token returns, no weights, no dual
             # clip; grpo_loss (both kinds): per-token or per-sequence advantages, optional weights,
             # no dual clip; policy_loss, and any kind added to kernels/losses.py later: everything.
-            kinds = [v for k, v in vars(losses).items() if k.isupper() and isinstance(v, int) and k != "N_PARTIALS"]
-            for kind in kinds:
-                value = kind == losses.VALUE
-                no_dual = value or kind in (losses.GRPO, getattr(losses, "GRPO_BC", losses.GRPO))
+            from rlkern.codes import LOSS_KINDS, LOSS_STATS
+
+            for kind in LOSS_KINDS.values():
+                value = kind == LOSS_KINDS["value"]
+                grpo = kind in (LOSS_KINDS["grpo"], LOSS_KINDS["grpo_bc"])
+                no_dual = value or grpo
+                ref = x if grpo else None
                 for adv in (x,) if value else (x, _meta(shape[:1], dtype)):
-                    for weights in (_meta((0,), dtype),) if value else (x, _meta((0,), dtype)):
+                    for weights in (None,) if value else (x, None):
                         for dual in (float("inf"),) if no_dual else (3.0, float("inf")):
-                            for per_row in (True, False):
-                                losses.losses_fwd(x, x, adv, x, weights, mask, kind, 0.2, 0.2, dual, 0.04, 0.2,
-                                                  per_row, -1.0, _meta(()), _meta((6,)), _meta(shape[:1]))
-                            losses.losses_bwd(_meta(()), x, x, adv, x, weights, mask, _meta(shape[:1]), kind, 0.2,
-                                              0.2, dual, 0.04, 0.2, torch.empty_like(x))
+                            # The mask in its own dtype: bool, float (verl) and int64 (TRL).
+                            for m in (mask, _meta(shape), _meta(shape, i64)):
+                                for per_row in (True, False):
+                                    losses.losses_fwd(x, x, adv, ref, weights, m, kind, 0.2, 0.2, dual, 0.04,
+                                                      0.2, per_row, -1.0, _meta(()), _meta((LOSS_STATS,)),
+                                                      _meta(shape[:1]))
+                                losses.losses_bwd(_meta(()), x, x, adv, ref, weights, m, _meta(shape[:1]),
+                                                  kind, 0.2, 0.2, dual, 0.04, 0.2, torch.empty_like(x))
     for shape in ((3, 7), (40, 4096)):  # the GAE kernels read fp32 only
         r, mask = _meta(shape), _meta(shape, torch.bool)
         gae.gae_fwd(r, r, mask, 0.99, 0.95, _meta(shape), _meta(shape))

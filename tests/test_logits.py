@@ -16,8 +16,8 @@ import torch
 
 import rlkern
 from rlkern import reference
-from rlkern.ops._registry import cpp_kernels
 from rlkern.backend import BackendUnavailable
+from rlkern.ops._registry import cpp_kernels
 from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_to_oracle
 
 ops = rlkern.ops
@@ -125,7 +125,8 @@ def test_backward_matches_reference(backend, dtype, which):
         lp, h = ops.logprobs_and_entropy(x, labels, temperature=0.8)
         ((lp * w_lp).sum() + (h * w_h).sum()).backward()
     else:
-        loss(lambda t: ops.logprobs(t, labels, temperature=0.8), lambda t: ops.entropy(t, temperature=0.8), x).backward()
+        loss(lambda t: ops.logprobs(t, labels, temperature=0.8), lambda t: ops.entropy(t, temperature=0.8),
+             x).backward()
     ref_x = logits.double().requires_grad_()
     loss(lambda t: reference.logprobs(t, labels, temperature=0.8),
          lambda t: reference.entropy(t, temperature=0.8), ref_x).backward()
@@ -140,7 +141,8 @@ def test_backward_matches_reference(backend, dtype, which):
     rtol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
     assert_close_to_oracle(x.grad, ref_x.grad, same_x.grad, atol=1e-6, rtol=rtol, what="d logits")
     # Banned tokens get no gradient (the label's own logit gets g * (1 - p) = g even when banned).
-    not_label = torch.ones_like(logits, dtype=torch.bool).scatter(-1, labels.clamp(min=0).unsqueeze(-1), False)
+    not_label = torch.ones_like(logits, dtype=torch.bool).scatter(-1, labels.clamp(min=0).unsqueeze(-1),
+                                                                  False)
     assert (x.grad[logits.isinf() & not_label] == 0).all()
 
 
@@ -179,8 +181,9 @@ def test_gradcheck_cpp():
     labels = torch.randint(0, 6, (2, 3))
     labels[0, 0] = -100
     with rlkern.use_backend("cpp"):
-        assert torch.autograd.gradcheck(lambda x: ops.logprobs_and_entropy(x, labels, temperature=0.7), (logits,),
-                                        eps=1e-2, atol=2e-3, rtol=2e-2, fast_mode=False, nondet_tol=0.0)
+        assert torch.autograd.gradcheck(lambda x: ops.logprobs_and_entropy(x, labels, temperature=0.7),
+                                        (logits,), eps=1e-2, atol=2e-3, rtol=2e-2, fast_mode=False,
+                                        nondet_tol=0.0)
 
 
 def test_batch_invariance(kernel_backend):
@@ -203,14 +206,17 @@ def test_batch_invariance(kernel_backend):
 @pytest.mark.parametrize(
     "make_args, error, match",
     [
-        (lambda: (torch.randn(3, 5), torch.randint(0, 5, (4,))), ValueError, r"labels must have shape \(3,\)"),
+        (lambda: (torch.randn(3, 5), torch.randint(0, 5, (4,))), ValueError,
+         r"labels must have shape \(3,\)"),
         (lambda: (torch.randn(3, 5), torch.rand(3)), TypeError, "labels must be an integer tensor"),
         (lambda: (torch.randn(3, 5), torch.tensor([0, 5, 1])), IndexError, r"labels must lie in \[0, 5\)"),
         (lambda: (torch.randn(3, 5), torch.tensor([0, -1, 1])), IndexError, r"labels must lie in \[0, 5\)"),
         (lambda: (torch.randn(3, 0), torch.zeros(3, dtype=torch.long)), ValueError, "V >= 1"),
         (lambda: (torch.tensor(1.0), torch.tensor(0)), ValueError, "V >= 1"),
-        (lambda: (torch.randint(0, 5, (3, 5)), torch.zeros(3, dtype=torch.long)), TypeError, "logits must be float"),
-        (lambda: ([[0.1, 0.2]], torch.zeros(1, dtype=torch.long)), TypeError, "logits must be a torch.Tensor"),
+        (lambda: (torch.randint(0, 5, (3, 5)), torch.zeros(3, dtype=torch.long)), TypeError,
+         "logits must be float"),
+        (lambda: ([[0.1, 0.2]], torch.zeros(1, dtype=torch.long)), TypeError,
+         "logits must be a torch.Tensor"),
     ],
 )
 def test_bad_input(backend, make_args, error, match):
@@ -228,7 +234,7 @@ def test_bad_temperature(temperature):
 def test_cpp_kernel_checks_labels_itself():
     """Called directly (bypassing the Python checks) the C++ kernel still refuses a bad label."""
     rows = torch.randn(1, 2, 5)
-    out = [torch.empty(2), torch.empty(2), torch.empty(0)]
+    out = [torch.empty(2), torch.empty(2), None]
     with pytest.raises(IndexError, match="labels must lie in"):
         cpp_kernels().logprobs_fwd(rows, torch.tensor([1, 9]), 1.0, -100, *out)
 
@@ -237,7 +243,7 @@ def test_cpp_kernel_checks_labels_itself():
 def test_cpp_kernel_checks_temperature_itself(temperature):
     """Called directly, the C++ kernel refuses a temperature that is not a positive float32 with a
     finite reciprocal (it divides by float32(T) and multiplies by float32(1/T))."""
-    out = [torch.empty(2), torch.empty(2), torch.empty(0)]
+    out = [torch.empty(2), torch.empty(2), None]
     with pytest.raises(RuntimeError, match="temperature must be a positive float32"):
         cpp_kernels().logprobs_fwd(torch.randn(1, 2, 5), torch.tensor([1, 2]), temperature, -100, *out)
 
@@ -271,17 +277,67 @@ def test_triton_unavailable_says_why(monkeypatch):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
-def test_opcheck(backend_name):
+@pytest.mark.parametrize("has_labels, want_entropy", [(True, True), (True, False), (False, True)])
+def test_opcheck(backend_name, has_labels, want_entropy):
     logits, labels = _make((3,), 37, torch.float32, ignore=0.3)
+    labels = labels if has_labels else None
     x = logits.requires_grad_()
-    args_fwd = (x, labels, 0.9, -100, True, False, backend_name)
+    args_fwd = (x, labels, 0.9, -100, want_entropy, False, backend_name)
     torch.library.opcheck(torch.ops.rlkern.logprobs_fwd.default, args_fwd)
     lp, lse, ent = torch.ops.rlkern.logprobs_fwd(*args_fwd)
-    args_bwd = (torch.randn(3), torch.randn(3), logits.detach(), labels, lse.detach(), ent.detach(), 0.9, -100,
+    # An absent upstream gradient (and an absent label / entropy) is None in every layer.
+    args_bwd = (torch.randn(3) if has_labels else None, torch.randn(3) if want_entropy else None,
+                logits.detach(), labels, lse.detach(), ent.detach() if want_entropy else None, 0.9, -100,
                 backend_name)
     torch.library.opcheck(torch.ops.rlkern.logprobs_bwd.default, args_bwd)
     torch.library.opcheck(torch.ops.rlkern.logprobs_bwd_.default, args_bwd[:2] + (logits.detach().clone(),)
                           + args_bwd[3:])
+
+
+def test_eager_calls_skip_the_registered_op(monkeypatch):
+    """Outside torch.compile the public ops run the kernels directly (rlkern/ops/_registry.py):
+    the torch.library op, ~100 us of dispatcher per call, is only for tracing."""
+    from rlkern.ops import logits as module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("eager call went through the registered op")
+
+    for op in (module._logprobs_fwd, module._logprobs_bwd, module._logprobs_bwd_inplace):
+        monkeypatch.setattr(op, "op", refuse)
+    logits, labels = _make((2, 3), 50, torch.float32)
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_()
+        lp, h = ops.logprobs_and_entropy(x * 1.0, labels, inplace_backward=inplace)
+        (lp.sum() + h.sum()).backward()
+        assert torch.isfinite(x.grad).all()
+    ops.entropy(logits)
+
+
+def test_first_call_imports_neither_triton_nor_sympy():
+    """A fresh process: the first call of logprobs (and its backward) on CPU tensors imports neither
+    triton, sympy nor dynamo, which the torch.library dispatcher's first call would (1.2 s). The
+    time is printed, not asserted (the machine is shared); it was ~1 ms against a 0.3 s budget."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time, torch, rlkern\n"
+        "x = torch.randn(4, 1000); y = torch.randint(0, 1000, (4,))\n"
+        "start = time.perf_counter()\n"
+        "rlkern.ops.logprobs(x, y)\n"
+        "first = time.perf_counter() - start\n"
+        "xg = x.clone().requires_grad_()\n"
+        "lp, h = rlkern.ops.logprobs_and_entropy(xg, y)\n"
+        "(lp.sum() + h.sum()).backward()\n"
+        "print(f'first call {first:.4f} s')\n"
+        "print(sorted(m for m in ('triton', 'sympy', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["RLKERN_BACKEND"] = "auto"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    lines = out.stdout.strip().splitlines()
+    print(lines[0])
+    assert lines[-1] == "[]", f"the first call imported {lines[-1]}"
 
 
 def test_torch_compile_fullgraph():

@@ -20,9 +20,8 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
-from rlkern.ops._registry import cpp_kernels
 from rlkern.ops._common import (
-    check_int,
+    check_ignore_index,
     check_label_range,
     check_labels,
     check_no_nan,
@@ -34,59 +33,41 @@ from rlkern.ops._common import (
     raise_at_first,
     rows_view,
 )
+from rlkern.ops._registry import kernel_op, kernels
 
 __all__ = ["logprobs", "entropy", "logprobs_and_entropy"]
 
-_NO_LABELS_SHAPE = (0,)
+
+def _flat(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A per-row tensor as the kernels take it (flat, contiguous, ``dtype``), None stays None."""
+    return None if t is None else t.reshape(-1).to(dtype).contiguous()
 
 
-def _has_labels(labels: Tensor) -> bool:
-    return labels.shape != _NO_LABELS_SHAPE or labels.numel() > 0
-
-
-def _flat_labels(labels: Tensor) -> Tensor:
-    return labels.reshape(-1).to(torch.int64).contiguous()
-
-
-def _run_forward(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, want_entropy: bool,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    rows = rows_view(logits)
-    has_labels = _has_labels(labels)
+# The registered forward returns (logp, lse, entropy); without labels (entropy only) logp is empty,
+# without want_entropy the entropy is. `inplace_backward` only changes what backward does.
+@kernel_op("logprobs_fwd")
+def _logprobs_fwd(logits: Tensor, labels: Tensor | None, temperature: float, ignore_index: int,
+                  want_entropy: bool, inplace_backward: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     lead, dev = logits.shape[:-1], logits.device
-    logp = new_output(lead if has_labels else (0,), device=dev)
+    logp = new_output(lead if labels is not None else (0,), device=dev)
     lse = new_output(lead, device=dev)
     ent = new_output(lead if want_entropy else (0,), device=dev)
-    flat = _flat_labels(labels) if has_labels else None
-    flat_out = [t.view(-1) for t in (logp, lse, ent)]
-    if backend == "cpp":
-        no_labels = torch.empty(0, dtype=torch.int64)
-        cpp_kernels().logprobs_fwd(rows, flat if has_labels else no_labels, temperature, ignore_index,
-                                        *flat_out)
-    else:
-        from rlkern.kernels import logits as tk
-
-        tk.logprobs_fwd(rows, flat, temperature, ignore_index, *flat_out)
+    kernels(backend, "logits").logprobs_fwd(
+        rows_view(logits), _flat(labels, torch.int64), temperature, ignore_index,
+        logp.view(-1) if labels is not None else None, lse.view(-1), ent.view(-1) if want_entropy else None)
     return logp, lse, ent
 
 
-# The registered forward returns (logp, lse, entropy); `labels` of shape (0,) means "no labels"
-# (entropy only) and gives an empty logp. `inplace_backward` only changes what backward does.
-@torch.library.custom_op("rlkern::logprobs_fwd", mutates_args=())
-def _logprobs_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, want_entropy: bool,
-                  inplace_backward: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _run_forward(logits, labels, temperature, ignore_index, want_entropy, backend)
-
-
 @_logprobs_fwd.register_fake
-def _(logits, labels, temperature, ignore_index, want_entropy, inplace_backward, backend):
+def _(logits, labels, temperature, ignore_index, want_entropy, *_):
     lead = logits.shape[:-1]
-    has_labels = _has_labels(labels)
     new = lambda shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return new(lead if has_labels else (0,)), new(lead), new(lead if want_entropy else (0,))
+    return new(lead if labels is not None else (0,)), new(lead), new(lead if want_entropy else (0,))
 
 
-def _run_backward(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
-                  ent: Tensor, temperature: float, ignore_index: int, backend: str, out: Tensor) -> None:
+def _run_backward(grad_logp: Tensor | None, grad_ent: Tensor | None, logits: Tensor, labels: Tensor | None,
+                  lse: Tensor, ent: Tensor | None, temperature: float, ignore_index: int, backend: str,
+                  out: Tensor) -> None:
     rows, out_rows = rows_view(logits), rows_view(out)
     if out_rows.data_ptr() != out.data_ptr():
         # Unreachable through the public ops: they write in place only where _writable_in_place
@@ -94,65 +75,61 @@ def _run_backward(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: T
         # gradient written into a temporary copy.
         raise ValueError("logprobs_bwd_: the gradient buffer's rows do not fold into one "
                          "[outer, inner, V] view")
-    has_labels = _has_labels(labels)
-    flat = _flat_labels(labels) if has_labels else None
-    as_flat = lambda t: t.reshape(-1).float().contiguous() if t is not None and t.numel() > 0 else None  # noqa: E731
-    gl, gh, lse_f, ent_f = as_flat(grad_logp), as_flat(grad_ent), as_flat(lse), as_flat(ent)
-    if backend == "cpp":
-        empty = torch.empty(0)
-        cpp_kernels().logprobs_bwd(
-            gl if gl is not None else empty, gh if gh is not None else empty, rows,
-            flat if flat is not None else empty.long(), lse_f if lse_f is not None else empty,
-            ent_f if ent_f is not None else empty, temperature, ignore_index, out_rows)
-    else:
-        from rlkern.kernels import logits as tk
-
-        tk.logprobs_bwd(gl, gh, rows, flat, lse_f, ent_f, temperature, ignore_index, out_rows)
+    f32 = torch.float32
+    kernels(backend, "logits").logprobs_bwd(
+        _flat(grad_logp, f32), _flat(grad_ent, f32), rows, _flat(labels, torch.int64), _flat(lse, f32),
+        _flat(ent if grad_ent is not None else None, f32), temperature, ignore_index, out_rows)
 
 
-@torch.library.custom_op("rlkern::logprobs_bwd", mutates_args=())
-def _logprobs_bwd(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ent: Tensor,
-                  temperature: float, ignore_index: int, backend: str) -> Tensor:
+@kernel_op("logprobs_bwd")
+def _logprobs_bwd(grad_logp: Tensor | None, grad_ent: Tensor | None, logits: Tensor, labels: Tensor | None,
+                  lse: Tensor, ent: Tensor | None, temperature: float, ignore_index: int,
+                  backend: str) -> Tensor:
     out = new_output(logits.shape, device=logits.device, dtype=logits.dtype)
     _run_backward(grad_logp, grad_ent, logits, labels, lse, ent, temperature, ignore_index, backend, out)
     return out
 
 
 @_logprobs_bwd.register_fake
-def _(grad_logp, grad_ent, logits, labels, lse, ent, temperature, ignore_index, backend):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+def _(grad_logp, grad_ent, logits, *_):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("rlkern::logprobs_bwd_", mutates_args=("logits",))
-def _logprobs_bwd_inplace(grad_logp: Tensor, grad_ent: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
-                          ent: Tensor, temperature: float, ignore_index: int, backend: str) -> None:
+@kernel_op("logprobs_bwd_", mutates_args=("logits",))
+def _logprobs_bwd_inplace(grad_logp: Tensor | None, grad_ent: Tensor | None, logits: Tensor,
+                          labels: Tensor | None, lse: Tensor, ent: Tensor | None, temperature: float,
+                          ignore_index: int, backend: str) -> None:
     _run_backward(grad_logp, grad_ent, logits, labels, lse, ent, temperature, ignore_index, backend, logits)
 
 
 @_logprobs_bwd_inplace.register_fake
-def _(grad_logp, grad_ent, logits, labels, lse, ent, temperature, ignore_index, backend):
+def _(*_):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, want_entropy, inplace_backward, backend = inputs
     _, lse, ent = output
-    ctx.save_for_backward(logits, labels, lse, ent)
+    ctx.save_for_backward(logits, labels, lse, ent if want_entropy else None)
     ctx.args = (temperature, ignore_index, backend)
     ctx.inplace_backward = inplace_backward
     ctx.mark_non_differentiable(lse)
 
 
+def _present(grad: Tensor | None) -> Tensor | None:
+    """An upstream gradient, or None where autograd has none (or an empty one, for an absent output)."""
+    return grad if grad is not None and grad.numel() > 0 else None
+
+
 def _backward(ctx, grad_logp, grad_lse, grad_ent):
     logits, labels, lse, ent = ctx.saved_tensors
-    none = logits.new_empty(0, dtype=torch.float32)
-    grad_logp = grad_logp if grad_logp is not None and grad_logp.numel() > 0 else none
-    grad_ent = grad_ent if grad_ent is not None and grad_ent.numel() > 0 else none
+    grad_logp = _present(grad_logp) if labels is not None else None
+    grad_ent = _present(grad_ent) if ent is not None else None
     if ctx.inplace_backward:
-        torch.ops.rlkern.logprobs_bwd_(grad_logp, grad_ent, logits, labels, lse, ent, *ctx.args)
+        _logprobs_bwd_inplace(grad_logp, grad_ent, logits, labels, lse, ent, *ctx.args)
         grad = logits
     else:
-        grad = torch.ops.rlkern.logprobs_bwd(grad_logp, grad_ent, logits, labels, lse, ent, *ctx.args)
+        grad = _logprobs_bwd(grad_logp, grad_ent, logits, labels, lse, ent, *ctx.args)
     return grad, None, None, None, None, None, None
 
 
@@ -173,9 +150,7 @@ def _validate(logits, labels, temperature, ignore_index, nan_check) -> tuple[flo
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     if labels is not None:
         check_labels(labels, "labels", logits.shape[:-1])
-    ignore_index = check_int(ignore_index, "ignore_index")
-    if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    ignore_index = check_ignore_index(ignore_index)
     if nan_check:
         _check_finite_logits(logits)
     return check_temperature(temperature), ignore_index
@@ -218,11 +193,8 @@ def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_back
             logits, labels, temperature=temperature, ignore_index=ignore_index)
         ent = reference.entropy(logits, temperature=temperature) if want_entropy else None
         return logp, ent
-    if labels is None:
-        labels = logits.new_empty(_NO_LABELS_SHAPE, dtype=torch.int64)
     inplace = bool(inplace_backward) and logits.requires_grad and _writable_in_place(logits)
-    logp, _, ent = torch.ops.rlkern.logprobs_fwd(logits, labels, temperature, ignore_index, want_entropy,
-                                                 inplace, backend)
+    logp, _, ent = _logprobs_fwd(logits, labels, temperature, ignore_index, want_entropy, inplace, backend)
     return logp, ent
 
 
@@ -276,8 +248,8 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, inplace_backward: bool 
     return _fused(logits, None, temperature, -100, True, inplace_backward, process_group, nan_check)[1]
 
 
-def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-                         inplace_backward: bool = False, process_group=None,
+def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
+                         ignore_index: int = -100, inplace_backward: bool = False, process_group=None,
                          nan_check: bool = False) -> tuple[Tensor, Tensor]:
     """``(logprobs(...), entropy(...))`` from a single pass over the logits; gradients flow through both."""
     return _fused(logits, labels, temperature, ignore_index, True, inplace_backward, process_group, nan_check)

@@ -8,6 +8,8 @@
 // Discounted returns (verl's REINFORCE++; reset after each sequence's end):
 //   running = r_t + gamma * running;  ret_t = running;  if !mask_t: running = 0
 //
+// The mask is read in its own dtype, nonzero = valid (simd.h mask_at; dispatch.h dispatch_mask_type).
+//
 // The scan is sequential in t: each row is one chain of dependent multiply-adds (~8 cycles a
 // step), rows run in parallel. Walking two rows side by side in the inner loop overlaps their
 // chains; more does not pay. Measured on this machine (one thread, min of 200 runs, B=256 x
@@ -26,6 +28,8 @@
 
 #include <algorithm>
 
+#include "dispatch.h"
+#include "returns.h"
 #include "simd.h"
 
 namespace rlkern {
@@ -33,9 +37,8 @@ namespace {
 
 constexpr int kPair = 2;
 
-template <int G>
-RLKERN_INLINE void gae_rows(int64_t row0, int64_t len, const float* rewards, const float* values,
-                            const uint8_t* mask, float gamma, float gamma_lam, float* adv, float* ret) {
+template <int G, typename M>
+RLKERN_INLINE void gae_rows(int64_t row0, int64_t len, const float* rewards, const float* values, const M* mask, float gamma, float gamma_lam, float* adv, float* ret) {
   float next_value[G], running[G];
   for (int g = 0; g < G; ++g) next_value[g] = running[g] = 0.f;
   const int64_t base = row0 * len;
@@ -44,7 +47,7 @@ RLKERN_INLINE void gae_rows(int64_t row0, int64_t len, const float* rewards, con
       const int64_t i = base + g * len + t;
       const float v = values[i];
       const float a = (rewards[i] + gamma * next_value[g] - v) + gamma_lam * running[g];
-      const bool valid = mask[i] != 0;
+      const bool valid = mask_at(mask + i);
       next_value[g] = valid ? v : next_value[g];
       running[g] = valid ? a : running[g];
       adv[i] = running[g];
@@ -53,8 +56,8 @@ RLKERN_INLINE void gae_rows(int64_t row0, int64_t len, const float* rewards, con
   }
 }
 
-template <int G>
-RLKERN_INLINE void returns_rows(int64_t row0, int64_t len, const float* rewards, const uint8_t* mask, float gamma,
+template <int G, typename M>
+RLKERN_INLINE void returns_rows(int64_t row0, int64_t len, const float* rewards, const M* mask, float gamma,
                                 float* ret) {
   float running[G];
   for (int g = 0; g < G; ++g) running[g] = 0.f;
@@ -64,20 +67,21 @@ RLKERN_INLINE void returns_rows(int64_t row0, int64_t len, const float* rewards,
       const int64_t i = base + g * len + t;
       const float run = rewards[i] + gamma * running[g];
       ret[i] = run;
-      running[g] = mask[i] != 0 ? run : 0.f;
+      running[g] = mask_at(mask + i) ? run : 0.f;
     }
   }
 }
 
-RLKERN_CLONES void gae_range(int64_t b, int64_t e, int64_t len, const float* r, const float* v, const uint8_t* m,
-                             float gamma, float gamma_lam, float* adv, float* ret) {
+template <typename M>
+void gae_range(int64_t b, int64_t e, int64_t len, const float* r, const float* v, const M* m, float gamma,
+               float gamma_lam, float* adv, float* ret) {
   int64_t row = b;
   for (; row + kPair <= e; row += kPair) gae_rows<kPair>(row, len, r, v, m, gamma, gamma_lam, adv, ret);
   if (row < e) gae_rows<1>(row, len, r, v, m, gamma, gamma_lam, adv, ret);
 }
 
-RLKERN_CLONES void returns_range(int64_t b, int64_t e, int64_t len, const float* r, const uint8_t* m, float gamma,
-                                 float* ret) {
+template <typename M>
+void returns_range(int64_t b, int64_t e, int64_t len, const float* r, const M* m, float gamma, float* ret) {
   int64_t row = b;
   for (; row + kPair <= e; row += kPair) returns_rows<kPair>(row, len, r, m, gamma, ret);
   if (row < e) returns_rows<1>(row, len, r, m, gamma, ret);
@@ -99,32 +103,36 @@ void gae_fwd(const at::Tensor& rewards, const at::Tensor& values, const at::Tens
   const auto shape = rewards.sizes();
   check_rows(rewards, "rewards", shape, at::kFloat);
   check_rows(values, "values", shape, at::kFloat);
-  check_rows(mask, "mask", shape, at::kBool);
+  TORCH_CHECK(mask.is_contiguous() && mask.sizes() == shape, "mask must be a contiguous tensor shaped like rewards");
   check_rows(adv, "advantages", shape, at::kFloat);
   check_rows(ret, "returns", shape, at::kFloat);
   const int64_t len = shape[1];
   const float* r = rewards.data_ptr<float>();
   const float* v = values.data_ptr<float>();
-  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   float* a = adv.data_ptr<float>();
   float* y = ret.data_ptr<float>();
   // gamma * lam is rounded to float once, as torch does with the Python product in the reference.
   const float g = static_cast<float>(gamma), gl = static_cast<float>(gamma * lam);
-  at::parallel_for(0, shape[0], grain_rows(len), [&](int64_t b, int64_t e) { gae_range(b, e, len, r, v, m, g, gl, a, y); });
+  dispatch_mask_type(mask.scalar_type(), "mask", [&](auto tag) {
+    const auto* m = mask_data<decltype(tag)>(mask);
+    at::parallel_for(0, shape[0], grain_rows(len), [&](int64_t b, int64_t e) { gae_range(b, e, len, r, v, m, g, gl, a, y); });
+  });
 }
 
 void discounted_returns_fwd(const at::Tensor& rewards, const at::Tensor& mask, double gamma, at::Tensor ret) {
   TORCH_CHECK(rewards.dim() == 2, "rewards must be a 2-d [rows, T] tensor");
   const auto shape = rewards.sizes();
   check_rows(rewards, "rewards", shape, at::kFloat);
-  check_rows(mask, "mask", shape, at::kBool);
+  TORCH_CHECK(mask.is_contiguous() && mask.sizes() == shape, "mask must be a contiguous tensor shaped like rewards");
   check_rows(ret, "returns", shape, at::kFloat);
   const int64_t len = shape[1];
   const float* r = rewards.data_ptr<float>();
-  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   float* y = ret.data_ptr<float>();
   const float g = static_cast<float>(gamma);
-  at::parallel_for(0, shape[0], grain_rows(len), [&](int64_t b, int64_t e) { returns_range(b, e, len, r, m, g, y); });
+  dispatch_mask_type(mask.scalar_type(), "mask", [&](auto tag) {
+    const auto* m = mask_data<decltype(tag)>(mask);
+    at::parallel_for(0, shape[0], grain_rows(len), [&](int64_t b, int64_t e) { returns_range(b, e, len, r, m, g, y); });
+  });
 }
 
 }  // namespace rlkern

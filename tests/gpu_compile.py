@@ -45,6 +45,12 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 VOCABS = (7, 4097, 32768, 151936, 262144)
 
 
+def _mask_dtypes():
+    import torch
+
+    return (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16)
+
+
 def _torch_dtypes():
     import torch
 
@@ -65,6 +71,7 @@ def _drive_launchers(modules) -> None:
     lp, llp, kl, gae, masked, losses = (modules[m] for m in
                                         ("logits", "lm_head", "kl_penalty", "returns", "masked", "losses"))
     i64 = torch.int64
+    MASK_DTYPES = _mask_dtypes()  # noqa: N806
     for dtype in _torch_dtypes():
         for vocab in VOCABS:
             # [outer, inner, V] row views: contiguous rows (inner = 1) and the logits[:, :-1] slice of
@@ -109,15 +116,16 @@ def _drive_launchers(modules) -> None:
                 # The mask in its own dtype: bool, and the float (verl) and int64 (TRL) masks.
                 for m in (mask, _meta(shape), _meta(shape, i64)):
                     kl.token_rewards_fwd(_meta(shape[:1]), x, x, m, 0.1, est, -10.0, 10.0, 10.0, out)
-            for merge_all in (True, False):
-                stat = (_meta(()),) * 3 if merge_all else (_meta(shape[:1], torch.float64),) * 3
-                for want_m2 in (True, False):
-                    masked.masked_moments(x, mask, merge_all, want_m2, *stat)
-                coef = _meta((1,) if merge_all else shape[:1])
-                masked.masked_dot(out, x, coef, merge_all, *stat[:2])
-                for m in (mask, None):
-                    for g in (out, None):
-                        masked.masked_affine(x, m, g, coef, coef, coef, coef, merge_all, torch.empty_like(x))
+            # Masks are read in their own dtype: each mask dtype is its own compiled kernel.
+            for merge_all, m_dtype in itertools.product((True, False), MASK_DTYPES):
+                m, stats = _meta(shape, m_dtype), (1,) if merge_all else shape[:1]
+                for kind in (0, 1, 2):  # sum, mean, var
+                    masked.masked_stat_fwd(x, m, merge_all, kind, 1, _meta(stats), _meta((2, *stats), torch.float64))
+                    masked.masked_stat_bwd(_meta(stats), x, m, _meta((2, *stats), torch.float64), merge_all, kind,
+                                           torch.empty_like(x))
+                masked.masked_whiten_fwd(x, m, merge_all, True, 1, 1e-8, out, _meta((4, *stats), torch.float64))
+                masked.masked_whiten_bwd(out, x, m, _meta((4, *stats), torch.float64), merge_all, False,
+                                         torch.empty_like(x))
             # What rlkern/ops/losses.py passes: value_loss: per-token returns, no weights, no dual
             # clip; grpo_loss (both kinds): per-token or per-sequence advantages, optional weights,
             # no dual clip; policy_loss, and any kind added to kernels/losses.py later: everything.
@@ -139,8 +147,8 @@ def _drive_launchers(modules) -> None:
                                                       _meta(shape[:1]))
                                 losses.losses_bwd(_meta(()), x, x, adv, ref, weights, m, _meta(shape[:1]),
                                                   kind, 0.2, 0.2, dual, 0.04, 0.2, torch.empty_like(x))
-    for shape in ((3, 7), (40, 4096)):  # the GAE kernels read fp32 only
-        r, mask = _meta(shape), _meta(shape, torch.bool)
+    for shape, m_dtype in itertools.product(((3, 7), (40, 4096)), MASK_DTYPES):  # GAE reads fp32 values only
+        r, mask = _meta(shape), _meta(shape, m_dtype)
         gae.gae_fwd(r, r, mask, 0.99, 0.95, _meta(shape), _meta(shape))
         gae.discounted_returns_fwd(r, mask, 0.99, _meta(shape))
 

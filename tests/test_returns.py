@@ -112,6 +112,53 @@ def test_discounted_returns_resets_after_each_sequence(backend):
     assert torch.equal(ret, torch.tensor([[2.0, 2.0, 8.0, 8.0, 16.0]]))
 
 
+MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16,
+               torch.int8, torch.float64]
+
+
+def _as_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``valid`` in ``dtype``, with nonzero values other than 1 (2, -3, 0.5, NaN) and -0.0 for a
+    float zero: "nonzero = valid" must hold for every value."""
+    if dtype == torch.bool:
+        return valid.clone()
+    if dtype.is_floating_point:
+        on, off = torch.tensor([1.0, 2.0, 0.5, -3.0, float("nan")], dtype=dtype), torch.tensor(-0.0, dtype=dtype)
+    else:
+        on = torch.tensor([1, 2, 3] if dtype == torch.uint8 else [1, 2, -3], dtype=dtype)
+        off = torch.tensor(0, dtype=dtype)
+    return torch.where(valid, on[torch.randint(0, on.numel(), valid.shape)], off)
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+def test_every_mask_dtype_is_nonzero_valid(backend, mask_dtype):
+    """Masks of any dtype are read as they are, nonzero = valid (2, -3, NaN select; 0 and -0.0 do
+    not): both scans match the float64 oracle run on the bool mask."""
+    rewards, values, valid = _inputs((13, 29), torch.float32)
+    mask = _as_mask(valid, mask_dtype)
+    adv, ret = ops.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    o_adv, o_ret = reference.gae(rewards.double(), values.double(), valid, gamma=0.99, lam=0.95)
+    s_adv, s_ret = reference.gae(rewards, values, valid, gamma=0.99, lam=0.95)
+    assert_close_to_oracle(adv, o_adv, s_adv, atol=1e-5, rtol=1e-5, what=f"advantages {mask_dtype}")
+    assert_close_to_oracle(ret, o_ret, s_ret, atol=1e-5, rtol=1e-5, what=f"returns {mask_dtype}")
+    got = ops.discounted_returns(rewards, mask, gamma=0.9)
+    oracle, same = (reference.discounted_returns(r, valid, gamma=0.9) for r in (rewards.double(), rewards))
+    assert_close_to_oracle(got, oracle, same, atol=1e-5, rtol=1e-5, what=f"discounted returns {mask_dtype}")
+
+
+def test_strict_masks_refuse_values_other_than_0_and_1(backend, monkeypatch):
+    rewards, values = torch.randn(2, 3), torch.randn(2, 3)
+    odd = torch.tensor([[2.0, -0.0, 1.0], [0.0, 1.0, -1.0]])
+    want, _ = ops.gae(rewards, values, odd != 0)
+    assert torch.equal(ops.gae(rewards, values, odd)[0], want)
+    from rlkern.ops import _common
+
+    monkeypatch.setattr(_common, "STRICT_MASKS", True)
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 \(RLKERN_STRICT_MASKS=1\)"):
+        ops.gae(rewards, values, odd)
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        ops.discounted_returns(rewards, torch.full((2, 3), 3), gamma=1.0)
+
+
 def test_gae_batch_invariance():
     rewards, values, mask = _inputs((203, 129), torch.float32)
     with rlkern.use_backend("cpp"):
@@ -141,8 +188,10 @@ def test_gae_inputs_needing_grad_give_detached_outputs(backend):
          r"values must have shape \(2, 3\)"),
         (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3, 2)), ValueError,
          r"mask must have shape \(2, 3\)"),
-        (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.full((2, 3), 3)), ValueError,
-         "mask must hold only 0 and 1"),
+        (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.complex64)), TypeError,
+         "mask must be bool or a real"),
+        (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), gamma=True), TypeError,
+         "gamma must be a real number"),
         (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), gamma=1.5), ValueError,
          r"gamma must lie in \[0, 1\]"),
         (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), lam=-0.1), ValueError,

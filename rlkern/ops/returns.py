@@ -1,8 +1,9 @@
 """Reverse scans over token tensors: ``gae`` (masked GAE) and ``discounted_returns`` (REINFORCE++).
 
-One pass from the last token to the first, fp32, every row independent. Advantages and returns
-are targets, not functions to differentiate: the outputs are detached (inputs that require grad
-are read, never differentiated). Kernels: csrc/returns.cpp (CPU), kernels/returns.py (Triton); oracle:
+One pass from the last token to the first, fp32, every row independent; the mask is read in its
+own dtype, nonzero = valid. Advantages and returns are targets, not functions to differentiate: the
+outputs are detached (inputs that require grad are read, never differentiated). Kernels:
+csrc/returns.cpp (CPU), kernels/returns.py (Triton), the same entry points; oracle:
 rlkern.reference.gae / discounted_returns.
 """
 
@@ -14,39 +15,32 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
-from rlkern.ops._registry import cpp_kernels
-from rlkern.ops._common import check_tensor, check_token_mask, new_output, pick_backend
+from rlkern.ops._common import check_number, check_tensor, new_output, pick_backend, token_mask
+from rlkern.ops._registry import kernel_op, kernels
 
 __all__ = ["gae", "discounted_returns"]
 
 
 def _check_discount(value, name: str) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+    value = check_number(value, name)
+    if not torch.compiler.is_compiling() and not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
     return value
 
 
 def _rows(x: Tensor) -> Tensor:
-    return x.detach().reshape(-1, x.shape[-1]).float().contiguous()
+    """[..., T] as the kernels' contiguous float32 [rows, T] (a view when it already is one)."""
+    return x.reshape(-1, x.shape[-1]).float().contiguous()
 
 
-@torch.library.custom_op("rlkern::gae", mutates_args=())
+@kernel_op("gae")
 def _gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, backend: str) -> tuple[Tensor, Tensor]:
     adv = new_output(rewards.shape, device=rewards.device)
     ret = new_output(rewards.shape, device=rewards.device)
-    if rewards.numel() == 0:
-        return adv, ret
-    length = rewards.shape[-1]
-    r, v, m = _rows(rewards), _rows(values), mask.reshape(-1, length).contiguous()
-    flat_adv, flat_ret = adv.view(-1, length), ret.view(-1, length)
-    gamma_lam = gamma * lam
-    if backend == "cpp":
-        cpp_kernels().gae_fwd(r, v, m, gamma, lam, flat_adv, flat_ret)
-    else:
-        from rlkern.kernels import returns as tk
-
-        tk.gae_fwd(r, v, m, gamma, gamma_lam, flat_adv, flat_ret)
+    if rewards.numel():
+        length = rewards.shape[-1]
+        kernels(backend, "returns").gae_fwd(_rows(rewards), _rows(values), mask.reshape(-1, length), gamma, lam,
+                                            adv.view(-1, length), ret.view(-1, length))
     return adv, ret
 
 
@@ -56,19 +50,13 @@ def _(rewards, values, mask, gamma, lam, backend):
     return new(), new()
 
 
-@torch.library.custom_op("rlkern::discounted_returns", mutates_args=())
+@kernel_op("discounted_returns")
 def _discounted_returns(rewards: Tensor, mask: Tensor, gamma: float, backend: str) -> Tensor:
     ret = new_output(rewards.shape, device=rewards.device)
-    if rewards.numel() == 0:
-        return ret
-    length = rewards.shape[-1]
-    r, m = _rows(rewards), mask.reshape(-1, length).contiguous()
-    if backend == "cpp":
-        cpp_kernels().discounted_returns_fwd(r, m, gamma, ret.view(-1, length))
-    else:
-        from rlkern.kernels import returns as tk
-
-        tk.discounted_returns_fwd(r, m, gamma, ret.view(-1, length))
+    if rewards.numel():
+        length = rewards.shape[-1]
+        kernels(backend, "returns").discounted_returns_fwd(_rows(rewards), mask.reshape(-1, length), gamma,
+                                                           ret.view(-1, length))
     return ret
 
 
@@ -102,7 +90,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
 
     Args:
         rewards, values: ``[..., T]`` float32 / bfloat16 / float16 (float64 runs the reference).
-        mask: ``[..., T]`` bool or 0/1 of any dtype.
+        mask: ``[..., T]``, any real dtype (bool, uint8, int32, int64, float32, bfloat16 and float16
+            are read as they are, without a conversion pass): nonzero = valid, so 2.0 and NaN select
+            and 0 and -0.0 do not. RLKERN_STRICT_MASKS=1 refuses anything but 0 and 1.
         gamma, lam: discount and GAE lambda, each in [0, 1].
 
     Returns:
@@ -110,12 +100,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
     """
     rewards = _check_tokens(rewards, "rewards")
     values = _check_tokens(values, "values", rewards.shape)
-    valid = check_token_mask(mask, "mask", rewards.shape)
+    mask = token_mask(mask, "mask", rewards.shape)
     gamma, lam = _check_discount(gamma, "gamma"), _check_discount(lam, "lam")
     backend = pick_backend(rewards, values)
     if backend == "torch":
-        return reference.gae(rewards, values, valid, gamma=gamma, lam=lam)
-    return torch.ops.rlkern.gae(rewards, values, valid, gamma, lam, backend)
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    return _gae(rewards, values, mask, gamma, lam, backend)
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float) -> Tensor:
@@ -130,16 +120,16 @@ def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float) -> Tensor
 
     Args:
         rewards: ``[..., T]`` float32 / bfloat16 / float16 (float64 runs the reference).
-        mask: ``[..., T]`` bool or 0/1 of any dtype.
+        mask: ``[..., T]``, any real dtype, nonzero = valid (as :func:`gae`).
         gamma: discount in [0, 1].
 
     Returns:
         float32 ``[..., T]`` returns (float64 for float64 input), detached.
     """
     rewards = _check_tokens(rewards, "rewards")
-    valid = check_token_mask(mask, "mask", rewards.shape)
+    mask = token_mask(mask, "mask", rewards.shape)
     gamma = _check_discount(gamma, "gamma")
     backend = pick_backend(rewards)
     if backend == "torch":
-        return reference.discounted_returns(rewards, valid, gamma=gamma)
-    return torch.ops.rlkern.discounted_returns(rewards, valid, gamma, backend)
+        return reference.discounted_returns(rewards, mask, gamma=gamma)
+    return _discounted_returns(rewards, mask, gamma, backend)

@@ -96,22 +96,25 @@ def _kl_bwd_kernel(g_ptr, lp_ptr, rf_ptr, dx_ptr, n, lo, hi, value_bound, ESTIMA
 def _rewards_kernel(s_ptr, lp_ptr, rf_ptr, m_ptr, out_ptr, length, kl_coef, lo, hi, value_bound,
                     ESTIMATOR: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    # Row pointers in 64 bits, offsets within the row in 32 (T < 2^31): the running last-valid index
+    # then costs one 32-bit register per lane instead of two (a 64-bit one spilled on sm_90).
     base = row * length
-    last = tl.full((), -1, tl.int64)
+    lp_row, rf_row, m_row, out_row = lp_ptr + base, rf_ptr + base, m_ptr + base, out_ptr + base
+    last = tl.full((), -1, tl.int32)
     for start in range(0, length, BLOCK):
-        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        offs = start + tl.arange(0, BLOCK)
         inside = offs < length
-        d = tl.load(lp_ptr + base + offs, mask=inside, other=0.0).to(tl.float32) - tl.load(
-            rf_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
-        valid = tl.load(m_ptr + base + offs, mask=inside, other=0) != 0
+        d = tl.load(lp_row + offs, mask=inside, other=0.0).to(tl.float32) - tl.load(
+            rf_row + offs, mask=inside, other=0.0).to(tl.float32)
+        valid = tl.load(m_row + offs, mask=inside, other=0) != 0
         penalty = -(kl_coef * _kl_value(d, lo, hi, value_bound, ESTIMATOR))
-        tl.store(out_ptr + base + offs, tl.where(valid, penalty, 0.0), mask=inside)
+        tl.store(out_row + offs, tl.where(valid, penalty, 0.0), mask=inside)
         last = tl.maximum(last, tl.max(tl.where(valid, offs, -1), axis=0))
     # The same program wrote the row above, so reading its own store back is ordered.
     has_last = last >= 0
-    at = base + tl.where(has_last, last, 0)
-    current = tl.load(out_ptr + at, mask=has_last, other=0.0)
-    tl.store(out_ptr + at, current + tl.load(s_ptr + row), mask=has_last)
+    at = tl.where(has_last, last, 0)
+    current = tl.load(out_row + at, mask=has_last, other=0.0)
+    tl.store(out_row + at, current + tl.load(s_ptr + row), mask=has_last)
 
 
 def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, estimator: int, straight_through: bool, lo: float,

@@ -12,8 +12,12 @@ are not op families: ``overhead`` (per-call time on tiny CPU inputs, rlkern vs e
 imported?); each exposes ``run_section(...) -> (table, records)``.
 
     python -m benchmarks                          # everything, report shapes (make bench)
-    python -m benchmarks --quick                  # small shapes
+    python -m benchmarks --quick                  # small shapes (rlmath: B=64,T=1024 only)
     python -m benchmarks -f rlmath -f overhead -f firstcall   # the RL-maths / overhead / first-call tables
+
+On the project's 2-core machine (2026-12-01, load average ~6 from other jobs) the rlmath + overhead
++ firstcall run took 15 min, three quarters of it torch.compile compiling (the associative scans of
+gae and discounted_returns: 20-50 s per shape and mask dtype); ``--quick`` rlmath alone 6 min.
     python -m benchmarks -f rlmath --shapes mask=fp32        # one mask dtype (--shapes: label substrings)
     python -m benchmarks -f logprobs --shapes 4096x32768     # one family, one shape
     python -m benchmarks -f linear --large --impls rlkern     # + the fp32 N=2048,V=151936 case, rlkern only
@@ -145,7 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("-f", "--family", action="append", choices=EVERYTHING,
                         help="op family or section to run (repeatable; default: all of them)")
-    parser.add_argument("--quick", action="store_true", help="small shapes only (a couple of minutes in all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes only (rlmath: B=64,T=1024 with the three mask dtypes)")
     parser.add_argument("--large", action="store_true",
                         help="also run each family's SHAPES['large'] "
                              "(linear: N=2048,H=1024,V=151936 fp32, ~10 min)")

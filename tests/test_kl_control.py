@@ -69,7 +69,12 @@ def test_state_dict_round_trip(make):
     (lambda: AdaptiveKLController(0.1, 1.0, 10).update(float("nan")), ValueError, "current_kl must be finite"),
     (lambda: PenaltyKLController(0.1, 1.0).update(torch.ones(2)), ValueError, "current_kl must be a number or a "
                                                                               "one-element tensor"),
-    (lambda: PenaltyKLController(0.1, 1.0).update("0.1"), TypeError, "current_kl must be a number"),
+    (lambda: PenaltyKLController(0.1, 1.0).update("0.1"), TypeError, "current_kl must be a real number"),
+    # One rule for numbers (rlkern.ops._common.check_number): bool is not a number anywhere.
+    (lambda: AdaptiveKLController(True, 1.0, 10), TypeError, "init_kl_coef must be a real number"),
+    (lambda: FixedKLController(False), TypeError, "kl_coef must be a real number"),
+    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(True), TypeError, "current_kl must be a real number"),
+    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.5, True), TypeError, "n_steps must be an int"),
     (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.5, -1), ValueError, "n_steps must be an int >= 0"),
     (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.5, 51), ValueError, r"n_steps must be < 5 \* hor"),
     # Exactly 5 * horizon with KL far below target would set beta to 0.0 (and the checkpoint would not load).

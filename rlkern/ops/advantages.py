@@ -92,20 +92,27 @@ def _finite_or_raise(adv: Tensor) -> Tensor:
 
 def _fixed_groups(scores: Tensor, n: int, method: str, eps: float, scale_by_std: bool,
                   out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """grpo / rloo / reinforce_baseline for consecutive groups of n, on a [G, n] view: a handful of
-    row ops (at small B the op's cost is their dispatch). Returns (advantages before degenerate groups
-    are zeroed, [G, 1] mask of the groups of equal scores)."""
+    """grpo / rloo / reinforce_baseline for consecutive groups of n, on a [G, n] view, in a handful of
+    row ops (at small B the op's cost is their dispatch). Returns (advantages, finite?): degenerate
+    groups already 0; finite? is a 0-d bool, False if a score or an advantage is not finite.
+
+    torch.var_mean (float64, Welford's update) gives the variance exactly 0 for a group of equal
+    scores (the running mean never moves) and > 0 otherwise (a difference of two float32 or
+    normal float64 scores squares to a normal float64), so var == 0 marks the degenerate groups;
+    a NaN / inf score makes its group's variance NaN."""
     r = scores.double().view(-1, n)
-    low, high = torch.aminmax(r, dim=-1, keepdim=True)
-    mean = r.mean(dim=-1, keepdim=True)
-    dev = r - mean  # two passes (mean, then squared deviations) for an accurate variance
+    var, mean = torch.var_mean(r, dim=-1, correction=1 if n > 1 else 0, keepdim=True)
+    flat = var == 0  # a group of one too (correction 0: variance 0)
     if method == "grpo" and scale_by_std:
-        adv = dev / (dev.square().sum(dim=-1, keepdim=True).div_(max(n - 1, 1)).sqrt_().add_(eps))
+        adv = (r - mean).div_(var.sqrt().add_(eps))
     elif method == "rloo":
-        adv = dev * (n / max(n - 1, 1))
+        adv = (r - mean).mul_(n / max(n - 1, 1))
     else:
-        adv = dev
-    return adv.to(out_dtype), high == low
+        adv = r - mean
+    adv = adv.masked_fill_(flat, 0.0).to(out_dtype).view(-1)
+    # |adv| <= sqrt(n - 1) for grpo scaled by the std: only the other methods can leave float32's range.
+    finite = var.isfinite().all() if method == "grpo" and scale_by_std else adv.isfinite().all()
+    return adv, finite
 
 
 def group_advantages(scores: Tensor, *, group_size: int | None = None, index=None, method: str = "grpo",
@@ -159,15 +166,12 @@ def group_advantages(scores: Tensor, *, group_size: int | None = None, index=Non
         if scores.shape[0] % group_size:
             raise ValueError(f"the batch of {scores.shape[0]} scores is not divisible by "
                              f"group_size={group_size}")
-        adv, flat = _fixed_groups(scores, group_size, method, eps, scale_by_std, out_dtype)
-        # One finiteness check before degenerate groups are zeroed (a non-finite score, or an
-        # advantage beyond float32, leaves a NaN / inf there); only then the checks that name the
-        # culprit (0 / 0 in a group of equal scores with eps = 0 is a false alarm they clear).
-        check = eager and not bool(adv.isfinite().all())
-        if check:
+        adv, finite = _fixed_groups(scores, group_size, method, eps, scale_by_std, out_dtype)
+        # One check (a sync on GPU); only when it fails, the checks that name the culprit.
+        if eager and not bool(finite):
             _check_finite_scores(scores)
-        adv = adv.masked_fill_(flat, 0.0).view(-1)  # also every group of one (low == high)
-        return _finite_or_raise(adv) if check else adv
+            _finite_or_raise(adv)
+        return adv
     if eager:
         _check_finite_scores(scores)
     ids, groups = _group_ids(scores.shape[0], group_size, index, scores.device)

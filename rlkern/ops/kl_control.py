@@ -14,23 +14,24 @@ checkpoints through ``state_dict()`` / ``load_state_dict()`` like a torch module
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
+
+from rlkern.ops._common import check_finite, check_int, check_positive
 
 __all__ = ["FixedKLController", "AdaptiveKLController", "PenaltyKLController"]
 
 
+# Numbers follow rlkern.ops._common's one rule (check_number: a real Python or numpy scalar, never a
+# bool); these add the ranges.
 def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_positive(value, name)
 
 
 def _non_negative(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+    value = check_finite(value, name)
+    if value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return value
 
 
 def _kl_value(current_kl) -> float:
@@ -41,15 +42,12 @@ def _kl_value(current_kl) -> float:
             raise ValueError(f"current_kl must be a number or a one-element tensor, got shape "
                              f"{tuple(current_kl.shape)}")
         current_kl = current_kl.item()
-    if isinstance(current_kl, bool) or not isinstance(current_kl, (int, float)):
-        raise TypeError(f"current_kl must be a number or a one-element tensor, got {type(current_kl).__name__}")
-    if not math.isfinite(current_kl):
-        raise ValueError(f"current_kl must be finite, got {current_kl}")
-    return float(current_kl)
+    return check_finite(current_kl, "current_kl")
 
 
 def _steps(n_steps) -> int:
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
+    n_steps = check_int(n_steps, "n_steps")
+    if n_steps < 0:
         raise ValueError(f"n_steps must be an int >= 0, got {n_steps!r}")
     return n_steps
 

@@ -37,7 +37,8 @@ def _nonzero(m):
 
 
 @triton.jit
-def _moments_kernel(x_ptr, m_ptr, n_ptr, s_ptr, m2_ptr, numel, seg, WANT_M2: tl.constexpr, BLOCK: tl.constexpr):
+def _moments_kernel(x_ptr, m_ptr, n_ptr, s_ptr, m2_ptr, numel, seg, WANT_M2: tl.constexpr,
+                    BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     start = pid * seg
     stop = tl.minimum(start + seg, numel)
@@ -64,7 +65,8 @@ def _moments_kernel(x_ptr, m_ptr, n_ptr, s_ptr, m2_ptr, numel, seg, WANT_M2: tl.
 
 
 @triton.jit
-def _dot_kernel(g_ptr, x_ptr, mu_ptr, s1_ptr, s2_ptr, numel, seg, ONE_MEAN: tl.constexpr, BLOCK: tl.constexpr):
+def _dot_kernel(g_ptr, x_ptr, mu_ptr, s1_ptr, s2_ptr, numel, seg, ONE_MEAN: tl.constexpr,
+                BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     start = pid * seg
     stop = tl.minimum(start + seg, numel)
@@ -86,7 +88,8 @@ def _dot_kernel(g_ptr, x_ptr, mu_ptr, s1_ptr, s2_ptr, numel, seg, ONE_MEAN: tl.c
 
 
 @triton.jit
-def _affine_kernel(x_ptr, m_ptr, g_ptr, k_ptr, out_ptr, numel, seg, stats, MODE: tl.constexpr, BLOCK: tl.constexpr):
+def _affine_kernel(x_ptr, m_ptr, g_ptr, k_ptr, out_ptr, numel, seg, stats, MODE: tl.constexpr,
+                   BLOCK: tl.constexpr):
     """k_ptr: float32 [4, stats] = (mu, a, b, c) per segment of seg elements."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
@@ -158,8 +161,8 @@ def _apply(x, mask, grad, coef: torch.Tensor, merge_all: bool, mode: int, out: t
         coef.float().contiguous(), out, numel, seg, stats, MODE=mode, BLOCK=BLOCK)
 
 
-def masked_stat_fwd(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, kind: int, ddof: int, out: torch.Tensor,
-                    saved: torch.Tensor):
+def masked_stat_fwd(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, kind: int, ddof: int,
+                    out: torch.Tensor, saved: torch.Tensor):
     """Writes the statistic (float32) and what backward reads (float64 [2, stats]: the centring mean,
     the gradient's scale); returns the smallest selected count (a 0-d device tensor, or inf)."""
     n, s, q = _moments(x, mask, merge_all, kind == VAR)
@@ -170,8 +173,8 @@ def masked_stat_fwd(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, kind: 
     return _min_count(n)
 
 
-def masked_stat_bwd(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, saved: torch.Tensor, merge_all: bool,
-                    kind: int, out: torch.Tensor) -> None:
+def masked_stat_bwd(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, saved: torch.Tensor,
+                    merge_all: bool, kind: int, out: torch.Tensor) -> None:
     mean, scale = saved.reshape(2, -1)
     scaled = grad.reshape(-1).double() * scale
     zero = torch.zeros_like(scaled)
@@ -180,8 +183,8 @@ def masked_stat_bwd(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, sav
            MASKED_CENTERED if kind == VAR else MASKED_CONST, out)
 
 
-def masked_whiten_fwd(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, shift_mean: bool, ddof: int, eps: float,
-                      out: torch.Tensor, saved: torch.Tensor):
+def masked_whiten_fwd(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, shift_mean: bool, ddof: int,
+                      eps: float, out: torch.Tensor, saved: torch.Tensor):
     """Writes the whitened x (float32) and float64 [4, stats] (mean, rstd, n, n - ddof); returns the
     smallest selected count."""
     n, s, q = _moments(x, mask, merge_all, True)
@@ -189,19 +192,21 @@ def masked_whiten_fwd(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, shif
     rstd = torch.rsqrt(q / dof + eps)
     saved.copy_(torch.stack([mean, rstd, n, dof]).reshape(saved.shape))
     zero = torch.zeros_like(mean)
-    _apply(x, None, None, torch.stack([mean, zero, rstd, zero if shift_mean else mean]), merge_all, WHITEN, out)
+    coef = torch.stack([mean, zero, rstd, zero if shift_mean else mean])
+    _apply(x, None, None, coef, merge_all, WHITEN, out)
     return _min_count(n)
 
 
-def masked_whiten_bwd(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, saved: torch.Tensor, merge_all: bool,
-                      shift_mean: bool, out: torch.Tensor) -> None:
+def masked_whiten_bwd(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, saved: torch.Tensor,
+                      merge_all: bool, shift_mean: bool, out: torch.Tensor) -> None:
     """grad: float32 like x."""
     mean, rstd, n, dof = saved.reshape(4, -1)
     seg, nseg, _ = _layout(x, merge_all)
     mean32 = mean.float()
     parts = torch.zeros(2, max(nseg, 1), device=x.device, dtype=torch.float32)
     if nseg > 0 and x.numel() > 0:
-        _dot_kernel[(nseg,)](grad, x, mean32, parts[0], parts[1], x.numel(), seg, ONE_MEAN=merge_all, BLOCK=BLOCK)
+        _dot_kernel[(nseg,)](grad, x, mean32, parts[0], parts[1], x.numel(), seg, ONE_MEAN=merge_all,
+                             BLOCK=BLOCK)
     s1, s2 = parts[:, :nseg].double()
     if merge_all:
         s1, s2 = s1.sum().reshape(1), s2.sum().reshape(1)

@@ -63,11 +63,12 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
     if rows == 0 or length == 0:
         return
     # gamma * lam rounded to float32 once, as the C++ kernel and the reference do.
-    _gae_kernel[(triton.cdiv(rows, BLOCK_R),)](rewards, values, _mask_arg(mask), adv, ret, rows, length, gamma,
-                                               gamma * lam, BLOCK_R=BLOCK_R)
+    _gae_kernel[(triton.cdiv(rows, BLOCK_R),)](rewards, values, _mask_arg(mask), adv, ret, rows, length,
+                                               gamma, gamma * lam, BLOCK_R=BLOCK_R)
 
 
-def discounted_returns_fwd(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, ret: torch.Tensor) -> None:
+def discounted_returns_fwd(rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
+                           ret: torch.Tensor) -> None:
     rows, length = rewards.shape
     if rows == 0 or length == 0:
         return

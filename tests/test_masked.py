@@ -68,7 +68,8 @@ def _check_grad(fn_name, x, mask, **kw):
         # so the fp32 error scales with r. The largest r over the rows sets the slack.
         var = reference.masked_var(x.double(), mask, dim=kw.get("dim"), unbiased=kw.get("unbiased", True))
         atol *= max(1.0, float((var + kw.get("eps", 1e-8)).rsqrt().max()))
-    assert_close_to_oracle(leaf.grad, x64.grad, same.grad, atol=atol, rtol=GRAD_RTOL[x.dtype], what=f"d {fn_name}")
+    assert_close_to_oracle(leaf.grad, x64.grad, same.grad, atol=atol, rtol=GRAD_RTOL[x.dtype],
+                           what=f"d {fn_name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -132,7 +133,8 @@ def test_padding_never_enters_a_statistic(backend):
     dirty[~mask & (torch.rand(3, 20) < 0.5)] = float("inf")
     for fn in ("masked_sum", "masked_mean", "masked_var"):
         for dim in (None, -1):
-            torch.testing.assert_close(getattr(ops, fn)(dirty, mask, dim=dim), getattr(ops, fn)(x, mask, dim=dim))
+            op = getattr(ops, fn)
+            torch.testing.assert_close(op(dirty, mask, dim=dim), op(x, mask, dim=dim))
     # The whitened values at valid positions are unaffected; padding is transformed (NaN stays NaN).
     torch.testing.assert_close(ops.masked_whiten(dirty, mask)[mask], ops.masked_whiten(x, mask)[mask])
 
@@ -163,8 +165,8 @@ def test_selected_nan_poisons_the_result_the_same_way_on_every_backend(backend, 
             assert torch.equal(xr.grad.isnan(), poisoned & mask if fn == "masked_var" else poisoned), fn
 
 
-MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16,
-               torch.int8, torch.float64]
+MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16,
+               torch.float16, torch.int8, torch.float64]
 
 
 def _as_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -202,7 +204,8 @@ def test_every_mask_dtype_is_nonzero_valid(backend, mask_dtype, dim):
         same = x.clone().requires_grad_()
         getattr(reference, fn)(same, valid, dim=dim, **kw).backward(g)
         atol = 1e-4 if fn == "masked_whiten" else 1e-5  # whiten's gradient scales with rstd (see _check_grad)
-        assert_close_to_oracle(leaf.grad, x64.grad, same.grad, atol=atol, rtol=1e-5, what=f"d {fn} {mask_dtype}")
+        assert_close_to_oracle(leaf.grad, x64.grad, same.grad, atol=atol, rtol=1e-5,
+                               what=f"d {fn} {mask_dtype}")
 
 
 def test_float_and_int_masks_equal_bool(backend):
@@ -221,7 +224,8 @@ def test_mask_values_other_than_0_and_1(backend, monkeypatch):
     from rlkern.ops import _common
 
     monkeypatch.setattr(_common, "STRICT_MASKS", True)
-    for bad in (torch.full((2, 3), 0.5), torch.full((2, 3), -1), torch.full((2, 3), 2.0, dtype=torch.bfloat16)):
+    for bad in (torch.full((2, 3), 0.5), torch.full((2, 3), -1),
+                torch.full((2, 3), 2.0, dtype=torch.bfloat16)):
         with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 \(RLKERN_STRICT_MASKS=1\)"):
             ops.masked_mean(x, bad)
     assert ops.masked_sum(x, torch.tensor([[1.0, -0.0, 1.0], [0.0, 1.0, 0.0]])).item() == 1 + 4 + 16
@@ -232,8 +236,11 @@ def test_gradcheck_reference():
     mask = torch.rand(3, 6) < 0.7
     mask[:, :2] = True
     for dim in (None, -1):
-        assert torch.autograd.gradcheck(lambda t: reference.masked_whiten(t, mask, dim=dim, shift_mean=False), (x,))
-        assert torch.autograd.gradcheck(lambda t: reference.masked_var(t, mask, dim=dim), (x,))
+        kw = {"dim": dim}
+        kw["shift_mean"] = False
+        assert torch.autograd.gradcheck(lambda t, kw=kw: reference.masked_whiten(t, mask, **kw), (x,))
+        del kw["shift_mean"]
+        assert torch.autograd.gradcheck(lambda t, kw=kw: reference.masked_var(t, mask, **kw), (x,))
 
 
 @pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
@@ -245,8 +252,10 @@ def test_gradcheck_kernels(backend_name):
     mask[:, :2] = True
     with rlkern.use_backend(backend_name):
         for dim in (None, -1):
-            for fn in (lambda t: ops.masked_whiten(t, mask, dim=dim, shift_mean=False, eps=1e-2),
-                       lambda t: ops.masked_var(t, mask, dim=dim), lambda t: ops.masked_mean(t, mask, dim=dim)):
+            kw = {"dim": dim}
+            for fn in (lambda t, kw=kw: ops.masked_whiten(t, mask, shift_mean=False, eps=1e-2, **kw),
+                       lambda t, kw=kw: ops.masked_var(t, mask, **kw),
+                       lambda t, kw=kw: ops.masked_mean(t, mask, **kw)):
                 assert torch.autograd.gradcheck(fn, (x,), eps=1e-2, atol=3e-3, rtol=2e-2, nondet_tol=0.0)
 
 
@@ -256,7 +265,8 @@ def test_global_statistics_are_thread_count_invariant():
         var, white = ops.masked_var(x, mask), ops.masked_whiten(x, mask)
         torch.set_num_threads(1)
         try:
-            assert torch.equal(ops.masked_var(x, mask), var) and torch.equal(ops.masked_whiten(x, mask), white)
+            assert torch.equal(ops.masked_var(x, mask), var)
+            assert torch.equal(ops.masked_whiten(x, mask), white)
         finally:
             torch.set_num_threads(2)
         row = ops.masked_whiten(x, mask, dim=-1)
@@ -272,13 +282,16 @@ def test_global_statistics_are_thread_count_invariant():
          "but a row of the mask selects 0"),
         (lambda: ops.masked_var(torch.zeros(2, 3), torch.tensor([[1, 0, 0], [0, 0, 0]])), ValueError,
          "masked_var needs at least 2 selected elements"),
-        (lambda: ops.masked_whiten(torch.zeros(2, 3), torch.tensor([[1, 1, 0], [1, 0, 0]]), dim=1), ValueError,
-         "masked_whiten needs at least 2 selected elements, but a row of the mask selects 1"),
-        (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(3, 2)), ValueError, r"mask must have shape \(2, 3\)"),
+        (lambda: ops.masked_whiten(torch.zeros(2, 3), torch.tensor([[1, 1, 0], [1, 0, 0]]), dim=1),
+         ValueError, "masked_whiten needs at least 2 selected elements, but a row of the mask selects 1"),
+        (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(3, 2)), ValueError,
+         r"mask must have shape \(2, 3\)"),
         (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.complex64)), TypeError,
          "mask must be bool or a real"),
-        (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(2, 3), dim=2), IndexError, r"dim must lie in \[-2, 2\)"),
-        (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(2, 3), dim=1.0), TypeError, "dim must be None or an int"),
+        (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(2, 3), dim=2), IndexError,
+         r"dim must lie in \[-2, 2\)"),
+        (lambda: ops.masked_sum(torch.zeros(2, 3), torch.ones(2, 3), dim=1.0), TypeError,
+         "dim must be None or an int"),
         (lambda: ops.masked_whiten(torch.zeros(2, 3), torch.ones(2, 3), eps=-1.0), ValueError, "eps must be"),
         (lambda: ops.masked_sum([1.0], torch.ones(1)), TypeError, "x must be a torch.Tensor"),
     ],

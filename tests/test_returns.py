@@ -112,8 +112,8 @@ def test_discounted_returns_resets_after_each_sequence(backend):
     assert torch.equal(ret, torch.tensor([[2.0, 2.0, 8.0, 8.0, 16.0]]))
 
 
-MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16,
-               torch.int8, torch.float64]
+MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16,
+               torch.float16, torch.int8, torch.float64]
 
 
 def _as_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -122,7 +122,8 @@ def _as_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.bool:
         return valid.clone()
     if dtype.is_floating_point:
-        on, off = torch.tensor([1.0, 2.0, 0.5, -3.0, float("nan")], dtype=dtype), torch.tensor(-0.0, dtype=dtype)
+        on = torch.tensor([1.0, 2.0, 0.5, -3.0, float("nan")], dtype=dtype)
+        off = torch.tensor(-0.0, dtype=dtype)
     else:
         on = torch.tensor([1, 2, 3] if dtype == torch.uint8 else [1, 2, -3], dtype=dtype)
         off = torch.tensor(0, dtype=dtype)
@@ -164,8 +165,8 @@ def test_gae_batch_invariance():
     with rlkern.use_backend("cpp"):
         adv, ret = ops.gae(rewards, values, mask, gamma=0.99, lam=0.95)
         for r in (0, 7, 8, 200, 202):
-            a1, r1 = ops.gae(rewards[r:r + 1].clone(), values[r:r + 1].clone(), mask[r:r + 1].clone(), gamma=0.99,
-                             lam=0.95)
+            a1, r1 = ops.gae(rewards[r:r + 1].clone(), values[r:r + 1].clone(), mask[r:r + 1].clone(),
+                             gamma=0.99, lam=0.95)
             assert torch.equal(a1, adv[r:r + 1]) and torch.equal(r1, ret[r:r + 1])
         torch.set_num_threads(1)
         try:
@@ -188,16 +189,16 @@ def test_gae_inputs_needing_grad_give_detached_outputs(backend):
          r"values must have shape \(2, 3\)"),
         (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3, 2)), ValueError,
          r"mask must have shape \(2, 3\)"),
-        (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.complex64)), TypeError,
-         "mask must be bool or a real"),
+        (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.complex64)),
+         TypeError, "mask must be bool or a real"),
         (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), gamma=True), TypeError,
          "gamma must be a real number"),
         (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), gamma=1.5), ValueError,
          r"gamma must lie in \[0, 1\]"),
         (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), lam=-0.1), ValueError,
          r"lam must lie in \[0, 1\]"),
-        (lambda: ops.gae(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, 3), torch.ones(2, 3)), TypeError,
-         "rewards must be float"),
+        (lambda: ops.gae(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, 3), torch.ones(2, 3)),
+         TypeError, "rewards must be float"),
         (lambda: ops.gae(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(True)), ValueError,
          r"rewards must have shape \[\.\.\., T\]"),
         (lambda: ops.discounted_returns(torch.zeros(2, 3), torch.ones(2, 2), gamma=1.0), ValueError,

@@ -71,8 +71,8 @@ def _masked_stat(x: Tensor, mask: Tensor, dim: int | None, kind: int, unbiased: 
     xr = _rows(x, dim)
     out = new_output(xr.shape[:-1] if dim is not None else (), device=x.device)
     saved = new_output((2,) + out.shape, device=x.device, dtype=torch.float64)
-    low = kernels(backend, "masked").masked_stat_fwd(xr, _rows(mask, dim), dim is None, kind, int(unbiased), out,
-                                                     saved)
+    low = kernels(backend, "masked").masked_stat_fwd(xr, _rows(mask, dim), dim is None, kind, int(unbiased),
+                                                     out, saved)
     _check_count(low, need, _NAMES[kind], out.dim() > 0)
     return out, saved
 
@@ -122,7 +122,8 @@ def _masked_whiten(x: Tensor, mask: Tensor, dim: int | None, shift_mean: bool, u
     """(whitened, saved): saved is float64 [4, ...] (mean, rstd, n, n - ddof) for backward."""
     xr = _rows(x, dim)
     y = new_output(xr.shape, device=x.device)
-    saved = new_output((4,) + xr.shape[:-1] if dim is not None else (4,), device=x.device, dtype=torch.float64)
+    stats = xr.shape[:-1] if dim is not None else ()
+    saved = new_output((4, *stats), device=x.device, dtype=torch.float64)
     low = kernels(backend, "masked").masked_whiten_fwd(xr, _rows(mask, dim), dim is None, shift_mean,
                                                        int(unbiased), eps, y, saved)
     _check_count(low, need, "masked_whiten", saved.dim() > 1)
@@ -136,8 +137,8 @@ def _(x, mask, dim, shift_mean, unbiased, eps, need, backend):
 
 
 @kernel_op("masked_whiten_bwd")
-def _masked_whiten_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: int | None, shift_mean: bool,
-                       backend: str) -> Tensor:
+def _masked_whiten_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: int | None,
+                       shift_mean: bool, backend: str) -> Tensor:
     xr = _rows(x, dim)
     out = new_output(xr.shape, device=x.device, dtype=x.dtype)
     kernels(backend, "masked").masked_whiten_bwd(_rows(grad.float(), dim), xr, _rows(mask, dim), saved,
@@ -175,7 +176,8 @@ def _validate(x, mask, dim) -> tuple[Tensor, int | None]:
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"dim must be None or an int, got {dim!r}")
         if x.dim() == 0 or not -x.dim() <= dim < x.dim():
-            raise IndexError(f"dim must lie in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
+            raise IndexError(f"dim must lie in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, "
+                             f"got {dim}")
         dim %= x.dim()
     return mask, dim
 

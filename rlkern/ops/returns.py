@@ -34,13 +34,14 @@ def _rows(x: Tensor) -> Tensor:
 
 
 @kernel_op("gae")
-def _gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, backend: str) -> tuple[Tensor, Tensor]:
+def _gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
+         backend: str) -> tuple[Tensor, Tensor]:
     adv = new_output(rewards.shape, device=rewards.device)
     ret = new_output(rewards.shape, device=rewards.device)
     if rewards.numel():
         length = rewards.shape[-1]
-        kernels(backend, "returns").gae_fwd(_rows(rewards), _rows(values), mask.reshape(-1, length), gamma, lam,
-                                            adv.view(-1, length), ret.view(-1, length))
+        kernels(backend, "returns").gae_fwd(_rows(rewards), _rows(values), mask.reshape(-1, length), gamma,
+                                            lam, adv.view(-1, length), ret.view(-1, length))
     return adv, ret
 
 
@@ -74,7 +75,8 @@ def _check_tokens(x, name: str, shape=None) -> Tensor:
     return x.detach()
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 1.0) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
+        lam: float = 1.0) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation with verl's masking (compute_gae_advantage_return):
 
         walking t = T-1 .. 0 with next_value = running = 0:

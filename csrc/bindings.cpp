@@ -21,6 +21,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("lm_grad", &rlkern::lm_grad, release);
   m.def("lm_accumulate", &rlkern::lm_accumulate, release);
   m.def("lm_logits", &rlkern::lm_logits, release);
+  m.def("linear_logprobs_fwd", &rlkern::linear_logprobs_fwd, release);
+  m.def("linear_logprobs_bwd", &rlkern::linear_logprobs_bwd, release);
   m.def("logprobs_fwd", &rlkern::logprobs_fwd, release);
   m.def("logprobs_bwd", &rlkern::logprobs_bwd, release);
   m.def("losses_fwd", &rlkern::losses_fwd, release);

@@ -23,6 +23,7 @@
 // a NaN depending on operand order, so the max pass tracks "every logit < +inf" explicitly.
 //
 // Labels are global vocabulary ids; a tile covers ids [vocab_start, vocab_start + v).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
@@ -217,7 +218,7 @@ RLKERN_INLINE void grad_rows(int64_t begin, int64_t end, T* tile, const TileGeom
 // slices (a store and a reload do not change a float).
 constexpr int kPanel = 2 * kLanes;  // vocabulary ids per packed panel: two vectors
 constexpr int kBlockRows = 12;      // tokens per register block: 24 accumulators + 2 panel vectors + 1 broadcast (of 32 zmm)
-constexpr int64_t kDepth = 256;     // k per packed slice: 256 x 32 fp32 = 32 KiB
+constexpr int64_t kDepth = 128;     // k per slice: 16 KiB of panel + 6 KiB of packed rows stay in L1
 constexpr int64_t kRowsPerTask = 16 * kBlockRows;
 
 // x in every lane as one vbroadcastss (splat's 0 + x adds a scalar add per row and k here).
@@ -581,19 +582,19 @@ TileGeometry tile_geometry(const at::Tensor& tile, int64_t vocab_start) {
   return {tile.stride(0), tile.size(1), vocab_start};
 }
 
-// A per-token float32 vector, or nullptr when the tensor is empty ("not present").
-float* f32_rows(const at::Tensor& t, int64_t rows, const char* name) {
-  if (!t.defined() || t.numel() == 0) return nullptr;
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == rows, name,
+// A per-token float32 vector, or nullptr when absent (None).
+float* f32_rows(const std::optional<at::Tensor>& t, int64_t rows, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows, name,
               " must be a contiguous float32 tensor with one entry per tile row (", rows, " rows)");
-  return t.data_ptr<float>();
+  return t->data_ptr<float>();
 }
 
-const float* f32_bias(const at::Tensor& bias, int64_t len) {
-  if (!bias.defined() || bias.numel() == 0) return nullptr;
-  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == len,
+const float* f32_bias(const std::optional<at::Tensor>& bias, int64_t len) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == len,
               "bias must be a contiguous float32 slice with one entry per tile column (", len, ")");
-  return bias.data_ptr<float>();
+  return bias->data_ptr<float>();
 }
 
 const int64_t* tile_labels(const at::Tensor& labels, int64_t rows) {
@@ -607,7 +608,7 @@ int64_t rows_per_task(int64_t len) { return std::max<int64_t>(1, 65536 / std::ma
 
 }  // namespace
 
-void lm_fold(const at::Tensor& tile, const at::Tensor& bias, const at::Tensor& labels, double inv_temp,
+void lm_fold(const at::Tensor& tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels, double inv_temp,
              int64_t ignore_index, int64_t vocab_start, bool want_entropy, at::Tensor m, at::Tensor s, at::Tensor t,
              at::Tensor zy) {
   const int64_t rows = tile.size(0);
@@ -627,9 +628,9 @@ void lm_fold(const at::Tensor& tile, const at::Tensor& bias, const at::Tensor& l
   });
 }
 
-void lm_grad(at::Tensor tile, const at::Tensor& bias, const at::Tensor& labels, const at::Tensor& grad_logp,
-             const at::Tensor& grad_ent, const at::Tensor& lse, const at::Tensor& ent, double inv_temp,
-             int64_t ignore_index, int64_t vocab_start) {
+void lm_grad(at::Tensor tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+             const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent, const at::Tensor& lse,
+             const std::optional<at::Tensor>& ent, double inv_temp, int64_t ignore_index, int64_t vocab_start) {
   const int64_t rows = tile.size(0);
   const TileGeometry g = tile_geometry(tile, vocab_start);
   const float* b = f32_bias(bias, g.len);
@@ -701,6 +702,163 @@ void lm_accumulate(at::Tensor acc, const at::Tensor& part) {
     const T* p = static_cast<const T*>(part.data_ptr());
     at::parallel_for(0, acc.numel(), 1 << 15, [&](int64_t begin, int64_t end) { accumulate_dispatch(begin, end, a, p); });
   });
+}
+
+namespace {
+
+std::optional<at::Tensor> slice_of(const std::optional<at::Tensor>& t, int64_t start, int64_t len) {
+  return t.has_value() ? std::optional<at::Tensor>(t->narrow(0, start, len)) : std::nullopt;
+}
+
+void check_operands(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, int64_t token_tile,
+                    int64_t vocab_tile) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1) && hidden.is_contiguous() &&
+                  weight.is_contiguous() && hidden.scalar_type() == weight.scalar_type(),
+              "hidden [N, H] and weight [V, H] must be contiguous, of one dtype, and share H");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == hidden.size(0),
+              "labels must be a contiguous int64 tensor with one entry per token");
+  TORCH_CHECK(token_tile >= 1 && vocab_tile >= 1, "tile sizes must be >= 1");
+}
+
+}  // namespace
+
+// The forward over all tiles (vocabulary-outer, token-inner, a vocabulary tile independent of N): per
+// token the running (m, S, T, z_y) of lm_fold over lm_logits tiles, then lse = m + log S and
+// H = min(log S - T / S, ln V) (a token whose logits are all -inf gets lse = -inf, H = 0; NaN stays).
+void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& labels, double inv_temp, int64_t ignore_index, int64_t vocab_start,
+                         bool want_entropy, int64_t token_tile, int64_t vocab_tile, const std::string& precision,
+                         at::Tensor lse, const std::optional<at::Tensor>& ent, at::Tensor zy) {
+  (void)precision;  // the C++ GEMM is IEEE fp32 whatever the Triton option says
+  check_operands(hidden, weight, labels, token_tile, vocab_tile);
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
+  float* lse_p = f32_rows(lse, n, "lse");
+  TORCH_CHECK(!want_entropy || ent.has_value(), "want_entropy needs an ent output");
+  float* ent_p = want_entropy ? f32_rows(ent, n, "ent") : nullptr;
+  float* zy_p = f32_rows(zy, n, "zy");
+  if (n == 0) return;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor m = at::full({n}, -std::numeric_limits<float>::infinity(), f32), s = at::zeros({n}, f32),
+             t = at::zeros({n}, f32);
+  zy.zero_();
+  const int64_t tn = std::min(token_tile, n), tv = std::min(vocab_tile, vocab);
+  at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits for every input dtype
+  for (int64_t v0 = 0; v0 < vocab; v0 += tv) {
+    const int64_t v = std::min(tv, vocab - v0);
+    const at::Tensor w_tile = weight.narrow(0, v0, v);
+    const auto b = slice_of(bias, v0, v);
+    for (int64_t n0 = 0; n0 < n; n0 += tn) {
+      const int64_t rows = std::min(tn, n - n0);
+      at::Tensor tile = buf.narrow(0, 0, rows * v).view({rows, v});
+      lm_logits(hidden.narrow(0, n0, rows), w_tile, tile);
+      lm_fold(tile, b, labels.narrow(0, n0, rows), inv_temp, ignore_index, vocab_start + v0, want_entropy,
+              m.narrow(0, n0, rows), s.narrow(0, n0, rows), t.narrow(0, n0, rows), zy.narrow(0, n0, rows));
+    }
+  }
+  const float* mp = m.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const float* tp = t.data_ptr<float>();
+  const float log_v = std::log(static_cast<float>(vocab));
+  for (int64_t i = 0; i < n; ++i) {
+    const bool dead = sp[i] == 0.f;  // a NaN S is not dead: its outputs stay NaN
+    const float log_s = std::log(dead ? 1.f : sp[i]);
+    lse_p[i] = dead ? -kInf : mp[i] + log_s;
+    if (want_entropy) {
+      const float h = dead ? 0.f : log_s - tp[i] / (dead ? 1.f : sp[i]);
+      ent_p[i] = h != h ? h : std::min(h, log_v);  // rounding of a near-uniform row; NaN stays NaN
+    }
+  }
+  (void)zy_p;
+}
+
+// The backward over all tiles, vocabulary-outer so that d weight is finished one vocabulary tile at a
+// time: each tile's logits are recomputed (MKL for fp32, which needs no batch invariance here;
+// lm_logits' fp32 logits for bf16 / fp16, AMX where present), turned into d logits in place by
+// lm_grad, and multiplied into d hidden (fp32, summed over vocabulary tiles) and d weight (weight's
+// dtype; summed over token tiles in fp32 when there are several). grad_bias: fp32 [V] or None.
+void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent,
+                         const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& labels, const at::Tensor& lse, const std::optional<at::Tensor>& ent,
+                         double inv_temp, int64_t ignore_index, int64_t vocab_start, int64_t token_tile,
+                         int64_t vocab_tile, const std::string& precision, at::Tensor grad_hidden, at::Tensor grad_weight,
+                         const std::optional<at::Tensor>& grad_bias) {
+  (void)precision;
+  check_operands(hidden, weight, labels, token_tile, vocab_tile);
+  const int64_t n = hidden.size(0), vocab = weight.size(0), hs = hidden.size(1);
+  TORCH_CHECK(grad_hidden.scalar_type() == at::kFloat && grad_hidden.is_contiguous() &&
+                  grad_hidden.sizes() == hidden.sizes(), "grad_hidden must be a contiguous float32 [N, H] tensor");
+  TORCH_CHECK(grad_weight.scalar_type() == weight.scalar_type() && grad_weight.is_contiguous() &&
+                  grad_weight.sizes() == weight.sizes(), "grad_weight must be contiguous, in weight's dtype and shape");
+  TORCH_CHECK(!grad_bias.has_value() || (grad_bias->scalar_type() == at::kFloat && grad_bias->is_contiguous() &&
+                                         grad_bias->numel() == vocab), "grad_bias must be a float32 [V] tensor");
+  grad_hidden.zero_();
+  if (n == 0) {
+    grad_weight.zero_();
+    if (grad_bias.has_value()) grad_bias->zero_();
+    return;
+  }
+  const bool exact = hidden.scalar_type() == at::kFloat;  // fp32 GEMMs accumulate in place
+  const int64_t tn = std::min(token_tile, n), tv = std::min(vocab_tile, vocab);
+  const bool one_token_tile = tn >= n;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits, then d logits
+  at::Tensor low, dh_part, dw_acc;
+  if (!exact) {
+    low = at::empty({tn * tv}, hidden.options());  // d logits in the GEMMs' dtype
+    dh_part = at::empty({tn, hs}, hidden.options());
+    if (!one_token_tile) dw_acc = at::empty({tv, hs}, f32);
+  }
+  for (int64_t v0 = 0; v0 < vocab; v0 += tv) {
+    const int64_t v = std::min(tv, vocab - v0);
+    const at::Tensor w_tile = weight.narrow(0, v0, v);
+    const auto b = slice_of(bias, v0, v);
+    at::Tensor gw = grad_weight.narrow(0, v0, v);
+    int64_t i = 0;
+    for (int64_t n0 = 0; n0 < n; n0 += tn, ++i) {
+      const int64_t rows = std::min(tn, n - n0);
+      const at::Tensor h_tile = hidden.narrow(0, n0, rows);
+      at::Tensor dz32 = buf.narrow(0, 0, rows * v).view({rows, v});
+      if (exact) {
+        at::mm_out(dz32, h_tile, w_tile.t());
+      } else {
+        lm_logits(h_tile, w_tile, dz32);
+      }
+      lm_grad(dz32, b, labels.narrow(0, n0, rows), slice_of(grad_logp, n0, rows), slice_of(grad_ent, n0, rows),
+              lse.narrow(0, n0, rows), slice_of(ent, n0, rows), inv_temp, ignore_index, vocab_start + v0);
+      at::Tensor gh = grad_hidden.narrow(0, n0, rows);
+      at::Tensor dz = dz32;
+      if (exact) {
+        gh.addmm_(dz, w_tile);
+      } else {
+        dz = low.narrow(0, 0, rows * v).view({rows, v}).copy_(dz32);
+        at::Tensor part = dh_part.narrow(0, 0, rows);
+        at::mm_out(part, dz, w_tile);
+        lm_accumulate(gh, part);
+      }
+      if (one_token_tile || (exact && i == 0)) {
+        at::mm_out(gw, dz.t(), h_tile);
+      } else if (exact) {
+        gw.addmm_(dz.t(), h_tile);
+      } else {
+        at::Tensor part = at::mm(dz.t(), h_tile);
+        at::Tensor acc = dw_acc.narrow(0, 0, v);
+        if (i == 0) {
+          acc.copy_(part);
+        } else {
+          lm_accumulate(acc, part);
+        }
+      }
+      if (grad_bias.has_value()) {
+        at::Tensor gb = grad_bias->narrow(0, v0, v);
+        if (i == 0) {
+          at::sum_out(gb, dz32, {0});
+        } else {
+          gb.add_(dz32.sum(0));
+        }
+      }
+    }
+    if (dw_acc.defined()) gw.copy_(dw_acc.narrow(0, 0, v));
+  }
 }
 
 }  // namespace rlkern

@@ -4,12 +4,31 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 
 namespace rlkern {
 
-void lm_fold(const at::Tensor& tile, const at::Tensor& bias, const at::Tensor& labels, double inv_temp, int64_t ignore_index, int64_t vocab_start, bool want_entropy, at::Tensor m, at::Tensor s, at::Tensor t, at::Tensor zy);
-void lm_grad(at::Tensor tile, const at::Tensor& bias, const at::Tensor& labels, const at::Tensor& grad_logp, const at::Tensor& grad_ent, const at::Tensor& lse, const at::Tensor& ent, double inv_temp, int64_t ignore_index, int64_t vocab_start);
+// Tile primitives (the fp32 single-pass policy loss and the vocabulary-parallel logits path use them).
+void lm_fold(const at::Tensor& tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels, double inv_temp,
+             int64_t ignore_index, int64_t vocab_start, bool want_entropy, at::Tensor m, at::Tensor s, at::Tensor t,
+             at::Tensor zy);
+void lm_grad(at::Tensor tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+             const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent, const at::Tensor& lse,
+             const std::optional<at::Tensor>& ent, double inv_temp, int64_t ignore_index, int64_t vocab_start);
 void lm_accumulate(at::Tensor acc, const at::Tensor& part);
 void lm_logits(const at::Tensor& hidden, const at::Tensor& weight, at::Tensor out);
+
+// The whole-op kernels, called exactly as kernels/lm_head.py's launchers of the same names (None for an
+// absent tensor; the C++ side uses the tile sizes, the Triton side the precision).
+void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& labels, double inv_temp, int64_t ignore_index, int64_t vocab_start,
+                         bool want_entropy, int64_t token_tile, int64_t vocab_tile, const std::string& precision,
+                         at::Tensor lse, const std::optional<at::Tensor>& ent, at::Tensor zy);
+void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent,
+                         const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& labels, const at::Tensor& lse, const std::optional<at::Tensor>& ent,
+                         double inv_temp, int64_t ignore_index, int64_t vocab_start, int64_t token_tile,
+                         int64_t vocab_tile, const std::string& precision, at::Tensor grad_hidden, at::Tensor grad_weight,
+                         const std::optional<at::Tensor>& grad_bias);
 
 }  // namespace rlkern

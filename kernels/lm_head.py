@@ -22,6 +22,7 @@ tile stay int32.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -34,9 +35,23 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
-def _logits_tile(h_rows, w_rows, b_ptr, row_ok, cols, v0, vocab, hidden_size, inv_temp,
-                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _logits_tile(
+    h_rows,
+    w_rows,
+    b_ptr,
+    row_ok,
+    cols,
+    v0,
+    vocab,
+    hidden_size,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """z = (hidden[rows] @ weight[v0 + cols]^T + bias) * inv_temp, fp32 [BLOCK_N, BLOCK_V]; columns
     past the vocabulary are -inf. h_rows / w_rows: [BLOCK_N, 1] / [BLOCK_V, 1] row pointers (int64
     row offsets computed once), so the per-slice offsets stay int32."""
@@ -57,10 +72,26 @@ def _logits_tile(h_rows, w_rows, b_ptr, row_ok, cols, v0, vocab, hidden_size, in
 
 @triton.jit
 def _linear_logprobs_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, zy_ptr,
-    n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
-    HAS_BIAS: tl.constexpr, WANT_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    labels_ptr,
+    lse_ptr,
+    ent_ptr,
+    zy_ptr,
+    n_tokens,
+    vocab,
+    hidden_size,
+    inv_temp,
+    ignore_index,
+    vocab_start,
+    HAS_BIAS: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < n_tokens
@@ -79,8 +110,23 @@ def _linear_logprobs_fwd_kernel(
     # rescale below keeps it NaN (S * 0). No extra per-row state: it would spill on sm_80.
     for v0 in range(0, vocab, BLOCK_V):
         w_rows = w_ptr + (v0 + cols).to(tl.int64)[:, None] * hidden_size
-        z = _logits_tile(h_rows, w_rows, b_ptr, row_ok, cols, v0, vocab, hidden_size, inv_temp,
-                         HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        z = _logits_tile(
+            h_rows,
+            w_rows,
+            b_ptr,
+            row_ok,
+            cols,
+            v0,
+            vocab,
+            hidden_size,
+            inv_temp,
+            HAS_BIAS,
+            DOT_FP32,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # Move the sums from the old max to the new one: S' = c S, T' = c (T + (m - m') S).
         # (m - m' is masked before use: while S = 0 the old max is -inf and m - m' would be NaN.)
@@ -100,17 +146,38 @@ def _linear_logprobs_fwd_kernel(
     alive = s != 0  # False only for a token whose every logit is -inf; a NaN S stays NaN
     log_s = tl.log(tl.where(alive, s, 1.0))
     tl.store(lse_ptr + offs_n, tl.where(alive, m + log_s, NEG_INF), mask=row_ok)
-    tl.store(ent_ptr + offs_n, tl.where(alive, log_s - t / tl.where(alive, s, 1.0), 0.0), mask=row_ok)
+    if WANT_ENTROPY:
+        tl.store(ent_ptr + offs_n, tl.where(alive, log_s - t / tl.where(alive, s, 1.0), 0.0), mask=row_ok)
     tl.store(zy_ptr + offs_n, zy, mask=row_ok)
 
 
 @triton.jit
 def _linear_logprobs_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, grad_logp_ptr, grad_ent_ptr, lse_ptr, ent_ptr,
-    grad_h_ptr, grad_w_ptr, grad_b_ptr,
-    n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    labels_ptr,
+    grad_logp_ptr,
+    grad_ent_ptr,
+    lse_ptr,
+    ent_ptr,
+    grad_h_ptr,
+    grad_w_ptr,
+    grad_b_ptr,
+    n_tokens,
+    vocab,
+    hidden_size,
+    inv_temp,
+    ignore_index,
+    vocab_start,
+    HAS_BIAS: tl.constexpr,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     v0 = tl.program_id(1) * BLOCK_V
@@ -119,14 +186,31 @@ def _linear_logprobs_bwd_kernel(
     col_ok = (v0 + cols) < vocab
     h_rows = h_ptr + offs_n[:, None] * hidden_size
     w_off = (v0 + cols).to(tl.int64)[:, None] * hidden_size
-    z = _logits_tile(h_rows, w_ptr + w_off, b_ptr, row_ok, cols, v0, vocab, hidden_size, inv_temp,
-                     HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    z = _logits_tile(
+        h_rows,
+        w_ptr + w_off,
+        b_ptr,
+        row_ok,
+        cols,
+        v0,
+        vocab,
+        hidden_size,
+        inv_temp,
+        HAS_BIAS,
+        DOT_FP32,
+        PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+    )
     y = tl.load(labels_ptr + offs_n, mask=row_ok, other=ignore_index)
     lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=NEG_INF)
     alive = lse != NEG_INF  # a NaN lse (a NaN / +inf logit in the row) stays alive: its gradient is NaN
     g = tl.zeros((BLOCK_N,), tl.float32)
     if HAS_GRAD_LOGP:
-        g = tl.where((y != ignore_index) & alive, tl.load(grad_logp_ptr + offs_n, mask=row_ok, other=0.0), 0.0)
+        g = tl.where(
+            (y != ignore_index) & alive, tl.load(grad_logp_ptr + offs_n, mask=row_ok, other=0.0), 0.0
+        )
     gh = tl.zeros((BLOCK_N,), tl.float32)
     h = tl.zeros((BLOCK_N,), tl.float32)
     if HAS_GRAD_ENT:
@@ -160,10 +244,16 @@ def _linear_logprobs_bwd_kernel(
         h_blk = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
         if DOT_FP32:
             w_blk, h_blk = w_blk.to(tl.float32), h_blk.to(tl.float32)
-        tl.atomic_add(gh_rows + offs_k[None, :], tl.dot(dz_in, w_blk, input_precision=PRECISION),
-                      mask=row_ok[:, None] & k_ok)
-        tl.atomic_add(gw_rows + offs_k[None, :], tl.dot(dz_t, h_blk, input_precision=PRECISION),
-                      mask=col_ok[:, None] & k_ok)
+        tl.atomic_add(
+            gh_rows + offs_k[None, :],
+            tl.dot(dz_in, w_blk, input_precision=PRECISION),
+            mask=row_ok[:, None] & k_ok,
+        )
+        tl.atomic_add(
+            gw_rows + offs_k[None, :],
+            tl.dot(dz_t, h_blk, input_precision=PRECISION),
+            mask=col_ok[:, None] & k_ok,
+        )
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -206,11 +296,26 @@ def bwd_config(hidden_size: int, dtype: torch.dtype, precision: str = "ieee") ->
     return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": _slice(hidden_size, widest), "num_warps": 8}
 
 
-def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias32: torch.Tensor, labels: torch.Tensor,
-                        inv_temp: float, ignore_index: int, vocab_start: int, want_entropy: bool,
-                        lse: torch.Tensor, ent: torch.Tensor, zy: torch.Tensor, precision: str = "ieee") -> None:
-    """hidden [N, H], weight [V, H] contiguous, same dtype; bias32 fp32 [V] or empty; labels int64 [N]
-    (global ids, the shard starting at vocab_start). Writes fp32 lse, ent and z_y ([N] each).
+def linear_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    inv_temp: float,
+    ignore_index: int,
+    vocab_start: int,
+    want_entropy: bool,
+    token_tile: int,
+    vocab_tile: int,
+    precision: str,
+    lse: torch.Tensor,
+    ent: torch.Tensor | None,
+    zy: torch.Tensor,
+) -> None:
+    """hidden [N, H], weight [V, H] contiguous, same dtype; bias fp32 [V] or None; labels int64 [N]
+    (global ids, the shard starting at vocab_start). Writes fp32 lse, z_y and, with want_entropy, ent
+    ([N] each; the entropy capped at ln V, NaN kept). Called as rlkern._C.linear_logprobs_fwd is:
+    token_tile / vocab_tile are the C++ loop's (the Triton kernels keep 64 x 64 tiles in registers).
 
     precision: how tl.dot multiplies fp32 inputs: "ieee" (fp32-accurate, the default) or "tf32"
     (tensor cores, ~1e-3 relative error per product, several times faster). bf16 / fp16 inputs
@@ -221,36 +326,92 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias32: torc
         return
     cfg = fwd_config(hidden_size, hidden.dtype, precision)
     _linear_logprobs_fwd_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]),)](
-        hidden, weight, bias32 if bias32.numel() else lse, labels, lse, ent, zy,
-        n_tokens, weight.shape[0], hidden_size, inv_temp, ignore_index, vocab_start,
-        HAS_BIAS=bias32.numel() > 0, WANT_ENTROPY=want_entropy, DOT_FP32=_dot_fp32(hidden.dtype),
-        PRECISION=precision, **cfg,
+        hidden,
+        weight,
+        bias if bias is not None else lse,
+        labels,
+        lse,
+        ent if ent is not None else lse,
+        zy,
+        n_tokens,
+        weight.shape[0],
+        hidden_size,
+        inv_temp,
+        ignore_index,
+        vocab_start,
+        HAS_BIAS=bias is not None,
+        WANT_ENTROPY=want_entropy,
+        DOT_FP32=_dot_fp32(hidden.dtype),
+        PRECISION=precision,
+        **cfg,
     )
+    if want_entropy:  # the rounding of a near-uniform row must not push H above ln V; NaN stays NaN
+        torch.minimum(ent, ent.new_tensor(math.log(weight.shape[0])), out=ent)
 
 
-def linear_logprobs_bwd(grad_logp: torch.Tensor, grad_ent: torch.Tensor, hidden: torch.Tensor,
-                        weight: torch.Tensor, bias32: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                        ent: torch.Tensor, inv_temp: float, ignore_index: int, vocab_start: int,
-                        grad_hidden: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor,
-                        precision: str = "ieee") -> None:
-    """Writes fp32 grad_hidden [N, H], grad_weight [V, H] and grad_bias [V] (or empty); grad_logp /
-    grad_ent are fp32 [N] or empty (no such upstream gradient). precision: as in linear_logprobs_fwd."""
+def linear_logprobs_bwd(
+    grad_logp: torch.Tensor | None,
+    grad_ent: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ent: torch.Tensor | None,
+    inv_temp: float,
+    ignore_index: int,
+    vocab_start: int,
+    token_tile: int,
+    vocab_tile: int,
+    precision: str,
+    grad_hidden: torch.Tensor,
+    grad_weight: torch.Tensor,
+    grad_bias: torch.Tensor | None,
+) -> None:
+    """Writes fp32 grad_hidden [N, H], grad_weight [V, H] (in its own dtype: summed in fp32 first)
+    and grad_bias fp32 [V] (or None); grad_logp / grad_ent are fp32 [N] or None (no such upstream
+    gradient). Arguments as rlkern._C.linear_logprobs_bwd; precision as in linear_logprobs_fwd."""
     precision = _dot_precision(precision, hidden.dtype)
     # The kernel adds partial products from many programs into these, so they start at zero.
-    grad_hidden.zero_()
-    grad_weight.zero_()
-    grad_bias.zero_()
-    n_tokens, hidden_size = hidden.shape
-    if n_tokens == 0:
-        return
-    cfg = bwd_config(hidden_size, hidden.dtype, precision)
-    vocab = weight.shape[0]
-    has_gl, has_ge = grad_logp.numel() > 0, grad_ent.numel() > 0
-    _linear_logprobs_bwd_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))](
-        hidden, weight, bias32 if bias32.numel() else lse, labels, grad_logp if has_gl else lse,
-        grad_ent if has_ge else lse, lse, ent if ent.numel() else lse,
-        grad_hidden, grad_weight, grad_bias if grad_bias.numel() else lse,
-        n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
-        HAS_BIAS=bias32.numel() > 0, HAS_GRAD_LOGP=has_gl, HAS_GRAD_ENT=has_ge, DOT_FP32=_dot_fp32(hidden.dtype),
-        PRECISION=precision, **cfg,
+    dw = (
+        grad_weight
+        if grad_weight.dtype == torch.float32
+        else torch.empty(grad_weight.shape, device=hidden.device)
     )
+    grad_hidden.zero_()
+    dw.zero_()
+    if grad_bias is not None:
+        grad_bias.zero_()
+    n_tokens, hidden_size = hidden.shape
+    if n_tokens > 0:
+        cfg = bwd_config(hidden_size, hidden.dtype, precision)
+        vocab = weight.shape[0]
+        _linear_logprobs_bwd_kernel[
+            (triton.cdiv(n_tokens, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
+        ](
+            hidden,
+            weight,
+            bias if bias is not None else lse,
+            labels,
+            grad_logp if grad_logp is not None else lse,
+            grad_ent if grad_ent is not None else lse,
+            lse,
+            ent if ent is not None else lse,
+            grad_hidden,
+            dw,
+            grad_bias if grad_bias is not None else lse,
+            n_tokens,
+            vocab,
+            hidden_size,
+            inv_temp,
+            ignore_index,
+            vocab_start,
+            HAS_BIAS=bias is not None,
+            HAS_GRAD_LOGP=grad_logp is not None,
+            HAS_GRAD_ENT=grad_ent is not None,
+            DOT_FP32=_dot_fp32(hidden.dtype),
+            PRECISION=precision,
+            **cfg,
+        )
+    if dw is not grad_weight:
+        grad_weight.copy_(dw)

@@ -14,7 +14,6 @@ torch in the input dtype is, plus a stated slack):
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -22,12 +21,11 @@ import torch
 
 import rlkern
 from rlkern import reference
+from rlkern.ops import lm_tiles
 from rlkern.ops._registry import cpp_kernels
 from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_to_oracle
 
 linear_logprobs = rlkern.ops.linear_logprobs
-# The module (rlkern.ops.linear_logprobs is the function, which shadows the module's name).
-ll_mod = importlib.import_module("rlkern.ops.lm_head")
 UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
@@ -45,13 +43,21 @@ def _naive_same_dtype(hidden, weight, labels, bias, temperature, ignore_index=-1
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    return reference.logprobs_and_entropy(logits.float(), labels, temperature=temperature, ignore_index=ignore_index)
+    return reference.logprobs_and_entropy(
+        logits.float(), labels, temperature=temperature, ignore_index=ignore_index
+    )
 
 
 def _oracle(hidden, weight, labels, bias, temperature, ignore_index=-100):
-    return reference.linear_logprobs(hidden.double(), weight.double(), labels,
-                                     bias=None if bias is None else bias.double(), temperature=temperature,
-                                     ignore_index=ignore_index, return_entropy=True)
+    return reference.linear_logprobs(
+        hidden.double(),
+        weight.double(),
+        labels,
+        bias=None if bias is None else bias.double(),
+        temperature=temperature,
+        ignore_index=ignore_index,
+        return_entropy=True,
+    )
 
 
 def _fwd_atol(dtype, hidden, weight, bias, temperature):
@@ -63,8 +69,9 @@ def _fwd_atol(dtype, hidden, weight, bias, temperature):
 
 
 def _check_forward(hidden, weight, labels, bias=None, temperature=1.0, chunk_size=None):
-    logp, ent = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True,
-                                chunk_size=chunk_size)
+    logp, ent = linear_logprobs(
+        hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True, chunk_size=chunk_size
+    )
     ref_lp, ref_h = _oracle(hidden, weight, labels, bias, temperature)
     same_lp, same_h = _naive_same_dtype(hidden, weight, labels, bias, temperature)
     atol = _fwd_atol(hidden.dtype, hidden, weight, bias, temperature)
@@ -161,16 +168,31 @@ def _grads(fn, hidden, weight, bias, which, seed_grads):
 def test_backward_matches_reference(backend, dtype, which, monkeypatch):
     # Four tokens per tile and 32 vocabulary rows per tile: several tiles both ways, ragged at the end
     # (the fp32 in-place accumulation and the bf16/fp16 fp32 accumulator paths of d weight).
-    monkeypatch.setattr(ll_mod, "_MAX_TOKEN_TILE", 4)
+    monkeypatch.setattr(lm_tiles, "_MAX_TOKEN_TILE", 4)
     hidden, weight, bias, labels = _make((2, 5), 24, 75, dtype, bias=True)
     temperature = 0.8
     seeds = (torch.randn(labels.shape), torch.randn(labels.shape))
-    ours = _grads(lambda h, w, b: linear_logprobs(h, w, labels, bias=b, temperature=temperature,
-                                                  return_entropy=True, chunk_size=32),
-                  hidden, weight, bias, which, seeds)
-    oracle = _grads(lambda h, w, b: _oracle(h.double(), w.double(), labels, b.double(), temperature),
-                    hidden, weight, bias, which, seeds)
-    same = _grads(lambda h, w, b: _naive_same_dtype(h, w, labels, b, temperature), hidden, weight, bias, which, seeds)
+    ours = _grads(
+        lambda h, w, b: linear_logprobs(
+            h, w, labels, bias=b, temperature=temperature, return_entropy=True, chunk_size=32
+        ),
+        hidden,
+        weight,
+        bias,
+        which,
+        seeds,
+    )
+    oracle = _grads(
+        lambda h, w, b: _oracle(h.double(), w.double(), labels, b.double(), temperature),
+        hidden,
+        weight,
+        bias,
+        which,
+        seeds,
+    )
+    same = _grads(
+        lambda h, w, b: _naive_same_dtype(h, w, labels, b, temperature), hidden, weight, bias, which, seeds
+    )
     for name, a, o, s, src in zip(("hidden", "weight", "bias"), ours, oracle, same, (hidden, weight, bias)):
         assert a.dtype == src.dtype, f"d {name} must come back in {name}'s dtype"
         scale = o.abs().max().item()
@@ -198,7 +220,9 @@ def test_batch_invariance_cpp(dtype):
     with rlkern.use_backend("cpp"):
         lp_all, h_all = linear_logprobs(hidden, weight, labels, return_entropy=True)
         for r in (0, 17, 299):
-            lp_one, h_one = linear_logprobs(hidden[r : r + 1].clone(), weight, labels[r : r + 1], return_entropy=True)
+            lp_one, h_one = linear_logprobs(
+                hidden[r : r + 1].clone(), weight, labels[r : r + 1], return_entropy=True
+            )
             assert torch.equal(lp_one, lp_all[r : r + 1]) and torch.equal(h_one, h_all[r : r + 1])
         threads = torch.get_num_threads()
         torch.set_num_threads(1 if threads > 1 else 2)
@@ -211,13 +235,13 @@ def test_batch_invariance_cpp(dtype):
 
 def test_tile_sizes_respect_budget():
     for n, v in [(1, 1), (7, 100), (1024, 32768), (2048, 151936), (16384, 151936), (100000, 7)]:
-        tn, tv = ll_mod.tile_sizes(n, v)
-        assert 1 <= tn <= n and 1 <= tv <= max(v, ll_mod._VOCAB_ALIGN)
-        budget = min(max(n * v * 4 // ll_mod._BUDGET_FRACTION, ll_mod._BUDGET_MIN), ll_mod._BUDGET_MAX)
-        assert tn * min(tv, v) * 4 <= max(budget, tn * ll_mod._VOCAB_ALIGN * 4)
-    assert ll_mod.tile_sizes(100, 1000, chunk_size=50) == (100, 50)
+        tn, tv = lm_tiles.tile_sizes(n, v)
+        assert 1 <= tn <= n and 1 <= tv <= max(v, lm_tiles._VOCAB_ALIGN)
+        budget = min(max(n * v * 4 // lm_tiles._BUDGET_FRACTION, lm_tiles._BUDGET_MIN), lm_tiles._BUDGET_MAX)
+        assert tn * min(tv, v) * 4 <= max(budget, tn * lm_tiles._VOCAB_ALIGN * 4)
+    assert lm_tiles.tile_sizes(100, 1000, chunk_size=50) == (100, 50)
     # The vocabulary tile never depends on N (batch invariance of the fold order).
-    assert len({ll_mod.tile_sizes(n, 151936)[1] for n in (1, 7, 300, 4096, 100000)}) == 1
+    assert len({lm_tiles.tile_sizes(n, 151936)[1] for n in (1, 7, 300, 4096, 100000)}) == 1
 
 
 def test_gradcheck_reference():
@@ -263,13 +287,16 @@ def test_bad_input(backend, make_args, error, match):
         linear_logprobs(*make_args(hidden, weight, labels))
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
-    ({"temperature": float("nan")}, ValueError, "temperature"),
-    ({"chunk_size": 0}, ValueError, "chunk_size must be None or an int >= 1"),
-    ({"chunk_size": 2.5}, ValueError, "chunk_size"),
-    ({"bias": torch.zeros(19)}, ValueError, r"bias must have shape \[V\] = \[20\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be None or an int >= 1"),
+        ({"chunk_size": 2.5}, ValueError, "chunk_size"),
+        ({"bias": torch.zeros(19)}, ValueError, r"bias must have shape \[V\] = \[20\]"),
+    ],
+)
 def test_bad_keywords(kwargs, error, match):
     hidden, weight, _, labels = _make((3,), 8, 20, torch.float32)
     with pytest.raises(error, match=match):
@@ -282,12 +309,25 @@ def test_opcheck(backend_name, precision):
     hidden, weight, bias, labels = _make((6,), 16, 40, torch.float32, bias=True)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    fwd_args = (hidden, weight, bias, labels, 0.9, -100, True, 16, backend_name, precision)
+    fwd_args = (hidden, True, weight, bias, labels, 0.9, -100, 16, backend_name, precision)
     torch.library.opcheck(torch.ops.rlkern.linear_logprobs_fwd.default, fwd_args)
     with torch.no_grad():
         _, lse, ent = torch.ops.rlkern.linear_logprobs_fwd(*fwd_args)
-    bwd_args = (torch.randn(6), torch.randn(6), hidden.detach(), weight.detach(), bias, labels, lse, ent, 0.9, -100, 16,
-                backend_name, precision)
+    bwd_args = (
+        hidden.detach(),
+        weight.detach(),
+        bias,
+        torch.randn(6),
+        torch.randn(6),
+        labels,
+        lse,
+        ent,
+        0.9,
+        -100,
+        16,
+        backend_name,
+        precision,
+    )
     torch.library.opcheck(torch.ops.rlkern.linear_logprobs_bwd.default, bwd_args)
 
 
@@ -323,8 +363,10 @@ def test_float64_runs_reference_or_says_why(backend_name):
                 linear_logprobs(hidden, weight, labels)
 
 
-@pytest.mark.parametrize("backend_name, dtype", [("torch", torch.float32), ("cpp", torch.float32),
-                                                 ("cpp", torch.bfloat16), ("triton", torch.float32)])
+@pytest.mark.parametrize(
+    "backend_name, dtype",
+    [("torch", torch.float32), ("cpp", torch.float32), ("cpp", torch.bfloat16), ("triton", torch.float32)],
+)
 @pytest.mark.parametrize("loss_type, beta", [("grpo", 0.0), ("bnpo", 0.04), ("dr_grpo", 0.1)])
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_linear_policy_loss_matches_reference_composition(backend_name, dtype, loss_type, beta, chunk_size):
@@ -347,8 +389,17 @@ def test_linear_policy_loss_matches_reference_composition(backend_name, dtype, l
     (3.0 * loss).backward()
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
     logp64 = reference.linear_logprobs(h64, w64, labels, temperature=0.9)
-    loss64, stats64 = reference.grpo_loss(logp64, old.double(), ref.double(), adv.double(), mask, beta=beta,
-                                          clip_low=0.2, clip_high=0.28, loss_type=loss_type)
+    loss64, stats64 = reference.grpo_loss(
+        logp64,
+        old.double(),
+        ref.double(),
+        adv.double(),
+        mask,
+        beta=beta,
+        clip_low=0.2,
+        clip_high=0.28,
+        loss_type=loss_type,
+    )
     (3.0 * loss64).backward()
     u = UNIT_ROUNDOFF[dtype]
     # bf16: each log-prob is off by up to 2 u max|z| (see the module doc); the loss is a weighted
@@ -358,7 +409,9 @@ def test_linear_policy_loss_matches_reference_composition(backend_name, dtype, l
     val_tol = 1e-5 if dtype == torch.float32 else 8 * u * zmax * (1 + adv.abs().max().item())
     torch.testing.assert_close(loss.double(), loss64, atol=val_tol, rtol=1e-5)
     for key in stats64:
-        torch.testing.assert_close(stats[key].double(), stats64[key].double(), atol=max(val_tol, 1e-5), rtol=1e-5)
+        torch.testing.assert_close(
+            stats[key].double(), stats64[key].double(), atol=max(val_tol, 1e-5), rtol=1e-5
+        )
     for a, o, src in ((h.grad, h64.grad, hidden), (w.grad, w64.grad, weight)):
         assert a.dtype == src.dtype
         scale = o.abs().max().item()
@@ -369,22 +422,38 @@ def test_linear_policy_loss_matches_reference_composition(backend_name, dtype, l
 def test_linear_policy_loss_needs_ref_logp_for_kl():
     hidden, weight, _, labels = _make((2, 3), 8, 20, torch.float32, ignore=0.0)
     with pytest.raises(ValueError, match="ref_logp is required when beta > 0"):
-        rlkern.ops.linear_policy_loss(hidden, weight, labels, torch.zeros(2, 3), torch.zeros(2),
-                                      torch.ones(2, 3, dtype=torch.bool), beta=0.1)
+        rlkern.ops.linear_policy_loss(
+            hidden,
+            weight,
+            labels,
+            torch.zeros(2, 3),
+            torch.zeros(2),
+            torch.ones(2, 3, dtype=torch.bool),
+            beta=0.1,
+        )
 
 
 def test_cpp_epilogues_check_their_arguments():
-    """The raw C++ kernels reject inconsistent buffers with a message instead of reading past them."""
+    """The raw C++ kernels reject inconsistent buffers with a message instead of reading past them;
+    an absent tensor is None (an empty tensor is a wrong-sized one, not "absent")."""
     tile = torch.randn(3, 10)
     state = [torch.zeros(3) for _ in range(4)]
     labels = torch.zeros(3, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="bias must be a contiguous float32 slice with one entry per tile column"):
-        cpp_kernels().lm_fold(tile, torch.zeros(9), labels, 1.0, -100, 0, False, *state)
-    with pytest.raises(RuntimeError, match="labels must be a contiguous int64 tensor with one entry per tile row"):
-        cpp_kernels().lm_fold(tile, torch.zeros(0), labels[:2], 1.0, -100, 0, False, *state)
+    bias_msg = "bias must be a contiguous float32 slice with one entry per tile column"
+    for bad_bias in (torch.zeros(9), torch.zeros(0)):
+        with pytest.raises(RuntimeError, match=bias_msg):
+            cpp_kernels().lm_fold(tile, bad_bias, labels, 1.0, -100, 0, False, *state)
+    with pytest.raises(
+        RuntimeError, match="labels must be a contiguous int64 tensor with one entry per tile row"
+    ):
+        cpp_kernels().lm_fold(tile, None, labels[:2], 1.0, -100, 0, False, *state)
     with pytest.raises(RuntimeError, match="lse must be a contiguous float32 tensor"):
-        cpp_kernels().lm_grad(tile, torch.zeros(0), labels, torch.zeros(3), torch.zeros(0), torch.zeros(2),
-                                   torch.zeros(0), 1.0, -100, 0)
+        cpp_kernels().lm_grad(tile, None, labels, torch.zeros(3), None, torch.zeros(2), None, 1.0, -100, 0)
+    with pytest.raises(RuntimeError, match="want_entropy needs an ent output"):
+        cpp_kernels().linear_logprobs_fwd(
+            torch.randn(3, 4), torch.randn(10, 4), None, labels, 1.0, -100, 0, True, 3, 10, "ieee",
+            torch.empty(3), None, torch.empty(3),
+        )
     with pytest.raises(RuntimeError, match="part must be contiguous with acc's shape"):
         cpp_kernels().lm_accumulate(torch.zeros(4, 3), torch.zeros(3, 4).t())
 
@@ -406,6 +475,7 @@ def test_linear_policy_loss_single_backward_and_upstream_scale():
 # ------------------------------------------------------------------------------------------------
 # precision= ("ieee" | "tf32"): the Triton GEMMs' fp32 mode (issue #8 item 3)
 # ------------------------------------------------------------------------------------------------
+
 
 def _policy_args(lead=(2, 3)):
     return (torch.zeros(*lead) - 3.0, torch.tensor([1.0, -1.0]), torch.ones(*lead, dtype=torch.bool))
@@ -438,12 +508,14 @@ def test_precision_changes_nothing_on_cpp_and_torch(backend_name, dtype):
     for precision in ("ieee", "tf32"):
         h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         with rlkern.use_backend(backend_name):
-            lp, ent = linear_logprobs(h, w, labels, bias=bias, temperature=0.9, return_entropy=True,
-                                      precision=precision)
+            lp, ent = linear_logprobs(
+                h, w, labels, bias=bias, temperature=0.9, return_entropy=True, precision=precision
+            )
             (lp.sum() + ent.sum()).backward()
             hp, wp = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-            loss, _ = rlkern.ops.linear_policy_loss(hp, wp, labels.clamp(min=0), *_policy_args((2, 5)),
-                                                    precision=precision)
+            loss, _ = rlkern.ops.linear_policy_loss(
+                hp, wp, labels.clamp(min=0), *_policy_args((2, 5)), precision=precision
+            )
             loss.backward()
         runs.append((lp, ent, h.grad, w.grad, loss, hp.grad, wp.grad))
     for a, b in zip(*runs):
@@ -452,17 +524,18 @@ def test_precision_changes_nothing_on_cpp_and_torch(backend_name, dtype):
 
 class _LauncherSpy:
     """Wraps the Triton launchers of rlkern.kernels.lm_head: records the precision each call
-    got (its default when not passed) and runs the real kernel."""
+    got (a positional argument, as for rlkern._C's kernels) and runs the real kernel."""
 
     def __init__(self, monkeypatch):
-        tk = importlib.import_module("rlkern.kernels.lm_head")
+        from rlkern.kernels import lm_head as tk
+
         self.calls = {"fwd": [], "bwd": []}
-        for kind in ("fwd", "bwd"):
+        for kind, where in (("fwd", 10), ("bwd", 13)):
             real = getattr(tk, f"linear_logprobs_{kind}")
 
-            def spy(*args, _real=real, _kind=kind, **kwargs):
-                self.calls[_kind].append(kwargs.get("precision", "ieee (launcher default)"))
-                return _real(*args, **kwargs)
+            def spy(*args, _real=real, _kind=kind, _where=where):
+                self.calls[_kind].append(args[_where])
+                return _real(*args)
 
             monkeypatch.setattr(tk, f"linear_logprobs_{kind}", spy)
 

@@ -49,8 +49,16 @@ def _linear_case(rank, backend, dtype, vocab, chunk_size, bias_on, group):
         w = w.clone().requires_grad_(True)
         b = b.clone().requires_grad_(True) if b is not None else None
         with rlkern.use_backend(backend):
-            lp, ent = rlkern.ops.linear_logprobs(h, w, labels, bias=b, temperature=0.8, return_entropy=True,
-                                                 chunk_size=chunk_size, process_group=group_)
+            lp, ent = rlkern.ops.linear_logprobs(
+                h,
+                w,
+                labels,
+                bias=b,
+                temperature=0.8,
+                return_entropy=True,
+                chunk_size=chunk_size,
+                process_group=group_,
+            )
         ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
         return lp, ent, h.grad, w.grad, (b.grad if b is not None else None)
 
@@ -58,7 +66,7 @@ def _linear_case(rank, backend, dtype, vocab, chunk_size, bias_on, group):
     shard = run(weight[start:end], bias[start:end] if bias is not None else None, group)
     tol = _tol(dtype)
     for name, a, e in zip(("logp", "entropy", "d hidden"), shard[:3], full[:3]):
-        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"rank {rank} {backend} {name}: {m}")
+        torch.testing.assert_close(a, e, **tol, msg=lambda m, name=name: f"rank {rank} {backend} {name}: {m}")
     torch.testing.assert_close(shard[3], full[3][start:end], **tol)
     if bias is not None:
         torch.testing.assert_close(shard[4], full[4][start:end], **tol)
@@ -83,8 +91,9 @@ def _nan_case(rank, backend, dtype, group):
             w[3, 0] = float("nan")  # id 3 lives on rank 0's shard
         h = hidden.clone().requires_grad_(True)
         with rlkern.use_backend(backend):
-            lp, ent = rlkern.ops.linear_logprobs(h, w[start:end], labels, return_entropy=True,
-                                                 process_group=group)
+            lp, ent = rlkern.ops.linear_logprobs(
+                h, w[start:end], labels, return_entropy=True, process_group=group
+            )
         (lp.nan_to_num(0.0).sum() + ent.nan_to_num(0.0).sum()).backward()
         expect = torch.ones(4, dtype=torch.bool) if w_nan else torch.tensor([False, False, True, False])
         assert torch.equal(lp.isnan(), expect) and torch.equal(ent.isnan(), expect), (rank, backend, lp, ent)
@@ -119,8 +128,9 @@ def _logits_case(rank, backend, dtype, vocab, group):
 
     # Entropy alone (no labels) and log-probs alone.
     with rlkern.use_backend(backend):
-        none_lp, only_ent = vocab_parallel_logprobs(logits[..., start:end], None, group, temperature=1.3,
-                                                    want_entropy=True)
+        none_lp, only_ent = vocab_parallel_logprobs(
+            logits[..., start:end], None, group, temperature=1.3, want_entropy=True
+        )
         only_lp, none_ent = vocab_parallel_logprobs(logits[..., start:end], labels, group, temperature=1.3)
     assert none_lp is None and none_ent is None
     torch.testing.assert_close(only_ent, ent_full.detach(), **tol)
@@ -129,10 +139,12 @@ def _logits_case(rank, backend, dtype, vocab, group):
     # The public ops take the same route with process_group=.
     shard = logits[..., start:end]
     with rlkern.use_backend(backend):
-        torch.testing.assert_close(rlkern.ops.logprobs(shard, labels, temperature=1.3, process_group=group),
-                                   lp_full.detach(), **tol)
-        torch.testing.assert_close(rlkern.ops.entropy(shard, temperature=1.3, process_group=group),
-                                   ent_full.detach(), **tol)
+        torch.testing.assert_close(
+            rlkern.ops.logprobs(shard, labels, temperature=1.3, process_group=group), lp_full.detach(), **tol
+        )
+        torch.testing.assert_close(
+            rlkern.ops.entropy(shard, temperature=1.3, process_group=group), ent_full.detach(), **tol
+        )
         pair = rlkern.ops.logprobs_and_entropy(shard, labels, temperature=1.3, process_group=group)
     torch.testing.assert_close(pair[0], lp_full.detach(), **tol)
     torch.testing.assert_close(pair[1], ent_full.detach(), **tol)
@@ -172,8 +184,9 @@ def _bad_layout_worker(rank, init_method):
         # 10 ids split 4 + 6: rank 0 must hold ceil(10/2) = 5.
         weight = torch.randn(4 if rank == 0 else 6, 8)
         with pytest.raises(ValueError, match=r"ceil\(V/world\) = 5"):
-            rlkern.ops.linear_logprobs(torch.randn(3, 8), weight, torch.zeros(3, dtype=torch.long),
-                                       process_group=dist.group.WORLD)
+            rlkern.ops.linear_logprobs(
+                torch.randn(3, 8), weight, torch.zeros(3, dtype=torch.long), process_group=dist.group.WORLD
+            )
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -20,14 +20,12 @@ loss is computed from the replicated outputs), as in Megatron's vocab-parallel c
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlkern.ops._registry import cpp_kernels
 from rlkern.ops._common import (
     check_label_range,
     check_labels,
@@ -36,9 +34,8 @@ from rlkern.ops._common import (
     new_output,
     pick_backend,
 )
-
-# The module, not the function of the same name that rlkern.ops exports.
-_ll = importlib.import_module("rlkern.ops.lm_head")
+from rlkern.ops._registry import cpp_kernels
+from rlkern.ops.lm_tiles import check_precision, finalize, label_logprobs, shard_grads, shard_stats, validate
 
 __all__ = ["vocab_parallel_logprobs", "vocab_parallel_linear_logprobs", "shard_range"]
 
@@ -61,8 +58,10 @@ def _shard_layout(local_vocab: int, group, device) -> tuple[int, int]:
     expected = [shard_range(vocab, world, r) for r in range(world)]
     sizes = sizes.cpu()
     if [e - s for s, e in expected] != sizes.tolist():
-        raise ValueError(f"vocabulary shards must hold ceil(V/world) = {-(-vocab // world)} ids each on every rank "
-                         f"but the last (V = {vocab}, world = {world}); got shard sizes {sizes.tolist()}")
+        raise ValueError(
+            f"vocabulary shards must hold ceil(V/world) = {-(-vocab // world)} ids each on every rank "
+            f"but the last (V = {vocab}, world = {world}); got shard sizes {sizes.tolist()}"
+        )
     return expected[rank][0], vocab
 
 
@@ -106,8 +105,17 @@ def _torch_shard_stats(z: Tensor, labels: Tensor, ignore_index: int, vocab_start
     return lse, ent, torch.where(here, picked, torch.zeros_like(picked))
 
 
-def _torch_shard_dz(z: Tensor, labels: Tensor, grad_logp: Tensor | None, grad_ent: Tensor | None, lse: Tensor,
-                    ent: Tensor | None, ignore_index: int, vocab_start: int, inv_temp: float) -> Tensor:
+def _torch_shard_dz(
+    z: Tensor,
+    labels: Tensor,
+    grad_logp: Tensor | None,
+    grad_ent: Tensor | None,
+    lse: Tensor,
+    ent: Tensor | None,
+    ignore_index: int,
+    vocab_start: int,
+    inv_temp: float,
+) -> Tensor:
     """d logits (before the 1/temperature of z) of the global softmax restricted to this shard."""
     alive = lse != NEG_INF  # a NaN lse (NaN / +inf logit) stays "alive": its statistics come out NaN
     d = z - torch.where(alive, lse, torch.zeros_like(lse))[:, None]
@@ -117,7 +125,9 @@ def _torch_shard_dz(z: Tensor, labels: Tensor, grad_logp: Tensor | None, grad_en
         g = torch.where((labels != ignore_index) & alive, grad_logp.to(z.dtype), 0.0)
         local = labels - vocab_start
         here = (labels != ignore_index) & (local >= 0) & (local < z.shape[-1])
-        onehot = torch.zeros_like(z).scatter_(-1, torch.where(here, local, 0)[:, None], here[:, None].to(z.dtype))
+        onehot = torch.zeros_like(z).scatter_(
+            -1, torch.where(here, local, 0)[:, None], here[:, None].to(z.dtype)
+        )
         dz = dz + g[:, None] * (onehot - p)
     if grad_ent is not None:
         gh = torch.where(alive, grad_ent.to(z.dtype), 0.0)
@@ -127,10 +137,6 @@ def _torch_shard_dz(z: Tensor, labels: Tensor, grad_logp: Tensor | None, grad_en
 
 def _present(t: Tensor | None) -> Tensor | None:
     return t.float().contiguous() if t is not None else None
-
-
-def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
-    return t if t is not None else like.new_empty(0, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,14 +152,15 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         if backend == "cpp":
             m, s, t, zy_r = (torch.full((n,), NEG_INF), torch.zeros(n), torch.zeros(n), torch.zeros(n))
             if n:
-                cpp_kernels().lm_fold(logits2d, logits2d.new_empty(0, dtype=torch.float32), labels, inv_temp,
-                                           ignore_index, vocab_start, want_entropy, m, s, t, zy_r)
-            lse_r, ent_r = _ll._finalize(m, s, t)
+                cpp_kernels().lm_fold(
+                    logits2d, None, labels, inv_temp, ignore_index, vocab_start, want_entropy, m, s, t, zy_r
+                )
+            lse_r, ent_r = finalize(m, s, t)
         else:
             z = logits2d.double() if logits2d.dtype == torch.float64 else logits2d.float()
             lse_r, ent_r, zy_r = _torch_shard_stats(z * inv_temp, labels, ignore_index, vocab_start)
         lse, ent, zy = _combine(lse_r, ent_r, zy_r, group, want_entropy)
-        logp = _ll.label_logprobs(zy, lse, labels, ignore_index)
+        logp = label_logprobs(zy, lse, labels, ignore_index)
         ctx.save_for_backward(logits2d, labels, lse, ent if ent is not None else lse)
         ctx.args = (ignore_index, want_entropy, backend, vocab_start, inv_temp)
         return logp, (ent if ent is not None else lse.new_empty(0))
@@ -167,20 +174,43 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             out = new_output(logits2d.shape, device=logits2d.device, dtype=logits2d.dtype)
             out.copy_(logits2d)  # lm_grad turns logits into d logits in place
             if out.shape[0]:
-                cpp_kernels().lm_grad(out, out.new_empty(0, dtype=torch.float32), labels,
-                                           _or_empty(_present(grad_logp), lse), _or_empty(_present(grad_ent), lse),
-                                           lse, ent if want_entropy else lse.new_empty(0), inv_temp, ignore_index,
-                                           vocab_start)
+                cpp_kernels().lm_grad(
+                    out,
+                    None,
+                    labels,
+                    _present(grad_logp),
+                    _present(grad_ent),
+                    lse,
+                    ent if want_entropy else None,
+                    inv_temp,
+                    ignore_index,
+                    vocab_start,
+                )
             return out, None, None, None, None, None, None, None
         z = logits2d.double() if logits2d.dtype == torch.float64 else logits2d.float()
-        dz = _torch_shard_dz(z * inv_temp, labels, grad_logp, grad_ent, lse.to(z.dtype),
-                             ent.to(z.dtype) if want_entropy else None, ignore_index, vocab_start, inv_temp)
+        dz = _torch_shard_dz(
+            z * inv_temp,
+            labels,
+            grad_logp,
+            grad_ent,
+            lse.to(z.dtype),
+            ent.to(z.dtype) if want_entropy else None,
+            ignore_index,
+            vocab_start,
+            inv_temp,
+        )
         return dz.to(logits2d.dtype), None, None, None, None, None, None, None
 
 
-def vocab_parallel_logprobs(logits_shard: Tensor, labels: Tensor | None, process_group, *, temperature: float = 1.0,
-                            ignore_index: int = -100, want_entropy: bool = False
-                            ) -> tuple[Tensor | None, Tensor | None]:
+def vocab_parallel_logprobs(
+    logits_shard: Tensor,
+    labels: Tensor | None,
+    process_group,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    want_entropy: bool = False,
+) -> tuple[Tensor | None, Tensor | None]:
     """Log-probs (and entropy) of the full vocabulary from this rank's logits shard.
 
     Args:
@@ -197,7 +227,9 @@ def vocab_parallel_logprobs(logits_shard: Tensor, labels: Tensor | None, process
     """
     check_tensor(logits_shard, "logits_shard")
     if logits_shard.dim() == 0 or logits_shard.shape[-1] == 0:
-        raise ValueError(f"logits_shard must have shape [..., V_r] with V_r >= 1, got {tuple(logits_shard.shape)}")
+        raise ValueError(
+            f"logits_shard must have shape [..., V_r] with V_r >= 1, got {tuple(logits_shard.shape)}"
+        )
     if labels is None and not want_entropy:
         raise ValueError("vocab_parallel_logprobs needs labels, want_entropy=True, or both")
     temperature = check_positive(temperature, "temperature")
@@ -209,13 +241,23 @@ def vocab_parallel_logprobs(logits_shard: Tensor, labels: Tensor | None, process
         check_label_range(labels, vocab, int(ignore_index))
         flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     else:  # entropy only: every label "ignored"
-        flat_labels = torch.full((math.prod(lead),), int(ignore_index), dtype=torch.int64, device=logits_shard.device)
+        flat_labels = torch.full(
+            (math.prod(lead),), int(ignore_index), dtype=torch.int64, device=logits_shard.device
+        )
     backend = pick_backend(logits_shard)
     logits2d = logits_shard.reshape(-1, logits_shard.shape[-1])
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
-    logp, ent = _VocabParallelLogprobs.apply(logits2d, flat_labels, process_group, temperature, int(ignore_index),
-                                             bool(want_entropy), backend, vocab_start)
+    logp, ent = _VocabParallelLogprobs.apply(
+        logits2d,
+        flat_labels,
+        process_group,
+        temperature,
+        int(ignore_index),
+        bool(want_entropy),
+        backend,
+        vocab_start,
+    )
     return (logp.view(lead) if has_labels else None), (ent.view(lead) if want_entropy else None)
 
 
@@ -226,19 +268,51 @@ def vocab_parallel_logprobs(logits_shard: Tensor, labels: Tensor | None, process
 
 class _VocabParallelLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, group, temperature, ignore_index, want_entropy, chunk_size,
-                backend, vocab_start, precision):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        group,
+        temperature,
+        ignore_index,
+        want_entropy,
+        chunk_size,
+        backend,
+        vocab_start,
+        precision,
+    ):
         if backend == "torch":
             z = _torch_logits(hidden, weight, bias) / temperature
             lse_r, ent_r, zy_r = _torch_shard_stats(z, labels, ignore_index, vocab_start)
         else:
-            lse_r, ent_r, zy_r = _ll.shard_stats(hidden, weight, bias, labels, temperature, ignore_index, vocab_start,
-                                                 want_entropy, chunk_size, backend, precision)
+            lse_r, ent_r, zy_r = shard_stats(
+                hidden,
+                weight,
+                bias,
+                labels,
+                temperature,
+                ignore_index,
+                vocab_start,
+                want_entropy,
+                chunk_size,
+                backend,
+                precision,
+            )
         lse, ent, zy = _combine(lse_r, ent_r, zy_r, group, want_entropy)
-        logp = _ll.label_logprobs(zy, lse, labels, ignore_index)
+        logp = label_logprobs(zy, lse, labels, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ent is not None else lse)
-        ctx.args = (group, temperature, ignore_index, want_entropy, chunk_size, backend, vocab_start,
-                    precision)
+        ctx.args = (
+            group,
+            temperature,
+            ignore_index,
+            want_entropy,
+            chunk_size,
+            backend,
+            vocab_start,
+            precision,
+        )
         return logp, (ent if ent is not None else lse.new_empty(0))
 
     @staticmethod
@@ -248,16 +322,37 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         grad_ent = grad_ent if want_entropy else None
         if backend == "torch":
             z = _torch_logits(hidden, weight, bias) / temperature
-            dx = _torch_shard_dz(z, labels, grad_logp, grad_ent, lse.to(z.dtype),
-                                 ent.to(z.dtype) if want_entropy else None, ignore_index, vocab_start, 1.0 / temperature)
+            dx = _torch_shard_dz(
+                z,
+                labels,
+                grad_logp,
+                grad_ent,
+                lse.to(z.dtype),
+                ent.to(z.dtype) if want_entropy else None,
+                ignore_index,
+                vocab_start,
+                1.0 / temperature,
+            )
             gh = dx @ weight.to(dx.dtype)
             gw = (dx.T @ hidden.to(dx.dtype)).to(weight.dtype)
             gb = dx.sum(0) if bias is not None else None
         else:
-            gh, gw, gb = _ll.shard_grads(_or_empty(_present(grad_logp), lse), _or_empty(_present(grad_ent), lse),
-                                         hidden, weight, bias, labels, lse, ent if want_entropy else lse.new_empty(0),
-                                         temperature, ignore_index, vocab_start, chunk_size, backend,
-                                         precision)
+            gh, gw, gb = shard_grads(
+                _present(grad_logp),
+                _present(grad_ent),
+                hidden,
+                weight,
+                bias,
+                labels,
+                lse,
+                ent if want_entropy else None,
+                temperature,
+                ignore_index,
+                vocab_start,
+                chunk_size,
+                backend,
+                precision,
+            )
         dist.all_reduce(gh, group=group)  # every shard's logits depend on the whole hidden state
         gb = gb.to(bias.dtype) if bias is not None else None
         return gh.to(hidden.dtype), gw, gb, None, None, None, None, None, None, None, None, None
@@ -269,16 +364,25 @@ def _torch_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     return z if bias is None else z + bias.to(up)
 
 
-def vocab_parallel_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, process_group, *,
-                                   bias: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                                   return_entropy: bool = False, chunk_size: int | None = None,
-                                   precision: str = "ieee"):
+def vocab_parallel_linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    process_group,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    precision: str = "ieee",
+):
     """:func:`rlkern.ops.linear_logprobs` with ``weight`` ``[V_r, H]`` (and ``bias`` ``[V_r]``) this
     rank's vocabulary shard; ``hidden`` and ``labels`` (global ids) are replicated. Returns the
     full-vocabulary log-probs (and entropy) on every rank; d hidden is summed over the group.
     ``precision`` ("ieee" or "tf32") is the Triton backend's fp32 GEMM mode, as for linear_logprobs."""
-    temperature = _ll._validate(hidden, weight, labels, bias, temperature, chunk_size)
-    precision = _ll._check_precision(precision)
+    temperature = validate(hidden, weight, labels, bias, temperature, chunk_size)
+    precision = check_precision(precision)
     vocab_start, vocab = _shard_layout(weight.shape[0], process_group, weight.device)
     check_label_range(labels, vocab, int(ignore_index))
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
@@ -286,7 +390,18 @@ def vocab_parallel_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    logp, ent = _VocabParallelLinearLogprobs.apply(flat_hidden, weight.contiguous(), bias, flat_labels, process_group,
-                                                   temperature, int(ignore_index), bool(return_entropy), chunk_size,
-                                                   backend, vocab_start, precision)
+    logp, ent = _VocabParallelLinearLogprobs.apply(
+        flat_hidden,
+        weight.contiguous(),
+        bias,
+        flat_labels,
+        process_group,
+        temperature,
+        int(ignore_index),
+        bool(return_entropy),
+        chunk_size,
+        backend,
+        vocab_start,
+        precision,
+    )
     return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)

@@ -1,0 +1,232 @@
+"""The LM-head tile code shared by :mod:`rlkern.ops.lm_head` and :mod:`rlkern.ops.vocab_parallel`:
+tile sizes, argument checks, and the per-shard forward statistics and gradients that both the
+single-device op (one shard: the whole vocabulary) and the vocabulary-parallel op call.
+
+The kernels (``kernels(backend, "lm_head")``: ``rlkern._C`` or ``rlkern.kernels.lm_head``) are
+called identically on both backends, with None for an absent tensor:
+
+    linear_logprobs_fwd(hidden, weight, bias, labels, inv_temp, ignore_index, vocab_start,
+                        want_entropy, token_tile, vocab_tile, precision, lse, ent, zy)
+    linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, inv_temp,
+                        ignore_index, vocab_start, token_tile, vocab_tile, precision,
+                        grad_hidden, grad_weight, grad_bias)
+
+The C++ loop uses the tile sizes (the Triton kernels keep 64 x 64 tiles in registers), the Triton
+GEMMs the precision (the C++ GEMMs are IEEE fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from rlkern.ops._common import check_int, check_labels, check_temperature, check_tensor, new_output
+from rlkern.ops._registry import kernels
+
+__all__ = [
+    "tile_sizes",
+    "grad_tile_sizes",
+    "shard_stats",
+    "shard_grads",
+    "label_logprobs",
+    "finalize",
+    "validate",
+    "check_precision",
+    "PRECISIONS",
+]
+
+# Tile buffer budget: 1/16 of the bytes of the fp32 [N, V] logits, so that the buffer stays a few
+# percent of what the naive path allocates (logits + their gradient), clamped to [256 KiB, 64 MiB]:
+# below that the GEMM tiles get too thin to run at full speed, above it nothing is gained.
+_BUDGET_FRACTION = 16
+_BUDGET_MIN, _BUDGET_MAX = 1 << 18, 1 << 26
+# At most this many tokens per tile: taller tiles do not make the GEMMs faster.
+_MAX_TOKEN_TILE = 2048
+# Vocabulary tiles are multiples of this (cache lines and AMX tile widths).
+_VOCAB_ALIGN = 64
+# The forward's vocabulary tile does not depend on N: a token's running softmax is folded over the
+# same tiles, in the same order, whatever batch it comes in (batch invariance; verl #6280). Only
+# the token tile follows the memory budget.
+_VOCAB_TILE = 4096
+# How the Triton GEMMs multiply fp32 operands (tl.dot's input_precision); the kernels' own list,
+# repeated here so that the option is checked on machines without Triton too.
+PRECISIONS = ("ieee", "tf32")
+
+
+def _budget(n_tokens: int, vocab: int) -> int:
+    return min(max(n_tokens * vocab * 4 // _BUDGET_FRACTION, _BUDGET_MIN), _BUDGET_MAX)
+
+
+def tile_sizes(n_tokens: int, vocab: int, chunk_size: int | None = None) -> tuple[int, int]:
+    """(token_tile, vocab_tile) of the forward for N tokens and a vocabulary of V rows. The
+    vocabulary tile is ``chunk_size`` or 4096 (never a function of N); the token tile keeps the
+    fp32 tile within the memory budget."""
+    vocab_tile = max(1, min(chunk_size or _VOCAB_TILE, vocab))
+    token_tile = max(1, min(n_tokens, _MAX_TOKEN_TILE, _budget(n_tokens, vocab) // (4 * vocab_tile)))
+    return token_tile, vocab_tile
+
+
+def grad_tile_sizes(n_tokens: int, vocab: int, chunk_size: int | None = None) -> tuple[int, int]:
+    """(token_tile, vocab_tile) of the backward, within the same memory budget. The gradient needs
+    no batch invariance, so the tile is as tall as allowed (up to 2048 tokens) and the vocabulary
+    tile fills the budget: with one token tile, each d weight tile is one GEMM written straight into
+    the gradient (no fp32 [V_tile, H] accumulator for bf16 / fp16, no read-modify-write for fp32).
+    ``chunk_size`` (vocabulary rows) gives the forward's tiles."""
+    if chunk_size is not None:
+        return tile_sizes(n_tokens, vocab, chunk_size)
+    token_tile = max(1, min(n_tokens, _MAX_TOKEN_TILE))
+    vocab_tile = _budget(n_tokens, vocab) // (4 * token_tile) // _VOCAB_ALIGN * _VOCAB_ALIGN
+    return token_tile, max(1, min(vocab, max(_VOCAB_ALIGN, vocab_tile)))
+
+
+def finalize(m: Tensor, s: Tensor, t: Tensor, vocab: int | None = None) -> tuple[Tensor, Tensor]:
+    """lse = m + log S and H = log S - T / S from the running fold (m, S, T) of ``lm_fold``; a
+    token whose logits are all -inf (S = 0) gets lse = -inf and entropy 0; a NaN state (a NaN or
+    +inf logit) stays NaN. H >= log S >= 0 holds by construction (T <= 0, S >= 1); with ``vocab``
+    the rounding of a near-uniform row is kept from pushing H above ln V."""
+    dead = s == 0
+    safe_s = torch.where(dead, torch.ones_like(s), s)
+    log_s = safe_s.log()
+    lse = torch.where(dead, torch.full_like(m, -math.inf), m + log_s)
+    ent = torch.where(dead, torch.zeros_like(m), log_s - t / safe_s)
+    if vocab is not None:
+        ent = torch.minimum(ent, ent.new_tensor(math.log(vocab)))  # minimum propagates NaN
+    return lse, ent
+
+
+def label_logprobs(zy: Tensor, lse: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """logp = z_y - lse; 0 for ignored labels, -inf for every label of a token whose logits are all -inf."""
+    logp = torch.where(lse == -math.inf, lse, zy - lse)
+    return torch.where(labels == ignore_index, torch.zeros_like(logp), logp)
+
+
+def _bias32(bias: Tensor | None) -> Tensor | None:
+    return bias.float().contiguous() if bias is not None else None
+
+
+def shard_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    temperature: float,
+    ignore_index: int,
+    vocab_start: int,
+    want_entropy: bool,
+    chunk_size: int | None,
+    backend: str,
+    precision: str = "ieee",
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(lse, entropy or None, z_y) over the vocabulary rows of ``weight`` (global ids from
+    ``vocab_start``), fp32 [N] each; z_y is the label's scaled logit, 0 where the label is ignored
+    or not in the shard. hidden: [N, H] contiguous; labels: flat int64 [N]. precision: the Triton
+    GEMMs' fp32 mode (see ``linear_logprobs``); the C++ loop is IEEE fp32 whatever it says."""
+    n, dev = hidden.shape[0], hidden.device
+    lse, zy = new_output((n,), device=dev), new_output((n,), device=dev)
+    ent = new_output((n,), device=dev) if want_entropy else None
+    token_tile, vocab_tile = tile_sizes(n, weight.shape[0], chunk_size)
+    kernels(backend, "lm_head").linear_logprobs_fwd(
+        hidden,
+        weight,
+        _bias32(bias),
+        labels,
+        1.0 / temperature,
+        ignore_index,
+        vocab_start,
+        want_entropy,
+        token_tile,
+        vocab_tile,
+        precision,
+        lse,
+        ent,
+        zy,
+    )
+    return lse, ent, zy
+
+
+def shard_grads(
+    grad_logp: Tensor | None,
+    grad_ent: Tensor | None,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    lse: Tensor,
+    ent: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    vocab_start: int,
+    chunk_size: int | None,
+    backend: str,
+    precision: str = "ieee",
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(d hidden fp32 [N, H], d weight [V_shard, H] in weight's dtype, d bias fp32 or None) for the
+    shard's logits, given the full-vocabulary lse / entropy. grad_logp / grad_ent: fp32 [N] or None
+    (ent is needed with grad_ent). precision: as for :func:`shard_stats`."""
+    n_tokens, hidden_size = hidden.shape
+    dev = hidden.device
+    grad_hidden = new_output((n_tokens, hidden_size), device=dev)
+    grad_weight = new_output(weight.shape, device=dev, dtype=weight.dtype)
+    grad_bias = new_output((weight.shape[0],), device=dev) if bias is not None else None
+    token_tile, vocab_tile = grad_tile_sizes(n_tokens, weight.shape[0], chunk_size)
+    kernels(backend, "lm_head").linear_logprobs_bwd(
+        grad_logp,
+        grad_ent,
+        hidden,
+        weight,
+        _bias32(bias),
+        labels,
+        lse,
+        ent,
+        1.0 / temperature,
+        ignore_index,
+        vocab_start,
+        token_tile,
+        vocab_tile,
+        precision,
+        grad_hidden,
+        grad_weight,
+        grad_bias,
+    )
+    return grad_hidden, grad_weight, grad_bias
+
+
+def validate(hidden, weight, labels, bias, temperature, chunk_size) -> float:
+    """Checks the LM-head arguments (messages name the argument); returns the temperature as a float."""
+    check_tensor(hidden, "hidden")
+    check_tensor(weight, "weight")
+    if hidden.dim() == 0 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"weight must have shape [V, H] = [V, {hidden.shape[-1]}] with V >= 1 (the LM head, "
+            f"one row per token id), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    check_labels(labels, "labels", hidden.shape[:-1])
+    if chunk_size is not None:
+        try:
+            ok = check_int(chunk_size, "chunk_size") >= 1  # Python or numpy ints, not bool
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"chunk_size must be None or an int >= 1 (vocabulary rows per tile), got {chunk_size!r}"
+            )
+    return check_temperature(temperature, "temperature")
+
+
+def check_precision(precision) -> str:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {PRECISIONS} (how fp32 logits are multiplied on the "
+            f"Triton backend), got {precision!r}"
+        )
+    return precision

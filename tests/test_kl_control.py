@@ -63,12 +63,14 @@ def test_state_dict_round_trip(make):
 @pytest.mark.parametrize("make, error, match", [
     (lambda: FixedKLController(-0.1), ValueError, "kl_coef must be a finite number >= 0"),
     (lambda: AdaptiveKLController(0.0, 1.0, 10), ValueError, "init_kl_coef must be a finite number > 0"),
-    (lambda: AdaptiveKLController(0.1, float("nan"), 10), ValueError, "target_kl must be a finite number > 0"),
+    (lambda: AdaptiveKLController(0.1, float("nan"), 10), ValueError,
+     "target_kl must be a finite number > 0"),
     (lambda: AdaptiveKLController(0.1, 1.0, 0), ValueError, "horizon must be a finite number > 0"),
     (lambda: PenaltyKLController(0.1, -1.0), ValueError, "target_kl must be a finite number > 0"),
-    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(float("nan")), ValueError, "current_kl must be finite"),
-    (lambda: PenaltyKLController(0.1, 1.0).update(torch.ones(2)), ValueError, "current_kl must be a number or a "
-                                                                              "one-element tensor"),
+    (lambda: AdaptiveKLController(0.1, 1.0, 10).update(float("nan")), ValueError,
+     "current_kl must be finite"),
+    (lambda: PenaltyKLController(0.1, 1.0).update(torch.ones(2)), ValueError,
+     "current_kl must be a number or a one-element tensor"),
     (lambda: PenaltyKLController(0.1, 1.0).update("0.1"), TypeError, "current_kl must be a real number"),
     # One rule for numbers (rlkern.ops._common.check_number): bool is not a number anywhere.
     (lambda: AdaptiveKLController(True, 1.0, 10), TypeError, "init_kl_coef must be a real number"),
@@ -81,11 +83,12 @@ def test_state_dict_round_trip(make):
     (lambda: AdaptiveKLController(0.1, 1.0, 10).update(0.0, 50), ValueError, r"n_steps must be < 5 \* hor"),
     (lambda: AdaptiveKLController(0.1, 1.0, 10).load_state_dict({"value": 0.1}), KeyError,
      r"missing \['horizon', 'target_kl'\]"),
-    (lambda: PenaltyKLController(0.1, 1.0).load_state_dict({"value": 0.1, "target_kl": 1.0, "x": 1}), KeyError,
-     r"unexpected \['x'\]"),
+    (lambda: PenaltyKLController(0.1, 1.0).load_state_dict({"value": 0.1, "target_kl": 1.0, "x": 1}),
+     KeyError, r"unexpected \['x'\]"),
     (lambda: PenaltyKLController(0.1, 1.0).load_state_dict({"value": -1.0, "target_kl": 1.0}), ValueError,
      r"state\['value'\] must be a finite number > 0"),
-    (lambda: FixedKLController(0.1).load_state_dict({"beta": 0.1}), KeyError, "expects exactly the key 'value'"),
+    (lambda: FixedKLController(0.1).load_state_dict({"beta": 0.1}), KeyError,
+     "expects exactly the key 'value'"),
 ])
 def test_bad_input(make, error, match):
     with pytest.raises(error, match=match):

@@ -20,21 +20,21 @@ from rlkern.ops._common import check_finite, check_tensor
 __all__ = ["dpo_loss", "DPO_LOSS_TYPES"]
 
 DPO_LOSS_TYPES = reference.DPO_LOSS_TYPES
+_NAMES = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 
 
 def _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
            label_smoothing) -> tuple[float, float]:
-    tensors = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "ref_chosen_logps": ref_chosen_logps,
-               "ref_rejected_logps": ref_rejected_logps}
-    for name, t in tensors.items():
+    for name, t in zip(_NAMES, (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)):
         check_tensor(t, name)
         if t.shape != chosen_logps.shape:
-            raise ValueError(f"{name} must have shape {tuple(chosen_logps.shape)} (the same as chosen_logps), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape {tuple(chosen_logps.shape)} (the same as "
+                             f"chosen_logps), got {tuple(t.shape)}")
         if t.device != chosen_logps.device:
             raise ValueError(f"all tensors must be on one device, got {chosen_logps.device} and {t.device}")
     if chosen_logps.numel() == 0:
-        raise ValueError("dpo_loss needs at least one preference pair (the loss is their mean), got an empty batch")
+        raise ValueError("dpo_loss needs at least one preference pair (the loss is their mean), got an empty "
+                         "batch")
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
     beta = check_finite(beta, "beta")
@@ -42,7 +42,8 @@ def _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, b
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     label_smoothing = check_finite(label_smoothing, "label_smoothing")
     if loss_type == "sigmoid" and not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5] for loss_type='sigmoid', got {label_smoothing}")
+        raise ValueError(f"label_smoothing must be in [0, 0.5] for loss_type='sigmoid', got "
+                         f"{label_smoothing}")
     if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type='robust', got {label_smoothing}")
     if loss_type in ("ipo", "hinge") and label_smoothing != 0.0:
@@ -57,8 +58,8 @@ def _smoothed(main: Tensor, other: Tensor, ls: float, sign: float) -> Tensor:
     return main if ls == 0.0 else (1 - ls) * main + sign * ls * other
 
 
-def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *,
-             beta: float = 0.1, loss_type: str = "sigmoid",
+def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO-family loss, the mean over ``B`` preference pairs.
 
@@ -92,7 +93,8 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
     beta, ls = _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
                       label_smoothing)
     dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
-    c, r, rc, rr = (t.to(dtype) for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
+    c, r, rc, rr = (t if t.dtype == dtype else t.to(dtype)
+                    for t in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
     chosen_ratio, rejected_ratio = c - rc, r - rr
     z = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":

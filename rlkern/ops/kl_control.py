@@ -1,4 +1,5 @@
-"""KL-penalty coefficient controllers: ``FixedKLController``, ``AdaptiveKLController``, ``PenaltyKLController``.
+"""KL-penalty coefficient controllers: ``FixedKLController``, ``AdaptiveKLController``,
+``PenaltyKLController``.
 
 Plain Python objects holding one coefficient ``value`` (beta) that a trainer multiplies into its KL
 penalty, and an ``update(current_kl, n_steps)`` called once per step with the measured KL. Each
@@ -93,7 +94,8 @@ class FixedKLController(_Controller):
     def load_state_dict(self, state: dict) -> None:
         # A fixed coefficient may be 0 (no KL penalty), which the positive-only check would refuse.
         if not isinstance(state, dict) or set(state) != {"value"}:
-            raise KeyError(f"FixedKLController.load_state_dict expects exactly the key 'value', got {state!r}")
+            raise KeyError(f"FixedKLController.load_state_dict expects exactly the key 'value', got "
+                           f"{state!r}")
         self.value = _non_negative(state["value"], "state['value']")
 
 

@@ -72,13 +72,15 @@ _DENOM_TOKENS, _DENOM_LIVE_ROWS = -1.0, -2.0
 # ref and weights (or None): contiguous [..., T] of one dtype; mask: contiguous [..., T], any dtype.
 @kernel_op("losses_fwd")
 def _losses_fwd(x: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights: Tensor | None, mask: Tensor,
-                kind: int, clip_low: float, clip_high: float, dual_clip: float, beta: float, value_clip: float,
-                per_row_mean: bool, denom: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                kind: int, clip_low: float, clip_high: float, dual_clip: float, beta: float,
+                value_clip: float, per_row_mean: bool, denom: float,
+                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dev = x.device
     loss, stats, row_scale = new_output((), device=dev), new_output((LOSS_STATS,), device=dev), new_output(
         x.shape[:-1], device=dev)
-    kernels(backend, "losses").losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip,
-                                          beta, value_clip, per_row_mean, denom, loss, stats, row_scale)
+    kernels(backend, "losses").losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high,
+                                          dual_clip, beta, value_clip, per_row_mean, denom, loss, stats,
+                                          row_scale)
     return loss, stats, row_scale
 
 
@@ -104,9 +106,8 @@ def _(grad_loss, x, *_):
 
 
 def _setup_context(ctx, inputs, output):
-    x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip, _, _, backend = inputs
-    ctx.save_for_backward(x, old, adv, ref, weights, mask, output[2])
-    ctx.args = (kind, clip_low, clip_high, dual_clip, beta, value_clip, backend)
+    ctx.save_for_backward(*inputs[:6], output[2])  # x, old, adv, ref, weights, mask, row_scale
+    ctx.args = (*inputs[6:12], inputs[14])  # kind, clip_low, clip_high, dual_clip, beta, value_clip, backend
     ctx.mark_non_differentiable(output[1], output[2])
 
 
@@ -168,7 +169,8 @@ def _mask(mask, shape: torch.Size) -> Tensor:
     return token_mask(mask, "mask", shape)
 
 
-def _denominator(agg: str, rows: int, length: int, max_completion_length, num_items_in_batch) -> tuple[bool, float]:
+def _denominator(agg: str, rows: int, length: int, max_completion_length,
+                 num_items_in_batch) -> tuple[bool, float]:
     """(per_row_mean, denom) for the kernels; see reference.aggregate_loss for the formulas."""
     if agg in ("token-mean", "bnpo"):
         return False, _DENOM_TOKENS
@@ -181,7 +183,8 @@ def _denominator(agg: str, rows: int, length: int, max_completion_length, num_it
     if agg == "grpo":
         return True, float(max(rows, 1))
     if agg == "dr_grpo":
-        return False, float(max(rows * (length if max_completion_length is None else max_completion_length), 1))
+        per_row = length if max_completion_length is None else max_completion_length
+        return False, float(max(rows * per_row, 1))
     if agg == "dapo":
         return False, _DENOM_TOKENS if num_items_in_batch is None else max(float(num_items_in_batch), 1.0)
     raise AssertionError(agg)
@@ -207,13 +210,14 @@ def _run(kind, main, old, adv, ref, weights, mask, *, clip_low=0.2, clip_high=0.
     x, old_c, adv_c, ref_c, w_c = _canonical(main, old, adv, ref, weights)
     consts = (clip_low, clip_high, math.inf if dual_clip is None else dual_clip, beta, value_clip)
     if not want_grad:
-        loss, stats, _ = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom, backend)
+        loss, stats, _ = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom,
+                                     backend)
         return loss, stats
     with torch.no_grad():
-        loss, stats, row_scale = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom,
-                                             backend)
-        grad = _losses_bwd(torch.ones((), device=x.device), x, old_c, adv_c, ref_c, w_c, mask, row_scale, kind,
-                           *consts, backend)
+        loss, stats, row_scale = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean,
+                                             denom, backend)
+        grad = _losses_bwd(torch.ones((), device=x.device), x, old_c, adv_c, ref_c, w_c, mask, row_scale,
+                           kind, *consts, backend)
     return loss, grad.to(main.dtype), stats
 
 
@@ -290,8 +294,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     return loss, _policy_stats(stats)
 
 
-def policy_loss_and_grad(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
-                         clip_high: float = 0.2, dual_clip: float | None = None, agg: str = "token-mean",
+def policy_loss_and_grad(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                         clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
+                         agg: str = "token-mean",
                          weights: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`policy_loss` as ``(loss, d loss / d logp, stats)``, without autograd: for fused kernels
     that compute ``logp`` themselves and chain this gradient into their own backward. ``d loss / d logp``
@@ -299,10 +304,12 @@ def policy_loss_and_grad(logp: Tensor, old_logp: Tensor, advantages: Tensor, mas
     clip_low, clip_high, dual_clip, mask, backend = _validate_policy(
         logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights)
     if backend == "torch":
-        return _reference_with_grad(reference.policy_loss, logp, old_logp, advantages, mask, clip_low=clip_low,
-                                    clip_high=clip_high, dual_clip=dual_clip, agg=agg, weights=weights)
+        return _reference_with_grad(reference.policy_loss, logp, old_logp, advantages, mask,
+                                    clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                                    weights=weights)
     loss, grad, stats = _run(_POLICY, logp, old_logp, advantages, None, weights, mask, clip_low=clip_low,
-                             clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend, want_grad=True)
+                             clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend,
+                             want_grad=True)
     return loss, grad, _policy_stats(stats)
 
 
@@ -338,8 +345,9 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 
 
 def _grpo_stats(stats: Tensor) -> dict[str, Tensor]:
-    return {"kl": stats[_K3], "clip_ratio": stats[_CLIP_LOW] + stats[_CLIP_HIGH], "clip_ratio_low": stats[_CLIP_LOW],
-            "clip_ratio_high": stats[_CLIP_HIGH], "approx_kl": stats[_NEG_LOG_RATIO]}
+    return {"kl": stats[_K3], "clip_ratio": stats[_CLIP_LOW] + stats[_CLIP_HIGH],
+            "clip_ratio_low": stats[_CLIP_LOW], "clip_ratio_high": stats[_CLIP_HIGH],
+            "approx_kl": stats[_NEG_LOG_RATIO]}
 
 
 def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
@@ -360,7 +368,8 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
         num_items_in_batch = _in_range(num_items_in_batch, "num_items_in_batch", lambda v: v >= 0.0,
                                        "None or a finite number >= 0")
     mask = _mask(mask, logp.shape)
-    backend = pick_backend(*(t for t in (logp, old_logp, ref_logp, advantages, mask, weights) if t is not None))
+    backend = pick_backend(logp, old_logp, ref_logp, advantages, mask,
+                           *(() if weights is None else (weights,)))
     return beta, clip_low, clip_high, num_items_in_batch, mask, backend
 
 
@@ -406,8 +415,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
     (module docstring).
     """
     beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
-        logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,
-        num_items_in_batch, weights)
+        logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
+        max_completion_length, num_items_in_batch, weights)
     bc = bool(use_bias_correction_kl)
     if backend == "torch":
         return reference.grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=beta, clip_low=clip_low,
@@ -416,13 +425,15 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
                                    use_bias_correction_kl=bc, weights=weights)
     loss, stats = _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, weights, mask,
                        clip_low=clip_low, clip_high=clip_high, beta=beta, agg=loss_type,
-                       max_completion_length=max_completion_length, num_items_in_batch=num_items, backend=backend)
+                       max_completion_length=max_completion_length, num_items_in_batch=num_items,
+                       backend=backend)
     return loss, _grpo_stats(stats)
 
 
 def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                       beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
-                           max_completion_length: int | None = None, num_items_in_batch: float | Tensor | None = None,
+                       beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2,
+                       loss_type: str = "grpo", max_completion_length: int | None = None,
+                       num_items_in_batch: float | Tensor | None = None,
                        use_bias_correction_kl: bool = False,
                        weights: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`grpo_loss` as ``(loss, d loss / d logp, stats)`` without autograd (one forward and one
@@ -430,12 +441,12 @@ def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advanta
     hidden states and chain ``d loss / d logp`` into their own backward. The gradient has ``logp``'s
     shape and dtype, is 0 at masked positions, and already includes the ``loss_type`` normalisation."""
     beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
-        logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type, max_completion_length,
-        num_items_in_batch, weights)
+        logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
+        max_completion_length, num_items_in_batch, weights)
     bc = bool(use_bias_correction_kl)
     if backend == "torch":
-        return _reference_with_grad(reference.grpo_loss, logp, old_logp, ref_logp, advantages, mask, beta=beta,
-                                    clip_low=clip_low, clip_high=clip_high, loss_type=loss_type,
+        return _reference_with_grad(reference.grpo_loss, logp, old_logp, ref_logp, advantages, mask,
+                                    beta=beta, clip_low=clip_low, clip_high=clip_high, loss_type=loss_type,
                                     max_completion_length=max_completion_length, num_items_in_batch=num_items,
                                     use_bias_correction_kl=bc, weights=weights)
     loss, grad, stats = _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, weights, mask,

@@ -1,7 +1,8 @@
 // Masked statistics over token tensors (masked_sum / mean / var / whiten and their gradients): the
 // C++ CPU kernels. One call per op and direction: each computes the moments it needs, turns them into
-// the statistic (and the whitened values), and returns the smallest selected count so that Python
-// can refuse an empty selection without another pass (rlkern/ops/masked.py).
+// the statistic (and the whitened values), and returns its outputs (allocated here: a Python
+// torch.empty costs ~1 us a tensor) with the smallest selected count, so that Python can refuse an
+// empty selection without another pass (rlkern/ops/masked.py).
 //
 // The data is cut into segments: a segment is one row (the last dim) for per-row statistics, or a
 // fixed run of kSegment elements of the flattened tensor for a global statistic (merge_all), whose
@@ -27,6 +28,7 @@
 // mean's gradients never read x: d sum / d x_j = m_j whatever x_j holds, NaN included (issue 9).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
@@ -254,9 +256,18 @@ T* checked(const at::Tensor& t, at::ScalarType dtype, int64_t n, const char* nam
   return static_cast<T*>(t.data_ptr());
 }
 
-void check_out(const at::Tensor& out, const at::Tensor& x, at::ScalarType dtype) {
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() && out.scalar_type() == dtype,
-              "out must be a contiguous ", dtype, " tensor shaped like x");
+// A new output (NaN-filled when `poison`: tests then catch an element a kernel forgets to write).
+at::Tensor new_output(at::IntArrayRef shape, const at::Tensor& like, at::ScalarType dtype, bool poison) {
+  at::Tensor t = at::empty(shape, like.options().dtype(dtype));
+  if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// The shape of the statistics, after `lead` leading sizes: [lead..., x's leading dims] per row, else [lead...].
+std::vector<int64_t> stat_shape(const at::Tensor& x, bool merge_all, std::initializer_list<int64_t> lead) {
+  std::vector<int64_t> shape(lead);
+  if (!merge_all) shape.insert(shape.end(), x.sizes().begin(), x.sizes().end() - 1);
+  return shape;
 }
 
 int64_t grain_segments(int64_t seg) { return std::max<int64_t>(1, 65536 / seg); }
@@ -312,13 +323,15 @@ void apply(const at::Tensor& x, const std::optional<at::Tensor>& mask, const flo
 
 }  // namespace
 
-double masked_stat_fwd(const at::Tensor& x, const at::Tensor& mask, bool merge_all, int64_t kind, int64_t ddof,
-                       at::Tensor out, at::Tensor saved) {
+std::tuple<at::Tensor, at::Tensor, double> masked_stat_fwd(const at::Tensor& x, const at::Tensor& mask,
+                                                            bool merge_all, int64_t kind, int64_t ddof, bool poison) {
   TORCH_CHECK(kind == kSum || kind == kMean || kind == kVar, "kind must be 0 (sum), 1 (mean) or 2 (var)");
   const Layout l = layout_of(x, merge_all);
   const std::vector<Moments> parts = moments_of(x, mask, l, kind == kVar);
-  float* o = checked<float>(out, at::kFloat, l.outs, "out");
-  double* sv = checked<double>(saved, at::kDouble, 2 * l.outs, "saved");
+  at::Tensor out = new_output(stat_shape(x, merge_all, {}), x, at::kFloat, poison);
+  at::Tensor saved = new_output(stat_shape(x, merge_all, {2}), x, at::kDouble, poison);
+  float* o = out.data_ptr<float>();
+  double* sv = saved.data_ptr<double>();
   for (int64_t r = 0; r < l.outs; ++r) {
     const Moments& p = parts[r];
     const double dof = p.n - ddof;
@@ -326,14 +339,14 @@ double masked_stat_fwd(const at::Tensor& x, const at::Tensor& mask, bool merge_a
     sv[r] = p.n > 0 ? p.s / p.n : 0.0;  // centres x in backward: 0 for an empty selection keeps it finite
     sv[l.outs + r] = kind == kSum ? 1.0 : kind == kMean ? 1.0 / p.n : 2.0 / dof;
   }
-  return min_count(parts);
+  return {out, saved, min_count(parts)};
 }
 
-void masked_stat_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& saved,
-                     bool merge_all, int64_t kind, at::Tensor out) {
+at::Tensor masked_stat_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask,
+                           const at::Tensor& saved, bool merge_all, int64_t kind, bool poison) {
   const Layout l = layout_of(x, merge_all);
   check_mask(mask, x);
-  check_out(out, x, x.scalar_type());
+  at::Tensor out = new_output(x.sizes(), x, x.scalar_type(), poison);
   const float* g = checked<const float>(grad, at::kFloat, l.outs, "grad");
   const double* sv = checked<const double>(saved, at::kDouble, 2 * l.outs, "saved");
   Coefficients k(l.outs);
@@ -344,14 +357,17 @@ void masked_stat_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tens
     k.b[r] = kind == kVar ? static_cast<float>(scaled) : 0.f;
   }
   apply(x, mask, nullptr, l, k, kind == kVar ? kMaskedCentered : kMaskedConst, out);
+  return out;
 }
 
-double masked_whiten_fwd(const at::Tensor& x, const at::Tensor& mask, bool merge_all, bool shift_mean,
-                         int64_t ddof, double eps, at::Tensor out, at::Tensor saved) {
+std::tuple<at::Tensor, at::Tensor, double> masked_whiten_fwd(const at::Tensor& x, const at::Tensor& mask,
+                                                              bool merge_all, bool shift_mean, int64_t ddof,
+                                                              double eps, bool poison) {
   const Layout l = layout_of(x, merge_all);
   const std::vector<Moments> parts = moments_of(x, mask, l, true);
-  check_out(out, x, at::kFloat);
-  double* sv = checked<double>(saved, at::kDouble, 4 * l.outs, "saved");
+  at::Tensor out = new_output(x.sizes(), x, at::kFloat, poison);
+  at::Tensor saved = new_output(stat_shape(x, merge_all, {4}), x, at::kDouble, poison);
+  double* sv = saved.data_ptr<double>();
   Coefficients k(l.outs);
   for (int64_t r = 0; r < l.outs; ++r) {
     const Moments& p = parts[r];
@@ -365,14 +381,14 @@ double masked_whiten_fwd(const at::Tensor& x, const at::Tensor& mask, bool merge
     k.c[r] = shift_mean ? 0.f : k.mu[r];
   }
   apply(x, std::nullopt, nullptr, l, k, kWhiten, out);
-  return min_count(parts);
+  return {out, saved, min_count(parts)};
 }
 
-void masked_whiten_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& saved,
-                       bool merge_all, bool shift_mean, at::Tensor out) {
+at::Tensor masked_whiten_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask,
+                             const at::Tensor& saved, bool merge_all, bool shift_mean, bool poison) {
   const Layout l = layout_of(x, merge_all);
   check_mask(mask, x);
-  check_out(out, x, x.scalar_type());
+  at::Tensor out = new_output(x.sizes(), x, x.scalar_type(), poison);
   const float* g = checked<const float>(grad, at::kFloat, l.numel, "grad");
   const double* sv = checked<const double>(saved, at::kDouble, 4 * l.outs, "saved");
   Coefficients k(l.outs);
@@ -398,6 +414,7 @@ void masked_whiten_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Te
     k.c[r] = static_cast<float>(rstd);
   }
   apply(x, mask, g, l, k, kWhitenGrad, out);
+  return out;
 }
 
 }  // namespace rlkern

@@ -1,7 +1,8 @@
 """Masked statistics (sum / mean / var / whiten and their gradients): Triton kernels.
 
-The same four entry points as csrc/masked.cpp (see there for the maths), with the same arguments:
-``masked_stat_fwd``, ``masked_stat_bwd``, ``masked_whiten_fwd``, ``masked_whiten_bwd``. x is
+The same four entry points as csrc/masked.cpp (see there for the maths), with the same arguments
+and results: ``masked_stat_fwd``, ``masked_stat_bwd``, ``masked_whiten_fwd``, ``masked_whiten_bwd``
+(each allocates its outputs, NaN-filled when ``poison``). x is
 contiguous; ``merge_all`` reduces everything to one statistic, else each row of the last dim. The
 mask is x-shaped in any dtype (a bool mask is read as uint8), loaded as it is and compared with 0 (_nonzero).
 
@@ -145,6 +146,17 @@ def _moments(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, want_m2: bool
     return n, s, q
 
 
+def _new(shape, like: torch.Tensor, dtype: torch.dtype, poison: bool) -> torch.Tensor:
+    """An output (NaN-filled when ``poison``: tests then catch an element a kernel forgets to write)."""
+    if poison:
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+def _stat_shape(x: torch.Tensor, merge_all: bool, *lead: int) -> tuple[int, ...]:
+    return lead if merge_all else (*lead, *x.shape[:-1])
+
+
 def _min_count(n: torch.Tensor):
     return n.min() if n.numel() else math.inf
 
@@ -161,32 +173,37 @@ def _apply(x, mask, grad, coef: torch.Tensor, merge_all: bool, mode: int, out: t
         coef.float().contiguous(), out, numel, seg, stats, MODE=mode, BLOCK=BLOCK)
 
 
-def masked_stat_fwd(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, kind: int, ddof: int,
-                    out: torch.Tensor, saved: torch.Tensor):
-    """Writes the statistic (float32) and what backward reads (float64 [2, stats]: the centring mean,
-    the gradient's scale); returns the smallest selected count (a 0-d device tensor, or inf)."""
+def masked_stat_fwd(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, kind: int, ddof: int, poison: bool):
+    """(statistic float32 [stats], what backward reads float64 [2, stats]: the centring mean and the
+    gradient's scale, the smallest selected count: a 0-d device tensor, or inf)."""
+    out = _new(_stat_shape(x, merge_all), x, torch.float32, poison)
+    saved = _new(_stat_shape(x, merge_all, 2), x, torch.float64, poison)
     n, s, q = _moments(x, mask, merge_all, kind == VAR)
     stat = s if kind == SUM else s / n if kind == MEAN else q / (n - ddof)
     scale = torch.ones_like(n) if kind == SUM else 1 / n if kind == MEAN else 2 / (n - ddof)
     out.copy_(stat.reshape(out.shape))
     saved.copy_(torch.stack([torch.where(n > 0, s / n.clamp(min=1), 0.0), scale]).reshape(saved.shape))
-    return _min_count(n)
+    return out, saved, _min_count(n)
 
 
 def masked_stat_bwd(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, saved: torch.Tensor,
-                    merge_all: bool, kind: int, out: torch.Tensor) -> None:
+                    merge_all: bool, kind: int, poison: bool) -> torch.Tensor:
+    """d x (x-shaped, x's dtype) from grad, float32 [stats]."""
+    out = _new(x.shape, x, x.dtype, poison)
     mean, scale = saved.reshape(2, -1)
     scaled = grad.reshape(-1).double() * scale
     zero = torch.zeros_like(scaled)
     a, b = (zero, scaled) if kind == VAR else (scaled, zero)
     _apply(x, mask, None, torch.stack([mean, a, b, zero]), merge_all,
            MASKED_CENTERED if kind == VAR else MASKED_CONST, out)
+    return out
 
 
 def masked_whiten_fwd(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, shift_mean: bool, ddof: int,
-                      eps: float, out: torch.Tensor, saved: torch.Tensor):
-    """Writes the whitened x (float32) and float64 [4, stats] (mean, rstd, n, n - ddof); returns the
-    smallest selected count."""
+                      eps: float, poison: bool):
+    """(whitened x float32, float64 [4, stats] (mean, rstd, n, n - ddof), the smallest selected count)."""
+    out = _new(x.shape, x, torch.float32, poison)
+    saved = _new(_stat_shape(x, merge_all, 4), x, torch.float64, poison)
     n, s, q = _moments(x, mask, merge_all, True)
     mean, dof = s / n, n - ddof
     rstd = torch.rsqrt(q / dof + eps)
@@ -194,12 +211,13 @@ def masked_whiten_fwd(x: torch.Tensor, mask: torch.Tensor, merge_all: bool, shif
     zero = torch.zeros_like(mean)
     coef = torch.stack([mean, zero, rstd, zero if shift_mean else mean])
     _apply(x, None, None, coef, merge_all, WHITEN, out)
-    return _min_count(n)
+    return out, saved, _min_count(n)
 
 
 def masked_whiten_bwd(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, saved: torch.Tensor,
-                      merge_all: bool, shift_mean: bool, out: torch.Tensor) -> None:
-    """grad: float32 like x."""
+                      merge_all: bool, shift_mean: bool, poison: bool) -> torch.Tensor:
+    """d x (x-shaped, x's dtype) from grad, float32 like x."""
+    out = _new(x.shape, x, x.dtype, poison)
     mean, rstd, n, dof = saved.reshape(4, -1)
     seg, nseg, _ = _layout(x, merge_all)
     mean32 = mean.float()
@@ -213,3 +231,4 @@ def masked_whiten_bwd(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, s
     a = s1 * ((0.0 if shift_mean else 1.0) - rstd) / n
     b = -s2 * rstd.pow(3) / dof
     _apply(x, mask, grad, torch.stack([mean, a, b, rstd]), merge_all, WHITEN_GRAD, out)
+    return out

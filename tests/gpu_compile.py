@@ -121,10 +121,10 @@ def _drive_launchers(modules) -> None:
                 m, stats = _meta(shape, m_dtype), (1,) if merge_all else shape[:1]
                 saved2, saved4 = _meta((2, *stats), torch.float64), _meta((4, *stats), torch.float64)
                 for kind in (0, 1, 2):  # sum, mean, var
-                    masked.masked_stat_fwd(x, m, merge_all, kind, 1, _meta(stats), saved2)
-                    masked.masked_stat_bwd(_meta(stats), x, m, saved2, merge_all, kind, torch.empty_like(x))
-                masked.masked_whiten_fwd(x, m, merge_all, True, 1, 1e-8, out, saved4)
-                masked.masked_whiten_bwd(out, x, m, saved4, merge_all, False, torch.empty_like(x))
+                    masked.masked_stat_fwd(x, m, merge_all, kind, 1, False)
+                    masked.masked_stat_bwd(_meta(stats), x, m, saved2, merge_all, kind, False)
+                masked.masked_whiten_fwd(x, m, merge_all, True, 1, 1e-8, False)
+                masked.masked_whiten_bwd(out, x, m, saved4, merge_all, False, False)
             # What rlkern/ops/losses.py passes: value_loss: per-token returns, no weights, no dual
             # clip; grpo_loss (both kinds): per-token or per-sequence advantages, optional weights,
             # no dual clip; policy_loss, and any kind added to kernels/losses.py later: everything.

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
-from rlkern.ops._common import check_number, check_tensor, new_output, pick_backend, token_mask
+from rlkern.ops import _common
+from rlkern.ops._common import check_number, check_tensor, pick_backend, token_mask
 from rlkern.ops._registry import kernel_op, kernels
 
 __all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten"]
@@ -68,11 +69,8 @@ def _check_count(low, need: int, what: str, per_row: bool) -> None:
 def _masked_stat(x: Tensor, mask: Tensor, dim: int | None, kind: int, unbiased: bool, need: int,
                  backend: str) -> tuple[Tensor, Tensor]:
     """(statistic, saved): saved is float64 [2, ...] (centring mean, gradient scale) for backward."""
-    xr = _rows(x, dim)
-    out = new_output(xr.shape[:-1] if dim is not None else (), device=x.device)
-    saved = new_output((2,) + out.shape, device=x.device, dtype=torch.float64)
-    low = kernels(backend, "masked").masked_stat_fwd(xr, _rows(mask, dim), dim is None, kind, int(unbiased),
-                                                     out, saved)
+    out, saved, low = kernels(backend, "masked").masked_stat_fwd(
+        _rows(x, dim), _rows(mask, dim), dim is None, kind, int(unbiased), _common.POISON_OUTPUTS)
     _check_count(low, need, _NAMES[kind], out.dim() > 0)
     return out, saved
 
@@ -86,11 +84,9 @@ def _(x, mask, dim, kind, unbiased, need, backend):
 @kernel_op("masked_stat_bwd")
 def _masked_stat_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: int | None, kind: int,
                      backend: str) -> Tensor:
-    xr = _rows(x, dim)
-    out = new_output(xr.shape, device=x.device, dtype=x.dtype)
-    kernels(backend, "masked").masked_stat_bwd(grad.float().contiguous(), xr, _rows(mask, dim), saved,
-                                               dim is None, kind, out)
-    return _from_rows(out, dim)
+    dx = kernels(backend, "masked").masked_stat_bwd(
+        grad.float().contiguous(), _rows(x, dim), _rows(mask, dim), saved, dim is None, kind, _common.POISON_OUTPUTS)
+    return _from_rows(dx, dim)
 
 
 @_masked_stat_bwd.register_fake
@@ -120,12 +116,8 @@ _masked_stat.register_autograd(_stat_backward, setup_context=_stat_setup)
 def _masked_whiten(x: Tensor, mask: Tensor, dim: int | None, shift_mean: bool, unbiased: bool, eps: float,
                    need: int, backend: str) -> tuple[Tensor, Tensor]:
     """(whitened, saved): saved is float64 [4, ...] (mean, rstd, n, n - ddof) for backward."""
-    xr = _rows(x, dim)
-    y = new_output(xr.shape, device=x.device)
-    stats = xr.shape[:-1] if dim is not None else ()
-    saved = new_output((4, *stats), device=x.device, dtype=torch.float64)
-    low = kernels(backend, "masked").masked_whiten_fwd(xr, _rows(mask, dim), dim is None, shift_mean,
-                                                       int(unbiased), eps, y, saved)
+    y, saved, low = kernels(backend, "masked").masked_whiten_fwd(
+        _rows(x, dim), _rows(mask, dim), dim is None, shift_mean, int(unbiased), eps, _common.POISON_OUTPUTS)
     _check_count(low, need, "masked_whiten", saved.dim() > 1)
     return _from_rows(y, dim), saved
 
@@ -139,11 +131,10 @@ def _(x, mask, dim, shift_mean, unbiased, eps, need, backend):
 @kernel_op("masked_whiten_bwd")
 def _masked_whiten_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: int | None,
                        shift_mean: bool, backend: str) -> Tensor:
-    xr = _rows(x, dim)
-    out = new_output(xr.shape, device=x.device, dtype=x.dtype)
-    kernels(backend, "masked").masked_whiten_bwd(_rows(grad.float(), dim), xr, _rows(mask, dim), saved,
-                                                 dim is None, shift_mean, out)
-    return _from_rows(out, dim)
+    dx = kernels(backend, "masked").masked_whiten_bwd(
+        _rows(grad.float(), dim), _rows(x, dim), _rows(mask, dim), saved, dim is None, shift_mean,
+        _common.POISON_OUTPUTS)
+    return _from_rows(dx, dim)
 
 
 @_masked_whiten_bwd.register_fake

@@ -86,15 +86,12 @@ RLKERN_INLINE vfloat kl_slope(vfloat d, float lo, float hi, float vb) {
   else {
     const vfloat r = -d;
     const K3Parts k = k3_parts(r, lo, hi);
-    // 0 outside [lo, hi] and where |k3| > vb: clear the bits under an integer mask.
-    const vint off = (r < splat(lo)) | (r > splat(hi)) | (k.value < splat(-vb)) | (k.value > splat(vb));
-    const vfloat slope = -k.em1;
-    vint bits;
-    std::memcpy(&bits, &slope, sizeof(bits));
-    bits &= ~off;
-    vfloat out;
-    std::memcpy(&out, &bits, sizeof(out));
-    return out;
+    // 0 outside [lo, hi] and where |k3| > vb: "no clamp active" as 0/1 float flags (clamped == value),
+    // multiplied in. An OR of integer compare masks here was scalarised by GCC (20x slower). em1 is
+    // finite (rc <= 80), so a 0 flag gives 0; a NaN r makes em1 NaN, and NaN * 0 keeps it NaN.
+    const vfloat keep_r = -__builtin_convertvector(vclamp(r, lo, hi) == r, vfloat);
+    const vfloat keep_v = -__builtin_convertvector(vclamp(k.value, -vb, vb) == k.value, vfloat);
+    return -k.em1 * keep_r * keep_v;
   }
 }
 

@@ -84,7 +84,8 @@ PATCH_TARGETS = (
 # verl's trainers look estimators and policy losses up by name in these dicts.
 PATCH_REGISTRIES = ((_CORE, "ADV_ESTIMATOR_REGISTRY"), (_CORE, "POLICY_LOSS_REGISTRY"))
 
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+             "seq-mean-token-sum-norm")
 _KL_BASE = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 KL_PENALTIES = _KL_BASE + tuple(name + "+" for name in _KL_BASE)
 

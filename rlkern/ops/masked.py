@@ -99,7 +99,6 @@ def _stat_setup(ctx, inputs, output):
     ctx.save_for_backward(x, mask, output[1])
     ctx.args = (dim, kind, backend)
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero gradient is built for `saved` (backward ignores it)
 
 
 def _stat_backward(ctx, grad, _):
@@ -148,7 +147,6 @@ def _whiten_setup(ctx, inputs, output):
     ctx.save_for_backward(x, mask, output[1])
     ctx.args = (dim, shift_mean, backend)
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
 
 
 def _whiten_backward(ctx, grad, _):

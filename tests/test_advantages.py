@@ -64,15 +64,18 @@ def test_grpo_options(eps):
     ids = torch.arange(32) // 8
     _check(scores, ids, group_size=8, method="grpo", eps=eps)
     dr_grpo = _check(scores, ids, group_size=8, method="grpo", scale_by_std=False)
-    torch.testing.assert_close(dr_grpo, ops.group_advantages(scores, group_size=8, method="reinforce_baseline"))
+    torch.testing.assert_close(dr_grpo,
+                               ops.group_advantages(scores, group_size=8, method="reinforce_baseline"))
 
 
 def test_formulas_by_hand():
     r = torch.tensor([1.0, 2.0, 3.0])
     std = r.std().item()  # unbiased: 1
-    torch.testing.assert_close(ops.group_advantages(r, group_size=3), torch.tensor([-1.0, 0.0, 1.0]) / (std + 1e-6))
+    torch.testing.assert_close(ops.group_advantages(r, group_size=3),
+                               torch.tensor([-1.0, 0.0, 1.0]) / (std + 1e-6))
     # leave-one-out: 1 - (2 + 3) / 2, 2 - (1 + 3) / 2, 3 - (1 + 2) / 2
-    torch.testing.assert_close(ops.group_advantages(r, group_size=3, method="rloo"), torch.tensor([-1.5, 0.0, 1.5]))
+    torch.testing.assert_close(ops.group_advantages(r, group_size=3, method="rloo"),
+                               torch.tensor([-1.5, 0.0, 1.5]))
     torch.testing.assert_close(ops.group_advantages(r, group_size=3, method="reinforce_baseline"),
                                torch.tensor([-1.0, 0.0, 1.0]))
     s = torch.sigmoid
@@ -89,7 +92,8 @@ def test_degenerate_groups_are_zero_and_counted(method):
     adv, counts = ops.group_advantages(scores, index=index, method=method, return_counts=True)
     assert (adv[:6] == 0).all() and (adv[9:] == 0).all() and (adv[6:9] != 0).all()
     assert torch.isfinite(adv).all()
-    assert {k: int(v) for k, v in counts.items()} == {"groups": 5, "singleton_groups": 2, "zero_variance_groups": 2}
+    expected = {"groups": 5, "singleton_groups": 2, "zero_variance_groups": 2}
+    assert {k: int(v) for k, v in counts.items()} == expected
     # 0.1 * 3 / 3 is not exactly 0.1 in floating point: the rule is equality of the scores, not
     # a rounded mean, so this group is still exactly 0 rather than ~1e-17 / eps noise.
     tenths = ops.group_advantages(torch.full((3,), 0.1), group_size=3, method=method)
@@ -129,19 +133,24 @@ def test_large_group_winrate_matches_oracle():
     (lambda: ops.group_advantages(torch.randn(8)), ValueError, "pass exactly one of group_size"),
     (lambda: ops.group_advantages(torch.randn(8), group_size=4, index=torch.zeros(8, dtype=torch.long)),
      ValueError, "pass exactly one of group_size"),
-    (lambda: ops.group_advantages(torch.randn(8), group_size=0), ValueError, "group_size must be >= 1, got 0"),
+    (lambda: ops.group_advantages(torch.randn(8), group_size=0), ValueError,
+     "group_size must be >= 1, got 0"),
     (lambda: ops.group_advantages(torch.randn(8), group_size=-2), ValueError, "group_size must be >= 1"),
     (lambda: ops.group_advantages(torch.randn(8), group_size=2.0), TypeError, "group_size must be an int"),
     (lambda: ops.group_advantages(torch.randn(8), group_size=3), ValueError,
      "the batch of 8 scores is not divisible by group_size=3"),
     (lambda: ops.group_advantages(torch.randn(8), index=torch.zeros(7, dtype=torch.long)), ValueError,
      r"index must have shape \(8,\)"),
-    (lambda: ops.group_advantages(torch.randn(8), index=torch.zeros(8)), TypeError, "index must hold integer"),
-    (lambda: ops.group_advantages(torch.randn(8), index=["a"] * 7), ValueError, r"index must have shape \(8,\)"),
+    (lambda: ops.group_advantages(torch.randn(8), index=torch.zeros(8)), TypeError,
+     "index must hold integer"),
+    (lambda: ops.group_advantages(torch.randn(8), index=["a"] * 7), ValueError,
+     r"index must have shape \(8,\)"),
     (lambda: ops.group_advantages(torch.randn(8), group_size=4, method="ppo"), ValueError,
      r"method must be one of \['grpo', 'rloo', 'reinforce_baseline', 'winrate'\]"),
-    (lambda: ops.group_advantages(torch.randn(8), group_size=4, eps=-1.0), ValueError, "eps must be a finite"),
-    (lambda: ops.group_advantages(torch.randn(2, 4), group_size=4), ValueError, r"scores must have shape \[B\]"),
+    (lambda: ops.group_advantages(torch.randn(8), group_size=4, eps=-1.0), ValueError,
+     "eps must be a finite"),
+    (lambda: ops.group_advantages(torch.randn(2, 4), group_size=4), ValueError,
+     r"scores must have shape \[B\]"),
     (lambda: ops.group_advantages(torch.tensor([0.0, float("nan")]), group_size=2), ValueError,
      "scores must be finite"),
     (lambda: ops.group_advantages(torch.arange(4), group_size=2), TypeError, "scores must be float"),

@@ -25,7 +25,8 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -
 def _pairs(batch, dtype, scale=20.0):
     """Sequence log-probs of a few tens of nats, the reference close to the policy."""
     chosen, rejected = -torch.rand(batch) * scale, -torch.rand(batch) * scale
-    return [t.to(dtype) for t in (chosen, rejected, chosen + torch.randn(batch), rejected + torch.randn(batch))]
+    tensors = (chosen, rejected, chosen + torch.randn(batch), rejected + torch.randn(batch))
+    return [t.to(dtype) for t in tensors]
 
 
 def _smoothing(loss_type):
@@ -112,7 +113,8 @@ def test_gradcheck():
     inputs = [t.double().requires_grad_() for t in _pairs(5, torch.float64)]
     for loss_type, ls in (("sigmoid", 0.2), ("ipo", 0.0), ("robust", 0.1)):
         assert torch.autograd.gradcheck(
-            lambda *xs: ops.dpo_loss(*xs, beta=0.2, loss_type=loss_type, label_smoothing=ls)[0], inputs)
+            lambda *xs, t=loss_type, s=ls: ops.dpo_loss(*xs, beta=0.2, loss_type=t, label_smoothing=s)[0],
+            inputs)
 
 
 def _x(n=4):
@@ -121,7 +123,8 @@ def _x(n=4):
 
 @pytest.mark.parametrize("make, error, match", [
     (lambda: ops.dpo_loss(_x(), _x(3), _x(), _x()), ValueError, r"rejected_logps must have shape \(4,\)"),
-    (lambda: ops.dpo_loss(_x(), _x(), _x(), [0.0] * 4), TypeError, "ref_rejected_logps must be a torch.Tensor"),
+    (lambda: ops.dpo_loss(_x(), _x(), _x(), [0.0] * 4), TypeError,
+     "ref_rejected_logps must be a torch.Tensor"),
     (lambda: ops.dpo_loss(_x(0), _x(0), _x(0), _x(0)), ValueError, "at least one preference pair"),
     (lambda: ops.dpo_loss(_x(), _x(), _x(), _x(), loss_type="kto"), ValueError,
      r"loss_type must be one of \['sigmoid', 'ipo', 'hinge', 'robust'\]"),

@@ -47,7 +47,8 @@ def _check_value_and_grad(logp, ref, estimator, clamp):
     assert x.grad.dtype == logp.dtype
     # A bf16/fp16 gradient is the fp32 one rounded once: up to an ulp of that dtype on top.
     rtol = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[logp.dtype]
-    assert_close_to_oracle(x.grad, x64.grad, x32.grad, atol=4e-6, rtol=rtol, what=f"d kl {estimator} / d logp")
+    assert_close_to_oracle(x.grad, x64.grad, x32.grad, atol=4e-6, rtol=rtol,
+                           what=f"d kl {estimator} / d logp")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -126,7 +127,8 @@ def test_kl_verl_clamp_formula():
     ref = torch.tensor([-0.5, -25.0, -1.5, -0.1])
     c = (ref - logp).clamp(-20, 20).double()
     verl = (c.exp() - c - 1).clamp(-10, 10)
-    torch.testing.assert_close(ops.kl(logp, ref, "low_var_kl", clamp=True).double(), verl, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ops.kl(logp, ref, "low_var_kl", clamp=True).double(), verl, rtol=1e-6,
+                               atol=1e-7)
 
 
 def test_kl_gradcheck_reference():
@@ -134,7 +136,8 @@ def test_kl_gradcheck_reference():
     ref = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     # Not "k3+": its gradient is k2's by design, not the derivative of its value.
     for estimator in ("k1", "abs", "k2", "k3"):
-        assert torch.autograd.gradcheck(lambda a, b: reference.kl(a, b, estimator, clamp=(1.0, 0.6)), (logp, ref))
+        assert torch.autograd.gradcheck(
+            lambda a, b, e=estimator: reference.kl(a, b, e, clamp=(1.0, 0.6)), (logp, ref))
 
 
 @pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
@@ -145,8 +148,8 @@ def test_kl_gradcheck_kernels(backend_name):
     ref = torch.randn(2, 5) * 0.7
     with rlkern.use_backend(backend_name):
         for estimator in ("k1", "k2", "k3"):
-            assert torch.autograd.gradcheck(lambda a: ops.kl(a, ref, estimator), (logp,), eps=1e-2, atol=2e-3,
-                                            rtol=2e-2, nondet_tol=0.0)
+            assert torch.autograd.gradcheck(lambda a, e=estimator: ops.kl(a, ref, e), (logp,), eps=1e-2,
+                                            atol=2e-3, rtol=2e-2, nondet_tol=0.0)
 
 
 def test_kl_batch_invariance():
@@ -154,7 +157,8 @@ def test_kl_batch_invariance():
     with rlkern.use_backend("cpp"):
         full = ops.kl(logp, ref, "k3", clamp=True)
         for r in (0, 501, 999):
-            assert torch.equal(ops.kl(logp[r:r + 1].clone(), ref[r:r + 1].clone(), "k3", clamp=True), full[r:r + 1])
+            one = ops.kl(logp[r:r + 1].clone(), ref[r:r + 1].clone(), "k3", clamp=True)
+            assert torch.equal(one, full[r:r + 1])
 
 
 def _rewards_inputs(shape, dtype, p_valid=0.8):
@@ -193,8 +197,8 @@ def test_token_rewards_places_the_score_at_the_last_valid_token(backend):
 
 
 # Every mask dtype the kernels read natively, and two that token_mask converts (int16, float64).
-MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16,
-               torch.int16, torch.float64]
+MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16,
+               torch.float16, torch.int16, torch.float64]
 
 
 @pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
@@ -236,9 +240,11 @@ def test_token_rewards_is_detached(backend):
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: ops.kl(torch.zeros(3), torch.zeros(4)), ValueError, r"ref_logp must have logp's shape \(3,\)"),
+        (lambda: ops.kl(torch.zeros(3), torch.zeros(4)), ValueError,
+         r"ref_logp must have logp's shape \(3,\)"),
         (lambda: ops.kl(torch.zeros(3), torch.zeros(3), "k4"), ValueError, "estimator must be one of"),
-        (lambda: ops.kl(torch.zeros(3), torch.zeros(3), clamp=(0.0, 1.0)), ValueError, "log-ratio bound must be > 0"),
+        (lambda: ops.kl(torch.zeros(3), torch.zeros(3), clamp=(0.0, 1.0)), ValueError,
+         "log-ratio bound must be > 0"),
         (lambda: ops.kl(torch.zeros(3), torch.zeros(3), clamp="yes"), TypeError, "clamp must be None, True"),
         (lambda: ops.kl(torch.zeros(3, dtype=torch.long), torch.zeros(3)), TypeError, "logp must be float"),
         (lambda: ops.token_rewards(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 4),
@@ -259,8 +265,10 @@ def test_opcheck(backend_name):
     logp, ref = _make((3, 20), torch.float32)
     args = (logp.requires_grad_(), ref, 3, False, -20.0, 20.0, 10.0, backend_name)
     torch.library.opcheck(torch.ops.rlkern.kl_fwd.default, args)
-    torch.library.opcheck(torch.ops.rlkern.kl_bwd.default, (torch.randn(3, 20), logp.detach(), ref, 3, True, -20.0,
-                                                            20.0, 10.0, backend_name))
+    bwd_args = (torch.randn(3, 20), logp.detach(), ref, 3, True, -20.0, 20.0, 10.0, backend_name)
+    torch.library.opcheck(torch.ops.rlkern.kl_bwd.default, bwd_args)
+    # the backward of a sum: one gradient for every element
+    torch.library.opcheck(torch.ops.rlkern.kl_bwd.default, (torch.ones(()).expand(3, 20), *bwd_args[1:]))
     scores, logp, ref, mask = _rewards_inputs((3, 20), torch.float32)
     for m in (mask, mask.float(), mask.long()):
         torch.library.opcheck(torch.ops.rlkern.token_rewards.default,

@@ -21,8 +21,8 @@ import torch
 
 import rlkern
 from rlkern import reference
-from rlkern.ops._registry import cpp_kernels
 from rlkern.ops import losses as L
+from rlkern.ops._registry import cpp_kernels
 from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_to_oracle
 
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
@@ -66,7 +66,8 @@ def _compare(op, ref_fn, main, others, kwargs, *, what):
         assert_close_to_oracle(stats[name], stats64[name], stats32[name], atol=1e-6, rtol=1e-5,
                                what=f"{what} stat {name}")
     assert x.grad.dtype == dtype and x.grad.shape == main.shape
-    assert_close_to_oracle(x.grad, x64.grad, x_same.grad, atol=1e-7, rtol=GRAD_RTOL[dtype], what=f"{what} d input")
+    assert_close_to_oracle(x.grad, x64.grad, x_same.grad, atol=1e-7, rtol=GRAD_RTOL[dtype],
+                           what=f"{what} d input")
     return loss, stats, x.grad
 
 
@@ -106,7 +107,8 @@ def test_grpo_loss_matches_oracle(backend, dtype, loss_type):
                                     dict(loss_type="dapo", num_items_in_batch=torch.tensor(57.0)),
                                     dict(loss_type="bnpo", beta=0.0),
                                     dict(loss_type="dapo", beta=0.1, use_bias_correction_kl=True),
-                                    dict(loss_type="grpo", beta=0.3, clip_high=0.28, use_bias_correction_kl=True)])
+                                    dict(loss_type="grpo", beta=0.3, clip_high=0.28,
+                                         use_bias_correction_kl=True)])
 def test_grpo_loss_options(backend, kwargs):
     logp, old, ref, adv, mask = _tokens((2, 3, 19), torch.float32)
     _compare(rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv, mask), kwargs,
@@ -173,7 +175,8 @@ def test_grpo_normalisations_by_hand():
     logp = torch.zeros(2, 4)
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
     adv = torch.tensor([-1.0, -2.0])  # ratio 1 and beta 0: every valid token's loss is -A
-    expected = {"grpo": (1.0 + 2.0) / 2, "bnpo": (3 * 1.0 + 2.0) / 4, "dr_grpo": 5.0 / (2 * 4), "dapo": 5.0 / 4}
+    expected = {"grpo": (1.0 + 2.0) / 2, "bnpo": (3 * 1.0 + 2.0) / 4, "dr_grpo": 5.0 / (2 * 4),
+                "dapo": 5.0 / 4}
     for backend_name in ALL_BACKENDS:
         with rlkern.use_backend(backend_name):
             for loss_type, value in expected.items():
@@ -199,7 +202,8 @@ def test_mixed_input_dtypes(backend):
     old_bf, adv_bf = old.bfloat16(), adv.bfloat16()
     _compare(rlkern.ops.policy_loss, reference.policy_loss, logp, (old_bf, adv_bf, mask), {}, what="mixed")
     half_logp = logp.half()
-    _compare(rlkern.ops.grpo_loss, reference.grpo_loss, half_logp, (old, ref, adv[:, 0], mask), {}, what="mixed grpo")
+    _compare(rlkern.ops.grpo_loss, reference.grpo_loss, half_logp, (old, ref, adv[:, 0], mask), {},
+             what="mixed grpo")
 
 
 @pytest.mark.parametrize("shape", [(0, 7), (3, 0), (0, 0)])
@@ -280,8 +284,8 @@ def test_first_epoch_ties_give_the_full_gradient(backend):
 
 
 # Every mask dtype the kernels read natively, and two that token_mask converts (int16, float64).
-MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16,
-               torch.int16, torch.float64]
+MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16,
+               torch.float16, torch.int16, torch.float64]
 
 
 def _mask_as(valid, mask_dtype):
@@ -304,8 +308,8 @@ def test_mask_of_any_dtype(backend, mask_dtype):
             (rlkern.ops.policy_loss, reference.policy_loss, logp, (old, adv), dict(dual_clip=3.0)),
             (rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv[:, 0]), dict(loss_type="bnpo")),
             (rlkern.ops.value_loss, reference.value_loss, logp, (old, adv), {})):
-        loss, stats, grad = _compare(lambda x, *o, **k: op(x, *o[:-1], mask, **k), ref_fn, main, (*others, valid),
-                                     kwargs, what=f"{op.__name__} {mask_dtype} mask")
+        loss, stats, grad = _compare(lambda x, *o, op=op, **k: op(x, *o[:-1], mask, **k), ref_fn, main,
+                                     (*others, valid), kwargs, what=f"{op.__name__} {mask_dtype} mask")
         assert (grad[~valid] == 0).all()
 
 
@@ -381,7 +385,8 @@ def test_gradcheck_reference():
         lambda t: reference.policy_loss(t, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean")[0], (x,))
     assert torch.autograd.gradcheck(lambda t: reference.grpo_loss(t, old, ref, adv[:, 0], mask)[0], (x,))
     assert torch.autograd.gradcheck(
-        lambda t: reference.grpo_loss(t, old, ref, adv[:, 0], mask, beta=0.5, use_bias_correction_kl=True)[0], (x,))
+        lambda t: reference.grpo_loss(t, old, ref, adv[:, 0], mask, beta=0.5, use_bias_correction_kl=True)[0],
+        (x,))
     assert torch.autograd.gradcheck(lambda t: reference.value_loss(t, old, adv, mask, clip=0.3)[0], (x,))
 
 
@@ -394,13 +399,17 @@ def test_gradcheck_cpp():
     tol = dict(eps=1e-3, atol=2e-3, rtol=2e-2, fast_mode=False, nondet_tol=0.0)
     with rlkern.use_backend("cpp"):
         assert torch.autograd.gradcheck(
-            lambda t: rlkern.ops.policy_loss(t, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean")[0], (x,),
+            lambda t: rlkern.ops.policy_loss(t, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean")[0],
+            (x,),
             **tol)
-        assert torch.autograd.gradcheck(lambda t: rlkern.ops.grpo_loss(t, old, ref, adv[:, 0], mask)[0], (x,), **tol)
+        assert torch.autograd.gradcheck(lambda t: rlkern.ops.grpo_loss(t, old, ref, adv[:, 0], mask)[0], (x,),
+                                        **tol)
         assert torch.autograd.gradcheck(
-            lambda t: rlkern.ops.grpo_loss(t, old, ref, adv[:, 0], mask, beta=0.5, use_bias_correction_kl=True)[0],
+            lambda t: rlkern.ops.grpo_loss(t, old, ref, adv[:, 0], mask, beta=0.5,
+                                           use_bias_correction_kl=True)[0],
             (x,), **tol)
-        assert torch.autograd.gradcheck(lambda t: rlkern.ops.value_loss(t, old, adv, mask, clip=0.3)[0], (x,), **tol)
+        assert torch.autograd.gradcheck(lambda t: rlkern.ops.value_loss(t, old, adv, mask, clip=0.3)[0], (x,),
+                                        **tol)
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
@@ -412,11 +421,13 @@ def test_opcheck(backend_name, kind):
     r = ref if grpo else None
     w = torch.rand(3, 21) if kind == 0 else None
     mask = mask.float() if kind == 1 else mask.long() if kind == 2 else mask
-    args = (logp.requires_grad_(), old, a, r, w, mask, kind, 0.2, 0.28, 3.0 if kind == 0 else math.inf, 0.04, 0.2,
+    args = (logp.requires_grad_(), old, a, r, w, mask, kind, 0.2, 0.28, 3.0 if kind == 0 else math.inf, 0.04,
+            0.2,
             grpo, -1.0 if not grpo else 3.0, backend_name)
     torch.library.opcheck(torch.ops.rlkern.losses_fwd.default, args)
     _, _, row_scale = torch.ops.rlkern.losses_fwd(*args)
-    bwd = (torch.tensor(1.5), logp.detach(), old, a, r, w, mask, row_scale, kind, 0.2, 0.28, args[9], 0.04, 0.2,
+    bwd = (torch.tensor(1.5), logp.detach(), old, a, r, w, mask, row_scale, kind, 0.2, 0.28, args[9], 0.04,
+           0.2,
            backend_name)
     torch.library.opcheck(torch.ops.rlkern.losses_bwd.default, bwd)
 
@@ -461,7 +472,8 @@ _M = lambda *s: torch.ones(*s, dtype=torch.bool)  # noqa: E731
          r"clip_low must be in \[0, 1\)"),
     _bad(lambda: rlkern.ops.policy_loss(_X(2, 5), _X(2, 5), _X(2, 5), _M(2, 5), clip_low=-0.1), ValueError,
          r"clip_low must be in \[0, 1\)"),
-    _bad(lambda: rlkern.ops.policy_loss(_X(2, 5), _X(2, 5), _X(2, 5), _M(2, 5), clip_high=float("nan")), ValueError,
+    _bad(lambda: rlkern.ops.policy_loss(_X(2, 5), _X(2, 5), _X(2, 5), _M(2, 5), clip_high=float("nan")),
+         ValueError,
          "clip_high must be a finite number >= 0"),
     _bad(lambda: rlkern.ops.policy_loss(_X(2, 5), _X(2, 5), _X(2, 5), _M(2, 5), dual_clip=1.0), ValueError,
          "dual_clip must be None or a finite number > 1"),
@@ -471,9 +483,11 @@ _M = lambda *s: torch.ones(*s, dtype=torch.bool)  # noqa: E731
          "logp must be float32, bfloat16, float16 or float64"),
     _bad(lambda: rlkern.ops.policy_loss([[0.0]], _X(1, 1), _X(1, 1), _M(1, 1)), TypeError,
          "logp must be a torch.Tensor"),
-    _bad(lambda: rlkern.ops.policy_loss(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0.0), torch.tensor(True)),
+    _bad(lambda: rlkern.ops.policy_loss(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0.0),
+                                        torch.tensor(True)),
          ValueError, r"logp must have shape \[..., T\]"),
-    _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 5), _X(2), _M(2, 5), loss_type="ppo"), ValueError,
+    _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 5), _X(2), _M(2, 5), loss_type="ppo"),
+         ValueError,
          r"loss_type must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo'\]"),
     _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 4), _X(2), _M(2, 5)), ValueError,
          r"ref_logp must have shape \(2, 5\)"),
@@ -502,8 +516,8 @@ def test_cpp_kernel_checks_shapes_itself():
     x = torch.randn(2, 5)
     outs = (torch.empty(()), torch.empty(6), torch.empty(2))
     with pytest.raises(RuntimeError, match="old must be a contiguous"):
-        cpp_kernels().losses_fwd(x, torch.randn(2, 4), x, None, None, torch.ones(2, 5, dtype=torch.bool), 0, 0.2,
-                                 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs)
+        cpp_kernels().losses_fwd(x, torch.randn(2, 4), x, None, None, torch.ones(2, 5, dtype=torch.bool), 0,
+                                 0.2, 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs)
     with pytest.raises(RuntimeError, match="the grpo kinds need ref_logp"):
-        cpp_kernels().losses_fwd(x, x, x, None, None, torch.ones(2, 5, dtype=torch.bool), 1, 0.2, 0.2, math.inf,
-                                 0.0, 0.0, False, -1.0, *outs)
+        cpp_kernels().losses_fwd(x, x, x, None, None, torch.ones(2, 5, dtype=torch.bool), 1, 0.2, 0.2,
+                                 math.inf, 0.0, 0.0, False, -1.0, *outs)

@@ -112,7 +112,8 @@ def test_nan_input_poisons_its_token_or_nothing(backend, kind, name, position, m
     assert loss.isnan(), f"NaN in {name} at a valid token, loss {loss}"
     assert grad[pos].isnan().all(), f"NaN in {name} at a valid token, its gradient {grad[pos]}"
     nan_stats = {k for k, v in stats.items() if math.isnan(v)}
-    assert nan_stats == CASES[kind, name], f"NaN stats {sorted(nan_stats)}, expected {sorted(CASES[kind, name])}"
+    assert nan_stats == CASES[kind, name], \
+        f"NaN stats {sorted(nan_stats)}, expected {sorted(CASES[kind, name])}"
     for k in stats.keys() - nan_stats:
         # A NaN token leaves the stats it does not feed exactly as they were (the counts are the mask's).
         assert stats[k] == clean_stats[k], f"{k}: {stats[k]} != {clean_stats[k]}"
@@ -157,7 +158,8 @@ def test_nan_ref_logp_reaches_the_grpo_loss_even_with_beta_zero(backend):
     logp, old, ref = (torch.randn(B, T) - 1 for _ in range(3))
     ref[2, T - 1] = NAN
     with rlkern.use_backend(backend):
-        loss, stats = ops.grpo_loss(logp, old, ref, torch.randn(B), torch.ones(B, T, dtype=torch.bool), beta=0.0)
+        loss, stats = ops.grpo_loss(logp, old, ref, torch.randn(B), torch.ones(B, T, dtype=torch.bool),
+                                    beta=0.0)
     assert loss.isnan() and stats["kl"].isnan() and stats["clip_ratio"].isfinite()
 
 
@@ -168,8 +170,8 @@ def test_nan_in_half_precision_inputs_propagates(backend, dtype):
     t["logp"][0, 0] = NAN
     mask = torch.ones(B, T, dtype=torch.bool)
     with rlkern.use_backend(backend):
-        loss, grad, stats = losses.grpo_loss_and_grad(t["logp"], t["old_logp"], t["ref_logp"], t["advantages"],
-                                                      mask)
+        loss, grad, stats = losses.grpo_loss_and_grad(t["logp"], t["old_logp"], t["ref_logp"],
+                                                      t["advantages"], mask)
     assert loss.isnan() and grad[0, 0].isnan() and grad.isnan().sum() == 1
     assert all(v.isnan() for v in stats.values())
 
@@ -196,6 +198,7 @@ def test_infinite_input_gives_torchs_answer_on_every_backend(kind, name, value):
         assert stats.keys() == want_stats.keys()
         for k, v in stats.items():
             w = want_stats[k]
-            assert math.isclose(v, w, rel_tol=1e-5, abs_tol=1e-6) or (math.isnan(v) and math.isnan(w)), (backend, k, v, w)
+            same = math.isclose(v, w, rel_tol=1e-5, abs_tol=1e-6) or (math.isnan(v) and math.isnan(w))
+            assert same, (backend, k, v, w)
         assert torch.allclose(grad, want_grad, rtol=1e-5, atol=1e-7, equal_nan=True), (
             backend, grad[1, 3], want_grad[1, 3])

@@ -12,6 +12,8 @@ Oracle: rlkern.reference.group_advantages (a plain loop over groups).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -93,26 +95,26 @@ def _finite_or_raise(adv: Tensor) -> Tensor:
 def _fixed_groups(scores: Tensor, n: int, method: str, eps: float, scale_by_std: bool,
                   out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """grpo / rloo / reinforce_baseline for consecutive groups of n, on a [G, n] view, in a handful of
-    row ops (at small B the op's cost is their dispatch). Returns (advantages, finite?): degenerate
-    groups already 0; finite? is a 0-d bool, False if a score or an advantage is not finite.
+    row ops (at small B the op's cost is their dispatch). Returns (advantages, check): degenerate
+    groups already 0; check is a 0-d tensor that is finite unless a score or an advantage is not.
 
-    torch.var_mean (float64, Welford's update) gives the variance exactly 0 for a group of equal
-    scores (the running mean never moves) and > 0 otherwise (a difference of two float32 or
-    normal float64 scores squares to a normal float64), so var == 0 marks the degenerate groups;
-    a NaN / inf score makes its group's variance NaN."""
+    torch.var_mean (float64, Welford's update, merged the same way) leaves the mean of a group of
+    equal scores exactly at their value (the running mean never moves), so their deviations are
+    exactly 0 and their variance is 0: every method's advantage is then 0 without a select, except
+    grpo's 0 / (0 + eps) with eps = 0, which is masked. A group of one has variance 0 (correction 0).
+    A NaN / inf score makes its group's mean and variance non-finite."""
     r = scores.double().view(-1, n)
     var, mean = torch.var_mean(r, dim=-1, correction=1 if n > 1 else 0, keepdim=True)
-    flat = var == 0  # a group of one too (correction 0: variance 0)
     if method == "grpo" and scale_by_std:
         adv = (r - mean).div_(var.sqrt().add_(eps))
-    elif method == "rloo":
-        adv = (r - mean).mul_(n / max(n - 1, 1))
+        if eps == 0:
+            adv = adv.masked_fill_(var == 0, 0.0)
+        # |adv| <= sqrt(n - 1) < float32's max: only the scores can make it non-finite.
+        check = var.sum()
     else:
-        adv = r - mean
-    adv = adv.masked_fill_(flat, 0.0).to(out_dtype).view(-1)
-    # |adv| <= sqrt(n - 1) for grpo scaled by the std: only the other methods can leave float32's range.
-    finite = var.isfinite().all() if method == "grpo" and scale_by_std else adv.isfinite().all()
-    return adv, finite
+        adv = (r - mean).mul_(n / max(n - 1, 1)) if method == "rloo" else r - mean
+    adv = adv.view(-1).to(out_dtype)
+    return adv, check if method == "grpo" and scale_by_std else adv.sum()
 
 
 def group_advantages(scores: Tensor, *, group_size: int | None = None, index=None, method: str = "grpo",
@@ -166,9 +168,10 @@ def group_advantages(scores: Tensor, *, group_size: int | None = None, index=Non
         if scores.shape[0] % group_size:
             raise ValueError(f"the batch of {scores.shape[0]} scores is not divisible by "
                              f"group_size={group_size}")
-        adv, finite = _fixed_groups(scores, group_size, method, eps, scale_by_std, out_dtype)
-        # One check (a sync on GPU); only when it fails, the checks that name the culprit.
-        if eager and not bool(finite):
+        adv, check = _fixed_groups(scores, group_size, method, eps, scale_by_std, out_dtype)
+        # One check (a sync on GPU; a sum that overflows is a false alarm); only when it fails, the
+        # checks that name the culprit.
+        if eager and not math.isfinite(check.item()):
             _check_finite_scores(scores)
             _finite_or_raise(adv)
         return adv

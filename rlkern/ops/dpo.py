@@ -52,10 +52,12 @@ def _check(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, b
     return beta, label_smoothing
 
 
-def _smoothed(main: Tensor, other: Tensor, ls: float, sign: float) -> Tensor:
-    """(1 - ls) main + sign ls other, with the ls term absent when ls = 0: a margin of +-inf (a -inf
-    log-prob) makes ``other`` inf, and 0 * inf would turn the loss's limit into NaN."""
-    return main if ls == 0.0 else (1 - ls) * main + sign * ls * other
+def _smoothed(z_beta: Tensor, ls: float, sign: float) -> Tensor:
+    """(1 - ls) softplus(-beta z) + sign ls softplus(beta z), with the ls term absent (not even
+    computed) when ls = 0: a margin of +-inf (a -inf log-prob) makes softplus(beta z) inf, and
+    0 * inf would turn the loss's limit into NaN."""
+    main = F.softplus(-z_beta)
+    return main if ls == 0.0 else (1 - ls) * main + sign * ls * F.softplus(z_beta)
 
 
 def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
@@ -98,13 +100,13 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
     chosen_ratio, rejected_ratio = c - rc, r - rr
     z = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
-        losses = _smoothed(F.softplus(-beta * z), F.softplus(beta * z), ls, 1.0)
+        losses = _smoothed(beta * z, ls, 1.0)
     elif loss_type == "ipo":
         losses = (z - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * z)
     else:
-        losses = _smoothed(F.softplus(-beta * z), F.softplus(beta * z), ls, -1.0) / (1 - 2 * ls)
+        losses = _smoothed(beta * z, ls, -1.0) / (1 - 2 * ls)
     chosen_rewards = beta * chosen_ratio.detach()
     rejected_rewards = beta * rejected_ratio.detach()
     margin = chosen_rewards - rejected_rewards

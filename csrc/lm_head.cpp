@@ -31,6 +31,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <optional>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -218,7 +220,7 @@ RLKERN_INLINE void grad_rows(int64_t begin, int64_t end, T* tile, const TileGeom
 // slices (a store and a reload do not change a float).
 constexpr int kPanel = 2 * kLanes;  // vocabulary ids per packed panel: two vectors
 constexpr int kBlockRows = 12;      // tokens per register block: 24 accumulators + 2 panel vectors + 1 broadcast (of 32 zmm)
-constexpr int64_t kDepth = 128;     // k per slice: 16 KiB of panel + 6 KiB of packed rows stay in L1
+constexpr int64_t kDepth = 256;     // k per slice: 32 KiB of panel + 12 KiB of packed rows (L1: 48 KiB)
 constexpr int64_t kRowsPerTask = 16 * kBlockRows;
 
 // x in every lane as one vbroadcastss (splat's 0 + x adds a scalar add per row and k here).
@@ -492,16 +494,14 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void blocks(int64_t b, int6
   _tile_release();
 }
 
-void logits(const c10::BFloat16* hidden, const c10::BFloat16* weight, const LogitsGeometry& g, float* out) {
+// hidden [rows, H] against a weight tile already packed by pack_weight (depth = H rounded up to 32).
+void run(const c10::BFloat16* hidden, const uint16_t* packed, const LogitsGeometry& g, int64_t depth, float* out) {
   constexpr int64_t kPanelsPerGroup = 16;
-  const int64_t depth = (g.depth + kStep - 1) / kStep * kStep;
   const int64_t panels = (g.cols + kCols - 1) / kCols;
-  std::vector<uint16_t> packed(panels * kCols * depth);
-  pack_weight(reinterpret_cast<const uint16_t*>(weight), g.cols, g.depth, depth, packed.data());
   const int64_t groups = (panels + kPanelsPerGroup - 1) / kPanelsPerGroup;
   const int64_t n_blocks = (g.rows + kRows - 1) / kRows;
   at::parallel_for(0, n_blocks * groups, 1, [&](int64_t b, int64_t e) {
-    blocks(b, e, n_blocks, reinterpret_cast<const uint16_t*>(hidden), packed.data(), g, depth, out);
+    blocks(b, e, n_blocks, reinterpret_cast<const uint16_t*>(hidden), packed, g, depth, out);
   });
 }
 
@@ -603,6 +603,70 @@ const int64_t* tile_labels(const at::Tensor& labels, int64_t rows) {
   return labels.data_ptr<int64_t>();
 }
 
+// The logits of one weight tile against any number of token tiles, with the weight packed once per
+// tile (packing it, and allocating and faulting in its buffer, per token tile cost ~10% of the GEMM).
+// fp32: the packed AVX loop; bf16: AMX where present; fp16 and bf16 without AMX: widened to fp32
+// (exact) and the fp32 loop (converting in its inner loop cost 2.5x). The buffers are sized once for
+// the widest tile, 64-byte aligned and left uninitialised (every element read is packed first).
+class TileLogits {
+ public:
+  TileLogits(at::ScalarType dtype, int64_t max_cols, int64_t depth) : depth_(depth) {
+    dispatch_storage_type(dtype, "hidden", [](auto) {});
+#ifdef RLKERN_HAVE_AMX
+    amx_ = dtype == at::kBFloat16 && amx::available();
+    if (amx_) {
+      amx_depth_ = (depth + amx::kStep - 1) / amx::kStep * amx::kStep;
+      packed16_ = at::empty({(max_cols + amx::kCols - 1) / amx::kCols * amx::kCols * amx_depth_}, at::kBFloat16);
+    }
+#endif
+    widen_ = dtype != at::kFloat && !amx_;
+    if (!amx_) packed32_ = at::empty({(max_cols + kPanel - 1) / kPanel * kPanel * depth}, at::kFloat);
+  }
+
+  void set_weight(const at::Tensor& weight) {
+    cols_ = weight.size(0);
+    if (depth_ == 0 || cols_ == 0) return;
+#ifdef RLKERN_HAVE_AMX
+    if (amx_) {
+      amx::pack_weight(static_cast<const uint16_t*>(weight.data_ptr()), cols_, depth_, amx_depth_, packed16());
+      return;
+    }
+#endif
+    const at::Tensor w32 = widen_ ? weight.to(at::kFloat) : weight;
+    pack_panels_f32(w32.data_ptr<float>(), cols_, depth_, packed32_.data_ptr<float>());
+  }
+
+  void compute(const at::Tensor& hidden, at::Tensor out) const {
+    const LogitsGeometry g{hidden.size(0), cols_, depth_, out.stride(0)};
+    if (g.rows == 0 || g.cols == 0) return;
+    float* o = out.data_ptr<float>();
+    if (g.depth == 0) {
+      for (int64_t i = 0; i < g.rows; ++i) std::fill(o + i * g.ldo, o + i * g.ldo + g.cols, 0.f);
+      return;
+    }
+#ifdef RLKERN_HAVE_AMX
+    if (amx_) {
+      amx::run(static_cast<const c10::BFloat16*>(hidden.data_ptr()), packed16(), g, amx_depth_, o);
+      return;
+    }
+#endif
+    const at::Tensor h32 = widen_ ? hidden.to(at::kFloat) : hidden;
+    const float* h = h32.data_ptr<float>();
+    const float* w = packed32_.data_ptr<float>();
+    const int64_t panels = (g.cols + kPanel - 1) / kPanel;
+    const int64_t tasks = (panels + kPanelsPerTask - 1) / kPanelsPerTask * ((g.rows + kRowsPerTask - 1) / kRowsPerTask);
+    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { logits_f32(b, e, h, w, g, o); });
+  }
+
+ private:
+  int64_t depth_, cols_ = 0;
+  bool amx_ = false, widen_ = false;
+  int64_t amx_depth_ = 0;
+  // at::empty: 64-byte aligned (a 16-byte aligned panel split every zmm load across two cache lines)
+  at::Tensor packed32_, packed16_;
+  uint16_t* packed16() const { return static_cast<uint16_t*>(packed16_.data_ptr()); }
+};
+
 // Whole rows per task, enough work (~64k logits) per task to amortise the thread hand-off.
 int64_t rows_per_task(int64_t len) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)); }
 
@@ -661,34 +725,9 @@ void lm_logits(const at::Tensor& hidden, const at::Tensor& weight, at::Tensor ou
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == hidden.size(0) &&
                   out.size(1) == weight.size(0) && out.stride(1) == 1 && out.stride(0) >= out.size(1),
               "out must be a float32 [n, v] tensor with contiguous rows");
-  const LogitsGeometry g{hidden.size(0), weight.size(0), hidden.size(1), out.stride(0)};
-  if (g.rows == 0 || g.cols == 0) return;
-  float* o = out.data_ptr<float>();
-  if (g.depth == 0) {
-    for (int64_t i = 0; i < g.rows; ++i) std::fill(o + i * g.ldo, o + i * g.ldo + g.cols, 0.f);
-    return;
-  }
-#ifdef RLKERN_HAVE_AMX
-  if (hidden.scalar_type() == at::kBFloat16 && amx::available()) {
-    amx::logits(static_cast<const c10::BFloat16*>(hidden.data_ptr()),
-                static_cast<const c10::BFloat16*>(weight.data_ptr()), g, o);
-    return;
-  }
-#endif
-  if (hidden.scalar_type() != at::kFloat) {
-    // fp16 (and bf16 without AMX): widened once (exact), then the fp32 loop; converting in its inner
-    // loop cost 2.5x (fp16 -> fp32 per broadcast element).
-    dispatch_storage_type(hidden.scalar_type(), "hidden", [](auto) {});
-    lm_logits(hidden.to(at::kFloat), weight.to(at::kFloat), out);
-    return;
-  }
-  const int64_t panels = (g.cols + kPanel - 1) / kPanel;
-  const int64_t tasks = (panels + kPanelsPerTask - 1) / kPanelsPerTask * ((g.rows + kRowsPerTask - 1) / kRowsPerTask);
-  const float* h = hidden.data_ptr<float>();
-  std::vector<float> packed(panels * kPanel * g.depth);
-  pack_panels_f32(weight.data_ptr<float>(), g.cols, g.depth, packed.data());
-  const float* w = packed.data();
-  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { logits_f32(b, e, h, w, g, o); });
+  TileLogits tiles(hidden.scalar_type(), weight.size(0), hidden.size(1));
+  tiles.set_weight(weight);
+  tiles.compute(hidden, out);
 }
 
 // acc (fp32) += part (fp32 / bf16 / fp16), both contiguous and of the same shape.
@@ -743,14 +782,15 @@ void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, con
   zy.zero_();
   const int64_t tn = std::min(token_tile, n), tv = std::min(vocab_tile, vocab);
   at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits for every input dtype
+  TileLogits logits(hidden.scalar_type(), tv, hidden.size(1));
   for (int64_t v0 = 0; v0 < vocab; v0 += tv) {
     const int64_t v = std::min(tv, vocab - v0);
-    const at::Tensor w_tile = weight.narrow(0, v0, v);
     const auto b = slice_of(bias, v0, v);
+    logits.set_weight(weight.narrow(0, v0, v));
     for (int64_t n0 = 0; n0 < n; n0 += tn) {
       const int64_t rows = std::min(tn, n - n0);
       at::Tensor tile = buf.narrow(0, 0, rows * v).view({rows, v});
-      lm_logits(hidden.narrow(0, n0, rows), w_tile, tile);
+      logits.compute(hidden.narrow(0, n0, rows), tile);
       lm_fold(tile, b, labels.narrow(0, n0, rows), inv_temp, ignore_index, vocab_start + v0, want_entropy,
               m.narrow(0, n0, rows), s.narrow(0, n0, rows), t.narrow(0, n0, rows), zy.narrow(0, n0, rows));
     }
@@ -803,7 +843,9 @@ void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits, then d logits
   at::Tensor low, dh_part, dw_acc;
+  std::optional<TileLogits> logits;  // bf16 / fp16: fp32 logits from lm_logits' loop
   if (!exact) {
+    logits.emplace(hidden.scalar_type(), tv, hs);
     low = at::empty({tn * tv}, hidden.options());  // d logits in the GEMMs' dtype
     dh_part = at::empty({tn, hs}, hidden.options());
     if (!one_token_tile) dw_acc = at::empty({tv, hs}, f32);
@@ -813,6 +855,7 @@ void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::
     const at::Tensor w_tile = weight.narrow(0, v0, v);
     const auto b = slice_of(bias, v0, v);
     at::Tensor gw = grad_weight.narrow(0, v0, v);
+    if (logits) logits->set_weight(w_tile);
     int64_t i = 0;
     for (int64_t n0 = 0; n0 < n; n0 += tn, ++i) {
       const int64_t rows = std::min(tn, n - n0);
@@ -821,7 +864,7 @@ void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::
       if (exact) {
         at::mm_out(dz32, h_tile, w_tile.t());
       } else {
-        lm_logits(h_tile, w_tile, dz32);
+        logits->compute(h_tile, dz32);
       }
       lm_grad(dz32, b, labels.narrow(0, n0, rows), slice_of(grad_logp, n0, rows), slice_of(grad_ent, n0, rows),
               lse.narrow(0, n0, rows), slice_of(ent, n0, rows), inv_temp, ignore_index, vocab_start + v0);

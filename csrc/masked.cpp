@@ -321,6 +321,26 @@ void apply(const at::Tensor& x, const std::optional<at::Tensor>& mask, const flo
   });
 }
 
+// What a backward pass starts from: the layout, d x's buffer (x's dtype), the upstream gradient and
+// the forward's saved statistics (`saved_rows` float64 rows of one value per statistic).
+struct Backward {
+  Layout l;
+  at::Tensor out;
+  const float* g;
+  const double* sv;
+  Coefficients k;
+};
+Backward backward_of(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& saved,
+                     bool merge_all, bool grad_like_x, int64_t saved_rows, bool poison) {
+  const Layout l = layout_of(x, merge_all);
+  check_mask(mask, x);
+  Backward b{l, new_output(x.sizes(), x, x.scalar_type(), poison),
+             checked<const float>(grad, at::kFloat, grad_like_x ? l.numel : l.outs, "grad"),
+             checked<const double>(saved, at::kDouble, saved_rows * l.outs, "saved"), Coefficients(l.outs)};
+  for (int64_t r = 0; r < l.outs; ++r) b.k.mu[r] = static_cast<float>(b.sv[r]);  // row 0: the centring mean
+  return b;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, double> masked_stat_fwd(const at::Tensor& x, const at::Tensor& mask,
@@ -344,20 +364,14 @@ std::tuple<at::Tensor, at::Tensor, double> masked_stat_fwd(const at::Tensor& x, 
 
 at::Tensor masked_stat_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask,
                            const at::Tensor& saved, bool merge_all, int64_t kind, bool poison) {
-  const Layout l = layout_of(x, merge_all);
-  check_mask(mask, x);
-  at::Tensor out = new_output(x.sizes(), x, x.scalar_type(), poison);
-  const float* g = checked<const float>(grad, at::kFloat, l.outs, "grad");
-  const double* sv = checked<const double>(saved, at::kDouble, 2 * l.outs, "saved");
-  Coefficients k(l.outs);
-  for (int64_t r = 0; r < l.outs; ++r) {
-    const double scaled = g[r] * sv[l.outs + r];
-    k.mu[r] = static_cast<float>(sv[r]);
-    k.a[r] = kind == kVar ? 0.f : static_cast<float>(scaled);
-    k.b[r] = kind == kVar ? static_cast<float>(scaled) : 0.f;
+  Backward b = backward_of(grad, x, mask, saved, merge_all, false, 2, poison);
+  for (int64_t r = 0; r < b.l.outs; ++r) {
+    const double scaled = b.g[r] * b.sv[b.l.outs + r];
+    b.k.a[r] = kind == kVar ? 0.f : static_cast<float>(scaled);
+    b.k.b[r] = kind == kVar ? static_cast<float>(scaled) : 0.f;
   }
-  apply(x, mask, nullptr, l, k, kind == kVar ? kMaskedCentered : kMaskedConst, out);
-  return out;
+  apply(x, mask, nullptr, b.l, b.k, kind == kVar ? kMaskedCentered : kMaskedConst, b.out);
+  return b.out;
 }
 
 std::tuple<at::Tensor, at::Tensor, double> masked_whiten_fwd(const at::Tensor& x, const at::Tensor& mask,
@@ -386,13 +400,11 @@ std::tuple<at::Tensor, at::Tensor, double> masked_whiten_fwd(const at::Tensor& x
 
 at::Tensor masked_whiten_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask,
                              const at::Tensor& saved, bool merge_all, bool shift_mean, bool poison) {
-  const Layout l = layout_of(x, merge_all);
-  check_mask(mask, x);
-  at::Tensor out = new_output(x.sizes(), x, x.scalar_type(), poison);
-  const float* g = checked<const float>(grad, at::kFloat, l.numel, "grad");
-  const double* sv = checked<const double>(saved, at::kDouble, 4 * l.outs, "saved");
-  Coefficients k(l.outs);
-  for (int64_t r = 0; r < l.outs; ++r) k.mu[r] = static_cast<float>(sv[r]);
+  Backward bw = backward_of(grad, x, mask, saved, merge_all, true, 4, poison);
+  const Layout& l = bw.l;
+  const double* sv = bw.sv;
+  const float* g = bw.g;
+  Coefficients& k = bw.k;
   std::vector<double> p1(l.count), p2(l.count);
   dispatch_storage_type(x.scalar_type(), "x", [&](auto xt) {
     using T = decltype(xt);
@@ -413,8 +425,8 @@ at::Tensor masked_whiten_bwd(const at::Tensor& grad, const at::Tensor& x, const 
     k.b[r] = static_cast<float>(-p2[r] * rstd * rstd * rstd / dof);
     k.c[r] = static_cast<float>(rstd);
   }
-  apply(x, mask, g, l, k, kWhitenGrad, out);
-  return out;
+  apply(x, mask, g, l, k, kWhitenGrad, bw.out);
+  return bw.out;
 }
 
 }  // namespace rlkern

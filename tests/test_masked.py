@@ -169,9 +169,10 @@ MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32,
                torch.float16, torch.int8, torch.float64]
 
 
-def _as_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``valid`` in ``dtype`` with nonzero values other than 1 where the dtype has them (2, -3, 0.5,
-    NaN) and -0.0 for a float zero: "nonzero = valid" must hold for every value, not only 0/1."""
+    NaN) and -0.0 for a float zero: "nonzero = valid" must hold for every value, not only 0/1.
+    (tests/test_returns.py uses it too.)"""
     if dtype == torch.bool:
         return valid.clone()
     if dtype.is_floating_point:
@@ -190,7 +191,7 @@ def test_every_mask_dtype_is_nonzero_valid(backend, mask_dtype, dim):
     """Masks of any dtype are read as they are, nonzero = valid (2.0, -3, NaN select; 0 and -0.0 do
     not): statistics, whitening and gradients match the float64 oracle on the bool mask."""
     x, valid = _inputs((5, 23), torch.float32)
-    mask = _as_mask(valid, mask_dtype)
+    mask = as_mask(valid, mask_dtype)
     for fn, kw in (("masked_sum", {}), ("masked_mean", {}), ("masked_var", {}), ("masked_whiten", {}),
                    ("masked_whiten", {"shift_mean": False, "unbiased": False})):
         got = getattr(ops, fn)(x, mask, dim=dim, **kw)

@@ -15,6 +15,7 @@ import torch
 import rlkern
 from rlkern import reference
 from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_to_oracle
+from tests.test_masked import MASK_DTYPES, as_mask
 
 ops = rlkern.ops
 
@@ -112,30 +113,12 @@ def test_discounted_returns_resets_after_each_sequence(backend):
     assert torch.equal(ret, torch.tensor([[2.0, 2.0, 8.0, 8.0, 16.0]]))
 
 
-MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16,
-               torch.float16, torch.int8, torch.float64]
-
-
-def _as_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``valid`` in ``dtype``, with nonzero values other than 1 (2, -3, 0.5, NaN) and -0.0 for a
-    float zero: "nonzero = valid" must hold for every value."""
-    if dtype == torch.bool:
-        return valid.clone()
-    if dtype.is_floating_point:
-        on = torch.tensor([1.0, 2.0, 0.5, -3.0, float("nan")], dtype=dtype)
-        off = torch.tensor(-0.0, dtype=dtype)
-    else:
-        on = torch.tensor([1, 2, 3] if dtype == torch.uint8 else [1, 2, -3], dtype=dtype)
-        off = torch.tensor(0, dtype=dtype)
-    return torch.where(valid, on[torch.randint(0, on.numel(), valid.shape)], off)
-
-
 @pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
 def test_every_mask_dtype_is_nonzero_valid(backend, mask_dtype):
     """Masks of any dtype are read as they are, nonzero = valid (2, -3, NaN select; 0 and -0.0 do
     not): both scans match the float64 oracle run on the bool mask."""
     rewards, values, valid = _inputs((13, 29), torch.float32)
-    mask = _as_mask(valid, mask_dtype)
+    mask = as_mask(valid, mask_dtype)
     adv, ret = ops.gae(rewards, values, mask, gamma=0.99, lam=0.95)
     o_adv, o_ret = reference.gae(rewards.double(), values.double(), valid, gamma=0.99, lam=0.95)
     s_adv, s_ret = reference.gae(rewards, values, valid, gamma=0.99, lam=0.95)

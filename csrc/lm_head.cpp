@@ -223,6 +223,11 @@ constexpr int kBlockRows = 12;      // tokens per register block: 24 accumulator
 constexpr int64_t kDepth = 256;     // k per slice: 32 KiB of panel + 12 KiB of packed rows (L1: 48 KiB)
 constexpr int64_t kRowsPerTask = 16 * kBlockRows;
 
+// Tasks per thread hand-off for tasks of `work` multiply-adds (or copies) each: at least ~1M, so a
+// small call runs on the calling thread instead of paying a thread wake-up and barrier (tens of us,
+// and a scheduler quantum when the other core is busy) for microseconds of work.
+inline int64_t grain_for(int64_t work) { return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(work, 1)); }
+
 // x in every lane as one vbroadcastss (splat's 0 + x adds a scalar add per row and k here).
 RLKERN_INLINE vfloat broadcast(float x) {
   const vfloat v = {x};
@@ -310,7 +315,7 @@ struct LogitsGeometry {
 // cycles as the FMAs themselves: 0.61x MKL); 32 sequential read streams per panel.
 void pack_panels_f32(const float* w, int64_t v, int64_t h, float* packed) {
   const int64_t panels = (v + kPanel - 1) / kPanel;
-  at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, panels, grain_for(kPanel * h), [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       float* out = packed + p * kPanel * h;
       const int64_t cols = std::min<int64_t>(kPanel, v - p * kPanel);
@@ -416,7 +421,7 @@ bool available() {
 // weight[32 p + c][k], zero past v and H (H rounded up to `depth`, a multiple of 32).
 void pack_weight(const uint16_t* w, int64_t v, int64_t h, int64_t depth, uint16_t* packed) {
   const int64_t panels = (v + kCols - 1) / kCols;
-  at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, panels, grain_for(kCols * depth), [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       uint16_t* out = packed + p * kCols * depth;
       std::fill(out, out + kCols * depth, uint16_t{0});
@@ -500,7 +505,8 @@ void run(const c10::BFloat16* hidden, const uint16_t* packed, const LogitsGeomet
   const int64_t panels = (g.cols + kCols - 1) / kCols;
   const int64_t groups = (panels + kPanelsPerGroup - 1) / kPanelsPerGroup;
   const int64_t n_blocks = (g.rows + kRows - 1) / kRows;
-  at::parallel_for(0, n_blocks * groups, 1, [&](int64_t b, int64_t e) {
+  const int64_t work = std::min(kRows, g.rows) * std::min(kPanelsPerGroup * kCols, g.cols) * depth;
+  at::parallel_for(0, n_blocks * groups, grain_for(work), [&](int64_t b, int64_t e) {
     blocks(b, e, n_blocks, reinterpret_cast<const uint16_t*>(hidden), packed, g, depth, out);
   });
 }
@@ -655,7 +661,8 @@ class TileLogits {
     const float* w = packed32_.data_ptr<float>();
     const int64_t panels = (g.cols + kPanel - 1) / kPanel;
     const int64_t tasks = (panels + kPanelsPerTask - 1) / kPanelsPerTask * ((g.rows + kRowsPerTask - 1) / kRowsPerTask);
-    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { logits_f32(b, e, h, w, g, o); });
+    const int64_t work = std::min(kRowsPerTask, g.rows) * std::min(kPanelsPerTask * kPanel, g.cols) * g.depth;
+    at::parallel_for(0, tasks, grain_for(work), [&](int64_t b, int64_t e) { logits_f32(b, e, h, w, g, o); });
   }
 
  private:

@@ -586,3 +586,22 @@ def test_precision_reaches_triton_launcher_vocab_parallel(monkeypatch, tmp_path)
     finally:
         dist.destroy_process_group()
     assert spy.calls == {"fwd": ["tf32"], "bwd": ["tf32"]}
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.int64, torch.int32, torch.uint8, torch.bfloat16])
+def test_linear_policy_loss_reads_masks_of_any_dtype(backend, mask_dtype):
+    """TRL passes an int completion_mask, verl a float response_mask: the same 0/1 values in any
+    dtype give the same loss and gradients as the bool mask (read natively, "nonzero = valid"; the
+    same kernels run, so only the mask's load differs: tolerance 1e-6 relative)."""
+    hidden, weight, _, labels = _make((2, 5), 16, 40, torch.float32, ignore=0.0)
+    old, adv = torch.full((2, 5), -3.0), torch.tensor([1.0, -1.0])
+    mask = torch.rand(2, 5) < 0.7
+    mask[0, 0] = True
+    runs = []
+    for m in (mask, mask.to(mask_dtype)):
+        h = hidden.clone().requires_grad_(True)
+        loss, _ = rlkern.ops.linear_policy_loss(h, weight, labels, old, adv, m)
+        loss.backward()
+        runs.append((loss, h.grad))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -67,7 +67,8 @@ def test_traced_calls_use_the_registered_op():
         calls.clear()
         out = _scaled_square(torch.empty(3), 2.0)
     assert out.shape == (3,) and calls == []
-    torch.library.opcheck(torch.ops.rlkern._test_scaled_square.default, (torch.randn(4, requires_grad=True), 2.0))
+    torch.library.opcheck(torch.ops.rlkern._test_scaled_square.default,
+                          (torch.randn(4, requires_grad=True), 2.0))
 
 
 def _run(code: str) -> dict:

@@ -146,31 +146,6 @@ def check_label_range(labels: Tensor, vocab: int, ignore_index: int, name: str =
         raise IndexError(f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got {first}")
 
 
-def check_token_mask(mask, name: str, expected_shape: torch.Size) -> Tensor:
-    """A [..., T] mask of `expected_shape`, bool or 0/1 of any dtype, returned as a bool tensor.
-
-    Bool masks cost nothing. Integer masks are checked with one min/max pass; floating masks with
-    one pass that also rejects fractions (0.5 is not a mask). The value check is eager only: it is
-    skipped while torch.compile traces, where a non-0/1 mask is read as "nonzero = valid".
-    """
-    check_tensor(mask, name, floating=False)
-    if mask.shape != expected_shape:
-        raise ValueError(f"{name} must have shape {tuple(expected_shape)}, got {tuple(mask.shape)}")
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.dtype.is_complex:
-        raise TypeError(f"{name} must be bool or a real 0/1 tensor, got {mask.dtype}")
-    if not torch.compiler.is_compiling() and mask.numel() > 0:
-        if mask.dtype.is_floating_point:
-            bad = bool(((mask != 0) & (mask != 1)).any())
-        else:
-            lo, hi = torch.aminmax(mask)
-            bad = bool(lo < 0) or bool(hi > 1)
-        if bad:
-            raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
-    return mask != 0
-
-
 # The mask dtypes the kernels read natively (csrc/dispatch.h, dispatch_mask_type; Triton loads any).
 NATIVE_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16,
                       torch.float16)

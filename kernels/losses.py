@@ -146,9 +146,9 @@ def _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
 
 
 @triton.jit
-def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, length, lo, hi, dual, beta,
-                       vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
-                       HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, saved_ptr, length, lo, hi, dual,
+                       beta, vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
+                       HAS_DUAL: tl.constexpr, SAVE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * length
     acc_loss = tl.zeros([BLOCK], tl.float32)
@@ -164,8 +164,10 @@ def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, le
         in_row = offs < length
         x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
                                          KIND, A_PER_ROW, HAS_W)
-        loss, _, clipped, high, low, dual_on, nlr, k3, _ = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND,
-                                                                 HAS_DUAL)
+        loss, grad, clipped, high, low, dual_on, nlr, k3, kl_grad = _terms(x, y, a, z, lo, hi, dual, beta,
+                                                                          vclip, KIND, HAS_DUAL)
+        if SAVE_GRAD:  # the unscaled per-token gradient, for _losses_bwd_saved_kernel (as in the bwd kernel)
+            tl.store(saved_ptr + base + offs, grad * w + kl_grad, mask=in_row)
         loss = loss * w + beta * k3  # w = 1 without weights; k3 = 0 for the policy and value kinds
         # Selects, not products with the mask: padding may hold NaN (the flags are NaN there too).
         acc_loss += tl.where(valid, loss, 0.0)
@@ -238,6 +240,21 @@ def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, scale
         tl.store(out_ptr + base + offs, d.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
+@triton.jit
+def _losses_bwd_saved_kernel(grad_ptr, sv_ptr, m_ptr, scale_ptr, out_ptr, length, BLOCK: tl.constexpr):
+    """d x = grad * scale_row * saved where the mask is set, else 0: the forward saved the rest."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * length
+    g = tl.load(grad_ptr) * tl.load(scale_ptr + row)
+    for start in range(0, length, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        in_row = offs < length
+        valid = tl.load(m_ptr + base + offs, mask=in_row, other=0) != 0
+        x = tl.load(sv_ptr + base + offs, mask=in_row, other=0.0)
+        d = tl.where(valid, g * x, 0.0)
+        tl.store(out_ptr + base + offs, d.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
 def _block(length: int) -> int:
     return max(16, min(triton.next_power_of_2(max(length, 1)), 1024))
 
@@ -255,16 +272,18 @@ def _launch_args(x, old, adv, ref, weights, mask):
 
 
 def losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,
-               per_row_mean, denom, loss, stats, row_scale) -> None:
+               per_row_mean, denom, loss, stats, row_scale, saved) -> None:
     """Same contract as the C++ rlkern._C.losses_fwd: contiguous [..., T] inputs (advantages per token
     or per row; ref and weights or None; the mask in any dtype, nonzero = valid), writes loss (0-d),
-    stats [LOSS_STATS] and row_scale [...] (all fp32)."""
+    stats [LOSS_STATS] and row_scale [...] (all fp32), and, unless saved is None, each token's
+    unscaled gradient into saved (fp32, x's shape) for losses_bwd_saved."""
     ptrs, rows, length, a_per_row, has_w = _launch_args(x, old, adv, ref, weights, mask)
     partial = torch.zeros(rows, N_PARTIALS, device=x.device, dtype=torch.float32)
     consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
     if rows > 0:
-        _losses_fwd_kernel[(rows,)](*ptrs, partial, length, *consts, KIND=kind, A_PER_ROW=a_per_row,
-                                    HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip), BLOCK=_block(length))
+        _losses_fwd_kernel[(rows,)](*ptrs, partial, x if saved is None else saved, length, *consts, KIND=kind,
+                                    A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
+                                    SAVE_GRAD=saved is not None, BLOCK=_block(length))
     _losses_combine_kernel[(1,)](partial, loss, stats, row_scale, rows, float(denom),
                                  PER_ROW_MEAN=per_row_mean, BLOCK_B=128)
 
@@ -279,3 +298,14 @@ def losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip
     _losses_bwd_kernel[(rows,)](grad_loss, *ptrs, row_scale, grad_x, length, *consts, KIND=kind,
                                 A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
                                 BLOCK=_block(length))
+
+
+def losses_bwd_saved(grad_loss, saved, mask, row_scale, grad_x) -> None:
+    """Same contract as the C++ rlkern._C.losses_bwd_saved: d x = grad * row_scale * saved where the
+    mask is set (0 elsewhere), in grad_x's dtype."""
+    length = saved.shape[-1]
+    rows = saved.shape[:-1].numel()
+    if rows == 0:
+        return
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    _losses_bwd_saved_kernel[(rows,)](grad_loss, saved, m, row_scale, grad_x, length, BLOCK=_block(length))

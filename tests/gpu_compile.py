@@ -141,11 +141,14 @@ def _drive_launchers(modules) -> None:
                             # The mask in its own dtype: bool, float (verl) and int64 (TRL).
                             for m in (mask, _meta(shape), _meta(shape, i64)):
                                 for per_row in (True, False):
-                                    losses.losses_fwd(x, x, adv, ref, weights, m, kind, 0.2, 0.2, dual, 0.04,
-                                                      0.2, per_row, -1.0, _meta(()), _meta((LOSS_STATS,)),
-                                                      _meta(shape[:1]))
+                                    for saved in (None, _meta(shape)):  # x requires grad, or not
+                                        losses.losses_fwd(x, x, adv, ref, weights, m, kind, 0.2, 0.2, dual,
+                                                          0.04, 0.2, per_row, -1.0, _meta(()),
+                                                          _meta((LOSS_STATS,)), _meta(shape[:1]), saved)
                                 losses.losses_bwd(_meta(()), x, x, adv, ref, weights, m, _meta(shape[:1]),
                                                   kind, 0.2, 0.2, dual, 0.04, 0.2, torch.empty_like(x))
+                                losses.losses_bwd_saved(_meta(()), _meta(shape), m, _meta(shape[:1]),
+                                                        torch.empty_like(x))
     for shape, m_dtype in itertools.product(((3, 7), (40, 4096)), MASK_DTYPES):  # GAE reads fp32 values only
         r, mask = _meta(shape), _meta(shape, m_dtype)
         gae.gae_fwd(r, r, mask, 0.99, 0.95, _meta(shape), _meta(shape))

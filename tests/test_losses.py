@@ -421,15 +421,19 @@ def test_opcheck(backend_name, kind):
     r = ref if grpo else None
     w = torch.rand(3, 21) if kind == 0 else None
     mask = mask.float() if kind == 1 else mask.long() if kind == 2 else mask
-    args = (logp.requires_grad_(), old, a, r, w, mask, kind, 0.2, 0.28, 3.0 if kind == 0 else math.inf, 0.04,
-            0.2,
-            grpo, -1.0 if not grpo else 3.0, backend_name)
-    torch.library.opcheck(torch.ops.rlkern.losses_fwd.default, args)
-    _, _, row_scale = torch.ops.rlkern.losses_fwd(*args)
-    bwd = (torch.tensor(1.5), logp.detach(), old, a, r, w, mask, row_scale, kind, 0.2, 0.28, args[9], 0.04,
-           0.2,
+    dual = 3.0 if kind == 0 else math.inf
+    for save_grad in (False, True):
+        args = (logp.requires_grad_(), old, a, r, w, mask, kind, 0.2, 0.28, dual, 0.04, 0.2, grpo,
+                -1.0 if not grpo else 3.0, save_grad, backend_name)
+        torch.library.opcheck(torch.ops.rlkern.losses_fwd.default, args)
+    _, _, row_scale, saved = torch.ops.rlkern.losses_fwd(*args)
+    bwd = (torch.tensor(1.5), logp.detach(), old, a, r, w, mask, row_scale, kind, 0.2, 0.28, dual, 0.04, 0.2,
            backend_name)
     torch.library.opcheck(torch.ops.rlkern.losses_bwd.default, bwd)
+    saved_bwd = (torch.tensor(1.5), saved.detach(), mask, row_scale.detach(), torch.float32, backend_name)
+    torch.library.opcheck(torch.ops.rlkern.losses_bwd_saved.default, saved_bwd)
+    # The two backwards agree bit for bit (the forward saved the same product the backward computes).
+    assert torch.equal(torch.ops.rlkern.losses_bwd(*bwd), torch.ops.rlkern.losses_bwd_saved(*saved_bwd))
 
 
 def test_torch_compile_fullgraph():
@@ -517,7 +521,7 @@ def test_cpp_kernel_checks_shapes_itself():
     outs = (torch.empty(()), torch.empty(6), torch.empty(2))
     with pytest.raises(RuntimeError, match="old must be a contiguous"):
         cpp_kernels().losses_fwd(x, torch.randn(2, 4), x, None, None, torch.ones(2, 5, dtype=torch.bool), 0,
-                                 0.2, 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs)
+                                 0.2, 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs, None)
     with pytest.raises(RuntimeError, match="the grpo kinds need ref_logp"):
         cpp_kernels().losses_fwd(x, x, x, None, None, torch.ones(2, 5, dtype=torch.bool), 1, 0.2, 0.2,
-                                 math.inf, 0.0, 0.0, False, -1.0, *outs)
+                                 math.inf, 0.0, 0.0, False, -1.0, *outs, None)

@@ -70,24 +70,29 @@ _DENOM_TOKENS, _DENOM_LIVE_ROWS = -1.0, -2.0
 
 # The registered ops take canonical tensors: x, old, adv (or per-row advantages of x's leading shape),
 # ref and weights (or None): contiguous [..., T] of one dtype; mask: contiguous [..., T], any dtype.
+# With save_grad (x requires grad) the forward also writes each token's unscaled gradient (float32,
+# x's shape; 0 elements otherwise), and the backward is one elementwise pass over it
+# (_losses_bwd_saved) instead of a second evaluation of every token's terms (_losses_bwd).
 @kernel_op("losses_fwd")
 def _losses_fwd(x: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights: Tensor | None, mask: Tensor,
                 kind: int, clip_low: float, clip_high: float, dual_clip: float, beta: float,
-                value_clip: float, per_row_mean: bool, denom: float,
-                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                value_clip: float, per_row_mean: bool, denom: float, save_grad: bool,
+                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dev = x.device
     loss, stats, row_scale = new_output((), device=dev), new_output((LOSS_STATS,), device=dev), new_output(
         x.shape[:-1], device=dev)
+    saved = new_output(x.shape, device=dev) if save_grad else None
     kernels(backend, "losses").losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high,
                                           dual_clip, beta, value_clip, per_row_mean, denom, loss, stats,
-                                          row_scale)
-    return loss, stats, row_scale
+                                          row_scale, saved)
+    return loss, stats, row_scale, saved if saved is not None else x.new_empty(0, dtype=torch.float32)
 
 
 @_losses_fwd.register_fake
-def _(x, *_):
+def _(x, *args):
     new = lambda shape: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return new(()), new((LOSS_STATS,)), new(x.shape[:-1])
+    save_grad = args[-2]
+    return new(()), new((LOSS_STATS,)), new(x.shape[:-1]), new(x.shape if save_grad else (0,))
 
 
 @kernel_op("losses_bwd")
@@ -105,15 +110,36 @@ def _(grad_loss, x, *_):
     return torch.empty_like(x)
 
 
+@kernel_op("losses_bwd_saved")
+def _losses_bwd_saved(grad_loss: Tensor, saved: Tensor, mask: Tensor, row_scale: Tensor, dtype: torch.dtype,
+                      backend: str) -> Tensor:
+    grad_x = new_output(saved.shape, device=saved.device, dtype=dtype)
+    kernels(backend, "losses").losses_bwd_saved(grad_loss.float(), saved, mask, row_scale, grad_x)
+    return grad_x
+
+
+@_losses_bwd_saved.register_fake
+def _(_grad_loss, saved, _mask, _row_scale, dtype, _backend):
+    return saved.new_empty(saved.shape, dtype=dtype)
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6], output[2])  # x, old, adv, ref, weights, mask, row_scale
-    ctx.args = (*inputs[6:12], inputs[14])  # kind, clip_low, clip_high, dual_clip, beta, value_clip, backend
-    ctx.mark_non_differentiable(output[1], output[2])
+    _, stats, row_scale, saved = output
+    ctx.save_grad, ctx.dtype = inputs[14], inputs[0].dtype
+    if ctx.save_grad:
+        ctx.save_for_backward(saved, inputs[5], row_scale)
+    else:
+        ctx.save_for_backward(*inputs[:6], row_scale)  # x, old, adv, ref, weights, mask, row_scale
+    ctx.args = (*inputs[6:12], inputs[15])  # kind, clip_low, clip_high, dual_clip, beta, value_clip, backend
+    ctx.mark_non_differentiable(stats, row_scale, saved)
 
 
-def _backward(ctx, grad_loss, grad_stats, grad_row_scale):
-    grad_x = _losses_bwd(grad_loss, *ctx.saved_tensors, *ctx.args)
-    return (grad_x,) + (None,) * 14
+def _backward(ctx, grad_loss, grad_stats, grad_row_scale, grad_saved):
+    if ctx.save_grad:
+        grad_x = _losses_bwd_saved(grad_loss, *ctx.saved_tensors, ctx.dtype, ctx.args[-1])
+    else:
+        grad_x = _losses_bwd(grad_loss, *ctx.saved_tensors, *ctx.args)
+    return (grad_x,) + (None,) * 15
 
 
 _losses_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -210,14 +236,14 @@ def _run(kind, main, old, adv, ref, weights, mask, *, clip_low=0.2, clip_high=0.
     x, old_c, adv_c, ref_c, w_c = _canonical(main, old, adv, ref, weights)
     consts = (clip_low, clip_high, math.inf if dual_clip is None else dual_clip, beta, value_clip)
     if not want_grad:
-        loss, stats, _ = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom,
-                                     backend)
+        save_grad = x.requires_grad and torch.is_grad_enabled()
+        loss, stats, _, _ = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom,
+                                        save_grad, backend)
         return loss, stats
     with torch.no_grad():
-        loss, stats, row_scale = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean,
-                                             denom, backend)
-        grad = _losses_bwd(torch.ones((), device=x.device), x, old_c, adv_c, ref_c, w_c, mask, row_scale,
-                           kind, *consts, backend)
+        loss, stats, row_scale, saved = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts,
+                                                    per_row_mean, denom, True, backend)
+        grad = _losses_bwd_saved(torch.ones((), device=x.device), saved, mask, row_scale, x.dtype, backend)
     return loss, grad.to(main.dtype), stats
 
 

@@ -85,7 +85,8 @@ def _(x, mask, dim, kind, unbiased, need, backend):
 def _masked_stat_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: int | None, kind: int,
                      backend: str) -> Tensor:
     dx = kernels(backend, "masked").masked_stat_bwd(
-        grad.float().contiguous(), _rows(x, dim), _rows(mask, dim), saved, dim is None, kind, _common.POISON_OUTPUTS)
+        grad.float().contiguous(), _rows(x, dim), _rows(mask, dim), saved, dim is None, kind,
+        _common.POISON_OUTPUTS)
     return _from_rows(dx, dim)
 
 

@@ -283,7 +283,10 @@ def losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_
     if rows > 0:
         _losses_fwd_kernel[(rows,)](*ptrs, partial, x if saved is None else saved, length, *consts, KIND=kind,
                                     A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
-                                    SAVE_GRAD=saved is not None, BLOCK=_block(length))
+                                    SAVE_GRAD=saved is not None,
+                                    # saving the gradient keeps it live too: half the tile (sm_80 spilled
+                                    # 8 B with grpo_bc at BLOCK = 1024)
+                                    BLOCK=_block(length) if saved is None else min(_block(length), 512))
     _losses_combine_kernel[(1,)](partial, loss, stats, row_scale, rows, float(denom),
                                  PER_ROW_MEAN=per_row_mean, BLOCK_B=128)
 

@@ -86,7 +86,8 @@ def _drive_launchers(modules) -> None:
                                         _meta((rows,)) if want_ent else None)
                 for grad_logp, grad_ent in ((True, False), (False, True), (True, True)):
                     grad = torch.empty_like(logits)
-                    lp.logprobs_bwd(_meta((rows,)) if grad_logp else None, _meta((rows,)) if grad_ent else None,
+                    lp.logprobs_bwd(_meta((rows,)) if grad_logp else None,
+                                    _meta((rows,)) if grad_ent else None,
                                     logits, labels if grad_logp else None, _meta((rows,)),
                                     _meta((rows,)) if grad_ent else None, 1.0, -100, grad)
         for vocab in VOCABS:
@@ -96,12 +97,14 @@ def _drive_launchers(modules) -> None:
                 labels, row = _meta((n,), i64), (_meta((n,)), _meta((n,)), _meta((n,)))
                 for bias, precision in itertools.product((_meta((vocab,)), None), llp.PRECISIONS):
                     for want_ent in (True, False):
-                        llp.linear_logprobs_fwd(hidden, weight, bias, labels, 1.0, -100, 0, want_ent, 512, 4096,
+                        llp.linear_logprobs_fwd(hidden, weight, bias, labels, 1.0, -100, 0, want_ent,
+                                                512, 4096,
                                                 precision, row[0], row[1] if want_ent else None, row[2])
                     for grad_logp, grad_ent in ((True, False), (False, True), (True, True)):
                         llp.linear_logprobs_bwd(
-                            _meta((n,)) if grad_logp else None, _meta((n,)) if grad_ent else None, hidden, weight,
-                            bias, labels, row[0], row[1] if grad_ent else None, 1.0, -100, 0, 512, 4096, precision,
+                            _meta((n,)) if grad_logp else None, _meta((n,)) if grad_ent else None,
+                            hidden, weight, bias, labels, row[0], row[1] if grad_ent else None,
+                            1.0, -100, 0, 512, 4096, precision,
                             _meta((n, hidden_size)), _meta((vocab, hidden_size)),
                             _meta((vocab,)) if bias is not None else None)
         for shape in ((3, 7), (8, 4096), (2, 5000)):
@@ -157,7 +160,8 @@ def _drive_launchers(modules) -> None:
 
 def _load_modules():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("compile checks need TRITON_INTERPRET unset: the interpreter replaces triton.language")
+        raise RuntimeError("compile checks need TRITON_INTERPRET unset: the interpreter replaces "
+                           "triton.language")
     return {name: importlib.import_module(f"rlkern.kernels.{name}") for name in KERNEL_MODULES}
 
 
@@ -181,7 +185,8 @@ def helpers_called(modules) -> set[str]:
     for key, fn in funcs.items():
         mod = key.split(".")[0]
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn.fn)))
-        names = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        names = {node.func.id for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
         called |= {f"{mod}.{name}" for name in names if f"{mod}.{name}" in funcs and f"{mod}.{name}" != key}
     return called
 
@@ -364,7 +369,8 @@ def problems(report: dict) -> list[str]:
     if report.get("only"):
         return bad
     uncovered = set(report["kernels"]) - set(report["helpers"]) - set(report["launched"])
-    bad += [f"{k}: never launched by the launcher matrix (add it to tests/gpu_compile.py)" for k in sorted(uncovered)]
+    bad += [f"{k}: never launched by the launcher matrix (add it to tests/gpu_compile.py)"
+            for k in sorted(uncovered)]
     return bad
 
 
@@ -394,7 +400,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cache = os.environ.get("TRITON_CACHE_DIR")
     if not cache or (os.path.isdir(cache) and os.listdir(cache)):
-        print("set TRITON_CACHE_DIR to a new empty directory: a cached kernel would answer instead of the compiler")
+        print("set TRITON_CACHE_DIR to a new empty directory: a cached kernel would answer instead of "
+              "the compiler")
         return 2
     start = time.perf_counter()
     report = compile_all(tuple(args.arch), args.jobs, args.only)

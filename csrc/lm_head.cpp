@@ -234,10 +234,10 @@ RLKERN_INLINE vfloat broadcast(float x) {
   return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
 }
 
-template <typename T, int R>
-RLKERN_INLINE void logits_block(const T* a, int64_t lda, const float* panel, int64_t depth, float* c, int64_t ldc,
-                                int64_t cols, bool first) {
-  vfloat acc[R][2];
+// The R x kPanel block of C that a logits block accumulates into: zeros for the first k slice,
+// else C's current values (a partial panel of `cols` < kPanel columns through the tail helpers).
+template <int R>
+RLKERN_INLINE void load_block(vfloat (&acc)[R][2], const float* c, int64_t ldc, int64_t cols, bool first) {
   for (int i = 0; i < R; ++i) {
     if (first) {
       acc[i][0] = acc[i][1] = splat(0.f);
@@ -249,14 +249,10 @@ RLKERN_INLINE void logits_block(const T* a, int64_t lda, const float* panel, int
       acc[i][1] = cols > kLanes ? load_tail(c + i * ldc + kLanes, cols - kLanes, 0.f) : splat(0.f);
     }
   }
-  for (int64_t k = 0; k < depth; ++k) {
-    const vfloat b0 = load16(panel + k * kPanel), b1 = load16(panel + k * kPanel + kLanes);
-    for (int i = 0; i < R; ++i) {
-      const vfloat x = broadcast(static_cast<float>(a[i * lda + k]));
-      acc[i][0] += x * b0;
-      acc[i][1] += x * b1;
-    }
-  }
+}
+
+template <int R>
+RLKERN_INLINE void store_block(const vfloat (&acc)[R][2], float* c, int64_t ldc, int64_t cols) {
   for (int i = 0; i < R; ++i) {
     if (cols == kPanel) {
       store16(c + i * ldc, acc[i][0]);
@@ -268,6 +264,22 @@ RLKERN_INLINE void logits_block(const T* a, int64_t lda, const float* panel, int
   }
 }
 
+template <typename T, int R>
+RLKERN_INLINE void logits_block(const T* a, int64_t lda, const float* panel, int64_t depth, float* c, int64_t ldc,
+                                int64_t cols, bool first) {
+  vfloat acc[R][2];
+  load_block<R>(acc, c, ldc, cols, first);
+  for (int64_t k = 0; k < depth; ++k) {
+    const vfloat b0 = load16(panel + k * kPanel), b1 = load16(panel + k * kPanel + kLanes);
+    for (int i = 0; i < R; ++i) {
+      const vfloat x = broadcast(static_cast<float>(a[i * lda + k]));
+      acc[i][0] += x * b0;
+      acc[i][1] += x * b1;
+    }
+  }
+  store_block<R>(acc, c, ldc, cols);
+}
+
 // logits_block with the rows' operand packed k-major (pa[k * kBlockRows + i] = hidden[row + i][k]):
 // the broadcasts then read one 48-byte line per k instead of 12 rows 4 KiB-aliased in L1 (0.66x MKL
 // -> see lm_logits). Same per-logit arithmetic, in the same order.
@@ -275,17 +287,7 @@ RLKERN_INLINE void logits_block_packed(const float* pa, const float* panel, int6
                                        int64_t cols, bool first) {
   constexpr int R = kBlockRows;
   vfloat acc[R][2];
-  for (int i = 0; i < R; ++i) {
-    if (first) {
-      acc[i][0] = acc[i][1] = splat(0.f);
-    } else if (cols == kPanel) {
-      acc[i][0] = load16(c + i * ldc);
-      acc[i][1] = load16(c + i * ldc + kLanes);
-    } else {
-      acc[i][0] = load_tail(c + i * ldc, std::min<int64_t>(cols, kLanes), 0.f);
-      acc[i][1] = cols > kLanes ? load_tail(c + i * ldc + kLanes, cols - kLanes, 0.f) : splat(0.f);
-    }
-  }
+  load_block<R>(acc, c, ldc, cols, first);
   for (int64_t k = 0; k < depth; ++k) {
     const vfloat b0 = load16(panel + k * kPanel), b1 = load16(panel + k * kPanel + kLanes);
     for (int i = 0; i < R; ++i) {
@@ -294,15 +296,7 @@ RLKERN_INLINE void logits_block_packed(const float* pa, const float* panel, int6
       acc[i][1] += x * b1;
     }
   }
-  for (int i = 0; i < R; ++i) {
-    if (cols == kPanel) {
-      store16(c + i * ldc, acc[i][0]);
-      store16(c + i * ldc + kLanes, acc[i][1]);
-    } else {
-      store_tail(c + i * ldc, acc[i][0], std::min<int64_t>(cols, kLanes));
-      if (cols > kLanes) store_tail(c + i * ldc + kLanes, acc[i][1], cols - kLanes);
-    }
-  }
+  store_block<R>(acc, c, ldc, cols);
 }
 
 struct LogitsGeometry {

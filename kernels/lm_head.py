@@ -110,23 +110,8 @@ def _linear_logprobs_fwd_kernel(
     # rescale below keeps it NaN (S * 0). No extra per-row state: it would spill on sm_80.
     for v0 in range(0, vocab, BLOCK_V):
         w_rows = w_ptr + (v0 + cols).to(tl.int64)[:, None] * hidden_size
-        z = _logits_tile(
-            h_rows,
-            w_rows,
-            b_ptr,
-            row_ok,
-            cols,
-            v0,
-            vocab,
-            hidden_size,
-            inv_temp,
-            HAS_BIAS,
-            DOT_FP32,
-            PRECISION,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
-        )
+        z = _logits_tile(h_rows, w_rows, b_ptr, row_ok, cols, v0, vocab, hidden_size, inv_temp, HAS_BIAS,
+                         DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # Move the sums from the old max to the new one: S' = c S, T' = c (T + (m - m') S).
         # (m - m' is masked before use: while S = 0 the old max is -inf and m - m' would be NaN.)
@@ -186,23 +171,8 @@ def _linear_logprobs_bwd_kernel(
     col_ok = (v0 + cols) < vocab
     h_rows = h_ptr + offs_n[:, None] * hidden_size
     w_off = (v0 + cols).to(tl.int64)[:, None] * hidden_size
-    z = _logits_tile(
-        h_rows,
-        w_ptr + w_off,
-        b_ptr,
-        row_ok,
-        cols,
-        v0,
-        vocab,
-        hidden_size,
-        inv_temp,
-        HAS_BIAS,
-        DOT_FP32,
-        PRECISION,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
-    )
+    z = _logits_tile(h_rows, w_ptr + w_off, b_ptr, row_ok, cols, v0, vocab, hidden_size, inv_temp, HAS_BIAS,
+                     DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
     y = tl.load(labels_ptr + offs_n, mask=row_ok, other=ignore_index)
     lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=NEG_INF)
     alive = lse != NEG_INF  # a NaN lse (a NaN / +inf logit in the row) stays alive: its gradient is NaN

@@ -141,7 +141,7 @@ def _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
     w = tl.zeros_like(x) + 1.0
     if HAS_W:
         w = tl.load(w_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
-    valid = tl.load(m_ptr + base + offs, mask=in_row, other=0) != 0
+    valid = tl.load(m_ptr + base + offs, mask=in_row, other=0).to(tl.float32) != 0
     return x, y, a, z, w, valid
 
 
@@ -249,7 +249,7 @@ def _losses_bwd_saved_kernel(grad_ptr, sv_ptr, m_ptr, scale_ptr, out_ptr, length
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         in_row = offs < length
-        valid = tl.load(m_ptr + base + offs, mask=in_row, other=0) != 0
+        valid = tl.load(m_ptr + base + offs, mask=in_row, other=0).to(tl.float32) != 0
         x = tl.load(sv_ptr + base + offs, mask=in_row, other=0.0)
         d = tl.where(valid, g * x, 0.0)
         tl.store(out_ptr + base + offs, d.to(out_ptr.dtype.element_ty), mask=in_row)
@@ -284,9 +284,10 @@ def losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_
         _losses_fwd_kernel[(rows,)](*ptrs, partial, x if saved is None else saved, length, *consts, KIND=kind,
                                     A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
                                     SAVE_GRAD=saved is not None,
-                                    # saving the gradient keeps it live too: half the tile (sm_80 spilled
-                                    # 8 B with grpo_bc at BLOCK = 1024)
-                                    BLOCK=_block(length) if saved is None else min(_block(length), 512))
+                                    # eight accumulators (and the saved gradient) per element: 512-wide
+                                    # tiles on 8 warps. 1024 on 4 warps spilled 8 B on sm_80 (grpo_bc)
+                                    # and, with Triton 3.4, on sm_90 for int64 / bf16 masks.
+                                    BLOCK=min(_block(length), 512), num_warps=8)
     _losses_combine_kernel[(1,)](partial, loss, stats, row_scale, rows, float(denom),
                                  PER_ROW_MEAN=per_row_mean, BLOCK_B=128)
 
@@ -300,7 +301,7 @@ def losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip
     consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
     _losses_bwd_kernel[(rows,)](grad_loss, *ptrs, row_scale, grad_x, length, *consts, KIND=kind,
                                 A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
-                                BLOCK=_block(length))
+                                BLOCK=_block(length), num_warps=8)  # 4 warps: Triton 3.4 spilled (int64 mask)
 
 
 def losses_bwd_saved(grad_loss, saved, mask, row_scale, grad_x) -> None:

@@ -324,7 +324,7 @@ def _cpp_policy_single_pass(
     as soon as it is folded. d loss / d logp of a token depends only on its own log-prob (and
     old/ref log-prob and advantage) and on normalisers that depend on the mask alone, so
     ``grpo_loss_and_grad`` run on all tokens, with the tokens not yet computed holding a finite
-    placeholder (their old log-prob), gives the exact gradient for this tile's tokens. The tile then
+    stand-in value (their old log-prob), gives the exact gradient for this tile's tokens. The tile then
     becomes d logits in place: d hidden = d logits @ W (final), d W += d logits^T @ hidden_tile
     (accumulated in the fp32 gradient itself, as Liger's fused linear losses do)."""
     n_tokens, _ = hidden.shape

@@ -530,3 +530,81 @@ def linear_logprobs(
     logits = _lm_head_logits(hidden, weight, bias)
     logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
     return (logp, entropy(logits, temperature=temperature)) if return_entropy else logp
+
+
+# ---------------------------------------------------------------------------------------------
+# verl_advantages family: outcome_advantages, optimal_token_baseline (verl 0.9.1's conventions)
+# ---------------------------------------------------------------------------------------------
+
+OUTCOME_METHODS = ("grpo", "mean", "rloo", "rloo_vectorized", "opo", "passk")
+
+
+def outcome_advantages(scores: Tensor, group_ids: Tensor, *, method: str = "grpo", eps: float = 1e-6,
+                       scale_by_std: bool = True, weights: Tensor | None = None) -> Tensor:
+    """verl's per-response outcome advantages, one Python iteration per group (see
+    rlkern.ops.outcome_advantages for the methods). ``scores``: [B]; ``group_ids``: [B] integers."""
+    if method not in OUTCOME_METHODS:
+        raise ValueError(f"method must be one of {list(OUTCOME_METHODS)}, got {method!r}")
+    s = _upcast(scores)
+    out = torch.zeros_like(s)
+    for g in torch.unique(group_ids).tolist():
+        idx = (group_ids == g).nonzero().squeeze(-1)
+        x, n = s[idx], idx.numel()
+        if method == "passk":
+            if n < 2:
+                continue
+            top2, where = torch.topk(x, 2)
+            gap = top2[0] - top2[1]
+            out[idx[where[0]]] = gap / (x.std() + eps) if scale_by_std else gap
+        elif method == "opo":
+            w = weights[idx].to(s.dtype)
+            out[idx] = x if n == 1 else x - (w * x).sum() / w.sum()
+        elif method in ("rloo", "rloo_vectorized"):
+            if n == 1:
+                out[idx] = x if method == "rloo" else 0.0
+            else:
+                out[idx] = torch.stack([x[i] - torch.cat([x[:i], x[i + 1:]]).mean() for i in range(n)])
+        else:  # grpo, mean: a group of one has mean 0 and std 1
+            mean, std = (x.mean(), x.std()) if n > 1 else (x.new_zeros(()), x.new_ones(()))
+            out[idx] = (x - mean) / (std + eps) if method == "grpo" and scale_by_std else x - mean
+    return out
+
+
+def optimal_token_baseline(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_log_probs: Tensor,
+                           sum_pi_squared: Tensor, *, rollout_is_weights: Tensor | None = None,
+                           handle_zero_tail: bool = True, eps: float = 1e-8,
+                           multi_turn: bool = False) -> tuple[Tensor, Tensor]:
+    """verl's optimal token baseline (see rlkern.ops.optimal_token_baseline), row by row and group by
+    group: with ``multi_turn`` each row's valid tokens are first packed to the left."""
+    r, valid = _upcast(rewards), mask.bool()
+    m = valid.to(r.dtype)
+    returns = torch.stack([torch.stack([(r[i, t:] * m[i, t:]).sum() for t in range(r.shape[1])])
+                           for i in range(r.shape[0])]) if r.numel() else torch.zeros_like(r)
+    w = 1 - 2 * _upcast(old_log_probs).exp() + _upcast(sum_pi_squared)
+    if rollout_is_weights is not None:
+        w = w * _upcast(rollout_is_weights) ** 2
+    big_w = (w * m).cumsum(-1)
+    lengths = valid.sum(-1)
+    if multi_turn:  # pack each row's valid tokens to the left; the step is the rank among them
+        cols = [valid[i].nonzero().squeeze(-1) for i in range(r.shape[0])]
+    else:
+        cols = [torch.arange(r.shape[1]) for _ in range(r.shape[0])]
+    advantages = torch.zeros_like(r)
+    for g in torch.unique(group_ids).tolist():
+        rows = [i for i in (group_ids == g).nonzero().squeeze(-1).tolist()
+                if not multi_turn or lengths[i] > 0]
+        steps = r.shape[1]
+        num, den = r.new_zeros(steps), r.new_zeros(steps)
+        for i in rows:
+            c = cols[i]
+            num[:c.numel()] += returns[i, c] * big_w[i, c] * m[i, c]
+            den[:c.numel()] += big_w[i, c] * m[i, c]
+        base = num / (den + eps) if len(rows) > 1 else torch.zeros_like(num)
+        ordered = sorted(int(lengths[i]) for i in rows)
+        for i in rows:
+            b = base.clone()
+            if handle_zero_tail and len(rows) > 1 and lengths[i] == ordered[-1] > ordered[-2]:
+                b[ordered[-2]:] = 0.0
+            c = cols[i]
+            advantages[i, c] = (returns[i, c] - b[:c.numel()]) * m[i, c]
+    return advantages, returns

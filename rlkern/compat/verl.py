@@ -51,6 +51,16 @@ __all__ = [
     "compute_grpo_outcome_advantage",
     "compute_rloo_outcome_advantage",
     "compute_reinforce_plus_plus_outcome_advantage",
+    "compute_grpo_vectorized_outcome_advantage",
+    "compute_gdpo_outcome_advantage",
+    "compute_grpo_passk_outcome_advantage",
+    "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "compute_opo_outcome_advantage",
+    "compute_remax_outcome_advantage",
+    "compute_gpg_outcome_advantage",
+    "compute_rloo_vectorized_outcome_advantage",
+    "compute_optimal_token_baseline_advantage",
+    "compute_multi_turn_optimal_token_baseline_advantage",
     "compute_policy_loss",
     "compute_policy_loss_vanilla",
     "compute_value_loss",
@@ -77,6 +87,18 @@ PATCH_TARGETS = (
     (_CORE, "compute_grpo_outcome_advantage", "compute_grpo_outcome_advantage"),
     (_CORE, "compute_rloo_outcome_advantage", "compute_rloo_outcome_advantage"),
     (_CORE, "compute_reinforce_plus_plus_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage"),
+    (_CORE, "compute_grpo_vectorized_outcome_advantage", "compute_grpo_vectorized_outcome_advantage"),
+    (_CORE, "compute_gdpo_outcome_advantage", "compute_gdpo_outcome_advantage"),
+    (_CORE, "compute_grpo_passk_outcome_advantage", "compute_grpo_passk_outcome_advantage"),
+    (_CORE, "compute_reinforce_plus_plus_baseline_outcome_advantage",
+     "compute_reinforce_plus_plus_baseline_outcome_advantage"),
+    (_CORE, "compute_opo_outcome_advantage", "compute_opo_outcome_advantage"),
+    (_CORE, "compute_remax_outcome_advantage", "compute_remax_outcome_advantage"),
+    (_CORE, "compute_gpg_outcome_advantage", "compute_gpg_outcome_advantage"),
+    (_CORE, "compute_rloo_vectorized_outcome_advantage", "compute_rloo_vectorized_outcome_advantage"),
+    (_CORE, "compute_optimal_token_baseline_advantage", "compute_optimal_token_baseline_advantage"),
+    (_CORE, "compute_multi_turn_optimal_token_baseline_advantage",
+     "compute_multi_turn_optimal_token_baseline_advantage"),
     (_CORE, "compute_policy_loss", "compute_policy_loss"),
     (_CORE, "compute_policy_loss_vanilla", "compute_policy_loss_vanilla"),
     (_CORE, "compute_value_loss", "compute_value_loss"),
@@ -304,14 +326,17 @@ def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, re
     return advantages, returns.to(dtype)
 
 
-def _group_ids(index, n: int, device) -> Tensor:
+def _host_group_ids(index, n: int) -> np.ndarray:
     """verl passes the prompt uid of every response; rlkern wants dense int64 group ids.
 
     verl groups with a dict keyed by ``index[i]`` (core_algos.py, ``id2score = defaultdict(list)``),
     so any hashable uid works there, including a numpy object array mixing ints and strings, which
     cannot be sorted. Object arrays are therefore grouped the same way (ids in order of first
     appearance, one dict lookup per response); numeric and string arrays, which sort, go through
-    np.unique without a Python loop. Either way equal uids get equal ids and nothing else matters."""
+    np.unique without a Python loop. Either way equal uids get equal ids and nothing else matters.
+    The uids live on the host (a numpy array), so this reads nothing back from the device."""
+    if isinstance(index, Tensor):
+        index = index.detach().cpu()  # a uid tensor (rare; verl passes numpy): one copy to the host
     arr = np.asarray(index)
     if arr.shape != (n,):
         raise ValueError(f"index must hold one group id per response, shape ({n},), got {arr.shape}")
@@ -321,13 +346,63 @@ def _group_ids(index, n: int, device) -> Tensor:
             ids = [first_seen.setdefault(uid, len(first_seen)) for uid in arr.tolist()]
         except TypeError as err:
             raise TypeError(f"index must hold hashable uids (verl groups them in a dict): {err}") from err
-        return torch.as_tensor(ids, dtype=torch.int64, device=device)
-    _, inverse = np.unique(arr, return_inverse=True)
-    return torch.as_tensor(inverse.reshape(-1), dtype=torch.int64, device=device)
+        return np.asarray(ids, dtype=np.int64).reshape(n)
+    return np.unique(arr, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
-def _singletons(ids: Tensor) -> Tensor:
-    return torch.bincount(ids)[ids] == 1
+def _group_ids(index, n: int, device) -> Tensor:
+    return torch.as_tensor(_host_group_ids(index, n), dtype=torch.int64, device=device)
+
+
+def _groups(index, n: int, device) -> tuple[Tensor, int, np.ndarray]:
+    """(dense ids on ``device``, number of groups, host group sizes) for verl's dict grouping."""
+    host = _host_group_ids(index, n)
+    counts = np.bincount(host) if n else np.zeros(0, dtype=np.int64)
+    return torch.as_tensor(host, dtype=torch.int64, device=device), len(counts), counts
+
+
+def _as_torch_index_ids(index, n: int) -> np.ndarray:
+    """Dense ids with ``verl.utils.groupwise.as_torch_index``'s grouping (grpo_vectorized), which differs
+    from the dict's: integer labels as they are; floats within 1e-6 of integers rounded; anything else
+    that numpy can cast to int64 is cast (numeric strings, and floats, truncated); the rest is
+    factorised by value, or by ``str`` when the values do not sort. Equal ids, equal groups."""
+    if isinstance(index, Tensor):
+        t = index.detach().reshape(-1).cpu()
+        if t.dtype.is_floating_point:
+            t64 = t.double()
+            labels = (t64.round().long().numpy() if torch.allclose(t64, t64.round(), rtol=0.0, atol=1e-6)
+                      else np.array([str(x.item()) for x in t], dtype=object))
+        else:
+            labels = t.long().numpy()
+    else:
+        labels = np.asarray(index).reshape(-1)
+        if labels.dtype != object and np.issubdtype(labels.dtype, np.floating):
+            rounded = np.rint(labels.astype(np.float64))
+            if np.allclose(labels.astype(np.float64), rounded, rtol=0.0, atol=1e-6):
+                labels = rounded.astype(np.int64)
+        if labels.dtype == object or not np.issubdtype(labels.dtype, np.integer):
+            try:
+                labels = labels.astype(np.int64)
+            except (TypeError, ValueError, OverflowError):
+                labels = labels.astype(object)
+    if labels.shape != (n,):
+        raise ValueError(f"index must hold one group id per response, shape ({n},), got {labels.shape}")
+    try:
+        return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    except TypeError:  # mixed types: verl factorises their str()
+        return np.unique(np.array([str(x) for x in labels], dtype=object),
+                         return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def _outcome(token_level_rewards: Tensor, index, method: str, *, ids=None, **kwargs) -> Tensor:
+    """``rlkern.ops.outcome_advantages`` of the row sums of the token rewards, in their dtype;
+    ``ids`` = (dense ids, number of groups) when the caller grouped already."""
+    scores = token_level_rewards.sum(dim=-1)
+    if ids is None:
+        ids, groups, _ = _groups(index, scores.shape[0], scores.device)
+    else:
+        ids, groups = ids
+    return ops.outcome_advantages(scores, ids, groups, method=method, **kwargs).to(scores.dtype)
 
 
 def compute_grpo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
@@ -338,18 +413,109 @@ def compute_grpo_outcome_advantage(token_level_rewards: Tensor, response_mask: T
     ``norm_adv_by_std_in_grpo=False``, Dr. GRPO); broadcast over the response mask. Returns
     ``(advantages, advantages)``.
 
-    verl gives a group of one mean 0 and std 1, so its advantage is ``score / (1 + epsilon)`` (or the
-    score); rlkern's rule gives such groups 0, so those rows are set to verl's value here. A group
-    whose scores are all equal gets exactly 0 (verl: the rounding error of its mean / epsilon).
+    As in verl, a group of one has mean 0 and std 1, so its advantage is ``score / (1 + epsilon)``
+    (or the score). A group whose scores are all equal gets exactly 0 (verl: the rounding error of
+    its mean / epsilon, which is also exactly 0 for 0/1 rewards). rlkern.ops.outcome_advantages
+    computes the group statistics in float64 without a Python loop or a host sync.
     """
     with torch.no_grad():
-        scores = token_level_rewards.sum(dim=-1)
-        ids = _group_ids(index, scores.shape[0], scores.device)
-        adv = ops.group_advantages(scores, index=ids, method="grpo", eps=epsilon,
-                                   scale_by_std=norm_adv_by_std_in_grpo).to(scores.dtype)
-        alone = scores / (1.0 + epsilon) if norm_adv_by_std_in_grpo else scores
-        adv = torch.where(_singletons(ids), alone, adv)
+        adv = _outcome(token_level_rewards, index, "grpo", eps=epsilon, scale_by_std=norm_adv_by_std_in_grpo)
         adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_grpo_vectorized_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                              epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+                                              config=None) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_grpo_vectorized_outcome_advantage``: GRPO's numbers with the groups of
+    ``verl.utils.as_torch_index`` (see :func:`_as_torch_index_ids`); verl's group statistics are
+    float32 (``group_mean_std``), so the result is float32 for bf16/fp16/fp32 rewards."""
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        host = _as_torch_index_ids(index, scores.shape[0])
+        ids = (torch.as_tensor(host, device=scores.device), int(host.max()) + 1 if host.size else 0)
+        adv = ops.outcome_advantages(scores, *ids, method="grpo", eps=epsilon,
+                                     scale_by_std=norm_adv_by_std_in_grpo)
+        adv = adv.to(torch.promote_types(scores.dtype, torch.float32)).unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_gdpo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                   epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True, config=None,
+                                   non_tensor_batch=None, batch=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_gdpo_outcome_advantage`` (GDPO): GRPO advantages of each reward
+    component separately, summed with ``config.gdpo_reward_weights`` (default 1 each), broadcast over
+    the mask, whitened over the mask (:func:`masked_whiten`) and zeroed outside it.
+
+    With ``config``, ``non_tensor_batch`` and ``batch`` all given, the components are the float32
+    arrays ``non_tensor_batch[k]`` for ``k`` in ``config.gdpo_reward_keys`` (verl writes each at the
+    row's last response token and sums the row, which gives the same score); otherwise the single
+    component is the row sum of ``token_level_rewards``. All components share one call of
+    rlkern.ops.outcome_advantages ([K, B] scores)."""
+    with torch.no_grad():
+        device = token_level_rewards.device
+        weights = None
+        if config is not None and non_tensor_batch is not None and batch is not None:
+            keys = _config_value(config, "gdpo_reward_keys")
+            if not keys:
+                raise AssertionError("GDPO requires 'algorithm.gdpo_reward_keys' listing the individual "
+                                     "reward component keys returned by compute_score (e.g. "
+                                     "['format_reward', 'accuracy_reward']).")
+            for key in keys:
+                if key not in non_tensor_batch:
+                    raise AssertionError(f"GDPO reward key '{key}' not found in non_tensor_batch. Available "
+                                         f"keys: {list(non_tensor_batch.keys())}.")
+            parts = [np.asarray(non_tensor_batch[k], dtype=np.float32) for k in keys]
+            scores = torch.as_tensor(np.stack(parts), device=device)
+            reward_weights = _config_value(config, "gdpo_reward_weights")
+            if reward_weights is not None:
+                weights = torch.tensor(list(reward_weights), dtype=torch.float32, device=device)
+        else:
+            scores = token_level_rewards.sum(dim=-1)[None]
+        ids, groups, _ = _groups(index, scores.shape[-1], device)
+        adv = ops.outcome_advantages(scores, ids, groups, method="grpo", eps=epsilon,
+                                     scale_by_std=norm_adv_by_std_in_grpo).to(scores.dtype)
+        if weights is not None:
+            adv = weights[:, None] * adv
+        adv = adv.sum(0).unsqueeze(-1) * response_mask
+        adv = masked_whiten(adv, response_mask) * response_mask
+    return adv, adv
+
+
+def compute_grpo_passk_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                         epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+                                         config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_grpo_passk_outcome_advantage`` (Pass@k): the unique best response
+    of a group gets ``best - second best`` (divided by ``std + epsilon`` when
+    ``config.norm_adv_by_std_in_grpo``, default True: verl reads the config, not the argument), all
+    others 0. Groups of one raise ValueError as in verl (checked on the host uids, no device sync)."""
+    if config is None:
+        raise AssertionError("config is required (verl asserts it)")
+    norm = _config_value(config, "norm_adv_by_std_in_grpo", True)
+    with torch.no_grad():
+        rows = token_level_rewards.shape[0]
+        host = _host_group_ids(index, rows)
+        counts = np.bincount(host) if rows else np.zeros(0, dtype=np.int64)
+        if (counts < 2).any():
+            g = int(np.argmax(counts < 2))
+            uid = np.asarray(index, dtype=object)[int(np.argmax(host == g))]
+            raise ValueError(f"Pass@k requires at least 2 samples per group. Got {counts[g]} for group "
+                             f"{uid}.")
+        ids = (torch.as_tensor(host, device=token_level_rewards.device), len(counts))
+        adv = _outcome(token_level_rewards, None, "passk", ids=ids, eps=epsilon, scale_by_std=norm)
+        adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor,
+                                                           index, epsilon: float = 1e-6, config=None,
+                                                           **kwargs) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_reinforce_plus_plus_baseline_outcome_advantage``: score minus its
+    group's mean (0 for a group of one), broadcast over the mask, whitened over the mask and zeroed
+    outside it."""
+    with torch.no_grad():
+        adv = _outcome(token_level_rewards, index, "mean").unsqueeze(-1) * response_mask
+        adv = masked_whiten(adv, response_mask) * response_mask
     return adv, adv
 
 
@@ -357,14 +523,104 @@ def compute_rloo_outcome_advantage(token_level_rewards: Tensor, response_mask: T
                                    epsilon: float = 1e-6, config=None, **kwargs) -> tuple[Tensor, Tensor]:
     """verl ``core_algos.compute_rloo_outcome_advantage``: score minus the mean of the other
     responses of its group (``n/(n-1) * (score - mean_g)``); a group of one keeps its raw score, as in
-    verl (rlkern's rule would give 0, so those rows are set here). Returns ``(adv, adv)``."""
+    verl. Returns ``(adv, adv)``."""
     with torch.no_grad():
-        scores = token_level_rewards.sum(dim=-1)
-        ids = _group_ids(index, scores.shape[0], scores.device)
-        adv = ops.group_advantages(scores, index=ids, method="rloo").to(scores.dtype)
-        adv = torch.where(_singletons(ids), scores, adv)
+        adv = _outcome(token_level_rewards, index, "rloo").unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_rloo_vectorized_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                              epsilon: float = 1e-6, config=None,
+                                              **kwargs) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_rloo_vectorized_outcome_advantage``: RLOO, except that a group of
+    one gets 0 (verl's ``rloo`` keeps its score)."""
+    with torch.no_grad():
+        adv = _outcome(token_level_rewards, index, "rloo_vectorized").unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_opo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                  epsilon: float = 1e-6, config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_opo_outcome_advantage`` (OPO): score minus the length-weighted mean
+    score of its group (lengths = valid tokens; baseline 0 for a group of one, NaN for a group whose
+    responses are all empty, as in verl)."""
+    with torch.no_grad():
+        adv = _outcome(token_level_rewards, index, "opo", weights=response_mask.sum(dim=-1))
         adv = adv.unsqueeze(-1) * response_mask
     return adv, adv
+
+
+def compute_gpg_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                  epsilon: float = 1e-6, f_norm: float = 1.0, alpha: float = 1.0, config=None,
+                                  **kwargs):
+    """verl ``core_algos.compute_gpg_outcome_advantage`` (GPG): ``alpha (score - mean_g) / f_norm``
+    with ``alpha = B / max(#nonzero scores, 1)`` (the argument ``alpha`` is ignored, as in verl) and
+    mean 0 for a group of one."""
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        alpha = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1)
+        adv = (alpha * _outcome(token_level_rewards, index, "mean") / f_norm).to(scores.dtype)
+        adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def _reward_to_go(token_level_rewards: Tensor, response_mask: Tensor) -> Tensor:
+    """verl's ``(rewards * mask).flip(-1).cumsum(-1).flip(-1)``: at every position the sum of the
+    valid rewards from there on, masked positions included (they carry the sum through). That is
+    rlkern's GAE scan with values 0 and gamma = lam = 1 (rlkern.ops.discounted_returns would instead
+    restart the sum at each masked position)."""
+    rewards = token_level_rewards.detach()
+    returns, _ = ops.gae(rewards, torch.zeros_like(rewards), response_mask, gamma=1.0, lam=1.0)
+    return returns.to(torch.promote_types(rewards.dtype, response_mask.dtype))
+
+
+def compute_remax_outcome_advantage(token_level_rewards: Tensor, reward_baselines: Tensor,
+                                    response_mask: Tensor, config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_remax_outcome_advantage`` (ReMax): returns = reward-to-go of the
+    masked rewards; advantages = returns - the greedy response's reward (``reward_baselines [B]``) at
+    valid tokens."""
+    with torch.no_grad():
+        returns = _reward_to_go(token_level_rewards, response_mask)
+        advantages = returns - reward_baselines.unsqueeze(-1) * response_mask
+    return advantages, returns
+
+
+def _otb(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared, rollout_is_weights,
+         handle_zero_tail, epsilon, multi_turn):
+    ids, groups, _ = _groups(index, token_level_rewards.shape[0], token_level_rewards.device)
+    adv, returns = ops.optimal_token_baseline(token_level_rewards, response_mask, ids, groups, old_log_probs,
+                                              sum_pi_squared, rollout_is_weights=rollout_is_weights,
+                                              handle_zero_tail=handle_zero_tail, eps=epsilon,
+                                              multi_turn=multi_turn)
+    dtype = torch.promote_types(token_level_rewards.dtype, response_mask.dtype)
+    return adv.to(dtype), returns.to(dtype)
+
+
+def compute_optimal_token_baseline_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                             old_log_probs: Tensor, sum_pi_squared: Tensor,
+                                             rollout_is_weights: Tensor | None = None,
+                                             handle_zero_tail: bool = True, epsilon: float = 1e-8,
+                                             **kwargs) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_optimal_token_baseline_advantage`` (``optimal_token_baseline``): a
+    baseline per group and token column, ``sum G_t W_t / (sum W_t + epsilon)`` with the path-variance
+    weights ``W_t`` from ``old_log_probs``, ``sum_pi_squared`` (Σπ² per token) and, when given, the
+    rollout IS weights squared; see rlkern.ops.optimal_token_baseline. Returns ``(advantages,
+    reward-to-go)``."""
+    return _otb(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared, rollout_is_weights,
+                handle_zero_tail, epsilon, multi_turn=False)
+
+
+def compute_multi_turn_optimal_token_baseline_advantage(token_level_rewards: Tensor, response_mask: Tensor,
+                                                        index, old_log_probs: Tensor, sum_pi_squared: Tensor,
+                                                        rollout_is_weights: Tensor | None = None,
+                                                        handle_zero_tail: bool = True, epsilon: float = 1e-8,
+                                                        **kwargs) -> tuple[Tensor, Tensor]:
+    """verl ``core_algos.compute_multi_turn_optimal_token_baseline_advantage``
+    (``tir_optimal_token_baseline``): the optimal token baseline over each response's valid tokens
+    taken in order (tool/observation tokens skipped), responses without a valid token left out of
+    their group; see rlkern.ops.optimal_token_baseline with ``multi_turn=True``."""
+    return _otb(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared, rollout_is_weights,
+                handle_zero_tail, epsilon, multi_turn=True)
 
 
 def _config_value(config, key: str, default=None):

@@ -9,6 +9,7 @@ from rlkern.ops.logits import entropy, logprobs, logprobs_and_entropy
 from rlkern.ops.losses import grpo_loss, policy_loss, value_loss
 from rlkern.ops.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlkern.ops.returns import discounted_returns, gae
+from rlkern.ops.verl_advantages import optimal_token_baseline, outcome_advantages
 
 __all__ = [
     # log-probs and entropy, from logits or from hidden states and the LM head
@@ -18,6 +19,7 @@ __all__ = [
     "masked_sum", "masked_mean", "masked_var", "masked_whiten",
     # losses and advantages
     "policy_loss", "value_loss", "grpo_loss", "group_advantages", "dpo_loss",
+    "outcome_advantages", "optimal_token_baseline",
     # KL coefficient controllers
     "FixedKLController", "AdaptiveKLController", "PenaltyKLController",
 ]

@@ -1,0 +1,229 @@
+"""verl's group advantage estimators with verl's conventions: ``outcome_advantages`` (one scalar per
+response) and ``optimal_token_baseline`` (a baseline per group and token).
+
+verl 0.9.1 (verl/trainer/ppo/core_algos.py) computes most of its estimators with a Python loop over
+the responses and another over the groups, with a 0-d tensor op (and, for Pass@k and the optimal token
+baseline, an ``.item()`` or ``nonzero``) per iteration. Here every statistic is one ``index_add`` /
+``scatter_reduce`` over dense group ids with the number of groups known on the host, so nothing reads
+a device value back (the tests run both ops on ``meta`` tensors, where any such read raises).
+
+No C++ or Triton kernel. The outcome estimators read [B] scores: at B = 4096 the op is ~20 small torch
+ops (tens of microseconds each on a CPU), the cost of the caller's one ``scalar * mask`` broadcast to
+[B, T] at T = 1024 already exceeds it, and a kernel could not make either smaller. The optimal token
+baseline is ~15 elementwise passes and two ``index_add`` over [B, T]; a fused kernel would need one
+pass per row for W_t and the reverse return plus one for the group sums and the output (about 4x less
+memory traffic), worth it only if this estimator shows up in a profile: at B x T = 4096 x 1024 it
+runs in tens of milliseconds on a CPU core, once per RL step (see the report in issue 13).
+Oracles: rlkern.reference.outcome_advantages and rlkern.reference.optimal_token_baseline (plain loops
+over groups, written after verl's).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkern import reference
+from rlkern.ops._common import check_finite, check_int, check_tensor
+
+__all__ = ["outcome_advantages", "optimal_token_baseline", "OUTCOME_METHODS"]
+
+OUTCOME_METHODS = reference.OUTCOME_METHODS
+
+
+def _check_ids(ids, batch: int, num_groups) -> int:
+    if not isinstance(ids, Tensor) or ids.dtype != torch.int64:
+        raise TypeError(f"ids must be an int64 tensor of dense group ids, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    if ids.shape != (batch,):
+        raise ValueError(f"ids must have shape ({batch},) (one group id per response), got "
+                         f"{tuple(ids.shape)}")
+    num_groups = check_int(num_groups, "num_groups")
+    if num_groups < 0:
+        raise ValueError(f"num_groups must be >= 0, got {num_groups}")
+    return num_groups
+
+
+def _group_sum(values: Tensor, ids: Tensor, num_groups: int) -> Tensor:
+    """Per-group sums of ``values [K, B]`` (or ``[B]``) along the last dim: ``[K, G]`` (``[G]``)."""
+    flat = values.reshape(-1, values.shape[-1])
+    k = flat.shape[0]
+    offset = (torch.arange(k, device=ids.device) * num_groups)[:, None] + ids
+    out = flat.new_zeros(k * num_groups).index_add_(0, offset.reshape(-1), flat.reshape(-1))
+    return out.view(*values.shape[:-1], num_groups)
+
+
+def _group_max(values: Tensor, ids: Tensor, num_groups: int) -> Tensor:
+    """Per-group maximum of ``values [B]``; -inf for a group with no element."""
+    return values.new_full((num_groups,), float("-inf")).scatter_reduce_(0, ids, values, "amax")
+
+
+def _at(stat: Tensor, ids: Tensor) -> Tensor:
+    """``stat[..., ids]``: a per-group statistic broadcast back to the responses."""
+    return stat[..., ids]
+
+
+def outcome_advantages(scores: Tensor, ids: Tensor, num_groups: int, *, method: str = "grpo",
+                       eps: float = 1e-6, scale_by_std: bool = True,
+                       weights: Tensor | None = None) -> Tensor:
+    """One advantage per response from outcome scores, with verl 0.9.1's conventions per estimator.
+
+    For a group of ``n`` scores ``s`` with mean ``m`` and unbiased std ``sd``:
+
+    * ``grpo``: ``(s_i - m) / (sd + eps)``, or ``s_i - m`` without ``scale_by_std`` (verl ``grpo`` and
+      ``grpo_vectorized``; also each reward of ``gdpo``). A group of one has ``m = 0, sd = 1``.
+    * ``mean``: ``s_i - m``, a group of one ``m = 0`` (``reinforce_plus_plus_baseline``, ``gpg``).
+    * ``rloo``: ``n / (n - 1) (s_i - m)``; a group of one keeps its score (verl ``rloo``).
+    * ``rloo_vectorized``: the same, but a group of one gets 0 (verl ``rloo_vectorized``).
+    * ``opo``: ``s_i - sum_j w_j s_j / sum_j w_j`` with ``weights`` (the response lengths); a group of
+      one has baseline 0; a group whose weights sum to 0 gives NaN (0 / 0), as in verl.
+    * ``passk``: only a group's unique best response gets ``s_max - s_second``, divided by
+      ``sd + eps`` with ``scale_by_std``; ties for the best give the whole group 0 (verl assigns
+      ``s_max - s_second = 0`` to one of them). Groups of one are the caller's to refuse (verl raises);
+      here they get 0.
+
+    A group whose scores are all equal gets ``0`` under ``grpo`` (verl: the rounding of its mean,
+    divided by ``eps``; exactly 0 when the scores are small integers such as 0/1 rewards).
+
+    Args:
+        scores: ``[..., B]`` float scores; leading dims are independent score sets sharing the groups
+            (gdpo's reward components). Computed in float64; returned in float32 (float64 for
+            float64 scores).
+        ids: ``[B]`` int64 dense group ids in ``[0, num_groups)`` (rlkern.compat.verl builds them from
+            verl's uid array on the host; they are not checked against ``num_groups`` here, which
+            would read them back from the device).
+        num_groups: the number of groups ``G``.
+        eps: ``grpo`` / ``passk`` std epsilon (verl: 1e-6).
+        weights: ``[B]`` per-response weights, ``opo`` only.
+
+    Returns:
+        ``[..., B]`` advantages. No host synchronisation.
+    """
+    check_tensor(scores, "scores")
+    if scores.dim() == 0:
+        raise ValueError("scores must have shape [..., B], got a 0-d tensor")
+    if method not in OUTCOME_METHODS:
+        raise ValueError(f"method must be one of {list(OUTCOME_METHODS)}, got {method!r}")
+    num_groups = _check_ids(ids, scores.shape[-1], num_groups)
+    eps = check_finite(eps, "eps")
+    if (weights is not None) != (method == "opo"):
+        raise ValueError("weights (the response lengths) are required by method='opo' and only by it")
+    out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    s = scores.detach().double()
+    n = _group_sum(torch.ones_like(s[..., 0, :] if s.dim() > 1 else s), ids, num_groups)
+    alone = _at(n, ids) == 1  # [B]
+    if method == "opo":
+        w = check_tensor(weights, "weights", floating=False).detach().double()
+        if w.shape != (scores.shape[-1],):
+            raise ValueError(f"weights must have shape ({scores.shape[-1]},), got {tuple(w.shape)}")
+        base = _at(_group_sum(w * s, ids, num_groups) / _group_sum(w, ids, num_groups), ids)
+        return (s - torch.where(alone, torch.zeros_like(base), base)).to(out_dtype)
+    mean = _at(_group_sum(s, ids, num_groups) / n.clamp(min=1), ids)
+    dev = s - mean  # two passes, as verl's torch.std and group_mean_std
+    var = _at(_group_sum(dev * dev, ids, num_groups) / (n - 1).clamp(min=1), ids)
+    if method == "passk":
+        best = _at(_group_max(s, ids, num_groups), ids)
+        top = s == best
+        ties = _at(_group_sum(top.double(), ids, num_groups), ids) > 1
+        second = _at(_group_max(torch.where(top, torch.full_like(s, float("-inf")), s), ids, num_groups), ids)
+        adv = s - second
+        if scale_by_std:
+            adv = adv / (var.sqrt() + eps)
+        return torch.where(top & ~ties & ~alone, adv, torch.zeros_like(adv)).to(out_dtype)
+    dev = torch.where(alone, s, dev)  # verl: a group of one has mean 0
+    if method == "grpo":
+        adv = dev / torch.where(alone, torch.ones_like(var), var.sqrt()).add(eps) if scale_by_std else dev
+    elif method == "mean":
+        adv = dev
+    else:  # rloo, rloo_vectorized
+        nn = _at(n, ids)
+        adv = dev * (nn / (nn - 1).clamp(min=1))
+        if method == "rloo_vectorized":
+            adv = torch.where(alone, torch.zeros_like(adv), adv)
+    return adv.to(out_dtype)
+
+
+def _reverse_cumsum(x: Tensor) -> Tensor:
+    return x.flip(-1).cumsum(-1).flip(-1)
+
+
+def optimal_token_baseline(rewards: Tensor, mask: Tensor, ids: Tensor, num_groups: int, old_log_probs: Tensor,
+                           sum_pi_squared: Tensor, *, rollout_is_weights: Tensor | None = None,
+                           handle_zero_tail: bool = True, eps: float = 1e-8,
+                           multi_turn: bool = False) -> tuple[Tensor, Tensor]:
+    """verl 0.9.1's optimal token baseline (``optimal_token_baseline``; with ``multi_turn`` its
+    ``tir_optimal_token_baseline``), vectorised over groups.
+
+    ``G_t = sum_{s >= t} r_s m_s`` (reward-to-go; masked positions carry the sum through),
+    ``w_t = (1 - 2 exp(old_log_probs_t) + sum_pi_squared_t) * rho_t^2`` (``rho`` the rollout IS weights,
+    1 when absent), ``W_t = sum_{s <= t} w_s m_s``, and per group and step
+    ``B_t = sum_i G_t W_t m_t / (sum_i W_t m_t + eps)``; advantages ``(G_t - B_t) m_t``.
+
+    * Without ``multi_turn`` the step ``t`` is the column; every response of the group counts.
+    * With ``multi_turn`` it is the rank of the token among its row's valid tokens (tool and
+      observation tokens inside a response are skipped), and responses without a valid token are
+      left out of their group.
+    * A group of one (of responses counted) has baseline 0.
+    * ``handle_zero_tail``: if a group's longest response (valid-token count) is unique, its
+      baseline is 0 from the second-longest length on (columns, or ranks with ``multi_turn``).
+
+    Args:
+        rewards, old_log_probs, sum_pi_squared, rollout_is_weights: ``[B, T]`` floats.
+        mask: ``[B, T]`` 0/1 of any dtype (bool, integer, float).
+        ids, num_groups: as :func:`outcome_advantages`.
+        eps: added to the denominator (verl: 1e-8).
+
+    Returns:
+        ``(advantages, returns)``, ``[B, T]`` float32 (float64 when the rewards are), no gradient, no
+        host synchronisation.
+    """
+    check_tensor(rewards, "rewards")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must have shape [B, T], got {tuple(rewards.shape)}")
+    for name, x in (("old_log_probs", old_log_probs), ("sum_pi_squared", sum_pi_squared),
+                    ("rollout_is_weights", rollout_is_weights)):
+        if x is not None and (check_tensor(x, name).shape != rewards.shape):
+            raise ValueError(f"{name} must have shape {tuple(rewards.shape)}, got {tuple(x.shape)}")
+    check_tensor(mask, "mask", floating=False)
+    if mask.shape != rewards.shape:
+        raise ValueError(f"mask must have shape {tuple(rewards.shape)}, got {tuple(mask.shape)}")
+    batch, length = rewards.shape
+    num_groups = _check_ids(ids, batch, num_groups)
+    eps = check_finite(eps, "eps")
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        m = mask.to(dtype)
+        returns = _reverse_cumsum(rewards.to(dtype) * m)
+        w = sum_pi_squared.to(dtype) - 2 * old_log_probs.to(dtype).exp() + 1
+        if rollout_is_weights is not None:
+            w = w * rollout_is_weights.to(dtype).square()
+        wm = (w * m).cumsum(-1) * m
+        lengths = m.sum(-1)
+        counted = (lengths > 0).to(dtype) if multi_turn else torch.ones_like(lengths)
+        n = _at(_group_sum(counted, ids, num_groups), ids)
+        if multi_turn:
+            # The rank of each valid token in its row; the group sums run over (group, rank) cells.
+            step = (m.cumsum(-1) - 1).clamp(min=0).long()
+            cell = (ids[:, None] * length + step).reshape(-1)
+            num = m.new_zeros(num_groups * length).index_add_(0, cell, (returns * wm).reshape(-1))
+            den = m.new_zeros(num_groups * length).index_add_(0, cell, wm.reshape(-1))
+            base = (num / (den + eps))[cell].view(batch, length)
+        else:
+            step = torch.arange(length, device=rewards.device).expand(batch, length)
+            num = m.new_zeros(num_groups, length).index_add_(0, ids, returns * wm)
+            den = m.new_zeros(num_groups, length).index_add_(0, ids, wm)
+            base = (num / (den + eps))[ids]
+        keep = n > 1
+        if handle_zero_tail:
+            longest = _at(_group_max(lengths, ids, num_groups), ids)
+            top = lengths == longest
+            unique = _at(_group_sum(top.to(dtype), ids, num_groups), ids) == 1
+            others = torch.where(top, torch.zeros_like(lengths), lengths)
+            second = _at(_group_max(others, ids, num_groups), ids)
+            cut = torch.where(top & unique, second, torch.full_like(second, float(length)))
+            keep = keep[:, None] & (step < cut[:, None])
+        else:
+            keep = keep[:, None]
+        base = torch.where(keep, base, torch.zeros_like(base))
+        advantages = (returns - base) * m
+    return advantages, returns

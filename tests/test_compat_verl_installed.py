@@ -32,7 +32,8 @@ except ImportError as err:  # ModuleNotFoundError included: verl, or one of its 
 ATOL, RTOL = 1e-5, 1e-5
 # The rlkern.ops entry points the verl shims reach.
 SPIED = ("logprobs", "entropy", "linear_logprobs", "kl", "policy_loss", "value_loss", "gae",
-         "group_advantages", "discounted_returns", "masked_sum", "masked_whiten", "masked_var")
+         "group_advantages", "discounted_returns", "masked_sum", "masked_whiten", "masked_var",
+         "outcome_advantages", "optimal_token_baseline")
 # Every verl module the shims touch, and one of the actor's loss modules that copies them by name.
 VERL_MODULES = ("verl.utils.torch_functional", "verl.trainer.ppo.core_algos",
                 "verl.utils.kernel.linear_cross_entropy", "verl.workers.utils.losses")
@@ -307,7 +308,7 @@ def test_group_estimators_registry_entries(spy, name, kwargs):
     mask = float_mask(10, 9, seed=8)
     rewards = torch.randn(10, 9, generator=g) * mask
     (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn(name), rewards, mask, _uids(), spy=spy,
-                               expect=("group_advantages",), **kwargs)
+                               expect=("outcome_advantages",), **kwargs)
     close(got, want, name)
 
 
@@ -321,6 +322,214 @@ def test_reinforce_plus_plus_registry_entry(spy):
                                config=config, spy=spy, expect=("gae",))
     close(got, want, "reinforce_plus_plus")
 
+
+# --- every other ADV_ESTIMATOR_REGISTRY entry (verl 0.9.1), against verl's own function ---
+# Inputs: groups of uneven sizes (1, 2, 3, 5, 8, 4, 1, 6 responses, shuffled; two groups of one),
+# responses of every length including 0 (two zero-length responses), an
+# observation gap inside one response, masks float32 / int64 / bool. Tolerance: fp32 (ATOL = RTOL = 1e-5):
+# both sides compute in fp32 (rlkern's group statistics in float64, rounded once), so they differ by
+# the rounding of sums of <= 12 terms reordered, |values| <= ~50.
+
+GROUP_SIZES = (1, 2, 3, 5, 8, 4, 1, 6)
+MASK_DTYPES = (torch.float32, torch.int64, torch.bool)
+
+
+def _estimator_inputs(seed, mask_dtype, t=12, sizes=GROUP_SIZES):
+    g = torch.Generator().manual_seed(seed)
+    uids = np.array([f"uid-{k}" for k, n in enumerate(sizes) for _ in range(n)], dtype=object)
+    uids = uids[torch.randperm(len(uids), generator=g).numpy()]
+    b = len(uids)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    lengths[[3, 11]] = 0  # zero-length responses
+    lengths[7] = t  # at least one full row
+    mask = torch.arange(t)[None] < lengths[:, None]
+    mask[5, 3:6] = False  # an observation gap inside a response (multi-turn)
+    rewards = torch.randn(b, t, generator=g) * mask
+    extras = {"old_log_probs": -3 * torch.rand(b, t, generator=g),
+              "sum_pi_squared": torch.rand(b, t, generator=g),
+              "rollout_is_weights": torch.rand(b, t, generator=g) + 0.5}
+    return rewards, mask.to(mask_dtype), uids, extras
+
+
+def _estimator_kwargs(name, seed, mask_dtype):
+    rewards, mask, uids, extras = _estimator_inputs(seed, mask_dtype)
+    kwargs = {"token_level_rewards": rewards, "response_mask": mask}
+    config = OmegaConf.create({"gamma": 1.0, "norm_adv_by_std_in_grpo": True})
+    if name == "remax":
+        g = torch.Generator().manual_seed(seed)
+        kwargs["reward_baselines"] = torch.randn(rewards.shape[0], generator=g)
+    else:
+        kwargs["index"] = uids
+    if name in ("gdpo", "reinforce_plus_plus_baseline", "opo", "gpg", "rloo_vectorized", "grpo_vectorized"):
+        kwargs["config"] = config
+    if name.endswith("optimal_token_baseline"):
+        kwargs.update(extras)
+    return kwargs
+
+
+OUTCOME_ESTIMATORS = ("grpo", "grpo_vectorized", "gdpo", "reinforce_plus_plus_baseline", "opo", "gpg", "rloo",
+                      "rloo_vectorized", "remax", "optimal_token_baseline", "tir_optimal_token_baseline")
+
+
+def _expected_op(name):
+    if name == "remax":
+        return "gae"  # the reward-to-go scan
+    return "optimal_token_baseline" if name.endswith("optimal_token_baseline") else "outcome_advantages"
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)
+@pytest.mark.parametrize("name", OUTCOME_ESTIMATORS)
+def test_every_estimator_registry_entry(spy, name, mask_dtype):
+    kwargs = _estimator_kwargs(name, 20 + OUTCOME_ESTIMATORS.index(name), mask_dtype)
+    (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn(name), spy=spy, expect=(_expected_op(name),),
+                               **kwargs)
+    close(got, want, name)
+
+
+@pytest.mark.parametrize("kwargs", [{"handle_zero_tail": False}, {"rollout_is_weights": None},
+                                    {"epsilon": 1e-3}], ids=["no_zero_tail", "no_is_weights", "eps"])
+@pytest.mark.parametrize("name", ["optimal_token_baseline", "tir_optimal_token_baseline"])
+def test_optimal_token_baseline_options(spy, name, kwargs):
+    base = _estimator_kwargs(name, 40, torch.float32)
+    (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn(name), spy=spy,
+                               expect=("optimal_token_baseline",), **{**base, **kwargs})
+    close(got, want, f"{name} {kwargs}")
+
+
+@pytest.mark.parametrize("name", ["optimal_token_baseline", "tir_optimal_token_baseline"])
+def test_optimal_token_baseline_tied_longest(spy, name):
+    """handle_zero_tail acts only when a group's longest response is unique: a group whose two longest
+    tie keeps its baseline; one whose longest is unique gets 0 from the second length on."""
+    b, t = 6, 10
+    mask = torch.zeros(b, t)
+    for row, length in enumerate((10, 10, 4, 9, 5, 2)):  # group 0 ties at 10; group 1 unique 9 > 5
+        mask[row, :length] = 1.0
+    mask[3, 2] = 0.0  # a gap: columns and ranks differ (tir)
+    g = torch.Generator().manual_seed(41)
+    extras = {"old_log_probs": -torch.rand(b, t, generator=g),
+              "sum_pi_squared": torch.rand(b, t, generator=g)}
+    uids = np.array([0, 0, 0, 1, 1, 1])
+    (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn(name), torch.randn(b, t, generator=g) * mask,
+                               mask, uids, spy=spy, expect=("optimal_token_baseline",), **extras)
+    close(got, want, name)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)
+def test_grpo_passk_registry_entry(spy, mask_dtype, norm):
+    """Pass@k: 0/1/2 rewards so that groups have ties for the best (all 0) and unique bests; verl reads
+    norm_adv_by_std_in_grpo from the config, not from its argument."""
+    rewards, mask, uids, _ = _estimator_inputs(50, mask_dtype, sizes=(2, 3, 5, 8, 4, 6, 2))
+    scores = torch.randint(0, 3, (rewards.shape[0],), generator=torch.Generator().manual_seed(51)).float()
+    rewards = torch.zeros_like(rewards)
+    rewards[:, 0] = scores
+    config = OmegaConf.create({"norm_adv_by_std_in_grpo": norm})
+    (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn("grpo_passk"), rewards, mask, uids,
+                               norm_adv_by_std_in_grpo=not norm, config=config, spy=spy,
+                               expect=("outcome_advantages",))
+    close(got, want, "grpo_passk")
+
+
+def test_grpo_passk_group_of_one_raises():
+    rewards, mask, uids, _ = _estimator_inputs(52, torch.float32)  # GROUP_SIZES has groups of one
+    config = OmegaConf.create({})
+    with pytest.raises(ValueError, match="at least 2 samples per group"):
+        core.compute_grpo_passk_outcome_advantage(rewards, mask, uids, config=config)
+    with pytest.raises(ValueError, match="at least 2 samples per group"):
+        shim.compute_grpo_passk_outcome_advantage(rewards, mask, uids, config=config)
+
+
+@pytest.mark.parametrize("weights", [None, [0.3, 1.0, 2.5]])
+def test_gdpo_reward_keys(spy, weights):
+    """GDPO with its per-component rewards read from non_tensor_batch[config.gdpo_reward_keys] (verl
+    writes each at the last response token: batch['prompts'] and batch['attention_mask'])."""
+    rewards, mask, uids, _ = _estimator_inputs(53, torch.float32)
+    b, t = mask.shape
+    g = torch.Generator().manual_seed(54)
+    keys = ["format_reward", "accuracy_reward", "length_reward"]
+    non_tensor = {"uid": uids, **{k: (torch.randint(0, 3, (b,), generator=g).numpy() * 0.5) for k in keys}}
+    prompt = 5
+    batch = {"prompts": torch.zeros(b, prompt, dtype=torch.long),
+             "attention_mask": torch.cat([torch.ones(b, prompt), mask], dim=1).long()}
+    config = OmegaConf.create({"gdpo_reward_keys": keys, "gdpo_reward_weights": weights})
+    (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn("gdpo"), rewards, mask, uids, config=config,
+                               non_tensor_batch=non_tensor, batch=batch, spy=spy,
+                               expect=("outcome_advantages", "masked_whiten"))
+    close(got, want, "gdpo")
+
+
+@pytest.mark.parametrize("index", [
+    np.array([3, 3, 7, 7, 7, 0, 12, 12]),  # sparse integer uids
+    np.array([1.0, 1.0 + 1e-9, 2.0, 2.0, 5.0, 5.0, 5.0, 9.0]),  # near-integer floats are rounded
+    np.array(["10", "10", "010", "2", "2", "33", "33", "33"]),  # numeric strings: "10" == "010"
+    np.array([0.2, 0.7, 1.5, 1.9, 2.5, 3.0, 3.0, 0.1]),  # other floats are truncated (!)
+    np.array(["a", 1, "a", 1, "b", "b", 2, 2], dtype=object),  # mixed: factorised by str()
+    torch.tensor([4, 4, 1, 1, 1, 9, 9, 2]),
+], ids=["ints", "near_int_floats", "numeric_strings", "floats", "mixed_objects", "tensor"])
+def test_grpo_vectorized_grouping(spy, index):
+    """grpo_vectorized groups with verl.utils.as_torch_index, not with the dict of grpo."""
+    g = torch.Generator().manual_seed(55)
+    mask = float_mask(8, 6, seed=55)
+    rewards = torch.randn(8, 6, generator=g) * mask
+    (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn("grpo_vectorized"), rewards, mask, index,
+                               spy=spy, expect=("outcome_advantages",))
+    close(got, want, "grpo_vectorized")
+
+
+@pytest.mark.parametrize("name", ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "gpg",
+                                  "reinforce_plus_plus_baseline"])
+def test_binary_rewards_flat_groups_exact(spy, name):
+    """0/1 rewards, groups all 0 or all 1 among mixed ones: verl's loops and rlkern agree exactly on the
+    flat groups' 0 (a group mean of equal small integers has no rounding; for continuous scores verl
+    gives a flat group the rounding of its mean / epsilon, rlkern exactly 0)."""
+    uids = np.repeat(np.arange(6), 4)
+    scores = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 0, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1]).float()
+    mask = float_mask(24, 5, seed=56)
+    rewards = torch.zeros(24, 5)
+    rewards[:, 1] = scores
+    kwargs = {"config": OmegaConf.create({})} if name != "grpo" else {}
+    (got, _), (want, _) = both(lambda: core.get_adv_estimator_fn(name), rewards, mask, uids, spy=spy,
+                               expect=("outcome_advantages",), **kwargs)
+    close(got, want, name)
+    assert torch.equal(got[0][:8], want[0][:8])  # the flat groups (whitening then shifts them alike)
+    if name != "reinforce_plus_plus_baseline":
+        assert not got[0][:8].any()
+
+
+def test_trainer_shaped_calls_reach_rlkern(spy):
+    """The call verl 0.9.1's trainer makes (ray_trainer.compute_advantage, which needs torchdata and is
+    not importable here) for every estimator but gae and grpo: get_adv_estimator_fn(name)(**adv_kwargs)
+    with config, the uid column as index, reward_baselines when the batch has them (remax), and for the
+    optimal token baselines sum_pi_squared, old_log_probs and rollout_is_weights. Patched, each call
+    reaches rlkern once; the numbers are verl's."""
+    rewards, mask, uids, extras = _estimator_inputs(57, torch.float32, sizes=(2, 3, 5, 8, 4, 6, 2))
+    config = OmegaConf.create({"gamma": 1.0, "norm_adv_by_std_in_grpo": True})
+    names = [n for n in core.ADV_ESTIMATOR_REGISTRY if n not in ("gae", "grpo")]
+    results = []
+    for patched in (False, True):
+        if patched:
+            compat.patch("verl", strict=True)
+        try:
+            for name in names:
+                adv_kwargs = {"token_level_rewards": rewards, "response_mask": mask, "config": config,
+                              "index": uids}
+                if name == "remax":
+                    adv_kwargs["reward_baselines"] = rewards.sum(-1) * 0.5
+                if name == "gdpo":
+                    parts = {"fmt": (rewards.sum(-1) > 0).numpy() * 1.0, "acc": rewards.sum(-1).numpy()}
+                    batch = {"prompts": torch.zeros(len(uids), 3, dtype=torch.long),
+                             "attention_mask": torch.cat([torch.ones(len(uids), 3), mask], 1).long()}
+                    adv_kwargs.update(config=OmegaConf.create({"gdpo_reward_keys": ["fmt", "acc"]}),
+                                      non_tensor_batch={"uid": uids, **parts}, batch=batch)
+                if name.endswith("optimal_token_baseline"):
+                    adv_kwargs.update(extras)
+                results.append(core.get_adv_estimator_fn(name)(**adv_kwargs))
+        finally:
+            compat.unpatch("verl")
+        if not patched:
+            assert not spy, spy
+    assert sum(spy.values()) >= len(names) - 1 and spy.get("optimal_token_baseline", 0) == 2, spy
+    close(results[len(names):], results[:len(names)], "trainer-shaped calls")
 
 # --- what patch() replaces, what it leaves, and unpatch ---
 
@@ -345,7 +554,9 @@ def test_patch_scope_and_unpatch_identity():
     # No verl module still holds an original of a replaced function.
     for name, attrs in mods_during.items():
         assert not [a for a, v in attrs.items() if id(v) in originals], name
-    replaced = {"vanilla"}, {"gae", "grpo", "rloo", "reinforce_plus_plus"}
+    # Every advantage estimator verl 0.9.1 registers (14) is replaced.
+    replaced = {"vanilla"}, set(regs_before["ADV_ESTIMATOR_REGISTRY"])
+    assert len(replaced[1]) == 14, sorted(replaced[1])
     for (reg, before), keys in zip(regs_before.items(), (replaced[1], replaced[0])):
         during = regs_during[reg]
         assert during.keys() == before.keys(), reg

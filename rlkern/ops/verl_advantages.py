@@ -44,18 +44,26 @@ def _check_ids(ids, batch: int, num_groups) -> int:
     return num_groups
 
 
+def _flat_cells(values: Tensor, ids: Tensor, num_groups: int) -> tuple[Tensor, Tensor, int]:
+    """``values [..., B]`` flattened, the (score set, group) cell of each element, and the number of
+    score sets."""
+    rows = values.shape[:-1].numel()
+    offset = (torch.arange(rows, device=ids.device) * num_groups)[:, None] + ids
+    return values.reshape(-1), offset.reshape(-1), rows
+
+
 def _group_sum(values: Tensor, ids: Tensor, num_groups: int) -> Tensor:
-    """Per-group sums of ``values [K, B]`` (or ``[B]``) along the last dim: ``[K, G]`` (``[G]``)."""
-    flat = values.reshape(-1, values.shape[-1])
-    k = flat.shape[0]
-    offset = (torch.arange(k, device=ids.device) * num_groups)[:, None] + ids
-    out = flat.new_zeros(k * num_groups).index_add_(0, offset.reshape(-1), flat.reshape(-1))
+    """Per-group sums of ``values [..., B]`` along the last dim: ``[..., G]``."""
+    flat, cells, rows = _flat_cells(values, ids, num_groups)
+    out = flat.new_zeros(rows * num_groups).index_add_(0, cells, flat)
     return out.view(*values.shape[:-1], num_groups)
 
 
 def _group_max(values: Tensor, ids: Tensor, num_groups: int) -> Tensor:
-    """Per-group maximum of ``values [B]``; -inf for a group with no element."""
-    return values.new_full((num_groups,), float("-inf")).scatter_reduce_(0, ids, values, "amax")
+    """Per-group maxima of ``values [..., B]``: ``[..., G]``, -inf for a group with no element."""
+    flat, cells, rows = _flat_cells(values, ids, num_groups)
+    out = flat.new_full((rows * num_groups,), float("-inf")).scatter_reduce_(0, cells, flat, "amax")
+    return out.view(*values.shape[:-1], num_groups)
 
 
 def _at(stat: Tensor, ids: Tensor) -> Tensor:

@@ -21,8 +21,8 @@
 // token whose clipped surrogate is NaN counts as NaN, so the clip fractions are NaN too; approx_kl
 // and k3 are NaN through their own values. Masked-out tokens never contribute, NaN or not.
 //
-// Forward: one pass over the rows writes per-row partial sums (loss, count, the clip counters, the KL
-// sums); a serial loop in a fixed order then combines them in double, so the result does not depend on
+// Forward: one pass over the rows writes per-row partial sums (loss, count, and the clip counters and KL
+// sums the kind reports: `reports`); a serial loop in a fixed order then combines them in double, so the result does not depend on
 // the thread count. It saves scale_b per row. Backward: one pass writes
 //   d logp_bt = grad * scale_b * w_bt * d l_bt / d logp_bt      (0 at masked positions)
 // where max/min/clamp ties split the gradient exactly as torch.maximum / torch.minimum / torch.clamp
@@ -32,6 +32,8 @@
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "losses.h"
@@ -44,7 +46,7 @@ namespace rlkern {
 namespace {
 
 // Per-row partial sums written by the forward pass, in this order.
-enum Partial : int { kLossSum, kCount, kClipped, kClipHigh, kClipLow, kDual, kNegLogRatio, kK3, kPartials };
+enum Partial : int { kLossSum, kCount, kClipped, kClipHigh, kClipLow, kDualFlag, kNegLogRatio, kK3, kPartials };
 // The stats vector returned to Python (kLossStats entries, rlkern/codes.py): every counter and KL sum
 // divided by the valid-token count: clipped, clip_high, clip_low, dual, approx_kl (mean -log r), k3 mean.
 static_assert(kLossStats == 6, "rlkern/codes.py LOSS_STATS must match the stats the kernels write");
@@ -102,8 +104,9 @@ struct TokenTerms {
   vfloat kl_grad;            // beta * d k3 / d logp; the token's loss is w * loss + beta * k3
 };
 
-// x = logp, y = old_logp, a = advantage, z = ref_logp.
-template <bool kRef, bool kBiasCorrected>
+// x = logp, y = old_logp, a = advantage, z = ref_logp. kDual: the dual clip is on (c finite); off, the
+// loss is clip1 itself, as rlkern.reference does without dual_clip (no min with -A * inf).
+template <bool kRef, bool kBiasCorrected, bool kDual>
 RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, const Consts& c) {
   TokenTerms t;
   const vfloat lr_raw = x - y;
@@ -117,19 +120,25 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
   const vfloat a1 = max_share(pg1, pg2);
   const vfloat clip1 = vmax_nan(pg1, pg2);  // torch.maximum
   const vfloat d_clip1 = neg_a * (a1 + (splat(1.f) - a1) * rc_pass);  // d clip1 / d ratio
-  // Dual clip: for A < 0, min(clip1, -A c). With c = +inf (off) -A c = +inf and clip1 always wins.
-  const vfloat pg3 = neg_a * c.dual;
-  const vfloat neg = gt(splat(0.f), a);
-  const vfloat b1 = max_share(pg3, clip1);  // torch.minimum share of clip1 = share of pg3 in a max
-  t.dual = gt(clip1, pg3) * neg;
-  t.loss = pick(t.dual, pg3, clip1);  // = where(A < 0, min(pg3, clip1), clip1); NaN clip1 -> NaN
   // torch.clamp's backward selects (0 where the clamp is active), so an infinite A times a clamped
   // log-ratio gives 0 there, not 0 * inf; a NaN token's gradient is NaN (lr_pass fails on NaN).
-  t.grad = pick(lr_pass, pick(neg, d_clip1 * b1, d_clip1) * ratio, splat(0.f));
+  if constexpr (kDual) {
+    // Dual clip: for A < 0, min(clip1, -A c).
+    const vfloat pg3 = neg_a * c.dual;
+    const vfloat neg = gt(splat(0.f), a);
+    const vfloat b1 = max_share(pg3, clip1);  // torch.minimum share of clip1 = share of pg3 in a max
+    t.dual = gt(clip1, pg3) * neg;
+    t.loss = pick(t.dual, pg3, clip1);  // = where(A < 0, min(pg3, clip1), clip1); NaN clip1 -> NaN
+    t.grad = pick(lr_pass, pick(neg, d_clip1 * b1, d_clip1) * ratio, splat(0.f));
+  } else {
+    t.dual = splat(0.f);
+    t.loss = clip1;
+    t.grad = pick(lr_pass, d_clip1 * ratio, splat(0.f));
+  }
   t.grad = pick(eq(t.loss, t.loss), t.grad, t.loss);
   t.clipped = flag_or_nan(gt(pg2, pg1), clip1);
   t.clip_high = flag_or_nan(gt(ratio, c.hi) * gt(a, splat(0.f)), clip1);
-  t.clip_low = flag_or_nan(gt(c.lo, ratio) * neg, clip1);
+  t.clip_low = flag_or_nan(gt(c.lo, ratio) * gt(splat(0.f), a), clip1);
   t.dual = flag_or_nan(t.dual, clip1);
   t.neg_log_ratio = -lr;
   t.k3 = t.kl_grad = splat(0.f);
@@ -211,17 +220,34 @@ RLKERN_INLINE Block<T> load_block(const Rows<T>& r, int64_t b, int64_t t0, int64
   return k;
 }
 
-template <int64_t K>
+template <int64_t K, bool kDual>
 RLKERN_INLINE TokenTerms terms(vfloat x, vfloat y, vfloat a, vfloat z, const Consts& c) {
   if constexpr (K == kLossValue) return value_terms(x, y, a, c);
-  else return policy_terms<K == kLossGrpo || K == kLossGrpoBc, K == kLossGrpoBc>(x, y, a, z, c);
+  else return policy_terms<K == kLossGrpo || K == kLossGrpoBc, K == kLossGrpoBc, kDual>(x, y, a, z, c);
+}
+
+// The per-row partial sums kind K reports (rlkern/ops/losses.py reads only these stats; the others
+// are written as 0): policy: clip fraction, dual-clip fraction (with the dual clip), approx_kl;
+// grpo: clip_low / clip_high, approx_kl, k3; value: clip fraction. A flag that is not summed is
+// never computed (the token terms are inlined and its value is dead code).
+template <int64_t K, bool kDual>
+constexpr bool reports(int p) {
+  const bool grpo = K == kLossGrpo || K == kLossGrpoBc;
+  switch (p) {
+    case kLossSum: case kCount: return true;
+    case kClipped: return !grpo;
+    case kClipHigh: case kClipLow: case kK3: return grpo;
+    case kDualFlag: return K == kLossPolicy && kDual;
+    case kNegLogRatio: return K != kLossValue;
+    default: return false;
+  }
 }
 
 // With kSave the forward also writes each token's unscaled gradient w * d l / d x + beta * d k3 / d x
 // (float32, unmasked) into `saved`, so that the backward is one elementwise pass (backward_saved)
 // instead of a second evaluation of every token's terms. The product order is the backward's, so the
 // result is bitwise the same.
-template <typename T, int64_t K, bool kSave>
+template <typename T, int64_t K, bool kDual, bool kSave>
 RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, const Consts& c, float* partial,
                                 float* saved) {
   alignas(64) float valid[kChunk];
@@ -234,7 +260,7 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
       for (int64_t t = 0; t < cn; t += kLanes) {
         Block<T> k = load_block(r, b, c0 + t, std::min<int64_t>(kLanes, cn - t));
         k.valid = load16(valid + t);
-        const TokenTerms tt = terms<K>(k.x, k.y, k.a, k.z, c);
+        const TokenTerms tt = terms<K, kDual>(k.x, k.y, k.a, k.z, c);
         // Selects, not products with the mask: 0 * NaN from padding would poison the sums (the flags
         // too are NaN where a token's surrogate is).
         const vfloat v = k.valid;
@@ -248,19 +274,19 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
         }
         acc[kLossSum] += keep(weighted, v);
         acc[kCount] += v;
-        acc[kClipped] += keep(tt.clipped, v);
-        acc[kClipHigh] += keep(tt.clip_high, v);
-        acc[kClipLow] += keep(tt.clip_low, v);
-        acc[kDual] += keep(tt.dual, v);
-        acc[kNegLogRatio] += keep(tt.neg_log_ratio, v);
-        acc[kK3] += keep(tt.k3, v);
+        if constexpr (reports<K, kDual>(kClipped)) acc[kClipped] += keep(tt.clipped, v);
+        if constexpr (reports<K, kDual>(kClipHigh)) acc[kClipHigh] += keep(tt.clip_high, v);
+        if constexpr (reports<K, kDual>(kClipLow)) acc[kClipLow] += keep(tt.clip_low, v);
+        if constexpr (reports<K, kDual>(kDualFlag)) acc[kDualFlag] += keep(tt.dual, v);
+        if constexpr (reports<K, kDual>(kNegLogRatio)) acc[kNegLogRatio] += keep(tt.neg_log_ratio, v);
+        if constexpr (reports<K, kDual>(kK3)) acc[kK3] += keep(tt.k3, v);
       }
     }
     for (int i = 0; i < kPartials; ++i) partial[b * kPartials + i] = hsum(acc[i]);
   }
 }
 
-template <typename T, int64_t K>
+template <typename T, int64_t K, bool kDual>
 RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, const Consts& c, float grad,
                                  const float* scale, T* out) {
   alignas(64) float valid[kChunk];
@@ -272,7 +298,7 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
       for (int64_t t = 0; t < cn; t += kLanes) {
         const int64_t n = std::min<int64_t>(kLanes, cn - t), t0 = c0 + t;
         const Block<T> k = load_block(r, b, t0, n);
-        const TokenTerms tt = terms<K>(k.x, k.y, k.a, k.z, c);
+        const TokenTerms tt = terms<K, kDual>(k.x, k.y, k.a, k.z, c);
         const vfloat d = keep(g * (k.w * tt.grad + tt.kl_grad), load16(valid + t));
         if (n == kLanes) store16(out + b * r.len + t0, d);
         else store_tail(out + b * r.len + t0, d, n);
@@ -315,45 +341,54 @@ RLKERN_SAVED_KERNEL(c10::BFloat16, bf16)
 RLKERN_SAVED_KERNEL(c10::Half, f16)
 #undef RLKERN_SAVED_KERNEL
 
-// One clone set per (storage type, kind), each covering a range of rows so the CPU-feature dispatch
-// is paid once per thread chunk.
-#define RLKERN_LOSS_KERNELS(T, SUFFIX, K)                                                                  \
-  RLKERN_CLONES void forward_##SUFFIX##_##K(int64_t b, int64_t e, const Rows<T>& r, const Consts& c,       \
-                                            float* partial, float* saved) {                              \
-    if (saved != nullptr) forward_rows<T, K, true>(b, e, r, c, partial, saved);                           \
-    else forward_rows<T, K, false>(b, e, r, c, partial, nullptr);                                         \
+// One clone set per (storage type, kind, dual clip on/off), each covering a range of rows so the
+// CPU-feature dispatch is paid once per thread chunk. The dual clip exists for the policy kind only.
+#define RLKERN_LOSS_KERNELS(T, SUFFIX, K, D)                                                               \
+  RLKERN_CLONES void forward_##SUFFIX##_##K##_##D(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, \
+                                                  float* partial, float* saved) {                        \
+    if (saved != nullptr) forward_rows<T, K, D, true>(b, e, r, c, partial, saved);                        \
+    else forward_rows<T, K, D, false>(b, e, r, c, partial, nullptr);                                      \
   }                                                                                                       \
-  RLKERN_CLONES void backward_##SUFFIX##_##K(int64_t b, int64_t e, const Rows<T>& r, const Consts& c,      \
-                                             float g, const float* s, T* out) {                           \
-    backward_rows<T, K>(b, e, r, c, g, s, out);                                                           \
+  RLKERN_CLONES void backward_##SUFFIX##_##K##_##D(int64_t b, int64_t e, const Rows<T>& r, const Consts& c,\
+                                                   float g, const float* s, T* out) {                     \
+    backward_rows<T, K, D>(b, e, r, c, g, s, out);                                                        \
   }                                                                                                       \
   void forward_kind(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, float* p, float* sv,         \
-                    std::integral_constant<int64_t, K>) {                                                    \
-    forward_##SUFFIX##_##K(b, e, r, c, p, sv);                                                            \
+                    std::integral_constant<int64_t, K>, std::bool_constant<D>) {                          \
+    forward_##SUFFIX##_##K##_##D(b, e, r, c, p, sv);                                                      \
   }                                                                                                       \
   void backward_kind(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, float g, const float* s,    \
-                     T* out, std::integral_constant<int64_t, K>) {                                           \
-    backward_##SUFFIX##_##K(b, e, r, c, g, s, out);                                                       \
+                     T* out, std::integral_constant<int64_t, K>, std::bool_constant<D>) {                 \
+    backward_##SUFFIX##_##K##_##D(b, e, r, c, g, s, out);                                                 \
   }
-#define RLKERN_LOSS_KINDS(T, SUFFIX)      \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy) \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo)   \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc) \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossValue)
+#define RLKERN_LOSS_KINDS(T, SUFFIX)             \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, false) \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, true)  \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo, false)   \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc, false) \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossValue, false)
 RLKERN_LOSS_KINDS(float, f32)
 RLKERN_LOSS_KINDS(c10::BFloat16, bf16)
 RLKERN_LOSS_KINDS(c10::Half, f16)
 #undef RLKERN_LOSS_KINDS
 #undef RLKERN_LOSS_KERNELS
 
-// Calls f(std::integral_constant<int64_t, kind>{}).
+// Calls f(std::integral_constant<int64_t, kind>{}, std::bool_constant<dual clip on>{}). The dual clip
+// (a finite c) is the policy kind's only; the others take c = +inf.
 template <typename F>
-void dispatch_kind(int64_t kind, F&& f) {
+void dispatch_kind(int64_t kind, double dual_clip, F&& f) {
+  using std::bool_constant, std::integral_constant;
+  const bool dual = dual_clip != std::numeric_limits<double>::infinity();
+  TORCH_CHECK(kind == kLossPolicy || !dual, "dual_clip applies to the policy kind only (the others take +inf), "
+              "got ", dual_clip);
   switch (kind) {
-    case kLossPolicy: f(std::integral_constant<int64_t, kLossPolicy>{}); break;
-    case kLossGrpo: f(std::integral_constant<int64_t, kLossGrpo>{}); break;
-    case kLossValue: f(std::integral_constant<int64_t, kLossValue>{}); break;
-    case kLossGrpoBc: f(std::integral_constant<int64_t, kLossGrpoBc>{}); break;
+    case kLossPolicy:
+      if (dual) f(integral_constant<int64_t, kLossPolicy>{}, bool_constant<true>{});
+      else f(integral_constant<int64_t, kLossPolicy>{}, bool_constant<false>{});
+      break;
+    case kLossGrpo: f(integral_constant<int64_t, kLossGrpo>{}, bool_constant<false>{}); break;
+    case kLossValue: f(integral_constant<int64_t, kLossValue>{}, bool_constant<false>{}); break;
+    case kLossGrpoBc: f(integral_constant<int64_t, kLossGrpoBc>{}, bool_constant<false>{}); break;
     default: TORCH_CHECK(false, "kind must be 0 (policy), 1 (grpo), 2 (value) or 3 (grpo_bc), got ", kind);
   }
 }
@@ -434,9 +469,9 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
   dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     const Rows<T> r = rows_of<T>(kind, x, y, a, z, w, mask);
-    dispatch_kind(kind, [&](auto k) {
+    dispatch_kind(kind, dual_clip, [&](auto k, auto dual) {
       at::parallel_for(0, B, rows_per_task(r.len), [&](int64_t b, int64_t e) {
-        forward_kind(b, e, r, c, partial.data(), saved_ptr, k);
+        forward_kind(b, e, r, c, partial.data(), saved_ptr, k, dual);
       });
     });
   });
@@ -458,7 +493,7 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
   }
   loss_ptr[0] = static_cast<float>(total);
   const double n = std::max(tokens, 1.0);
-  const int order[kLossStats] = {kClipped, kClipHigh, kClipLow, kDual, kNegLogRatio, kK3};
+  const int order[kLossStats] = {kClipped, kClipHigh, kClipLow, kDualFlag, kNegLogRatio, kK3};
   for (int i = 0; i < kLossStats; ++i) stats_ptr[i] = static_cast<float>(sums[order[i]] / n);
 }
 
@@ -479,9 +514,9 @@ void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tens
     using T = decltype(tag);
     const Rows<T> r = rows_of<T>(kind, x, y, a, z, w, mask);
     T* out = static_cast<T*>(grad_x.data_ptr());
-    dispatch_kind(kind, [&](auto k) {
+    dispatch_kind(kind, dual_clip, [&](auto k, auto dual) {
       at::parallel_for(0, B, rows_per_task(r.len), [&](int64_t b, int64_t e) {
-        backward_kind(b, e, r, c, g, scale, out, k);
+        backward_kind(b, e, r, c, g, scale, out, k, dual);
       });
     });
   });

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -13,10 +14,19 @@ namespace rlkern {
 // row's mask into an L1-resident float buffer and reads it back with load16. The buffer is filled
 // to a multiple of 16 (zeros past n), so full-vector loads of a tail are safe.
 template <typename M>
-RLKERN_INLINE void mask_to_float(const M* p, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store16(out + i, mask16(p + i));
-  if (i < n) store16(out + i, mask_tail(p + i, n - i));
+RLKERN_INLINE void mask_to_float(const M* __restrict p, int64_t n, float* __restrict out) {
+  if constexpr (std::is_same_v<M, uint8_t>) {
+    // bool / uint8: GCC 12 lowers a 16-lane uint8 -> float __builtin_convertvector (mask16) one lane
+    // at a time (16 vcvtusi2ss); the auto-vectoriser turns this loop into byte compares and masked
+    // moves, 64 tokens an iteration (4-5x faster staging).
+    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i] != 0 ? 1.f : 0.f;
+    for (int64_t i = n; i < padded; ++i) out[i] = 0.f;
+  } else {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) store16(out + i, mask16(p + i));
+    if (i < n) store16(out + i, mask_tail(p + i, n - i));
+  }
 }
 using MaskStager = void (*)(const void* mask, int64_t n, float* out);
 template <typename M>

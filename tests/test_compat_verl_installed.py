@@ -531,6 +531,98 @@ def test_trainer_shaped_calls_reach_rlkern(spy):
     assert sum(spy.values()) >= len(names) - 1 and spy.get("optimal_token_baseline", 0) == 2, spy
     close(results[len(names):], results[:len(names)], "trainer-shaped calls")
 
+# --- the cases of verl's own CPU suite (tests/trainer/ppo/test_core_algos_on_cpu.py), run patched ---
+# Our own tests of the same cases (verl's file is not vendored): its registry tests, its multi-turn GAE
+# test, and its GRPO / RLOO "loop vs vectorized" equivalence tests, each with rlkern.compat.patch("verl")
+# in effect, so every function called is rlkern's.
+
+@pytest.fixture
+def patched_verl():
+    compat.patch("verl", strict=True)
+    yield core
+    compat.unpatch("verl")
+
+
+def test_suite_registry_behaviour_patched(patched_verl):
+    """register_adv_est / get_adv_estimator_fn keep verl's behaviour on the patched registry: a new name
+    registers; re-registering the same function is allowed, a different one for a taken name raises;
+    unknown names and other cases raise verl's ValueError."""
+    registry = patched_verl.ADV_ESTIMATOR_REGISTRY
+    assert all(fn.__module__ == "rlkern.compat.verl" for fn in registry.values())
+
+    def custom(token_level_rewards, response_mask, **kwargs):
+        return token_level_rewards, token_level_rewards
+
+    try:
+        assert patched_verl.register_adv_est("rlkern_test_estimator")(custom) is custom
+        patched_verl.register_adv_est("rlkern_test_estimator")(custom)
+        assert patched_verl.get_adv_estimator_fn("rlkern_test_estimator") is custom
+        with pytest.raises(ValueError, match="already been registered"):
+            patched_verl.register_adv_est("rlkern_test_estimator")(lambda: None)
+        grpo = registry["grpo"]
+        assert patched_verl.register_adv_est("grpo")(grpo) is grpo  # the patched entry, re-registered
+        assert patched_verl.get_adv_estimator_fn(patched_verl.AdvantageEstimator.GRPO) is grpo
+        for bad in ("invalid_name", "GAE"):
+            with pytest.raises(ValueError, match="Unknown advantage estimator simply"):
+                patched_verl.get_adv_estimator_fn(bad)
+    finally:
+        registry.pop("rlkern_test_estimator", None)
+
+
+def test_suite_multi_turn_gae_skips_observation_tokens(patched_verl):
+    """verl's case: the values at observation tokens (mask 0) must not change the advantages at all, nor
+    the returns at valid tokens: bitwise, for random gamma and lambda."""
+    rng = np.random.default_rng(60)
+    rewards = torch.tensor([[0.0, 0.0, 0.1, 0.1, 0.1, 0.0, 0.0, 0.1, 1.0, 0.0, 0.0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0]], dtype=torch.float)
+    for _ in range(5):
+        gamma, lam = rng.uniform(0, 1, 2)
+        values = [torch.tensor([[rng.uniform(-100, 100), rng.random(), 4.0, 5.0, 6.0,
+                                 rng.uniform(-100, 100), rng.uniform(0, 100), 7.0, 9.0, 0.0, 0.0]])
+                  for _ in range(2)]
+        (adv1, ret1), (adv2, ret2) = (patched_verl.compute_gae_advantage_return(rewards, v, mask, gamma, lam)
+                                      for v in values)
+        assert torch.equal(adv1, adv2)
+        assert torch.equal(ret1 * mask, ret2 * mask)
+
+
+def _suite_group_index(rng, batch, groups):
+    counts = np.full(groups, 2)  # every group has at least 2 responses, as in verl's helper
+    np.add.at(counts, rng.integers(0, groups, batch - 2 * groups), 1)
+    return rng.permutation(np.repeat(np.arange(groups), counts)).astype(np.int64)
+
+
+def _suite_mask(batch, length, seed):
+    mask = torch.randint(0, 2, (batch, length), generator=torch.Generator().manual_seed(seed)).float()
+    mask[mask.sum(-1) == 0, -1] = 1.0  # every row keeps one valid token
+    return mask
+
+
+@pytest.mark.parametrize("pair", [
+    ("compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage"),
+    ("compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage"),
+], ids=["rloo", "grpo"])
+@pytest.mark.parametrize("batch,length,groups,seed", [(64, 128, 5, 0), (128, 256, 8, 1), (512, 512, 10, 2)])
+def test_suite_loop_and_vectorized_equivalence_patched(patched_verl, pair, batch, length, groups, seed):
+    """verl's equivalence tests (same sizes, same tolerance: rtol 1e-5, atol 1e-6) on the patched
+    functions, and each patched function against verl's original."""
+    rng = np.random.default_rng(seed)
+    index = _suite_group_index(rng, batch, groups)
+    mask = _suite_mask(batch, length, seed)
+    rewards = torch.randn(batch, length, generator=torch.Generator().manual_seed(seed + 100)) * mask
+    loop, vectorized = (getattr(patched_verl, name) for name in pair)
+    assert loop.__module__ == vectorized.__module__ == "rlkern.compat.verl"
+    adv1, ret1 = loop(token_level_rewards=rewards, response_mask=mask, index=index)
+    adv2, ret2 = vectorized(token_level_rewards=rewards, response_mask=mask, index=index)
+    assert adv1.shape == adv2.shape == ret1.shape == ret2.shape == (batch, length)
+    assert torch.allclose(adv1, adv2, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ret1, ret2, rtol=1e-5, atol=1e-6)
+    compat.unpatch("verl")
+    for name, got in zip(pair, (adv1, adv2)):
+        want, _ = getattr(core, name)(token_level_rewards=rewards, response_mask=mask, index=index)
+        close(got, want, name)
+
+
 # --- what patch() replaces, what it leaves, and unpatch ---
 
 def _snapshot():

@@ -71,7 +71,8 @@ def _masked_stat(x: Tensor, mask: Tensor, dim: int | None, kind: int, unbiased: 
     """(statistic, saved): saved is float64 [2, ...] (centring mean, gradient scale) for backward."""
     out, saved, low = kernels(backend, "masked").masked_stat_fwd(
         _rows(x, dim), _rows(mask, dim), dim is None, kind, int(unbiased), _common.POISON_OUTPUTS)
-    _check_count(low, need, _NAMES[kind], out.dim() > 0)
+    if need:
+        _check_count(low, need, _NAMES[kind], out.dim() > 0)
     return out, saved
 
 
@@ -90,21 +91,38 @@ def _masked_stat_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: 
     return _from_rows(dx, dim)
 
 
-@_masked_stat_bwd.register_fake
-def _(grad, x, mask, saved, dim, kind, backend):
+def _fake_dx(grad, x, *_):
+    """Both backward ops return d x: x-shaped, contiguous."""
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_masked_stat_bwd.register_fake(_fake_dx)
+
+
+def _save(ctx, x: Tensor, mask: Tensor, saved: Tensor, args: tuple) -> None:
+    """setup_context of both forward ops: backward reads x, the mask, the saved statistics and args."""
+    ctx.save_for_backward(x, mask, saved)
+    ctx.args = args
+    ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # saved's gradient is never defined: no zeros for it
+
+
+def _backward(ctx, grad, op, inputs: int) -> tuple:
+    """d x from the backward op ``op`` (None when no gradient reaches the output), then a None for
+    each of the forward's other ``inputs - 1`` inputs."""
+    if grad is None:
+        return (None,) * inputs
+    x, mask, saved = ctx.saved_tensors
+    return (op(grad, x, mask, saved, *ctx.args),) + (None,) * (inputs - 1)
 
 
 def _stat_setup(ctx, inputs, output):
     x, mask, dim, kind, _, _, backend = inputs
-    ctx.save_for_backward(x, mask, output[1])
-    ctx.args = (dim, kind, backend)
-    ctx.mark_non_differentiable(output[1])
+    _save(ctx, x, mask, output[1], (dim, kind, backend))
 
 
 def _stat_backward(ctx, grad, _):
-    x, mask, saved = ctx.saved_tensors
-    return _masked_stat_bwd(grad, x, mask, saved, *ctx.args), None, None, None, None, None, None
+    return _backward(ctx, grad, _masked_stat_bwd, 7)
 
 
 _masked_stat.register_autograd(_stat_backward, setup_context=_stat_setup)
@@ -119,7 +137,8 @@ def _masked_whiten(x: Tensor, mask: Tensor, dim: int | None, shift_mean: bool, u
     """(whitened, saved): saved is float64 [4, ...] (mean, rstd, n, n - ddof) for backward."""
     y, saved, low = kernels(backend, "masked").masked_whiten_fwd(
         _rows(x, dim), _rows(mask, dim), dim is None, shift_mean, int(unbiased), eps, _common.POISON_OUTPUTS)
-    _check_count(low, need, "masked_whiten", saved.dim() > 1)
+    if need:
+        _check_count(low, need, "masked_whiten", saved.dim() > 1)
     return _from_rows(y, dim), saved
 
 
@@ -138,21 +157,16 @@ def _masked_whiten_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim
     return _from_rows(dx, dim)
 
 
-@_masked_whiten_bwd.register_fake
-def _(grad, x, mask, saved, dim, shift_mean, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+_masked_whiten_bwd.register_fake(_fake_dx)
 
 
 def _whiten_setup(ctx, inputs, output):
     x, mask, dim, shift_mean, _, _, _, backend = inputs
-    ctx.save_for_backward(x, mask, output[1])
-    ctx.args = (dim, shift_mean, backend)
-    ctx.mark_non_differentiable(output[1])
+    _save(ctx, x, mask, output[1], (dim, shift_mean, backend))
 
 
 def _whiten_backward(ctx, grad, _):
-    x, mask, saved = ctx.saved_tensors
-    return _masked_whiten_bwd(grad, x, mask, saved, *ctx.args), None, None, None, None, None, None, None
+    return _backward(ctx, grad, _masked_whiten_bwd, 8)
 
 
 _masked_whiten.register_autograd(_whiten_backward, setup_context=_whiten_setup)
@@ -192,7 +206,7 @@ def _reference_count(mask: Tensor, dim: int | None, need: int, what: str) -> Non
 def _stat(x, mask, dim, kind: int, unbiased: bool) -> Tensor:
     mask, dim = _validate(x, mask, dim)
     backend = pick_backend(x)
-    need = _need(kind, unbiased)
+    need = 0 if kind == SUM else _need(kind, unbiased)
     if backend == "torch":
         _reference_count(mask, dim, need, _NAMES[kind])
         if kind == VAR:

@@ -63,10 +63,13 @@ def test_outcome_by_hand():
 
 def test_outcome_leading_dims_are_independent_score_sets():
     ids, groups = _ids(seed=3)
-    scores = torch.randn(3, ids.numel())
-    both = ops.outcome_advantages(scores, ids, groups)
-    for k in range(3):
-        torch.testing.assert_close(both[k], ops.outcome_advantages(scores[k], ids, groups), atol=0, rtol=0)
+    scores = torch.randn(2, 3, ids.numel())
+    for method in OUTCOME_METHODS:
+        w = torch.rand(ids.numel()) if method == "opo" else None
+        sets = ops.outcome_advantages(scores, ids, groups, method=method, weights=w)
+        for j, k in ((0, 0), (1, 2)):
+            one = ops.outcome_advantages(scores[j, k], ids, groups, method=method, weights=w)
+            torch.testing.assert_close(sets[j, k], one, atol=0, rtol=0)
 
 
 def _otb_inputs(mask_dtype, seed=4, t=16):

@@ -18,6 +18,14 @@ verl-specific numerics reproduced here (each cited where it is used):
 - GAE carries the next value and the running advantage through masked positions (multi-turn gaps),
   then whitens the advantages over the mask.
 - GRPO divides by ``std + 1e-6`` (unbiased std); a group of one has mean 0 and std 1.
+- Every entry of ``ADV_ESTIMATOR_REGISTRY`` (14 in 0.9.1) is replaced. The group estimators (grpo,
+  grpo_vectorized, gdpo, grpo_passk, reinforce_plus_plus_baseline, rloo, rloo_vectorized, opo, gpg)
+  run on rlkern.ops.outcome_advantages with each one's own conventions (singleton groups, epsilons,
+  config fields, grouping of uids); the optimal token baselines on rlkern.ops.optimal_token_baseline;
+  remax's reward-to-go on rlkern.ops.gae. verl's Python loops over responses and groups, and its
+  ``.item()`` / ``nonzero`` per group, are gone: group ids are built once on the host from verl's
+  numpy uids. What still reads the device: verl's masked_whiten check (fewer than two valid tokens
+  raises), used by gdpo and the REINFORCE++ estimators.
 - ``low_var_kl``/``k3`` clamps the log-ratio to [-20, 20] before exp and the result to [-10, 10].
 - The policy loss clamps the log-ratio to [-20, 20] and always applies dual-clip (``clip_ratio_c=3``).
 Tensors that verl returns in the input dtype (log-probs, entropy, advantages, returns) keep it here

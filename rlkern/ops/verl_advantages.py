@@ -122,7 +122,7 @@ def outcome_advantages(scores: Tensor, ids: Tensor, num_groups: int, *, method: 
         raise ValueError("weights (the response lengths) are required by method='opo' and only by it")
     out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     s = scores.detach().double()
-    n = _group_sum(torch.ones_like(s[..., 0, :] if s.dim() > 1 else s), ids, num_groups)
+    n = _group_sum(s.new_ones(s.shape[-1]), ids, num_groups)  # group sizes
     alone = _at(n, ids) == 1  # [B]
     if method == "opo":
         w = check_tensor(weights, "weights", floating=False).detach().double()

@@ -32,6 +32,7 @@
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -55,24 +56,56 @@ static_assert(kLossStats == 6, "rlkern/codes.py LOSS_STATS must match the stats 
 // 0/1: it multiplies the 0/1 flags and drives keep().
 constexpr int64_t kChunk = 1024;
 
-// exp(x) for the clamped log-ratios, x in [-20, 20] or NaN. vexp_nonpos is exact on this whole range:
-// its only clamp is at the low end, and for x <= 88 the 2^n it builds (n + 127 <= 254) is still a
-// normal float, so the positive side needs no separate code path. That clamp is a compare a NaN fails
-// (e^NaN would come out as e^-87.3), so NaN is added back: x - x is 0 for the finite x here, NaN for NaN.
-RLKERN_INLINE vfloat vexp_clamped(vfloat x) { return vexp_nonpos(x) + (x - x); }
+// exp(x) for the clamped log-ratios, x in [-20, 20] or NaN: simd.h's vexp_nonpos without its clamp at
+// ln(FLT_MIN), which never acts on this range (bit for bit the same results) and would turn a NaN into
+// e^-87.3. For x <= 88 the 2^n it builds (n + 127 <= 254) is still a normal float, so the positive side
+// needs no separate code path; a NaN x makes the polynomial, so the result, NaN.
+RLKERN_INLINE vfloat vexp_clamped(vfloat x) {
+  const vfloat shifter = splat(12582912.0f + 127.0f);
+  const vfloat t = x * splat(1.44269504088896341f) + shifter;
+  const vfloat n = t - shifter;
+  vfloat r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * (r * r) + r + splat(1.0f);
+  vint bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = bits << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
 
 // torch.maximum / torch.minimum: NaN if either operand is NaN (both compares fail, and a + b is NaN).
 RLKERN_INLINE vfloat vmax_nan(vfloat a, vfloat b) { return a < b ? b : (b <= a ? a : a + b); }
 RLKERN_INLINE vfloat vmin_nan(vfloat a, vfloat b) { return b < a ? b : (a <= b ? a : a + b); }
 // torch.clamp: NaN if x or a bound is NaN.
 RLKERN_INLINE vfloat clampv(vfloat x, vfloat lo, vfloat hi) { return vmin_nan(vmax_nan(x, lo), hi); }
+// torch.clamp with bounds that are never NaN (constants): `x < lo` and `hi < x` are false for a NaN
+// x, which passes through as in torch.clamp; one vmaxps and one vminps instead of clampv's ten.
+RLKERN_INLINE vfloat clamp_const(vfloat x, vfloat lo, vfloat hi) {
+  x = x < lo ? lo : x;
+  return hi < x ? hi : x;
+}
 
-// 0/1 flags from comparisons, as -(float)(all-ones mask). Not `a > b ? 1 : 0`: GCC 12 folds products
-// and selects of such ternaries into one ?: on a combined (&) mask, which it then scalarises inside
-// a target_clones function (16 vcomiss per use instead of one vcmpps). Flags are combined by
-// multiplying, and "x passes through clamp" is tested as clamp(x) == x.
-RLKERN_INLINE vfloat gt(vfloat a, vfloat b) { return -__builtin_convertvector(a > b, vfloat); }
-RLKERN_INLINE vfloat eq(vfloat a, vfloat b) { return -__builtin_convertvector(a == b, vfloat); }
+// 0/1 flags from comparisons: the all-ones lanes of the comparison ANDed with the bits of 1.0f (a
+// compare and one masked move). Not `a > b ? 1 : 0`: GCC 12 folds products and selects of such
+// ternaries into one ?: on a combined (&) mask, which it then scalarises inside a target_clones
+// function (16 vcomiss per use instead of one vcmpps); a bitwise AND is not a select it can merge.
+// Flags are combined by multiplying, and "x passes through clamp" is tested as clamp(x) == x.
+RLKERN_INLINE vfloat flag_bits(vint m) {
+  m &= vint{} + 0x3f800000;  // 1.0f
+  vfloat out;
+  std::memcpy(&out, &m, sizeof(out));
+  return out;
+}
+RLKERN_INLINE vfloat gt(vfloat a, vfloat b) { return flag_bits(a > b); }
+RLKERN_INLINE vfloat eq(vfloat a, vfloat b) { return flag_bits(a == b); }
 // x where the 0/1 flag f is 1, else y: a select on a computed float, which GCC cannot fold.
 RLKERN_INLINE vfloat pick(vfloat f, vfloat x, vfloat y) { return f > splat(0.5f) ? x : y; }
 // A 0/1 flag read from `probe`'s comparisons, or NaN where probe is NaN (a comparison with NaN is
@@ -110,15 +143,17 @@ template <bool kRef, bool kBiasCorrected, bool kDual>
 RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, const Consts& c) {
   TokenTerms t;
   const vfloat lr_raw = x - y;
-  const vfloat lr = clampv(lr_raw, splat(-20.f), splat(20.f));
+  const vfloat lr = clamp_const(lr_raw, splat(-20.f), splat(20.f));
   const vfloat lr_pass = eq(lr, lr_raw);
   const vfloat ratio = vexp_clamped(lr);
-  const vfloat rc = clampv(ratio, c.lo, c.hi);
+  const vfloat rc = clamp_const(ratio, c.lo, c.hi);  // the ratio bounds are finite (checked)
   const vfloat rc_pass = eq(rc, ratio);
   const vfloat neg_a = -a;
   const vfloat pg1 = neg_a * ratio, pg2 = neg_a * rc;
   const vfloat a1 = max_share(pg1, pg2);
-  const vfloat clip1 = vmax_nan(pg1, pg2);  // torch.maximum
+  // torch.maximum: pg1 and pg2 are NaN together (ratio >= e^-20 and rc >= 1 - clip_low are > 0, so
+  // an infinite A gives +-inf in both, never 0 * inf), and a plain max returns a NaN pg1.
+  const vfloat clip1 = pg1 < pg2 ? pg2 : pg1;
   const vfloat d_clip1 = neg_a * (a1 + (splat(1.f) - a1) * rc_pass);  // d clip1 / d ratio
   // torch.clamp's backward selects (0 where the clamp is active), so an infinite A times a clamped
   // log-ratio gives 0 there, not 0 * inf; a NaN token's gradient is NaN (lr_pass fails on NaN).
@@ -144,7 +179,7 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
   t.k3 = t.kl_grad = splat(0.f);
   if constexpr (kRef) {
     const vfloat d_raw = z - x;
-    const vfloat d = clampv(d_raw, splat(-20.f), splat(20.f));
+    const vfloat d = clamp_const(d_raw, splat(-20.f), splat(20.f));
     const vfloat d_pass = eq(d, d_raw);
     const vfloat ed = vexp_clamped(d);
     t.k3 = ed - d - splat(1.f);
@@ -434,6 +469,10 @@ Rows<T> rows_of(int64_t kind, const at::Tensor& x, const at::Tensor& y, const at
 }
 
 Consts consts_of(double clip_low, double clip_high, double dual_clip, double beta, double value_clip) {
+  // The ratio bounds 1 - clip_low > 0 and 1 + clip_high are finite: clamp_const and the plain max of
+  // policy_terms rely on it.
+  TORCH_CHECK(clip_low >= 0 && clip_low < 1 && clip_high >= 0 && std::isfinite(clip_high),
+              "clip_low must be in [0, 1) and clip_high a finite number >= 0, got ", clip_low, " and ", clip_high);
   return {splat(static_cast<float>(1.0 - clip_low)), splat(static_cast<float>(1.0 + clip_high)),
           splat(static_cast<float>(dual_clip)), splat(static_cast<float>(beta)), splat(static_cast<float>(value_clip))};
 }

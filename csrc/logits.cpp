@@ -22,13 +22,98 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "logits.h"
 #include "dispatch.h"
 #include "simd.h"
 
+// ISA levels. The row kernels are compiled once per level L, each under a plain target attribute
+// (RLKERN_LEVEL_* below), and isa_level() picks one per process:
+//   5: AVX-512 (x86-64-v4) + AVX512-BF16, 4: AVX-512, 3: AVX2 + FMA (x86-64-v3), 0: baseline x86-64
+//   (and every non-GCC or non-x86 build).
+// GCC 12 lowers a select (c ? a : b) of 16-lane vectors lane by lane when the target has no 512-bit
+// registers: the AVX2 clone ran every clamp, max and NaN guard as 16 scalar compares and cmovs
+// (seen with objdump). The helpers below spell those per level: at L3 on two native 8-lane halves,
+// at L4+ as vmaxps (one instruction where the select was a compare and a masked move), and at L5
+// the bf16 rounding of the gradient is vcvtne2ps2bf16. They call GCC's __builtin_ia32_* directly:
+// the _mm* intrinsics are always_inline functions with their own target, which GCC refuses to
+// inline into these generic helpers; a builtin is checked only where it is expanded, inside a
+// kernel compiled for a target that has it.
+#if defined(__x86_64__) && !defined(__clang__) && __GNUC__ >= 12
+#include <immintrin.h>
+#define RLKERN_LOGITS_X86 1
+#else
+#define RLKERN_LOGITS_X86 0
+#endif
+
 namespace rlkern {
 namespace {
+
+// The level the row kernels run at: the CPU's, capped by RLKERN_LOGITS_ISA (an integer) if set, so
+// tests can run the AVX2 and baseline kernels on an AVX-512 machine.
+int isa_level() {
+  static const int level = [] {
+    int l = 0;
+#if RLKERN_LOGITS_X86
+    l = cpu_level();
+    if (l == 4 && __builtin_cpu_supports("avx512bf16")) l = 5;
+#endif
+    if (const char* cap = std::getenv("RLKERN_LOGITS_ISA")) l = std::min(l, std::atoi(cap));
+    return l;
+  }();
+  return level;
+}
+
+// Halves of a 16-lane vector (4-byte lanes) as native AVX2 vectors, and back.
+template <typename V>
+RLKERN_INLINE auto lo8(V v) {
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+template <typename V>
+RLKERN_INLINE auto hi8(V v) {
+  return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+template <typename V8>
+RLKERN_INLINE auto join16(V8 lo, V8 hi) {
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// a > b ? a : b, and b where either is NaN (the x86 max instruction's rule, and simd.h's vmax).
+template <int L>
+RLKERN_INLINE vfloat max_at(vfloat a, vfloat b) {
+#if RLKERN_LOGITS_X86
+  if constexpr (L >= 4) {
+    return __builtin_ia32_maxps512_mask(a, b, a, static_cast<__mmask16>(-1), _MM_FROUND_CUR_DIRECTION);
+  } else if constexpr (L == 3) {
+    return join16(__builtin_ia32_maxps256(lo8(a), lo8(b)), __builtin_ia32_maxps256(hi8(a), hi8(b)));
+  }
+#endif
+  return vmax(a, b);
+}
+
+// z, or q in the lanes where z is NaN.
+template <int L>
+RLKERN_INLINE vfloat unless_nan(vfloat z, vfloat q) {
+  if constexpr (L == 3) {
+    const auto zl = lo8(z), zh = hi8(z), ql = lo8(q), qh = hi8(q);
+    return join16(zl == zl ? zl : ql, zh == zh ? zh : qh);
+  } else {
+    return z == z ? z : q;
+  }
+}
+
+// 16 floats to memory; at L3 as two halves (a whole 64-byte vector went through the stack there).
+template <int L>
+RLKERN_INLINE void store_at(float* p, vfloat v) {
+  if constexpr (L == 3) {
+    const auto lo = lo8(v), hi = hi8(v);
+    std::memcpy(p, &lo, sizeof(lo));
+    std::memcpy(p + kLanes / 2, &hi, sizeof(hi));
+  } else {
+    store16(p, v);
+  }
+}
 
 // 2048 logits (8 KiB of fp32) per block: the block is read from memory once for its max, then again
 // from L1 for the exponentials, so the whole row costs one pass over memory and one exp per logit.
@@ -63,27 +148,32 @@ struct RowGeometry {
 // so: q = RN(x * RN(1/T)) is within one ulp, r = x - q T is exact in one FMA, and RN(q + r RN(1/T))
 // is the correctly rounded quotient (Muller et al., Handbook of Floating-Point Arithmetic, 2nd ed.,
 // Thm 4.10). Where q is not finite (x = +-inf, NaN, or x / T overflows) r is NaN or the sum is
-// inf - inf, and q itself is the answer. The per-lane __builtin_fmaf loops compile to vfmadd on the
-// AVX2 and AVX-512 clones (checked with objdump); the baseline clone calls fmaf, slower but exact.
+// inf - inf, and q itself is the answer. vfma is vfmadd at AVX-512 and a per-lane __builtin_fmaf
+// loop below that (vfmadd at AVX2; the baseline kernels call fmaf, slower but exact).
 struct Temperature {
   float temp;  // float32(T)
   float inv;   // RN(1 / float32(T))
 };
 
+template <int L>
 RLKERN_INLINE vfloat vfma(vfloat a, vfloat b, vfloat c) {
+#if RLKERN_LOGITS_X86
+  if constexpr (L >= 4) {  // the lane loop below became scalar vfmadd132ss + valignd at AVX-512
+    return __builtin_ia32_vfmaddps512_mask(a, b, c, static_cast<__mmask16>(-1), _MM_FROUND_CUR_DIRECTION);
+  }
+#endif
   vfloat out;
   for (int i = 0; i < kLanes; ++i) out[i] = __builtin_fmaf(a[i], b[i], c[i]);
   return out;
 }
 
-template <bool kExact>
+template <bool kExact, int L>
 RLKERN_INLINE vfloat scaled(vfloat x, const Temperature& t) {
   const vfloat q = x * splat(t.inv);
   if constexpr (kExact) {
     return q;
   } else {
-    const vfloat z = vfma(vfma(-q, splat(t.temp), x), splat(t.inv), q);
-    return z == z ? z : q;
+    return unless_nan<L>(vfma<L>(vfma<L>(-q, splat(t.temp), x), splat(t.inv), q), q);
   }
 }
 
@@ -117,23 +207,48 @@ RLKERN_INLINE void load32(const c10::BFloat16* p, vfloat& a, vfloat& b) {
   std::memcpy(&a, &even, sizeof(a));
   std::memcpy(&b, &odd, sizeof(b));
 }
+template <int L>
 RLKERN_INLINE void store32(float* p, vfloat a, vfloat b) {
-  store16(p, a);
-  store16(p + kLanes, b);
+  store_at<L>(p, a);
+  store_at<L>(p + kLanes, b);
 }
+template <int L>
 RLKERN_INLINE void store32(c10::Half* p, vfloat a, vfloat b) {
   store16(p, a);
   store16(p + kLanes, b);
 }
 // float32 -> bf16 rounding to nearest even, as torch's .to(bfloat16): the result in the top 16 bits.
+// A NaN becomes the quiet NaN 0x7FC0: rounding its bits could carry into an infinity.
+template <int L>
 RLKERN_INLINE vuint round_to_bf16(vfloat v) {
   vuint bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  const vuint rounded = bits + 0x7FFFu + ((bits >> 16) & 1u);
-  return v != v ? vuint{} + 0x7FC00000u : rounded;  // rounding must not turn a NaN into an infinity
+  const vuint rounded = bits + 0x7FFFu + ((bits >> 16) & 1u), nan = vuint{} + 0x7FC00000u;
+  if constexpr (L == 3) {
+    const auto vl = lo8(v), vh = hi8(v);
+    return join16(vl != vl ? lo8(nan) : lo8(rounded), vh != vh ? hi8(nan) : hi8(rounded));
+  } else {
+    return v != v ? nan : rounded;
+  }
 }
+template <int L>
 RLKERN_INLINE void store32(c10::BFloat16* p, vfloat a, vfloat b) {
-  const vuint w = (round_to_bf16(a) >> 16) | (round_to_bf16(b) & 0xFFFF0000u);
+#if RLKERN_LOGITS_X86
+  if constexpr (L >= 5) {
+    // One instruction rounds all 32 to nearest even as torch does (a NaN stays a NaN; values below
+    // 2^-126, which no gradient here reaches above 0, become 0): words 0-15 from a, 16-31 from b.
+    // vpermw interleaves them back into memory order (a holds the even elements, b the odd).
+    typedef int16_t v32 __attribute__((vector_size(64)));
+    constexpr v32 kInterleave = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    v32 words;  // vcvtne2ps2bf16 as inline asm: its builtin's name changed in GCC 13
+    asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(words) : "v"(b), "v"(a));
+    const v32 out = __builtin_ia32_permvarhi512_mask(words, kInterleave, v32{}, static_cast<__mmask32>(-1));
+    std::memcpy(p, &out, sizeof(out));
+    return;
+  }
+#endif
+  const vuint w = (round_to_bf16<L>(a) >> 16) | (round_to_bf16<L>(b) & 0xFFFF0000u);
   std::memcpy(p, &w, sizeof(w));
 }
 
@@ -146,18 +261,17 @@ struct RowStats {
 
 // Adds e = e^{d} to vs and, for entropy, e * d to vt, where d = z - m <= 0. d is clamped at
 // kMinExp so that -inf logits add exactly 0 and e * d stays 0 rather than 0 * -inf = NaN; the
-// clamp is written `d < min ? min : d` so that a NaN d (a NaN logit) passes through into the sums
+// clamp is max_at(min, d), which returns d where d is NaN: a NaN logit passes through into the sums
 // instead of being clamped away.
-template <bool kEntropy, bool kExact>
+template <bool kEntropy, bool kExact, int L>
 RLKERN_INLINE void accumulate_exp(vfloat xv, const Temperature& t, vfloat vm, vfloat& vs, vfloat& vt) {
-  vfloat d = scaled<kExact>(xv, t) - vm;
-  d = d < splat(kMinExp) ? splat(kMinExp) : d;
+  const vfloat d = max_at<L>(splat(kMinExp), scaled<kExact, L>(xv, t) - vm);
   const vfloat e = vexp2_clamped(d * splat(kLog2e));
   vs += e;
   if constexpr (kEntropy) vt += e * d;
 }
 
-template <typename T>
+template <typename T, int L>
 RLKERN_INLINE float block_max(const T* xb, int64_t len) {
   // Four accumulators: the max pass is bound by the latency of vmax, not by loads. vmax ignores NaN
   // (a NaN operand loses every comparison); NaN is caught by the exp pass or has_nan below.
@@ -167,14 +281,14 @@ RLKERN_INLINE float block_max(const T* xb, int64_t len) {
     vfloat a, b, c, d;
     load32(xb + j, a, b);
     load32(xb + j + 2 * kLanes, c, d);
-    m0 = vmax(m0, a);
-    m1 = vmax(m1, b);
-    m2 = vmax(m2, c);
-    m3 = vmax(m3, d);
+    m0 = max_at<L>(m0, a);
+    m1 = max_at<L>(m1, b);
+    m2 = max_at<L>(m2, c);
+    m3 = max_at<L>(m3, d);
   }
-  for (; j + kLanes <= len; j += kLanes) m0 = vmax(m0, load16(xb + j));
-  if (j < len) m1 = vmax(m1, load_tail(xb + j, len - j, -kInf));
-  return hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+  for (; j + kLanes <= len; j += kLanes) m0 = max_at<L>(m0, load16(xb + j));
+  if (j < len) m1 = max_at<L>(m1, load_tail(xb + j, len - j, -kInf));
+  return hmax(max_at<L>(max_at<L>(m0, m1), max_at<L>(m2, m3)));
 }
 
 // Only reached for blocks that the exp pass skips (every non-NaN logit so far is -inf).
@@ -188,7 +302,7 @@ bool has_nan(const T* xb, int64_t len) {
 }
 
 // The softmax statistics of one row: the online (max, S, T) recurrence over blocks.
-template <typename T, bool kEntropy, bool kExact>
+template <typename T, bool kEntropy, bool kExact, int L>
 RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, const Temperature& t) {
   float m = -kInf, S = 0.f, T1 = 0.f;
   bool saw_nan = false;
@@ -196,7 +310,7 @@ RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, const Temperature& t
     const int64_t len = std::min(kBlock, vocab - j0);
     const T* xb = x + j0;
     // x -> x / T is monotone (T > 0, and rounding is monotone), so max(x) / T is max(x / T).
-    const float new_max = scaled<kExact>(block_max(xb, len), t);
+    const float new_max = scaled<kExact>(block_max<T, L>(xb, len), t);
     if (new_max > m) {
       if (S > 0.f) {  // rescale the running sums from the old max to the new one
         const float shift = m - new_max;
@@ -222,14 +336,14 @@ RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, const Temperature& t
       if constexpr (sizeof(T) == 4) __builtin_prefetch(xb + kAheadFwd + j + kLanes, 0, 3);
       vfloat a, b;
       load32(xb + j, a, b);
-      accumulate_exp<kEntropy, kExact>(a, t, vm, vs0, vt0);
-      accumulate_exp<kEntropy, kExact>(b, t, vm, vs1, vt1);
+      accumulate_exp<kEntropy, kExact, L>(a, t, vm, vs0, vt0);
+      accumulate_exp<kEntropy, kExact, L>(b, t, vm, vs1, vt1);
     }
     if (j + kLanes <= len) {
-      accumulate_exp<kEntropy, kExact>(load16(xb + j), t, vm, vs0, vt0);
+      accumulate_exp<kEntropy, kExact, L>(load16(xb + j), t, vm, vs0, vt0);
       j += kLanes;
     }
-    if (j < len) accumulate_exp<kEntropy, kExact>(load_tail(xb + j, len - j, -kInf), t, vm, vs1, vt1);
+    if (j < len) accumulate_exp<kEntropy, kExact, L>(load_tail(xb + j, len - j, -kInf), t, vm, vs1, vt1);
     S += hsum(vs0 + vs1);
     if constexpr (kEntropy) T1 += hsum(vt0 + vt1);
   }
@@ -241,18 +355,51 @@ RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, const Temperature& t
   return {m, log_s, kEntropy ? log_s - T1 / S : 0.f};
 }
 
-template <typename T, bool kExact>
-RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const T* logits, const RowGeometry& geometry,
-                                const int64_t* labels, int64_t ignore_index, const Temperature& temperature,
-                                bool want_entropy, float* logp, float* lse, float* ent) {
+// What the forward and backward kernels read and write, for the rows [begin, end) a call is given.
+template <typename T>
+struct ForwardArgs {
+  const T* logits;
+  RowGeometry geometry;
+  const int64_t* labels;  // nullptr: entropy only
+  int64_t ignore_index;
+  Temperature temperature;
+  bool exact;  // 1 / temperature is a power of two: plain-multiply scaling
+  float* logp;  // nullptr without labels
+  float* lse;
+  float* ent;  // nullptr: no entropy wanted
+};
+
+template <typename T>
+struct BackwardArgs {
+  const T* logits;
+  RowGeometry geometry;
+  T* grad;  // may be logits itself (inplace_backward)
+  RowGeometry grad_geometry;
+  const int64_t* labels;
+  int64_t ignore_index;
+  Temperature temperature;
+  bool exact;
+  const float* grad_logp;  // nullptr: no log-prob gradient
+  const float* grad_ent;   // nullptr: no entropy gradient
+  const float* lse;
+  const float* ent;
+};
+
+template <typename T, bool kExact, int L>
+RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const ForwardArgs<T>& args) {
   // Local copies: the output stores could alias the caller's structs, which would make the compiler
   // reload (and re-broadcast) their fields in every iteration of the inner loops.
-  const RowGeometry g = geometry;
-  const Temperature t = temperature;
+  const RowGeometry g = args.geometry;
+  const Temperature t = args.temperature;
+  const T* logits = args.logits;
+  const int64_t* labels = args.labels;
+  const int64_t ignore_index = args.ignore_index;
+  float *logp = args.logp, *lse = args.lse, *ent = args.ent;
+  const bool want_entropy = ent != nullptr;
   for (int64_t r = begin; r < end; ++r) {
     const T* x = g.row(logits, r);
-    const RowStats st = want_entropy ? row_stats<T, true, kExact>(x, g.vocab, t)
-                                     : row_stats<T, false, kExact>(x, g.vocab, t);
+    const RowStats st = want_entropy ? row_stats<T, true, kExact, L>(x, g.vocab, t)
+                                     : row_stats<T, false, kExact, L>(x, g.vocab, t);
     lse[r] = st.lse();
     if (want_entropy) ent[r] = st.entropy;
     if (labels != nullptr) {
@@ -273,22 +420,29 @@ struct GradCoefficients {
   vfloat lse, a, b;
 };
 
-template <bool kExact>
+// Without an entropy gradient (b = 0) the factor is a alone: one FMA less per 16 logits.
+template <bool kExact, bool kEntropyGrad, int L>
 RLKERN_INLINE vfloat softmax_grad(vfloat xv, const Temperature& t, const GradCoefficients& c) {
-  vfloat d = scaled<kExact>(xv, t) - c.lse;
   // Clamped at kMinExp, where vexp2_clamped is exactly 0: so is the gradient of a -inf logit (d = -inf)
-  // and of any logit below e^-88.03, and a + b d stays finite.
-  d = d < splat(kMinExp) ? splat(kMinExp) : d;
-  return vexp2_clamped(d * splat(kLog2e)) * (c.a + c.b * d);
+  // and of any logit below e^-88.03, and a + b d stays finite. A NaN d passes the clamp.
+  const vfloat d = max_at<L>(splat(kMinExp), scaled<kExact, L>(xv, t) - c.lse);
+  const vfloat p = vexp2_clamped(d * splat(kLog2e));
+  if constexpr (kEntropyGrad) {
+    return p * (c.a + c.b * d);
+  } else {
+    return p * c.a;
+  }
 }
 
-template <typename T, bool kExact>
-RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const T* logits, const RowGeometry& geometry,
-                                 T* grad, const RowGeometry& grad_geometry, const int64_t* labels,
-                                 int64_t ignore_index, const Temperature& temperature, const float* grad_logp,
-                                 const float* grad_ent, const float* lse, const float* ent) {
-  const RowGeometry g = geometry, gg = grad_geometry;  // local copies, as in forward_rows
-  const Temperature t = temperature;
+template <typename T, bool kExact, bool kEntropyGrad, int L>
+RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const BackwardArgs<T>& args) {
+  const RowGeometry g = args.geometry, gg = args.grad_geometry;  // local copies, as in forward_rows
+  const Temperature t = args.temperature;
+  const T* logits = args.logits;
+  T* grad = args.grad;
+  const int64_t* labels = args.labels;
+  const int64_t ignore_index = args.ignore_index;
+  const float *grad_logp = args.grad_logp, *grad_ent = args.grad_ent, *lse = args.lse, *ent = args.ent;
   for (int64_t r = begin; r < end; ++r) {
     const T* x = g.row(logits, r);
     T* dx = gg.row(grad, r);
@@ -320,12 +474,15 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const T* logits, co
       }
       vfloat a, b;
       load32(x + j, a, b);
-      store32(dx + j, softmax_grad<kExact>(a, t, c), softmax_grad<kExact>(b, t, c));
+      store32<L>(dx + j, softmax_grad<kExact, kEntropyGrad, L>(a, t, c),
+                 softmax_grad<kExact, kEntropyGrad, L>(b, t, c));
     }
-    for (; j + kLanes <= g.vocab; j += kLanes) store16(dx + j, softmax_grad<kExact>(load16(x + j), t, c));
+    for (; j + kLanes <= g.vocab; j += kLanes) {
+      store16(dx + j, softmax_grad<kExact, kEntropyGrad, L>(load16(x + j), t, c));
+    }
     if (j < g.vocab) {
       const int64_t n = g.vocab - j;
-      store_tail(dx + j, softmax_grad<kExact>(load_tail(x + j, n, -kInf), t, c), n);
+      store_tail(dx + j, softmax_grad<kExact, kEntropyGrad, L>(load_tail(x + j, n, -kInf), t, c), n);
     }
     if (has_label) {
       const float d = zy - row_lse;
@@ -336,44 +493,74 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const T* logits, co
   }
 }
 
-// One clone set per storage type, each covering a range of rows so the CPU-feature dispatch is
-// paid once per thread chunk rather than once per row; `exact` (1/T a power of two) picks the
-// plain-multiply scaling.
-#define RLKERN_ROW_KERNELS(T, SUFFIX)                                                                   \
-  RLKERN_CLONES void forward_rows_##SUFFIX(int64_t b, int64_t e, const T* x, const RowGeometry& g,     \
-                                           const int64_t* y, int64_t ii, const Temperature& t,         \
-                                           bool exact, bool we, float* lp, float* lse, float* ent) {   \
-    if (exact) forward_rows<T, true>(b, e, x, g, y, ii, t, we, lp, lse, ent);                           \
-    else forward_rows<T, false>(b, e, x, g, y, ii, t, we, lp, lse, ent);                                \
-  }                                                                                                   \
-  RLKERN_CLONES void backward_rows_##SUFFIX(int64_t b, int64_t e, const T* x, const RowGeometry& g,    \
-                                            T* dx, const RowGeometry& gg, const int64_t* y, int64_t ii, \
-                                            const Temperature& t, bool exact, const float* gl,          \
-                                            const float* gh, const float* lse, const float* ent) {      \
-    if (exact) backward_rows<T, true>(b, e, x, g, dx, gg, y, ii, t, gl, gh, lse, ent);                  \
-    else backward_rows<T, false>(b, e, x, g, dx, gg, y, ii, t, gl, gh, lse, ent);                       \
-  }
-RLKERN_ROW_KERNELS(float, f32)
-RLKERN_ROW_KERNELS(c10::BFloat16, bf16)
-RLKERN_ROW_KERNELS(c10::Half, f16)
-#undef RLKERN_ROW_KERNELS
+template <typename T, int L>
+RLKERN_INLINE void forward_range(int64_t begin, int64_t end, const ForwardArgs<T>& a) {
+  if (a.exact) forward_rows<T, true, L>(begin, end, a);
+  else forward_rows<T, false, L>(begin, end, a);
+}
 
-#define RLKERN_DISPATCH(T, SUFFIX)                                                                      \
-  void forward_dispatch(int64_t b, int64_t e, const T* x, const RowGeometry& g, const int64_t* y,      \
-                        int64_t ii, const Temperature& t, bool exact, bool we, float* lp, float* lse,   \
-                        float* ent) {                                                                   \
-    forward_rows_##SUFFIX(b, e, x, g, y, ii, t, exact, we, lp, lse, ent);                               \
-  }                                                                                                   \
-  void backward_dispatch(int64_t b, int64_t e, const T* x, const RowGeometry& g, T* dx,                \
-                         const RowGeometry& gg, const int64_t* y, int64_t ii, const Temperature& t,     \
-                         bool exact, const float* gl, const float* gh, const float* lse,                \
-                         const float* ent) {                                                            \
-    backward_rows_##SUFFIX(b, e, x, g, dx, gg, y, ii, t, exact, gl, gh, lse, ent);                      \
+template <typename T, int L>
+RLKERN_INLINE void backward_range(int64_t begin, int64_t end, const BackwardArgs<T>& a) {
+  if (a.exact) {
+    if (a.grad_ent != nullptr) backward_rows<T, true, true, L>(begin, end, a);
+    else backward_rows<T, true, false, L>(begin, end, a);
+  } else {
+    if (a.grad_ent != nullptr) backward_rows<T, false, true, L>(begin, end, a);
+    else backward_rows<T, false, false, L>(begin, end, a);
   }
-RLKERN_DISPATCH(float, f32)
-RLKERN_DISPATCH(c10::BFloat16, bf16)
-RLKERN_DISPATCH(c10::Half, f16)
-#undef RLKERN_DISPATCH
+}
+
+// The kernels of one level for one storage type, each covering a range of rows so the level is
+// picked once per thread chunk rather than once per row.
+#define RLKERN_LEVEL_KERNELS(L, TARGET, T)                                                       \
+  TARGET void forward_at_##L(int64_t b, int64_t e, const ForwardArgs<T>& a) {                   \
+    forward_range<T, L>(b, e, a);                                                                \
+  }                                                                                              \
+  TARGET void backward_at_##L(int64_t b, int64_t e, const BackwardArgs<T>& a) {                 \
+    backward_range<T, L>(b, e, a);                                                               \
+  }
+#define RLKERN_LEVEL_ALL_TYPES(L, TARGET)       \
+  RLKERN_LEVEL_KERNELS(L, TARGET, float)         \
+  RLKERN_LEVEL_KERNELS(L, TARGET, c10::BFloat16) \
+  RLKERN_LEVEL_KERNELS(L, TARGET, c10::Half)
+RLKERN_LEVEL_ALL_TYPES(0, )
+#if RLKERN_LOGITS_X86
+RLKERN_LEVEL_ALL_TYPES(3, __attribute__((target("arch=x86-64-v3"))))
+RLKERN_LEVEL_ALL_TYPES(4, __attribute__((target("arch=x86-64-v4"))))
+// Level 5 differs from 4 only where bf16 gradients are stored.
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void backward_at_5(int64_t b, int64_t e,
+                                                                      const BackwardArgs<c10::BFloat16>& a) {
+  backward_range<c10::BFloat16, 5>(b, e, a);
+}
+#endif
+#undef RLKERN_LEVEL_ALL_TYPES
+#undef RLKERN_LEVEL_KERNELS
+
+template <typename T>
+void forward_dispatch(int64_t b, int64_t e, const ForwardArgs<T>& a) {
+  switch (isa_level()) {
+#if RLKERN_LOGITS_X86
+    case 5:
+    case 4: return forward_at_4(b, e, a);
+    case 3: return forward_at_3(b, e, a);
+#endif
+    default: return forward_at_0(b, e, a);
+  }
+}
+
+template <typename T>
+void backward_dispatch(int64_t b, int64_t e, const BackwardArgs<T>& a) {
+  switch (isa_level()) {
+#if RLKERN_LOGITS_X86
+    case 5:
+      if constexpr (std::is_same_v<T, c10::BFloat16>) return backward_at_5(b, e, a);
+      [[fallthrough]];
+    case 4: return backward_at_4(b, e, a);
+    case 3: return backward_at_3(b, e, a);
+#endif
+    default: return backward_at_0(b, e, a);
+  }
+}
 
 // float32(T) and its rounded reciprocal; refuses a temperature that is not a positive float32 with
 // a finite reciprocal (the Python layer says so first, naming the argument).
@@ -439,14 +626,11 @@ void logprobs_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& lab
   if (rows == 0) return;
   const int64_t* y = lp_ptr != nullptr ? checked_labels(labels, rows, g.vocab, ignore_index) : nullptr;
   const Temperature t = temperature_of(temperature);
-  const bool exact = is_exact_scale(t);
-  const bool want_entropy = ent_ptr != nullptr;
   dispatch_storage_type(logits.scalar_type(), "logits", [&](auto tag) {
     using T = decltype(tag);
-    const T* x = static_cast<const T*>(logits.data_ptr());
-    at::parallel_for(0, rows, rows_per_task(g.vocab), [&](int64_t b, int64_t e) {
-      forward_dispatch(b, e, x, g, y, ignore_index, t, exact, want_entropy, lp_ptr, lse_ptr, ent_ptr);
-    });
+    const ForwardArgs<T> args{static_cast<const T*>(logits.data_ptr()), g, y, ignore_index, t, is_exact_scale(t),
+                              lp_ptr, lse_ptr, ent_ptr};
+    at::parallel_for(0, rows, rows_per_task(g.vocab), [&](int64_t b, int64_t e) { forward_dispatch(b, e, args); });
   });
 }
 
@@ -467,14 +651,11 @@ void logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optiona
   TORCH_CHECK(gh == nullptr || ent_ptr != nullptr, "the entropy gradient needs the saved entropy");
   const int64_t* y = checked_labels(labels, rows, g.vocab, ignore_index);
   const Temperature t = temperature_of(temperature);
-  const bool exact = is_exact_scale(t);
   dispatch_storage_type(logits.scalar_type(), "logits", [&](auto tag) {
     using T = decltype(tag);
-    const T* x = static_cast<const T*>(logits.data_ptr());
-    T* dx = static_cast<T*>(grad_logits.data_ptr());
-    at::parallel_for(0, rows, rows_per_task(g.vocab), [&](int64_t b, int64_t e) {
-      backward_dispatch(b, e, x, g, dx, gg, y, ignore_index, t, exact, gl, gh, lse_ptr, ent_ptr);
-    });
+    const BackwardArgs<T> args{static_cast<const T*>(logits.data_ptr()), g, static_cast<T*>(grad_logits.data_ptr()),
+                               gg, y, ignore_index, t, is_exact_scale(t), gl, gh, lse_ptr, ent_ptr};
+    at::parallel_for(0, rows, rows_per_task(g.vocab), [&](int64_t b, int64_t e) { backward_dispatch(b, e, args); });
   });
 }
 

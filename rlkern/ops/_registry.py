@@ -23,7 +23,13 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+_Parameter = torch.nn.Parameter
+# Bound once: each module attribute lookup in __call__ costs ~40 ns, and every eager op call (and
+# every backward op call inside a backward) runs it. dynamo recognises the functions themselves.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch.is_grad_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 class KernelOp:
@@ -57,18 +63,19 @@ class KernelOp:
     def __call__(self, *args, **kwargs):
         # Tracing (dynamo, or make_fx / AOTAutograd under a dispatch mode such as FakeTensorMode)
         # and tensor subclasses (DTensor, FakeTensor) need the registered op.
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        if _is_compiling() or _dispatch_modes():
             return self.op(*args, **kwargs)
         if kwargs:
             args = self._signature.bind(*args, **kwargs).args
         needs_grad = False
         for a in args:
             if isinstance(a, Tensor):
-                if type(a) not in _PLAIN:
+                if type(a) is not Tensor and type(a) is not _Parameter:
                     return self.op(*args)
-                needs_grad = needs_grad or a.requires_grad
-        if needs_grad and self._function is not None and torch.is_grad_enabled():
-            if torch._C._are_functorch_transforms_active():
+                if a.requires_grad:
+                    needs_grad = True
+        if needs_grad and self._function is not None and _grad_enabled():
+            if _functorch_active():
                 return self._function.apply(*args)
             return self._apply_direct(*args)
         return self._fn(*args)

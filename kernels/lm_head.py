@@ -28,6 +28,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 # A tl.constexpr global: compiled kernels may read only constexpr globals (a plain float works
 # under the interpreter but fails to compile for a GPU).
@@ -36,21 +37,9 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 @triton.jit
 def _logits_tile(
-    h_rows,
-    w_rows,
-    b_ptr,
-    row_ok,
-    cols,
-    v0,
-    vocab,
-    hidden_size,
-    inv_temp,
-    HAS_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    h_rows, w_rows, b_ptr, row_ok, cols, v0, vocab, hidden_size, inv_temp,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """z = (hidden[rows] @ weight[v0 + cols]^T + bias) * inv_temp, fp32 [BLOCK_N, BLOCK_V]; columns
     past the vocabulary are -inf. h_rows / w_rows: [BLOCK_N, 1] / [BLOCK_V, 1] row pointers (int64
@@ -72,26 +61,10 @@ def _logits_tile(
 
 @triton.jit
 def _linear_logprobs_fwd_kernel(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    labels_ptr,
-    lse_ptr,
-    ent_ptr,
-    zy_ptr,
-    n_tokens,
-    vocab,
-    hidden_size,
-    inv_temp,
-    ignore_index,
-    vocab_start,
-    HAS_BIAS: tl.constexpr,
-    WANT_ENTROPY: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, zy_ptr,  # the outputs: lse, ent, zy
+    n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
+    HAS_BIAS: tl.constexpr, WANT_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < n_tokens
@@ -138,31 +111,12 @@ def _linear_logprobs_fwd_kernel(
 
 @triton.jit
 def _linear_logprobs_bwd_kernel(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    labels_ptr,
-    grad_logp_ptr,
-    grad_ent_ptr,
-    lse_ptr,
-    ent_ptr,
-    grad_h_ptr,
-    grad_w_ptr,
-    grad_b_ptr,
-    n_tokens,
-    vocab,
-    hidden_size,
-    inv_temp,
-    ignore_index,
-    vocab_start,
-    HAS_BIAS: tl.constexpr,
-    HAS_GRAD_LOGP: tl.constexpr,
-    HAS_GRAD_ENT: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, grad_logp_ptr, grad_ent_ptr, lse_ptr, ent_ptr,
+    grad_h_ptr, grad_w_ptr, grad_b_ptr,  # the outputs, accumulated with fp32 atomics
+    n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     v0 = tl.program_id(1) * BLOCK_V
@@ -226,6 +180,12 @@ def _linear_logprobs_bwd_kernel(
         )
 
 
+def _or(t: Tensor | None, stand_in: Tensor) -> Tensor:
+    """An absent (None) tensor argument as a stand-in pointer that its kernel never reads (the
+    matching HAS_* constexpr is False)."""
+    return t if t is not None else stand_in
+
+
 def _dot_fp32(dtype: torch.dtype) -> bool:
     # Triton 3.x's interpreter computes tl.dot on bfloat16 operands wrongly (it multiplies the raw
     # 16-bit patterns); under the interpreter bf16 operands are widened to fp32 first. A GPU keeps
@@ -267,20 +227,10 @@ def bwd_config(hidden_size: int, dtype: torch.dtype, precision: str = "ieee") ->
 
 
 def linear_logprobs_fwd(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    inv_temp: float,
-    ignore_index: int,
-    vocab_start: int,
-    want_entropy: bool,
-    token_tile: int,
-    vocab_tile: int,
-    precision: str,
-    lse: torch.Tensor,
-    ent: torch.Tensor | None,
-    zy: torch.Tensor,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+    inv_temp: float, ignore_index: int, vocab_start: int, want_entropy: bool,
+    token_tile: int, vocab_tile: int, precision: str,
+    lse: Tensor, ent: Tensor | None, zy: Tensor,
 ) -> None:
     """hidden [N, H], weight [V, H] contiguous, same dtype; bias fp32 [V] or None; labels int64 [N]
     (global ids, the shard starting at vocab_start). Writes fp32 lse, z_y and, with want_entropy, ent
@@ -296,47 +246,20 @@ def linear_logprobs_fwd(
         return
     cfg = fwd_config(hidden_size, hidden.dtype, precision)
     _linear_logprobs_fwd_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]),)](
-        hidden,
-        weight,
-        bias if bias is not None else lse,
-        labels,
-        lse,
-        ent if ent is not None else lse,
-        zy,
-        n_tokens,
-        weight.shape[0],
-        hidden_size,
-        inv_temp,
-        ignore_index,
-        vocab_start,
-        HAS_BIAS=bias is not None,
-        WANT_ENTROPY=want_entropy,
-        DOT_FP32=_dot_fp32(hidden.dtype),
-        PRECISION=precision,
-        **cfg,
+        hidden, weight, _or(bias, lse), labels, lse, _or(ent, lse), zy,
+        n_tokens, weight.shape[0], hidden_size, inv_temp, ignore_index, vocab_start,
+        HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, DOT_FP32=_dot_fp32(hidden.dtype),
+        PRECISION=precision, **cfg,
     )
     if want_entropy:  # the rounding of a near-uniform row must not push H above ln V; NaN stays NaN
         torch.minimum(ent, ent.new_tensor(math.log(weight.shape[0])), out=ent)
 
 
 def linear_logprobs_bwd(
-    grad_logp: torch.Tensor | None,
-    grad_ent: torch.Tensor | None,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    ent: torch.Tensor | None,
-    inv_temp: float,
-    ignore_index: int,
-    vocab_start: int,
-    token_tile: int,
-    vocab_tile: int,
-    precision: str,
-    grad_hidden: torch.Tensor,
-    grad_weight: torch.Tensor,
-    grad_bias: torch.Tensor | None,
+    grad_logp: Tensor | None, grad_ent: Tensor | None,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor, ent: Tensor | None,
+    inv_temp: float, ignore_index: int, vocab_start: int, token_tile: int, vocab_tile: int, precision: str,
+    grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Tensor | None,
 ) -> None:
     """Writes fp32 grad_hidden [N, H], grad_weight [V, H] (in its own dtype: summed in fp32 first)
     and grad_bias fp32 [V] (or None); grad_logp / grad_ent are fp32 [N] or None (no such upstream
@@ -359,29 +282,11 @@ def linear_logprobs_bwd(
         _linear_logprobs_bwd_kernel[
             (triton.cdiv(n_tokens, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
         ](
-            hidden,
-            weight,
-            bias if bias is not None else lse,
-            labels,
-            grad_logp if grad_logp is not None else lse,
-            grad_ent if grad_ent is not None else lse,
-            lse,
-            ent if ent is not None else lse,
-            grad_hidden,
-            dw,
-            grad_bias if grad_bias is not None else lse,
-            n_tokens,
-            vocab,
-            hidden_size,
-            inv_temp,
-            ignore_index,
-            vocab_start,
-            HAS_BIAS=bias is not None,
-            HAS_GRAD_LOGP=grad_logp is not None,
-            HAS_GRAD_ENT=grad_ent is not None,
-            DOT_FP32=_dot_fp32(hidden.dtype),
-            PRECISION=precision,
-            **cfg,
+            hidden, weight, _or(bias, lse), labels, _or(grad_logp, lse), _or(grad_ent, lse),
+            lse, _or(ent, lse), grad_hidden, dw, _or(grad_bias, lse),
+            n_tokens, vocab, hidden_size, inv_temp, ignore_index, vocab_start,
+            HAS_BIAS=bias is not None, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
+            DOT_FP32=_dot_fp32(hidden.dtype), PRECISION=precision, **cfg,
         )
     if dw is not grad_weight:
         grad_weight.copy_(dw)

@@ -65,30 +65,13 @@ __all__ = ["linear_logprobs", "linear_policy_loss"]
 
 @kernel_op("linear_logprobs_fwd")
 def _linear_logprobs_fwd(
-    hidden: Tensor,
-    want_entropy: bool,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    temperature: float,
-    ignore_index: int,
-    chunk_size: int,
-    backend: str,
-    precision: str,
+    hidden: Tensor, want_entropy: bool, weight: Tensor, bias: Tensor | None, labels: Tensor,
+    temperature: float, ignore_index: int, chunk_size: int, backend: str, precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """hidden [N, H] contiguous, labels flat int64 [N]; chunk_size 0 = automatic; precision "ieee" or
     "tf32" (already checked). Returns fp32 (logp [N], lse [N], entropy [N] or [0])."""
     lse, ent, zy = shard_stats(
-        hidden,
-        weight,
-        bias,
-        labels,
-        temperature,
-        ignore_index,
-        0,
-        want_entropy,
-        chunk_size or None,
-        backend,
+        hidden, weight, bias, labels, temperature, ignore_index, 0, want_entropy, chunk_size or None, backend,
         precision,
     )
     logp = label_logprobs(zy, lse, labels, ignore_index)
@@ -104,37 +87,15 @@ def _(hidden, want_entropy, *_):
 
 @kernel_op("linear_logprobs_bwd")
 def _linear_logprobs_bwd(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    grad_logp: Tensor | None,
-    grad_ent: Tensor | None,
-    labels: Tensor,
-    lse: Tensor,
-    ent: Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    chunk_size: int,
-    backend: str,
-    precision: str,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, grad_logp: Tensor | None, grad_ent: Tensor | None,
+    labels: Tensor, lse: Tensor, ent: Tensor | None, temperature: float, ignore_index: int, chunk_size: int,
+    backend: str, precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d hidden in hidden's dtype, d weight in weight's dtype, d bias fp32 [V] or [0]); grad_logp /
     grad_ent fp32 [N] or None, ent given with grad_ent."""
     gh, gw, gb = shard_grads(
-        grad_logp,
-        grad_ent,
-        hidden,
-        weight,
-        bias,
-        labels,
-        lse,
-        ent,
-        temperature,
-        ignore_index,
-        0,
-        chunk_size or None,
-        backend,
-        precision,
+        grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, temperature, ignore_index, 0,
+        chunk_size or None, backend, precision,
     )
     return gh.to(hidden.dtype), gw, gb if gb is not None else gh.new_empty(0)
 
@@ -188,15 +149,8 @@ def _check_finite_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) ->
 
 
 def linear_logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-    chunk_size: int | None = None,
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, temperature: float = 1.0,
+    ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None,
     process_group=None,
     nan_check: bool = False,
     precision: str = "ieee",
@@ -246,15 +200,8 @@ def linear_logprobs(
         _check_finite_inputs(hidden, weight, bias)
     if process_group is not None:
         return vocab_parallel_linear_logprobs(
-            hidden,
-            weight,
-            labels,
-            process_group,
-            bias=bias,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            return_entropy=return_entropy,
-            chunk_size=chunk_size,
+            hidden, weight, labels, process_group, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
             precision=precision,
         )
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
@@ -274,16 +221,8 @@ def linear_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     logp, _, ent = _linear_logprobs_fwd(
-        flat_hidden,
-        bool(return_entropy),
-        weight.contiguous(),
-        bias,
-        flat_labels,
-        temperature,
-        ignore_index,
-        int(chunk_size or 0),
-        backend,
-        precision,
+        flat_hidden, bool(return_entropy), weight.contiguous(), bias, flat_labels, temperature, ignore_index,
+        int(chunk_size or 0), backend, precision,
     )
     return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
 
@@ -306,16 +245,7 @@ def _policy_token_tile(n_tokens: int, vocab: int, chunk_size: int | None) -> int
 
 
 def _cpp_policy_single_pass(
-    hidden,
-    weight,
-    labels,
-    old_logp,
-    ref_logp,
-    advantages,
-    mask,
-    loss_kwargs,
-    temperature,
-    chunk_size,
+    hidden, weight, labels, old_logp, ref_logp, advantages, mask, loss_kwargs, temperature, chunk_size,
     loss_and_grad,
 ):
     """fp32 GRPO loss and its gradients with three GEMMs per token and no recomputation.
@@ -473,20 +403,19 @@ def linear_policy_loss(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     w = weight.contiguous()
+    # The one backend branch below the torch fallback, kept on purpose: fp32 on the C++ backend runs
+    # a single pass of three GEMMs that keeps each full-vocabulary logits tile in memory between its
+    # fold and its gradient (the tile primitives lm_logits / lm_fold / lm_grad), one GEMM fewer than
+    # the two passes below. The Triton kernels never write a logits tile (GEMM and epilogue share
+    # registers); a GPU single pass would have to write [tile, V] fp32 logits to HBM and read them
+    # twice, the traffic the fused kernels exist to avoid, and no GPU here can show it would pay. So
+    # this is a policy about where a logits tile may live, not plumbing; everything else calls both
+    # backends identically through shard_stats / shard_grads.
     if backend == "cpp" and hidden.dtype == torch.float32:
         with torch.no_grad():
             loss, stats, gh, gw = _cpp_policy_single_pass(
-                flat_hidden,
-                w,
-                flat_labels,
-                old_logp,
-                ref_logp,
-                advantages,
-                mask,
-                kwargs,
-                temperature,
-                chunk_size,
-                grpo_loss_and_grad,
+                flat_hidden, w, flat_labels, old_logp, ref_logp, advantages, mask, kwargs, temperature,
+                chunk_size, grpo_loss_and_grad,
             )
         return _AttachGradients.apply(loss, hidden, weight, gh.view(hidden.shape), gw), stats
     # bf16 / fp16 and Triton: log-probs first, then one backward pass (vocabulary-outer, so d weight
@@ -499,20 +428,8 @@ def linear_policy_loss(
         ref = ref_logp if ref_logp is not None else logp
         loss, grad_logp, stats = grpo_loss_and_grad(logp, old_logp, ref, advantages, mask, **kwargs)
         gh, gw, _ = shard_grads(
-            grad_logp.reshape(-1).float().contiguous(),
-            None,
-            flat_hidden,
-            w,
-            None,
-            flat_labels,
-            lse,
-            None,
-            temperature,
-            -100,
-            0,
-            chunk_size,
-            backend,
-            precision,
+            grad_logp.reshape(-1), None, flat_hidden, w, None, flat_labels, lse, None, temperature, -100, 0,
+            chunk_size, backend, precision,
         )
     loss = _AttachGradients.apply(loss, hidden, weight, gh.to(hidden.dtype).view(hidden.shape), gw)
     return loss, stats

@@ -12,7 +12,9 @@ called identically on both backends, with None for an absent tensor:
                         grad_hidden, grad_weight, grad_bias)
 
 The C++ loop uses the tile sizes (the Triton kernels keep 64 x 64 tiles in registers), the Triton
-GEMMs the precision (the C++ GEMMs are IEEE fp32).
+GEMMs the precision (the C++ GEMMs are IEEE fp32). The torch backend (float64, or a forced reference
+run) gets the same two functions in plain PyTorch from :func:`lm_kernels` (``TorchLmHead``: the
+shard's logits materialised in fp32 / fp64), so that every caller names the backend once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from rlkern.ops._common import check_int, check_labels, check_temperature, check
 from rlkern.ops._registry import kernels
 
 __all__ = [
+    "lm_kernels",
+    "TorchLmHead",
+    "torch_shard_stats",
+    "torch_shard_dz",
     "tile_sizes",
     "grad_tile_sizes",
     "shard_stats",
@@ -102,8 +108,101 @@ def label_logprobs(zy: Tensor, lse: Tensor, labels: Tensor, ignore_index: int) -
     return torch.where(labels == ignore_index, torch.zeros_like(logp), logp)
 
 
-def _bias32(bias: Tensor | None) -> Tensor | None:
-    return bias.float().contiguous() if bias is not None else None
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of the statistics and gradients: fp32, or fp64 for fp64 inputs (torch backend)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _widen(t: Tensor | None, like: Tensor) -> Tensor | None:
+    return t.to(_acc_dtype(like)).contiguous() if t is not None else None
+
+
+NEG_INF = float("-inf")
+
+
+def torch_shard_stats(z: Tensor, labels: Tensor, ignore_index: int, vocab_start: int):
+    """(lse_r, H_r, z_y) of scaled logits z [N, v] (fp32 or fp64) for ids [vocab_start, +v)."""
+    lse = torch.logsumexp(z, dim=-1)
+    alive = lse != NEG_INF  # a NaN lse (NaN / +inf logit) stays "alive": its statistics come out NaN
+    log_q = z - torch.where(alive, lse, torch.zeros_like(lse))[:, None]
+    q = torch.where(alive[:, None], log_q.exp(), torch.zeros_like(z))
+    ent = -(q * torch.where(q > 0, log_q, torch.zeros_like(log_q))).sum(-1)
+    local = labels - vocab_start
+    here = (labels != ignore_index) & (local >= 0) & (local < z.shape[-1])
+    picked = z.gather(-1, torch.where(here, local, 0)[:, None]).squeeze(-1)
+    return lse, ent, torch.where(here, picked, torch.zeros_like(picked))
+
+
+def torch_shard_dz(
+    z: Tensor,
+    labels: Tensor,
+    grad_logp: Tensor | None,
+    grad_ent: Tensor | None,
+    lse: Tensor,
+    ent: Tensor | None,
+    ignore_index: int,
+    vocab_start: int,
+    inv_temp: float,
+) -> Tensor:
+    """d logits (before the 1/temperature of z) of the global softmax restricted to this shard."""
+    alive = lse != NEG_INF  # a NaN lse (NaN / +inf logit) stays "alive": its statistics come out NaN
+    d = z - torch.where(alive, lse, torch.zeros_like(lse))[:, None]
+    p = torch.where(alive[:, None], d.exp(), torch.zeros_like(z))
+    dz = torch.zeros_like(z)
+    if grad_logp is not None:
+        g = torch.where((labels != ignore_index) & alive, grad_logp.to(z.dtype), 0.0)
+        local = labels - vocab_start
+        here = (labels != ignore_index) & (local >= 0) & (local < z.shape[-1])
+        onehot = torch.zeros_like(z).scatter_(
+            -1, torch.where(here, local, 0)[:, None], here[:, None].to(z.dtype)
+        )
+        dz = dz + g[:, None] * (onehot - p)
+    if grad_ent is not None:
+        gh = torch.where(alive, grad_ent.to(z.dtype), 0.0)
+        dz = dz - gh[:, None] * torch.where(p == 0, torch.zeros_like(p), p * (d + ent.to(z.dtype)[:, None]))
+    return dz * inv_temp
+
+
+class TorchLmHead:
+    """``linear_logprobs_fwd`` / ``_bwd`` in plain PyTorch, with the kernels' arguments: the torch
+    backend's "kernels" (float64 inputs, or a forced reference run). The shard's logits are
+    materialised in fp32 (fp64 for fp64 inputs); tile sizes and precision are ignored."""
+
+    @staticmethod
+    def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temp: float) -> Tensor:
+        up = _acc_dtype(hidden)
+        z = hidden.to(up) @ weight.to(up).T
+        return (z if bias is None else z + bias.to(up)) * inv_temp
+
+    @staticmethod
+    def linear_logprobs_fwd(
+        hidden, weight, bias, labels, inv_temp, ignore_index, vocab_start, want_entropy, token_tile,
+        vocab_tile, precision, lse, ent, zy,
+    ) -> None:
+        z = TorchLmHead._logits(hidden, weight, bias, inv_temp)
+        lse_r, ent_r, zy_r = torch_shard_stats(z, labels, ignore_index, vocab_start)
+        lse.copy_(lse_r)
+        zy.copy_(zy_r)
+        if want_entropy:
+            ent.copy_(torch.minimum(ent_r, ent_r.new_tensor(math.log(weight.shape[0]))))
+
+    @staticmethod
+    def linear_logprobs_bwd(
+        grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, inv_temp, ignore_index, vocab_start,
+        token_tile, vocab_tile, precision, grad_hidden, grad_weight, grad_bias,
+    ) -> None:
+        z = TorchLmHead._logits(hidden, weight, bias, inv_temp)
+        dx = torch_shard_dz(z, labels, grad_logp, grad_ent, lse, ent, ignore_index, vocab_start, inv_temp)
+        torch.mm(dx, weight.to(dx.dtype), out=grad_hidden)
+        grad_weight.copy_(dx.T @ hidden.to(dx.dtype))
+        if grad_bias is not None:
+            torch.sum(dx, 0, out=grad_bias)
+
+
+def lm_kernels(backend: str):
+    """The LM-head kernels of ``backend``: ``rlkern._C`` ("cpp"), ``rlkern.kernels.lm_head``
+    ("triton") or :class:`TorchLmHead` ("torch"), called identically."""
+    return TorchLmHead if backend == "torch" else kernels(backend, "lm_head")
 
 
 def shard_stats(
@@ -120,28 +219,17 @@ def shard_stats(
     precision: str = "ieee",
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(lse, entropy or None, z_y) over the vocabulary rows of ``weight`` (global ids from
-    ``vocab_start``), fp32 [N] each; z_y is the label's scaled logit, 0 where the label is ignored
-    or not in the shard. hidden: [N, H] contiguous; labels: flat int64 [N]. precision: the Triton
-    GEMMs' fp32 mode (see ``linear_logprobs``); the C++ loop is IEEE fp32 whatever it says."""
-    n, dev = hidden.shape[0], hidden.device
-    lse, zy = new_output((n,), device=dev), new_output((n,), device=dev)
-    ent = new_output((n,), device=dev) if want_entropy else None
+    ``vocab_start``), fp32 [N] each (fp64 for fp64 inputs, on the torch backend); z_y is the label's
+    scaled logit, 0 where the label is ignored or not in the shard. hidden: [N, H] contiguous;
+    labels: flat int64 [N]. precision: the Triton GEMMs' fp32 mode (see ``linear_logprobs``); the
+    C++ loop is IEEE fp32 whatever it says."""
+    n, dev, acc = hidden.shape[0], hidden.device, _acc_dtype(hidden)
+    lse, zy = new_output((n,), device=dev, dtype=acc), new_output((n,), device=dev, dtype=acc)
+    ent = new_output((n,), device=dev, dtype=acc) if want_entropy else None
     token_tile, vocab_tile = tile_sizes(n, weight.shape[0], chunk_size)
-    kernels(backend, "lm_head").linear_logprobs_fwd(
-        hidden,
-        weight,
-        _bias32(bias),
-        labels,
-        1.0 / temperature,
-        ignore_index,
-        vocab_start,
-        want_entropy,
-        token_tile,
-        vocab_tile,
-        precision,
-        lse,
-        ent,
-        zy,
+    lm_kernels(backend).linear_logprobs_fwd(
+        hidden, weight, _widen(bias, hidden), labels, 1.0 / temperature, ignore_index, vocab_start,
+        want_entropy, token_tile, vocab_tile, precision, lse, ent, zy,
     )
     return lse, ent, zy
 
@@ -162,33 +250,20 @@ def shard_grads(
     backend: str,
     precision: str = "ieee",
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(d hidden fp32 [N, H], d weight [V_shard, H] in weight's dtype, d bias fp32 or None) for the
-    shard's logits, given the full-vocabulary lse / entropy. grad_logp / grad_ent: fp32 [N] or None
-    (ent is needed with grad_ent). precision: as for :func:`shard_stats`."""
+    """(d hidden fp32 [N, H], d weight [V_shard, H] in weight's dtype, d bias fp32 or None; fp64 for
+    fp64 inputs) for the shard's logits, given the full-vocabulary lse / entropy. grad_logp /
+    grad_ent: [N] or None, widened here to fp32 (fp64) (ent is needed with grad_ent). precision: as
+    for :func:`shard_stats`."""
     n_tokens, hidden_size = hidden.shape
-    dev = hidden.device
-    grad_hidden = new_output((n_tokens, hidden_size), device=dev)
+    dev, acc = hidden.device, _acc_dtype(hidden)
+    grad_hidden = new_output((n_tokens, hidden_size), device=dev, dtype=acc)
     grad_weight = new_output(weight.shape, device=dev, dtype=weight.dtype)
-    grad_bias = new_output((weight.shape[0],), device=dev) if bias is not None else None
+    grad_bias = new_output((weight.shape[0],), device=dev, dtype=acc) if bias is not None else None
     token_tile, vocab_tile = grad_tile_sizes(n_tokens, weight.shape[0], chunk_size)
-    kernels(backend, "lm_head").linear_logprobs_bwd(
-        grad_logp,
-        grad_ent,
-        hidden,
-        weight,
-        _bias32(bias),
-        labels,
-        lse,
-        ent,
-        1.0 / temperature,
-        ignore_index,
-        vocab_start,
-        token_tile,
-        vocab_tile,
-        precision,
-        grad_hidden,
-        grad_weight,
-        grad_bias,
+    lm_kernels(backend).linear_logprobs_bwd(
+        _widen(grad_logp, hidden), _widen(grad_ent, hidden), hidden, weight, _widen(bias, hidden), labels,
+        lse, ent, 1.0 / temperature, ignore_index, vocab_start, token_tile, vocab_tile, precision,
+        grad_hidden, grad_weight, grad_bias,
     )
     return grad_hidden, grad_weight, grad_bias
 

@@ -35,12 +35,19 @@ from rlkern.ops._common import (
     pick_backend,
 )
 from rlkern.ops._registry import cpp_kernels
-from rlkern.ops.lm_tiles import check_precision, finalize, label_logprobs, shard_grads, shard_stats, validate
+from rlkern.ops.lm_tiles import (
+    NEG_INF,
+    check_precision,
+    finalize,
+    label_logprobs,
+    shard_grads,
+    shard_stats,
+    torch_shard_dz,
+    torch_shard_stats,
+    validate,
+)
 
 __all__ = ["vocab_parallel_logprobs", "vocab_parallel_linear_logprobs", "shard_range"]
-
-NEG_INF = float("-inf")
-
 
 def shard_range(vocab: int, world: int, rank: int) -> tuple[int, int]:
     """[start, end) of rank's vocabulary shard: ceil(V / world) ids per rank, the last one shorter."""
@@ -87,54 +94,6 @@ def _combine(lse_r: Tensor, ent_r: Tensor, zy_r: Tensor, group, want_entropy: bo
     return lse, ent, zy
 
 
-# ------------------------------------------------------------------------------------------------
-# Shard statistics and d logits in plain torch (the torch backend, and logits shards on non-CPU)
-# ------------------------------------------------------------------------------------------------
-
-
-def _torch_shard_stats(z: Tensor, labels: Tensor, ignore_index: int, vocab_start: int):
-    """(lse_r, H_r, z_y) of scaled logits z [N, v] (fp32 or fp64) for ids [vocab_start, +v)."""
-    lse = torch.logsumexp(z, dim=-1)
-    alive = lse != NEG_INF  # a NaN lse (NaN / +inf logit) stays "alive": its statistics come out NaN
-    log_q = z - torch.where(alive, lse, torch.zeros_like(lse))[:, None]
-    q = torch.where(alive[:, None], log_q.exp(), torch.zeros_like(z))
-    ent = -(q * torch.where(q > 0, log_q, torch.zeros_like(log_q))).sum(-1)
-    local = labels - vocab_start
-    here = (labels != ignore_index) & (local >= 0) & (local < z.shape[-1])
-    picked = z.gather(-1, torch.where(here, local, 0)[:, None]).squeeze(-1)
-    return lse, ent, torch.where(here, picked, torch.zeros_like(picked))
-
-
-def _torch_shard_dz(
-    z: Tensor,
-    labels: Tensor,
-    grad_logp: Tensor | None,
-    grad_ent: Tensor | None,
-    lse: Tensor,
-    ent: Tensor | None,
-    ignore_index: int,
-    vocab_start: int,
-    inv_temp: float,
-) -> Tensor:
-    """d logits (before the 1/temperature of z) of the global softmax restricted to this shard."""
-    alive = lse != NEG_INF  # a NaN lse (NaN / +inf logit) stays "alive": its statistics come out NaN
-    d = z - torch.where(alive, lse, torch.zeros_like(lse))[:, None]
-    p = torch.where(alive[:, None], d.exp(), torch.zeros_like(z))
-    dz = torch.zeros_like(z)
-    if grad_logp is not None:
-        g = torch.where((labels != ignore_index) & alive, grad_logp.to(z.dtype), 0.0)
-        local = labels - vocab_start
-        here = (labels != ignore_index) & (local >= 0) & (local < z.shape[-1])
-        onehot = torch.zeros_like(z).scatter_(
-            -1, torch.where(here, local, 0)[:, None], here[:, None].to(z.dtype)
-        )
-        dz = dz + g[:, None] * (onehot - p)
-    if grad_ent is not None:
-        gh = torch.where(alive, grad_ent.to(z.dtype), 0.0)
-        dz = dz - gh[:, None] * torch.where(p == 0, torch.zeros_like(p), p * (d + ent.to(z.dtype)[:, None]))
-    return dz * inv_temp
-
-
 def _present(t: Tensor | None) -> Tensor | None:
     return t.float().contiguous() if t is not None else None
 
@@ -145,6 +104,16 @@ def _present(t: Tensor | None) -> Tensor | None:
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
+    """A logits shard: lm_fold / lm_grad on the C++ backend, the same maths in torch otherwise.
+
+    The one backend branch of this module, kept on purpose: the shard needs the fold and the
+    gradient of a tile whose labels are global ids (``vocab_start``) and whose gradient uses the
+    *global* lse and entropy, and only the C++ tile primitives have that contract. The logits
+    family's kernels (``logprobs_fwd`` / ``_bwd``, C++ and Triton) would treat a token whose label
+    lives on another rank as ignored and drop its -g p_j terms, so they cannot stand in; a Triton
+    lm_fold / lm_grad is not written yet (no GPU here to check it). On a GPU the torch maths below
+    runs, materialising one fp32 copy of the shard."""
+
     @staticmethod
     def forward(ctx, logits2d, labels, group, temperature, ignore_index, want_entropy, backend, vocab_start):
         inv_temp = 1.0 / temperature
@@ -158,7 +127,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             lse_r, ent_r = finalize(m, s, t)
         else:
             z = logits2d.double() if logits2d.dtype == torch.float64 else logits2d.float()
-            lse_r, ent_r, zy_r = _torch_shard_stats(z * inv_temp, labels, ignore_index, vocab_start)
+            lse_r, ent_r, zy_r = torch_shard_stats(z * inv_temp, labels, ignore_index, vocab_start)
         lse, ent, zy = _combine(lse_r, ent_r, zy_r, group, want_entropy)
         logp = label_logprobs(zy, lse, labels, ignore_index)
         ctx.save_for_backward(logits2d, labels, lse, ent if ent is not None else lse)
@@ -188,7 +157,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 )
             return out, None, None, None, None, None, None, None
         z = logits2d.double() if logits2d.dtype == torch.float64 else logits2d.float()
-        dz = _torch_shard_dz(
+        dz = torch_shard_dz(
             z * inv_temp,
             labels,
             grad_logp,
@@ -267,101 +236,29 @@ def vocab_parallel_logprobs(
 
 
 class _VocabParallelLinearLogprobs(torch.autograd.Function):
+    """The shard's statistics and gradients come from :func:`shard_stats` / :func:`shard_grads`, which
+    call the backend's kernels (C++, Triton, or their plain-PyTorch twin for the torch backend) the
+    same way; only the all-reduces are added here."""
+
     @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        labels,
-        group,
-        temperature,
-        ignore_index,
-        want_entropy,
-        chunk_size,
-        backend,
-        vocab_start,
-        precision,
-    ):
-        if backend == "torch":
-            z = _torch_logits(hidden, weight, bias) / temperature
-            lse_r, ent_r, zy_r = _torch_shard_stats(z, labels, ignore_index, vocab_start)
-        else:
-            lse_r, ent_r, zy_r = shard_stats(
-                hidden,
-                weight,
-                bias,
-                labels,
-                temperature,
-                ignore_index,
-                vocab_start,
-                want_entropy,
-                chunk_size,
-                backend,
-                precision,
-            )
+    def forward(ctx, hidden, weight, bias, labels, group, want_entropy, *args):
+        # args: temperature, ignore_index, vocab_start, chunk_size, backend, precision
+        lse_r, ent_r, zy_r = shard_stats(hidden, weight, bias, labels, *args[:3], want_entropy, *args[3:])
         lse, ent, zy = _combine(lse_r, ent_r, zy_r, group, want_entropy)
-        logp = label_logprobs(zy, lse, labels, ignore_index)
+        logp = label_logprobs(zy, lse, labels, args[1])
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ent is not None else lse)
-        ctx.args = (
-            group,
-            temperature,
-            ignore_index,
-            want_entropy,
-            chunk_size,
-            backend,
-            vocab_start,
-            precision,
-        )
+        ctx.group, ctx.want_entropy, ctx.args = group, want_entropy, args
         return logp, (ent if ent is not None else lse.new_empty(0))
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
         hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-        group, temperature, ignore_index, want_entropy, chunk_size, backend, vocab_start, precision = ctx.args
-        grad_ent = grad_ent if want_entropy else None
-        if backend == "torch":
-            z = _torch_logits(hidden, weight, bias) / temperature
-            dx = _torch_shard_dz(
-                z,
-                labels,
-                grad_logp,
-                grad_ent,
-                lse.to(z.dtype),
-                ent.to(z.dtype) if want_entropy else None,
-                ignore_index,
-                vocab_start,
-                1.0 / temperature,
-            )
-            gh = dx @ weight.to(dx.dtype)
-            gw = (dx.T @ hidden.to(dx.dtype)).to(weight.dtype)
-            gb = dx.sum(0) if bias is not None else None
-        else:
-            gh, gw, gb = shard_grads(
-                _present(grad_logp),
-                _present(grad_ent),
-                hidden,
-                weight,
-                bias,
-                labels,
-                lse,
-                ent if want_entropy else None,
-                temperature,
-                ignore_index,
-                vocab_start,
-                chunk_size,
-                backend,
-                precision,
-            )
-        dist.all_reduce(gh, group=group)  # every shard's logits depend on the whole hidden state
+        if not ctx.want_entropy:
+            grad_ent = ent = None
+        gh, gw, gb = shard_grads(grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, *ctx.args)
+        dist.all_reduce(gh, group=ctx.group)  # every shard's logits depend on the whole hidden state
         gb = gb.to(bias.dtype) if bias is not None else None
         return gh.to(hidden.dtype), gw, gb, None, None, None, None, None, None, None, None, None
-
-
-def _torch_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    up = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    z = hidden.to(up) @ weight.to(up).T
-    return z if bias is None else z + bias.to(up)
 
 
 def vocab_parallel_linear_logprobs(
@@ -391,17 +288,7 @@ def vocab_parallel_linear_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     logp, ent = _VocabParallelLinearLogprobs.apply(
-        flat_hidden,
-        weight.contiguous(),
-        bias,
-        flat_labels,
-        process_group,
-        temperature,
-        int(ignore_index),
-        bool(return_entropy),
-        chunk_size,
-        backend,
-        vocab_start,
-        precision,
+        flat_hidden, weight.contiguous(), bias, flat_labels, process_group, bool(return_entropy),
+        temperature, int(ignore_index), vocab_start, chunk_size, backend, precision,
     )
     return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)

@@ -12,6 +12,9 @@ cases keep the row count small.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -439,3 +442,63 @@ def test_backends_agree_on_hostile_rows(backend_name):
     assert torch.isfinite(logp[3:5]).all() and (logp[3:] <= 0).all() and logp[5] == 0
     assert abs(ent[4].item() - math.log(vocab)) < 1e-5
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Every ISA level of the C++ kernels
+# ---------------------------------------------------------------------------------------------
+
+# csrc/logits.cpp compiles its kernels per ISA level (5: AVX-512 + BF16, 4: AVX-512, 3: AVX2, 0:
+# baseline) and runs the best the CPU has; RLKERN_LOGITS_ISA caps it, so one machine runs them all.
+_ISA_SCRIPT = r"""
+import sys, torch, rlkern
+out = []
+for logits, labels, temperature, g_lp, g_h in torch.load(sys.argv[1]):
+    with rlkern.use_backend("cpp"):
+        x = logits.clone().requires_grad_(True)
+        lp, h = rlkern.ops.logprobs_and_entropy(x, labels, temperature=temperature)
+        (gx,) = torch.autograd.grad((lp, h), x, (g_lp, g_h))
+        y = logits.clone().requires_grad_(True)
+        (gy,) = torch.autograd.grad(rlkern.ops.logprobs(y, labels, temperature=temperature), y, g_lp)
+    out.append((lp, h, gx, gy))
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(rlkern.backend.cpp_import_error() is not None, reason="C++ extension not built")
+def test_every_isa_level_agrees(tmp_path):
+    """The AVX2 and baseline kernels (and AVX-512 without BF16) give what the best level gives, on
+    hostile rows too (NaN, +inf, banned, all banned; 4100 logits: two 2048 blocks and a tail), for
+    every dtype, with an exact (1.0) and a Markstein-corrected (0.6) temperature. Tolerances: the
+    levels differ in FMA contraction (the baseline has none) and bf16 rounding hardware (values
+    below 2^-126 flush to 0): a few fp32 ulp forward, one ulp of the storage dtype backward."""
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for temperature in (1.0, 0.6):
+            logits = (torch.randn(7, 4100, generator=gen) * 4).to(dtype)
+            logits[1, 3000] = NAN
+            logits[2, 5] = INF
+            logits[3, :4000] = -INF
+            logits[4] = -INF
+            labels = torch.randint(0, 4100, (7,), generator=gen)
+            labels[5] = -100
+            grads = torch.randn(2, 7, generator=gen)
+            cases.append((logits, labels, temperature, grads[0], grads[1]))
+    torch.save(cases, tmp_path / "in.pt")
+
+    def run(level: int):
+        out = tmp_path / f"{level}.pt"
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(out)], check=True,
+                       env={**os.environ, "RLKERN_LOGITS_ISA": str(level)})
+        return torch.load(out)
+
+    best = run(99)
+    for level in (4, 3, 0):
+        for (logits, *_), got, want in zip(cases, run(level), best):
+            rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[logits.dtype]
+            for name, g, w in zip(("logp", "entropy", "d logits", "d logits (logprobs only)"), got, want):
+                tol = dict(atol=2e-5, rtol=1e-6) if g.dtype == torch.float32 and g.dim() == 1 else \
+                    dict(atol=1e-6, rtol=rtol)
+                torch.testing.assert_close(g, w, equal_nan=True, **tol,
+                                           msg=lambda m, n=name, lv=level: f"level {lv} {n}: {m}")

@@ -47,6 +47,13 @@ def _rows(t: Tensor, dim: int | None) -> Tensor:
     return t.contiguous()
 
 
+def _rows2(x: Tensor, mask: Tensor, dim: int | None) -> tuple[Tensor, Tensor]:
+    """_rows of x and of the mask (one call: this runs on every op call)."""
+    if dim is None or dim == x.dim() - 1:
+        return x.contiguous(), mask.contiguous()
+    return x.movedim(dim, -1).contiguous(), mask.movedim(dim, -1).contiguous()
+
+
 def _from_rows(rows: Tensor, dim: int | None) -> Tensor:
     """Inverse of _rows for an x-shaped result."""
     return rows if dim is None or dim == rows.dim() - 1 else rows.movedim(-1, dim)
@@ -70,7 +77,7 @@ def _masked_stat(x: Tensor, mask: Tensor, dim: int | None, kind: int, unbiased: 
                  backend: str) -> tuple[Tensor, Tensor]:
     """(statistic, saved): saved is float64 [2, ...] (centring mean, gradient scale) for backward."""
     out, saved, low = kernels(backend, "masked").masked_stat_fwd(
-        _rows(x, dim), _rows(mask, dim), dim is None, kind, int(unbiased), _common.POISON_OUTPUTS)
+        *_rows2(x, mask, dim), dim is None, kind, int(unbiased), _common.POISON_OUTPUTS)
     if need:
         _check_count(low, need, _NAMES[kind], out.dim() > 0)
     return out, saved
@@ -86,9 +93,8 @@ def _(x, mask, dim, kind, unbiased, need, backend):
 def _masked_stat_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: int | None, kind: int,
                      backend: str) -> Tensor:
     dx = kernels(backend, "masked").masked_stat_bwd(
-        grad.float().contiguous(), _rows(x, dim), _rows(mask, dim), saved, dim is None, kind,
-        _common.POISON_OUTPUTS)
-    return _from_rows(dx, dim)
+        grad.float().contiguous(), *_rows2(x, mask, dim), saved, dim is None, kind, _common.POISON_OUTPUTS)
+    return dx if dim is None else _from_rows(dx, dim)
 
 
 def _fake_dx(grad, x, *_):
@@ -136,7 +142,7 @@ def _masked_whiten(x: Tensor, mask: Tensor, dim: int | None, shift_mean: bool, u
                    need: int, backend: str) -> tuple[Tensor, Tensor]:
     """(whitened, saved): saved is float64 [4, ...] (mean, rstd, n, n - ddof) for backward."""
     y, saved, low = kernels(backend, "masked").masked_whiten_fwd(
-        _rows(x, dim), _rows(mask, dim), dim is None, shift_mean, int(unbiased), eps, _common.POISON_OUTPUTS)
+        *_rows2(x, mask, dim), dim is None, shift_mean, int(unbiased), eps, _common.POISON_OUTPUTS)
     if need:
         _check_count(low, need, "masked_whiten", saved.dim() > 1)
     return _from_rows(y, dim), saved
@@ -152,7 +158,7 @@ def _(x, mask, dim, shift_mean, unbiased, eps, need, backend):
 def _masked_whiten_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: int | None,
                        shift_mean: bool, backend: str) -> Tensor:
     dx = kernels(backend, "masked").masked_whiten_bwd(
-        _rows(grad.float(), dim), _rows(x, dim), _rows(mask, dim), saved, dim is None, shift_mean,
+        _rows(grad.float(), dim), *_rows2(x, mask, dim), saved, dim is None, shift_mean,
         _common.POISON_OUTPUTS)
     return _from_rows(dx, dim)
 

@@ -341,6 +341,23 @@ def test_and_grad_entry_points_match_autograd(backend, dtype):
     assert torch.equal(loss.detach(), loss2) and torch.equal(x.grad, grad2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_twice(backend, dtype):
+    """The first eager backward may turn the forward's saved per-token gradients into d logp in place
+    (fp32); a second backward through the same graph (retain_graph) then recomputes them. Both give
+    the bits of the no-autograd entry point."""
+    logp, old, ref, adv, mask = _tokens((3, 22), dtype)
+    for loss_fn, and_grad, args, kwargs in (
+            (rlkern.ops.grpo_loss, L.grpo_loss_and_grad, (old, ref, adv[:, 0], mask), {"beta": 0.1}),
+            (rlkern.ops.policy_loss, L.policy_loss_and_grad, (old, adv, mask), {"dual_clip": 3.0})):
+        x = logp.clone().requires_grad_()
+        loss, _ = loss_fn(x, *args, **kwargs)
+        (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (second,) = torch.autograd.grad(loss, x)
+        _, expected, _ = and_grad(logp, *args, **kwargs)
+        assert torch.equal(first, expected) and torch.equal(second, expected), loss_fn.__name__
+
+
 def test_large_t(kernel_backend):
     """One long-sequence case (T = 5000: many 16-lane blocks and a tail; one Triton block loop)."""
     rows, length = (2, 5000) if kernel_backend == "cpp" else (1, 2100)
@@ -422,7 +439,7 @@ def test_opcheck(backend_name, kind):
     w = torch.rand(3, 21) if kind == 0 else None
     mask = mask.float() if kind == 1 else mask.long() if kind == 2 else mask
     dual = 3.0 if kind == 0 else math.inf
-    for save_grad in (False, True):
+    for save_grad in (0, 1):  # (2: the caller drops `saved`, which the backward may then overwrite)
         args = (logp.requires_grad_(), old, a, r, w, mask, kind, 0.2, 0.28, dual, 0.04, 0.2, grpo,
                 -1.0 if not grpo else 3.0, save_grad, backend_name)
         torch.library.opcheck(torch.ops.rlkern.losses_fwd.default, args)

@@ -70,13 +70,14 @@ _DENOM_TOKENS, _DENOM_LIVE_ROWS = -1.0, -2.0
 
 # The registered ops take canonical tensors: x, old, adv (or per-row advantages of x's leading shape),
 # ref and weights (or None): contiguous [..., T] of one dtype; mask: contiguous [..., T], any dtype.
-# With save_grad (x requires grad) the forward also writes each token's unscaled gradient (float32,
+# With save_grad (x requires grad: 1, or 2 when the caller drops `saved`, so the first eager backward may
+# overwrite it with the gradient) the forward also writes each token's unscaled gradient (float32,
 # x's shape; 0 elements otherwise), and the backward is one elementwise pass over it
 # (_losses_bwd_saved) instead of a second evaluation of every token's terms (_losses_bwd).
 @kernel_op("losses_fwd")
 def _losses_fwd(x: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights: Tensor | None, mask: Tensor,
                 kind: int, clip_low: float, clip_high: float, dual_clip: float, beta: float,
-                value_clip: float, per_row_mean: bool, denom: float, save_grad: bool,
+                value_clip: float, per_row_mean: bool, denom: float, save_grad: int,
                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dev = x.device
     loss, stats, row_scale = new_output((), device=dev), new_output((LOSS_STATS,), device=dev), new_output(
@@ -125,20 +126,46 @@ def _(_grad_loss, saved, _mask, _row_scale, dtype, _backend):
 
 def _setup_context(ctx, inputs, output):
     _, stats, row_scale, saved = output
-    ctx.save_grad, ctx.dtype = inputs[14], inputs[0].dtype
-    if ctx.save_grad:
-        ctx.save_for_backward(saved, inputs[5], row_scale)
-    else:
-        ctx.save_for_backward(*inputs[:6], row_scale)  # x, old, adv, ref, weights, mask, row_scale
+    ctx.dtype = inputs[0].dtype
+    # The non-differentiable outputs get no gradient at all: materialised, `saved`'s would be a zero
+    # [..., T] fp32 tensor filled on every backward.
+    ctx.set_materialize_grads(False)
+    # x, old, adv, ref, weights, mask, row_scale, saved (None without save_grad). The inputs are
+    # kept with save_grad too: with save_grad == 2 (the caller dropped `saved`) the first eager
+    # backward turns `saved` into the gradient in place, so a second one (retain_graph) recomputes.
+    ctx.save_for_backward(*inputs[:6], row_scale, saved if inputs[14] else None)
+    ctx.saved_spent, ctx.saved_private = False, inputs[14] == 2
     ctx.args = (*inputs[6:12], inputs[15])  # kind, clip_low, clip_high, dual_clip, beta, value_clip, backend
     ctx.mark_non_differentiable(stats, row_scale, saved)
 
 
-def _backward(ctx, grad_loss, grad_stats, grad_row_scale, grad_saved):
-    if ctx.save_grad:
-        grad_x = _losses_bwd_saved(grad_loss, *ctx.saved_tensors, ctx.dtype, ctx.args[-1])
+def _eager(t: Tensor) -> bool:
+    """Outside tracing (see _registry.KernelOp) and a plain tensor: a kernel may write it in place."""
+    return (type(t) is Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
+
+
+def _grad_from_saved(grad_loss: Tensor, saved: Tensor, mask: Tensor, row_scale: Tensor, dtype: torch.dtype,
+                     backend: str, *, in_place: bool) -> Tensor:
+    """d x from the forward's saved per-token gradients. ``in_place`` (eager, fp32 x): the kernel
+    overwrites ``saved`` (an elementwise pass, each element read before it is written), which saves
+    allocating and faulting in a new [..., T] buffer."""
+    if in_place and saved.dtype == dtype and _eager(saved):
+        kernels(backend, "losses").losses_bwd_saved(grad_loss.float(), saved, mask, row_scale, saved)
+        return saved
+    return _losses_bwd_saved(grad_loss, saved, mask, row_scale, dtype, backend)
+
+
+def _backward(ctx, grad_loss, *_):
+    if grad_loss is None:  # only the non-differentiable outputs were used
+        return (None,) * 16
+    *tensors, row_scale, saved = ctx.saved_tensors
+    if saved is not None and not ctx.saved_spent:
+        ctx.saved_spent = ctx.saved_private and _eager(saved) and saved.dtype == ctx.dtype
+        grad_x = _grad_from_saved(grad_loss, saved, tensors[5], row_scale, ctx.dtype, ctx.args[-1],
+                                  in_place=ctx.saved_spent)
     else:
-        grad_x = _losses_bwd(grad_loss, *ctx.saved_tensors, *ctx.args)
+        grad_x = _losses_bwd(grad_loss, *tensors, row_scale, *ctx.args)
     return (grad_x,) + (None,) * 15
 
 
@@ -236,14 +263,15 @@ def _run(kind, main, old, adv, ref, weights, mask, *, clip_low=0.2, clip_high=0.
     x, old_c, adv_c, ref_c, w_c = _canonical(main, old, adv, ref, weights)
     consts = (clip_low, clip_high, math.inf if dual_clip is None else dual_clip, beta, value_clip)
     if not want_grad:
-        save_grad = x.requires_grad and torch.is_grad_enabled()
+        save_grad = 2 if x.requires_grad and torch.is_grad_enabled() else 0  # `saved` is dropped here
         loss, stats, _, _ = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom,
                                         save_grad, backend)
         return loss, stats
     with torch.no_grad():
         loss, stats, row_scale, saved = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts,
-                                                    per_row_mean, denom, True, backend)
-        grad = _losses_bwd_saved(torch.ones((), device=x.device), saved, mask, row_scale, x.dtype, backend)
+                                                    per_row_mean, denom, 1, backend)
+        grad = _grad_from_saved(torch.ones((), device=x.device), saved, mask, row_scale, x.dtype, backend,
+                                in_place=True)
     return loss, grad.to(main.dtype), stats
 
 

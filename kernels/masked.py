@@ -38,11 +38,17 @@ def _nonzero(m):
 
 
 @triton.jit
-def _moments_kernel(x_ptr, m_ptr, n_ptr, s_ptr, m2_ptr, numel, seg, WANT_M2: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _segment(numel, seg):
+    """This program's segment: (its index, first element, one past its last element), int64."""
     pid = tl.program_id(0).to(tl.int64)
     start = pid * seg
-    stop = tl.minimum(start + seg, numel)
+    return pid, start, tl.minimum(start + seg, numel)
+
+
+@triton.jit
+def _moments_kernel(x_ptr, m_ptr, n_ptr, s_ptr, m2_ptr, numel, seg, WANT_M2: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    pid, start, stop = _segment(numel, seg)
     acc_s = tl.zeros((BLOCK,), tl.float32)
     acc_n = tl.zeros((BLOCK,), tl.float32)
     for off in range(start, stop, BLOCK):
@@ -68,9 +74,7 @@ def _moments_kernel(x_ptr, m_ptr, n_ptr, s_ptr, m2_ptr, numel, seg, WANT_M2: tl.
 @triton.jit
 def _dot_kernel(g_ptr, x_ptr, mu_ptr, s1_ptr, s2_ptr, numel, seg, ONE_MEAN: tl.constexpr,
                 BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    start = pid * seg
-    stop = tl.minimum(start + seg, numel)
+    pid, start, stop = _segment(numel, seg)
     if ONE_MEAN:
         mean = tl.load(mu_ptr)
     else:

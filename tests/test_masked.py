@@ -321,13 +321,9 @@ def test_opcheck(backend_name, mask_dtype):
                               (torch.randn(4, 19), x, mask, saved, dim, False, backend_name))
 
 
-def test_torch_compile_fullgraph():
-    x, mask = _inputs((4, 24), torch.float32)
-
-    def step(t):
-        w = ops.masked_whiten(t, mask, dim=-1)
-        return (w * w.detach()).sum() + ops.masked_var(t, mask) + ops.masked_mean(t, mask, dim=0).sum()
-
+def compiled_matches_eager(step, x: torch.Tensor) -> None:
+    """torch.compile(step, fullgraph=True) (aot_eager: the custom ops stay calls) gives eager's
+    value and gradient w.r.t. x. (tests/test_kl_penalty.py uses it too.)"""
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_c, out_e = compiled(x1), step(x2)
@@ -335,6 +331,16 @@ def test_torch_compile_fullgraph():
     out_e.backward()
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_torch_compile_fullgraph():
+    x, mask = _inputs((4, 24), torch.float32)
+
+    def step(t):
+        w = ops.masked_whiten(t, mask, dim=-1)
+        return (w * w.detach()).sum() + ops.masked_var(t, mask) + ops.masked_mean(t, mask, dim=0).sum()
+
+    compiled_matches_eager(step, x)
 
 
 @pytest.mark.parametrize("backend_name", ALL_BACKENDS)

@@ -608,3 +608,85 @@ def optimal_token_baseline(rewards: Tensor, mask: Tensor, group_ids: Tensor, old
             c = cols[i]
             advantages[i, c] = (returns[i, c] - b[:c.numel()]) * m[i, c]
     return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------
+# rollout_correction family: importance weights and rejection between the rollout engine and
+# the trainer (verl TIS / IcePop / RS, TRL's vLLM IS modes, OpenRLHF's tis / icepop / seq-mask-tis)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rc_stat(kind: str, d: float) -> float:
+    d = min(max(d, -20.0), 20.0)
+    return {"k1": -d, "k2": 0.5 * d * d, "k3": math.expm1(d) - d}[kind]
+
+
+def rollout_correction(log_prob: Tensor, rollout_log_prob: Tensor | None, mask: Tensor, *,
+                       level: str | None = "token", mode: str = "truncate", upper: float | None = 2.0,
+                       lower: float | None = None, log_clamp: float | None = 20.0, padding: str = "zero",
+                       seq_gate: tuple[float, float] | None = None,
+                       rs: list[tuple[str, float | None, float]] | None = None,
+                       ) -> tuple[Tensor | None, Tensor]:
+    """(weights, kept mask) of rlkern.ops.rollout_correction, one row and one token at a time in Python
+    floats; ``rs`` is the parsed option list of ``rlkern.ops.rollout_correction.parse_rs``. No metrics
+    (tests compare those with verl's own functions)."""
+    d_all = _upcast(log_prob).double()
+    if rollout_log_prob is not None:
+        d_all = d_all - _upcast(rollout_log_prob).double()
+    shape = d_all.shape
+    d_rows = d_all.reshape(-1, shape[-1]).tolist() if d_all.numel() else []
+    m_rows = (mask != 0).reshape(-1, shape[-1]).tolist() if d_all.numel() else []
+    weights, keeps = [], []
+    for d, m in zip(d_rows, m_rows, strict=True):
+        if padding == "trl":
+            d = [0.0 if math.isnan(x * mv) else x * mv for x, mv in zip(d, m, strict=True)]
+        clamp = (lambda x: x) if log_clamp is None else (lambda x: min(max(x, -log_clamp), log_clamp))
+        if level == "sequence":
+            total = sum(x for x, mv in zip(d, m, strict=True) if mv or padding == "trl")
+            logs = [total] * len(d)
+        else:
+            logs = d
+        row = []
+        for x, mv in zip(logs, m, strict=True):
+            x = clamp(x)
+            w = math.inf if x >= 709 else math.exp(x)
+            if padding == "zero" and not mv:
+                w = 0.0
+            if mode == "truncate":
+                w = w if lower is None or math.isnan(w) else max(w, lower)
+                w = w if upper is None or math.isnan(w) else min(w, upper)
+            elif mode == "mask":
+                inside = (lower is None or w >= lower) and (upper is None or w <= upper)
+                w = w if inside else (w * 0.0 if padding == "raw" else 0.0)
+            row.append(w)
+        if seq_gate is not None:
+            n = sum(m)
+            geo = math.exp(sum(x for x, mv in zip(d, m, strict=True) if mv) / n) if n else math.nan
+            if not seq_gate[0] <= geo <= seq_gate[1]:
+                row = [w * 0.0 for w in row]
+        weights.append(row)
+        keep = [True] * len(d)
+        for option, lo, hi in rs or []:
+            kind = option[-2:]
+            bounds = (math.log(lo), math.log(hi)) if kind == "k1" else (-math.inf, hi)
+            stats = [_rc_stat(kind, x) for x in d]
+            valid = [s for s, mv in zip(stats, m, strict=True) if mv]
+            if option.startswith("token"):
+                ok = [bounds[0] <= s <= bounds[1] for s in stats]
+            else:
+                if option.startswith("seq_sum"):
+                    s = sum(valid)
+                elif option.startswith("seq_mean"):
+                    s = sum(valid) / len(valid) if valid else 0.0
+                else:
+                    s = max(valid) if valid else 0.0
+                ok = [bounds[0] <= s <= bounds[1]] * len(d)
+            keep = [a and b for a, b in zip(keep, ok, strict=True)]
+        keeps.append(keep)
+    dtype = torch.float64
+    w_out = None if level is None else torch.tensor(weights, dtype=dtype).reshape(shape)
+    k_out = torch.tensor(keeps, dtype=torch.bool).reshape(shape) if keeps else torch.ones(shape,
+                                                                                          dtype=torch.bool)
+    new_mask = mask if not rs else (mask * k_out.to(torch.float64 if mask.dtype == torch.float64
+                                                    else torch.float32)).to(mask.dtype)
+    return w_out, new_mask

@@ -682,3 +682,170 @@ def test_untouched_policy_losses_still_run_patched():
         finally:
             compat.unpatch("verl")
         close(got, want, f"gspo {mode}")
+
+
+# ------------------------------------------------------------------------------------------------
+# rollout correction (verl/trainer/ppo/rollout_corr_helper.py): weights, rejection masks, metrics
+# ------------------------------------------------------------------------------------------------
+
+import verl.trainer.ppo.rollout_corr_helper as rch  # noqa: E402
+
+RC_MASKS = (torch.float32, torch.int64, torch.bool)
+RC_IS = [("token", 2.0), ("token", "1.5"), ("token", "0.8_1.25"), ("sequence", 2.0), ("sequence", "0.5_3"),
+         ("sequence", 1e6)]
+RC_RS = [("token_k1", "0.8_1.25"), ("token_k1", 1.3), ("token_k2", 0.03), ("token_k3", 0.03),
+         ("seq_sum_k1", "0.5_2"), ("seq_sum_k2", 0.2), ("seq_sum_k3", 0.2), ("seq_mean_k1", 1.05),
+         ("seq_mean_k2", 0.04), ("seq_mean_k3", 0.04), ("seq_max_k2", 0.1), ("seq_max_k3", 0.1),
+         ("token_k1,seq_mean_k3,seq_max_k2", "0.7_1.4,0.04,0.15"), ("seq_mean_k1,seq_sum_k3", 1.1)]
+
+
+@pytest.fixture
+def rc_spy(monkeypatch):
+    calls = []
+    real = ops.rollout_correction
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("level"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "rollout_correction", counted)
+    return calls
+
+
+def _rc_inputs(mask_dtype=torch.float32, seed=0, b=8, t=12, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(b, t, generator=g) * 3
+    roll = old + scale * torch.randn(b, t, generator=g)
+    mask = torch.rand(b, t, generator=g) < 0.75
+    mask[0] = True
+    mask[2] = False  # a zero-length response
+    return old, roll, mask.to(mask_dtype)
+
+
+def _rc_both(name, *args, spy=None, **kwargs):
+    return both(lambda: getattr(rch, name), *args, spy=spy, **kwargs)
+
+
+@pytest.mark.parametrize("batch_normalize", [False, True])
+@pytest.mark.parametrize("level,threshold", RC_IS, ids=[f"{a}-{b}" for a, b in RC_IS])
+@pytest.mark.parametrize("mask_dtype", RC_MASKS, ids=str)
+def test_rollout_is_weights_match_installed_verl(rc_spy, mask_dtype, level, threshold, batch_normalize):
+    old, roll, mask = _rc_inputs(mask_dtype, seed=1)
+    (got, _), (want, _) = _rc_both("compute_rollout_correction_weights", old - roll, mask, level, threshold,
+                                   batch_normalize)
+    close(got, want, f"{level} {threshold}")
+    assert rc_spy == [level]
+
+
+@pytest.mark.parametrize("rs,threshold", RC_RS, ids=[f"{a}-{b}" for a, b in RC_RS])
+@pytest.mark.parametrize("mask_dtype", RC_MASKS, ids=str)
+def test_rollout_rejection_mask_matches_installed_verl(rc_spy, mask_dtype, rs, threshold):
+    old, roll, mask = _rc_inputs(mask_dtype, seed=2)
+    (got, _), (want, _) = _rc_both("compute_rollout_rejection_mask", old - roll, mask, rs, threshold)
+    close(got, want, rs)
+    assert rc_spy == [None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mask_dtype", RC_MASKS, ids=str)
+@pytest.mark.parametrize("is_,rs", [(("token", 2.0), (None, None)),
+                                    (("sequence", "0.5_2"), ("seq_mean_k1", 1.1)),
+                                    ((None, 2.0), ("token_k1,seq_max_k3", "0.8_1.25,0.1")),
+                                    (("token", "0.8_1.2"), ("seq_sum_k2", 0.2))])
+def test_rollout_correction_and_rejection_matches_installed_verl(rc_spy, mask_dtype, dtype, is_, rs):
+    """bf16 log-probs: verl computes in bf16, rlkern in fp32 from the same values; compared with verl on
+    the fp32 upcast (the weights also with verl's own bf16 dtype rule)."""
+    old, roll, mask = _rc_inputs(mask_dtype, seed=3)
+    old, roll = old.to(dtype), roll.to(dtype)
+    args = (mask, is_[0], is_[1], False, rs[0], rs[1])
+    want = rch.compute_rollout_correction_and_rejection_mask(old.float(), roll.float(), *args)
+    want_dtype = rch.compute_rollout_correction_and_rejection_mask(old, roll, *args)
+    compat.patch("verl", strict=True)
+    try:
+        got = rch.compute_rollout_correction_and_rejection_mask(old, roll, *args)
+    finally:
+        compat.unpatch("verl")
+    assert rc_spy == [is_[0]]
+    assert (got[0] is None) == (want[0] is None)
+    if want[0] is not None:
+        gw, ww = got[0].batch["rollout_is_weights"], want[0].batch["rollout_is_weights"]
+        assert gw.dtype == want_dtype[0].batch["rollout_is_weights"].dtype
+        close(gw.float(), ww.float().to(gw.dtype).float(), "weights")
+    close(got[1], want[1], "mask")
+    close(got[2], want[2], "metrics")
+
+
+def test_rollout_correction_non_finite_and_errors_match_installed_verl(rc_spy):
+    old, roll, mask = _rc_inputs(torch.float32, seed=4)
+    old[0, 3] = float("nan")
+    old[3, 1] = float("-inf")
+    roll[4, 0] = float("inf")
+    for args in ((mask, "token", 2.0, False, "seq_mean_k3", 0.05),
+                 (mask, "sequence", "0.5_2", True, None, None)):
+        (got, _), (want, _) = _rc_both("compute_rollout_correction_and_rejection_mask", old, roll, *args)
+        assert want[2]["rollout_corr/kl"] != want[2]["rollout_corr/kl"]  # NaN propagates to the metrics
+        close(got[0].batch["rollout_is_weights"], want[0].batch["rollout_is_weights"], "weights")
+        close(got[1], want[1], "mask")
+        close(got[2], want[2], "metrics")
+    bad_calls = [
+        (rch.compute_rollout_correction_and_rejection_mask, (old, roll, torch.zeros_like(mask), "token")),
+        (rch.compute_rollout_correction_and_rejection_mask, (old, roll[:, :-1], mask, "token")),
+        (rch.compute_rollout_correction_and_rejection_mask, (old, roll, mask, "tok")),
+        (rch.compute_rollout_correction_and_rejection_mask, (old, roll, mask, None, 2.0, False, "token_k1")),
+        (rch.compute_rollout_correction_weights, (old - roll, mask, "token", "2_1")),
+        (rch.compute_rollout_correction_weights, (old - roll, mask, "token", True)),
+        (rch.compute_rollout_rejection_mask, (old - roll, mask, "token_k9", 1.0)),
+        (rch.compute_rollout_rejection_mask, (old - roll, mask, "token_k2", "0.1_0.2")),
+        (rch.compute_rollout_rejection_mask, (old - roll, torch.zeros_like(mask), "token_k2", 0.1)),
+    ]
+    for fn, args in bad_calls:
+        with pytest.raises((ValueError, TypeError)) as want_err:
+            fn(*args)
+        compat.patch("verl", strict=True)
+        try:
+            with pytest.raises(want_err.type, match=str(want_err.value).split(":")[0][:30].replace("(", ".")):
+                getattr(rch, fn.__name__)(*args)
+        finally:
+            compat.unpatch("verl")
+    # an empty batch comes back as is from the rejection mask
+    (got, _), (want, _) = _rc_both("compute_rollout_rejection_mask", old[:0] - roll[:0], mask[:0], "token_k2",
+                                   1.0)
+    assert got[1] == want[1] == {} and got[0].shape == want[0].shape == (0, old.shape[1])
+
+
+@pytest.mark.parametrize("mask_dtype", RC_MASKS, ids=str)
+def test_offpolicy_metrics_match_installed_verl(rc_spy, mask_dtype):
+    old, roll, mask = _rc_inputs(mask_dtype, seed=5)
+    for name, args in (("compute_offpolicy_metrics", (old, roll, mask)),
+                       ("compute_offpolicy_metrics", (old, None, mask)),
+                       ("compute_rollout_corr_metrics_from_logprobs", (old, roll, mask))):
+        (got, _), (want, _) = _rc_both(name, *args)
+        close(got, want, name)
+    assert rc_spy == [None, None]
+
+
+def test_trainer_path_reaches_rlkern(rc_spy):
+    """verl's ray trainer calls compute_rollout_correction_and_add_to_batch, which looks the helper up in
+    its module at call time: patched, the whole step runs on rlkern and gives verl's batch and metrics."""
+    from verl.protocol import DataProto
+
+    old, roll, mask = _rc_inputs(torch.float32, seed=6)
+    config = {"rollout_is": "token", "rollout_is_threshold": 2.0, "rollout_rs": "seq_mean_k1",
+              "rollout_rs_threshold": "0.95_1.05"}
+
+    def run():
+        batch = DataProto.from_dict(tensors={"old_log_probs": old, "rollout_log_probs": roll,
+                                             "response_mask": mask})
+        return rch.compute_rollout_correction_and_add_to_batch(batch, config)
+
+    want_batch, want_metrics = run()
+    assert rc_spy == []
+    compat.patch("verl", strict=True)
+    try:
+        got_batch, got_metrics = run()
+    finally:
+        compat.unpatch("verl")
+    assert rc_spy == ["token"]
+    close(got_metrics, want_metrics, "metrics")
+    for key in ("response_mask", "rollout_is_weights"):
+        close(got_batch.batch[key], want_batch.batch[key], key)

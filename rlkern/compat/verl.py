@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from rlkern import ops
+from rlkern.ops.rollout_correction import parse_is_threshold, parse_rs
 
 __all__ = [
     "masked_sum",
@@ -72,10 +73,16 @@ __all__ = [
     "compute_policy_loss",
     "compute_policy_loss_vanilla",
     "compute_value_loss",
+    "compute_rollout_correction_weights",
+    "compute_rollout_rejection_mask",
+    "compute_rollout_correction_and_rejection_mask",
+    "compute_offpolicy_metrics",
+    "compute_rollout_corr_metrics_from_logprobs",
 ]
 
 _CORE = "verl.trainer.ppo.core_algos"
 _F = "verl.utils.torch_functional"
+_RC = "verl.trainer.ppo.rollout_corr_helper"
 
 # (module, attribute, shim name) swapped in by rlkern.compat.patch("verl").
 PATCH_TARGETS = (
@@ -110,6 +117,11 @@ PATCH_TARGETS = (
     (_CORE, "compute_policy_loss", "compute_policy_loss"),
     (_CORE, "compute_policy_loss_vanilla", "compute_policy_loss_vanilla"),
     (_CORE, "compute_value_loss", "compute_value_loss"),
+    (_RC, "compute_rollout_correction_weights", "compute_rollout_correction_weights"),
+    (_RC, "compute_rollout_rejection_mask", "compute_rollout_rejection_mask"),
+    (_RC, "compute_rollout_correction_and_rejection_mask", "compute_rollout_correction_and_rejection_mask"),
+    (_RC, "compute_offpolicy_metrics", "compute_offpolicy_metrics"),
+    (_RC, "compute_rollout_corr_metrics_from_logprobs", "compute_rollout_corr_metrics_from_logprobs"),
 )
 # verl's trainers look estimators and policy losses up by name in these dicts.
 PATCH_REGISTRIES = ((_CORE, "ADV_ESTIMATOR_REGISTRY"), (_CORE, "POLICY_LOSS_REGISTRY"))
@@ -733,3 +745,154 @@ def compute_value_loss(vpreds: Tensor, returns: Tensor, values: Tensor, response
     loss = _global_scale(loss, response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
                          loss_scale_factor)
     return loss, stats["clip_frac"]
+
+
+# ------------------------------------------------------------------------------------------------
+# rollout correction (verl/trainer/ppo/rollout_corr_helper.py): TIS / IcePop weights, rejection masks
+# and the off-policy diagnostics, all from one rlkern.ops.rollout_correction call
+# ------------------------------------------------------------------------------------------------
+
+_IS_LEVELS = ("token", "sequence")
+
+
+def _floats(metrics: dict[str, Tensor], prefix: str = "") -> dict[str, float]:
+    """The 0-d metric tensors as Python floats, read back in one transfer (verl calls ``.item()`` on
+    each)."""
+    if not metrics:
+        return {}
+    values = torch.stack([v.detach().double().reshape(()) for v in metrics.values()]).tolist()
+    return {prefix + name: value for name, value in zip(metrics, values, strict=True)}
+
+
+def _need_valid(response_mask: Tensor) -> None:
+    if not bool(response_mask.any()):
+        raise ValueError("response_mask must contain at least one valid token (1).")
+
+
+def _is_options(rollout_is: str, rollout_is_threshold) -> dict:
+    if rollout_is not in _IS_LEVELS:
+        raise ValueError(f"Invalid rollout_is: {rollout_is}. Must be one of {set(_IS_LEVELS)}.")
+    upper, lower = parse_is_threshold(rollout_is_threshold)
+    return {"level": rollout_is, "upper": upper, "lower": lower,
+            "mode": "truncate" if lower is None else "mask"}
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _distributed_batch_normalize(weights: Tensor, response_mask: Tensor, level: str, metrics: dict) -> Tensor:
+    # verl normalises over every rank with verl_F.distributed_masked_mean when torch.distributed runs.
+    from verl.utils.torch_functional import distributed_masked_mean
+
+    mask_float = response_mask.to(weights.dtype)
+    if level == "token":
+        mean = distributed_masked_mean(weights, mask_float)
+    else:
+        seq_weights = (torch.where(mask_float.bool(), weights, 0.0) * mask_float).sum(-1) / (
+            mask_float.sum(-1) + _MEAN_EPS)
+        mean = distributed_masked_mean(seq_weights, (response_mask.sum(dim=-1) > 0).to(weights.dtype))
+    big = mean > 1e-8
+    metrics["rollout_is_batch_norm_factor"] = torch.where(big, mean, torch.ones_like(mean))
+    return torch.where(big, weights / mean, weights)
+
+
+def compute_rollout_correction_weights(log_ratio: Tensor, response_mask: Tensor, rollout_is: str = "token",
+                                       rollout_is_threshold=2.0, rollout_is_batch_normalize: bool = False):
+    """verl 0.9.1 ``rollout_corr_helper.compute_rollout_correction_weights``: truncated IS weights
+    (``min(exp(clamp(d, ±20)), U)``, per token or per sequence of ``Σd``; ``"L_U"`` thresholds zero
+    the weights outside ``[L, U]`` instead: IcePop) with verl's ``rollout_is_*`` metrics, optionally
+    normalised to mean 1. Weights come back in ``result_type(log_ratio, response_mask)`` as verl's do."""
+    opts = _is_options(rollout_is, rollout_is_threshold)
+    _need_valid(response_mask)
+    dist = rollout_is_batch_normalize and _distributed()
+    res = ops.rollout_correction(log_ratio, None, response_mask, **opts,
+                                 batch_normalize=rollout_is_batch_normalize and not dist)
+    metrics = dict(res.metrics)
+    weights = res.weights
+    if dist:
+        weights = _distributed_batch_normalize(weights, response_mask, rollout_is, metrics)
+    return weights.to(torch.result_type(log_ratio, response_mask)), _floats(metrics)
+
+
+def compute_rollout_rejection_mask(log_ratio: Tensor, response_mask: Tensor, rollout_rs: str = "token_k1",
+                                   rollout_rs_threshold=None):
+    """verl 0.9.1 ``rollout_corr_helper.compute_rollout_rejection_mask``: the response mask with the
+    tokens / sequences whose divergence statistic fails any comma-separated option zeroed (token_k*,
+    seq_sum_k*, seq_mean_k* (Geo-RS for k1), seq_max_k{2,3}), and verl's ``rollout_rs_*`` metrics."""
+    if rollout_rs is None or not isinstance(rollout_rs, str):
+        raise ValueError("rollout_rs must be a non-empty string (comma separated for multiple options).")
+    if rollout_rs_threshold is None:
+        raise ValueError("rollout_rs_threshold must be provided for rejection sampling.")
+    if log_ratio.shape[0] == 0:
+        return response_mask, {}
+    options = parse_rs(rollout_rs, rollout_rs_threshold)
+    _need_valid(response_mask)
+    res = ops.rollout_correction(log_ratio, None, response_mask, level=None, rs=options)
+    return res.mask, _floats(res.metrics)
+
+
+def compute_rollout_correction_and_rejection_mask(old_log_prob: Tensor, rollout_log_prob: Tensor,
+                                                  response_mask: Tensor, rollout_is: str | None = None,
+                                                  rollout_is_threshold=2.0,
+                                                  rollout_is_batch_normalize: bool = False,
+                                                  rollout_rs: str | None = None, rollout_rs_threshold=None):
+    """verl 0.9.1 ``rollout_corr_helper.compute_rollout_correction_and_rejection_mask``: IS weights
+    (when ``rollout_is`` and its threshold are set), the rejection mask (when ``rollout_rs`` is set) and
+    the off-policy diagnostics, from one rlkern.ops.rollout_correction call; returns ``(DataProto with
+    "rollout_is_weights" or None, modified response_mask, metrics prefixed "rollout_corr/")``."""
+    _need_valid(response_mask)
+    if old_log_prob.shape != rollout_log_prob.shape:
+        raise ValueError(f"old_log_prob shape {old_log_prob.shape} does not match rollout_log_prob shape "
+                         f"{rollout_log_prob.shape}.")
+    if old_log_prob.shape != response_mask.shape:
+        raise ValueError(f"log_prob shape {old_log_prob.shape} does not match response_mask shape "
+                         f"{response_mask.shape}.")
+    kwargs: dict = {"level": None}
+    use_is = rollout_is is not None and rollout_is_threshold is not None
+    if use_is:
+        kwargs.update(_is_options(rollout_is, rollout_is_threshold))
+    if rollout_rs is not None:
+        if rollout_rs_threshold is None:
+            raise ValueError("rollout_rs_threshold must be explicitly provided when rollout_rs is enabled. "
+                             "Set rollout_rs_threshold to the desired threshold value.")
+        if not isinstance(rollout_rs, str):
+            raise ValueError("rollout_rs must be a non-empty string (comma separated for multiple options).")
+        kwargs["rs"] = parse_rs(rollout_rs, rollout_rs_threshold)
+    dist = use_is and rollout_is_batch_normalize and _distributed()
+    res = ops.rollout_correction(old_log_prob, rollout_log_prob, response_mask,
+                                 batch_normalize=use_is and rollout_is_batch_normalize and not dist, **kwargs)
+    metrics = dict(res.metrics)
+    proto = None
+    if use_is:
+        weights = res.weights
+        if dist:
+            weights = _distributed_batch_normalize(weights, response_mask, rollout_is, metrics)
+        from verl.protocol import DataProto
+
+        weights = weights.to(torch.result_type(old_log_prob - rollout_log_prob, response_mask))
+        proto = DataProto.from_dict(tensors={"rollout_is_weights": weights})
+    new_mask = res.mask if rollout_rs is not None else response_mask.clone()
+    return proto, new_mask, _floats(metrics, "rollout_corr/")
+
+
+def compute_offpolicy_metrics(old_log_prob: Tensor, rollout_log_prob: Tensor | None,
+                              response_mask: Tensor) -> dict[str, float]:
+    """verl 0.9.1 ``rollout_corr_helper.compute_offpolicy_metrics``: training/rollout perplexities,
+    ``kl``, ``k3_kl``, the log-PPL differences, ``ppl_ratio`` and ``chi2_token`` / ``chi2_seq``."""
+    assert response_mask.any(), "Expected at least one valid token in response_mask"
+    if rollout_log_prob is None:
+        mf = response_mask.to(torch.float64 if old_log_prob.dtype == torch.float64 else torch.float32)
+        lp = old_log_prob.to(mf.dtype)
+        mean = (torch.where(mf.bool(), lp, 0.0) * mf).sum(-1) / (mf.sum(-1) + _MEAN_EPS)
+        return _floats({"training_ppl": torch.exp(-mean).mean(), "training_log_ppl": (-mean).mean()})
+    res = ops.rollout_correction(old_log_prob, rollout_log_prob, response_mask, level=None)
+    return _floats(res.metrics)
+
+
+def compute_rollout_corr_metrics_from_logprobs(log_prob: Tensor, rollout_log_prob: Tensor,
+                                               response_mask: Tensor) -> dict[str, float]:
+    """verl 0.9.1 ``rollout_corr_helper.compute_rollout_corr_metrics_from_logprobs``: the off-policy
+    diagnostics of the current policy against the rollout, prefixed ``rollout_corr/``."""
+    return {f"rollout_corr/{k}": v for k, v in
+            compute_offpolicy_metrics(log_prob, rollout_log_prob, response_mask).items()}

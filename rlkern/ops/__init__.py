@@ -9,6 +9,7 @@ from rlkern.ops.logits import entropy, logprobs, logprobs_and_entropy
 from rlkern.ops.losses import grpo_loss, policy_loss, value_loss
 from rlkern.ops.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlkern.ops.returns import discounted_returns, gae
+from rlkern.ops.rollout_correction import off_policy_sequence_mask, rollout_correction
 from rlkern.ops.verl_advantages import optimal_token_baseline, outcome_advantages
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     # losses and advantages
     "policy_loss", "value_loss", "grpo_loss", "group_advantages", "dpo_loss",
     "outcome_advantages", "optimal_token_baseline",
+    # rollout/training mismatch correction (TIS, IcePop, MIS, Geo-RS, off-policy sequence mask)
+    "rollout_correction", "off_policy_sequence_mask",
     # KL coefficient controllers
     "FixedKLController", "AdaptiveKLController", "PenaltyKLController",
 ]

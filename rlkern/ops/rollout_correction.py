@@ -1,0 +1,536 @@
+"""Rollout/training mismatch correction: importance weights between the policy that trains and the
+engine that sampled (vLLM/SGLang), their truncation or masking, and rejection of tokens/sequences whose
+divergence estimate is too large, with verl 0.9.1's diagnostics from the same pass.
+
+One op, :func:`rollout_correction`, whose options express the three peers' conventions:
+
+=====================  =========================================  ======================================
+peer / name            weights                                     options
+=====================  =========================================  ======================================
+verl TIS (token)       ``min(exp(clamp(d, ±20)), U)``, padding 0   ``level="token"`` (defaults)
+verl TIS (sequence)    ``min(exp(clamp(Σd, ±20)), U)`` per row     ``level="sequence"``
+verl IcePop / MIS      0 outside ``[L, U]``                        ``mode="mask", lower=L``
+verl RS / Geo-RS       (mask) ``token_k*``, ``seq_{sum,mean}_k*``,  ``rs="seq_mean_k1", rs_threshold=...``
+                       ``seq_max_k{2,3}``
+TRL token/seq          ``clamp(exp(nan_to_num(d·m)), lo, hi)``     ``padding="trl", log_clamp=None``,
+_truncate/_mask        (sequence: Σ over the row, no ±20 clamp)    ``lower=vllm_..._clip_min``
+OpenRLHF tis / icepop  ``clamp(exp(d), lo, hi)`` / 0 outside        ``padding="raw", log_clamp=None``
+OpenRLHF seq-mask-tis  ``exp(d)`` (not truncated), 0 for a row      ``mode="none", seq_gate=(lo, hi)``
+                       whose ``exp(mean d)`` is outside ``[lo, hi]``
+=====================  =========================================  ======================================
+
+with ``d = log_prob - rollout_log_prob`` (verl: ``old_log_prob - rollout_log_prob``). The peers differ in:
+
+* the log-ratio clamp: verl clamps ``d`` (or ``Σd``) to ``[-20, 20]`` before ``exp``; TRL and OpenRLHF
+  do not (``log_clamp=None``), so their sequence weight overflows to ``inf`` past ``Σd > 88``;
+* padding: verl multiplies the weights by the mask (padding weight 0); TRL multiplies ``d`` by the mask
+  and maps NaN to 0 (padding, and tokens vLLM could not score, get ratio 1); OpenRLHF leaves the
+  padding weight ``exp(d)``; a NaN log-prob on a valid token gives a NaN weight in verl and OpenRLHF;
+* truncation: verl's TIS has only an upper bound (a ``"L_U"`` threshold switches to IcePop masking);
+  TRL and OpenRLHF clamp to ``[lo, hi]``;
+* the sequence statistic: a sum of log-ratios for verl/TRL sequence IS, a mean (geometric mean ratio) for
+  verl's ``seq_mean_*`` and OpenRLHF's ``seq-mask-tis`` gate.
+
+TRL's off-policy sequence mask (DeepSeek-V3.2, ``off_policy_mask_threshold``) is
+:func:`off_policy_sequence_mask`.
+
+verl computes in the input dtype; rlkern computes in fp32 (fp64 for fp64 inputs) and returns fp32
+weights; the tests compare with verl run on the upcast inputs. No host synchronisation (the tests run
+the op on ``meta`` tensors): every statistic is a 0-d tensor; rlkern.compat.verl reads them back in one
+transfer. The eager path below is vectorised torch (about a dozen passes over ``[B, T]``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from rlkern.ops._common import check_tensor
+
+__all__ = ["rollout_correction", "off_policy_sequence_mask", "parse_rs", "parse_is_threshold",
+           "RolloutCorrection", "RS_OPTIONS", "SAFETY_BOUND"]
+
+SAFETY_BOUND = 20.0
+RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
+              "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
+_LEVELS = (None, "token", "sequence")
+_MODES = ("truncate", "mask", "none")
+_PADDINGS = ("zero", "trl", "raw")
+_EPS = 1e-8  # verl's masked_mean denominator epsilon
+
+
+class RolloutCorrection(NamedTuple):
+    weights: Tensor | None  # [..., T] fp32 (fp64 for fp64 inputs); None when level is None
+    mask: Tensor  # [..., T] the mask with rejected tokens zeroed, in the mask's dtype
+    metrics: dict[str, Tensor]  # verl's metric names (unprefixed), 0-d tensors
+
+
+def parse_is_threshold(spec) -> tuple[float, float | None]:
+    """verl's ``_parse_rollout_is_threshold``: a number or ``"U"`` gives ``(U, None)`` (TIS), ``"L_U"``
+    gives ``(U, L)`` (IcePop)."""
+    if isinstance(spec, bool):
+        raise TypeError("rollout_is_threshold must be specified as a float or a string threshold "
+                        "specification, not a boolean.")
+    if isinstance(spec, int | float):
+        upper, lower = float(spec), None
+    elif isinstance(spec, str):
+        text = spec.strip()
+        if not text:
+            raise ValueError("rollout_is_threshold must not be an empty string.")
+        try:
+            if "_" in text:
+                low, high = text.split("_", 1)
+                lower, upper = float(low), float(high)
+            else:
+                upper, lower = float(text), None
+        except ValueError as exc:
+            raise ValueError(f"Invalid rollout_is_threshold '{spec}'.") from exc
+    else:
+        raise TypeError("rollout_is_threshold must be a float or a string threshold specification.")
+    if upper <= 0:
+        raise ValueError(f"rollout_is_threshold upper bound must be positive, got {upper}.")
+    if lower is not None:
+        if lower <= 0:
+            raise ValueError(f"rollout_is_threshold lower bound must be positive, got {lower}.")
+        if lower > upper:
+            raise ValueError("rollout_is_threshold lower bound must be <= upper bound.")
+    return upper, lower
+
+
+def _parse_k1(option: str, spec: str) -> tuple[float, float]:
+    low, high = spec.split("_", 1) if "_" in spec else (str(1.0 / float(spec)), spec)
+    try:
+        lower, upper = float(low), float(high)
+    except ValueError as exc:
+        raise ValueError(f"Invalid numeric threshold '{spec}' for option '{option}'.") from exc
+    if lower <= 0 or upper <= 0:
+        raise ValueError(f"Thresholds for option '{option}' must be positive, got {spec}.")
+    if lower > upper:
+        raise ValueError(f"Thresholds for option '{option}' must be lower <= upper, got {spec}.")
+    return lower, upper
+
+
+def parse_rs(rs: str, threshold) -> list[tuple[str, float | None, float]]:
+    """verl's rejection options: ``"token_k1,seq_mean_k3"`` with ``"0.5_2,0.01"`` (one threshold per
+    option, or one shared) -> ``[(option, lower, upper)]``; k1 options compare the log-ratio with
+    ``log(lower), log(upper)`` (a bare ``U`` means ``1/U _ U``), the others with ``upper`` only."""
+    if rs is None or not isinstance(rs, str):
+        raise ValueError("rollout_rs must be a non-empty string (comma separated for multiple options).")
+    if threshold is None:
+        raise ValueError("rollout_rs_threshold must be provided for rejection sampling.")
+    options: list[str] = []
+    for opt in (o.strip() for o in rs.split(",")):
+        if not opt:
+            continue
+        if opt not in RS_OPTIONS:
+            raise ValueError(f"Invalid rollout_rs option: {opt}. Must be one of {sorted(RS_OPTIONS)}.")
+        if opt not in options:
+            options.append(opt)
+    if not options:
+        raise ValueError("rollout_rs must contain at least one valid option.")
+    if isinstance(threshold, int | float):
+        specs = [str(threshold)]
+    elif isinstance(threshold, str):
+        specs = [part.strip() for part in threshold.split(",") if part.strip()]
+    else:
+        raise TypeError("rollout_rs_threshold must be a string or numeric value specifying per-option "
+                        "thresholds.")
+    if not specs:
+        raise ValueError("rollout_rs_threshold must contain at least one threshold value.")
+    if len(specs) not in (1, len(options)):
+        raise ValueError(f"rollout_rs_threshold expects either one threshold shared by all options or "
+                         f"exactly {len(options)} thresholds to match the provided rollout_rs options.")
+    specs = specs * len(options) if len(specs) == 1 else specs
+    parsed: list[tuple[str, float | None, float]] = []
+    for opt, spec in zip(options, specs, strict=True):
+        if opt.endswith("k1"):
+            parsed.append((opt, *_parse_k1(opt, spec)))
+            continue
+        if "_" in spec:
+            raise ValueError(f"rollout_rs_threshold for option '{opt}' must provide a single upper bound "
+                             f"without '_'. Received '{spec}'.")
+        try:
+            upper = float(spec)
+        except ValueError as exc:
+            raise ValueError(f"Invalid numeric threshold '{spec}' for option '{opt}'.") from exc
+        if upper <= 0:
+            raise ValueError(f"Threshold for option '{opt}' must be positive, got {spec}.")
+        parsed.append((opt, None, upper))
+    return parsed
+
+
+# ------------------------------------------------------------------------------------------------
+# masked reductions with verl's conventions (NaN outside the mask ignored, mean over count + 1e-8)
+# ------------------------------------------------------------------------------------------------
+
+
+class _Mask:
+    def __init__(self, mask: Tensor, dtype: torch.dtype):
+        self.b = mask != 0
+        self.f = mask.to(dtype)
+        self.rows = self.f.sum(-1)  # [...]
+        self.total = self.rows.sum()
+        self.valid_rows = self.rows > 0
+
+    def sum(self, x: Tensor, dim=None) -> Tensor:
+        v = torch.where(self.b, x, 0.0) * self.f
+        return v.sum() if dim is None else v.sum(dim)
+
+    def mean(self, x: Tensor, dim=None) -> Tensor:
+        return self.sum(x, dim) / ((self.total if dim is None else self.rows) + _EPS)
+
+    def max(self, x: Tensor) -> Tensor:
+        return x.masked_fill(~self.b, float("-inf")).amax()
+
+    def min(self, x: Tensor) -> Tensor:
+        return x.masked_fill(~self.b, float("inf")).amin()
+
+    def row_mean_total(self, seq: Tensor) -> Tensor:
+        """masked_mean over tokens of a per-row value broadcast to the row."""
+        return (torch.where(self.valid_rows, seq, 0.0) * self.rows).sum() / (self.total + _EPS)
+
+
+def _seq_summary(v: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """mean / unbiased std / max / min over the rows where ``valid`` (verl indexes ``v[valid]``)."""
+    n = valid.sum().to(v.dtype)
+    mean = torch.where(valid, v, 0.0).sum() / n
+    var = torch.where(valid, (v - mean) ** 2, 0.0).sum() / (n - 1)
+    std = torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
+    return {"mean": mean, "std": std, "max": torch.where(valid, v, float("-inf")).amax(),
+            "min": torch.where(valid, v, float("inf")).amin(), "n": n}
+
+
+def _valid_fraction(flag: Tensor, valid: Tensor, n: Tensor) -> Tensor:
+    return (flag & valid).sum().to(n.dtype) / n
+
+
+def _std_clamped(m: _Mask, stat: Tensor, low: float, high: float) -> Tensor:
+    c = stat.clamp(min=low, max=high)
+    mean = m.mean(c)
+    var = m.mean(c.square()) - mean.square()
+    std = var.clamp(min=0.0).sqrt()
+    return torch.where(m.total > 1, std, torch.zeros_like(std))
+
+
+# ------------------------------------------------------------------------------------------------
+# importance weights
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_weights(d: Tensor, m: _Mask, level: str, mode: str, lower, upper, log_clamp, padding: str,
+                seq_gate) -> tuple[Tensor, Tensor, Tensor]:
+    """(weights, raw weights, log-ratio behind the metrics: d for tokens, Σd [..., 1] for rows)."""
+    if padding == "trl":
+        d = torch.nan_to_num(d * m.f, nan=0.0)
+    if level == "token":
+        log_w = d
+    elif padding == "trl":
+        log_w = d.sum(-1, keepdim=True)
+    else:
+        log_w = m.sum(d, -1).unsqueeze(-1)
+    log_metrics = log_w
+    if log_clamp is not None:
+        log_w = log_w.clamp(min=-log_clamp, max=log_clamp)
+    raw = torch.exp(log_w).expand_as(d)
+    if padding == "zero":
+        raw = raw * m.f
+    if mode == "truncate":
+        w = raw.clamp(min=lower, max=upper) if (lower is not None or upper is not None) else raw
+    elif mode == "mask":
+        low, high = -math.inf if lower is None else lower, math.inf if upper is None else upper
+        keep = (raw >= low) & (raw <= high)
+        # OpenRLHF multiplies by the flag (NaN/inf outside the band stays NaN); verl and TRL select 0
+        w = raw * keep if padding == "raw" else torch.where(keep, raw, torch.zeros_like(raw))
+    else:
+        w = raw
+    if seq_gate is not None:
+        geo = torch.exp(m.sum(d, -1) / m.rows).unsqueeze(-1)  # OpenRLHF's masked_mean: no epsilon
+        w = w * ((geo >= seq_gate[0]) & (geo <= seq_gate[1]))
+    return w, raw, log_metrics
+
+
+def _is_metrics(w: Tensor, raw: Tensor, log_w: Tensor, m: _Mask, level: str, upper: float, lower) -> dict:
+    """verl's compute_is_metrics (plus rollout_is_oob_ratio for IcePop)."""
+    out: dict[str, Tensor] = {}
+    low = 1.0 / upper if lower is None else lower
+    # verl compares with torch.log of a float32 tensor
+    log_upper = torch.tensor(upper, dtype=torch.float32).log().item()
+    log_lower = torch.tensor(low, dtype=torch.float32).log().item()
+    if level == "sequence":
+        out["rollout_is_max"] = torch.exp(log_w.amax().clamp(max=SAFETY_BOUND))
+        out["rollout_is_min"] = torch.exp(log_w.amin())
+        out["rollout_is_mean"] = m.mean(w)
+        out["rollout_is_ratio_fraction_high"] = (log_w > log_upper).to(w.dtype).mean()
+        out["rollout_is_ratio_fraction_low"] = (log_w < log_lower).to(w.dtype).mean()
+    else:
+        out["rollout_is_mean"] = m.mean(w)
+        out["rollout_is_ratio_fraction_high"] = m.mean((raw > upper).to(w.dtype))
+        out["rollout_is_ratio_fraction_low"] = m.mean((raw < low).to(w.dtype))
+        out["rollout_is_max"] = m.max(w)
+        out["rollout_is_min"] = m.min(w)
+    out["rollout_is_std"] = _std_clamped(m, w, 0.0, upper)
+    wc = w.clamp(min=0.0, max=upper)
+    normalized = wc / (m.mean(wc) + _EPS)
+    out["rollout_is_eff_sample_size"] = 1.0 / m.mean(normalized.square())
+    if w.dim() > 1:
+        seq = m.mean(w, -1)
+        out["rollout_is_seq_mean"] = seq.mean()
+        out["rollout_is_seq_std"] = seq.std() if seq.numel() > 1 else torch.zeros_like(seq.sum())
+        out["rollout_is_seq_max"] = seq.amax()
+        out["rollout_is_seq_min"] = seq.amin()
+        out["rollout_is_seq_max_deviation"] = (seq - 1.0).abs().amax()
+        raw_seq = m.mean(raw, -1)
+        out["rollout_is_seq_fraction_high"] = (raw_seq > upper).to(w.dtype).mean()
+        out["rollout_is_seq_fraction_low"] = (raw_seq < low).to(w.dtype).mean()
+    if lower is not None:
+        out["rollout_is_oob_ratio"] = m.mean(((raw < lower) | (raw > upper)).to(w.dtype))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# rejection (verl's compute_rollout_rejection_mask)
+# ------------------------------------------------------------------------------------------------
+
+
+def _rejection(d: Tensor, m: _Mask, options, metrics: dict) -> Tensor:
+    """The combined keep flags [..., T] (bool) of every option, with verl's per-option metrics."""
+    ds = d.clamp(min=-SAFETY_BOUND, max=SAFETY_BOUND)
+    token_stat = {"k1": lambda: -ds, "k2": lambda: 0.5 * ds**2, "k3": lambda: torch.exp(ds) - 1.0 - ds}
+    cache: dict[str, Tensor] = {}
+    combined = None
+    for option, lower, upper in options:
+        kind = option[-2:]
+        if kind not in cache:
+            cache[kind] = token_stat[kind]()
+        tok = cache[kind]
+        k1 = kind == "k1"
+        hi = math.log(upper) if k1 else upper
+        lo = math.log(lower) if k1 else 0.0
+        if option.startswith("token"):
+            keep = (tok >= lo) & (tok <= hi) if k1 else tok <= hi
+            seq = m.mean(tok, -1)
+        else:
+            if option.startswith("seq_sum"):
+                seq = m.sum(tok, -1)
+            elif option.startswith("seq_mean"):
+                seq = m.mean(tok, -1)
+            else:
+                seq = tok.masked_fill(~m.b, float("-inf")).amax(-1)
+                seq = torch.where(seq == float("-inf"), torch.zeros_like(seq), seq)
+            keep = ((seq >= lo) & (seq <= hi) if k1 else seq <= hi).unsqueeze(-1).expand_as(tok)
+        combined = keep if combined is None else combined & keep
+        metrics.update(_rs_metrics(option, tok, seq, keep, m, hi, lo, k1))
+    return combined
+
+
+def _rs_metrics(option: str, tok: Tensor, seq: Tensor, keep: Tensor, m: _Mask, hi: float, lo: float,
+                k1: bool) -> dict[str, Tensor]:
+    """verl's compute_rs_metrics plus the two masked fractions, for one option."""
+    p = f"rollout_rs_{option}"
+    valid = m.valid_rows
+    s = _seq_summary(seq, valid)
+    n = s["n"]
+    dt = tok.dtype
+    out: dict[str, Tensor] = {}
+    any_valid = n > 0
+    if option.startswith("token"):
+        out[f"{p}_mean"] = m.mean(tok)
+        out[f"{p}_max"] = m.max(tok)
+        out[f"{p}_min"] = m.min(tok)
+        out[f"{p}_fraction_high"] = m.mean((tok > hi).to(dt))
+        out[f"{p}_fraction_low"] = m.mean((tok < lo).to(dt)) if k1 else torch.zeros_like(n)
+        stat = tok
+    else:
+        out[f"{p}_mean"] = m.row_mean_total(seq)
+        out[f"{p}_max"] = s["max"]
+        out[f"{p}_min"] = s["min"]
+        out[f"{p}_fraction_high"] = _valid_fraction(seq > hi, valid, n)
+        out[f"{p}_fraction_low"] = _valid_fraction(seq < lo, valid, n) if k1 else torch.zeros_like(n)
+        stat = seq.unsqueeze(-1).expand_as(tok)
+    out[f"{p}_std"] = _std_clamped(m, stat, lo, hi)
+    zero = torch.zeros_like(n)
+    out[f"{p}_seq_mean"] = torch.where(any_valid, s["mean"], zero)
+    out[f"{p}_seq_std"] = torch.where(any_valid, s["std"], zero)
+    out[f"{p}_seq_max"] = torch.where(any_valid, s["max"], zero)
+    out[f"{p}_seq_min"] = torch.where(any_valid, s["min"], zero)
+    out[f"{p}_seq_max_deviation"] = torch.where(
+        any_valid, torch.where(valid, seq.abs(), float("-inf")).amax(), zero)
+    out[f"{p}_seq_fraction_high"] = torch.where(any_valid, _valid_fraction(seq > hi, valid, n), zero)
+    if k1:
+        out[f"{p}_seq_fraction_low"] = torch.where(any_valid, _valid_fraction(seq < lo, valid, n), zero)
+    out[f"{p}_masked_fraction"] = m.mean((~keep).to(dt))
+    rejected_row = (~keep & m.b).any(-1)
+    out[f"{p}_seq_masked_fraction"] = _valid_fraction(rejected_row, valid, n)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# off-policy diagnostics (verl's compute_offpolicy_metrics)
+# ------------------------------------------------------------------------------------------------
+
+
+def _offpolicy_metrics(lp: Tensor, rlp: Tensor | None, m: _Mask) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    mean_train = m.mean(lp, -1)
+    out["training_ppl"] = torch.exp(-mean_train).mean()
+    out["training_log_ppl"] = (-mean_train).mean()
+    if rlp is None:
+        return out
+    d = lp - rlp
+    out["kl"] = m.mean(rlp - lp)
+    out["k3_kl"] = m.mean(torch.exp(d) - d - 1)
+    mean_roll = m.mean(rlp, -1)
+    out["rollout_ppl"] = torch.exp(-mean_roll).mean()
+    out["rollout_log_ppl"] = (-mean_roll).mean()
+    diff = mean_roll - mean_train
+    out["log_ppl_diff"] = diff.mean()
+    out["log_ppl_abs_diff"] = diff.abs().mean()
+    out["log_ppl_diff_max"] = diff.amax()
+    out["log_ppl_diff_min"] = diff.amin()
+    out["ppl_ratio"] = torch.exp(diff).mean()
+    ds = d.clamp(min=-SAFETY_BOUND, max=SAFETY_BOUND)
+    out["chi2_token"] = m.mean(torch.exp(ds).square()) - 1.0
+    seq = m.sum(d, -1).clamp(min=-SAFETY_BOUND, max=SAFETY_BOUND)
+    out["chi2_seq"] = torch.exp(2.0 * seq).mean() - 1.0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# public ops
+# ------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_bound(value, name: str):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)
+
+
+def rollout_correction(log_prob: Tensor, rollout_log_prob: Tensor | None, mask: Tensor, *,
+                       level: str | None = "token", mode: str = "truncate", upper: float | None = 2.0,
+                       lower: float | None = None, log_clamp: float | None = SAFETY_BOUND,
+                       padding: str = "zero", seq_gate: tuple[float, float] | None = None,
+                       rs: str | list | None = None, rs_threshold=None, batch_normalize: bool = False,
+                       metrics: bool = True, offpolicy_metrics: bool = True) -> RolloutCorrection:
+    """Importance weights and rejection mask correcting for the rollout engine's log-probs.
+
+    ``d = log_prob - rollout_log_prob`` (``[..., T]``, any float dtype; the last dim is the tokens);
+    with ``rollout_log_prob=None``, ``log_prob`` is ``d`` itself (no off-policy diagnostics then).
+
+    Weights (``level``; ``None`` skips them):
+
+    * ``"token"``: ``w_t = exp(d_t)``; ``"sequence"``: ``w = exp(Σ_t m_t d_t)`` for the whole row;
+      with ``log_clamp`` the exponent is clamped to ``[-log_clamp, log_clamp]`` first (verl: 20).
+    * ``padding``: ``"zero"`` multiplies the raw weights by the mask (verl); ``"trl"`` computes
+      ``d = nan_to_num(d * mask, nan=0)`` first (TRL: padding and NaN tokens get ratio 1); ``"raw"``
+      leaves padding alone (OpenRLHF).
+    * ``mode``: ``"truncate"`` clamps to ``[lower, upper]`` (either may be None: verl's TIS has only
+      ``upper``); ``"mask"`` zeroes weights outside ``[lower, upper]`` (IcePop / MIS); ``"none"`` keeps
+      them.
+    * ``seq_gate=(lo, hi)``: a row whose geometric-mean ratio ``exp(Σ m d / Σ m)`` lies outside
+      ``[lo, hi]`` gets weight 0 (OpenRLHF's ``seq-mask-tis``).
+    * ``batch_normalize``: verl's ``rollout_is_batch_normalize`` (divide by the masked mean weight, per
+      token or per row, when it exceeds 1e-8; single process).
+
+    Rejection (``rs``: verl's option string or a list from :func:`parse_rs`, e.g. ``"token_k1"``
+    (IcePop on the k1 statistic), ``"seq_mean_k1"`` (Geo-RS), ``"seq_max_k3"``, comma-separated to
+    combine with AND): with ``k1 = -d``, ``k2 = d²/2``, ``k3 = e^d - 1 - d`` on ``d`` clamped to
+    ``±20``, a token (``token_*``) or a whole row (``seq_sum_*``, ``seq_mean_*``, ``seq_max_*``) is
+    kept when its statistic is ``<= upper`` (k1: within ``[log lower, log upper]``).
+
+    Returns :class:`RolloutCorrection` ``(weights, mask, metrics)``: the weights in fp32 (fp64 for
+    fp64 inputs); the mask with rejected tokens zeroed, in the mask's dtype (verl's
+    ``(mask * keep).to(mask.dtype)``); ``metrics`` with verl's names (``rollout_is_*`` when
+    ``level`` and ``upper`` are set, ``rollout_rs_*`` with ``rs``, the off-policy diagnostics ``kl``,
+    ``k3_kl``, ``*_ppl``, ``chi2_*`` with ``offpolicy_metrics``) as 0-d tensors. NaN log-probs give NaN
+    weights and NaN metrics (a NaN token fails every rejection test, as in verl).
+    """
+    check_tensor(log_prob, "log_prob")
+    if rollout_log_prob is not None:
+        check_tensor(rollout_log_prob, "rollout_log_prob")
+        if rollout_log_prob.shape != log_prob.shape:
+            raise ValueError(f"rollout_log_prob shape {tuple(rollout_log_prob.shape)} does not match "
+                             f"log_prob shape {tuple(log_prob.shape)}")
+    if not isinstance(mask, Tensor) or mask.shape != log_prob.shape:
+        raise ValueError(f"mask must be a tensor of shape {tuple(log_prob.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+    if log_prob.dim() == 0:
+        raise ValueError("log_prob must have shape [..., T], got a 0-d tensor")
+    if level not in _LEVELS:
+        raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if padding not in _PADDINGS:
+        raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
+    upper, lower = _check_bound(upper, "upper"), _check_bound(lower, "lower")
+    log_clamp = _check_bound(log_clamp, "log_clamp")
+    options = parse_rs(rs, rs_threshold) if isinstance(rs, str) else rs
+    if rollout_log_prob is None:  # log_prob already holds the log-ratio d
+        dtype = _compute_dtype(log_prob)
+        lp = rlp = None
+        d = log_prob.to(dtype)
+    else:
+        dtype = _compute_dtype(log_prob, rollout_log_prob)
+        lp, rlp = log_prob.to(dtype), rollout_log_prob.to(dtype)
+        d = lp - rlp
+    m = _Mask(mask, dtype)
+    out: dict[str, Tensor] = {}
+    weights = None
+    if d.numel() == 0:  # nothing to reduce over (verl raises on an empty mask; B = 0 returns as is)
+        metrics, options = False, None
+    if level is not None:
+        weights, raw, log_w = _is_weights(d, m, level, mode, lower, upper, log_clamp, padding, seq_gate)
+        if metrics and upper is not None:
+            out.update(_is_metrics(weights, raw, log_w, m, level, upper, lower))
+        if batch_normalize:
+            if level == "token":
+                mean = m.mean(weights)
+            else:
+                seq_mask = m.valid_rows.to(dtype)
+                mean = (m.mean(weights, -1) * seq_mask).sum() / seq_mask.sum().clamp_min(_EPS)
+            big = mean > _EPS
+            weights = torch.where(big, weights / mean, weights)
+            out["rollout_is_batch_norm_factor"] = torch.where(big, mean, torch.ones_like(mean))
+    new_mask = mask
+    if options:
+        keep = _rejection(d, m, options, out)
+        final = keep.to(dtype)
+        out["rollout_rs_masked_fraction"] = m.mean(1 - final)
+        rejected_row = (~keep & m.b).any(-1)
+        out["rollout_rs_seq_masked_fraction"] = rejected_row.to(dtype).mean()
+        new_mask = (mask * final).to(mask.dtype)
+    if metrics and offpolicy_metrics and rlp is not None:
+        out.update(_offpolicy_metrics(lp, rlp, m))
+    if not metrics:
+        out = {k: v for k, v in out.items() if k == "rollout_is_batch_norm_factor"}
+    return RolloutCorrection(weights, new_mask, out)
+
+
+def off_policy_sequence_mask(log_prob: Tensor, sampling_log_prob: Tensor, mask: Tensor,
+                             advantages: Tensor, threshold: float) -> Tensor:
+    """TRL's off-policy sequence mask (DeepSeek-V3.2; ``GRPOTrainer.get_off_policy_mask``): keep a row
+    when its advantage is ``>= 0`` or the mean over valid tokens of ``sampling_log_prob - log_prob``
+    (NaN taken as 0, the count clamped to >= 1) is ``<= threshold``. ``advantages`` is ``[B]`` or
+    ``[B, 1]``; returns ``[B, 1]`` in the mask's dtype (1 keep, 0 drop)."""
+    check_tensor(log_prob, "log_prob")
+    check_tensor(sampling_log_prob, "sampling_log_prob")
+    if log_prob.dim() != 2 or sampling_log_prob.shape != log_prob.shape or mask.shape != log_prob.shape:
+        raise ValueError("log_prob, sampling_log_prob and mask must all have shape [B, T]")
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    dtype = _compute_dtype(log_prob, sampling_log_prob)
+    kl = torch.nan_to_num(sampling_log_prob.to(dtype) - log_prob.detach().to(dtype), nan=0.0)
+    mf = mask.to(dtype)
+    avg = (kl * mf).sum(1, keepdim=True) / mf.sum(1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (avg <= threshold)).to(mask.dtype)

@@ -1,0 +1,306 @@
+"""rlkern.ops.rollout_correction and rlkern.ops.off_policy_sequence_mask against the float64 oracle
+(rlkern.reference.rollout_correction: one token at a time in Python floats), against transcriptions of
+TRL's and OpenRLHF's code (TRL's vLLM IS block lives inside GRPOTrainer's batch preparation and
+OpenRLHF's inside PolicyLoss.forward, neither callable alone), against TRL's own ``get_off_policy_mask``
+when TRL is installed, by hand, and without host synchronisation. Comparisons with verl's functions,
+metrics included, are in tests/test_compat_verl_installed.py.
+
+Tolerance: weights are single exponentials of a log-ratio of O(1) (or a row sum of at most 13 of
+them), computed in fp32 from the same (upcast) inputs as the oracle: atol 1e-6 + rtol 2e-6 covers
+the fp32 rounding of exp and of a 13-term sum. Masks are compared exactly: the inputs are continuous
+random values and the thresholds sit in the bulk of the statistic, so a fp32-vs-fp64 flip needs a
+statistic within ~1e-6 of a threshold (probability ~1e-5 per row, whatever the seed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rlkern
+from rlkern import reference
+from rlkern.ops.rollout_correction import parse_is_threshold, parse_rs
+
+ops = rlkern.ops
+B, T = 7, 13
+
+
+def _inputs(dtype=torch.float32, mask_dtype=torch.float32, seed=0, shape=(B, T), scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(*shape, generator=g) * 3
+    roll = old + scale * torch.randn(*shape, generator=g)
+    mask = torch.rand(*shape, generator=g) < 0.75
+    if shape[0] > 2 and shape[-1] > 0:
+        mask[..., 1, :] = False  # a zero-length response
+        mask[..., 0, :] = True
+    return old.to(dtype), roll.to(dtype), mask.to(mask_dtype)
+
+
+CONVENTIONS = {
+    "verl_tis_token": {"level": "token", "upper": 2.0},
+    "verl_tis_seq": {"level": "sequence", "upper": 2.0},
+    "verl_icepop_token": {"level": "token", "mode": "mask", "lower": 0.8, "upper": 1.25},
+    "verl_icepop_seq": {"level": "sequence", "mode": "mask", "lower": 0.5, "upper": 2.0},
+    "trl_token_truncate": {"level": "token", "upper": 1.3, "lower": 0.9, "padding": "trl", "log_clamp": None},
+    "trl_seq_truncate": {"level": "sequence", "upper": 3.0, "lower": None, "padding": "trl",
+                         "log_clamp": None},
+    "trl_token_mask": {"level": "token", "mode": "mask", "upper": 1.3, "lower": 0.8, "padding": "trl",
+                       "log_clamp": None},
+    "trl_seq_mask": {"level": "sequence", "mode": "mask", "upper": 3.0, "lower": 0.3, "padding": "trl",
+                     "log_clamp": None},
+    "openrlhf_tis": {"level": "token", "lower": 0.5, "upper": 1.2, "padding": "raw", "log_clamp": None},
+    "openrlhf_icepop": {"level": "token", "mode": "mask", "lower": 0.8, "upper": 1.25, "padding": "raw",
+                        "log_clamp": None},
+    "openrlhf_seq_mask_tis": {"level": "token", "mode": "none", "upper": None, "padding": "raw",
+                              "log_clamp": None, "seq_gate": (0.9, 1.1)},
+}
+RS = [("token_k1", "0.8_1.25"), ("token_k2", 0.03), ("token_k3", 0.03), ("seq_sum_k1", "0.5_2"),
+      ("seq_sum_k2", 0.2), ("seq_sum_k3", 0.2), ("seq_mean_k1", 1.05), ("seq_mean_k2", 0.04),
+      ("seq_mean_k3", 0.04), ("seq_max_k2", 0.1), ("seq_max_k3", 0.1),
+      ("token_k1,seq_mean_k3,seq_max_k2", "0.7_1.4,0.04,0.15")]
+
+
+def _check(got, want, what):
+    if want is None:
+        assert got is None, what
+        return
+    assert got.shape == want.shape, what
+    torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=2e-6, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.int64, torch.bool], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", list(CONVENTIONS))
+def test_weights_match_oracle(name, dtype, mask_dtype):
+    old, roll, mask = _inputs(dtype, mask_dtype, seed=hash(name) % 1000)
+    kw = CONVENTIONS[name]
+    res = ops.rollout_correction(old, roll, mask, **kw)
+    assert res.weights.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert res.mask is mask  # no rejection asked: the caller's mask, untouched
+    w, _ = reference.rollout_correction(old, roll, mask, **kw)
+    _check(res.weights, w, name)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.int64, torch.bool], ids=str)
+@pytest.mark.parametrize("rs,threshold", RS, ids=[r for r, _ in RS])
+def test_rejection_matches_oracle(rs, threshold, mask_dtype):
+    old, roll, mask = _inputs(torch.float32, mask_dtype, seed=3)
+    res = ops.rollout_correction(old, roll, mask, level=None, rs=rs, rs_threshold=threshold)
+    assert res.weights is None and res.mask.dtype == mask.dtype
+    _, want = reference.rollout_correction(old, roll, mask, level=None, rs=parse_rs(rs, threshold))
+    assert torch.equal(res.mask, want), rs
+
+
+def test_leading_dims_and_log_ratio_input():
+    old, roll, mask = _inputs(shape=(2, 3, T), seed=4)
+    for kw in CONVENTIONS.values():
+        res = ops.rollout_correction(old, roll, mask, **kw, rs="seq_mean_k1,token_k2",
+                                     rs_threshold="1.1,0.05")
+        flat = ops.rollout_correction(old.view(6, T), roll.view(6, T), mask.view(6, T), **kw,
+                                      rs="seq_mean_k1,token_k2", rs_threshold="1.1,0.05")
+        _check(res.weights.view(6, T), flat.weights, str(kw))
+        assert torch.equal(res.mask.view(6, T), flat.mask)
+        # the log-ratio itself (rollout_log_prob=None) gives the same weights and mask
+        pre = ops.rollout_correction(old - roll, None, mask, **kw, rs="seq_mean_k1,token_k2",
+                                     rs_threshold="1.1,0.05")
+        _check(pre.weights, res.weights, str(kw))
+        assert torch.equal(pre.mask, res.mask)
+
+
+def test_by_hand():
+    d = torch.tensor([[math.log(3.0), math.log(0.5), 0.0, 30.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    zero = torch.zeros_like(d)
+    w = lambda **kw: ops.rollout_correction(d, zero, mask, **kw).weights[0].tolist()  # noqa: E731
+    assert w() == pytest.approx([2.0, 0.5, 1.0, 0.0])  # verl TIS: upper only, padding 0
+    assert w(mode="mask", lower=0.6, upper=2.0) == pytest.approx([0.0, 0.0, 1.0, 0.0])  # IcePop
+    assert w(level="sequence", upper=10.0) == pytest.approx([1.5, 1.5, 1.5, 0.0])  # exp(Σ valid d)
+    # TRL: padding d * 0 = 0 -> ratio 1, then clamped to [lo, hi]
+    assert w(lower=0.6, upper=2.0, padding="trl", log_clamp=None) == pytest.approx([2.0, 0.6, 1.0, 1.0])
+    # OpenRLHF: padding keeps exp(d) (e^30, clamped to hi here)
+    assert w(lower=0.6, upper=2.0, padding="raw", log_clamp=None) == pytest.approx([2.0, 0.6, 1.0, 2.0])
+    # verl clamps log-ratios to ±20 before exp: e^20 on the padded token, zeroed by the mask anyway
+    raw = ops.rollout_correction(d, zero, torch.ones_like(mask), upper=None, mode="none").weights
+    assert raw[0, 3].item() == pytest.approx(math.exp(20.0), rel=1e-6)
+    # seq-mask-tis: geometric mean exp((log 3 + log .5 + 0) / 3) = 1.145 -> outside (0.9, 1.1): row dropped
+    gated = w(mode="none", upper=None, padding="raw", log_clamp=None, seq_gate=(0.9, 1.1))
+    assert gated == [0.0] * 4
+    assert w(mode="none", upper=None, padding="raw", log_clamp=None, seq_gate=(0.9, 1.2))[:3] == \
+        pytest.approx([3.0, 0.5, 1.0])
+    # rejection: token_k1 keeps -d in [log .8, log 1.25]; seq_max_k2 = max d²/2 = (log 3)²/2 = 0.603
+    keep = lambda rs, thr: ops.rollout_correction(d, zero, mask, level=None, rs=rs,  # noqa: E731
+                                                  rs_threshold=thr).mask[0].tolist()
+    assert keep("token_k1", "0.8_1.25") == [0.0, 0.0, 1.0, 0.0]
+    assert keep("seq_max_k2", 0.7) == [1.0, 1.0, 1.0, 0.0]
+    assert keep("seq_max_k2", 0.6) == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_batch_normalize():
+    old, roll, mask = _inputs(seed=5)
+    for level in ("token", "sequence"):
+        plain = ops.rollout_correction(old, roll, mask, level=level).weights
+        res = ops.rollout_correction(old, roll, mask, level=level, batch_normalize=True)
+        factor = res.metrics["rollout_is_batch_norm_factor"]
+        _check(res.weights * factor, plain, level)
+        if level == "token":
+            mean = (res.weights * mask).sum() / mask.sum()
+        else:
+            rows = mask.sum(-1) > 0
+            mean = ((res.weights * mask).sum(-1)[rows] / mask.sum(-1)[rows]).mean()
+        assert mean.item() == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["verl_tis_token", "verl_tis_seq", "trl_token_truncate", "openrlhf_tis"])
+def test_non_finite_log_probs_never_give_a_plausible_weight(name, bad):
+    """A NaN log-prob on a valid token gives a NaN weight (verl, OpenRLHF) or TRL's documented ratio 1
+    (TRL maps NaN to 0 on purpose); ±inf gives the clamped extreme, as in each peer."""
+    old, roll, mask = _inputs(seed=6)
+    mask = torch.ones_like(mask)
+    old[2, 4] = bad
+    kw = CONVENTIONS[name]
+    res = ops.rollout_correction(old, roll, mask, **kw)
+    want, _ = reference.rollout_correction(old, roll, mask, **kw)
+    _check(res.weights, want, name)
+    if math.isnan(bad) and kw.get("padding") != "trl":
+        cell = res.weights[2] if kw["level"] == "sequence" else res.weights[2, 4]
+        assert cell.isnan().all()
+        assert res.metrics["rollout_is_mean"].isnan()
+        assert res.metrics["kl"].isnan()
+
+
+def test_empty_inputs():
+    for shape in ((0, T), (3, 0)):
+        old, roll, mask = (torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
+        res = ops.rollout_correction(old, roll, mask, rs="seq_mean_k1", rs_threshold=1.1)
+        assert res.weights.shape == shape and res.mask.shape == shape and res.metrics == {}
+
+
+def test_no_host_sync_on_meta_tensors():
+    """Any .item(), bool(tensor), nonzero or data-dependent shape raises on the meta device."""
+    meta = lambda dtype=torch.float32: torch.empty(B, T, dtype=dtype, device="meta")  # noqa: E731
+    for mask_dtype in (torch.float32, torch.int64, torch.bool):
+        for kw in CONVENTIONS.values():
+            for bn in (False, True):
+                res = ops.rollout_correction(meta(torch.bfloat16), meta(), meta(mask_dtype), **kw,
+                                             rs="token_k1,seq_sum_k2,seq_mean_k3,seq_max_k3",
+                                             rs_threshold="0.5_2,1,1,1", batch_normalize=bn)
+                assert res.weights.device.type == "meta" and res.mask.dtype == mask_dtype
+                assert all(v.device.type == "meta" and v.dim() == 0 for v in res.metrics.values())
+    out = ops.off_policy_sequence_mask(meta(), meta(), meta(), torch.empty(B, device="meta"), 0.5)
+    assert out.shape == (B, 1)
+
+
+def _trl_vllm_is(old, sampling, mask, mode, clip_min, clip_max):
+    """TRL 1.16 GRPOTrainer._generate_and_score_completions, the vLLM importance-sampling block."""
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -math.inf
+    hi = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), value=0.0)
+
+
+@pytest.mark.parametrize("clip_min", [None, 0.8])
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_trl_vllm_importance_sampling_modes(mode, clip_min):
+    old, roll, mask = _inputs(seed=7, scale=0.2)
+    mask = mask.long()
+    old[3, 2] = float("nan")  # TRL: a NaN sampling log-prob gives ratio 1
+    level, how = mode.split("_")
+    got = ops.rollout_correction(old, roll, mask, level=level, mode=how, lower=clip_min, upper=1.5,
+                                 padding="trl", log_clamp=None, metrics=False).weights
+    want = _trl_vllm_is(old, roll, mask, mode, clip_min, 1.5).expand_as(old)
+    _check(got, want, mode)
+    assert not got.isnan().any()
+
+
+def _openrlhf_is(old, rollout, mask, kind, low, high):
+    """OpenRLHF PolicyLoss.forward: the vllm_is coefficient per correction type."""
+    log_ratio = old - rollout
+    if kind == "icepop":
+        w = torch.exp(log_ratio)
+        return w * ((w >= low) & (w <= high))
+    if kind == "seq-mask-tis":
+        seq = torch.exp((log_ratio * mask).sum(-1) / mask.sum(-1))
+        return ((seq >= low) & (seq <= high)).unsqueeze(-1) * torch.exp(log_ratio)
+    return torch.exp(log_ratio).clamp(min=low, max=high)
+
+
+@pytest.mark.parametrize("kind", ["tis", "icepop", "seq-mask-tis"])
+def test_openrlhf_correction_types(kind):
+    old, roll, mask = _inputs(seed=8, scale=0.1)
+    mask[1, 0] = True  # OpenRLHF's masked mean has no epsilon: keep every row non-empty
+    low, high = (0.97, 1.03) if kind == "seq-mask-tis" else (0.9, 1.1)
+    kw = {"tis": {"lower": low, "upper": high},
+          "icepop": {"mode": "mask", "lower": low, "upper": high},
+          "seq-mask-tis": {"mode": "none", "upper": None, "seq_gate": (low, high)}}[kind]
+    got = ops.rollout_correction(old, roll, mask, level="token", padding="raw", log_clamp=None, **kw).weights
+    _check(got, _openrlhf_is(old, roll, mask.float(), kind, low, high), kind)
+
+
+def _off_policy_mask_transcription(advantages, per_token_logps, sampling, mask, threshold):
+    kl_div = torch.nan_to_num(sampling - per_token_logps.detach(), nan=0.0)
+    avg = (kl_div * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (avg <= threshold)).to(dtype=mask.dtype)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.int64], ids=str)
+def test_off_policy_sequence_mask(mask_dtype):
+    old, roll, mask = _inputs(seed=9, mask_dtype=mask_dtype)
+    roll[4, 3] = float("nan")
+    adv = torch.randn(B, 1, generator=torch.Generator().manual_seed(1))
+    thr = 0.02
+    got = ops.off_policy_sequence_mask(old, roll, mask, adv, thr)
+    try:
+        from trl.trainer.grpo_trainer import GRPOTrainer
+        want = GRPOTrainer.get_off_policy_mask(adv, old, roll, mask, thr)
+    except ImportError:
+        want = _off_policy_mask_transcription(adv, old, roll, mask, thr)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(ops.off_policy_sequence_mask(old, roll, mask, adv.squeeze(1), thr), got)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: ops.rollout_correction(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3)), ValueError,
+     "rollout_log_prob shape"),
+    (lambda: ops.rollout_correction(torch.zeros(2, 3), None, torch.ones(2, 4)), ValueError, "mask"),
+    (lambda: ops.rollout_correction(torch.zeros(2, 3), None, torch.ones(2, 3), level="seq"), ValueError,
+     "level"),
+    (lambda: ops.rollout_correction(torch.zeros(2, 3), None, torch.ones(2, 3), mode="clip"), ValueError,
+     "mode"),
+    (lambda: ops.rollout_correction(torch.zeros(2, 3), None, torch.ones(2, 3), padding="x"), ValueError,
+     "padding"),
+    (lambda: ops.rollout_correction(torch.zeros(2, 3), None, torch.ones(2, 3), upper=float("nan")),
+     ValueError, "upper"),
+    (lambda: ops.rollout_correction(torch.zeros(2, 3), None, torch.ones(2, 3), level=None, rs="token_k4",
+                                    rs_threshold=1.0), ValueError, "Invalid rollout_rs option"),
+    (lambda: ops.rollout_correction(torch.zeros(2, 3, dtype=torch.long), None, torch.ones(2, 3)), TypeError,
+     "log_prob"),
+])
+def test_bad_inputs(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_threshold_parsing_is_verls():
+    assert parse_is_threshold(2) == (2.0, None)
+    assert parse_is_threshold(" 0.5_2.0 ") == (2.0, 0.5)
+    for bad, error in ((True, TypeError), ("", ValueError), ("a_b", ValueError), (-1.0, ValueError),
+                       ("3_2", ValueError), ("0_2", ValueError), ([2.0], TypeError)):
+        with pytest.raises(error):
+            parse_is_threshold(bad)
+    assert parse_rs("token_k1, seq_max_k2,token_k1", "2") == [
+        ("token_k1", 0.5, 2.0), ("seq_max_k2", None, 2.0)]
+    assert parse_rs("seq_mean_k1,seq_sum_k3", "0.9_1.1,0.3") == [
+        ("seq_mean_k1", 0.9, 1.1), ("seq_sum_k3", None, 0.3)]
+    for rs, thr in (("seq_max_k1", 1.0), ("token_k2", "0.1_0.2"), ("token_k1,token_k2", "1,2,3"),
+                    ("token_k2", None), (None, 1.0), (",", 1.0), ("token_k2", -1.0), ("token_k1", "2_1")):
+        with pytest.raises(ValueError):
+            parse_rs(rs, thr)

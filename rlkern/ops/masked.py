@@ -105,33 +105,23 @@ def _fake_dx(grad, x, *_):
 _masked_stat_bwd.register_fake(_fake_dx)
 
 
-def _save(ctx, x: Tensor, mask: Tensor, saved: Tensor, args: tuple) -> None:
-    """setup_context of both forward ops: backward reads x, the mask, the saved statistics and args."""
-    ctx.save_for_backward(x, mask, saved)
-    ctx.args = args
-    ctx.mark_non_differentiable(saved)
+def _setup(ctx, inputs, output):
+    """setup_context of both forward ops, whose inputs are (x, mask, dim, kind or shift_mean, ...,
+    backend): backward reads x, the mask, the saved statistics and (dim, inputs[3], backend)."""
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+    ctx.args = (inputs[2], inputs[3], inputs[-1])
+    ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # saved's gradient is never defined: no zeros for it
 
 
-def _backward(ctx, grad, op, inputs: int) -> tuple:
-    """d x from the backward op ``op`` (None when no gradient reaches the output), then a None for
-    each of the forward's other ``inputs - 1`` inputs."""
-    if grad is None:
-        return (None,) * inputs
-    x, mask, saved = ctx.saved_tensors
-    return (op(grad, x, mask, saved, *ctx.args),) + (None,) * (inputs - 1)
-
-
-def _stat_setup(ctx, inputs, output):
-    x, mask, dim, kind, _, _, backend = inputs
-    _save(ctx, x, mask, output[1], (dim, kind, backend))
-
-
 def _stat_backward(ctx, grad, _):
-    return _backward(ctx, grad, _masked_stat_bwd, 7)
+    if grad is None:  # no gradient reaches the statistic
+        return (None,) * 7
+    x, mask, saved = ctx.saved_tensors
+    return _masked_stat_bwd.in_backward(grad, x, mask, saved, *ctx.args), None, None, None, None, None, None
 
 
-_masked_stat.register_autograd(_stat_backward, setup_context=_stat_setup)
+_masked_stat.register_autograd(_stat_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------ whiten
@@ -166,16 +156,14 @@ def _masked_whiten_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim
 _masked_whiten_bwd.register_fake(_fake_dx)
 
 
-def _whiten_setup(ctx, inputs, output):
-    x, mask, dim, shift_mean, _, _, _, backend = inputs
-    _save(ctx, x, mask, output[1], (dim, shift_mean, backend))
-
-
 def _whiten_backward(ctx, grad, _):
-    return _backward(ctx, grad, _masked_whiten_bwd, 8)
+    if grad is None:
+        return (None,) * 8
+    x, mask, saved = ctx.saved_tensors
+    return _masked_whiten_bwd.in_backward(grad, x, mask, saved, *ctx.args), *(None,) * 7
 
 
-_masked_whiten.register_autograd(_whiten_backward, setup_context=_whiten_setup)
+_masked_whiten.register_autograd(_whiten_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------ public functions

@@ -47,7 +47,8 @@ namespace rlkern {
 namespace {
 
 // Per-row partial sums written by the forward pass, in this order.
-enum Partial : int { kLossSum, kCount, kClipped, kClipHigh, kClipLow, kDualFlag, kNegLogRatio, kK3, kPartials };
+enum Partial : int { kLossSum, kCount, kClipped, kClipHigh, kClipLow, kDualFlag, kNegLogRatio, kK3, kProbeOk,
+                     kPartials };
 // The stats vector returned to Python (kLossStats entries, rlkern/codes.py): every counter and KL sum
 // divided by the valid-token count: clipped, clip_high, clip_low, dual, approx_kl (mean -log r), k3 mean.
 static_assert(kLossStats == 6, "rlkern/codes.py LOSS_STATS must match the stats the kernels write");
@@ -56,31 +57,10 @@ static_assert(kLossStats == 6, "rlkern/codes.py LOSS_STATS must match the stats 
 // 0/1: it multiplies the 0/1 flags and drives keep().
 constexpr int64_t kChunk = 1024;
 
-// exp(x) for the clamped log-ratios, x in [-20, 20] or NaN: simd.h's vexp_nonpos without its clamp at
-// ln(FLT_MIN), which never acts on this range (bit for bit the same results) and would turn a NaN into
-// e^-87.3. For x <= 88 the 2^n it builds (n + 127 <= 254) is still a normal float, so the positive side
-// needs no separate code path; a NaN x makes the polynomial, so the result, NaN.
-RLKERN_INLINE vfloat vexp_clamped(vfloat x) {
-  const vfloat shifter = splat(12582912.0f + 127.0f);
-  const vfloat t = x * splat(1.44269504088896341f) + shifter;
-  const vfloat n = t - shifter;
-  vfloat r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vfloat p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * (r * r) + r + splat(1.0f);
-  vint bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  bits = bits << 23;
-  vfloat scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
+// e^x for the clamped log-ratios, x in [-20, 20] or NaN: simd.h's vexp_nonpos is exact on this whole
+// range (its only clamp, at ln(FLT_MIN), never acts, and for x <= 88 the 2^n it builds is still a
+// normal float), but turns a NaN x into e^-87.3. Where the NaN must come through, a caller adds
+// x - x (0 for the finite x here, NaN for NaN).
 // torch.maximum / torch.minimum: NaN if either operand is NaN (both compares fail, and a + b is NaN).
 RLKERN_INLINE vfloat vmax_nan(vfloat a, vfloat b) { return a < b ? b : (b <= a ? a : a + b); }
 RLKERN_INLINE vfloat vmin_nan(vfloat a, vfloat b) { return b < a ? b : (a <= b ? a : a + b); }
@@ -108,9 +88,6 @@ RLKERN_INLINE vfloat gt(vfloat a, vfloat b) { return flag_bits(a > b); }
 RLKERN_INLINE vfloat eq(vfloat a, vfloat b) { return flag_bits(a == b); }
 // x where the 0/1 flag f is 1, else y: a select on a computed float, which GCC cannot fold.
 RLKERN_INLINE vfloat pick(vfloat f, vfloat x, vfloat y) { return f > splat(0.5f) ? x : y; }
-// A 0/1 flag read from `probe`'s comparisons, or NaN where probe is NaN (a comparison with NaN is
-// false, which would count the token as unclipped).
-RLKERN_INLINE vfloat flag_or_nan(vfloat f, vfloat probe) { return pick(eq(probe, probe), f, probe); }
 // x where valid (0/1) is 1, else +0.0, by clearing the bits: NaN / inf in padding never survive,
 // and a bitwise AND is not a select GCC could merge with the ones inside x.
 RLKERN_INLINE vfloat keep(vfloat x, vfloat valid) {
@@ -132,7 +109,8 @@ struct Consts {
 struct TokenTerms {
   vfloat loss;  // l without the KL term (weights not applied)
   vfloat grad;  // d l / d x, with x = logp (policy, grpo) or v (value)
-  vfloat clipped, clip_high, clip_low, dual;  // 0/1 flags
+  vfloat clipped, clip_high, clip_low, dual;  // 0/1 flags, read from `probe`'s comparisons
+  vfloat probe;  // NaN where the flags are (a comparison with NaN is false: it would count as unclipped)
   vfloat neg_log_ratio, k3;  // k3: the KL term per token (times r for grpo_bc); 0 for policy / value
   vfloat kl_grad;            // beta * d k3 / d logp; the token's loss is w * loss + beta * k3
 };
@@ -145,7 +123,7 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
   const vfloat lr_raw = x - y;
   const vfloat lr = clamp_const(lr_raw, splat(-20.f), splat(20.f));
   const vfloat lr_pass = eq(lr, lr_raw);
-  const vfloat ratio = vexp_clamped(lr);
+  const vfloat ratio = vexp_nonpos(lr) + (lr - lr);
   const vfloat rc = clamp_const(ratio, c.lo, c.hi);  // the ratio bounds are finite (checked)
   const vfloat rc_pass = eq(rc, ratio);
   const vfloat neg_a = -a;
@@ -171,20 +149,20 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
     t.grad = pick(lr_pass, d_clip1 * ratio, splat(0.f));
   }
   t.grad = pick(eq(t.loss, t.loss), t.grad, t.loss);
-  t.clipped = flag_or_nan(gt(pg2, pg1), clip1);
-  t.clip_high = flag_or_nan(gt(ratio, c.hi) * gt(a, splat(0.f)), clip1);
-  t.clip_low = flag_or_nan(gt(c.lo, ratio) * gt(splat(0.f), a), clip1);
-  t.dual = flag_or_nan(t.dual, clip1);
+  t.clipped = gt(pg2, pg1);
+  t.clip_high = gt(ratio, c.hi) * gt(a, splat(0.f));
+  t.clip_low = gt(c.lo, ratio) * gt(splat(0.f), a);
+  t.probe = clip1;
   t.neg_log_ratio = -lr;
   t.k3 = t.kl_grad = splat(0.f);
   if constexpr (kRef) {
     const vfloat d_raw = z - x;
     const vfloat d = clamp_const(d_raw, splat(-20.f), splat(20.f));
     const vfloat d_pass = eq(d, d_raw);
-    const vfloat ed = vexp_clamped(d);
+    const vfloat ed = vexp_nonpos(d);  // k3 is NaN through d; d_k3 through d - d
     t.k3 = ed - d - splat(1.f);
     // d k3 / d logp = -(e^d - 1) d d/d logp
-    const vfloat d_k3 = (splat(1.f) - ed) * d_pass;
+    const vfloat d_k3 = (splat(1.f) - ed) * d_pass + (d - d);
     if constexpr (kBiasCorrected) {
       // k3 r: d/d logp = d_k3 r + k3 r lr_pass (r = e^lr, d lr / d logp = lr_pass). The k3 stat
       // reports the corrected term, as TRL's `kl` metric does.
@@ -211,7 +189,8 @@ RLKERN_INLINE TokenTerms value_terms(vfloat v, vfloat v_old, vfloat ret, const C
   // value or return must give 0 there, not 0 * inf = NaN. A NaN token's gradient is NaN.
   t.grad = a1 * e1 + pick(vc_pass, (splat(1.f) - a1) * e2, splat(0.f));
   t.grad = pick(eq(t.loss, t.loss), t.grad, t.loss);
-  t.clipped = flag_or_nan(gt(l2, l1), t.loss);
+  t.clipped = gt(l2, l1);
+  t.probe = t.loss;
   t.clip_high = t.clip_low = t.dual = splat(0.f);
   t.neg_log_ratio = t.k3 = t.kl_grad = splat(0.f);
   return t;
@@ -315,9 +294,14 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
         if constexpr (reports<K, kDual>(kDualFlag)) acc[kDualFlag] += keep(tt.dual, v);
         if constexpr (reports<K, kDual>(kNegLogRatio)) acc[kNegLogRatio] += keep(tt.neg_log_ratio, v);
         if constexpr (reports<K, kDual>(kK3)) acc[kK3] += keep(tt.k3, v);
+        acc[kProbeOk] += keep(eq(tt.probe, tt.probe), v);
       }
     }
-    for (int i = 0; i < kPartials; ++i) partial[b * kPartials + i] = hsum(acc[i]);
+    float* p = partial + b * kPartials;
+    for (int i = 0; i < kPartials; ++i) p[i] = hsum(acc[i]);
+    // A valid token whose flags' probe is NaN makes the row's flag sums NaN (as a NaN flag would).
+    if (p[kProbeOk] != p[kCount])
+      for (int i : {kClipped, kClipHigh, kClipLow, kDualFlag}) p[i] = std::numeric_limits<float>::quiet_NaN();
   }
 }
 

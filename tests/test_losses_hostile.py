@@ -128,6 +128,8 @@ def test_nan_logp_gives_nan_policy_loss_under_every_agg(backend, agg):
     with rlkern.use_backend(backend):
         loss, stats = ops.policy_loss(logp, old, adv, torch.ones(B, T, dtype=torch.bool), agg=agg)
     assert loss.isnan() and stats["approx_kl"].isnan() and stats["clip_frac"].isnan()
+    # Without the dual clip too, as the reference: the dual flag describes the same NaN surrogate.
+    assert stats["clip_frac_lower"].isnan()
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

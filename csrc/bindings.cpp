@@ -10,6 +10,7 @@
 #include "losses.h"
 #include "masked.h"
 #include "returns.h"
+#include "rollout_correction.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rlkern C++ CPU kernels (csrc/); rlkern.ops calls them";
@@ -33,4 +34,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("masked_whiten_fwd", &rlkern::masked_whiten_fwd, release);
   m.def("masked_whiten_bwd", &rlkern::masked_whiten_bwd, release);
   m.def("gae_fwd", &rlkern::gae_fwd, release);
-  m.def("discounted_returns_fwd", &rlkern::discounted_returns_fwd, release);}
+  m.def("discounted_returns_fwd", &rlkern::discounted_returns_fwd, release);
+  m.def("rollout_correction_fwd", &rlkern::rollout_correction_fwd, release);}

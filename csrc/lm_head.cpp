@@ -28,6 +28,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -762,9 +763,35 @@ void check_operands(const at::Tensor& hidden, const at::Tensor& weight, const at
 
 }  // namespace
 
-// The forward over all tiles (vocabulary-outer, token-inner, a vocabulary tile independent of N): per
-// token the running (m, S, T, z_y) of lm_fold over lm_logits tiles, then lse = m + log S and
-// H = min(log S - T / S, ln V) (a token whose logits are all -inf gets lse = -inf, H = 0; NaN stays).
+// Merges one vocabulary tile's fold state (mt, St, Tt) into a token's running (M, S, T): both moved to
+// the larger max, S = a S + c St, T = a (T + (M - M') S) + c (Tt + (mt - M') St). A NaN state (a NaN
+// or +inf logit) makes the token NaN; an empty tile (every logit -inf: St = 0) changes nothing.
+static inline void merge_state(float mt, float St, float Tt, float& M, float& S, float& T) {
+  if (St != St || S != S) {
+    M = S = T = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  if (St == 0.f) return;
+  if (S == 0.f) {
+    M = mt, S = St, T = Tt;
+    return;
+  }
+  const float top = std::max(M, mt);
+  const float a = std::exp(M - top), c = std::exp(mt - top);
+  T = a * (T + (M - top) * S) + c * (Tt + (mt - top) * St);
+  S = a * S + c * St;
+  M = top;
+}
+
+// The forward over all tiles. Vocabulary tiles (a width independent of N) are split across threads,
+// one parallel region for the whole call: each thread packs its tiles' weight once and runs lm_logits
+// and lm_fold single-threaded over the token tiles, writing per (vocabulary tile, token) the fold
+// state (m, S, T) of that tile alone (and z_y, from the one tile that holds the label). The states
+// are then merged per token in vocabulary-tile order, so a token's result depends on its own logits
+// only: not on the batch, nor on how many threads there are or which tiles each took. (A region per
+// tile, as before, cost a thread hand-off per GEMM tile and, with 512-wide tiles on a busy 2-core
+// machine, a scheduler quantum at each barrier.) Then lse = M + log S and H = min(log S - T / S, ln V)
+// (a token whose logits are all -inf gets lse = -inf, H = 0; NaN stays).
 void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& labels, double inv_temp, int64_t ignore_index, int64_t vocab_start,
                          bool want_entropy, int64_t token_tile, int64_t vocab_tile, const std::string& precision,
@@ -775,30 +802,47 @@ void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, con
   float* lse_p = f32_rows(lse, n, "lse");
   TORCH_CHECK(!want_entropy || ent.has_value(), "want_entropy needs an ent output");
   float* ent_p = want_entropy ? f32_rows(ent, n, "ent") : nullptr;
-  float* zy_p = f32_rows(zy, n, "zy");
+  (void)f32_rows(zy, n, "zy");
   if (n == 0) return;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor m = at::full({n}, -std::numeric_limits<float>::infinity(), f32), s = at::zeros({n}, f32),
-             t = at::zeros({n}, f32);
   zy.zero_();
   const int64_t tn = std::min(token_tile, n), tv = std::min(vocab_tile, vocab);
-  at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits for every input dtype
-  TileLogits logits(hidden.scalar_type(), tv, hidden.size(1));
-  for (int64_t v0 = 0; v0 < vocab; v0 += tv) {
-    const int64_t v = std::min(tv, vocab - v0);
-    const auto b = slice_of(bias, v0, v);
-    logits.set_weight(weight.narrow(0, v0, v));
-    for (int64_t n0 = 0; n0 < n; n0 += tn) {
-      const int64_t rows = std::min(tn, n - n0);
-      at::Tensor tile = buf.narrow(0, 0, rows * v).view({rows, v});
-      logits.compute(hidden.narrow(0, n0, rows), tile);
-      lm_fold(tile, b, labels.narrow(0, n0, rows), inv_temp, ignore_index, vocab_start + v0, want_entropy,
-              m.narrow(0, n0, rows), s.narrow(0, n0, rows), t.narrow(0, n0, rows), zy.narrow(0, n0, rows));
+  const int64_t tiles = (vocab + tv - 1) / tv;
+  at::Tensor state = at::empty({3, tiles, n}, f32);  // (m, S, T) of each vocabulary tile alone
+  // Tiles are handed out one at a time (a shared counter), so a thread slowed by another process on
+  // its core takes fewer of them; which thread computes a tile does not change its bits.
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tiles);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits for every input dtype
+    TileLogits logits(hidden.scalar_type(), tv, hidden.size(1));
+    for (int64_t vt = next++; vt < tiles; vt = next++) {
+      const int64_t v0 = vt * tv, v = std::min(tv, vocab - v0);
+      const auto b = slice_of(bias, v0, v);
+      logits.set_weight(weight.narrow(0, v0, v));
+      at::Tensor m = state[0][vt].fill_(-kInf), s = state[1][vt].zero_(), t = state[2][vt].zero_();
+      for (int64_t n0 = 0; n0 < n; n0 += tn) {  // nested parallel_for calls below run inline
+        const int64_t rows = std::min(tn, n - n0);
+        at::Tensor tile = buf.narrow(0, 0, rows * v).view({rows, v});
+        logits.compute(hidden.narrow(0, n0, rows), tile);
+        lm_fold(tile, b, labels.narrow(0, n0, rows), inv_temp, ignore_index, vocab_start + v0, want_entropy,
+                m.narrow(0, n0, rows), s.narrow(0, n0, rows), t.narrow(0, n0, rows), zy.narrow(0, n0, rows));
+      }
     }
+  });
+  const float* st = state.data_ptr<float>();
+  at::Tensor merged = at::empty({3, n}, f32);
+  float* mp = merged.data_ptr<float>();
+  float* sp = mp + n;
+  float* tp = sp + n;
+  std::fill(mp, mp + n, -kInf);
+  std::fill(sp, sp + 2 * n, 0.f);
+  for (int64_t vt = 0; vt < tiles; ++vt) {  // tile order, each tile's states read in sequence
+    const float* tm = st + vt * n;
+    const float* ts = tm + tiles * n;
+    const float* tt = ts + tiles * n;
+    for (int64_t i = 0; i < n; ++i) merge_state(tm[i], ts[i], tt[i], mp[i], sp[i], tp[i]);
   }
-  const float* mp = m.data_ptr<float>();
-  const float* sp = s.data_ptr<float>();
-  const float* tp = t.data_ptr<float>();
   const float log_v = std::log(static_cast<float>(vocab));
   for (int64_t i = 0; i < n; ++i) {
     const bool dead = sp[i] == 0.f;  // a NaN S is not dead: its outputs stay NaN
@@ -809,7 +853,6 @@ void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, con
       ent_p[i] = h != h ? h : std::min(h, log_v);  // rounding of a near-uniform row; NaN stays NaN
     }
   }
-  (void)zy_p;
 }
 
 // The backward over all tiles, vocabulary-outer so that d weight is finished one vocabulary tile at a

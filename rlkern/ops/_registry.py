@@ -38,6 +38,10 @@ class KernelOp:
     def __init__(self, name: str, fn: Callable, mutates_args: tuple[str, ...]):
         self.name, self._fn = name, fn
         self._signature = inspect.signature(fn)
+        # The parameters annotated as tensors (Tensor, Tensor | None, ...): the only arguments
+        # __call__ inspects (~0.1 us per argument it skips).
+        self._tensor_positions = tuple(i for i, p in enumerate(self._signature.parameters.values())
+                                       if "Tensor" in str(p.annotation))
         self.op = torch.library.custom_op(f"rlkern::{name}", fn, mutates_args=mutates_args)
         self._function: type[torch.autograd.Function] | None = None
 
@@ -68,8 +72,9 @@ class KernelOp:
         if kwargs:
             args = self._signature.bind(*args, **kwargs).args
         needs_grad = False
-        for a in args:
-            if isinstance(a, Tensor):
+        n = len(args)
+        for i in self._tensor_positions:
+            if i < n and isinstance(a := args[i], Tensor):
                 if type(a) is not Tensor and type(a) is not _Parameter:
                     return self.op(*args)
                 if a.requires_grad:

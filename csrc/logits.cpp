@@ -103,6 +103,36 @@ RLKERN_INLINE vfloat unless_nan(vfloat z, vfloat q) {
   }
 }
 
+// Horizontal sum and max of the 16 lanes as a tree of halves: the pairs and order of simd.h's hsum
+// (lane i + lane i + w for w = 8, 4, 2, 1), so the same bits, but in registers: its scalar loop went
+// through the stack with store-forwarding stalls, the largest cost of a row at small V.
+template <int L>
+RLKERN_INLINE float hsum_at(vfloat v) {
+  if constexpr (L >= 3) {
+    const auto s8 = lo8(v) + hi8(v);
+    const auto s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+    const auto s2 = __builtin_shufflevector(s4, s4, 0, 1) + __builtin_shufflevector(s4, s4, 2, 3);
+    return s2[0] + s2[1];
+  } else {
+    return hsum(v);
+  }
+}
+// Lanes holding NaN may win or lose here (unlike hmax, which skips them unless lane 0 holds one):
+// a NaN logit makes its row NaN whichever maximum the row then uses.
+template <int L>
+RLKERN_INLINE float hmax_at(vfloat v) {
+  if constexpr (L >= 3) {
+    auto m8 = lo8(v), h8 = hi8(v);
+    m8 = m8 > h8 ? m8 : h8;
+    auto m4 = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), h4 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+    m4 = m4 > h4 ? m4 : h4;
+    const float a = m4[0] > m4[1] ? m4[0] : m4[1], b = m4[2] > m4[3] ? m4[2] : m4[3];
+    return a > b ? a : b;
+  } else {
+    return hmax(v);
+  }
+}
+
 // 16 floats to memory; at L3 as two halves (a whole 64-byte vector went through the stack there).
 template <int L>
 RLKERN_INLINE void store_at(float* p, vfloat v) {
@@ -288,7 +318,7 @@ RLKERN_INLINE float block_max(const T* xb, int64_t len) {
   }
   for (; j + kLanes <= len; j += kLanes) m0 = max_at<L>(m0, load16(xb + j));
   if (j < len) m1 = max_at<L>(m1, load_tail(xb + j, len - j, -kInf));
-  return hmax(max_at<L>(max_at<L>(m0, m1), max_at<L>(m2, m3)));
+  return hmax_at<L>(max_at<L>(max_at<L>(m0, m1), max_at<L>(m2, m3)));
 }
 
 // Only reached for blocks that the exp pass skips (every non-NaN logit so far is -inf).
@@ -344,8 +374,8 @@ RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, const Temperature& t
       j += kLanes;
     }
     if (j < len) accumulate_exp<kEntropy, kExact, L>(load_tail(xb + j, len - j, -kInf), t, vm, vs1, vt1);
-    S += hsum(vs0 + vs1);
-    if constexpr (kEntropy) T1 += hsum(vt0 + vt1);
+    S += hsum_at<L>(vs0 + vs1);
+    if constexpr (kEntropy) T1 += hsum_at<L>(vt0 + vt1);
   }
   // A +inf logit makes m = +inf (float64 log_softmax gives NaN there: inf - inf); a NaN logit
   // reached the sums through d, or was found by has_nan.

@@ -166,7 +166,7 @@ def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, sa
                                          KIND, A_PER_ROW, HAS_W)
         loss, grad, clipped, high, low, dual_on, nlr, k3, kl_grad = _terms(x, y, a, z, lo, hi, dual, beta,
                                                                           vclip, KIND, HAS_DUAL)
-        if SAVE_GRAD:  # the unscaled per-token gradient, for _losses_bwd_saved_kernel (as in the bwd kernel)
+        if SAVE_GRAD:  # the unscaled per-token gradient, for _losses_bwd_kernel's SAVED mode (same product)
             tl.store(saved_ptr + base + offs, grad * w + kl_grad, mask=in_row)
         loss = loss * w + beta * k3  # w = 1 without weights; k3 = 0 for the policy and value kinds
         # Selects, not products with the mask: padding may hold NaN (the flags are NaN there too).
@@ -223,35 +223,27 @@ def _losses_combine_kernel(partial_ptr, loss_ptr, stats_ptr, scale_ptr, rows, de
 
 
 @triton.jit
-def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, scale_ptr, out_ptr, length, lo, hi,
-                       dual, beta, vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
-                       HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, sv_ptr, scale_ptr, out_ptr, length,
+                       lo, hi, dual, beta, vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_DUAL: tl.constexpr, SAVED: tl.constexpr, BLOCK: tl.constexpr):
+    """d x = grad * scale_row * (d l / d x) where the mask is set, else 0. SAVED: the forward saved the
+    unscaled per-token gradient (sv_ptr; the token pointers are not read); otherwise every token's
+    terms are evaluated again."""
     row = tl.program_id(0).to(tl.int64)
     base = row * length
     g = tl.load(grad_ptr) * tl.load(scale_ptr + row)
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         in_row = offs < length
-        x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
-                                         KIND, A_PER_ROW, HAS_W)
-        _, grad, _, _, _, _, _, _, kl_grad = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND, HAS_DUAL)
-        grad = grad * w + kl_grad
+        if SAVED:
+            valid = tl.load(m_ptr + base + offs, mask=in_row, other=0).to(tl.float32) != 0
+            grad = tl.load(sv_ptr + base + offs, mask=in_row, other=0.0)
+        else:
+            x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs,
+                                             in_row, KIND, A_PER_ROW, HAS_W)
+            _, grad, _, _, _, _, _, _, kl_grad = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND, HAS_DUAL)
+            grad = grad * w + kl_grad
         d = tl.where(valid, g * grad, 0.0)
-        tl.store(out_ptr + base + offs, d.to(out_ptr.dtype.element_ty), mask=in_row)
-
-
-@triton.jit
-def _losses_bwd_saved_kernel(grad_ptr, sv_ptr, m_ptr, scale_ptr, out_ptr, length, BLOCK: tl.constexpr):
-    """d x = grad * scale_row * saved where the mask is set, else 0: the forward saved the rest."""
-    row = tl.program_id(0).to(tl.int64)
-    base = row * length
-    g = tl.load(grad_ptr) * tl.load(scale_ptr + row)
-    for start in range(0, length, BLOCK):
-        offs = start + tl.arange(0, BLOCK).to(tl.int64)
-        in_row = offs < length
-        valid = tl.load(m_ptr + base + offs, mask=in_row, other=0).to(tl.float32) != 0
-        x = tl.load(sv_ptr + base + offs, mask=in_row, other=0.0)
-        d = tl.where(valid, g * x, 0.0)
         tl.store(out_ptr + base + offs, d.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -299,9 +291,10 @@ def losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip
     if rows == 0:
         return
     consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
-    _losses_bwd_kernel[(rows,)](grad_loss, *ptrs, row_scale, grad_x, length, *consts, KIND=kind,
+    _losses_bwd_kernel[(rows,)](grad_loss, *ptrs, x, row_scale, grad_x, length, *consts, KIND=kind,
                                 A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
-                                BLOCK=_block(length), num_warps=8)  # 4 warps: Triton 3.4 spilled (int64 mask)
+                                SAVED=False, BLOCK=_block(length),
+                                num_warps=8)  # 4 warps: Triton 3.4 spilled (int64 mask)
 
 
 def losses_bwd_saved(grad_loss, saved, mask, row_scale, grad_x) -> None:
@@ -312,4 +305,7 @@ def losses_bwd_saved(grad_loss, saved, mask, row_scale, grad_x) -> None:
     if rows == 0:
         return
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    _losses_bwd_saved_kernel[(rows,)](grad_loss, saved, m, row_scale, grad_x, length, BLOCK=_block(length))
+    unread = (saved,) * 5  # the token pointers of the recomputing mode
+    _losses_bwd_kernel[(rows,)](grad_loss, *unread, m, saved, row_scale, grad_x, length, *(0.0,) * 5, KIND=0,
+                                A_PER_ROW=False, HAS_W=False, HAS_DUAL=False, SAVED=True,
+                                BLOCK=_block(length))

@@ -302,6 +302,21 @@ def test_bad_input(backend, call, error, match):
         call()
 
 
+def test_backend_follows_rlkern_backend_at_every_call(monkeypatch):
+    """pick_backend keeps the default ("auto") answer per device, read without os.environ.get's
+    cost: setting or removing RLKERN_BACKEND between two calls must still take effect."""
+    monkeypatch.delenv("RLKERN_BACKEND", raising=False)
+    x, mask = _inputs((3, 5), torch.float32)
+    calls = []
+    monkeypatch.setattr(reference, "masked_sum", lambda *a, **k: calls.append(1) or torch.zeros(()))
+    ops.masked_sum(x, mask)  # the C++ kernels
+    monkeypatch.setenv("RLKERN_BACKEND", "torch")
+    ops.masked_sum(x, mask)
+    monkeypatch.delenv("RLKERN_BACKEND")
+    ops.masked_sum(x, mask)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 def test_opcheck(backend_name, mask_dtype):

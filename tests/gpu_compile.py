@@ -37,7 +37,7 @@ import tempfile
 import textwrap
 import time
 
-KERNEL_MODULES = ("kl_penalty", "lm_head", "logits", "losses", "masked", "returns")
+KERNEL_MODULES = ("kl_penalty", "lm_head", "logits", "losses", "masked", "returns", "rollout_correction")
 ARCHS = (80, 90)
 # Largest shared memory one block may use (the opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90)
 # 227 KiB (CUDA C Programming Guide, "Compute Capabilities", table 23).
@@ -156,6 +156,32 @@ def _drive_launchers(modules) -> None:
         r, mask = _meta(shape), _meta(shape, m_dtype)
         gae.gae_fwd(r, r, mask, 0.99, 0.95, _meta(shape), _meta(shape))
         gae.discounted_returns_fwd(r, mask, 0.99, _meta(shape))
+    _drive_rollout_correction(modules["rollout_correction"])
+
+
+def _drive_rollout_correction(rc) -> None:
+    """rlkern/ops/rollout_correction.py: the peers' conventions (level, mode, padding, bounds, clamp, gate
+    as verl / TRL / OpenRLHF set them), rejection-only and metrics-only calls, 0 or 2 rejection options
+    (one token-level, one sequence-level), float32 log-probs, bool / float32 / int64 masks."""
+    import torch
+
+    nan = float("nan")
+    conventions = (  # level, mode, padding, lower, upper, log_clamp, gate
+        (1, 0, 0, nan, 2.0, 20.0, nan), (2, 0, 0, nan, 2.0, 20.0, nan), (1, 1, 0, 0.5, 2.0, 20.0, nan),
+        (2, 1, 0, 0.5, 2.0, 20.0, nan), (1, 0, 1, 0.8, 1.5, nan, nan), (2, 1, 1, nan, 3.0, nan, nan),
+        (1, 0, 2, 0.5, 1.2, nan, nan), (1, 1, 2, 0.8, 1.25, nan, nan), (1, 2, 2, nan, nan, nan, 0.9),
+        (0, 0, 0, nan, nan, 20.0, nan))
+    shape = (40, 4096)
+    for m_dtype in (torch.bool, torch.float32, torch.int64):
+        mask = _meta(shape, m_dtype)
+        for level, mode, padding, lower, upper, clamp, gate in conventions:
+            for codes, lows, highs in (([], [], []), ([1, 23], [-0.2, 0.0], [0.2, 0.05])):
+                for rlp in (_meta(shape), None):
+                    rc.rollout_correction_fwd(_meta(shape), rlp, mask, level, mode, padding, lower, upper,
+                                              clamp, gate, 1.1 if gate == gate else nan, codes, lows, highs,
+                                              _meta(shape) if level else None,
+                                              _meta(shape, m_dtype) if codes else None,
+                                              _meta((shape[0], 19 + 8 * len(codes)), torch.float64))
 
 
 def _load_modules():

@@ -567,8 +567,8 @@ def _cpp_metrics(S: Tensor, level, padding: str, upper, lower, options, has_rlp:
     return {k: v.float() for k, v in out.items()}
 
 
-def _cpp_path(log_prob, rollout_log_prob, mask, level, mode, upper, lower, log_clamp, padding, seq_gate,
-              options, batch_normalize, metrics, offpolicy_metrics):
+def _kernel_path(backend, log_prob, rollout_log_prob, mask, level, mode, upper, lower, log_clamp, padding,
+                 seq_gate, options, batch_normalize, metrics, offpolicy_metrics):
     T = log_prob.shape[-1]
     lp = log_prob.reshape(-1, T).float().contiguous()
     rlp = None if rollout_log_prob is None else rollout_log_prob.reshape(-1, T).float().contiguous()
@@ -576,9 +576,9 @@ def _cpp_path(log_prob, rollout_log_prob, mask, level, mode, upper, lower, log_c
     codes, lows, highs = _option_codes(options or ())
     weights = new_output(lp.shape, device=lp.device) if level is not None else None
     new_mask = torch.empty_like(m) if options else None
-    stats = torch.empty(lp.shape[0], _BASE + _PER_OPTION * len(codes), dtype=torch.float64)
+    stats = torch.empty(lp.shape[0], _BASE + _PER_OPTION * len(codes), dtype=torch.float64, device=lp.device)
     nan = _NONE
-    kernels("cpp", "rollout_correction").rollout_correction_fwd(
+    kernels(backend, "rollout_correction").rollout_correction_fwd(
         lp, rlp, m, _LEVELS.index(level), _MODES.index(mode), _PADDINGS.index(padding),
         nan if lower is None else lower, nan if upper is None else upper,
         nan if log_clamp is None else log_clamp,
@@ -661,9 +661,10 @@ def rollout_correction(log_prob: Tensor, rollout_log_prob: Tensor | None, mask: 
     log_clamp = _check_bound(log_clamp, "log_clamp")
     options = parse_rs(rs, rs_threshold) if isinstance(rs, str) else rs
     others = () if rollout_log_prob is None else (rollout_log_prob,)
-    if log_prob.numel() and len(options or ()) <= 16 and pick_backend(log_prob, mask, *others) == "cpp":
-        return _cpp_path(log_prob, rollout_log_prob, mask, level, mode, upper, lower, log_clamp, padding,
-                         seq_gate, options, batch_normalize, metrics, offpolicy_metrics)
+    backend = pick_backend(log_prob, mask, *others) if log_prob.numel() and len(options or ()) <= 16 else ""
+    if backend in ("cpp", "triton"):
+        return _kernel_path(backend, log_prob, rollout_log_prob, mask, level, mode, upper, lower, log_clamp,
+                            padding, seq_gate, options, batch_normalize, metrics, offpolicy_metrics)
     if rollout_log_prob is None:  # log_prob already holds the log-ratio d
         dtype = _compute_dtype(log_prob)
         lp = rlp = None

@@ -39,10 +39,12 @@ weights; the tests compare with verl run on the upcast inputs. No host synchroni
 the op on ``meta`` tensors): every statistic is a 0-d tensor; rlkern.compat.verl reads them back in one
 transfer.
 
-Backends: on CPU one C++ kernel (csrc/rollout_correction.cpp) sweeps each row twice (row sums, then
-weights and mask) and returns per-row float64 sums from which verl's metrics are ~100 tiny ``[B]`` ops;
-elsewhere (CUDA, meta, float64, ``use_backend("torch")``) the vectorised torch path below (~150 passes
-over ``[B, T]``, mostly verl's masked reductions). No Triton kernel yet: on CUDA the torch path runs.
+Backends: on CPU one C++ kernel (csrc/rollout_correction.cpp), on CUDA one Triton kernel
+(kernels/rollout_correction.py, one program per row), each sweeping a row twice (row sums, then weights
+and mask) and returning per-row float64 sums from which verl's metrics are ~100 tiny ``[B]`` ops; for
+meta, float64 or ``use_backend("torch")`` the vectorised torch path below (~150 passes over ``[B, T]``,
+mostly verl's masked reductions). The Triton kernel is tested through the interpreter and compiled
+for sm_80/sm_90 (tests/gpu_compile.py), not yet timed on a GPU.
 Measured at B = 256 x T = 4096, fp32 log-probs, float mask, one thread on the loaded 2-core
 development CPU, interleaved medians of 9 (verl 0.9.1 ``compute_rollout_correction_and_rejection_mask``
 eager; torch.compile of this module's torch path, the same maths as verl's):
@@ -392,6 +394,15 @@ def _rs_metrics(option: str, tok: Tensor, seq: Tensor, keep: Tensor, m: _Mask, h
 # ------------------------------------------------------------------------------------------------
 
 
+def _ppl_metrics(mean_train: Tensor, mean_roll: Tensor) -> dict[str, Tensor]:
+    """verl's rollout perplexity and log-PPL-difference metrics from the per-row mean log-probs."""
+    diff = mean_roll - mean_train
+    return {"rollout_ppl": torch.exp(-mean_roll).mean(), "rollout_log_ppl": (-mean_roll).mean(),
+            "log_ppl_diff": diff.mean(), "log_ppl_abs_diff": diff.abs().mean(),
+            "log_ppl_diff_max": diff.amax(), "log_ppl_diff_min": diff.amin(),
+            "ppl_ratio": torch.exp(diff).mean()}
+
+
 def _offpolicy_metrics(lp: Tensor, rlp: Tensor | None, m: _Mask) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     mean_train = m.mean(lp, -1)
@@ -402,15 +413,7 @@ def _offpolicy_metrics(lp: Tensor, rlp: Tensor | None, m: _Mask) -> dict[str, Te
     d = lp - rlp
     out["kl"] = m.mean(rlp - lp)
     out["k3_kl"] = m.mean(torch.exp(d) - d - 1)
-    mean_roll = m.mean(rlp, -1)
-    out["rollout_ppl"] = torch.exp(-mean_roll).mean()
-    out["rollout_log_ppl"] = (-mean_roll).mean()
-    diff = mean_roll - mean_train
-    out["log_ppl_diff"] = diff.mean()
-    out["log_ppl_abs_diff"] = diff.abs().mean()
-    out["log_ppl_diff_max"] = diff.amax()
-    out["log_ppl_diff_min"] = diff.amin()
-    out["ppl_ratio"] = torch.exp(diff).mean()
+    out.update(_ppl_metrics(mean_train, m.mean(rlp, -1)))
     ds = d.clamp(min=-SAFETY_BOUND, max=SAFETY_BOUND)
     out["chi2_token"] = m.mean(torch.exp(ds).square()) - 1.0
     seq = m.sum(d, -1).clamp(min=-SAFETY_BOUND, max=SAFETY_BOUND)
@@ -553,14 +556,7 @@ def _cpp_metrics(S: Tensor, level, padding: str, upper, lower, options, has_rlp:
         out["training_log_ppl"] = (-mean_train).mean()
         out["kl"] = tmean(col("sum_kl"))
         out["k3_kl"] = tmean(col("sum_k3u"))
-        out["rollout_ppl"] = torch.exp(-mean_roll).mean()
-        out["rollout_log_ppl"] = (-mean_roll).mean()
-        diff = mean_roll - mean_train
-        out["log_ppl_diff"] = diff.mean()
-        out["log_ppl_abs_diff"] = diff.abs().mean()
-        out["log_ppl_diff_max"] = diff.amax()
-        out["log_ppl_diff_min"] = diff.amin()
-        out["ppl_ratio"] = torch.exp(diff).mean()
+        out.update(_ppl_metrics(mean_train, mean_roll))
         out["chi2_token"] = tmean(col("sum_chi")) - 1.0
         seq_log = col("sum_d").clamp(min=-SAFETY_BOUND, max=SAFETY_BOUND)
         out["chi2_seq"] = torch.exp(2.0 * seq_log).mean() - 1.0

@@ -26,6 +26,14 @@ verl-specific numerics reproduced here (each cited where it is used):
   ``.item()`` / ``nonzero`` per group, are gone: group ids are built once on the host from verl's
   numpy uids. What still reads the device: verl's masked_whiten check (fewer than two valid tokens
   raises), used by gdpo and the REINFORCE++ estimators.
+- Rollout correction (``verl.trainer.ppo.rollout_corr_helper``): ``compute_rollout_correction_weights``,
+  ``compute_rollout_rejection_mask``, ``compute_rollout_correction_and_rejection_mask`` (which
+  ``compute_rollout_correction_and_add_to_batch`` and the ``bypass_mode`` loss look up at call time),
+  ``compute_offpolicy_metrics`` and ``compute_rollout_corr_metrics_from_logprobs`` run on one
+  rlkern.ops.rollout_correction call each, with verl's thresholds parsing, ±20 clamps, mask semantics,
+  messages and metric names; the metrics are read back in one transfer instead of one ``.item()`` each.
+  ``apply_bypass_mode`` (config plumbing, no maths) and the metric helpers ``compute_is_metrics`` /
+  ``compute_rs_metrics`` (which take verl's intermediate tensors) are left as they are.
 - ``low_var_kl``/``k3`` clamps the log-ratio to [-20, 20] before exp and the result to [-10, 10].
 - The policy loss clamps the log-ratio to [-20, 20] and always applies dual-clip (``clip_ratio_c=3``).
 Tensors that verl returns in the input dtype (log-probs, entropy, advantages, returns) keep it here

@@ -74,9 +74,17 @@ template <typename V>
 RLKERN_INLINE auto hi8(V v) {
   return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
 }
+// Joined through a union: __builtin_shufflevector stored the lanes one by one (vextractps) at L3.
 template <typename V8>
 RLKERN_INLINE auto join16(V8 lo, V8 hi) {
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  typedef decltype(lo[0]) E;
+  typedef std::remove_cv_t<std::remove_reference_t<E>> Elem;
+  typedef Elem V16 __attribute__((vector_size(2 * sizeof(V8))));
+  union {
+    V8 h[2];
+    V16 v;
+  } u{{lo, hi}};
+  return u.v;
 }
 
 // a > b ? a : b, and b where either is NaN (the x86 max instruction's rule, and simd.h's vmax).
@@ -190,6 +198,9 @@ RLKERN_INLINE vfloat vfma(vfloat a, vfloat b, vfloat c) {
 #if RLKERN_LOGITS_X86
   if constexpr (L >= 4) {  // the lane loop below became scalar vfmadd132ss + valignd at AVX-512
     return __builtin_ia32_vfmaddps512_mask(a, b, c, static_cast<__mmask16>(-1), _MM_FROUND_CUR_DIRECTION);
+  } else if constexpr (L == 3) {  // and scalar vfmadd132ss at AVX2
+    return join16(__builtin_ia32_vfmaddps256(lo8(a), lo8(b), lo8(c)),
+                  __builtin_ia32_vfmaddps256(hi8(a), hi8(b), hi8(c)));
   }
 #endif
   vfloat out;

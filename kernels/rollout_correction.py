@@ -305,4 +305,4 @@ def rollout_correction_fwd(log_prob, rollout_log_prob, mask, level: int, mode: i
         LEVEL=level, MODE=mode, PADDING=padding, HAS_RLP=rollout_log_prob is not None,
         HAS_LOWER=not isnan(lower), HAS_UPPER=not isnan(upper), HAS_CLAMP=not isnan(log_clamp),
         HAS_GATE=not isnan(gate_lo), NOPT=nopt, NOPT_P=max(1, triton.next_power_of_2(max(nopt, 1))),
-        BLOCK=BLOCK, num_warps=8)
+        BLOCK=BLOCK, num_warps=4)

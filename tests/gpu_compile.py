@@ -161,8 +161,8 @@ def _drive_launchers(modules) -> None:
 
 def _drive_rollout_correction(rc) -> None:
     """rlkern/ops/rollout_correction.py: the peers' conventions (level, mode, padding, bounds, clamp, gate
-    as verl / TRL / OpenRLHF set them), rejection-only and metrics-only calls, 0 or 2 rejection options
-    (one token-level, one sequence-level), float32 log-probs, bool / float32 / int64 masks."""
+    as verl / TRL / OpenRLHF set them) and metrics-only calls (the kernel takes no rejection options),
+    float32 log-probs and log-ratios, bool / float32 / int64 masks."""
     import torch
 
     nan = float("nan")
@@ -175,13 +175,11 @@ def _drive_rollout_correction(rc) -> None:
     for m_dtype in (torch.bool, torch.float32, torch.int64):
         mask = _meta(shape, m_dtype)
         for level, mode, padding, lower, upper, clamp, gate in conventions:
-            for codes, lows, highs in (([], [], []), ([1, 23], [-0.2, 0.0], [0.2, 0.05])):
-                for rlp in (_meta(shape), None):
-                    rc.rollout_correction_fwd(_meta(shape), rlp, mask, level, mode, padding, lower, upper,
-                                              clamp, gate, 1.1 if gate == gate else nan, codes, lows, highs,
-                                              _meta(shape) if level else None,
-                                              _meta(shape, m_dtype) if codes else None,
-                                              _meta((shape[0], 19 + 8 * len(codes)), torch.float64))
+            for rlp in (_meta(shape), None):
+                rc.rollout_correction_fwd(_meta(shape), rlp, mask, level, mode, padding, lower, upper,
+                                          clamp, gate, 1.1 if gate == gate else nan, [], [], [],
+                                          _meta(shape) if level else None, None,
+                                          _meta((shape[0], rc.K_STATS), torch.float64))
 
 
 def _load_modules():

@@ -344,16 +344,22 @@ def test_cpp_kernel_matches_torch_path(name, mask_dtype):
 @pytest.mark.parametrize("name", list(CONVENTIONS))
 def test_triton_kernel_matches_torch_path(name):
     """The Triton kernel (through TRITON_INTERPRET on CPU; compiled for sm_80/sm_90 by tests/gpu_compile)
-    against the torch path, on small shapes (rows of 37 tokens span one 1024-token block; one row of 2100
-    spans three), with a NaN token and a zero-length row."""
+    against the torch path, on small shapes (rows of 37 tokens span one 512-token block; one row of 2100
+    spans five), with a NaN token and a zero-length row. The kernel takes no rejection options: calls with
+    them run the torch path on CUDA (kernels/rollout_correction.py says why), and the kernel refuses them."""
     pytest.importorskip("triton")
     if "triton" not in rlkern.backend.available(torch.device("cpu")):
         pytest.skip("the Triton backend is not available here (TRITON_INTERPRET unset?)")
-    rs, thr = "token_k1,seq_sum_k2,seq_mean_k3,seq_max_k2,seq_mean_k1", "0.8_1.25,0.3,0.04,0.1,0.9_1.1"
+    from rlkern.kernels import rollout_correction as triton_rc
+
+    with pytest.raises(ValueError, match="no rejection options"):
+        x = torch.zeros(2, 8)
+        triton_rc.rollout_correction_fwd(x, None, x, 1, 0, 0, *[float("nan")] * 5, [1], [0.0], [1.0], x,
+                                         x.clone(), torch.zeros(2, 27, dtype=torch.float64))
     for shape, mask_dtype in (((5, 37), torch.float32), ((5, 37), torch.bool), ((1, 2100), torch.int64)):
         old, roll, mask = _inputs(torch.float32, mask_dtype, seed=12, shape=shape)
         old[0, 5] = float("nan")
-        for extra in ({}, {"rs": rs, "rs_threshold": thr}):
+        for extra in ({}, {"batch_normalize": True}):
             with rlkern.use_backend("triton"):
                 got = _rc_all(old, roll, mask, **CONVENTIONS[name], **extra)
             with rlkern.use_backend("torch"):

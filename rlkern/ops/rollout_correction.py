@@ -658,6 +658,8 @@ def rollout_correction(log_prob: Tensor, rollout_log_prob: Tensor | None, mask: 
     options = parse_rs(rs, rs_threshold) if isinstance(rs, str) else rs
     others = () if rollout_log_prob is None else (rollout_log_prob,)
     backend = pick_backend(log_prob, mask, *others) if log_prob.numel() and len(options or ()) <= 16 else ""
+    if backend == "triton" and options:  # the Triton kernel takes no rejection options (its docstring)
+        backend = ""
     if backend in ("cpp", "triton"):
         return _kernel_path(backend, log_prob, rollout_log_prob, mask, level, mode, upper, lower, log_clamp,
                             padding, seq_gate, options, batch_normalize, metrics, offpolicy_metrics)

@@ -103,7 +103,7 @@ def _rc_kernel(lp_ptr, rlp_ptr, m_ptr, w_ptr, s_ptr, length, lower, upper, log_c
             s_kl += tl.sum(tl.where(valid, (c - a) * mv, 0.0), axis=0).to(tl.float64)
             s_k3u += tl.sum(tl.where(valid, ((ed - d) - 1.0) * mv, 0.0), axis=0).to(tl.float64)
             s_chi += tl.sum(tl.where(valid, (eds * eds) * mv, 0.0), axis=0).to(tl.float64)
-    # sweep 2: weights, the combined keep flag and the new mask
+    # sweep 2: the weights and their sums
     if PADDING == 1:
         row_log = trl.to(tl.float32)
     else:

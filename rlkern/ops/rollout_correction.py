@@ -40,9 +40,10 @@ the op on ``meta`` tensors): every statistic is a 0-d tensor; rlkern.compat.verl
 transfer.
 
 Backends: on CPU one C++ kernel (csrc/rollout_correction.cpp), on CUDA one Triton kernel
-(kernels/rollout_correction.py, one program per row), each sweeping a row twice (row sums, then weights
-and mask) and returning per-row float64 sums from which verl's metrics are ~100 tiny ``[B]`` ops; for
-meta, float64 or ``use_backend("torch")`` the vectorised torch path below (~150 passes over ``[B, T]``,
+(kernels/rollout_correction.py, one program per row; calls with rejection options ``rs`` take the
+torch path there, see that module), each sweeping a row twice (row sums, then weights and mask) and
+returning per-row float64 sums from which verl's metrics are ~100 tiny ``[B]`` ops; for meta, float64
+or ``use_backend("torch")`` the vectorised torch path below (~150 passes over ``[B, T]``,
 mostly verl's masked reductions). The Triton kernel is tested through the interpreter and compiled
 for sm_80/sm_90 (tests/gpu_compile.py), not yet timed on a GPU.
 Measured at B = 256 x T = 4096, fp32 log-probs, float mask, one thread on the loaded 2-core

@@ -64,6 +64,22 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
+def _block(lp_ptr, rlp_ptr, m_ptr, base, offs, length, HAS_RLP: tl.constexpr):
+    """One block of a row: the mask as fp32, its validity, the log-probs a, the rollout log-probs c
+    (0 without them) and d = a - c (a itself without them)."""
+    inb = offs < length
+    mv = tl.load(m_ptr + base + offs, mask=inb, other=0).to(tl.float32)
+    a = tl.load(lp_ptr + base + offs, mask=inb, other=0.0)
+    if HAS_RLP:
+        c = tl.load(rlp_ptr + base + offs, mask=inb, other=0.0)
+        d = a - c
+    else:
+        c = tl.zeros_like(a)
+        d = a
+    return mv, mv != 0, a, c, d
+
+
+@triton.jit
 def _rc_kernel(lp_ptr, rlp_ptr, m_ptr, w_ptr, s_ptr, length, lower, upper, log_clamp, gate_lo, gate_hi,
                LEVEL: tl.constexpr, MODE: tl.constexpr, PADDING: tl.constexpr, HAS_RLP: tl.constexpr,
                HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_CLAMP: tl.constexpr,
@@ -81,16 +97,7 @@ def _rc_kernel(lp_ptr, rlp_ptr, m_ptr, w_ptr, s_ptr, length, lower, upper, log_c
     s_chi = tl.zeros((), tl.float64)
     # sweep 1: the row's sums over its valid tokens
     for t0 in range(0, length, BLOCK):
-        offs = t0 + lanes
-        inb = offs < length
-        mv = tl.load(m_ptr + base + offs, mask=inb, other=0).to(tl.float32)
-        valid = mv != 0
-        a = tl.load(lp_ptr + base + offs, mask=inb, other=0.0)
-        if HAS_RLP:
-            c = tl.load(rlp_ptr + base + offs, mask=inb, other=0.0)
-            d = a - c
-        else:
-            d = a
+        mv, valid, a, c, d = _block(lp_ptr, rlp_ptr, m_ptr, base, t0 + lanes, length, HAS_RLP)
         ds = _clamp(d, -SAFETY, SAFETY)
         n += tl.sum(tl.where(valid, mv, 0.0), axis=0).to(tl.float64)
         sum_d += tl.sum(tl.where(valid, d * mv, 0.0), axis=0).to(tl.float64)
@@ -132,13 +139,7 @@ def _rc_kernel(lp_ptr, rlp_ptr, m_ptr, w_ptr, s_ptr, length, lower, upper, log_c
     for t0 in range(0, length, BLOCK):
         offs = t0 + lanes
         inb = offs < length
-        mv = tl.load(m_ptr + base + offs, mask=inb, other=0).to(tl.float32)
-        valid = mv != 0
-        a = tl.load(lp_ptr + base + offs, mask=inb, other=0.0)
-        if HAS_RLP:
-            d = a - tl.load(rlp_ptr + base + offs, mask=inb, other=0.0)
-        else:
-            d = a
+        mv, valid, a, c, d = _block(lp_ptr, rlp_ptr, m_ptr, base, offs, length, HAS_RLP)
         if LEVEL != 0:
             if LEVEL == 2:
                 lw = tl.zeros((BLOCK,), tl.float32) + row_log

@@ -14,6 +14,7 @@ imported?); each exposes ``run_section(...) -> (table, records)``.
     python -m benchmarks                          # everything, report shapes (make bench)
     python -m benchmarks --quick                  # small shapes (rlmath: B=64,T=1024 only)
     python -m benchmarks -f rlmath -f overhead -f firstcall   # the RL-maths / overhead / first-call tables
+    python -m benchmarks -f policy_variants --no-plot        # GSPO, CISPO, TIS-GRPO, KL-Cov (issue #13)
 
 On the project's 2-core machine (2026-12-01, load average ~6 from other jobs) the rlmath + overhead
 + firstcall run took 15 min, three quarters of it torch.compile compiling (the associative scans of
@@ -37,7 +38,7 @@ import torch
 
 from benchmarks import harness
 
-FAMILIES = ("logprobs", "rlmath", "linear")  # op families measured through harness.Case
+FAMILIES = ("logprobs", "rlmath", "linear", "policy_variants")  # op families measured through harness.Case
 SECTIONS = ("overhead", "firstcall")  # measured their own way: run_section(...) -> (table, records)
 EVERYTHING = FAMILIES + SECTIONS
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

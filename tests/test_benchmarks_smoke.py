@@ -15,13 +15,14 @@ import pytest
 import torch
 
 import rlkern
-from benchmarks import firstcall, harness, linear, logprobs, overhead, peers, report, rlmath
+from benchmarks import firstcall, harness, linear, logprobs, overhead, peers, policy_variants, report, rlmath
 from rlkern import reference
 
 TINY = {
     "logprobs": [logprobs.Shape(5, 37, torch.float32), logprobs.Shape(3, 70, torch.bfloat16)],
     "rlmath": [rlmath.Shape(4, 37, mask=m) for m in rlmath.MASKS],
     "linear": [linear.Shape(16, 8, 40, torch.float32)],
+    "policy_variants": [policy_variants.Shape(4, 37)],
     "overhead": [overhead.Tiny(2, 5, 7)],
     "firstcall": ["kl_penalty"],
 }
@@ -155,9 +156,9 @@ def test_loss_peers_match_the_formulas():
 def test_report_runs_end_to_end_on_tiny_shapes(tmp_path):
     out = report.run_report(list(report.EVERYTHING), cfg=FAST, out_dir=tmp_path, compile=False,
                             shapes_override=TINY, probe_bytes=harness.MIB, log=lambda *_: None)
-    # logprobs; rlmath's per-mask summary, then its full table; linear; overhead; firstcall
-    assert len(out["tables"]) == 6
-    summary, family_tables = out["tables"][1], [out["tables"][i] for i in (0, 2, 3)]
+    # logprobs; rlmath's per-mask summary, then its full table; linear; policy_variants; overhead; firstcall
+    assert len(out["tables"]) == 7
+    summary, family_tables = out["tables"][1], [out["tables"][i] for i in (0, 2, 3, 4)]
     for fam, table in zip(report.FAMILIES, family_tables):
         assert table.startswith(f"### {fam}")
         assert "| case | implementation | median ms |" in table
@@ -165,9 +166,9 @@ def test_report_runs_end_to_end_on_tiny_shapes(tmp_path):
     assert summary.startswith("#### RL maths at B=4,T=37 fp32")
     for m in MASK_LABELS:
         assert f"| rlkern ms, mask={m} | x compile, mask={m} | x eager, mask={m} |" in summary
-    assert out["tables"][4].startswith("### Per-call overhead") and "| rlkern / eager |" in out["tables"][4]
-    assert out["tables"][5].startswith("### First call in a fresh process")
-    assert "| sympy |" in out["tables"][5]
+    assert out["tables"][5].startswith("### Per-call overhead") and "| rlkern / eager |" in out["tables"][5]
+    assert out["tables"][6].startswith("### First call in a fresh process")
+    assert "| sympy |" in out["tables"][6]
     assert set(out["sections"]) == set(report.SECTIONS)
     md = out["markdown"].read_text()
     assert all(table in md for table in out["tables"])

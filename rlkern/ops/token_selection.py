@@ -1,0 +1,237 @@
+"""Token selection without host syncs: KL-Cov / Clip-Cov (verl) and the top-entropy-quantile mask (TRL).
+
+Three public ops, each returning a bool mask of the selected tokens, shaped like its inputs:
+
+* :func:`kl_cov_mask`: the ``k = max(1, int(n * ratio))`` valid tokens with the largest centred
+  covariance ``(A - mean A) * (logp - mean logp)`` (verl 0.9.1
+  ``core_algos.compute_policy_loss_kl_cov``, which then adds ``ppo_kl_coef * |log r|`` to their loss).
+* :func:`clip_cov_mask`: a uniformly random subset of ``min(max(int(ratio * n), 1), m)`` of the ``m``
+  valid, not-excluded tokens whose covariance lies strictly inside ``(lb, ub)`` (verl
+  ``compute_policy_loss_clip_cov``, which then zeroes their loss).
+* :func:`high_entropy_mask`: tokens whose entropy is at least the ``threshold`` quantile of the valid
+  tokens' entropies (TRL 1.16 ``GRPOTrainer.get_high_entropy_mask``, ``torch.quantile``'s linear
+  interpolation, single process).
+
+verl and TRL compact the valid tokens first (``x[mask]``, ``nonzero``), move them to the host
+(``.cpu()``), read counts with ``.item()`` and size ``topk`` / ``randperm`` with them: every call
+waits for the device. Here every count stays a 0-d device tensor: ``k`` only ever enters as a tensor
+compared against ranks, and the one host integer these ops use, the ``topk`` width, comes from the
+tensor's *shape* (the largest ``k`` any mask of that shape could give), so nothing is read back.
+
+Why plain PyTorch (no C++ / Triton kernel): selection is bound by a sort or a top-k over the whole
+batch, which torch already runs at memory speed on CPU and GPU (radix sort / bitonic top-k); the
+elementwise passes around it are a few reads of ``[B, T]``. A hand kernel would reimplement the sort.
+The ops trace with ``torch.compile(fullgraph=True)`` (no data-dependent shapes).
+
+Shapes: ``[..., T]`` with any leading dims; the selection is over all tokens of the batch together, in
+row-major order (verl's and TRL's order). Masks: any dtype, nonzero = valid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from rlkern.ops._common import check_number, check_tensor
+
+__all__ = ["token_covariance", "kl_cov_mask", "clip_cov_mask", "high_entropy_mask"]
+
+# TRL's padding sentinel in get_high_entropy_mask: gathered entropies equal to it are dropped.
+_TRL_PAD = -1e9
+
+
+def _valid(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
+    check_tensor(mask, name, floating=False)
+    if mask.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _same_shape(x: Tensor, name: str, like: Tensor, like_name: str) -> Tensor:
+    check_tensor(x, name)
+    if x.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} must be on {like_name}'s device {like.device}, got {x.device}")
+    return x
+
+
+def _ratio(ratio, name: str) -> float:
+    ratio = check_number(ratio, name)
+    if not (0.0 < ratio <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {ratio}")
+    return ratio
+
+
+def _masked_mean(x: Tensor, valid: Tensor, count: Tensor) -> Tensor:
+    # Summed in float64 and rounded once: within an ulp of verl's float32 means (masked_mean's
+    # sum / (count + 1e-8), kl_cov's x[mask].mean()), whatever their summation order. An empty mask
+    # gives 0, as verl's masked_mean does.
+    total = torch.where(valid, x.double(), 0.0).sum()
+    return (total / count.clamp(min=1)).to(torch.float32)
+
+
+def token_covariance(advantages: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
+    """``(A - mean A) * (logp - mean logp)`` per token, float32, with the means over the valid tokens
+    of the whole batch (verl's Clip-Cov / KL-Cov covariance term; the gradient is not tracked: the
+    term only ranks tokens). Masked-out positions hold their value too; the selection ops ignore them.
+
+    Args:
+        advantages, logp: ``[..., T]`` float tensors (computed in float32).
+        mask: ``[..., T]``, any dtype, nonzero = valid.
+    """
+    check_tensor(logp, "logp")
+    _same_shape(advantages, "advantages", logp, "logp")
+    valid = _valid(mask, logp)
+    return _covariance(advantages, logp, valid, valid.sum())
+
+
+def _covariance(advantages: Tensor, logp: Tensor, valid: Tensor, count: Tensor) -> Tensor:
+    a = advantages.detach().float()
+    x = logp.detach().float()
+    return (a - _masked_mean(a, valid, count)) * (x - _masked_mean(x, valid, count))
+
+
+def _k_of(count: Tensor, ratio: float) -> Tensor:
+    """``int(count * ratio)`` as Python computes it (float64 product, truncated), as an int64 tensor."""
+    return torch.floor(count.double() * ratio).long()
+
+
+def _topk_width(numel: int, ratio: float) -> int:
+    """The largest ``max(1, int(n * ratio))`` over n <= numel, from the shape only (no sync)."""
+    return min(max(1, int(numel * ratio)), numel)
+
+
+def kl_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float = 0.0002) -> Tensor:
+    """KL-Cov's token selection (verl 0.9.1 ``core_algos.compute_policy_loss_kl_cov``), without a sync.
+
+    With ``n`` valid tokens and ``cov = token_covariance(advantages, logp, mask)``: the
+    ``k = max(1, int(n * ratio))`` valid tokens of largest ``cov`` (none when ``n = 0``). Tokens tied
+    at the k-th value are taken in row-major order. verl's host ``torch.topk`` takes them in the order
+    its heap (``std::partial_sort``) or ``std::nth_element`` leaves them, which is not specified: the
+    selected covariance values are the same multiset, the tied tokens chosen may differ (and their
+    losses with them). NaN covariances rank first, as in ``torch.topk``.
+
+    How: ``topk`` over the flattened valid covariances with the width that the shape allows
+    (``max(1, int(numel * ratio))``), the k-th value read by a tensor index, then ``> kth`` plus
+    the first ``k - #(> kth)`` of the ``== kth`` tokens by a cumulative count.
+
+    Args:
+        advantages, logp: ``[..., T]`` float tensors.
+        mask: ``[..., T]``, any dtype, nonzero = valid.
+        ratio: share of valid tokens to select, in (0, 1] (verl ``policy_loss.kl_cov_ratio``; verl's
+            ``topk`` raises where ``int(n * ratio) > n``).
+
+    Returns:
+        bool ``[..., T]``, True at the selected tokens.
+    """
+    check_tensor(logp, "logp")
+    _same_shape(advantages, "advantages", logp, "logp")
+    valid = _valid(mask, logp)
+    ratio = _ratio(ratio, "ratio")
+    if logp.numel() == 0:
+        return torch.zeros(logp.shape, dtype=torch.bool, device=logp.device)
+    count = valid.sum()
+    cov = _covariance(advantages, logp, valid, count).reshape(-1)
+    flat = valid.reshape(-1)
+    key = torch.where(flat, torch.nan_to_num(cov, nan=math.inf, posinf=math.inf, neginf=-math.inf),
+                      -math.inf)
+    k = torch.where(count > 0, _k_of(count, ratio).clamp(min=1), 0)
+    top = torch.topk(key, _topk_width(key.numel(), ratio), sorted=True).values
+    kth = top.gather(0, (k - 1).clamp(min=0).reshape(1)).reshape(())
+    above = flat & (key > kth)
+    tied = flat & (key == kth)
+    keep = above | (tied & (torch.cumsum(tied, 0) <= k - above.sum()))
+    return (keep & (k > 0)).reshape(logp.shape)
+
+
+def clip_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float = 0.0002, lb: float = 1.0,
+                  ub: float = 5.0, exclude: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Clip-Cov's token selection (verl 0.9.1 ``core_algos.compute_policy_loss_clip_cov``), no sync.
+
+    Candidates: valid tokens not in ``exclude`` (verl: those PPO already clipped) with
+    ``lb < cov < ub``, ``cov = token_covariance(advantages, logp, mask)``. Selected: a uniformly random
+    subset of ``min(max(int(ratio * n), 1), m)`` of the ``m`` candidates (``n`` valid tokens).
+
+    Randomness: verl takes the first ``k`` of ``torch.randperm(m)`` on the host generator, which needs
+    ``m`` on the host. Here each token draws a float64 key from ``torch.rand`` (on ``generator``, or
+    the default generator of the tokens' device) and the ``k`` candidates with the smallest keys win
+    (one ``topk`` of the shape's width). Both give every ``k``-subset of the candidates the same
+    probability, so the selection has verl's distribution; it is not verl's draw bit for bit, and the
+    same ``generator`` state gives the same selection here on the same device.
+
+    Args:
+        advantages, logp: ``[..., T]`` float tensors.
+        mask: ``[..., T]``, any dtype, nonzero = valid.
+        ratio: verl ``policy_loss.clip_cov_ratio``, in (0, 1].
+        lb, ub: verl ``clip_cov_lb`` / ``clip_cov_ub`` (strict bounds).
+        exclude: optional ``[..., T]`` bool (any dtype, nonzero = excluded).
+        generator: optional ``torch.Generator`` on the tokens' device.
+
+    Returns:
+        bool ``[..., T]``, True at the selected tokens.
+    """
+    check_tensor(logp, "logp")
+    _same_shape(advantages, "advantages", logp, "logp")
+    valid = _valid(mask, logp)
+    ratio = _ratio(ratio, "ratio")
+    lb, ub = check_number(lb, "lb"), check_number(ub, "ub")
+    if logp.numel() == 0:
+        return torch.zeros(logp.shape, dtype=torch.bool, device=logp.device)
+    count = valid.sum()
+    cov = _covariance(advantages, logp, valid, count)
+    cand = valid & (cov > lb) & (cov < ub)
+    if exclude is not None:
+        cand = cand & ~_valid(exclude, logp, "exclude")
+    keys = torch.rand(logp.shape, generator=generator, dtype=torch.float64, device=logp.device)
+    keys = torch.where(cand, keys, 2.0).reshape(-1)
+    top = torch.topk(keys, _topk_width(keys.numel(), ratio), largest=False, sorted=True)
+    k = _k_of(count, ratio).clamp(min=1)
+    chosen = (torch.arange(top.values.numel(), device=logp.device) < k) & (top.values < 2.0)
+    out = torch.zeros(keys.numel(), dtype=torch.bool, device=logp.device)
+    return out.scatter(0, top.indices, chosen).reshape(logp.shape)
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """TRL 1.16 ``GRPOTrainer.get_high_entropy_mask`` on one process, without a sync.
+
+    ``thr = torch.quantile(e, threshold)`` (linear interpolation) over the valid tokens' entropies as
+    float32 (TRL drops values equal to its padding sentinel -1e9 too); the result is
+    ``(entropies * mask.float() >= thr) & mask.bool()``, and all False when no entropy is left. A NaN
+    among them makes ``thr`` NaN and the mask all False, as ``torch.quantile`` does. TRL's quantile
+    rank ``q * (n - 1)`` is computed in float32 and interpolated with ``torch.lerp`` exactly as
+    ``torch.quantile`` does, so the threshold is bitwise TRL's. With several processes TRL gathers
+    every rank's entropies first; this op is the single-process rule (gather yourself for more).
+    Unlike ``torch.quantile`` it has no 2^24-element limit.
+
+    Args:
+        entropies: ``[..., T]`` float (any float dtype; ranked in float32).
+        mask: ``[..., T]``, any dtype, nonzero = valid.
+        threshold: the quantile in [0, 1] (TRL passes ``1 - top_entropy_quantile``).
+
+    Returns:
+        bool ``[..., T]``.
+    """
+    check_tensor(entropies, "entropies")
+    valid = _valid(mask, entropies)
+    q = check_number(threshold, "threshold")
+    if not (0.0 <= q <= 1.0):
+        raise ValueError(f"threshold must be in [0, 1] (torch.quantile's q), got {threshold}")
+    e = entropies.float()
+    live = valid & (e != _TRL_PAD)
+    n = live.sum()
+    ordered = torch.sort(torch.where(live, e, math.inf).reshape(-1)).values
+    if ordered.numel() == 0:
+        return torch.zeros(entropies.shape, dtype=torch.bool, device=entropies.device)
+    # torch.quantile (aten Sorting.cpp quantile_compute): ranks = q * last_index in the input dtype;
+    # below = floor (by the cast), above = ceil, values_below.lerp_(values_above, ranks - below).
+    ranks = torch.tensor(q, dtype=torch.float32, device=e.device) * (n - 1).clamp(min=0).float()
+    below = ranks.long()
+    lo, hi = ordered.gather(0, below.reshape(1)), ordered.gather(0, ranks.ceil().long().reshape(1))
+    thr = torch.lerp(lo, hi, ranks - below.float()).reshape(())
+    thr = torch.where((live & torch.isnan(e)).any(), math.nan, thr)
+    return (entropies * mask.float() >= thr) & valid & (n > 0)

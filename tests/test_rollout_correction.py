@@ -22,6 +22,7 @@ import torch
 import rlkern
 from rlkern import reference
 from rlkern.ops.rollout_correction import parse_is_threshold, parse_rs
+from tests.conftest import KERNEL_BACKENDS
 
 ops = rlkern.ops
 B, T = 7, 13
@@ -373,3 +374,64 @@ def test_triton_kernel_matches_torch_path(name):
                 atol = 2e-3 if key.endswith("_std") else 1e-6
                 torch.testing.assert_close(got[2][key], want[2][key], atol=atol, rtol=1e-5, equal_nan=True,
                                            msg=lambda m, key=key: f"{name} {key}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library registration: the kernel is the op rlkern::rollout_correction_fwd
+# ------------------------------------------------------------------------------------------------
+
+_NAN = float("nan")
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bool, torch.int64], ids=str)
+def test_opcheck(backend_name, mask_dtype):
+    """opcheck (schema, fake tensor, AOT dispatch) of the registered kernel op, with and without the
+    rollout log-probs, the weights (level 0) and rejection options (C++ only: Triton takes none)."""
+    old, roll, mask = _inputs(torch.float32, mask_dtype, seed=13)
+    codes, lows, highs = [1, 22, 33], [math.log(0.8), 0.0, 0.0], [math.log(1.25), 0.04, 0.1]
+    cases = [(old, roll, 1, 0, 0, _NAN, 2.0, 20.0, _NAN, _NAN, [], [], []),
+             (old, roll, 2, 1, 1, 0.5, 2.0, _NAN, _NAN, _NAN, [], [], []),
+             (old - roll, None, 1, 2, 2, _NAN, _NAN, _NAN, 0.9, 1.1, [], [], [])]
+    if backend_name == "cpp":
+        cases += [(old, roll, 0, 0, 0, _NAN, 2.0, 20.0, _NAN, _NAN, codes, lows, highs),
+                  (old, roll, 1, 1, 0, 0.8, 1.25, 20.0, _NAN, _NAN, codes, lows, highs)]
+    for lp, rlp, *args in cases:
+        torch.library.opcheck(torch.ops.rlkern.rollout_correction_fwd.default,
+                              (lp, rlp, mask, *args, backend_name))
+
+
+def _rc_tuple(res):
+    return res.weights, res.mask, res.metrics
+
+
+@pytest.mark.parametrize("backend_name", ["torch"] + KERNEL_BACKENDS)
+def test_torch_compile_fullgraph(backend_name):
+    """torch.compile(fullgraph=True) traces rollout_correction (the kernel as a registered op, verl's
+    metrics from its row sums) and off_policy_sequence_mask without a graph break, and gives eager's
+    weights, masks and metrics (aot_eager: the custom op stays a call; the torch path's own ops run as
+    in eager). Triton: the conventions without rejection options (those run the torch path on CUDA)."""
+    torch._dynamo.reset()
+    old, roll, mask = _inputs(torch.float32, torch.float32, seed=14)
+    adv = torch.randn(B, generator=torch.Generator().manual_seed(2))
+    rs = None if backend_name == "triton" else ("token_k1,seq_mean_k3,seq_max_k2", "0.8_1.25,0.04,0.1")
+    calls = [dict(CONVENTIONS["verl_tis_seq"], batch_normalize=True),
+             dict(CONVENTIONS["trl_seq_mask"]), dict(CONVENTIONS["openrlhf_seq_mask_tis"])]
+    if rs is not None:
+        calls.append(dict(CONVENTIONS["verl_icepop_token"], rs=rs[0], rs_threshold=rs[1]))
+
+    with rlkern.use_backend(backend_name):
+        for kw in calls:
+            def step(old, roll, mask, kw=kw):  # the options are constants of the traced function
+                return _rc_tuple(ops.rollout_correction(old, roll, mask, **kw)), \
+                    ops.off_policy_sequence_mask(old, roll, mask, adv, 0.02)
+
+            (w_c, m_c, metrics_c), opm_c = torch.compile(step, fullgraph=True, backend="aot_eager")(
+                old, roll, mask)
+            (w_e, m_e, metrics_e), opm_e = step(old, roll, mask)
+            _check(w_c, w_e, str(kw))
+            assert torch.equal(m_c, m_e) and torch.equal(opm_c, opm_e)
+            assert metrics_c.keys() == metrics_e.keys()
+            for key in metrics_e:
+                torch.testing.assert_close(metrics_c[key], metrics_e[key], equal_nan=True,
+                                           msg=lambda m, key=key: f"{key}: {m}")

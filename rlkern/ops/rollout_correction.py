@@ -46,6 +46,10 @@ returning per-row float64 sums from which verl's metrics are ~100 tiny ``[B]`` o
 or ``use_backend("torch")`` the vectorised torch path below (~150 passes over ``[B, T]``,
 mostly verl's masked reductions). The Triton kernel is tested through the interpreter and compiled
 for sm_80/sm_90 (tests/gpu_compile.py), not yet timed on a GPU.
+Either kernel is the registered op ``rlkern::rollout_correction_fwd`` (``register_fake``; no autograd:
+the weights are constants in every peer), so ``torch.compile(fullgraph=True)`` traces the public
+function, metrics included, without a graph break; :func:`off_policy_sequence_mask` is six torch ops
+and traces as it is (tests: opcheck and a fullgraph test per backend).
 Measured at B = 256 x T = 4096, fp32 log-probs, float mask, one thread on the loaded 2-core
 development CPU, interleaved medians of 9 (verl 0.9.1 ``compute_rollout_correction_and_rejection_mask``
 eager; torch.compile of this module's torch path, the same maths as verl's):
@@ -71,7 +75,7 @@ import torch
 from torch import Tensor
 
 from rlkern.ops._common import check_tensor, new_output, pick_backend
-from rlkern.ops._registry import kernels
+from rlkern.ops._registry import kernel_op, kernels
 
 __all__ = ["rollout_correction", "off_policy_sequence_mask", "parse_rs", "parse_is_threshold",
            "RolloutCorrection", "RS_OPTIONS", "SAFETY_BOUND"]
@@ -279,9 +283,7 @@ def _is_metrics(w: Tensor, raw: Tensor, log_w: Tensor, m: _Mask, level: str, upp
     """verl's compute_is_metrics (plus rollout_is_oob_ratio for IcePop)."""
     out: dict[str, Tensor] = {}
     low = 1.0 / upper if lower is None else lower
-    # verl compares with torch.log of a float32 tensor
-    log_upper = torch.tensor(upper, dtype=torch.float32).log().item()
-    log_lower = torch.tensor(low, dtype=torch.float32).log().item()
+    log_upper, log_lower = _f32_log(upper), _f32_log(low)
     if level == "sequence":
         out["rollout_is_max"] = torch.exp(log_w.amax().clamp(max=SAFETY_BOUND))
         out["rollout_is_min"] = torch.exp(log_w.amin())
@@ -427,6 +429,13 @@ def _offpolicy_metrics(lp: Tensor, rlp: Tensor | None, m: _Mask) -> dict[str, Te
 # ------------------------------------------------------------------------------------------------
 
 
+def _f32_log(x: float) -> Tensor:
+    """verl compares the sequence log-ratio with ``torch.log`` of a float32 tensor: that 0-d CPU tensor
+    (a tensor, not its ``.item()``, so torch.compile traces it without a graph break; a 0-d CPU tensor
+    compares with a tensor on any device, and as the very same float32 value)."""
+    return torch.scalar_tensor(x, dtype=torch.float32).log()
+
+
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -434,6 +443,8 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 def _check_bound(value, name: str):
     if value is None:
         return None
+    if torch.compiler.is_compiling():  # a float argument may be symbolic there: eager-only checks (_common)
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
     if math.isnan(value):
@@ -492,7 +503,7 @@ def _cpp_metrics(S: Tensor, level, padding: str, upper, lower, options, has_rlp:
             log_w = log_w.float()
             out["rollout_is_max"] = torch.exp(log_w.amax().clamp(max=SAFETY_BOUND))
             out["rollout_is_min"] = torch.exp(log_w.amin())
-            up_f, low_f = (torch.tensor(x, dtype=torch.float32).log().item() for x in (upper, low))
+            up_f, low_f = _f32_log(upper), _f32_log(low)
             out["rollout_is_ratio_fraction_high"] = (log_w > up_f).to(S.dtype).mean()
             out["rollout_is_ratio_fraction_low"] = (log_w < low_f).to(S.dtype).mean()
         else:
@@ -564,23 +575,48 @@ def _cpp_metrics(S: Tensor, level, padding: str, upper, lower, options, has_rlp:
     return {k: v.float() for k, v in out.items()}
 
 
+@kernel_op("rollout_correction_fwd")
+def _rc_fwd(lp: Tensor, rlp: Tensor | None, m: Tensor, level: int, mode: int, padding: int, lower: float,
+            upper: float, log_clamp: float, gate_lo: float, gate_hi: float, codes: list[int],
+            lows: list[float], highs: list[float], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel as an op: ``lp``, ``rlp`` float32 ``[N, T]``, ``m`` ``[N, T]`` in its own dtype (all
+    contiguous); NaN for an absent bound (the kernel's convention). Returns ``(weights, new_mask,
+    stats)``: weights float32 ``[N, T]`` (0 elements when ``level`` is 0, no weights), the new mask in
+    m's dtype (0 elements without rejection options), the per-row float64 sums ``[N, 19 + 8 options]``.
+    No autograd: the weights are constants in every peer (the caller passes detached tensors)."""
+    weights = new_output(lp.shape, device=lp.device) if level else None
+    new_mask = torch.empty_like(m) if codes else None
+    stats = torch.empty(lp.shape[0], _BASE + _PER_OPTION * len(codes), dtype=torch.float64, device=lp.device)
+    kernels(backend, "rollout_correction").rollout_correction_fwd(
+        lp, rlp, m, level, mode, padding, lower, upper, log_clamp, gate_lo, gate_hi, codes, lows, highs,
+        weights, new_mask, stats)
+    return (lp.new_empty(0) if weights is None else weights, m.new_empty(0) if new_mask is None else new_mask,
+            stats)
+
+
+@_rc_fwd.register_fake
+def _(lp, rlp, m, level, mode, padding, lower, upper, log_clamp, gate_lo, gate_hi, codes, lows, highs,
+      backend):
+    return (lp.new_empty(lp.shape if level else (0,)), m.new_empty(m.shape if codes else (0,)),
+            lp.new_empty((lp.shape[0], _BASE + _PER_OPTION * len(codes)), dtype=torch.float64))
+
+
 def _kernel_path(backend, log_prob, rollout_log_prob, mask, level, mode, upper, lower, log_clamp, padding,
                  seq_gate, options, batch_normalize, metrics, offpolicy_metrics):
     T = log_prob.shape[-1]
-    lp = log_prob.reshape(-1, T).float().contiguous()
-    rlp = None if rollout_log_prob is None else rollout_log_prob.reshape(-1, T).float().contiguous()
+    lp = log_prob.detach().reshape(-1, T).float().contiguous()
+    rlp = None if rollout_log_prob is None else rollout_log_prob.detach().reshape(-1, T).float().contiguous()
     m = mask.reshape(-1, T).contiguous()
     codes, lows, highs = _option_codes(options or ())
-    weights = new_output(lp.shape, device=lp.device) if level is not None else None
-    new_mask = torch.empty_like(m) if options else None
-    stats = torch.empty(lp.shape[0], _BASE + _PER_OPTION * len(codes), dtype=torch.float64, device=lp.device)
     nan = _NONE
-    kernels(backend, "rollout_correction").rollout_correction_fwd(
+    weights, new_mask, stats = _rc_fwd(
         lp, rlp, m, _LEVELS.index(level), _MODES.index(mode), _PADDINGS.index(padding),
         nan if lower is None else lower, nan if upper is None else upper,
         nan if log_clamp is None else log_clamp,
         nan if seq_gate is None else float(seq_gate[0]), nan if seq_gate is None else float(seq_gate[1]),
-        codes, lows, highs, weights, new_mask, stats)
+        codes, lows, highs, backend)
+    weights = weights if level is not None else None
+    new_mask = new_mask if options else None
     out = _cpp_metrics(stats, level, padding, upper, lower, options, rlp is not None and offpolicy_metrics) \
         if metrics else {}
     if level is not None and batch_normalize:

@@ -646,14 +646,14 @@ def test_patch_scope_and_unpatch_identity():
     # No verl module still holds an original of a replaced function.
     for name, attrs in mods_during.items():
         assert not [a for a, v in attrs.items() if id(v) in originals], name
-    # Every advantage estimator verl 0.9.1 registers (14) is replaced.
-    replaced = {"vanilla"}, set(regs_before["ADV_ESTIMATOR_REGISTRY"])
-    assert len(replaced[1]) == 14, sorted(replaced[1])
+    # Every advantage estimator (14) and every policy loss (12) verl 0.9.1 registers is replaced.
+    replaced = set(regs_before["POLICY_LOSS_REGISTRY"]), set(regs_before["ADV_ESTIMATOR_REGISTRY"])
+    assert len(replaced[1]) == 14 and len(replaced[0]) == 12, sorted(replaced[1]) + sorted(replaced[0])
     for (reg, before), keys in zip(regs_before.items(), (replaced[1], replaced[0])):
         during = regs_during[reg]
         assert during.keys() == before.keys(), reg
         assert {k for k in before if during[k] is not before[k]} == keys, reg
-        assert all(during[k].__module__ == "rlkern.compat.verl" for k in keys)
+        assert all(during[k].__module__ in ("rlkern.compat.verl", "rlkern.compat.verl_policy") for k in keys)
     compat.unpatch("verl")
     mods_after, regs_after = _snapshot()
     for name, attrs in mods_before.items():
@@ -665,8 +665,8 @@ def test_patch_scope_and_unpatch_identity():
 
 
 def test_untouched_policy_losses_still_run_patched():
-    """gspo is not replaced, but it calls core_algos.agg_loss(**config.global_batch_info), which is:
-    its numbers must not change."""
+    """verl's original gspo (a reference taken before patching) calls core_algos.agg_loss, which the
+    patch replaces: its numbers must not change. (The registry entry itself is replaced.)"""
     logp, old, adv, mask = _loss_inputs(seed=10)
     info = {"dp_size": 2, "batch_num_tokens": 40, "global_batch_size": 8, "loss_scale_factor": None}
     config = actor_config(info, clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28)
@@ -677,7 +677,7 @@ def test_untouched_policy_losses_still_run_patched():
         want = fn(old, logp, adv, mask, mode, config)
         compat.patch("verl")
         try:
-            assert core.POLICY_LOSS_REGISTRY["gspo"] is fn
+            assert core.POLICY_LOSS_REGISTRY["gspo"] is not fn
             got = fn(old, logp, adv, mask, mode, config)
         finally:
             compat.unpatch("verl")

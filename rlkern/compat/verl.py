@@ -904,3 +904,12 @@ def compute_rollout_corr_metrics_from_logprobs(log_prob: Tensor, rollout_log_pro
     diagnostics of the current policy against the rollout, prefixed ``rollout_corr/``."""
     return {f"rollout_corr/{k}": v for k, v in
             compute_offpolicy_metrics(log_prob, rollout_log_prob, response_mask).items()}
+
+
+# verl's other POLICY_LOSS_REGISTRY entries (dppo_tv ... bypass_mode) live in rlkern/compat/verl_policy.py,
+# which reads this module's helpers at call time; their patch targets join this module's.
+from rlkern.compat import verl_policy as _verl_policy  # noqa: E402
+from rlkern.compat.verl_policy import *  # noqa: E402,F403
+
+PATCH_TARGETS += _verl_policy.PATCH_TARGETS
+__all__ += _verl_policy.__all__

@@ -1,0 +1,445 @@
+"""verl 0.9.1's other policy losses (``POLICY_LOSS_REGISTRY`` beyond ``vanilla``) on rlkern.ops.
+
+One shim per registry entry of ``verl/trainer/ppo/core_algos.py``, each with verl's signature
+``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights=None)``
+and verl's return ``(pg_loss, pg_metrics)`` (verl's metric names, Python floats):
+``dppo_tv``, ``dppo_kl``, ``gspo``, ``sapo``, ``gpg``, ``clip_cov``, ``kl_cov``, ``geo_mean``, ``dro``,
+``cispo``, ``bypass_mode`` (and the unregistered ``compute_policy_loss_reinforce`` that bypass_mode
+calls). ``vanilla`` is rlkern.compat.verl.compute_policy_loss_vanilla. rlkern.compat.verl lists
+:data:`PATCH_TARGETS` with its own, so ``rlkern.compat.patch("verl")`` swaps all twelve registry
+entries. Tested against the installed verl by tests/test_verl_policy.py.
+
+What each runs on:
+
+* ``clip_cov``: rlkern.ops.clip_cov_mask (the sync-free selection) and rlkern.ops.policy_loss (the
+  clipped surrogate, with the selected tokens' weight set to 0).
+* ``kl_cov``: rlkern.ops.kl_cov_mask, then verl's unclipped surrogate ``-A r`` plus
+  ``ppo_kl_coef * |log r|`` at the selected tokens in plain torch (no fused rlkern op has an
+  unclipped ratio term yet), aggregated by rlkern.compat.verl.agg_loss.
+* ``dppo_tv``, ``dppo_kl``, ``dro``, ``geo_mean``, ``gspo``, ``sapo``, ``gpg``, ``cispo``: plain torch
+  token terms, sync-free, aggregated by rlkern.compat.verl.agg_loss (rlkern.ops.masked_sum).
+* ``bypass_mode``: rlkern.compat.verl's rollout correction (one rlkern.ops.rollout_correction call),
+  then the REINFORCE loss here or rlkern's vanilla PPO loss.
+
+Host syncs: verl's ``clip_cov`` / ``kl_cov`` move the valid tokens to the host and size ``topk`` /
+``randperm`` with ``.item()`` counts; here nothing is read back until the metrics, which come back in
+one transfer (verl: one ``.item()`` each).
+
+Numerics: verl's formulas, operation for operation where the dtype matters, in the inputs' dtype; the
+aggregation is verl's ``agg_loss`` with ``config.global_batch_info`` (``dp_size``,
+``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``). Documented differences:
+
+* a NaN (or inf) at a masked-out position never reaches the loss (rlkern's masked sums select;
+  verl's ``loss * mask`` turns 0 * NaN into NaN);
+* ``clip_cov`` runs rlkern's PPO kernel, which clamps the log-ratio to [-20, 20] like verl's vanilla
+  (verl's clip_cov does not): the same loss wherever ``log r <= 20`` (r <= 4.85e8);
+* ``clip_cov`` draws its random subset differently (same distribution, see rlkern.ops.clip_cov_mask),
+  and ``kl_cov`` may pick other tokens among those tied at the k-th covariance (see
+  rlkern.ops.kl_cov_mask);
+* ``config`` may be verl's ActorConfig or any mapping / object with its fields (verl asserts the
+  ActorConfig type for gspo, sapo and cispo); a missing config raises ValueError.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkern import ops
+
+__all__ = [
+    "compute_policy_loss_dppo_tv",
+    "compute_policy_loss_dppo_kl",
+    "compute_policy_loss_gspo",
+    "compute_policy_loss_sapo",
+    "compute_policy_loss_gpg",
+    "compute_policy_loss_clip_cov",
+    "compute_policy_loss_kl_cov",
+    "compute_policy_loss_geo_mean",
+    "compute_policy_loss_dro",
+    "compute_policy_loss_cispo",
+    "compute_policy_loss_reinforce",
+    "compute_policy_loss_bypass_mode",
+]
+
+_CORE = "verl.trainer.ppo.core_algos"
+# (module, attribute, shim name), added to rlkern.compat.verl.PATCH_TARGETS.
+PATCH_TARGETS = tuple((_CORE, name, name) for name in __all__)
+
+# verl's defaults (core_algos.py) where a config field is None.
+_CLIP_COV_RATIO, _CLIP_COV_LB, _CLIP_COV_UB = 0.0002, 1.0, 5.0
+_KL_COV_RATIO, _PPO_KL_COEF = 0.0002, 1.0
+_DPPO_CLIP_C = 20.0  # config.get("clip_ratio_c", 20.0) in dppo_tv / dppo_kl (ActorConfig has 3.0)
+_LOG_RATIO_CLAMP = 20.0
+_GSPO_MAX_LOG_RATIO = 10.0
+
+
+def _verl():
+    # rlkern.compat.verl imports this module at its end (to list the targets), so this module reaches
+    # the shared helpers (agg_loss, masked_mean, _floats, ...) at call time.
+    from rlkern.compat import verl
+
+    return verl
+
+
+def _need(config):
+    if config is None:
+        raise ValueError("config is required (verl asserts it): the loss reads its fields")
+    return config
+
+
+def _get(config, key: str, default=None):
+    return _verl()._config_value(config, key, default)
+
+
+def _clip_range(config) -> tuple[float, float]:
+    """verl: clip_ratio_low / clip_ratio_high, each defaulting to clip_ratio."""
+    ratio = _get(config, "clip_ratio")
+    low, high = _get(config, "clip_ratio_low"), _get(config, "clip_ratio_high")
+    return (ratio if low is None else low), (ratio if high is None else high)
+
+
+def _policy_config(config):
+    policy = _get(config, "policy_loss")
+    if policy is None:
+        raise ValueError("config.policy_loss is required (verl asserts it is not None)")
+    return policy
+
+
+def _field(policy, key: str, default):
+    value = _get(policy, key)
+    return default if value is None else value
+
+
+def _agg(loss_mat: Tensor, mask: Tensor, loss_agg_mode: str, config) -> Tensor:
+    info = dict(_get(config, "global_batch_info", None) or {})
+    return _verl().agg_loss(loss_mat, mask, loss_agg_mode, **info)
+
+
+def _mean(values: Tensor, mask: Tensor) -> Tensor:
+    return _verl().masked_mean(values, mask)
+
+
+def _metrics(tensors: dict[str, Tensor], zeros: tuple[str, ...] = ()) -> dict[str, float]:
+    """verl's ``{"actor/...": float}``: the tensors read back in one transfer, in verl's key order
+    (``zeros`` are verl's constant-0 metrics, appended in the order given)."""
+    out = _verl()._floats({f"actor/{k}": v for k, v in tensors.items()})
+    out.update({f"actor/{k}": 0.0 for k in zeros})
+    return out
+
+
+def _weighted(pg_losses: Tensor, rollout_is_weights: Tensor | None) -> Tensor:
+    return pg_losses if rollout_is_weights is None else pg_losses * rollout_is_weights
+
+
+def _clamped_log_ratio(log_prob: Tensor, old_log_prob: Tensor) -> Tensor:
+    return torch.clamp(log_prob - old_log_prob, min=-_LOG_RATIO_CLAMP, max=_LOG_RATIO_CLAMP)
+
+
+# ------------------------------------------------------------------------------------------------
+# DPPO (binary TV / binary KL trust regions, arXiv 2602.04879)
+# ------------------------------------------------------------------------------------------------
+
+
+def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+          divergence: str):
+    config = _need(config)
+    low, high = _clip_range(config)
+    clip_c = _get(config, "clip_ratio_c", _DPPO_CLIP_C)
+    neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
+    ratio = torch.exp(neg_kl)
+    with torch.no_grad():
+        truncated = torch.clamp(ratio, max=clip_c)
+        prob, old_prob = torch.exp(log_prob), torch.exp(old_log_prob)
+        if divergence == "tv":
+            positive_ok = (prob - old_prob) <= high
+            negative_ok = (prob - old_prob) >= -low
+        else:
+            binary_kl = old_prob * (old_log_prob - log_prob) + (1 - old_prob) * torch.log(
+                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+            positive_ok = (binary_kl <= high) | (prob <= old_prob)
+            negative_ok = (binary_kl <= low) | (prob >= old_prob)
+        valid = torch.where(advantages > 0, positive_ok, negative_ok).float()
+    pg_losses = _weighted(-advantages * truncated * log_prob * valid, rollout_is_weights)
+    loss = _agg(pg_losses, response_mask, loss_agg_mode, config)
+    return loss, _metrics({
+        "pg_clipfrac": _mean(1.0 - valid, response_mask),
+        "ppo_kl": _mean(-neg_kl.detach(), response_mask),
+        "pg_clipfrac_lower": _mean((ratio.detach() > clip_c).float() * valid, response_mask),
+    })
+
+
+def compute_policy_loss_dppo_tv(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                                response_mask: Tensor, loss_agg_mode: str = "token-mean", config=None,
+                                rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_dppo_tv`` (DPPO-Binary-TV): per token
+    ``-A * sg(min(r, c)) * logp * valid``, ``valid`` = ``p - p_old <= clip_ratio_high`` where A > 0,
+    ``p - p_old >= -clip_ratio_low`` elsewhere (``p = exp(logp)``), ``c = config.clip_ratio_c``
+    (20 when absent), ``r = exp(clamp(logp - old, -20, 20))``. Metrics: pg_clipfrac (share not
+    valid), ppo_kl, pg_clipfrac_lower (share valid with ``r > c``). Plain torch + rlkern's agg_loss."""
+    return _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                 "tv")
+
+
+def compute_policy_loss_dppo_kl(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                                response_mask: Tensor, loss_agg_mode: str = "token-mean", config=None,
+                                rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_dppo_kl`` (DPPO-Binary-KL): as
+    :func:`compute_policy_loss_dppo_tv` with the trust region on the binary KL
+    ``p_old (logp_old - logp) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8))``
+    (``<= clip_ratio_high`` or ``p <= p_old`` where A > 0; ``<= clip_ratio_low`` or ``p >= p_old``
+    elsewhere)."""
+    return _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                 "kl")
+
+
+# ------------------------------------------------------------------------------------------------
+# GSPO, SAPO, GPG, CISPO
+# ------------------------------------------------------------------------------------------------
+
+
+def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                             response_mask: Tensor, loss_agg_mode: str = "seq-mean-token-mean", config=None,
+                             rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_gspo``: sequence ratio
+    ``s = exp(min(sg(mean_row(logp - old)) + logp - sg(logp), 10))`` (row mean over valid tokens,
+    length clamped to >= 1; the gradient per token is ``s``), then the PPO clip
+    ``max(-A s, -A clip(s, 1 - low, 1 + high))``. Metrics: pg_clipfrac, ppo_kl (unclamped),
+    pg_clipfrac_lower = 0. Plain torch + rlkern's agg_loss."""
+    config = _need(config)
+    low, high = _clip_range(config)
+    neg_kl = log_prob - old_log_prob
+    lengths = torch.sum(response_mask, dim=-1).clamp(min=1)
+    seq_neg_kl = ops.masked_sum(neg_kl.detach(), response_mask, dim=-1).to(neg_kl.dtype) / lengths
+    log_ratio = log_prob - log_prob.detach() + seq_neg_kl.unsqueeze(-1)
+    ratio = torch.exp(torch.clamp(log_ratio, max=_GSPO_MAX_LOG_RATIO))
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1 - low, 1 + high)
+    loss = _agg(_weighted(torch.maximum(pg1, pg2), rollout_is_weights), response_mask, loss_agg_mode, config)
+    return loss, _metrics({"pg_clipfrac": _mean(torch.gt(pg2, pg1).float(), response_mask),
+                           "ppo_kl": _mean(-neg_kl.detach(), response_mask)}, zeros=("pg_clipfrac_lower",))
+
+
+def compute_policy_loss_sapo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                             response_mask: Tensor, loss_agg_mode: str = "seq-mean-token-mean", config=None,
+                             rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_sapo``: ``-A * sigmoid(tau (r - 1)) * 4 / tau``,
+    ``tau = config.tau_pos`` where A > 0 else ``config.tau_neg`` (in the advantages' dtype),
+    ``r = exp(clamp(logp - old, -20, 20))``; always aggregated ``seq-mean-token-mean`` (verl ignores
+    ``loss_agg_mode`` here). Metrics: pg_clipfrac = pg_clipfrac_lower = 0, ppo_kl. Plain torch +
+    rlkern's agg_loss."""
+    config = _need(config)
+    tau_pos = torch.as_tensor(_get(config, "tau_pos"), dtype=advantages.dtype, device=advantages.device)
+    tau_neg = torch.as_tensor(_get(config, "tau_neg"), dtype=advantages.dtype, device=advantages.device)
+    neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
+    taus = torch.where(advantages > 0, tau_pos, tau_neg)
+    gates = torch.sigmoid(taus * (torch.exp(neg_kl) - 1.0)) * (4.0 / taus)
+    pg_losses = _weighted(-gates * advantages, rollout_is_weights)
+    loss = _agg(pg_losses, response_mask, "seq-mean-token-mean", config)
+    metrics = _metrics({"ppo_kl": _mean(-neg_kl.detach(), response_mask)})
+    return loss, {"actor/pg_clipfrac": 0.0, **metrics, "actor/pg_clipfrac_lower": 0.0}
+
+
+def compute_policy_loss_gpg(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                            loss_agg_mode: str = "token-mean", config=None,
+                            rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_gpg``: ``-logp * A`` (times the rollout weights),
+    aggregated; no metrics (``{}``). ``old_log_prob`` is unused, as in verl."""
+    config = _need(config)
+    pg_losses = _weighted(-log_prob * advantages, rollout_is_weights)
+    return _agg(pg_losses, response_mask, loss_agg_mode, config), {}
+
+
+def compute_policy_loss_cispo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                              response_mask: Tensor, loss_agg_mode: str = "token-mean", config=None,
+                              rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_cispo``: ``-sg(clip(r, 1 - low, 1 + high)) * A *
+    logp`` with ``r = exp(clamp(logp - old, -20, 20))`` (verl's two-sided clip; TRL's absolute cap is
+    a different loss). Metrics: pg_clipfrac (share with ``r != clip(r)``), ppo_kl,
+    pg_clipfrac_lower = 0. Plain torch + rlkern's agg_loss."""
+    config = _need(config)
+    low, high = _clip_range(config)
+    neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
+    ratio = torch.exp(neg_kl).detach()
+    clipped = torch.clamp(ratio, 1 - low, 1 + high)
+    pg_losses = _weighted(-clipped * advantages * log_prob, rollout_is_weights)
+    loss = _agg(pg_losses, response_mask, loss_agg_mode, config)
+    return loss, _metrics({"pg_clipfrac": _mean((ratio != clipped).float(), response_mask),
+                           "ppo_kl": _mean(-neg_kl.detach(), response_mask)}, zeros=("pg_clipfrac_lower",))
+
+
+# ------------------------------------------------------------------------------------------------
+# Clip-Cov and KL-Cov (Entropy-Mechanism-of-RL), on the sync-free selection ops
+# ------------------------------------------------------------------------------------------------
+
+
+def compute_policy_loss_clip_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                                 response_mask: Tensor, loss_agg_mode: str = "token-mean", config=None,
+                                 rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_clip_cov``: the PPO clip
+    ``max(-A r, -A clip(r, 1 - low, 1 + high))`` (no dual clip), with the loss of a random subset of
+    ``max(int(clip_cov_ratio * n), 1)`` tokens set to 0: tokens not already clipped whose centred
+    covariance lies in ``(clip_cov_lb, clip_cov_ub)`` (rlkern.ops.clip_cov_mask: no host sync; verl's
+    distribution, not its draw). The loss is rlkern.ops.policy_loss with those tokens' weight 0.
+    Metrics: pg_clipfrac (share of valid tokens selected), ppo_kl."""
+    config = _need(config)
+    policy = _policy_config(config)
+    ratio_k = _field(policy, "clip_cov_ratio", _CLIP_COV_RATIO)
+    if not ratio_k > 0:
+        raise ValueError("clip_ratio should be larger than 0.")  # verl's assertion message
+    low, high = _clip_range(config)
+    lb = _field(policy, "clip_cov_lb", _CLIP_COV_LB)
+    ub = _field(policy, "clip_cov_ub", _CLIP_COV_UB)
+    with torch.no_grad():
+        neg_kl = log_prob - old_log_prob
+        ratio = torch.exp(neg_kl)
+        pg1 = -advantages * ratio
+        pg2 = -advantages * torch.clamp(ratio, 1 - low, 1 + high)
+        chosen = ops.clip_cov_mask(advantages, log_prob, response_mask, ratio_k, lb, ub, exclude=pg2 > pg1)
+        keep = (~chosen).to(torch.float32)
+        weights = keep if rollout_is_weights is None else keep * rollout_is_weights
+    info = dict(_get(config, "global_batch_info", None) or {})
+    verl = _verl()
+    verl._check_global(loss_agg_mode, info.get("dp_size", 1), info.get("batch_num_tokens"),
+                       info.get("global_batch_size"))
+    loss, _ = ops.policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=float(low),
+                              clip_high=float(high), dual_clip=None, agg=verl._ops_agg(loss_agg_mode),
+                              weights=weights)
+    loss = verl._global_scale(loss, response_mask, loss_agg_mode, **info)
+    return loss, _metrics({"pg_clipfrac": _mean(chosen.float(), response_mask),
+                           "ppo_kl": _mean(-neg_kl, response_mask)})
+
+
+def compute_policy_loss_kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                               response_mask: Tensor, loss_agg_mode: str = "token-mean", config=None,
+                               rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_kl_cov``: the unclipped surrogate ``-A r``
+    (``r = exp(logp - old)``, no clamp), plus ``ppo_kl_coef * |logp - old|`` at the
+    ``max(1, int(kl_cov_ratio * n))`` valid tokens of largest centred covariance
+    (rlkern.ops.kl_cov_mask: no host sync). The token terms are plain torch (rlkern has no fused
+    unclipped-ratio loss), aggregated by rlkern's agg_loss. Metrics: ppo_kl = mean ``|logp - old|``."""
+    config = _need(config)
+    policy = _policy_config(config)
+    ratio_k = _field(policy, "kl_cov_ratio", _KL_COV_RATIO)
+    coef = _field(policy, "ppo_kl_coef", _PPO_KL_COEF)
+    if not ratio_k > 0:
+        raise ValueError("kl_cov_ratio should be larger than 0.")  # verl's assertion message
+    chosen = ops.kl_cov_mask(advantages, log_prob, response_mask, ratio_k)
+    neg_kl = log_prob - old_log_prob
+    abs_kl = neg_kl.abs()
+    surrogate = -advantages * torch.exp(neg_kl)
+    pg_losses = torch.where(chosen, surrogate + coef * abs_kl, surrogate)
+    loss = _agg(_weighted(pg_losses, rollout_is_weights), response_mask, loss_agg_mode, config)
+    return loss, _metrics({"ppo_kl": _mean(abs_kl.detach(), response_mask)})
+
+
+# ------------------------------------------------------------------------------------------------
+# GMPO (geometric mean) and DRO
+# ------------------------------------------------------------------------------------------------
+
+
+def _row_mean(values: Tensor, mask: Tensor, lengths: Tensor) -> Tensor:
+    # verl: (values * mask).sum(-1) / (mask.sum(-1) + 1e-8), here over the valid tokens only.
+    return ops.masked_sum(values, mask, dim=-1).to(values.dtype) / (lengths + 1e-8)
+
+
+def compute_policy_loss_geo_mean(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                                 response_mask: Tensor, loss_agg_mode: str = "token-mean", config=None,
+                                 rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_geo_mean`` (GMPO): per row,
+    ``-mean_row(A) * exp(mean_row(sgn(A) min(sgn(A) d, sgn(A) clip(d, -low, high))))`` with
+    ``d = logp - old`` (unclamped), row means over the valid tokens ``/ (len + 1e-8)``; rollout
+    weights enter as their row geometric mean ``exp(mean_row(log(w + 1e-10)))``; the loss is the plain
+    mean over rows (``loss_agg_mode`` and the global-batch info are ignored, as in verl). Metrics:
+    pg_clipfrac / pg_clipfrac_lower (share of valid tokens with ``d`` clipped and A > 0 / A < 0),
+    ppo_kl. Plain torch with rlkern masked sums (no fused rlkern op for the geometric mean yet)."""
+    config = _need(config)
+    low, high = _clip_range(config)
+    neg_kl = log_prob - old_log_prob
+    sign = torch.sign(advantages)
+    neg_kl_clamp = torch.clamp(neg_kl, -low, high)
+    neg_kl_min = sign * torch.min(sign * neg_kl, sign * neg_kl_clamp)
+    lengths = response_mask.sum(dim=-1)
+    ratio = torch.exp(_row_mean(neg_kl_min, response_mask, lengths))
+    pg_losses = -_row_mean(advantages, response_mask, lengths) * ratio
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * torch.exp(_row_mean(torch.log(rollout_is_weights + 1e-10), response_mask,
+                                                    lengths))
+    clipped = torch.ne(neg_kl, neg_kl_clamp).detach()
+    return torch.mean(pg_losses), _metrics({
+        "pg_clipfrac": _mean((clipped * (advantages > 0)).float(), response_mask),
+        "ppo_kl": _mean(-neg_kl.detach(), response_mask),
+        "pg_clipfrac_lower": _mean((clipped * (advantages < 0)).float(), response_mask),
+    })
+
+
+def compute_policy_loss_dro(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                            loss_agg_mode: str = "token-mean", config=None,
+                            rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_dro`` (Direct Reward Optimization):
+    ``-(logp * A - beta / 2 * (logp - old)^2)``, ``beta = config.policy_loss.dro_beta`` (> 0, else
+    verl's ValueError). Metrics: ppo_kl. Plain torch + rlkern's agg_loss."""
+    config = _need(config)
+    beta = _get(_policy_config(config), "dro_beta")
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+    log_ratio = log_prob - old_log_prob
+    pg_losses = _weighted(-(log_prob * advantages - 0.5 * beta * log_ratio.square()), rollout_is_weights)
+    loss = _agg(pg_losses, response_mask, loss_agg_mode, config)
+    return loss, _metrics({"ppo_kl": _mean(-log_ratio.detach(), response_mask)})
+
+
+# ------------------------------------------------------------------------------------------------
+# bypass mode (old_log_prob = rollout_log_prob): rollout correction, then REINFORCE or PPO-clip
+# ------------------------------------------------------------------------------------------------
+
+
+def compute_policy_loss_reinforce(rollout_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                                  response_mask: Tensor, loss_agg_mode: str = "seq-mean-token-sum",
+                                  config=None, rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_reinforce`` (not registered; bypass_mode's
+    ``loss_type="reinforce"``): ``-A * logp`` (times the IS weights), aggregated. Metrics: ppo_kl =
+    mean of ``rollout_log_prob - log_prob``."""
+    config = _need(config)
+    pg_losses = -advantages * log_prob
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights
+    loss = _agg(pg_losses, response_mask, loss_agg_mode, config)
+    return loss, _metrics({"ppo_kl": _mean(-(log_prob - rollout_log_prob).detach(), response_mask)})
+
+
+def compute_policy_loss_bypass_mode(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                                    response_mask: Tensor, loss_agg_mode: str = "token-mean", config=None,
+                                    rollout_is_weights: Tensor | None = None):
+    """verl 0.9.1 ``core_algos.compute_policy_loss_bypass_mode``: ``old_log_prob`` is the rollout's;
+    the IS weights and rejection mask of ``config.policy_loss.rollout_correction`` come from
+    rlkern.compat.verl.compute_rollout_correction_and_rejection_mask (current vs rollout policy,
+    no gradient), then ``loss_type="reinforce"`` runs :func:`compute_policy_loss_reinforce` with
+    those weights and ``"ppo_clip"`` rlkern's vanilla PPO loss without them (the ratio already is the
+    IS ratio), both on the rejection-masked tokens. ``rollout_is_weights`` is ignored, as in verl.
+    The rollout-correction metrics are merged into the loss metrics."""
+    config = _need(config)
+    policy = _get(config, "policy_loss")
+    corr = None if policy is None else _get(policy, "rollout_correction")
+    if corr is None:
+        raise ValueError("rollout_correction config not found in policy_loss. "
+                         "When using loss_mode='bypass_mode', ensure rollout_correction config is passed.")
+    loss_type = _get(corr, "loss_type", "ppo_clip")
+    if loss_type not in ("reinforce", "ppo_clip"):
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
+    verl = _verl()
+    with torch.no_grad():
+        proto, mask, corr_metrics = verl.compute_rollout_correction_and_rejection_mask(
+            old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask,
+            rollout_is=_get(corr, "rollout_is"), rollout_is_threshold=_get(corr, "rollout_is_threshold", 2.0),
+            rollout_is_batch_normalize=_get(corr, "rollout_is_batch_normalize", False),
+            rollout_rs=_get(corr, "rollout_rs"), rollout_rs_threshold=_get(corr, "rollout_rs_threshold"))
+    if loss_type == "reinforce":
+        weights = proto.batch["rollout_is_weights"] if proto else None
+        loss, metrics = compute_policy_loss_reinforce(old_log_prob, log_prob, advantages, mask, loss_agg_mode,
+                                                      config, weights)
+    else:
+        loss, metrics = verl.compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask,
+                                                         loss_agg_mode, config, None)
+    metrics.update(corr_metrics)
+    return loss, metrics

@@ -1,7 +1,8 @@
 """OpenRLHF's names, signatures, defaults and numerics on rlkern.ops.
 
 Mirrors OpenRLHF/OpenRLHF ``openrlhf/models/utils.py`` (``compute_approx_kl`` with the [-10, 10]
-clamp on every estimator), ``openrlhf/models/loss.py`` (``PolicyLoss`` with dual-clip, ``ValueLoss``)
+clamp on every estimator), ``openrlhf/models/loss.py`` (``PolicyLoss``: ppo / gspo, dual-clip and the
+train/rollout IS corrections TIS / IcePop / seq-mask-tis; ``ValueLoss``)
 and the advantage code of ``openrlhf/trainer/ppo_utils/experience_maker.py``
 (``get_advantages_and_returns``, ``get_cumulative_returns`` and the group reward shaping of
 ``compute_advantages_and_returns``). ``rlkern.compat.patch("openrlhf")`` swaps them into an installed
@@ -62,7 +63,7 @@ PATCH_TARGETS = (
 )
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-POLICY_LOSS_TYPES = ("ppo",)
+POLICY_LOSS_TYPES = ("ppo", "gspo")
 GROUP_ESTIMATORS = ("rloo", "reinforce_baseline", "dr_grpo", "group_norm", "gae", "reinforce")
 # openrlhf/models/utils.py::compute_approx_kl clamps every estimator's value to this range.
 _KL_CLAMP = 10.0
@@ -170,36 +171,174 @@ def masked_mean(tensor: Tensor, mask: Tensor | None, dim: int | None = None) -> 
     return (total / count.to(total.dtype)).to(tensor.dtype)
 
 
+# openrlhf/models/loss.py::PolicyLoss (0.11.2): the train/rollout IS correction's options.
+IS_LEVELS = ("off", "token", "seq")
+IS_MODES = ("mask", "clip")
+IS_GATINGS = ("ratio", "binary_kl", "tv")
+# OpenRLHF 0.9.5-0.11.0 (vllm_is_correction_type) as 0.11.2's (level, mode) with ratio gating.
+IS_CORRECTION_TYPES = {"tis": ("token", "clip"), "icepop": ("token", "mask"), "seq-mask-tis": ("seq", "mask")}
+_SEQUENCE_RATIO: bool | None = None  # whether ops.policy_loss has ratio_level="sequence" (issue 13 API)
+
+
+def _has_sequence_ratio() -> bool:
+    global _SEQUENCE_RATIO
+    if _SEQUENCE_RATIO is None:
+        from rlkern.ops import losses  # the op itself (ops.policy_loss may be wrapped by a caller)
+
+        _SEQUENCE_RATIO = "ratio_level" in inspect.signature(losses.policy_loss).parameters
+    return _SEQUENCE_RATIO
+
+
+def _is_correction(module) -> tuple | str | None:
+    """The train/rollout IS correction a PolicyLoss (any OpenRLHF release) is configured for, as
+    ``(level, mode, low, high)`` (``low`` None: an upper bound only), None when it is off, or a string
+    naming the option rlkern does not fuse."""
+    level = getattr(module, "is_correction_level", None)
+    if level is not None:  # 0.11.2: is_correction_level / _mode / _gating / _threshold
+        if level == "off":
+            return None
+        gating = getattr(module, "is_correction_gating", "ratio")
+        if gating != "ratio":
+            return f"is_correction_gating={gating!r}"
+        low, high = module.is_correction_threshold
+        return level, module.is_correction_mode, float(low), float(high)
+    if not getattr(module, "enable_vllm_is_correction", False):
+        return None
+    kind = getattr(module, "vllm_is_correction_type", None)
+    if kind is None:  # 0.8.11-0.9.4: TIS with one upper bound, exp(d).clamp(max=threshold)
+        return "token", "clip", None, float(module.vllm_is_truncated_threshold)
+    low, high = module.vllm_is_truncated_threshold
+    return (*IS_CORRECTION_TYPES[kind], float(low), float(high))
+
+
+def _is_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, correction: tuple,
+                filter_ratio: bool) -> tuple[Tensor, Tensor | None]:
+    """OpenRLHF's IS coefficient of each token (openrlhf/models/loss.py::PolicyLoss.forward) from
+    ``d = old_log_probs - rollout_log_probs``, by ``ops.rollout_correction`` (one kernel pass, no
+    host sync), and 0.11.2's ``is_filter_ratio`` when asked:
+
+    * token / clip (TIS): ``clamp(exp(d), low, high)``; filtered: ``exp(d)`` outside ``[low, high]``;
+    * token / mask (IcePop): ``exp(d)`` inside ``[low, high]``, else 0;
+    * seq / mask (seq-mask-tis): ``exp(d)``, 0 for a row whose ``exp(masked_mean(d))`` (no epsilon:
+      a row with no valid token has NaN, so it is dropped) is outside ``[low, high]``; the filter
+      ratio is then the share of rows dropped.
+
+    Padding keeps ``exp(d)`` (OpenRLHF's loss mask comes later). OpenRLHF 0.11.2 selects 0 with
+    ``torch.where`` where 0.9.5-0.11.0 multiply by the 0/1 flag; they differ only where ``d`` is NaN
+    or overflows ``exp`` (d > 88), and rlkern multiplies (a NaN loss rather than a dropped token).
+    The filter ratio counts a NaN coefficient as kept (0.11.2: dropped)."""
+    level, mode, low, high = correction
+    if level == "seq":
+        res = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="token", mode="none",
+                                     upper=None, log_clamp=None, padding="raw", seq_gate=(low, high),
+                                     metrics=False)
+        dropped = (res.weights == 0).all(dim=-1).float().mean() if filter_ratio else None
+        return res.weights, dropped
+    res = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="token",
+                                 mode="truncate" if mode == "clip" else "mask", lower=low, upper=high,
+                                 log_clamp=None, padding="raw", metrics=filter_ratio, offpolicy_metrics=False)
+    if not filter_ratio:
+        return res.weights, None
+    m = res.metrics  # masked token means of the flags (verl's names)
+    if mode == "clip":
+        return res.weights, m["rollout_is_ratio_fraction_high"] + m["rollout_is_ratio_fraction_low"]
+    return res.weights, m["rollout_is_oob_ratio"]
+
+
+def _policy_forward(module, correction, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
+                    action_mask: Tensor | None, rollout_log_probs: Tensor | None, dp_size, batch_num_tokens,
+                    global_batch_size, filter_ratio: bool) -> tuple:
+    """OpenRLHF's ``PolicyLoss.forward`` on rlkern ops: ``(loss, clip_ratio, ppo_kl, vllm_kl,
+    is_filter_ratio)`` (see :class:`PolicyLoss`)."""
+    mask = _ones_like_mask(log_probs) if action_mask is None else action_mask
+    token_level = getattr(module, "token_level_loss", True)  # releases before 0.10 lack it
+    gspo = getattr(module, "policy_loss_type", "ppo") == "gspo"
+    if correction is not None and rollout_log_probs is None:
+        raise ValueError("PolicyLoss with the train/rollout IS correction needs rollout_log_probs")
+    base, weights, vllm_kl, is_filter = old_log_probs, None, None, None
+    extra = {}
+    if gspo:
+        # GSPO: the sequence ratio exp(masked row mean of log_probs - base), base = the rollout
+        # log-probs when the IS correction is on; no IS coefficient (OpenRLHF applies it to ppo only)
+        extra["ratio_level"] = "sequence"
+        if correction is not None:
+            base = rollout_log_probs
+    elif correction is not None:
+        weights, is_filter = _is_weights(old_log_probs, rollout_log_probs, mask, correction, filter_ratio)
+        vllm_kl = masked_mean(rollout_log_probs - old_log_probs, mask)
+    loss, stats = ops.policy_loss(log_probs, base, advantages, mask, clip_low=module.clip_eps_low,
+                                  clip_high=module.clip_eps_high,
+                                  dual_clip=getattr(module, "dual_clip", None),
+                                  agg="token-mean" if token_level else "seq-mean-token-mean",
+                                  weights=weights, **extra)
+    loss = loss * _global_scale(mask, token_level, dp_size, batch_num_tokens, global_batch_size)
+    ppo_kl = stats["approx_kl"] if base is old_log_probs else masked_mean(
+        old_log_probs - log_probs.detach(), mask)
+    return loss, stats["clip_frac"], ppo_kl, vllm_kl, is_filter
+
+
 class PolicyLoss(nn.Module):
-    """PPO policy loss (OpenRLHF ``models/loss.py::PolicyLoss``): ``-min(r A, clip(r, 1 - low,
-    1 + high) A)``, with ``dual_clip`` bounding the loss of negative-advantage tokens by
-    ``-dual_clip * A``; token-level mean over the mask (``token_level_loss=True``) or per-sequence
-    token mean, then the mean over the sequences that have a valid token (OpenRLHF's aggregation on
-    one process, where ``batch_num_tokens`` / ``global_batch_size`` are None). ``forward`` returns
-    ``(loss, clip_ratio, ppo_kl)``."""
+    """PPO / GSPO policy loss (OpenRLHF 0.11.2 ``models/loss.py::PolicyLoss``, same arguments and
+    defaults) on ``rlkern.ops.policy_loss``:
+
+    * ``policy_loss_type="ppo"``: ``-min(r A, clip(r, 1 - low, 1 + high) A)`` with ``r =
+      exp(clamp(log_probs - old_log_probs, ±20))``; ``"gspo"``: the same with the sequence ratio
+      ``r = exp(masked row mean of the log-ratio)`` (GSPO aggregates per sequence);
+    * ``dual_clip`` bounds the loss of negative-advantage tokens by ``-dual_clip * A``;
+    * the train/rollout IS correction (ppo; ``is_correction_gating="ratio"``) multiplies each token's
+      loss by OpenRLHF's coefficient from ``old_log_probs - rollout_log_probs``: ``level="token",
+      mode="clip"`` (TIS), ``"token", "mask"`` (IcePop), ``"seq", "mask"`` (seq-mask-tis), computed
+      by ``ops.rollout_correction``; with gspo the IS correction changes the ratio's base to the
+      rollout log-probs instead. The ``binary_kl`` / ``tv`` gatings are not fused (ValueError here;
+      ``patch("openrlhf")`` runs OpenRLHF's own forward for them);
+    * aggregation: token mean (``token_level_loss``) or the mean of per-sequence token means over the
+      sequences with a valid token, rescaled by ``batch_num_tokens`` / ``global_batch_size`` and
+      ``dp_size`` as OpenRLHF's ``aggregate_loss``.
+
+    ``forward`` returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``; the last two are
+    None without IS correction (and with gspo), as in OpenRLHF. A batch with no valid token gives 0
+    where OpenRLHF's mean is 0/0."""
 
     def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float | None = None,
-                 token_level_loss: bool = True, policy_loss_type: str = "ppo") -> None:
+                 token_level_loss: bool = True, policy_loss_type: str = "ppo",
+                 is_correction_level: str = "off", is_correction_mode: str = "mask",
+                 is_correction_gating: str = "ratio", is_correction_threshold=(0.5, 5.0)) -> None:
         super().__init__()
         if policy_loss_type not in POLICY_LOSS_TYPES:
             raise ValueError(f"policy_loss_type must be one of {POLICY_LOSS_TYPES} in "
-                             f"rlkern.compat.openrlhf, "
-                             f"got {policy_loss_type!r}")
+                             f"rlkern.compat.openrlhf, got {policy_loss_type!r}")
+        if policy_loss_type == "gspo" and not _has_sequence_ratio():
+            raise ValueError("policy_loss_type='gspo' needs rlkern.ops.policy_loss(ratio_level='sequence'), "
+                             "which this rlkern does not have")
         if dual_clip is not None and not dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+        for value, name, choices in ((is_correction_level, "is_correction_level", IS_LEVELS),
+                                     (is_correction_mode, "is_correction_mode", IS_MODES),
+                                     (is_correction_gating, "is_correction_gating", IS_GATINGS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
+            raise ValueError("is_correction_mode=clip requires is_correction_level=token and "
+                             "is_correction_gating=ratio")
+        if is_correction_gating != "ratio" and is_correction_level != "off":
+            raise ValueError(f"is_correction_gating={is_correction_gating!r} is not fused by rlkern; "
+                             "rlkern.compat.patch('openrlhf') runs OpenRLHF's own PolicyLoss for it")
         self.clip_eps_low = clip_eps_low
         self.clip_eps_high = clip_eps_high
         self.dual_clip = dual_clip
-        self.token_level_loss = token_level_loss
+        # GSPO aggregates per sequence, whatever token_level_loss says (as OpenRLHF's __init__)
+        self.token_level_loss = False if policy_loss_type == "gspo" else token_level_loss
         self.policy_loss_type = policy_loss_type
+        self.is_correction_level = is_correction_level
+        self.is_correction_mode = is_correction_mode
+        self.is_correction_gating = is_correction_gating
+        self.is_correction_threshold = is_correction_threshold
 
     def forward(self, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
-                action_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        mask = _ones_like_mask(log_probs) if action_mask is None else action_mask
-        agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
-        loss, stats = ops.policy_loss(log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low,
-                                      clip_high=self.clip_eps_high, dual_clip=self.dual_clip, agg=agg)
-        return loss, stats["clip_frac"], stats["approx_kl"]
+                action_mask: Tensor | None = None, rollout_log_probs: Tensor | None = None, dp_size: int = 1,
+                batch_num_tokens: float | None = None, global_batch_size: float | None = None) -> tuple:
+        return _policy_forward(self, _is_correction(self), log_probs, old_log_probs, advantages, action_mask,
+                               rollout_log_probs, dp_size, batch_num_tokens, global_batch_size, True)
 
 
 class ValueLoss(nn.Module):
@@ -292,27 +431,41 @@ _warned: set[str] = set()
 
 
 def _policy_fallback_reason(module) -> str | None:
-    if getattr(module, "policy_loss_type", "ppo") != "ppo":
-        return f"policy_loss_type={module.policy_loss_type!r}"
-    if getattr(module, "is_correction_level", "off") != "off":
-        return f"is_correction_level={module.is_correction_level!r} (train/rollout IS correction)"
-    return None
+    kind = getattr(module, "policy_loss_type", "ppo")
+    if kind not in POLICY_LOSS_TYPES:
+        return f"policy_loss_type={kind!r}"
+    if kind == "gspo" and not _has_sequence_ratio():
+        return "policy_loss_type='gspo' (this rlkern has no sequence ratio)"
+    correction = _is_correction(module)
+    return correction if isinstance(correction, str) else None
 
 
 @wraps_original
 def PolicyLoss_patch(original):  # noqa: N802 (named after the class it replaces)
     """What ``patch("openrlhf")`` installs for ``openrlhf.models.loss.PolicyLoss``: a subclass of the
-    installed class (its ``__init__`` and options unchanged) whose ``forward`` runs
-    ``rlkern.ops.policy_loss`` for the PPO loss without IS correction, and the installed forward,
-    with one warning naming the option, for GSPO and the train/rollout IS corrections.
+    installed class (its ``__init__`` and options unchanged) whose ``forward`` runs rlkern for
+    ``ppo`` and ``gspo``, with or without ``dual_clip``, and the train/rollout IS corrections TIS,
+    IcePop and seq-mask-tis, in the option names of every release that has them (see
+    :class:`PolicyLoss`):
 
-    OpenRLHF 0.11's forward also takes ``rollout_log_probs, dp_size, batch_num_tokens,
-    global_batch_size`` and returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``
-    (openrlhf/models/loss.py, ``aggregate_loss``): the global normalisers are applied here as there
-    (``sum / batch_num_tokens * dp_size``, ``sum of row means / global_batch_size * dp_size``) and
-    the last two are None without IS correction, as there. Earlier releases, whose forward has none
-    of these, get their 3-tuple. A batch with no valid token gives 0 where OpenRLHF's mean is 0/0."""
-    modern = "rollout_log_probs" in inspect.signature(original.forward).parameters
+    * 0.11.2: ``is_correction_level`` / ``_mode`` / ``_threshold`` with ``is_correction_gating="ratio"``;
+      returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``;
+    * 0.9.5-0.11.0 (OpenRLHF main up to 2026-08): ``enable_vllm_is_correction``,
+      ``vllm_is_correction_type`` tis / icepop / seq-mask-tis, ``vllm_is_truncated_threshold``
+      ``(low, high)``; 0.8.11-0.9.4: the same flag with an upper bound only; returns the 4-tuple
+      ``(loss, clip_ratio, ppo_kl, vllm_kl)``;
+    * earlier releases (no rollout log-probs): ``(loss, clip_ratio, ppo_kl)``.
+
+    The global normalisers (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, 0.10.4 and
+    later) are applied as OpenRLHF's ``aggregate_loss`` does. OpenRLHF's own forward runs, with one
+    warning naming the option, for other ``policy_loss_type`` values and the ``binary_kl`` / ``tv``
+    gatings. Differences: a batch with no valid token gives 0 where OpenRLHF's mean is 0/0, and the
+    PPO ratio is clamped to e^±20 as in 0.10.4+ (earlier releases do not clamp)."""
+    init_params = inspect.signature(original.__init__).parameters
+    forward_params = inspect.signature(original.forward).parameters
+    arity = 5 if "is_correction_level" in init_params else 4 if "rollout_log_probs" in forward_params else 3
+    extra_names = [n for n in ("rollout_log_probs", "dp_size", "batch_num_tokens", "global_batch_size")
+                   if n in forward_params]
 
     class PolicyLoss(original):
         def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
@@ -324,17 +477,14 @@ def PolicyLoss_patch(original):  # noqa: N802 (named after the class it replaces
                     warnings.warn(f"rlkern.compat.patch('openrlhf'): PolicyLoss with {reason} is not "
                                   "fused by rlkern; OpenRLHF's own forward runs for it (said once)",
                                   RuntimeWarning, stacklevel=2)
-                extra = (rollout_log_probs, dp_size, batch_num_tokens, global_batch_size) if modern else ()
-                return super().forward(log_probs, old_log_probs, advantages, action_mask, *extra)
-            mask = _ones_like_mask(log_probs) if action_mask is None else action_mask
-            token_level = getattr(self, "token_level_loss", True)
-            loss, stats = ops.policy_loss(log_probs, old_log_probs, advantages, mask,
-                                          clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
-                                          dual_clip=self.dual_clip,
-                                          agg="token-mean" if token_level else "seq-mean-token-mean")
-            loss = loss * _global_scale(mask, token_level, dp_size, batch_num_tokens, global_batch_size)
-            out = (loss, stats["clip_frac"], stats["approx_kl"])
-            return out + (None, None) if modern else out
+                given = dict(rollout_log_probs=rollout_log_probs, dp_size=dp_size,
+                             batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+                return super().forward(log_probs, old_log_probs, advantages, action_mask,
+                                       **{n: given[n] for n in extra_names})
+            out = _policy_forward(self, _is_correction(self), log_probs, old_log_probs, advantages,
+                                  action_mask, rollout_log_probs, dp_size, batch_num_tokens,
+                                  global_batch_size, arity == 5)
+            return out[:arity]
 
     PolicyLoss.__qualname__ = PolicyLoss.__name__ = original.__name__
     PolicyLoss.__module__ = original.__module__

@@ -327,7 +327,9 @@ def _global_scale(loss: Tensor, mask: Tensor, loss_agg_mode: str, dp_size: int =
     count = _count(mask, -1)
     live = (count > 0).sum().to(torch.float32)
     if loss_agg_mode == "seq-mean-token-mean":
-        return loss * dp_size if global_batch_size is None else loss * live / global_batch_size * dp_size
+        if global_batch_size is None:  # no live row: verl's 0 / 0 = NaN (live / live is exactly 1 otherwise)
+            return loss * dp_size / (live / live)
+        return loss * live / global_batch_size * dp_size
     total = loss * max(mask.shape[-1], 1)  # undo rlkern's / T: the masked sum
     if loss_agg_mode == "token-mean":
         return total / (count.sum() if batch_num_tokens is None else batch_num_tokens) * dp_size

@@ -29,8 +29,11 @@ Numerics: verl's formulas, operation for operation where the dtype matters, in t
 aggregation is verl's ``agg_loss`` with ``config.global_batch_info`` (``dp_size``,
 ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``). Documented differences:
 
-* a NaN (or inf) at a masked-out position never reaches the loss (rlkern's masked sums select;
-  verl's ``loss * mask`` turns 0 * NaN into NaN);
+* a NaN (or inf) at a masked-out position reaches neither the loss nor the gradient (rlkern's masked
+  sums select and the plain-torch terms zero the padding first; verl's ``loss * mask`` turns 0 * NaN
+  into NaN);
+* with no valid token verl's mean modes give 0 / 0 = NaN, and so do these shims (rlkern.ops alone
+  would give 0);
 * ``clip_cov`` runs rlkern's PPO kernel, which clamps the log-ratio to [-20, 20] like verl's vanilla
   (verl's clip_cov does not): the same loss wherever ``log r <= 20`` (r <= 4.85e8);
 * ``clip_cov`` draws its random subset differently (same distribution, see rlkern.ops.clip_cov_mask),
@@ -132,6 +135,14 @@ def _weighted(pg_losses: Tensor, rollout_is_weights: Tensor | None) -> Tensor:
     return pg_losses if rollout_is_weights is None else pg_losses * rollout_is_weights
 
 
+def _padding_zeroed(mask: Tensor, *tensors):
+    """The tensors with masked-out positions set to 0 (None stays None), so that a NaN or inf in the
+    padding reaches neither the loss nor, through 0 * NaN, the gradient (rlkern's rule, as in its
+    kernels; verl's ``loss * mask`` lets it through). Values at valid tokens are untouched."""
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    return [None if t is None else torch.where(valid, t, 0) for t in tensors]
+
+
 def _clamped_log_ratio(log_prob: Tensor, old_log_prob: Tensor) -> Tensor:
     return torch.clamp(log_prob - old_log_prob, min=-_LOG_RATIO_CLAMP, max=_LOG_RATIO_CLAMP)
 
@@ -144,6 +155,8 @@ def _clamped_log_ratio(log_prob: Tensor, old_log_prob: Tensor) -> Tensor:
 def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
           divergence: str):
     config = _need(config)
+    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
+        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     low, high = _clip_range(config)
     clip_c = _get(config, "clip_ratio_c", _DPPO_CLIP_C)
     neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
@@ -207,6 +220,8 @@ def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages:
     ``max(-A s, -A clip(s, 1 - low, 1 + high))``. Metrics: pg_clipfrac, ppo_kl (unclamped),
     pg_clipfrac_lower = 0. Plain torch + rlkern's agg_loss."""
     config = _need(config)
+    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
+        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     low, high = _clip_range(config)
     neg_kl = log_prob - old_log_prob
     lengths = torch.sum(response_mask, dim=-1).clamp(min=1)
@@ -229,6 +244,8 @@ def compute_policy_loss_sapo(old_log_prob: Tensor, log_prob: Tensor, advantages:
     ``loss_agg_mode`` here). Metrics: pg_clipfrac = pg_clipfrac_lower = 0, ppo_kl. Plain torch +
     rlkern's agg_loss."""
     config = _need(config)
+    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
+        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     tau_pos = torch.as_tensor(_get(config, "tau_pos"), dtype=advantages.dtype, device=advantages.device)
     tau_neg = torch.as_tensor(_get(config, "tau_neg"), dtype=advantages.dtype, device=advantages.device)
     neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
@@ -246,6 +263,8 @@ def compute_policy_loss_gpg(old_log_prob: Tensor, log_prob: Tensor, advantages: 
     """verl 0.9.1 ``core_algos.compute_policy_loss_gpg``: ``-logp * A`` (times the rollout weights),
     aggregated; no metrics (``{}``). ``old_log_prob`` is unused, as in verl."""
     config = _need(config)
+    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
+        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     pg_losses = _weighted(-log_prob * advantages, rollout_is_weights)
     return _agg(pg_losses, response_mask, loss_agg_mode, config), {}
 
@@ -258,6 +277,8 @@ def compute_policy_loss_cispo(old_log_prob: Tensor, log_prob: Tensor, advantages
     a different loss). Metrics: pg_clipfrac (share with ``r != clip(r)``), ppo_kl,
     pg_clipfrac_lower = 0. Plain torch + rlkern's agg_loss."""
     config = _need(config)
+    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
+        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     low, high = _clip_range(config)
     neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
     ratio = torch.exp(neg_kl).detach()
@@ -319,6 +340,8 @@ def compute_policy_loss_kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantage
     (rlkern.ops.kl_cov_mask: no host sync). The token terms are plain torch (rlkern has no fused
     unclipped-ratio loss), aggregated by rlkern's agg_loss. Metrics: ppo_kl = mean ``|logp - old|``."""
     config = _need(config)
+    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
+        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     policy = _policy_config(config)
     ratio_k = _field(policy, "kl_cov_ratio", _KL_COV_RATIO)
     coef = _field(policy, "ppo_kl_coef", _PPO_KL_COEF)
@@ -354,6 +377,8 @@ def compute_policy_loss_geo_mean(old_log_prob: Tensor, log_prob: Tensor, advanta
     pg_clipfrac / pg_clipfrac_lower (share of valid tokens with ``d`` clipped and A > 0 / A < 0),
     ppo_kl. Plain torch with rlkern masked sums (no fused rlkern op for the geometric mean yet)."""
     config = _need(config)
+    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
+        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     low, high = _clip_range(config)
     neg_kl = log_prob - old_log_prob
     sign = torch.sign(advantages)
@@ -380,6 +405,8 @@ def compute_policy_loss_dro(old_log_prob: Tensor, log_prob: Tensor, advantages: 
     ``-(logp * A - beta / 2 * (logp - old)^2)``, ``beta = config.policy_loss.dro_beta`` (> 0, else
     verl's ValueError). Metrics: ppo_kl. Plain torch + rlkern's agg_loss."""
     config = _need(config)
+    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
+        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     beta = _get(_policy_config(config), "dro_beta")
     if beta is None or beta <= 0:
         raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
@@ -401,6 +428,8 @@ def compute_policy_loss_reinforce(rollout_log_prob: Tensor, log_prob: Tensor, ad
     ``loss_type="reinforce"``): ``-A * logp`` (times the IS weights), aggregated. Metrics: ppo_kl =
     mean of ``rollout_log_prob - log_prob``."""
     config = _need(config)
+    log_prob, rollout_log_prob, advantages, rollout_is_weights = _padding_zeroed(
+        response_mask, log_prob, rollout_log_prob, advantages, rollout_is_weights)
     pg_losses = -advantages * log_prob
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights

@@ -205,6 +205,110 @@ def test_grpo_variants_and_ppo_controls(sft_model, tmp_path):
     assert "reference" in os.listdir(os.path.join(out, "checkpoints", "step_000002"))
 
 
+# ---- GRPO: loss variants, rollout correction, entropy mask (issue #13) -------------------------
+GRPO_SMALL = ["--steps", "2", "--rollout-batch", "2", "--group-size", "4", "--max-new-tokens", "3"]
+BASE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _spy(monkeypatch, name: str) -> list[dict]:
+    """Records the keyword arguments of every call of ``rlkern.ops.<name>`` (the trainer looks the op
+    up on the module at each call)."""
+    import rlkern.ops
+
+    real, calls = getattr(rlkern.ops, name), []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rlkern.ops, name, spy)
+    return calls
+
+
+def _finite_run(out: str) -> list[dict]:
+    rows = metrics(out)
+    assert len(rows) == 3 and all(math.isfinite(v) for r in rows for v in r.values()), rows
+    return rows[1:]
+
+
+def test_grpo_is_correction_reaches_the_op_with_the_samplers_logprobs(sft_model, tmp_path, monkeypatch):
+    """--is-correction tis computes the weights once per rollout through ops.rollout_correction and
+    passes them to every grpo_loss call. The sampler is the same fp32 model as the trainer, so its
+    recorded log-probs differ from the recomputed ones by rounding only (KV cache vs one full pass:
+    <= 1e-4 is ~100x what was seen) and the weights are 1 to that precision."""
+    corrections, losses = _spy(monkeypatch, "rollout_correction"), _spy(monkeypatch, "grpo_loss")
+    out = str(tmp_path / "tis")
+    train("grpo", "--model", sft_model, "--out", out, "--is-correction", "tis", *GRPO_SMALL, *TINY)
+    rows = _finite_run(out)
+    assert len(corrections) == 2 and all(c["mode"] == "truncate" and c["lower"] == 0.5 and c["upper"] == 5.0
+                                         for c in corrections)
+    assert losses and all(c.get("weights") is not None for c in losses)
+    for r in rows:
+        assert r["rollout/is_log_ratio_max"] <= 1e-4
+        assert r["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_is_correction_weights_follow_openrlhf():
+    """The three OpenRLHF corrections, on log-probs far enough apart that the bounds bite, against
+    their formulas (OpenRLHF models/loss.py PolicyLoss: tis clamps, icepop zeroes outside [lo, hi],
+    seq-mask-tis zeroes rows whose geometric-mean ratio is outside it)."""
+    from types import SimpleNamespace
+
+    from rlkern.train.grpo import is_correction_weights
+
+    lp = -torch.rand(5, 11, dtype=torch.float64)
+    sampler = lp + 0.4 * torch.randn(5, 11, dtype=torch.float64)
+    mask = (torch.rand(5, 11) < 0.8).double()
+    mask[:, 0] = 1
+    ratio = (lp - sampler).exp()
+    inside = lambda r: (r >= 0.8) & (r <= 1.25)  # noqa: E731
+    geo = (((lp - sampler) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)).exp()
+    want = {"tis": ratio.clamp(0.8, 1.25), "icepop": ratio * inside(ratio),
+            "seq-mask-tis": ratio * inside(geo)}
+    for kind, expected in want.items():
+        cfg = SimpleNamespace(is_correction=kind, is_clip_low=0.8, is_clip_high=1.25)
+        got = is_correction_weights(cfg, lp, sampler, mask)
+        torch.testing.assert_close(got * mask, expected * mask, msg=kind)
+
+
+def test_grpo_top_entropy_quantile_masks_the_surrogate(sft_model, tmp_path, monkeypatch):
+    """--top-entropy-quantile 0.25 hands grpo_loss 0/1 weights that keep about a quarter of the valid
+    tokens (the top quarter by entropy, plus ties at the threshold: <= half of them)."""
+    losses = _spy(monkeypatch, "grpo_loss")
+    out = str(tmp_path / "entropy")
+    train("grpo", "--model", sft_model, "--out", out, "--top-entropy-quantile", "0.25", *GRPO_SMALL, *TINY)
+    rows = _finite_run(out)
+    assert losses
+    for c in losses:
+        w = c["weights"]
+        assert set(w.unique().tolist()) <= {0.0, 1.0}
+    for r in rows:
+        assert 0 < r["policy/entropy_mask_frac"] <= 0.5
+
+
+def test_high_entropy_mask_matches_trls_quantile_rule():
+    """The sync-free mask equals TRL's get_high_entropy_mask (one process): torch.quantile of the valid
+    entropies at 1 - q, keep valid tokens >= it; with ties, all-padding rows and an empty mask."""
+    from rlkern.train.grpo import high_entropy_mask
+
+    def trl(ent, mask, threshold):
+        local = ent[mask.bool()].float()
+        if local.numel() == 0:
+            return torch.zeros_like(ent, dtype=torch.bool)
+        return (ent * mask.float() >= torch.quantile(local, threshold)) & mask.bool()
+
+    for case in range(60):
+        b, t = 1 + case % 5, 1 + (case * 7) % 13
+        ent = torch.rand(b, t) * 3
+        if case % 3 == 0:
+            ent = (ent * 2).round() / 2  # ties at the threshold
+        mask = (torch.rand(b, t) < 0.7).to((torch.float32, torch.int64, torch.bool)[case % 3])
+        if case % 10 == 0:
+            mask = torch.zeros_like(mask)
+        for q in (0.0, 0.2, 0.5, 1.0, float(torch.rand(()))):
+            assert torch.equal(high_entropy_mask(ent, mask, q), trl(ent, mask, 1 - q)), (case, q)
+
+
 # ---- resume, ops backends ----------------------------------------------------------------------
 VOLATILE = ("time/", "perf/")
 
@@ -290,6 +394,10 @@ def test_errors_are_one_line(tmp_path, capsys, sft_model):
     (["sft", "--eval-size", "30"], "--eval-size must lie in [1, --heldout=20]"),
     (["sft", "--lr", "inf"], "--lr must be a finite number > 0"),
     (["grpo", "--temperature", "1e-30"], "--temperature must be a finite number >= 0.01"),
+    (["grpo", "--top-entropy-quantile", "1.5"], "--top-entropy-quantile must lie in [0, 1]"),
+    (["grpo", "--is-correction", "vtrace"], "--is-correction must be one of"),
+    (["grpo", "--is-clip-low", "3", "--is-clip-high", "2"], "--is-clip-low (3.0) must be <= --is-clip-high"),
+    (["grpo", "--loss-type", "ppo"], "--loss-type must be one of"),
     (["sft", "--device", "bogus"], "--device 'bogus' is not a torch device"),
     (["sft", "--hidden-size", "0"], "--hidden-size must be a positive multiple of 4"),
     (["ppo", "--adaptive-kl", "--kl-horizon", "2", "--rollout-batch", "10"], "--kl-horizon 2 is too short"),

@@ -370,13 +370,33 @@ class GRPOConfig(_RolloutConfig):
     scale_by_std: bool = True
     """Divide by the group std (off = Dr. GRPO)."""
     loss_type: str = "grpo"
-    """Loss normalisation: grpo, bnpo, dr_grpo, dapo."""
+    """Loss (TRL's loss_type): grpo, bnpo, dr_grpo, dapo (normalisations of the clipped surrogate); gspo
+    (grpo with the sequence-level ratio, the same as --importance-sampling-level sequence); and the
+    variants rlkern.ops.grpo_loss implements (cispo, sapo, luspo: rlkern.ops.losses.GRPO_LOSS_TYPES)."""
+    importance_sampling_level: str = "token"
+    """Importance ratio of the surrogate (TRL's importance_sampling_level): 'token', or 'sequence' (GSPO:
+    one ratio per response, exp of the masked mean log-ratio)."""
+    is_correction: str = "none"
+    """Rollout/training mismatch correction (OpenRLHF's names): weights exp(logp_old - logp_sampler) per
+    token, between the trainer's log-probs of the rollout (a full forward pass) and the sampler's
+    (recorded token by token while sampling), multiplying the clipped surrogate: 'tis' (clamped to
+    [--is-clip-low, --is-clip-high]), 'icepop' (0 outside that range), 'seq-mask-tis' (unclamped,
+    0 for a response whose geometric-mean ratio is outside it), or 'none'. Here the sampler is the
+    same fp32 model, so the two log-probs differ only by rounding and the weights are ~1."""
+    is_clip_low: float = 0.5
+    """Lower bound of --is-correction (OpenRLHF's vllm_is_truncated_threshold[0])."""
+    is_clip_high: float = 5.0
+    """Upper bound of --is-correction (OpenRLHF's vllm_is_truncated_threshold[1])."""
+    top_entropy_quantile: float = 1.0
+    """Keep in the policy loss only the top quantile of response tokens by entropy (TRL's
+    top_entropy_quantile, "Beyond the 80/20 rule": 0.2); 1.0 = every token."""
     beta: float = 0.04
     """Weight of the k3 KL to the reference in the loss."""
     clip_low: float = 0.2
     """Lower clip range of the ratio."""
     clip_high: float = 0.2
-    """Upper clip range of the ratio."""
+    """Upper clip range of the ratio; with --loss-type cispo the absolute cap of the ratio (TRL's
+    epsilon_high; ScaleRL recommends 5.0)."""
     ppo_epochs: int = 1
     """Passes over each group batch."""
     minibatches: int = 1
@@ -387,11 +407,35 @@ class GRPOConfig(_RolloutConfig):
         _need(self.group_size >= 2, "--group-size must be >= 2 (a group-relative baseline needs at least two "
               f"samples per prompt), got {self.group_size}")
         _choice(self, "method", ("grpo", "rloo", "reinforce_baseline", "winrate"))
-        _choice(self, "loss_type", ("grpo", "bnpo", "dr_grpo", "dapo"))
+        loss_types, levels = grpo_loss_options()
+        _choice(self, "loss_type", loss_types)
+        _choice(self, "importance_sampling_level", levels)
+        _choice(self, "is_correction", ("none", "tis", "icepop", "seq-mask-tis"))
+        _positive(self, "is_clip_low", "is_clip_high")
+        _need(self.is_clip_low <= self.is_clip_high, f"--is-clip-low ({self.is_clip_low}) must be <= "
+              f"--is-clip-high ({self.is_clip_high})")
+        _need(0 <= self.top_entropy_quantile <= 1, "--top-entropy-quantile must lie in [0, 1], got "
+              f"{self.top_entropy_quantile}")
         for name in ("ppo_epochs", "minibatches"):
             _need(getattr(self, name) > 0, f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         _non_negative(self, "beta")
-        _clip_range(self)
+        if self.loss_type == "cispo":  # clip_high is an absolute cap of the ratio there (TRL)
+            _need(0 <= self.clip_low < 1, f"--clip-low must lie in [0, 1), got {self.clip_low}")
+            _positive(self, "clip_high")
+        else:
+            _clip_range(self)
+
+
+def grpo_loss_options() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(loss types, importance-sampling levels) that ``--loss-type`` / ``--importance-sampling-level``
+    accept: what this build's ``rlkern.ops.grpo_loss`` implements (``GRPO_LOSS_TYPES``, and
+    ``GRPO_IS_LEVELS`` once it takes ``importance_sampling_level``), plus 'gspo' when the sequence
+    level is there."""
+    from rlkern.ops import losses
+
+    levels = tuple(getattr(losses, "GRPO_IS_LEVELS", ("token",)))
+    types = tuple(losses.GRPO_LOSS_TYPES) + (("gspo",) if "sequence" in levels else ())
+    return types, levels
 
 
 @dataclass

@@ -198,7 +198,8 @@ class OnPolicy:
         self.policy.eval()
         with timer("generate"):
             seqs = generate(self.policy, self.tok, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature)
+                            temperature=cfg.temperature,
+                            record_logprobs=getattr(cfg, "is_correction", "none") != "none")
         with timer("logprobs"):
             logp = token_logprobs(self.policy, seqs, temperature=cfg.temperature)
             ref_logp = token_logprobs(self.ref, seqs, temperature=cfg.temperature)

@@ -27,6 +27,7 @@ class Sequences:
     attention_mask: Tensor  # [B, P + R] int64, 0 on padding
     prompt_len: int         # P
     response_mask: Tensor   # [B, R] float32, 1 on response tokens (eos included)
+    sampling_logp: Tensor | None = None  # [B, R] float32: the sampler's log-probs (generate's record)
 
     @property
     def position_ids(self) -> Tensor:
@@ -45,12 +46,14 @@ class Sequences:
         return float(self.attention_mask.sum())
 
     def index(self, idx: Tensor) -> Sequences:
+        sampled = None if self.sampling_logp is None else self.sampling_logp[idx]
         return Sequences(self.input_ids[idx], self.attention_mask[idx], self.prompt_len,
-                         self.response_mask[idx])
+                         self.response_mask[idx], sampled)
 
     def to(self, device) -> Sequences:
         return Sequences(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_len,
-                         self.response_mask.to(device))
+                         self.response_mask.to(device),
+                         None if self.sampling_logp is None else self.sampling_logp.to(device))
 
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[Tensor, Tensor]:
@@ -75,12 +78,15 @@ def join(tokenizer, prompts: list[str], responses: list[str], device) -> Sequenc
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
-             temperature: float = 1.0, greedy: bool = False) -> Sequences:
+             temperature: float = 1.0, greedy: bool = False, record_logprobs: bool = False) -> Sequences:
     """Samples (or greedily decodes) up to ``max_new_tokens`` per prompt with a KV cache.
 
     Sampling draws from softmax(logits / temperature) with the global torch RNG (so a run is
     reproducible from its seed and resumable from its saved RNG state). Finished rows keep being fed
     pad tokens with attention mask 0 until every row has emitted eos or the budget is spent.
+    With ``record_logprobs`` the sampler's log-prob of each drawn token, log_softmax(logits /
+    temperature), lands in ``Sequences.sampling_logp`` (0 after a row's eos): what an inference engine
+    (vLLM) reports, for the rollout-correction weights.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     B, P = prompt_ids.shape
@@ -90,7 +96,7 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_n
     past, logits = out.past_key_values, out.logits[:, -1].float()
     next_pos = pos[:, -1:] + 1
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-    tokens, alive = [], []
+    tokens, alive, sampled_logp = [], [], []
     for step in range(max_new_tokens):
         if greedy:
             tok = logits.argmax(-1)
@@ -101,6 +107,9 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_n
         was_alive = ~done
         tokens.append(tok)
         alive.append(was_alive)
+        if record_logprobs:
+            lp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+            sampled_logp.append(torch.where(was_alive, lp, 0.0))
         done = done | (tok == eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
@@ -112,7 +121,7 @@ def generate(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, *, max_n
     resp = torch.stack(tokens, 1)
     resp_mask = torch.stack(alive, 1)
     return Sequences(torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask.long()], 1), P,
-                     resp_mask.float())
+                     resp_mask.float(), torch.stack(sampled_logp, 1) if record_logprobs else None)
 
 
 def token_logprobs(model, seqs: Sequences, *, temperature: float = 1.0, with_entropy: bool = False):

@@ -16,8 +16,9 @@ forward and forward+backward (to d logp):
   verl's defaults; token-mean), per-token advantages. The peer row calls verl's real function (it
   moves the valid tokens to the host, ``topk`` there, and scatters back).
 
-Columns per case: the rlkern ops (C++ backend forced), the peer's eager code, torch.compile of the
-same maths, and the streaming floor (every input read once, d logp written once in fwd+bwd).
+Columns per case: rlkern (C++ backend forced; for KL-Cov the ``rlkern.compat.verl_policy`` shim that
+``patch("verl")`` installs, on ``ops.kl_cov_mask``), the peer's eager code, torch.compile of the same
+maths, and the streaming floor (every input read once, d logp written once in fwd+bwd).
 TRL's losses live inside ``GRPOTrainer._compute_loss`` (a method of a trainer that needs a model),
 so ``trl_compute_loss`` / ``trl_vllm_is_ratio`` below are line-by-line transcriptions of it
 (installed TRL 1.16, ``trl/trainer/grpo_trainer.py``: ``_compute_loss`` and the ratio block of
@@ -250,9 +251,14 @@ def rlkern_fn(variant: str) -> Callable | None:
             return ops.grpo_loss(x["logp"], x["old"], x["ref"], x["adv_seq"], x["mask"], beta=TIS_BETA,
                                  use_bias_correction_kl=True, weights=w)[0]
         return tis
-    if variant == "kl_cov" and hasattr(ops, "kl_cov_loss"):
-        return lambda x: ops.kl_cov_loss(x["logp"], x["old"], x["adv_tok"], x["mask"],
-                                         kl_cov_ratio=KL_COV_RATIO, ppo_kl_coef=KL_COV_COEF)[0]
+    if variant == "kl_cov" and hasattr(ops, "kl_cov_mask"):
+        # What a verl user gets from rlkern.compat.patch("verl"): the shim of verl's registry entry, on
+        # ops.kl_cov_mask (the sync-free top-k selection); the same ActorConfig as verl's row.
+        from rlkern.compat.verl_policy import compute_policy_loss_kl_cov
+
+        config = _verl_kl_cov()[1]
+        return lambda x: compute_policy_loss_kl_cov(x["old"], x["logp"], x["adv_tok"], x["mask"],
+                                                    "token-mean", config)[0]
     return None
 
 

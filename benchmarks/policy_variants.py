@@ -40,12 +40,12 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from benchmarks.harness import Case, Impl, Target, dtype_label, streaming_probe
+from benchmarks import rlmath
+from benchmarks.harness import Case, Impl, Target, streaming_probe
 from benchmarks.rlmath import _compiled, _loss_forward_backward, _on_cpp_fn
 
 FAMILY = "policy_variants"
@@ -61,17 +61,7 @@ TIS_BETA = 0.04
 KL_COV_RATIO, KL_COV_COEF = 2e-4, 0.1  # verl PolicyLossConfig defaults
 
 
-@dataclass(frozen=True)
-class Shape:
-    batch: int
-    length: int
-    dtype: torch.dtype = torch.float32
-    mask: torch.dtype = torch.float32
-
-    @property
-    def label(self) -> str:
-        return f"B={self.batch},T={self.length} {dtype_label(self.dtype)} mask={dtype_label(self.mask)}"
-
+Shape = rlmath.Shape  # B, T, log-prob dtype, mask dtype; label "B=256,T=4096 fp32 mask=fp32"
 
 SHAPES = {"full": [Shape(256, 4096), Shape(64, 1024)], "quick": [Shape(64, 1024)]}
 
@@ -268,14 +258,11 @@ def rlkern_fn(variant: str) -> Callable | None:
 
 
 def _inputs(shape: Shape) -> dict:
-    b, t = shape.batch, shape.length
-    lengths = torch.randint(t // 2, t + 1, (b, 1))
-    valid = torch.arange(t).unsqueeze(0) < lengths  # right padding, as in RLHF batches
-    logp = (-torch.rand(b, t) * 3).to(shape.dtype)
-    near = lambda scale: (logp.float() + scale * torch.randn(b, t)).to(shape.dtype)  # noqa: E731
-    return {"mask": valid.to(shape.mask), "logp": logp, "old": near(0.1), "ref": near(0.1),
-            "sampling": near(0.05), "adv_seq": torch.randn(b).to(shape.dtype),
-            "adv_tok": torch.randn(b, t).to(shape.dtype)}
+    """rlmath's inputs (right-padded mask, logp, old, ref near logp, per-sequence and per-token
+    advantages) plus the sampler's log-probs, nearer to old than old is to logp."""
+    x = rlmath._inputs(shape)
+    x["sampling"] = (x["old"].float() + 0.05 * torch.randn(shape.batch, shape.length)).to(shape.dtype)
+    return x
 
 
 # variant -> (peer label, peer function, its input names (logp first), the maths torch.compile gets)

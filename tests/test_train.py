@@ -211,14 +211,14 @@ BASE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def _spy(monkeypatch, name: str) -> list[dict]:
-    """Records the keyword arguments of every call of ``rlkern.ops.<name>`` (the trainer looks the op
-    up on the module at each call)."""
+    """Records the keyword arguments (and the positional ones, under "args") of every call of
+    ``rlkern.ops.<name>`` (the trainer looks the op up on the module at each call)."""
     import rlkern.ops
 
     real, calls = getattr(rlkern.ops, name), []
 
     def spy(*args, **kwargs):
-        calls.append(kwargs)
+        calls.append({"args": args, **kwargs})
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rlkern.ops, name, spy)
@@ -272,41 +272,19 @@ def test_is_correction_weights_follow_openrlhf():
 
 
 def test_grpo_top_entropy_quantile_masks_the_surrogate(sft_model, tmp_path, monkeypatch):
-    """--top-entropy-quantile 0.25 hands grpo_loss 0/1 weights that keep about a quarter of the valid
-    tokens (the top quarter by entropy, plus ties at the threshold: <= half of them)."""
-    losses = _spy(monkeypatch, "grpo_loss")
+    """--top-entropy-quantile 0.25 calls ops.high_entropy_mask at TRL's threshold 1 - 0.25 once per
+    minibatch and hands grpo_loss 0/1 weights that keep about a quarter of the valid tokens (the top
+    quarter by entropy, plus ties at the threshold: <= half of them)."""
+    masks, losses = _spy(monkeypatch, "high_entropy_mask"), _spy(monkeypatch, "grpo_loss")
     out = str(tmp_path / "entropy")
     train("grpo", "--model", sft_model, "--out", out, "--top-entropy-quantile", "0.25", *GRPO_SMALL, *TINY)
     rows = _finite_run(out)
-    assert losses
+    assert len(masks) == len(losses) == 2 and all(m["args"][2] == pytest.approx(0.75) for m in masks)
     for c in losses:
         w = c["weights"]
         assert set(w.unique().tolist()) <= {0.0, 1.0}
     for r in rows:
         assert 0 < r["policy/entropy_mask_frac"] <= 0.5
-
-
-def test_high_entropy_mask_matches_trls_quantile_rule():
-    """The sync-free mask equals TRL's get_high_entropy_mask (one process): torch.quantile of the valid
-    entropies at 1 - q, keep valid tokens >= it; with ties, all-padding rows and an empty mask."""
-    from rlkern.train.grpo import high_entropy_mask
-
-    def trl(ent, mask, threshold):
-        local = ent[mask.bool()].float()
-        if local.numel() == 0:
-            return torch.zeros_like(ent, dtype=torch.bool)
-        return (ent * mask.float() >= torch.quantile(local, threshold)) & mask.bool()
-
-    for case in range(60):
-        b, t = 1 + case % 5, 1 + (case * 7) % 13
-        ent = torch.rand(b, t) * 3
-        if case % 3 == 0:
-            ent = (ent * 2).round() / 2  # ties at the threshold
-        mask = (torch.rand(b, t) < 0.7).to((torch.float32, torch.int64, torch.bool)[case % 3])
-        if case % 10 == 0:
-            mask = torch.zeros_like(mask)
-        for q in (0.0, 0.2, 0.5, 1.0, float(torch.rand(()))):
-            assert torch.equal(high_entropy_mask(ent, mask, q), trl(ent, mask, 1 - q)), (case, q)
 
 
 # ---- resume, ops backends ----------------------------------------------------------------------

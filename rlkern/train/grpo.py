@@ -11,7 +11,8 @@ Two per-token weights multiply the surrogate, as in TRL's ``_compute_loss``:
   KV cache, the trainer's from one full forward pass), so they differ only by rounding: the weights are
   ~1 (``rollout/is_log_ratio_max`` logs the largest gap).
 * ``--top-entropy-quantile``: only the top quantile of valid tokens by entropy keeps its surrogate
-  (TRL's ``get_high_entropy_mask``, computed here without host synchronisation).
+  (``ops.high_entropy_mask``: TRL's ``get_high_entropy_mask`` without host synchronisation; the
+  quantile is over each process's tokens, where TRL gathers every rank's first).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rlkern.train.common import Stage, check_divisible, ops_backend
 from rlkern.train.onpolicy import OnPolicy
 from rlkern.train.rollout import token_logprobs
 
-__all__ = ["train_grpo", "is_correction_weights", "high_entropy_mask"]
+__all__ = ["train_grpo", "is_correction_weights"]
 
 
 def train_grpo(cfg, out: str | None = None) -> dict:
@@ -88,32 +89,6 @@ def _is_metrics(weights: Tensor, logp: Tensor, sampling_logp: Tensor, mask: Tens
             "rollout/is_log_ratio_max": float(gap)}
 
 
-def high_entropy_mask(entropies: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
-    """TRL ``GRPOTrainer.get_high_entropy_mask(entropies, mask, 1 - top_entropy_quantile)`` on one
-    process, without host synchronisation: the threshold is ``torch.quantile`` (linear interpolation)
-    of the valid tokens' entropies at ``1 - top_quantile``, read from one sort of ``[B*T]`` with the
-    invalid tokens at +inf (TRL gathers the valid entropies with a boolean index, a sync); a valid
-    token is kept when its entropy is >= the threshold. No valid token: nothing kept (as TRL).
-    Returns a bool ``[B, T]``."""
-    valid = mask != 0
-    ent = entropies.detach().float()
-    ordered = torch.sort(torch.where(valid, ent, torch.inf).reshape(-1)).values
-    n = valid.sum()
-    pos = (1.0 - top_quantile) * (n - 1).clamp(min=0).float()
-    lo = pos.floor().long()
-    hi = pos.ceil().long()
-    threshold = torch.lerp(ordered[lo], ordered[hi], pos - lo.float())
-    return (ent * mask.float() >= threshold) & valid
-
-
-def _entropy_mask(entropies: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
-    """The token-selection op when this build has it, else :func:`high_entropy_mask`."""
-    op = getattr(ops, "top_entropy_mask", None)
-    if op is not None:
-        return op(entropies.detach(), mask, top_quantile)
-    return high_entropy_mask(entropies, mask, top_quantile)
-
-
 def _update(stage: Stage, op: OnPolicy, ro, adv, opt, mb_seqs: int, n_seq: int,
             is_weights: Tensor | None = None) -> dict[str, float]:
     cfg = stage.cfg
@@ -135,7 +110,8 @@ def _update(stage: Stage, op: OnPolicy, ro, adv, opt, mb_seqs: int, n_seq: int,
             weights = None if is_weights is None else is_weights[idx]
             if entropy_masking:
                 logp, ent = token_logprobs(op.policy, mb.seqs, temperature=cfg.temperature, with_entropy=True)
-                keep = _entropy_mask(ent, mb.mask, cfg.top_entropy_quantile).float()
+                # TRL: get_high_entropy_mask(entropies, mask, 1 - top_entropy_quantile)
+                keep = ops.high_entropy_mask(ent.detach(), mb.mask, 1.0 - cfg.top_entropy_quantile).float()
                 weights = keep if weights is None else weights * keep
             else:
                 logp = token_logprobs(op.policy, mb.seqs, temperature=cfg.temperature)

@@ -8,7 +8,9 @@
 // lm_fold, the forward epilogue: the online-softmax recurrence of csrc/logits.cpp carried across
 // tiles in per-token state
 //   m = running max of z,  S = sum e^{z-m},  T = sum e^{z-m} (z-m),  z_y = the label's logit,
-// from which the caller forms lse = m + log S, H = log S - T / S and logp = z_y - lse.
+//   and, when asked for, Q = sum e^{2(z-m)},
+// from which the caller forms lse = m + log S, H = log S - T / S, logp = z_y - lse and
+// sum_v p_v^2 = Q / S^2. The inverse temperature is a scalar or one per token (row).
 //
 // lm_grad, the backward epilogue: overwrites a recomputed tile with d logits, using the
 // full-vocabulary lse and H (so a vocabulary shard gets the gradient of the global softmax):
@@ -68,18 +70,21 @@ RLKERN_INLINE const float* offset(const float* b, int64_t j) { return b != nullp
 
 // Adds e = exp(d) to vs and, for entropy, e d to vt, d = z - m <= 0. d is clamped at -88 in the
 // product so that a -inf logit (a banning bias) adds e d ~ -1e-36, never 0 * -inf = NaN.
-template <bool kEntropy>
-RLKERN_INLINE void add_exp(vfloat d, vfloat& vs, vfloat& vt) {
+// With kSumP2 also e^2 to vq (Q = sum e^{2d}: p^2 S^2; e^2 underflows to 0 below d ~ -44, where
+// p^2 < 1e-38 S^-2 adds nothing to a sum >= 1 / V).
+template <bool kEntropy, bool kSumP2>
+RLKERN_INLINE void add_exp(vfloat d, vfloat& vs, vfloat& vt, vfloat& vq) {
   const vfloat e = vexp_nonpos(d);
   vs += e;
   if constexpr (kEntropy) vt += e * vmax(d, splat(-88.f));
+  if constexpr (kSumP2) vq += e * e;
 }
 
-// Folds one tile row (len logits) into its token's running (m, S, T). The row is read twice: once
+// Folds one tile row (len logits) into its token's running (m, S, T, Q). The row is read twice: once
 // for its max, then (from L1/L2: a tile row is a few KiB) for the exponentials.
-template <typename T, bool kEntropy>
+template <typename T, bool kEntropy, bool kSumP2>
 RLKERN_INLINE void fold_row(const T* x, const float* b, int64_t len, float inv_temp, float& m, float& S,
-                            float& Tsum) {
+                            float& Tsum, float& Q) {
   if (m != m) return;  // an earlier tile held a NaN or +inf logit: the token stays NaN
   const vfloat vinv = splat(inv_temp);
   const int64_t full = len - len % kLanes;
@@ -99,7 +104,7 @@ RLKERN_INLINE void fold_row(const T* x, const float* b, int64_t len, float inv_t
   std::memcpy(ok, &finite_or_banned, sizeof(ok));
   for (int i = 0; i < kLanes; ++i) {
     if (ok[i] == 0) {
-      m = S = Tsum = std::numeric_limits<float>::quiet_NaN();
+      m = S = Tsum = Q = std::numeric_limits<float>::quiet_NaN();
       return;
     }
   }
@@ -109,22 +114,27 @@ RLKERN_INLINE void fold_row(const T* x, const float* b, int64_t len, float inv_t
       const float c = std::exp(m - tile_max);
       Tsum = c * (Tsum + (m - tile_max) * S);
       S *= c;
+      if constexpr (kSumP2) Q *= c * c;
     }
     m = tile_max;
   }
   if (m == -kInf) return;  // every logit so far is -inf (a bias banning them all)
   const vfloat vmz = splat(m);
   // Two independent accumulator pairs hide the latency of the vector adds.
-  vfloat vs0 = splat(0.f), vt0 = splat(0.f), vs1 = splat(0.f), vt1 = splat(0.f);
+  vfloat vs0 = splat(0.f), vt0 = splat(0.f), vq0 = splat(0.f), vs1 = splat(0.f), vt1 = splat(0.f),
+         vq1 = splat(0.f);
   int64_t j = 0;
   for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
-    add_exp<kEntropy>(scaled16(x + j, offset(b, j), vinv) - vmz, vs0, vt0);
-    add_exp<kEntropy>(scaled16(x + j + kLanes, offset(b, j + kLanes), vinv) - vmz, vs1, vt1);
+    add_exp<kEntropy, kSumP2>(scaled16(x + j, offset(b, j), vinv) - vmz, vs0, vt0, vq0);
+    add_exp<kEntropy, kSumP2>(scaled16(x + j + kLanes, offset(b, j + kLanes), vinv) - vmz, vs1, vt1, vq1);
   }
-  if (j < full) add_exp<kEntropy>(scaled16(x + j, offset(b, j), vinv) - vmz, vs0, vt0);
-  if (full < len) add_exp<kEntropy>(scaled_tail(x + full, offset(b, full), len - full, vinv) - vmz, vs1, vt1);
+  if (j < full) add_exp<kEntropy, kSumP2>(scaled16(x + j, offset(b, j), vinv) - vmz, vs0, vt0, vq0);
+  if (full < len) {
+    add_exp<kEntropy, kSumP2>(scaled_tail(x + full, offset(b, full), len - full, vinv) - vmz, vs1, vt1, vq1);
+  }
   S += hsum(vs0 + vs1);
   if constexpr (kEntropy) Tsum += hsum(vt0 + vt1);
+  if constexpr (kSumP2) Q += hsum(vq0 + vq1);
 }
 
 struct TileGeometry {
@@ -133,27 +143,40 @@ struct TileGeometry {
   int64_t vocab_start;  // global id of column 0
 };
 
+// Per-row pointers of a fold, indexed by tile row. q (Q, for sum p^2) and inv (a per-row inverse
+// temperature, replacing the scalar) are nullptr when absent.
 struct FoldState {
   float* m;
   float* s;
   float* t;
   float* zy;
+  float* q = nullptr;
+  const float* inv = nullptr;
 };
 
 template <typename T>
 RLKERN_INLINE void fold_rows(int64_t begin, int64_t end, const T* tile, const TileGeometry& g, const float* bias,
                              const int64_t* labels, int64_t ignore_index, float inv_temp, bool want_entropy,
                              const FoldState& st) {
+  float no_q = 0.f;
   for (int64_t i = begin; i < end; ++i) {
     const T* x = tile + i * g.ld;
+    const float it = st.inv != nullptr ? st.inv[i] : inv_temp;
+    float& q = st.q != nullptr ? st.q[i] : no_q;
     if (want_entropy) {
-      fold_row<T, true>(x, bias, g.len, inv_temp, st.m[i], st.s[i], st.t[i]);
+      if (st.q != nullptr) {
+        fold_row<T, true, true>(x, bias, g.len, it, st.m[i], st.s[i], st.t[i], q);
+      } else {
+        fold_row<T, true, false>(x, bias, g.len, it, st.m[i], st.s[i], st.t[i], q);
+      }
+    } else if (st.q != nullptr) {
+      fold_row<T, false, true>(x, bias, g.len, it, st.m[i], st.s[i], st.t[i], q);
     } else {
-      fold_row<T, false>(x, bias, g.len, inv_temp, st.m[i], st.s[i], st.t[i]);
+      fold_row<T, false, false>(x, bias, g.len, it, st.m[i], st.s[i], st.t[i], q);
     }
     const int64_t j = labels[i] - g.vocab_start;
     if (labels[i] != ignore_index && j >= 0 && j < g.len) {
-      st.zy[i] = (static_cast<float>(x[j]) + (bias != nullptr ? bias[j] : 0.f)) * inv_temp;
+      st.zy[i] = (static_cast<float>(x[j]) + (bias != nullptr ? bias[j] : 0.f)) * it;
     }
   }
 }
@@ -172,13 +195,27 @@ RLKERN_INLINE vfloat grad16(vfloat z, const GradRow& c) {
   return d <= splat(-87.33654f) ? splat(0.f) : dz * c.inv_temp;
 }
 
+// Per-row inputs of lm_grad, indexed by tile row (nullptr when absent; lse is always there). inv: a
+// per-row inverse temperature replacing the scalar.
+struct GradState {
+  const float* grad_logp;
+  const float* grad_ent;
+  const float* lse;
+  const float* ent;
+  const float* inv = nullptr;
+};
+
 template <typename T>
 RLKERN_INLINE void grad_rows(int64_t begin, int64_t end, T* tile, const TileGeometry& g, const float* bias,
-                             const int64_t* labels, int64_t ignore_index, float inv_temp, const float* grad_logp,
-                             const float* grad_ent, const float* lse, const float* ent) {
-  const vfloat vinv = splat(inv_temp);
+                             const int64_t* labels, int64_t ignore_index, float inv_temp_all, const GradState& st) {
+  const float* grad_logp = st.grad_logp;
+  const float* grad_ent = st.grad_ent;
+  const float* lse = st.lse;
+  const float* ent = st.ent;
   for (int64_t i = begin; i < end; ++i) {
     T* x = tile + i * g.ld;
+    const float inv_temp = st.inv != nullptr ? st.inv[i] : inv_temp_all;
+    const vfloat vinv = splat(inv_temp);
     if (lse[i] == -kInf) {  // every logit of the token is -inf: no distribution, no gradient
       for (int64_t j = 0; j < g.len; ++j) x[j] = T(0.f);
       continue;
@@ -527,9 +564,8 @@ RLKERN_INLINE void accumulate_range(int64_t begin, int64_t end, float* acc, cons
     fold_rows<T>(b, e, x, g, bias, y, ii, it, we, st);                                                   \
   }                                                                                                     \
   RLKERN_CLONES void grad_rows_##SUFFIX(int64_t b, int64_t e, T* x, const TileGeometry& g, const float* bias, \
-                                        const int64_t* y, int64_t ii, float it, const float* gl,          \
-                                        const float* gh, const float* lse, const float* ent) {           \
-    grad_rows<T>(b, e, x, g, bias, y, ii, it, gl, gh, lse, ent);                                         \
+                                        const int64_t* y, int64_t ii, float it, const GradState& st) {    \
+    grad_rows<T>(b, e, x, g, bias, y, ii, it, st);                                                       \
   }                                                                                                     \
   RLKERN_CLONES void accumulate_##SUFFIX(int64_t b, int64_t e, float* acc, const T* part) {              \
     accumulate_range<T>(b, e, acc, part);                                                               \
@@ -552,17 +588,16 @@ void fold_dispatch(int64_t b, int64_t e, const c10::Half* x, const TileGeometry&
   fold_rows_f16(b, e, x, g, bias, y, ii, it, we, st);
 }
 void grad_dispatch(int64_t b, int64_t e, float* x, const TileGeometry& g, const float* bias, const int64_t* y,
-                   int64_t ii, float it, const float* gl, const float* gh, const float* lse, const float* ent) {
-  grad_rows_f32(b, e, x, g, bias, y, ii, it, gl, gh, lse, ent);
+                   int64_t ii, float it, const GradState& st) {
+  grad_rows_f32(b, e, x, g, bias, y, ii, it, st);
 }
 void grad_dispatch(int64_t b, int64_t e, c10::BFloat16* x, const TileGeometry& g, const float* bias,
-                   const int64_t* y, int64_t ii, float it, const float* gl, const float* gh, const float* lse,
-                   const float* ent) {
-  grad_rows_bf16(b, e, x, g, bias, y, ii, it, gl, gh, lse, ent);
+                   const int64_t* y, int64_t ii, float it, const GradState& st) {
+  grad_rows_bf16(b, e, x, g, bias, y, ii, it, st);
 }
 void grad_dispatch(int64_t b, int64_t e, c10::Half* x, const TileGeometry& g, const float* bias, const int64_t* y,
-                   int64_t ii, float it, const float* gl, const float* gh, const float* lse, const float* ent) {
-  grad_rows_f16(b, e, x, g, bias, y, ii, it, gl, gh, lse, ent);
+                   int64_t ii, float it, const GradState& st) {
+  grad_rows_f16(b, e, x, g, bias, y, ii, it, st);
 }
 
 void accumulate_dispatch(int64_t b, int64_t e, float* acc, const float* part) { accumulate_f32(b, e, acc, part); }
@@ -672,19 +707,13 @@ class TileLogits {
 // Whole rows per task, enough work (~64k logits) per task to amortise the thread hand-off.
 int64_t rows_per_task(int64_t len) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)); }
 
-}  // namespace
-
-void lm_fold(const at::Tensor& tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels, double inv_temp,
-             int64_t ignore_index, int64_t vocab_start, bool want_entropy, at::Tensor m, at::Tensor s, at::Tensor t,
-             at::Tensor zy) {
+// lm_fold on row pointers already checked (st indexed by tile row).
+void fold_tile(const at::Tensor& tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels, float it,
+               int64_t ignore_index, int64_t vocab_start, bool want_entropy, const FoldState& st) {
   const int64_t rows = tile.size(0);
   const TileGeometry g = tile_geometry(tile, vocab_start);
   const float* b = f32_bias(bias, g.len);
   const int64_t* y = tile_labels(labels, rows);
-  const FoldState st{f32_rows(m, rows, "m"), f32_rows(s, rows, "s"), f32_rows(t, rows, "t"),
-                     f32_rows(zy, rows, "zy")};
-  TORCH_CHECK(rows == 0 || (st.m && st.s && st.t && st.zy), "lm_fold needs m, s, t and zy for every row");
-  const float it = static_cast<float>(inv_temp);
   dispatch_storage_type(tile.scalar_type(), "tile", [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(tile.data_ptr());
@@ -694,27 +723,49 @@ void lm_fold(const at::Tensor& tile, const std::optional<at::Tensor>& bias, cons
   });
 }
 
-void lm_grad(at::Tensor tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
-             const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent, const at::Tensor& lse,
-             const std::optional<at::Tensor>& ent, double inv_temp, int64_t ignore_index, int64_t vocab_start) {
+// lm_grad on row pointers already checked (st indexed by tile row).
+void grad_tile(at::Tensor tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels, float it,
+               int64_t ignore_index, int64_t vocab_start, const GradState& st) {
   const int64_t rows = tile.size(0);
   const TileGeometry g = tile_geometry(tile, vocab_start);
   const float* b = f32_bias(bias, g.len);
   const int64_t* y = tile_labels(labels, rows);
-  const float* gl = f32_rows(grad_logp, rows, "grad_logp");
-  const float* gh = f32_rows(grad_ent, rows, "grad_entropy");
-  const float* lse_ptr = f32_rows(lse, rows, "lse");
-  const float* ent_ptr = f32_rows(ent, rows, "entropy");
-  TORCH_CHECK(rows == 0 || lse_ptr != nullptr, "lm_grad needs lse for every row");
-  TORCH_CHECK(gh == nullptr || ent_ptr != nullptr, "the entropy gradient needs the saved entropy");
-  const float it = static_cast<float>(inv_temp);
+  TORCH_CHECK(rows == 0 || st.lse != nullptr, "lm_grad needs lse for every row");
+  TORCH_CHECK(st.grad_ent == nullptr || st.ent != nullptr, "the entropy gradient needs the saved entropy");
   dispatch_storage_type(tile.scalar_type(), "tile", [&](auto tag) {
     using T = decltype(tag);
     T* x = static_cast<T*>(tile.data_ptr());
     at::parallel_for(0, rows, rows_per_task(g.len), [&](int64_t begin, int64_t end) {
-      grad_dispatch(begin, end, x, g, b, y, ignore_index, it, gl, gh, lse_ptr, ent_ptr);
+      grad_dispatch(begin, end, x, g, b, y, ignore_index, it, st);
     });
   });
+}
+
+// A row pointer advanced to row n0, or nullptr.
+template <typename P>
+P* at_row(P* p, int64_t n0) {
+  return p != nullptr ? p + n0 : nullptr;
+}
+
+}  // namespace
+
+void lm_fold(const at::Tensor& tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels, double inv_temp,
+             int64_t ignore_index, int64_t vocab_start, bool want_entropy, at::Tensor m, at::Tensor s, at::Tensor t,
+             at::Tensor zy) {
+  const int64_t rows = tile.size(0);
+  const FoldState st{f32_rows(m, rows, "m"), f32_rows(s, rows, "s"), f32_rows(t, rows, "t"),
+                     f32_rows(zy, rows, "zy")};
+  TORCH_CHECK(rows == 0 || (st.m && st.s && st.t && st.zy), "lm_fold needs m, s, t and zy for every row");
+  fold_tile(tile, bias, labels, static_cast<float>(inv_temp), ignore_index, vocab_start, want_entropy, st);
+}
+
+void lm_grad(at::Tensor tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+             const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent, const at::Tensor& lse,
+             const std::optional<at::Tensor>& ent, double inv_temp, int64_t ignore_index, int64_t vocab_start) {
+  const int64_t rows = tile.size(0);
+  const GradState st{f32_rows(grad_logp, rows, "grad_logp"), f32_rows(grad_ent, rows, "grad_entropy"),
+                     f32_rows(lse, rows, "lse"), f32_rows(ent, rows, "entropy")};
+  grad_tile(tile, bias, labels, static_cast<float>(inv_temp), ignore_index, vocab_start, st);
 }
 
 // out[i, j] = hidden[i] . weight[j] in fp32 (fixed order, see logits_block): hidden [n, H] and
@@ -763,52 +814,63 @@ void check_operands(const at::Tensor& hidden, const at::Tensor& weight, const at
 
 }  // namespace
 
-// Merges one vocabulary tile's fold state (mt, St, Tt) into a token's running (M, S, T): both moved to
-// the larger max, S = a S + c St, T = a (T + (M - M') S) + c (Tt + (mt - M') St). A NaN state (a NaN
-// or +inf logit) makes the token NaN; an empty tile (every logit -inf: St = 0) changes nothing.
-static inline void merge_state(float mt, float St, float Tt, float& M, float& S, float& T) {
+// Merges one vocabulary tile's fold state (mt, St, Tt, Qt) into a token's running (M, S, T, Q): both
+// moved to the larger max, S = a S + c St, T = a (T + (M - M') S) + c (Tt + (mt - M') St),
+// Q = a^2 Q + c^2 Qt. A NaN state (a NaN or +inf logit) makes the token NaN; an empty tile (every
+// logit -inf: St = 0) changes nothing.
+static inline void merge_state(float mt, float St, float Tt, float Qt, float& M, float& S, float& T, float& Q) {
   if (St != St || S != S) {
-    M = S = T = std::numeric_limits<float>::quiet_NaN();
+    M = S = T = Q = std::numeric_limits<float>::quiet_NaN();
     return;
   }
   if (St == 0.f) return;
   if (S == 0.f) {
-    M = mt, S = St, T = Tt;
+    M = mt, S = St, T = Tt, Q = Qt;
     return;
   }
   const float top = std::max(M, mt);
   const float a = std::exp(M - top), c = std::exp(mt - top);
   T = a * (T + (M - top) * S) + c * (Tt + (mt - top) * St);
   S = a * S + c * St;
+  Q = a * a * Q + c * c * Qt;
   M = top;
 }
 
 // The forward over all tiles. Vocabulary tiles (a width independent of N) are split across threads,
 // one parallel region for the whole call: each thread packs its tiles' weight once and runs lm_logits
-// and lm_fold single-threaded over the token tiles, writing per (vocabulary tile, token) the fold
-// state (m, S, T) of that tile alone (and z_y, from the one tile that holds the label). The states
-// are then merged per token in vocabulary-tile order, so a token's result depends on its own logits
-// only: not on the batch, nor on how many threads there are or which tiles each took. (A region per
-// tile, as before, cost a thread hand-off per GEMM tile and, with 512-wide tiles on a busy 2-core
-// machine, a scheduler quantum at each barrier.) Then lse = M + log S and H = min(log S - T / S, ln V)
-// (a token whose logits are all -inf gets lse = -inf, H = 0; NaN stays).
+// and the fold single-threaded over the token tiles, writing per (vocabulary tile, token) the fold
+// state (m, S, T[, Q]) of that tile alone (and z_y, from the one tile that holds the label). The
+// states are then merged per token in vocabulary-tile order, so a token's result depends on its own
+// logits only: not on the batch, nor on how many threads there are or which tiles each took. (A region
+// per tile, as before, cost a thread hand-off per GEMM tile and, with 512-wide tiles on a busy 2-core
+// machine, a scheduler quantum at each barrier.) Then lse = M + log S, H = min(log S - T / S, ln V)
+// and sum p^2 = Q / S^2 (a token whose logits are all -inf gets lse = -inf, H = 0, sum p^2 = 0; NaN
+// stays). inv_temp_rows: fp32 [N] per-token inverse temperatures replacing inv_temp, or None;
+// sum_p2: fp32 [N] output, or None. Every row index and offset is int64 (N and N * V past 2^31 are
+// fine; tests/test_lm_head.py runs N = 65,600 x V = 32,769).
 void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& labels, double inv_temp, int64_t ignore_index, int64_t vocab_start,
                          bool want_entropy, int64_t token_tile, int64_t vocab_tile, const std::string& precision,
-                         at::Tensor lse, const std::optional<at::Tensor>& ent, at::Tensor zy) {
+                         at::Tensor lse, const std::optional<at::Tensor>& ent, at::Tensor zy,
+                         const std::optional<at::Tensor>& inv_temp_rows, const std::optional<at::Tensor>& sum_p2) {
   (void)precision;  // the C++ GEMM is IEEE fp32 whatever the Triton option says
   check_operands(hidden, weight, labels, token_tile, vocab_tile);
   const int64_t n = hidden.size(0), vocab = weight.size(0);
   float* lse_p = f32_rows(lse, n, "lse");
   TORCH_CHECK(!want_entropy || ent.has_value(), "want_entropy needs an ent output");
   float* ent_p = want_entropy ? f32_rows(ent, n, "ent") : nullptr;
+  float* p2_p = f32_rows(sum_p2, n, "sum_p2");
+  const float* inv_p = f32_rows(inv_temp_rows, n, "inv_temp_rows");
   (void)f32_rows(zy, n, "zy");
   if (n == 0) return;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   zy.zero_();
+  float* zy_p = zy.data_ptr<float>();
   const int64_t tn = std::min(token_tile, n), tv = std::min(vocab_tile, vocab);
   const int64_t tiles = (vocab + tv - 1) / tv;
-  at::Tensor state = at::empty({3, tiles, n}, f32);  // (m, S, T) of each vocabulary tile alone
+  const int64_t n_state = p2_p != nullptr ? 4 : 3;
+  at::Tensor state = at::empty({n_state, tiles, n}, f32);  // (m, S, T[, Q]) of each vocabulary tile alone
+  float* st0 = state.data_ptr<float>();
   // Tiles are handed out one at a time (a shared counter), so a thread slowed by another process on
   // its core takes fewer of them; which thread computes a tile does not change its bits.
   std::atomic<int64_t> next{0};
@@ -820,38 +882,51 @@ void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, con
       const int64_t v0 = vt * tv, v = std::min(tv, vocab - v0);
       const auto b = slice_of(bias, v0, v);
       logits.set_weight(weight.narrow(0, v0, v));
-      at::Tensor m = state[0][vt].fill_(-kInf), s = state[1][vt].zero_(), t = state[2][vt].zero_();
+      float* m = st0 + vt * n;
+      float* s = m + tiles * n;
+      float* t = s + tiles * n;
+      float* q = n_state == 4 ? t + tiles * n : nullptr;
+      std::fill(m, m + n, -kInf);
+      std::fill(s, s + n, 0.f);
+      std::fill(t, t + n, 0.f);
+      if (q != nullptr) std::fill(q, q + n, 0.f);
       for (int64_t n0 = 0; n0 < n; n0 += tn) {  // nested parallel_for calls below run inline
         const int64_t rows = std::min(tn, n - n0);
         at::Tensor tile = buf.narrow(0, 0, rows * v).view({rows, v});
         logits.compute(hidden.narrow(0, n0, rows), tile);
-        lm_fold(tile, b, labels.narrow(0, n0, rows), inv_temp, ignore_index, vocab_start + v0, want_entropy,
-                m.narrow(0, n0, rows), s.narrow(0, n0, rows), t.narrow(0, n0, rows), zy.narrow(0, n0, rows));
+        const FoldState st{m + n0, s + n0, t + n0, zy_p + n0, at_row(q, n0), at_row(inv_p, n0)};
+        fold_tile(tile, b, labels.narrow(0, n0, rows), static_cast<float>(inv_temp), ignore_index, vocab_start + v0,
+                  want_entropy, st);
       }
     }
   });
-  const float* st = state.data_ptr<float>();
-  at::Tensor merged = at::empty({3, n}, f32);
+  at::Tensor merged = at::empty({4, n}, f32);
   float* mp = merged.data_ptr<float>();
   float* sp = mp + n;
   float* tp = sp + n;
+  float* qp = tp + n;
   std::fill(mp, mp + n, -kInf);
-  std::fill(sp, sp + 2 * n, 0.f);
+  std::fill(sp, sp + 3 * n, 0.f);
   for (int64_t vt = 0; vt < tiles; ++vt) {  // tile order, each tile's states read in sequence
-    const float* tm = st + vt * n;
+    const float* tm = st0 + vt * n;
     const float* ts = tm + tiles * n;
     const float* tt = ts + tiles * n;
-    for (int64_t i = 0; i < n; ++i) merge_state(tm[i], ts[i], tt[i], mp[i], sp[i], tp[i]);
+    const float* tq = n_state == 4 ? tt + tiles * n : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      merge_state(tm[i], ts[i], tt[i], tq != nullptr ? tq[i] : 0.f, mp[i], sp[i], tp[i], qp[i]);
+    }
   }
   const float log_v = std::log(static_cast<float>(vocab));
   for (int64_t i = 0; i < n; ++i) {
     const bool dead = sp[i] == 0.f;  // a NaN S is not dead: its outputs stay NaN
-    const float log_s = std::log(dead ? 1.f : sp[i]);
+    const float safe_s = dead ? 1.f : sp[i];
+    const float log_s = std::log(safe_s);
     lse_p[i] = dead ? -kInf : mp[i] + log_s;
     if (want_entropy) {
-      const float h = dead ? 0.f : log_s - tp[i] / (dead ? 1.f : sp[i]);
+      const float h = dead ? 0.f : log_s - tp[i] / safe_s;
       ent_p[i] = h != h ? h : std::min(h, log_v);  // rounding of a near-uniform row; NaN stays NaN
     }
+    if (p2_p != nullptr) p2_p[i] = dead ? 0.f : qp[i] / (safe_s * safe_s);
   }
 }
 
@@ -859,16 +934,20 @@ void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, con
 // time: each tile's logits are recomputed (MKL for fp32, which needs no batch invariance here;
 // lm_logits' fp32 logits for bf16 / fp16, AMX where present), turned into d logits in place by
 // lm_grad, and multiplied into d hidden (fp32, summed over vocabulary tiles) and d weight (weight's
-// dtype; summed over token tiles in fp32 when there are several). grad_bias: fp32 [V] or None.
+// dtype; summed over token tiles in fp32 when there are several). grad_bias: fp32 [V] or None;
+// inv_temp_rows: fp32 [N] per-token inverse temperatures replacing inv_temp, or None.
 void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent,
                          const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& labels, const at::Tensor& lse, const std::optional<at::Tensor>& ent,
                          double inv_temp, int64_t ignore_index, int64_t vocab_start, int64_t token_tile,
                          int64_t vocab_tile, const std::string& precision, at::Tensor grad_hidden, at::Tensor grad_weight,
-                         const std::optional<at::Tensor>& grad_bias) {
+                         const std::optional<at::Tensor>& grad_bias, const std::optional<at::Tensor>& inv_temp_rows) {
   (void)precision;
   check_operands(hidden, weight, labels, token_tile, vocab_tile);
   const int64_t n = hidden.size(0), vocab = weight.size(0), hs = hidden.size(1);
+  const GradState rows_in{f32_rows(grad_logp, n, "grad_logp"), f32_rows(grad_ent, n, "grad_entropy"),
+                          f32_rows(lse, n, "lse"), f32_rows(ent, n, "entropy"),
+                          f32_rows(inv_temp_rows, n, "inv_temp_rows")};
   TORCH_CHECK(grad_hidden.scalar_type() == at::kFloat && grad_hidden.is_contiguous() &&
                   grad_hidden.sizes() == hidden.sizes(), "grad_hidden must be a contiguous float32 [N, H] tensor");
   TORCH_CHECK(grad_weight.scalar_type() == weight.scalar_type() && grad_weight.is_contiguous() &&
@@ -910,8 +989,9 @@ void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::
       } else {
         logits->compute(h_tile, dz32);
       }
-      lm_grad(dz32, b, labels.narrow(0, n0, rows), slice_of(grad_logp, n0, rows), slice_of(grad_ent, n0, rows),
-              lse.narrow(0, n0, rows), slice_of(ent, n0, rows), inv_temp, ignore_index, vocab_start + v0);
+      const GradState st{at_row(rows_in.grad_logp, n0), at_row(rows_in.grad_ent, n0), at_row(rows_in.lse, n0),
+                         at_row(rows_in.ent, n0), at_row(rows_in.inv, n0)};
+      grad_tile(dz32, b, labels.narrow(0, n0, rows), static_cast<float>(inv_temp), ignore_index, vocab_start + v0, st);
       at::Tensor gh = grad_hidden.narrow(0, n0, rows);
       at::Tensor dz = dz32;
       if (exact) {

@@ -309,10 +309,13 @@ def test_opcheck(backend_name, precision):
     hidden, weight, bias, labels = _make((6,), 16, 40, torch.float32, bias=True)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    fwd_args = (hidden, True, weight, bias, labels, 0.9, -100, 16, backend_name, precision)
-    torch.library.opcheck(torch.ops.rlkern.linear_logprobs_fwd.default, fwd_args)
+    inv_rows = torch.rand(6) + 0.5
+    for options in ((None, False), (inv_rows, True)):
+        fwd_args = (hidden, True, weight, bias, labels, 0.9, -100, 16, backend_name, precision, *options)
+        torch.library.opcheck(torch.ops.rlkern.linear_logprobs_fwd.default, fwd_args)
     with torch.no_grad():
-        _, lse, ent = torch.ops.rlkern.linear_logprobs_fwd(*fwd_args)
+        _, lse, ent, p2 = torch.ops.rlkern.linear_logprobs_fwd(*fwd_args)
+    assert p2.shape == (6,)
     bwd_args = (
         hidden.detach(),
         weight.detach(),
@@ -328,7 +331,8 @@ def test_opcheck(backend_name, precision):
         backend_name,
         precision,
     )
-    torch.library.opcheck(torch.ops.rlkern.linear_logprobs_bwd.default, bwd_args)
+    for inv in (None, inv_rows):
+        torch.library.opcheck(torch.ops.rlkern.linear_logprobs_bwd.default, (*bwd_args, inv))
 
 
 def test_torch_compile_fullgraph():
@@ -452,8 +456,15 @@ def test_cpp_epilogues_check_their_arguments():
     with pytest.raises(RuntimeError, match="want_entropy needs an ent output"):
         cpp_kernels().linear_logprobs_fwd(
             torch.randn(3, 4), torch.randn(10, 4), None, labels, 1.0, -100, 0, True, 3, 10, "ieee",
-            torch.empty(3), None, torch.empty(3),
+            torch.empty(3), None, torch.empty(3), None, None,
         )
+    for inv, p2, what in ((torch.ones(2), None, "inv_temp_rows"), (None, torch.empty(4), "sum_p2"),
+                          (torch.ones(3, dtype=torch.float64), None, "inv_temp_rows")):
+        with pytest.raises(RuntimeError, match=f"{what} must be a contiguous float32 tensor"):
+            cpp_kernels().linear_logprobs_fwd(
+                torch.randn(3, 4), torch.randn(10, 4), None, labels, 1.0, -100, 0, False, 3, 10, "ieee",
+                torch.empty(3), None, torch.empty(3), inv, p2,
+            )
     with pytest.raises(RuntimeError, match="part must be contiguous with acc's shape"):
         cpp_kernels().lm_accumulate(torch.zeros(4, 3), torch.zeros(3, 4).t())
 
@@ -605,3 +616,341 @@ def test_linear_policy_loss_reads_masks_of_any_dtype(backend, mask_dtype):
         runs.append((loss, h.grad))
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ---- The options of issue 13: rows, per-row temperature, return_sum_p2, long rows ---------------------
+# Tolerances: as above (fp32 atol 5e-5 + rtol 1e-5; bf16 / fp16 the same plus 2 u max|z| of slack, in
+# the Cut Cross-Entropy rule). sum p^2 in [0, 1] moves by at most 2 max p |dz| <= 2 |dz| for an error
+# dz in the logits, so it gets twice the log-prob slack. Gradients as in test_backward_matches_reference.
+
+
+def _temperatures(kind, lead, dtype=torch.float32):
+    """A scalar, one temperature per token, or one per sequence ([B, 1]), all in [0.5, 1.5]."""
+    if kind == "scalar":
+        return 0.8
+    shape = lead if kind == "token" else (*lead[:-1], 1)
+    return (torch.rand(shape) + 0.5).to(dtype)
+
+
+def _options_oracle(hidden, weight, labels, bias, temperature, rows, **kw):
+    """(float64 oracle, the same maths in the input dtype) of reference.linear_logprobs_options."""
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    oracle = reference.linear_logprobs_options(up(hidden), up(weight), labels, bias=up(bias),
+                                               temperature=temperature, rows=rows, **kw)
+    same = reference.linear_logprobs_options(hidden, weight, labels, bias=bias, temperature=temperature,
+                                             rows=rows, **kw)
+    return oracle, same
+
+
+def _some_rows(lead, fraction=0.4, kind="index"):
+    n = math.prod(lead)
+    keep = torch.rand(n) < fraction
+    keep[0] = n > 0 and not keep[0] if n > 1 else keep[0]  # vary the first row too
+    if kind == "mask":
+        return keep.view(lead)
+    return keep.nonzero().squeeze(1)[torch.randperm(int(keep.sum()))]  # any order
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, vocab", [((3, 5), 100), ((1,), 7), ((2, 9), 1), ((4, 33), 600)])
+@pytest.mark.parametrize("temp_kind", ["scalar", "token", "sequence"])
+@pytest.mark.parametrize("rows_kind", [None, "index", "mask"])
+def test_options_match_oracle(backend, dtype, lead, vocab, temp_kind, rows_kind):
+    hidden, weight, b, labels = _make(lead, 24, vocab, dtype, bias=True)
+    temperature = _temperatures(temp_kind, lead)
+    rows = None if rows_kind is None else _some_rows(lead, kind=rows_kind)
+    logp, ent, p2 = linear_logprobs(hidden, weight, labels, bias=b, temperature=temperature, rows=rows,
+                                    return_entropy=True, return_sum_p2=True, chunk_size=64)
+    oracle, same = _options_oracle(hidden, weight, labels, b, temperature, rows, return_entropy=True,
+                                   return_sum_p2=True)
+    t_min = temperature if isinstance(temperature, float) else temperature.min().item()
+    atol = _fwd_atol(dtype, hidden, weight, b, t_min)
+    for name, got, o, s, tol in zip(("logprobs", "entropy", "sum_p2"), (logp, ent, p2), oracle, same,
+                                    (atol, atol, 2 * atol)):
+        assert got.dtype == torch.float32 and got.shape == labels.shape, name
+        assert_close_to_oracle(got, o, s, atol=tol, rtol=1e-5, what=name)
+    if rows is not None:  # skipped tokens hold exactly 0 in every output
+        skipped = torch.ones(labels.numel(), dtype=torch.bool)
+        skipped[rows.reshape(-1).nonzero().squeeze(1) if rows.dtype == torch.bool else rows] = False
+        for got in (logp, ent, p2):
+            assert torch.equal(got.reshape(-1)[skipped], torch.zeros(int(skipped.sum())))
+    # Each output alone is the same numbers (the options do not change the sweep's arithmetic).
+    alone = linear_logprobs(hidden, weight, labels, bias=b, temperature=temperature, rows=rows, chunk_size=64)
+    assert torch.equal(alone, logp)
+    lp2, p2_alone = linear_logprobs(hidden, weight, labels, bias=b, temperature=temperature, rows=rows,
+                                    return_sum_p2=True, chunk_size=64)
+    assert torch.equal(lp2, logp) and torch.equal(p2_alone, p2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temp_kind, rows_kind",
+                         [("token", None), ("sequence", "index"), ("scalar", "index")])
+def test_options_backward_matches_oracle(backend, dtype, temp_kind, rows_kind, monkeypatch):
+    """Gradients with a per-row temperature and with rows: against float64 autograd through the
+    reference; the skipped tokens' hidden states get an exactly-0 gradient."""
+    monkeypatch.setattr(lm_tiles, "_MAX_TOKEN_TILE", 4)
+    lead = (2, 7)
+    hidden, weight, bias, labels = _make(lead, 24, 75, dtype, bias=True)
+    temperature = _temperatures(temp_kind, lead)
+    rows = None if rows_kind is None else _some_rows(lead, 0.5)
+    seeds = (torch.randn(lead), torch.randn(lead))
+
+    def run(impl, cast):
+        return _grads(lambda h, w, b_: impl(cast(h), cast(w), labels, bias=cast(b_), temperature=temperature,
+                                            rows=rows, return_entropy=True),
+                      hidden, weight, bias, "both", seeds)
+
+    ours = _grads(lambda h, w, b_: linear_logprobs(h, w, labels, bias=b_, temperature=temperature, rows=rows,
+                                                   return_entropy=True, chunk_size=32),
+                  hidden, weight, bias, "both", seeds)
+    oracle = run(reference.linear_logprobs_options, lambda t: t.double())
+    same = run(reference.linear_logprobs_options, lambda t: t)
+    for name, a, o, s, src in zip(("hidden", "weight", "bias"), ours, oracle, same, (hidden, weight, bias)):
+        assert a.dtype == src.dtype, f"d {name} must come back in {name}'s dtype"
+        scale = o.abs().max().item()
+        atol = 1e-5 * (1 + scale) if dtype == torch.float32 else 8 * UNIT_ROUNDOFF[dtype] * scale
+        assert_close_to_oracle(a, o, s, atol=atol, what=f"d {name}")
+    if rows is not None:
+        skipped = torch.ones(labels.numel(), dtype=torch.bool)
+        skipped[rows] = False
+        gh = ours[0].reshape(-1, hidden.shape[-1])
+        assert torch.equal(gh[skipped], torch.zeros_like(gh[skipped]))
+
+
+def test_gradcheck_options_reference_and_kernels():
+    """float64 gradcheck of the reference with a per-row temperature and rows; fp32 kernels with the
+    loose fast-mode tolerances of test_gradcheck_kernels_fp32."""
+    lead = (2, 3)
+    temperature = _temperatures("token", lead)
+    rows = torch.tensor([4, 0, 3])
+    hidden, weight, bias, labels = _make(lead, 6, 9, torch.float64, bias=True)
+    args = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+    assert torch.autograd.gradcheck(lambda h, w, b: reference.linear_logprobs_options(
+        h, w, labels, bias=b, temperature=temperature, rows=rows, return_entropy=True), args)
+    for backend_name in KERNEL_BACKENDS:
+        args32 = [t.detach().float().requires_grad_(True) for t in (hidden, weight, bias)]
+
+        def fn(h, w, b, backend_name=backend_name):
+            with rlkern.use_backend(backend_name):
+                return linear_logprobs(h, w, labels, bias=b, temperature=temperature, rows=rows,
+                                       return_entropy=True, chunk_size=4)
+
+        assert torch.autograd.gradcheck(fn, args32, eps=1e-2, atol=1e-2, rtol=1e-2, fast_mode=True)
+
+
+def test_rows_cost_only_the_selected_rows(backend, monkeypatch):
+    """The skipped tokens never reach a kernel: the kernels (and the torch backend's GEMM) see
+    len(rows) rows, forward and backward (the cost is the selected fraction; measured in the report:
+    benchmarks, 25% of the rows)."""
+    from rlkern.ops import lm_head
+
+    seen = []
+    for name in ("shard_stats", "shard_grads"):
+        real = getattr(lm_head, name)
+        monkeypatch.setattr(lm_head, name, lambda *a, _real=real, _n=name, **k: seen.append(
+            (_n, a[0 if _n == "shard_stats" else 2].shape[0])) or _real(*a, **k))
+    real_ref = reference.linear_logprobs_options
+    monkeypatch.setattr(reference, "linear_logprobs_options", lambda h, *a, **k: seen.append(
+        ("reference", h.shape[0])) or real_ref(h, *a, **k))
+    hidden, weight, _, labels = _make((4, 25), 16, 50, torch.float32)
+    rows = torch.arange(3, 100, 4)  # 25 of 100 tokens
+    h = hidden.clone().requires_grad_(True)
+    logp, ent = linear_logprobs(h, weight, labels, rows=rows, return_entropy=True)
+    (logp.sum() + ent.sum()).backward()
+    assert seen and all(n == 25 for _, n in seen), seen
+    assert {s[0] for s in seen} == ({"reference"} if backend == "torch" else {"shard_stats", "shard_grads"})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"rows": torch.tensor([0, 3])}, ValueError, r"rows must index the 3 tokens"),
+        ({"rows": torch.tensor([-1])}, ValueError, r"rows must index"),
+        ({"rows": torch.tensor([1, 1])}, ValueError, "must not repeat"),
+        ({"rows": torch.tensor([0.0])}, TypeError, "rows must be a 1-d int32 / int64"),
+        ({"rows": torch.zeros(2, dtype=torch.bool)}, ValueError, "bool rows mask"),
+        ({"rows": [0, 1]}, TypeError, "rows must be None or a tensor"),
+        ({"temperature": torch.tensor([1.0, 0.0, 1.0])}, ValueError, r"entry \(1,\) is 0.0"),
+        ({"temperature": torch.tensor([1.0, float("nan"), 1.0])}, ValueError, "temperature must be finite"),
+        ({"temperature": torch.ones(2)}, ValueError, "must broadcast to the tokens' shape"),
+        ({"temperature": torch.ones(3, dtype=torch.int64)}, TypeError, "floating point"),
+    ],
+)
+def test_options_bad_values(kwargs, error, match):
+    hidden, weight, _, labels = _make((3,), 8, 20, torch.float32)
+    with pytest.raises(error, match=match):
+        linear_logprobs(hidden, weight, labels, **kwargs)
+
+
+def test_options_refused_where_unsupported(tmp_path):
+    from rlkern.ops import linear_policy_loss
+
+    hidden, weight, _, labels = _make((2, 3), 8, 20, torch.float32, ignore=0.0)
+    with pytest.raises(TypeError, match="scalar temperature"):
+        linear_policy_loss(hidden, weight, labels, torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3),
+                           temperature=torch.ones(2, 3))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for kw in ({"temperature": torch.ones(2, 3)}, {"return_sum_p2": True}):
+            with pytest.raises(ValueError, match="vocabulary-parallel"):
+                linear_logprobs(hidden, weight, labels, process_group=dist.group.WORLD, **kw)
+        # rows do work there: the selected rows through the vocabulary-parallel op, the rest 0
+        rows = torch.tensor([5, 1])
+        got = linear_logprobs(hidden, weight, labels, process_group=dist.group.WORLD, rows=rows)
+        want = linear_logprobs(hidden, weight, labels, rows=rows)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sum_p2_is_not_differentiable(backend):
+    hidden, weight, _, labels = _make((5,), 8, 20, torch.float32)
+    h = hidden.clone().requires_grad_(True)
+    logp, p2 = linear_logprobs(h, weight, labels, return_sum_p2=True)
+    assert logp.requires_grad and not p2.requires_grad
+    # Dead rows (every logit -inf) get sum p^2 = 0, NaN logits NaN, on every backend.
+    bias = torch.zeros(20)
+    bias[:] = -math.inf
+    _, p2_dead = linear_logprobs(hidden, weight, labels.clamp(min=0), bias=bias, return_sum_p2=True)
+    assert torch.equal(p2_dead, torch.zeros(5))
+    bad = hidden.clone()
+    bad[2, 0] = math.nan
+    _, p2_nan = linear_logprobs(bad, weight, labels, return_sum_p2=True)
+    assert p2_nan[2].isnan() and not p2_nan[[0, 1, 3, 4]].isnan().any()
+
+
+@pytest.mark.parametrize("case", ["plain", "bias-temperature-scale", "bf16-head"])
+def test_trl_log_sum_sq_probs_fused_matches_trl(case):
+    """TRL 1.16's fused-head output log_sum_sq_probs (log sum p^2, DPO's use_weighting) no longer
+    falls back: rlkern's stand-in against TRL's real ChunkedLogProbFunction (its CPU path), with
+    every output requested, values and gradients."""
+    from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction as trl_head
+
+    from rlkern.compat import _trl_fused
+
+    stand_in = _trl_fused.wrap_chunked_logprob(trl_head)
+    n, h, v = 13, 8, 37
+    hidden, weight = torch.randn(n, h), torch.randn(v, h) * 0.5
+    bias, temperature, scale = None, 1.0, 1.0
+    if case == "bias-temperature-scale":
+        bias, temperature, scale = torch.randn(v), 0.7, 2.5
+    if case == "bf16-head":
+        weight = weight.bfloat16()
+    targets = torch.randint(0, v, (n,))
+    grads = torch.randn(2, n)
+    results = []
+    before = dict(_trl_fused.calls)
+    for head in (trl_head, stand_in):
+        hh, ww = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp, ent, lsq, _, _ = head.apply(hh, ww, bias, targets, temperature, 32768, None, scale,
+                                        OPTIONAL_OUTPUTS)
+        (lp * grads[0] + ent * grads[1]).sum().backward()
+        results.append((lp, ent, lsq, hh.grad, ww.grad))
+    assert _trl_fused.calls["linear_logprobs"] == before.get("linear_logprobs", 0) + 1
+    assert not any(k.startswith("fallback") and _trl_fused.calls[k] != before.get(k, 0)
+                   for k in _trl_fused.calls)
+    want, got = results
+    assert not got[2].requires_grad and got[2].shape == (n,)
+    for w, x, what in zip(want, got, ("log_probs", "entropy", "log_sum_sq_probs", "d hidden", "d weight")):
+        torch.testing.assert_close(x.float(), w.float(), rtol=1e-5, atol=1e-4, msg=what)
+
+
+# Long rows: N >= 65,536 tokens (Liger's Triton GRPO kernel put the sequence on grid dim 1 and failed
+# there, Liger-Kernel #1294) and N * V > 2^31 (a flat [N, V] offset in int32 would wrap).
+_LONG_N = 65_600
+
+
+def _long_inputs(vocab, hidden_size=8):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, _LONG_N, hidden_size, generator=g)
+    weight = torch.randn(vocab, hidden_size, generator=g) / math.sqrt(hidden_size) * 3
+    labels = torch.randint(0, vocab, (1, _LONG_N), generator=g)
+    labels[0, -64:] = vocab - 1  # the last ids in the last rows: the largest offsets of all
+    return hidden, weight, labels
+
+
+def _check_long(hidden, weight, labels, check_rows, **kw):
+    """Forward and backward on all N tokens; checked against the float64 oracle on check_rows."""
+    h = hidden.clone().requires_grad_(True)
+    logp, ent = linear_logprobs(h, weight, labels, return_entropy=True, **kw)
+    g = torch.zeros_like(logp)
+    g[0, check_rows] = 1.0
+    (logp * g).sum().backward()
+    sub = (hidden[:, check_rows].double(), weight.double(), labels[:, check_rows])
+    ref_lp, ref_h = reference.linear_logprobs(*sub, return_entropy=True)
+    torch.testing.assert_close(logp[:, check_rows].double(), ref_lp, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(ent[:, check_rows].double(), ref_h, atol=5e-5, rtol=1e-5)
+    hs = sub[0].clone().requires_grad_(True)
+    reference.linear_logprobs(hs, *sub[1:]).sum().backward()
+    torch.testing.assert_close(h.grad[:, check_rows].double(), hs.grad, atol=1e-5, rtol=1e-4)
+    others = torch.ones(_LONG_N, dtype=torch.bool)
+    others[check_rows] = False
+    assert torch.equal(h.grad[0, others], torch.zeros_like(h.grad[0, others]))
+
+
+def test_long_rows_cpp_n_times_v_past_2_31():
+    """One sequence of 65,600 tokens x V = 32,769 (N * V = 2.15e9 > 2^31) on the C++ backend: every
+    index there is int64 (the fold, the GEMM's row offsets, the per-tile state [tiles, N])."""
+    if "cpp" not in KERNEL_BACKENDS:
+        pytest.skip("needs the C++ extension")
+    vocab = 32_769
+    assert _LONG_N * vocab > 2**31
+    hidden, weight, labels = _long_inputs(vocab)
+    check_rows = torch.tensor([0, 1, 65_535, 65_536, _LONG_N - 1])
+    with rlkern.use_backend("cpp"):
+        _check_long(hidden, weight, labels, check_rows)
+
+
+@pytest.mark.parametrize("backend_name", ALL_BACKENDS)
+def test_long_rows_every_backend(backend_name):
+    """65,600 tokens in one row on every backend (Triton through the interpreter: a small vocabulary
+    so that it runs in seconds; its kernels never form an [N, V] offset, see
+    test_triton_grid_and_offsets_for_long_rows)."""
+    hidden, weight, labels = _long_inputs(7 if backend_name == "triton" else 300, 16)
+    check_rows = torch.tensor([0, 65_535, 65_536, _LONG_N - 1])
+    with rlkern.use_backend(backend_name):
+        _check_long(hidden, weight, labels, check_rows)
+
+
+def test_triton_grid_and_offsets_for_long_rows(monkeypatch):
+    """The Triton launches at N = 2^20 tokens x V = 262,144 (N * V = 2^38, N * H = 2^32): the grids
+    stay within CUDA's limits (token blocks on dim 0, which allows 2^31 - 1; vocabulary tiles on
+    dim 1, 4,096 of the 65,535 allowed), and the kernels' pointer offsets are int64 wherever a row
+    index is multiplied (checked in the source: no [N, V] offset exists, the logits stay in
+    registers)."""
+    pytest.importorskip("triton")
+    import inspect
+
+    from rlkern.kernels import lm_head as llp
+
+    grids = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids[self.name] = grid
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(llp, "_linear_logprobs_fwd_kernel", Recorder("fwd"))
+    monkeypatch.setattr(llp, "_linear_logprobs_bwd_kernel", Recorder("bwd"))
+    n, v, hs = 2**20, 262_144, 4096
+    meta = lambda *shape, dtype=torch.float32: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    hidden, weight, labels = meta(n, hs, dtype=torch.bfloat16), meta(v, hs, dtype=torch.bfloat16), meta(
+        n, dtype=torch.int64)
+    llp.linear_logprobs_fwd(hidden, weight, None, labels, 1.0, -100, 0, True, 1, 1, "ieee", meta(n), meta(n),
+                            meta(n), meta(n), meta(n))
+    llp.linear_logprobs_bwd(meta(n), None, hidden, weight, None, labels, meta(n), None, 1.0, -100, 0, 1, 1,
+                            "ieee", meta(n, hs), meta(v, hs, dtype=torch.bfloat16), None, meta(n))
+    assert grids["fwd"] == (n // 64,) and grids["bwd"] == (n // 64, v // 64)
+    assert grids["bwd"][1] <= llp.GRID_DIM12_MAX
+    with pytest.raises(ValueError, match="grid"):
+        llp.bwd_grid(1, 64 * 65_536, {"BLOCK_N": 64, "BLOCK_V": 64})
+    src = inspect.getsource(llp)
+    # Row offsets: the token index is int64 from the program id on; weight rows are cast before the multiply.
+    assert src.count("tl.program_id(0).to(tl.int64) * BLOCK_N") == 2
+    assert src.count("(v0 + cols).to(tl.int64)[:, None] * hidden_size") == 2

@@ -54,6 +54,7 @@ from rlkern.ops.lm_tiles import (
     check_precision,
     finalize,
     label_logprobs,
+    row_inv_temperatures,
     shard_grads,
     shard_stats,
     validate,
@@ -67,35 +68,42 @@ __all__ = ["linear_logprobs", "linear_policy_loss"]
 def _linear_logprobs_fwd(
     hidden: Tensor, want_entropy: bool, weight: Tensor, bias: Tensor | None, labels: Tensor,
     temperature: float, ignore_index: int, chunk_size: int, backend: str, precision: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+    inv_rows: Tensor | None, want_sum_p2: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H] contiguous, labels flat int64 [N]; chunk_size 0 = automatic; precision "ieee" or
-    "tf32" (already checked). Returns fp32 (logp [N], lse [N], entropy [N] or [0])."""
+    "tf32" (already checked); inv_rows: fp32 [N] per-row inverse temperatures (replacing
+    1 / temperature) or None. Returns fp32 (logp [N], lse [N], entropy [N] or [0], sum p^2 [N] or [0])."""
+    n = hidden.shape[0]
+    p2 = new_output((n,), device=hidden.device, dtype=torch.float64 if hidden.dtype == torch.float64
+                    else torch.float32) if want_sum_p2 else None
     lse, ent, zy = shard_stats(
         hidden, weight, bias, labels, temperature, ignore_index, 0, want_entropy, chunk_size or None, backend,
-        precision,
+        precision, inv_rows, p2,
     )
     logp = label_logprobs(zy, lse, labels, ignore_index)
-    return logp, lse, ent if ent is not None else lse.new_empty(0)
+    empty = lse.new_empty(0)
+    return logp, lse, ent if ent is not None else empty, p2 if p2 is not None else empty
 
 
 @_linear_logprobs_fwd.register_fake
-def _(hidden, want_entropy, *_):
+def _(hidden, want_entropy, weight, bias, labels, temperature, ignore_index, chunk_size, backend, precision,
+      inv_rows, want_sum_p2):
     n = hidden.shape[0]
     new = lambda shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return new((n,)), new((n,)), new((n,) if want_entropy else (0,))
+    return new((n,)), new((n,)), new((n,) if want_entropy else (0,)), new((n,) if want_sum_p2 else (0,))
 
 
 @kernel_op("linear_logprobs_bwd")
 def _linear_logprobs_bwd(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, grad_logp: Tensor | None, grad_ent: Tensor | None,
     labels: Tensor, lse: Tensor, ent: Tensor | None, temperature: float, ignore_index: int, chunk_size: int,
-    backend: str, precision: str,
+    backend: str, precision: str, inv_rows: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d hidden in hidden's dtype, d weight in weight's dtype, d bias fp32 [V] or [0]); grad_logp /
     grad_ent fp32 [N] or None, ent given with grad_ent."""
     gh, gw, gb = shard_grads(
         grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, temperature, ignore_index, 0,
-        chunk_size or None, backend, precision,
+        chunk_size or None, backend, precision, inv_rows,
     )
     return gh.to(hidden.dtype), gw, gb if gb is not None else gh.new_empty(0)
 
@@ -107,26 +115,27 @@ def _(hidden, weight, bias, *_):
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, want_entropy, weight, bias, labels, temperature, ignore_index, chunk_size, backend, precision = (
-        inputs
-    )
-    _, lse, ent = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+    (hidden, want_entropy, weight, bias, labels, temperature, ignore_index, chunk_size, backend, precision,
+     inv_rows, _) = inputs
+    _, lse, ent, p2 = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent, inv_rows)
     # precision too: backward recomputes the logits, with the GEMMs of the forward.
     ctx.args = (want_entropy, temperature, ignore_index, chunk_size, backend, precision)
-    ctx.mark_non_differentiable(lse)
+    # sum p^2 has no gradient (TRL's log_sum_sq_probs and verl's sum_pi_squared are used under no_grad).
+    ctx.mark_non_differentiable(lse, p2)
 
 
-def _backward(ctx, grad_logp, grad_lse, grad_ent):
-    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_lse, grad_ent, grad_p2):
+    hidden, weight, bias, labels, lse, ent, inv_rows = ctx.saved_tensors
     want_entropy, *args = ctx.args
     grad_logp = grad_logp.float().contiguous() if grad_logp is not None else None
     grad_ent = grad_ent.float().contiguous() if want_entropy and grad_ent is not None else None
     gh, gw, gb = _linear_logprobs_bwd(
-        hidden, weight, bias, grad_logp, grad_ent, labels, lse, ent if grad_ent is not None else None, *args
+        hidden, weight, bias, grad_logp, grad_ent, labels, lse, ent if grad_ent is not None else None, *args,
+        inv_rows,
     )
     gb = gb.to(bias.dtype) if bias is not None else None
-    return gh, None, gw, gb, None, None, None, None, None, None
+    return gh, None, gw, gb, None, None, None, None, None, None, None, None
 
 
 _linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -148,13 +157,45 @@ def _check_finite_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) ->
             raise_at_first(bad, name, "inf (nan_check=True; it can make a logit +inf and its token NaN)")
 
 
+def _row_index(rows, lead: torch.Size, device, check: bool) -> Tensor | None:
+    """``rows`` as flat int64 indices into the N = prod(lead) tokens (None: all tokens). A bool
+    tensor of the tokens' shape selects its True entries (``nonzero``: one host sync on a GPU).
+    Indices are checked (in range, distinct) when ``check`` (CPU tensors, or ``nan_check=True``)."""
+    if rows is None:
+        return None
+    if not isinstance(rows, Tensor):
+        raise TypeError(f"rows must be None or a tensor of token indices, got {type(rows).__name__}")
+    if rows.device != device:
+        raise ValueError(f"rows must be on the hidden states' device {device}, got {rows.device}")
+    n = math.prod(lead)
+    if rows.dtype == torch.bool:
+        if tuple(rows.shape) not in (tuple(lead), (n,)):
+            raise ValueError(f"a bool rows mask must have the tokens' shape {tuple(lead)}, got "
+                             f"{tuple(rows.shape)}")
+        return rows.reshape(-1).nonzero().squeeze(1)
+    if rows.dtype not in (torch.int32, torch.int64) or rows.dim() != 1:
+        raise TypeError(f"rows must be a 1-d int32 / int64 tensor of flat token indices (or a bool mask), "
+                        f"got {rows.dtype} of shape {tuple(rows.shape)}")
+    idx = rows.to(torch.int64).contiguous()
+    if check and idx.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"rows must index the {n} tokens (0 <= i < {n}), got values in [{lo}, {hi}]")
+        if torch.unique(idx).numel() != idx.numel():
+            raise ValueError("rows must not repeat an index (a repeated row would get its gradient twice)")
+    return idx
+
+
 def linear_logprobs(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, temperature: float = 1.0,
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+    temperature: float | Tensor = 1.0,
     ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None,
     process_group=None,
     nan_check: bool = False,
     precision: str = "ieee",
-) -> Tensor | tuple[Tensor, Tensor]:
+    rows: Tensor | None = None,
+    return_sum_p2: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature),
     without materialising the ``[..., V]`` logits.
 
@@ -164,8 +205,13 @@ def linear_logprobs(
         weight: ``[V, H]`` LM head in hidden's dtype (``[V_shard, H]`` with ``process_group``).
         labels: ``[...]`` int32 / int64 token ids in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` (``[V_shard]`` with ``process_group``); ``-inf`` entries ban tokens.
-        temperature: > 0 (a Python or numpy number, with a finite float32 reciprocal); the logits
-            are divided by it first.
+        temperature: > 0 with a finite float32 reciprocal; the logits are multiplied by
+            float32(1 / temperature) first. A Python / numpy number, or a float tensor that
+            broadcasts to the tokens' shape ``[...]``: one temperature per token (``[B, T]``) or per
+            sequence (``[B, 1]``; verl's per-sample temperature), used as float32, on hidden's
+            device, not differentiated. A tensor's values are checked on CPU (a few ns a token); on
+            a GPU only with ``nan_check=True`` (a sync), otherwise an invalid value gives its
+            tokens meaningless (NaN / inf) results.
         ignore_index: an int (Python or numpy; 5.5 or True are refused): label value whose
             log-prob (and gradient) is 0.
         return_entropy: also return the entropy (nats) of the full distribution.
@@ -175,10 +221,12 @@ def linear_logprobs(
         process_group: a ``torch.distributed`` group over which ``weight`` (and ``bias``) are
             sharded by vocabulary: rank r holds rows ``[r*ceil(V/world), (r+1)*ceil(V/world))``;
             every rank gets the full-vocabulary result and the gradient for its shard and hidden
-            (see :mod:`rlkern.ops.vocab_parallel`).
+            (see :mod:`rlkern.ops.vocab_parallel`). Takes ``rows`` but not a temperature tensor
+            or ``return_sum_p2`` (a ValueError).
         nan_check: raise a ValueError naming the argument and the first index of a NaN (or of an
             inf in hidden / weight, a +inf in bias) instead of returning NaN (an extra pass over
-            the inputs and a device sync; eager only).
+            the inputs and a device sync; eager only); also checks a temperature tensor and
+            ``rows`` on a GPU.
         precision: ``"ieee"`` (default) or ``"tf32"``: how the Triton (CUDA) backend multiplies
             fp32 hidden / weight. ``"ieee"`` gives fp32-accurate logits, so that the log-probs of an
             fp32 LM head agree between rollout and training (TRL #4303, NeMo-RL #3936); ``"tf32"``
@@ -187,44 +235,76 @@ def linear_logprobs(
             accumulation (their products are exact in fp32); the cpp backend computes fp32 in IEEE
             and the torch backend follows torch's matmul settings (IEEE by default) whatever this
             says, so there it changes nothing.
+        rows: the tokens to compute, e.g. the response tokens of packed prompt + response
+            sequences (prompt and tool tokens then cost nothing): a 1-d int32 / int64 tensor of
+            distinct flat indices into the tokens ``[...]`` (``labels.reshape(-1)`` order), or a
+            bool tensor of the tokens' shape (its True entries; one host sync on a GPU). Only these
+            rows are gathered and run through the GEMMs, forward and backward, on every backend.
+            The outputs keep the full shape ``[...]`` (so masks, ``[:, -T:]`` slices and verl's
+            ``pad_input`` apply unchanged); the skipped tokens hold 0 in every output, as ignored
+            labels do, and their hidden states get an exactly-0 gradient. On CPU (or with
+            ``nan_check``) the indices are checked to be in range and distinct.
+        return_sum_p2: also return ``sum_v p_v^2`` per token (float32 ``[...]``, in ``[1/V, 1]``),
+            from the same vocabulary sweep: verl's ``sum_pi_squared`` (optimal token baseline),
+            TRL's ``log_sum_sq_probs`` is its log. Not differentiable (both use it under no_grad);
+            0 for a token whose logits are all -inf.
 
     Returns:
-        float32 ``[...]`` log-probs ``z_y - logsumexp(z)`` (always <= 0), and float32 ``[...]``
-        entropy in ``[0, ln V]`` when ``return_entropy``. Gradients flow to hidden, weight and bias
-        (in their dtypes). Non-finite inputs: see the module docstring (NaN in, NaN out).
+        float32 ``[...]`` log-probs ``z_y - logsumexp(z)`` (always <= 0), then float32 ``[...]``
+        entropy in ``[0, ln V]`` when ``return_entropy``, then ``sum_v p_v^2`` when
+        ``return_sum_p2``: a tensor alone when neither is asked for, else a tuple in that order.
+        Gradients flow to hidden, weight and bias (in their dtypes). Non-finite inputs: see the
+        module docstring (NaN in, NaN out).
     """
-    temperature = validate(hidden, weight, labels, bias, temperature, chunk_size)
+    temp_scalar = validate(hidden, weight, labels, bias, temperature, chunk_size)
     ignore_index = check_int(ignore_index, "ignore_index")
     precision = check_precision(precision)
+    lead = hidden.shape[:-1]
+    on_cpu = hidden.device.type == "cpu"
+    inv_rows = row_inv_temperatures(temperature, lead, hidden.device, check_values=nan_check or on_cpu)
+    idx = _row_index(rows, lead, hidden.device, check=nan_check or on_cpu)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    if idx is not None:  # the selected tokens only, compact; their results are scattered back below
+        flat_hidden, flat_labels = flat_hidden.index_select(0, idx), flat_labels.index_select(0, idx)
+        inv_rows = inv_rows.index_select(0, idx) if inv_rows is not None else None
     if nan_check:
-        _check_finite_inputs(hidden, weight, bias)
+        _check_finite_inputs(flat_hidden, weight, bias)
     if process_group is not None:
-        return vocab_parallel_linear_logprobs(
-            hidden, weight, labels, process_group, bias=bias, temperature=temperature,
+        if inv_rows is not None or return_sum_p2:
+            raise ValueError("process_group (a vocabulary-parallel head) takes a scalar temperature and no "
+                             "return_sum_p2")
+        outs = vocab_parallel_linear_logprobs(
+            flat_hidden, weight, flat_labels, process_group, bias=bias, temperature=temp_scalar,
             ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
             precision=precision,
         )
-    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
-    backend = pick_backend(*tensors, labels)
-    check_label_range(labels, weight.shape[0], ignore_index)
-    if backend == "torch":
-        return reference.linear_logprobs(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            return_entropy=return_entropy,
-        )
-    lead = hidden.shape[:-1]
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    logp, _, ent = _linear_logprobs_fwd(
-        flat_hidden, bool(return_entropy), weight.contiguous(), bias, flat_labels, temperature, ignore_index,
-        int(chunk_size or 0), backend, precision,
-    )
-    return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
+        outs = outs if return_entropy else (outs,)
+    else:
+        tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
+        backend = pick_backend(*tensors, labels)
+        check_label_range(flat_labels, weight.shape[0], ignore_index)
+        if backend == "torch":
+            outs = reference.linear_logprobs_options(
+                flat_hidden, weight, flat_labels, bias=bias,
+                temperature=temp_scalar if inv_rows is None else 1.0 / inv_rows.double(),
+                ignore_index=ignore_index, return_entropy=return_entropy, return_sum_p2=return_sum_p2,
+            )
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            if return_sum_p2:  # not differentiable, as on the kernel backends
+                outs = (*outs[:-1], outs[-1].detach())
+        else:
+            logp, _, ent, p2 = _linear_logprobs_fwd(
+                flat_hidden.contiguous(), bool(return_entropy), weight.contiguous(), bias,
+                flat_labels.to(torch.int64).contiguous(), temp_scalar, ignore_index, int(chunk_size or 0),
+                backend, precision, inv_rows, bool(return_sum_p2),
+            )
+            outs = (logp,) + ((ent,) if return_entropy else ()) + ((p2,) if return_sum_p2 else ())
+    if idx is not None:
+        full = labels.numel()
+        outs = tuple(o.new_zeros(full).index_copy(0, idx, o) for o in outs)
+    outs = tuple(o.view(lead) for o in outs)
+    return outs[0] if len(outs) == 1 else outs
 
 
 # Each token tile of the single pass adds its d logits^T @ hidden into the whole [V, H] fp32 d weight
@@ -387,6 +467,9 @@ def linear_policy_loss(
     """
     from rlkern.ops.losses import grpo_loss, grpo_loss_and_grad
 
+    if isinstance(temperature, Tensor):
+        raise TypeError("linear_policy_loss takes a scalar temperature (per-row temperatures: "
+                        "linear_logprobs)")
     temperature = validate(hidden, weight, labels, None, temperature, chunk_size)
     precision = check_precision(precision)
     mask = _check_policy_inputs(labels, old_logp, advantages, mask, ref_logp)

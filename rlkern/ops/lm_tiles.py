@@ -6,10 +6,14 @@ The kernels (``kernels(backend, "lm_head")``: ``rlkern._C`` or ``rlkern.kernels.
 called identically on both backends, with None for an absent tensor:
 
     linear_logprobs_fwd(hidden, weight, bias, labels, inv_temp, ignore_index, vocab_start,
-                        want_entropy, token_tile, vocab_tile, precision, lse, ent, zy)
+                        want_entropy, token_tile, vocab_tile, precision, lse, ent, zy,
+                        inv_temp_rows, sum_p2)
     linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, inv_temp,
                         ignore_index, vocab_start, token_tile, vocab_tile, precision,
-                        grad_hidden, grad_weight, grad_bias)
+                        grad_hidden, grad_weight, grad_bias, inv_temp_rows)
+
+``inv_temp_rows`` (fp32 [N] per-token inverse temperatures, replacing the scalar ``inv_temp``) and
+``sum_p2`` (an fp32 [N] output for sum_v p_v^2) are None when unused.
 
 The C++ loop uses the tile sizes (the Triton kernels keep 64 x 64 tiles in registers), the Triton
 GEMMs the precision (the C++ GEMMs are IEEE fp32). The torch backend (float64, or a forced reference
@@ -40,6 +44,7 @@ __all__ = [
     "finalize",
     "validate",
     "check_precision",
+    "row_inv_temperatures",
     "PRECISIONS",
 ]
 
@@ -171,30 +176,39 @@ class TorchLmHead:
     materialised in fp32 (fp64 for fp64 inputs); tile sizes and precision are ignored."""
 
     @staticmethod
-    def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temp: float) -> Tensor:
+    def _inv(inv_temp: float, inv_rows: Tensor | None, like: Tensor):
+        return inv_temp if inv_rows is None else inv_rows.to(_acc_dtype(like))[:, None]
+
+    @staticmethod
+    def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, inv) -> Tensor:
         up = _acc_dtype(hidden)
         z = hidden.to(up) @ weight.to(up).T
-        return (z if bias is None else z + bias.to(up)) * inv_temp
+        return (z if bias is None else z + bias.to(up)) * inv
 
     @staticmethod
     def linear_logprobs_fwd(
         hidden, weight, bias, labels, inv_temp, ignore_index, vocab_start, want_entropy, token_tile,
-        vocab_tile, precision, lse, ent, zy,
+        vocab_tile, precision, lse, ent, zy, inv_temp_rows=None, sum_p2=None,
     ) -> None:
-        z = TorchLmHead._logits(hidden, weight, bias, inv_temp)
+        z = TorchLmHead._logits(hidden, weight, bias, TorchLmHead._inv(inv_temp, inv_temp_rows, hidden))
         lse_r, ent_r, zy_r = torch_shard_stats(z, labels, ignore_index, vocab_start)
         lse.copy_(lse_r)
         zy.copy_(zy_r)
         if want_entropy:
             ent.copy_(torch.minimum(ent_r, ent_r.new_tensor(math.log(weight.shape[0]))))
+        if sum_p2 is not None:
+            alive = lse_r != NEG_INF
+            p = torch.where(alive[:, None], (z - torch.where(alive, lse_r, 0.0)[:, None]).exp(), 0.0)
+            sum_p2.copy_((p * p).sum(-1))
 
     @staticmethod
     def linear_logprobs_bwd(
         grad_logp, grad_ent, hidden, weight, bias, labels, lse, ent, inv_temp, ignore_index, vocab_start,
-        token_tile, vocab_tile, precision, grad_hidden, grad_weight, grad_bias,
+        token_tile, vocab_tile, precision, grad_hidden, grad_weight, grad_bias, inv_temp_rows=None,
     ) -> None:
-        z = TorchLmHead._logits(hidden, weight, bias, inv_temp)
-        dx = torch_shard_dz(z, labels, grad_logp, grad_ent, lse, ent, ignore_index, vocab_start, inv_temp)
+        inv = TorchLmHead._inv(inv_temp, inv_temp_rows, hidden)
+        z = TorchLmHead._logits(hidden, weight, bias, inv)
+        dx = torch_shard_dz(z, labels, grad_logp, grad_ent, lse, ent, ignore_index, vocab_start, inv)
         torch.mm(dx, weight.to(dx.dtype), out=grad_hidden)
         grad_weight.copy_(dx.T @ hidden.to(dx.dtype))
         if grad_bias is not None:
@@ -219,19 +233,24 @@ def shard_stats(
     chunk_size: int | None,
     backend: str,
     precision: str = "ieee",
+    inv_rows: Tensor | None = None,
+    sum_p2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(lse, entropy or None, z_y) over the vocabulary rows of ``weight`` (global ids from
     ``vocab_start``), fp32 [N] each (fp64 for fp64 inputs, on the torch backend); z_y is the label's
     scaled logit, 0 where the label is ignored or not in the shard. hidden: [N, H] contiguous;
     labels: flat int64 [N]. precision: the Triton GEMMs' fp32 mode (see ``linear_logprobs``); the
-    C++ loop is IEEE fp32 whatever it says."""
+    C++ loop is IEEE fp32 whatever it says. inv_rows: per-row inverse temperatures (fp32 [N], from
+    :func:`row_inv_temperatures`) used instead of ``1 / temperature``; sum_p2: an [N] output of the
+    statistics' dtype that receives sum_v p_v^2 of this shard's softmax (the whole vocabulary for a
+    single device)."""
     n, dev, acc = hidden.shape[0], hidden.device, _acc_dtype(hidden)
     lse, zy = new_output((n,), device=dev, dtype=acc), new_output((n,), device=dev, dtype=acc)
     ent = new_output((n,), device=dev, dtype=acc) if want_entropy else None
     token_tile, vocab_tile = tile_sizes(n, weight.shape[0], chunk_size)
     lm_kernels(backend).linear_logprobs_fwd(
         hidden, weight, _widen(bias, hidden), labels, 1.0 / temperature, ignore_index, vocab_start,
-        want_entropy, token_tile, vocab_tile, precision, lse, ent, zy,
+        want_entropy, token_tile, vocab_tile, precision, lse, ent, zy, inv_rows, sum_p2,
     )
     return lse, ent, zy
 
@@ -251,11 +270,12 @@ def shard_grads(
     chunk_size: int | None,
     backend: str,
     precision: str = "ieee",
+    inv_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(d hidden fp32 [N, H], d weight [V_shard, H] in weight's dtype, d bias fp32 or None; fp64 for
     fp64 inputs) for the shard's logits, given the full-vocabulary lse / entropy. grad_logp /
-    grad_ent: [N] or None, widened here to fp32 (fp64) (ent is needed with grad_ent). precision: as
-    for :func:`shard_stats`."""
+    grad_ent: [N] or None, widened here to fp32 (fp64) (ent is needed with grad_ent). precision and
+    inv_rows: as for :func:`shard_stats`."""
     n_tokens, hidden_size = hidden.shape
     dev, acc = hidden.device, _acc_dtype(hidden)
     grad_hidden = new_output((n_tokens, hidden_size), device=dev, dtype=acc)
@@ -265,13 +285,14 @@ def shard_grads(
     lm_kernels(backend).linear_logprobs_bwd(
         _widen(grad_logp, hidden), _widen(grad_ent, hidden), hidden, weight, _widen(bias, hidden), labels,
         lse, ent, 1.0 / temperature, ignore_index, vocab_start, token_tile, vocab_tile, precision,
-        grad_hidden, grad_weight, grad_bias,
+        grad_hidden, grad_weight, grad_bias, inv_rows,
     )
     return grad_hidden, grad_weight, grad_bias
 
 
 def validate(hidden, weight, labels, bias, temperature, chunk_size) -> float:
-    """Checks the LM-head arguments (messages name the argument); returns the temperature as a float."""
+    """Checks the LM-head arguments (messages name the argument); returns the temperature as a float
+    (1.0 for a per-row temperature tensor, checked by :func:`row_inv_temperatures`)."""
     check_tensor(hidden, "hidden")
     check_tensor(weight, "weight")
     if hidden.dim() == 0 or hidden.shape[-1] == 0:
@@ -297,7 +318,37 @@ def validate(hidden, weight, labels, bias, temperature, chunk_size) -> float:
             raise ValueError(
                 f"chunk_size must be None or an int >= 1 (vocabulary rows per tile), got {chunk_size!r}"
             )
+    if isinstance(temperature, Tensor):
+        return 1.0
     return check_temperature(temperature, "temperature")
+
+
+def row_inv_temperatures(temperature, shape: torch.Size, device, check_values: bool = False) -> Tensor | None:
+    """None for a scalar temperature; for a tensor (one temperature per token, or any shape that
+    broadcasts to the tokens' ``shape``, e.g. ``[B, 1]`` per sequence), the flat contiguous fp32 [N]
+    inverse temperatures ``float32(1 / float64(T))``, as the kernels compute a scalar's. The values
+    are not read on the host (no device sync) unless ``check_values`` (``nan_check=True``): then a
+    ValueError names the first entry that is not a finite T > 0 with a finite fp32 reciprocal."""
+    if not isinstance(temperature, Tensor):
+        return None
+    if not temperature.dtype.is_floating_point:
+        raise TypeError(f"a temperature tensor must be floating point, got {temperature.dtype}")
+    if temperature.device != device:
+        raise ValueError(f"a temperature tensor must be on the hidden states' device {device}, got "
+                         f"{temperature.device}")
+    try:
+        expanded = temperature.detach().expand(shape)
+    except RuntimeError:
+        raise ValueError(f"a temperature tensor must broadcast to the tokens' shape {tuple(shape)}, got "
+                         f"{tuple(temperature.shape)}") from None
+    inv = (1.0 / expanded.double()).float()
+    if check_values and not torch.compiler.is_compiling():
+        bad = ~(torch.isfinite(inv) & (inv > 0) & torch.isfinite(expanded))
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"temperature must be finite and > 0 with a finite float32 reciprocal; entry "
+                             f"{where} is {expanded[where].item()!r} (nan_check=True)")
+    return inv.reshape(-1).contiguous()
 
 
 def check_precision(precision) -> str:

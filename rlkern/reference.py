@@ -690,3 +690,50 @@ def rollout_correction(log_prob: Tensor, rollout_log_prob: Tensor | None, mask: 
     new_mask = mask if not rs else (mask * k_out.to(torch.float64 if mask.dtype == torch.float64
                                                     else torch.float32)).to(mask.dtype)
     return w_out, new_mask
+
+
+
+# ---------------------------------------------------------------------------------------------
+# lm_head family (continued): the options of linear_logprobs (issue 13)
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_logprobs_options(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float | Tensor = 1.0,
+    ignore_index: int = -100,
+    rows: Tensor | None = None,
+    return_entropy: bool = False,
+    return_sum_p2: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
+    """linear_logprobs with its options, the naive way ([..., V] logits in memory).
+
+    temperature: a number, or a tensor broadcasting to labels' shape (one per token), used as
+    float32 (as the fused op does) and then in the reference precision. rows: flat indices (or a
+    bool mask of labels' shape) of the tokens computed; every other token gets 0 in each output
+    and no gradient. return_sum_p2: sum_v softmax(z)_v^2 per token (0 for a token whose logits are
+    all -inf, NaN for one with a NaN / +inf logit). Returns logp, then entropy, then sum p^2 (those
+    asked for), a tensor alone when neither option is set."""
+    logits = _lm_head_logits(hidden, weight, bias)
+    if isinstance(temperature, Tensor):
+        t = temperature.detach().float().to(logits.dtype).expand(labels.shape)
+        z = logits / t.unsqueeze(-1)
+    else:
+        z = logits / temperature
+    outs = [logprobs(z, labels, ignore_index=ignore_index)]
+    if return_entropy:
+        outs.append(entropy(z))
+    if return_sum_p2:
+        zz, _, dead = _scaled_logits(z, 1.0)
+        p = torch.softmax(zz, dim=-1)
+        outs.append((p * p).sum(dim=-1).masked_fill(dead, 0.0))
+    if rows is not None:
+        keep = rows.reshape(labels.shape) if rows.dtype == torch.bool else torch.zeros(
+            labels.numel(), dtype=torch.bool, device=labels.device).index_fill(0, rows.long(), True).view(
+            labels.shape)
+        outs = [torch.where(keep, o, torch.zeros_like(o)) for o in outs]
+    return outs[0] if len(outs) == 1 else tuple(outs)

@@ -71,8 +71,6 @@ def _head_fallback_reason(hidden, weight, softcap, logit_scale, outputs) -> str 
         return "final_logit_softcapping (Gemma-2 style tanh capping of the logits)"
     if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
         return f"logit_scale={logit_scale!r} (only finite positive scales fold into the temperature)"
-    if "log_sum_sq_probs" in outputs:
-        return "the log_sum_sq_probs output (DPO's use_weighting)"
     if _compute_dtype(hidden) not in (torch.float32, torch.bfloat16, torch.float16):
         return f"compute dtype {_compute_dtype(hidden)} (rlkern's fused head takes fp32, bf16 or fp16)"
     if _zero3():
@@ -152,15 +150,19 @@ def wrap_chunked_logprob(original):
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             # z * logit_scale / T = z / (T / logit_scale): the scale folds into the temperature.
             effective_t = float(temperature) / float(logit_scale)
-            want_entropy = "entropy" in outputs
+            want_entropy, want_p2 = "entropy" in outputs, "log_sum_sq_probs" in outputs
             with torch.autocast(device, enabled=False):
                 result = ops.linear_logprobs(hidden, weight, targets, bias=bias, temperature=effective_t,
-                                             return_entropy=want_entropy)
-                logprobs, entropy = result if want_entropy else (result, None)
+                                             return_entropy=want_entropy, return_sum_p2=want_p2)
+                result = result if isinstance(result, tuple) else (result,)
+                logprobs, entropy = result[0], result[1] if want_entropy else None
+                # TRL's log_sum_sq_probs = log(sum_v p_v^2) (DPO's use_weighting), not differentiable
+                # there either (ChunkedLogProbFunction.forward marks it so).
+                log_sum_sq = result[-1].detach().log() if want_p2 else None
                 mean_logits = (_mean_logits(hidden, weight, bias, 1.0 / effective_t)
                                if "mean_logits" in outputs else None)
                 is_top1 = _is_top1(hidden, weight, bias, targets) if "is_top1" in outputs else None
-            return logprobs, entropy, None, mean_logits, is_top1
+            return logprobs, entropy, log_sum_sq, mean_logits, is_top1
 
     ChunkedLogProbFunction.__qualname__ = ChunkedLogProbFunction.__name__ = original.__name__
     return ChunkedLogProbFunction

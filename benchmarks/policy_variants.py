@@ -198,8 +198,17 @@ def math_kl_cov(logp: Tensor, old: Tensor, adv_tok: Tensor, mask: Tensor, k: int
     return (torch.where(valid, pg_losses, 0.0) * mask).sum() / mask.sum()
 
 
-def _compiled_kl_cov(logp: Tensor, old: Tensor, adv_tok: Tensor, mask: Tensor) -> Tensor:
-    return _compiled(math_kl_cov)(logp, old, adv_tok, mask, kl_cov_k(mask))
+def kl_cov_same_maths(logp: Tensor, old: Tensor, adv_tok: Tensor, mask: Tensor, *,
+                      maths: Callable = math_kl_cov) -> Tensor:
+    """``maths`` (``math_kl_cov`` or its compiled form) with verl's ``k``, read on the host first."""
+    return maths(logp, old, adv_tok, mask, kl_cov_k(mask))
+
+
+def compile_column(variant: str) -> Callable:
+    """torch.compile of the variant's same-maths function (KL-Cov: of ``math_kl_cov``, k given)."""
+    if variant == "kl_cov":
+        return functools.partial(kl_cov_same_maths, maths=_compiled(math_kl_cov))
+    return _compiled(_PEERS[variant][3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +283,7 @@ _PEERS: dict[str, tuple[str, Callable, tuple[str, ...], Callable]] = {
     "tis_grpo": ("TRL eager (vLLM IS token_truncate + grpo)", trl_tis_grpo_loss,
                  ("logp", "old", "ref", "sampling", "adv_seq", "mask"), trl_tis_grpo_loss),
     "kl_cov": ("verl eager (compute_policy_loss_kl_cov)", verl_kl_cov_loss,
-               ("logp", "old", "adv_tok", "mask"), math_kl_cov),
+               ("logp", "old", "adv_tok", "mask"), kl_cov_same_maths),
 }
 
 
@@ -306,7 +315,7 @@ def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
         big = shape.batch * shape.length >= BIG_TOKENS
         bound = 1.2 if big else 1.0
         for variant in VARIANTS:
-            peer_name, peer, names, math_fn = _PEERS[variant]
+            peer_name, peer, names, _ = _PEERS[variant]
             read = sum(x[n].nbytes for n in names)
             ours = rlkern_fn(variant)
             for mode in MODES:
@@ -317,8 +326,7 @@ def cases(shapes: list[Shape], *, compile: bool = True) -> Iterator[Case]:
                     impls.append(Impl(RLKERN, _rlkern_call(ours, x, mode), "rlkern"))
                 impls.append(Impl(peer_name, _call(peer, x, names, mode)))
                 if compile:
-                    fn = _compiled_kl_cov if variant == "kl_cov" else _compiled(math_fn)
-                    impls.append(Impl(COMPILE, _call(fn, x, names, mode), "compile"))
+                    impls.append(Impl(COMPILE, _call(compile_column(variant), x, names, mode), "compile"))
                 target = Target(f">= {bound:g}x torch.compile", RLKERN, "speedup", bound, COMPILE)
                 yield Case(FAMILY, variant, shape.label, mode, impls, work=read + write, rows=shape.batch,
                            notes=notes, targets=[target])

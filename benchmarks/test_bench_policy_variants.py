@@ -9,3 +9,27 @@ from benchmarks.pytest_cases import params, run
 @pytest.mark.parametrize(("shape_index", "case_index", "impl"), params("policy_variants"))
 def test_bench_policy_variants(benchmark, shape_index, case_index, impl):
     run(benchmark, "policy_variants", shape_index, case_index, impl)
+
+
+def test_rows_of_a_case_compute_the_same_loss_and_gradient():
+    """Every implementation of a variant (the peer's, the same maths eager and compiled, rlkern's)
+    computes the same loss and d loss / d logp on small inputs, so a speedup is one at equal maths.
+    Tolerance: fp32 sums in other orders (rlkern's kernels, Inductor's reductions), 1e-5 relative +
+    1e-6 absolute. A variant whose rlkern op has not landed is compared without its rlkern row."""
+    import torch
+
+    from benchmarks import policy_variants as pv
+
+    x = pv._inputs(pv.Shape(6, 50))
+    for variant in pv.VARIANTS:
+        _, peer, names, same_maths = pv._PEERS[variant]
+        fns = {"peer": peer, "same maths": same_maths, "compiled": pv.compile_column(variant)}
+        calls = {name: (pv._call(fn, x, names, "fwd"), pv._call(fn, x, names, "fwd+bwd"))
+                 for name, fn in fns.items()}
+        ours = pv.rlkern_fn(variant)
+        if ours is not None:
+            calls["rlkern"] = (pv._rlkern_call(ours, x, "fwd"), pv._rlkern_call(ours, x, "fwd+bwd"))
+        want_loss, want_grad = (f() for f in calls["peer"])
+        for name, (loss, grad) in calls.items():
+            torch.testing.assert_close(loss(), want_loss, rtol=1e-5, atol=1e-6, msg=f"{variant} {name} loss")
+            torch.testing.assert_close(grad(), want_grad, rtol=1e-5, atol=1e-6, msg=f"{variant} {name} grad")

@@ -3,9 +3,12 @@
 // Forward, per row of V logits x and label y, with z = x / temperature and m = max_j z_j:
 //   S = sum_j e^{z_j - m},  T = sum_j e^{z_j - m} (z_j - m)     online over blocks of the row
 //   lse = m + log S,  logp = (z_y - m) - log S (0 where y == ignore_index),  H = log S - T / S
+//   and, on request, Q = sum_j e^{2 (z_j - m)}: sum_j p_j^2 = Q / S^2 (not differentiated)
 // Backward, with p = exp(z - lse), upstream grads g (log-prob) and h (entropy):
 //   d z_j = g (1[j=y] - p_j) - h p_j (z_j - lse + H),   d x = d z / temperature.
 // Only lse and H (fp32, one each per row) are saved between the two; nothing of size V.
+// The temperature is one scalar or one per row (`temperatures`, float32 [rows]); every temperature
+// is checked before any row runs (a CPU pass over rows floats, no cost next to the logits).
 //
 // Accuracy: everything is relative to the row max in natural units, and z is the correctly
 // rounded quotient x / T that torch's `logits / temperature` gives, so z_y - m is exactly torch's
@@ -297,6 +300,7 @@ struct RowStats {
   float m;      // max_j z_j (-inf for a fully banned row)
   float log_s;  // log sum_j e^{z_j - m}; NaN for a row holding a NaN or +inf logit
   float entropy;
+  float sum_p2;  // sum_j p_j^2 (0 for a fully banned row, as its entropy)
   float lse() const { return m + log_s; }
 };
 
@@ -304,12 +308,15 @@ struct RowStats {
 // kMinExp so that -inf logits add exactly 0 and e * d stays 0 rather than 0 * -inf = NaN; the
 // clamp is max_at(min, d), which returns d where d is NaN: a NaN logit passes through into the sums
 // instead of being clamped away.
-template <bool kEntropy, bool kExact, int L>
-RLKERN_INLINE void accumulate_exp(vfloat xv, const Temperature& t, vfloat vm, vfloat& vs, vfloat& vt) {
+// With kP2 also e^2 to vq (e^{2d} = 0 where e is 0: banned logits and padding add nothing there too).
+template <bool kEntropy, bool kP2, bool kExact, int L>
+RLKERN_INLINE void accumulate_exp(vfloat xv, const Temperature& t, vfloat vm, vfloat& vs, vfloat& vt,
+                                  vfloat& vq) {
   const vfloat d = max_at<L>(splat(kMinExp), scaled<kExact, L>(xv, t) - vm);
   const vfloat e = vexp2_clamped(d * splat(kLog2e));
   vs += e;
   if constexpr (kEntropy) vt += e * d;
+  if constexpr (kP2) vq += e * e;
 }
 
 template <typename T, int L>
@@ -343,9 +350,9 @@ bool has_nan(const T* xb, int64_t len) {
 }
 
 // The softmax statistics of one row: the online (max, S, T) recurrence over blocks.
-template <typename T, bool kEntropy, bool kExact, int L>
+template <typename T, bool kEntropy, bool kP2, bool kExact, int L>
 RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, const Temperature& t) {
-  float m = -kInf, S = 0.f, T1 = 0.f;
+  float m = -kInf, S = 0.f, T1 = 0.f, Q = 0.f;
   bool saw_nan = false;
   for (int64_t j0 = 0; j0 < vocab; j0 += kBlock) {
     const int64_t len = std::min(kBlock, vocab - j0);
@@ -359,6 +366,7 @@ RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, const Temperature& t
         // c == 0 when the old terms vanish next to the new max; shift * S could then be -inf.
         T1 = c > 0.f ? c * (T1 + shift * S) : 0.f;
         S *= c;
+        if constexpr (kP2) Q *= c * c;
       }
       m = new_max;
     }
@@ -369,6 +377,7 @@ RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, const Temperature& t
     const vfloat vm = splat(m);
     // Two independent accumulator pairs hide the latency of the vector adds.
     vfloat vs0 = splat(0.f), vt0 = splat(0.f), vs1 = splat(0.f), vt1 = splat(0.f);
+    vfloat vq0 = splat(0.f), vq1 = splat(0.f);  // unused (and optimised away) without kP2
     int64_t j = 0;
     for (; j + 2 * kLanes <= len; j += 2 * kLanes) {
       // Keep the memory stream two blocks ahead while this block is in the exp loop, so the stream
@@ -377,23 +386,25 @@ RLKERN_INLINE RowStats row_stats(const T* x, int64_t vocab, const Temperature& t
       if constexpr (sizeof(T) == 4) __builtin_prefetch(xb + kAheadFwd + j + kLanes, 0, 3);
       vfloat a, b;
       load32(xb + j, a, b);
-      accumulate_exp<kEntropy, kExact, L>(a, t, vm, vs0, vt0);
-      accumulate_exp<kEntropy, kExact, L>(b, t, vm, vs1, vt1);
+      accumulate_exp<kEntropy, kP2, kExact, L>(a, t, vm, vs0, vt0, vq0);
+      accumulate_exp<kEntropy, kP2, kExact, L>(b, t, vm, vs1, vt1, vq1);
     }
     if (j + kLanes <= len) {
-      accumulate_exp<kEntropy, kExact, L>(load16(xb + j), t, vm, vs0, vt0);
+      accumulate_exp<kEntropy, kP2, kExact, L>(load16(xb + j), t, vm, vs0, vt0, vq0);
       j += kLanes;
     }
-    if (j < len) accumulate_exp<kEntropy, kExact, L>(load_tail(xb + j, len - j, -kInf), t, vm, vs1, vt1);
+    if (j < len) accumulate_exp<kEntropy, kP2, kExact, L>(load_tail(xb + j, len - j, -kInf), t, vm, vs1, vt1, vq1);
     S += hsum_at<L>(vs0 + vs1);
     if constexpr (kEntropy) T1 += hsum_at<L>(vt0 + vt1);
+    if constexpr (kP2) Q += hsum_at<L>(vq0 + vq1);
   }
   // A +inf logit makes m = +inf (float64 log_softmax gives NaN there: inf - inf); a NaN logit
   // reached the sums through d, or was found by has_nan.
-  if (saw_nan || m == kInf || S != S) return {m, kNaN, kNaN};
-  if (m == -kInf) return {-kInf, 0.f, 0.f};  // a fully banned row: no distribution, entropy 0
+  if (saw_nan || m == kInf || S != S) return {m, kNaN, kNaN, kNaN};
+  if (m == -kInf) return {-kInf, 0.f, 0.f, 0.f};  // a fully banned row: no distribution, entropy 0
   const float log_s = std::log(S);
-  return {m, log_s, kEntropy ? log_s - T1 / S : 0.f};
+  // Q / S / S: S^2 would overflow only past V ~ 2^64, but dividing twice costs nothing per row.
+  return {m, log_s, kEntropy ? log_s - T1 / S : 0.f, kP2 ? Q / S / S : 0.f};
 }
 
 // What the forward and backward kernels read and write, for the rows [begin, end) a call is given.
@@ -403,11 +414,13 @@ struct ForwardArgs {
   RowGeometry geometry;
   const int64_t* labels;  // nullptr: entropy only
   int64_t ignore_index;
-  Temperature temperature;
+  Temperature temperature;  // every row's, unless temps is given
   bool exact;  // 1 / temperature is a power of two: plain-multiply scaling
+  const float* temps;  // one temperature per row (checked), or nullptr
   float* logp;  // nullptr without labels
   float* lse;
   float* ent;  // nullptr: no entropy wanted
+  float* sum_p2;  // nullptr: no sum p^2 wanted
 };
 
 template <typename T>
@@ -420,29 +433,42 @@ struct BackwardArgs {
   int64_t ignore_index;
   Temperature temperature;
   bool exact;
+  const float* temps;
   const float* grad_logp;  // nullptr: no log-prob gradient
   const float* grad_ent;   // nullptr: no entropy gradient
   const float* lse;
   const float* ent;
 };
 
+// The row statistics with the sums a call wants (entropy, sum p^2), picked once per row.
 template <typename T, bool kExact, int L>
-RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const ForwardArgs<T>& args) {
+RLKERN_INLINE RowStats row_stats_for(const T* x, int64_t vocab, const Temperature& t, bool want_entropy,
+                                     bool want_p2) {
+  if (want_p2) {
+    return want_entropy ? row_stats<T, true, true, kExact, L>(x, vocab, t)
+                        : row_stats<T, false, true, kExact, L>(x, vocab, t);
+  }
+  return want_entropy ? row_stats<T, true, false, kExact, L>(x, vocab, t)
+                      : row_stats<T, false, false, kExact, L>(x, vocab, t);
+}
+
+// Rows [begin, end) at temperature t (the call's, or one row's own).
+template <typename T, bool kExact, int L>
+RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const ForwardArgs<T>& args, const Temperature t) {
   // Local copies: the output stores could alias the caller's structs, which would make the compiler
   // reload (and re-broadcast) their fields in every iteration of the inner loops.
   const RowGeometry g = args.geometry;
-  const Temperature t = args.temperature;
   const T* logits = args.logits;
   const int64_t* labels = args.labels;
   const int64_t ignore_index = args.ignore_index;
-  float *logp = args.logp, *lse = args.lse, *ent = args.ent;
-  const bool want_entropy = ent != nullptr;
+  float *logp = args.logp, *lse = args.lse, *ent = args.ent, *sum_p2 = args.sum_p2;
+  const bool want_entropy = ent != nullptr, want_p2 = sum_p2 != nullptr;
   for (int64_t r = begin; r < end; ++r) {
     const T* x = g.row(logits, r);
-    const RowStats st = want_entropy ? row_stats<T, true, kExact, L>(x, g.vocab, t)
-                                     : row_stats<T, false, kExact, L>(x, g.vocab, t);
+    const RowStats st = row_stats_for<T, kExact, L>(x, g.vocab, t, want_entropy, want_p2);
     lse[r] = st.lse();
     if (want_entropy) ent[r] = st.entropy;
+    if (want_p2) sum_p2[r] = st.sum_p2;
     if (labels != nullptr) {
       const int64_t y = labels[r];
       // torch's log_softmax order, (z_y - m) - log S: exactly -log S at the argmax, never > 0.
@@ -476,9 +502,8 @@ RLKERN_INLINE vfloat softmax_grad(vfloat xv, const Temperature& t, const GradCoe
 }
 
 template <typename T, bool kExact, bool kEntropyGrad, int L>
-RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const BackwardArgs<T>& args) {
+RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const BackwardArgs<T>& args, const Temperature t) {
   const RowGeometry g = args.geometry, gg = args.grad_geometry;  // local copies, as in forward_rows
-  const Temperature t = args.temperature;
   const T* logits = args.logits;
   T* grad = args.grad;
   const int64_t* labels = args.labels;
@@ -534,20 +559,45 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const BackwardArgs<
   }
 }
 
+// x * (1/T) is exactly x / T when T is a power of two (T = 1, 0.5, 2, ...): 1/T is then exact too.
+bool is_exact_scale(const Temperature& t) {
+  int exponent = 0;
+  return std::frexp(t.temp, &exponent) == 0.5f;
+}
+
+// The scaling variant (plain multiply or Markstein-corrected) for rows [begin, end) at temperature
+// t; with per-row temperatures each row picks its own (one frexp per row).
 template <typename T, int L>
 RLKERN_INLINE void forward_range(int64_t begin, int64_t end, const ForwardArgs<T>& a) {
-  if (a.exact) forward_rows<T, true, L>(begin, end, a);
-  else forward_rows<T, false, L>(begin, end, a);
+  if (a.temps == nullptr) {
+    if (a.exact) forward_rows<T, true, L>(begin, end, a, a.temperature);
+    else forward_rows<T, false, L>(begin, end, a, a.temperature);
+    return;
+  }
+  for (int64_t r = begin; r < end; ++r) {
+    const Temperature t{a.temps[r], 1.f / a.temps[r]};
+    if (is_exact_scale(t)) forward_rows<T, true, L>(r, r + 1, a, t);
+    else forward_rows<T, false, L>(r, r + 1, a, t);
+  }
+}
+
+template <typename T, bool kExact, int L>
+RLKERN_INLINE void backward_rows_at(int64_t begin, int64_t end, const BackwardArgs<T>& a, const Temperature& t) {
+  if (a.grad_ent != nullptr) backward_rows<T, kExact, true, L>(begin, end, a, t);
+  else backward_rows<T, kExact, false, L>(begin, end, a, t);
 }
 
 template <typename T, int L>
 RLKERN_INLINE void backward_range(int64_t begin, int64_t end, const BackwardArgs<T>& a) {
-  if (a.exact) {
-    if (a.grad_ent != nullptr) backward_rows<T, true, true, L>(begin, end, a);
-    else backward_rows<T, true, false, L>(begin, end, a);
-  } else {
-    if (a.grad_ent != nullptr) backward_rows<T, false, true, L>(begin, end, a);
-    else backward_rows<T, false, false, L>(begin, end, a);
+  if (a.temps == nullptr) {
+    if (a.exact) backward_rows_at<T, true, L>(begin, end, a, a.temperature);
+    else backward_rows_at<T, false, L>(begin, end, a, a.temperature);
+    return;
+  }
+  for (int64_t r = begin; r < end; ++r) {
+    const Temperature t{a.temps[r], 1.f / a.temps[r]};
+    if (is_exact_scale(t)) backward_rows_at<T, true, L>(r, r + 1, a, t);
+    else backward_rows_at<T, false, L>(r, r + 1, a, t);
   }
 }
 
@@ -614,10 +664,21 @@ Temperature temperature_of(double temperature) {
   return {temp, inv};
 }
 
-// x * (1/T) is exactly x / T when T is a power of two (T = 1, 0.5, 2, ...): 1/T is then exact too.
-bool is_exact_scale(const Temperature& t) {
-  int exponent = 0;
-  return std::frexp(t.temp, &exponent) == 0.5f;
+// Per-row temperatures as the kernels read them (flat float32, one per row), each checked as
+// temperature_of checks the scalar; nullptr when absent.
+const float* checked_temperatures(const std::optional<at::Tensor>& temperatures, int64_t rows) {
+  if (!temperatures.has_value()) return nullptr;
+  const at::Tensor& t = *temperatures;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == rows,
+              "temperatures must be a contiguous float32 tensor with one entry per row (", rows, " rows)");
+  const float* p = t.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / p[r];
+    TORCH_CHECK_VALUE(std::isfinite(p[r]) && p[r] > 0.f && std::isfinite(inv),
+                      "temperature must be a positive float32 whose reciprocal is finite in float32 in every "
+                      "row, got ", p[r], " at flat position ", r);
+  }
+  return p;
 }
 
 RowGeometry geometry_of(const at::Tensor& t, const char* name) {
@@ -655,8 +716,9 @@ float* f32_rows(const std::optional<at::Tensor>& t, int64_t rows, const char* na
 
 // Writes per-row lse, and logp / entropy where those outputs are given. The caller allocates them.
 void logprobs_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& labels, double temperature,
-                  int64_t ignore_index, const std::optional<at::Tensor>& logp, const at::Tensor& lse,
-                  const std::optional<at::Tensor>& ent) {
+                  const std::optional<at::Tensor>& temperatures, int64_t ignore_index,
+                  const std::optional<at::Tensor>& logp, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& ent, const std::optional<at::Tensor>& sum_p2) {
   const RowGeometry g = geometry_of(logits, "logits");
   const int64_t rows = logits.size(0) * logits.size(1);
   TORCH_CHECK(g.vocab > 0, "logits must have a non-empty vocabulary dimension");
@@ -664,20 +726,23 @@ void logprobs_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& lab
   float* lp_ptr = f32_rows(logp, rows, "logp");
   float* lse_ptr = f32_rows(lse, rows, "lse");
   float* ent_ptr = f32_rows(ent, rows, "entropy");
+  float* p2_ptr = f32_rows(sum_p2, rows, "sum_p2");
   if (rows == 0) return;
   const int64_t* y = lp_ptr != nullptr ? checked_labels(labels, rows, g.vocab, ignore_index) : nullptr;
-  const Temperature t = temperature_of(temperature);
+  const float* temps = checked_temperatures(temperatures, rows);
+  const Temperature t = temperature_of(temps != nullptr ? 1.0 : temperature);
   dispatch_storage_type(logits.scalar_type(), "logits", [&](auto tag) {
     using T = decltype(tag);
     const ForwardArgs<T> args{static_cast<const T*>(logits.data_ptr()), g, y, ignore_index, t, is_exact_scale(t),
-                              lp_ptr, lse_ptr, ent_ptr};
+                              temps, lp_ptr, lse_ptr, ent_ptr, p2_ptr};
     at::parallel_for(0, rows, rows_per_task(g.vocab), [&](int64_t b, int64_t e) { forward_dispatch(b, e, args); });
   });
 }
 
 void logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent,
                   const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& lse,
-                  const std::optional<at::Tensor>& ent, double temperature, int64_t ignore_index,
+                  const std::optional<at::Tensor>& ent, double temperature,
+                  const std::optional<at::Tensor>& temperatures, int64_t ignore_index,
                   const at::Tensor& grad_logits) {
   const RowGeometry g = geometry_of(logits, "logits");
   const RowGeometry gg = geometry_of(grad_logits, "grad_logits");
@@ -691,11 +756,12 @@ void logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optiona
   const float* ent_ptr = f32_rows(ent, rows, "entropy");
   TORCH_CHECK(gh == nullptr || ent_ptr != nullptr, "the entropy gradient needs the saved entropy");
   const int64_t* y = checked_labels(labels, rows, g.vocab, ignore_index);
-  const Temperature t = temperature_of(temperature);
+  const float* temps = checked_temperatures(temperatures, rows);
+  const Temperature t = temperature_of(temps != nullptr ? 1.0 : temperature);
   dispatch_storage_type(logits.scalar_type(), "logits", [&](auto tag) {
     using T = decltype(tag);
     const BackwardArgs<T> args{static_cast<const T*>(logits.data_ptr()), g, static_cast<T*>(grad_logits.data_ptr()),
-                               gg, y, ignore_index, t, is_exact_scale(t), gl, gh, lse_ptr, ent_ptr};
+                               gg, y, ignore_index, t, is_exact_scale(t), temps, gl, gh, lse_ptr, ent_ptr};
     at::parallel_for(0, rows, rows_per_task(g.vocab), [&](int64_t b, int64_t e) { backward_dispatch(b, e, args); });
   });
 }

@@ -8,14 +8,18 @@
 namespace rlkern {
 
 // logits: [outer, inner, V] (unit stride over V); labels: flat int64 [rows] or None (entropy only).
-// Forward writes lse, and logp / ent where given (logp needs labels). Backward writes d logits into
-// grad_logits (which may be logits itself); an absent upstream gradient is None.
+// temperatures: flat float32 [rows], one temperature per row, or None: every row uses `temperature`.
+// Forward writes lse, and logp / ent / sum_p2 (sum_v softmax_v^2) where given (logp needs labels).
+// Backward writes d logits into grad_logits (which may be logits itself); an absent upstream
+// gradient is None.
 void logprobs_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& labels, double temperature,
-                  int64_t ignore_index, const std::optional<at::Tensor>& logp, const at::Tensor& lse,
-                  const std::optional<at::Tensor>& ent);
+                  const std::optional<at::Tensor>& temperatures, int64_t ignore_index,
+                  const std::optional<at::Tensor>& logp, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& ent, const std::optional<at::Tensor>& sum_p2);
 void logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent,
                   const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& lse,
-                  const std::optional<at::Tensor>& ent, double temperature, int64_t ignore_index,
+                  const std::optional<at::Tensor>& ent, double temperature,
+                  const std::optional<at::Tensor>& temperatures, int64_t ignore_index,
                   const at::Tensor& grad_logits);
 
 }  // namespace rlkern

@@ -12,6 +12,14 @@ or 2 (65,535; Liger #1294). V up to 256k loops over 64 blocks of 4096.
 Non-finite logits, as on every backend: a NaN or +inf logit makes the row's lse, log-prob (unless
 ignored), entropy and gradient row NaN; -inf logits are banned (p = 0), and the masked lanes past
 the row's end read as -inf and count for exactly nothing; a row of only -inf has lse -inf.
+
+Per-row temperatures (ROW_T: one float32 per row at temps_ptr) are checked here without a host
+sync: a row whose temperature is NaN, <= 0, +inf or has an infinite float32 reciprocal is
+computed at temperature NaN, so it comes out exactly as a row holding a NaN logit (NaN lse,
+log-prob unless ignored, entropy, sum p^2 and gradient row). The ops layer refuses such
+temperatures before launching wherever that costs no sync (CPU tensors, nan_check=True,
+RLKERN_STRICT_TEMPERATURE=1). WANT_P2 adds Q = sum e^{2(z - m)} to the online recurrence
+(rescaled by c^2) and stores sum p^2 = Q / S / S (0 for a fully banned row).
 """
 
 from __future__ import annotations
@@ -31,17 +39,32 @@ def _row_base(ptr, row, inner, stride_outer, stride_inner):
 
 
 @triton.jit
+def _row_temperature(temps_ptr, row, temperature, ROW_T: tl.constexpr):
+    """The row's temperature: the call's scalar, or its own (NaN where it is not a valid one)."""
+    if ROW_T:
+        t = tl.load(temps_ptr + row)
+        ok = (t > 0) & (t < float("inf")) & (tl.math.div_rn(1.0, t) < float("inf"))
+        return tl.where(ok, t, float("nan"))
+    else:
+        return temperature
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr,
+    logits_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr, p2_ptr, temps_ptr,
     inner, stride_outer, stride_inner, vocab, temperature, ignore_index,
-    HAS_LABELS: tl.constexpr, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_LABELS: tl.constexpr, WANT_ENTROPY: tl.constexpr, WANT_P2: tl.constexpr, ROW_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = _row_base(logits_ptr, row, inner, stride_outer, stride_inner)
-    # Running max m, S = sum e^{z-m}, T = sum e^{z-m} (z-m); S == 0 until a finite logit is seen.
+    temperature = _row_temperature(temps_ptr, row, temperature, ROW_T)
+    # Running max m, S = sum e^{z-m}, T = sum e^{z-m} (z-m), Q = sum e^{2(z-m)}; S == 0 until a
+    # finite logit is seen.
     m = tl.full((), NEG_INF, tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
+    q = tl.zeros((), tl.float32)
     for start in range(0, vocab, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V).to(tl.int64)
         x = tl.load(x_row + offs, mask=offs < vocab, other=NEG_INF).to(tl.float32)
@@ -55,6 +78,8 @@ def _logprobs_fwd_kernel(
         c = tl.exp(shift)
         t = tl.where(c > 0, c * (t + shift * s), 0.0)
         s = s * c
+        if WANT_P2:
+            q = q * (c * c)
         m = m_new
         # Banned (-inf) logits and the masked lanes contribute exactly 0. A NaN logit is not banned:
         # its d and e are NaN and carry into S (whether or not tl.max saw it), and a +inf logit
@@ -65,11 +90,16 @@ def _logprobs_fwd_kernel(
         s += tl.sum(e, axis=0)
         if WANT_ENTROPY:
             t += tl.sum(e * d, axis=0)
+        if WANT_P2:
+            q += tl.sum(e * e, axis=0)
     dead = s == 0  # True only for a row whose every logit is -inf (NaN compares False)
     log_s = tl.log(tl.where(dead, 1.0, s))
     tl.store(lse_ptr + row, tl.where(dead, NEG_INF, m + log_s))
     if WANT_ENTROPY:
         tl.store(ent_ptr + row, tl.where(dead, 0.0, log_s - t / tl.where(dead, 1.0, s)))
+    if WANT_P2:
+        s_safe = tl.where(dead, 1.0, s)
+        tl.store(p2_ptr + row, tl.where(dead, 0.0, q / s_safe / s_safe))
     if HAS_LABELS:
         y = tl.load(labels_ptr + row)
         # Masked load: a label outside [0, V) (only reachable inside torch.compile, where the
@@ -83,12 +113,13 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits_ptr, grad_ptr, labels_ptr, grad_logp_ptr, grad_ent_ptr, lse_ptr, ent_ptr,
+    logits_ptr, grad_ptr, labels_ptr, grad_logp_ptr, grad_ent_ptr, lse_ptr, ent_ptr, temps_ptr,
     inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner, vocab, temperature,
     ignore_index, HAS_LABELS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ROW_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    temperature = _row_temperature(temps_ptr, row, temperature, ROW_T)
     x_row = _row_base(logits_ptr, row, inner, stride_outer, stride_inner)
     dx_row = _row_base(grad_ptr, row, grad_inner, grad_stride_outer, grad_stride_inner)
     lse = tl.load(lse_ptr + row)
@@ -128,10 +159,12 @@ def _block_and_warps(vocab: int) -> tuple[int, int]:
     return block, 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
-def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, ignore_index: int,
-                 logp: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None) -> None:
-    """logits: [outer, inner, V] with unit stride over V; labels: flat int64 [outer*inner] or None.
-    Writes flat fp32 lse, and logp / ent where given (logp needs labels). Same call as rlkern._C."""
+def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float,
+                 temperatures: torch.Tensor | None, ignore_index: int, logp: torch.Tensor | None,
+                 lse: torch.Tensor, ent: torch.Tensor | None, sum_p2: torch.Tensor | None) -> None:
+    """logits: [outer, inner, V] with unit stride over V; labels: flat int64 [outer*inner] or None;
+    temperatures: flat fp32 [outer*inner] (then `temperature` is unused) or None. Writes flat fp32
+    lse, and logp / ent / sum_p2 where given (logp needs labels). Same call as rlkern._C."""
     outer, inner, vocab = logits.shape
     rows = outer * inner
     if rows == 0:
@@ -140,15 +173,17 @@ def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor | None, temperature:
     has_labels, want_entropy = logp is not None, ent is not None
     _logprobs_fwd_kernel[(rows,)](
         logits, labels if has_labels else lse, logp if has_labels else lse, lse, ent if want_entropy else lse,
-        max(inner, 1), logits.stride(0), logits.stride(1), vocab, temperature, ignore_index,
-        HAS_LABELS=has_labels, WANT_ENTROPY=want_entropy, BLOCK_V=block, num_warps=warps,
+        sum_p2 if sum_p2 is not None else lse, temperatures if temperatures is not None else lse,
+        max(inner, 1), logits.stride(0), logits.stride(1), vocab, float(temperature), ignore_index,
+        HAS_LABELS=has_labels, WANT_ENTROPY=want_entropy, WANT_P2=sum_p2 is not None,
+        ROW_T=temperatures is not None, BLOCK_V=block, num_warps=warps,
     )
 
 
 def logprobs_bwd(
     grad_logp: torch.Tensor | None, grad_ent: torch.Tensor | None, logits: torch.Tensor,
     labels: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None, temperature: float,
-    ignore_index: int, grad_logits: torch.Tensor,
+    temperatures: torch.Tensor | None, ignore_index: int, grad_logits: torch.Tensor,
 ) -> None:
     """Writes d logits into grad_logits ([outer, inner, V], unit stride over V; may be logits); an
     absent upstream gradient (and ent without grad_ent) is None. Same call as rlkern._C."""
@@ -160,10 +195,10 @@ def logprobs_bwd(
     _logprobs_bwd_kernel[(rows,)](
         logits, grad_logits, labels if labels is not None else lse,
         grad_logp if grad_logp is not None else lse, grad_ent if grad_ent is not None else lse,
-        lse, ent if ent is not None else lse,
+        lse, ent if ent is not None else lse, temperatures if temperatures is not None else lse,
         max(inner, 1), logits.stride(0), logits.stride(1),
         max(grad_logits.shape[1], 1), grad_logits.stride(0), grad_logits.stride(1),
-        vocab, temperature, ignore_index,
+        vocab, float(temperature), ignore_index,
         HAS_LABELS=labels is not None, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
-        BLOCK_V=block, num_warps=warps,
+        ROW_T=temperatures is not None, BLOCK_V=block, num_warps=warps,
     )

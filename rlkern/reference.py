@@ -24,10 +24,12 @@ def _upcast(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _scaled_logits(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+def _scaled_logits(logits: Tensor, temperature: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """z = logits / temperature, with rows whose every logit is -inf ("dead") zeroed out so that
-    softmax stays finite; the caller overwrites their results. Returns (z, banned, dead)."""
-    z = _upcast(logits) / temperature
+    softmax stays finite; the caller overwrites their results. Returns (z, banned, dead).
+    A tensor temperature holds one value per row (the logits' leading shape)."""
+    z = _upcast(logits)
+    z = z / (temperature.to(z.dtype).unsqueeze(-1) if isinstance(temperature, Tensor) else temperature)
     banned = z == NEG_INF
     dead = banned.all(dim=-1, keepdim=True)
     return z.masked_fill(dead, 0.0), banned, dead.squeeze(-1)
@@ -737,3 +739,18 @@ def linear_logprobs_options(
             labels.shape)
         outs = [torch.where(keep, o, torch.zeros_like(o)) for o in outs]
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# logprobs family (continued): sum of squared probabilities
+# ---------------------------------------------------------------------------------------------
+
+
+def sum_p2(logits: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
+    """sum_v softmax(logits / temperature)_v^2 per row: verl 0.9.1's ``sum_pi_squared``
+    (verl/utils/torch_functional.py::calculate_sum_pi_squared_from_logits) and the exp of TRL 1.16's
+    ``log_sum_sq_probs`` (trl/kernels/chunked_logprob.py::ChunkedLogProbFunction). 0 for a row whose
+    logits are all -inf (as its entropy); NaN for a row holding a NaN or +inf logit."""
+    z, _, dead = _scaled_logits(logits, temperature)
+    p = torch.softmax(z, dim=-1)
+    return (p * p).sum(dim=-1).masked_fill(dead, 0.0)

@@ -79,17 +79,23 @@ def _drive_launchers(modules) -> None:
             for logits in (_meta((5, 1, vocab), dtype), _meta((2, 4, vocab), dtype)[:, :-1]):
                 rows = logits.shape[0] * logits.shape[1]
                 labels = _meta((rows,), i64)
-                for has_labels in (True, False):
-                    for want_ent in (True, False):
-                        lp.logprobs_fwd(logits, labels if has_labels else None, 1.0, -100,
-                                        _meta((rows,)) if has_labels else None, _meta((rows,)),
-                                        _meta((rows,)) if want_ent else None)
-                for grad_logp, grad_ent in ((True, False), (False, True), (True, True)):
+                # sum p^2 and per-row temperatures (issue 13): with every output, and alone.
+                fwd_specs = [(lab, ent, False, False) for lab in (True, False) for ent in (True, False)]
+                fwd_specs += [(True, True, True, True), (False, False, True, False),
+                              (True, False, False, True)]
+                for has_labels, want_ent, want_p2, row_t in fwd_specs:
+                    lp.logprobs_fwd(logits, labels if has_labels else None, 1.0,
+                                    _meta((rows,)) if row_t else None, -100,
+                                    _meta((rows,)) if has_labels else None, _meta((rows,)),
+                                    _meta((rows,)) if want_ent else None, _meta((rows,)) if want_p2 else None)
+                for grad_logp, grad_ent, row_t in ((True, False, False), (False, True, False),
+                                                   (True, True, False), (True, True, True)):
                     grad = torch.empty_like(logits)
                     lp.logprobs_bwd(_meta((rows,)) if grad_logp else None,
                                     _meta((rows,)) if grad_ent else None,
                                     logits, labels if grad_logp else None, _meta((rows,)),
-                                    _meta((rows,)) if grad_ent else None, 1.0, -100, grad)
+                                    _meta((rows,)) if grad_ent else None, 1.0,
+                                    _meta((rows,)) if row_t else None, -100, grad)
         for vocab in VOCABS:
             for hidden_size in (24, 4096):  # BLOCK_H below and at its cap
                 n = 300

@@ -234,18 +234,22 @@ def test_bad_temperature(temperature):
 def test_cpp_kernel_checks_labels_itself():
     """Called directly (bypassing the Python checks) the C++ kernel still refuses a bad label."""
     rows = torch.randn(1, 2, 5)
-    out = [torch.empty(2), torch.empty(2), None]
     with pytest.raises(IndexError, match="labels must lie in"):
-        cpp_kernels().logprobs_fwd(rows, torch.tensor([1, 9]), 1.0, -100, *out)
+        cpp_kernels().logprobs_fwd(rows, torch.tensor([1, 9]), 1.0, None, -100, torch.empty(2),
+                                   torch.empty(2), None, None)
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 0.0, -1.0, 1e39])
 def test_cpp_kernel_checks_temperature_itself(temperature):
     """Called directly, the C++ kernel refuses a temperature that is not a positive float32 with a
     finite reciprocal (it divides by float32(T) and multiplies by float32(1/T))."""
-    out = [torch.empty(2), torch.empty(2), None]
+    out = [torch.empty(2), torch.empty(2), None, None]
     with pytest.raises(RuntimeError, match="temperature must be a positive float32"):
-        cpp_kernels().logprobs_fwd(torch.randn(1, 2, 5), torch.tensor([1, 2]), temperature, -100, *out)
+        cpp_kernels().logprobs_fwd(torch.randn(1, 2, 5), torch.tensor([1, 2]), temperature, None, -100, *out)
+    # A per-row temperature too, naming the first bad row (a ValueError: it is the caller's data).
+    temps = torch.tensor([0.5, temperature], dtype=torch.float32)
+    with pytest.raises(ValueError, match="temperature must be a positive float32 .* at flat position 1"):
+        cpp_kernels().logprobs_fwd(torch.randn(1, 2, 5), torch.tensor([1, 2]), 1.0, temps, -100, *out)
 
 
 def test_backend_selection(monkeypatch):
@@ -277,18 +281,23 @@ def test_triton_unavailable_says_why(monkeypatch):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
-@pytest.mark.parametrize("has_labels, want_entropy", [(True, True), (True, False), (False, True)])
-def test_opcheck(backend_name, has_labels, want_entropy):
+@pytest.mark.parametrize("has_labels, want_entropy, want_p2, row_t",
+                         [(True, True, False, False), (True, False, False, False),
+                          (False, True, False, False), (True, True, True, True), (False, False, True, False),
+                          (True, False, False, True)])
+def test_opcheck(backend_name, has_labels, want_entropy, want_p2, row_t):
     logits, labels = _make((3,), 37, torch.float32, ignore=0.3)
     labels = labels if has_labels else None
+    temps = torch.rand(3) + 0.5 if row_t else None
     x = logits.requires_grad_()
-    args_fwd = (x, labels, 0.9, -100, want_entropy, False, backend_name)
+    args_fwd = (x, labels, 0.9, temps, -100, want_entropy, want_p2, False, backend_name)
     torch.library.opcheck(torch.ops.rlkern.logprobs_fwd.default, args_fwd)
-    lp, lse, ent = torch.ops.rlkern.logprobs_fwd(*args_fwd)
+    lp, lse, ent, p2 = torch.ops.rlkern.logprobs_fwd(*args_fwd)
+    assert p2.shape == ((3,) if want_p2 else (0,)) and not p2.requires_grad
     # An absent upstream gradient (and an absent label / entropy) is None in every layer.
     args_bwd = (torch.randn(3) if has_labels else None, torch.randn(3) if want_entropy else None,
-                logits.detach(), labels, lse.detach(), ent.detach() if want_entropy else None, 0.9, -100,
-                backend_name)
+                logits.detach(), labels, lse.detach(), ent.detach() if want_entropy else None, 0.9, temps,
+                -100, backend_name)
     torch.library.opcheck(torch.ops.rlkern.logprobs_bwd.default, args_bwd)
     torch.library.opcheck(torch.ops.rlkern.logprobs_bwd_.default, args_bwd[:2] + (logits.detach().clone(),)
                           + args_bwd[3:])
@@ -363,3 +372,269 @@ def test_all_backends_agree_bitwise_on_ignored_rows(backend_name):
     logits, labels = _make((4,), 11, torch.float32, ignore=1.0)
     with rlkern.use_backend(backend_name):
         assert torch.equal(ops.logprobs(logits, labels), torch.zeros(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row temperature and sum p^2 (issue 13, log-prob ops)
+# ---------------------------------------------------------------------------------------------
+# Tolerances as above (_tol: a few fp32 ulp of lse); sum p^2 lies in [1/V, 1] and is Q / S^2 of two
+# fp32 sums: relative 1e-5 on top of the fp32 reference's own error (assert_close_to_oracle).
+
+
+def _row_temps(shape, *, exact_rows=True):
+    """Temperatures in [0.3, 2.3), with some powers of two (the kernels' plain-multiply path)."""
+    temps = torch.rand(shape) * 2 + 0.3
+    if exact_rows and temps.numel() > 1:
+        flat = temps.view(-1)
+        flat[::3] = torch.tensor([0.5, 1.0, 2.0]).repeat(flat[::3].numel())[: flat[::3].numel()]
+    return temps
+
+
+def _check_all_outputs(logits, labels, temperature):
+    logp, ent, p2 = ops.logprobs_and_entropy(logits, labels, temperature=temperature, return_sum_p2=True)
+    t64 = temperature.double() if isinstance(temperature, torch.Tensor) else temperature
+    ref = (reference.logprobs(logits.double(), labels, temperature=t64),
+           reference.entropy(logits.double(), temperature=t64),
+           reference.sum_p2(logits.double(), temperature=t64))
+    f32 = (reference.logprobs(logits.float(), labels, temperature=temperature),
+           reference.entropy(logits.float(), temperature=temperature),
+           reference.sum_p2(logits.float(), temperature=temperature))
+    tol = _tol(logits.shape[-1])
+    for name, got, want, same in zip(("logprobs", "entropy", "sum_p2"), (logp, ent, p2), ref, f32):
+        assert got.dtype == torch.float32 and got.shape == logits.shape[:-1]
+        assert_close_to_oracle(got, want, same, atol=tol if name != "sum_p2" else 1e-7,
+                               rtol=0 if name != "sum_p2" else 1e-5, what=name)
+    # Each single-output entry point gives the same bits as the fused one.
+    lp1, p2_lp = ops.logprobs(logits, labels, temperature=temperature, return_sum_p2=True)
+    ent1, p2_ent = ops.entropy(logits, temperature=temperature, return_sum_p2=True)
+    assert torch.equal(lp1, logp) and torch.equal(ent1, ent)
+    assert torch.equal(p2_lp, p2) and torch.equal(p2_ent, p2)
+    assert torch.equal(ops.logprobs(logits, labels, temperature=temperature), logp)
+    return logp, ent, p2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 4097])
+@pytest.mark.parametrize("row_t", [False, True], ids=["scalar_t", "row_t"])
+def test_row_temperature_and_sum_p2_match_oracle(backend, dtype, vocab, row_t):
+    logits, labels = _make((3, 5), vocab, dtype, banned=0.1 if vocab > 1 else 0.0)
+    logits[0, 0] = float("-inf")  # a fully banned row: sum p^2 = 0, as its entropy
+    temperature = _row_temps((3, 5)) if row_t else 0.7
+    logp, ent, p2 = _check_all_outputs(logits, labels, temperature)
+    assert p2[0, 0] == 0 and ent[0, 0] == 0
+    live = torch.ones(3, 5, dtype=torch.bool)
+    live[0, 0] = False
+    assert (p2[live] >= 1 / vocab * (1 - 1e-5)).all() and (p2 <= 1 + 1e-6).all()
+
+
+def test_row_temperature_equals_scalar_per_row(backend):
+    """A row at temperature t gives the bits a scalar call at t gives (same kernel path per row)."""
+    logits, labels = _make((4, 3), 300, torch.bfloat16)
+    temps = torch.tensor([0.5, 0.7, 1.3, 1.0]).unsqueeze(-1).expand(4, 3).contiguous()
+    lp, ent, p2 = ops.logprobs_and_entropy(logits, labels, temperature=temps, return_sum_p2=True)
+    for i, t in enumerate(temps[:, 0].tolist()):
+        lp_s, ent_s, p2_s = ops.logprobs_and_entropy(logits[i], labels[i], temperature=t, return_sum_p2=True)
+        torch.testing.assert_close(lp[i], lp_s, atol=0, rtol=0)
+        torch.testing.assert_close(ent[i], ent_s, atol=0, rtol=0)
+        torch.testing.assert_close(p2[i], p2_s, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
+def test_row_temperature_backward_matches_reference(backend, dtype, which):
+    logits, labels = _make((3, 6), 333, dtype, banned=0.1)
+    temps = _row_temps((3, 6))
+    w_lp, w_h = torch.randn(3, 6), torch.randn(3, 6)
+
+    def loss(x, lp_fn, h_fn):
+        total = 0.0
+        if which in ("logprobs", "both"):
+            total = total + (lp_fn(x) * w_lp).sum()
+        if which in ("entropy", "both"):
+            total = total + (h_fn(x) * w_h).sum()
+        return total
+
+    x = logits.clone().requires_grad_()
+    if which == "both":
+        lp, h, p2 = ops.logprobs_and_entropy(x, labels, temperature=temps, return_sum_p2=True)
+        ((lp * w_lp).sum() + (h * w_h).sum() + p2.sum()).backward()  # p2: a constant, no gradient
+    else:
+        loss(x, lambda t: ops.logprobs(t, labels, temperature=temps),
+             lambda t: ops.entropy(t, temperature=temps)).backward()
+    grads = []
+    for ref_x in (logits.double().requires_grad_(), logits.clone().requires_grad_()):
+        t = temps.to(torch.float64 if ref_x.dtype == torch.float64 else torch.float32)
+        loss(ref_x, lambda v, t=t: reference.logprobs(v, labels, temperature=t),
+             lambda v, t=t: reference.entropy(v, temperature=t)).backward()
+        grads.append(ref_x.grad)
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    assert x.grad.dtype == dtype
+    assert_close_to_oracle(x.grad, grads[0], grads[1], atol=1e-6, rtol=rtol, what="d logits")
+
+
+def test_sum_p2_is_not_differentiable(backend):
+    """sum p^2 carries no gradient on any backend (verl's optimal token baseline and TRL's WPO
+    weighting use it under no_grad; TRL marks its log_sum_sq_probs non-differentiable)."""
+    logits, labels = _make((2, 4), 50, torch.float32)
+    x = logits.clone().requires_grad_()
+    lp, p2 = ops.logprobs(x, labels, return_sum_p2=True)
+    assert lp.requires_grad and not p2.requires_grad and p2.grad_fn is None
+    (lp.sum() + p2.sum()).backward()
+    y = logits.clone().requires_grad_()
+    ops.logprobs(y, labels).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, atol=0, rtol=0)
+    ent, p2 = ops.entropy(logits.clone().requires_grad_(), return_sum_p2=True)
+    assert ent.requires_grad and not p2.requires_grad
+
+
+def test_sum_p2_matches_verl_and_trl(backend):
+    """verl 0.9.1's calculate_sum_pi_squared_from_logits (on logits / T, as its FSDP engine calls it)
+    and TRL 1.16's ChunkedLogProbFunction log_sum_sq_probs = log sum p^2 (its torch path on CPU)."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from verl.utils.torch_functional import calculate_sum_pi_squared_from_logits
+
+    hidden, weight = torch.randn(6, 16, dtype=torch.float64), torch.randn(101, 16, dtype=torch.float64) * 0.5
+    logits = (hidden @ weight.T).float()
+    labels = torch.randint(0, 101, (6,))
+    _, p2 = ops.logprobs(logits, labels, temperature=0.8, return_sum_p2=True)
+    verl_p2 = calculate_sum_pi_squared_from_logits(logits.double() / 0.8)
+    torch.testing.assert_close(p2.double(), verl_p2, atol=1e-7, rtol=1e-5)
+    out = ChunkedLogProbFunction.apply(hidden, weight, None, labels, 0.8, 64, None, 1.0,
+                                       ("log_sum_sq_probs",))
+    torch.testing.assert_close(p2.double().log(), out[2].double(), atol=1e-6, rtol=1e-5)
+    # A per-row temperature: verl's per-token temperature divides each row (verl FSDP engine,
+    # _scale_logits_by_temperature).
+    temps = _row_temps((6,))
+    _, p2_rows = ops.logprobs(logits, labels, temperature=temps, return_sum_p2=True)
+    verl_rows = calculate_sum_pi_squared_from_logits(logits.double() / temps.double()[:, None])
+    torch.testing.assert_close(p2_rows.double(), verl_rows, atol=1e-7, rtol=1e-5)
+
+
+def test_sum_p2_feeds_optimal_token_baseline():
+    """sum_p2 is what verl's optimal_token_baseline takes as sum_pi_squared: rlkern's estimator and
+    verl's give the same advantages from it as from verl's own sum_pi_squared."""
+    import numpy as np
+    from verl.trainer.ppo.core_algos import compute_optimal_token_baseline_advantage
+    from verl.utils.torch_functional import calculate_sum_pi_squared_from_logits
+
+    b, t, vocab = 6, 9, 64
+    logits = torch.randn(b, t, vocab) * 2
+    labels = torch.randint(0, vocab, (b, t))
+    temps = _row_temps((b, t))
+    logp, p2 = ops.logprobs(logits, labels, temperature=temps, return_sum_p2=True)
+    rewards, mask = torch.randn(b, t), (torch.rand(b, t) < 0.8).float()
+    ids = torch.tensor([0, 0, 1, 1, 1, 2])
+    ours = ops.optimal_token_baseline(rewards, mask, ids, 3, logp, p2)
+    verl_p2 = calculate_sum_pi_squared_from_logits(logits / temps[..., None])
+    theirs = compute_optimal_token_baseline_advantage(rewards, mask, np.array(ids.tolist()), logp, verl_p2)
+    for a, c in zip(ours, theirs):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), 1e-45])
+def test_bad_row_temperature_refused(backend, bad):
+    logits, labels = _make((2, 3), 20, torch.float32)
+    temps = torch.rand(2, 3) + 0.5
+    temps[1, 2] = bad
+    with pytest.raises(ValueError, match="temperature"):
+        ops.logprobs(logits, labels, temperature=temps)
+    with pytest.raises(ValueError, match="temperature"):
+        ops.entropy(logits, temperature=temps, return_sum_p2=True)
+
+
+@pytest.mark.parametrize(
+    "make_temps, error, match",
+    [
+        (lambda: torch.ones(2), ValueError, r"leading shape \(2, 3\)"),
+        (lambda: torch.ones(2, 3, 1), ValueError, r"leading shape \(2, 3\)"),
+        (lambda: torch.tensor(0.7), ValueError, r"leading shape \(2, 3\)"),
+        (lambda: torch.ones(2, 3, dtype=torch.long), TypeError, "temperature must be float"),
+        (lambda: torch.ones(2, 3, requires_grad=True), ValueError, "must not require grad"),
+    ],
+)
+def test_bad_temperature_tensor(backend, make_temps, error, match):
+    logits, labels = _make((2, 3), 20, torch.float32)
+    with pytest.raises(error, match=match):
+        ops.logprobs(logits, labels, temperature=make_temps())
+
+
+def test_temperature_tensor_dtypes_and_layouts(backend):
+    """bf16/fp16/fp64 temperature tensors are read as float32; a strided one is copied."""
+    logits, labels = _make((4, 3), 30, torch.float32)
+    temps = _row_temps((4, 3))
+    want = ops.logprobs(logits, labels, temperature=temps)
+    for t in (temps.double(), temps.t().contiguous().t()):
+        assert torch.equal(ops.logprobs(logits, labels, temperature=t), want)
+    half = temps.half()
+    torch.testing.assert_close(ops.logprobs(logits, labels, temperature=half),
+                               ops.logprobs(logits, labels, temperature=half.float()), atol=0, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN / inf / 0 divisions
+def test_triton_kernel_poisons_rows_with_invalid_temperature():
+    """On CUDA the ops layer does not sync to check a temperature tensor (unless nan_check or
+    RLKERN_STRICT_TEMPERATURE=1): the Triton kernel gives a row with an invalid temperature the
+    outputs of a row holding a NaN logit, and leaves the other rows exact. Run through the
+    interpreter, calling the launcher directly (the CPU ops layer would refuse first)."""
+    from rlkern.kernels import logits as tk
+
+    rows, vocab = 6, 40
+    x = torch.randn(1, rows, vocab)
+    labels = torch.randint(0, vocab, (rows,))
+    labels[4] = -100
+    temps = torch.tensor([0.7, float("nan"), -1.0, 0.0, float("inf"), 1e-45])
+    lp, lse, ent, p2 = (torch.full((rows,), 5.0) for _ in range(4))
+    tk.logprobs_fwd(x, labels, 1.0, temps, -100, lp, lse, ent, p2)
+    assert lse[1:].isnan().all() and ent[1:].isnan().all() and p2[1:].isnan().all()
+    assert lp[[1, 2, 3, 5]].isnan().all() and lp[4] == 0  # an ignored label stays 0
+    want = reference.logprobs(x[0, 0].double(), labels[0], temperature=0.7)
+    torch.testing.assert_close(lp[0].double(), want, atol=2e-6, rtol=0)
+    grad = torch.full_like(x, 5.0)
+    tk.logprobs_bwd(torch.ones(rows), torch.ones(rows), x, labels, lse, ent, 1.0, temps, -100, grad)
+    assert grad[0, 1:].isnan().all() and torch.isfinite(grad[0, 0]).all()
+
+
+def test_strict_temperature_switch_checks_on_any_device():
+    """RLKERN_STRICT_TEMPERATURE=1 (read at import) is the CUDA-side opt-in check; on CPU the check
+    always runs. The switch's code path is the one nan_check=True takes."""
+    from rlkern.ops import logits as module
+
+    temps = torch.tensor([0.5, float("nan")])
+    with pytest.raises(ValueError, match=r"temperature holds .* first at index \(1,\)"):
+        module._check_row_temperatures(temps, torch.Size([2]), "triton", nan_check=True)
+    # The unchecked CUDA path of the torch backend: invalid temperatures become NaN (a meta tensor
+    # stands in for a non-CPU device: no sync, no check, no error).
+    meta = temps.to("meta")
+    assert module._check_row_temperatures(meta, torch.Size([2]), "triton", nan_check=False) is meta
+    filled = module._check_row_temperatures(meta, torch.Size([2]), "torch", nan_check=False)
+    assert filled.device.type == "meta"
+    assert module._invalid_temperatures(temps).tolist() == [False, True]
+
+
+def test_gradcheck_cpp_row_temperature():
+    logits = torch.randn(2, 3, 6, dtype=torch.float32, requires_grad=True)
+    labels = torch.randint(0, 6, (2, 3))
+    labels[0, 0] = -100
+    temps = _row_temps((2, 3))
+    with rlkern.use_backend("cpp"):
+        assert torch.autograd.gradcheck(
+            lambda x: ops.logprobs_and_entropy(x, labels, temperature=temps), (logits,), eps=1e-2, atol=2e-3,
+            rtol=2e-2, fast_mode=False, nondet_tol=0.0)
+
+
+def test_torch_compile_fullgraph_row_temperature_and_sum_p2():
+    logits, labels = _make((2, 5), 64, torch.float32)
+    temps = _row_temps((2, 5))
+
+    def step(x, y, t):
+        lp, h, p2 = ops.logprobs_and_entropy(x, y, temperature=t, return_sum_p2=True)
+        return (lp * 2).sum() + h.mean(), p2
+
+    compiled = torch.compile(step, fullgraph=True)
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    (out_c, p2_c), (out_e, p2_e) = compiled(x1, labels, temps), step(x2, labels, temps)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(p2_c, p2_e)
+    torch.testing.assert_close(x1.grad, x2.grad)

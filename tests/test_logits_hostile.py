@@ -384,6 +384,63 @@ def test_trl_7266_offsets_beyond_2_31(backend):
     ref_lp, ref_h = reference.logprobs_and_entropy(values.double(), labels)
     torch.testing.assert_close(logp.double(), ref_lp, atol=2e-5, rtol=0)
     torch.testing.assert_close(ent.double(), ref_h, atol=2e-5, rtol=0)
+    # The per-row temperature and sum p^2 paths read the same rows (and backward writes a fresh
+    # gradient from them).
+    temps = torch.tensor([0.6, 1.5])
+    xg = x.detach().requires_grad_()
+    logp, ent, p2 = ops.logprobs_and_entropy(xg, labels, temperature=temps, return_sum_p2=True)
+    v = values.double().requires_grad_()
+    ref = (reference.logprobs(v, labels, temperature=temps.double()),
+           reference.entropy(v, temperature=temps.double()))
+    ref_p2 = reference.sum_p2(values.double(), temperature=temps.double())
+    for got, want in zip((logp, ent, p2), (*ref, ref_p2)):
+        torch.testing.assert_close(got.double(), want.detach(), atol=2e-5, rtol=0)
+    (logp.sum() + ent.sum()).backward()
+    (ref[0].sum() + ref[1].sum()).backward()
+    # Baseline: torch on the bf16 values (its gradient is rounded to bf16 once per output).
+    same = values.clone().requires_grad_()
+    same_loss = reference.logprobs(same, labels, temperature=temps).sum()
+    (same_loss + reference.entropy(same, temperature=temps).sum()).backward()
+    assert_close_to_oracle(xg.grad, v.grad, same.grad, atol=1e-6, rtol=2**-7, what="d logits")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(rlkern.backend.cpp_import_error() is not None, reason="C++ extension not built")
+def test_dense_65537_rows_of_32768_beyond_2_31():
+    """A real contiguous tensor with N >= 65,536 rows and N * V = 2^31 + 2^15 > 2^31 elements (bf16,
+    4 GiB) through the C++ kernels, forward (logp, entropy, sum p^2, per-row temperatures) and an in-place
+    backward into the same storage. Each row holds a spike at a row-dependent column, so a row read
+    at a wrapped int32 offset (row r as row r - 65,536) gives a different answer; sampled rows, the
+    last ones beyond 2^31 among them, are checked against the float64 oracle."""
+    from rlkern.ops._registry import cpp_kernels
+
+    rows, vocab = 65_537, 32_768
+    x = torch.empty(rows, vocab, dtype=torch.bfloat16)
+    x.copy_((torch.randn(vocab) * 2).bfloat16().expand(rows, vocab))
+    cols = (torch.arange(rows) * 7919 + 13) % vocab
+    x[torch.arange(rows), cols] = torch.linspace(4.0, 12.0, rows).bfloat16()
+    labels = torch.where(torch.arange(rows) % 2 == 0, cols, (cols + 1) % vocab)
+    temps = torch.rand(rows) + 0.5
+    pick = torch.tensor([0, 1, 2**15, 65_534, 65_535, 65_536])  # row 65,536 starts at element 2^31
+    pick = torch.cat([pick, torch.randint(0, rows, (10,))])
+    sample = x[pick].clone()
+    with rlkern.use_backend("cpp"):
+        logp, ent, p2 = ops.logprobs_and_entropy(x, labels, temperature=temps, return_sum_p2=True)
+    v = sample.double().requires_grad_()
+    t = temps[pick].double()
+    ref_lp, ref_h = reference.logprobs(v, labels[pick], temperature=t), reference.entropy(v, temperature=t)
+    for got, want in ((logp, ref_lp), (ent, ref_h), (p2, reference.sum_p2(sample.double(), temperature=t))):
+        torch.testing.assert_close(got[pick].double(), want.detach(), atol=5e-5, rtol=1e-5)
+    # Backward straight through the kernel, writing d logits over the logits (4 GiB, no second copy).
+    g_lp, g_h = torch.randn(rows), torch.randn(rows)
+    lse = torch.logsumexp(sample.float() / temps[pick, None], -1)  # only for the sampled rows' check
+    full_lse = torch.empty(rows)
+    cpp_kernels().logprobs_fwd(x.view(1, rows, vocab), labels, 1.0, temps, -100, None, full_lse, None, None)
+    torch.testing.assert_close(full_lse[pick], lse, atol=5e-5, rtol=1e-6)
+    cpp_kernels().logprobs_bwd(g_lp, g_h, x.view(1, rows, vocab), labels, full_lse, ent, 1.0, temps, -100,
+                               x.view(1, rows, vocab))
+    (ref_lp * g_lp[pick]).sum().add((ref_h * g_h[pick]).sum()).backward()
+    torch.testing.assert_close(x[pick].double(), v.grad, atol=1e-6, rtol=2**-7)
 
 
 def test_liger_1294_rows_beyond_65535(backend):
@@ -416,8 +473,8 @@ def test_liger_1294_rows_beyond_65535(backend):
         m.setattr(tk, "_logprobs_bwd_kernel", Recorder(tk._logprobs_bwd_kernel))
         rows_view = logits.view(1, rows, vocab)
         out = torch.empty(rows)
-        tk.logprobs_fwd(rows_view, labels, 1.0, -100, out, torch.empty(rows), torch.empty(rows))
-        tk.logprobs_bwd(out, out, rows_view, labels, out, out, 1.0, -100, torch.empty_like(rows_view))
+        tk.logprobs_fwd(rows_view, labels, 1.0, out, -100, out, torch.empty(rows), torch.empty(rows), out)
+        tk.logprobs_bwd(out, out, rows_view, labels, out, out, 1.0, out, -100, torch.empty_like(rows_view))
     assert len(grids) == 2
     for grid in grids:
         covered = grid[0] * max(getattr(tk, "ROWS_PER_PROGRAM", 1), 1)

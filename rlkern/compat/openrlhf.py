@@ -247,9 +247,10 @@ def _is_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, 
 
 def _policy_forward(module, correction, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
                     action_mask: Tensor | None, rollout_log_probs: Tensor | None, dp_size, batch_num_tokens,
-                    global_batch_size, filter_ratio: bool) -> tuple:
+                    global_batch_size, filter_ratio: bool, kl_of_ratio: bool = False) -> tuple:
     """OpenRLHF's ``PolicyLoss.forward`` on rlkern ops: ``(loss, clip_ratio, ppo_kl, vllm_kl,
-    is_filter_ratio)`` (see :class:`PolicyLoss`)."""
+    is_filter_ratio)`` (see :class:`PolicyLoss`). ``kl_of_ratio``: ppo_kl is the mean of the ratio's
+    own log-ratio (releases before 0.10.3; later ones take ``old_log_probs - log_probs`` always)."""
     mask = _ones_like_mask(log_probs) if action_mask is None else action_mask
     token_level = getattr(module, "token_level_loss", True)  # releases before 0.10 lack it
     gspo = getattr(module, "policy_loss_type", "ppo") == "gspo"
@@ -272,7 +273,7 @@ def _policy_forward(module, correction, log_probs: Tensor, old_log_probs: Tensor
                                   agg="token-mean" if token_level else "seq-mean-token-mean",
                                   weights=weights, **extra)
     loss = loss * _global_scale(mask, token_level, dp_size, batch_num_tokens, global_batch_size)
-    ppo_kl = stats["approx_kl"] if base is old_log_probs else masked_mean(
+    ppo_kl = stats["approx_kl"] if base is old_log_probs or kl_of_ratio else masked_mean(
         old_log_probs - log_probs.detach(), mask)
     return loss, stats["clip_frac"], ppo_kl, vllm_kl, is_filter
 
@@ -456,16 +457,20 @@ def PolicyLoss_patch(original):  # noqa: N802 (named after the class it replaces
       ``(loss, clip_ratio, ppo_kl, vllm_kl)``;
     * earlier releases (no rollout log-probs): ``(loss, clip_ratio, ppo_kl)``.
 
-    The global normalisers (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, 0.10.4 and
+    The global normalisers (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, 0.10.3 and
     later) are applied as OpenRLHF's ``aggregate_loss`` does. OpenRLHF's own forward runs, with one
     warning naming the option, for other ``policy_loss_type`` values and the ``binary_kl`` / ``tv``
-    gatings. Differences: a batch with no valid token gives 0 where OpenRLHF's mean is 0/0, and the
-    PPO ratio is clamped to e^±20 as in 0.10.4+ (earlier releases do not clamp)."""
+    gatings. Differences: a batch with no valid token gives 0 where OpenRLHF's mean is 0/0; the PPO
+    ratio is clamped to e^±20 as in 0.10.3+ (earlier releases do not clamp), and releases before
+    0.10.3 average the per-sequence means over every row (NaN for a row with no valid token, which
+    rlkern skips)."""
     init_params = inspect.signature(original.__init__).parameters
     forward_params = inspect.signature(original.forward).parameters
     arity = 5 if "is_correction_level" in init_params else 4 if "rollout_log_probs" in forward_params else 3
     extra_names = [n for n in ("rollout_log_probs", "dp_size", "batch_num_tokens", "global_batch_size")
                    if n in forward_params]
+    # before 0.10.3 (no global normalisers), GSPO with the IS correction logs ppo_kl of its own ratio
+    legacy = "dp_size" not in forward_params
 
     class PolicyLoss(original):
         def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
@@ -483,7 +488,7 @@ def PolicyLoss_patch(original):  # noqa: N802 (named after the class it replaces
                                        **{n: given[n] for n in extra_names})
             out = _policy_forward(self, _is_correction(self), log_probs, old_log_probs, advantages,
                                   action_mask, rollout_log_probs, dp_size, batch_num_tokens,
-                                  global_batch_size, arity == 5)
+                                  global_batch_size, arity == 5, legacy)
             return out[:arity]
 
     PolicyLoss.__qualname__ = PolicyLoss.__name__ = original.__name__

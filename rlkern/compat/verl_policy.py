@@ -14,8 +14,8 @@ What each runs on:
 * ``clip_cov``: rlkern.ops.clip_cov_mask (the sync-free selection) and rlkern.ops.policy_loss (the
   clipped surrogate, with the selected tokens' weight set to 0).
 * ``kl_cov``: rlkern.ops.kl_cov_mask, then verl's unclipped surrogate ``-A r`` plus
-  ``ppo_kl_coef * |log r|`` at the selected tokens in plain torch (no fused rlkern op has an
-  unclipped ratio term yet), aggregated by rlkern.compat.verl.agg_loss.
+  ``ppo_kl_coef * |log r|`` at the selected tokens in plain torch with a hand-written backward (no
+  fused rlkern op has an unclipped ratio term yet), aggregated by rlkern.compat.verl.agg_loss.
 * ``dppo_tv``, ``dppo_kl``, ``dro``, ``geo_mean``, ``gspo``, ``sapo``, ``gpg``, ``cispo``: plain torch
   token terms, sync-free, aggregated by rlkern.compat.verl.agg_loss (rlkern.ops.masked_sum).
 * ``bypass_mode``: rlkern.compat.verl's rollout correction (one rlkern.ops.rollout_correction call),
@@ -337,23 +337,47 @@ def compute_policy_loss_kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantage
     """verl 0.9.1 ``core_algos.compute_policy_loss_kl_cov``: the unclipped surrogate ``-A r``
     (``r = exp(logp - old)``, no clamp), plus ``ppo_kl_coef * |logp - old|`` at the
     ``max(1, int(kl_cov_ratio * n))`` valid tokens of largest centred covariance
-    (rlkern.ops.kl_cov_mask: no host sync). The token terms are plain torch (rlkern has no fused
-    unclipped-ratio loss), aggregated by rlkern's agg_loss. Metrics: ppo_kl = mean ``|logp - old|``."""
+    (rlkern.ops.kl_cov_mask: no host sync). The token terms are plain torch with the gradient
+    written out (:class:`_KlCovTokens`; rlkern has no fused unclipped-ratio loss), aggregated by
+    rlkern's agg_loss. Metrics: ppo_kl = mean ``|logp - old|``."""
     config = _need(config)
-    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
-        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     policy = _policy_config(config)
     ratio_k = _field(policy, "kl_cov_ratio", _KL_COV_RATIO)
     coef = _field(policy, "ppo_kl_coef", _PPO_KL_COEF)
     if not ratio_k > 0:
         raise ValueError("kl_cov_ratio should be larger than 0.")  # verl's assertion message
-    chosen = ops.kl_cov_mask(advantages, log_prob, response_mask, ratio_k)
-    neg_kl = log_prob - old_log_prob
-    abs_kl = neg_kl.abs()
-    surrogate = -advantages * torch.exp(neg_kl)
-    pg_losses = torch.where(chosen, surrogate + coef * abs_kl, surrogate)
-    loss = _agg(_weighted(pg_losses, rollout_is_weights), response_mask, loss_agg_mode, config)
-    return loss, _metrics({"ppo_kl": _mean(abs_kl.detach(), response_mask)})
+    valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    chosen = ops.kl_cov_mask(advantages, log_prob, valid, ratio_k)
+    pg_losses, abs_kl = _KlCovTokens.apply(log_prob, old_log_prob, advantages.detach(), valid, chosen,
+                                           float(coef))
+    weights = None if rollout_is_weights is None else torch.where(valid, rollout_is_weights, 0)
+    loss = _agg(_weighted(pg_losses, weights), response_mask, loss_agg_mode, config)
+    return loss, _metrics({"ppo_kl": _mean(abs_kl, response_mask)})
+
+
+class _KlCovTokens(torch.autograd.Function):
+    """KL-Cov's token losses ``-A r`` and ``-A r + coef |d|`` at the chosen tokens (verl's exact
+    expressions, ``d = logp - old``, ``r = exp(d)``), with the gradient written out:
+    ``-A r + coef sign(d)`` at the chosen tokens, ``-A r`` elsewhere, 0 at masked-out ones (whose
+    inputs are zeroed first, so padding NaN / inf reaches nothing). About half the passes of the
+    same maths through autograd. Returns ``(token losses, |d|)``; the second has no gradient."""
+
+    @staticmethod
+    def forward(ctx, log_prob, old_log_prob, advantages, valid, chosen, coef):
+        neg_kl = torch.where(valid, log_prob.detach() - old_log_prob, 0)
+        surrogate = torch.where(valid, advantages, 0).neg_() * torch.exp(neg_kl)  # verl's -A * r
+        abs_kl = neg_kl.abs()
+        pg_losses = torch.where(chosen, surrogate + coef * abs_kl, surrogate)
+        ctx.save_for_backward(surrogate, neg_kl, chosen)
+        ctx.coef = coef
+        ctx.mark_non_differentiable(abs_kl)
+        return pg_losses, abs_kl
+
+    @staticmethod
+    def backward(ctx, grad, _grad_abs):
+        surrogate, neg_kl, chosen = ctx.saved_tensors
+        local = torch.where(chosen, surrogate + ctx.coef * torch.sign(neg_kl), surrogate)
+        return grad * local, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -67,6 +67,17 @@ def _ratio(ratio, name: str) -> float:
     return ratio
 
 
+def _checked(advantages: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
+    """The argument checks shared by the covariance ops; returns the bool valid mask."""
+    check_tensor(logp, "logp")
+    _same_shape(advantages, "advantages", logp, "logp")
+    return _valid(mask, logp)
+
+
+def _nothing(like: Tensor) -> Tensor:
+    return torch.zeros(like.shape, dtype=torch.bool, device=like.device)
+
+
 def _masked_mean(x: Tensor, valid: Tensor, count: Tensor) -> Tensor:
     # rlkern.ops.masked_sum: one pass, fp32 chunks merged in float64, so within an ulp of verl's
     # float32 means (masked_mean's sum / (count + 1e-8), kl_cov's x[mask].mean()) whatever their
@@ -83,9 +94,7 @@ def token_covariance(advantages: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
         advantages, logp: ``[..., T]`` float tensors (computed in float32).
         mask: ``[..., T]``, any dtype, nonzero = valid.
     """
-    check_tensor(logp, "logp")
-    _same_shape(advantages, "advantages", logp, "logp")
-    valid = _valid(mask, logp)
+    valid = _checked(advantages, logp, mask)
     return _covariance(advantages, logp, valid, torch.count_nonzero(valid))
 
 
@@ -158,12 +167,10 @@ def kl_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float = 0
     Returns:
         bool ``[..., T]``, True at the selected tokens.
     """
-    check_tensor(logp, "logp")
-    _same_shape(advantages, "advantages", logp, "logp")
-    valid = _valid(mask, logp)
+    valid = _checked(advantages, logp, mask)
     ratio = _ratio(ratio, "ratio")
     if logp.numel() == 0:
-        return torch.zeros(logp.shape, dtype=torch.bool, device=logp.device)
+        return _nothing(logp)
     count = torch.count_nonzero(valid)
     cov = _covariance(advantages, logp, valid, count).reshape(-1)
     flat = valid.reshape(-1)
@@ -205,13 +212,11 @@ def clip_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float =
     Returns:
         bool ``[..., T]``, True at the selected tokens.
     """
-    check_tensor(logp, "logp")
-    _same_shape(advantages, "advantages", logp, "logp")
-    valid = _valid(mask, logp)
+    valid = _checked(advantages, logp, mask)
     ratio = _ratio(ratio, "ratio")
     lb, ub = check_number(lb, "lb"), check_number(ub, "ub")
     if logp.numel() == 0:
-        return torch.zeros(logp.shape, dtype=torch.bool, device=logp.device)
+        return _nothing(logp)
     count = torch.count_nonzero(valid)
     cov = _covariance(advantages, logp, valid, count)
     cand = valid & (cov > lb) & (cov < ub)
@@ -256,7 +261,7 @@ def high_entropy_mask(entropies: Tensor, mask: Tensor, threshold: float) -> Tens
     n = torch.count_nonzero(live)
     ordered = torch.sort(torch.where(live, e, math.inf).reshape(-1)).values
     if ordered.numel() == 0:
-        return torch.zeros(entropies.shape, dtype=torch.bool, device=entropies.device)
+        return _nothing(entropies)
     # torch.quantile (aten Sorting.cpp quantile_compute): ranks = q * last_index in the input dtype;
     # below = floor (by the cast), above = ceil, values_below.lerp_(values_above, ranks - below).
     ranks = torch.tensor(q, dtype=torch.float32, device=e.device) * (n - 1).clamp(min=0).float()

@@ -517,7 +517,12 @@ for logits, labels, temperature, g_lp, g_h in torch.load(sys.argv[1]):
         (gx,) = torch.autograd.grad((lp, h), x, (g_lp, g_h))
         y = logits.clone().requires_grad_(True)
         (gy,) = torch.autograd.grad(rlkern.ops.logprobs(y, labels, temperature=temperature), y, g_lp)
-    out.append((lp, h, gx, gy))
+        # Per-row temperatures (exact and corrected rows mixed) and sum p^2.
+        temps = torch.linspace(0.5, 1.5, logits.shape[0]) * temperature
+        z = logits.clone().requires_grad_(True)
+        lp_t, h_t, p2_t = rlkern.ops.logprobs_and_entropy(z, labels, temperature=temps, return_sum_p2=True)
+        (gz,) = torch.autograd.grad((lp_t, h_t), z, (g_lp, g_h))
+    out.append((lp, h, gx, gy, lp_t, h_t, p2_t, gz))
 torch.save(out, sys.argv[2])
 """
 
@@ -554,7 +559,9 @@ def test_every_isa_level_agrees(tmp_path):
     for level in (4, 3, 0):
         for (logits, *_), got, want in zip(cases, run(level), best):
             rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[logits.dtype]
-            for name, g, w in zip(("logp", "entropy", "d logits", "d logits (logprobs only)"), got, want):
+            names = ("logp", "entropy", "d logits", "d logits (logprobs only)", "logp (row T)",
+                     "entropy (row T)", "sum p^2 (row T)", "d logits (row T)")
+            for name, g, w in zip(names, got, want, strict=True):
                 tol = dict(atol=2e-5, rtol=1e-6) if g.dtype == torch.float32 and g.dim() == 1 else \
                     dict(atol=1e-6, rtol=rtol)
                 torch.testing.assert_close(g, w, equal_nan=True, **tol,

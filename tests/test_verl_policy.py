@@ -309,3 +309,18 @@ def test_plain_mapping_configs():
     got = run(vp.compute_policy_loss_kl_cov, old, logp, adv, mask, "token-mean", cfg, None)
     want = run(core.compute_policy_loss_kl_cov, old, logp, adv, mask, "token-mean", config(), None)
     assert_same(got, want, "dict config")
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_bf16_log_probs_agree_within_bf16_resolution(name):
+    """bf16 log-probs (what a bf16 actor returns): verl computes its ratios and IS weights in bf16,
+    rlkern's kernels and selection in fp32, so the two agree to bf16's resolution (2^-8 relative),
+    not to fp32 tolerance; dtypes are verl's (fp32 loss, bf16 gradient)."""
+    logp, old, adv, mask, _ = inputs(int(torch.randint(0, 2**31 - 1, ())))
+    logp, old = logp.bfloat16(), old.bfloat16()
+    cfg = _hostile_config(name)
+    want = run(core.POLICY_LOSS_REGISTRY[name], old, logp, adv, mask, "token-mean", cfg, None)
+    got = run(patched_entry(name), old, logp, adv, mask, "token-mean", cfg, None)
+    assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], want[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got[1].float(), want[1].float(), atol=2e-2, rtol=2e-2)

@@ -435,3 +435,18 @@ def test_torch_compile_fullgraph(backend_name):
             for key in metrics_e:
                 torch.testing.assert_close(metrics_c[key], metrics_e[key], equal_nan=True,
                                            msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("name", list(CONVENTIONS))
+def test_weights_alone_equal_the_kernels(name):
+    """On CPU a call for the weights alone (metrics=False, no rs, no batch_normalize) runs the torch
+    path's few elementwise passes: the same weights as the C++ kernel's (fp32 rounding of exp and of the
+    row sums), for every convention."""
+    pytest.importorskip("rlkern._C")
+    old, roll, mask = _inputs(torch.float32, torch.float32, seed=15)
+    with rlkern.use_backend("cpp"):
+        alone = ops.rollout_correction(old, roll, mask, **CONVENTIONS[name], metrics=False)
+        kernel = ops.rollout_correction(old, roll, mask, **CONVENTIONS[name])
+    assert alone.metrics == {} and kernel.metrics
+    _check(alone.weights, kernel.weights, name)
+    assert alone.mask is mask

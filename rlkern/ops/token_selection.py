@@ -182,7 +182,7 @@ def kl_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float = 0
     tied = (key == kth) & flat
     need = k - (torch.count_nonzero(at_least) - torch.count_nonzero(tied))  # tied ones to take, in order
     surplus = tied & (torch.cumsum(tied, 0, dtype=torch.int32) > need)
-    return (at_least & ~surplus & (k > 0)).reshape(logp.shape)
+    return (at_least & ~surplus).reshape(logp.shape)  # k = 0 only without valid tokens: nothing
 
 
 def clip_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float = 0.0002, lb: float = 1.0,

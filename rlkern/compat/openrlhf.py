@@ -214,11 +214,11 @@ def _is_correction(module) -> tuple | str | None:
 def _is_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, correction: tuple,
                 filter_ratio: bool) -> tuple[Tensor, Tensor | None]:
     """OpenRLHF's IS coefficient of each token (openrlhf/models/loss.py::PolicyLoss.forward) from
-    ``d = old_log_probs - rollout_log_probs``, by ``ops.rollout_correction`` (one kernel pass, no
-    host sync), and 0.11.2's ``is_filter_ratio`` when asked:
+    ``d = old_log_probs - rollout_log_probs``, by ``ops.rollout_correction`` (weights only: a few
+    elementwise passes, no host sync), and 0.11.2's ``is_filter_ratio`` when asked:
 
     * token / clip (TIS): ``clamp(exp(d), low, high)``; filtered: ``exp(d)`` outside ``[low, high]``;
-    * token / mask (IcePop): ``exp(d)`` inside ``[low, high]``, else 0;
+    * token / mask (IcePop): ``exp(d)`` inside ``[low, high]``, else 0 (filtered);
     * seq / mask (seq-mask-tis): ``exp(d)``, 0 for a row whose ``exp(masked_mean(d))`` (no epsilon:
       a row with no valid token has NaN, so it is dropped) is outside ``[low, high]``; the filter
       ratio is then the share of rows dropped.
@@ -226,23 +226,22 @@ def _is_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, 
     Padding keeps ``exp(d)`` (OpenRLHF's loss mask comes later). OpenRLHF 0.11.2 selects 0 with
     ``torch.where`` where 0.9.5-0.11.0 multiply by the 0/1 flag; they differ only where ``d`` is NaN
     or overflows ``exp`` (d > 88), and rlkern multiplies (a NaN loss rather than a dropped token).
-    The filter ratio counts a NaN coefficient as kept (0.11.2: dropped)."""
+    The filter flags are read off the weights: a TIS weight at a bound (so ``exp(d)`` exactly equal
+    to a bound counts as filtered, where OpenRLHF's strict comparison does not), an IcePop weight or
+    a whole row of weights that is not > 0."""
     level, mode, low, high = correction
     if level == "seq":
-        res = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="token", mode="none",
-                                     upper=None, log_clamp=None, padding="raw", seq_gate=(low, high),
-                                     metrics=False)
-        dropped = (res.weights == 0).all(dim=-1).float().mean() if filter_ratio else None
-        return res.weights, dropped
-    res = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="token",
-                                 mode="truncate" if mode == "clip" else "mask", lower=low, upper=high,
-                                 log_clamp=None, padding="raw", metrics=filter_ratio, offpolicy_metrics=False)
+        w = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="token", mode="none",
+                                   upper=None, log_clamp=None, padding="raw", seq_gate=(low, high),
+                                   metrics=False).weights
+        return w, (~(w > 0).any(dim=-1)).float().mean() if filter_ratio else None
+    w = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="token",
+                               mode="truncate" if mode == "clip" else "mask", lower=low, upper=high,
+                               log_clamp=None, padding="raw", metrics=False).weights
     if not filter_ratio:
-        return res.weights, None
-    m = res.metrics  # masked token means of the flags (verl's names)
-    if mode == "clip":
-        return res.weights, m["rollout_is_ratio_fraction_high"] + m["rollout_is_ratio_fraction_low"]
-    return res.weights, m["rollout_is_oob_ratio"]
+        return w, None
+    filtered = (w == low) | (w == high) if mode == "clip" else ~(w > 0)
+    return w, masked_mean(filtered.float(), mask)
 
 
 def _policy_forward(module, correction, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,

@@ -36,6 +36,9 @@ verl-specific numerics reproduced here (each cited where it is used):
   ``compute_rs_metrics`` (which take verl's intermediate tensors) are left as they are.
 - ``low_var_kl``/``k3`` clamps the log-ratio to [-20, 20] before exp and the result to [-10, 10].
 - The policy loss clamps the log-ratio to [-20, 20] and always applies dual-clip (``clip_ratio_c=3``).
+- Every entry of ``POLICY_LOSS_REGISTRY`` (12 in 0.9.1) is replaced: ``vanilla`` here, the other 11
+  (and bypass_mode's ``compute_policy_loss_reinforce``) in rlkern/compat/verl_policy.py, re-exported
+  here; KL-Cov / Clip-Cov select their tokens with rlkern.ops.kl_cov_mask / clip_cov_mask (no sync).
 Tensors that verl returns in the input dtype (log-probs, entropy, advantages, returns) keep it here
 too; scalar losses and statistics are fp32 (rlkern accumulates in fp32 whatever the input dtype).
 Masks must be bool or 0/1 (rlkern.ops rejects other values); verl's masked_mean would also take

@@ -891,6 +891,7 @@ def _check_long(hidden, weight, labels, check_rows, **kw):
     assert torch.equal(h.grad[0, others], torch.zeros_like(h.grad[0, others]))
 
 
+@pytest.mark.slow  # ~50 s (cpp, N * V > 2^31) and ~100 s (Triton interpreter, 65,600 tokens)
 def test_long_rows_cpp_n_times_v_past_2_31():
     """One sequence of 65,600 tokens x V = 32,769 (N * V = 2.15e9 > 2^31) on the C++ backend: every
     index there is int64 (the fold, the GEMM's row offsets, the per-tile state [tiles, N])."""
@@ -904,6 +905,7 @@ def test_long_rows_cpp_n_times_v_past_2_31():
         _check_long(hidden, weight, labels, check_rows)
 
 
+@pytest.mark.slow  # ~50 s (cpp, N * V > 2^31) and ~100 s (Triton interpreter, 65,600 tokens)
 @pytest.mark.parametrize("backend_name", ALL_BACKENDS)
 def test_long_rows_every_backend(backend_name):
     """65,600 tokens in one row on every backend (Triton through the interpreter: a small vocabulary

@@ -113,6 +113,13 @@ def _drive_launchers(modules) -> None:
                             1.0, -100, 0, 512, 4096, precision,
                             _meta((n, hidden_size)), _meta((vocab, hidden_size)),
                             _meta((vocab,)) if bias is not None else None)
+                    # The options (per-row temperature, sum p^2) at their heaviest: all outputs.
+                    llp.linear_logprobs_fwd(hidden, weight, bias, labels, 1.0, -100, 0, True, 512, 4096,
+                                            precision, row[0], row[1], row[2], _meta((n,)), _meta((n,)))
+                    llp.linear_logprobs_bwd(
+                        _meta((n,)), _meta((n,)), hidden, weight, bias, labels, row[0], row[1], 1.0, -100, 0,
+                        512, 4096, precision, _meta((n, hidden_size)), _meta((vocab, hidden_size)),
+                        _meta((vocab,)) if bias is not None else None, _meta((n,)))
         for shape in ((3, 7), (8, 4096), (2, 5000)):
             x, mask, out = _meta(shape, dtype), _meta(shape, torch.bool), _meta(shape)
             from rlkern.codes import KL_ESTIMATORS

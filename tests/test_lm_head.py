@@ -956,3 +956,26 @@ def test_triton_grid_and_offsets_for_long_rows(monkeypatch):
     # Row offsets: the token index is int64 from the program id on; weight rows are cast before the multiply.
     assert src.count("tl.program_id(0).to(tl.int64) * BLOCK_N") == 2
     assert src.count("(v0 + cols).to(tl.int64)[:, None] * hidden_size") == 2
+
+
+def test_torch_compile_fullgraph_with_options():
+    """rows (int indices), a per-token temperature tensor and return_sum_p2 trace without graph
+    breaks (the host-side checks are skipped while compiling) and give the eager results."""
+    hidden, weight, bias, labels = _make((2, 7), 16, 50, torch.float32, bias=True)
+    temperature = _temperatures("token", (2, 7))
+    rows = torch.tensor([1, 4, 8, 13])
+
+    def step(h, w):
+        lp, ent, p2 = linear_logprobs(h, w, labels, bias=bias, temperature=temperature, rows=rows,
+                                      return_entropy=True, return_sum_p2=True)
+        return (lp * 2).sum() + ent.mean(), p2
+
+    compiled = torch.compile(step, fullgraph=True)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with rlkern.use_backend("cpp"):
+        (out_c, p2_c), (out_e, p2_e) = compiled(h1, w1), step(h2, w2)
+    out_c.backward()
+    out_e.backward()
+    for a, b in ((out_c, out_e), (p2_c, p2_e), (h1.grad, h2.grad), (w1.grad, w2.grad)):
+        torch.testing.assert_close(a, b)

@@ -979,3 +979,16 @@ def test_torch_compile_fullgraph_with_options():
     out_e.backward()
     for a, b in ((out_c, out_e), (p2_c, p2_e), (h1.grad, h2.grad), (w1.grad, w2.grad)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 3)])
+def test_options_with_no_rows_selected(backend, lead):
+    """No token selected (or none at all): zeros of the full shape, zero gradients, nothing NaN."""
+    hidden, weight, _, labels = _make(lead, 8, 11, torch.float32)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    outs = linear_logprobs(h, w, labels, rows=torch.zeros(0, dtype=torch.long), return_entropy=True,
+                           temperature=torch.full(lead, 0.7), return_sum_p2=True)
+    (outs[0].sum() + outs[1].sum()).backward()
+    for o in outs:
+        assert torch.equal(o, torch.zeros(lead))
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))

@@ -10,6 +10,16 @@
 //                   grpo_bc: l += beta * k3 * r  (TRL's use_bias_correction_kl: the KL term
 //                            importance-weighted by the unclipped ratio; kind 3)
 //   value:          l = 1/2 max((v - R)^2, (clamp(v, v_old - clip, v_old + clip) - R)^2)
+// Variants of the policy / grpo surrogate (template parameter V, rlkern/codes.py LOSS_VARIANTS; issue 13):
+//   ppo        the PPO-clip above, with r -> min(r, delta) in the unclipped branch (TRL's delta)
+//   cispo      l = -sg(clamp(r, lo, hi)) A logp            verl core_algos.py::compute_policy_loss_cispo
+//   cispo_cap  l = -sg(min(r, cap)) A logp, cap = clip_high  TRL grpo_trainer.py::_compute_loss "cispo"
+//   sapo       l = -sigmoid(tau (r - 1)) 4 / tau A         verl compute_policy_loss_sapo, TRL "sapo"
+//   gpg        l = -A logp                                 verl compute_policy_loss_gpg
+// Ratio levels (runtime, per launch): token: r per token as above; sequence: r_b = exp(clamp(s_b, -20,
+// 20)), s_b the masked row mean of logp - old (TRL importance_sampling_level="sequence"; the gradient
+// flows through the mean, so each valid token also gets G_b = (1 / n_b) sum_t d l_t / d log r_b);
+// sequence_token: r_b = exp(min(s_b, 10)) with d r / d logp_t = r_b (verl compute_policy_loss_gspo).
 // loss = sum_rows scale_b * sum_{t valid} l_bt, where scale_b = (per_row_mean ? 1 / max(n_b, 1) : 1) / D and
 // D is a constant (B, T, B * L, a global token count) or a count this pass finds (valid tokens, or
 // rows with a valid token), at least 1. Masked-out positions are never read into a result: padding
@@ -102,59 +112,116 @@ RLKERN_INLINE vfloat keep(vfloat x, vfloat valid) {
 // torch.maximum(a, b)'s backward share for a: 1 where a > b, 1/2 where a == b, 0 where a < b.
 RLKERN_INLINE vfloat max_share(vfloat a, vfloat b) { return gt(a, b) + splat(0.5f) * eq(a, b); }
 
+// The constants of one launch. cap: cispo_cap's absolute bound on r (TRL's epsilon_high, passed as
+// clip_high); delta: ppo's bound on the unclipped branch (TRL's args.delta; +inf: off); sapo's
+// temperatures and 4 / tau for A > 0 (pos) and A <= 0 (neg).
 struct Consts {
-  vfloat lo, hi, dual, beta, clip;
+  vfloat lo, hi, dual, beta, clip, cap, delta, tau_pos, tau_neg, four_pos, four_neg;
+};
+
+// The importance ratio of one block of tokens: lr = log r (clamped), ratio = r, pass = 1 where the
+// gradient flows through lr into logp at this token (token level: lr not clamped; sequence_token:
+// the row's s_b <= 10; sequence: 0, the gradient goes through the row mean instead, see RowRatio).
+struct Ratio {
+  vfloat lr, ratio, pass, neg_log_ratio;
 };
 
 struct TokenTerms {
-  vfloat loss;  // l without the KL term (weights not applied)
-  vfloat grad;  // d l / d x, with x = logp (policy, grpo) or v (value)
+  vfloat loss;   // l without the KL term (weights not applied)
+  vfloat dgrad;  // d l / d x at a fixed ratio (cispo, gpg: l reads logp itself; ppo, sapo: 0)
+  vfloat rgrad;  // d l / d log r (ppo, sapo; 0 for the detached ratios of cispo and gpg)
   vfloat clipped, clip_high, clip_low, dual;  // 0/1 flags, read from `probe`'s comparisons
   vfloat probe;  // NaN where the flags are (a comparison with NaN is false: it would count as unclipped)
   vfloat neg_log_ratio, k3;  // k3: the KL term per token (times r for grpo_bc); 0 for policy / value
-  vfloat kl_grad;            // beta * d k3 / d logp; the token's loss is w * loss + beta * k3
+  vfloat kl_d, kl_r;         // d k3 / d logp at a fixed ratio, and d k3 / d log r (grpo_bc's k3 r)
 };
 
-// x = logp, y = old_logp, a = advantage, z = ref_logp. kDual: the dual clip is on (c finite); off, the
-// loss is clip1 itself, as rlkern.reference does without dual_clip (no min with -A * inf).
-template <bool kRef, bool kBiasCorrected, bool kDual>
-RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, const Consts& c) {
+// A NaN token's gradient is NaN: g where l is a number, else l (NaN).
+RLKERN_INLINE vfloat nan_grad(vfloat l, vfloat g) { return pick(eq(l, l), g, l); }
+
+// 1 / (1 + e^-z) and 1 - that, stable for any z (e = e^-|z| <= 1); NaN z gives NaN through z - z.
+RLKERN_INLINE void sigmoid2(vfloat z, vfloat& s, vfloat& one_minus_s) {
+  const vfloat e = vexp_nonpos(vmin_nan(z, -z)) + (z - z);
+  const vfloat inv = splat(1.f) / (splat(1.f) + e);
+  const vfloat pos = gt(z, splat(0.f)) + eq(z, splat(0.f));  // z >= 0
+  s = pick(pos, inv, e * inv);
+  one_minus_s = pick(pos, e * inv, inv);
+}
+
+// x = logp, y = old_logp, a = advantage, z = ref_logp, q = the block's importance ratio.
+// kDual: the dual clip is on (c finite); off, the loss is clip1 itself, as rlkern.reference does
+// without dual_clip (no min with -A * inf). V: the per-token surrogate (rlkern/codes.py LOSS_VARIANTS).
+template <bool kRef, bool kBiasCorrected, bool kDual, int64_t V>
+RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat a, vfloat z, const Ratio& q, const Consts& c) {
   TokenTerms t;
-  const vfloat lr_raw = x - y;
-  const vfloat lr = clamp_const(lr_raw, splat(-20.f), splat(20.f));
-  const vfloat lr_pass = eq(lr, lr_raw);
-  const vfloat ratio = vexp_nonpos(lr) + (lr - lr);
-  const vfloat rc = clamp_const(ratio, c.lo, c.hi);  // the ratio bounds are finite (checked)
-  const vfloat rc_pass = eq(rc, ratio);
+  const vfloat ratio = q.ratio;
   const vfloat neg_a = -a;
-  const vfloat pg1 = neg_a * ratio, pg2 = neg_a * rc;
-  const vfloat a1 = max_share(pg1, pg2);
-  // torch.maximum: pg1 and pg2 are NaN together (ratio >= e^-20 and rc >= 1 - clip_low are > 0, so
-  // an infinite A gives +-inf in both, never 0 * inf), and a plain max returns a NaN pg1.
-  const vfloat clip1 = pg1 < pg2 ? pg2 : pg1;
-  const vfloat d_clip1 = neg_a * (a1 + (splat(1.f) - a1) * rc_pass);  // d clip1 / d ratio
-  // torch.clamp's backward selects (0 where the clamp is active), so an infinite A times a clamped
-  // log-ratio gives 0 there, not 0 * inf; a NaN token's gradient is NaN (lr_pass fails on NaN).
-  if constexpr (kDual) {
-    // Dual clip: for A < 0, min(clip1, -A c).
-    const vfloat pg3 = neg_a * c.dual;
-    const vfloat neg = gt(splat(0.f), a);
-    const vfloat b1 = max_share(pg3, clip1);  // torch.minimum share of clip1 = share of pg3 in a max
-    t.dual = gt(clip1, pg3) * neg;
-    t.loss = pick(t.dual, pg3, clip1);  // = where(A < 0, min(pg3, clip1), clip1); NaN clip1 -> NaN
-    t.grad = pick(lr_pass, pick(neg, d_clip1 * b1, d_clip1) * ratio, splat(0.f));
+  t.dgrad = t.rgrad = t.clipped = t.clip_high = t.clip_low = t.dual = splat(0.f);
+  if constexpr (V == kVariantPpo) {
+    // verl core_algos.py::compute_policy_loss_vanilla; TRL grpo_trainer.py::_compute_loss with
+    // `coef_1 = torch.clamp(coef_1, max=self.args.delta)` in the unclipped branch (delta = +inf: off).
+    const vfloat r1 = c.delta < ratio ? c.delta : ratio;  // torch.clamp(max=): a NaN ratio stays NaN
+    const vfloat r1_pass = splat(1.f) - gt(ratio, c.delta);
+    const vfloat rc = clamp_const(ratio, c.lo, c.hi);  // the ratio bounds are finite (checked)
+    const vfloat rc_pass = eq(rc, ratio);
+    const vfloat pg1 = neg_a * r1, pg2 = neg_a * rc;
+    const vfloat a1 = max_share(pg1, pg2);
+    // torch.maximum: pg1 and pg2 are NaN together (ratio >= e^-20 and rc >= 1 - clip_low are > 0, so
+    // an infinite A gives +-inf in both, never 0 * inf), and a plain max returns a NaN pg1.
+    const vfloat clip1 = pg1 < pg2 ? pg2 : pg1;
+    const vfloat d_clip1 = neg_a * (a1 * r1_pass + (splat(1.f) - a1) * rc_pass);  // d clip1 / d ratio
+    if constexpr (kDual) {
+      // Dual clip: for A < 0, min(clip1, -A c).
+      const vfloat pg3 = neg_a * c.dual;
+      const vfloat neg = gt(splat(0.f), a);
+      const vfloat b1 = max_share(pg3, clip1);  // torch.minimum share of clip1 = share of pg3 in a max
+      t.dual = gt(clip1, pg3) * neg;
+      t.loss = pick(t.dual, pg3, clip1);  // = where(A < 0, min(pg3, clip1), clip1); NaN clip1 -> NaN
+      t.rgrad = pick(neg, d_clip1 * b1, d_clip1) * ratio;
+    } else {
+      t.loss = clip1;
+      t.rgrad = d_clip1 * ratio;
+    }
+    t.clipped = gt(pg2, pg1);
+    t.clip_high = gt(r1, c.hi) * gt(a, splat(0.f));
+    t.clip_low = gt(c.lo, r1) * gt(splat(0.f), a);
+    t.probe = clip1;
+  } else if constexpr (V == kVariantCispo || V == kVariantCispoCap) {
+    // cispo: verl compute_policy_loss_cispo, -sg(clamp(r, 1 - lo, 1 + hi)) A logp, clip flag r != clip(r);
+    // cispo_cap: TRL _compute_loss loss_type="cispo", -sg(clamp(r, max=epsilon_high)) A logp, flag
+    // (coef_1 > epsilon_high) & (A > 0) (TRL's cispo_clip_ratio).
+    vfloat w;
+    if constexpr (V == kVariantCispo) {
+      w = clamp_const(ratio, c.lo, c.hi);
+      t.clipped = splat(1.f) - eq(w, ratio);
+    } else {
+      w = c.cap < ratio ? c.cap : ratio;
+      t.clipped = t.clip_high = gt(ratio, c.cap) * gt(a, splat(0.f));
+    }
+    const vfloat coef = -w * a;
+    t.loss = coef * x;
+    t.dgrad = coef;
+    t.probe = t.loss;
+  } else if constexpr (V == kVariantSapo) {
+    // verl compute_policy_loss_sapo == TRL loss_type="sapo": -sigmoid(tau (r - 1)) 4 / tau A, tau =
+    // tau_pos where A > 0 else tau_neg; d / d log r = -A 4 s (1 - s) r.
+    const vfloat pos = gt(a, splat(0.f));
+    const vfloat tau = pick(pos, c.tau_pos, c.tau_neg);
+    vfloat s, s1;
+    sigmoid2(tau * (ratio - splat(1.f)), s, s1);
+    t.loss = -(s * pick(pos, c.four_pos, c.four_neg)) * a;
+    t.rgrad = neg_a * splat(4.f) * s * s1 * ratio;
+    t.probe = t.loss;
   } else {
-    t.dual = splat(0.f);
-    t.loss = clip1;
-    t.grad = pick(lr_pass, d_clip1 * ratio, splat(0.f));
+    static_assert(V == kVariantGpg, "unknown variant");
+    // verl compute_policy_loss_gpg: -logp A.
+    t.loss = x * neg_a;
+    t.dgrad = neg_a;
+    t.probe = t.loss;
   }
-  t.grad = pick(eq(t.loss, t.loss), t.grad, t.loss);
-  t.clipped = gt(pg2, pg1);
-  t.clip_high = gt(ratio, c.hi) * gt(a, splat(0.f));
-  t.clip_low = gt(c.lo, ratio) * gt(splat(0.f), a);
-  t.probe = clip1;
-  t.neg_log_ratio = -lr;
-  t.k3 = t.kl_grad = splat(0.f);
+  t.dgrad = nan_grad(t.loss, t.dgrad);  // rgrad: after the level routes it (token_grad, ratio_grad)
+  t.neg_log_ratio = q.neg_log_ratio;
+  t.k3 = t.kl_d = t.kl_r = splat(0.f);
   if constexpr (kRef) {
     const vfloat d_raw = z - x;
     const vfloat d = clamp_const(d_raw, splat(-20.f), splat(20.f));
@@ -164,12 +231,13 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
     // d k3 / d logp = -(e^d - 1) d d/d logp
     const vfloat d_k3 = (splat(1.f) - ed) * d_pass + (d - d);
     if constexpr (kBiasCorrected) {
-      // k3 r: d/d logp = d_k3 r + k3 r lr_pass (r = e^lr, d lr / d logp = lr_pass). The k3 stat
-      // reports the corrected term, as TRL's `kl` metric does.
-      t.kl_grad = c.beta * (d_k3 * ratio + t.k3 * ratio * lr_pass);
+      // k3 r: d/d logp = d_k3 r (here) + k3 r d log r / d logp (routed by the ratio level). The k3
+      // stat reports the corrected term, as TRL's `kl` metric does.
+      t.kl_d = d_k3 * ratio;
+      t.kl_r = t.k3 * ratio;
       t.k3 = t.k3 * ratio;
     } else {
-      t.kl_grad = c.beta * d_k3;
+      t.kl_d = d_k3;
     }
   }
   return t;
@@ -187,12 +255,12 @@ RLKERN_INLINE TokenTerms value_terms(vfloat v, vfloat v_old, vfloat ret, const C
   t.loss = splat(0.5f) * vmax_nan(l1, l2);
   // 1/2 d(e^2) = e de. The clamp's pass is a select, as in torch.clamp's backward: an infinite old
   // value or return must give 0 there, not 0 * inf = NaN. A NaN token's gradient is NaN.
-  t.grad = a1 * e1 + pick(vc_pass, (splat(1.f) - a1) * e2, splat(0.f));
-  t.grad = pick(eq(t.loss, t.loss), t.grad, t.loss);
+  t.dgrad = nan_grad(t.loss, a1 * e1 + pick(vc_pass, (splat(1.f) - a1) * e2, splat(0.f)));
+  t.rgrad = splat(0.f);
   t.clipped = gt(l2, l1);
   t.probe = t.loss;
   t.clip_high = t.clip_low = t.dual = splat(0.f);
-  t.neg_log_ratio = t.k3 = t.kl_grad = splat(0.f);
+  t.neg_log_ratio = t.k3 = t.kl_d = t.kl_r = splat(0.f);
   return t;
 }
 
@@ -208,6 +276,7 @@ struct Rows {
   MaskStager stage;
   int64_t len;
   bool a_per_row;
+  int64_t level;  // rlkern/codes.py RATIO_LEVELS
 };
 
 template <typename T>
@@ -234,10 +303,93 @@ RLKERN_INLINE Block<T> load_block(const Rows<T>& r, int64_t b, int64_t t0, int64
   return k;
 }
 
-template <int64_t K, bool kDual>
-RLKERN_INLINE TokenTerms terms(vfloat x, vfloat y, vfloat a, vfloat z, const Consts& c) {
+// The row's importance ratio at the sequence levels (the first sweep of a row): s_b = sum of
+// logp - old over valid tokens / max(n_b, 1), the log-ratio the tokens use (sequence: clamped to
+// +-20, TRL's importance_sampling_level="sequence" after rlkern's usual clamp; sequence_token:
+// min(s_b, 10), verl compute_policy_loss_gspo), its e^, and whether the clamp lets the gradient pass.
+struct RowRatio {
+  float mean, lr, ratio, pass, count;
+  bool through_mean;  // sequence: the gradient flows through the mean (or the row is NaN)
+};
+
+RLKERN_INLINE RowRatio row_from_mean(float s, float count, int64_t level) {
+  RowRatio q;
+  q.mean = s;
+  q.count = count;
+  if (level == kLevelSequence) {
+    q.lr = std::isnan(s) ? s : std::clamp(s, -20.f, 20.f);
+    q.pass = 0.f;  // the gradient goes through the mean: forward_rows' G_b
+    q.through_mean = !(s < -20.f || s > 20.f);  // torch.clamp's backward (NaN: NaN flows)
+  } else {
+    q.lr = s > 10.f ? 10.f : s;  // torch.clamp(max=10.0): NaN stays NaN
+    q.pass = s <= 10.f ? 1.f : 0.f;
+    q.through_mean = false;
+  }
+  q.ratio = std::exp(q.lr);
+  return q;
+}
+
+template <typename T>
+RLKERN_INLINE RowRatio row_ratio(const Rows<T>& r, int64_t b, float* valid) {
+  vfloat acc = splat(0.f), n = splat(0.f);
+  for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
+    const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
+    r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
+    for (int64_t t = 0; t < cn; t += kLanes) {
+      const int64_t m = std::min<int64_t>(kLanes, cn - t), off = b * r.len + c0 + t;
+      const vfloat v = load16(valid + t);
+      acc += keep(load_at(r.x, off, m) - load_at(r.y, off, m), v);
+      n += v;
+    }
+  }
+  const float count = hsum(n);
+  return row_from_mean(hsum(acc) / std::max(count, 1.f), count, r.level);
+}
+
+// The ratio of one block: per token at the token level, the row's otherwise.
+RLKERN_INLINE Ratio block_ratio(vfloat x, vfloat y, int64_t level, const RowRatio& row) {
+  Ratio q;
+  if (level == kLevelToken) {
+    const vfloat lr_raw = x - y;
+    q.lr = clamp_const(lr_raw, splat(-20.f), splat(20.f));
+    q.pass = eq(q.lr, lr_raw);
+    q.ratio = vexp_nonpos(q.lr) + (q.lr - q.lr);
+    q.neg_log_ratio = -q.lr;
+  } else {
+    q.lr = splat(row.lr);
+    q.pass = splat(row.pass);
+    q.ratio = splat(row.ratio);
+    q.neg_log_ratio = y - x;  // verl gspo's ppo_kl: the unclamped token log-ratio
+  }
+  return q;
+}
+
+template <int64_t K, int64_t V, bool kDual>
+RLKERN_INLINE TokenTerms terms(vfloat x, vfloat y, vfloat a, vfloat z, const Ratio& q, const Consts& c) {
   if constexpr (K == kLossValue) return value_terms(x, y, a, c);
-  else return policy_terms<K == kLossGrpo || K == kLossGrpoBc, K == kLossGrpoBc, kDual>(x, y, a, z, c);
+  else return policy_terms<K == kLossGrpo || K == kLossGrpoBc, K == kLossGrpoBc, kDual, V>(x, a, z, q, c);
+}
+
+// A token's gradient w * d l / d x + beta * d k3 / d x, except (at the sequence level) the part through
+// the row mean, which is the same for every token of the row (RowGrad). torch.clamp's backward selects
+// (0 where the clamp is active), so an infinite A times a clamped log-ratio gives 0 there, not 0 * inf.
+template <int64_t K, int64_t V>
+RLKERN_INLINE vfloat token_grad(const TokenTerms& t, vfloat w, vfloat pass, const Consts& c) {
+  vfloat g;
+  if constexpr (K == kLossValue || V == kVariantCispo || V == kVariantCispoCap || V == kVariantGpg) g = w * t.dgrad;
+  else g = w * nan_grad(t.loss, pick(pass, t.rgrad, splat(0.f)));
+  if constexpr (K == kLossGrpoBc) return g + c.beta * (t.kl_d + t.kl_r * pass);
+  else if constexpr (K == kLossGrpo) return g + c.beta * t.kl_d;
+  else return g;
+}
+
+// d loss / d log r_b of one block, summed over a row at the sequence level (0 for the others).
+template <int64_t K, int64_t V>
+RLKERN_INLINE vfloat ratio_grad(const TokenTerms& t, vfloat w, const Consts& c) {
+  vfloat g = splat(0.f);
+  if constexpr (K != kLossValue && (V == kVariantPpo || V == kVariantSapo)) g = w * nan_grad(t.loss, t.rgrad);
+  if constexpr (K == kLossGrpoBc) g = g + c.beta * t.kl_r;
+  return g;
 }
 
 // The per-row partial sums kind K reports (rlkern/ops/losses.py reads only these stats; the others
@@ -257,24 +409,29 @@ constexpr bool reports(int p) {
   }
 }
 
-// With kSave the forward also writes each token's unscaled gradient w * d l / d x + beta * d k3 / d x
-// (float32, unmasked) into `saved`, so that the backward is one elementwise pass (backward_saved)
-// instead of a second evaluation of every token's terms. The product order is the backward's, so the
-// result is bitwise the same.
-template <typename T, int64_t K, bool kDual, bool kSave>
+// With kSave the forward also writes each token's unscaled gradient (token_grad, float32, unmasked)
+// into `saved`, so that the backward is one elementwise pass (backward_saved) instead of a second
+// evaluation of every token's terms. The product order is the backward's, so the result is bitwise the
+// same. At the sequence levels a first sweep of the row finds its ratio (row_ratio), and `aux` gets
+// (log r_b, the row-mean gradient G_b = pass_b / n_b * sum_t d loss_t / d log r_b) per row.
+template <typename T, int64_t K, int64_t V, bool kDual, bool kSave>
 RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, const Consts& c, float* partial,
-                                float* saved) {
+                                float* saved, float* aux) {
   alignas(64) float valid[kChunk];
   for (int64_t b = begin; b < end; ++b) {
+    RowRatio row{0.f, 0.f, 1.f, 0.f, 0.f, false};
+    if (r.level != kLevelToken) row = row_ratio(r, b, valid);
     vfloat acc[kPartials];
     for (auto& v : acc) v = splat(0.f);
+    vfloat acc_rg = splat(0.f);
     for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
       const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
       r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
       for (int64_t t = 0; t < cn; t += kLanes) {
         Block<T> k = load_block(r, b, c0 + t, std::min<int64_t>(kLanes, cn - t));
         k.valid = load16(valid + t);
-        const TokenTerms tt = terms<K, kDual>(k.x, k.y, k.a, k.z, c);
+        const Ratio q = block_ratio(k.x, k.y, r.level, row);
+        const TokenTerms tt = terms<K, V, kDual>(k.x, k.y, k.a, k.z, q, c);
         // Selects, not products with the mask: 0 * NaN from padding would poison the sums (the flags
         // too are NaN where a token's surrogate is).
         const vfloat v = k.valid;
@@ -282,10 +439,11 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
         const vfloat weighted = tt.loss * k.w + c.beta * tt.k3;
         if constexpr (kSave) {
           const int64_t n = std::min<int64_t>(kLanes, cn - t), at = b * r.len + c0 + t;
-          const vfloat gx = k.w * tt.grad + tt.kl_grad;
+          const vfloat gx = token_grad<K, V>(tt, k.w, q.pass, c);
           if (n == kLanes) store16(saved + at, gx);
           else store_tail(saved + at, gx, n);
         }
+        if (r.level == kLevelSequence) acc_rg += keep(ratio_grad<K, V>(tt, k.w, c), v);
         acc[kLossSum] += keep(weighted, v);
         acc[kCount] += v;
         if constexpr (reports<K, kDual>(kClipped)) acc[kClipped] += keep(tt.clipped, v);
@@ -302,23 +460,34 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
     // A valid token whose flags' probe is NaN makes the row's flag sums NaN (as a NaN flag would).
     if (p[kProbeOk] != p[kCount])
       for (int i : {kClipped, kClipHigh, kClipLow, kDualFlag}) p[i] = std::numeric_limits<float>::quiet_NaN();
+    // (s_b, G_b); torch.clamp's backward: G_b = 0 where the row's clamp is active (a select, never
+    // 0 * inf). Zeros at the token level: every output is written.
+    aux[2 * b] = r.level != kLevelToken ? row.mean : 0.f;
+    aux[2 * b + 1] = row.through_mean && row.count > 0 ? hsum(acc_rg) / row.count : 0.f;
   }
 }
 
-template <typename T, int64_t K, bool kDual>
+template <typename T, int64_t K, int64_t V, bool kDual>
 RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, const Consts& c, float grad,
-                                 const float* scale, T* out) {
+                                 const float* scale, const float* aux, T* out) {
   alignas(64) float valid[kChunk];
   for (int64_t b = begin; b < end; ++b) {
     const vfloat g = splat(grad * scale[b]);
+    RowRatio row{0.f, 0.f, 1.f, 0.f, 0.f, false};
+    vfloat row_add = splat(0.f);
+    if (r.level != kLevelToken) {
+      row = row_from_mean(aux[2 * b], 0.f, r.level);
+      row_add = splat(aux[2 * b + 1]);
+    }
     for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
       const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
       r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
       for (int64_t t = 0; t < cn; t += kLanes) {
         const int64_t n = std::min<int64_t>(kLanes, cn - t), t0 = c0 + t;
         const Block<T> k = load_block(r, b, t0, n);
-        const TokenTerms tt = terms<K, kDual>(k.x, k.y, k.a, k.z, c);
-        const vfloat d = keep(g * (k.w * tt.grad + tt.kl_grad), load16(valid + t));
+        const Ratio q = block_ratio(k.x, k.y, r.level, row);
+        const TokenTerms tt = terms<K, V, kDual>(k.x, k.y, k.a, k.z, q, c);
+        const vfloat d = keep(g * (token_grad<K, V>(tt, k.w, q.pass, c) + row_add), load16(valid + t));
         if (n == kLanes) store16(out + b * r.len + t0, d);
         else store_tail(out + b * r.len + t0, d, n);
       }
@@ -326,19 +495,24 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
   }
 }
 
-// The backward from the forward's saved per-token gradients: d x = keep(grad * scale_b * saved, mask).
+// The backward from the forward's saved per-token gradients: d x = keep(grad * scale_b * (saved +
+// add_b), mask), add_b the row-mean gradient of the sequence level (aux[2 b + 1]; absent: 0).
 template <typename T>
 RLKERN_INLINE void backward_saved_rows(int64_t begin, int64_t end, int64_t len, const float* saved, const char* mask,
-                                       int64_t mask_bytes, MaskStager stage, float grad, const float* scale, T* out) {
+                                       int64_t mask_bytes, MaskStager stage, float grad, const float* scale,
+                                       const float* aux, T* out) {
   alignas(64) float valid[kChunk];
   for (int64_t b = begin; b < end; ++b) {
     const vfloat g = splat(grad * scale[b]);
+    const bool add = aux != nullptr;
+    const vfloat row_add = splat(add ? aux[2 * b + 1] : 0.f);
     for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
       const int64_t cn = std::min<int64_t>(kChunk, len - c0);
       stage(mask + (b * len + c0) * mask_bytes, cn, valid);
       for (int64_t t = 0; t < cn; t += kLanes) {
         const int64_t n = std::min<int64_t>(kLanes, cn - t), at = b * len + c0 + t;
-        const vfloat x = n == kLanes ? load16(saved + at) : load_tail(saved + at, n, 0.f);
+        vfloat x = n == kLanes ? load16(saved + at) : load_tail(saved + at, n, 0.f);
+        if (add) x = x + row_add;
         const vfloat d = keep(g * x, load16(valid + t));
         if (n == kLanes) store16(out + at, d);
         else store_tail(out + at, d, n);
@@ -348,66 +522,108 @@ RLKERN_INLINE void backward_saved_rows(int64_t begin, int64_t end, int64_t len, 
 }
 #define RLKERN_SAVED_KERNEL(T, SUFFIX)                                                                     \
   RLKERN_CLONES void backward_saved_##SUFFIX(int64_t b, int64_t e, int64_t len, const float* sv, const char* m, \
-                                             int64_t mb, MaskStager st, float g, const float* s, T* out) {  \
-    backward_saved_rows<T>(b, e, len, sv, m, mb, st, g, s, out);                                           \
+                                             int64_t mb, MaskStager st, float g, const float* s,            \
+                                             const float* ax, T* out) {                                     \
+    backward_saved_rows<T>(b, e, len, sv, m, mb, st, g, s, ax, out);                                       \
   }                                                                                                       \
   void backward_saved_any(int64_t b, int64_t e, int64_t len, const float* sv, const char* m, int64_t mb,   \
-                          MaskStager st, float g, const float* s, T* out) {                                \
-    backward_saved_##SUFFIX(b, e, len, sv, m, mb, st, g, s, out);                                          \
+                          MaskStager st, float g, const float* s, const float* ax, T* out) {               \
+    backward_saved_##SUFFIX(b, e, len, sv, m, mb, st, g, s, ax, out);                                      \
   }
 RLKERN_SAVED_KERNEL(float, f32)
 RLKERN_SAVED_KERNEL(c10::BFloat16, bf16)
 RLKERN_SAVED_KERNEL(c10::Half, f16)
 #undef RLKERN_SAVED_KERNEL
 
-// One clone set per (storage type, kind, dual clip on/off), each covering a range of rows so the
-// CPU-feature dispatch is paid once per thread chunk. The dual clip exists for the policy kind only.
-#define RLKERN_LOSS_KERNELS(T, SUFFIX, K, D)                                                               \
-  RLKERN_CLONES void forward_##SUFFIX##_##K##_##D(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, \
-                                                  float* partial, float* saved) {                        \
-    if (saved != nullptr) forward_rows<T, K, D, true>(b, e, r, c, partial, saved);                        \
-    else forward_rows<T, K, D, false>(b, e, r, c, partial, nullptr);                                      \
+// One clone set per (storage type, kind, variant, dual clip on/off), each covering a range of rows so
+// the CPU-feature dispatch is paid once per thread chunk. The dual clip exists for the policy kind's
+// ppo variant only; the ratio level is a runtime switch (one branch per row and block).
+#define RLKERN_LOSS_KERNELS(T, SUFFIX, K, V, D)                                                            \
+  RLKERN_CLONES void forward_##SUFFIX##_##K##_##V##_##D(int64_t b, int64_t e, const Rows<T>& r,           \
+                                                        const Consts& c, float* partial, float* saved,     \
+                                                        float* aux) {                                      \
+    if (saved != nullptr) forward_rows<T, K, V, D, true>(b, e, r, c, partial, saved, aux);                 \
+    else forward_rows<T, K, V, D, false>(b, e, r, c, partial, nullptr, aux);                               \
   }                                                                                                       \
-  RLKERN_CLONES void backward_##SUFFIX##_##K##_##D(int64_t b, int64_t e, const Rows<T>& r, const Consts& c,\
-                                                   float g, const float* s, T* out) {                     \
-    backward_rows<T, K, D>(b, e, r, c, g, s, out);                                                        \
+  RLKERN_CLONES void backward_##SUFFIX##_##K##_##V##_##D(int64_t b, int64_t e, const Rows<T>& r,          \
+                                                         const Consts& c, float g, const float* s,         \
+                                                         const float* aux, T* out) {                       \
+    backward_rows<T, K, V, D>(b, e, r, c, g, s, aux, out);                                                \
   }                                                                                                       \
-  void forward_kind(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, float* p, float* sv,         \
-                    std::integral_constant<int64_t, K>, std::bool_constant<D>) {                          \
-    forward_##SUFFIX##_##K##_##D(b, e, r, c, p, sv);                                                      \
+  void forward_kind(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, float* p, float* sv, float* ax, \
+                    std::integral_constant<int64_t, K>, std::integral_constant<int64_t, V>,                \
+                    std::bool_constant<D>) {                                                               \
+    forward_##SUFFIX##_##K##_##V##_##D(b, e, r, c, p, sv, ax);                                             \
   }                                                                                                       \
   void backward_kind(int64_t b, int64_t e, const Rows<T>& r, const Consts& c, float g, const float* s,    \
-                     T* out, std::integral_constant<int64_t, K>, std::bool_constant<D>) {                 \
-    backward_##SUFFIX##_##K##_##D(b, e, r, c, g, s, out);                                                 \
+                     const float* ax, T* out, std::integral_constant<int64_t, K>,                          \
+                     std::integral_constant<int64_t, V>, std::bool_constant<D>) {                          \
+    backward_##SUFFIX##_##K##_##V##_##D(b, e, r, c, g, s, ax, out);                                        \
   }
-#define RLKERN_LOSS_KINDS(T, SUFFIX)             \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, false) \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, true)  \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo, false)   \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc, false) \
-  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossValue, false)
+#define RLKERN_LOSS_KINDS(T, SUFFIX)                                          \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantPpo, false)             \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantPpo, true)              \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantCispo, false)           \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantCispoCap, false)        \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantSapo, false)            \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantGpg, false)             \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo, kVariantPpo, false)               \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo, kVariantCispoCap, false)          \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo, kVariantSapo, false)              \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc, kVariantPpo, false)             \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc, kVariantCispoCap, false)        \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc, kVariantSapo, false)            \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossValue, kVariantPpo, false)
 RLKERN_LOSS_KINDS(float, f32)
 RLKERN_LOSS_KINDS(c10::BFloat16, bf16)
 RLKERN_LOSS_KINDS(c10::Half, f16)
 #undef RLKERN_LOSS_KINDS
 #undef RLKERN_LOSS_KERNELS
 
-// Calls f(std::integral_constant<int64_t, kind>{}, std::bool_constant<dual clip on>{}). The dual clip
-// (a finite c) is the policy kind's only; the others take c = +inf.
+// Calls f(integral_constant<kind>, integral_constant<variant>, bool_constant<dual clip on>) for the
+// combinations compiled above: policy: every variant (the dual clip with ppo only); grpo / grpo_bc:
+// ppo, cispo_cap (TRL's cispo), sapo; value: ppo only.
 template <typename F>
-void dispatch_kind(int64_t kind, double dual_clip, F&& f) {
-  using std::bool_constant, std::integral_constant;
+void dispatch_kind(int64_t kind, int64_t variant, double dual_clip, F&& f) {
+  using std::bool_constant;
   const bool dual = dual_clip != std::numeric_limits<double>::infinity();
-  TORCH_CHECK(kind == kLossPolicy || !dual, "dual_clip applies to the policy kind only (the others take +inf), "
-              "got ", dual_clip);
+  TORCH_CHECK((kind == kLossPolicy && variant == kVariantPpo) || !dual,
+              "dual_clip applies to the policy kind's ppo variant only (the others take +inf), got ", dual_clip);
+  auto kv = [&](auto k, auto v) { f(k, v, bool_constant<false>{}); };
+  using P = std::integral_constant<int64_t, kVariantPpo>;
+  using CI = std::integral_constant<int64_t, kVariantCispo>;
+  using CC = std::integral_constant<int64_t, kVariantCispoCap>;
+  using S = std::integral_constant<int64_t, kVariantSapo>;
+  using G = std::integral_constant<int64_t, kVariantGpg>;
+  // all: the policy kind, which also has cispo and gpg (a compile-time flag, so the grpo kinds never
+  // instantiate them).
+  auto variants = [&](auto k, auto all) {
+    switch (variant) {
+      case kVariantPpo: kv(k, P{}); return;
+      case kVariantCispoCap: kv(k, CC{}); return;
+      case kVariantSapo: kv(k, S{}); return;
+      case kVariantCispo:
+        if constexpr (decltype(all)::value) { kv(k, CI{}); return; }
+        break;
+      case kVariantGpg:
+        if constexpr (decltype(all)::value) { kv(k, G{}); return; }
+        break;
+      default: break;
+    }
+    TORCH_CHECK(false, "variant ", variant, " is not compiled for kind ", kind,
+                " (policy: 0-4; grpo, grpo_bc: 0 ppo, 2 cispo_cap, 3 sapo; value: 0)");
+  };
   switch (kind) {
     case kLossPolicy:
-      if (dual) f(integral_constant<int64_t, kLossPolicy>{}, bool_constant<true>{});
-      else f(integral_constant<int64_t, kLossPolicy>{}, bool_constant<false>{});
+      if (dual) f(std::integral_constant<int64_t, kLossPolicy>{}, P{}, bool_constant<true>{});
+      else variants(std::integral_constant<int64_t, kLossPolicy>{}, std::true_type{});
       break;
-    case kLossGrpo: f(integral_constant<int64_t, kLossGrpo>{}, bool_constant<false>{}); break;
-    case kLossValue: f(integral_constant<int64_t, kLossValue>{}, bool_constant<false>{}); break;
-    case kLossGrpoBc: f(integral_constant<int64_t, kLossGrpoBc>{}, bool_constant<false>{}); break;
+    case kLossGrpo: variants(std::integral_constant<int64_t, kLossGrpo>{}, std::false_type{}); break;
+    case kLossGrpoBc: variants(std::integral_constant<int64_t, kLossGrpoBc>{}, std::false_type{}); break;
+    case kLossValue:
+      TORCH_CHECK(variant == kVariantPpo, "the value kind has no variants, got ", variant);
+      kv(std::integral_constant<int64_t, kLossValue>{}, P{});
+      break;
     default: TORCH_CHECK(false, "kind must be 0 (policy), 1 (grpo), 2 (value) or 3 (grpo_bc), got ", kind);
   }
 }
@@ -419,7 +635,7 @@ int64_t rows_per_task(int64_t len) { return std::max<int64_t>(1, 16384 / std::ma
 
 // Checks the token tensors ([..., T], contiguous; advantages [..., T] or [...]) and returns the row view.
 template <typename T>
-Rows<T> rows_of(int64_t kind, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
+Rows<T> rows_of(int64_t kind, int64_t level, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& w, const at::Tensor& mask) {
   TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "x must be a contiguous [..., T] tensor");
   const int64_t L = x.size(-1);
@@ -444,21 +660,29 @@ Rows<T> rows_of(int64_t kind, const at::Tensor& x, const at::Tensor& y, const at
   if (w) same(*w, "weights");
   TORCH_CHECK(mask.sizes() == x.sizes() && mask.is_contiguous(), "mask must be a contiguous tensor of x's shape ",
               x.sizes());
+  TORCH_CHECK(level == kLevelToken || level == kLevelSequence || level == kLevelSequenceToken,
+              "level must be 0 (token), 1 (sequence) or 2 (sequence_token), got ", level);
+  TORCH_CHECK(level == kLevelToken || kind != kLossValue, "the value kind has no ratio level");
   MaskStager stage = nullptr;
   dispatch_mask_type(mask.scalar_type(), "mask", [&](auto mtag) { stage = mask_stager<decltype(mtag)>(); });
   return {static_cast<const T*>(x.data_ptr()), static_cast<const T*>(y.data_ptr()),
           static_cast<const T*>(a.data_ptr()),  z ? static_cast<const T*>(z->data_ptr()) : nullptr,
           w ? static_cast<const T*>(w->data_ptr()) : nullptr,
-          static_cast<const char*>(mask.const_data_ptr()), mask.element_size(), stage, L, per_row};
+          static_cast<const char*>(mask.const_data_ptr()), mask.element_size(), stage, L, per_row, level};
 }
 
-Consts consts_of(double clip_low, double clip_high, double dual_clip, double beta, double value_clip) {
+Consts consts_of(double clip_low, double clip_high, double dual_clip, double beta, double value_clip, double delta,
+                 double tau_pos, double tau_neg) {
   // The ratio bounds 1 - clip_low > 0 and 1 + clip_high are finite: clamp_const and the plain max of
   // policy_terms rely on it.
   TORCH_CHECK(clip_low >= 0 && clip_low < 1 && clip_high >= 0 && std::isfinite(clip_high),
               "clip_low must be in [0, 1) and clip_high a finite number >= 0, got ", clip_low, " and ", clip_high);
-  return {splat(static_cast<float>(1.0 - clip_low)), splat(static_cast<float>(1.0 + clip_high)),
-          splat(static_cast<float>(dual_clip)), splat(static_cast<float>(beta)), splat(static_cast<float>(value_clip))};
+  TORCH_CHECK(delta > 0 && tau_pos > 0 && tau_neg > 0 && std::isfinite(tau_pos) && std::isfinite(tau_neg),
+              "delta (+inf: off) and the sapo temperatures must be > 0, got ", delta, ", ", tau_pos, ", ", tau_neg);
+  auto f = [](double v) { return splat(static_cast<float>(v)); };
+  // TRL: sigmoid(...) * 4 / temperatures, in float32.
+  return {f(1.0 - clip_low), f(clip_high + 1.0), f(dual_clip), f(beta), f(value_clip), f(clip_high), f(delta),
+          f(tau_pos), f(tau_neg), f(4.0f / static_cast<float>(tau_pos)), f(4.0f / static_cast<float>(tau_neg))};
 }
 
 float* f32_out(const at::Tensor& t, int64_t n, const char* name) {
@@ -471,17 +695,23 @@ float* f32_out(const at::Tensor& t, int64_t n, const char* name) {
 
 // denom > 0: that constant; denom == -1: the number of valid tokens; denom == -2: the number of rows
 // with at least one valid token. Whatever it is, at least 1, so an all-padding batch gives loss 0.
+// row_aux ([..., 2] float32): per row the mean log-ratio s_b and the row-mean gradient G_b at the
+// sequence levels (read by losses_bwd and losses_bwd_saved); zeros at the token level.
+// At the sequence level with per-row advantages, the clip stats are means over all rows of each row's
+// flag share (TRL's global_masked_mean of a (B, 1) tensor); otherwise masked token means.
 void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const std::optional<at::Tensor>& z,
                 const std::optional<at::Tensor>& w, const at::Tensor& mask, int64_t kind, double clip_low, double clip_high,
                 double dual_clip, double beta, double value_clip, bool per_row_mean, double denom, at::Tensor loss,
-                at::Tensor stats, at::Tensor row_scale, const std::optional<at::Tensor>& saved) {
+                at::Tensor stats, at::Tensor row_scale, const std::optional<at::Tensor>& saved, int64_t variant,
+                int64_t level, double delta, double tau_pos, double tau_neg, at::Tensor row_aux) {
   TORCH_CHECK(denom > 0 || denom == -1 || denom == -2, "denom must be > 0, -1 (token count) or -2 (row count)");
   TORCH_CHECK(x.dim() >= 1, "x must be a [..., T] tensor, got a 0-d tensor");
   const int64_t B = rows_in(x);
   float* loss_ptr = f32_out(loss, 1, "loss");
   float* stats_ptr = f32_out(stats, kLossStats, "stats");
   float* scale_ptr = f32_out(row_scale, B, "row_scale");
-  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip);
+  float* aux_ptr = f32_out(row_aux, 2 * B, "row_aux");
+  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg);
   std::vector<float> partial(static_cast<size_t>(B) * kPartials, 0.f);
   float* saved_ptr = nullptr;
   if (saved) {
@@ -489,22 +719,28 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
                 "saved must be a contiguous float32 tensor of x's shape");
     saved_ptr = saved->data_ptr<float>();
   }
+  bool a_per_row = false;
   dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
-    const Rows<T> r = rows_of<T>(kind, x, y, a, z, w, mask);
-    dispatch_kind(kind, dual_clip, [&](auto k, auto dual) {
+    const Rows<T> r = rows_of<T>(kind, level, x, y, a, z, w, mask);
+    a_per_row = r.a_per_row;
+    dispatch_kind(kind, variant, dual_clip, [&](auto k, auto v, auto dual) {
       at::parallel_for(0, B, rows_per_task(r.len), [&](int64_t b, int64_t e) {
-        forward_kind(b, e, r, c, partial.data(), saved_ptr, k, dual);
+        forward_kind(b, e, r, c, partial.data(), saved_ptr, aux_ptr, k, v, dual);
       });
     });
   });
   // Fixed-order combination in double: the loss does not depend on how rows were split over threads.
+  const bool flags_per_row = level == kLevelSequence && a_per_row;
+  const int flag_parts[] = {kClipped, kClipHigh, kClipLow, kDualFlag};
   double tokens = 0, live_rows = 0, sums[kPartials] = {};
   for (int64_t b = 0; b < B; ++b) {
     const float* p = partial.data() + b * kPartials;
     tokens += p[kCount];
     live_rows += p[kCount] > 0;
     for (int i = 0; i < kPartials; ++i) sums[i] += p[i];
+    if (flags_per_row)
+      for (int i : flag_parts) sums[i] += static_cast<double>(p[i]) / std::max<double>(p[kCount], 1.0) - p[i];
   }
   const double d = std::max(denom > 0 ? denom : denom == -1 ? tokens : live_rows, 1.0);
   double total = 0;
@@ -515,15 +751,19 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
     total += s * p[kLossSum];
   }
   loss_ptr[0] = static_cast<float>(total);
-  const double n = std::max(tokens, 1.0);
+  const double n = std::max(tokens, 1.0), rows = std::max<double>(static_cast<double>(B), 1.0);
   const int order[kLossStats] = {kClipped, kClipHigh, kClipLow, kDualFlag, kNegLogRatio, kK3};
-  for (int i = 0; i < kLossStats; ++i) stats_ptr[i] = static_cast<float>(sums[order[i]] / n);
+  for (int i = 0; i < kLossStats; ++i) {
+    const bool flag = order[i] != kNegLogRatio && order[i] != kK3;
+    stats_ptr[i] = static_cast<float>(sums[order[i]] / (flag && flags_per_row ? rows : n));
+  }
 }
 
 void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& w, const at::Tensor& mask, const at::Tensor& row_scale,
                 int64_t kind, double clip_low, double clip_high, double dual_clip, double beta, double value_clip,
-                at::Tensor grad_x) {
+                at::Tensor grad_x, int64_t variant, int64_t level, double delta, double tau_pos, double tau_neg,
+                const at::Tensor& row_aux) {
   TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == at::kFloat,
               "grad_loss must be a float32 scalar");
   TORCH_CHECK(grad_x.sizes() == x.sizes() && grad_x.is_contiguous() && grad_x.scalar_type() == x.scalar_type(),
@@ -531,22 +771,25 @@ void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tens
   TORCH_CHECK(x.dim() >= 1, "x must be a [..., T] tensor, got a 0-d tensor");
   const int64_t B = rows_in(x);
   const float* scale = f32_out(row_scale, B, "row_scale");
+  const float* aux = f32_out(row_aux, 2 * B, "row_aux");
   const float g = grad_loss.item<float>();
-  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip);
+  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg);
   dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
-    const Rows<T> r = rows_of<T>(kind, x, y, a, z, w, mask);
+    const Rows<T> r = rows_of<T>(kind, level, x, y, a, z, w, mask);
     T* out = static_cast<T*>(grad_x.data_ptr());
-    dispatch_kind(kind, dual_clip, [&](auto k, auto dual) {
+    dispatch_kind(kind, variant, dual_clip, [&](auto k, auto v, auto dual) {
       at::parallel_for(0, B, rows_per_task(r.len), [&](int64_t b, int64_t e) {
-        backward_kind(b, e, r, c, g, scale, out, k, dual);
+        backward_kind(b, e, r, c, g, scale, aux, out, k, v, dual);
       });
     });
   });
 }
 
+// row_aux: None at the token level; at the sequence level the forward's [..., 2] row_aux, whose
+// per-row gradient G_b is added to every valid token's saved gradient.
 void losses_bwd_saved(const at::Tensor& grad_loss, const at::Tensor& saved, const at::Tensor& mask,
-                      const at::Tensor& row_scale, at::Tensor grad_x) {
+                      const at::Tensor& row_scale, at::Tensor grad_x, const std::optional<at::Tensor>& row_aux) {
   TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == at::kFloat,
               "grad_loss must be a float32 scalar");
   TORCH_CHECK(saved.dim() >= 1 && saved.scalar_type() == at::kFloat && saved.is_contiguous(),
@@ -557,6 +800,7 @@ void losses_bwd_saved(const at::Tensor& grad_loss, const at::Tensor& saved, cons
               "shape");
   const int64_t B = rows_in(saved), len = saved.size(-1);
   const float* scale = f32_out(row_scale, B, "row_scale");
+  const float* aux = row_aux ? f32_out(*row_aux, 2 * B, "row_aux") : nullptr;
   const float g = grad_loss.item<float>();
   MaskStager stage = nullptr;
   dispatch_mask_type(mask.scalar_type(), "mask", [&](auto mtag) { stage = mask_stager<decltype(mtag)>(); });
@@ -567,7 +811,7 @@ void losses_bwd_saved(const at::Tensor& grad_loss, const at::Tensor& saved, cons
     using T = decltype(tag);
     T* out = static_cast<T*>(grad_x.data_ptr());
     at::parallel_for(0, B, rows_per_task(len), [&](int64_t b, int64_t e) {
-      backward_saved_any(b, e, len, sv, m, mb, stage, g, scale, out);
+      backward_saved_any(b, e, len, sv, m, mb, stage, g, scale, aux, out);
     });
   });
 }

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlkern.codes import LOSS_KINDS, LOSS_STATS
+from rlkern.codes import LOSS_KINDS, LOSS_STATS, LOSS_VARIANTS, RATIO_LEVELS
 
 # Per-row partial sums: loss, count, then the LOSS_STATS stats: clipped, clip_high, clip_low, dual,
 # -log r, k3.
@@ -34,6 +34,15 @@ POLICY = tl.constexpr(LOSS_KINDS["policy"])
 GRPO = tl.constexpr(LOSS_KINDS["grpo"])
 VALUE = tl.constexpr(LOSS_KINDS["value"])
 GRPO_BC = tl.constexpr(LOSS_KINDS["grpo_bc"])
+# The per-token surrogates and importance-ratio levels (rlkern/codes.py; csrc/losses.cpp's header).
+PPO = tl.constexpr(LOSS_VARIANTS["ppo"])
+CISPO = tl.constexpr(LOSS_VARIANTS["cispo"])
+CISPO_CAP = tl.constexpr(LOSS_VARIANTS["cispo_cap"])
+SAPO = tl.constexpr(LOSS_VARIANTS["sapo"])
+GPG = tl.constexpr(LOSS_VARIANTS["gpg"])
+TOKEN = tl.constexpr(RATIO_LEVELS["token"])
+SEQUENCE = tl.constexpr(RATIO_LEVELS["sequence"])
+LEVELS = RATIO_LEVELS
 
 
 @triton.jit
@@ -62,10 +71,39 @@ def _flag(cond, probe):
 
 
 @triton.jit
-def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: tl.constexpr):
-    """Per-token (loss, d loss / d x, clipped, clip_high, clip_low, dual, -log r, k3, beta d k3 / d x)
-    for 16+ lanes: the loss and its gradient without the KL term, which is added after the per-token
-    weight (TRL weights the surrogate, not the KL): the token's loss is w * loss + beta * k3."""
+def _sigmoid2(z):
+    """(sigmoid(z), 1 - sigmoid(z)), stable for any z (e = e^-|z| <= 1); NaN z gives NaN."""
+    e = tl.exp(-tl.abs(z))
+    inv = 1.0 / (1.0 + e)
+    pos = z >= 0.0
+    return tl.where(pos, inv, e * inv), tl.where(pos, e * inv, inv)
+
+
+@triton.jit
+def _row_ratio(s, LEVEL: tl.constexpr):
+    """(log r_b, pass, through_mean) from the row's masked mean log-ratio s (csrc/losses.cpp
+    row_from_mean): sequence: clamp(s, -20, 20), the gradient through the mean unless the clamp acts
+    (NaN flows); sequence_token: min(s, 10) (verl compute_policy_loss_gspo), per-token pass s <= 10."""
+    if LEVEL == SEQUENCE:
+        lr = _clamp_nan(s, -20.0, 20.0)
+        through = ~((s < -20.0) | (s > 20.0))
+        lr_pass = 0.0
+    else:
+        lr = tl.where(s > 10.0, 10.0, s)
+        through = s != s  # noqa: PLR0124 (False: the gradient is per token)
+        lr_pass = tl.where(s <= 10.0, 1.0, 0.0)
+    return lr, lr_pass, through
+
+
+@triton.jit
+def _terms(x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, row_lr, row_pass,
+           KIND: tl.constexpr, HAS_DUAL: tl.constexpr, VARIANT: tl.constexpr, LEVEL: tl.constexpr):
+    """Per-token (loss, d loss / d x, d loss / d log r, clipped, clip_high, clip_low, dual, -log r, k3,
+    beta d k3 / d x, beta d k3 / d log r) for 16+ lanes: the loss and its gradients without the KL
+    term, which is added after the per-token weight (TRL weights the surrogate, not the KL): the
+    token's loss is w * loss + beta * k3. d loss / d x already holds the part through log r that the
+    level routes per token (token, sequence_token); d loss / d log r (NaN where the loss is) is what
+    the sequence level sums over the row (the gradient through the row mean)."""
     zero = tl.zeros_like(x)
     if KIND == VALUE:  # x = v, y = v_old, a = returns
         vlo = y - vclip
@@ -82,32 +120,78 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: 
         # 0 there, not 0 * inf = NaN. A NaN token's gradient is NaN.
         grad = a1 * e1 + tl.where(vc_pass != 0.0, (1.0 - a1) * e2, 0.0)
         grad = tl.where(loss != loss, loss, grad)  # noqa: PLR0124 (a NaN test)
-        return loss, grad, _flag(l2 > l1, loss), zero, zero, zero, zero, zero, zero
+        return loss, grad, zero, _flag(l2 > l1, loss), zero, zero, zero, zero, zero, zero, zero
     else:  # policy / grpo: x = logp, y = old_logp, a = advantage, z = ref_logp
-        lr_raw = x - y
-        lr = _clamp_nan(lr_raw, -20.0, 20.0)
-        lr_pass = tl.where((lr_raw >= -20.0) & (lr_raw <= 20.0), 1.0, 0.0)
+        if LEVEL == TOKEN:
+            lr_raw = x - y
+            lr = _clamp_nan(lr_raw, -20.0, 20.0)
+            lr_pass = tl.where((lr_raw >= -20.0) & (lr_raw <= 20.0), 1.0, 0.0)
+            nlr = -lr
+        else:  # the row's ratio (verl gspo's ppo_kl: the unclamped token log-ratio)
+            lr = zero + row_lr
+            lr_pass = zero + row_pass
+            nlr = y - x
         ratio = tl.exp(lr)
-        rc = _clamp_nan(ratio, lo, hi)
-        rc_pass = tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0)
-        pg1 = -a * ratio
-        pg2 = -a * rc
-        a1 = _max_share(pg1, pg2)
-        clip1 = _max_nan(pg1, pg2)
-        d_clip1 = -a * (a1 + (1.0 - a1) * rc_pass)
         negative = a < 0.0
-        loss = clip1
-        grad = tl.where(lr_pass != 0.0, d_clip1 * ratio, 0.0)  # a select, as torch.clamp's backward
         dual_on = negative & (a != a)  # all False
-        if HAS_DUAL:  # A < 0 only: min(clip1, -A c)
-            pg3 = -a * dual
-            b1 = _max_share(pg3, clip1)  # torch.minimum's share for clip1
-            loss = tl.where(negative & (pg3 < clip1), pg3, clip1)
-            grad = tl.where(negative, b1, 1.0) * grad
-            dual_on = negative & (clip1 > pg3)
-        grad = tl.where(loss != loss, loss, grad)  # noqa: PLR0124 (a NaN token's gradient is NaN)
+        high_on = dual_on
+        low_on = dual_on
+        clipped_on = dual_on
+        dgrad = zero
+        rgrad = zero
+        if VARIANT == PPO:
+            # verl compute_policy_loss_vanilla; TRL _compute_loss's delta: coef_1 = clamp(coef_1, max=delta)
+            r1 = tl.where(ratio > delta, delta, ratio)
+            r1_pass = tl.where(ratio > delta, 0.0, 1.0)
+            rc = _clamp_nan(ratio, lo, hi)
+            rc_pass = tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0)
+            pg1 = -a * r1
+            pg2 = -a * rc
+            a1 = _max_share(pg1, pg2)
+            clip1 = _max_nan(pg1, pg2)
+            d_clip1 = -a * (a1 * r1_pass + (1.0 - a1) * rc_pass)
+            loss = clip1
+            rgrad = d_clip1 * ratio
+            if HAS_DUAL:  # A < 0 only: min(clip1, -A c)
+                pg3 = -a * dual
+                b1 = _max_share(pg3, clip1)  # torch.minimum's share for clip1
+                loss = tl.where(negative & (pg3 < clip1), pg3, clip1)
+                rgrad = tl.where(negative, b1, 1.0) * rgrad
+                dual_on = negative & (clip1 > pg3)
+            high_on = (r1 > hi) & (a > 0.0)
+            low_on = (r1 < lo) & negative
+            clipped_on = pg2 > pg1
+            probe = clip1
+        elif VARIANT == SAPO:
+            # verl compute_policy_loss_sapo == TRL loss_type="sapo"
+            pos = a > 0.0
+            tau = tl.where(pos, tau_pos, tau_neg)
+            s, s1 = _sigmoid2(tau * (ratio - 1.0))
+            loss = -(s * (4.0 / tau)) * a
+            rgrad = -a * 4.0 * s * s1 * ratio
+            probe = loss
+        elif VARIANT == GPG:  # verl compute_policy_loss_gpg
+            loss = x * -a
+            dgrad = -a
+            probe = loss
+        else:  # CISPO (verl, clamp(r, lo, hi)) or CISPO_CAP (TRL, clamp(r, max=epsilon_high)), detached
+            if VARIANT == CISPO:
+                c = _clamp_nan(ratio, lo, hi)
+                clipped_on = c != ratio
+            else:
+                c = tl.where(ratio > cap, cap, ratio)
+                clipped_on = (ratio > cap) & (a > 0.0)
+                high_on = clipped_on
+            loss = -c * a * x
+            dgrad = -c * a
+            probe = loss
+        rgrad = tl.where(loss != loss, loss, rgrad)  # noqa: PLR0124 (a NaN token's gradient is NaN)
+        # The per-token route (a select, as torch.clamp's backward), then the NaN rule again.
+        grad = dgrad + tl.where(lr_pass != 0.0, rgrad, 0.0)
+        grad = tl.where(loss != loss, loss, grad)  # noqa: PLR0124
         k3 = zero
         kl_grad = zero
+        kl_r = zero
         if (KIND == GRPO) or (KIND == GRPO_BC):
             d_raw = z - x
             d = _clamp_nan(d_raw, -20.0, 20.0)
@@ -115,15 +199,15 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND: tl.constexpr, HAS_DUAL: 
             ed = tl.exp(d)
             k3 = ed - d - 1.0
             d_k3 = (1.0 - ed) * d_pass
-            # grpo_bc: k3 r, d/d logp = d_k3 r + k3 r lr_pass; the stat reports k3 r, as TRL's `kl`
+            # grpo_bc: k3 r, d/d logp = d_k3 r + k3 r d log r; the stat reports k3 r, as TRL's `kl`
             if KIND == GRPO_BC:
                 kl_grad = beta * (d_k3 * ratio + k3 * ratio * lr_pass)
+                kl_r = beta * (k3 * ratio)
                 k3 = k3 * ratio
             else:
                 kl_grad = beta * d_k3
-        high_clip, low_clip = _flag((ratio > hi) & (a > 0.0), clip1), _flag((ratio < lo) & negative, clip1)
-        clipped = _flag(pg2 > pg1, clip1)
-        return loss, grad, clipped, high_clip, low_clip, _flag(dual_on, clip1), -lr, k3, kl_grad
+        return (loss, grad, rgrad, _flag(clipped_on, probe), _flag(high_on, probe), _flag(low_on, probe),
+                _flag(dual_on, probe), nlr, k3, kl_grad, kl_r)
 
 
 @triton.jit
@@ -146,11 +230,35 @@ def _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
 
 
 @triton.jit
-def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, saved_ptr, length, lo, hi, dual,
-                       beta, vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
-                       HAS_DUAL: tl.constexpr, SAVE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _row_mean_log_ratio(x_ptr, y_ptr, m_ptr, base, length, BLOCK: tl.constexpr):
+    """The sequence levels' first sweep: (sum of logp - old over valid tokens / max(n, 1), n)."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    acc_n = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, length, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        in_row = offs < length
+        x = tl.load(x_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + base + offs, mask=in_row, other=0.0).to(tl.float32)
+        valid = tl.load(m_ptr + base + offs, mask=in_row, other=0).to(tl.float32) != 0
+        acc += tl.where(valid, x - y, 0.0)
+        acc_n += tl.where(valid, 1.0, 0.0)
+    n = tl.sum(acc_n, axis=0)
+    return tl.sum(acc, axis=0) / tl.maximum(n, 1.0), n
+
+
+@triton.jit
+def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, saved_ptr, aux_ptr, length, lo,
+                       hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, KIND: tl.constexpr,
+                       A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr, HAS_DUAL: tl.constexpr,
+                       SAVE_GRAD: tl.constexpr, VARIANT: tl.constexpr, LEVEL: tl.constexpr,
+                       BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * length
+    row_lr = 0.0
+    row_pass = 0.0
+    if LEVEL != TOKEN:
+        s, n_row = _row_mean_log_ratio(x_ptr, y_ptr, m_ptr, base, length, BLOCK)
+        row_lr, row_pass, through = _row_ratio(s, LEVEL)
     acc_loss = tl.zeros([BLOCK], tl.float32)
     acc_n = tl.zeros([BLOCK], tl.float32)
     acc_clipped = tl.zeros([BLOCK], tl.float32)
@@ -159,15 +267,19 @@ def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, sa
     acc_dual = tl.zeros([BLOCK], tl.float32)
     acc_nlr = tl.zeros([BLOCK], tl.float32)
     acc_k3 = tl.zeros([BLOCK], tl.float32)
+    acc_rg = tl.zeros([BLOCK], tl.float32)
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         in_row = offs < length
         x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
                                          KIND, A_PER_ROW, HAS_W)
-        loss, grad, clipped, high, low, dual_on, nlr, k3, kl_grad = _terms(x, y, a, z, lo, hi, dual, beta,
-                                                                          vclip, KIND, HAS_DUAL)
+        loss, grad, rgrad, clipped, high, low, dual_on, nlr, k3, kl_grad, kl_r = _terms(
+            x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, row_lr, row_pass, KIND,
+            HAS_DUAL, VARIANT, LEVEL)
         if SAVE_GRAD:  # the unscaled per-token gradient, for _losses_bwd_kernel's SAVED mode (same product)
             tl.store(saved_ptr + base + offs, grad * w + kl_grad, mask=in_row)
+        if LEVEL == SEQUENCE:
+            acc_rg += tl.where(valid, rgrad * w + kl_r, 0.0)
         loss = loss * w + beta * k3  # w = 1 without weights; k3 = 0 for the policy and value kinds
         # Selects, not products with the mask: padding may hold NaN (the flags are NaN there too).
         acc_loss += tl.where(valid, loss, 0.0)
@@ -187,14 +299,23 @@ def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, sa
     tl.store(out + 5, tl.sum(acc_dual, axis=0))
     tl.store(out + 6, tl.sum(acc_nlr, axis=0))
     tl.store(out + 7, tl.sum(acc_k3, axis=0))
+    if LEVEL != TOKEN:  # (s_b, G_b): the row-mean gradient of the sequence level (0 otherwise)
+        tl.store(aux_ptr + row * 2, s)
+        g_row = tl.where(through & (n_row > 0), tl.sum(acc_rg, axis=0) / tl.maximum(n_row, 1.0), 0.0)
+        tl.store(aux_ptr + row * 2 + 1, g_row)
+    else:  # every output is written
+        tl.store(aux_ptr + row * 2 + tl.arange(0, 2), tl.zeros([2], tl.float32))
 
 
 @triton.jit
 def _losses_combine_kernel(partial_ptr, loss_ptr, stats_ptr, scale_ptr, rows, denom,
-                           PER_ROW_MEAN: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One program: fixed-order totals over the rows, then the per-row scales and the loss."""
+                           PER_ROW_MEAN: tl.constexpr, FLAGS_PER_ROW: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One program: fixed-order totals over the rows, then the per-row scales and the loss. With
+    FLAGS_PER_ROW (sequence level, per-row advantages) the clip stats (partial columns 2..5) are the
+    mean over all rows of each row's share (TRL's global_masked_mean of a (B, 1) tensor)."""
     cols = tl.arange(0, 8)
     sums = tl.zeros([8], tl.float32)
+    row_shares = tl.zeros([8], tl.float32)
     live = tl.zeros((), tl.float32)
     for start in range(0, rows, BLOCK_B):
         r = start + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -202,6 +323,8 @@ def _losses_combine_kernel(partial_ptr, loss_ptr, stats_ptr, scale_ptr, rows, de
         sums += tl.sum(p, axis=0)
         n = tl.load(partial_ptr + r * 8 + 1, mask=r < rows, other=0.0)
         live += tl.sum(tl.where(n > 0, 1.0, 0.0), axis=0)
+        if FLAGS_PER_ROW:
+            row_shares += tl.sum(p / tl.maximum(n, 1.0)[:, None], axis=0)
     tokens = tl.sum(tl.where(cols == 1, sums, 0.0), axis=0)
     d = tl.where(denom > 0, denom, tl.where(denom == -1.0, tokens, live))
     d = tl.maximum(d, 1.0)
@@ -219,19 +342,31 @@ def _losses_combine_kernel(partial_ptr, loss_ptr, stats_ptr, scale_ptr, rows, de
         total += tl.sum(tl.where(in_b, s * row_loss, 0.0), axis=0)
     tl.store(loss_ptr, total)
     # stats = partial columns 2..7 (clipped, clip_high, clip_low, dual, -log r, k3) / valid tokens.
-    tl.store(stats_ptr + cols - 2, sums / tl.maximum(tokens, 1.0), mask=cols >= 2)
+    stats = sums / tl.maximum(tokens, 1.0)
+    if FLAGS_PER_ROW:
+        stats = tl.where(cols < 6, row_shares / tl.maximum(rows.to(tl.float32), 1.0), stats)
+    tl.store(stats_ptr + cols - 2, stats, mask=cols >= 2)
 
 
 @triton.jit
-def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, sv_ptr, scale_ptr, out_ptr, length,
-                       lo, hi, dual, beta, vclip, KIND: tl.constexpr, A_PER_ROW: tl.constexpr,
-                       HAS_W: tl.constexpr, HAS_DUAL: tl.constexpr, SAVED: tl.constexpr, BLOCK: tl.constexpr):
-    """d x = grad * scale_row * (d l / d x) where the mask is set, else 0. SAVED: the forward saved the
-    unscaled per-token gradient (sv_ptr; the token pointers are not read); otherwise every token's
-    terms are evaluated again."""
+def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, sv_ptr, scale_ptr, aux_ptr,
+                       out_ptr, length, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg,
+                       KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
+                       HAS_DUAL: tl.constexpr, SAVED: tl.constexpr, VARIANT: tl.constexpr,
+                       LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+    """d x = grad * scale_row * (d l / d x + G_row) where the mask is set, else 0; G_row (row_aux[:, 1])
+    is the sequence level's gradient through the row mean. SAVED: the forward saved the unscaled
+    per-token gradient (sv_ptr; the token pointers are not read); otherwise every token's terms are
+    evaluated again, with the row's ratio from row_aux[:, 0] at the sequence levels."""
     row = tl.program_id(0).to(tl.int64)
     base = row * length
     g = tl.load(grad_ptr) * tl.load(scale_ptr + row)
+    row_lr = 0.0
+    row_pass = 0.0
+    row_add = 0.0
+    if LEVEL != TOKEN:
+        row_lr, row_pass, _ = _row_ratio(tl.load(aux_ptr + row * 2), LEVEL)
+        row_add = tl.load(aux_ptr + row * 2 + 1)
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         in_row = offs < length
@@ -241,8 +376,12 @@ def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, sv_pt
         else:
             x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs,
                                              in_row, KIND, A_PER_ROW, HAS_W)
-            _, grad, _, _, _, _, _, _, kl_grad = _terms(x, y, a, z, lo, hi, dual, beta, vclip, KIND, HAS_DUAL)
+            _, grad, _, _, _, _, _, _, _, kl_grad, _ = _terms(
+                x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, row_lr, row_pass, KIND,
+                HAS_DUAL, VARIANT, LEVEL)
             grad = grad * w + kl_grad
+        if LEVEL == SEQUENCE:
+            grad = grad + row_add
         d = tl.where(valid, g * grad, 0.0)
         tl.store(out_ptr + base + offs, d.to(out_ptr.dtype.element_ty), mask=in_row)
 
@@ -263,49 +402,66 @@ def _launch_args(x, old, adv, ref, weights, mask):
     return ptrs, rows, length, adv.dim() < x.dim(), weights is not None
 
 
+def _consts(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg):
+    # cap: cispo_cap's absolute bound on r (clip_high itself, TRL's epsilon_high).
+    return (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip, clip_high, delta, tau_pos, tau_neg)
+
+
 def losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,
-               per_row_mean, denom, loss, stats, row_scale, saved) -> None:
+               per_row_mean, denom, loss, stats, row_scale, saved, variant=0, level=0, delta=math.inf,
+               tau_pos=1.0, tau_neg=1.05, row_aux=None) -> None:
     """Same contract as the C++ rlkern._C.losses_fwd: contiguous [..., T] inputs (advantages per token
     or per row; ref and weights or None; the mask in any dtype, nonzero = valid), writes loss (0-d),
-    stats [LOSS_STATS] and row_scale [...] (all fp32), and, unless saved is None, each token's
-    unscaled gradient into saved (fp32, x's shape) for losses_bwd_saved."""
+    stats [LOSS_STATS] and row_scale [...] (all fp32), unless saved is None each token's unscaled
+    gradient into saved (fp32, x's shape) for losses_bwd_saved, and at the sequence levels (s_b, G_b)
+    per row into row_aux ([..., 2] fp32)."""
     ptrs, rows, length, a_per_row, has_w = _launch_args(x, old, adv, ref, weights, mask)
     partial = torch.zeros(rows, N_PARTIALS, device=x.device, dtype=torch.float32)
-    consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
+    if row_aux is None:  # a caller that does not read it (tests/gpu_compile.py's launch matrix)
+        row_aux = torch.empty(rows, 2, device=x.device, dtype=torch.float32)
     if rows > 0:
-        _losses_fwd_kernel[(rows,)](*ptrs, partial, x if saved is None else saved, length, *consts, KIND=kind,
+        _losses_fwd_kernel[(rows,)](*ptrs, partial, x if saved is None else saved, row_aux, length,
+                                    *_consts(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos,
+                                             tau_neg), KIND=kind,
                                     A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
-                                    SAVE_GRAD=saved is not None,
+                                    SAVE_GRAD=saved is not None, VARIANT=variant, LEVEL=level,
                                     # eight accumulators (and the saved gradient) per element: 512-wide
                                     # tiles on 8 warps. 1024 on 4 warps spilled 8 B on sm_80 (grpo_bc)
                                     # and, with Triton 3.4, on sm_90 for int64 / bf16 masks.
                                     BLOCK=min(_block(length), 512), num_warps=8)
     _losses_combine_kernel[(1,)](partial, loss, stats, row_scale, rows, float(denom),
-                                 PER_ROW_MEAN=per_row_mean, BLOCK_B=128)
+                                 PER_ROW_MEAN=per_row_mean,
+                                 FLAGS_PER_ROW=level == LEVELS["sequence"] and a_per_row, BLOCK_B=128)
 
 
 def losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip_low, clip_high, dual_clip,
-               beta, value_clip, grad_x) -> None:
+               beta, value_clip, grad_x, variant=0, level=0, delta=math.inf, tau_pos=1.0, tau_neg=1.05,
+               row_aux=None) -> None:
     """Same contract as the C++ rlkern._C.losses_bwd: writes d x (x's dtype) into grad_x."""
     ptrs, rows, length, a_per_row, has_w = _launch_args(x, old, adv, ref, weights, mask)
     if rows == 0:
         return
-    consts = (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip)
-    _losses_bwd_kernel[(rows,)](grad_loss, *ptrs, x, row_scale, grad_x, length, *consts, KIND=kind,
+    _losses_bwd_kernel[(rows,)](grad_loss, *ptrs, x, row_scale, row_scale if row_aux is None else row_aux,
+                                grad_x, length,
+                                *_consts(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos,
+                                         tau_neg), KIND=kind,
                                 A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
-                                SAVED=False, BLOCK=_block(length),
+                                SAVED=False, VARIANT=variant, LEVEL=level, BLOCK=_block(length),
                                 num_warps=8)  # 4 warps: Triton 3.4 spilled (int64 mask)
 
 
-def losses_bwd_saved(grad_loss, saved, mask, row_scale, grad_x) -> None:
-    """Same contract as the C++ rlkern._C.losses_bwd_saved: d x = grad * row_scale * saved where the
-    mask is set (0 elsewhere), in grad_x's dtype."""
+def losses_bwd_saved(grad_loss, saved, mask, row_scale, grad_x, row_aux=None) -> None:
+    """Same contract as the C++ rlkern._C.losses_bwd_saved: d x = grad * row_scale * (saved + G_row)
+    where the mask is set (0 elsewhere), in grad_x's dtype; G_row = row_aux[:, 1] (None: 0)."""
     length = saved.shape[-1]
     rows = saved.shape[:-1].numel()
     if rows == 0:
         return
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     unread = (saved,) * 5  # the token pointers of the recomputing mode
-    _losses_bwd_kernel[(rows,)](grad_loss, *unread, m, saved, row_scale, grad_x, length, *(0.0,) * 5, KIND=0,
-                                A_PER_ROW=False, HAS_W=False, HAS_DUAL=False, SAVED=True,
+    _losses_bwd_kernel[(rows,)](grad_loss, *unread, m, saved, row_scale,
+                                row_scale if row_aux is None else row_aux, grad_x, length, *(0.0,) * 5,
+                                1.0, math.inf, 1.0, 1.0, KIND=0, A_PER_ROW=False, HAS_W=False, HAS_DUAL=False,
+                                SAVED=True, VARIANT=0,
+                                LEVEL=LEVELS["token"] if row_aux is None else LEVELS["sequence"],
                                 BLOCK=_block(length))

@@ -29,3 +29,12 @@ def cpp_header() -> str:
             lines.append(f"constexpr int64_t {prefix}{camel} = {code};")
     lines += [f"constexpr int64_t {name} = {value};" for name, value in SCALARS.items()]
     return "\n".join(lines + ["}  // namespace rlkern", ""])
+
+# The per-token surrogate of the policy / grpo loss kinds and the level of their importance ratio
+# (rlkern/ops/losses.py, issue 13): compile-time switches of the same loss kernels. ppo: PPO-clip (and
+# delta, dual clip); cispo: verl's sg(clip(r, 1 - lo, 1 + hi)) A logp; cispo_cap: TRL's sg(min(r, cap))
+# A logp; sapo: the soft gate; gpg: A logp. sequence: TRL's masked row-mean log-ratio (gradient through
+# the mean); sequence_token: verl GSPO-token (the row's value, a per-token gradient).
+LOSS_VARIANTS = {"ppo": 0, "cispo": 1, "cispo_cap": 2, "sapo": 3, "gpg": 4}
+RATIO_LEVELS = {"token": 0, "sequence": 1, "sequence_token": 2}
+TABLES.update({"kVariant": LOSS_VARIANTS, "kLevel": RATIO_LEVELS})

@@ -694,6 +694,187 @@ def rollout_correction(log_prob: Tensor, rollout_log_prob: Tensor | None, mask: 
     return w_out, new_mask
 
 
+# ---------------------------------------------------------------------------------------------
+# logprobs family (continued): sum of squared probabilities
+# ---------------------------------------------------------------------------------------------
+
+
+def sum_p2(logits: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
+    """sum_v softmax(logits / temperature)_v^2 per row: verl 0.9.1's ``sum_pi_squared``
+    (verl/utils/torch_functional.py::calculate_sum_pi_squared_from_logits) and the exp of TRL 1.16's
+    ``log_sum_sq_probs`` (trl/kernels/chunked_logprob.py::ChunkedLogProbFunction). 0 for a row whose
+    logits are all -inf (as its entropy); NaN for a row holding a NaN or +inf logit."""
+    z, _, dead = _scaled_logits(logits, temperature)
+    p = torch.softmax(z, dim=-1)
+    return (p * p).sum(dim=-1).masked_fill(dead, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses family: policy-loss variants (issue 13): the per-token surrogate (ppo / cispo / cispo_cap /
+# sapo / gpg) and the importance-ratio level (token / sequence / sequence_token), for policy_loss
+# (verl numerics) and grpo_loss (TRL 1.16 GRPOTrainer._compute_loss numerics).
+# ---------------------------------------------------------------------------------------------
+
+POLICY_VARIANTS = ("ppo", "cispo", "cispo_cap", "sapo", "gpg")
+RATIO_LEVELS = ("token", "sequence", "sequence_token")
+GRPO_VARIANT_LOSS_TYPES = GRPO_LOSS_TYPES + ("cispo", "sapo", "luspo")
+GRPO_IS_LEVELS = ("token", "sequence")
+
+
+def _log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) -> tuple[Tensor, Tensor]:
+    """(log r broadcastable to [B, T], approx-KL terms old - logp per token).
+
+    token: clamp(logp - old, -20, 20) (verl compute_policy_loss_vanilla; TRL does not clamp).
+    sequence: s_b = masked row mean of logp - old (TRL _compute_loss, importance_sampling_level=
+      "sequence": (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)), clamped to +-20 like the
+      token level; the gradient flows through the mean.
+    sequence_token: verl core_algos.py::compute_policy_loss_gspo: logp - sg(logp) + sg(s_b), then
+      clamp(max=10): the value is the row's, the gradient per token (d r / d logp_t = r_b).
+    The approx-KL terms are clamped at the token level only (verl gspo's ppo_kl is unclamped)."""
+    diff = logp - old_logp
+    if level == "token":
+        lr = _clamp_keep_nan(diff, -20.0, 20.0)
+        return lr, -lr
+    m = mask.bool()
+    s = torch.where(m, diff, torch.zeros_like(diff)).sum(-1) / m.sum(-1).clamp(min=1).to(diff.dtype)
+    if level == "sequence":
+        return _clamp_keep_nan(s, -20.0, 20.0).unsqueeze(-1), -diff
+    lr = logp - logp.detach() + s.detach().unsqueeze(-1)
+    return torch.where(lr.isnan(), lr, lr.clamp(max=10.0)), -diff
+
+
+def _variant_terms(variant, logp, ratio, a, *, clip_low, clip_high, delta, tau_pos, tau_neg):
+    """Per-token surrogate and its clip flags. Returns (loss, flags dict, surrogate for NaN flags).
+
+    ppo: max(-A r', -A clamp(r, 1 - clip_low, 1 + clip_high)), r' = clamp(r, max=delta) (TRL
+      _compute_loss: `coef_1 = torch.clamp(coef_1, max=self.args.delta)`; also what its clip flags read).
+    cispo: -sg(clamp(r, 1 - clip_low, 1 + clip_high)) A logp (verl compute_policy_loss_cispo).
+    cispo_cap: -sg(clamp(r, max=clip_high)) A logp (TRL loss_type="cispo": clip_high = epsilon_high).
+    sapo: -sigmoid(tau (r - 1)) 4 / tau A, tau = tau_pos if A > 0 else tau_neg (verl
+      compute_policy_loss_sapo, TRL loss_type="sapo").
+    gpg: -logp A (verl compute_policy_loss_gpg)."""
+    zero = torch.zeros_like(ratio, dtype=torch.bool)
+    if variant == "ppo":
+        r1 = ratio if delta is None else torch.where(ratio.isnan(), ratio, ratio.clamp(max=delta))
+        pg1, pg2 = -a * r1, -a * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        loss = torch.maximum(pg1, pg2)
+        flags = {"clipped": pg2 > pg1, "low": (r1 < 1 - clip_low) & (a < 0),
+                 "high": (r1 > 1 + clip_high) & (a > 0)}
+        return loss, flags, loss.detach()
+    if variant == "cispo":
+        c = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high).detach()
+        loss = -c * a * logp
+        return loss, {"clipped": ratio != c, "low": zero, "high": zero}, loss.detach()
+    if variant == "cispo_cap":
+        c = torch.clamp(ratio, max=clip_high).detach()
+        loss = -c * a * logp
+        cap = (ratio > clip_high) & (a > 0)
+        return loss, {"clipped": cap, "low": zero, "high": cap}, loss.detach()
+    if variant == "sapo":
+        tau = torch.where(a > 0, tau_pos, tau_neg).to(ratio.dtype)
+        loss = -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * a
+        return loss, {"clipped": zero, "low": zero, "high": zero}, loss.detach()
+    if variant == "gpg":
+        loss = -logp * a
+        return loss, {"clipped": zero, "low": zero, "high": zero}, loss.detach()
+    raise ValueError(f"variant must be one of {list(POLICY_VARIANTS)}, got {variant!r}")
+
+
+def _flag_fraction(flag: Tensor, mask: Tensor, dtype: torch.dtype, surrogate: Tensor,
+                   per_row: bool) -> Tensor:
+    """_masked_fraction, or with ``per_row`` the mean over all rows of each row's masked mean (TRL's
+    global_masked_mean of a (B, 1) flag at importance_sampling_level="sequence")."""
+    if not per_row:
+        return _masked_fraction(flag, mask, dtype, surrogate)
+    m = _rows(mask).bool()
+    f = _rows(flag.to(dtype).masked_fill(surrogate.isnan(), math.nan))
+    row = torch.where(m, f, torch.zeros_like(f)).sum(-1) / m.sum(-1).clamp(min=1).to(dtype)
+    return row.sum() / max(row.numel(), 1)
+
+
+def _variant_inputs(mask, logp, old_logp, advantages, *more):
+    logp = _upcast(logp)
+    rest = [_upcast(t).detach() for t in (old_logp, advantages, *more)]
+    return _zero_padding(mask, logp, *rest)
+
+
+def policy_loss_variant(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                        clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
+                        agg: str = "token-mean", weights: Tensor | None = None, variant: str = "ppo",
+                        ratio_level: str = "token", delta: float | None = None, sapo_tau_pos: float = 1.0,
+                        sapo_tau_neg: float = 1.05) -> tuple[Tensor, dict[str, Tensor]]:
+    """policy_loss with a surrogate ``variant`` and an importance-ratio level (see _variant_terms and
+    _log_ratio); verl's stats: clip_frac (pg_clipfrac: pg2 > pg1 for ppo, r != clip(r) for cispo),
+    clip_frac_lower (dual clip), approx_kl (ppo_kl)."""
+    per_row_adv = advantages.shape != logp.shape
+    logp, old_logp, advantages = _variant_inputs(mask, logp, old_logp, advantages)
+    a = advantages if not per_row_adv else advantages.unsqueeze(-1).expand_as(logp)
+    lr, nkl = _log_ratio(logp, old_logp, mask, ratio_level)
+    ratio = torch.exp(lr).expand_as(logp)
+    loss, flags, surrogate = _variant_terms(variant, logp, ratio, a, clip_low=clip_low, clip_high=clip_high,
+                                            delta=delta, tau_pos=sapo_tau_pos, tau_neg=sapo_tau_neg)
+    dual = torch.zeros_like(flags["clipped"])
+    if dual_clip is not None:
+        pg3 = -a * dual_clip
+        dual = (loss > pg3) & (a < 0)
+        loss = torch.where(a < 0, torch.minimum(pg3, loss), loss)
+    if weights is not None:
+        loss = loss * _zero_padding(mask, _upcast(weights).detach())[0]
+    per_row = ratio_level == "sequence" and per_row_adv
+    stats = {
+        "clip_frac": _flag_fraction(flags["clipped"], mask, logp.dtype, surrogate, per_row),
+        "clip_frac_lower": _flag_fraction(dual, mask, logp.dtype, surrogate, per_row),
+        "approx_kl": aggregate_loss(nkl.detach(), mask, "token-mean"),
+    }
+    return aggregate_loss(_nan_tokens_get_nan_grad(loss, logp), mask, agg), stats
+
+
+def grpo_loss_variant(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                      beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2,
+                      loss_type: str = "grpo", max_completion_length: int | None = None,
+                      num_items_in_batch: float | None = None,
+                      use_bias_correction_kl: bool = False, weights: Tensor | None = None,
+                      importance_sampling_level: str = "token", delta: float | None = None,
+                      sapo_temperature_pos: float = 1.0,
+                      sapo_temperature_neg: float = 1.05) -> tuple[Tensor, dict[str, Tensor]]:
+    """trl/trainer/grpo_trainer.py::GRPOTrainer._compute_loss (TRL 1.16) for every loss_type it fuses
+    here: grpo / bnpo / dr_grpo / dapo / luspo (PPO-clip, with ``delta``), cispo (absolute cap
+    ``clip_high``, dapo's normaliser), sapo (grpo's normaliser), at importance_sampling_level token or
+    sequence. ``weights`` multiply the surrogate before the KL term; the KL term is beta k3 (times
+    coef_1 before delta with use_bias_correction_kl)."""
+    per_row_adv = advantages.shape != logp.shape
+    logp, old_logp, advantages, ref_logp = _variant_inputs(mask, logp, old_logp, advantages, ref_logp)
+    a = advantages if not per_row_adv else advantages.unsqueeze(-1).expand_as(logp)
+    lr, nkl = _log_ratio(logp, old_logp, mask, importance_sampling_level)
+    ratio = torch.exp(lr).expand_as(logp)
+    variant = {"cispo": "cispo_cap", "sapo": "sapo"}.get(loss_type, "ppo")
+    loss, flags, surrogate = _variant_terms(
+        variant, logp, ratio, a, clip_low=clip_low, clip_high=clip_high, delta=delta,
+        tau_pos=sapo_temperature_pos, tau_neg=sapo_temperature_neg)
+    d = _clamp_keep_nan(ref_logp - logp, -20.0, 20.0)
+    k3 = torch.exp(d) - d - 1
+    if use_bias_correction_kl:
+        k3 = k3 * ratio
+    if weights is not None:
+        loss = loss * _zero_padding(mask, _upcast(weights).detach())[0]
+    per_token = _nan_tokens_get_nan_grad(loss + beta * k3, logp)
+    per_row = importance_sampling_level == "sequence" and per_row_adv
+    low = _flag_fraction(flags["low"], mask, logp.dtype, surrogate, per_row)
+    high = _flag_fraction(flags["high"], mask, logp.dtype, surrogate, per_row)
+    stats = {
+        "kl": aggregate_loss(k3.detach(), mask, "token-mean"),
+        "clip_ratio": _flag_fraction(flags["low"] | flags["high"], mask, logp.dtype, surrogate, per_row),
+        "clip_ratio_low": low, "clip_ratio_high": high,
+        "cispo_clip_ratio": high if loss_type == "cispo" else torch.zeros_like(high),
+        "approx_kl": aggregate_loss(nkl.detach(), mask, "token-mean"),
+    }
+    agg = {"cispo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
+    if agg == "luspo":  # (per_token_loss * mask).sum(-1).mean(): sum / B
+        agg, max_completion_length = "dr_grpo", 1
+    loss = aggregate_loss(per_token, mask, agg, max_completion_length=max_completion_length,
+                          num_items_in_batch=num_items_in_batch)
+    return loss, stats
+
 
 # ---------------------------------------------------------------------------------------------
 # lm_head family (continued): the options of linear_logprobs (issue 13)
@@ -739,18 +920,3 @@ def linear_logprobs_options(
             labels.shape)
         outs = [torch.where(keep, o, torch.zeros_like(o)) for o in outs]
     return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-# ---------------------------------------------------------------------------------------------
-# logprobs family (continued): sum of squared probabilities
-# ---------------------------------------------------------------------------------------------
-
-
-def sum_p2(logits: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
-    """sum_v softmax(logits / temperature)_v^2 per row: verl 0.9.1's ``sum_pi_squared``
-    (verl/utils/torch_functional.py::calculate_sum_pi_squared_from_logits) and the exp of TRL 1.16's
-    ``log_sum_sq_probs`` (trl/kernels/chunked_logprob.py::ChunkedLogProbFunction). 0 for a row whose
-    logits are all -inf (as its entropy); NaN for a row holding a NaN or +inf logit."""
-    z, _, dead = _scaled_logits(logits, temperature)
-    p = torch.softmax(z, dim=-1)
-    return (p * p).sum(dim=-1).masked_fill(dead, 0.0)

@@ -165,6 +165,26 @@ def _drive_launchers(modules) -> None:
                                                   kind, 0.2, 0.2, dual, 0.04, 0.2, torch.empty_like(x))
                                 losses.losses_bwd_saved(_meta(()), _meta(shape), m, _meta(shape[:1]),
                                                         torch.empty_like(x))
+            # The surrogate variants and ratio levels (issue 13) as rlkern/ops/losses.py passes them:
+            # per-sequence advantages, weights, the float mask, x requiring grad; both backwards.
+            from rlkern.codes import LOSS_VARIANTS, RATIO_LEVELS
+
+            var, aux = LOSS_VARIANTS, _meta((shape[0], 2))
+            combos = [(LOSS_KINDS["policy"], v) for v in var.values()] + [
+                (k, v) for k in (LOSS_KINDS["grpo"], LOSS_KINDS["grpo_bc"])
+                for v in (var["ppo"], var["cispo_cap"], var["sapo"])]
+            for (kind, v), level in itertools.product(combos, RATIO_LEVELS.values()):
+                if v == var["ppo"] and level == RATIO_LEVELS["token"]:
+                    continue  # the matrix above
+                ref = x if kind != LOSS_KINDS["policy"] else None
+                adv, m = _meta(shape[:1], dtype), _meta(shape)
+                opts = (v, level, 1.5, 1.0, 1.05, aux)
+                losses.losses_fwd(x, x, adv, ref, x, m, kind, 0.2, 0.2, float("inf"), 0.04, 0.2, True, -1.0,
+                                  _meta(()), _meta((LOSS_STATS,)), _meta(shape[:1]), _meta(shape), *opts)
+                losses.losses_bwd(_meta(()), x, x, adv, ref, x, m, _meta(shape[:1]), kind, 0.2, 0.2,
+                                  float("inf"), 0.04, 0.2, torch.empty_like(x), *opts)
+            losses.losses_bwd_saved(_meta(()), _meta(shape), _meta(shape), _meta(shape[:1]),
+                                    torch.empty_like(x), aux)
     for shape, m_dtype in itertools.product(((3, 7), (40, 4096)), MASK_DTYPES):  # GAE reads fp32 values only
         r, mask = _meta(shape), _meta(shape, m_dtype)
         gae.gae_fwd(r, r, mask, 0.99, 0.95, _meta(shape), _meta(shape))

@@ -29,6 +29,12 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -
 SHAPES = [(3, 37), (1, 16), (2, 3, 17)]  # odd T, one row of exactly 16 lanes, extra leading dim
 
 
+def _grpo_reference(*args, **kwargs):
+    """reference.grpo_loss with the stats key rlkern.ops.grpo_loss adds for the cispo loss type (0)."""
+    loss, stats = reference.grpo_loss(*args, **kwargs)
+    return loss, {**stats, "cispo_clip_ratio": torch.zeros_like(stats["kl"])}
+
+
 def _tokens(shape, dtype, *, spread=0.4, valid=0.75):
     """logp in (-3, 0), old / ref within ~spread of it (so a good share of ratios is clipped)."""
     logp = (torch.rand(shape) * -3).to(dtype)
@@ -95,10 +101,10 @@ def test_policy_loss_dual_clip_weights(backend, dtype, per_sequence_adv):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loss_type", L.GRPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", reference.GRPO_LOSS_TYPES)  # the others: test_policy_variants.py
 def test_grpo_loss_matches_oracle(backend, dtype, loss_type):
     logp, old, ref, adv, mask = _tokens((4, 21), dtype)
-    _compare(rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv[:, 0].contiguous(), mask),
+    _compare(rlkern.ops.grpo_loss, _grpo_reference, logp, (old, ref, adv[:, 0].contiguous(), mask),
              dict(beta=0.04, clip_low=0.2, clip_high=0.28, loss_type=loss_type), what=f"grpo {loss_type}")
 
 
@@ -111,18 +117,18 @@ def test_grpo_loss_matches_oracle(backend, dtype, loss_type):
                                          use_bias_correction_kl=True)])
 def test_grpo_loss_options(backend, kwargs):
     logp, old, ref, adv, mask = _tokens((2, 3, 19), torch.float32)
-    _compare(rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv, mask), kwargs,
+    _compare(rlkern.ops.grpo_loss, _grpo_reference, logp, (old, ref, adv, mask), kwargs,
              what=f"grpo {kwargs}")
 
 
-@pytest.mark.parametrize("loss_type", L.GRPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", reference.GRPO_LOSS_TYPES)
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_grpo_loss_weights(backend, loss_type, bias_correction):
     """Per-token weights (TRL's entropy / off-policy masks times vLLM IS ratios) scale the clipped
     surrogate only; the KL term is added after them."""
     logp, old, ref, adv, mask = _tokens((3, 23), torch.float32)
     weights = (torch.rand(3, 23) < 0.6).float() * torch.rand(3, 23) * 2
-    _compare(rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv[:, 0].contiguous(), mask),
+    _compare(rlkern.ops.grpo_loss, _grpo_reference, logp, (old, ref, adv[:, 0].contiguous(), mask),
              dict(beta=0.1, loss_type=loss_type, weights=weights, use_bias_correction_kl=bias_correction,
                   max_completion_length=30), what=f"grpo weights {loss_type}")
 
@@ -202,7 +208,7 @@ def test_mixed_input_dtypes(backend):
     old_bf, adv_bf = old.bfloat16(), adv.bfloat16()
     _compare(rlkern.ops.policy_loss, reference.policy_loss, logp, (old_bf, adv_bf, mask), {}, what="mixed")
     half_logp = logp.half()
-    _compare(rlkern.ops.grpo_loss, reference.grpo_loss, half_logp, (old, ref, adv[:, 0], mask), {},
+    _compare(rlkern.ops.grpo_loss, _grpo_reference, half_logp, (old, ref, adv[:, 0], mask), {},
              what="mixed grpo")
 
 
@@ -265,7 +271,7 @@ def test_extreme_log_ratios_stay_finite(backend):
     mask = torch.ones(1, 6, dtype=torch.bool)
     _compare(rlkern.ops.policy_loss, reference.policy_loss, logp, (old, adv, mask), dict(dual_clip=3.0),
              what="extreme policy")
-    _compare(rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv, mask), dict(beta=0.1),
+    _compare(rlkern.ops.grpo_loss, _grpo_reference, logp, (old, ref, adv, mask), dict(beta=0.1),
              what="extreme grpo")
 
 
@@ -306,7 +312,7 @@ def test_mask_of_any_dtype(backend, mask_dtype):
     mask = _mask_as(valid, mask_dtype)
     for op, ref_fn, main, others, kwargs in (
             (rlkern.ops.policy_loss, reference.policy_loss, logp, (old, adv), dict(dual_clip=3.0)),
-            (rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv[:, 0]), dict(loss_type="bnpo")),
+            (rlkern.ops.grpo_loss, _grpo_reference, logp, (old, ref, adv[:, 0]), dict(loss_type="bnpo")),
             (rlkern.ops.value_loss, reference.value_loss, logp, (old, adv), {})):
         loss, stats, grad = _compare(lambda x, *o, op=op, **k: op(x, *o[:-1], mask, **k), ref_fn, main,
                                      (*others, valid), kwargs, what=f"{op.__name__} {mask_dtype} mask")
@@ -362,7 +368,7 @@ def test_large_t(kernel_backend):
     """One long-sequence case (T = 5000: many 16-lane blocks and a tail; one Triton block loop)."""
     rows, length = (2, 5000) if kernel_backend == "cpp" else (1, 2100)
     logp, old, ref, adv, mask = _tokens((rows, length), torch.bfloat16)
-    _compare(rlkern.ops.grpo_loss, reference.grpo_loss, logp, (old, ref, adv[:, 0], mask), {}, what="large T")
+    _compare(rlkern.ops.grpo_loss, _grpo_reference, logp, (old, ref, adv[:, 0], mask), {}, what="large T")
 
 
 def test_batch_invariance(kernel_backend):
@@ -441,13 +447,14 @@ def test_opcheck(backend_name, kind):
     dual = 3.0 if kind == 0 else math.inf
     for save_grad in (0, 1):  # (2: the caller drops `saved`, which the backward may then overwrite)
         args = (logp.requires_grad_(), old, a, r, w, mask, kind, 0.2, 0.28, dual, 0.04, 0.2, grpo,
-                -1.0 if not grpo else 3.0, save_grad, backend_name)
+                -1.0 if not grpo else 3.0, save_grad, backend_name, 0, 0, math.inf, 1.0, 1.05)
         torch.library.opcheck(torch.ops.rlkern.losses_fwd.default, args)
-    _, _, row_scale, saved = torch.ops.rlkern.losses_fwd(*args)
+    _, _, row_scale, row_aux, saved = torch.ops.rlkern.losses_fwd(*args)
     bwd = (torch.tensor(1.5), logp.detach(), old, a, r, w, mask, row_scale, kind, 0.2, 0.28, dual, 0.04, 0.2,
-           backend_name)
+           backend_name, 0, 0, math.inf, 1.0, 1.05, row_aux)
     torch.library.opcheck(torch.ops.rlkern.losses_bwd.default, bwd)
-    saved_bwd = (torch.tensor(1.5), saved.detach(), mask, row_scale.detach(), torch.float32, backend_name)
+    saved_bwd = (torch.tensor(1.5), saved.detach(), mask, row_scale.detach(), torch.float32, backend_name,
+                 None)
     torch.library.opcheck(torch.ops.rlkern.losses_bwd_saved.default, saved_bwd)
     # The two backwards agree bit for bit (the forward saved the same product the backward computes).
     assert torch.equal(torch.ops.rlkern.losses_bwd(*bwd), torch.ops.rlkern.losses_bwd_saved(*saved_bwd))
@@ -509,7 +516,7 @@ _M = lambda *s: torch.ones(*s, dtype=torch.bool)  # noqa: E731
          ValueError, r"logp must have shape \[..., T\]"),
     _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 5), _X(2), _M(2, 5), loss_type="ppo"),
          ValueError,
-         r"loss_type must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo'\]"),
+         r"loss_type must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'luspo'\]"),
     _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 4), _X(2), _M(2, 5)), ValueError,
          r"ref_logp must have shape \(2, 5\)"),
     _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 5), _X(2), _M(2, 5), beta=-0.1), ValueError,
@@ -536,9 +543,10 @@ def test_cpp_kernel_checks_shapes_itself():
     """Called directly (bypassing the Python checks) the C++ kernel refuses inconsistent tensors."""
     x = torch.randn(2, 5)
     outs = (torch.empty(()), torch.empty(6), torch.empty(2))
+    opts = (0, 0, math.inf, 1.0, 1.05, torch.empty(2, 2))
     with pytest.raises(RuntimeError, match="old must be a contiguous"):
         cpp_kernels().losses_fwd(x, torch.randn(2, 4), x, None, None, torch.ones(2, 5, dtype=torch.bool), 0,
-                                 0.2, 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs, None)
+                                 0.2, 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs, None, *opts)
     with pytest.raises(RuntimeError, match="the grpo kinds need ref_logp"):
         cpp_kernels().losses_fwd(x, x, x, None, None, torch.ones(2, 5, dtype=torch.bool), 1, 0.2, 0.2,
-                                 math.inf, 0.0, 0.0, False, -1.0, *outs, None)
+                                 math.inf, 0.0, 0.0, False, -1.0, *outs, None, *opts)

@@ -43,6 +43,8 @@ from torch import Tensor
 
 from rlkern import reference
 from rlkern.codes import LOSS_KINDS, LOSS_STATS
+from rlkern.codes import LOSS_VARIANTS as _VARIANT_CODES
+from rlkern.codes import RATIO_LEVELS as _LEVEL_CODES
 from rlkern.ops._common import (
     check_finite,
     check_int,
@@ -54,14 +56,22 @@ from rlkern.ops._common import (
 from rlkern.ops._registry import kernel_op, kernels
 
 __all__ = ["policy_loss", "value_loss", "grpo_loss", "policy_loss_and_grad", "grpo_loss_and_grad",
-           "POLICY_AGGS", "GRPO_LOSS_TYPES"]
+           "POLICY_AGGS", "GRPO_LOSS_TYPES", "POLICY_VARIANTS", "RATIO_LEVELS", "GRPO_IS_LEVELS"]
 
 POLICY_AGGS = reference.POLICY_AGGS
-GRPO_LOSS_TYPES = reference.GRPO_LOSS_TYPES
+GRPO_LOSS_TYPES = reference.GRPO_VARIANT_LOSS_TYPES
+POLICY_VARIANTS = reference.POLICY_VARIANTS
+RATIO_LEVELS = reference.RATIO_LEVELS
+GRPO_IS_LEVELS = reference.GRPO_IS_LEVELS
 
 # Kernel kinds (rlkern/codes.py). grpo_bc: GRPO with the KL term multiplied by the importance ratio
 # (TRL's use_bias_correction_kl).
 _POLICY, _GRPO, _VALUE, _GRPO_BC = (LOSS_KINDS[k] for k in ("policy", "grpo", "value", "grpo_bc"))
+_SEQUENCE = _LEVEL_CODES["sequence"]
+# grpo_loss's loss types: the surrogate variant each runs, and the normaliser (TRL _compute_loss:
+# cispo shares dapo's, sapo grpo's; luspo is (per_token_loss * mask).sum(-1).mean()).
+_GRPO_VARIANT = {"cispo": "cispo_cap", "sapo": "sapo"}
+_GRPO_NORMALISER = {"cispo": "dapo", "sapo": "grpo"}
 # The layout of the LOSS_STATS-long stats vector the kernels write (csrc/losses.cpp).
 _CLIPPED, _CLIP_HIGH, _CLIP_LOW, _DUAL, _NEG_LOG_RATIO, _K3 = range(LOSS_STATS)
 # Denominator codes: > 0 is a constant; these two are counts the forward pass finds itself.
@@ -74,35 +84,45 @@ _DENOM_TOKENS, _DENOM_LIVE_ROWS = -1.0, -2.0
 # overwrite it with the gradient) the forward also writes each token's unscaled gradient (float32,
 # x's shape; 0 elements otherwise), and the backward is one elementwise pass over it
 # (_losses_bwd_saved) instead of a second evaluation of every token's terms (_losses_bwd).
+# variant / level: rlkern/codes.py LOSS_VARIANTS / RATIO_LEVELS; delta (+inf: off), tau_pos, tau_neg:
+# TRL's delta and sapo temperatures. row_aux ([..., 2] float32): per row the mean log-ratio and the
+# gradient through it (the sequence level; zeros at the token level).
 @kernel_op("losses_fwd")
 def _losses_fwd(x: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights: Tensor | None, mask: Tensor,
                 kind: int, clip_low: float, clip_high: float, dual_clip: float, beta: float,
                 value_clip: float, per_row_mean: bool, denom: float, save_grad: int,
-                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                backend: str, variant: int, level: int, delta: float, tau_pos: float,
+                tau_neg: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dev = x.device
     loss, stats, row_scale = new_output((), device=dev), new_output((LOSS_STATS,), device=dev), new_output(
         x.shape[:-1], device=dev)
+    row_aux = new_output((*x.shape[:-1], 2), device=dev)
     saved = new_output(x.shape, device=dev) if save_grad else None
     kernels(backend, "losses").losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high,
                                           dual_clip, beta, value_clip, per_row_mean, denom, loss, stats,
-                                          row_scale, saved)
-    return loss, stats, row_scale, saved if saved is not None else x.new_empty(0, dtype=torch.float32)
+                                          row_scale, saved, variant, level, delta, tau_pos, tau_neg, row_aux)
+    none = x.new_empty(0, dtype=torch.float32)
+    return loss, stats, row_scale, row_aux, saved if saved is not None else none
 
 
 @_losses_fwd.register_fake
 def _(x, *args):
     new = lambda shape: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    save_grad = args[-2]
-    return new(()), new((LOSS_STATS,)), new(x.shape[:-1]), new(x.shape if save_grad else (0,))
+    save_grad = args[13]
+    return new(()), new((LOSS_STATS,)), new(x.shape[:-1]), new((*x.shape[:-1], 2)), new(
+        x.shape if save_grad else (0,))
 
 
 @kernel_op("losses_bwd")
 def _losses_bwd(grad_loss: Tensor, x: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None,
                 weights: Tensor | None, mask: Tensor, row_scale: Tensor, kind: int, clip_low: float,
-                clip_high: float, dual_clip: float, beta: float, value_clip: float, backend: str) -> Tensor:
+                clip_high: float, dual_clip: float, beta: float, value_clip: float, backend: str,
+                variant: int, level: int, delta: float, tau_pos: float, tau_neg: float,
+                row_aux: Tensor) -> Tensor:
     grad_x = new_output(x.shape, device=x.device, dtype=x.dtype)
     kernels(backend, "losses").losses_bwd(grad_loss.float(), x, old, adv, ref, weights, mask, row_scale, kind,
-                                          clip_low, clip_high, dual_clip, beta, value_clip, grad_x)
+                                          clip_low, clip_high, dual_clip, beta, value_clip, grad_x, variant,
+                                          level, delta, tau_pos, tau_neg, row_aux)
     return grad_x
 
 
@@ -113,30 +133,32 @@ def _(grad_loss, x, *_):
 
 @kernel_op("losses_bwd_saved")
 def _losses_bwd_saved(grad_loss: Tensor, saved: Tensor, mask: Tensor, row_scale: Tensor, dtype: torch.dtype,
-                      backend: str) -> Tensor:
+                      backend: str, row_aux: Tensor | None) -> Tensor:
     grad_x = new_output(saved.shape, device=saved.device, dtype=dtype)
-    kernels(backend, "losses").losses_bwd_saved(grad_loss.float(), saved, mask, row_scale, grad_x)
+    kernels(backend, "losses").losses_bwd_saved(grad_loss.float(), saved, mask, row_scale, grad_x, row_aux)
     return grad_x
 
 
 @_losses_bwd_saved.register_fake
-def _(_grad_loss, saved, _mask, _row_scale, dtype, _backend):
+def _(_grad_loss, saved, _mask, _row_scale, dtype, _backend, _row_aux):
     return saved.new_empty(saved.shape, dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    _, stats, row_scale, saved = output
+    _, stats, row_scale, row_aux, saved = output
     ctx.dtype = inputs[0].dtype
     # The non-differentiable outputs get no gradient at all: materialised, `saved`'s would be a zero
     # [..., T] fp32 tensor filled on every backward.
     ctx.set_materialize_grads(False)
-    # x, old, adv, ref, weights, mask, row_scale, saved (None without save_grad). The inputs are
-    # kept with save_grad too: with save_grad == 2 (the caller dropped `saved`) the first eager
+    # x, old, adv, ref, weights, mask, row_scale, row_aux, saved (None without save_grad). The inputs
+    # are kept with save_grad too: with save_grad == 2 (the caller dropped `saved`) the first eager
     # backward turns `saved` into the gradient in place, so a second one (retain_graph) recomputes.
-    ctx.save_for_backward(*inputs[:6], row_scale, saved if inputs[14] else None)
+    ctx.save_for_backward(*inputs[:6], row_scale, row_aux, saved if inputs[14] else None)
     ctx.saved_spent, ctx.saved_private = False, inputs[14] == 2
-    ctx.args = (*inputs[6:12], inputs[15])  # kind, clip_low, clip_high, dual_clip, beta, value_clip, backend
-    ctx.mark_non_differentiable(stats, row_scale, saved)
+    # kind, clip_low, clip_high, dual_clip, beta, value_clip, backend, variant, level, delta, tau_pos, tau_neg
+    ctx.args = (*inputs[6:12], *inputs[15:21])
+    ctx.row_add = inputs[17] == _SEQUENCE  # the saved gradient misses the row-mean part
+    ctx.mark_non_differentiable(stats, row_scale, row_aux, saved)
 
 
 def _eager(t: Tensor) -> bool:
@@ -146,27 +168,28 @@ def _eager(t: Tensor) -> bool:
 
 
 def _grad_from_saved(grad_loss: Tensor, saved: Tensor, mask: Tensor, row_scale: Tensor, dtype: torch.dtype,
-                     backend: str, *, in_place: bool) -> Tensor:
-    """d x from the forward's saved per-token gradients. ``in_place`` (eager, fp32 x): the kernel
-    overwrites ``saved`` (an elementwise pass, each element read before it is written), which saves
-    allocating and faulting in a new [..., T] buffer."""
+                     backend: str, row_aux: Tensor | None, *, in_place: bool) -> Tensor:
+    """d x from the forward's saved per-token gradients (plus, at the sequence level, each row's
+    gradient through its mean log-ratio, ``row_aux[..., 1]``). ``in_place`` (eager, fp32 x): the
+    kernel overwrites ``saved`` (an elementwise pass, each element read before it is written), which
+    saves allocating and faulting in a new [..., T] buffer."""
     if in_place and saved.dtype == dtype and _eager(saved):
-        kernels(backend, "losses").losses_bwd_saved(grad_loss.float(), saved, mask, row_scale, saved)
+        kernels(backend, "losses").losses_bwd_saved(grad_loss.float(), saved, mask, row_scale, saved, row_aux)
         return saved
-    return _losses_bwd_saved(grad_loss, saved, mask, row_scale, dtype, backend)
+    return _losses_bwd_saved(grad_loss, saved, mask, row_scale, dtype, backend, row_aux)
 
 
 def _backward(ctx, grad_loss, *_):
     if grad_loss is None:  # only the non-differentiable outputs were used
-        return (None,) * 16
-    *tensors, row_scale, saved = ctx.saved_tensors
+        return (None,) * 21
+    *tensors, row_scale, row_aux, saved = ctx.saved_tensors
     if saved is not None and not ctx.saved_spent:
         ctx.saved_spent = ctx.saved_private and _eager(saved) and saved.dtype == ctx.dtype
-        grad_x = _grad_from_saved(grad_loss, saved, tensors[5], row_scale, ctx.dtype, ctx.args[-1],
-                                  in_place=ctx.saved_spent)
+        grad_x = _grad_from_saved(grad_loss, saved, tensors[5], row_scale, ctx.dtype, ctx.args[6],
+                                  row_aux if ctx.row_add else None, in_place=ctx.saved_spent)
     else:
-        grad_x = _losses_bwd(grad_loss, *tensors, row_scale, *ctx.args)
-    return (grad_x,) + (None,) * 15
+        grad_x = _losses_bwd(grad_loss, *tensors, row_scale, *ctx.args, row_aux)
+    return (grad_x,) + (None,) * 20
 
 
 _losses_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -240,6 +263,8 @@ def _denominator(agg: str, rows: int, length: int, max_completion_length,
         return False, float(max(rows * per_row, 1))
     if agg == "dapo":
         return False, _DENOM_TOKENS if num_items_in_batch is None else max(float(num_items_in_batch), 1.0)
+    if agg == "luspo":
+        return False, float(max(rows, 1))
     raise AssertionError(agg)
 
 
@@ -254,7 +279,8 @@ def _canonical(main: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weigh
 
 
 def _run(kind, main, old, adv, ref, weights, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None, beta=0.0,
-         value_clip=0.0, agg, max_completion_length=None, num_items_in_batch=None, backend, want_grad=False):
+         value_clip=0.0, agg, max_completion_length=None, num_items_in_batch=None, backend, want_grad=False,
+         variant="ppo", level="token", delta=None, tau_pos=1.0, tau_neg=1.05):
     """Dispatches one loss to the kernels (``mask`` already through token_mask). Returns (loss, stats
     vector) or, with want_grad, (loss, d loss / d main, stats vector) computed without autograd."""
     length = main.shape[-1]
@@ -262,16 +288,18 @@ def _run(kind, main, old, adv, ref, weights, mask, *, clip_low=0.2, clip_high=0.
                                        num_items_in_batch)
     x, old_c, adv_c, ref_c, w_c = _canonical(main, old, adv, ref, weights)
     consts = (clip_low, clip_high, math.inf if dual_clip is None else dual_clip, beta, value_clip)
+    lvl = _LEVEL_CODES[level]
+    opts = (_VARIANT_CODES[variant], lvl, math.inf if delta is None else delta, tau_pos, tau_neg)
     if not want_grad:
         save_grad = 2 if x.requires_grad and torch.is_grad_enabled() else 0  # `saved` is dropped here
-        loss, stats, _, _ = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom,
-                                        save_grad, backend)
+        loss, stats, *_ = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom,
+                                      save_grad, backend, *opts)
         return loss, stats
     with torch.no_grad():
-        loss, stats, row_scale, saved = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts,
-                                                    per_row_mean, denom, 1, backend)
+        loss, stats, row_scale, row_aux, saved = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts,
+                                                             per_row_mean, denom, 1, backend, *opts)
         grad = _grad_from_saved(torch.ones((), device=x.device), saved, mask, row_scale, x.dtype, backend,
-                                in_place=True)
+                                row_aux if lvl == _SEQUENCE else None, in_place=True)
     return loss, grad.to(main.dtype), stats
 
 
@@ -293,26 +321,76 @@ def _policy_stats(stats: Tensor) -> dict[str, Tensor]:
     return {"clip_frac": stats[_CLIPPED], "clip_frac_lower": stats[_DUAL], "approx_kl": stats[_NEG_LOG_RATIO]}
 
 
-def _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights):
+def _check_variant_options(variant, ratio_level, delta, tau_pos, tau_neg, *, variants, levels, names):
+    """The surrogate / ratio-level options (``names``: the argument names the caller exposes)."""
+    _check_choice(variant, names[0], variants)
+    _check_choice(ratio_level, names[1], levels)
+    if delta is not None:
+        delta = _in_range(delta, names[2], lambda v: v > 0.0, "None or a finite number > 0")
+    tau_pos = _in_range(tau_pos, names[3], lambda v: v > 0.0, "a finite number > 0")
+    tau_neg = _in_range(tau_neg, names[4], lambda v: v > 0.0, "a finite number > 0")
+    return delta, tau_pos, tau_neg
+
+
+_POLICY_OPTION_NAMES = ("variant", "ratio_level", "delta", "sapo_tau_pos", "sapo_tau_neg")
+
+
+def _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights,
+                     variant="ppo", ratio_level="token", delta=None, tau_pos=1.0, tau_neg=1.05):
     _check_tokens(logp, "logp", {"old_logp": old_logp, "weights": weights}, advantages)
     clip_low, clip_high = _check_clips(clip_low, clip_high)
     if dual_clip is not None:
         dual_clip = _in_range(dual_clip, "dual_clip", lambda v: v > 1.0, "None or a finite number > 1")
     _check_choice(agg, "agg", POLICY_AGGS)
+    delta, tau_pos, tau_neg = _check_variant_options(variant, ratio_level, delta, tau_pos, tau_neg,
+                                                     variants=POLICY_VARIANTS, levels=RATIO_LEVELS,
+                                                     names=_POLICY_OPTION_NAMES)
+    if variant != "ppo" and (dual_clip is not None or delta is not None):
+        raise ValueError(f"dual_clip and delta apply to variant='ppo' only, got variant={variant!r}")
     mask = _mask(mask, logp.shape)
     tensors = [t for t in (logp, old_logp, advantages, mask, weights) if t is not None]
-    return clip_low, clip_high, dual_clip, mask, pick_backend(*tensors)
+    return (clip_low, clip_high, dual_clip, mask, pick_backend(*tensors),
+            dict(variant=variant, level=ratio_level, delta=delta, tau_pos=tau_pos, tau_neg=tau_neg))
 
 
-def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
-                clip_high: float = 0.2, dual_clip: float | None = None, agg: str = "token-mean",
-                weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss (verl ``compute_policy_loss_vanilla`` numerics).
+def _policy_reference(logp, old_logp, advantages, mask, *, opts, **kwargs):
+    """rlkern.reference's policy_loss, or its variant form when an option is not the default."""
+    if opts["variant"] == "ppo" and opts["level"] == "token" and opts["delta"] is None:
+        return reference.policy_loss(logp, old_logp, advantages, mask, **kwargs)
+    return reference.policy_loss_variant(logp, old_logp, advantages, mask, variant=opts["variant"],
+                                         ratio_level=opts["level"], delta=opts["delta"],
+                                         sapo_tau_pos=opts["tau_pos"], sapo_tau_neg=opts["tau_neg"], **kwargs)
 
-    Per valid token, with ``r = exp(clamp(logp - old_logp, -20, 20))``:
-    ``l = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))``; with ``dual_clip = c`` (verl's
-    ``clip_ratio_c``), ``l = min(l, -A c)`` where ``A < 0``; then ``l *= weights`` (per-token
-    importance weights, e.g. truncated IS for rollout/training mismatch). Aggregated per ``agg``:
+
+_POLICY_DOC = """PPO-style policy loss (verl ``core_algos.py`` numerics), one fused pass.
+
+    Per valid token, with the importance ratio ``r`` of ``ratio_level`` and ``A`` the advantage, the
+    surrogate ``l`` of ``variant``:
+
+    * ``ppo``: ``max(-A r', -A clamp(r, 1 - clip_low, 1 + clip_high))`` with ``r' = min(r, delta)``
+      (``delta=None``: ``r``; TRL's INTELLECT-2 two-sided clip); with ``dual_clip = c`` (verl's
+      ``clip_ratio_c``), ``l = min(l, -A c)`` where ``A < 0`` (verl ``compute_policy_loss_vanilla``;
+      with ``ratio_level="sequence_token"``, verl ``compute_policy_loss_gspo``)
+    * ``cispo``: ``-sg(clamp(r, 1 - clip_low, 1 + clip_high)) A logp`` (verl
+      ``compute_policy_loss_cispo``)
+    * ``cispo_cap``: ``-sg(min(r, clip_high)) A logp``: ``clip_high`` is the absolute cap (TRL / Liger
+      ``loss_type="cispo"``, whose ``epsilon_high`` is e.g. 5.0)
+    * ``sapo``: ``-sigmoid(tau (r - 1)) 4 / tau A``, ``tau = sapo_tau_pos`` where ``A > 0`` else
+      ``sapo_tau_neg`` (verl ``compute_policy_loss_sapo``; verl always aggregates it as
+      ``seq-mean-token-mean``, pass that ``agg`` to match it)
+    * ``gpg``: ``-A logp`` (verl ``compute_policy_loss_gpg``)
+
+    ``ratio_level``:
+
+    * ``token``: ``r = exp(clamp(logp - old_logp, -20, 20))``
+    * ``sequence``: ``r_b = exp(clamp(s_b, -20, 20))``, ``s_b`` the masked row mean of
+      ``logp - old_logp``; the gradient flows through the mean (TRL ``importance_sampling_level=
+      "sequence"``)
+    * ``sequence_token``: verl GSPO-token, ``exp(min(logp - sg(logp) + sg(s_b), 10))``: the row's
+      value, the gradient per token
+
+    Then ``l *= weights`` (per-token importance weights, e.g. truncated IS for rollout/training
+    mismatch), aggregated per ``agg``:
 
     * ``token-mean``: sum / (valid tokens)
     * ``seq-mean-token-sum``: per-row sums, averaged over rows with >= 1 valid token
@@ -324,46 +402,67 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         old_logp: ``[..., T]`` behaviour-policy log-probs.
         advantages: ``[..., T]`` per token, or ``[...]`` per sequence (broadcast over T).
         mask: ``[..., T]``, any dtype, nonzero = valid (module docstring).
-        clip_low, clip_high: ratio bounds ``1 - clip_low`` (``clip_low`` in [0, 1)) and ``1 + clip_high``.
-        dual_clip: None (off) or > 1.
+        clip_low, clip_high: ratio bounds ``1 - clip_low`` (``clip_low`` in [0, 1)) and ``1 + clip_high``
+            (``cispo_cap``: the cap ``clip_high``).
+        dual_clip: None (off) or > 1; ``ppo`` only.
         weights: optional ``[..., T]``, constant.
+        variant: ``ppo`` | ``cispo`` | ``cispo_cap`` | ``sapo`` | ``gpg``.
+        ratio_level: ``token`` | ``sequence`` | ``sequence_token``.
+        delta: None or > 0; ``ppo`` only.
+        sapo_tau_pos, sapo_tau_neg: > 0, ``sapo`` only (verl ``tau_pos`` / ``tau_neg``).
 
     Returns:
-        ``(loss, stats)``: float32 0-d loss; stats ``clip_frac`` (share of valid tokens where the clip
-        is active, verl ``pg_clipfrac``), ``clip_frac_lower`` (dual clip active, verl
-        ``pg_clipfrac_lower``; 0 without dual clip), ``approx_kl`` (mean of ``old_logp - logp``,
-        clamped, verl ``ppo_kl``): 0-d float32 tensors.
+        ``(loss, stats)``: float32 0-d loss; stats, 0-d float32 tensors: ``clip_frac`` (verl
+        ``pg_clipfrac``: share of valid tokens where the clip is active: ``pg2 > pg1`` for ``ppo``,
+        ``r != clip(r)`` for ``cispo``, ``r > clip_high and A > 0`` for ``cispo_cap``, 0 for ``sapo``
+        and ``gpg``; at ``ratio_level="sequence"`` with per-sequence advantages, the mean over rows of
+        each row's share), ``clip_frac_lower`` (dual clip active, verl ``pg_clipfrac_lower``; 0 without
+        it), ``approx_kl`` (mean of ``old_logp - logp``, verl ``ppo_kl``: clamped to +-20 at the token
+        level, unclamped at the sequence levels as in verl's gspo).
 
     NaN: a NaN ``logp``, ``old_logp``, ``advantages`` or ``weights`` entry at a valid token makes the
-    loss and that token's gradient NaN (and the stats it feeds); at a masked-out token it is ignored.
-    See the module docstring.
+    loss and that token's gradient NaN (at the sequence levels, every token of its row) and the stats it
+    feeds; at a masked-out token it is ignored. See the module docstring.
     """
-    clip_low, clip_high, dual_clip, mask, backend = _validate_policy(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights)
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+                clip_high: float = 0.2, dual_clip: float | None = None, agg: str = "token-mean",
+                weights: Tensor | None = None, variant: str = "ppo", ratio_level: str = "token",
+                delta: float | None = None, sapo_tau_pos: float = 1.0,
+                sapo_tau_neg: float = 1.05) -> tuple[Tensor, dict[str, Tensor]]:
+    clip_low, clip_high, dual_clip, mask, backend, opts = _validate_policy(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights, variant, ratio_level,
+        delta, sapo_tau_pos, sapo_tau_neg)
     if backend == "torch":
-        return reference.policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                     dual_clip=dual_clip, agg=agg, weights=weights)
+        return _policy_reference(logp, old_logp, advantages, mask, opts=opts, clip_low=clip_low,
+                                 clip_high=clip_high, dual_clip=dual_clip, agg=agg, weights=weights)
     loss, stats = _run(_POLICY, logp, old_logp, advantages, None, weights, mask, clip_low=clip_low,
-                       clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend)
+                       clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend, **opts)
     return loss, _policy_stats(stats)
+
+
+policy_loss.__doc__ = _POLICY_DOC
 
 
 def policy_loss_and_grad(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                          clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
-                         agg: str = "token-mean",
-                         weights: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                         agg: str = "token-mean", weights: Tensor | None = None, variant: str = "ppo",
+                         ratio_level: str = "token", delta: float | None = None, sapo_tau_pos: float = 1.0,
+                         sapo_tau_neg: float = 1.05) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`policy_loss` as ``(loss, d loss / d logp, stats)``, without autograd: for fused kernels
     that compute ``logp`` themselves and chain this gradient into their own backward. ``d loss / d logp``
     has ``logp``'s shape and dtype and is 0 at masked positions."""
-    clip_low, clip_high, dual_clip, mask, backend = _validate_policy(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights)
+    clip_low, clip_high, dual_clip, mask, backend, opts = _validate_policy(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights, variant, ratio_level,
+        delta, sapo_tau_pos, sapo_tau_neg)
     if backend == "torch":
-        return _reference_with_grad(reference.policy_loss, logp, old_logp, advantages, mask,
+        return _reference_with_grad(_policy_reference, logp, old_logp, advantages, mask, opts=opts,
                                     clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
                                     weights=weights)
     loss, grad, stats = _run(_POLICY, logp, old_logp, advantages, None, weights, mask, clip_low=clip_low,
                              clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend,
-                             want_grad=True)
+                             want_grad=True, **opts)
     return loss, grad, _policy_stats(stats)
 
 
@@ -398,18 +497,27 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     return loss, {"clip_frac": stats[_CLIPPED]}
 
 
-def _grpo_stats(stats: Tensor) -> dict[str, Tensor]:
-    return {"kl": stats[_K3], "clip_ratio": stats[_CLIP_LOW] + stats[_CLIP_HIGH],
-            "clip_ratio_low": stats[_CLIP_LOW], "clip_ratio_high": stats[_CLIP_HIGH],
+def _grpo_stats(stats: Tensor, loss_type: str) -> dict[str, Tensor]:
+    high = stats[_CLIP_HIGH]
+    return {"kl": stats[_K3], "clip_ratio": stats[_CLIP_LOW] + high,
+            "clip_ratio_low": stats[_CLIP_LOW], "clip_ratio_high": high,
+            "cispo_clip_ratio": high if loss_type == "cispo" else torch.zeros_like(high),
             "approx_kl": stats[_NEG_LOG_RATIO]}
 
 
+_GRPO_OPTION_NAMES = ("loss_type", "importance_sampling_level", "delta", "sapo_temperature_pos",
+                      "sapo_temperature_neg")
+
+
 def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
-                   max_completion_length, num_items_in_batch, weights=None):
+                   max_completion_length, num_items_in_batch, weights=None, level="token", delta=None,
+                   tau_pos=1.0, tau_neg=1.05):
     _check_tokens(logp, "logp", {"old_logp": old_logp, "ref_logp": ref_logp, "weights": weights}, advantages)
     beta = _in_range(beta, "beta", lambda v: v >= 0.0, "a finite number >= 0")
     clip_low, clip_high = _check_clips(clip_low, clip_high)
-    _check_choice(loss_type, "loss_type", GRPO_LOSS_TYPES)
+    delta, tau_pos, tau_neg = _check_variant_options(loss_type, level, delta, tau_pos, tau_neg,
+                                                     variants=GRPO_LOSS_TYPES, levels=GRPO_IS_LEVELS,
+                                                     names=_GRPO_OPTION_NAMES)
     if max_completion_length is not None and check_int(max_completion_length, "max_completion_length") < 1:
         raise ValueError(f"max_completion_length must be None or an int >= 1, got {max_completion_length!r}")
     if num_items_in_batch is not None:
@@ -424,33 +532,70 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
     mask = _mask(mask, logp.shape)
     backend = pick_backend(logp, old_logp, ref_logp, advantages, mask,
                            *(() if weights is None else (weights,)))
-    return beta, clip_low, clip_high, num_items_in_batch, mask, backend
+    variant = _GRPO_VARIANT.get(loss_type, "ppo")
+    # TRL applies delta in the PPO-clip loss types only (it ignores it for cispo and sapo).
+    opts = dict(variant=variant, level=level, delta=delta if variant == "ppo" else None, tau_pos=tau_pos,
+                tau_neg=tau_neg)
+    return beta, clip_low, clip_high, num_items_in_batch, mask, backend, opts
+
+
+def _grpo_reference(logp, old_logp, ref_logp, advantages, mask, *, opts, loss_type, **kwargs):
+    """rlkern.reference's grpo_loss, or its variant form for the options the first does not have."""
+    if loss_type in reference.GRPO_LOSS_TYPES and opts["level"] == "token" and opts["delta"] is None:
+        loss, stats = reference.grpo_loss(logp, old_logp, ref_logp, advantages, mask, loss_type=loss_type,
+                                          **kwargs)
+        return loss, {**stats, "cispo_clip_ratio": torch.zeros_like(stats["kl"])}
+    return reference.grpo_loss_variant(logp, old_logp, ref_logp, advantages, mask, loss_type=loss_type,
+                                       importance_sampling_level=opts["level"], delta=opts["delta"],
+                                       sapo_temperature_pos=opts["tau_pos"],
+                                       sapo_temperature_neg=opts["tau_neg"], **kwargs)
+
+
+def _grpo_run(logp, old_logp, ref_logp, advantages, mask, weights, *, beta, clip_low, clip_high, loss_type,
+              max_completion_length, num_items, bc, backend, opts, want_grad):
+    return _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, weights, mask,
+                clip_low=clip_low, clip_high=clip_high, beta=beta,
+                agg=_GRPO_NORMALISER.get(loss_type, loss_type), max_completion_length=max_completion_length,
+                num_items_in_batch=num_items, backend=backend, want_grad=want_grad, **opts)
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
               beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
               max_completion_length: int | None = None, num_items_in_batch: float | Tensor | None = None,
-              use_bias_correction_kl: bool = False,
-              weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO loss (TRL ``GRPOTrainer`` numerics, token-level importance sampling).
+              use_bias_correction_kl: bool = False, weights: Tensor | None = None,
+              importance_sampling_level: str = "token", delta: float | None = None,
+              sapo_temperature_pos: float = 1.0,
+              sapo_temperature_neg: float = 1.05) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss (TRL 1.16 ``trl/trainer/grpo_trainer.py::GRPOTrainer._compute_loss`` numerics).
 
-    Per valid token, with ``r = exp(clamp(logp - old_logp, -20, 20))`` and
-    ``d = clamp(ref_logp - logp, -20, 20)``:
-    ``l = -min(r A, clamp(r, 1 - clip_low, 1 + clip_high) A) + beta (e^d - d - 1)``
-    (TRL does not clamp the log-ratios; the results are identical whenever they lie in [-20, 20]).
+    Per valid token, with ``coef_1 = r`` the importance ratio of ``importance_sampling_level`` and
+    ``d = clamp(ref_logp - logp, -20, 20)``, the surrogate of ``loss_type``:
+
+    * grpo / bnpo / dr_grpo / dapo / luspo: ``l = -min(r' A, clamp(r, 1 - clip_low, 1 + clip_high) A)``,
+      ``r' = min(r, delta)`` (``delta=None``: ``r``; INTELLECT-2's two-sided clip)
+    * cispo: ``l = -sg(min(r, clip_high)) A logp``: ``clip_high`` is TRL's ``epsilon_high``, an absolute
+      cap on the ratio (ScaleRL recommends 5.0)
+    * sapo: ``l = -sigmoid(tau (r - 1)) 4 / tau A``, ``tau = sapo_temperature_pos`` where ``A > 0``, else
+      ``sapo_temperature_neg``
+
+    then ``l = l * weights + beta (e^d - d - 1)`` (times ``r`` with ``use_bias_correction_kl``, TRL's
+    default in 1.16: the reference KL importance-weighted by the unclipped ratio; the ``kl`` stat is
+    then the mean of ``k3 * r``, as TRL logs it). ``weights`` (``[..., T]``, constant) are TRL's
+    ``top_entropy_quantile`` and off-policy masks and its vLLM importance-sampling ratios.
+
+    ``importance_sampling_level``: ``token``: ``r = exp(clamp(logp - old_logp, -20, 20))`` (TRL does not
+    clamp the log-ratios; the results are identical whenever they lie in [-20, 20]); ``sequence``
+    (GSPO): ``r_b = exp(clamp(s_b, -20, 20))``, ``s_b`` the masked mean of ``logp - old_logp`` over the
+    row, with the gradient through the mean.
+
     Normalised per ``loss_type`` (TRL's names):
 
-    * ``grpo``: per-sequence mean, then mean over all ``B`` sequences
+    * ``grpo``, ``sapo``: per-sequence mean, then mean over all ``B`` sequences
     * ``bnpo``: sum / (valid tokens in this batch)
     * ``dr_grpo``: sum / (B * max_completion_length), ``max_completion_length`` defaulting to T
-    * ``dapo``: sum / num_items_in_batch (the global valid-token count when accumulating gradients;
-      defaults to this batch's; clamped to >= 1, so an all-padding batch gives 0)
-
-    With ``use_bias_correction_kl`` the KL term is ``beta * k3 * r`` (TRL's ``use_bias_correction_kl``,
-    the default in TRL 1.16: the reference KL importance-weighted by the unclipped ratio), and the
-    ``kl`` stat is the mean of ``k3 * r``, as TRL logs it. ``weights`` (``[..., T]``, constant)
-    multiply the clipped surrogate of each token before the KL term is added: TRL's
-    ``top_entropy_quantile`` and off-policy masks and its vLLM importance-sampling ratios.
+    * ``dapo``, ``cispo``: sum / num_items_in_batch (the global valid-token count when accumulating
+      gradients; defaults to this batch's; clamped to >= 1, so an all-padding batch gives 0)
+    * ``luspo``: sum / B (TRL: ``(per_token_loss * mask).sum(-1).mean()``)
 
     Args:
         logp: ``[..., T]`` float32/bf16/fp16; the only input with a gradient.
@@ -458,53 +603,63 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
         advantages: ``[...]`` per sequence (TRL) or ``[..., T]`` per token.
         mask: ``[..., T]``, any dtype, nonzero = valid (module docstring).
         beta: KL coefficient >= 0 (0 still computes the ``kl`` stat).
+        importance_sampling_level: ``token`` | ``sequence``.
+        delta: None or > 0 (PPO-clip loss types only; TRL ignores it for cispo and sapo).
+        sapo_temperature_pos, sapo_temperature_neg: > 0.
 
     Returns:
         ``(loss, stats)``, float32 0-d tensors; stats: ``kl`` (mean k3), ``clip_ratio`` /
-        ``clip_ratio_low`` / ``clip_ratio_high`` (TRL's region / low / high clip shares),
-        ``approx_kl`` (mean of ``old_logp - logp``).
+        ``clip_ratio_low`` / ``clip_ratio_high`` (TRL's region / low / high clip shares, on ``min(r,
+        delta)``; for cispo ``clip_ratio = clip_ratio_high = cispo_clip_ratio``, ``clip_ratio_low = 0``;
+        for sapo 0; at the sequence level with per-sequence advantages, means over the ``B`` rows as TRL
+        logs a ``(B, 1)`` flag), ``cispo_clip_ratio`` (share with ``r > clip_high`` and ``A > 0``; 0
+        unless cispo), ``approx_kl`` (mean of ``old_logp - logp``; unclamped at the sequence level).
 
-    NaN: a NaN in any input at a valid token makes the loss and that token's gradient NaN, ``ref_logp``
-    included even with ``beta = 0``; the stats it feeds are NaN; at a masked-out token it is ignored
-    (module docstring).
+    NaN: a NaN in any input at a valid token makes the loss and that token's gradient NaN (at the
+    sequence level, every token of its row), ``ref_logp`` included even with ``beta = 0``; the stats it
+    feeds are NaN; at a masked-out token it is ignored (module docstring).
     """
-    beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
+    beta, clip_low, clip_high, num_items, mask, backend, opts = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
-        max_completion_length, num_items_in_batch, weights)
+        max_completion_length, num_items_in_batch, weights, importance_sampling_level, delta,
+        sapo_temperature_pos, sapo_temperature_neg)
     bc = bool(use_bias_correction_kl)
     if backend == "torch":
-        return reference.grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=beta, clip_low=clip_low,
-                                   clip_high=clip_high, loss_type=loss_type,
-                                   max_completion_length=max_completion_length, num_items_in_batch=num_items,
-                                   use_bias_correction_kl=bc, weights=weights)
-    loss, stats = _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, weights, mask,
-                       clip_low=clip_low, clip_high=clip_high, beta=beta, agg=loss_type,
-                       max_completion_length=max_completion_length, num_items_in_batch=num_items,
-                       backend=backend)
-    return loss, _grpo_stats(stats)
+        return _grpo_reference(logp, old_logp, ref_logp, advantages, mask, opts=opts, beta=beta,
+                               clip_low=clip_low, clip_high=clip_high, loss_type=loss_type,
+                               max_completion_length=max_completion_length, num_items_in_batch=num_items,
+                               use_bias_correction_kl=bc, weights=weights)
+    loss, stats = _grpo_run(logp, old_logp, ref_logp, advantages, mask, weights, beta=beta, clip_low=clip_low,
+                            clip_high=clip_high, loss_type=loss_type,
+                            max_completion_length=max_completion_length,
+                            num_items=num_items, bc=bc, backend=backend, opts=opts, want_grad=False)
+    return loss, _grpo_stats(stats, loss_type)
 
 
 def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                        beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2,
                        loss_type: str = "grpo", max_completion_length: int | None = None,
                        num_items_in_batch: float | Tensor | None = None,
-                       use_bias_correction_kl: bool = False,
-                       weights: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                       use_bias_correction_kl: bool = False, weights: Tensor | None = None,
+                       importance_sampling_level: str = "token", delta: float | None = None,
+                       sapo_temperature_pos: float = 1.0,
+                       sapo_temperature_neg: float = 1.05) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`grpo_loss` as ``(loss, d loss / d logp, stats)`` without autograd (one forward and one
     backward kernel pass), for fused ops such as ``linear_policy_loss`` that produce ``logp`` from
     hidden states and chain ``d loss / d logp`` into their own backward. The gradient has ``logp``'s
     shape and dtype, is 0 at masked positions, and already includes the ``loss_type`` normalisation."""
-    beta, clip_low, clip_high, num_items, mask, backend = _validate_grpo(
+    beta, clip_low, clip_high, num_items, mask, backend, opts = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
-        max_completion_length, num_items_in_batch, weights)
+        max_completion_length, num_items_in_batch, weights, importance_sampling_level, delta,
+        sapo_temperature_pos, sapo_temperature_neg)
     bc = bool(use_bias_correction_kl)
     if backend == "torch":
-        return _reference_with_grad(reference.grpo_loss, logp, old_logp, ref_logp, advantages, mask,
+        return _reference_with_grad(_grpo_reference, logp, old_logp, ref_logp, advantages, mask, opts=opts,
                                     beta=beta, clip_low=clip_low, clip_high=clip_high, loss_type=loss_type,
                                     max_completion_length=max_completion_length, num_items_in_batch=num_items,
                                     use_bias_correction_kl=bc, weights=weights)
-    loss, grad, stats = _run(_GRPO_BC if bc else _GRPO, logp, old_logp, advantages, ref_logp, weights, mask,
-                             clip_low=clip_low, clip_high=clip_high, beta=beta, agg=loss_type,
-                             max_completion_length=max_completion_length, num_items_in_batch=num_items,
-                             backend=backend, want_grad=True)
-    return loss, grad, _grpo_stats(stats)
+    loss, grad, stats = _grpo_run(logp, old_logp, ref_logp, advantages, mask, weights, beta=beta,
+                                  clip_low=clip_low, clip_high=clip_high, loss_type=loss_type,
+                                  max_completion_length=max_completion_length, num_items=num_items, bc=bc,
+                                  backend=backend, opts=opts, want_grad=True)
+    return loss, grad, _grpo_stats(stats, loss_type)

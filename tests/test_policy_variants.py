@@ -1,0 +1,460 @@
+"""The policy-loss variants of rlkern.ops.policy_loss / grpo_loss (issue 13): the surrogate (ppo, cispo,
+cispo_cap, sapo, gpg; TRL's cispo / sapo / luspo loss types and delta) and the importance-ratio level
+(token, sequence, sequence_token), against
+
+* the float64 oracle (rlkern.reference.policy_loss_variant / grpo_loss_variant), every backend, dtype
+  and mask dtype, gradients included;
+* the peers' own code: verl 0.9.1 ``core_algos.compute_policy_loss_{cispo,gspo,sapo,gpg}`` called as
+  plain functions, and TRL 1.16 ``GRPOTrainer._compute_loss`` itself, called unbound on a stand-in
+  trainer object whose ``_get_per_token_logps_and_entropies`` returns our log-probs (no model);
+* hostile inputs: NaN at a valid token reaches the loss and the gradient (at the sequence level the
+  whole row's), NaN in padding changes nothing, an all-padding row gives 0.
+
+Tolerances (tests/test_losses.py explains the rule): loss and stats 1e-6 + 1e-5 relative over the
+reference in the input dtype; d logp 1e-7 + rtol 1e-5 (fp32) / one ulp of bf16 / fp16. The sequence
+levels add one fp32 row sum of n log-ratios (|s_b| <= a few units, n <= 1100): its rounding,
+~n * 2^-24 * max |log r|, moves r_b by <= 1e-5 relative, which the stated rtol covers. Against the
+peers (fp32 in both): 1e-5 relative, 1e-6 absolute: the same terms summed in another order.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+import rlkern
+from rlkern import reference
+from rlkern.ops import losses as L
+from tests.conftest import ALL_BACKENDS, DTYPES, assert_close_to_oracle
+
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16,
+               torch.float16)
+NEW_GRPO_TYPES = ("cispo", "sapo", "luspo")
+
+
+def _tokens(shape, dtype, *, spread=0.4, valid=0.75, generator=None):
+    g = generator
+    logp = (torch.rand(shape, generator=g) * -3).to(dtype)
+    old = (logp.float() + torch.randn(shape, generator=g) * spread).to(dtype)
+    ref = (logp.float() + torch.randn(shape, generator=g) * spread).to(dtype)
+    adv = torch.randn(shape, generator=g).to(dtype)
+    mask = torch.rand(shape, generator=g) < valid
+    mask[..., 0] = True  # every row has a token (an empty row: test_empty_rows)
+    return logp, old, ref, adv, mask
+
+
+def _as(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point else t
+
+
+def _compare(op, ref_fn, main, others, kwargs, *, what):
+    """op through the backend under test (autograd), against ref_fn in float64 (oracle) and in main's
+    dtype (baseline): loss, every stat, d main. Outputs are poisoned by the suite (conftest)."""
+    dtype = main.dtype
+    x = main.clone().requires_grad_()
+    loss, stats = op(x, *others, **kwargs)
+    loss.backward()
+    x64 = main.double().requires_grad_()
+    loss64, stats64 = ref_fn(x64, *[_as(o, torch.float64) for o in others], **kwargs)
+    loss64.backward()
+    loss32, stats32 = ref_fn(main.float(), *[_as(o, torch.float32) for o in others], **kwargs)
+    x_same = main.clone().requires_grad_()
+    ref_fn(x_same, *others, **kwargs)[0].backward()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close_to_oracle(loss, loss64, loss32, atol=1e-6, rtol=1e-5, what=f"{what} loss")
+    assert set(stats) == set(stats64), f"{what}: stats keys {sorted(stats)} != {sorted(stats64)}"
+    for name in stats:
+        assert_close_to_oracle(stats[name], stats64[name], stats32[name], atol=1e-6, rtol=1e-5,
+                               what=f"{what} stat {name}")
+    assert x.grad.dtype == dtype and x.grad.shape == main.shape
+    assert_close_to_oracle(x.grad, x64.grad, x_same.grad, atol=1e-7, rtol=GRAD_RTOL[dtype],
+                           what=f"{what} d logp")
+    return loss, stats, x.grad
+
+
+def _policy_ref(logp, old, adv, mask, **kw):
+    return reference.policy_loss_variant(logp, old, adv, mask, **kw)
+
+
+def _grpo_ref(logp, old, ref, adv, mask, **kw):
+    return reference.grpo_loss_variant(logp, old, ref, adv, mask, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# The float64 oracle
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", L.POLICY_VARIANTS)
+@pytest.mark.parametrize("level", L.RATIO_LEVELS)
+def test_policy_variants_match_oracle(backend, dtype, variant, level):
+    logp, old, _, adv, mask = _tokens((3, 37), dtype)
+    clip_high = 1.3 if variant == "cispo_cap" else 0.28  # cispo_cap: an absolute cap, some ratios above
+    kw = dict(clip_low=0.2, clip_high=clip_high, variant=variant, ratio_level=level,
+              agg="seq-mean-token-mean" if variant == "sapo" else "token-mean")
+    _, stats, _ = _compare(rlkern.ops.policy_loss, _policy_ref, logp, (old, adv, mask), kw,
+                           what=f"policy {variant} {level}")
+    if variant in ("ppo", "cispo", "cispo_cap") and level == "token":
+        assert 0 < stats["clip_frac"] < 1  # the inputs exercise the clip
+
+
+@pytest.mark.parametrize("variant", L.POLICY_VARIANTS)
+@pytest.mark.parametrize("level", L.RATIO_LEVELS)
+@pytest.mark.parametrize("per_sequence_adv", [False, True])
+def test_policy_variants_weights_and_aggs(backend, variant, level, per_sequence_adv):
+    logp, old, _, adv, mask = _tokens((2, 3, 19), torch.float32, spread=0.8)
+    if per_sequence_adv:
+        adv = adv[..., 0].contiguous()
+    weights = torch.rand(2, 3, 19)
+    for agg in L.POLICY_AGGS:
+        kw = dict(clip_high=2.0 if variant == "cispo_cap" else 0.28, variant=variant, ratio_level=level,
+                  agg=agg, weights=weights)
+        if variant == "ppo":
+            kw.update(delta=1.4)
+        if variant == "sapo":
+            kw.update(sapo_tau_pos=0.7, sapo_tau_neg=1.3)
+        _compare(rlkern.ops.policy_loss, _policy_ref, logp, (old, adv, mask), kw,
+                 what=f"policy {variant} {level} {agg}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss_type", L.GRPO_LOSS_TYPES)
+@pytest.mark.parametrize("level", L.GRPO_IS_LEVELS)
+def test_grpo_loss_types_match_oracle(backend, dtype, loss_type, level):
+    logp, old, ref, adv, mask = _tokens((4, 21), dtype)
+    kw = dict(beta=0.04, clip_low=0.2, clip_high=1.2 if loss_type == "cispo" else 0.28,
+              loss_type=loss_type, importance_sampling_level=level)
+    _compare(rlkern.ops.grpo_loss, _grpo_ref, logp, (old, ref, adv[:, 0].contiguous(), mask), kw,
+             what=f"grpo {loss_type} {level}")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(loss_type="dapo", delta=1.5, num_items_in_batch=70),
+    dict(loss_type="grpo", delta=1.1, use_bias_correction_kl=True, beta=0.3),
+    dict(loss_type="luspo", importance_sampling_level="sequence", use_bias_correction_kl=True, beta=0.2),
+    dict(loss_type="cispo", clip_high=5.0, num_items_in_batch=torch.tensor(33.0),
+         use_bias_correction_kl=True),
+    dict(loss_type="cispo", importance_sampling_level="sequence", clip_high=1.05),
+    dict(loss_type="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0, beta=0.1),
+    dict(loss_type="sapo", importance_sampling_level="sequence", use_bias_correction_kl=True),
+    dict(loss_type="bnpo", importance_sampling_level="sequence", delta=1.2),
+    dict(loss_type="dr_grpo", importance_sampling_level="sequence", max_completion_length=40)])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_grpo_options_weights(backend, kwargs, per_token):
+    logp, old, ref, adv, mask = _tokens((2, 3, 19), torch.float32, spread=0.6)
+    a = adv if per_token else adv[..., 0].contiguous()
+    weights = torch.rand(2, 3, 19)
+    _compare(rlkern.ops.grpo_loss, _grpo_ref, logp, (old, ref, a, mask), dict(kwargs, weights=weights),
+             what=f"grpo {kwargs} per_token={per_token}")
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+def test_mask_of_any_dtype(backend, mask_dtype):
+    """T = 1100 spans the C++ kernels' 1024-token mask chunks, in both sweeps of a sequence level."""
+    logp, old, ref, adv, valid = _tokens((3, 1100), torch.float32)
+    mask = valid.to(mask_dtype)
+    for op, ref_fn, others, kw in (
+            (rlkern.ops.policy_loss, _policy_ref, (old, adv), dict(variant="cispo",
+                                                                  ratio_level="sequence_token")),
+            (rlkern.ops.policy_loss, _policy_ref, (old, adv), dict(variant="sapo", ratio_level="sequence")),
+            (rlkern.ops.grpo_loss, _grpo_ref, (old, ref, adv[:, 0]), dict(loss_type="cispo", clip_high=1.1)),
+            (rlkern.ops.grpo_loss, _grpo_ref, (old, ref, adv[:, 0]),
+             dict(loss_type="grpo", importance_sampling_level="sequence"))):
+        _, _, grad = _compare(lambda x, *o, op=op, **k: op(x, *o[:-1], mask, **k), ref_fn, logp,
+                              (*others, valid), kw, what=f"{op.__name__} {kw} {mask_dtype} mask")
+        assert (grad[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("level", L.RATIO_LEVELS)
+def test_and_grad_entry_points(backend, level):
+    """policy_loss_and_grad / grpo_loss_and_grad: the autograd gradient, without autograd."""
+    logp, old, ref, adv, mask = _tokens((3, 23), torch.float32)
+    for variant in L.POLICY_VARIANTS:
+        kw = dict(variant=variant, ratio_level=level, clip_high=1.5 if variant == "cispo_cap" else 0.2)
+        x = logp.clone().requires_grad_()
+        loss, stats = rlkern.ops.policy_loss(x, old, adv, mask, **kw)
+        loss.backward()
+        loss2, grad2, stats2 = L.policy_loss_and_grad(logp, old, adv, mask, **kw)
+        assert torch.allclose(loss, loss2) and torch.allclose(x.grad, grad2, rtol=1e-6, atol=1e-9), variant
+    if level == "sequence_token":
+        return
+    for loss_type in NEW_GRPO_TYPES:
+        kw = dict(loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=True)
+        x = logp.clone().requires_grad_()
+        loss, _ = rlkern.ops.grpo_loss(x, old, ref, adv[:, 0], mask, **kw)
+        loss.backward()
+        loss2, grad2, _ = L.grpo_loss_and_grad(logp, old, ref, adv[:, 0], mask, **kw)
+        assert torch.allclose(loss, loss2) and torch.allclose(x.grad, grad2, rtol=1e-6, atol=1e-9), loss_type
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+def test_second_backward_recomputes_the_same_gradient(backend, level):
+    """retain_graph: the first backward may consume the saved gradient; the second recomputes it from
+    the inputs and the saved row ratios (row_aux), and must agree."""
+    logp, old, ref, adv, mask = _tokens((3, 29), torch.float32)
+    for variant in ("ppo", "sapo", "cispo"):
+        x = logp.clone().requires_grad_()
+        loss, _ = rlkern.ops.policy_loss(x, old, adv, mask, variant=variant, ratio_level=level)
+        (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+        g1 = g1.clone()
+        (g2,) = torch.autograd.grad(loss, x)
+        assert torch.allclose(g1, g2, rtol=1e-6, atol=1e-9), variant
+
+
+def test_gradcheck_reference():
+    """torch.autograd.gradcheck on small float64 inputs for the reference (the kernels compute in fp32:
+    they are checked against the reference's analytic gradient at fp32 tolerance above)."""
+    g = torch.Generator().manual_seed(1)
+    logp, old, ref, adv, mask = (t.double() if t.dtype.is_floating_point else t
+                                 for t in _tokens((2, 7), torch.float32, generator=g))
+    x = logp.clone().requires_grad_()
+    # Not sequence_token: GSPO-token's gradient is by design not the derivative of its value (the value
+    # reads the row mean, the gradient sg()s it away); test_matches_verl checks it against verl's.
+    for level in ("token", "sequence"):
+        for variant in ("ppo", "sapo"):
+            assert torch.autograd.gradcheck(
+                lambda t, v=variant, lv=level: _policy_ref(t, old, adv, mask, variant=v, ratio_level=lv)[0],
+                (x,))
+    for loss_type in NEW_GRPO_TYPES:
+        assert torch.autograd.gradcheck(
+            lambda t, lt=loss_type: _grpo_ref(t, old, ref, adv[:, 0], mask, loss_type=lt,
+                                              importance_sampling_level="sequence",
+                                              use_bias_correction_kl=True, beta=0.3)[0], (x,))
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile inputs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", L.RATIO_LEVELS)
+def test_nan_at_a_valid_token_reaches_loss_and_gradient(level):
+    logp, old, ref, adv, mask = _tokens((3, 17), torch.float32)
+    mask[1, 4] = True
+    old[1, 4] = math.nan
+    for variant in L.POLICY_VARIANTS:
+        got = {}
+        for backend in ALL_BACKENDS:
+            with rlkern.use_backend(backend):
+                x = logp.clone().requires_grad_()
+                loss, stats = rlkern.ops.policy_loss(x, old, adv, mask, variant=variant, ratio_level=level)
+                loss.backward()
+                got[backend] = (loss, x.grad)
+        for backend, (loss, grad) in got.items():
+            what = (variant, level, backend)
+            if variant == "gpg":  # -A logp reads old_logp only for approx_kl
+                assert loss.isfinite() and grad.isfinite().all() and stats["approx_kl"].isnan(), what
+                continue
+            assert loss.isnan(), what
+            if level == "token":
+                assert grad[1, 4].isnan() and grad[0].isfinite().all(), what
+            else:  # the row's ratio is NaN: every valid token of row 1
+                assert grad[1][mask[1]].isnan().all() and grad[0].isfinite().all(), what
+
+
+@pytest.mark.parametrize("level", L.RATIO_LEVELS)
+def test_padding_is_never_read_and_empty_rows_give_zero(backend, level):
+    logp, old, ref, adv, mask = _tokens((4, 25), torch.float32)
+    mask[2] = False  # an all-padding row
+    dirty = [t.clone().masked_fill(~mask, v) for t, v in ((logp, math.nan), (old, math.inf),
+                                                           (ref, -math.inf), (adv, math.nan))]
+    for variant in L.POLICY_VARIANTS:
+        outs = []
+        for lp, o, a in ((logp, old, adv), (dirty[0], dirty[1], dirty[3])):
+            x = lp.clone().requires_grad_()
+            loss, stats = rlkern.ops.policy_loss(x, o, a, mask, variant=variant, ratio_level=level,
+                                                 agg="seq-mean-token-mean")
+            loss.backward()
+            outs.append((loss, stats, x.grad))
+        (l1, s1, g1), (l2, s2, g2) = outs
+        assert torch.equal(l1, l2) and torch.equal(g1, g2) and l1.isfinite(), (variant, level)
+        assert all(torch.equal(s1[k], s2[k]) for k in s1), (variant, level)
+        assert (g1[2] == 0).all()
+    if level == "sequence_token":
+        return
+    for loss_type in NEW_GRPO_TYPES:
+        x = dirty[0].clone().requires_grad_()
+        loss, stats = rlkern.ops.grpo_loss(x, dirty[1], dirty[2], dirty[3][:, 0].nan_to_num(), mask,
+                                           loss_type=loss_type, importance_sampling_level=level)
+        loss.backward()
+        assert loss.isfinite() and x.grad.isfinite().all() and all(v.isfinite() for v in stats.values())
+    empty = torch.zeros_like(mask)
+    for loss_type in NEW_GRPO_TYPES:
+        loss, stats = rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], empty, loss_type=loss_type,
+                                           importance_sampling_level=level)
+        assert float(loss) == 0.0 and all(float(v) == 0.0 for v in stats.values()), loss_type
+
+
+def test_bad_options():
+    logp, old, ref, adv, mask = _tokens((2, 5), torch.float32)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        rlkern.ops.policy_loss(logp, old, adv, mask, variant="gspo")
+    with pytest.raises(ValueError, match="ratio_level must be one of"):
+        rlkern.ops.policy_loss(logp, old, adv, mask, ratio_level="seq")
+    with pytest.raises(ValueError, match="apply to variant='ppo' only"):
+        rlkern.ops.policy_loss(logp, old, adv, mask, variant="cispo", dual_clip=3.0)
+    with pytest.raises(ValueError, match="importance_sampling_level must be one of"):
+        rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], mask, importance_sampling_level="sequence_token")
+    with pytest.raises(ValueError, match="delta must be"):
+        rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], mask, delta=-1.0)
+    with pytest.raises(ValueError, match="sapo_temperature_neg must be"):
+        rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], mask, loss_type="sapo", sapo_temperature_neg=0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The peers' own code
+# ------------------------------------------------------------------------------------------------
+
+
+def _verl_config(**policy_loss):
+    from verl.workers.config import ActorConfig
+    from verl.workers.config.actor import PolicyLossConfig
+
+    return ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, clip_ratio=0.2,
+                       clip_ratio_high=0.28, policy_loss=PolicyLossConfig(**policy_loss))
+
+
+def _peer_inputs(seed, b=6, t=23, spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    logp, old, ref, adv, mask = _tokens((b, t), torch.float32, spread=spread, generator=g)
+    return logp, old, ref, adv, mask
+
+
+def _close(a, b, what):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (what, a, b)
+
+
+# verl name -> (rlkern variant, ratio level, the agg verl uses whatever it is given)
+VERL_LOSSES = {"cispo": ("cispo", "token", None), "gspo": ("ppo", "sequence_token", None),
+               "sapo": ("sapo", "token", "seq-mean-token-mean"), "gpg": ("gpg", "token", None)}
+
+
+# verl 0.9.1's seq-mean-token-sum-norm is seq-mean-token-sum / T (rlkern's: sum / T); rlkern.compat.verl
+# rescales it (tests/test_verl_policy.py), so the plain-function comparison leaves it out.
+@pytest.mark.parametrize("name", list(VERL_LOSSES))
+@pytest.mark.parametrize("agg", [a for a in L.POLICY_AGGS if a != "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_verl(backend, name, agg, seed):
+    core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed")
+    variant, level, forced_agg = VERL_LOSSES[name]
+    logp, old, _, adv, mask = _peer_inputs(seed)
+    if name == "gspo":  # row offsets, so that some sequence ratios leave [0.8, 1.28]
+        old = old + torch.tensor([0.5, -0.5, 0.0, 0.3, -0.3, 0.1]).unsqueeze(-1)
+    mask_f = mask.float()  # verl's float response mask
+    weights = torch.rand(logp.shape, generator=torch.Generator().manual_seed(seed + 7))
+    fn = core.get_policy_loss_fn(name)
+    cfg = _verl_config()
+    x = logp.clone().requires_grad_()
+    want, metrics = fn(old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask_f,
+                       loss_agg_mode=agg, config=cfg, rollout_is_weights=weights)
+    want.backward()
+    y = logp.clone().requires_grad_()
+    got, stats = rlkern.ops.policy_loss(y, old, adv, mask_f, clip_low=0.2, clip_high=0.28, variant=variant,
+                                        ratio_level=level, agg=forced_agg or agg, weights=weights)
+    got.backward()
+    _close(got, want, f"{name} loss")
+    assert torch.allclose(y.grad, x.grad, rtol=1e-5, atol=1e-7), (name, (y.grad - x.grad).abs().max())
+    keys = {"actor/pg_clipfrac": "clip_frac", "actor/ppo_kl": "approx_kl",
+            "actor/pg_clipfrac_lower": "clip_frac_lower"}
+    for verl_key, ours in keys.items():
+        if verl_key in metrics:
+            _close(stats[ours], metrics[verl_key], f"{name} {verl_key}")
+    if name in ("cispo", "gspo"):
+        assert metrics["actor/pg_clipfrac"] > 0  # the inputs exercise the clip
+
+
+class _Accelerator:
+    num_processes = 1
+
+    @staticmethod
+    def gather(x):
+        return x
+
+    gather_for_metrics = gather
+
+    @staticmethod
+    def reduce(x, reduction="sum"):
+        return x
+
+
+def trl_compute_loss(logp, old, ref, adv, mask, *, loss_type, level="token", beta=0.0, eps_low=0.2,
+                     eps_high=0.28, delta=None, bias_correction=False, tau_pos=1.0, tau_neg=1.05,
+                     num_items=None, weights=None):
+    """TRL 1.16 GRPOTrainer._compute_loss, the real method, on a stand-in trainer: the log-probs come
+    from ``logp`` (through a function of the completion ids: the method only sees what
+    _get_per_token_logps_and_entropies returns). ``weights`` enter as TRL's vLLM importance-sampling
+    ratios. Returns (loss, d loss / d logp, metrics)."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    x = logp.clone().requires_grad_()
+    b, t = logp.shape
+    args = types.SimpleNamespace(use_bias_correction_kl=bias_correction, delta=delta,
+                                 sapo_temperature_pos=tau_pos, sapo_temperature_neg=tau_neg,
+                                 steps_per_generation=1)
+    from collections import defaultdict
+
+    fake = types.SimpleNamespace(
+        top_entropy_quantile=1.0, aux_loss_enabled=False, off_policy_mask_threshold=None,
+        importance_sampling_level=level, beta=beta, args=args, loss_type=loss_type, epsilon_low=eps_low,
+        epsilon_high=eps_high, use_vllm=weights is not None, vllm_importance_sampling_correction=True,
+        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        max_completion_length=t, accelerator=_Accelerator(), _entropy_bonus_enabled=False,
+        _metrics={"train": defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *a, **k: (x, torch.zeros(b, t), None))
+    inputs = {"prompt_ids": torch.zeros(b, 1, dtype=torch.long),
+              "prompt_mask": torch.ones(b, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(b, t, dtype=torch.long), "completion_mask": mask.long(),
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": torch.tensor(float(mask.sum() if num_items is None else num_items))}
+    if weights is not None:
+        inputs["importance_sampling_ratio"] = weights
+    loss = GRPOTrainer._compute_loss(fake, None, inputs)
+    loss.backward()
+    return loss.detach(), x.grad, {k: v[-1] for k, v in fake._metrics["train"].items()}
+
+
+TRL_CASES = [dict(loss_type=lt, level=lv)
+             for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+             for lv in ("token", "sequence")] + [
+    dict(loss_type="grpo", delta=1.25), dict(loss_type="dapo", level="sequence", delta=1.1, num_items=90),
+    dict(loss_type="cispo", eps_high=5.0, beta=0.05, bias_correction=True),
+    dict(loss_type="cispo", eps_high=1.1, level="sequence", beta=0.05),
+    dict(loss_type="sapo", tau_pos=0.6, tau_neg=1.7, beta=0.02, bias_correction=True),
+    dict(loss_type="luspo", level="sequence", beta=0.04, bias_correction=True),
+    dict(loss_type="grpo", level="sequence", beta=0.04, bias_correction=True, weights=True)]
+
+
+@pytest.mark.parametrize("case", TRL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_trl_compute_loss(backend, case):
+    pytest.importorskip("trl")
+    case = dict(case)
+    logp, old, ref, adv, mask = _peer_inputs(3, spread=0.3)
+    mask[4] = False  # an all-padding completion
+    a = adv[:, 0].contiguous()
+    # TRL flags an empty row at the sequence level by its ratio exp(0) = 1 and its advantage; rlkern
+    # counts it as unclipped. They agree for A <= 0 (neither cispo's nor the high clip can flag it).
+    a[4] = -a[4].abs()
+    w = torch.rand(logp.shape) + 0.5 if case.pop("weights", False) else None
+    want, want_grad, metrics = trl_compute_loss(logp, old, ref, a, mask, weights=w, **case)
+    x = logp.clone().requires_grad_()
+    eps_high = case.get("eps_high", 0.28)
+    got, stats = rlkern.ops.grpo_loss(
+        x, old, ref, a, mask.long(), beta=case.get("beta", 0.0), clip_low=case.get("eps_low", 0.2),
+        clip_high=eps_high, loss_type=case["loss_type"], max_completion_length=logp.shape[1],
+        num_items_in_batch=case.get("num_items"), use_bias_correction_kl=case.get("bias_correction", False),
+        weights=w, importance_sampling_level=case.get("level", "token"), delta=case.get("delta"),
+        sapo_temperature_pos=case.get("tau_pos", 1.0), sapo_temperature_neg=case.get("tau_neg", 1.05))
+    got.backward()
+    _close(got, want, f"{case} loss")
+    assert torch.allclose(x.grad, want_grad, rtol=1e-5, atol=1e-7), (case, (x.grad - want_grad).abs().max())
+    names = {"clip_ratio/low_mean": "clip_ratio_low", "clip_ratio/high_mean": "clip_ratio_high",
+             "clip_ratio/region_mean": "clip_ratio", "cispo_clip_ratio": "cispo_clip_ratio", "kl": "kl"}
+    for trl_key, ours in names.items():
+        if trl_key in metrics:
+            _close(stats[ours], metrics[trl_key], f"{case} {trl_key}")

@@ -173,10 +173,15 @@ def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | N
                         beta: float, epsilon: float, epsilon_high: float | None, loss_type: str,
                         max_completion_length: int | None, num_items_in_batch, use_bias_correction_kl: bool,
                         gradient_accumulation_steps: int, steps_per_generation: int,
-                        num_processes: int,
-                        weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                        num_processes: int, weights: Tensor | None = None,
+                        importance_sampling_level: str = "token", delta: float | None = None,
+                        sapo_temperature_pos: float = 1.0,
+                        sapo_temperature_neg: float = 1.05) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss ``GRPOTrainer._compute_loss`` backpropagates (its normaliser included) and rlkern's
-    stats; see :func:`rlkern.compat.trl.grpo_loss` for the arguments."""
+    stats; see :func:`rlkern.compat.trl.grpo_loss` for the arguments. Normalisers
+    (trl/trainer/grpo_trainer.py::GRPOTrainer._compute_loss, TRL 1.16): grpo, sapo, bnpo, dr_grpo and
+    luspo divide by the accumulation steps; dapo and cispo by ``num_items_in_batch / num_processes *
+    accumulation / steps_per_generation``."""
     if old_per_token_logps is None:
         old_per_token_logps = per_token_logps.detach()
     if beta != 0.0 and ref_per_token_logps is None:
@@ -193,14 +198,17 @@ def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | N
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     items = None
-    if loss_type == "dapo" and num_items_in_batch is not None:
+    token_normalised = loss_type in _TOKEN_NORMALISED
+    if token_normalised and num_items_in_batch is not None:
         items = max(float(torch.as_tensor(num_items_in_batch).item()), 1.0)
     loss, stats = ops.grpo_loss(
         per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, beta=beta,
         clip_low=epsilon, clip_high=epsilon if epsilon_high is None else epsilon_high, loss_type=loss_type,
         max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
-        num_items_in_batch=items, use_bias_correction_kl=use_bias_correction_kl, weights=weights)
-    if loss_type == "dapo" and items is not None:
+        num_items_in_batch=items, use_bias_correction_kl=use_bias_correction_kl, weights=weights,
+        importance_sampling_level=importance_sampling_level, delta=delta,
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+    if token_normalised and items is not None:
         # TRL: sum / (clamp(N, 1) / processes * accumulation / steps_per_generation), where N counts the
         # tokens of the whole generation batch (all processes, all steps_per_generation slices).
         scale = num_processes * steps_per_generation / gradient_accumulation_steps
@@ -209,26 +217,27 @@ def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | N
     return (loss if scale == 1.0 else loss * scale), stats
 
 
+# TRL's loss types normalised by num_items_in_batch (GRPOTrainer._compute_loss: cispo, dapo, vespo).
+_TOKEN_NORMALISED = ("dapo", "cispo")
+
+
 def _grpo_fallback_reason(trainer, inputs) -> str | None:
     import trl
 
     if not trl.__version__.startswith(MIRRORED_TRL):
         return f"TRL {trl.__version__} (rlkern mirrors GRPOTrainer._compute_loss of TRL {MIRRORED_TRL}x)"
-    args = trainer.args
-    if trainer.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+    if trainer.loss_type not in ops.losses.GRPO_LOSS_TYPES:
         return f"loss_type={trainer.loss_type!r}"
-    if trainer.importance_sampling_level != "token":
+    if trainer.importance_sampling_level not in ops.losses.GRPO_IS_LEVELS:
         return f"importance_sampling_level={trainer.importance_sampling_level!r}"
-    if getattr(args, "delta", None) is not None:
-        return "delta (two-sided clipping)"
     if getattr(trainer, "use_adaptive_entropy", False):
         return "use_adaptive_entropy (the adaptive entropy controller)"
     if trainer.aux_loss_enabled:
         return "the MoE router aux loss"
     if not 0.0 <= trainer.epsilon_low < 1.0:
         return f"epsilon={trainer.epsilon_low} (rlkern's clip_low lies in [0, 1))"
-    if trainer.loss_type == "dapo" and "num_items_in_batch" not in inputs:
-        return "a dapo batch without num_items_in_batch"
+    if trainer.loss_type in _TOKEN_NORMALISED and "num_items_in_batch" not in inputs:
+        return f"a {trainer.loss_type} batch without num_items_in_batch"
     return None
 
 
@@ -268,6 +277,10 @@ def _global_mean(trainer, local_sum: Tensor, local_count: Tensor) -> float:
 
 def _log_grpo_metrics(trainer, mode: str, stats: dict, per_token_logps, old, advantages, entropies,
                       mask) -> None:
+    """The metrics GRPOTrainer._compute_loss logs (TRL 1.16), from rlkern's stats where they are batch
+    means: kl and entropy always, the clip shares for the PPO-clip loss types, cispo_clip_ratio for
+    cispo. At importance_sampling_level="sequence" with per-sequence advantages TRL's flags are
+    (B, 1): its global mean counts rows, as rlkern's stats do then."""
     from trl.trainer.utils import nanmax, nanmin
 
     metrics = trainer._metrics[mode]
@@ -275,19 +288,40 @@ def _log_grpo_metrics(trainer, mode: str, stats: dict, per_token_logps, old, adv
     if trainer.beta != 0.0:
         metrics["kl"].append(_global_mean(trainer, stats["kl"] * count, count))
     metrics["entropy"].append(_global_mean(trainer, (entropies.detach() * mask).sum(), count))
-    metrics["clip_ratio/low_mean"].append(_global_mean(trainer, stats["clip_ratio_low"] * count, count))
-    metrics["clip_ratio/high_mean"].append(_global_mean(trainer, stats["clip_ratio_high"] * count, count))
-    metrics["clip_ratio/region_mean"].append(_global_mean(trainer, stats["clip_ratio"] * count, count))
-    # Per-sequence clip shares for the min / max metrics (rlkern's stats are batch means).
+    sequence = trainer.importance_sampling_level == "sequence"
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
+    flag_count = torch.tensor(float(mask.shape[0])) if sequence and adv.shape[1] == 1 else count
+    if trainer.loss_type == "cispo":
+        metrics["cispo_clip_ratio"].append(_global_mean(trainer, stats["cispo_clip_ratio"] * flag_count,
+                                                        flag_count))
+    if trainer.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        return
+    metrics["clip_ratio/low_mean"].append(_global_mean(trainer, stats["clip_ratio_low"] * flag_count,
+                                                       flag_count))
+    metrics["clip_ratio/high_mean"].append(_global_mean(trainer, stats["clip_ratio_high"] * flag_count,
+                                                        flag_count))
+    metrics["clip_ratio/region_mean"].append(_global_mean(trainer, stats["clip_ratio"] * flag_count,
+                                                          flag_count))
+    # Per-sequence clip shares for the min / max metrics (rlkern's stats are batch means), on TRL's
+    # coef_1: the token or sequence ratio, after delta.
     with torch.no_grad():
-        ratio = torch.exp(per_token_logps.detach() - old)
-        adv = advantages if advantages.dim() == 2 else advantages[:, None]
-        low = ((ratio < 1 - trainer.epsilon_low) & (adv < 0)).float()
-        high = ((ratio > 1 + trainer.epsilon_high) & (adv > 0)).float()
+        log_ratio = per_token_logps.detach() - old
+        if sequence:
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+        coef = torch.exp(log_ratio)
+        delta = getattr(trainer.args, "delta", None)
+        if delta is not None:
+            coef = coef.clamp(max=delta)
+        low = ((coef < 1 - trainer.epsilon_low) & (adv < 0)).float()
+        high = ((coef > 1 + trainer.epsilon_high) & (adv > 0)).float()
         per_seq = mask.sum(-1)
+
+        def seq_mean(flag):
+            return flag[:, 0] if flag.shape[1] == 1 else (flag * mask).sum(-1) / per_seq
+
         gather = trainer.accelerator.gather
-        metrics["clip_ratio/low_min"].append(nanmin(gather((low * mask).sum(-1) / per_seq)).item())
-        metrics["clip_ratio/high_max"].append(nanmax(gather((high * mask).sum(-1) / per_seq)).item())
+        metrics["clip_ratio/low_min"].append(nanmin(gather(seq_mean(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(gather(seq_mean(high))).item())
 
 
 def _add_entropy_bonus(trainer, mode: str, loss: Tensor, entropies: Tensor, mask: Tensor) -> Tensor:
@@ -297,7 +331,7 @@ def _add_entropy_bonus(trainer, mode: str, loss: Tensor, entropies: Tensor, mask
     before the accumulation division, for dapo after its normaliser) and the coefficient."""
     train = mode == "train"
     accumulation = trainer.current_gradient_accumulation_steps if train else 1
-    policy_loss = loss.detach() * (1 if trainer.loss_type == "dapo" else accumulation)
+    policy_loss = loss.detach() * (1 if trainer.loss_type in _TOKEN_NORMALISED else accumulation)
     entropy = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
     metrics = trainer._metrics[mode]
     metrics["policy_loss"].append(trainer.accelerator.gather(policy_loss).nanmean().item())
@@ -336,7 +370,10 @@ def wrap_grpo_compute_loss(original):
             use_bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
             gradient_accumulation_steps=self.current_gradient_accumulation_steps if train else 1,
             steps_per_generation=self.args.steps_per_generation if train else 1,
-            num_processes=self.accelerator.num_processes, weights=weights)
+            num_processes=self.accelerator.num_processes, weights=weights,
+            importance_sampling_level=self.importance_sampling_level, delta=getattr(self.args, "delta", None),
+            sapo_temperature_pos=getattr(self.args, "sapo_temperature_pos", 1.0),
+            sapo_temperature_neg=getattr(self.args, "sapo_temperature_neg", 1.05))
         if getattr(self, "_entropy_bonus_enabled", False):
             loss = _add_entropy_bonus(self, mode, loss, entropies,
                                       mask if entropy_mask is None else mask * entropy_mask)

@@ -16,8 +16,12 @@ What each runs on:
 * ``kl_cov``: rlkern.ops.kl_cov_mask, then verl's unclipped surrogate ``-A r`` plus
   ``ppo_kl_coef * |log r|`` at the selected tokens in plain torch with a hand-written backward (no
   fused rlkern op has an unclipped ratio term yet), aggregated by rlkern.compat.verl.agg_loss.
-* ``dppo_tv``, ``dppo_kl``, ``dro``, ``geo_mean``, ``gspo``, ``sapo``, ``gpg``, ``cispo``: plain torch
-  token terms, sync-free, aggregated by rlkern.compat.verl.agg_loss (rlkern.ops.masked_sum).
+* ``gspo``, ``sapo``, ``gpg``, ``cispo``: one rlkern.ops.policy_loss call each (the fused kernel's
+  ``ratio_level="sequence_token"`` / ``variant="sapo"`` / ``"gpg"`` / ``"cispo"``); ``dppo_tv``,
+  ``dppo_kl`` and bypass_mode's REINFORCE: its ``variant="gpg"`` with constant weights (the
+  trust-region mask and truncated ratio, computed in plain torch without gradient).
+* ``dro``, ``geo_mean``: plain torch token terms, sync-free, aggregated by
+  rlkern.compat.verl.agg_loss (rlkern.ops.masked_sum).
 * ``bypass_mode``: rlkern.compat.verl's rollout correction (one rlkern.ops.rollout_correction call),
   then the REINFORCE loss here or rlkern's vanilla PPO loss.
 
@@ -74,7 +78,6 @@ _CLIP_COV_RATIO, _CLIP_COV_LB, _CLIP_COV_UB = 0.0002, 1.0, 5.0
 _KL_COV_RATIO, _PPO_KL_COEF = 0.0002, 1.0
 _DPPO_CLIP_C = 20.0  # config.get("clip_ratio_c", 20.0) in dppo_tv / dppo_kl (ActorConfig has 3.0)
 _LOG_RATIO_CLAMP = 20.0
-_GSPO_MAX_LOG_RATIO = 10.0
 
 
 def _verl():
@@ -155,13 +158,11 @@ def _clamped_log_ratio(log_prob: Tensor, old_log_prob: Tensor) -> Tensor:
 def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
           divergence: str):
     config = _need(config)
-    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
-        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     low, high = _clip_range(config)
     clip_c = _get(config, "clip_ratio_c", _DPPO_CLIP_C)
-    neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
-    ratio = torch.exp(neg_kl)
     with torch.no_grad():
+        neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
+        ratio = torch.exp(neg_kl)
         truncated = torch.clamp(ratio, max=clip_c)
         prob, old_prob = torch.exp(log_prob), torch.exp(old_log_prob)
         if divergence == "tv":
@@ -173,12 +174,14 @@ def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, conf
             positive_ok = (binary_kl <= high) | (prob <= old_prob)
             negative_ok = (binary_kl <= low) | (prob >= old_prob)
         valid = torch.where(advantages > 0, positive_ok, negative_ok).float()
-    pg_losses = _weighted(-advantages * truncated * log_prob * valid, rollout_is_weights)
-    loss = _agg(pg_losses, response_mask, loss_agg_mode, config)
+        weights = _weighted(truncated * valid, rollout_is_weights)
+    # -A * sg(min(r, c)) * logp * valid: the policy gradient with those constant weights
+    loss, stats = _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config, weights,
+                         variant="gpg")
     return loss, _metrics({
         "pg_clipfrac": _mean(1.0 - valid, response_mask),
-        "ppo_kl": _mean(-neg_kl.detach(), response_mask),
-        "pg_clipfrac_lower": _mean((ratio.detach() > clip_c).float() * valid, response_mask),
+        "ppo_kl": stats["approx_kl"],
+        "pg_clipfrac_lower": _mean((ratio > clip_c).float() * valid, response_mask),
     })
 
 
@@ -189,7 +192,8 @@ def compute_policy_loss_dppo_tv(old_log_prob: Tensor, log_prob: Tensor, advantag
     ``-A * sg(min(r, c)) * logp * valid``, ``valid`` = ``p - p_old <= clip_ratio_high`` where A > 0,
     ``p - p_old >= -clip_ratio_low`` elsewhere (``p = exp(logp)``), ``c = config.clip_ratio_c``
     (20 when absent), ``r = exp(clamp(logp - old, -20, 20))``. Metrics: pg_clipfrac (share not
-    valid), ppo_kl, pg_clipfrac_lower (share valid with ``r > c``). Plain torch + rlkern's agg_loss."""
+    valid), ppo_kl, pg_clipfrac_lower (share valid with ``r > c``). The mask and truncation in plain
+    torch (no gradient), the loss by rlkern.ops.policy_loss ``variant="gpg"`` with them as weights."""
     return _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
                  "tv")
 
@@ -211,6 +215,18 @@ def compute_policy_loss_dppo_kl(old_log_prob: Tensor, log_prob: Tensor, advantag
 # ------------------------------------------------------------------------------------------------
 
 
+def _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config, weights, **variant):
+    """One rlkern.ops.policy_loss call (the fused kernel: token terms, aggregation and statistics in
+    one pass, its gradient in another), rescaled to verl's agg_loss with config.global_batch_info."""
+    info = dict(_get(config, "global_batch_info", None) or {})
+    verl = _verl()
+    verl._check_global(loss_agg_mode, info.get("dp_size", 1), info.get("batch_num_tokens"),
+                       info.get("global_batch_size"))
+    loss, stats = ops.policy_loss(log_prob, old_log_prob, advantages, response_mask,
+                                  agg=verl._ops_agg(loss_agg_mode), weights=weights, **variant)
+    return verl._global_scale(loss, response_mask, loss_agg_mode, **info), stats
+
+
 def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
                              response_mask: Tensor, loss_agg_mode: str = "seq-mean-token-mean", config=None,
                              rollout_is_weights: Tensor | None = None):
@@ -218,42 +234,30 @@ def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages:
     ``s = exp(min(sg(mean_row(logp - old)) + logp - sg(logp), 10))`` (row mean over valid tokens,
     length clamped to >= 1; the gradient per token is ``s``), then the PPO clip
     ``max(-A s, -A clip(s, 1 - low, 1 + high))``. Metrics: pg_clipfrac, ppo_kl (unclamped),
-    pg_clipfrac_lower = 0. Plain torch + rlkern's agg_loss."""
+    pg_clipfrac_lower = 0. rlkern.ops.policy_loss, ``ratio_level="sequence_token"``."""
     config = _need(config)
-    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
-        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     low, high = _clip_range(config)
-    neg_kl = log_prob - old_log_prob
-    lengths = torch.sum(response_mask, dim=-1).clamp(min=1)
-    seq_neg_kl = ops.masked_sum(neg_kl.detach(), response_mask, dim=-1).to(neg_kl.dtype) / lengths
-    log_ratio = log_prob - log_prob.detach() + seq_neg_kl.unsqueeze(-1)
-    ratio = torch.exp(torch.clamp(log_ratio, max=_GSPO_MAX_LOG_RATIO))
-    pg1 = -advantages * ratio
-    pg2 = -advantages * torch.clamp(ratio, 1 - low, 1 + high)
-    loss = _agg(_weighted(torch.maximum(pg1, pg2), rollout_is_weights), response_mask, loss_agg_mode, config)
-    return loss, _metrics({"pg_clipfrac": _mean(torch.gt(pg2, pg1).float(), response_mask),
-                           "ppo_kl": _mean(-neg_kl.detach(), response_mask)}, zeros=("pg_clipfrac_lower",))
+    loss, stats = _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config,
+                         rollout_is_weights, clip_low=float(low), clip_high=float(high), variant="ppo",
+                         ratio_level="sequence_token")
+    return loss, _metrics({"pg_clipfrac": stats["clip_frac"], "ppo_kl": stats["approx_kl"]},
+                          zeros=("pg_clipfrac_lower",))
 
 
 def compute_policy_loss_sapo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
                              response_mask: Tensor, loss_agg_mode: str = "seq-mean-token-mean", config=None,
                              rollout_is_weights: Tensor | None = None):
     """verl 0.9.1 ``core_algos.compute_policy_loss_sapo``: ``-A * sigmoid(tau (r - 1)) * 4 / tau``,
-    ``tau = config.tau_pos`` where A > 0 else ``config.tau_neg`` (in the advantages' dtype),
+    ``tau = config.tau_pos`` where A > 0 else ``config.tau_neg``,
     ``r = exp(clamp(logp - old, -20, 20))``; always aggregated ``seq-mean-token-mean`` (verl ignores
-    ``loss_agg_mode`` here). Metrics: pg_clipfrac = pg_clipfrac_lower = 0, ppo_kl. Plain torch +
-    rlkern's agg_loss."""
+    ``loss_agg_mode`` here). Metrics: pg_clipfrac = pg_clipfrac_lower = 0, ppo_kl.
+    rlkern.ops.policy_loss, ``variant="sapo"``."""
     config = _need(config)
-    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
-        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
-    tau_pos = torch.as_tensor(_get(config, "tau_pos"), dtype=advantages.dtype, device=advantages.device)
-    tau_neg = torch.as_tensor(_get(config, "tau_neg"), dtype=advantages.dtype, device=advantages.device)
-    neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
-    taus = torch.where(advantages > 0, tau_pos, tau_neg)
-    gates = torch.sigmoid(taus * (torch.exp(neg_kl) - 1.0)) * (4.0 / taus)
-    pg_losses = _weighted(-gates * advantages, rollout_is_weights)
-    loss = _agg(pg_losses, response_mask, "seq-mean-token-mean", config)
-    metrics = _metrics({"ppo_kl": _mean(-neg_kl.detach(), response_mask)})
+    loss, stats = _fused(log_prob, old_log_prob, advantages, response_mask, "seq-mean-token-mean",
+                                    config, rollout_is_weights, variant="sapo",
+                                    sapo_tau_pos=float(_get(config, "tau_pos")),
+                                    sapo_tau_neg=float(_get(config, "tau_neg")))
+    metrics = _metrics({"ppo_kl": stats["approx_kl"]})
     return loss, {"actor/pg_clipfrac": 0.0, **metrics, "actor/pg_clipfrac_lower": 0.0}
 
 
@@ -261,12 +265,12 @@ def compute_policy_loss_gpg(old_log_prob: Tensor, log_prob: Tensor, advantages: 
                             loss_agg_mode: str = "token-mean", config=None,
                             rollout_is_weights: Tensor | None = None):
     """verl 0.9.1 ``core_algos.compute_policy_loss_gpg``: ``-logp * A`` (times the rollout weights),
-    aggregated; no metrics (``{}``). ``old_log_prob`` is unused, as in verl."""
+    aggregated; no metrics (``{}``). rlkern.ops.policy_loss, ``variant="gpg"`` (``old_log_prob``
+    only feeds its unused approx_kl)."""
     config = _need(config)
-    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
-        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
-    pg_losses = _weighted(-log_prob * advantages, rollout_is_weights)
-    return _agg(pg_losses, response_mask, loss_agg_mode, config), {}
+    loss, _ = _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config,
+                     rollout_is_weights, variant="gpg")
+    return loss, {}
 
 
 def compute_policy_loss_cispo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
@@ -275,18 +279,13 @@ def compute_policy_loss_cispo(old_log_prob: Tensor, log_prob: Tensor, advantages
     """verl 0.9.1 ``core_algos.compute_policy_loss_cispo``: ``-sg(clip(r, 1 - low, 1 + high)) * A *
     logp`` with ``r = exp(clamp(logp - old, -20, 20))`` (verl's two-sided clip; TRL's absolute cap is
     a different loss). Metrics: pg_clipfrac (share with ``r != clip(r)``), ppo_kl,
-    pg_clipfrac_lower = 0. Plain torch + rlkern's agg_loss."""
+    pg_clipfrac_lower = 0. rlkern.ops.policy_loss, ``variant="cispo"``."""
     config = _need(config)
-    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
-        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     low, high = _clip_range(config)
-    neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
-    ratio = torch.exp(neg_kl).detach()
-    clipped = torch.clamp(ratio, 1 - low, 1 + high)
-    pg_losses = _weighted(-clipped * advantages * log_prob, rollout_is_weights)
-    loss = _agg(pg_losses, response_mask, loss_agg_mode, config)
-    return loss, _metrics({"pg_clipfrac": _mean((ratio != clipped).float(), response_mask),
-                           "ppo_kl": _mean(-neg_kl.detach(), response_mask)}, zeros=("pg_clipfrac_lower",))
+    loss, stats = _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config,
+                         rollout_is_weights, clip_low=float(low), clip_high=float(high), variant="cispo")
+    return loss, _metrics({"pg_clipfrac": stats["clip_frac"], "ppo_kl": stats["approx_kl"]},
+                          zeros=("pg_clipfrac_lower",))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,14 +318,8 @@ def compute_policy_loss_clip_cov(old_log_prob: Tensor, log_prob: Tensor, advanta
         chosen = ops.clip_cov_mask(advantages, log_prob, response_mask, ratio_k, lb, ub, exclude=pg2 > pg1)
         keep = (~chosen).to(torch.float32)
         weights = keep if rollout_is_weights is None else keep * rollout_is_weights
-    info = dict(_get(config, "global_batch_info", None) or {})
-    verl = _verl()
-    verl._check_global(loss_agg_mode, info.get("dp_size", 1), info.get("batch_num_tokens"),
-                       info.get("global_batch_size"))
-    loss, _ = ops.policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=float(low),
-                              clip_high=float(high), dual_clip=None, agg=verl._ops_agg(loss_agg_mode),
-                              weights=weights)
-    loss = verl._global_scale(loss, response_mask, loss_agg_mode, **info)
+    loss, _ = _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config, weights,
+                     clip_low=float(low), clip_high=float(high))
     return loss, _metrics({"pg_clipfrac": _mean(chosen.float(), response_mask),
                            "ppo_kl": _mean(-neg_kl, response_mask)})
 
@@ -450,14 +443,10 @@ def compute_policy_loss_reinforce(rollout_log_prob: Tensor, log_prob: Tensor, ad
                                   config=None, rollout_is_weights: Tensor | None = None):
     """verl 0.9.1 ``core_algos.compute_policy_loss_reinforce`` (not registered; bypass_mode's
     ``loss_type="reinforce"``): ``-A * logp`` (times the IS weights), aggregated. Metrics: ppo_kl =
-    mean of ``rollout_log_prob - log_prob``."""
+    mean of ``rollout_log_prob - log_prob``. rlkern.ops.policy_loss ``variant="gpg"``."""
     config = _need(config)
-    log_prob, rollout_log_prob, advantages, rollout_is_weights = _padding_zeroed(
-        response_mask, log_prob, rollout_log_prob, advantages, rollout_is_weights)
-    pg_losses = -advantages * log_prob
-    if rollout_is_weights is not None:
-        pg_losses = pg_losses * rollout_is_weights
-    loss = _agg(pg_losses, response_mask, loss_agg_mode, config)
+    loss, _ = _fused(log_prob, rollout_log_prob, advantages, response_mask, loss_agg_mode, config,
+                     rollout_is_weights, variant="gpg")
     return loss, _metrics({"ppo_kl": _mean(-(log_prob - rollout_log_prob).detach(), response_mask)})
 
 

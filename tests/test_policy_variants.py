@@ -28,9 +28,9 @@ import torch
 import rlkern
 from rlkern import reference
 from rlkern.ops import losses as L
-from tests.conftest import ALL_BACKENDS, DTYPES, assert_close_to_oracle
+from tests.conftest import ALL_BACKENDS, DTYPES
+from tests.test_losses import _compare  # the oracle comparison (loss, every stat, d logp) and its tolerances
 
-GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16,
                torch.float16)
 NEW_GRPO_TYPES = ("cispo", "sapo", "luspo")
@@ -45,35 +45,6 @@ def _tokens(shape, dtype, *, spread=0.4, valid=0.75, generator=None):
     mask = torch.rand(shape, generator=g) < valid
     mask[..., 0] = True  # every row has a token (an empty row: test_empty_rows)
     return logp, old, ref, adv, mask
-
-
-def _as(t, dtype):
-    return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point else t
-
-
-def _compare(op, ref_fn, main, others, kwargs, *, what):
-    """op through the backend under test (autograd), against ref_fn in float64 (oracle) and in main's
-    dtype (baseline): loss, every stat, d main. Outputs are poisoned by the suite (conftest)."""
-    dtype = main.dtype
-    x = main.clone().requires_grad_()
-    loss, stats = op(x, *others, **kwargs)
-    loss.backward()
-    x64 = main.double().requires_grad_()
-    loss64, stats64 = ref_fn(x64, *[_as(o, torch.float64) for o in others], **kwargs)
-    loss64.backward()
-    loss32, stats32 = ref_fn(main.float(), *[_as(o, torch.float32) for o in others], **kwargs)
-    x_same = main.clone().requires_grad_()
-    ref_fn(x_same, *others, **kwargs)[0].backward()
-    assert loss.dtype == torch.float32 and loss.shape == ()
-    assert_close_to_oracle(loss, loss64, loss32, atol=1e-6, rtol=1e-5, what=f"{what} loss")
-    assert set(stats) == set(stats64), f"{what}: stats keys {sorted(stats)} != {sorted(stats64)}"
-    for name in stats:
-        assert_close_to_oracle(stats[name], stats64[name], stats32[name], atol=1e-6, rtol=1e-5,
-                               what=f"{what} stat {name}")
-    assert x.grad.dtype == dtype and x.grad.shape == main.shape
-    assert_close_to_oracle(x.grad, x64.grad, x_same.grad, atol=1e-7, rtol=GRAD_RTOL[dtype],
-                           what=f"{what} d logp")
-    return loss, stats, x.grad
 
 
 def _policy_ref(logp, old, adv, mask, **kw):

@@ -565,39 +565,30 @@ bool is_exact_scale(const Temperature& t) {
   return std::frexp(t.temp, &exponent) == 0.5f;
 }
 
-// The scaling variant (plain multiply or Markstein-corrected) for rows [begin, end) at temperature
-// t; with per-row temperatures each row picks its own (one frexp per row).
-template <typename T, int L>
-RLKERN_INLINE void forward_range(int64_t begin, int64_t end, const ForwardArgs<T>& a) {
-  if (a.temps == nullptr) {
-    if (a.exact) forward_rows<T, true, L>(begin, end, a, a.temperature);
-    else forward_rows<T, false, L>(begin, end, a, a.temperature);
-    return;
-  }
-  for (int64_t r = begin; r < end; ++r) {
-    const Temperature t{a.temps[r], 1.f / a.temps[r]};
-    if (is_exact_scale(t)) forward_rows<T, true, L>(r, r + 1, a, t);
-    else forward_rows<T, false, L>(r, r + 1, a, t);
-  }
-}
-
+// Rows [begin, end) at temperature t with the scaling variant kExact, forward or backward.
 template <typename T, bool kExact, int L>
-RLKERN_INLINE void backward_rows_at(int64_t begin, int64_t end, const BackwardArgs<T>& a, const Temperature& t) {
+RLKERN_INLINE void rows_at(int64_t begin, int64_t end, const ForwardArgs<T>& a, const Temperature& t) {
+  forward_rows<T, kExact, L>(begin, end, a, t);
+}
+template <typename T, bool kExact, int L>
+RLKERN_INLINE void rows_at(int64_t begin, int64_t end, const BackwardArgs<T>& a, const Temperature& t) {
   if (a.grad_ent != nullptr) backward_rows<T, kExact, true, L>(begin, end, a, t);
   else backward_rows<T, kExact, false, L>(begin, end, a, t);
 }
 
-template <typename T, int L>
-RLKERN_INLINE void backward_range(int64_t begin, int64_t end, const BackwardArgs<T>& a) {
+// The scaling variant (plain multiply or Markstein-corrected) for rows [begin, end): picked once
+// for the call's temperature, or per row (one frexp each) with per-row temperatures.
+template <typename T, int L, typename Args>
+RLKERN_INLINE void rows_range(int64_t begin, int64_t end, const Args& a) {
   if (a.temps == nullptr) {
-    if (a.exact) backward_rows_at<T, true, L>(begin, end, a, a.temperature);
-    else backward_rows_at<T, false, L>(begin, end, a, a.temperature);
+    if (a.exact) rows_at<T, true, L>(begin, end, a, a.temperature);
+    else rows_at<T, false, L>(begin, end, a, a.temperature);
     return;
   }
   for (int64_t r = begin; r < end; ++r) {
     const Temperature t{a.temps[r], 1.f / a.temps[r]};
-    if (is_exact_scale(t)) backward_rows_at<T, true, L>(r, r + 1, a, t);
-    else backward_rows_at<T, false, L>(r, r + 1, a, t);
+    if (is_exact_scale(t)) rows_at<T, true, L>(r, r + 1, a, t);
+    else rows_at<T, false, L>(r, r + 1, a, t);
   }
 }
 
@@ -605,10 +596,10 @@ RLKERN_INLINE void backward_range(int64_t begin, int64_t end, const BackwardArgs
 // picked once per thread chunk rather than once per row.
 #define RLKERN_LEVEL_KERNELS(L, TARGET, T)                                                       \
   TARGET void forward_at_##L(int64_t b, int64_t e, const ForwardArgs<T>& a) {                   \
-    forward_range<T, L>(b, e, a);                                                                \
+    rows_range<T, L>(b, e, a);                                                                   \
   }                                                                                              \
   TARGET void backward_at_##L(int64_t b, int64_t e, const BackwardArgs<T>& a) {                 \
-    backward_range<T, L>(b, e, a);                                                               \
+    rows_range<T, L>(b, e, a);                                                                   \
   }
 #define RLKERN_LEVEL_ALL_TYPES(L, TARGET)       \
   RLKERN_LEVEL_KERNELS(L, TARGET, float)         \
@@ -621,7 +612,7 @@ RLKERN_LEVEL_ALL_TYPES(4, __attribute__((target("arch=x86-64-v4"))))
 // Level 5 differs from 4 only where bf16 gradients are stored.
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) void backward_at_5(int64_t b, int64_t e,
                                                                       const BackwardArgs<c10::BFloat16>& a) {
-  backward_range<c10::BFloat16, 5>(b, e, a);
+  rows_range<c10::BFloat16, 5>(b, e, a);
 }
 #endif
 #undef RLKERN_LEVEL_ALL_TYPES

@@ -108,38 +108,41 @@ def test_ignore_index(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
-def test_backward_matches_reference(backend, dtype, which):
+@pytest.mark.parametrize("row_t", [False, True], ids=["scalar_t", "row_t"])
+def test_backward_matches_reference(backend, dtype, which, row_t):
     logits, labels = _make((3, 6), 333, dtype, banned=0.1)
     w_lp, w_h = torch.randn(3, 6), torch.randn(3, 6)
+    temp = _row_temps((3, 6)) if row_t else 0.8  # per-row: float32, read as such by every backend
 
     def loss(fn_lp, fn_h, x):
         total = 0.0
         if which in ("logprobs", "both"):
-            total = total + (fn_lp(x) * w_lp).sum()
+            total = total + (fn_lp(x, labels, temperature=temp) * w_lp).sum()
         if which in ("entropy", "both"):
-            total = total + (fn_h(x) * w_h).sum()
+            total = total + (fn_h(x, temperature=temp) * w_h).sum()
         return total
 
     x = logits.clone().requires_grad_()
     if which == "both":
-        lp, h = ops.logprobs_and_entropy(x, labels, temperature=0.8)
-        ((lp * w_lp).sum() + (h * w_h).sum()).backward()
+        out = ops.logprobs_and_entropy(x, labels, temperature=temp, return_sum_p2=row_t)
+        total = (out[0] * w_lp).sum() + (out[1] * w_h).sum()
+        (total + out[2].sum() if row_t else total).backward()  # sum p^2: a constant to autograd
     else:
-        loss(lambda t: ops.logprobs(t, labels, temperature=0.8), lambda t: ops.entropy(t, temperature=0.8),
-             x).backward()
+        loss(ops.logprobs, ops.entropy, x).backward()
     ref_x = logits.double().requires_grad_()
-    loss(lambda t: reference.logprobs(t, labels, temperature=0.8),
-         lambda t: reference.entropy(t, temperature=0.8), ref_x).backward()
+    loss(reference.logprobs, reference.entropy, ref_x).backward()
     # Baseline: plain torch on the same-dtype logits (the reference upcasts to fp32 inside and its
     # gradient is rounded back to the logits' dtype, once per output it flows through).
     same_x = logits.clone().requires_grad_()
-    loss(lambda t: reference.logprobs(t, labels, temperature=0.8),
-         lambda t: reference.entropy(t, temperature=0.8), same_x).backward()
+    loss(reference.logprobs, reference.entropy, same_x).backward()
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
     # Storing the fp32 gradient as bf16/fp16 costs up to one ulp of that dtype on top (half an ulp
     # with round-to-nearest; the Triton interpreter's float -> bf16 conversion truncates).
     rtol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
-    assert_close_to_oracle(x.grad, ref_x.grad, same_x.grad, atol=1e-6, rtol=rtol, what="d logits")
+    # The saved fp32 entropy's error (~1e-6 nats at most here) enters a whole row's d logits times
+    # h / T (at the argmax p ~ 1): per-row temperatures down to 0.3 scale it past the scalar case's 1e-6.
+    atol = 2e-6 * w_h.abs().max().item() / temp.min().item() if row_t else 1e-6
+    assert_close_to_oracle(x.grad, ref_x.grad, same_x.grad, atol=atol, rtol=rtol, what="d logits")
     # Banned tokens get no gradient (the label's own logit gets g * (1 - p) = g even when banned).
     not_label = torch.ones_like(logits, dtype=torch.bool).scatter(-1, labels.clamp(min=0).unsqueeze(-1),
                                                                   False)
@@ -437,39 +440,6 @@ def test_row_temperature_equals_scalar_per_row(backend):
         torch.testing.assert_close(lp[i], lp_s, atol=0, rtol=0)
         torch.testing.assert_close(ent[i], ent_s, atol=0, rtol=0)
         torch.testing.assert_close(p2[i], p2_s, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
-def test_row_temperature_backward_matches_reference(backend, dtype, which):
-    logits, labels = _make((3, 6), 333, dtype, banned=0.1)
-    temps = _row_temps((3, 6))
-    w_lp, w_h = torch.randn(3, 6), torch.randn(3, 6)
-
-    def loss(x, lp_fn, h_fn):
-        total = 0.0
-        if which in ("logprobs", "both"):
-            total = total + (lp_fn(x) * w_lp).sum()
-        if which in ("entropy", "both"):
-            total = total + (h_fn(x) * w_h).sum()
-        return total
-
-    x = logits.clone().requires_grad_()
-    if which == "both":
-        lp, h, p2 = ops.logprobs_and_entropy(x, labels, temperature=temps, return_sum_p2=True)
-        ((lp * w_lp).sum() + (h * w_h).sum() + p2.sum()).backward()  # p2: a constant, no gradient
-    else:
-        loss(x, lambda t: ops.logprobs(t, labels, temperature=temps),
-             lambda t: ops.entropy(t, temperature=temps)).backward()
-    grads = []
-    for ref_x in (logits.double().requires_grad_(), logits.clone().requires_grad_()):
-        t = temps.to(torch.float64 if ref_x.dtype == torch.float64 else torch.float32)
-        loss(ref_x, lambda v, t=t: reference.logprobs(v, labels, temperature=t),
-             lambda v, t=t: reference.entropy(v, temperature=t)).backward()
-        grads.append(ref_x.grad)
-    rtol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
-    assert x.grad.dtype == dtype
-    assert_close_to_oracle(x.grad, grads[0], grads[1], atol=1e-6, rtol=rtol, what="d logits")
 
 
 def test_sum_p2_is_not_differentiable(backend):

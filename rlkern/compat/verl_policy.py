@@ -20,8 +20,8 @@ What each runs on:
   ``ratio_level="sequence_token"`` / ``variant="sapo"`` / ``"gpg"`` / ``"cispo"``); ``dppo_tv``,
   ``dppo_kl`` and bypass_mode's REINFORCE: its ``variant="gpg"`` with constant weights (the
   trust-region mask and truncated ratio, computed in plain torch without gradient).
-* ``dro``, ``geo_mean``: plain torch token terms, sync-free, aggregated by
-  rlkern.compat.verl.agg_loss (rlkern.ops.masked_sum).
+* ``dro``: ``variant="gpg"`` plus its quadratic penalty in plain torch (rlkern's agg_loss);
+  ``geo_mean``: plain torch with rlkern.ops.masked_sum row means (no fused geometric-mean op yet).
 * ``bypass_mode``: rlkern.compat.verl's rollout correction (one rlkern.ops.rollout_correction call),
   then the REINFORCE loss here or rlkern's vanilla PPO loss.
 
@@ -420,17 +420,20 @@ def compute_policy_loss_dro(old_log_prob: Tensor, log_prob: Tensor, advantages: 
                             rollout_is_weights: Tensor | None = None):
     """verl 0.9.1 ``core_algos.compute_policy_loss_dro`` (Direct Reward Optimization):
     ``-(logp * A - beta / 2 * (logp - old)^2)``, ``beta = config.policy_loss.dro_beta`` (> 0, else
-    verl's ValueError). Metrics: ppo_kl. Plain torch + rlkern's agg_loss."""
+    verl's ValueError). Metrics: ppo_kl. Computed as two aggregated terms: the policy gradient
+    ``-A logp`` (rlkern.ops.policy_loss ``variant="gpg"``) plus ``beta / 2 * (logp - old)^2`` in plain
+    torch through rlkern's agg_loss (every mode is linear in the token losses)."""
     config = _need(config)
-    log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
-        response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
     beta = _get(_policy_config(config), "dro_beta")
     if beta is None or beta <= 0:
         raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
-    log_ratio = log_prob - old_log_prob
-    pg_losses = _weighted(-(log_prob * advantages - 0.5 * beta * log_ratio.square()), rollout_is_weights)
-    loss = _agg(pg_losses, response_mask, loss_agg_mode, config)
-    return loss, _metrics({"ppo_kl": _mean(-log_ratio.detach(), response_mask)})
+    valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    loss, _ = _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config,
+                     rollout_is_weights, variant="gpg")
+    log_ratio = torch.where(valid, log_prob - old_log_prob, 0)  # padding reaches no gradient
+    weights = None if rollout_is_weights is None else torch.where(valid, rollout_is_weights, 0)
+    penalty = _agg(_weighted(0.5 * beta * log_ratio.square(), weights), response_mask, loss_agg_mode, config)
+    return loss + penalty, _metrics({"ppo_kl": _mean(-log_ratio.detach(), response_mask)})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -231,6 +231,25 @@ def _finite_run(out: str) -> list[dict]:
     return rows[1:]
 
 
+def test_grpo_loss_type_variants_reach_the_op(sft_model, tmp_path, monkeypatch):
+    """Every --loss-type beyond TRL's four normalisations that this build's ops.grpo_loss implements
+    (gspo = grpo with the sequence-level ratio) runs with a finite loss and reaches the op as asked."""
+    from rlkern.train.config import grpo_loss_options
+
+    loss_types, levels = grpo_loss_options()
+    variants = [t for t in loss_types if t not in BASE_LOSS_TYPES]
+    assert "gspo" in variants and "sequence" in levels, variants
+    for lt in variants:
+        calls = _spy(monkeypatch, "grpo_loss")
+        out = str(tmp_path / lt)
+        clip = ["--clip-high", "5.0"] if lt == "cispo" else []  # TRL's epsilon_high: an absolute cap there
+        train("grpo", "--model", sft_model, "--out", out, "--loss-type", lt, *clip, *GRPO_SMALL, *TINY)
+        _finite_run(out)
+        want = ("grpo", "sequence") if lt == "gspo" else (lt, "token")
+        got = {(c["loss_type"], c.get("importance_sampling_level", "token")) for c in calls}
+        assert got == {want}, (lt, got)
+
+
 def test_grpo_is_correction_reaches_the_op_with_the_samplers_logprobs(sft_model, tmp_path, monkeypatch):
     """--is-correction tis computes the weights once per rollout through ops.rollout_correction and
     passes them to every grpo_loss call. The sampler is the same fp32 model as the trainer, so its

@@ -263,7 +263,8 @@ def _grads(got, want, logp):
 
 
 # (policy_loss_type, dual_clip, token_level_loss): GSPO always aggregates per sequence
-POLICIES = [("ppo", None, True), ("ppo", 3.0, True), ("ppo", None, False), ("ppo", 2.0, False)]
+POLICIES = [("ppo", None, True), ("ppo", 3.0, True), ("ppo", None, False), ("ppo", 2.0, False),
+            ("gspo", None, True), ("gspo", 3.0, True)]
 # 0.11.2's (is_correction_level, is_correction_mode, is_correction_threshold) with ratio gating
 CORRECTIONS_0112 = {"off": ("off", "mask", (0.5, 5.0)), "tis": ("token", "clip", (0.9, 1.1)),
                     "icepop": ("token", "mask", (0.9, 1.1)), "seq-mask-tis": ("seq", "mask", (0.96, 1.04))}
@@ -328,6 +329,7 @@ def test_policy_loss_options_are_validated_as_openrlhf():
     with pytest.raises(ValueError, match="not fused by rlkern"):
         orl_shim.PolicyLoss(is_correction_level="token", is_correction_gating="tv",
                             is_correction_threshold=(0.0, 0.1))
+    assert orl_shim.PolicyLoss(policy_loss_type="gspo", token_level_loss=True).token_level_loss is False
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="needs rollout_log_probs"):
         orl_shim.PolicyLoss(is_correction_level="token")(x, x, x, torch.ones(2, 3))
@@ -403,7 +405,7 @@ def test_patched_openrlhf_main_0110(monkeypatch, spy, policy, correction):
 
 
 @pytest.mark.parametrize("enable", [False, True])
-@pytest.mark.parametrize("policy", [("ppo", None, True), ("ppo", 3.0, False)],
+@pytest.mark.parametrize("policy", [("ppo", None, True), ("ppo", 3.0, False), ("gspo", None, True)],
                          ids=lambda p: f"{p[0]}-dual{p[1]}-tok{p[2]}")
 def test_patched_openrlhf_090(monkeypatch, spy, policy, enable):
     """v0.9.0: TIS with an upper bound only, forward without the global normalisers (every row has a
@@ -441,3 +443,17 @@ def test_patched_openrlhf_divergence_gating_runs_openrlhf(monkeypatch, spy, gati
     assert spy["policy_loss"] == 0 and spy["rollout_correction"] == 0
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("kind", ["ppo", "gspo"])
+def test_every_backend(backend, kind):
+    """The standalone class on each rlkern backend (Triton through the interpreter): every correction
+    with dual_clip, against the 0.11.2 transcription."""
+    logp, old, rollout, adv, mask = _inputs(torch.float32, seed=15)
+    for level, mode, threshold in CORRECTIONS_0112.values():
+        kw = dict(dual_clip=3.0, policy_loss_type=kind, is_correction_level=level, is_correction_mode=mode,
+                  is_correction_threshold=threshold)
+        got = orl_shim.PolicyLoss(**kw)(logp, old, adv, mask, rollout)
+        want = Orl0112PolicyLoss(**kw)(logp, old, adv, mask, rollout)
+        _compare(got, want)
+        _grads(got, want, logp)

@@ -365,7 +365,7 @@ def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, sv_pt
     row_pass = 0.0
     row_add = 0.0
     if LEVEL != TOKEN:
-        row_lr, row_pass, _ = _row_ratio(tl.load(aux_ptr + row * 2), LEVEL)
+        row_lr, row_pass, row_through = _row_ratio(tl.load(aux_ptr + row * 2), LEVEL)  # noqa: F841 (unused)
         row_add = tl.load(aux_ptr + row * 2 + 1)
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)

@@ -655,23 +655,6 @@ Temperature temperature_of(double temperature) {
   return {temp, inv};
 }
 
-// Per-row temperatures as the kernels read them (flat float32, one per row), each checked as
-// temperature_of checks the scalar; nullptr when absent.
-const float* checked_temperatures(const std::optional<at::Tensor>& temperatures, int64_t rows) {
-  if (!temperatures.has_value()) return nullptr;
-  const at::Tensor& t = *temperatures;
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == rows,
-              "temperatures must be a contiguous float32 tensor with one entry per row (", rows, " rows)");
-  const float* p = t.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inv = 1.f / p[r];
-    TORCH_CHECK_VALUE(std::isfinite(p[r]) && p[r] > 0.f && std::isfinite(inv),
-                      "temperature must be a positive float32 whose reciprocal is finite in float32 in every "
-                      "row, got ", p[r], " at flat position ", r);
-  }
-  return p;
-}
-
 RowGeometry geometry_of(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 3, name, " must be a 3-d [outer, inner, V] view, got ", t.dim(), " dims");
   TORCH_CHECK(t.size(2) == 0 || t.stride(2) == 1, name, " must be contiguous in its last dim");
@@ -701,6 +684,18 @@ float* f32_rows(const std::optional<at::Tensor>& t, int64_t rows, const char* na
   TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows, name,
               " must be a contiguous float32 tensor with one entry per row (", rows, " rows)");
   return t->data_ptr<float>();
+}
+
+// Per-row temperatures as the kernels read them (flat float32, one per row), each checked as
+// temperature_of checks the scalar; nullptr when absent.
+const float* checked_temperatures(const std::optional<at::Tensor>& temperatures, int64_t rows) {
+  const float* p = f32_rows(temperatures, rows, "temperatures");
+  for (int64_t r = 0; p != nullptr && r < rows; ++r) {
+    TORCH_CHECK_VALUE(std::isfinite(p[r]) && p[r] > 0.f && std::isfinite(1.f / p[r]),
+                      "temperature must be a positive float32 whose reciprocal is finite in float32 in every "
+                      "row, got ", p[r], " at flat position ", r);
+  }
+  return p;
 }
 
 }  // namespace

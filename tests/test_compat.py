@@ -519,17 +519,19 @@ def _metrics():
 
 def trl_grpo_trainer_loss(logp, old, ref, advantages, mask, *, beta, eps_low, eps_high, loss_type,
                           max_completion_length, num_items_in_batch, use_bias_correction_kl=True,
-                          gradient_accumulation_steps=1, steps_per_generation=1):
+                          gradient_accumulation_steps=1, steps_per_generation=1,
+                          importance_sampling_level="token", delta=None):
     """The real GRPOTrainer._compute_loss on a stand-in trainer holding only what it reads."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     b, t = logp.shape
     trainer = types.SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros(b, t), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
-        beta=beta,
-        args=types.SimpleNamespace(use_bias_correction_kl=use_bias_correction_kl, delta=None,
-                                   steps_per_generation=steps_per_generation),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level=importance_sampling_level, beta=beta,
+        args=types.SimpleNamespace(use_bias_correction_kl=use_bias_correction_kl, delta=delta,
+                                   steps_per_generation=steps_per_generation,
+                                   sapo_temperature_pos=1.0, sapo_temperature_neg=1.05),
         loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
         model=types.SimpleNamespace(training=True),
         current_gradient_accumulation_steps=gradient_accumulation_steps,
@@ -559,6 +561,25 @@ def test_trl_grpo_loss_matches_trl_trainer(backend, loss_type, beta, bias_correc
     got = trl_shim.grpo_loss(logp, old, ref, adv, mask, epsilon=0.2, epsilon_high=0.28, **kw)
     want = trl_grpo_trainer_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, **kw)
     close(got, want, what=f"{loss_type} loss")
+    close(torch.autograd.grad(got, logp)[0], torch.autograd.grad(want, logp)[0], what=f"{loss_type} d logp")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo", "luspo"])
+@pytest.mark.parametrize("level,delta", [("token", None), ("token", 1.3), ("sequence", None)])
+def test_trl_grpo_loss_variants_match_trl_trainer(backend, loss_type, level, delta):
+    """The standalone helper with TRL 1.16's newer loss types, GSPO's sequence-level ratio and
+    INTELLECT-2's delta, vs the real _compute_loss (cispo: epsilon_high is TRL's absolute cap)."""
+    b, t = 5, 9
+    logp = (-torch.rand(b, t) * 3).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(b, t)
+    ref = logp.detach() + 0.3 * torch.randn(b, t)
+    adv, mask = torch.randn(b), rand_mask(b, t)
+    eps_high = 1.4 if loss_type == "cispo" else 0.28
+    kw = dict(beta=0.04, loss_type=loss_type, max_completion_length=12,
+              num_items_in_batch=int(mask.sum()) + 3, importance_sampling_level=level, delta=delta)
+    got = trl_shim.grpo_loss(logp, old, ref, adv, mask, epsilon=0.2, epsilon_high=eps_high, **kw)
+    want = trl_grpo_trainer_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=eps_high, **kw)
+    close(got, want, what=f"{loss_type} {level} loss")
     close(torch.autograd.grad(got, logp)[0], torch.autograd.grad(want, logp)[0], what=f"{loss_type} d logp")
 
 

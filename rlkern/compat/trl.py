@@ -61,7 +61,9 @@ ChunkedLogProbFunction = wraps_original(wrap_chunked_logprob)
 GRPOTrainer_compute_loss = wraps_original(wrap_grpo_compute_loss)
 
 _SCALE_REWARDS = ("group", "batch", "none")
-_GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# Every GRPOTrainer loss_type of TRL 1.16 that ops.grpo_loss fuses (vespo is not).
+_GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+_IS_LEVELS = ("token", "sequence")
 _DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 
 
@@ -185,9 +187,10 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
               max_completion_length: int | None = 512,
               num_items_in_batch: Tensor | float | None = None, use_bias_correction_kl: bool = True,
               gradient_accumulation_steps: int = 1, steps_per_generation: int = 1,
-              num_processes: int = 1) -> Tensor:
-    """The GRPO loss of ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py) for token-level
-    importance sampling and no entropy masking, with TRL's normaliser:
+              num_processes: int = 1, importance_sampling_level: str = "token", delta: float | None = None,
+              sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05) -> Tensor:
+    """The GRPO loss of ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py) without entropy
+    masking, with TRL's normaliser. For the clipped loss types (grpo, bnpo, dr_grpo, dapo, luspo):
 
     ``per_token_loss = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3 * r``
     (``* r`` only with ``use_bias_correction_kl``, TRL 1.16's default), with ``r = exp(logp - old)``
@@ -198,7 +201,12 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
     gradient_accumulation_steps / steps_per_generation), ``num_items_in_batch`` being the valid token
     count of the whole generation batch (the local count, and no further scaling, when None); an
     all-padding batch gives 0. In evaluation TRL uses ``gradient_accumulation_steps =
-    steps_per_generation = 1``.
+    steps_per_generation = 1``. ``luspo`` sums each sequence's tokens and averages the sequences;
+    ``cispo`` is ``-min(r, epsilon_high).detach() * A * logp`` (``epsilon_high`` an absolute cap)
+    normalised as dapo; ``sapo`` is ``-sigmoid(tau (r - 1)) * 4 / tau * A`` (``tau`` =
+    ``sapo_temperature_pos`` where A > 0, else ``_neg``) normalised as grpo. ``delta`` caps the
+    unclipped ratio (INTELLECT-2's two-sided clip); ``importance_sampling_level="sequence"`` (GSPO)
+    uses one ratio per sequence, ``exp`` of its masked mean log-ratio.
 
     ``old_per_token_logps=None`` means on-policy (TRL uses ``per_token_logps.detach()``); ``advantages``
     may be ``[B]`` or ``[B, T]``. Defaults are TRL's ``GRPOConfig`` defaults (``beta=0.0``,
@@ -207,15 +215,19 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
     |log-ratio| <= 20 (a ratio within e^±20), which is every token a trainer can recover from.
     """
     if loss_type not in _GRPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {_GRPO_LOSS_TYPES} (the clipped-surrogate GRPO losses), "
+        raise ValueError(f"loss_type must be one of {_GRPO_LOSS_TYPES} (TRL 1.16's fused GRPO losses), "
                          f"got {loss_type!r}")
+    if importance_sampling_level not in _IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {_IS_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
     loss, _ = grpo_loss_and_stats(
         per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, beta=beta,
         epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type,
         max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch, use_bias_correction_kl=use_bias_correction_kl,
         gradient_accumulation_steps=gradient_accumulation_steps, steps_per_generation=steps_per_generation,
-        num_processes=num_processes)
+        num_processes=num_processes, importance_sampling_level=importance_sampling_level, delta=delta,
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
     return loss
 
 

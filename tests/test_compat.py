@@ -439,8 +439,12 @@ def test_trl_bad_input():
         trl_shim.grpo_advantages(torch.zeros(4), 2, scale_rewards="std")
     with pytest.raises(ValueError, match="finite"):
         trl_shim.grpo_advantages(torch.tensor([1.0, float("nan")]), 2)
-    with pytest.raises(ValueError, match=r"loss_type must be one of \('grpo', 'bnpo', 'dr_grpo', 'dapo'\)"):
-        trl_shim.grpo_loss(torch.zeros(1, 2), None, None, torch.zeros(1), torch.ones(1, 2), loss_type="cispo")
+    with pytest.raises(ValueError, match=r"loss_type must be one of \('grpo', 'bnpo', 'dr_grpo', 'dapo', "
+                       r"'cispo', 'sapo', 'luspo'\)"):
+        trl_shim.grpo_loss(torch.zeros(1, 2), None, None, torch.zeros(1), torch.ones(1, 2), loss_type="vespo")
+    with pytest.raises(ValueError, match=r"importance_sampling_level must be one of \('token', 'sequence'\)"):
+        trl_shim.grpo_loss(torch.zeros(1, 2), None, None, torch.zeros(1), torch.ones(1, 2),
+                           importance_sampling_level="sequence_token")
     with pytest.raises(ValueError, match=r"loss_type must be one of \('sigmoid', 'hinge', 'ipo', 'robust'\)"):
         trl_shim.dpo_loss(*torch.zeros(4, 2), loss_type="exo_pair")
     with pytest.raises(ValueError, match="chosen_lengths"):

@@ -81,8 +81,8 @@ def _linear_logprobs_fwd(
         precision, inv_rows, p2,
     )
     logp = label_logprobs(zy, lse, labels, ignore_index)
-    empty = lse.new_empty(0)
-    return logp, lse, ent if ent is not None else empty, p2 if p2 is not None else empty
+    # Each absent output is its own empty tensor: a custom op's outputs may not alias one another.
+    return logp, lse, ent if ent is not None else lse.new_empty(0), p2 if p2 is not None else lse.new_empty(0)
 
 
 @_linear_logprobs_fwd.register_fake

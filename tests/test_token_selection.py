@@ -27,20 +27,13 @@ from rlkern import ops
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-try:
-    import verl.trainer.ppo.core_algos as core
-    from verl.workers.config import ActorConfig
-    from verl.workers.config.actor import PolicyLossConfig
-except ImportError:  # a real optional dependency: `make setup` installs verl 0.9.1
-    core = None
-try:
-    from accelerate import Accelerator
-    from trl.trainer.grpo_trainer import GRPOTrainer
-except ImportError:  # a real optional dependency: `make setup` installs TRL 1.16
-    GRPOTrainer = None
-
-needs_verl = pytest.mark.skipif(core is None, reason="verl is not installed")
-needs_trl = pytest.mark.skipif(GRPOTrainer is None, reason="TRL is not installed")
+# The peers are test dependencies (`make setup` installs TRL 1.16 and verl 0.9.1): imported outright,
+# after the filter above (verl warns at import).
+import verl.trainer.ppo.core_algos as core  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
+from verl.workers.config import ActorConfig  # noqa: E402
+from verl.workers.config.actor import PolicyLossConfig  # noqa: E402
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -64,8 +57,6 @@ class _TrainerSelf:
 
 @pytest.fixture(scope="module")
 def trl_self():
-    if GRPOTrainer is None:
-        pytest.skip("TRL is not installed")
     me = _TrainerSelf()
     me.accelerator = Accelerator(cpu=True)
     return me
@@ -75,7 +66,6 @@ def _trl_mask(me, entropies, mask, q):
     return GRPOTrainer.get_high_entropy_mask(me, entropies, mask, q)
 
 
-@needs_trl
 @pytest.mark.parametrize("case", range(40))
 def test_high_entropy_mask_matches_trl(trl_self, case):
     seed = _fresh_seed()
@@ -95,7 +85,6 @@ def test_high_entropy_mask_matches_trl(trl_self, case):
     assert torch.equal(got, want), f"seed {seed}"
 
 
-@needs_trl
 @pytest.mark.parametrize("what", ["all_masked", "nan_valid", "nan_padding", "inf_valid", "sentinel",
                                   "one_token", "empty"])
 def test_high_entropy_mask_edges_match_trl(trl_self, what):
@@ -174,7 +163,6 @@ def _verl_kl_cov_selection(logp, old, adv, mask, ratio):
     return ((per_token - surrogate * mask) > 10.0) & (mask > 0)
 
 
-@needs_verl
 @pytest.mark.parametrize("ratio", [0.0002, 0.01, 0.1, 0.5])
 @pytest.mark.parametrize("size", [(1, 1), (3, 17), (16, 200), (64, 300)])
 def test_kl_cov_mask_matches_verl(ratio, size):
@@ -186,7 +174,6 @@ def test_kl_cov_mask_matches_verl(ratio, size):
     assert torch.equal(got, want), f"seed {seed}: {int(got.sum())} vs {int(want.sum())} selected"
 
 
-@needs_verl
 @pytest.mark.parametrize("ratio", [0.01, 0.1, 0.5])
 def test_kl_cov_mask_ties_select_the_same_values_as_verl(ratio):
     """Quantised log-probs and per-row advantages: many exactly equal covariances, also at the k-th.
@@ -205,7 +192,6 @@ def test_kl_cov_mask_ties_select_the_same_values_as_verl(ratio):
     assert torch.equal(got.reshape(-1).nonzero().reshape(-1), order[: int(got.sum())].sort().values)
 
 
-@needs_verl
 def test_kl_cov_mask_edges():
     logp, old, adv, mask = _inputs(_fresh_seed(), 5, 11)
     none = torch.zeros_like(mask)
@@ -225,7 +211,6 @@ def test_kl_cov_mask_edges():
     assert not (ops.kl_cov_mask(adv, logp, mask, 0.3) & (mask == 0)).any()
 
 
-@needs_verl
 def test_kl_cov_mask_bf16_computes_in_float32():
     """bf16 inputs are ranked in float32 (rlkern's rule; verl ranks in the inputs' dtype, where ties
     are common): the selection is verl's on the same values upcast to float32."""
@@ -253,7 +238,6 @@ def _verl_clip_cov_selection(logp, old, adv, mask, ratio, lb, ub):
     return (per_token == 0) & (full != 0) & (mask > 0)
 
 
-@needs_verl
 @pytest.mark.parametrize("ratio", [0.0002, 0.02, 0.3, 1.0])
 @pytest.mark.parametrize("size", [(1, 1), (4, 33), (32, 150)])
 def test_clip_cov_mask_matches_verl(ratio, size):
@@ -271,7 +255,6 @@ def test_clip_cov_mask_matches_verl(ratio, size):
         assert torch.equal(got, want), f"seed {seed}"
 
 
-@needs_verl
 def test_clip_cov_mask_draws_uniform_subsets_like_verl():
     """5 candidates, k = 2: each of the 10 subsets has probability 0.1 under verl's randperm and
     under rlkern's keys; both within 5 sigma of it (a false alarm has probability ~1e-5)."""

@@ -253,7 +253,7 @@ def rlkern_fn(variant: str) -> Callable | None:
     if variant == "kl_cov" and hasattr(ops, "kl_cov_mask"):
         # What a verl user gets from rlkern.compat.patch("verl"): the shim of verl's registry entry, on
         # ops.kl_cov_mask (the sync-free top-k selection); the same ActorConfig as verl's row.
-        from rlkern.compat.verl_policy import compute_policy_loss_kl_cov
+        from rlkern.compat.verl_cov import compute_policy_loss_kl_cov
 
         config = _verl_kl_cov()[1]
         return lambda x: compute_policy_loss_kl_cov(x["old"], x["logp"], x["adv_tok"], x["mask"],

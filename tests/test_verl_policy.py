@@ -33,6 +33,7 @@ from verl.workers.config import ActorConfig  # noqa: E402
 from verl.workers.config.actor import PolicyLossConfig  # noqa: E402
 
 import rlkern.compat.verl as verl_shim  # noqa: E402
+import rlkern.compat.verl_cov as vc  # noqa: E402
 import rlkern.compat.verl_policy as vp  # noqa: E402
 
 ATOL = RTOL = 1e-5
@@ -85,7 +86,8 @@ def run(fn, old, logp, adv, mask, mode, cfg, weights):
 def patched_entry(name):
     compat.patch("verl", strict=True)
     fn = core.get_policy_loss_fn(name)
-    assert fn.__module__ in ("rlkern.compat.verl", "rlkern.compat.verl_policy"), (name, fn)
+    assert fn.__module__ in ("rlkern.compat.verl", "rlkern.compat.verl_policy", "rlkern.compat.verl_cov"), \
+        (name, fn)
     return fn
 
 
@@ -133,7 +135,7 @@ def test_patch_swaps_all_twelve_policy_losses():
     swapped = {k for k in before if during[k] is not before[k]}
     assert swapped == set(ENTRIES) and len(swapped) == 12
     for name, fn in during.items():
-        shim = verl_shim if name == "vanilla" else vp
+        shim = verl_shim if name == "vanilla" else vc if name in ("clip_cov", "kl_cov") else vp
         assert fn is getattr(shim, before[name].__name__), name
         assert core.get_policy_loss_fn(name) is fn
     # the unregistered REINFORCE loss that bypass_mode calls is swapped too
@@ -296,9 +298,9 @@ def test_config_errors():
         vp.compute_policy_loss_bypass_mode(old, logp, adv, mask, "token-mean",
                                            config(correction=RolloutCorrectionConfig(loss_type="ppo")))
     with pytest.raises(ValueError, match="loss_agg_mode"):
-        vp.compute_policy_loss_clip_cov(old, logp, adv, mask, "token-median", config())
+        vc.compute_policy_loss_clip_cov(old, logp, adv, mask, "token-median", config())
     with pytest.raises(ValueError, match="batch_num_tokens"):
-        vp.compute_policy_loss_kl_cov(old, logp, adv, mask, "token-mean", config({"dp_size": 2}))
+        vc.compute_policy_loss_kl_cov(old, logp, adv, mask, "token-mean", config({"dp_size": 2}))
 
 
 def test_plain_mapping_configs():
@@ -306,7 +308,7 @@ def test_plain_mapping_configs():
     logp, old, adv, mask, _ = inputs(3)
     cfg = {"clip_ratio": 0.2, "clip_ratio_low": None, "clip_ratio_high": 0.28, "global_batch_info": {},
            "policy_loss": {"kl_cov_ratio": 0.05, "ppo_kl_coef": 0.7}}
-    got = run(vp.compute_policy_loss_kl_cov, old, logp, adv, mask, "token-mean", cfg, None)
+    got = run(vc.compute_policy_loss_kl_cov, old, logp, adv, mask, "token-mean", cfg, None)
     want = run(core.compute_policy_loss_kl_cov, old, logp, adv, mask, "token-mean", config(), None)
     assert_same(got, want, "dict config")
 

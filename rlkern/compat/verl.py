@@ -911,10 +911,13 @@ def compute_rollout_corr_metrics_from_logprobs(log_prob: Tensor, rollout_log_pro
             compute_offpolicy_metrics(log_prob, rollout_log_prob, response_mask).items()}
 
 
-# verl's other POLICY_LOSS_REGISTRY entries (dppo_tv ... bypass_mode) live in rlkern/compat/verl_policy.py,
-# which reads this module's helpers at call time; their patch targets join this module's.
+# verl's other POLICY_LOSS_REGISTRY entries live in rlkern/compat/verl_policy.py (dppo_tv ... bypass_mode)
+# and rlkern/compat/verl_cov.py (clip_cov, kl_cov), which read this module's helpers at call time; their
+# patch targets join this module's.
+from rlkern.compat import verl_cov as _verl_cov  # noqa: E402
 from rlkern.compat import verl_policy as _verl_policy  # noqa: E402
+from rlkern.compat.verl_cov import *  # noqa: E402,F403
 from rlkern.compat.verl_policy import *  # noqa: E402,F403
 
-PATCH_TARGETS += _verl_policy.PATCH_TARGETS
-__all__ += _verl_policy.__all__
+PATCH_TARGETS += _verl_policy.PATCH_TARGETS + _verl_cov.PATCH_TARGETS
+__all__ += _verl_policy.__all__ + _verl_cov.__all__

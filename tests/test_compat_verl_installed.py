@@ -653,7 +653,8 @@ def test_patch_scope_and_unpatch_identity():
         during = regs_during[reg]
         assert during.keys() == before.keys(), reg
         assert {k for k in before if during[k] is not before[k]} == keys, reg
-        shims = ("rlkern.compat.verl", "rlkern.compat.verl_policy", "rlkern.compat.verl_cov")
+        shims = ("rlkern.compat.verl", "rlkern.compat.verl_policy", "rlkern.compat.verl_cov",
+                 "rlkern.compat.verl_dppo")
         assert all(during[k].__module__ in shims for k in keys)
     compat.unpatch("verl")
     mods_after, regs_after = _snapshot()

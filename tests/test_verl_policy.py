@@ -34,6 +34,7 @@ from verl.workers.config.actor import PolicyLossConfig  # noqa: E402
 
 import rlkern.compat.verl as verl_shim  # noqa: E402
 import rlkern.compat.verl_cov as vc  # noqa: E402
+import rlkern.compat.verl_dppo as vd  # noqa: E402
 import rlkern.compat.verl_policy as vp  # noqa: E402
 
 ATOL = RTOL = 1e-5
@@ -86,8 +87,9 @@ def run(fn, old, logp, adv, mask, mode, cfg, weights):
 def patched_entry(name):
     compat.patch("verl", strict=True)
     fn = core.get_policy_loss_fn(name)
-    assert fn.__module__ in ("rlkern.compat.verl", "rlkern.compat.verl_policy", "rlkern.compat.verl_cov"), \
-        (name, fn)
+    shims = ("rlkern.compat.verl", "rlkern.compat.verl_policy", "rlkern.compat.verl_cov",
+             "rlkern.compat.verl_dppo")
+    assert fn.__module__ in shims, (name, fn)
     return fn
 
 
@@ -135,7 +137,8 @@ def test_patch_swaps_all_twelve_policy_losses():
     swapped = {k for k in before if during[k] is not before[k]}
     assert swapped == set(ENTRIES) and len(swapped) == 12
     for name, fn in during.items():
-        shim = verl_shim if name == "vanilla" else vc if name in ("clip_cov", "kl_cov") else vp
+        shim = {"vanilla": verl_shim, "clip_cov": vc, "kl_cov": vc, "dppo_tv": vd,
+                "dppo_kl": vd}.get(name, vp)
         assert fn is getattr(shim, before[name].__name__), name
         assert core.get_policy_loss_fn(name) is fn
     # the unregistered REINFORCE loss that bypass_mode calls is swapped too

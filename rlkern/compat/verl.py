@@ -912,12 +912,15 @@ def compute_rollout_corr_metrics_from_logprobs(log_prob: Tensor, rollout_log_pro
 
 
 # verl's other POLICY_LOSS_REGISTRY entries live in rlkern/compat/verl_policy.py (dppo_tv ... bypass_mode)
-# and rlkern/compat/verl_cov.py (clip_cov, kl_cov), which read this module's helpers at call time; their
-# patch targets join this module's.
+# and its siblings verl_cov.py (clip_cov, kl_cov) and verl_dppo.py (dppo_tv, dppo_kl), which read this
+# module's helpers at call time; their patch targets join this module's.
 from rlkern.compat import verl_cov as _verl_cov  # noqa: E402
+from rlkern.compat import verl_dppo as _verl_dppo  # noqa: E402
 from rlkern.compat import verl_policy as _verl_policy  # noqa: E402
 from rlkern.compat.verl_cov import *  # noqa: E402,F403
+from rlkern.compat.verl_dppo import *  # noqa: E402,F403
 from rlkern.compat.verl_policy import *  # noqa: E402,F403
 
-PATCH_TARGETS += _verl_policy.PATCH_TARGETS + _verl_cov.PATCH_TARGETS
-__all__ += _verl_policy.__all__ + _verl_cov.__all__
+for _shims in (_verl_policy, _verl_cov, _verl_dppo):
+    PATCH_TARGETS += _shims.PATCH_TARGETS
+    __all__ += _shims.__all__

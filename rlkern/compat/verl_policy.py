@@ -3,11 +3,12 @@
 One shim per registry entry of ``verl/trainer/ppo/core_algos.py``, each with verl's signature
 ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights=None)``
 and verl's return ``(pg_loss, pg_metrics)`` (verl's metric names, Python floats):
-``dppo_tv``, ``dppo_kl``, ``gspo``, ``sapo``, ``gpg``, ``geo_mean``, ``dro``, ``cispo``, ``bypass_mode``
-(and the unregistered ``compute_policy_loss_reinforce`` that bypass_mode calls); ``clip_cov`` and
-``kl_cov`` are in rlkern/compat/verl_cov.py, on these helpers. ``vanilla`` is
-rlkern.compat.verl.compute_policy_loss_vanilla. rlkern.compat.verl lists :data:`PATCH_TARGETS` (and
-verl_cov's) with its own, so ``rlkern.compat.patch("verl")`` swaps all twelve registry entries.
+``gspo``, ``sapo``, ``gpg``, ``geo_mean``, ``dro``, ``cispo``, ``bypass_mode`` (and the unregistered
+``compute_policy_loss_reinforce`` that bypass_mode calls); ``clip_cov`` and ``kl_cov`` are in
+rlkern/compat/verl_cov.py, ``dppo_tv`` and ``dppo_kl`` in rlkern/compat/verl_dppo.py, on these helpers.
+``vanilla`` is rlkern.compat.verl.compute_policy_loss_vanilla. rlkern.compat.verl lists
+:data:`PATCH_TARGETS` (and verl_cov's and verl_dppo's) with its own, so ``rlkern.compat.patch("verl")``
+swaps all twelve registry entries.
 Tested against the installed verl by tests/test_verl_policy.py.
 
 What each runs on:
@@ -56,8 +57,6 @@ from torch import Tensor
 from rlkern import ops
 
 __all__ = [
-    "compute_policy_loss_dppo_tv",
-    "compute_policy_loss_dppo_kl",
     "compute_policy_loss_gspo",
     "compute_policy_loss_sapo",
     "compute_policy_loss_gpg",
@@ -73,7 +72,6 @@ _CORE = "verl.trainer.ppo.core_algos"
 PATCH_TARGETS = tuple((_CORE, name, name) for name in __all__)
 
 # verl's defaults (core_algos.py) where a config field is None.
-_DPPO_CLIP_C = 20.0  # config.get("clip_ratio_c", 20.0) in dppo_tv / dppo_kl (ActorConfig has 3.0)
 _LOG_RATIO_CLAMP = 20.0
 
 
@@ -145,66 +143,6 @@ def _padding_zeroed(mask: Tensor, *tensors):
 
 def _clamped_log_ratio(log_prob: Tensor, old_log_prob: Tensor) -> Tensor:
     return torch.clamp(log_prob - old_log_prob, min=-_LOG_RATIO_CLAMP, max=_LOG_RATIO_CLAMP)
-
-
-# ------------------------------------------------------------------------------------------------
-# DPPO (binary TV / binary KL trust regions, arXiv 2602.04879)
-# ------------------------------------------------------------------------------------------------
-
-
-def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-          divergence: str):
-    config = _need(config)
-    low, high = _clip_range(config)
-    clip_c = _get(config, "clip_ratio_c", _DPPO_CLIP_C)
-    with torch.no_grad():
-        neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
-        ratio = torch.exp(neg_kl)
-        truncated = torch.clamp(ratio, max=clip_c)
-        prob, old_prob = torch.exp(log_prob), torch.exp(old_log_prob)
-        if divergence == "tv":
-            positive_ok = (prob - old_prob) <= high
-            negative_ok = (prob - old_prob) >= -low
-        else:
-            binary_kl = old_prob * (old_log_prob - log_prob) + (1 - old_prob) * torch.log(
-                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
-            positive_ok = (binary_kl <= high) | (prob <= old_prob)
-            negative_ok = (binary_kl <= low) | (prob >= old_prob)
-        valid = torch.where(advantages > 0, positive_ok, negative_ok).float()
-        weights = _weighted(truncated * valid, rollout_is_weights)
-    # -A * sg(min(r, c)) * logp * valid: the policy gradient with those constant weights
-    loss, stats = _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config, weights,
-                         variant="gpg")
-    return loss, _metrics({
-        "pg_clipfrac": _mean(1.0 - valid, response_mask),
-        "ppo_kl": stats["approx_kl"],
-        "pg_clipfrac_lower": _mean((ratio > clip_c).float() * valid, response_mask),
-    })
-
-
-def compute_policy_loss_dppo_tv(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
-                                response_mask: Tensor, loss_agg_mode: str = "token-mean", config=None,
-                                rollout_is_weights: Tensor | None = None):
-    """verl 0.9.1 ``core_algos.compute_policy_loss_dppo_tv`` (DPPO-Binary-TV): per token
-    ``-A * sg(min(r, c)) * logp * valid``, ``valid`` = ``p - p_old <= clip_ratio_high`` where A > 0,
-    ``p - p_old >= -clip_ratio_low`` elsewhere (``p = exp(logp)``), ``c = config.clip_ratio_c``
-    (20 when absent), ``r = exp(clamp(logp - old, -20, 20))``. Metrics: pg_clipfrac (share not
-    valid), ppo_kl, pg_clipfrac_lower (share valid with ``r > c``). The mask and truncation in plain
-    torch (no gradient), the loss by rlkern.ops.policy_loss ``variant="gpg"`` with them as weights."""
-    return _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-                 "tv")
-
-
-def compute_policy_loss_dppo_kl(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
-                                response_mask: Tensor, loss_agg_mode: str = "token-mean", config=None,
-                                rollout_is_weights: Tensor | None = None):
-    """verl 0.9.1 ``core_algos.compute_policy_loss_dppo_kl`` (DPPO-Binary-KL): as
-    :func:`compute_policy_loss_dppo_tv` with the trust region on the binary KL
-    ``p_old (logp_old - logp) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8))``
-    (``<= clip_ratio_high`` or ``p <= p_old`` where A > 0; ``<= clip_ratio_low`` or ``p >= p_old``
-    elsewhere)."""
-    return _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
-                 "kl")
 
 
 # ------------------------------------------------------------------------------------------------

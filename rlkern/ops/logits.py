@@ -267,14 +267,12 @@ def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_back
            nan_check, want_p2=False):
     """(logp or None, entropy or None, sum_p2 or None)."""
     if process_group is not None:  # logits sharded by vocabulary across the group's ranks
-        if want_p2 or isinstance(temperature, Tensor):
-            raise ValueError("return_sum_p2=True and a per-row temperature tensor are not supported with "
-                             "process_group (vocabulary-parallel logits)")
         from rlkern.ops.vocab_parallel import vocab_parallel_logprobs
 
         out = vocab_parallel_logprobs(logits, labels, process_group, temperature=temperature,
-                                      ignore_index=ignore_index, want_entropy=want_entropy)
-        return (*out, None)
+                                      ignore_index=ignore_index, want_entropy=want_entropy,
+                                      want_sum_p2=want_p2)
+        return out if want_p2 else (*out, None)
     temperature, ignore_index = _validate(logits, labels, temperature, ignore_index, nan_check)
     temps = temperature if isinstance(temperature, Tensor) else None
     tensors = (logits,) + ((labels,) if labels is not None else ()) + ((temps,) if temps is not None else ())

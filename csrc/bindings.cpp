@@ -11,6 +11,7 @@
 #include "masked.h"
 #include "returns.h"
 #include "rollout_correction.h"
+#include "token_selection.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rlkern C++ CPU kernels (csrc/); rlkern.ops calls them";
@@ -35,4 +36,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("masked_whiten_bwd", &rlkern::masked_whiten_bwd, release);
   m.def("gae_fwd", &rlkern::gae_fwd, release);
   m.def("discounted_returns_fwd", &rlkern::discounted_returns_fwd, release);
-  m.def("rollout_correction_fwd", &rlkern::rollout_correction_fwd, release);}
+  m.def("rollout_correction_fwd", &rlkern::rollout_correction_fwd, release);
+  m.def("kl_cov_select", &rlkern::kl_cov_select, release);
+  m.def("kl_cov_fwd", &rlkern::kl_cov_fwd, release);
+  m.def("kl_cov_bwd", &rlkern::kl_cov_bwd, release);}

@@ -37,7 +37,8 @@ import tempfile
 import textwrap
 import time
 
-KERNEL_MODULES = ("kl_penalty", "lm_head", "logits", "losses", "masked", "returns", "rollout_correction")
+KERNEL_MODULES = ("kl_penalty", "lm_head", "logits", "losses", "masked", "returns", "rollout_correction",
+                  "token_selection")
 ARCHS = (80, 90)
 # Largest shared memory one block may use (the opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90)
 # 227 KiB (CUDA C Programming Guide, "Compute Capabilities", table 23).
@@ -190,6 +191,7 @@ def _drive_launchers(modules) -> None:
         gae.gae_fwd(r, r, mask, 0.99, 0.95, _meta(shape), _meta(shape))
         gae.discounted_returns_fwd(r, mask, 0.99, _meta(shape))
     _drive_rollout_correction(modules["rollout_correction"])
+    _drive_token_selection(modules["token_selection"])
 
 
 def _drive_rollout_correction(rc) -> None:
@@ -214,6 +216,17 @@ def _drive_rollout_correction(rc) -> None:
                                           _meta(shape) if level else None, None,
                                           _meta((shape[0], rc.K_STATS), torch.float64))
 
+
+def _drive_token_selection(ts) -> None:
+    """rlkern/ops/token_selection.py's KL-Cov token losses: every log-prob storage type and mask dtype,
+    with and without weights, one-block rows and 4096-token rows."""
+    import torch
+
+    for dtype, m_dtype, shape in itertools.product(_torch_dtypes(), _mask_dtypes(), ((3, 7), (40, 4096))):
+        x, mask, chosen = _meta(shape, dtype), _meta(shape, m_dtype), _meta(shape, torch.bool)
+        for w in (None, _meta(shape)):
+            ts.kl_cov_fwd(x, x, x, mask, w, 0.01, 0.1, chosen, _meta((3, shape[0])))
+            ts.kl_cov_bwd(_meta(shape[:1]), x, x, x, mask, w, chosen, 0.1, _meta(shape, dtype))
 
 def _load_modules():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":

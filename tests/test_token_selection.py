@@ -10,8 +10,13 @@
   Clip-Cov: verl draws with ``torch.randperm``, rlkern with float64 keys: the same candidates and
   count always, the same set whenever every candidate is taken, and both uniform over subsets (a
   5-sigma frequency check over many draws of each).
+* kl_cov_rows (KL-Cov's fused token losses, summed per row) on every backend against a float64
+  oracle of verl's token formula, forward and gradient, weights, bf16 / fp16, NaN in padding.
 * no host sync: each op traces with ``torch.compile(fullgraph=True)`` (``.item()``, ``nonzero`` or a
-  data-dependent shape would break the graph).
+  data-dependent shape would break the graph), and the torch code of the torch backend and of the
+  GPU selection (kernels/token_selection.py) runs under a dispatch mode that fails on any op reading
+  a value back to the host (``_local_scalar_dense``: ``.item()``, ``int()``, ``bool()``) or sizing its
+  output by the data (``nonzero``, ``masked_select``, ``unique``).
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import rlkern
 from rlkern import ops
+from tests.conftest import DTYPES, KERNEL_BACKENDS
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -165,7 +173,7 @@ def _verl_kl_cov_selection(logp, old, adv, mask, ratio):
 
 @pytest.mark.parametrize("ratio", [0.0002, 0.01, 0.1, 0.5])
 @pytest.mark.parametrize("size", [(1, 1), (3, 17), (16, 200), (64, 300)])
-def test_kl_cov_mask_matches_verl(ratio, size):
+def test_kl_cov_mask_matches_verl(backend, ratio, size):
     seed = _fresh_seed()
     logp, old, adv, mask = _inputs(seed, *size)
     want = _verl_kl_cov_selection(logp, old, adv, mask, ratio)
@@ -175,7 +183,7 @@ def test_kl_cov_mask_matches_verl(ratio, size):
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.1, 0.5])
-def test_kl_cov_mask_ties_select_the_same_values_as_verl(ratio):
+def test_kl_cov_mask_ties_select_the_same_values_as_verl(backend, ratio):
     """Quantised log-probs and per-row advantages: many exactly equal covariances, also at the k-th.
     verl's host topk takes tied tokens in an unspecified order: the same count and the same
     multiset of covariance values must come out."""
@@ -192,7 +200,7 @@ def test_kl_cov_mask_ties_select_the_same_values_as_verl(ratio):
     assert torch.equal(got.reshape(-1).nonzero().reshape(-1), order[: int(got.sum())].sort().values)
 
 
-def test_kl_cov_mask_edges():
+def test_kl_cov_mask_edges(backend):
     logp, old, adv, mask = _inputs(_fresh_seed(), 5, 11)
     none = torch.zeros_like(mask)
     assert not ops.kl_cov_mask(adv, logp, none, 0.5).any()  # n = 0: verl's k = min(ratio, 0) = 0
@@ -211,7 +219,7 @@ def test_kl_cov_mask_edges():
     assert not (ops.kl_cov_mask(adv, logp, mask, 0.3) & (mask == 0)).any()
 
 
-def test_kl_cov_mask_bf16_computes_in_float32():
+def test_kl_cov_mask_bf16_computes_in_float32(backend):
     """bf16 inputs are ranked in float32 (rlkern's rule; verl ranks in the inputs' dtype, where ties
     are common): the selection is verl's on the same values upcast to float32."""
     logp, old, adv, mask = _inputs(_fresh_seed(), 16, 120, dtype=torch.bfloat16)
@@ -220,6 +228,104 @@ def test_kl_cov_mask_bf16_computes_in_float32():
     want = _verl_kl_cov_selection(logp.float(), old.float(), adv.float(), mask, 0.05)
     cov = ops.token_covariance(adv, logp, mask)
     torch.testing.assert_close(cov[got].sort().values, cov[want].sort().values, rtol=0, atol=0)
+
+
+def _kl_cov_oracle(logp, old, adv, mask, coef, weights, chosen):
+    """verl's KL-Cov token losses in float64 on the given selection, summed per row; the per-token
+    gradient d l / d logp; the |d| sums and counts."""
+    valid = mask != 0
+    d = logp.double() - old.double()
+    surrogate = -adv.double() * torch.exp(d)
+    tok = torch.where(chosen, surrogate + coef * d.abs(), surrogate)
+    local = torch.where(chosen, surrogate + coef * torch.sign(d), surrogate)
+    w = torch.ones_like(d) if weights is None else weights.double()
+    tok, local = torch.where(valid, tok * w, 0), torch.where(valid, local * w, 0)
+    return tok.sum(-1), local, torch.where(valid, d.abs(), 0).sum(-1), valid.sum(-1).double()
+
+
+def _rows_inputs(seed, size, dtype=torch.float32):
+    rows = math.prod(size[:-1])
+    logp, old, adv, mask = (x.reshape(size) for x in _inputs(seed, rows, size[-1], dtype=dtype))
+    adv = adv + 0.3 * torch.randn(size, generator=_gen(seed + 1)).to(dtype)  # per-token advantages
+    return logp, old, adv, mask
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [(1, 1), (3, 17), (2, 5, 40), (16, 1100)])
+def test_kl_cov_rows_matches_oracle(backend, size, dtype, weighted):
+    """Row sums, |d| sums, counts and the gradient against float64 on the same inputs and selection.
+    Tolerance: each token is computed in float32 (a few ulps) and summed, so a row sum may be off by
+    ~T * 2^-24 * sum|l| (a bound, 1e-5 relative to sum|l|); the gradient is stored in the input
+    dtype: 2 ulps of it."""
+    seed = _fresh_seed()
+    logp, old, adv, mask = _rows_inputs(seed, size, dtype)
+    weights = torch.rand(size, generator=_gen(seed + 2)) * 2 if weighted else None
+    leaf = logp.clone().requires_grad_(True)
+    sums, abs_kl, counts, chosen = ops.kl_cov_rows(leaf, old, adv, mask, ratio=0.01, coef=0.7,
+                                                   weights=weights)
+    assert chosen.dtype == torch.bool and chosen.shape == size
+    assert torch.equal(chosen, ops.kl_cov_mask(adv, logp, mask, 0.01))
+    want, local, want_abs, want_n = _kl_cov_oracle(logp, old, adv, mask, 0.7, weights, chosen)
+    for got, ref in ((sums, want), (abs_kl, want_abs), (counts, want_n)):
+        assert got.shape == size[:-1] and got.dtype == torch.float32
+        scale = ref.abs() + 1.0
+        assert ((got.double() - ref).abs() <= 1e-5 * scale * max(1.0, size[-1] / 1000)).all(), f"seed {seed}"
+    up = torch.rand(size[:-1], generator=_gen(seed + 3)) + 0.5
+    (grad,) = torch.autograd.grad((sums * up).sum(), leaf)
+    assert grad.dtype == dtype and grad.shape == size
+    want_grad = up.double()[..., None] * local
+    eps = torch.finfo(dtype).eps
+    atol = 2 * eps * float(want_grad.abs().max())
+    torch.testing.assert_close(grad.double(), want_grad, rtol=2 * eps, atol=atol,
+                               msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_kl_cov_rows_nan_and_padding(backend):
+    """NaN / inf in padding reach nothing (values and gradient equal the clean ones); a NaN at a valid
+    token makes its row NaN and leaves the other rows finite."""
+    logp, old, adv, mask = _rows_inputs(_fresh_seed(), (4, 30))
+    clean = ops.kl_cov_rows(logp, old, adv, mask, ratio=0.05, coef=0.5)
+    pad = mask == 0
+    dirty = [torch.where(pad, v, x) for x, v in ((logp, math.nan), (old, math.inf), (adv, math.nan))]
+    leaf = dirty[0].clone().requires_grad_(True)
+    got = ops.kl_cov_rows(leaf, dirty[1], dirty[2], mask, ratio=0.05, coef=0.5,
+                          weights=torch.where(pad, math.nan, torch.ones(4, 30)))
+    for g, w in zip(got, clean):
+        assert torch.equal(g, w) if g.dtype == torch.bool else torch.allclose(g, w, rtol=1e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(got[0].sum(), leaf)
+    assert torch.isfinite(grad).all() and (grad[pad] == 0).all()
+    valid_at = mask[2].nonzero()[0, 0]
+    nan_logp = logp.clone()
+    nan_logp[2, valid_at] = math.nan
+    sums = ops.kl_cov_rows(nan_logp, old, adv, mask, ratio=0.05, coef=0.5)[0]
+    assert sums[2].isnan() and torch.isfinite(sums[[0, 1, 3]]).all()
+
+
+def test_kl_cov_rows_rejects_bad_arguments():
+    logp, old, adv, mask = _rows_inputs(0, (3, 8))
+    with pytest.raises(ValueError, match="ratio"):
+        ops.kl_cov_rows(logp, old, adv, mask, ratio=0.0)
+    with pytest.raises(ValueError, match="old_logp"):
+        ops.kl_cov_rows(logp, old[:, :4], adv, mask)
+    with pytest.raises(ValueError, match="weights"):
+        ops.kl_cov_rows(logp, old, adv, mask, weights=torch.ones(3, 7))
+    with pytest.raises(ValueError, match="mask"):
+        ops.kl_cov_rows(logp, old, adv, mask[:2])
+    with pytest.raises(ValueError, match="logp"):
+        ops.kl_cov_rows(logp[0, 0], old[0, 0], adv[0, 0], mask[0, 0])
+    with pytest.raises(TypeError, match="coef"):
+        ops.kl_cov_rows(logp, old, adv, mask, coef="1")
+    empty = ops.kl_cov_rows(logp[:0], old[:0], adv[:0], mask[:0])
+    assert empty[0].shape == (0,) and empty[3].shape == (0, 8)
+
+
+def test_kl_cov_rows_gradcheck_reference():
+    logp, old, adv, mask = (x.double() for x in _rows_inputs(_fresh_seed(), (3, 9)))
+    with rlkern.use_backend("torch"):
+        leaf = logp.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda x: ops.kl_cov_rows(x, old, adv, mask, ratio=0.2, coef=0.3)[0],
+                                        (leaf,))
 
 
 def _clip_cov_parts(logp, old, adv, mask, lb, ub, low=0.2, high=0.2):
@@ -324,6 +430,66 @@ def test_selection_ops_trace_fullgraph():
     compiled = torch.compile(select, fullgraph=True, backend="eager")
     for got, want in zip(compiled(adv, logp, mask, entropies), select(adv, logp, mask, entropies)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_kl_cov_rows_traces_fullgraph_with_backward(backend_name):
+    torch._dynamo.reset()
+    logp, old, adv, mask = _rows_inputs(_fresh_seed(), (6, 50))
+
+    def loss(logp, old, adv, mask):
+        sums, abs_kl, counts, _ = ops.kl_cov_rows(logp, old, adv, mask, ratio=0.05, coef=0.5)
+        return sums.sum() / counts.sum(), abs_kl.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="eager")
+    with rlkern.use_backend(backend_name):
+        grads = []
+        for fn in (compiled, loss):
+            leaf = logp.clone().requires_grad_(True)
+            value, _ = fn(leaf, old, adv, mask)
+            grads.append(torch.autograd.grad(value, leaf)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+_SYNCS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "equal")
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on every op that reads a tensor's value back to the host or sizes its output by the
+    data: what would stall a GPU stream (on CPU tensors the same ops are the ones that would)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in _SYNCS:
+            raise AssertionError(f"host sync: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_sync_detector_catches_item():
+    with pytest.raises(AssertionError, match="host sync"), _NoHostSync():
+        torch.ones(3).sum().item()
+    with pytest.raises(AssertionError, match="host sync"), _NoHostSync():
+        torch.ones(3).nonzero()
+
+
+def test_selection_torch_code_never_syncs():
+    """The torch backend's ops and the GPU selection (kernels/token_selection.py, plain torch) under
+    _NoHostSync, with their results checked against the default backend's."""
+    from rlkern.kernels import token_selection as gpu
+
+    logp, old, adv, mask = _rows_inputs(_fresh_seed(), (8, 300))
+    entropies = torch.rand(8, 300)
+    want = ops.kl_cov_mask(adv, logp, mask, 0.01)
+    chosen = torch.empty(logp.shape, dtype=torch.bool)
+    with _NoHostSync():
+        gpu.kl_cov_select(adv, logp, mask, 0.01, chosen)
+    assert torch.equal(chosen, want)
+    with rlkern.use_backend("torch"), _NoHostSync():
+        got = ops.kl_cov_mask(adv, logp, mask, 0.01)
+        rows = ops.kl_cov_rows(logp.requires_grad_(True), old, adv, mask, ratio=0.01, coef=0.5)
+        torch.autograd.grad(rows[0].sum(), logp)
+        ops.clip_cov_mask(adv, logp.detach(), mask, 0.01, -1.0, 1.0)
+        ops.high_entropy_mask(entropies, mask, 0.8)
+    assert torch.equal(got, want) and torch.equal(rows[3], want)
 
 
 @pytest.mark.parametrize("largest", [True, False])

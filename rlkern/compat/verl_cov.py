@@ -13,15 +13,15 @@ from torch import Tensor
 from rlkern import ops
 from rlkern.compat.verl_policy import (
     _CORE,
-    _agg,
     _clip_range,
     _field,
     _fused,
+    _get,
     _mean,
     _metrics,
     _need,
     _policy_config,
-    _weighted,
+    _verl,
 )
 
 __all__ = ["compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov"]
@@ -69,45 +69,41 @@ def compute_policy_loss_kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantage
                                rollout_is_weights: Tensor | None = None):
     """verl 0.9.1 ``core_algos.compute_policy_loss_kl_cov``: the unclipped surrogate ``-A r``
     (``r = exp(logp - old)``, no clamp), plus ``ppo_kl_coef * |logp - old|`` at the
-    ``max(1, int(kl_cov_ratio * n))`` valid tokens of largest centred covariance
-    (rlkern.ops.kl_cov_mask: no host sync). The token terms are plain torch with the gradient
-    written out (:class:`_KlCovTokens`; rlkern has no fused unclipped-ratio loss), aggregated by
-    rlkern's agg_loss. Metrics: ppo_kl = mean ``|logp - old|``."""
+    ``max(1, int(kl_cov_ratio * n))`` valid tokens of largest centred covariance, times
+    ``rollout_is_weights``, aggregated as verl's ``agg_loss``. One rlkern.ops.kl_cov_rows call (the
+    selection of rlkern.ops.kl_cov_mask, no host sync, and the token losses summed per row in one
+    fused pass; one pass for the gradient); verl's aggregation is rebuilt from the row sums and counts.
+    Metrics: ppo_kl = mean ``|logp - old|`` over the valid tokens."""
     config = _need(config)
     policy = _policy_config(config)
     ratio_k = _field(policy, "kl_cov_ratio", _KL_COV_RATIO)
     coef = _field(policy, "ppo_kl_coef", _PPO_KL_COEF)
     if not ratio_k > 0:
         raise ValueError("kl_cov_ratio should be larger than 0.")  # verl's assertion message
-    valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-    chosen = ops.kl_cov_mask(advantages, log_prob, valid, ratio_k)
-    pg_losses, abs_kl = _KlCovTokens.apply(log_prob, old_log_prob, advantages.detach(), valid, chosen,
-                                           float(coef))
-    weights = None if rollout_is_weights is None else torch.where(valid, rollout_is_weights, 0)
-    loss = _agg(_weighted(pg_losses, weights), response_mask, loss_agg_mode, config)
-    return loss, _metrics({"ppo_kl": _mean(abs_kl, response_mask)})
+    info = dict(_get(config, "global_batch_info", None) or {})
+    verl = _verl()
+    verl._check_global(loss_agg_mode, info.get("dp_size", 1), info.get("batch_num_tokens"),
+                       info.get("global_batch_size"))
+    sums, abs_kl, counts, _ = ops.kl_cov_rows(log_prob, old_log_prob, advantages, response_mask,
+                                              ratio=ratio_k, coef=coef, weights=rollout_is_weights)
+    loss = _agg_rows(sums, counts, response_mask.shape[-1], loss_agg_mode, **info)
+    ppo_kl = abs_kl.sum() / (counts.sum() + verl._MEAN_EPS)  # verl's masked_mean(|d|, mask)
+    return loss.to(torch.promote_types(log_prob.dtype, advantages.dtype)), _metrics({"ppo_kl": ppo_kl})
 
 
-class _KlCovTokens(torch.autograd.Function):
-    """KL-Cov's token losses ``-A r`` and ``-A r + coef |d|`` at the chosen tokens (verl's exact
-    expressions, ``d = logp - old``, ``r = exp(d)``), with the gradient written out:
-    ``-A r + coef sign(d)`` at the chosen tokens, ``-A r`` elsewhere, 0 at masked-out ones (whose
-    inputs are zeroed first, so padding NaN / inf reaches nothing). About half the passes of the
-    same maths through autograd. Returns ``(token losses, |d|)``; the second has no gradient."""
-
-    @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, valid, chosen, coef):
-        neg_kl = torch.where(valid, log_prob.detach() - old_log_prob, 0)
-        surrogate = torch.where(valid, advantages, 0).neg_() * torch.exp(neg_kl)  # verl's -A * r
-        abs_kl = neg_kl.abs()
-        pg_losses = torch.where(chosen, surrogate + coef * abs_kl, surrogate)
-        ctx.save_for_backward(surrogate, neg_kl, chosen)
-        ctx.coef = coef
-        ctx.mark_non_differentiable(abs_kl)
-        return pg_losses, abs_kl
-
-    @staticmethod
-    def backward(ctx, grad, _grad_abs):
-        surrogate, neg_kl, chosen = ctx.saved_tensors
-        local = torch.where(chosen, surrogate + ctx.coef * torch.sign(neg_kl), surrogate)
-        return grad * local, None, None, None, None, None
+def _agg_rows(sums: Tensor, counts: Tensor, length: int, loss_agg_mode: str, dp_size: int = 1,
+              batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None) -> Tensor:
+    """verl 0.9.1 ``core_algos.agg_loss`` (rlkern.compat.verl.agg_loss) from the per-row masked sums
+    of the token losses and the per-row valid counts (float32 ``[...]``); ``length`` is T."""
+    if loss_agg_mode == "token-mean":
+        return sums.sum() / (counts.sum() if batch_num_tokens is None else batch_num_tokens) * dp_size
+    if loss_agg_mode == "token-sum":
+        return sums.sum() * dp_size
+    if loss_agg_mode == "seq-mean-token-mean":
+        sums = sums / (counts + _verl()._MEAN_EPS)
+    live = counts > 0
+    rows = live.sum().to(torch.float32) if global_batch_size is None else global_batch_size
+    loss = torch.where(live, sums, 0).sum() / rows * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = loss / (length if loss_scale_factor is None else loss_scale_factor)
+    return loss

@@ -10,7 +10,13 @@ from rlkern.ops.losses import grpo_loss, policy_loss, value_loss
 from rlkern.ops.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlkern.ops.returns import discounted_returns, gae
 from rlkern.ops.rollout_correction import off_policy_sequence_mask, rollout_correction
-from rlkern.ops.token_selection import clip_cov_mask, high_entropy_mask, kl_cov_mask, token_covariance
+from rlkern.ops.token_selection import (
+    clip_cov_mask,
+    high_entropy_mask,
+    kl_cov_mask,
+    kl_cov_rows,
+    token_covariance,
+)
 from rlkern.ops.verl_advantages import optimal_token_baseline, outcome_advantages
 
 __all__ = [
@@ -25,7 +31,7 @@ __all__ = [
     # rollout/training mismatch correction (TIS, IcePop, MIS, Geo-RS, off-policy sequence mask)
     "rollout_correction", "off_policy_sequence_mask",
     # token selection without host syncs (KL-Cov, Clip-Cov, TRL top-entropy quantile)
-    "kl_cov_mask", "clip_cov_mask", "high_entropy_mask", "token_covariance",
+    "kl_cov_mask", "kl_cov_rows", "clip_cov_mask", "high_entropy_mask", "token_covariance",
     # KL coefficient controllers
     "FixedKLController", "AdaptiveKLController", "PenaltyKLController",
 ]

@@ -34,10 +34,11 @@ import math
 import torch
 from torch import Tensor
 
-from rlkern.ops._common import check_number, check_tensor
+from rlkern.ops._common import check_number, check_tensor, new_output, pick_backend, token_mask
+from rlkern.ops._registry import kernel_op, kernels
 from rlkern.ops.masked import masked_sum
 
-__all__ = ["token_covariance", "kl_cov_mask", "clip_cov_mask", "high_entropy_mask"]
+__all__ = ["token_covariance", "kl_cov_mask", "kl_cov_rows", "clip_cov_mask", "high_entropy_mask"]
 
 # TRL's padding sentinel in get_high_entropy_mask: gathered entropies equal to it are dropped.
 _TRL_PAD = -1e9
@@ -154,9 +155,12 @@ def kl_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float = 0
     losses with them). A NaN input at a valid token makes the covariances NaN: the selection is then
     unspecified (verl's loss and this one are NaN anyway).
 
-    How: a two-stage ``topk`` over the flattened valid covariances with the width that the shape
-    allows (``max(1, int(numel * ratio))``), the k-th value read by a tensor index, then ``> kth``
-    plus the first ``k - #(> kth)`` of the ``== kth`` tokens by a cumulative count.
+    How: C++ (csrc/token_selection.cpp): one pass for the means, one in which each thread keeps a heap
+    of its best ``k`` tokens (a token that does not beat the heap's worst costs one compare), merged at
+    the end; the GPU (kernels/token_selection.py): ``torch.topk`` with the width the shape allows
+    (``max(1, int(numel * ratio))``), the k-th value read by a tensor index, then ``> kth`` plus the
+    first ``k - #(> kth)`` of the ``== kth`` tokens by a cumulative count; the torch backend: the same
+    with a two-stage ``topk``. Same selection on every backend.
 
     Args:
         advantages, logp: ``[..., T]`` float tensors.
@@ -167,10 +171,21 @@ def kl_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float = 0
     Returns:
         bool ``[..., T]``, True at the selected tokens.
     """
-    valid = _checked(advantages, logp, mask)
+    check_tensor(logp, "logp")
+    _same_shape(advantages, "advantages", logp, "logp")
+    mask = token_mask(mask, "mask", logp.shape)
     ratio = _ratio(ratio, "ratio")
     if logp.numel() == 0:
         return _nothing(logp)
+    backend = pick_backend(advantages, logp)
+    if backend == "torch":
+        return _kl_cov_mask_torch(advantages, logp, mask if mask.dtype == torch.bool else mask != 0, ratio)
+    adv, lp = _one_dtype(advantages.detach(), logp.detach())
+    return _kl_cov_select(adv, lp, mask, ratio, backend).view(logp.shape)
+
+
+def _kl_cov_mask_torch(advantages: Tensor, logp: Tensor, valid: Tensor, ratio: float) -> Tensor:
+    """kl_cov_mask on the torch backend: a two-stage ``topk`` over the flattened valid covariances."""
     count = torch.count_nonzero(valid)
     cov = _covariance(advantages, logp, valid, count).reshape(-1)
     flat = valid.reshape(-1)
@@ -183,6 +198,133 @@ def kl_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float = 0
     need = k - (torch.count_nonzero(at_least) - torch.count_nonzero(tied))  # tied ones to take, in order
     surplus = tied & (torch.cumsum(tied, 0, dtype=torch.int32) > need)
     return (at_least & ~surplus).reshape(logp.shape)  # k = 0 only without valid tokens: nothing
+
+
+def _one_dtype(*xs: Tensor) -> list[Tensor]:
+    """The kernels read the token tensors in one storage type: contiguous, float32 unless all agree."""
+    if any(x.dtype != xs[0].dtype for x in xs):
+        xs = tuple(x.float() for x in xs)
+    return [x.contiguous() for x in xs]
+
+
+# The registered ops take contiguous token tensors of one shape and dtype, a contiguous mask of that
+# shape in any kernel mask dtype, and optional float32 weights. `chosen`: bool, one per token.
+@kernel_op("kl_cov_select")
+def _kl_cov_select(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float, backend: str) -> Tensor:
+    chosen = new_output(logp.shape, device=logp.device, dtype=torch.bool)
+    kernels(backend, "token_selection").kl_cov_select(advantages, logp, mask, ratio, chosen)
+    return chosen
+
+
+@_kl_cov_select.register_fake
+def _(advantages, logp, *_):
+    return torch.empty(logp.shape, dtype=torch.bool, device=logp.device)
+
+
+@kernel_op("kl_cov_fwd")
+def _kl_cov_fwd(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, weights: Tensor | None,
+                ratio: float, coef: float, backend: str) -> tuple[Tensor, Tensor]:
+    rows = new_output((3, logp.numel() // logp.shape[-1]), device=logp.device)
+    chosen = new_output(logp.shape, device=logp.device, dtype=torch.bool)
+    kernels(backend, "token_selection").kl_cov_fwd(logp, old_logp, advantages, mask, weights, ratio, coef,
+                                                   chosen, rows)
+    return rows, chosen
+
+
+@_kl_cov_fwd.register_fake
+def _(logp, *_):
+    rows = logp.new_empty((3, logp.numel() // logp.shape[-1]), dtype=torch.float32)
+    return rows, torch.empty(logp.shape, dtype=torch.bool, device=logp.device)
+
+
+@kernel_op("kl_cov_bwd")
+def _kl_cov_bwd(grad_rows: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                weights: Tensor | None, chosen: Tensor, coef: float, backend: str) -> Tensor:
+    grad = new_output(logp.shape, device=logp.device, dtype=logp.dtype)
+    kernels(backend, "token_selection").kl_cov_bwd(grad_rows, logp, old_logp, advantages, mask, weights,
+                                                   chosen, coef, grad)
+    return grad
+
+
+@_kl_cov_bwd.register_fake
+def _(grad_rows, logp, *_):
+    return torch.empty_like(logp, memory_format=torch.contiguous_format)
+
+
+def _kl_cov_setup(ctx, inputs, output):
+    logp, old_logp, advantages, mask, weights, _ratio, coef, backend = inputs
+    ctx.save_for_backward(logp, old_logp, advantages, mask, weights, output[1])
+    ctx.coef, ctx.backend = coef, backend
+
+
+def _kl_cov_backward(ctx, grad_rows, _grad_chosen):
+    logp, old_logp, advantages, mask, weights, chosen = ctx.saved_tensors
+    grad = _kl_cov_bwd.in_backward(grad_rows[0].float().contiguous(), logp, old_logp, advantages, mask,
+                                   weights, chosen, ctx.coef, ctx.backend)
+    return grad, None, None, None, None, None, None, None
+
+
+_kl_cov_fwd.register_autograd(_kl_cov_backward, setup_context=_kl_cov_setup)
+
+
+def kl_cov_rows(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, ratio: float = 0.0002,
+                coef: float = 1.0, weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """KL-Cov's token losses (verl 0.9.1 ``core_algos.compute_policy_loss_kl_cov``) summed per row, with
+    the selection of :func:`kl_cov_mask`, in one fused forward pass (plus the selection's) and one
+    backward pass: per valid token, ``d = logp - old_logp``, ``r = e^d`` (no clamp, as in verl),
+
+        l = w (-A r)                 elsewhere
+        l = w (-A r + coef |d|)      at the tokens kl_cov_mask(advantages, logp, mask, ratio) selects
+
+    Every aggregation (verl's ``agg_loss`` modes) is a function of the row sums and counts.
+
+    Args:
+        logp: ``[..., T]`` float32/bf16/fp16 (float64 runs the reference); the only input with a gradient.
+        old_logp, advantages: ``[..., T]`` (per-token advantages, as verl passes them).
+        mask: ``[..., T]``, any dtype, nonzero = valid.
+        ratio: verl ``kl_cov_ratio``, in (0, 1].
+        coef: verl ``ppo_kl_coef``.
+        weights: optional ``[..., T]`` constant per-token weights (verl's ``rollout_is_weights``).
+
+    Returns:
+        ``(loss_sums, abs_kl_sums, counts, chosen)``: float32 ``[...]`` per-row sums of ``l``
+        (differentiable w.r.t. ``logp``) and of ``|d|`` over the valid tokens, the valid-token counts
+        (float32), and the bool ``[..., T]`` selection. Masked-out tokens never enter (a NaN there
+        reaches nothing); a NaN at a valid token makes its row's sums NaN.
+    """
+    check_tensor(logp, "logp")
+    if logp.dim() == 0:
+        raise ValueError("logp must have shape [..., T], got a 0-d tensor")
+    _same_shape(old_logp, "old_logp", logp, "logp")
+    _same_shape(advantages, "advantages", logp, "logp")
+    check_tensor(mask, "mask", floating=False)
+    ratio = _ratio(ratio, "ratio")
+    coef = check_number(coef, "coef")
+    if weights is not None:
+        _same_shape(weights, "weights", logp, "logp")
+        weights = weights.detach()
+    backend = pick_backend(logp, old_logp, advantages, *(() if weights is None else (weights,)))
+    mask = token_mask(mask, "mask", logp.shape)  # its own dtype, no pass (checks the shape)
+    if backend == "torch" or logp.numel() == 0:
+        valid = mask if mask.dtype == torch.bool else mask != 0
+        return _kl_cov_rows_torch(logp, old_logp, advantages, valid, ratio, coef, weights)
+    lp, old, adv = _one_dtype(logp, old_logp.detach(), advantages.detach())
+    w = None if weights is None else weights.float().contiguous()
+    rows, chosen = _kl_cov_fwd(lp, old, adv, mask, w, ratio, coef, backend)
+    rows = rows.view(3, *logp.shape[:-1])
+    return rows[0], rows[1], rows[2], chosen.view(logp.shape)
+
+
+def _kl_cov_rows_torch(logp, old_logp, advantages, valid, ratio, coef, weights):
+    """kl_cov_rows in plain torch (the reference; float64 stays float64)."""
+    chosen = _kl_cov_mask_torch(advantages, logp, valid, ratio) if logp.numel() else _nothing(logp)
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    d = torch.where(valid, logp.to(dtype) - old_logp.detach().to(dtype), 0)
+    surrogate = -torch.where(valid, advantages.detach().to(dtype), 0) * torch.exp(d)
+    token = torch.where(chosen, surrogate + coef * d.abs(), surrogate)
+    if weights is not None:
+        token = token * torch.where(valid, weights.to(dtype), 0)
+    return (token.sum(-1), d.abs().detach().sum(-1), valid.sum(-1).to(dtype), chosen)
 
 
 def clip_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, ratio: float = 0.0002, lb: float = 1.0,

@@ -1,0 +1,267 @@
+// KL-Cov token selection and token losses (verl 0.9.1 core_algos.compute_policy_loss_kl_cov): the
+// C++ CPU kernels. rlkern/ops/token_selection.py calls them; kernels/token_selection.py is the GPU
+// twin (same names, same arguments).
+//
+// Selection (kl_cov_select, and inside kl_cov_fwd), over the R x T tokens as one batch:
+//   n = #valid, mA = sum_valid A / n, mL = sum_valid logp / n (sums in double, rounded to float32)
+//   cov_i = (A_i - mA) * (logp_i - mL) in float32, as torch computes it
+//   k = max(1, floor(n * ratio)) (0 when n = 0): the k valid tokens of largest cov, ties at equal cov
+//   taken in row-major order (a NaN cov ranks as +inf, like torch.topk's NaN).
+// chosen (bool, one per token) is set at them and cleared elsewhere.
+// One pass for the sums, one for the selection: each task keeps a heap of its best `width` tokens
+// (a token that does not beat the heap's worst costs one compare), the heaps are merged at the end.
+//
+// Token losses (kl_cov_fwd), d = logp - old, r = e^d, w = weights (1 without):
+//   l_i = w (-A r)              elsewhere
+//   l_i = w (-A r + coef |d|)   at the selected tokens
+// rows (float32 [3, R]): per row the sum of l over valid tokens, the sum of |d| over valid tokens
+// (verl's ppo_kl numerator), and the valid count; sums in double, rounded once.
+// kl_cov_bwd: d rows[0] / d logp: g_r w (-A r), plus g_r w coef sign(d) at the selected tokens, 0 at
+// masked-out ones. Masked-out tokens never enter (a NaN there reaches nothing); a NaN at a valid
+// token makes its row's sum NaN.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <vector>
+
+#include "dispatch.h"
+#include "simd.h"
+#include "token_selection.h"
+
+namespace rlkern {
+namespace {
+
+struct Cand {
+  float key;
+  int64_t idx;
+};
+// a ranks before b: larger cov, then the earlier token.
+inline bool better(const Cand& a, const Cand& b) { return a.key > b.key || (a.key == b.key && a.idx < b.idx); }
+
+struct Shape {
+  int64_t rows, length;
+};
+
+Shape shape_of(const at::Tensor& x) {
+  const int64_t length = x.dim() == 0 ? 1 : x.size(-1);
+  return {length == 0 ? 0 : x.numel() / length, length};
+}
+
+int64_t grain_rows(int64_t length) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(length, 1)); }
+
+// Per-row sums over the valid tokens: A, logp and the count; with LOSS also the token losses and |d|.
+struct RowSums {
+  std::vector<double> a, l, loss, abs;
+  std::vector<int64_t> count;
+  explicit RowSums(int64_t rows) : a(rows), l(rows), loss(rows), abs(rows), count(rows) {}
+};
+
+template <bool LOSS, typename T, typename M>
+void row_sums(const T* adv, const T* lp, const T* old, const M* mask, const float* w, Shape s, RowSums& out) {
+  at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * s.length;
+      double sa = 0, sl = 0, loss = 0, sabs = 0;
+      int64_t n = 0;
+      for (int64_t t = 0; t < s.length; ++t) {
+        const int64_t i = base + t;
+        if (!mask_at<M>(mask + i)) continue;
+        const float a = static_cast<float>(adv[i]), x = static_cast<float>(lp[i]);
+        sa += a;
+        sl += x;
+        ++n;
+        if constexpr (LOSS) {
+          const float d = x - static_cast<float>(old[i]);
+          const float tok = -a * std::exp(d);
+          loss += w ? w[i] * tok : tok;
+          sabs += std::fabs(d);
+        }
+      }
+      out.a[r] = sa;
+      out.l[r] = sl;
+      out.count[r] = n;
+      out.loss[r] = loss;
+      out.abs[r] = sabs;
+    }
+  });
+}
+
+// The selection from the row sums: sets chosen (bool storage) at the selected tokens, clears it
+// elsewhere, and returns their flat indices.
+template <typename T, typename M>
+std::vector<int64_t> select(const T* adv, const T* lp, const M* mask, Shape s, const RowSums& sums,
+                            double ratio, at::Tensor& chosen) {
+  double sa = 0, sl = 0;
+  int64_t n = 0;
+  for (int64_t r = 0; r < s.rows; ++r) {  // fixed order: the means never depend on the threads
+    sa += sums.a[r];
+    sl += sums.l[r];
+    n += sums.count[r];
+  }
+  bool* out = chosen.data_ptr<bool>();
+  std::fill(out, out + chosen.numel(), false);
+  // Python's max(1, int(n * ratio)): the product in double, truncated; ratio <= 1 keeps k <= n.
+  const int64_t k = n == 0 ? 0 : std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(n) * ratio));
+  if (k == 0) return {};
+  // torch's float32 mean (verl's x[mask].mean(), rlkern's masked_sum / count): the sum rounded to
+  // float32, then divided in float32.
+  const float ma = static_cast<float>(sa) / static_cast<float>(n);
+  const float ml = static_cast<float>(sl) / static_cast<float>(n);
+  std::vector<Cand> all;
+  std::mutex lock;
+  at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {
+    std::vector<Cand> heap;  // front: the worst kept token (comparator `better`)
+    heap.reserve(static_cast<size_t>(k));
+    for (int64_t i = r0 * s.length, end = r1 * s.length; i < end; ++i) {
+      if (!mask_at<M>(mask + i)) continue;
+      float c = (static_cast<float>(adv[i]) - ma) * (static_cast<float>(lp[i]) - ml);
+      if (std::isnan(c)) c = kInf;
+      if (static_cast<int64_t>(heap.size()) < k) {
+        heap.push_back({c, i});
+        std::push_heap(heap.begin(), heap.end(), better);
+      } else if (c > heap.front().key) {  // a tie loses: every kept token comes earlier
+        std::pop_heap(heap.begin(), heap.end(), better);
+        heap.back() = {c, i};
+        std::push_heap(heap.begin(), heap.end(), better);
+      }
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    all.insert(all.end(), heap.begin(), heap.end());
+  });
+  const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(all.size()));
+  std::partial_sort(all.begin(), all.begin() + take, all.end(), better);
+  std::vector<int64_t> picked(static_cast<size_t>(take));
+  for (int64_t j = 0; j < take; ++j) out[picked[j] = all[j].idx] = true;
+  return picked;
+}
+
+void check_tokens(const at::Tensor& logp, const at::Tensor& other, const char* what) {
+  TORCH_CHECK(other.is_contiguous() && other.sizes() == logp.sizes() && other.scalar_type() == logp.scalar_type(),
+              what, " must be contiguous with logp's shape and dtype");
+}
+
+template <typename F>
+void dispatch_tokens(const at::Tensor& logp, const at::Tensor& mask, F&& f) {
+  dispatch_storage_type(logp.scalar_type(), "logp", [&](auto t) {
+    using T = decltype(t);
+    dispatch_mask_type(mask.scalar_type(), "mask", [&](auto m) {
+      using M = decltype(m);
+      f(T{}, M{});
+    });
+  });
+}
+
+void check_chosen(const at::Tensor& chosen, const at::Tensor& logp) {
+  TORCH_CHECK(chosen.scalar_type() == at::kBool && chosen.is_contiguous() && chosen.numel() == logp.numel(),
+              "chosen must be contiguous bool with logp's size");
+}
+
+const float* weights_data(const std::optional<at::Tensor>& weights, const at::Tensor& logp) {
+  if (!weights) return nullptr;
+  TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->is_contiguous() && weights->numel() == logp.numel(),
+              "weights must be contiguous float32 with logp's size");
+  return weights->const_data_ptr<float>();
+}
+
+}  // namespace
+
+void kl_cov_select(const at::Tensor& advantages, const at::Tensor& logp, const at::Tensor& mask, double ratio,
+                   at::Tensor chosen) {
+  check_tokens(logp, advantages, "advantages");
+  TORCH_CHECK(mask.is_contiguous() && mask.numel() == logp.numel(), "mask must be contiguous with logp's size");
+  check_chosen(chosen, logp);
+  const Shape s = shape_of(logp);
+  dispatch_tokens(logp, mask, [&](auto t, auto m) {
+    using T = decltype(t);
+    using M = decltype(m);
+    const T* adv = static_cast<const T*>(advantages.const_data_ptr());
+    const T* lp = static_cast<const T*>(logp.const_data_ptr());
+    const M* mk = mask_data<M>(mask);
+    RowSums sums(s.rows);
+    row_sums<false, T, M>(adv, lp, nullptr, mk, nullptr, s, sums);
+    select<T, M>(adv, lp, mk, s, sums, ratio, chosen);
+  });
+}
+
+void kl_cov_fwd(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                const at::Tensor& mask, const std::optional<at::Tensor>& weights, double ratio, double coef,
+                at::Tensor chosen, at::Tensor rows) {
+  check_tokens(logp, old_logp, "old_logp");
+  check_tokens(logp, advantages, "advantages");
+  TORCH_CHECK(mask.is_contiguous() && mask.numel() == logp.numel(), "mask must be contiguous with logp's size");
+  check_chosen(chosen, logp);
+  const Shape s = shape_of(logp);
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.numel() == 3 * s.rows,
+              "rows must be contiguous float32 [3, R]");
+  const float* w = weights_data(weights, logp);
+  const float c = static_cast<float>(coef);
+  dispatch_tokens(logp, mask, [&](auto t, auto m) {
+    using T = decltype(t);
+    using M = decltype(m);
+    const T* adv = static_cast<const T*>(advantages.const_data_ptr());
+    const T* lp = static_cast<const T*>(logp.const_data_ptr());
+    const T* old = static_cast<const T*>(old_logp.const_data_ptr());
+    const M* mk = mask_data<M>(mask);
+    RowSums sums(s.rows);
+    row_sums<true, T, M>(adv, lp, old, mk, w, s, sums);
+    for (const int64_t i : select<T, M>(adv, lp, mk, s, sums, ratio, chosen)) {  // swap in the KL term
+      const float d = static_cast<float>(lp[i]) - static_cast<float>(old[i]);
+      const float tok = -static_cast<float>(adv[i]) * std::exp(d);
+      const float with_kl = tok + c * std::fabs(d);
+      const float wi = w ? w[i] : 1.f;
+      sums.loss[i / s.length] += static_cast<double>(wi * with_kl) - static_cast<double>(wi * tok);
+    }
+    float* out = rows.data_ptr<float>();
+    for (int64_t r = 0; r < s.rows; ++r) {
+      out[r] = static_cast<float>(sums.loss[r]);
+      out[s.rows + r] = static_cast<float>(sums.abs[r]);
+      out[2 * s.rows + r] = static_cast<float>(sums.count[r]);
+    }
+  });
+}
+
+void kl_cov_bwd(const at::Tensor& grad_rows, const at::Tensor& logp, const at::Tensor& old_logp,
+                const at::Tensor& advantages, const at::Tensor& mask, const std::optional<at::Tensor>& weights,
+                const at::Tensor& chosen, double coef, at::Tensor grad_logp) {
+  check_tokens(logp, old_logp, "old_logp");
+  check_chosen(chosen, logp);
+  check_tokens(logp, advantages, "advantages");
+  check_tokens(logp, grad_logp, "grad_logp");
+  TORCH_CHECK(mask.is_contiguous() && mask.numel() == logp.numel(), "mask must be contiguous with logp's size");
+  const Shape s = shape_of(logp);
+  TORCH_CHECK(grad_rows.scalar_type() == at::kFloat && grad_rows.is_contiguous() && grad_rows.numel() == s.rows,
+              "grad_rows must be contiguous float32 [R]");
+  const float* w = weights_data(weights, logp);
+  const float c = static_cast<float>(coef);
+  const float* g = grad_rows.const_data_ptr<float>();
+  dispatch_tokens(logp, mask, [&](auto t, auto m) {
+    using T = decltype(t);
+    using M = decltype(m);
+    const T* adv = static_cast<const T*>(advantages.const_data_ptr());
+    const T* lp = static_cast<const T*>(logp.const_data_ptr());
+    const T* old = static_cast<const T*>(old_logp.const_data_ptr());
+    const M* mk = mask_data<M>(mask);
+    T* out = static_cast<T*>(grad_logp.data_ptr());
+    const bool* pick = chosen.const_data_ptr<bool>();
+    at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float gr = g[r];
+        for (int64_t i = r * s.length, end = i + s.length; i < end; ++i) {
+          float v = 0.f;
+          if (mask_at<M>(mk + i)) {
+            const float d = static_cast<float>(lp[i]) - static_cast<float>(old[i]);
+            float local = -static_cast<float>(adv[i]) * std::exp(d);
+            if (pick[i]) local += c * (d > 0.f ? 1.f : (d < 0.f ? -1.f : d));  // torch.sign (0, NaN kept)
+            v = (w ? gr * w[i] : gr) * local;
+          }
+          out[i] = static_cast<T>(v);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace rlkern

@@ -185,6 +185,8 @@ def token_mask(mask, name: str, expected_shape: torch.Size) -> Tensor:
 _ENV_DATA = getattr(os.environ, "_data", None)
 _BACKEND_KEY = os.environ.encodekey("RLKERN_BACKEND") if _ENV_DATA is not None else None
 _auto_backend: dict[torch.device, str] = {}
+_is_compiling = torch.compiler.is_compiling  # bound once: ~40 ns a lookup, on every call
+_FLOAT64 = torch.float64
 
 
 def pick_backend(*tensors: Tensor) -> str:
@@ -194,7 +196,7 @@ def pick_backend(*tensors: Tensor) -> str:
         if t.device != device:
             raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
     if (_backend._forced is None and _ENV_DATA is not None and _BACKEND_KEY not in _ENV_DATA
-            and not torch.compiler.is_compiling()):  # dynamo traces resolve() itself
+            and not _is_compiling()):  # dynamo traces resolve() itself
         name = _auto_backend.get(device)
         if name is None:
             name = _auto_backend[device] = _backend.resolve(device)
@@ -202,7 +204,7 @@ def pick_backend(*tensors: Tensor) -> str:
         name = _backend.resolve(device)
     if name != "torch":
         for t in tensors:  # a loop, not any(<generator>): ~0.4 us less a call
-            if t.dtype == torch.float64:
+            if t.dtype is _FLOAT64:  # dtypes are singletons
                 if _backend.requested() != "auto":
                     raise _backend.BackendUnavailable(
                         f"rlkern backend {name!r} cannot run: float64 inputs run on the torch backend only")

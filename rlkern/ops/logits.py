@@ -295,8 +295,10 @@ def _fused(logits, labels, temperature, ignore_index, want_entropy, inplace_back
         return out if want_p2 else (*out, None)
     temperature, ignore_index = _validate(logits, labels, temperature, ignore_index, nan_check)
     temps = temperature if isinstance(temperature, Tensor) else None
-    tensors = (logits,) + ((labels,) if labels is not None else ()) + ((temps,) if temps is not None else ())
-    backend = pick_backend(*tensors)
+    if temps is None:
+        backend = pick_backend(logits) if labels is None else pick_backend(logits, labels)
+    else:
+        backend = pick_backend(logits, temps) if labels is None else pick_backend(logits, labels, temps)
     if temps is not None:
         temps = _check_row_temperatures(temps, logits.shape[:-1], backend, nan_check)
     if labels is not None and backend != "cpp":  # the C++ kernel checks the range itself

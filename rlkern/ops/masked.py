@@ -93,8 +93,14 @@ def _(x, mask, dim, kind, unbiased, need, backend):
 def _masked_stat_bwd(grad: Tensor, x: Tensor, mask: Tensor, saved: Tensor, dim: int | None, kind: int,
                      backend: str) -> Tensor:
     dx = kernels(backend, "masked").masked_stat_bwd(
-        grad.float().contiguous(), *_rows2(x, mask, dim), saved, dim is None, kind, _common.POISON_OUTPUTS)
+        _f32(grad), *_rows2(x, mask, dim), saved, dim is None, kind, _common.POISON_OUTPUTS)
     return dx if dim is None else _from_rows(dx, dim)
+
+
+def _f32(grad: Tensor) -> Tensor:
+    """An incoming gradient as the kernels read it (contiguous float32): itself in the common case
+    (~0.3 us less than .float().contiguous())."""
+    return grad if grad.dtype is torch.float32 and grad.is_contiguous() else grad.float().contiguous()
 
 
 def _fake_dx(grad, x, *_):

@@ -258,7 +258,10 @@ RLKERN_INLINE void grad_rows(int64_t begin, int64_t end, T* tile, const TileGeom
 // slices (a store and a reload do not change a float).
 constexpr int kPanel = 2 * kLanes;  // vocabulary ids per packed panel: two vectors
 constexpr int kBlockRows = 12;      // tokens per register block: 24 accumulators + 2 panel vectors + 1 broadcast (of 32 zmm)
-constexpr int64_t kDepth = 256;     // k per slice: 32 KiB of panel + 12 KiB of packed rows (L1: 48 KiB)
+// k per slice: 16 KiB of panel + 6 KiB of packed rows, well inside L1 (48 KiB). 256 (32 + 12 KiB)
+// filled L1 and the streamed rows evicted the panel: the fp32 forward at N=1024, H=512, V=32768 (one
+// thread) took 1.1x as long. The slice size never changes a logit's bits (see above).
+constexpr int64_t kDepth = 128;
 constexpr int64_t kRowsPerTask = 16 * kBlockRows;
 
 // Tasks per thread hand-off for tasks of `work` multiply-adds (or copies) each: at least ~1M, so a
@@ -751,20 +754,23 @@ P* at_row(P* p, int64_t n0) {
 
 void lm_fold(const at::Tensor& tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels, double inv_temp,
              int64_t ignore_index, int64_t vocab_start, bool want_entropy, at::Tensor m, at::Tensor s, at::Tensor t,
-             at::Tensor zy) {
+             at::Tensor zy, const std::optional<at::Tensor>& inv_temp_rows, const std::optional<at::Tensor>& q) {
   const int64_t rows = tile.size(0);
-  const FoldState st{f32_rows(m, rows, "m"), f32_rows(s, rows, "s"), f32_rows(t, rows, "t"),
-                     f32_rows(zy, rows, "zy")};
+  const FoldState st{f32_rows(m, rows, "m"),          f32_rows(s, rows, "s"),
+                     f32_rows(t, rows, "t"),          f32_rows(zy, rows, "zy"),
+                     f32_rows(q, rows, "q"),          f32_rows(inv_temp_rows, rows, "inv_temp_rows")};
   TORCH_CHECK(rows == 0 || (st.m && st.s && st.t && st.zy), "lm_fold needs m, s, t and zy for every row");
   fold_tile(tile, bias, labels, static_cast<float>(inv_temp), ignore_index, vocab_start, want_entropy, st);
 }
 
 void lm_grad(at::Tensor tile, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
              const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_ent, const at::Tensor& lse,
-             const std::optional<at::Tensor>& ent, double inv_temp, int64_t ignore_index, int64_t vocab_start) {
+             const std::optional<at::Tensor>& ent, double inv_temp, int64_t ignore_index, int64_t vocab_start,
+             const std::optional<at::Tensor>& inv_temp_rows) {
   const int64_t rows = tile.size(0);
   const GradState st{f32_rows(grad_logp, rows, "grad_logp"), f32_rows(grad_ent, rows, "grad_entropy"),
-                     f32_rows(lse, rows, "lse"), f32_rows(ent, rows, "entropy")};
+                     f32_rows(lse, rows, "lse"), f32_rows(ent, rows, "entropy"),
+                     f32_rows(inv_temp_rows, rows, "inv_temp_rows")};
   grad_tile(tile, bias, labels, static_cast<float>(inv_temp), ignore_index, vocab_start, st);
 }
 
@@ -930,6 +936,79 @@ void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, con
   }
 }
 
+namespace {
+
+// d bias of vocabulary rows [v0, v0 + v) from one token tile's d logits (fp32): set by the first token
+// tile, added by the next ones.
+void add_bias_grad(const std::optional<at::Tensor>& grad_bias, int64_t v0, int64_t v, const at::Tensor& dz,
+                   bool first) {
+  if (!grad_bias.has_value()) return;
+  at::Tensor gb = grad_bias->narrow(0, v0, v);
+  if (first) {
+    at::sum_out(gb, dz, {0});
+  } else {
+    gb.add_(dz.sum(0));
+  }
+}
+
+// The fp32 backward in one parallel region: each worker takes a contiguous range of vocabulary tiles
+// (the range depends on the worker count only) and runs the tile loop with single-threaded MKL GEMMs,
+// d weight / d bias rows being its own; its d hidden goes to a private fp32 [N, H] partial (worker 0:
+// grad_hidden itself), and the partials are added in worker order at the end, so the result does not
+// depend on scheduling. This replaces four parallel regions per vocabulary tile (three threaded GEMMs
+// and the epilogue): at 2 threads on a loaded 2-core machine each of their barriers waited for a
+// descheduled thread (measured at N=1024, H=512, V=32768: the backward 1.6x its 3 GEMMs).
+// Each worker's tile is 1/workers of the budgeted width (the same total buffer).
+void bwd_fp32_workers(const GradState& rows_in, const at::Tensor& hidden, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& labels, float inv_temp,
+                      int64_t ignore_index, int64_t vocab_start, int64_t tn, int64_t tv, int64_t workers,
+                      at::Tensor grad_hidden, at::Tensor grad_weight, const std::optional<at::Tensor>& grad_bias) {
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
+  const int64_t tiles = (vocab + tv - 1) / tv;
+  const bool one_token_tile = tn >= n;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor partials = at::empty({workers - 1, n, hidden.size(1)}, f32);
+  at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    for (int64_t wk = wb; wk < we; ++wk) {
+      at::Tensor gh_all = wk == 0 ? grad_hidden : partials[wk - 1];
+      at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits, then d logits
+      const int64_t t0 = tiles * wk / workers, t1 = tiles * (wk + 1) / workers;
+      if (t0 == t1) gh_all.zero_();
+      for (int64_t vt = t0; vt < t1; ++vt) {
+        const int64_t v0 = vt * tv, v = std::min(tv, vocab - v0);
+        const at::Tensor w_tile = weight.narrow(0, v0, v);
+        const auto b = slice_of(bias, v0, v);
+        at::Tensor gw = grad_weight.narrow(0, v0, v);
+        int64_t i = 0;
+        for (int64_t n0 = 0; n0 < n; n0 += tn, ++i) {
+          const int64_t rows = std::min(tn, n - n0);
+          const at::Tensor h_tile = hidden.narrow(0, n0, rows);
+          at::Tensor dz = buf.narrow(0, 0, rows * v).view({rows, v});
+          at::mm_out(dz, h_tile, w_tile.t());
+          const GradState st{at_row(rows_in.grad_logp, n0), at_row(rows_in.grad_ent, n0), at_row(rows_in.lse, n0),
+                             at_row(rows_in.ent, n0), at_row(rows_in.inv, n0)};
+          grad_tile(dz, b, labels.narrow(0, n0, rows), inv_temp, ignore_index, vocab_start + v0, st);
+          at::Tensor gh = gh_all.narrow(0, n0, rows);
+          if (vt == t0) {
+            at::mm_out(gh, dz, w_tile);
+          } else {
+            gh.addmm_(dz, w_tile);
+          }
+          if (one_token_tile || i == 0) {
+            at::mm_out(gw, dz.t(), h_tile);
+          } else {
+            gw.addmm_(dz.t(), h_tile);
+          }
+          add_bias_grad(grad_bias, v0, v, dz, i == 0);
+        }
+      }
+    }
+  });
+  for (int64_t wk = 1; wk < workers; ++wk) grad_hidden.add_(partials[wk - 1]);
+}
+
+}  // namespace
+
 // The backward over all tiles, vocabulary-outer so that d weight is finished one vocabulary tile at a
 // time: each tile's logits are recomputed (MKL for fp32, which needs no batch invariance here;
 // lm_logits' fp32 logits for bf16 / fp16, AMX where present), turned into d logits in place by
@@ -962,6 +1041,15 @@ void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::
   }
   const bool exact = hidden.scalar_type() == at::kFloat;  // fp32 GEMMs accumulate in place
   const int64_t tn = std::min(token_tile, n), tv = std::min(vocab_tile, vocab);
+  // fp32 with several threads: one parallel region (bwd_fp32_workers) while the workers' extra d hidden
+  // partials stay within the tile memory budget's cap (64 MiB); each worker's tile is 1/workers as wide.
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, vocab / 64));
+  if (exact && workers > 1 && !at::in_parallel_region() && (workers - 1) * n * hs <= (int64_t{1} << 24)) {
+    const int64_t tvw = tv < 128 ? tv : std::max<int64_t>(64, tv / workers / 64 * 64);
+    bwd_fp32_workers(rows_in, hidden, weight, bias, labels, static_cast<float>(inv_temp), ignore_index, vocab_start,
+                     tn, tvw, std::min(workers, (vocab + tvw - 1) / tvw), grad_hidden, grad_weight, grad_bias);
+    return;
+  }
   const bool one_token_tile = tn >= n;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits, then d logits
@@ -1015,14 +1103,7 @@ void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::
           lm_accumulate(acc, part);
         }
       }
-      if (grad_bias.has_value()) {
-        at::Tensor gb = grad_bias->narrow(0, v0, v);
-        if (i == 0) {
-          at::sum_out(gb, dz32, {0});
-        } else {
-          gb.add_(dz32.sum(0));
-        }
-      }
+      add_bias_grad(grad_bias, v0, v, dz32, i == 0);
     }
     if (dw_acc.defined()) gw.copy_(dw_acc.narrow(0, 0, v));
   }

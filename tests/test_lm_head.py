@@ -371,12 +371,16 @@ def test_float64_runs_reference_or_says_why(backend_name):
     [("torch", torch.float32), ("cpp", torch.float32), ("cpp", torch.bfloat16), ("triton", torch.float32)],
 )
 @pytest.mark.parametrize("loss_type, beta", [("grpo", 0.0), ("bnpo", 0.04), ("dr_grpo", 0.1)])
-@pytest.mark.parametrize("chunk_size", [None, 4])
-def test_linear_policy_loss_matches_reference_composition(backend_name, dtype, loss_type, beta, chunk_size):
+@pytest.mark.parametrize("chunk_size, temp_kind", [(None, "scalar"), (4, "scalar"), (None, "sequence"),
+                                                   (4, "token")])
+def test_linear_policy_loss_matches_reference_composition(backend_name, dtype, loss_type, beta, chunk_size,
+                                                          temp_kind):
     """linear_policy_loss == reference.grpo_loss(reference.linear_logprobs(...)) in float64, value
     and d hidden / d weight. chunk_size=4 cuts the fp32 single pass into 5 token tiles (the gradient
     of each tile computed while later tokens hold placeholders). fp32: atol 1e-5 (1 + max|.|), the
-    fp32 GEMM rounding; bf16: 8 u max|.| as for linear_logprobs' gradients (logits rounded once)."""
+    fp32 GEMM rounding; bf16: 8 u max|.| as for linear_logprobs' gradients (logits rounded once).
+    The temperature is 0.9, or a tensor of one per sequence ([B, 1]) or per token in [0.5, 1.5]
+    (used as float32(1 / T): a relative change of ~6e-8 in the logits, inside the fp32 tolerance)."""
     if backend_name not in ALL_BACKENDS:
         pytest.skip(f"backend {backend_name} is not available here")
     hidden, weight, _, labels = _make((3, 6), 16, 70, dtype, ignore=0.0)
@@ -385,13 +389,17 @@ def test_linear_policy_loss_matches_reference_composition(backend_name, dtype, l
     old = reference.linear_logprobs(hidden, weight, labels) + 0.3 * torch.randn(3, 6)
     ref = old + 0.2 * torch.randn(3, 6)
     adv = torch.randn(3)
-    kw = dict(ref_logp=ref, beta=beta, clip_low=0.2, clip_high=0.28, loss_type=loss_type, temperature=0.9)
+    temperature = 0.9 if temp_kind == "scalar" else _temperatures(temp_kind, (3, 6))
+    t64 = temperature if temp_kind == "scalar" else temperature.double().expand(3, 6)
+    t_min = 0.9 if temp_kind == "scalar" else temperature.min().item()
+    kw = dict(ref_logp=ref, beta=beta, clip_low=0.2, clip_high=0.28, loss_type=loss_type,
+              temperature=temperature)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     with rlkern.use_backend(backend_name):
         loss, stats = rlkern.ops.linear_policy_loss(h, w, labels, old, adv, mask, chunk_size=chunk_size, **kw)
     (3.0 * loss).backward()
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
-    logp64 = reference.linear_logprobs(h64, w64, labels, temperature=0.9)
+    logp64 = reference.linear_logprobs(h64, w64, labels, temperature=t64)
     loss64, stats64 = reference.grpo_loss(
         logp64,
         old.double(),
@@ -408,7 +416,7 @@ def test_linear_policy_loss_matches_reference_composition(backend_name, dtype, l
     # bf16: each log-prob is off by up to 2 u max|z| (see the module doc); the loss is a weighted
     # mean of per-token terms whose slope in logp is about ratio (1 + clip_high) |A| + beta (e^d + 1)
     # with ratio and e^d within e^{+-1} here, so 8 u max|z| (1 + max|A|) bounds the loss error.
-    zmax = (hidden.double() @ weight.double().T).abs().max().item() / 0.9
+    zmax = (hidden.double() @ weight.double().T).abs().max().item() / t_min
     val_tol = 1e-5 if dtype == torch.float32 else 8 * u * zmax * (1 + adv.abs().max().item())
     torch.testing.assert_close(loss.double(), loss64, atol=val_tol, rtol=1e-5)
     for key in stats64:
@@ -445,13 +453,20 @@ def test_cpp_epilogues_check_their_arguments():
     bias_msg = "bias must be a contiguous float32 slice with one entry per tile column"
     for bad_bias in (torch.zeros(9), torch.zeros(0)):
         with pytest.raises(RuntimeError, match=bias_msg):
-            cpp_kernels().lm_fold(tile, bad_bias, labels, 1.0, -100, 0, False, *state)
+            cpp_kernels().lm_fold(tile, bad_bias, labels, 1.0, -100, 0, False, *state, None, None)
     with pytest.raises(
         RuntimeError, match="labels must be a contiguous int64 tensor with one entry per tile row"
     ):
-        cpp_kernels().lm_fold(tile, None, labels[:2], 1.0, -100, 0, False, *state)
+        cpp_kernels().lm_fold(tile, None, labels[:2], 1.0, -100, 0, False, *state, None, None)
+    for inv, q, what in ((torch.ones(2), None, "inv_temp_rows"), (None, torch.zeros(4), "q")):
+        with pytest.raises(RuntimeError, match=f"{what} must be a contiguous float32 tensor"):
+            cpp_kernels().lm_fold(tile, None, labels, 1.0, -100, 0, False, *state, inv, q)
     with pytest.raises(RuntimeError, match="lse must be a contiguous float32 tensor"):
-        cpp_kernels().lm_grad(tile, None, labels, torch.zeros(3), None, torch.zeros(2), None, 1.0, -100, 0)
+        cpp_kernels().lm_grad(tile, None, labels, torch.zeros(3), None, torch.zeros(2), None, 1.0, -100, 0,
+                              None)
+    with pytest.raises(RuntimeError, match="inv_temp_rows must be a contiguous float32 tensor"):
+        cpp_kernels().lm_grad(tile, None, labels, torch.zeros(3), None, torch.zeros(3), None, 1.0, -100, 0,
+                              torch.ones(2))
     with pytest.raises(RuntimeError, match="want_entropy needs an ent output"):
         cpp_kernels().linear_logprobs_fwd(
             torch.randn(3, 4), torch.randn(10, 4), None, labels, 1.0, -100, 0, True, 3, 10, "ieee",
@@ -779,27 +794,26 @@ def test_options_bad_values(kwargs, error, match):
     hidden, weight, _, labels = _make((3,), 8, 20, torch.float32)
     with pytest.raises(error, match=match):
         linear_logprobs(hidden, weight, labels, **kwargs)
+    if "temperature" in kwargs:  # linear_policy_loss checks a temperature tensor the same way
+        with pytest.raises(error, match=match):
+            rlkern.ops.linear_policy_loss(hidden, weight, labels.clamp(min=0), torch.zeros(3),
+                                          torch.zeros(()), torch.ones(3), **kwargs)
 
 
-def test_options_refused_where_unsupported(tmp_path):
-    from rlkern.ops import linear_policy_loss
-
-    hidden, weight, _, labels = _make((2, 3), 8, 20, torch.float32, ignore=0.0)
-    with pytest.raises(TypeError, match="scalar temperature"):
-        linear_policy_loss(hidden, weight, labels, torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3),
-                           temperature=torch.ones(2, 3))
+def test_options_on_a_one_rank_process_group(tmp_path):
+    """process_group takes every option (tests/test_vocab_parallel.py runs 2 ranks): with one rank the
+    vocabulary-parallel head gives the single-device results."""
     import torch.distributed as dist
 
+    hidden, weight, _, labels = _make((2, 3), 8, 20, torch.float32, ignore=0.0)
+    temps = torch.rand(2, 1) + 0.5
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        for kw in ({"temperature": torch.ones(2, 3)}, {"return_sum_p2": True}):
-            with pytest.raises(ValueError, match="vocabulary-parallel"):
-                linear_logprobs(hidden, weight, labels, process_group=dist.group.WORLD, **kw)
-        # rows do work there: the selected rows through the vocabulary-parallel op, the rest 0
-        rows = torch.tensor([5, 1])
-        got = linear_logprobs(hidden, weight, labels, process_group=dist.group.WORLD, rows=rows)
-        want = linear_logprobs(hidden, weight, labels, rows=rows)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for kw in ({"temperature": temps, "return_sum_p2": True, "return_entropy": True},
+                   {"rows": torch.tensor([5, 1]), "temperature": temps, "return_sum_p2": True}):
+            got = linear_logprobs(hidden, weight, labels, process_group=dist.group.WORLD, **kw)
+            want = linear_logprobs(hidden, weight, labels, **kw)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     finally:
         dist.destroy_process_group()
 

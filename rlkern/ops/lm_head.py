@@ -59,7 +59,7 @@ from rlkern.ops.lm_tiles import (
     shard_stats,
     validate,
 )
-from rlkern.ops.vocab_parallel import vocab_parallel_linear_logprobs
+from rlkern.ops.vocab_parallel import vocab_parallel_linear_outputs
 
 __all__ = ["linear_logprobs", "linear_policy_loss"]
 
@@ -221,8 +221,8 @@ def linear_logprobs(
         process_group: a ``torch.distributed`` group over which ``weight`` (and ``bias``) are
             sharded by vocabulary: rank r holds rows ``[r*ceil(V/world), (r+1)*ceil(V/world))``;
             every rank gets the full-vocabulary result and the gradient for its shard and hidden
-            (see :mod:`rlkern.ops.vocab_parallel`). Takes ``rows`` but not a temperature tensor
-            or ``return_sum_p2`` (a ValueError).
+            (see :mod:`rlkern.ops.vocab_parallel`), with every option here (``rows``, a
+            temperature tensor, ``return_sum_p2``, combined exactly across the shards).
         nan_check: raise a ValueError naming the argument and the first index of a NaN (or of an
             inf in hidden / weight, a +inf in bias) instead of returning NaN (an extra pass over
             the inputs and a device sync; eager only); also checks a temperature tensor and
@@ -271,15 +271,10 @@ def linear_logprobs(
     if nan_check:
         _check_finite_inputs(flat_hidden, weight, bias)
     if process_group is not None:
-        if inv_rows is not None or return_sum_p2:
-            raise ValueError("process_group (a vocabulary-parallel head) takes a scalar temperature and no "
-                             "return_sum_p2")
-        outs = vocab_parallel_linear_logprobs(
-            flat_hidden, weight, flat_labels, process_group, bias=bias, temperature=temp_scalar,
-            ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
-            precision=precision,
+        outs = vocab_parallel_linear_outputs(
+            flat_hidden, weight, flat_labels, process_group, bias, temp_scalar, inv_rows, ignore_index,
+            return_entropy, return_sum_p2, chunk_size, precision,
         )
-        outs = outs if return_entropy else (outs,)
     else:
         tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
         backend = pick_backend(*tensors, labels)
@@ -325,8 +320,8 @@ def _policy_token_tile(n_tokens: int, vocab: int, chunk_size: int | None) -> int
 
 
 def _cpp_policy_single_pass(
-    hidden, weight, labels, old_logp, ref_logp, advantages, mask, loss_kwargs, temperature, chunk_size,
-    loss_and_grad,
+    hidden, weight, labels, old_logp, ref_logp, advantages, mask, loss_kwargs, temperature, inv_rows,
+    chunk_size, loss_and_grad,
 ):
     """fp32 GRPO loss and its gradients with three GEMMs per token and no recomputation.
 
@@ -336,7 +331,8 @@ def _cpp_policy_single_pass(
     ``grpo_loss_and_grad`` run on all tokens, with the tokens not yet computed holding a finite
     stand-in value (their old log-prob), gives the exact gradient for this tile's tokens. The tile then
     becomes d logits in place: d hidden = d logits @ W (final), d W += d logits^T @ hidden_tile
-    (accumulated in the fp32 gradient itself, as Liger's fused linear losses do)."""
+    (accumulated in the fp32 gradient itself, as Liger's fused linear losses do). inv_rows: fp32 [N]
+    per-token inverse temperatures replacing 1 / temperature, or None."""
     n_tokens, _ = hidden.shape
     vocab = weight.shape[0]
     inv_temp = 1.0 / temperature
@@ -353,12 +349,13 @@ def _cpp_policy_single_pass(
         tile = buf[: n * vocab].view(n, vocab)
         cpp_kernels().lm_logits(hidden[rows], weight, tile)
         m, s, t, zy = torch.full((n,), -math.inf), torch.zeros(n), torch.zeros(n), torch.zeros(n)
-        cpp_kernels().lm_fold(tile, None, labels[rows], inv_temp, -100, 0, False, m, s, t, zy)
+        inv = inv_rows[rows] if inv_rows is not None else None
+        cpp_kernels().lm_fold(tile, None, labels[rows], inv_temp, -100, 0, False, m, s, t, zy, inv, None)
         lse, _ = finalize(m, s, t)
         logp_all[rows] = label_logprobs(zy, lse, labels[rows], -100)
         _, grad_logp, _ = loss_and_grad(logp_all.view(shape), old_logp, ref, advantages, mask, **loss_kwargs)
         g = grad_logp.reshape(-1)[rows].float().contiguous()
-        cpp_kernels().lm_grad(tile, None, labels[rows], g, None, lse, None, inv_temp, -100, 0)
+        cpp_kernels().lm_grad(tile, None, labels[rows], g, None, lse, None, inv_temp, -100, 0, inv)
         torch.mm(tile, weight, out=grad_hidden[rows])
         grad_weight.addmm_(tile.t(), hidden[rows])
     loss, _, stats = loss_and_grad(logp_all.view(shape), old_logp, ref, advantages, mask, **loss_kwargs)
@@ -430,7 +427,7 @@ def linear_policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     loss_type: str = "grpo",
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     chunk_size: int | None = None,
     precision: str = "ieee",
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -447,7 +444,9 @@ def linear_policy_loss(
             in its own dtype.
         beta, clip_low, clip_high, loss_type: as for ``grpo_loss`` (``grpo``, ``bnpo``, ``dr_grpo``,
             ``dapo``).
-        temperature: as for :func:`linear_logprobs`.
+        temperature: as for :func:`linear_logprobs`: a number, or a float tensor that broadcasts to
+            ``labels``' shape (one temperature per token, or ``[B, 1]`` per sequence; not
+            differentiated, checked on CPU).
         chunk_size: tile override: tokens per full-vocabulary tile on the fp32 CPU path, vocabulary
             rows per tile otherwise (as for :func:`linear_logprobs`).
         precision: ``"ieee"`` (default) or ``"tf32"``, as for :func:`linear_logprobs`: fp32 on the
@@ -467,12 +466,12 @@ def linear_policy_loss(
     """
     from rlkern.ops.losses import grpo_loss, grpo_loss_and_grad
 
-    if isinstance(temperature, Tensor):
-        raise TypeError("linear_policy_loss takes a scalar temperature (per-row temperatures: "
-                        "linear_logprobs)")
+    temp_tensor = temperature
     temperature = validate(hidden, weight, labels, None, temperature, chunk_size)
     precision = check_precision(precision)
     mask = _check_policy_inputs(labels, old_logp, advantages, mask, ref_logp)
+    inv_rows = row_inv_temperatures(temp_tensor, labels.shape, hidden.device,
+                                    check_values=hidden.device.type == "cpu")
     if ref_logp is None:
         if check_number(beta, "beta") != 0.0:
             raise ValueError(f"ref_logp is required when beta > 0 (got beta={beta})")
@@ -480,7 +479,8 @@ def linear_policy_loss(
     check_label_range(labels, weight.shape[0], -100)
     kwargs = dict(beta=beta, clip_low=clip_low, clip_high=clip_high, loss_type=loss_type)
     if backend == "torch":
-        logp = reference.linear_logprobs(hidden, weight, labels, temperature=temperature)
+        t = temperature if inv_rows is None else 1.0 / inv_rows.double().view(labels.shape)
+        logp = reference.linear_logprobs(hidden, weight, labels, temperature=t)
         ref = ref_logp if ref_logp is not None else logp.detach()
         return grpo_loss(logp, old_logp, ref, advantages, mask, **kwargs)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
@@ -498,21 +498,22 @@ def linear_policy_loss(
         with torch.no_grad():
             loss, stats, gh, gw = _cpp_policy_single_pass(
                 flat_hidden, w, flat_labels, old_logp, ref_logp, advantages, mask, kwargs, temperature,
-                chunk_size, grpo_loss_and_grad,
+                inv_rows, chunk_size, grpo_loss_and_grad,
             )
         return _AttachGradients.apply(loss, hidden, weight, gh.view(hidden.shape), gw), stats
     # bf16 / fp16 and Triton: log-probs first, then one backward pass (vocabulary-outer, so d weight
     # is written tile by tile in the weight's dtype with no [V, H] fp32 accumulator); one GEMM more.
     with torch.no_grad():
         lse, _, zy = shard_stats(
-            flat_hidden, w, None, flat_labels, temperature, -100, 0, False, chunk_size, backend, precision
+            flat_hidden, w, None, flat_labels, temperature, -100, 0, False, chunk_size, backend, precision,
+            inv_rows,
         )
         logp = label_logprobs(zy, lse, flat_labels, -100).view(labels.shape)
         ref = ref_logp if ref_logp is not None else logp
         loss, grad_logp, stats = grpo_loss_and_grad(logp, old_logp, ref, advantages, mask, **kwargs)
         gh, gw, _ = shard_grads(
             grad_logp.reshape(-1), None, flat_hidden, w, None, flat_labels, lse, None, temperature, -100, 0,
-            chunk_size, backend, precision,
+            chunk_size, backend, precision, inv_rows,
         )
     loss = _AttachGradients.apply(loss, hidden, weight, gh.to(hidden.dtype).view(hidden.shape), gw)
     return loss, stats

@@ -36,6 +36,7 @@ __all__ = [
     "TorchLmHead",
     "torch_shard_stats",
     "torch_shard_dz",
+    "torch_sum_p2",
     "tile_sizes",
     "grad_tile_sizes",
     "shard_stats",
@@ -55,6 +56,12 @@ _BUDGET_FRACTION = 16
 _BUDGET_MIN, _BUDGET_MAX = 1 << 18, 1 << 26
 # At most this many tokens per tile: taller tiles do not make the GEMMs faster.
 _MAX_TOKEN_TILE = 2048
+# The forward's token tile is at most lm_logits' task height (csrc/lm_head.cpp kRowsPerTask): its fp32
+# logits tile (192 x 512 x 4 = 384 KiB), the vocabulary tile's packed weight (1 MiB at H = 512) and the
+# packed rows then stay in a 2 MiB L2 between the GEMM and the fold. 1024-row tiles went through L3:
+# the fp32 forward at N=1024, H=512, V=32768 (one thread, loaded machine) took 1.1x as long. The token
+# tile never changes a token's bits (each row's logits and fold are its own).
+_FWD_TOKEN_TILE = 192
 # Vocabulary tiles are multiples of this (cache lines and AMX tile widths).
 _VOCAB_ALIGN = 64
 # The forward's vocabulary tile does not depend on N: a token's running softmax is folded over the
@@ -72,13 +79,16 @@ def _budget(n_tokens: int, vocab: int) -> int:
     return min(max(n_tokens * vocab * 4 // _BUDGET_FRACTION, _BUDGET_MIN), _BUDGET_MAX)
 
 
+def _token_tile(n_tokens: int, vocab: int, vocab_tile: int, cap: int) -> int:
+    return max(1, min(n_tokens, cap, _MAX_TOKEN_TILE, _budget(n_tokens, vocab) // (4 * vocab_tile)))
+
+
 def tile_sizes(n_tokens: int, vocab: int, chunk_size: int | None = None) -> tuple[int, int]:
     """(token_tile, vocab_tile) of the forward for N tokens and a vocabulary of V rows. The
     vocabulary tile is ``chunk_size`` or 512 (never a function of N); the token tile keeps the
-    fp32 tile within the memory budget."""
+    fp32 tile within the memory budget and L2 (at most 192 rows)."""
     vocab_tile = max(1, min(chunk_size or _VOCAB_TILE, vocab))
-    token_tile = max(1, min(n_tokens, _MAX_TOKEN_TILE, _budget(n_tokens, vocab) // (4 * vocab_tile)))
-    return token_tile, vocab_tile
+    return _token_tile(n_tokens, vocab, vocab_tile, _FWD_TOKEN_TILE), vocab_tile
 
 
 def grad_tile_sizes(n_tokens: int, vocab: int, chunk_size: int | None = None) -> tuple[int, int]:
@@ -86,9 +96,10 @@ def grad_tile_sizes(n_tokens: int, vocab: int, chunk_size: int | None = None) ->
     no batch invariance, so the tile is as tall as allowed (up to 2048 tokens) and the vocabulary
     tile fills the budget: with one token tile, each d weight tile is one GEMM written straight into
     the gradient (no fp32 [V_tile, H] accumulator for bf16 / fp16, no read-modify-write for fp32).
-    ``chunk_size`` (vocabulary rows) gives the forward's tiles."""
+    ``chunk_size`` (vocabulary rows) gives the forward's vocabulary tile, with tokens up to the budget."""
     if chunk_size is not None:
-        return tile_sizes(n_tokens, vocab, chunk_size)
+        vocab_tile = max(1, min(chunk_size, vocab))
+        return _token_tile(n_tokens, vocab, vocab_tile, _MAX_TOKEN_TILE), vocab_tile
     token_tile = max(1, min(n_tokens, _MAX_TOKEN_TILE))
     vocab_tile = _budget(n_tokens, vocab) // (4 * token_tile) // _VOCAB_ALIGN * _VOCAB_ALIGN
     return token_tile, max(1, min(vocab, max(_VOCAB_ALIGN, vocab_tile)))
@@ -138,6 +149,14 @@ def torch_shard_stats(z: Tensor, labels: Tensor, ignore_index: int, vocab_start:
     here = (labels != ignore_index) & (local >= 0) & (local < z.shape[-1])
     picked = z.gather(-1, torch.where(here, local, 0)[:, None]).squeeze(-1)
     return lse, ent, torch.where(here, picked, torch.zeros_like(picked))
+
+
+def torch_sum_p2(z: Tensor, lse: Tensor) -> Tensor:
+    """sum_j e^{2 (z_j - lse)} per row of scaled logits z [N, v] (the shard's own softmax when lse is
+    the shard's): 0 for a row whose logits are all -inf, NaN for a NaN lse."""
+    alive = lse != NEG_INF
+    p = torch.where(alive[:, None], (z - torch.where(alive, lse, torch.zeros_like(lse))[:, None]).exp(), 0.0)
+    return (p * p).sum(-1)
 
 
 def torch_shard_dz(
@@ -197,9 +216,7 @@ class TorchLmHead:
         if want_entropy:
             ent.copy_(torch.minimum(ent_r, ent_r.new_tensor(math.log(weight.shape[0]))))
         if sum_p2 is not None:
-            alive = lse_r != NEG_INF
-            p = torch.where(alive[:, None], (z - torch.where(alive, lse_r, 0.0)[:, None]).exp(), 0.0)
-            sum_p2.copy_((p * p).sum(-1))
+            sum_p2.copy_(torch_sum_p2(z, lse_r))
 
     @staticmethod
     def linear_logprobs_bwd(
@@ -323,10 +340,12 @@ def validate(hidden, weight, labels, bias, temperature, chunk_size) -> float:
     return check_temperature(temperature, "temperature")
 
 
-def row_inv_temperatures(temperature, shape: torch.Size, device, check_values: bool = False) -> Tensor | None:
+def row_inv_temperatures(temperature, shape: torch.Size, device, check_values: bool = False,
+                         dtype: torch.dtype = torch.float32) -> Tensor | None:
     """None for a scalar temperature; for a tensor (one temperature per token, or any shape that
     broadcasts to the tokens' ``shape``, e.g. ``[B, 1]`` per sequence), the flat contiguous fp32 [N]
-    inverse temperatures ``float32(1 / float64(T))``, as the kernels compute a scalar's. The values
+    inverse temperatures ``float32(1 / float64(T))``, as the kernels compute a scalar's (``dtype``
+    float64: ``1 / float64(T)`` unrounded, for float64 logits on the torch backend). The values
     are not read on the host (no device sync) unless ``check_values`` (``nan_check=True``): then a
     ValueError names the first entry that is not a finite T > 0 with a finite fp32 reciprocal."""
     if not isinstance(temperature, Tensor):
@@ -341,7 +360,7 @@ def row_inv_temperatures(temperature, shape: torch.Size, device, check_values: b
     except RuntimeError:
         raise ValueError(f"a temperature tensor must broadcast to the tokens' shape {tuple(shape)}, got "
                          f"{tuple(temperature.shape)}") from None
-    inv = (1.0 / expanded.double()).float()
+    inv = (1.0 / expanded.double()).to(dtype)
     if check_values and not torch.compiler.is_compiling():
         bad = ~(torch.isfinite(inv) & (inv > 0) & torch.isfinite(expanded))
         if bool(bad.any()):

@@ -16,6 +16,16 @@
 //   cispo_cap  l = -sg(min(r, cap)) A logp, cap = clip_high  TRL grpo_trainer.py::_compute_loss "cispo"
 //   sapo       l = -sigmoid(tau (r - 1)) 4 / tau A         verl compute_policy_loss_sapo, TRL "sapo"
 //   gpg        l = -A logp                                 verl compute_policy_loss_gpg
+//   vespo      l = -sg(phi_b) A logp                       TRL _compute_loss "vespo", get_gamma_weights:
+//              log w_b = clamp(sum_valid clamp(logp - old, -20, 20) + row_in_b, log 1e-8, 20) (row_in:
+//              TRL's vLLM IS log-ratios summed in Python), phi = exp(lam + k log w - lam w) (k, lam by
+//              A >= 0; NaN / inf -> 0); the kClipHigh stat sums phi (TRL's vespo/phi_seq_mean)
+//   gmpo       verl compute_policy_loss_geo_mean: m_t = min(d, hi) (A > 0), max(d, -lo) (A < 0), 0
+//              (A = 0), d = logp - old unclamped; loss_b = -adv_b exp(sum_valid m / (n_b + 1e-8))
+//              exp(row_in_b), adv_b = sum_valid A / (n_b + 1e-8) (row_in: the rollout weights' log
+//              geometric mean); flags d clipped with A > 0 (kClipped) / A < 0 (kDualFlag)
+//   dro        l = -A logp + beta / 2 (logp - old)^2       verl compute_policy_loss_dro (unclamped)
+// vespo and gmpo read their row first (row_extra), like the sequence levels.
 // Ratio levels (runtime, per launch): token: r per token as above; sequence: r_b = exp(clamp(s_b, -20,
 // 20)), s_b the masked row mean of logp - old (TRL importance_sampling_level="sequence"; the gradient
 // flows through the mean, so each valid token also gets G_b = (1 / n_b) sum_t d l_t / d log r_b);
@@ -117,7 +127,27 @@ RLKERN_INLINE vfloat max_share(vfloat a, vfloat b) { return gt(a, b) + splat(0.5
 // temperatures and 4 / tau for A > 0 (pos) and A <= 0 (neg).
 struct Consts {
   vfloat lo, hi, dual, beta, clip, cap, delta, tau_pos, tau_neg, four_pos, four_neg;
+  vfloat log_lo;  // gmpo: -clip_low, the lower bound of the log-ratio (the upper one is cap = clip_high)
+  float k_pos, lam_pos, k_neg, lam_neg;  // vespo's gamma weights (lambdas already clamped to >= 1e-4)
 };
+
+// The row values of the variants that sweep their row before the tokens (row_extra): vespo's phi
+// for A >= 0 and A < 0; gmpo's row loss and its gradient per unit of a token's clipped log-ratio.
+struct RowExtra {
+  float phi_pos = 0.f, phi_neg = 0.f, gm_loss = 0.f, gm_coef = 0.f;
+};
+
+// gmpo's sign-aware clip of d = logp - old (verl: sgn(A) min(sgn(A) d, sgn(A) clamp(d, -lo, hi))):
+// min(d, hi) where A > 0, max(d, -lo) where A < 0, 0 d where A == 0, NaN where A is. dm: d m / d d
+// (torch.minimum's tie shares add up to 1 inside the bounds); clipped: d outside [-lo, hi].
+RLKERN_INLINE vfloat gmpo_m(vfloat d, vfloat a, const Consts& c, vfloat& dm, vfloat& clipped) {
+  const vfloat pos = gt(a, splat(0.f)), neg = gt(splat(0.f), a);
+  const vfloat above = gt(d, c.cap), below = gt(c.log_lo, d);
+  const vfloat m_pos = c.cap < d ? c.cap : d, m_neg = d < c.log_lo ? c.log_lo : d;  // NaN d stays NaN
+  dm = pos * (splat(1.f) - above) + neg * (splat(1.f) - below);
+  clipped = above + below;
+  return pick(pos, m_pos, pick(neg, m_neg, pick(eq(a, a), splat(0.f) * d, a)));
+}
 
 // The importance ratio of one block of tokens: lr = log r (clamped), ratio = r, pass = 1 where the
 // gradient flows through lr into logp at this token (token level: lr not clamped; sequence_token:
@@ -152,7 +182,8 @@ RLKERN_INLINE void sigmoid2(vfloat z, vfloat& s, vfloat& one_minus_s) {
 // kDual: the dual clip is on (c finite); off, the loss is clip1 itself, as rlkern.reference does
 // without dual_clip (no min with -A * inf). V: the per-token surrogate (rlkern/codes.py LOSS_VARIANTS).
 template <bool kRef, bool kBiasCorrected, bool kDual, int64_t V>
-RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat a, vfloat z, const Ratio& q, const Consts& c) {
+RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, const Ratio& q, const Consts& c,
+                                      const RowExtra& e) {
   TokenTerms t;
   const vfloat ratio = q.ratio;
   const vfloat neg_a = -a;
@@ -212,6 +243,31 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat a, vfloat z, const Ratio&
     t.loss = -(s * pick(pos, c.four_pos, c.four_neg)) * a;
     t.rgrad = neg_a * splat(4.f) * s * s1 * ratio;
     t.probe = t.loss;
+  } else if constexpr (V == kVariantVespo) {
+    // TRL _compute_loss loss_type="vespo": -phi_seq A logp, phi detached (get_gamma_weights). The
+    // clip_high slot carries phi itself for the vespo/phi_seq_mean stat (never NaN: nan_to_num).
+    const vfloat phi = pick(gt(a, splat(0.f)) + eq(a, splat(0.f)), splat(e.phi_pos), splat(e.phi_neg));  // A >= 0
+    const vfloat coef = -phi * a;
+    t.loss = coef * x;
+    t.dgrad = coef;
+    t.clip_high = phi;
+    t.probe = phi;
+  } else if constexpr (V == kVariantGmpo) {
+    // verl compute_policy_loss_geo_mean: the row's loss is set after the row (forward_rows); per token
+    // d loss_b / d logp_t = loss_b / (n_b + 1e-8) * d m_t / d logp_t.
+    vfloat dm, clipped;
+    const vfloat m = gmpo_m(x - y, a, c, dm, clipped);
+    t.loss = splat(0.f);
+    t.dgrad = splat(e.gm_coef) * dm;
+    t.clipped = clipped * gt(a, splat(0.f));
+    t.dual = clipped * gt(splat(0.f), a);
+    t.probe = m;
+  } else if constexpr (V == kVariantDro) {
+    // verl compute_policy_loss_dro: -(logp A - beta / 2 (logp - old)^2), the log-ratio unclamped.
+    const vfloat d = x - y;
+    t.loss = x * neg_a + splat(0.5f) * c.beta * d * d;
+    t.dgrad = neg_a + c.beta * d;
+    t.probe = t.loss;
   } else {
     static_assert(V == kVariantGpg, "unknown variant");
     // verl compute_policy_loss_gpg: -logp A.
@@ -219,8 +275,11 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat a, vfloat z, const Ratio&
     t.dgrad = neg_a;
     t.probe = t.loss;
   }
-  t.dgrad = nan_grad(t.loss, t.dgrad);  // rgrad: after the level routes it (token_grad, ratio_grad)
-  t.neg_log_ratio = q.neg_log_ratio;
+  // gmpo: a NaN token's gradient is NaN through the row coefficient (its m makes the row sum NaN).
+  if constexpr (V != kVariantGmpo) t.dgrad = nan_grad(t.loss, t.dgrad);  // rgrad: routed by the level
+  // verl's geo_mean and dro report the unclamped log-ratio as ppo_kl (the token level clamps it).
+  if constexpr (V == kVariantGmpo || V == kVariantDro) t.neg_log_ratio = y - x;
+  else t.neg_log_ratio = q.neg_log_ratio;
   t.k3 = t.kl_d = t.kl_r = splat(0.f);
   if constexpr (kRef) {
     const vfloat d_raw = z - x;
@@ -271,6 +330,7 @@ struct Rows {
   const T* a;  // advantages / returns: [B, T], or [B] when a_per_row
   const T* z;  // ref_logp or nullptr
   const T* w;  // weights or nullptr
+  const float* row_in;  // vespo / gmpo: a float32 log-weight per row, or nullptr
   const char* mask;  // any mask dtype, staged by `stage`
   int64_t mask_bytes;
   MaskStager stage;
@@ -365,9 +425,56 @@ RLKERN_INLINE Ratio block_ratio(vfloat x, vfloat y, int64_t level, const RowRati
 }
 
 template <int64_t K, int64_t V, bool kDual>
-RLKERN_INLINE TokenTerms terms(vfloat x, vfloat y, vfloat a, vfloat z, const Ratio& q, const Consts& c) {
+RLKERN_INLINE TokenTerms terms(vfloat x, vfloat y, vfloat a, vfloat z, const Ratio& q, const Consts& c,
+                               const RowExtra& e) {
   if constexpr (K == kLossValue) return value_terms(x, y, a, c);
-  else return policy_terms<K == kLossGrpo || K == kLossGrpoBc, K == kLossGrpoBc, kDual, V>(x, a, z, q, c);
+  else return policy_terms<K == kLossGrpo || K == kLossGrpoBc, K == kLossGrpoBc, kDual, V>(x, y, a, z, q, c, e);
+}
+
+// The variants whose tokens need their row's values first (RowExtra).
+template <int64_t V>
+constexpr bool kRowExtra = V == kVariantVespo || V == kVariantGmpo;
+
+// vespo: phi = exp(lam + k log w - lam w), NaN and +-inf -> 0 (TRL's nan_to_num(0, 0, 0)).
+RLKERN_INLINE float vespo_phi(float log_w, float k, float lam) {
+  const float phi = std::exp(lam + k * log_w - lam * std::exp(log_w));
+  return std::isfinite(phi) ? phi : 0.f;
+}
+
+// The first sweep of a vespo / gmpo row (TRL get_gamma_weights; verl compute_policy_loss_geo_mean).
+template <int64_t V, typename T>
+RLKERN_INLINE RowExtra row_extra(const Rows<T>& r, int64_t b, float* valid, const Consts& c) {
+  vfloat acc = splat(0.f), acc_a = splat(0.f), n = splat(0.f);
+  for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
+    const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
+    r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
+    for (int64_t t = 0; t < cn; t += kLanes) {
+      const Block<T> k = load_block(r, b, c0 + t, std::min<int64_t>(kLanes, cn - t));
+      const vfloat v = load16(valid + t);
+      if constexpr (V == kVariantVespo) {
+        acc += keep(clamp_const(k.x - k.y, splat(-20.f), splat(20.f)), v);
+      } else {
+        vfloat dm, clipped;
+        acc += keep(gmpo_m(k.x - k.y, k.a, c, dm, clipped), v);
+        acc_a += keep(k.a, v);
+        n += v;
+      }
+    }
+  }
+  const float in = r.row_in != nullptr ? r.row_in[b] : 0.f;
+  RowExtra e;
+  if constexpr (V == kVariantVespo) {
+    const float s = hsum(acc) + in;
+    const float lo = static_cast<float>(std::log(1e-8));  // TRL: math.log(1e-8), a float32 bound
+    const float log_w = std::isnan(s) ? s : std::clamp(s, lo, 20.f);
+    e.phi_pos = vespo_phi(log_w, c.k_pos, c.lam_pos);
+    e.phi_neg = vespo_phi(log_w, c.k_neg, c.lam_neg);
+  } else {
+    const float len = hsum(n) + 1e-8f;
+    e.gm_loss = -(hsum(acc_a) / len) * std::exp(hsum(acc) / len) * (r.row_in != nullptr ? std::exp(in) : 1.f);
+    e.gm_coef = e.gm_loss / len;
+  }
+  return e;
 }
 
 // A token's gradient w * d l / d x + beta * d k3 / d x, except (at the sequence level) the part through
@@ -376,7 +483,9 @@ RLKERN_INLINE TokenTerms terms(vfloat x, vfloat y, vfloat a, vfloat z, const Rat
 template <int64_t K, int64_t V>
 RLKERN_INLINE vfloat token_grad(const TokenTerms& t, vfloat w, vfloat pass, const Consts& c) {
   vfloat g;
-  if constexpr (K == kLossValue || V == kVariantCispo || V == kVariantCispoCap || V == kVariantGpg) g = w * t.dgrad;
+  if constexpr (K == kLossValue || V == kVariantCispo || V == kVariantCispoCap || V == kVariantGpg ||
+                V == kVariantVespo || V == kVariantGmpo || V == kVariantDro)
+    g = w * t.dgrad;
   else g = w * nan_grad(t.loss, pick(pass, t.rgrad, splat(0.f)));
   if constexpr (K == kLossGrpoBc) return g + c.beta * (t.kl_d + t.kl_r * pass);
   else if constexpr (K == kLossGrpo) return g + c.beta * t.kl_d;
@@ -396,14 +505,14 @@ RLKERN_INLINE vfloat ratio_grad(const TokenTerms& t, vfloat w, const Consts& c) 
 // are written as 0): policy: clip fraction, dual-clip fraction (with the dual clip), approx_kl;
 // grpo: clip_low / clip_high, approx_kl, k3; value: clip fraction. A flag that is not summed is
 // never computed (the token terms are inlined and its value is dead code).
-template <int64_t K, bool kDual>
+template <int64_t K, int64_t V, bool kDual>
 constexpr bool reports(int p) {
   const bool grpo = K == kLossGrpo || K == kLossGrpoBc;
   switch (p) {
     case kLossSum: case kCount: return true;
     case kClipped: return !grpo;
     case kClipHigh: case kClipLow: case kK3: return grpo;
-    case kDualFlag: return K == kLossPolicy && kDual;
+    case kDualFlag: return K == kLossPolicy && (kDual || V == kVariantGmpo);
     case kNegLogRatio: return K != kLossValue;
     default: return false;
   }
@@ -421,6 +530,8 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
   for (int64_t b = begin; b < end; ++b) {
     RowRatio row{0.f, 0.f, 1.f, 0.f, 0.f, false};
     if (r.level != kLevelToken) row = row_ratio(r, b, valid);
+    RowExtra e;
+    if constexpr (kRowExtra<V>) e = row_extra<V>(r, b, valid, c);
     vfloat acc[kPartials];
     for (auto& v : acc) v = splat(0.f);
     vfloat acc_rg = splat(0.f);
@@ -431,7 +542,7 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
         Block<T> k = load_block(r, b, c0 + t, std::min<int64_t>(kLanes, cn - t));
         k.valid = load16(valid + t);
         const Ratio q = block_ratio(k.x, k.y, r.level, row);
-        const TokenTerms tt = terms<K, V, kDual>(k.x, k.y, k.a, k.z, q, c);
+        const TokenTerms tt = terms<K, V, kDual>(k.x, k.y, k.a, k.z, q, c, e);
         // Selects, not products with the mask: 0 * NaN from padding would poison the sums (the flags
         // too are NaN where a token's surrogate is).
         const vfloat v = k.valid;
@@ -446,12 +557,12 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
         if (r.level == kLevelSequence) acc_rg += keep(ratio_grad<K, V>(tt, k.w, c), v);
         acc[kLossSum] += keep(weighted, v);
         acc[kCount] += v;
-        if constexpr (reports<K, kDual>(kClipped)) acc[kClipped] += keep(tt.clipped, v);
-        if constexpr (reports<K, kDual>(kClipHigh)) acc[kClipHigh] += keep(tt.clip_high, v);
-        if constexpr (reports<K, kDual>(kClipLow)) acc[kClipLow] += keep(tt.clip_low, v);
-        if constexpr (reports<K, kDual>(kDualFlag)) acc[kDualFlag] += keep(tt.dual, v);
-        if constexpr (reports<K, kDual>(kNegLogRatio)) acc[kNegLogRatio] += keep(tt.neg_log_ratio, v);
-        if constexpr (reports<K, kDual>(kK3)) acc[kK3] += keep(tt.k3, v);
+        if constexpr (reports<K, V, kDual>(kClipped)) acc[kClipped] += keep(tt.clipped, v);
+        if constexpr (reports<K, V, kDual>(kClipHigh)) acc[kClipHigh] += keep(tt.clip_high, v);
+        if constexpr (reports<K, V, kDual>(kClipLow)) acc[kClipLow] += keep(tt.clip_low, v);
+        if constexpr (reports<K, V, kDual>(kDualFlag)) acc[kDualFlag] += keep(tt.dual, v);
+        if constexpr (reports<K, V, kDual>(kNegLogRatio)) acc[kNegLogRatio] += keep(tt.neg_log_ratio, v);
+        if constexpr (reports<K, V, kDual>(kK3)) acc[kK3] += keep(tt.k3, v);
         acc[kProbeOk] += keep(eq(tt.probe, tt.probe), v);
       }
     }
@@ -460,6 +571,10 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
     // A valid token whose flags' probe is NaN makes the row's flag sums NaN (as a NaN flag would).
     if (p[kProbeOk] != p[kCount])
       for (int i : {kClipped, kClipHigh, kClipLow, kDualFlag}) p[i] = std::numeric_limits<float>::quiet_NaN();
+    if constexpr (V == kVariantGmpo) p[kLossSum] = e.gm_loss;  // the row's loss (its tokens' are 0)
+    // vespo, per-row advantages: TRL averages phi over all rows, an all-padding one included.
+    if constexpr (V == kVariantVespo)
+      if (r.a_per_row && p[kCount] == 0) p[kClipHigh] = static_cast<float>(r.a[b]) >= 0 ? e.phi_pos : e.phi_neg;
     // (s_b, G_b); torch.clamp's backward: G_b = 0 where the row's clamp is active (a select, never
     // 0 * inf). Zeros at the token level: every output is written.
     aux[2 * b] = r.level != kLevelToken ? row.mean : 0.f;
@@ -479,6 +594,8 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
       row = row_from_mean(aux[2 * b], 0.f, r.level);
       row_add = splat(aux[2 * b + 1]);
     }
+    RowExtra e;
+    if constexpr (kRowExtra<V>) e = row_extra<V>(r, b, valid, c);
     for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
       const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
       r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
@@ -486,7 +603,7 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
         const int64_t n = std::min<int64_t>(kLanes, cn - t), t0 = c0 + t;
         const Block<T> k = load_block(r, b, t0, n);
         const Ratio q = block_ratio(k.x, k.y, r.level, row);
-        const TokenTerms tt = terms<K, V, kDual>(k.x, k.y, k.a, k.z, q, c);
+        const TokenTerms tt = terms<K, V, kDual>(k.x, k.y, k.a, k.z, q, c, e);
         const vfloat d = keep(g * (token_grad<K, V>(tt, k.w, q.pass, c) + row_add), load16(valid + t));
         if (n == kLanes) store16(out + b * r.len + t0, d);
         else store_tail(out + b * r.len + t0, d, n);
@@ -567,12 +684,16 @@ RLKERN_SAVED_KERNEL(c10::Half, f16)
   RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantCispoCap, false)        \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantSapo, false)            \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantGpg, false)             \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantGmpo, false)            \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossPolicy, kVariantDro, false)             \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo, kVariantPpo, false)               \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo, kVariantCispoCap, false)          \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo, kVariantSapo, false)              \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpo, kVariantVespo, false)             \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc, kVariantPpo, false)             \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc, kVariantCispoCap, false)        \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc, kVariantSapo, false)            \
+  RLKERN_LOSS_KERNELS(T, SUFFIX, kLossGrpoBc, kVariantVespo, false)           \
   RLKERN_LOSS_KERNELS(T, SUFFIX, kLossValue, kVariantPpo, false)
 RLKERN_LOSS_KINDS(float, f32)
 RLKERN_LOSS_KINDS(c10::BFloat16, bf16)
@@ -581,8 +702,8 @@ RLKERN_LOSS_KINDS(c10::Half, f16)
 #undef RLKERN_LOSS_KERNELS
 
 // Calls f(integral_constant<kind>, integral_constant<variant>, bool_constant<dual clip on>) for the
-// combinations compiled above: policy: every variant (the dual clip with ppo only); grpo / grpo_bc:
-// ppo, cispo_cap (TRL's cispo), sapo; value: ppo only.
+// combinations compiled above: policy: ppo, cispo, cispo_cap, sapo, gpg, gmpo, dro (the dual clip with
+// ppo only); grpo / grpo_bc: ppo, cispo_cap (TRL's cispo), sapo, vespo; value: ppo only.
 template <typename F>
 void dispatch_kind(int64_t kind, int64_t variant, double dual_clip, F&& f) {
   using std::bool_constant;
@@ -595,8 +716,11 @@ void dispatch_kind(int64_t kind, int64_t variant, double dual_clip, F&& f) {
   using CC = std::integral_constant<int64_t, kVariantCispoCap>;
   using S = std::integral_constant<int64_t, kVariantSapo>;
   using G = std::integral_constant<int64_t, kVariantGpg>;
-  // all: the policy kind, which also has cispo and gpg (a compile-time flag, so the grpo kinds never
-  // instantiate them).
+  using VE = std::integral_constant<int64_t, kVariantVespo>;
+  using GM = std::integral_constant<int64_t, kVariantGmpo>;
+  using DR = std::integral_constant<int64_t, kVariantDro>;
+  // all: the policy kind, which also has cispo, gpg, gmpo and dro; the grpo kinds have vespo (a
+  // compile-time flag, so no kind instantiates the other's).
   auto variants = [&](auto k, auto all) {
     switch (variant) {
       case kVariantPpo: kv(k, P{}); return;
@@ -608,10 +732,19 @@ void dispatch_kind(int64_t kind, int64_t variant, double dual_clip, F&& f) {
       case kVariantGpg:
         if constexpr (decltype(all)::value) { kv(k, G{}); return; }
         break;
+      case kVariantGmpo:
+        if constexpr (decltype(all)::value) { kv(k, GM{}); return; }
+        break;
+      case kVariantDro:
+        if constexpr (decltype(all)::value) { kv(k, DR{}); return; }
+        break;
+      case kVariantVespo:
+        if constexpr (!decltype(all)::value) { kv(k, VE{}); return; }
+        break;
       default: break;
     }
     TORCH_CHECK(false, "variant ", variant, " is not compiled for kind ", kind,
-                " (policy: 0-4; grpo, grpo_bc: 0 ppo, 2 cispo_cap, 3 sapo; value: 0)");
+                " (policy: 0-4, 6 gmpo, 7 dro; grpo, grpo_bc: 0 ppo, 2 cispo_cap, 3 sapo, 5 vespo; value: 0)");
   };
   switch (kind) {
     case kLossPolicy:
@@ -636,7 +769,8 @@ int64_t rows_per_task(int64_t len) { return std::max<int64_t>(1, 16384 / std::ma
 // Checks the token tensors ([..., T], contiguous; advantages [..., T] or [...]) and returns the row view.
 template <typename T>
 Rows<T> rows_of(int64_t kind, int64_t level, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
-                const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& w, const at::Tensor& mask) {
+                const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& w, const at::Tensor& mask,
+                int64_t variant, const std::optional<at::Tensor>& row_in) {
   TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "x must be a contiguous [..., T] tensor");
   const int64_t L = x.size(-1);
   auto same = [&](const at::Tensor& t, const char* name) {
@@ -663,16 +797,24 @@ Rows<T> rows_of(int64_t kind, int64_t level, const at::Tensor& x, const at::Tens
   TORCH_CHECK(level == kLevelToken || level == kLevelSequence || level == kLevelSequenceToken,
               "level must be 0 (token), 1 (sequence) or 2 (sequence_token), got ", level);
   TORCH_CHECK(level == kLevelToken || kind != kLossValue, "the value kind has no ratio level");
+  TORCH_CHECK(level == kLevelToken || (variant != kVariantGmpo && variant != kVariantDro),
+              "gmpo and dro have the token level only");
+  TORCH_CHECK(!w || variant != kVariantGmpo, "gmpo takes its weights as row_in (their log geometric mean)");
+  const bool extra = variant == kVariantVespo || variant == kVariantGmpo;
+  TORCH_CHECK(!row_in || (extra && row_in->scalar_type() == at::kFloat && row_in->is_contiguous() &&
+                          row_in->numel() == c10::multiply_integers(x.sizes().slice(0, x.dim() - 1))),
+              "row_in is vespo's / gmpo's only: a contiguous float32 tensor with one entry per row");
   MaskStager stage = nullptr;
   dispatch_mask_type(mask.scalar_type(), "mask", [&](auto mtag) { stage = mask_stager<decltype(mtag)>(); });
   return {static_cast<const T*>(x.data_ptr()), static_cast<const T*>(y.data_ptr()),
           static_cast<const T*>(a.data_ptr()),  z ? static_cast<const T*>(z->data_ptr()) : nullptr,
-          w ? static_cast<const T*>(w->data_ptr()) : nullptr,
+          w ? static_cast<const T*>(w->data_ptr()) : nullptr, row_in ? row_in->data_ptr<float>() : nullptr,
           static_cast<const char*>(mask.const_data_ptr()), mask.element_size(), stage, L, per_row, level};
 }
 
 Consts consts_of(double clip_low, double clip_high, double dual_clip, double beta, double value_clip, double delta,
-                 double tau_pos, double tau_neg) {
+                 double tau_pos, double tau_neg, double k_pos = 2.0, double lam_pos = 3.0, double k_neg = 3.0,
+                 double lam_neg = 2.0) {
   // The ratio bounds 1 - clip_low > 0 and 1 + clip_high are finite: clamp_const and the plain max of
   // policy_terms rely on it.
   TORCH_CHECK(clip_low >= 0 && clip_low < 1 && clip_high >= 0 && std::isfinite(clip_high),
@@ -681,8 +823,11 @@ Consts consts_of(double clip_low, double clip_high, double dual_clip, double bet
               "delta (+inf: off) and the sapo temperatures must be > 0, got ", delta, ", ", tau_pos, ", ", tau_neg);
   auto f = [](double v) { return splat(static_cast<float>(v)); };
   // TRL: sigmoid(...) * 4 / temperatures, in float32.
+  // vespo: TRL clamps lambda to >= 1e-4 (torch.where(...).clamp(min=1e-4)).
+  auto lam = [](double v) { return std::max(static_cast<float>(v), 1e-4f); };
   return {f(1.0 - clip_low), f(clip_high + 1.0), f(dual_clip), f(beta), f(value_clip), f(clip_high), f(delta),
-          f(tau_pos), f(tau_neg), f(4.0f / static_cast<float>(tau_pos)), f(4.0f / static_cast<float>(tau_neg))};
+          f(tau_pos), f(tau_neg), f(4.0f / static_cast<float>(tau_pos)), f(4.0f / static_cast<float>(tau_neg)),
+          f(-clip_low), static_cast<float>(k_pos), lam(lam_pos), static_cast<float>(k_neg), lam(lam_neg)};
 }
 
 float* f32_out(const at::Tensor& t, int64_t n, const char* name) {
@@ -703,7 +848,9 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
                 const std::optional<at::Tensor>& w, const at::Tensor& mask, int64_t kind, double clip_low, double clip_high,
                 double dual_clip, double beta, double value_clip, bool per_row_mean, double denom, at::Tensor loss,
                 at::Tensor stats, at::Tensor row_scale, const std::optional<at::Tensor>& saved, int64_t variant,
-                int64_t level, double delta, double tau_pos, double tau_neg, at::Tensor row_aux) {
+                int64_t level, double delta, double tau_pos, double tau_neg, at::Tensor row_aux,
+                const std::optional<at::Tensor>& row_in, double vespo_k_pos, double vespo_lambda_pos,
+                double vespo_k_neg, double vespo_lambda_neg) {
   TORCH_CHECK(denom > 0 || denom == -1 || denom == -2, "denom must be > 0, -1 (token count) or -2 (row count)");
   TORCH_CHECK(x.dim() >= 1, "x must be a [..., T] tensor, got a 0-d tensor");
   const int64_t B = rows_in(x);
@@ -711,7 +858,8 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
   float* stats_ptr = f32_out(stats, kLossStats, "stats");
   float* scale_ptr = f32_out(row_scale, B, "row_scale");
   float* aux_ptr = f32_out(row_aux, 2 * B, "row_aux");
-  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg);
+  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg, vespo_k_pos,
+                             vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
   std::vector<float> partial(static_cast<size_t>(B) * kPartials, 0.f);
   float* saved_ptr = nullptr;
   if (saved) {
@@ -722,7 +870,7 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
   bool a_per_row = false;
   dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
-    const Rows<T> r = rows_of<T>(kind, level, x, y, a, z, w, mask);
+    const Rows<T> r = rows_of<T>(kind, level, x, y, a, z, w, mask, variant, row_in);
     a_per_row = r.a_per_row;
     dispatch_kind(kind, variant, dual_clip, [&](auto k, auto v, auto dual) {
       at::parallel_for(0, B, rows_per_task(r.len), [&](int64_t b, int64_t e) {
@@ -731,7 +879,8 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
     });
   });
   // Fixed-order combination in double: the loss does not depend on how rows were split over threads.
-  const bool flags_per_row = level == kLevelSequence && a_per_row;
+  // (vespo: its phi, in the clip_high slot, is per row with per-row advantages, as TRL logs it.)
+  const bool flags_per_row = (level == kLevelSequence || variant == kVariantVespo) && a_per_row;
   const int flag_parts[] = {kClipped, kClipHigh, kClipLow, kDualFlag};
   double tokens = 0, live_rows = 0, sums[kPartials] = {};
   for (int64_t b = 0; b < B; ++b) {
@@ -763,7 +912,8 @@ void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tens
                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& w, const at::Tensor& mask, const at::Tensor& row_scale,
                 int64_t kind, double clip_low, double clip_high, double dual_clip, double beta, double value_clip,
                 at::Tensor grad_x, int64_t variant, int64_t level, double delta, double tau_pos, double tau_neg,
-                const at::Tensor& row_aux) {
+                const at::Tensor& row_aux, const std::optional<at::Tensor>& row_in, double vespo_k_pos,
+                double vespo_lambda_pos, double vespo_k_neg, double vespo_lambda_neg) {
   TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == at::kFloat,
               "grad_loss must be a float32 scalar");
   TORCH_CHECK(grad_x.sizes() == x.sizes() && grad_x.is_contiguous() && grad_x.scalar_type() == x.scalar_type(),
@@ -773,10 +923,11 @@ void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tens
   const float* scale = f32_out(row_scale, B, "row_scale");
   const float* aux = f32_out(row_aux, 2 * B, "row_aux");
   const float g = grad_loss.item<float>();
-  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg);
+  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg, vespo_k_pos,
+                             vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
   dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
-    const Rows<T> r = rows_of<T>(kind, level, x, y, a, z, w, mask);
+    const Rows<T> r = rows_of<T>(kind, level, x, y, a, z, w, mask, variant, row_in);
     T* out = static_cast<T*>(grad_x.data_ptr());
     dispatch_kind(kind, variant, dual_clip, [&](auto k, auto v, auto dual) {
       at::parallel_for(0, B, rows_per_task(r.len), [&](int64_t b, int64_t e) {

@@ -40,6 +40,12 @@ CISPO = tl.constexpr(LOSS_VARIANTS["cispo"])
 CISPO_CAP = tl.constexpr(LOSS_VARIANTS["cispo_cap"])
 SAPO = tl.constexpr(LOSS_VARIANTS["sapo"])
 GPG = tl.constexpr(LOSS_VARIANTS["gpg"])
+VESPO = tl.constexpr(LOSS_VARIANTS["vespo"])
+GMPO = tl.constexpr(LOSS_VARIANTS["gmpo"])
+DRO = tl.constexpr(LOSS_VARIANTS["dro"])
+# vespo: TRL get_gamma_weights clamps log w to [log(1e-8), 20] (a float32 bound).
+LOG_W_MIN = tl.constexpr(math.log(1e-8))
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 TOKEN = tl.constexpr(RATIO_LEVELS["token"])
 SEQUENCE = tl.constexpr(RATIO_LEVELS["sequence"])
 LEVELS = RATIO_LEVELS
@@ -80,6 +86,68 @@ def _sigmoid2(z):
 
 
 @triton.jit
+def _gmpo_m(d, a, glo, ghi):
+    """verl compute_policy_loss_geo_mean's sign-aware clip of d = logp - old (csrc/losses.cpp gmpo_m):
+    (m, d m / d d, d outside [glo, ghi]); m = min(d, ghi) where A > 0, max(d, glo) where A < 0, 0 d
+    where A == 0, NaN where A is."""
+    above = d > ghi
+    below = d < glo
+    m = tl.where(a > 0.0, tl.where(above, ghi, d),
+                 tl.where(a < 0.0, tl.where(below, glo, d), tl.where(a == a, 0.0 * d, a)))  # noqa: PLR0124
+    dm = tl.where(a > 0.0, tl.where(above, 0.0, 1.0), tl.where(a < 0.0, tl.where(below, 0.0, 1.0), 0.0))
+    return m, dm, above | below
+
+
+@triton.jit
+def _vespo_phi(log_w, k, lam):
+    """exp(lam + k log w - lam w), NaN / +-inf -> 0 (TRL's nan_to_num(0, 0, 0))."""
+    phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+    return tl.where(tl.abs(phi) <= FLT_MAX, phi, 0.0)
+
+
+@triton.jit
+def _row_extra(x_ptr, y_ptr, a_ptr, m_ptr, rin_ptr, row, base, length, glo, ghi, vk_pos, vl_pos, vk_neg,
+               vl_neg,
+               A_PER_ROW: tl.constexpr, HAS_RIN: tl.constexpr, VARIANT: tl.constexpr, BLOCK: tl.constexpr):
+    """vespo's / gmpo's first sweep of a row (csrc/losses.cpp row_extra): (phi for A >= 0, phi for
+    A < 0, gmpo's row loss, gmpo's d loss_b / d m_t)."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    acc_a = tl.zeros([BLOCK], tl.float32)
+    acc_n = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, length, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        # The policy kind's loads without weights: x, y, a and the mask (x_ptr stands in for ref / weights).
+        x, y, a, _z, _w, valid = _load_row(x_ptr, y_ptr, a_ptr, x_ptr, x_ptr, m_ptr, row, base, offs,
+                                           offs < length, POLICY, A_PER_ROW, False)
+        if VARIANT == VESPO:
+            acc += tl.where(valid, _clamp_nan(x - y, -20.0, 20.0), 0.0)
+        else:
+            m, _dm, _clipped = _gmpo_m(x - y, a, glo, ghi)
+            acc += tl.where(valid, m, 0.0)
+            acc_a += tl.where(valid, a, 0.0)
+            acc_n += tl.where(valid, 1.0, 0.0)
+    rin = 0.0
+    if HAS_RIN:
+        rin = tl.load(rin_ptr + row)
+    s = tl.sum(acc, axis=0)
+    phi_pos = s * 0.0
+    phi_neg = s * 0.0
+    gm_loss = s * 0.0
+    gm_coef = s * 0.0
+    if VARIANT == VESPO:
+        log_w = _clamp_nan(s + rin, LOG_W_MIN, 20.0)
+        phi_pos = _vespo_phi(log_w, vk_pos, vl_pos)
+        phi_neg = _vespo_phi(log_w, vk_neg, vl_neg)
+    else:
+        n = tl.sum(acc_n, axis=0) + 1e-8
+        gm_loss = -(tl.sum(acc_a, axis=0) / n) * tl.exp(s / n)
+        if HAS_RIN:
+            gm_loss = gm_loss * tl.exp(rin)
+        gm_coef = gm_loss / n
+    return phi_pos, phi_neg, gm_loss, gm_coef
+
+
+@triton.jit
 def _row_ratio(s, LEVEL: tl.constexpr):
     """(log r_b, pass, through_mean) from the row's masked mean log-ratio s (csrc/losses.cpp
     row_from_mean): sequence: clamp(s, -20, 20), the gradient through the mean unless the clamp acts
@@ -96,8 +164,9 @@ def _row_ratio(s, LEVEL: tl.constexpr):
 
 
 @triton.jit
-def _terms(x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, row_lr, row_pass,
-           KIND: tl.constexpr, HAS_DUAL: tl.constexpr, VARIANT: tl.constexpr, LEVEL: tl.constexpr):
+def _terms(x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, row_lr, row_pass, glo,
+           phi_pos, phi_neg, gm_coef, KIND: tl.constexpr, HAS_DUAL: tl.constexpr, VARIANT: tl.constexpr,
+           LEVEL: tl.constexpr):
     """Per-token (loss, d loss / d x, d loss / d log r, clipped, clip_high, clip_low, dual, -log r, k3,
     beta d k3 / d x, beta d k3 / d log r) for 16+ lanes: the loss and its gradients without the KL
     term, which is added after the per-token weight (TRL weights the surrogate, not the KL): the
@@ -139,6 +208,7 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, 
         clipped_on = dual_on
         dgrad = zero
         rgrad = zero
+        high_val = zero  # vespo: phi itself, reported in the clip_high slot (never NaN)
         if VARIANT == PPO:
             # verl compute_policy_loss_vanilla; TRL _compute_loss's delta: coef_1 = clamp(coef_1, max=delta)
             r1 = tl.where(ratio > delta, delta, ratio)
@@ -174,6 +244,26 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, 
             loss = x * -a
             dgrad = -a
             probe = loss
+        elif VARIANT == VESPO:  # TRL loss_type="vespo": -sg(phi) A logp, (k, lambda) by A >= 0
+            phi = tl.where(a >= 0.0, phi_pos, phi_neg)
+            loss = -phi * a * x
+            dgrad = -phi * a
+            high_val = phi
+            probe = phi
+        elif VARIANT == GMPO:  # verl geo_mean: the row's loss comes from _row_extra; 0 per token
+            m, dm, clipped = _gmpo_m(x - y, a, glo, cap)
+            loss = zero
+            dgrad = gm_coef * dm
+            clipped_on = clipped & (a > 0.0)
+            dual_on = clipped & negative
+            probe = m
+            nlr = y - x
+        elif VARIANT == DRO:  # verl compute_policy_loss_dro, the log-ratio unclamped
+            d = x - y
+            loss = x * -a + 0.5 * beta * d * d
+            dgrad = -a + beta * d
+            probe = loss
+            nlr = y - x
         else:  # CISPO (verl, clamp(r, lo, hi)) or CISPO_CAP (TRL, clamp(r, max=epsilon_high)), detached
             if VARIANT == CISPO:
                 c = _clamp_nan(ratio, lo, hi)
@@ -206,7 +296,11 @@ def _terms(x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, 
                 k3 = k3 * ratio
             else:
                 kl_grad = beta * d_k3
-        return (loss, grad, rgrad, _flag(clipped_on, probe), _flag(high_on, probe), _flag(low_on, probe),
+        if VARIANT == VESPO:
+            high = high_val
+        else:
+            high = _flag(high_on, probe)
+        return (loss, grad, rgrad, _flag(clipped_on, probe), high, _flag(low_on, probe),
                 _flag(dual_on, probe), nlr, k3, kl_grad, kl_r)
 
 
@@ -247,13 +341,21 @@ def _row_mean_log_ratio(x_ptr, y_ptr, m_ptr, base, length, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, saved_ptr, aux_ptr, length, lo,
-                       hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, KIND: tl.constexpr,
-                       A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr, HAS_DUAL: tl.constexpr,
-                       SAVE_GRAD: tl.constexpr, VARIANT: tl.constexpr, LEVEL: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, saved_ptr, aux_ptr, rin_ptr,
+                       length, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, glo, vk_pos, vl_pos,
+                       vk_neg, vl_neg, KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
+                       HAS_DUAL: tl.constexpr, SAVE_GRAD: tl.constexpr, VARIANT: tl.constexpr,
+                       LEVEL: tl.constexpr, HAS_RIN: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * length
+    phi_pos = 0.0
+    phi_neg = 0.0
+    gm_loss = 0.0
+    gm_coef = 0.0
+    if (VARIANT == VESPO) or (VARIANT == GMPO):
+        phi_pos, phi_neg, gm_loss, gm_coef = _row_extra(x_ptr, y_ptr, a_ptr, m_ptr, rin_ptr, row, base,
+                                                        length, glo, cap, vk_pos, vl_pos, vk_neg, vl_neg,
+                                                        A_PER_ROW, HAS_RIN, VARIANT, BLOCK)
     row_lr = 0.0
     row_pass = 0.0
     if LEVEL != TOKEN:
@@ -274,8 +376,8 @@ def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, sa
         x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs, in_row,
                                          KIND, A_PER_ROW, HAS_W)
         loss, grad, rgrad, clipped, high, low, dual_on, nlr, k3, kl_grad, kl_r = _terms(
-            x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, row_lr, row_pass, KIND,
-            HAS_DUAL, VARIANT, LEVEL)
+            x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, row_lr, row_pass, glo,
+            phi_pos, phi_neg, gm_coef, KIND, HAS_DUAL, VARIANT, LEVEL)
         if SAVE_GRAD:  # the unscaled per-token gradient, for _losses_bwd_kernel's SAVED mode (same product)
             tl.store(saved_ptr + base + offs, grad * w + kl_grad, mask=in_row)
         if LEVEL == SEQUENCE:
@@ -291,10 +393,17 @@ def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, sa
         acc_nlr += tl.where(valid, nlr, 0.0)
         acc_k3 += tl.where(valid, k3, 0.0)
     out = partial_ptr + row * 8
-    tl.store(out + 0, tl.sum(acc_loss, axis=0))
+    loss_sum = tl.sum(acc_loss, axis=0)
+    if VARIANT == GMPO:  # the row's loss (its tokens' are 0)
+        loss_sum = gm_loss + 0.0 * loss_sum
+    high_sum = tl.sum(acc_high, axis=0)
+    if (VARIANT == VESPO) and A_PER_ROW:  # TRL averages phi over all rows, an all-padding one included
+        a_row = tl.load(a_ptr + row).to(tl.float32)
+        high_sum = tl.where(tl.sum(acc_n, axis=0) > 0, high_sum, tl.where(a_row >= 0.0, phi_pos, phi_neg))
+    tl.store(out + 0, loss_sum)
     tl.store(out + 1, tl.sum(acc_n, axis=0))
     tl.store(out + 2, tl.sum(acc_clipped, axis=0))
-    tl.store(out + 3, tl.sum(acc_high, axis=0))
+    tl.store(out + 3, high_sum)
     tl.store(out + 4, tl.sum(acc_low, axis=0))
     tl.store(out + 5, tl.sum(acc_dual, axis=0))
     tl.store(out + 6, tl.sum(acc_nlr, axis=0))
@@ -350,10 +459,11 @@ def _losses_combine_kernel(partial_ptr, loss_ptr, stats_ptr, scale_ptr, rows, de
 
 @triton.jit
 def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, sv_ptr, scale_ptr, aux_ptr,
-                       out_ptr, length, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg,
-                       KIND: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_W: tl.constexpr,
-                       HAS_DUAL: tl.constexpr, SAVED: tl.constexpr, VARIANT: tl.constexpr,
-                       LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+                       rin_ptr, out_ptr, length, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, glo,
+                       vk_pos, vl_pos, vk_neg, vl_neg, KIND: tl.constexpr, A_PER_ROW: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_DUAL: tl.constexpr, SAVED: tl.constexpr,
+                       VARIANT: tl.constexpr, LEVEL: tl.constexpr, HAS_RIN: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """d x = grad * scale_row * (d l / d x + G_row) where the mask is set, else 0; G_row (row_aux[:, 1])
     is the sequence level's gradient through the row mean. SAVED: the forward saved the unscaled
     per-token gradient (sv_ptr; the token pointers are not read); otherwise every token's terms are
@@ -367,6 +477,13 @@ def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, sv_pt
     if LEVEL != TOKEN:
         row_lr, row_pass, row_through = _row_ratio(tl.load(aux_ptr + row * 2), LEVEL)  # noqa: F841 (unused)
         row_add = tl.load(aux_ptr + row * 2 + 1)
+    phi_pos = 0.0
+    phi_neg = 0.0
+    gm_coef = 0.0
+    if ((VARIANT == VESPO) or (VARIANT == GMPO)) and not SAVED:
+        phi_pos, phi_neg, _gm_loss, gm_coef = _row_extra(x_ptr, y_ptr, a_ptr, m_ptr, rin_ptr, row, base,
+                                                         length, glo, cap, vk_pos, vl_pos, vk_neg, vl_neg,
+                                                         A_PER_ROW, HAS_RIN, VARIANT, BLOCK)
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         in_row = offs < length
@@ -377,8 +494,8 @@ def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, sv_pt
             x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs,
                                              in_row, KIND, A_PER_ROW, HAS_W)
             _, grad, _, _, _, _, _, _, _, kl_grad, _ = _terms(
-                x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, row_lr, row_pass, KIND,
-                HAS_DUAL, VARIANT, LEVEL)
+                x, y, a, z, lo, hi, dual, beta, vclip, cap, delta, tau_pos, tau_neg, row_lr, row_pass, glo,
+                phi_pos, phi_neg, gm_coef, KIND, HAS_DUAL, VARIANT, LEVEL)
             grad = grad * w + kl_grad
         if LEVEL == SEQUENCE:
             grad = grad + row_add
@@ -402,14 +519,18 @@ def _launch_args(x, old, adv, ref, weights, mask):
     return ptrs, rows, length, adv.dim() < x.dim(), weights is not None
 
 
-def _consts(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg):
-    # cap: cispo_cap's absolute bound on r (clip_high itself, TRL's epsilon_high).
-    return (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip, clip_high, delta, tau_pos, tau_neg)
+def _consts(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg, vk_pos=2.0, vl_pos=3.0,
+            vk_neg=3.0, vl_neg=2.0):
+    # cap: cispo_cap's absolute bound on r (clip_high itself, TRL's epsilon_high; gmpo's upper log bound);
+    # -clip_low: gmpo's lower log bound; vespo's k / lambda (TRL clamps lambda to >= 1e-4).
+    return (1.0 - clip_low, 1.0 + clip_high, dual_clip, beta, value_clip, clip_high, delta, tau_pos, tau_neg,
+            -clip_low, vk_pos, max(vl_pos, 1e-4), vk_neg, max(vl_neg, 1e-4))
 
 
 def losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,
                per_row_mean, denom, loss, stats, row_scale, saved, variant=0, level=0, delta=math.inf,
-               tau_pos=1.0, tau_neg=1.05, row_aux=None) -> None:
+               tau_pos=1.0, tau_neg=1.05, row_aux=None, row_in=None, vk_pos=2.0, vl_pos=3.0, vk_neg=3.0,
+               vl_neg=2.0) -> None:
     """Same contract as the C++ rlkern._C.losses_fwd: contiguous [..., T] inputs (advantages per token
     or per row; ref and weights or None; the mask in any dtype, nonzero = valid), writes loss (0-d),
     stats [LOSS_STATS] and row_scale [...] (all fp32), unless saved is None each token's unscaled
@@ -420,33 +541,38 @@ def losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_
     if row_aux is None:  # a caller that does not read it (tests/gpu_compile.py's launch matrix)
         row_aux = torch.empty(rows, 2, device=x.device, dtype=torch.float32)
     if rows > 0:
-        _losses_fwd_kernel[(rows,)](*ptrs, partial, x if saved is None else saved, row_aux, length,
+        _losses_fwd_kernel[(rows,)](*ptrs, partial, x if saved is None else saved, row_aux,
+                                    partial if row_in is None else row_in, length,
                                     *_consts(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos,
-                                             tau_neg), KIND=kind,
+                                             tau_neg, vk_pos, vl_pos, vk_neg, vl_neg), KIND=kind,
                                     A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
                                     SAVE_GRAD=saved is not None, VARIANT=variant, LEVEL=level,
+                                    HAS_RIN=row_in is not None,
                                     # eight accumulators (and the saved gradient) per element: 512-wide
                                     # tiles on 8 warps. 1024 on 4 warps spilled 8 B on sm_80 (grpo_bc)
                                     # and, with Triton 3.4, on sm_90 for int64 / bf16 masks.
                                     BLOCK=min(_block(length), 512), num_warps=8)
     _losses_combine_kernel[(1,)](partial, loss, stats, row_scale, rows, float(denom),
                                  PER_ROW_MEAN=per_row_mean,
-                                 FLAGS_PER_ROW=level == LEVELS["sequence"] and a_per_row, BLOCK_B=128)
+                                 FLAGS_PER_ROW=a_per_row and (level == LEVELS["sequence"]
+                                                              or variant == LOSS_VARIANTS["vespo"]),
+                                 BLOCK_B=128)
 
 
 def losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip_low, clip_high, dual_clip,
                beta, value_clip, grad_x, variant=0, level=0, delta=math.inf, tau_pos=1.0, tau_neg=1.05,
-               row_aux=None) -> None:
+               row_aux=None, row_in=None, vk_pos=2.0, vl_pos=3.0, vk_neg=3.0, vl_neg=2.0) -> None:
     """Same contract as the C++ rlkern._C.losses_bwd: writes d x (x's dtype) into grad_x."""
     ptrs, rows, length, a_per_row, has_w = _launch_args(x, old, adv, ref, weights, mask)
     if rows == 0:
         return
     _losses_bwd_kernel[(rows,)](grad_loss, *ptrs, x, row_scale, row_scale if row_aux is None else row_aux,
-                                grad_x, length,
+                                row_scale if row_in is None else row_in, grad_x, length,
                                 *_consts(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos,
-                                         tau_neg), KIND=kind,
+                                         tau_neg, vk_pos, vl_pos, vk_neg, vl_neg), KIND=kind,
                                 A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
-                                SAVED=False, VARIANT=variant, LEVEL=level, BLOCK=_block(length),
+                                SAVED=False, VARIANT=variant, LEVEL=level, HAS_RIN=row_in is not None,
+                                BLOCK=_block(length),
                                 num_warps=8)  # 4 warps: Triton 3.4 spilled (int64 mask)
 
 
@@ -460,8 +586,9 @@ def losses_bwd_saved(grad_loss, saved, mask, row_scale, grad_x, row_aux=None) ->
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     unread = (saved,) * 5  # the token pointers of the recomputing mode
     _losses_bwd_kernel[(rows,)](grad_loss, *unread, m, saved, row_scale,
-                                row_scale if row_aux is None else row_aux, grad_x, length, *(0.0,) * 5,
-                                1.0, math.inf, 1.0, 1.0, KIND=0, A_PER_ROW=False, HAS_W=False, HAS_DUAL=False,
-                                SAVED=True, VARIANT=0,
+                                row_scale if row_aux is None else row_aux, row_scale, grad_x, length,
+                                *(0.0,) * 5, 1.0, math.inf, 1.0, 1.0, 0.0, 2.0, 3.0, 3.0, 2.0, KIND=0,
+                                A_PER_ROW=False, HAS_W=False, HAS_DUAL=False, SAVED=True, VARIANT=0,
                                 LEVEL=LEVELS["token"] if row_aux is None else LEVELS["sequence"],
+                                HAS_RIN=False,
                                 BLOCK=_block(length))

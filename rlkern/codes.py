@@ -36,5 +36,8 @@ def cpp_header() -> str:
 # A logp; sapo: the soft gate; gpg: A logp. sequence: TRL's masked row-mean log-ratio (gradient through
 # the mean); sequence_token: verl GSPO-token (the row's value, a per-token gradient).
 LOSS_VARIANTS = {"ppo": 0, "cispo": 1, "cispo_cap": 2, "sapo": 3, "gpg": 4}
+# vespo: TRL's gamma-weighted -sg(phi(w_b)) A logp (w_b from the row sum of log-ratios); gmpo: verl's
+# geo_mean (a row geometric mean of sign-clipped token ratios); dro: verl's -A logp + beta/2 (logp - old)^2.
+LOSS_VARIANTS.update({"vespo": 5, "gmpo": 6, "dro": 7})
 RATIO_LEVELS = {"token": 0, "sequence": 1, "sequence_token": 2}
 TABLES.update({"kVariant": LOSS_VARIANTS, "kLevel": RATIO_LEVELS})

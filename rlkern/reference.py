@@ -715,9 +715,11 @@ def sum_p2(logits: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
 # (verl numerics) and grpo_loss (TRL 1.16 GRPOTrainer._compute_loss numerics).
 # ---------------------------------------------------------------------------------------------
 
-POLICY_VARIANTS = ("ppo", "cispo", "cispo_cap", "sapo", "gpg")
+POLICY_VARIANTS = ("ppo", "cispo", "cispo_cap", "sapo", "gpg", "gmpo", "dro")
 RATIO_LEVELS = ("token", "sequence", "sequence_token")
-GRPO_VARIANT_LOSS_TYPES = GRPO_LOSS_TYPES + ("cispo", "sapo", "luspo")
+GRPO_VARIANT_LOSS_TYPES = GRPO_LOSS_TYPES + ("cispo", "sapo", "luspo", "vespo")
+# TRL get_gamma_weights: log w is clamped to [log(1e-8), 20] (and so is each log IS ratio).
+VESPO_LOG_W_MIN = math.log(1e-8)
 GRPO_IS_LEVELS = ("token", "sequence")
 
 
@@ -798,17 +800,99 @@ def _variant_inputs(mask, logp, old_logp, advantages, *more):
     return _zero_padding(mask, logp, *rest)
 
 
+def vespo_is_log_sum(importance_sampling_ratio: Tensor) -> Tensor:
+    """TRL get_gamma_weights' correction term per row: sum over ALL T positions (TRL does not mask
+    it) of clamp(log(importance_sampling_ratio), log(1e-8), 20), in float32 ([..., T] -> [...])."""
+    log_is = torch.log(importance_sampling_ratio.float())
+    return log_is.clamp(min=VESPO_LOG_W_MIN, max=20.0).sum(-1)
+
+
+def vespo_phi(log_ratio: Tensor, mask: Tensor, advantages: Tensor, is_log_sum: Tensor | None, *,
+              k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float) -> Tensor:
+    """trl/trainer/grpo_trainer.py::GRPOTrainer.get_gamma_weights (no gradient): log w_b = clamp(
+    sum_t valid clamp(log r_t, -20, 20) + is_log_sum_b, log(1e-8), 20), then per token (k, lambda) =
+    (k_pos, lambda_pos) where A >= 0 else (k_neg, lambda_neg), lambda clamped to >= 1e-4, and
+    phi = exp(lambda + k log w - lambda w) with NaN / +-inf -> 0. Returns phi broadcast to A's shape
+    ([..., 1] for per-row advantages [...], else [..., T])."""
+    with torch.no_grad():
+        m = mask.bool()
+        lr = torch.where(m, log_ratio.clamp(-20.0, 20.0), torch.zeros_like(log_ratio))
+        s = lr.sum(-1)
+        if is_log_sum is not None:
+            s = s + is_log_sum.to(s.dtype)
+        log_w = s.clamp(VESPO_LOG_W_MIN, 20.0).unsqueeze(-1)
+        a = advantages.unsqueeze(-1) if advantages.shape != log_ratio.shape else advantages
+        nonneg = a >= 0
+        k = torch.where(nonneg, k_pos, k_neg).to(log_w.dtype)
+        lam = torch.where(nonneg, lambda_pos, lambda_neg).to(log_w.dtype).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def gmpo_log_weight(weights: Tensor, mask: Tensor) -> Tensor:
+    """verl compute_policy_loss_geo_mean's rollout-weight row term, log of the row geometric mean:
+    sum_t valid log(w_t + 1e-10) / (n_b + 1e-8), float32 [..., T] -> [...] (padding selected out)."""
+    m = mask.bool()
+    lw = torch.log(weights.float() + 1e-10)
+    return torch.where(m, lw, torch.zeros_like(lw)).sum(-1) / (m.sum(-1).float() + 1e-8)
+
+
+def _gmpo(logp, old_logp, a, mask, *, clip_low, clip_high, weights):
+    """verl core_algos.py::compute_policy_loss_geo_mean: per token d = logp - old (unclamped),
+    m = sgn(A) min(sgn(A) d, sgn(A) clamp(d, -clip_low, clip_high)); per row ratio_b = exp(sum_valid
+    m / (n_b + 1e-8)), adv_b = sum_valid A / (n_b + 1e-8), loss_b = -adv_b ratio_b (times the weights'
+    row geometric mean); the loss is the mean over all rows. Flags: d clipped with A > 0 (clip_frac)
+    and A < 0 (clip_frac_lower)."""
+    m = mask.bool()
+    d = logp - old_logp
+    sgn = torch.sign(a)
+    d_clamp = torch.clamp(d, -clip_low, clip_high)
+    mm = sgn * torch.minimum(sgn * d, sgn * d_clamp)
+    n = m.sum(-1).to(d.dtype) + 1e-8
+    ratio = torch.exp(torch.where(m, mm, torch.zeros_like(mm)).sum(-1) / n)
+    row = -(torch.where(m, a, torch.zeros_like(a)).sum(-1) / n) * ratio
+    if weights is not None:
+        row = row * torch.exp(gmpo_log_weight(weights, mask).to(d.dtype))
+    # A NaN row loss gives every valid token of the row a NaN gradient (the kernels' rule: the row's
+    # coefficient is NaN), also where the clip makes d m / d logp 0 and autograd would give 0.
+    bad = row.detach().isnan()
+    nan_at_bad = torch.where(bad, math.nan, 0.0).to(row.dtype).unsqueeze(-1)
+    row = torch.where(bad, row + (torch.where(m, logp, torch.zeros_like(logp)) * nan_at_bad).sum(-1), row)
+    loss = _rows(row.unsqueeze(-1)).sum() / max(_rows(row.unsqueeze(-1)).shape[0], 1)
+    clipped = d != d_clamp
+    surrogate = mm.detach()
+    stats = {"clip_frac": _masked_fraction(clipped & (a > 0), mask, d.dtype, surrogate),
+             "clip_frac_lower": _masked_fraction(clipped & (a < 0), mask, d.dtype, surrogate),
+             "approx_kl": aggregate_loss(-d.detach(), mask, "token-mean")}
+    return loss, stats
+
+
 def policy_loss_variant(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                         clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
                         agg: str = "token-mean", weights: Tensor | None = None, variant: str = "ppo",
                         ratio_level: str = "token", delta: float | None = None, sapo_tau_pos: float = 1.0,
-                        sapo_tau_neg: float = 1.05) -> tuple[Tensor, dict[str, Tensor]]:
+                        sapo_tau_neg: float = 1.05,
+                        dro_beta: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """policy_loss with a surrogate ``variant`` and an importance-ratio level (see _variant_terms and
     _log_ratio); verl's stats: clip_frac (pg_clipfrac: pg2 > pg1 for ppo, r != clip(r) for cispo),
-    clip_frac_lower (dual clip), approx_kl (ppo_kl)."""
+    clip_frac_lower (dual clip), approx_kl (ppo_kl). gmpo (token level only): _gmpo, ``agg`` ignored
+    (verl's mean over rows), ``weights`` as their row geometric mean. dro (token level only): verl
+    compute_policy_loss_dro, -A logp + dro_beta / 2 (logp - old)^2 per token (unclamped log-ratio,
+    approx_kl unclamped), times ``weights``, aggregated per ``agg``."""
     per_row_adv = advantages.shape != logp.shape
     logp, old_logp, advantages = _variant_inputs(mask, logp, old_logp, advantages)
     a = advantages if not per_row_adv else advantages.unsqueeze(-1).expand_as(logp)
+    if variant == "gmpo":
+        w = None if weights is None else _zero_padding(mask, _upcast(weights).detach())[0]
+        return _gmpo(logp, old_logp, a, mask, clip_low=clip_low, clip_high=clip_high, weights=w)
+    if variant == "dro":
+        d = logp - old_logp
+        loss = -logp * a + 0.5 * dro_beta * d.square()
+        if weights is not None:
+            loss = loss * _zero_padding(mask, _upcast(weights).detach())[0]
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        stats = {"clip_frac": zero, "clip_frac_lower": zero.clone(),
+                 "approx_kl": aggregate_loss(-d.detach(), mask, "token-mean")}
+        return aggregate_loss(_nan_tokens_get_nan_grad(loss, logp), mask, agg), stats
     lr, nkl = _log_ratio(logp, old_logp, mask, ratio_level)
     ratio = torch.exp(lr).expand_as(logp)
     loss, flags, surrogate = _variant_terms(variant, logp, ratio, a, clip_low=clip_low, clip_high=clip_high,
@@ -836,21 +920,38 @@ def grpo_loss_variant(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantag
                       use_bias_correction_kl: bool = False, weights: Tensor | None = None,
                       importance_sampling_level: str = "token", delta: float | None = None,
                       sapo_temperature_pos: float = 1.0,
-                      sapo_temperature_neg: float = 1.05) -> tuple[Tensor, dict[str, Tensor]]:
+                      sapo_temperature_neg: float = 1.05, importance_sampling_ratio: Tensor | None = None,
+                      vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+                      vespo_lambda_neg: float = 2.0) -> tuple[Tensor, dict[str, Tensor]]:
     """trl/trainer/grpo_trainer.py::GRPOTrainer._compute_loss (TRL 1.16) for every loss_type it fuses
     here: grpo / bnpo / dr_grpo / dapo / luspo (PPO-clip, with ``delta``), cispo (absolute cap
-    ``clip_high``, dapo's normaliser), sapo (grpo's normaliser), at importance_sampling_level token or
-    sequence. ``weights`` multiply the surrogate before the KL term; the KL term is beta k3 (times
-    coef_1 before delta with use_bias_correction_kl)."""
+    ``clip_high``, dapo's normaliser), sapo (grpo's normaliser), vespo (-sg(phi) A logp, vespo_phi,
+    dapo's normaliser; ``importance_sampling_ratio`` [..., T] folds TRL's vLLM IS ratios into phi), at
+    importance_sampling_level token or sequence. ``weights`` multiply the surrogate before the KL
+    term; the KL term is beta k3 (times coef_1 before delta with use_bias_correction_kl). The stat
+    ``phi_seq_mean`` is TRL's vespo/phi_seq_mean (0 unless vespo)."""
     per_row_adv = advantages.shape != logp.shape
+    adv_in = _upcast(advantages).detach()  # phi's (k, lambda) read A's sign even in all-padding rows
     logp, old_logp, advantages, ref_logp = _variant_inputs(mask, logp, old_logp, advantages, ref_logp)
     a = advantages if not per_row_adv else advantages.unsqueeze(-1).expand_as(logp)
     lr, nkl = _log_ratio(logp, old_logp, mask, importance_sampling_level)
     ratio = torch.exp(lr).expand_as(logp)
-    variant = {"cispo": "cispo_cap", "sapo": "sapo"}.get(loss_type, "ppo")
-    loss, flags, surrogate = _variant_terms(
-        variant, logp, ratio, a, clip_low=clip_low, clip_high=clip_high, delta=delta,
-        tau_pos=sapo_temperature_pos, tau_neg=sapo_temperature_neg)
+    phi_mean = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if loss_type == "vespo":
+        is_sum = None if importance_sampling_ratio is None else vespo_is_log_sum(importance_sampling_ratio)
+        phi = vespo_phi(logp - old_logp, mask, adv_in, is_sum, k_pos=vespo_k_pos,
+                        lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
+        # TRL's global_masked_mean: a (B, 1) phi is averaged over all B rows, a (B, T) one over tokens.
+        phi_mean = (_rows(phi).sum() / max(_rows(phi).shape[0], 1) if per_row_adv
+                    else aggregate_loss(phi, mask, "token-mean"))
+        loss = -phi * a * logp
+        zero = torch.zeros_like(ratio, dtype=torch.bool)
+        flags, surrogate = {"clipped": zero, "low": zero, "high": zero}, torch.zeros_like(ratio)
+    else:
+        variant = {"cispo": "cispo_cap", "sapo": "sapo"}.get(loss_type, "ppo")
+        loss, flags, surrogate = _variant_terms(
+            variant, logp, ratio, a, clip_low=clip_low, clip_high=clip_high, delta=delta,
+            tau_pos=sapo_temperature_pos, tau_neg=sapo_temperature_neg)
     d = _clamp_keep_nan(ref_logp - logp, -20.0, 20.0)
     k3 = torch.exp(d) - d - 1
     if use_bias_correction_kl:
@@ -867,8 +968,9 @@ def grpo_loss_variant(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantag
         "clip_ratio_low": low, "clip_ratio_high": high,
         "cispo_clip_ratio": high if loss_type == "cispo" else torch.zeros_like(high),
         "approx_kl": aggregate_loss(nkl.detach(), mask, "token-mean"),
+        "phi_seq_mean": phi_mean,
     }
-    agg = {"cispo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
+    agg = {"cispo": "dapo", "sapo": "grpo", "vespo": "dapo"}.get(loss_type, loss_type)
     if agg == "luspo":  # (per_token_loss * mask).sum(-1).mean(): sum / B
         agg, max_completion_length = "dr_grpo", 1
     loss = aggregate_loss(per_token, mask, agg, max_completion_length=max_completion_length,

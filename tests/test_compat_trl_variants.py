@@ -1,5 +1,5 @@
 """TRL 1.16's real GRPOTrainer with the loss options rlkern fuses since issue 13 (loss_type cispo / sapo /
-luspo, importance_sampling_level="sequence", delta), run unpatched and after
+luspo / vespo, importance_sampling_level="sequence", delta), run unpatched and after
 ``rlkern.compat.patch("trl")`` on the tiny Llama of tests/test_compat_trl_trainers.py: every step's
 loss must reach rlkern.ops.grpo_loss (counted per step, no fallback) and every metric TRL logs must
 agree to fp32 tolerance (that file's RTOL / ATOL: the same terms summed in other orders, compounded
@@ -34,6 +34,10 @@ CLIP_KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_m
     dict(loss_type="dapo", importance_sampling_level="sequence", num_iterations=2, steps_per_generation=2),
     dict(loss_type="dapo", delta=1.05, num_iterations=2, epsilon_high=0.28),
     dict(loss_type="bnpo", delta=1.02, beta=0.1, num_iterations=2, entropy_coef=0.05),
+    dict(loss_type="vespo", num_iterations=2),
+    dict(loss_type="vespo", num_iterations=2, beta=0.04, use_bias_correction_kl=True, steps_per_generation=2),
+    dict(loss_type="vespo", num_iterations=2, vespo_k_pos=1.0, vespo_lambda_pos=0.5, vespo_k_neg=4.0,
+         vespo_lambda_neg=1.5, gradient_accumulation_steps=2, entropy_coef=0.05),
 ], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_grpo_trainer_variants_run_on_rlkern_and_match(tmp_path, config):
     make = grpo_trainer(tmp_path, **config)
@@ -46,6 +50,8 @@ def test_grpo_trainer_variants_run_on_rlkern_and_match(tmp_path, config):
     keys = BASE_KEYS + (("kl",) if config.get("beta") else ())
     if config["loss_type"] == "cispo":
         keys += ("cispo_clip_ratio",)
+    elif config["loss_type"] == "vespo":
+        keys += ("vespo/phi_seq_mean",)
     elif config["loss_type"] != "sapo":
         keys += CLIP_KEYS
     keys += ("policy_loss", "entropy_coef") if config.get("entropy_coef") else ()

@@ -30,9 +30,11 @@ SHAPES = [(3, 37), (1, 16), (2, 3, 17)]  # odd T, one row of exactly 16 lanes, e
 
 
 def _grpo_reference(*args, **kwargs):
-    """reference.grpo_loss with the stats key rlkern.ops.grpo_loss adds for the cispo loss type (0)."""
+    """reference.grpo_loss with the stats keys rlkern.ops.grpo_loss adds for the cispo and vespo loss
+    types (0 for the others)."""
     loss, stats = reference.grpo_loss(*args, **kwargs)
-    return loss, {**stats, "cispo_clip_ratio": torch.zeros_like(stats["kl"])}
+    zero = torch.zeros_like(stats["kl"])
+    return loss, {**stats, "cispo_clip_ratio": zero, "phi_seq_mean": zero.clone()}
 
 
 def _tokens(shape, dtype, *, spread=0.4, valid=0.75):
@@ -447,11 +449,12 @@ def test_opcheck(backend_name, kind):
     dual = 3.0 if kind == 0 else math.inf
     for save_grad in (0, 1):  # (2: the caller drops `saved`, which the backward may then overwrite)
         args = (logp.requires_grad_(), old, a, r, w, mask, kind, 0.2, 0.28, dual, 0.04, 0.2, grpo,
-                -1.0 if not grpo else 3.0, save_grad, backend_name, 0, 0, math.inf, 1.0, 1.05)
+                -1.0 if not grpo else 3.0, save_grad, backend_name, 0, 0, math.inf, 1.0, 1.05, None, 2.0, 3.0,
+                3.0, 2.0)
         torch.library.opcheck(torch.ops.rlkern.losses_fwd.default, args)
     _, _, row_scale, row_aux, saved = torch.ops.rlkern.losses_fwd(*args)
     bwd = (torch.tensor(1.5), logp.detach(), old, a, r, w, mask, row_scale, kind, 0.2, 0.28, dual, 0.04, 0.2,
-           backend_name, 0, 0, math.inf, 1.0, 1.05, row_aux)
+           backend_name, 0, 0, math.inf, 1.0, 1.05, row_aux, None, 2.0, 3.0, 3.0, 2.0)
     torch.library.opcheck(torch.ops.rlkern.losses_bwd.default, bwd)
     saved_bwd = (torch.tensor(1.5), saved.detach(), mask, row_scale.detach(), torch.float32, backend_name,
                  None)
@@ -516,7 +519,8 @@ _M = lambda *s: torch.ones(*s, dtype=torch.bool)  # noqa: E731
          ValueError, r"logp must have shape \[..., T\]"),
     _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 5), _X(2), _M(2, 5), loss_type="ppo"),
          ValueError,
-         r"loss_type must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'luspo'\]"),
+         r"loss_type must be one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'luspo', "
+         r"'vespo'\]"),
     _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 4), _X(2), _M(2, 5)), ValueError,
          r"ref_logp must have shape \(2, 5\)"),
     _bad(lambda: rlkern.ops.grpo_loss(_X(2, 5), _X(2, 5), _X(2, 5), _X(2), _M(2, 5), beta=-0.1), ValueError,
@@ -543,7 +547,7 @@ def test_cpp_kernel_checks_shapes_itself():
     """Called directly (bypassing the Python checks) the C++ kernel refuses inconsistent tensors."""
     x = torch.randn(2, 5)
     outs = (torch.empty(()), torch.empty(6), torch.empty(2))
-    opts = (0, 0, math.inf, 1.0, 1.05, torch.empty(2, 2))
+    opts = (0, 0, math.inf, 1.0, 1.05, torch.empty(2, 2), None, 2.0, 3.0, 3.0, 2.0)
     with pytest.raises(RuntimeError, match="old must be a contiguous"):
         cpp_kernels().losses_fwd(x, torch.randn(2, 4), x, None, None, torch.ones(2, 5, dtype=torch.bool), 0,
                                  0.2, 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs, None, *opts)

@@ -1,11 +1,11 @@
 """The policy-loss variants of rlkern.ops.policy_loss / grpo_loss (issue 13): the surrogate (ppo, cispo,
-cispo_cap, sapo, gpg; TRL's cispo / sapo / luspo loss types and delta) and the importance-ratio level
-(token, sequence, sequence_token), against
+cispo_cap, sapo, gpg, gmpo, dro; TRL's cispo / sapo / luspo / vespo loss types and delta) and the
+importance-ratio level (token, sequence, sequence_token), against
 
 * the float64 oracle (rlkern.reference.policy_loss_variant / grpo_loss_variant), every backend, dtype
   and mask dtype, gradients included;
-* the peers' own code: verl 0.9.1 ``core_algos.compute_policy_loss_{cispo,gspo,sapo,gpg}`` called as
-  plain functions, and TRL 1.16 ``GRPOTrainer._compute_loss`` itself, called unbound on a stand-in
+* the peers' own code: verl 0.9.1 ``core_algos.compute_policy_loss_{cispo,gspo,sapo,gpg,geo_mean,dro}``
+  called as plain functions, and TRL 1.16 ``GRPOTrainer._compute_loss`` itself, called unbound on a stand-in
   trainer object whose ``_get_per_token_logps_and_entropies`` returns our log-probs (no model);
 * hostile inputs: NaN at a valid token reaches the loss and the gradient (at the sequence level the
   whole row's), NaN in padding changes nothing, an all-padding row gives 0.
@@ -33,7 +33,15 @@ from tests.test_losses import _compare  # the oracle comparison (loss, every sta
 
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16,
                torch.float16)
-NEW_GRPO_TYPES = ("cispo", "sapo", "luspo")
+NEW_GRPO_TYPES = ("cispo", "sapo", "luspo", "vespo")
+# gmpo (a loss per row) and dro have the token level only; dro needs its beta.
+TOKEN_ONLY = ("gmpo", "dro")
+VARIANT_LEVELS = [(v, lv) for v in L.POLICY_VARIANTS for lv in L.RATIO_LEVELS
+                  if lv == "token" or v not in TOKEN_ONLY]
+
+
+def _vkw(variant):
+    return {"dro_beta": 0.3} if variant == "dro" else {}
 
 
 def _tokens(shape, dtype, *, spread=0.4, valid=0.75, generator=None):
@@ -61,21 +69,19 @@ def _grpo_ref(logp, old, ref, adv, mask, **kw):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", L.POLICY_VARIANTS)
-@pytest.mark.parametrize("level", L.RATIO_LEVELS)
+@pytest.mark.parametrize(("variant", "level"), VARIANT_LEVELS)
 def test_policy_variants_match_oracle(backend, dtype, variant, level):
     logp, old, _, adv, mask = _tokens((3, 37), dtype)
     clip_high = 1.3 if variant == "cispo_cap" else 0.28  # cispo_cap: an absolute cap, some ratios above
     kw = dict(clip_low=0.2, clip_high=clip_high, variant=variant, ratio_level=level,
-              agg="seq-mean-token-mean" if variant == "sapo" else "token-mean")
+              agg="seq-mean-token-mean" if variant == "sapo" else "token-mean", **_vkw(variant))
     _, stats, _ = _compare(rlkern.ops.policy_loss, _policy_ref, logp, (old, adv, mask), kw,
                            what=f"policy {variant} {level}")
-    if variant in ("ppo", "cispo", "cispo_cap") and level == "token":
+    if variant in ("ppo", "cispo", "cispo_cap", "gmpo") and level == "token":
         assert 0 < stats["clip_frac"] < 1  # the inputs exercise the clip
 
 
-@pytest.mark.parametrize("variant", L.POLICY_VARIANTS)
-@pytest.mark.parametrize("level", L.RATIO_LEVELS)
+@pytest.mark.parametrize(("variant", "level"), VARIANT_LEVELS)
 @pytest.mark.parametrize("per_sequence_adv", [False, True])
 def test_policy_variants_weights_and_aggs(backend, variant, level, per_sequence_adv):
     logp, old, _, adv, mask = _tokens((2, 3, 19), torch.float32, spread=0.8)
@@ -84,7 +90,7 @@ def test_policy_variants_weights_and_aggs(backend, variant, level, per_sequence_
     weights = torch.rand(2, 3, 19)
     for agg in L.POLICY_AGGS:
         kw = dict(clip_high=2.0 if variant == "cispo_cap" else 0.28, variant=variant, ratio_level=level,
-                  agg=agg, weights=weights)
+                  agg=agg, weights=weights, **_vkw(variant))
         if variant == "ppo":
             kw.update(delta=1.4)
         if variant == "sapo":
@@ -114,12 +120,19 @@ def test_grpo_loss_types_match_oracle(backend, dtype, loss_type, level):
     dict(loss_type="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0, beta=0.1),
     dict(loss_type="sapo", importance_sampling_level="sequence", use_bias_correction_kl=True),
     dict(loss_type="bnpo", importance_sampling_level="sequence", delta=1.2),
-    dict(loss_type="dr_grpo", importance_sampling_level="sequence", max_completion_length=40)])
+    dict(loss_type="dr_grpo", importance_sampling_level="sequence", max_completion_length=40),
+    dict(loss_type="vespo", num_items_in_batch=50, beta=0.2, use_bias_correction_kl=True),
+    dict(loss_type="vespo", importance_sampling_level="sequence", use_bias_correction_kl=True, beta=0.1,
+         vespo_k_pos=1.0, vespo_lambda_pos=0.5, vespo_k_neg=4.0, vespo_lambda_neg=0.0),
+    dict(loss_type="vespo", importance_sampling_ratio=True)])
 @pytest.mark.parametrize("per_token", [False, True])
 def test_grpo_options_weights(backend, kwargs, per_token):
     logp, old, ref, adv, mask = _tokens((2, 3, 19), torch.float32, spread=0.6)
     a = adv if per_token else adv[..., 0].contiguous()
     weights = torch.rand(2, 3, 19)
+    kwargs = dict(kwargs)
+    if kwargs.get("importance_sampling_ratio"):  # vespo: TRL's vLLM IS ratios, folded into phi
+        kwargs["importance_sampling_ratio"] = torch.rand(2, 3, 19) * 2 + 0.1
     _compare(rlkern.ops.grpo_loss, _grpo_ref, logp, (old, ref, a, mask), dict(kwargs, weights=weights),
              what=f"grpo {kwargs} per_token={per_token}")
 
@@ -135,7 +148,9 @@ def test_mask_of_any_dtype(backend, mask_dtype):
             (rlkern.ops.policy_loss, _policy_ref, (old, adv), dict(variant="sapo", ratio_level="sequence")),
             (rlkern.ops.grpo_loss, _grpo_ref, (old, ref, adv[:, 0]), dict(loss_type="cispo", clip_high=1.1)),
             (rlkern.ops.grpo_loss, _grpo_ref, (old, ref, adv[:, 0]),
-             dict(loss_type="grpo", importance_sampling_level="sequence"))):
+             dict(loss_type="grpo", importance_sampling_level="sequence")),
+            (rlkern.ops.grpo_loss, _grpo_ref, (old, ref, adv[:, 0]), dict(loss_type="vespo")),
+            (rlkern.ops.policy_loss, _policy_ref, (old, adv), dict(variant="gmpo"))):
         _, _, grad = _compare(lambda x, *o, op=op, **k: op(x, *o[:-1], mask, **k), ref_fn, logp,
                               (*others, valid), kw, what=f"{op.__name__} {kw} {mask_dtype} mask")
         assert (grad[~valid] == 0).all()
@@ -145,8 +160,9 @@ def test_mask_of_any_dtype(backend, mask_dtype):
 def test_and_grad_entry_points(backend, level):
     """policy_loss_and_grad / grpo_loss_and_grad: the autograd gradient, without autograd."""
     logp, old, ref, adv, mask = _tokens((3, 23), torch.float32)
-    for variant in L.POLICY_VARIANTS:
-        kw = dict(variant=variant, ratio_level=level, clip_high=1.5 if variant == "cispo_cap" else 0.2)
+    for variant in (v for v, lv in VARIANT_LEVELS if lv == level):
+        kw = dict(variant=variant, ratio_level=level, clip_high=1.5 if variant == "cispo_cap" else 0.2,
+                  **_vkw(variant))
         x = logp.clone().requires_grad_()
         loss, stats = rlkern.ops.policy_loss(x, old, adv, mask, **kw)
         loss.backward()
@@ -163,18 +179,30 @@ def test_and_grad_entry_points(backend, level):
         assert torch.allclose(loss, loss2) and torch.allclose(x.grad, grad2, rtol=1e-6, atol=1e-9), loss_type
 
 
-@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
 def test_second_backward_recomputes_the_same_gradient(backend, level):
     """retain_graph: the first backward may consume the saved gradient; the second recomputes it from
-    the inputs and the saved row ratios (row_aux), and must agree."""
+    the inputs and the saved row ratios (row_aux), or (gmpo, vespo) sweeps the row again, and must agree."""
     logp, old, ref, adv, mask = _tokens((3, 29), torch.float32)
-    for variant in ("ppo", "sapo", "cispo"):
+    variants = ("ppo", "sapo", "cispo") if level != "token" else ("gmpo", "dro")
+    for variant in variants:
         x = logp.clone().requires_grad_()
-        loss, _ = rlkern.ops.policy_loss(x, old, adv, mask, variant=variant, ratio_level=level)
+        loss, _ = rlkern.ops.policy_loss(x, old, adv, mask, variant=variant, ratio_level=level,
+                                         weights=torch.rand(3, 29), **_vkw(variant))
         (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
         g1 = g1.clone()
         (g2,) = torch.autograd.grad(loss, x)
         assert torch.allclose(g1, g2, rtol=1e-6, atol=1e-9), variant
+    if level == "sequence_token":
+        return
+    x = logp.clone().requires_grad_()
+    loss, _ = rlkern.ops.grpo_loss(x, old, ref, adv[:, 0], mask, loss_type="vespo", beta=0.1,
+                                   use_bias_correction_kl=True, importance_sampling_level=level,
+                                   importance_sampling_ratio=torch.rand(3, 29) + 0.5)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g1 = g1.clone()
+    (g2,) = torch.autograd.grad(loss, x)
+    assert torch.allclose(g1, g2, rtol=1e-6, atol=1e-9), "vespo"
 
 
 def test_gradcheck_reference():
@@ -187,11 +215,12 @@ def test_gradcheck_reference():
     # Not sequence_token: GSPO-token's gradient is by design not the derivative of its value (the value
     # reads the row mean, the gradient sg()s it away); test_matches_verl checks it against verl's.
     for level in ("token", "sequence"):
-        for variant in ("ppo", "sapo"):
+        for variant in ("ppo", "sapo") + (("gmpo", "dro") if level == "token" else ()):
             assert torch.autograd.gradcheck(
-                lambda t, v=variant, lv=level: _policy_ref(t, old, adv, mask, variant=v, ratio_level=lv)[0],
-                (x,))
-    for loss_type in NEW_GRPO_TYPES:
+                lambda t, v=variant, lv=level: _policy_ref(t, old, adv, mask, variant=v, ratio_level=lv,
+                                                           **_vkw(v))[0], (x,))
+    # Not vespo: its phi reads logp but is detached by design (TRL's get_gamma_weights is no_grad).
+    for loss_type in ("cispo", "sapo", "luspo"):
         assert torch.autograd.gradcheck(
             lambda t, lt=loss_type: _grpo_ref(t, old, ref, adv[:, 0], mask, loss_type=lt,
                                               importance_sampling_level="sequence",
@@ -208,12 +237,13 @@ def test_nan_at_a_valid_token_reaches_loss_and_gradient(level):
     logp, old, ref, adv, mask = _tokens((3, 17), torch.float32)
     mask[1, 4] = True
     old[1, 4] = math.nan
-    for variant in L.POLICY_VARIANTS:
+    for variant in (v for v, lv in VARIANT_LEVELS if lv == level):
         got = {}
         for backend in ALL_BACKENDS:
             with rlkern.use_backend(backend):
                 x = logp.clone().requires_grad_()
-                loss, stats = rlkern.ops.policy_loss(x, old, adv, mask, variant=variant, ratio_level=level)
+                loss, stats = rlkern.ops.policy_loss(x, old, adv, mask, variant=variant, ratio_level=level,
+                                                     **_vkw(variant))
                 loss.backward()
                 got[backend] = (loss, x.grad)
         for backend, (loss, grad) in got.items():
@@ -222,10 +252,35 @@ def test_nan_at_a_valid_token_reaches_loss_and_gradient(level):
                 assert loss.isfinite() and grad.isfinite().all() and stats["approx_kl"].isnan(), what
                 continue
             assert loss.isnan(), what
-            if level == "token":
+            if level == "token" and variant != "gmpo":
                 assert grad[1, 4].isnan() and grad[0].isfinite().all(), what
-            else:  # the row's ratio is NaN: every valid token of row 1
+            else:  # the row's ratio (gmpo: its loss) is NaN: every valid token of row 1
                 assert grad[1][mask[1]].isnan().all() and grad[0].isfinite().all(), what
+
+
+def test_vespo_nan_row_gets_phi_zero_as_in_trl():
+    """TRL's get_gamma_weights turns a NaN row weight into phi = 0 (nan_to_num), and rlkern follows it:
+    a NaN old_logp at a valid token leaves the loss finite (that row's tokens weigh 0 * A * logp) and
+    the row's gradient 0, while approx_kl, which reads it, is NaN; a NaN logp still NaNs the loss
+    (0 * NaN) and its own gradient (rlkern's rule). The other rows are untouched."""
+    logp, old, ref, adv, mask = _tokens((3, 17), torch.float32)
+    mask[1, 4] = True
+    for backend in ALL_BACKENDS:
+        for nan_in in ("old", "logp"):
+            lp, o = logp.clone(), old.clone()
+            (o if nan_in == "old" else lp)[1, 4] = math.nan
+            with rlkern.use_backend(backend):
+                x = lp.clone().requires_grad_()
+                loss, stats = rlkern.ops.grpo_loss(x, o, ref, adv[:, 0], mask, loss_type="vespo", beta=0.0)
+                loss.backward()
+            what = (backend, nan_in)
+            assert stats["phi_seq_mean"].isfinite() and stats["approx_kl"].isnan(), what
+            assert x.grad[0].isfinite().all() and x.grad[2].isfinite().all(), what
+            assert (x.grad[1][mask[1]].nan_to_num() == 0).all(), what
+            if nan_in == "old":
+                assert loss.isfinite() and x.grad[1, 4] == 0, what
+            else:
+                assert loss.isnan() and x.grad[1, 4].isnan(), what
 
 
 @pytest.mark.parametrize("level", L.RATIO_LEVELS)
@@ -234,12 +289,12 @@ def test_padding_is_never_read_and_empty_rows_give_zero(backend, level):
     mask[2] = False  # an all-padding row
     dirty = [t.clone().masked_fill(~mask, v) for t, v in ((logp, math.nan), (old, math.inf),
                                                            (ref, -math.inf), (adv, math.nan))]
-    for variant in L.POLICY_VARIANTS:
+    for variant in (v for v, lv in VARIANT_LEVELS if lv == level):
         outs = []
         for lp, o, a in ((logp, old, adv), (dirty[0], dirty[1], dirty[3])):
             x = lp.clone().requires_grad_()
             loss, stats = rlkern.ops.policy_loss(x, o, a, mask, variant=variant, ratio_level=level,
-                                                 agg="seq-mean-token-mean")
+                                                 agg="seq-mean-token-mean", **_vkw(variant))
             loss.backward()
             outs.append((loss, stats, x.grad))
         (l1, s1, g1), (l2, s2, g2) = outs
@@ -258,6 +313,10 @@ def test_padding_is_never_read_and_empty_rows_give_zero(backend, level):
     for loss_type in NEW_GRPO_TYPES:
         loss, stats = rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], empty, loss_type=loss_type,
                                            importance_sampling_level=level)
+        # vespo: TRL's phi of an all-padding row is phi(w = 1) = 1 (k, lambda by A's sign), and its
+        # phi_seq_mean averages all rows.
+        phi = stats.pop("phi_seq_mean")
+        assert float(phi) == pytest.approx(1.0 if loss_type == "vespo" else 0.0), loss_type
         assert float(loss) == 0.0 and all(float(v) == 0.0 for v in stats.values()), loss_type
 
 
@@ -275,6 +334,21 @@ def test_bad_options():
         rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], mask, delta=-1.0)
     with pytest.raises(ValueError, match="sapo_temperature_neg must be"):
         rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], mask, loss_type="sapo", sapo_temperature_neg=0.0)
+    with pytest.raises(ValueError, match="has ratio_level='token' only"):
+        rlkern.ops.policy_loss(logp, old, adv, mask, variant="gmpo", ratio_level="sequence")
+    with pytest.raises(ValueError, match="dro_beta must be a finite number > 0"):
+        rlkern.ops.policy_loss(logp, old, adv, mask, variant="dro")
+    with pytest.raises(ValueError, match="dro_beta must be a finite number > 0"):
+        rlkern.ops.policy_loss(logp, old, adv, mask, variant="dro", dro_beta=-1.0)
+    with pytest.raises(ValueError, match="dro_beta applies to variant='dro' only"):
+        rlkern.ops.policy_loss(logp, old, adv, mask, variant="gpg", dro_beta=1.0)
+    with pytest.raises(ValueError, match="importance_sampling_ratio is vespo's"):
+        rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], mask, importance_sampling_ratio=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="importance_sampling_ratio must have shape"):
+        rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], mask, loss_type="vespo",
+                             importance_sampling_ratio=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="vespo_lambda_neg"):
+        rlkern.ops.grpo_loss(logp, old, ref, adv[:, 0], mask, loss_type="vespo", vespo_lambda_neg=math.nan)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,7 +377,8 @@ def _close(a, b, what):
 
 # verl name -> (rlkern variant, ratio level, the agg verl uses whatever it is given)
 VERL_LOSSES = {"cispo": ("cispo", "token", None), "gspo": ("ppo", "sequence_token", None),
-               "sapo": ("sapo", "token", "seq-mean-token-mean"), "gpg": ("gpg", "token", None)}
+               "sapo": ("sapo", "token", "seq-mean-token-mean"), "gpg": ("gpg", "token", None),
+               "geo_mean": ("gmpo", "token", None), "dro": ("dro", "token", None)}
 
 
 # verl 0.9.1's seq-mean-token-sum-norm is seq-mean-token-sum / T (rlkern's: sum / T); rlkern.compat.verl
@@ -319,15 +394,19 @@ def test_matches_verl(backend, name, agg, seed):
         old = old + torch.tensor([0.5, -0.5, 0.0, 0.3, -0.3, 0.1]).unsqueeze(-1)
     mask_f = mask.float()  # verl's float response mask
     weights = torch.rand(logp.shape, generator=torch.Generator().manual_seed(seed + 7))
+    if name == "geo_mean":  # some zero advantages (sgn 0) and a row with a wide drift (clipped tokens)
+        adv = adv * (torch.arange(adv.shape[1]) % 5 != 0)
+        old = old + torch.tensor([0.0, 0.4, 0.0, -0.4, 0.0, 0.0]).unsqueeze(-1)
     fn = core.get_policy_loss_fn(name)
-    cfg = _verl_config()
+    cfg = _verl_config(dro_beta=0.3) if name == "dro" else _verl_config()
     x = logp.clone().requires_grad_()
     want, metrics = fn(old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask_f,
                        loss_agg_mode=agg, config=cfg, rollout_is_weights=weights)
     want.backward()
     y = logp.clone().requires_grad_()
     got, stats = rlkern.ops.policy_loss(y, old, adv, mask_f, clip_low=0.2, clip_high=0.28, variant=variant,
-                                        ratio_level=level, agg=forced_agg or agg, weights=weights)
+                                        ratio_level=level, agg=forced_agg or agg, weights=weights,
+                                        dro_beta=0.3 if name == "dro" else None)
     got.backward()
     _close(got, want, f"{name} loss")
     assert torch.allclose(y.grad, x.grad, rtol=1e-5, atol=1e-7), (name, (y.grad - x.grad).abs().max())
@@ -336,7 +415,7 @@ def test_matches_verl(backend, name, agg, seed):
     for verl_key, ours in keys.items():
         if verl_key in metrics:
             _close(stats[ours], metrics[verl_key], f"{name} {verl_key}")
-    if name in ("cispo", "gspo"):
+    if name in ("cispo", "gspo", "geo_mean"):
         assert metrics["actor/pg_clipfrac"] > 0  # the inputs exercise the clip
 
 
@@ -356,7 +435,7 @@ class _Accelerator:
 
 def trl_compute_loss(logp, old, ref, adv, mask, *, loss_type, level="token", beta=0.0, eps_low=0.2,
                      eps_high=0.28, delta=None, bias_correction=False, tau_pos=1.0, tau_neg=1.05,
-                     num_items=None, weights=None):
+                     num_items=None, weights=None, vespo=(2.0, 3.0, 3.0, 2.0)):
     """TRL 1.16 GRPOTrainer._compute_loss, the real method, on a stand-in trainer: the log-probs come
     from ``logp`` (through a function of the completion ids: the method only sees what
     _get_per_token_logps_and_entropies returns). ``weights`` enter as TRL's vLLM importance-sampling
@@ -367,7 +446,8 @@ def trl_compute_loss(logp, old, ref, adv, mask, *, loss_type, level="token", bet
     b, t = logp.shape
     args = types.SimpleNamespace(use_bias_correction_kl=bias_correction, delta=delta,
                                  sapo_temperature_pos=tau_pos, sapo_temperature_neg=tau_neg,
-                                 steps_per_generation=1)
+                                 steps_per_generation=1, vespo_k_pos=vespo[0], vespo_lambda_pos=vespo[1],
+                                 vespo_k_neg=vespo[2], vespo_lambda_neg=vespo[3])
     from collections import defaultdict
 
     fake = types.SimpleNamespace(
@@ -376,7 +456,7 @@ def trl_compute_loss(logp, old, ref, adv, mask, *, loss_type, level="token", bet
         epsilon_high=eps_high, use_vllm=weights is not None, vllm_importance_sampling_correction=True,
         model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
         max_completion_length=t, accelerator=_Accelerator(), _entropy_bonus_enabled=False,
-        _metrics={"train": defaultdict(list)},
+        _metrics={"train": defaultdict(list)}, get_gamma_weights=GRPOTrainer.get_gamma_weights,
         _get_per_token_logps_and_entropies=lambda *a, **k: (x, torch.zeros(b, t), None))
     inputs = {"prompt_ids": torch.zeros(b, 1, dtype=torch.long),
               "prompt_mask": torch.ones(b, 1, dtype=torch.long),
@@ -398,7 +478,10 @@ TRL_CASES = [dict(loss_type=lt, level=lv)
     dict(loss_type="cispo", eps_high=1.1, level="sequence", beta=0.05),
     dict(loss_type="sapo", tau_pos=0.6, tau_neg=1.7, beta=0.02, bias_correction=True),
     dict(loss_type="luspo", level="sequence", beta=0.04, bias_correction=True),
-    dict(loss_type="grpo", level="sequence", beta=0.04, bias_correction=True, weights=True)]
+    dict(loss_type="grpo", level="sequence", beta=0.04, bias_correction=True, weights=True),
+    dict(loss_type="vespo"), dict(loss_type="vespo", weights=True, num_items=80),
+    dict(loss_type="vespo", beta=0.05, bias_correction=True, vespo=(1.0, 0.5, 4.0, 0.0)),
+    dict(loss_type="vespo", level="sequence", beta=0.05, bias_correction=True, weights=True)]
 
 
 @pytest.mark.parametrize("case", TRL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -419,13 +502,18 @@ def test_matches_trl_compute_loss(backend, case):
         x, old, ref, a, mask.long(), beta=case.get("beta", 0.0), clip_low=case.get("eps_low", 0.2),
         clip_high=eps_high, loss_type=case["loss_type"], max_completion_length=logp.shape[1],
         num_items_in_batch=case.get("num_items"), use_bias_correction_kl=case.get("bias_correction", False),
-        weights=w, importance_sampling_level=case.get("level", "token"), delta=case.get("delta"),
-        sapo_temperature_pos=case.get("tau_pos", 1.0), sapo_temperature_neg=case.get("tau_neg", 1.05))
+        importance_sampling_level=case.get("level", "token"), delta=case.get("delta"),
+        sapo_temperature_pos=case.get("tau_pos", 1.0), sapo_temperature_neg=case.get("tau_neg", 1.05),
+        # TRL multiplies its vLLM IS ratios into the loss, except for vespo, which folds them into phi.
+        **({"importance_sampling_ratio": w} if case["loss_type"] == "vespo" else {"weights": w}),
+        **dict(zip(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+                   case.get("vespo", (2.0, 3.0, 3.0, 2.0)), strict=True)))
     got.backward()
     _close(got, want, f"{case} loss")
     assert torch.allclose(x.grad, want_grad, rtol=1e-5, atol=1e-7), (case, (x.grad - want_grad).abs().max())
     names = {"clip_ratio/low_mean": "clip_ratio_low", "clip_ratio/high_mean": "clip_ratio_high",
-             "clip_ratio/region_mean": "clip_ratio", "cispo_clip_ratio": "cispo_clip_ratio", "kl": "kl"}
+             "clip_ratio/region_mean": "clip_ratio", "cispo_clip_ratio": "cispo_clip_ratio", "kl": "kl",
+             "vespo/phi_seq_mean": "phi_seq_mean"}
     for trl_key, ours in names.items():
         if trl_key in metrics:
             _close(stats[ours], metrics[trl_key], f"{case} {trl_key}")

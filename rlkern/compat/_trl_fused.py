@@ -176,12 +176,15 @@ def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | N
                         num_processes: int, weights: Tensor | None = None,
                         importance_sampling_level: str = "token", delta: float | None = None,
                         sapo_temperature_pos: float = 1.0,
-                        sapo_temperature_neg: float = 1.05) -> tuple[Tensor, dict[str, Tensor]]:
+                        sapo_temperature_neg: float = 1.05, importance_sampling_ratio: Tensor | None = None,
+                        vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+                        vespo_lambda_neg: float = 2.0) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss ``GRPOTrainer._compute_loss`` backpropagates (its normaliser included) and rlkern's
     stats; see :func:`rlkern.compat.trl.grpo_loss` for the arguments. Normalisers
     (trl/trainer/grpo_trainer.py::GRPOTrainer._compute_loss, TRL 1.16): grpo, sapo, bnpo, dr_grpo and
-    luspo divide by the accumulation steps; dapo and cispo by ``num_items_in_batch / num_processes *
-    accumulation / steps_per_generation``."""
+    luspo divide by the accumulation steps; dapo, cispo and vespo by ``num_items_in_batch /
+    num_processes * accumulation / steps_per_generation``. ``importance_sampling_ratio``: vespo's vLLM
+    IS ratios ([B, T]), folded into its gamma weights (get_gamma_weights), not into ``weights``."""
     if old_per_token_logps is None:
         old_per_token_logps = per_token_logps.detach()
     if beta != 0.0 and ref_per_token_logps is None:
@@ -207,7 +210,9 @@ def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | N
         max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
         num_items_in_batch=items, use_bias_correction_kl=use_bias_correction_kl, weights=weights,
         importance_sampling_level=importance_sampling_level, delta=delta,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+        importance_sampling_ratio=importance_sampling_ratio, vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg)
     if token_normalised and items is not None:
         # TRL: sum / (clamp(N, 1) / processes * accumulation / steps_per_generation), where N counts the
         # tokens of the whole generation batch (all processes, all steps_per_generation slices).
@@ -218,7 +223,7 @@ def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | N
 
 
 # TRL's loss types normalised by num_items_in_batch (GRPOTrainer._compute_loss: cispo, dapo, vespo).
-_TOKEN_NORMALISED = ("dapo", "cispo")
+_TOKEN_NORMALISED = ("dapo", "cispo", "vespo")
 
 
 def _grpo_fallback_reason(trainer, inputs) -> str | None:
@@ -238,6 +243,11 @@ def _grpo_fallback_reason(trainer, inputs) -> str | None:
         return f"epsilon={trainer.epsilon_low} (rlkern's clip_low lies in [0, 1))"
     if trainer.loss_type in _TOKEN_NORMALISED and "num_items_in_batch" not in inputs:
         return f"a {trainer.loss_type} batch without num_items_in_batch"
+    ratio = inputs.get("importance_sampling_ratio")
+    if trainer.loss_type == "vespo" and ratio is not None and ratio.shape != inputs["completion_mask"].shape:
+        # get_gamma_weights sums log IS ratios over the last dim; a (B, 1) sequence ratio is TRL's own
+        # business (its __init__ allows vespo only with the token modes).
+        return f"vespo with a {tuple(ratio.shape)} importance_sampling_ratio (rlkern takes TRL's [B, T] one)"
     return None
 
 
@@ -261,7 +271,8 @@ def _surrogate_weights(trainer, inputs, per_token_logps, old, entropies, mask):
     if trainer.top_entropy_quantile < 1.0:
         entropy_mask = trainer.get_high_entropy_mask(entropies, mask, 1 - trainer.top_entropy_quantile)
         weights = entropy_mask.float() if weights is None else weights * entropy_mask
-    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+    # vespo folds the vLLM IS ratios into its gamma weights instead (wrap_grpo_compute_loss passes them).
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction and trainer.loss_type != "vespo":
         ratio = inputs["importance_sampling_ratio"].float()
         weights = ratio if weights is None else weights * ratio
     if weights is not None:
@@ -294,6 +305,9 @@ def _log_grpo_metrics(trainer, mode: str, stats: dict, per_token_logps, old, adv
     if trainer.loss_type == "cispo":
         metrics["cispo_clip_ratio"].append(_global_mean(trainer, stats["cispo_clip_ratio"] * flag_count,
                                                         flag_count))
+    if trainer.loss_type == "vespo":  # phi is (B, 1) with per-sequence advantages: TRL counts rows
+        rows = torch.tensor(float(mask.shape[0])) if adv.shape[1] == 1 else count
+        metrics["vespo/phi_seq_mean"].append(_global_mean(trainer, stats["phi_seq_mean"] * rows, rows))
     if trainer.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         return
     metrics["clip_ratio/low_mean"].append(_global_mean(trainer, stats["clip_ratio_low"] * flag_count,
@@ -340,6 +354,13 @@ def _add_entropy_bonus(trainer, mode: str, loss: Tensor, entropies: Tensor, mask
     return loss - trainer.entropy_coef * entropy
 
 
+def _vespo_args(args) -> dict:
+    """GRPOConfig's vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg (TRL 1.16 defaults
+    where a config lacks them)."""
+    defaults = {"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}
+    return {k: float(getattr(args, k, v)) for k, v in defaults.items()}
+
+
 def wrap_grpo_compute_loss(original):
     """``GRPOTrainer._compute_loss`` with the loss from rlkern.ops.grpo_loss; the original for the
     options rlkern does not fuse (each named once in a warning)."""
@@ -373,7 +394,10 @@ def wrap_grpo_compute_loss(original):
             num_processes=self.accelerator.num_processes, weights=weights,
             importance_sampling_level=self.importance_sampling_level, delta=getattr(self.args, "delta", None),
             sapo_temperature_pos=getattr(self.args, "sapo_temperature_pos", 1.0),
-            sapo_temperature_neg=getattr(self.args, "sapo_temperature_neg", 1.05))
+            sapo_temperature_neg=getattr(self.args, "sapo_temperature_neg", 1.05),
+            # TRL's get_gamma_weights reads inputs.get("importance_sampling_ratio") whatever use_vllm says.
+            importance_sampling_ratio=inputs.get("importance_sampling_ratio") if self.loss_type == "vespo"
+            else None, **_vespo_args(self.args))
         if getattr(self, "_entropy_bonus_enabled", False):
             loss = _add_entropy_bonus(self, mode, loss, entropies,
                                       mask if entropy_mask is None else mask * entropy_mask)

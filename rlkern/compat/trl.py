@@ -62,7 +62,7 @@ GRPOTrainer_compute_loss = wraps_original(wrap_grpo_compute_loss)
 
 _SCALE_REWARDS = ("group", "batch", "none")
 # Every GRPOTrainer loss_type of TRL 1.16 that ops.grpo_loss fuses (vespo is not).
-_GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+_GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 _IS_LEVELS = ("token", "sequence")
 _DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 
@@ -188,7 +188,10 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
               num_items_in_batch: Tensor | float | None = None, use_bias_correction_kl: bool = True,
               gradient_accumulation_steps: int = 1, steps_per_generation: int = 1,
               num_processes: int = 1, importance_sampling_level: str = "token", delta: float | None = None,
-              sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05) -> Tensor:
+              sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+              importance_sampling_ratio: Tensor | None = None, vespo_k_pos: float = 2.0,
+              vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+              vespo_lambda_neg: float = 2.0) -> Tensor:
     """The GRPO loss of ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py) without entropy
     masking, with TRL's normaliser. For the clipped loss types (grpo, bnpo, dr_grpo, dapo, luspo):
 
@@ -206,7 +209,11 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
     normalised as dapo; ``sapo`` is ``-sigmoid(tau (r - 1)) * 4 / tau * A`` (``tau`` =
     ``sapo_temperature_pos`` where A > 0, else ``_neg``) normalised as grpo. ``delta`` caps the
     unclipped ratio (INTELLECT-2's two-sided clip); ``importance_sampling_level="sequence"`` (GSPO)
-    uses one ratio per sequence, ``exp`` of its masked mean log-ratio.
+    uses one ratio per sequence, ``exp`` of its masked mean log-ratio. ``vespo`` is
+    ``-phi.detach() * A * logp`` normalised as dapo, with ``phi`` TRL's ``get_gamma_weights`` (the
+    sequence weight ``w`` from the summed token log-ratios plus, when given, the summed clamped logs
+    of ``importance_sampling_ratio`` (TRL's vLLM IS ratios, which vespo does not multiply into the
+    loss), and ``vespo_k_pos`` / ``vespo_lambda_pos`` for A >= 0, ``_neg`` otherwise).
 
     ``old_per_token_logps=None`` means on-policy (TRL uses ``per_token_logps.detach()``); ``advantages``
     may be ``[B]`` or ``[B, T]``. Defaults are TRL's ``GRPOConfig`` defaults (``beta=0.0``,
@@ -227,7 +234,9 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor | None, ref_p
         num_items_in_batch=num_items_in_batch, use_bias_correction_kl=use_bias_correction_kl,
         gradient_accumulation_steps=gradient_accumulation_steps, steps_per_generation=steps_per_generation,
         num_processes=num_processes, importance_sampling_level=importance_sampling_level, delta=delta,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+        importance_sampling_ratio=importance_sampling_ratio, vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg)
     return loss
 
 

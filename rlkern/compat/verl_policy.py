@@ -22,8 +22,10 @@ What each runs on:
   ``ratio_level="sequence_token"`` / ``variant="sapo"`` / ``"gpg"`` / ``"cispo"``); ``dppo_tv``,
   ``dppo_kl`` and bypass_mode's REINFORCE: its ``variant="gpg"`` with constant weights (the
   trust-region mask and truncated ratio, computed in plain torch without gradient).
-* ``dro``: ``variant="gpg"`` plus its quadratic penalty in plain torch (rlkern's agg_loss);
-  ``geo_mean``: plain torch with rlkern.ops.masked_sum row means (no fused geometric-mean op yet).
+* ``geo_mean`` and ``dro``: one rlkern.ops.policy_loss call each (``variant="gmpo"``: the row pass
+  of the fused kernel; ``variant="dro"``: the quadratic penalty fused into the token pass); geo_mean
+  with a ``clip_ratio_low`` outside [0, 1) (rlkern's clip_low range) runs in plain torch with
+  rlkern.ops.masked_sum row means.
 * ``bypass_mode``: rlkern.compat.verl's rollout correction (one rlkern.ops.rollout_correction call),
   then the REINFORCE loss here or rlkern's vanilla PPO loss.
 
@@ -242,11 +244,22 @@ def compute_policy_loss_geo_mean(old_log_prob: Tensor, log_prob: Tensor, advanta
     weights enter as their row geometric mean ``exp(mean_row(log(w + 1e-10)))``; the loss is the plain
     mean over rows (``loss_agg_mode`` and the global-batch info are ignored, as in verl). Metrics:
     pg_clipfrac / pg_clipfrac_lower (share of valid tokens with ``d`` clipped and A > 0 / A < 0),
-    ppo_kl. Plain torch with rlkern masked sums (no fused rlkern op for the geometric mean yet)."""
+    ppo_kl. rlkern.ops.policy_loss ``variant="gmpo"`` (one row pass, then one token pass for the
+    clip flags and ppo_kl, from the same kernel pair)."""
     config = _need(config)
+    low, high = _clip_range(config)
+    if 0.0 <= low < 1.0:
+        loss, stats = ops.policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=float(low),
+                                      clip_high=float(high), variant="gmpo", weights=rollout_is_weights)
+        return loss, _metrics({"pg_clipfrac": stats["clip_frac"], "ppo_kl": stats["approx_kl"],
+                               "pg_clipfrac_lower": stats["clip_frac_lower"]})
+    return _geo_mean_torch(old_log_prob, log_prob, advantages, response_mask, low, high, rollout_is_weights)
+
+
+def _geo_mean_torch(old_log_prob, log_prob, advantages, response_mask, low, high, rollout_is_weights):
+    """compute_policy_loss_geo_mean in plain torch, for clip_ratio_low outside rlkern's [0, 1)."""
     log_prob, old_log_prob, advantages, rollout_is_weights = _padding_zeroed(
         response_mask, log_prob, old_log_prob, advantages, rollout_is_weights)
-    low, high = _clip_range(config)
     neg_kl = log_prob - old_log_prob
     sign = torch.sign(advantages)
     neg_kl_clamp = torch.clamp(neg_kl, -low, high)
@@ -270,20 +283,15 @@ def compute_policy_loss_dro(old_log_prob: Tensor, log_prob: Tensor, advantages: 
                             rollout_is_weights: Tensor | None = None):
     """verl 0.9.1 ``core_algos.compute_policy_loss_dro`` (Direct Reward Optimization):
     ``-(logp * A - beta / 2 * (logp - old)^2)``, ``beta = config.policy_loss.dro_beta`` (> 0, else
-    verl's ValueError). Metrics: ppo_kl. Computed as two aggregated terms: the policy gradient
-    ``-A logp`` (rlkern.ops.policy_loss ``variant="gpg"``) plus ``beta / 2 * (logp - old)^2`` in plain
-    torch through rlkern's agg_loss (every mode is linear in the token losses)."""
+    verl's ValueError), times the rollout weights, aggregated per ``loss_agg_mode``. Metrics: ppo_kl
+    (unclamped). One rlkern.ops.policy_loss call, ``variant="dro"``."""
     config = _need(config)
     beta = _get(_policy_config(config), "dro_beta")
     if beta is None or beta <= 0:
         raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
-    valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-    loss, _ = _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config,
-                     rollout_is_weights, variant="gpg")
-    log_ratio = torch.where(valid, log_prob - old_log_prob, 0)  # padding reaches no gradient
-    weights = None if rollout_is_weights is None else torch.where(valid, rollout_is_weights, 0)
-    penalty = _agg(_weighted(0.5 * beta * log_ratio.square(), weights), response_mask, loss_agg_mode, config)
-    return loss + penalty, _metrics({"ppo_kl": _mean(-log_ratio.detach(), response_mask)})
+    loss, stats = _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config,
+                         rollout_is_weights, variant="dro", dro_beta=float(beta))
+    return loss, _metrics({"ppo_kl": stats["approx_kl"]})
 
 
 # ------------------------------------------------------------------------------------------------

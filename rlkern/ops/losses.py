@@ -70,10 +70,12 @@ _POLICY, _GRPO, _VALUE, _GRPO_BC = (LOSS_KINDS[k] for k in ("policy", "grpo", "v
 _SEQUENCE = _LEVEL_CODES["sequence"]
 # grpo_loss's loss types: the surrogate variant each runs, and the normaliser (TRL _compute_loss:
 # cispo shares dapo's, sapo grpo's; luspo is (per_token_loss * mask).sum(-1).mean()).
-_GRPO_VARIANT = {"cispo": "cispo_cap", "sapo": "sapo"}
-_GRPO_NORMALISER = {"cispo": "dapo", "sapo": "grpo"}
+_GRPO_VARIANT = {"cispo": "cispo_cap", "sapo": "sapo", "vespo": "vespo"}
+_GRPO_NORMALISER = {"cispo": "dapo", "sapo": "grpo", "vespo": "dapo"}
 # The layout of the LOSS_STATS-long stats vector the kernels write (csrc/losses.cpp).
 _CLIPPED, _CLIP_HIGH, _CLIP_LOW, _DUAL, _NEG_LOG_RATIO, _K3 = range(LOSS_STATS)
+# TRL 1.16 GRPOConfig's vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg.
+_VESPO_DEFAULTS = (2.0, 3.0, 3.0, 2.0)
 # Denominator codes: > 0 is a constant; these two are counts the forward pass finds itself.
 _DENOM_TOKENS, _DENOM_LIVE_ROWS = -1.0, -2.0
 
@@ -86,13 +88,16 @@ _DENOM_TOKENS, _DENOM_LIVE_ROWS = -1.0, -2.0
 # (_losses_bwd_saved) instead of a second evaluation of every token's terms (_losses_bwd).
 # variant / level: rlkern/codes.py LOSS_VARIANTS / RATIO_LEVELS; delta (+inf: off), tau_pos, tau_neg:
 # TRL's delta and sapo temperatures. row_aux ([..., 2] float32): per row the mean log-ratio and the
-# gradient through it (the sequence level; zeros at the token level).
+# gradient through it (the sequence level; zeros at the token level). row_in ([...] float32 or None):
+# vespo's summed vLLM IS log-ratios / gmpo's rollout-weight log geometric mean per row; vk_pos, vl_pos,
+# vk_neg, vl_neg: vespo's k / lambda for A >= 0 and A < 0.
 @kernel_op("losses_fwd")
 def _losses_fwd(x: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights: Tensor | None, mask: Tensor,
                 kind: int, clip_low: float, clip_high: float, dual_clip: float, beta: float,
                 value_clip: float, per_row_mean: bool, denom: float, save_grad: int,
                 backend: str, variant: int, level: int, delta: float, tau_pos: float,
-                tau_neg: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                tau_neg: float, row_in: Tensor | None, vk_pos: float, vl_pos: float, vk_neg: float,
+                vl_neg: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dev = x.device
     loss, stats, row_scale = new_output((), device=dev), new_output((LOSS_STATS,), device=dev), new_output(
         x.shape[:-1], device=dev)
@@ -100,7 +105,8 @@ def _losses_fwd(x: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights
     saved = new_output(x.shape, device=dev) if save_grad else None
     kernels(backend, "losses").losses_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high,
                                           dual_clip, beta, value_clip, per_row_mean, denom, loss, stats,
-                                          row_scale, saved, variant, level, delta, tau_pos, tau_neg, row_aux)
+                                          row_scale, saved, variant, level, delta, tau_pos, tau_neg, row_aux,
+                                          row_in, vk_pos, vl_pos, vk_neg, vl_neg)
     none = x.new_empty(0, dtype=torch.float32)
     return loss, stats, row_scale, row_aux, saved if saved is not None else none
 
@@ -118,11 +124,13 @@ def _losses_bwd(grad_loss: Tensor, x: Tensor, old: Tensor, adv: Tensor, ref: Ten
                 weights: Tensor | None, mask: Tensor, row_scale: Tensor, kind: int, clip_low: float,
                 clip_high: float, dual_clip: float, beta: float, value_clip: float, backend: str,
                 variant: int, level: int, delta: float, tau_pos: float, tau_neg: float,
-                row_aux: Tensor) -> Tensor:
+                row_aux: Tensor, row_in: Tensor | None, vk_pos: float, vl_pos: float, vk_neg: float,
+                vl_neg: float) -> Tensor:
     grad_x = new_output(x.shape, device=x.device, dtype=x.dtype)
     kernels(backend, "losses").losses_bwd(grad_loss.float(), x, old, adv, ref, weights, mask, row_scale, kind,
                                           clip_low, clip_high, dual_clip, beta, value_clip, grad_x, variant,
-                                          level, delta, tau_pos, tau_neg, row_aux)
+                                          level, delta, tau_pos, tau_neg, row_aux, row_in, vk_pos, vl_pos,
+                                          vk_neg, vl_neg)
     return grad_x
 
 
@@ -153,10 +161,11 @@ def _setup_context(ctx, inputs, output):
     # x, old, adv, ref, weights, mask, row_scale, row_aux, saved (None without save_grad). The inputs
     # are kept with save_grad too: with save_grad == 2 (the caller dropped `saved`) the first eager
     # backward turns `saved` into the gradient in place, so a second one (retain_graph) recomputes.
-    ctx.save_for_backward(*inputs[:6], row_scale, row_aux, saved if inputs[14] else None)
+    ctx.save_for_backward(*inputs[:6], row_scale, row_aux, saved if inputs[14] else None, inputs[21])
     ctx.saved_spent, ctx.saved_private = False, inputs[14] == 2
     # kind, clip_low, clip_high, dual_clip, beta, value_clip, backend, variant, level, delta, tau_pos, tau_neg
     ctx.args = (*inputs[6:12], *inputs[15:21])
+    ctx.vespo = tuple(inputs[22:26])  # vk_pos, vl_pos, vk_neg, vl_neg
     ctx.row_add = inputs[17] == _SEQUENCE  # the saved gradient misses the row-mean part
     ctx.mark_non_differentiable(stats, row_scale, row_aux, saved)
 
@@ -181,15 +190,15 @@ def _grad_from_saved(grad_loss: Tensor, saved: Tensor, mask: Tensor, row_scale: 
 
 def _backward(ctx, grad_loss, *_):
     if grad_loss is None:  # only the non-differentiable outputs were used
-        return (None,) * 21
-    *tensors, row_scale, row_aux, saved = ctx.saved_tensors
+        return (None,) * 26
+    *tensors, row_scale, row_aux, saved, row_in = ctx.saved_tensors
     if saved is not None and not ctx.saved_spent:
         ctx.saved_spent = ctx.saved_private and _eager(saved) and saved.dtype == ctx.dtype
         grad_x = _grad_from_saved(grad_loss, saved, tensors[5], row_scale, ctx.dtype, ctx.args[6],
                                   row_aux if ctx.row_add else None, in_place=ctx.saved_spent)
     else:
-        grad_x = _losses_bwd(grad_loss, *tensors, row_scale, *ctx.args, row_aux)
-    return (grad_x,) + (None,) * 20
+        grad_x = _losses_bwd(grad_loss, *tensors, row_scale, *ctx.args, row_aux, row_in, *ctx.vespo)
+    return (grad_x,) + (None,) * 25
 
 
 _losses_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -280,16 +289,20 @@ def _canonical(main: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weigh
 
 def _run(kind, main, old, adv, ref, weights, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None, beta=0.0,
          value_clip=0.0, agg, max_completion_length=None, num_items_in_batch=None, backend, want_grad=False,
-         variant="ppo", level="token", delta=None, tau_pos=1.0, tau_neg=1.05):
+         variant="ppo", level="token", delta=None, tau_pos=1.0, tau_neg=1.05, row_in=None,
+         vespo=_VESPO_DEFAULTS):
     """Dispatches one loss to the kernels (``mask`` already through token_mask). Returns (loss, stats
-    vector) or, with want_grad, (loss, d loss / d main, stats vector) computed without autograd."""
+    vector) or, with want_grad, (loss, d loss / d main, stats vector) computed without autograd.
+    ``row_in``: vespo's / gmpo's per-row float32 log-weight (or None); ``vespo``: its (k_pos,
+    lambda_pos, k_neg, lambda_neg)."""
     length = main.shape[-1]
     per_row_mean, denom = _denominator(agg, main.shape[:-1].numel(), length, max_completion_length,
                                        num_items_in_batch)
     x, old_c, adv_c, ref_c, w_c = _canonical(main, old, adv, ref, weights)
     consts = (clip_low, clip_high, math.inf if dual_clip is None else dual_clip, beta, value_clip)
     lvl = _LEVEL_CODES[level]
-    opts = (_VARIANT_CODES[variant], lvl, math.inf if delta is None else delta, tau_pos, tau_neg)
+    opts = (_VARIANT_CODES[variant], lvl, math.inf if delta is None else delta, tau_pos, tau_neg, row_in,
+            *(float(v) for v in vespo))
     if not want_grad:
         save_grad = 2 if x.requires_grad and torch.is_grad_enabled() else 0  # `saved` is dropped here
         loss, stats, *_ = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom,
@@ -336,7 +349,8 @@ _POLICY_OPTION_NAMES = ("variant", "ratio_level", "delta", "sapo_tau_pos", "sapo
 
 
 def _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights,
-                     variant="ppo", ratio_level="token", delta=None, tau_pos=1.0, tau_neg=1.05):
+                     variant="ppo", ratio_level="token", delta=None, tau_pos=1.0, tau_neg=1.05,
+                     dro_beta=None):
     _check_tokens(logp, "logp", {"old_logp": old_logp, "weights": weights}, advantages)
     clip_low, clip_high = _check_clips(clip_low, clip_high)
     if dual_clip is not None:
@@ -347,10 +361,19 @@ def _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high, dual
                                                      names=_POLICY_OPTION_NAMES)
     if variant != "ppo" and (dual_clip is not None or delta is not None):
         raise ValueError(f"dual_clip and delta apply to variant='ppo' only, got variant={variant!r}")
+    if variant in ("gmpo", "dro") and ratio_level != "token":
+        raise ValueError(f"variant={variant!r} has ratio_level='token' only, got {ratio_level!r}")
+    if variant == "dro":
+        if dro_beta is None:
+            raise ValueError("dro_beta must be a finite number > 0 with variant='dro', got None")
+        dro_beta = _in_range(dro_beta, "dro_beta", lambda v: v > 0.0, "a finite number > 0")
+    elif dro_beta is not None:
+        raise ValueError(f"dro_beta applies to variant='dro' only, got variant={variant!r}")
     mask = _mask(mask, logp.shape)
     tensors = [t for t in (logp, old_logp, advantages, mask, weights) if t is not None]
     return (clip_low, clip_high, dual_clip, mask, pick_backend(*tensors),
-            dict(variant=variant, level=ratio_level, delta=delta, tau_pos=tau_pos, tau_neg=tau_neg))
+            dict(variant=variant, level=ratio_level, delta=delta, tau_pos=tau_pos, tau_neg=tau_neg,
+                 dro_beta=dro_beta))
 
 
 def _policy_reference(logp, old_logp, advantages, mask, *, opts, **kwargs):
@@ -359,7 +382,25 @@ def _policy_reference(logp, old_logp, advantages, mask, *, opts, **kwargs):
         return reference.policy_loss(logp, old_logp, advantages, mask, **kwargs)
     return reference.policy_loss_variant(logp, old_logp, advantages, mask, variant=opts["variant"],
                                          ratio_level=opts["level"], delta=opts["delta"],
-                                         sapo_tau_pos=opts["tau_pos"], sapo_tau_neg=opts["tau_neg"], **kwargs)
+                                         sapo_tau_pos=opts["tau_pos"], sapo_tau_neg=opts["tau_neg"],
+                                         dro_beta=1.0 if opts["dro_beta"] is None else opts["dro_beta"],
+                                         **kwargs)
+
+
+def _policy_run(logp, old_logp, advantages, mask, weights, *, clip_low, clip_high, dual_clip, agg, backend,
+                opts, want_grad=False):
+    """_run for policy_loss: gmpo's rollout weights become its row_in (their log row geometric mean) and
+    its loss is the mean over rows whatever ``agg`` says (verl); dro's beta is the kernel's beta."""
+    opts = dict(opts)
+    beta = opts.pop("dro_beta") or 0.0
+    if opts["variant"] == "gmpo":
+        agg = "luspo"  # sum of the row losses / B
+        if weights is not None:
+            opts["row_in"] = reference.gmpo_log_weight(weights, mask).contiguous()
+            weights = None
+    return _run(_POLICY, logp, old_logp, advantages, None, weights, mask, clip_low=clip_low,
+                clip_high=clip_high, dual_clip=dual_clip, beta=beta, agg=agg, backend=backend,
+                want_grad=want_grad, **opts)
 
 
 _POLICY_DOC = """PPO-style policy loss (verl ``core_algos.py`` numerics), one fused pass.
@@ -379,6 +420,16 @@ _POLICY_DOC = """PPO-style policy loss (verl ``core_algos.py`` numerics), one fu
       ``sapo_tau_neg`` (verl ``compute_policy_loss_sapo``; verl always aggregates it as
       ``seq-mean-token-mean``, pass that ``agg`` to match it)
     * ``gpg``: ``-A logp`` (verl ``compute_policy_loss_gpg``)
+    * ``gmpo``: verl ``compute_policy_loss_geo_mean`` (GMPO), a loss per row:
+      ``-mean_b(A) exp(mean_b(m))``, ``m = min(d, clip_high)`` where ``A > 0``, ``max(d, -clip_low)``
+      where ``A < 0``, 0 where ``A = 0`` (``d = logp - old_logp`` unclamped; means over the row's
+      valid tokens, ``/ (n_b + 1e-8)``), times ``exp(mean_b(log(weights + 1e-10)))`` with ``weights``;
+      the loss is the mean over all rows (``agg`` is ignored, as verl ignores ``loss_agg_mode``);
+      ``ratio_level="token"`` only. ``clip_frac`` / ``clip_frac_lower``: share of valid tokens with
+      ``d`` outside ``[-clip_low, clip_high]`` and ``A > 0`` / ``A < 0`` (verl pg_clipfrac /
+      pg_clipfrac_lower); ``approx_kl`` unclamped.
+    * ``dro``: ``-A logp + dro_beta / 2 (logp - old_logp)^2`` (verl ``compute_policy_loss_dro``,
+      unclamped; ``approx_kl`` unclamped); ``ratio_level="token"`` only.
 
     ``ratio_level``:
 
@@ -406,10 +457,11 @@ _POLICY_DOC = """PPO-style policy loss (verl ``core_algos.py`` numerics), one fu
             (``cispo_cap``: the cap ``clip_high``).
         dual_clip: None (off) or > 1; ``ppo`` only.
         weights: optional ``[..., T]``, constant.
-        variant: ``ppo`` | ``cispo`` | ``cispo_cap`` | ``sapo`` | ``gpg``.
+        variant: ``ppo`` | ``cispo`` | ``cispo_cap`` | ``sapo`` | ``gpg`` | ``gmpo`` | ``dro``.
         ratio_level: ``token`` | ``sequence`` | ``sequence_token``.
         delta: None or > 0; ``ppo`` only.
         sapo_tau_pos, sapo_tau_neg: > 0, ``sapo`` only (verl ``tau_pos`` / ``tau_neg``).
+        dro_beta: > 0, required with ``dro`` (verl ``policy_loss.dro_beta``), None otherwise.
 
     Returns:
         ``(loss, stats)``: float32 0-d loss; stats, 0-d float32 tensors: ``clip_frac`` (verl
@@ -430,15 +482,16 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 clip_high: float = 0.2, dual_clip: float | None = None, agg: str = "token-mean",
                 weights: Tensor | None = None, variant: str = "ppo", ratio_level: str = "token",
                 delta: float | None = None, sapo_tau_pos: float = 1.0,
-                sapo_tau_neg: float = 1.05) -> tuple[Tensor, dict[str, Tensor]]:
+                sapo_tau_neg: float = 1.05,
+                dro_beta: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     clip_low, clip_high, dual_clip, mask, backend, opts = _validate_policy(
         logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights, variant, ratio_level,
-        delta, sapo_tau_pos, sapo_tau_neg)
+        delta, sapo_tau_pos, sapo_tau_neg, dro_beta)
     if backend == "torch":
         return _policy_reference(logp, old_logp, advantages, mask, opts=opts, clip_low=clip_low,
                                  clip_high=clip_high, dual_clip=dual_clip, agg=agg, weights=weights)
-    loss, stats = _run(_POLICY, logp, old_logp, advantages, None, weights, mask, clip_low=clip_low,
-                       clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend, **opts)
+    loss, stats = _policy_run(logp, old_logp, advantages, mask, weights, clip_low=clip_low,
+                              clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend, opts=opts)
     return loss, _policy_stats(stats)
 
 
@@ -449,20 +502,21 @@ def policy_loss_and_grad(logp: Tensor, old_logp: Tensor, advantages: Tensor, mas
                          clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
                          agg: str = "token-mean", weights: Tensor | None = None, variant: str = "ppo",
                          ratio_level: str = "token", delta: float | None = None, sapo_tau_pos: float = 1.0,
-                         sapo_tau_neg: float = 1.05) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                         sapo_tau_neg: float = 1.05,
+                         dro_beta: float | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`policy_loss` as ``(loss, d loss / d logp, stats)``, without autograd: for fused kernels
     that compute ``logp`` themselves and chain this gradient into their own backward. ``d loss / d logp``
     has ``logp``'s shape and dtype and is 0 at masked positions."""
     clip_low, clip_high, dual_clip, mask, backend, opts = _validate_policy(
         logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, weights, variant, ratio_level,
-        delta, sapo_tau_pos, sapo_tau_neg)
+        delta, sapo_tau_pos, sapo_tau_neg, dro_beta)
     if backend == "torch":
         return _reference_with_grad(_policy_reference, logp, old_logp, advantages, mask, opts=opts,
                                     clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
                                     weights=weights)
-    loss, grad, stats = _run(_POLICY, logp, old_logp, advantages, None, weights, mask, clip_low=clip_low,
-                             clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend,
-                             want_grad=True, **opts)
+    loss, grad, stats = _policy_run(logp, old_logp, advantages, mask, weights, clip_low=clip_low,
+                                    clip_high=clip_high, dual_clip=dual_clip, agg=agg, backend=backend,
+                                    opts=opts, want_grad=True)
     return loss, grad, _policy_stats(stats)
 
 
@@ -498,20 +552,42 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 
 
 def _grpo_stats(stats: Tensor, loss_type: str) -> dict[str, Tensor]:
-    high = stats[_CLIP_HIGH]
+    high, zero = stats[_CLIP_HIGH], torch.zeros_like(stats[_CLIP_HIGH])
+    if loss_type == "vespo":  # the kernels' clip_high slot holds phi (csrc/losses.cpp)
+        return {"kl": stats[_K3], "clip_ratio": zero, "clip_ratio_low": zero.clone(),
+                "clip_ratio_high": zero.clone(), "cispo_clip_ratio": zero.clone(),
+                "approx_kl": stats[_NEG_LOG_RATIO], "phi_seq_mean": high}
     return {"kl": stats[_K3], "clip_ratio": stats[_CLIP_LOW] + high,
             "clip_ratio_low": stats[_CLIP_LOW], "clip_ratio_high": high,
-            "cispo_clip_ratio": high if loss_type == "cispo" else torch.zeros_like(high),
-            "approx_kl": stats[_NEG_LOG_RATIO]}
+            "cispo_clip_ratio": high if loss_type == "cispo" else zero.clone(),
+            "approx_kl": stats[_NEG_LOG_RATIO], "phi_seq_mean": zero}
 
 
 _GRPO_OPTION_NAMES = ("loss_type", "importance_sampling_level", "delta", "sapo_temperature_pos",
                       "sapo_temperature_neg")
+_VESPO_NAMES = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+
+
+def _vespo_options(loss_type, importance_sampling_ratio, vespo, logp) -> dict:
+    """vespo's kernel options: row_in (TRL's vLLM IS log-ratios, clamped and summed over each whole row,
+    as get_gamma_weights does) and the four gamma constants (finite numbers; TRL clamps the lambdas to
+    >= 1e-4 itself). Other loss types take no importance_sampling_ratio (fold it into weights)."""
+    vespo = tuple(check_finite(v, name) for v, name in zip(vespo, _VESPO_NAMES, strict=True))
+    if importance_sampling_ratio is None:
+        return {"vespo": vespo}
+    if loss_type != "vespo":
+        raise ValueError("importance_sampling_ratio is vespo's (folded into phi); the other loss types take "
+                         f"TRL's vLLM IS ratios as weights, got loss_type={loss_type!r}")
+    check_tensor(importance_sampling_ratio, "importance_sampling_ratio")
+    if importance_sampling_ratio.shape != logp.shape:
+        raise ValueError(f"importance_sampling_ratio must have shape {tuple(logp.shape)} (the same as logp), "
+                         f"got {tuple(importance_sampling_ratio.shape)}")
+    return {"vespo": vespo, "row_in": reference.vespo_is_log_sum(importance_sampling_ratio).contiguous()}
 
 
 def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
                    max_completion_length, num_items_in_batch, weights=None, level="token", delta=None,
-                   tau_pos=1.0, tau_neg=1.05):
+                   tau_pos=1.0, tau_neg=1.05, is_ratio=None, vespo=_VESPO_DEFAULTS):
     _check_tokens(logp, "logp", {"old_logp": old_logp, "ref_logp": ref_logp, "weights": weights}, advantages)
     beta = _in_range(beta, "beta", lambda v: v >= 0.0, "a finite number >= 0")
     clip_low, clip_high = _check_clips(clip_low, clip_high)
@@ -535,20 +611,23 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
     variant = _GRPO_VARIANT.get(loss_type, "ppo")
     # TRL applies delta in the PPO-clip loss types only (it ignores it for cispo and sapo).
     opts = dict(variant=variant, level=level, delta=delta if variant == "ppo" else None, tau_pos=tau_pos,
-                tau_neg=tau_neg)
+                tau_neg=tau_neg, **_vespo_options(loss_type, is_ratio, vespo, logp))
     return beta, clip_low, clip_high, num_items_in_batch, mask, backend, opts
 
 
-def _grpo_reference(logp, old_logp, ref_logp, advantages, mask, *, opts, loss_type, **kwargs):
+def _grpo_reference(logp, old_logp, ref_logp, advantages, mask, *, opts, loss_type, is_ratio=None, **kwargs):
     """rlkern.reference's grpo_loss, or its variant form for the options the first does not have."""
     if loss_type in reference.GRPO_LOSS_TYPES and opts["level"] == "token" and opts["delta"] is None:
         loss, stats = reference.grpo_loss(logp, old_logp, ref_logp, advantages, mask, loss_type=loss_type,
                                           **kwargs)
-        return loss, {**stats, "cispo_clip_ratio": torch.zeros_like(stats["kl"])}
+        zero = torch.zeros_like(stats["kl"])
+        return loss, {**stats, "cispo_clip_ratio": zero, "phi_seq_mean": zero.clone()}
+    vespo = dict(zip(_VESPO_NAMES, opts["vespo"], strict=True))
     return reference.grpo_loss_variant(logp, old_logp, ref_logp, advantages, mask, loss_type=loss_type,
                                        importance_sampling_level=opts["level"], delta=opts["delta"],
                                        sapo_temperature_pos=opts["tau_pos"],
-                                       sapo_temperature_neg=opts["tau_neg"], **kwargs)
+                                       sapo_temperature_neg=opts["tau_neg"],
+                                       importance_sampling_ratio=is_ratio, **vespo, **kwargs)
 
 
 def _grpo_run(logp, old_logp, ref_logp, advantages, mask, weights, *, beta, clip_low, clip_high, loss_type,
@@ -565,7 +644,9 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
               use_bias_correction_kl: bool = False, weights: Tensor | None = None,
               importance_sampling_level: str = "token", delta: float | None = None,
               sapo_temperature_pos: float = 1.0,
-              sapo_temperature_neg: float = 1.05) -> tuple[Tensor, dict[str, Tensor]]:
+              sapo_temperature_neg: float = 1.05, importance_sampling_ratio: Tensor | None = None,
+              vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+              vespo_lambda_neg: float = 2.0) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss (TRL 1.16 ``trl/trainer/grpo_trainer.py::GRPOTrainer._compute_loss`` numerics).
 
     Per valid token, with ``coef_1 = r`` the importance ratio of ``importance_sampling_level`` and
@@ -577,6 +658,13 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
       cap on the ratio (ScaleRL recommends 5.0)
     * sapo: ``l = -sigmoid(tau (r - 1)) 4 / tau A``, ``tau = sapo_temperature_pos`` where ``A > 0``, else
       ``sapo_temperature_neg``
+    * vespo: ``l = -sg(phi) A logp`` (TRL ``get_gamma_weights``): ``log w_b = clamp(sum over the row's
+      valid tokens of clamp(logp - old_logp, -20, 20) + sum over ALL its positions of
+      clamp(log importance_sampling_ratio, log 1e-8, 20), log 1e-8, 20)``, ``phi = exp(lam + k log w
+      - lam w)`` (NaN / inf -> 0), ``(k, lam) = (vespo_k_pos, vespo_lambda_pos)`` where ``A >= 0`` else
+      ``(vespo_k_neg, vespo_lambda_neg)``, ``lam`` clamped to >= 1e-4. TRL folds its vLLM IS ratios
+      into phi instead of multiplying the loss: pass them as ``importance_sampling_ratio`` (vespo
+      only), not in ``weights``. ``phi`` does not depend on ``importance_sampling_level``.
 
     then ``l = l * weights + beta (e^d - d - 1)`` (times ``r`` with ``use_bias_correction_kl``, TRL's
     default in 1.16: the reference KL importance-weighted by the unclipped ratio; the ``kl`` stat is
@@ -593,7 +681,7 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
     * ``grpo``, ``sapo``: per-sequence mean, then mean over all ``B`` sequences
     * ``bnpo``: sum / (valid tokens in this batch)
     * ``dr_grpo``: sum / (B * max_completion_length), ``max_completion_length`` defaulting to T
-    * ``dapo``, ``cispo``: sum / num_items_in_batch (the global valid-token count when accumulating
+    * ``dapo``, ``cispo``, ``vespo``: sum / num_items_in_batch (the global valid-token count when accumulating
       gradients; defaults to this batch's; clamped to >= 1, so an all-padding batch gives 0)
     * ``luspo``: sum / B (TRL: ``(per_token_loss * mask).sum(-1).mean()``)
 
@@ -613,7 +701,9 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
         delta)``; for cispo ``clip_ratio = clip_ratio_high = cispo_clip_ratio``, ``clip_ratio_low = 0``;
         for sapo 0; at the sequence level with per-sequence advantages, means over the ``B`` rows as TRL
         logs a ``(B, 1)`` flag), ``cispo_clip_ratio`` (share with ``r > clip_high`` and ``A > 0``; 0
-        unless cispo), ``approx_kl`` (mean of ``old_logp - logp``; unclamped at the sequence level).
+        unless cispo), ``approx_kl`` (mean of ``old_logp - logp``; unclamped at the sequence level),
+        ``phi_seq_mean`` (vespo: TRL's vespo/phi_seq_mean, the mean of phi over all rows with per-row
+        advantages, over valid tokens with per-token ones; 0 otherwise; for vespo the clip ratios are 0).
 
     NaN: a NaN in any input at a valid token makes the loss and that token's gradient NaN (at the
     sequence level, every token of its row), ``ref_logp`` included even with ``beta = 0``; the stats it
@@ -622,10 +712,12 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
     beta, clip_low, clip_high, num_items, mask, backend, opts = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
         max_completion_length, num_items_in_batch, weights, importance_sampling_level, delta,
-        sapo_temperature_pos, sapo_temperature_neg)
+        sapo_temperature_pos, sapo_temperature_neg, importance_sampling_ratio,
+        (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
     bc = bool(use_bias_correction_kl)
     if backend == "torch":
-        return _grpo_reference(logp, old_logp, ref_logp, advantages, mask, opts=opts, beta=beta,
+        return _grpo_reference(logp, old_logp, ref_logp, advantages, mask, opts=opts,
+                               is_ratio=importance_sampling_ratio, beta=beta,
                                clip_low=clip_low, clip_high=clip_high, loss_type=loss_type,
                                max_completion_length=max_completion_length, num_items_in_batch=num_items,
                                use_bias_correction_kl=bc, weights=weights)
@@ -643,7 +735,9 @@ def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advanta
                        use_bias_correction_kl: bool = False, weights: Tensor | None = None,
                        importance_sampling_level: str = "token", delta: float | None = None,
                        sapo_temperature_pos: float = 1.0,
-                       sapo_temperature_neg: float = 1.05) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                       sapo_temperature_neg: float = 1.05, importance_sampling_ratio: Tensor | None = None,
+                       vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+                       vespo_lambda_neg: float = 2.0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`grpo_loss` as ``(loss, d loss / d logp, stats)`` without autograd (one forward and one
     backward kernel pass), for fused ops such as ``linear_policy_loss`` that produce ``logp`` from
     hidden states and chain ``d loss / d logp`` into their own backward. The gradient has ``logp``'s
@@ -651,11 +745,13 @@ def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advanta
     beta, clip_low, clip_high, num_items, mask, backend, opts = _validate_grpo(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
         max_completion_length, num_items_in_batch, weights, importance_sampling_level, delta,
-        sapo_temperature_pos, sapo_temperature_neg)
+        sapo_temperature_pos, sapo_temperature_neg, importance_sampling_ratio,
+        (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
     bc = bool(use_bias_correction_kl)
     if backend == "torch":
         return _reference_with_grad(_grpo_reference, logp, old_logp, ref_logp, advantages, mask, opts=opts,
-                                    beta=beta, clip_low=clip_low, clip_high=clip_high, loss_type=loss_type,
+                                    is_ratio=importance_sampling_ratio, beta=beta, clip_low=clip_low,
+                                    clip_high=clip_high, loss_type=loss_type,
                                     max_completion_length=max_completion_length, num_items_in_batch=num_items,
                                     use_bias_correction_kl=bc, weights=weights)
     loss, grad, stats = _grpo_run(logp, old_logp, ref_logp, advantages, mask, weights, beta=beta,

@@ -173,7 +173,7 @@ def _drive_launchers(modules) -> None:
             var, aux = LOSS_VARIANTS, _meta((shape[0], 2))
             combos = [(LOSS_KINDS["policy"], v) for v in var.values()] + [
                 (k, v) for k in (LOSS_KINDS["grpo"], LOSS_KINDS["grpo_bc"])
-                for v in (var["ppo"], var["cispo_cap"], var["sapo"])]
+                for v in (var["ppo"], var["cispo_cap"], var["sapo"], var["vespo"])]
             for (kind, v), level in itertools.product(combos, RATIO_LEVELS.values()):
                 if v == var["ppo"] and level == RATIO_LEVELS["token"]:
                     continue  # the matrix above
@@ -186,6 +186,20 @@ def _drive_launchers(modules) -> None:
                                   float("inf"), 0.04, 0.2, torch.empty_like(x), *opts)
             losses.losses_bwd_saved(_meta(()), _meta(shape), _meta(shape), _meta(shape[:1]),
                                     torch.empty_like(x), aux)
+            # vespo's / gmpo's per-row input (row_in: vLLM IS log-sums / rollout-weight log means), with
+            # per-token and per-sequence advantages, as rlkern/ops/losses.py passes them (gmpo: no weights).
+            for (kind, v), adv in itertools.product(
+                    [(LOSS_KINDS["grpo"], var["vespo"]), (LOSS_KINDS["grpo_bc"], var["vespo"]),
+                     (LOSS_KINDS["policy"], var["gmpo"])], (x, _meta(shape[:1], dtype))):
+                grpo = kind != LOSS_KINDS["policy"]
+                ref, w = (x, x) if grpo else (None, None)
+                opts = (v, RATIO_LEVELS["token"], float("inf"), 1.0, 1.05, aux, _meta(shape[:1]), 2.0, 3.0,
+                        3.0, 2.0)
+                losses.losses_fwd(x, x, adv, ref, w, _meta(shape), kind, 0.2, 0.2, float("inf"), 0.04, 0.2,
+                                  False, -1.0, _meta(()), _meta((LOSS_STATS,)), _meta(shape[:1]),
+                                  _meta(shape), *opts)
+                losses.losses_bwd(_meta(()), x, x, adv, ref, w, _meta(shape), _meta(shape[:1]), kind, 0.2,
+                                  0.2, float("inf"), 0.04, 0.2, torch.empty_like(x), *opts)
     for shape, m_dtype in itertools.product(((3, 7), (40, 4096)), MASK_DTYPES):  # GAE reads fp32 values only
         r, mask = _meta(shape), _meta(shape, m_dtype)
         gae.gae_fwd(r, r, mask, 0.99, 0.95, _meta(shape), _meta(shape))

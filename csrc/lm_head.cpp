@@ -28,6 +28,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/GradMode.h>
 
 #include <algorithm>
 #include <atomic>
@@ -969,6 +970,9 @@ void bwd_fp32_workers(const GradState& rows_in, const at::Tensor& hidden, const 
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor partials = at::empty({workers - 1, n, hidden.size(1)}, f32);
   at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    // Grad mode is thread-local: a pool thread has it on, and the saved hidden / weight require grad,
+    // which the out= GEMMs refuse (autograd's own thread runs this with it off).
+    c10::AutoGradMode no_grad(false);
     for (int64_t wk = wb; wk < we; ++wk) {
       at::Tensor gh_all = wk == 0 ? grad_hidden : partials[wk - 1];
       at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits, then d logits

@@ -37,6 +37,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("gae_fwd", &rlkern::gae_fwd, release);
   m.def("discounted_returns_fwd", &rlkern::discounted_returns_fwd, release);
   m.def("rollout_correction_fwd", &rlkern::rollout_correction_fwd, release);
+  m.def("rollout_weights_fwd", &rlkern::rollout_weights_fwd, release);
+  m.def("trust_region_fwd", &rlkern::trust_region_fwd, release);
   m.def("kl_cov_select", &rlkern::kl_cov_select, release);
   m.def("kl_cov_fwd", &rlkern::kl_cov_fwd, release);
   m.def("kl_cov_bwd", &rlkern::kl_cov_bwd, release);}

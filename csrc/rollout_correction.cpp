@@ -24,9 +24,12 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "dispatch.h"
+#include "simd.h"
 
 namespace rlkern {
 namespace {
@@ -205,6 +208,368 @@ void rows(int64_t b, int64_t e, int64_t len, const float* lp, const float* rlp, 
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// The weights alone (rollout_weights_fwd): one sweep over each row (two when the weight needs a row
+// statistic: level 2 or OpenRLHF's row gate), 16 lanes at a time, nothing but the fp32 weights
+// written. The log-probs are read in their storage type (float32 / bfloat16 / float16), the mask in
+// its own dtype staged kChunk tokens at a time as float values (verl and TRL multiply by the mask's
+// value, not by a 0/1 flag). Same maths, token for token, as sweep 2 of `rows` above.
+// ------------------------------------------------------------------------------------------------
+
+constexpr int64_t kChunk = 1024;
+constexpr float kFltMax = std::numeric_limits<float>::max();
+
+RLKERN_INLINE vfloat as_float(vint bits) {
+  vfloat out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+RLKERN_INLINE vint as_int(vfloat x) {
+  vint out;
+  std::memcpy(&out, &x, sizeof(out));
+  return out;
+}
+RLKERN_INLINE vfloat flag(vint m) { return as_float(m & (vint{} + 0x3f800000)); }  // 1.0f / 0.0f
+RLKERN_INLINE vfloat select(vint m, vfloat a, vfloat b) { return m ? a : b; }
+// torch.clamp with constant bounds (never NaN): a NaN x passes through, as in torch.
+RLKERN_INLINE vfloat clamp_const(vfloat x, float lo, float hi) {
+  x = x < splat(lo) ? splat(lo) : x;
+  return splat(hi) < x ? splat(hi) : x;
+}
+
+// e^x for every float32 x, as torch.exp: simd.h's vexp_nonpos builds 2^n as a normal float for
+// x in [-87.3, 88]; above 88 it runs on x - 0.693359375 (exact: a multiple of 2^-9 off a number with
+// ulp 2^-17) times e^0.693359375, below -87 on x + 44 (exact) times e^-44, so results down to
+// the subnormals and up to FLT_MAX keep ~2 ulp; x > 88.7228 gives inf, x < -104 gives 0, NaN stays NaN.
+RLKERN_INLINE vfloat vexp_any(vfloat x) {
+  const vint big = x > splat(88.0f), tiny = x < splat(-87.0f);
+  vfloat xr = select(big, x - splat(0.693359375f), select(tiny, x + splat(44.0f), x));
+  xr = xr > splat(88.3f) ? splat(88.3f) : xr;  // vexp_nonpos's 2^n is a normal float up to n = 127
+  const vfloat scale = select(big, splat(2.0004244339097745f), select(tiny, splat(7.781132241133797e-20f), splat(1.0f)));
+  vfloat e = vexp_nonpos(xr) * scale;
+  e = x > splat(88.72283935546875f) ? splat(kInf) : e;
+  e = x < splat(-104.0f) ? splat(0.0f) : e;
+  return x != x ? x : e;
+}
+
+// log(x) for every float32 x, as torch.log (Cephes logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// log(m) = f - f^2/2 + f^3 P(f), f = m - 1, ~1 ulp): log(0) = -inf, log(x < 0) = NaN, log(inf) = inf,
+// NaN stays NaN; subnormals are scaled by 2^23 first.
+RLKERN_INLINE vfloat vlog_any(vfloat x) {
+  const vint sub = (x < splat(1.17549435e-38f)) & (x > splat(0.0f));
+  const vfloat xs = select(sub, x * splat(8388608.0f), x);
+  const vint bits = as_int(xs);
+  vfloat e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vfloat) - select(sub, splat(23.0f), splat(0.0f));
+  vfloat m = as_float((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const vint small = m < splat(0.707106781186547524f);
+  e = select(small, e - splat(1.0f), e);
+  const vfloat f = select(small, m + m, m) - splat(1.0f);
+  const vfloat z = f * f;
+  vfloat p = splat(7.0376836292e-2f);
+  p = p * f + splat(-1.1514610310e-1f);
+  p = p * f + splat(1.1676998740e-1f);
+  p = p * f + splat(-1.2420140846e-1f);
+  p = p * f + splat(1.4249322787e-1f);
+  p = p * f + splat(-1.6668057665e-1f);
+  p = p * f + splat(2.0000714765e-1f);
+  p = p * f + splat(-2.4999993993e-1f);
+  p = p * f + splat(3.3333331174e-1f);
+  vfloat y = f * z * p;
+  y = y + e * splat(-2.12194440e-4f);
+  y = y - splat(0.5f) * z;
+  y = f + y + e * splat(0.693359375f);
+  y = x == splat(kInf) ? x : y;
+  y = x == splat(0.0f) ? splat(-kInf) : y;
+  y = x < splat(0.0f) ? splat(std::numeric_limits<float>::quiet_NaN()) : y;
+  return x != x ? x : y;
+}
+
+// Row sums of fp32 terms accumulated in float64 lanes (a row statistic decides a whole row's weight).
+typedef double vdouble __attribute__((vector_size(64)));
+typedef float vhalf_float __attribute__((vector_size(32)));
+struct WideSum {
+  vdouble lo{}, hi{};
+  RLKERN_INLINE void add(vfloat x) {
+    vhalf_float a, b;
+    std::memcpy(&a, &x, sizeof(a));
+    std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(a), sizeof(b));
+    lo += __builtin_convertvector(a, vdouble);
+    hi += __builtin_convertvector(b, vdouble);
+  }
+  RLKERN_INLINE double total() const {
+    double acc[8];
+    const vdouble s = lo + hi;
+    std::memcpy(acc, &s, sizeof(acc));
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+  }
+};
+
+// A chunk of the mask as float values: the float mask itself, others converted into buf (16-padded).
+using ValueStager = const float* (*)(const void* mask, int64_t n, float* buf);
+template <typename M>
+RLKERN_INLINE const float* mask_values_chunk(const M* p, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<M, float>) {
+    return p;
+  } else {
+    int64_t i = 0;
+    if constexpr (std::is_same_v<M, c10::BFloat16> || std::is_same_v<M, c10::Half>) {
+      for (; i + kLanes <= n; i += kLanes) store16(buf + i, load16(p + i));
+    }
+    for (; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+    return buf;
+  }
+}
+template <typename M>
+__attribute__((target("arch=x86-64-v4"))) const float* values_v4(const void* p, int64_t n, float* buf) {
+  return mask_values_chunk(static_cast<const M*>(p), n, buf);
+}
+template <typename M>
+__attribute__((target("arch=x86-64-v3"))) const float* values_v3(const void* p, int64_t n, float* buf) {
+  return mask_values_chunk(static_cast<const M*>(p), n, buf);
+}
+template <typename M>
+const float* values_base(const void* p, int64_t n, float* buf) {
+  return mask_values_chunk(static_cast<const M*>(p), n, buf);
+}
+template <typename M>
+ValueStager value_stager() {
+  switch (cpu_level()) {
+    case 4: return &values_v4<M>;
+    case 3: return &values_v3<M>;
+    default: return &values_base<M>;
+  }
+}
+
+// 16 (or the n < 16 of a tail) values of a row as float32.
+template <typename T>
+RLKERN_INLINE vfloat lanes(const T* p, int64_t n) { return n == kLanes ? load16(p) : load_tail(p, n, 0.f); }
+template <typename T>
+RLKERN_INLINE void store_lanes(T* p, vfloat v, int64_t n) {
+  if (n == kLanes) store16(p, v);
+  else store_tail(p, v, n);
+}
+
+// TRL's nan_to_num(x): NaN -> 0, ±inf -> ±FLT_MAX.
+RLKERN_INLINE vfloat nan_to_num(vfloat x) { return clamp_const(x != x ? splat(0.f) : x, -kFltMax, kFltMax); }
+
+struct WeightParams {
+  int64_t level, mode, padding;
+  float lower, upper, log_clamp;  // -inf / +inf when absent (log_clamp: +inf)
+  bool has_rlp, has_gate;
+  float gate_lo, gate_hi;
+};
+
+// The weights of 16 tokens: d the log-ratio, mv the mask values, row_log the row's log-weight
+// (level 2), gate 1 or 0 (OpenRLHF's row gate).
+RLKERN_INLINE vfloat token_weights(vfloat d, vfloat mv, vfloat row_log, vfloat gate, const WeightParams& p) {
+  vfloat lw = p.level == 2 ? row_log : (p.padding == 1 ? nan_to_num(d * mv) : d);
+  lw = clamp_const(lw, -p.log_clamp, p.log_clamp);
+  vfloat raw = vexp_any(lw);
+  if (p.padding == 0) raw = raw * mv;
+  if (p.mode == 0) return clamp_const(raw, p.lower, p.upper) * gate;
+  if (p.mode == 1) {
+    const vint in = (raw >= splat(p.lower)) & (raw <= splat(p.upper));
+    return (p.padding == 2 ? raw * flag(in) : select(in, raw, splat(0.f))) * gate;
+  }
+  return raw * gate;
+}
+
+template <typename T>
+RLKERN_INLINE void weight_rows(int64_t b, int64_t e, int64_t len, const T* lp, const T* rlp, const char* mask,
+                               int64_t mask_bytes, ValueStager stage, const WeightParams& p, float* out) {
+  alignas(64) float buf[kChunk];
+  const bool row_pass = p.level == 2 || p.has_gate;
+  const bool needs_mask = p.padding != 2 || row_pass;
+  for (int64_t r = b; r < e; ++r) {
+    const int64_t o = r * len;
+    vfloat row_log = splat(0.f), gate = splat(1.f);
+    if (row_pass) {
+      WideSum vn, vd, vt;
+      for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+        const int64_t cn = std::min<int64_t>(kChunk, len - c0);
+        const float* mv = stage(mask + (o + c0) * mask_bytes, cn, buf);
+        for (int64_t t = 0; t < cn; t += kLanes) {
+          const int64_t k = std::min<int64_t>(kLanes, cn - t), at = o + c0 + t;
+          const vfloat m = lanes(mv + t, k);
+          const vfloat d = p.has_rlp ? lanes(lp + at, k) - lanes(rlp + at, k) : lanes(lp + at, k);
+          vn.add(m);
+          vd.add((m != splat(0.f) ? d : splat(0.f)) * m);
+          vt.add(nan_to_num(d * m));
+        }
+      }
+      const double n = vn.total(), sum_d = vd.total(), trl = vt.total();
+      row_log = splat(p.padding == 1 ? static_cast<float>(trl) : static_cast<float>(sum_d));
+      if (p.has_gate) {
+        const float geo = std::exp(static_cast<float>(sum_d) / static_cast<float>(n));
+        gate = splat(geo >= p.gate_lo && geo <= p.gate_hi ? 1.f : 0.f);
+      }
+    }
+    for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+      const int64_t cn = std::min<int64_t>(kChunk, len - c0);
+      const float* mv = needs_mask ? stage(mask + (o + c0) * mask_bytes, cn, buf) : nullptr;
+      for (int64_t t = 0; t < cn; t += kLanes) {
+        const int64_t k = std::min<int64_t>(kLanes, cn - t), at = o + c0 + t;
+        const vfloat m = needs_mask ? lanes(mv + t, k) : splat(1.f);
+        const vfloat d = p.has_rlp ? lanes(lp + at, k) - lanes(rlp + at, k) : lanes(lp + at, k);
+        store_lanes(out + at, token_weights(d, m, row_log, gate, p), k);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The trust-region gate (trust_region_fwd), with x the policy whose weights these are and y the one
+// that sampled (verl DPPO: log_prob, old_log_prob; OpenRLHF's gating: old_log_probs,
+// rollout_log_probs), per token in fp32:
+//   convention 0 (verl 0.9.1 core_algos.compute_policy_loss_dppo_tv / _kl): r = exp(clamp(x - y, ±20)),
+//     tv: ok+ = e^x - e^y <= high, ok- = e^x - e^y >= -low;
+//     kl: b = e^y (y - x) + (1 - e^y) log((1 - e^y + 1e-8) / (1 - e^x + 1e-8)),
+//         ok+ = b <= high | e^x <= e^y, ok- = b <= low | e^x >= e^y;
+//     valid = A > 0 ? ok+ : ok-, weight min(r, c) * valid; row sums: Σm, Σ m (1 - valid),
+//     Σ m [r > c] valid (where the mask is nonzero, verl's masked_sum).
+//   convention 1 (OpenRLHF 0.11.2 models/loss.py::PolicyLoss, is_correction_gating binary_kl / tv):
+//     p = clamp(e^y, 1e-6, 1 - 1e-6), q = clamp(e^x, ...), s = p log(p / q) + (1 - p) log((1 - p) / (1 - q))
+//     (kl) or |p - q| (tv); token level: keep = low <= s <= high; sequence level: keep the row when
+//     low <= Σ s m / Σ m <= high; weight e^(x - y) where kept, else 0; row sums: Σm, Σ m [not kept]
+//     (token) or Σ s m (sequence), and the row's dropped flag (sequence).
+// ------------------------------------------------------------------------------------------------
+
+struct GateParams {
+  int64_t convention, divergence, level;  // divergence 0 tv, 1 binary kl; level 1 token, 2 sequence
+  float low, high, clip_c;
+  bool adv_per_row;
+};
+constexpr int64_t kGateStats = 3;
+
+// OpenRLHF's statistic of 16 tokens.
+RLKERN_INLINE vfloat orl_stat(vfloat x, vfloat y, int64_t divergence) {
+  const vfloat p = clamp_const(vexp_any(y), 1e-6f, 1.0f - 1e-6f), q = clamp_const(vexp_any(x), 1e-6f, 1.0f - 1e-6f);
+  if (divergence == 0) {
+    const vfloat diff = p - q;
+    return diff < splat(0.f) ? -diff : diff;
+  }
+  const vfloat one = splat(1.f);
+  return p * vlog_any(p / q) + (one - p) * vlog_any((one - p) / (one - q));
+}
+
+template <typename T>
+RLKERN_INLINE void gate_rows(int64_t b, int64_t e, int64_t len, const T* lx, const T* ly, const float* adv,
+                             const char* mask, int64_t mask_bytes, ValueStager stage, const GateParams& p,
+                             float* out, double* stats) {
+  alignas(64) float buf[kChunk];
+  const vfloat zero = splat(0.f), one = splat(1.f);
+  for (int64_t r = b; r < e; ++r) {
+    const int64_t o = r * len;
+    double* S = stats + r * kGateStats;
+    double n = 0.0, s1 = 0.0, s2 = 0.0;
+    vfloat row_keep = one;
+    if (p.convention == 1 && p.level == 2) {  // the row's mean statistic first
+      WideSum vn, vs;
+      for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+        const int64_t cn = std::min<int64_t>(kChunk, len - c0);
+        const float* mv = stage(mask + (o + c0) * mask_bytes, cn, buf);
+        for (int64_t t = 0; t < cn; t += kLanes) {
+          const int64_t k = std::min<int64_t>(kLanes, cn - t), at = o + c0 + t;
+          const vfloat m = lanes(mv + t, k);
+          vn.add(m);
+          vs.add(orl_stat(lanes(lx + at, k), lanes(ly + at, k), p.divergence) * m);
+        }
+      }
+      n = vn.total();
+      s1 = vs.total();
+      const float stat = static_cast<float>(s1) / static_cast<float>(n);
+      const bool keep = stat >= p.low && stat <= p.high;
+      row_keep = keep ? one : zero;
+      s2 = keep ? 0.0 : 1.0;
+    }
+    for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+      const int64_t cn = std::min<int64_t>(kChunk, len - c0);
+      const float* mv = stage(mask + (o + c0) * mask_bytes, cn, buf);
+      vfloat vn = zero, v1 = zero, v2 = zero;
+      for (int64_t t = 0; t < cn; t += kLanes) {
+        const int64_t k = std::min<int64_t>(kLanes, cn - t), at = o + c0 + t;
+        const vfloat m = lanes(mv + t, k);
+        const vint counted = m != zero;
+        const vfloat x = lanes(lx + at, k), y = lanes(ly + at, k);
+        vfloat w;
+        if (p.convention == 0) {
+          const vfloat ratio = vexp_any(clamp_const(x - y, -20.f, 20.f));
+          const vfloat px = vexp_any(x), py = vexp_any(y);
+          vint ok_pos, ok_neg;
+          if (p.divergence == 0) {
+            const vfloat diff = px - py;
+            ok_pos = diff <= splat(p.high);
+            ok_neg = diff >= splat(-p.low);
+          } else {
+            const vfloat bkl = py * (y - x) + (one - py) * vlog_any(((one - py) + splat(1e-8f)) / ((one - px) + splat(1e-8f)));
+            ok_pos = (bkl <= splat(p.high)) | (px <= py);
+            ok_neg = (bkl <= splat(p.low)) | (px >= py);
+          }
+          const vfloat a = p.adv_per_row ? splat(adv[r]) : lanes(adv + at, k);
+          const vfloat valid = flag(a > zero ? ok_pos : ok_neg);
+          const vfloat truncated = splat(p.clip_c) < ratio ? splat(p.clip_c) : ratio;
+          w = truncated * valid;
+          vn += m;
+          v1 += select(counted, one - valid, zero) * m;
+          v2 += select(counted, flag(ratio > splat(p.clip_c)) * valid, zero) * m;
+        } else {
+          const vfloat token_is = vexp_any(x - y);
+          if (p.level == 2) {
+            w = select(row_keep > splat(0.5f), token_is, zero);
+          } else {
+            const vfloat s = orl_stat(x, y, p.divergence);
+            const vint keep = (s >= splat(p.low)) & (s <= splat(p.high));
+            w = select(keep, token_is, zero);
+            vn += m;
+            v1 += (one - flag(keep)) * m;
+          }
+        }
+        store_lanes(out + at, w, k);
+      }
+      if (!(p.convention == 1 && p.level == 2)) {
+        n += hsum(vn);
+        s1 += hsum(v1);
+        s2 += hsum(v2);
+      }
+    }
+    S[0] = n;
+    S[1] = s1;
+    S[2] = s2;
+  }
+}
+
+#define RLKERN_RC_KERNELS(T, SUFFIX)                                                                            \
+  RLKERN_AT_LEVELS(weight_rows_##SUFFIX,                                                                        \
+                   (int64_t b, int64_t e, int64_t len, const T* lp, const T* rlp, const char* m, int64_t mb,    \
+                    ValueStager st, const WeightParams& p, float* out),                                         \
+                   (b, e, len, lp, rlp, m, mb, st, p, out), (weight_rows<T>(b, e, len, lp, rlp, m, mb, st, p, out))) \
+  RLKERN_AT_LEVELS(gate_rows_##SUFFIX,                                                                          \
+                   (int64_t b, int64_t e, int64_t len, const T* lx, const T* ly, const float* adv, const char* m, \
+                    int64_t mb, ValueStager st, const GateParams& p, float* out, double* stats),                \
+                   (b, e, len, lx, ly, adv, m, mb, st, p, out, stats),                                          \
+                   (gate_rows<T>(b, e, len, lx, ly, adv, m, mb, st, p, out, stats)))                             \
+  void weight_rows_any(int64_t b, int64_t e, int64_t len, const T* lp, const T* rlp, const char* m, int64_t mb,  \
+                       ValueStager st, const WeightParams& p, float* out) {                                     \
+    weight_rows_##SUFFIX(b, e, len, lp, rlp, m, mb, st, p, out);                                                \
+  }                                                                                                             \
+  void gate_rows_any(int64_t b, int64_t e, int64_t len, const T* lx, const T* ly, const float* adv, const char* m, \
+                     int64_t mb, ValueStager st, const GateParams& p, float* out, double* stats) {              \
+    gate_rows_##SUFFIX(b, e, len, lx, ly, adv, m, mb, st, p, out, stats);                                       \
+  }
+RLKERN_RC_KERNELS(float, f32)
+RLKERN_RC_KERNELS(c10::BFloat16, bf16)
+RLKERN_RC_KERNELS(c10::Half, f16)
+#undef RLKERN_RC_KERNELS
+
+ValueStager stager_for(const at::Tensor& mask) {
+  ValueStager st = nullptr;
+  dispatch_mask_type(mask.scalar_type(), "mask", [&](auto tag) { st = value_stager<decltype(tag)>(); });
+  return st;
+}
+
+// Rows per parallel task: ~16K tokens.
+int64_t row_grain(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
+
 }  // namespace
 
 void rollout_correction_fwd(const at::Tensor& log_prob, const std::optional<at::Tensor>& rollout_log_prob, const at::Tensor& mask, int64_t level, int64_t mode, int64_t padding, double lower, double upper, double log_clamp, double gate_lo, double gate_hi, std::vector<int64_t> rs_codes, std::vector<double> rs_lo, std::vector<double> rs_hi, const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& new_mask, at::Tensor stats) {
@@ -246,6 +611,79 @@ void rollout_correction_fwd(const at::Tensor& log_prob, const std::optional<at::
     const M* m = mask_data<M>(mask);
     M* out = nopt > 0 ? static_cast<M*>(new_mask->data_ptr()) : nullptr;
     at::parallel_for(0, shape[0], grain, [&](int64_t b, int64_t e) { rows<M>(b, e, len, lp, rlp, m, p, w, out, s); });
+  });
+}
+
+}  // namespace rlkern
+
+namespace rlkern {
+
+void rollout_weights_fwd(const at::Tensor& log_prob, const std::optional<at::Tensor>& rollout_log_prob, const at::Tensor& mask, int64_t level, int64_t mode, int64_t padding, double lower, double upper, double log_clamp, double gate_lo, double gate_hi, at::Tensor weights) {
+  TORCH_CHECK(log_prob.dim() == 2 && log_prob.is_contiguous(), "log_prob must be a contiguous [rows, T] tensor");
+  const auto shape = log_prob.sizes();
+  if (rollout_log_prob) TORCH_CHECK(rollout_log_prob->is_contiguous() && rollout_log_prob->sizes() == shape && rollout_log_prob->scalar_type() == log_prob.scalar_type(), "rollout_log_prob must be contiguous, shaped and typed like log_prob");
+  TORCH_CHECK(mask.is_contiguous() && mask.sizes() == shape, "mask must be a contiguous tensor shaped like log_prob");
+  TORCH_CHECK(weights.is_contiguous() && weights.sizes() == shape && weights.scalar_type() == at::kFloat, "weights must be a contiguous float32 output shaped like log_prob");
+  TORCH_CHECK((level == 1 || level == 2) && mode >= 0 && mode <= 2 && padding >= 0 && padding <= 2, "level must be 1 or 2, mode and padding 0..2");
+  const float inf = std::numeric_limits<float>::infinity();
+  WeightParams p;
+  p.level = level;
+  p.mode = mode;
+  p.padding = padding;
+  p.lower = std::isnan(lower) ? -inf : static_cast<float>(lower);
+  p.upper = std::isnan(upper) ? inf : static_cast<float>(upper);
+  p.log_clamp = std::isnan(log_clamp) ? inf : static_cast<float>(log_clamp);
+  p.has_rlp = rollout_log_prob.has_value();
+  p.has_gate = !std::isnan(gate_lo);
+  p.gate_lo = static_cast<float>(gate_lo);
+  p.gate_hi = static_cast<float>(gate_hi);
+  const int64_t len = shape[1];
+  const char* m = static_cast<const char*>(mask.const_data_ptr());
+  const int64_t mb = mask.element_size();
+  const ValueStager st = stager_for(mask);
+  float* out = weights.data_ptr<float>();
+  dispatch_storage_type(log_prob.scalar_type(), "log_prob", [&](auto tag) {
+    using T = decltype(tag);
+    const T* lp = static_cast<const T*>(log_prob.const_data_ptr());
+    const T* rlp = p.has_rlp ? static_cast<const T*>(rollout_log_prob->const_data_ptr()) : nullptr;
+    at::parallel_for(0, shape[0], row_grain(len), [&](int64_t b, int64_t e) { weight_rows_any(b, e, len, lp, rlp, m, mb, st, p, out); });
+  });
+}
+
+void trust_region_fwd(const at::Tensor& logp, const at::Tensor& ref_logp, const std::optional<at::Tensor>& advantages, const at::Tensor& mask, int64_t convention, int64_t divergence, int64_t level, double low, double high, double clip_c, at::Tensor weights, at::Tensor stats) {
+  TORCH_CHECK(logp.dim() == 2 && logp.is_contiguous(), "logp must be a contiguous [rows, T] tensor");
+  const auto shape = logp.sizes();
+  TORCH_CHECK(ref_logp.is_contiguous() && ref_logp.sizes() == shape && ref_logp.scalar_type() == logp.scalar_type(), "ref_logp must be contiguous, shaped and typed like logp");
+  TORCH_CHECK(mask.is_contiguous() && mask.sizes() == shape, "mask must be a contiguous tensor shaped like logp");
+  TORCH_CHECK(weights.is_contiguous() && weights.sizes() == shape && weights.scalar_type() == at::kFloat, "weights must be a contiguous float32 output shaped like logp");
+  TORCH_CHECK(stats.is_contiguous() && stats.scalar_type() == at::kDouble && stats.dim() == 2 && stats.size(0) == shape[0] && stats.size(1) == kGateStats, "stats must be a contiguous float64 [rows, 3] output");
+  TORCH_CHECK((convention == 0 || convention == 1) && (divergence == 0 || divergence == 1) && (level == 1 || level == 2), "convention, divergence must be 0 or 1, level 1 or 2");
+  TORCH_CHECK(convention == 1 || level == 1, "the verl convention is token-level");
+  GateParams p;
+  p.convention = convention;
+  p.divergence = divergence;
+  p.level = level;
+  p.low = static_cast<float>(low);
+  p.high = static_cast<float>(high);
+  p.clip_c = static_cast<float>(clip_c);
+  p.adv_per_row = false;
+  const float* adv = nullptr;
+  if (convention == 0) {
+    TORCH_CHECK(advantages && advantages->is_contiguous() && advantages->scalar_type() == at::kFloat && advantages->dim() == 2 && advantages->size(0) == shape[0] && (advantages->size(1) == shape[1] || advantages->size(1) == 1), "advantages must be a contiguous float32 [rows, T] or [rows, 1] tensor");
+    p.adv_per_row = advantages->size(1) == 1 && shape[1] != 1;
+    adv = advantages->const_data_ptr<float>();
+  }
+  const int64_t len = shape[1];
+  const char* m = static_cast<const char*>(mask.const_data_ptr());
+  const int64_t mb = mask.element_size();
+  const ValueStager st = stager_for(mask);
+  float* out = weights.data_ptr<float>();
+  double* s = stats.data_ptr<double>();
+  dispatch_storage_type(logp.scalar_type(), "logp", [&](auto tag) {
+    using T = decltype(tag);
+    const T* lx = static_cast<const T*>(logp.const_data_ptr());
+    const T* ly = static_cast<const T*>(ref_logp.const_data_ptr());
+    at::parallel_for(0, shape[0], row_grain(len), [&](int64_t b, int64_t e) { gate_rows_any(b, e, len, lx, ly, adv, m, mb, st, p, out, s); });
   });
 }
 

@@ -229,6 +229,21 @@ def _drive_rollout_correction(rc) -> None:
                                           clamp, gate, 1.1 if gate == gate else nan, [], [], [],
                                           _meta(shape) if level else None, None,
                                           _meta((shape[0], rc.K_STATS), torch.float64))
+    # the weights alone (rollout_weights_fwd) in every log-prob storage type, and the trust-region gate
+    # (trust_region_fwd: verl DPPO per-token / per-row advantages, OpenRLHF token / sequence gating)
+    for lp_dtype, m_dtype in itertools.product(_torch_dtypes(), (torch.bool, torch.float32, torch.int64)):
+        mask, lp = _meta(shape, m_dtype), _meta(shape, lp_dtype)
+        for level, mode, padding, lower, upper, clamp, gate in conventions:
+            for rlp in ((lp, None) if level else ()):
+                rc.rollout_weights_fwd(lp, rlp, mask, level, mode, padding, lower, upper, clamp, gate,
+                                       1.1 if gate == gate else nan, _meta(shape))
+        for convention, divergence, level in itertools.product((0, 1), (0, 1), (1, 2)):
+            if convention == 0 and level == 2:
+                continue  # verl's DPPO is token-level
+            for adv in ((_meta(shape), _meta((shape[0], 1))) if convention == 0 else (None,)):
+                rc.trust_region_fwd(lp, lp, adv, mask, convention, divergence, level, 0.0, 0.2, 2.0,
+                                    _meta(shape), _meta((shape[0], 3), torch.float64))
+
 
 
 def _drive_token_selection(ts) -> None:

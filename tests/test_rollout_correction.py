@@ -450,3 +450,288 @@ def test_weights_alone_equal_the_kernels(name):
     assert alone.metrics == {} and kernel.metrics
     _check(alone.weights, kernel.weights, name)
     assert alone.mask is mask
+
+
+# ------------------------------------------------------------------------------------------------
+# the weights alone: the lean kernel rlkern::rollout_weights_fwd (one pass, fp32 weights only)
+# ------------------------------------------------------------------------------------------------
+
+# (log-prob dtype, mask dtype): every kernel storage type, every native mask dtype
+LEAN_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bool), (torch.float16, torch.int64),
+               (torch.float32, torch.bfloat16), (torch.bfloat16, torch.uint8), (torch.float16, torch.int32)]
+# one row of 1100 tokens spans two of the C++ kernel's 1024-token mask chunks and three Triton blocks
+LEAN_SHAPES = [(7, 13), (3, 1), (2, 1100)]
+
+
+@pytest.mark.parametrize("dtypes", LEAN_DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("name", list(CONVENTIONS))
+def test_weights_alone_match_oracle(kernel_backend, name, dtypes):
+    """The lean kernel (metrics=False, no rs, no batch_normalize) on every backend, log-prob storage type
+    and mask dtype, against the float64 oracle run on the same (upcast) inputs: the weights are written
+    in full (outputs start NaN), the mask is the caller's. Sequence rows sum in float64 lanes, so the
+    module tolerance holds for the 1100-token rows too (scale 0.02 keeps their weights inside the bounds
+    often enough to be tested, not only clamped)."""
+    dtype, mask_dtype = dtypes
+    kw = CONVENTIONS[name]
+    for shape in LEAN_SHAPES:
+        old, roll, mask = _inputs(dtype, mask_dtype, seed=hash((name, shape)) % 1000, shape=shape,
+                                  scale=0.02 if shape[-1] > 100 else 0.3)
+        res = ops.rollout_correction(old, roll, mask, **kw, metrics=False)
+        assert res.metrics == {} and res.mask is mask and res.weights.dtype == torch.float32
+        want, _ = reference.rollout_correction(old, roll, mask, **kw)
+        _check(res.weights, want, f"{name} {shape}")
+
+
+@pytest.mark.parametrize("name", ["verl_tis_token", "verl_tis_seq", "trl_token_truncate", "trl_seq_mask",
+                                  "openrlhf_tis", "openrlhf_icepop", "openrlhf_seq_mask_tis"])
+def test_weights_alone_hostile_values(kernel_backend, name):
+    """NaN, ±inf and huge log-ratios (exp overflowing to inf and underflowing through the subnormals to
+    0), at valid and padded tokens, give the torch path's weights on every backend (the kernel's exp
+    covers the whole float32 range, torch's does). Sequence levels and the row gate get the finite
+    values only: a row sum of ±FLT_MAX and ±1e30 terms depends on the summation order in fp32 (torch's)
+    and not in the kernels' float64."""
+    kw = CONVENTIONS[name]
+    row_stat = kw["level"] == "sequence" or kw.get("seq_gate") is not None
+    d = torch.tensor([[0.0, float("nan"), float("inf"), float("-inf"), 88.5, 88.8, -87.5, -95.0, -103.5,
+                       -120.0, 30.0, -30.0, 1e30, -1e30, 0.3, -0.3, 5.0]])
+    if row_stat:
+        d = torch.tensor([[0.0, float("nan"), 0.2, -0.1, 0.05, 1.5, -0.7, 0.01]])
+    d = torch.cat([d, d.flip(-1), torch.zeros_like(d)])
+    mask = torch.ones_like(d)
+    mask[1, ::2] = 0.0
+    mask[2] = 0.0
+    got = ops.rollout_correction(d, torch.zeros_like(d), mask, **kw, metrics=False).weights
+    with rlkern.use_backend("torch"):
+        want = ops.rollout_correction(d, torch.zeros_like(d), mask, **kw, metrics=False).weights
+    torch.testing.assert_close(got, want, atol=1e-44, rtol=5e-7, equal_nan=True)
+    # the whole-range exp by itself, on the raw weights (no bound, no clamp): subnormals included
+    x = torch.linspace(-110.0, 90.0, 4001).unsqueeze(0)
+    raw = ops.rollout_correction(x, None, torch.ones_like(x), mode="none", upper=None, log_clamp=None,
+                                 padding="raw", metrics=False).weights
+    torch.testing.assert_close(raw, torch.exp(x), atol=1e-44, rtol=5e-7)
+
+
+def test_weights_alone_leading_dims_and_empty(kernel_backend):
+    old, roll, mask = _inputs(shape=(2, 3, T), seed=16)
+    for kw in CONVENTIONS.values():
+        got = ops.rollout_correction(old, roll, mask, **kw, metrics=False).weights
+        flat = ops.rollout_correction(old.view(6, T), roll.view(6, T), mask.view(6, T), **kw,
+                                      metrics=False).weights
+        assert got.shape == old.shape
+        _check(got.view(6, T), flat, str(kw))
+    for shape in ((0, T), (3, 0)):
+        z = torch.zeros(shape)
+        assert ops.rollout_correction(z, z, z, metrics=False).weights.shape == shape
+    assert ops.rollout_correction(old, roll, mask, level=None, metrics=False).weights is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the trust-region gate: verl's DPPO (dppo_tv / dppo_kl) and OpenRLHF's binary_kl / tv gating
+# ------------------------------------------------------------------------------------------------
+
+
+def _verl_dppo_gate(log_prob, old_log_prob, advantages, mask, divergence, low, high, clip_c):
+    """verl 0.9.1 core_algos.compute_policy_loss_dppo_tv / compute_policy_loss_dppo_kl: the per-token
+    factor of pg_losses (truncated_ratio * valid_mask) and its pg_clipfrac / pg_clipfrac_lower."""
+    from verl.utils.torch_functional import masked_mean
+
+    negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    truncated_ratio = torch.clamp(ratio, max=clip_c)
+    prob, old_prob = torch.exp(log_prob), torch.exp(old_log_prob)
+    if divergence == "tv":
+        valid_positive_mask = (prob - old_prob) <= high
+        valid_negative_mask = (prob - old_prob) >= -low
+    else:
+        binary_kl = old_prob * (old_log_prob - log_prob) + (1 - old_prob) * torch.log(
+            (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+        valid_positive_mask = (binary_kl <= high) | (prob <= old_prob)
+        valid_negative_mask = (binary_kl <= low) | (prob >= old_prob)
+    valid_mask = torch.where(advantages > 0, valid_positive_mask, valid_negative_mask).to(log_prob.dtype)
+    return truncated_ratio * valid_mask, {
+        "pg_clipfrac": masked_mean(1.0 - valid_mask, mask),
+        "pg_clipfrac_lower": masked_mean((ratio > clip_c).to(log_prob.dtype) * valid_mask, mask)}
+
+
+def _openrlhf_gate(old_log_probs, rollout_log_probs, action_mask, gating, level, low, high):
+    """OpenRLHF 0.11.2 models/loss.py::PolicyLoss.forward, is_correction_mode="mask" with a divergence
+    gating: the coefficient of each token's loss and is_filter_ratio (utils.py::masked_mean)."""
+    def masked_mean(tensor, mask, dim=None):
+        return (tensor * mask).sum(dim=dim) / mask.sum(dim=dim)
+
+    is_log_ratio = old_log_probs - rollout_log_probs
+    token_is = is_log_ratio.exp()
+    p = rollout_log_probs.exp().clamp(1e-6, 1 - 1e-6)
+    q = old_log_probs.exp().clamp(1e-6, 1 - 1e-6)
+    if gating == "binary_kl":
+        stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+    else:
+        stat = (p - q).abs()
+    if level == "seq":
+        stat = masked_mean(stat, action_mask, dim=-1).unsqueeze(-1)
+    keep = (stat >= low) & (stat <= high)
+    coef = torch.where(keep, token_is, 0.0)
+    filtered = ~keep
+    ratio = filtered.to(old_log_probs.dtype).mean() if level == "seq" else \
+        masked_mean(filtered.to(old_log_probs.dtype), action_mask, dim=None)
+    return coef, {"is_filter_ratio": ratio}
+
+
+# (convention, divergence, level, low, high): thresholds in the bulk of the statistic for _gate_inputs
+GATES = {
+    "verl_tv": ("verl", "tv", "token", 0.03, 0.04),
+    "verl_kl": ("verl", "kl", "token", 0.004, 0.006),
+    "openrlhf_tv_token": ("openrlhf", "tv", "token", 0.0, 0.03),
+    "openrlhf_kl_token": ("openrlhf", "kl", "token", float("-inf"), 0.004),
+    "openrlhf_tv_seq": ("openrlhf", "tv", "sequence", 0.0, 0.085),
+    "openrlhf_kl_seq": ("openrlhf", "kl", "sequence", 0.0, 0.04),
+}
+
+
+def _gate_inputs(dtype, mask_dtype, seed, shape=(B, T)):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(*shape, generator=g) * 2.5
+    ref = logp + 0.3 * torch.randn(*shape, generator=g)
+    adv = torch.randn(*shape, generator=g)
+    mask = torch.rand(*shape, generator=g) < 0.75
+    if shape[0] > 2:
+        mask[1] = False
+        mask[0] = True
+    return logp.to(dtype), ref.to(dtype), adv, mask.to(mask_dtype)
+
+
+def _gate_want(name, logp, ref, adv, mask, clip_c=2.0):
+    convention, divergence, level, low, high = GATES[name]
+    x, y, a, m = (t.double() for t in (logp, ref, adv, mask))
+    if convention == "verl":
+        return _verl_dppo_gate(x, y, a, m, divergence, low, high, clip_c)
+    return _openrlhf_gate(x, y, m, "binary_kl" if divergence == "kl" else "tv",
+                          "seq" if level == "sequence" else "token", low, high)
+
+
+def _gate_got(name, logp, ref, adv, mask, clip_c=2.0):
+    convention, divergence, level, low, high = GATES[name]
+    return ops.trust_region_gate(logp, ref, mask, adv if convention == "verl" else None,
+                                 divergence=divergence, low=low, high=high, clip_c=clip_c,
+                                 convention=convention, level=level)
+
+
+def _check_gate(got, want, what, shares=1e-6):
+    _check(got.weights, want[0].expand_as(got.weights), what)
+    assert got.metrics.keys() == want[1].keys(), what
+    for key, value in want[1].items():
+        torch.testing.assert_close(got.metrics[key].double(), value.double(), atol=shares, rtol=1e-6,
+                                   equal_nan=True, msg=lambda m, key=key: f"{what} {key}: {m}")
+
+
+GATE_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bool), (torch.float16, torch.int64),
+               (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtypes", GATE_DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("name", list(GATES))
+def test_trust_region_matches_peers(backend, name, dtypes):
+    """Every backend against the peers' formulas (verl's DPPO lines, OpenRLHF 0.11.2's gating lines) run
+    in float64 on the same (upcast) inputs: weights to the module tolerance, the metrics to 1e-6 (shares
+    of <= 2200 tokens or rows). The thresholds sit in the bulk of each statistic (a fp32 rounding flips
+    a token's side only within ~1e-7 relative of a threshold, probability ~1e-5 per token whatever the
+    seed); rows of 1100 tokens span the C++ kernel's chunks and the Triton blocks."""
+    dtype, mask_dtype = dtypes
+    for shape in ((B, T), (2, 1100), (3, 1)):
+        logp, ref, adv, mask = _gate_inputs(dtype, mask_dtype, seed=hash((name, shape)) % 1000, shape=shape)
+        want = _gate_want(name, logp, ref, adv, mask)
+        _check_gate(_gate_got(name, logp, ref, adv, mask), want, f"{name} {shape}")
+        if GATES[name][0] == "verl":  # per-sequence advantages, [B] and [B, 1]
+            row_adv = adv[:, :1]
+            want = _gate_want(name, logp, ref, row_adv, mask)
+            _check_gate(_gate_got(name, logp, ref, row_adv, mask), want, f"{name} {shape} per row")
+            _check_gate(_gate_got(name, logp, ref, row_adv.squeeze(-1), mask), want, f"{name} {shape} [B]")
+
+
+def test_trust_region_acts(backend):
+    """The inputs of the parity test exercise every branch: some tokens dropped, some kept, the
+    truncation at clip_c taken (verl), rows dropped and kept (OpenRLHF's sequence level)."""
+    logp, ref, adv, mask = _gate_inputs(torch.float32, torch.float32, seed=3, shape=(16, 64))
+    for name in GATES:
+        got = _gate_got(name, logp, ref, adv, mask, clip_c=1.2)
+        w = got.weights[mask != 0]
+        assert (w == 0).any() and (w > 0).any(), name
+        if GATES[name][0] == "verl":
+            assert (w == 1.2).any() and 0 < got.metrics["pg_clipfrac_lower"] < got.metrics["pg_clipfrac"] + 1
+        else:
+            assert 0 < got.metrics["is_filter_ratio"] < 1, name
+
+
+@pytest.mark.parametrize("name", list(GATES))
+def test_trust_region_non_finite(backend, name):
+    """NaN and ±inf log-probs: verl's weight is NaN through r (and 0 * NaN), OpenRLHF drops the token
+    (its comparisons fail on NaN) or keeps exp(±inf); on every backend as in the peers' formulas."""
+    logp, ref, adv, mask = _gate_inputs(torch.float32, torch.float32, seed=5)
+    mask = torch.ones_like(mask)
+    logp[2, 3], ref[3, 4], logp[4, 5], ref[5, 6], logp[6, 7] = (float("nan"), float("nan"), float("-inf"),
+                                                                float("-inf"), 0.0)
+    want = _gate_want(name, logp, ref, adv, mask)
+    got = _gate_got(name, logp, ref, adv, mask)
+    _check(got.weights, want[0].expand_as(got.weights), name)
+    if GATES[name][0] == "verl":
+        assert got.weights[2, 3].isnan() and got.weights[3, 4].isnan()
+
+
+def test_trust_region_no_host_sync_on_meta_tensors():
+    meta = lambda dtype=torch.float32: torch.empty(B, T, dtype=dtype, device="meta")  # noqa: E731
+    for name, (convention, divergence, level, low, high) in GATES.items():
+        out = ops.trust_region_gate(meta(torch.bfloat16), meta(torch.bfloat16), meta(torch.bool), meta(),
+                                    divergence=divergence, low=low, high=high, convention=convention,
+                                    level=level)
+        assert out.weights.device.type == "meta" and out.weights.shape == (B, T), name
+        assert all(v.device.type == "meta" and v.dim() == 0 for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_trust_region_opcheck_and_compile(backend_name):
+    """opcheck of both new kernel ops (schema, fake tensors, AOT dispatch), and torch.compile(fullgraph)
+    of the public functions giving eager's weights and metrics."""
+    logp, ref, adv, mask = _gate_inputs(torch.float32, torch.bool, seed=9)
+    m8 = mask.contiguous()
+    for args in ((logp, ref, adv, m8, 0, 1, 1, 0.004, 0.006, 2.0), (logp, ref, adv[:, :1].contiguous(), m8, 0,
+                 0, 1, 0.03, 0.04, 2.0), (logp, ref, None, m8, 1, 1, 2, 0.0, 0.004, 0.0),
+                 (logp, ref, None, m8, 1, 0, 1, float("-inf"), 0.03, 0.0)):
+        torch.library.opcheck(torch.ops.rlkern.trust_region_fwd.default, (*args, backend_name))
+    for args in ((logp, ref, m8, 1, 0, 1, _NAN, 3.0, _NAN, _NAN, _NAN),
+                 (logp.bfloat16(), ref.bfloat16(), m8, 2, 1, 0, 0.5, 2.0, 20.0, _NAN, _NAN),
+                 (logp - ref, None, m8, 1, 2, 2, _NAN, _NAN, _NAN, 0.9, 1.1)):
+        torch.library.opcheck(torch.ops.rlkern.rollout_weights_fwd.default, (*args, backend_name))
+    torch._dynamo.reset()
+    with rlkern.use_backend(backend_name):
+        def step(logp, ref, adv, mask):
+            gate = ops.trust_region_gate(logp, ref, mask, adv, divergence="kl", low=0.004, high=0.006)
+            seq = ops.trust_region_gate(logp, ref, mask, convention="openrlhf", level="sequence", low=0.0,
+                                        high=0.004)
+            tis = ops.rollout_correction(logp, ref, mask, upper=3.0, padding="trl", log_clamp=None,
+                                         metrics=False).weights
+            return gate.weights, gate.metrics, seq.weights, seq.metrics, tis
+
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(logp, ref, adv, mask)
+        want = step(logp, ref, adv, mask)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, equal_nan=True)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(convention="trl"), ValueError, "convention"),
+    (dict(divergence="js"), ValueError, "divergence"),
+    (dict(level="sequence"), ValueError, "level"),
+    (dict(low=float("nan")), ValueError, "low"),
+    (dict(high=None), ValueError, "high"),
+    (dict(advantages=None), ValueError, "advantages"),
+    (dict(advantages=torch.zeros(2, 2)), ValueError, "advantages"),
+    (dict(mask=torch.ones(2, 4)), ValueError, "mask"),
+    (dict(ref_logp=torch.zeros(2, 4)), ValueError, "ref_logp"),
+    (dict(logp=torch.zeros(2, 3, dtype=torch.long)), TypeError, "logp"),
+])
+def test_trust_region_bad_inputs(kwargs, error, match):
+    args = dict(logp=torch.zeros(2, 3), ref_logp=torch.zeros(2, 3), mask=torch.ones(2, 3),
+                advantages=torch.zeros(2, 3))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        ops.trust_region_gate(**args)

@@ -9,7 +9,7 @@ from rlkern.ops.logits import entropy, logprobs, logprobs_and_entropy
 from rlkern.ops.losses import grpo_loss, policy_loss, value_loss
 from rlkern.ops.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlkern.ops.returns import discounted_returns, gae
-from rlkern.ops.rollout_correction import off_policy_sequence_mask, rollout_correction
+from rlkern.ops.rollout_correction import off_policy_sequence_mask, rollout_correction, trust_region_gate
 from rlkern.ops.token_selection import (
     clip_cov_mask,
     high_entropy_mask,
@@ -29,7 +29,7 @@ __all__ = [
     "policy_loss", "value_loss", "grpo_loss", "group_advantages", "dpo_loss",
     "outcome_advantages", "optimal_token_baseline",
     # rollout/training mismatch correction (TIS, IcePop, MIS, Geo-RS, off-policy sequence mask)
-    "rollout_correction", "off_policy_sequence_mask",
+    "rollout_correction", "off_policy_sequence_mask", "trust_region_gate",
     # token selection without host syncs (KL-Cov, Clip-Cov, TRL top-entropy quantile)
     "kl_cov_mask", "kl_cov_rows", "clip_cov_mask", "high_entropy_mask", "token_covariance",
     # KL coefficient controllers

@@ -32,7 +32,9 @@ with ``d = log_prob - rollout_log_prob`` (verl: ``old_log_prob - rollout_log_pro
   verl's ``seq_mean_*`` and OpenRLHF's ``seq-mask-tis`` gate.
 
 TRL's off-policy sequence mask (DeepSeek-V3.2, ``off_policy_mask_threshold``) is
-:func:`off_policy_sequence_mask`.
+:func:`off_policy_sequence_mask`; verl's DPPO trust region (``dppo_tv`` / ``dppo_kl``) and OpenRLHF's
+``binary_kl`` / ``tv`` gatings are :func:`trust_region_gate` (one kernel pass, weights and the
+peers' filter shares; C++ and Triton, no host sync).
 
 verl computes in the input dtype; rlkern computes in fp32 (fp64 for fp64 inputs) and returns fp32
 weights; the tests compare with verl run on the upcast inputs. No host synchronisation (the tests run
@@ -42,10 +44,12 @@ transfer.
 Backends: on CPU one C++ kernel (csrc/rollout_correction.cpp), on CUDA one Triton kernel
 (kernels/rollout_correction.py, one program per row; calls with rejection options ``rs`` take the
 torch path there, see that module), each sweeping a row twice (row sums, then weights and mask) and
-returning per-row float64 sums from which verl's metrics are ~100 tiny ``[B]`` ops; for meta, float64,
-``use_backend("torch")`` and, on CPU, calls that want the weights alone (``metrics=False``, no ``rs``,
-no ``batch_normalize``: 2-4 elementwise passes, ~5x less time than the kernel's sums at 256 x 4096)
-the vectorised torch path below (~150 passes over ``[B, T]``,
+returning per-row float64 sums from which verl's metrics are ~100 tiny ``[B]`` ops. Calls that want the
+weights alone (``metrics=False``, no ``rs``, no ``batch_normalize``: TRL's vLLM IS ratios, OpenRLHF's
+corrections) run a lean kernel instead (``rlkern::rollout_weights_fwd``): one pass reading the
+log-probs in their own dtype and the mask in its own, writing only the fp32 weights (two passes with a
+row statistic: ``level="sequence"``, ``seq_gate``; the row sums in float64). For meta, float64 and
+``use_backend("torch")`` the vectorised torch path below (~150 passes over ``[B, T]``,
 mostly verl's masked reductions). The Triton kernel is tested through the interpreter and compiled
 for sm_80/sm_90 (tests/gpu_compile.py), not yet timed on a GPU.
 Either kernel is the registered op ``rlkern::rollout_correction_fwd`` (``register_fake``; no autograd:
@@ -76,11 +80,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rlkern.ops._common import check_tensor, new_output, pick_backend
+from rlkern.ops._common import KERNEL_DTYPES, NATIVE_MASK_DTYPES, check_tensor, new_output, pick_backend
 from rlkern.ops._registry import kernel_op, kernels
 
-__all__ = ["rollout_correction", "off_policy_sequence_mask", "parse_rs", "parse_is_threshold",
-           "RolloutCorrection", "RS_OPTIONS", "SAFETY_BOUND"]
+__all__ = ["rollout_correction", "off_policy_sequence_mask", "trust_region_gate", "parse_rs",
+           "parse_is_threshold", "RolloutCorrection", "TrustRegion", "RS_OPTIONS", "SAFETY_BOUND"]
 
 SAFETY_BOUND = 20.0
 RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
@@ -661,6 +665,49 @@ def _kernel_path(backend, log_prob, rollout_log_prob, mask, level, mode, upper, 
     return RolloutCorrection(weights, mask if new_mask is None else new_mask.view(mask.shape), out)
 
 
+@kernel_op("rollout_weights_fwd")
+def _rw_fwd(lp: Tensor, rlp: Tensor | None, m: Tensor, level: int, mode: int, padding: int, lower: float,
+            upper: float, log_clamp: float, gate_lo: float, gate_hi: float, backend: str) -> Tensor:
+    """The weights alone as an op: ``lp``, ``rlp`` ``[N, T]`` of one kernel dtype, ``m`` ``[N, T]`` in
+    its own dtype (all contiguous), NaN for an absent bound; returns the float32 weights ``[N, T]``
+    (``level`` 1 token, 2 sequence). No autograd: the weights are constants in every peer."""
+    weights = new_output(lp.shape, device=lp.device)
+    kernels(backend, "rollout_correction").rollout_weights_fwd(
+        lp, rlp, m, level, mode, padding, lower, upper, log_clamp, gate_lo, gate_hi, weights)
+    return weights
+
+
+@_rw_fwd.register_fake
+def _(lp, rlp, m, level, mode, padding, lower, upper, log_clamp, gate_lo, gate_hi, backend):
+    return lp.new_empty(lp.shape, dtype=torch.float32)
+
+
+def _kernel_inputs(a: Tensor, b: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``a``, ``b`` (detached) and ``mask`` as ``[rows, T]`` contiguous kernel inputs: the log-probs in
+    their own dtype when both have one kernel dtype (else float32), the mask in its own dtype when the
+    kernels read it (else float32: its values matter, not only nonzero)."""
+    T = a.shape[-1]
+    a = a.detach()
+    b = None if b is None else b.detach()
+    if a.dtype not in KERNEL_DTYPES or (b is not None and b.dtype != a.dtype):
+        a, b = a.float(), None if b is None else b.float()
+    m = mask if mask.dtype in NATIVE_MASK_DTYPES else mask.float()
+    return (a.reshape(-1, T).contiguous(), None if b is None else b.reshape(-1, T).contiguous(),
+            m.reshape(-1, T).contiguous())
+
+
+def _weights_path(backend, log_prob, rollout_log_prob, mask, level, mode, upper, lower, log_clamp, padding,
+                  seq_gate) -> RolloutCorrection:
+    lp, rlp, m = _kernel_inputs(log_prob, rollout_log_prob, mask)
+    nan = _NONE
+    weights = _rw_fwd(lp, rlp, m, _LEVELS.index(level), _MODES.index(mode), _PADDINGS.index(padding),
+                      nan if lower is None else lower, nan if upper is None else upper,
+                      nan if log_clamp is None else log_clamp,
+                      nan if seq_gate is None else float(seq_gate[0]),
+                      nan if seq_gate is None else float(seq_gate[1]), backend)
+    return RolloutCorrection(weights.view(log_prob.shape), mask, {})
+
+
 def rollout_correction(log_prob: Tensor, rollout_log_prob: Tensor | None, mask: Tensor, *,
                        level: str | None = "token", mode: str = "truncate", upper: float | None = 2.0,
                        lower: float | None = None, log_clamp: float | None = SAFETY_BOUND,
@@ -724,10 +771,12 @@ def rollout_correction(log_prob: Tensor, rollout_log_prob: Tensor | None, mask: 
     backend = pick_backend(log_prob, mask, *others) if log_prob.numel() and len(options or ()) <= 16 else ""
     if backend == "triton" and options:  # the Triton kernel takes no rejection options (its docstring)
         backend = ""
-    if backend == "cpp" and not (metrics or options or batch_normalize):
-        # the weights alone: the torch path's 2-4 elementwise passes (a row sum for level="sequence" or
-        # seq_gate) take ~1/5 of the time of the kernel, which computes every row sum behind the metrics
-        backend = ""
+    if backend in ("cpp", "triton") and not (metrics or options or batch_normalize):
+        # the weights alone: one lean kernel pass (two with a row statistic), no row sums for metrics
+        if level is None:
+            return RolloutCorrection(None, mask, {})
+        return _weights_path(backend, log_prob, rollout_log_prob, mask, level, mode, upper, lower, log_clamp,
+                             padding, seq_gate)
     if backend in ("cpp", "triton"):
         return _kernel_path(backend, log_prob, rollout_log_prob, mask, level, mode, upper, lower, log_clamp,
                             padding, seq_gate, options, batch_normalize, metrics, offpolicy_metrics)
@@ -789,3 +838,152 @@ def off_policy_sequence_mask(log_prob: Tensor, sampling_log_prob: Tensor, mask: 
     mf = mask.to(dtype)
     avg = (kl * mf).sum(1, keepdim=True) / mf.sum(1, keepdim=True).clamp(min=1.0)
     return ((advantages >= 0) | (avg <= threshold)).to(mask.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# the trust-region gate: DPPO's (verl) and OpenRLHF's divergence gating of the IS correction
+# ------------------------------------------------------------------------------------------------
+
+GATE_CONVENTIONS = ("verl", "openrlhf")
+DIVERGENCES = ("tv", "kl")
+_GATE_LEVELS = ("token", "sequence")
+_DPPO_EPS = 1e-8  # verl's 1e-8 inside the binary KL's log, and its masked_mean denominator epsilon
+_PROB_CLAMP = 1e-6  # OpenRLHF clamps both probabilities to [1e-6, 1 - 1e-6]
+
+
+class TrustRegion(NamedTuple):
+    weights: Tensor  # [..., T] fp32 (fp64 for fp64 inputs): constant per-token weights
+    metrics: dict[str, Tensor]  # 0-d tensors: pg_clipfrac / pg_clipfrac_lower (verl), is_filter_ratio
+
+
+def _gate_torch(x: Tensor, y: Tensor, adv: Tensor | None, mask: Tensor, convention: str, divergence: str,
+                level: str, low: float, high: float, clip_c: float) -> TrustRegion:
+    """The gate in torch ops (meta tensors, float64, the torch backend), the peers' formulas in the
+    compute dtype."""
+    dtype = _compute_dtype(x, y)
+    x, y = x.detach().to(dtype), y.detach().to(dtype)
+    mf, mb = mask.to(dtype), mask != 0
+    if convention == "verl":
+        ratio = torch.exp(torch.clamp(x - y, min=-SAFETY_BOUND, max=SAFETY_BOUND))
+        px, py = torch.exp(x), torch.exp(y)
+        if divergence == "tv":
+            ok_pos, ok_neg = (px - py) <= high, (px - py) >= -low
+        else:
+            bkl = py * (y - x) + (1 - py) * torch.log((1.0 - py + _DPPO_EPS) / (1.0 - px + _DPPO_EPS))
+            ok_pos, ok_neg = (bkl <= high) | (px <= py), (bkl <= low) | (px >= py)
+        valid = torch.where(adv > 0, ok_pos, ok_neg).to(dtype)
+        weights = torch.clamp(ratio, max=clip_c) * valid
+        n = mf.sum() + _DPPO_EPS
+        msum = lambda v: (torch.where(mb, v, 0.0) * mf).sum()  # noqa: E731  (verl's masked_sum)
+        metrics = {"pg_clipfrac": msum(1.0 - valid) / n,
+                   "pg_clipfrac_lower": msum((ratio > clip_c).to(dtype) * valid) / n}
+        return TrustRegion(weights, {k: v.float() for k, v in metrics.items()})
+    p = torch.exp(y).clamp(_PROB_CLAMP, 1 - _PROB_CLAMP)
+    q = torch.exp(x).clamp(_PROB_CLAMP, 1 - _PROB_CLAMP)
+    stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log() if divergence == "kl" else (p - q).abs()
+    if level == "sequence":
+        stat = ((stat * mf).sum(-1) / mf.sum(-1)).unsqueeze(-1)  # OpenRLHF's masked_mean: no epsilon
+    keep = (stat >= low) & (stat <= high)
+    weights = torch.where(keep, torch.exp(x - y), 0.0)
+    filtered = (~keep).to(dtype)
+    ratio = filtered.mean() if level == "sequence" else (filtered * mf).sum() / mf.sum()
+    return TrustRegion(weights, {"is_filter_ratio": ratio.float()})
+
+
+@kernel_op("trust_region_fwd")
+def _tr_fwd(x: Tensor, y: Tensor, adv: Tensor | None, m: Tensor, convention: int, divergence: int, level: int,
+            low: float, high: float, clip_c: float, backend: str) -> tuple[Tensor, Tensor]:
+    """The gate kernel as an op: ``x``, ``y`` ``[N, T]`` of one kernel dtype, ``adv`` float32 ``[N, T]``
+    or ``[N, 1]`` (verl) or None, ``m`` ``[N, T]`` in its own dtype. Returns the float32 weights and the
+    per-row float64 sums ``[N, 3]`` (csrc/rollout_correction.cpp's trust_region_fwd)."""
+    weights = new_output(x.shape, device=x.device)
+    stats = torch.empty(x.shape[0], 3, dtype=torch.float64, device=x.device)
+    kernels(backend, "rollout_correction").trust_region_fwd(x, y, adv, m, convention, divergence, level, low,
+                                                            high, clip_c, weights, stats)
+    return weights, stats
+
+
+@_tr_fwd.register_fake
+def _(x, y, adv, m, convention, divergence, level, low, high, clip_c, backend):
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty((x.shape[0], 3), dtype=torch.float64)
+
+
+def _gate_metrics(stats: Tensor, convention: str, level: str) -> dict[str, Tensor]:
+    n = stats[:, 0].sum()
+    if convention == "verl":
+        return {"pg_clipfrac": (stats[:, 1].sum() / (n + _DPPO_EPS)).float(),
+                "pg_clipfrac_lower": (stats[:, 2].sum() / (n + _DPPO_EPS)).float()}
+    ratio = stats[:, 2].mean() if level == "sequence" else stats[:, 1].sum() / n
+    return {"is_filter_ratio": ratio.float()}
+
+
+def trust_region_gate(logp: Tensor, ref_logp: Tensor, mask: Tensor, advantages: Tensor | None = None, *,
+                      divergence: str = "tv", low: float = 0.2, high: float = 0.2, clip_c: float = 20.0,
+                      convention: str = "verl", level: str = "token") -> TrustRegion:
+    """Constant per-token weights from a binary trust region between two policies, in one pass (two
+    for ``level="sequence"``), with the metrics the peers log; no host synchronisation, no gradient.
+
+    ``logp`` is the policy the weights are for, ``ref_logp`` the one that sampled (``[..., T]``, any float
+    dtype); ``mask`` ``[..., T]`` any dtype (nonzero = valid, weighted by its value in the metrics).
+
+    * ``convention="verl"`` (verl 0.9.1 ``core_algos.compute_policy_loss_dppo_tv`` / ``_dppo_kl``,
+      DPPO, arXiv 2602.04879; ``logp`` = ``log_prob``, ``ref_logp`` = ``old_log_prob``, ``advantages``
+      ``[..., T]`` or ``[..., 1]`` required): ``r = exp(clamp(logp - ref, ±20))``, ``p = e^logp``,
+      ``p_old = e^ref``; ``tv``: ``ok+ = p - p_old <= high``, ``ok- = p - p_old >= -low``; ``kl``: with
+      ``b = p_old (ref - logp) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8))``,
+      ``ok+ = b <= high or p <= p_old``, ``ok- = b <= low or p >= p_old``. ``valid = ok+`` where
+      ``A > 0``, else ``ok-``; weights ``min(r, clip_c) * valid`` (verl's ``sg(min(r, c)) * valid``).
+      Metrics ``pg_clipfrac`` (masked mean of ``1 - valid``) and ``pg_clipfrac_lower`` (of
+      ``[r > clip_c] * valid``), verl's masked mean (count + 1e-8).
+    * ``convention="openrlhf"`` (OpenRLHF 0.11.2 ``models/loss.py::PolicyLoss`` with
+      ``is_correction_gating`` ``binary_kl`` / ``tv``, ``is_correction_mode="mask"``; ``logp`` =
+      ``old_log_probs``, ``ref_logp`` = ``rollout_log_probs``): ``p = clamp(e^ref, 1e-6, 1 - 1e-6)``,
+      ``q = clamp(e^logp, ...)``, statistic ``p log(p/q) + (1-p) log((1-p)/(1-q))`` (``kl``) or ``|p - q|``
+      (``tv``), per token or (``level="sequence"``) its masked row mean (no epsilon: an empty row is
+      NaN, so dropped); weights ``exp(logp - ref)`` where ``low <= statistic <= high``, else 0. Metric
+      ``is_filter_ratio``: the masked share of dropped tokens, or the share of dropped rows.
+
+    Returns :class:`TrustRegion` ``(weights, metrics)``: fp32 weights (fp64 for fp64 inputs) of
+    ``logp``'s shape, 0-d metric tensors. NaN log-probs give NaN weights (verl) or a dropped token
+    (OpenRLHF, whose comparisons fail on NaN) as in each peer.
+    """
+    check_tensor(logp, "logp")
+    check_tensor(ref_logp, "ref_logp")
+    if ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} does not match logp shape "
+                         f"{tuple(logp.shape)}")
+    if logp.dim() == 0:
+        raise ValueError("logp must have shape [..., T], got a 0-d tensor")
+    if not isinstance(mask, Tensor) or mask.shape != logp.shape:
+        raise ValueError(f"mask must be a tensor of shape {tuple(logp.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+    if convention not in GATE_CONVENTIONS:
+        raise ValueError(f"convention must be one of {GATE_CONVENTIONS}, got {convention!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if level not in _GATE_LEVELS or (convention == "verl" and level != "token"):
+        raise ValueError(f"level must be 'token' (verl) or one of {_GATE_LEVELS} (openrlhf), got {level!r}")
+    low, high = _check_bound(low, "low"), _check_bound(high, "high")
+    clip_c = _check_bound(clip_c, "clip_c")
+    if low is None or high is None or clip_c is None:
+        raise ValueError("low, high and clip_c must be numbers")
+    adv = None
+    if convention == "verl":
+        if not isinstance(advantages, Tensor):
+            raise ValueError("advantages (a [..., T] or [..., 1] tensor) are required with convention='verl'")
+        check_tensor(advantages, "advantages")
+        adv = advantages.detach()
+        if adv.dim() == logp.dim() - 1:
+            adv = adv.unsqueeze(-1)
+        if adv.shape != logp.shape and adv.shape != (*logp.shape[:-1], 1):
+            raise ValueError(f"advantages must have shape {tuple(logp.shape)} or "
+                             f"{(*logp.shape[:-1], 1)}, got {tuple(advantages.shape)}")
+    backend = pick_backend(logp, ref_logp, mask) if logp.numel() else ""
+    if backend not in ("cpp", "triton"):
+        return _gate_torch(logp, ref_logp, adv, mask, convention, divergence, level, low, high, clip_c)
+    x, y, m = _kernel_inputs(logp, ref_logp, mask)
+    if adv is not None:
+        adv = adv.float().reshape(x.shape[0], -1).contiguous()
+    weights, stats = _tr_fwd(x, y, adv, m, GATE_CONVENTIONS.index(convention), DIVERGENCES.index(divergence),
+                             _GATE_LEVELS.index(level) + 1, low, high, clip_c, backend)
+    return TrustRegion(weights.view(logp.shape), _gate_metrics(stats, convention, level))

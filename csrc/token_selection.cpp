@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -52,37 +53,88 @@ Shape shape_of(const at::Tensor& x) {
 
 int64_t grain_rows(int64_t length) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(length, 1)); }
 
+// 16 tokens from p (n remain in the row; fewer than 16: a tail, padded with 0 / invalid).
+template <typename T>
+RLKERN_INLINE vfloat load_n(const T* p, int64_t n) {
+  return n >= kLanes ? load16(p) : load_tail(p, n, 0.f);
+}
+template <typename M>
+RLKERN_INLINE vfloat mask_n(const M* p, int64_t n) {
+  return n >= kLanes ? mask16(p) : mask_tail(p, n);
+}
+// x where valid (0/1) is 1, else +0.0, by clearing the bits: a NaN / inf in padding never survives.
+RLKERN_INLINE vfloat clear_invalid(vfloat x, vfloat valid) {
+  vint bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits &= -__builtin_convertvector(valid, vint);
+  vfloat out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+RLKERN_INLINE vfloat vabs(vfloat x) { return x < splat(0.f) ? -x : x; }
+RLKERN_INLINE bool any_lane(vint m) {
+  uint64_t w[kLanes / 2];
+  std::memcpy(w, &m, sizeof(w));
+  uint64_t acc = 0;
+  for (int i = 0; i < kLanes / 2; ++i) acc |= w[i];
+  return acc != 0;
+}
+// e^d for any float d (torch.exp within ~2 ulp): e^-|d| from simd.h's vexp_nonpos, inverted where
+// d > 0; inf above ln(FLT_MAX), 0 below ln(FLT_MIN) (torch: a subnormal), NaN kept.
+RLKERN_INLINE vfloat vexp_any(vfloat d) {
+  const vfloat e = vexp_nonpos(-vabs(d));
+  vfloat r = d > splat(0.f) ? splat(1.f) / e : e;
+  r = d > splat(88.72283f) ? splat(kInf) : r;
+  r = d < splat(-87.33654f) ? splat(0.f) : r;
+  return d != d ? d : r;
+}
+float exp_one(float d) {
+  float lanes[kLanes];
+  store16(lanes, vexp_any(splat(d)));
+  return lanes[0];
+}
+
 // Per-row sums over the valid tokens: A, logp and the count; with LOSS also the token losses and |d|.
+// 16 lanes of float partial sums over 256 tokens at a time, then added in double.
 struct RowSums {
   std::vector<double> a, l, loss, abs;
   std::vector<int64_t> count;
   explicit RowSums(int64_t rows) : a(rows), l(rows), loss(rows), abs(rows), count(rows) {}
 };
+constexpr int64_t kSpan = 256;
 
 template <bool LOSS, typename T, typename M>
 void row_sums(const T* adv, const T* lp, const T* old, const M* mask, const float* w, Shape s, RowSums& out) {
   at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * s.length;
-      double sa = 0, sl = 0, loss = 0, sabs = 0;
-      int64_t n = 0;
-      for (int64_t t = 0; t < s.length; ++t) {
-        const int64_t i = base + t;
-        if (!mask_at<M>(mask + i)) continue;
-        const float a = static_cast<float>(adv[i]), x = static_cast<float>(lp[i]);
-        sa += a;
-        sl += x;
-        ++n;
-        if constexpr (LOSS) {
-          const float d = x - static_cast<float>(old[i]);
-          const float tok = -a * std::exp(d);
-          loss += w ? w[i] * tok : tok;
-          sabs += std::fabs(d);
+      double sa = 0, sl = 0, loss = 0, sabs = 0, n = 0;
+      for (int64_t t0 = 0; t0 < s.length; t0 += kSpan) {
+        vfloat va{}, vl{}, vn{}, vloss{}, vd{};
+        for (int64_t t = t0, end = std::min(s.length, t0 + kSpan); t < end; t += kLanes) {
+          const int64_t i = base + t, left = s.length - t;
+          const vfloat m = mask_n(mask + i, left);
+          const vfloat a = load_n(adv + i, left), x = load_n(lp + i, left);
+          va += clear_invalid(a, m);
+          vl += clear_invalid(x, m);
+          vn += m;
+          if constexpr (LOSS) {
+            const vfloat d = x - load_n(old + i, left);
+            vfloat tok = -a * vexp_any(d);
+            if (w) tok *= load_n(w + i, left);
+            vloss += clear_invalid(tok, m);
+            vd += clear_invalid(vabs(d), m);
+          }
         }
+        sa += hsum(va);
+        sl += hsum(vl);
+        n += hsum(vn);
+        loss += hsum(vloss);
+        sabs += hsum(vd);
       }
       out.a[r] = sa;
       out.l[r] = sl;
-      out.count[r] = n;
+      out.count[r] = static_cast<int64_t>(n);
       out.loss[r] = loss;
       out.abs[r] = sabs;
     }
@@ -115,17 +167,30 @@ std::vector<int64_t> select(const T* adv, const T* lp, const M* mask, Shape s, c
   at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {
     std::vector<Cand> heap;  // front: the worst kept token (comparator `better`)
     heap.reserve(static_cast<size_t>(k));
-    for (int64_t i = r0 * s.length, end = r1 * s.length; i < end; ++i) {
-      if (!mask_at<M>(mask + i)) continue;
-      float c = (static_cast<float>(adv[i]) - ma) * (static_cast<float>(lp[i]) - ml);
-      if (std::isnan(c)) c = kInf;
-      if (static_cast<int64_t>(heap.size()) < k) {
-        heap.push_back({c, i});
-        std::push_heap(heap.begin(), heap.end(), better);
-      } else if (c > heap.front().key) {  // a tie loses: every kept token comes earlier
-        std::pop_heap(heap.begin(), heap.end(), better);
-        heap.back() = {c, i};
-        std::push_heap(heap.begin(), heap.end(), better);
+    float cs[kLanes], ms[kLanes];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t t = 0; t < s.length; t += kLanes) {
+        const int64_t i0 = r * s.length + t, left = s.length - t;
+        const vfloat m = mask_n(mask + i0, left);
+        vfloat c = (load_n(adv + i0, left) - splat(ma)) * (load_n(lp + i0, left) - splat(ml));
+        c = c != c ? splat(kInf) : c;
+        const bool full = static_cast<int64_t>(heap.size()) == k;
+        // a full heap: only a valid token above its worst can enter (a tie loses: every kept token
+        // comes earlier), usually none of the 16
+        if (full && !any_lane((c > splat(heap.front().key)) & (m > splat(0.5f)))) continue;
+        store16(cs, c);
+        store16(ms, m);
+        for (int64_t j = 0; j < std::min<int64_t>(left, kLanes); ++j) {
+          if (ms[j] == 0.f) continue;
+          if (static_cast<int64_t>(heap.size()) < k) {
+            heap.push_back({cs[j], i0 + j});
+            std::push_heap(heap.begin(), heap.end(), better);
+          } else if (cs[j] > heap.front().key) {
+            std::pop_heap(heap.begin(), heap.end(), better);
+            heap.back() = {cs[j], i0 + j};
+            std::push_heap(heap.begin(), heap.end(), better);
+          }
+        }
       }
     }
     std::lock_guard<std::mutex> guard(lock);
@@ -209,7 +274,7 @@ void kl_cov_fwd(const at::Tensor& logp, const at::Tensor& old_logp, const at::Te
     row_sums<true, T, M>(adv, lp, old, mk, w, s, sums);
     for (const int64_t i : select<T, M>(adv, lp, mk, s, sums, ratio, chosen)) {  // swap in the KL term
       const float d = static_cast<float>(lp[i]) - static_cast<float>(old[i]);
-      const float tok = -static_cast<float>(adv[i]) * std::exp(d);
+      const float tok = -static_cast<float>(adv[i]) * exp_one(d);
       const float with_kl = tok + c * std::fabs(d);
       const float wi = w ? w[i] : 1.f;
       sums.loss[i / s.length] += static_cast<double>(wi * with_kl) - static_cast<double>(wi * tok);
@@ -245,19 +310,23 @@ void kl_cov_bwd(const at::Tensor& grad_rows, const at::Tensor& logp, const at::T
     const T* old = static_cast<const T*>(old_logp.const_data_ptr());
     const M* mk = mask_data<M>(mask);
     T* out = static_cast<T*>(grad_logp.data_ptr());
-    const bool* pick = chosen.const_data_ptr<bool>();
+    const uint8_t* pick = reinterpret_cast<const uint8_t*>(chosen.const_data_ptr<bool>());
     at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const float gr = g[r];
-        for (int64_t i = r * s.length, end = i + s.length; i < end; ++i) {
-          float v = 0.f;
-          if (mask_at<M>(mk + i)) {
-            const float d = static_cast<float>(lp[i]) - static_cast<float>(old[i]);
-            float local = -static_cast<float>(adv[i]) * std::exp(d);
-            if (pick[i]) local += c * (d > 0.f ? 1.f : (d < 0.f ? -1.f : d));  // torch.sign (0, NaN kept)
-            v = (w ? gr * w[i] : gr) * local;
+        const vfloat gr = splat(g[r]);
+        for (int64_t t = 0; t < s.length; t += kLanes) {
+          const int64_t i = r * s.length + t, left = s.length - t;
+          const vfloat m = mask_n(mk + i, left);
+          const vfloat d = load_n(lp + i, left) - load_n(old + i, left);
+          vfloat local = -load_n(adv + i, left) * vexp_any(d);
+          const vfloat sign = d > splat(0.f) ? splat(1.f) : (d < splat(0.f) ? splat(-1.f) : d);  // torch.sign
+          local = mask_n(pick + i, left) > splat(0.5f) ? local + splat(c) * sign : local;
+          const vfloat v = clear_invalid((w ? gr * load_n(w + i, left) : gr) * local, m);
+          if (left >= kLanes) {
+            store16(out + i, v);
+          } else {
+            store_tail(out + i, v, left);
           }
-          out[i] = static_cast<T>(v);
         }
       }
     });

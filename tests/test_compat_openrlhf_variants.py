@@ -1,7 +1,8 @@
-"""rlkern.compat.openrlhf's PolicyLoss for every OpenRLHF option (issue 13): ``gspo``, ``dual_clip`` and
-the train/rollout IS corrections TIS / IcePop / seq-mask-tis, standalone and patched into fake
-``openrlhf.models.loss`` modules, against transcriptions of OpenRLHF's own PolicyLoss from two
-generations of its API (OpenRLHF does not install here: it imports DeepSpeed and PEFT at module level):
+"""rlkern.compat.openrlhf's PolicyLoss for every OpenRLHF option (issue 13): ``gspo``, ``dual_clip``,
+the train/rollout IS corrections TIS / IcePop / seq-mask-tis and 0.11.2's binary_kl / tv gatings,
+standalone and patched into fake ``openrlhf.models.loss`` modules, against transcriptions of
+OpenRLHF's own PolicyLoss from two generations of its API (OpenRLHF does not install here: it imports
+DeepSpeed and PEFT at module level):
 
 * ``Orl0112PolicyLoss``: the openrlhf 0.11.2 wheel (PyPI, 2026-09), ``openrlhf/models/loss.py``
   (``aggregate_loss``, ``PolicyLoss``) and ``openrlhf/models/utils.py::masked_mean``: options
@@ -268,6 +269,12 @@ POLICIES = [("ppo", None, True), ("ppo", 3.0, True), ("ppo", None, False), ("ppo
 # 0.11.2's (is_correction_level, is_correction_mode, is_correction_threshold) with ratio gating
 CORRECTIONS_0112 = {"off": ("off", "mask", (0.5, 5.0)), "tis": ("token", "clip", (0.9, 1.1)),
                     "icepop": ("token", "mask", (0.9, 1.1)), "seq-mask-tis": ("seq", "mask", (0.96, 1.04))}
+# 0.11.2's divergence gatings (mask mode): thresholds in the bulk of each statistic for _inputs (token
+# binary KL median ~1e-3, TV ~0.02; row means ~4e-3 and ~0.03), so tokens and rows are dropped and kept
+GATINGS_0112 = {"binary_kl-token": ("token", "binary_kl", (0.0, 0.0015)),
+                "tv-token": ("token", "tv", (0.0, 0.02)),
+                "binary_kl-seq": ("seq", "binary_kl", (float("-inf"), 0.004)),
+                "tv-seq": ("seq", "tv", (0.0, 0.03))}
 CALLS = [dict(), dict(batch_num_tokens=57.0, dp_size=4), dict(global_batch_size=9.0, dp_size=2)]
 
 
@@ -326,9 +333,12 @@ def test_policy_loss_options_are_validated_as_openrlhf():
         orl_shim.PolicyLoss(is_correction_level="sequence")
     with pytest.raises(ValueError, match="is_correction_mode=clip requires"):
         orl_shim.PolicyLoss(is_correction_level="seq", is_correction_mode="clip")
-    with pytest.raises(ValueError, match="not fused by rlkern"):
+    with pytest.raises(ValueError, match="takes an upper bound only"):  # OpenRLHF 0.11.2's own check
         orl_shim.PolicyLoss(is_correction_level="token", is_correction_gating="tv",
-                            is_correction_threshold=(0.0, 0.1))
+                            is_correction_threshold=(0.01, 0.1))
+    with pytest.raises(ValueError, match="is_correction_mode=clip requires"):
+        orl_shim.PolicyLoss(is_correction_level="token", is_correction_mode="clip",
+                            is_correction_gating="binary_kl", is_correction_threshold=(0.0, 0.1))
     assert orl_shim.PolicyLoss(policy_loss_type="gspo", token_level_loss=True).token_level_loss is False
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="needs rollout_log_probs"):
@@ -343,7 +353,7 @@ def test_policy_loss_options_are_validated_as_openrlhf():
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the calls that reach rlkern's policy loss and rollout-correction ops."""
-    calls = {"policy_loss": 0, "rollout_correction": 0}
+    calls = {"policy_loss": 0, "rollout_correction": 0, "trust_region_gate": 0}
     for name in calls:
         original = getattr(ops, name)
 
@@ -424,35 +434,70 @@ def test_patched_openrlhf_090(monkeypatch, spy, policy, enable):
     _grads(got, want, logp)
 
 
-@pytest.mark.parametrize("gating", ["binary_kl", "tv"])
-def test_patched_openrlhf_divergence_gating_runs_openrlhf(monkeypatch, spy, gating):
-    """0.11.2's binary_kl / tv gatings are not fused: OpenRLHF's own forward runs, with one warning."""
-    kw = dict(is_correction_level="token", is_correction_gating=gating, is_correction_threshold=(0.0, 0.02))
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=str)
+@pytest.mark.parametrize("gating", list(GATINGS_0112))
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p[0] == "ppo"],
+                         ids=lambda p: f"{p[0]}-dual{p[1]}-tok{p[2]}")
+def test_policy_loss_divergence_gating_matches_openrlhf_0112(policy, gating, mask_dtype):
+    """0.11.2's binary_kl / tv gatings (token and sequence level) fused by ops.trust_region_gate: loss,
+    gradient and the four statistics against the transcription (a row with no valid token has a NaN
+    mean statistic there, so it is dropped on both sides)."""
+    _, dual, token_level = policy
+    level, kind, threshold = GATINGS_0112[gating]
+    kw = dict(clip_eps_high=0.28, dual_clip=dual, token_level_loss=token_level, is_correction_level=level,
+              is_correction_gating=kind, is_correction_threshold=threshold)
+    logp, old, rollout, adv, mask = _inputs(mask_dtype, seed=21 + len(gating))
+    for i in range(2):
+        call = _call_for(token_level, i)
+        want = Orl0112PolicyLoss(**kw)(logp, old, adv, mask, rollout, **call)
+        got = orl_shim.PolicyLoss(**kw)(logp, old, adv, mask, rollout, **call)
+        _compare(got, want)
+        _grads(got, want, logp)
+
+
+def test_divergence_gating_drops_and_keeps():
+    """The gating thresholds of these tests drop some tokens (rows) and keep others, over ten draws."""
+    for name, (level, kind, threshold) in GATINGS_0112.items():
+        ratios = []
+        for seed in range(10):
+            logp, old, rollout, adv, mask = _inputs(seed=seed)
+            out = orl_shim.PolicyLoss(is_correction_level=level, is_correction_gating=kind,
+                                      is_correction_threshold=threshold)(logp, old, adv, mask, rollout)
+            ratios.append(float(out[4]))
+        assert 0.1 < sum(ratios) / len(ratios) < 0.9, (name, ratios)
+
+
+@pytest.mark.parametrize("gating", list(GATINGS_0112))
+def test_patched_openrlhf_divergence_gating(monkeypatch, spy, gating):
+    """patch("openrlhf") fuses 0.11.2's binary_kl / tv gatings: rlkern's ops run (no fallback, no
+    warning) and give OpenRLHF's 5-tuple and gradient."""
+    level, kind, threshold = GATINGS_0112[gating]
+    kw = dict(is_correction_level=level, is_correction_gating=kind, is_correction_threshold=threshold)
     logp, old, rollout, adv, mask = _inputs(torch.float32, seed=14)
-    want = Orl0112PolicyLoss(**kw)(logp, old, adv, mask, rollout)
-    orl_shim._warned.clear()
+    want = Orl0112PolicyLoss(**kw)(logp, old, adv, mask, rollout, batch_num_tokens=40.0, dp_size=2)
     try:
         module = _patched(monkeypatch, Orl0112PolicyLoss)(**kw)
-        with pytest.warns(RuntimeWarning, match=f"is_correction_gating='{gating}'.*not fused by rlkern"):
-            got = module(logp, old, adv, mask, rollout)
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # said once
-            module(logp, old, adv, mask, rollout)
+            warnings.simplefilter("error")  # fused: no fallback warning
+            got = module(logp, old, adv, mask, rollout, batch_num_tokens=40.0, dp_size=2)
     finally:
         compat.unpatch("openrlhf")
-    assert spy["policy_loss"] == 0 and spy["rollout_correction"] == 0
-    for g, w in zip(got, want, strict=True):
-        assert torch.equal(g, w)
+    assert spy == {"policy_loss": 1, "rollout_correction": 0, "trust_region_gate": 1}
+    _compare(got, want)
+    _grads(got, want, logp)
 
 
 @pytest.mark.parametrize("kind", ["ppo", "gspo"])
 def test_every_backend(backend, kind):
-    """The standalone class on each rlkern backend (Triton through the interpreter): every correction
-    with dual_clip, against the 0.11.2 transcription."""
+    """The standalone class on each rlkern backend (Triton through the interpreter): every correction and
+    gating with dual_clip, against the 0.11.2 transcription."""
     logp, old, rollout, adv, mask = _inputs(torch.float32, seed=15)
-    for level, mode, threshold in CORRECTIONS_0112.values():
-        kw = dict(dual_clip=3.0, policy_loss_type=kind, is_correction_level=level, is_correction_mode=mode,
-                  is_correction_threshold=threshold)
+    options = [dict(is_correction_level=level, is_correction_mode=mode, is_correction_threshold=threshold)
+               for level, mode, threshold in CORRECTIONS_0112.values()]
+    options += [dict(is_correction_level=level, is_correction_gating=gating,
+                     is_correction_threshold=threshold) for level, gating, threshold in GATINGS_0112.values()]
+    for option in options:
+        kw = dict(dual_clip=3.0, policy_loss_type=kind, **option)
         got = orl_shim.PolicyLoss(**kw)(logp, old, adv, mask, rollout)
         want = Orl0112PolicyLoss(**kw)(logp, old, adv, mask, rollout)
         _compare(got, want)

@@ -2,7 +2,7 @@
 
 Mirrors OpenRLHF/OpenRLHF ``openrlhf/models/utils.py`` (``compute_approx_kl`` with the [-10, 10]
 clamp on every estimator), ``openrlhf/models/loss.py`` (``PolicyLoss``: ppo / gspo, dual-clip and the
-train/rollout IS corrections TIS / IcePop / seq-mask-tis; ``ValueLoss``)
+train/rollout IS corrections TIS / IcePop / seq-mask-tis and the binary_kl / tv gatings; ``ValueLoss``)
 and the advantage code of ``openrlhf/trainer/ppo_utils/experience_maker.py``
 (``get_advantages_and_returns``, ``get_cumulative_returns`` and the group reward shaping of
 ``compute_advantages_and_returns``). ``rlkern.compat.patch("openrlhf")`` swaps them into an installed
@@ -16,6 +16,9 @@ OpenRLHF-specific numerics reproduced here (each cited where it is used):
 - ``group_norm`` divides by ``std + 1e-9`` (unbiased std).
 - The PPO ratio is ``exp(log_probs - old_log_probs)`` without a clamp; rlkern clamps the log-ratio to
   [-20, 20] before exp, which changes nothing unless the ratio exceeds e^20 ≈ 4.9e8.
+- The divergence gatings of 0.11.2 (``binary_kl`` / ``tv``) clamp both token probabilities to
+  [1e-6, 1 - 1e-6] and average the statistic per row without an epsilon (``rlkern.ops.trust_region_gate``,
+  ``convention="openrlhf"``).
 """
 
 from __future__ import annotations
@@ -191,24 +194,24 @@ def _has_sequence_ratio() -> bool:
 
 def _is_correction(module) -> tuple | str | None:
     """The train/rollout IS correction a PolicyLoss (any OpenRLHF release) is configured for, as
-    ``(level, mode, low, high)`` (``low`` None: an upper bound only), None when it is off, or a string
-    naming the option rlkern does not fuse."""
+    ``(level, mode, low, high, gating)`` (``low`` None: an upper bound only; gating ``"ratio"`` before
+    0.11.2), None when it is off, or a string naming an option rlkern does not fuse."""
     level = getattr(module, "is_correction_level", None)
     if level is not None:  # 0.11.2: is_correction_level / _mode / _gating / _threshold
         if level == "off":
             return None
         gating = getattr(module, "is_correction_gating", "ratio")
-        if gating != "ratio":
+        if gating not in IS_GATINGS:
             return f"is_correction_gating={gating!r}"
         low, high = module.is_correction_threshold
-        return level, module.is_correction_mode, float(low), float(high)
+        return level, module.is_correction_mode, float(low), float(high), gating
     if not getattr(module, "enable_vllm_is_correction", False):
         return None
     kind = getattr(module, "vllm_is_correction_type", None)
     if kind is None:  # 0.8.11-0.9.4: TIS with one upper bound, exp(d).clamp(max=threshold)
-        return "token", "clip", None, float(module.vllm_is_truncated_threshold)
+        return "token", "clip", None, float(module.vllm_is_truncated_threshold), "ratio"
     low, high = module.vllm_is_truncated_threshold
-    return (*IS_CORRECTION_TYPES[kind], float(low), float(high))
+    return (*IS_CORRECTION_TYPES[kind], float(low), float(high), "ratio")
 
 
 def _is_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, correction: tuple,
@@ -221,7 +224,11 @@ def _is_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, 
     * token / mask (IcePop): ``exp(d)`` inside ``[low, high]``, else 0 (filtered);
     * seq / mask (seq-mask-tis): ``exp(d)``, 0 for a row whose ``exp(masked_mean(d))`` (no epsilon:
       a row with no valid token has NaN, so it is dropped) is outside ``[low, high]``; the filter
-      ratio is then the share of rows dropped.
+      ratio is then the share of rows dropped;
+    * gating ``binary_kl`` / ``tv`` (0.11.2, mask mode): ``exp(d)`` where the token's (or the row's mean)
+      binary KL / total variation between the rollout and training token probabilities lies in
+      ``[low, high]``, else 0, by ``ops.trust_region_gate(convention="openrlhf")`` (one pass, two at the
+      sequence level), its filter ratio from the same pass.
 
     Padding keeps ``exp(d)`` (OpenRLHF's loss mask comes later). OpenRLHF 0.11.2 selects 0 with
     ``torch.where`` where 0.9.5-0.11.0 multiply by the 0/1 flag; they differ only where ``d`` is NaN
@@ -229,7 +236,12 @@ def _is_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, 
     The filter flags are read off the weights: a TIS weight at a bound (so ``exp(d)`` exactly equal
     to a bound counts as filtered, where OpenRLHF's strict comparison does not), an IcePop weight or
     a whole row of weights that is not > 0."""
-    level, mode, low, high = correction
+    level, mode, low, high, gating = correction
+    if gating != "ratio":
+        gate = ops.trust_region_gate(old_log_probs, rollout_log_probs, mask, convention="openrlhf",
+                                     divergence="kl" if gating == "binary_kl" else "tv",
+                                     level="sequence" if level == "seq" else "token", low=low, high=high)
+        return gate.weights, gate.metrics["is_filter_ratio"] if filter_ratio else None
     if level == "seq":
         w = ops.rollout_correction(old_log_probs, rollout_log_probs, mask, level="token", mode="none",
                                    upper=None, log_clamp=None, padding="raw", seq_gate=(low, high),
@@ -285,12 +297,13 @@ class PolicyLoss(nn.Module):
       exp(clamp(log_probs - old_log_probs, ±20))``; ``"gspo"``: the same with the sequence ratio
       ``r = exp(masked row mean of the log-ratio)`` (GSPO aggregates per sequence);
     * ``dual_clip`` bounds the loss of negative-advantage tokens by ``-dual_clip * A``;
-    * the train/rollout IS correction (ppo; ``is_correction_gating="ratio"``) multiplies each token's
+    * the train/rollout IS correction (ppo) multiplies each token's
       loss by OpenRLHF's coefficient from ``old_log_probs - rollout_log_probs``: ``level="token",
       mode="clip"`` (TIS), ``"token", "mask"`` (IcePop), ``"seq", "mask"`` (seq-mask-tis), computed
-      by ``ops.rollout_correction``; with gspo the IS correction changes the ratio's base to the
-      rollout log-probs instead. The ``binary_kl`` / ``tv`` gatings are not fused (ValueError here;
-      ``patch("openrlhf")`` runs OpenRLHF's own forward for them);
+      by ``ops.rollout_correction``; ``is_correction_gating="binary_kl"`` / ``"tv"`` keep ``exp(d)``
+      where the token's (``"token"``) or the row's mean (``"seq"``) divergence between the rollout and
+      training token probabilities is in the threshold band, by ``ops.trust_region_gate``; with gspo
+      the IS correction changes the ratio's base to the rollout log-probs instead;
     * aggregation: token mean (``token_level_loss``) or the mean of per-sequence token means over the
       sequences with a valid token, rescaled by ``batch_num_tokens`` / ``global_batch_size`` and
       ``dp_size`` as OpenRLHF's ``aggregate_loss``.
@@ -320,9 +333,10 @@ class PolicyLoss(nn.Module):
         if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
             raise ValueError("is_correction_mode=clip requires is_correction_level=token and "
                              "is_correction_gating=ratio")
-        if is_correction_gating != "ratio" and is_correction_level != "off":
-            raise ValueError(f"is_correction_gating={is_correction_gating!r} is not fused by rlkern; "
-                             "rlkern.compat.patch('openrlhf') runs OpenRLHF's own PolicyLoss for it")
+        if (is_correction_gating != "ratio" and is_correction_level != "off"
+                and is_correction_threshold[0] > 0):  # OpenRLHF 0.11.2's own check
+            raise ValueError(f"is_correction_gating={is_correction_gating} takes an upper bound only "
+                             "(a single delta)")
         self.clip_eps_low = clip_eps_low
         self.clip_eps_high = clip_eps_high
         self.dual_clip = dual_clip
@@ -448,8 +462,8 @@ def PolicyLoss_patch(original):  # noqa: N802 (named after the class it replaces
     IcePop and seq-mask-tis, in the option names of every release that has them (see
     :class:`PolicyLoss`):
 
-    * 0.11.2: ``is_correction_level`` / ``_mode`` / ``_threshold`` with ``is_correction_gating="ratio"``;
-      returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``;
+    * 0.11.2: ``is_correction_level`` / ``_mode`` / ``_threshold`` / ``_gating`` (``ratio``, ``binary_kl``,
+      ``tv``); returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``;
     * 0.9.5-0.11.0 (OpenRLHF main up to 2026-08): ``enable_vllm_is_correction``,
       ``vllm_is_correction_type`` tis / icepop / seq-mask-tis, ``vllm_is_truncated_threshold``
       ``(low, high)``; 0.8.11-0.9.4: the same flag with an upper bound only; returns the 4-tuple
@@ -458,11 +472,10 @@ def PolicyLoss_patch(original):  # noqa: N802 (named after the class it replaces
 
     The global normalisers (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, 0.10.3 and
     later) are applied as OpenRLHF's ``aggregate_loss`` does. OpenRLHF's own forward runs, with one
-    warning naming the option, for other ``policy_loss_type`` values and the ``binary_kl`` / ``tv``
-    gatings. Differences: a batch with no valid token gives 0 where OpenRLHF's mean is 0/0; the PPO
-    ratio is clamped to e^±20 as in 0.10.3+ (earlier releases do not clamp), and releases before
-    0.10.3 average the per-sequence means over every row (NaN for a row with no valid token, which
-    rlkern skips)."""
+    warning naming the option, for other ``policy_loss_type`` values. Differences: a batch with no
+    valid token gives 0 where OpenRLHF's mean is 0/0; the PPO ratio is clamped to e^±20 as in 0.10.3+
+    (earlier releases do not clamp), and releases before 0.10.3 average the per-sequence means over
+    every row (NaN for a row with no valid token, which rlkern skips)."""
     init_params = inspect.signature(original.__init__).parameters
     forward_params = inspect.signature(original.forward).parameters
     arity = 5 if "is_correction_level" in init_params else 4 if "rollout_log_probs" in forward_params else 3

@@ -9,17 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlkern.compat.verl_policy import (
-    _CORE,
-    _clamped_log_ratio,
-    _clip_range,
-    _fused,
-    _get,
-    _mean,
-    _metrics,
-    _need,
-    _weighted,
-)
+from rlkern import ops
+from rlkern.compat.verl_policy import _CORE, _clip_range, _fused, _get, _metrics, _need, _weighted
 
 __all__ = ["compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl"]
 PATCH_TARGETS = tuple((_CORE, name, name) for name in __all__)
@@ -32,28 +23,18 @@ def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, conf
     config = _need(config)
     low, high = _clip_range(config)
     clip_c = _get(config, "clip_ratio_c", _DPPO_CLIP_C)
+    # sg(min(r, c)) * valid and both clip fractions in one fused, sync-free pass (no gradient)
+    gate = ops.trust_region_gate(log_prob, old_log_prob, response_mask, advantages, divergence=divergence,
+                                 low=low, high=high, clip_c=clip_c, convention="verl")
     with torch.no_grad():
-        neg_kl = _clamped_log_ratio(log_prob, old_log_prob)
-        ratio = torch.exp(neg_kl)
-        truncated = torch.clamp(ratio, max=clip_c)
-        prob, old_prob = torch.exp(log_prob), torch.exp(old_log_prob)
-        if divergence == "tv":
-            positive_ok = (prob - old_prob) <= high
-            negative_ok = (prob - old_prob) >= -low
-        else:
-            binary_kl = old_prob * (old_log_prob - log_prob) + (1 - old_prob) * torch.log(
-                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
-            positive_ok = (binary_kl <= high) | (prob <= old_prob)
-            negative_ok = (binary_kl <= low) | (prob >= old_prob)
-        valid = torch.where(advantages > 0, positive_ok, negative_ok).float()
-        weights = _weighted(truncated * valid, rollout_is_weights)
+        weights = _weighted(gate.weights, rollout_is_weights)
     # -A * sg(min(r, c)) * logp * valid: the policy gradient with those constant weights
     loss, stats = _fused(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config, weights,
                          variant="gpg")
     return loss, _metrics({
-        "pg_clipfrac": _mean(1.0 - valid, response_mask),
+        "pg_clipfrac": gate.metrics["pg_clipfrac"],
         "ppo_kl": stats["approx_kl"],
-        "pg_clipfrac_lower": _mean((ratio > clip_c).float() * valid, response_mask),
+        "pg_clipfrac_lower": gate.metrics["pg_clipfrac_lower"],
     })
 
 
@@ -64,8 +45,9 @@ def compute_policy_loss_dppo_tv(old_log_prob: Tensor, log_prob: Tensor, advantag
     ``-A * sg(min(r, c)) * logp * valid``, ``valid`` = ``p - p_old <= clip_ratio_high`` where A > 0,
     ``p - p_old >= -clip_ratio_low`` elsewhere (``p = exp(logp)``), ``c = config.clip_ratio_c``
     (20 when absent), ``r = exp(clamp(logp - old, -20, 20))``. Metrics: pg_clipfrac (share not
-    valid), ppo_kl, pg_clipfrac_lower (share valid with ``r > c``). The mask and truncation in plain
-    torch (no gradient), the loss by rlkern.ops.policy_loss ``variant="gpg"`` with them as weights."""
+    valid), ppo_kl, pg_clipfrac_lower (share valid with ``r > c``). The mask, truncation and clip
+    fractions by rlkern.ops.trust_region_gate (one fused pass, fp32), the loss by
+    rlkern.ops.policy_loss ``variant="gpg"`` with them as weights."""
     return _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
                  "tv")
 

@@ -51,7 +51,9 @@ Shape shape_of(const at::Tensor& x) {
   return {length == 0 ? 0 : x.numel() / length, length};
 }
 
-int64_t grain_rows(int64_t length) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(length, 1)); }
+// Rows per task: at least 64K tokens, so a batch below that runs on the calling thread (no parallel
+// region to join: on a loaded machine each join can wait a scheduler slice for the other thread).
+int64_t grain_rows(int64_t length) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(length, 1)); }
 
 // 16 tokens from p (n remain in the row; fewer than 16: a tail, padded with 0 / invalid).
 template <typename T>

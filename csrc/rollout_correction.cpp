@@ -237,19 +237,26 @@ RLKERN_INLINE vfloat clamp_const(vfloat x, float lo, float hi) {
   return splat(hi) < x ? splat(hi) : x;
 }
 
-// e^x for every float32 x, as torch.exp: simd.h's vexp_nonpos builds 2^n as a normal float for
-// x in [-87.3, 88]; above 88 it runs on x - 0.693359375 (exact: a multiple of 2^-9 off a number with
-// ulp 2^-17) times e^0.693359375, below -87 on x + 44 (exact) times e^-44, so results down to
-// the subnormals and up to FLT_MAX keep ~2 ulp; x > 88.7228 gives inf, x < -104 gives 0, NaN stays NaN.
+// e^x for every float32 x, as torch.exp: x clamped to [-104, 89] (NaN passes), Cody-Waite reduction
+// x = n ln2 + r and Cephes' degree-6 polynomial as simd.h's vexp_nonpos (~1.5 ulp), then 2^n built as
+// 2^h 2^(n-h), h = floor(n / 2), both normal floats for n in [-150, 128]: results overflow to inf above
+// 88.7228, round through the subnormals to 0 below -103.97, and a NaN x gives NaN (through r).
 RLKERN_INLINE vfloat vexp_any(vfloat x) {
-  const vint big = x > splat(88.0f), tiny = x < splat(-87.0f);
-  vfloat xr = select(big, x - splat(0.693359375f), select(tiny, x + splat(44.0f), x));
-  xr = xr > splat(88.3f) ? splat(88.3f) : xr;  // vexp_nonpos's 2^n is a normal float up to n = 127
-  const vfloat scale = select(big, splat(2.0004244339097745f), select(tiny, splat(7.781132241133797e-20f), splat(1.0f)));
-  vfloat e = vexp_nonpos(xr) * scale;
-  e = x > splat(88.72283935546875f) ? splat(kInf) : e;
-  e = x < splat(-104.0f) ? splat(0.0f) : e;
-  return x != x ? x : e;
+  const vfloat xc = clamp_const(x, -104.0f, 89.0f);
+  const vfloat shifter = splat(12582912.0f);  // 1.5 * 2^23: x * log2(e) + shifter rounds to an integer
+  const vfloat n = (xc * splat(1.44269504088896341f) + shifter) - shifter;
+  vfloat r = xc - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * (r * r) + r + splat(1.0f);
+  const vint ni = __builtin_convertvector(n, vint);
+  const vint h = ni >> 1;
+  return p * as_float((h + 127) << 23) * as_float((ni - h + 127) << 23);
 }
 
 // log(x) for every float32 x, as torch.log (Cephes logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
@@ -363,15 +370,17 @@ struct WeightParams {
 // (level 2), gate 1 or 0 (OpenRLHF's row gate).
 RLKERN_INLINE vfloat token_weights(vfloat d, vfloat mv, vfloat row_log, vfloat gate, const WeightParams& p) {
   vfloat lw = p.level == 2 ? row_log : (p.padding == 1 ? nan_to_num(d * mv) : d);
-  lw = clamp_const(lw, -p.log_clamp, p.log_clamp);
+  if (p.log_clamp < kInf) lw = clamp_const(lw, -p.log_clamp, p.log_clamp);
   vfloat raw = vexp_any(lw);
   if (p.padding == 0) raw = raw * mv;
-  if (p.mode == 0) return clamp_const(raw, p.lower, p.upper) * gate;
-  if (p.mode == 1) {
+  vfloat w = raw;
+  if (p.mode == 0) {
+    w = clamp_const(raw, p.lower, p.upper);
+  } else if (p.mode == 1) {
     const vint in = (raw >= splat(p.lower)) & (raw <= splat(p.upper));
-    return (p.padding == 2 ? raw * flag(in) : select(in, raw, splat(0.f))) * gate;
+    w = p.padding == 2 ? raw * flag(in) : select(in, raw, splat(0.f));
   }
-  return raw * gate;
+  return p.has_gate ? w * gate : w;
 }
 
 template <typename T>

@@ -255,9 +255,12 @@ def _kl_cov_setup(ctx, inputs, output):
     logp, old_logp, advantages, mask, weights, _ratio, coef, backend = inputs
     ctx.save_for_backward(logp, old_logp, advantages, mask, weights, output[1])
     ctx.coef, ctx.backend = coef, backend
+    ctx.set_materialize_grads(False)  # no zero-filled [..., T] gradient for the bool `chosen`
 
 
 def _kl_cov_backward(ctx, grad_rows, _grad_chosen):
+    if grad_rows is None:
+        return None, None, None, None, None, None, None, None
     logp, old_logp, advantages, mask, weights, chosen = ctx.saved_tensors
     grad = _kl_cov_bwd.in_backward(grad_rows[0].float().contiguous(), logp, old_logp, advantages, mask,
                                    weights, chosen, ctx.coef, ctx.backend)
@@ -312,7 +315,8 @@ def kl_cov_rows(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     w = None if weights is None else weights.float().contiguous()
     rows, chosen = _kl_cov_fwd(lp, old, adv, mask, w, ratio, coef, backend)
     rows = rows.view(3, *logp.shape[:-1])
-    return rows[0], rows[1], rows[2], chosen.view(logp.shape)
+    stats = rows.detach()  # no gradient: one select to differentiate, not three
+    return rows[0], stats[1], stats[2], chosen.view(logp.shape)
 
 
 def _kl_cov_rows_torch(logp, old_logp, advantages, valid, ratio, coef, weights):

@@ -440,8 +440,8 @@ def test_trl_bad_input():
     with pytest.raises(ValueError, match="finite"):
         trl_shim.grpo_advantages(torch.tensor([1.0, float("nan")]), 2)
     with pytest.raises(ValueError, match=r"loss_type must be one of \('grpo', 'bnpo', 'dr_grpo', 'dapo', "
-                       r"'cispo', 'sapo', 'luspo'\)"):
-        trl_shim.grpo_loss(torch.zeros(1, 2), None, None, torch.zeros(1), torch.ones(1, 2), loss_type="vespo")
+                       r"'cispo', 'sapo', 'luspo', 'vespo'\)"):
+        trl_shim.grpo_loss(torch.zeros(1, 2), None, None, torch.zeros(1), torch.ones(1, 2), loss_type="ppo")
     with pytest.raises(ValueError, match=r"importance_sampling_level must be one of \('token', 'sequence'\)"):
         trl_shim.grpo_loss(torch.zeros(1, 2), None, None, torch.zeros(1), torch.ones(1, 2),
                            importance_sampling_level="sequence_token")

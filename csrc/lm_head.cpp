@@ -952,23 +952,23 @@ void add_bias_grad(const std::optional<at::Tensor>& grad_bias, int64_t v0, int64
   }
 }
 
-// The fp32 backward in one parallel region: each worker takes a contiguous range of vocabulary tiles
-// (the range depends on the worker count only) and runs the tile loop with single-threaded MKL GEMMs,
-// d weight / d bias rows being its own; its d hidden goes to a private fp32 [N, H] partial (worker 0:
-// grad_hidden itself), and the partials are added in worker order at the end, so the result does not
-// depend on scheduling. This replaces four parallel regions per vocabulary tile (three threaded GEMMs
-// and the epilogue): at 2 threads on a loaded 2-core machine each of their barriers waited for a
-// descheduled thread (measured at N=1024, H=512, V=32768: the backward 1.6x its 3 GEMMs).
-// Each worker's tile is 1/workers of the budgeted width (the same total buffer).
-void bwd_fp32_workers(const GradState& rows_in, const at::Tensor& hidden, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, const at::Tensor& labels, float inv_temp,
-                      int64_t ignore_index, int64_t vocab_start, int64_t tn, int64_t tv, int64_t workers,
-                      at::Tensor grad_hidden, at::Tensor grad_weight, const std::optional<at::Tensor>& grad_bias) {
-  const int64_t n = hidden.size(0), vocab = weight.size(0);
+// The backward in one parallel region: each worker takes a contiguous range of vocabulary tiles (the
+// range depends on the worker count only) and runs the tile loop of linear_logprobs_bwd below with
+// single-threaded GEMMs, d weight / d bias rows being its own; its d hidden goes to a private fp32
+// [N, H] partial (worker 0: grad_hidden itself), and the partials are added in worker order at the
+// end, so the result does not depend on scheduling. This replaces four or more parallel regions per
+// vocabulary tile (threaded GEMMs and the epilogue): at 2 threads on a loaded 2-core machine each of
+// their barriers waited for a descheduled thread (measured at N=1024, H=512, V=32768: the fp32
+// backward 1.6x its 3 GEMMs). Each worker's tile is 1/workers of the budgeted width.
+void bwd_workers(const GradState& rows_in, const at::Tensor& hidden, const at::Tensor& weight,
+                 const std::optional<at::Tensor>& bias, const at::Tensor& labels, float inv_temp, int64_t ignore_index,
+                 int64_t vocab_start, int64_t tn, int64_t tv, int64_t workers, at::Tensor grad_hidden,
+                 at::Tensor grad_weight, const std::optional<at::Tensor>& grad_bias) {
+  const int64_t n = hidden.size(0), vocab = weight.size(0), hs = hidden.size(1);
   const int64_t tiles = (vocab + tv - 1) / tv;
-  const bool one_token_tile = tn >= n;
+  const bool one_token_tile = tn >= n, exact = hidden.scalar_type() == at::kFloat;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor partials = at::empty({workers - 1, n, hidden.size(1)}, f32);
+  at::Tensor partials = at::empty({workers - 1, n, hs}, f32);
   at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
     // Grad mode is thread-local: a pool thread has it on, and the saved hidden / weight require grad,
     // which the out= GEMMs refuse (autograd's own thread runs this with it off).
@@ -976,6 +976,14 @@ void bwd_fp32_workers(const GradState& rows_in, const at::Tensor& hidden, const 
     for (int64_t wk = wb; wk < we; ++wk) {
       at::Tensor gh_all = wk == 0 ? grad_hidden : partials[wk - 1];
       at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits, then d logits
+      at::Tensor low, dh_part, dw_acc;
+      std::optional<TileLogits> logits;  // bf16 / fp16: fp32 logits from lm_logits' loop
+      if (!exact) {
+        logits.emplace(hidden.scalar_type(), tv, hs);
+        low = at::empty({tn * tv}, hidden.options());  // d logits in the GEMMs' dtype
+        dh_part = at::empty({tn, hs}, hidden.options());
+        if (!one_token_tile) dw_acc = at::empty({tv, hs}, f32);
+      }
       const int64_t t0 = tiles * wk / workers, t1 = tiles * (wk + 1) / workers;
       if (t0 == t1) gh_all.zero_();
       for (int64_t vt = t0; vt < t1; ++vt) {
@@ -983,28 +991,54 @@ void bwd_fp32_workers(const GradState& rows_in, const at::Tensor& hidden, const 
         const at::Tensor w_tile = weight.narrow(0, v0, v);
         const auto b = slice_of(bias, v0, v);
         at::Tensor gw = grad_weight.narrow(0, v0, v);
+        if (logits) logits->set_weight(w_tile);
         int64_t i = 0;
         for (int64_t n0 = 0; n0 < n; n0 += tn, ++i) {
           const int64_t rows = std::min(tn, n - n0);
           const at::Tensor h_tile = hidden.narrow(0, n0, rows);
-          at::Tensor dz = buf.narrow(0, 0, rows * v).view({rows, v});
-          at::mm_out(dz, h_tile, w_tile.t());
+          at::Tensor dz32 = buf.narrow(0, 0, rows * v).view({rows, v});
+          if (exact) {
+            at::mm_out(dz32, h_tile, w_tile.t());
+          } else {
+            logits->compute(h_tile, dz32);
+          }
           const GradState st{at_row(rows_in.grad_logp, n0), at_row(rows_in.grad_ent, n0), at_row(rows_in.lse, n0),
                              at_row(rows_in.ent, n0), at_row(rows_in.inv, n0)};
-          grad_tile(dz, b, labels.narrow(0, n0, rows), inv_temp, ignore_index, vocab_start + v0, st);
+          grad_tile(dz32, b, labels.narrow(0, n0, rows), inv_temp, ignore_index, vocab_start + v0, st);
           at::Tensor gh = gh_all.narrow(0, n0, rows);
-          if (vt == t0) {
-            at::mm_out(gh, dz, w_tile);
+          at::Tensor dz = dz32;
+          if (exact) {
+            if (vt == t0) {
+              at::mm_out(gh, dz, w_tile);
+            } else {
+              gh.addmm_(dz, w_tile);
+            }
           } else {
-            gh.addmm_(dz, w_tile);
+            dz = low.narrow(0, 0, rows * v).view({rows, v}).copy_(dz32);
+            at::Tensor part = dh_part.narrow(0, 0, rows);
+            at::mm_out(part, dz, w_tile);
+            if (vt == t0) {
+              gh.copy_(part);
+            } else {
+              lm_accumulate(gh, part);
+            }
           }
-          if (one_token_tile || i == 0) {
+          if (one_token_tile || (exact && i == 0)) {
             at::mm_out(gw, dz.t(), h_tile);
-          } else {
+          } else if (exact) {
             gw.addmm_(dz.t(), h_tile);
+          } else {
+            at::Tensor acc = dw_acc.narrow(0, 0, v);
+            const at::Tensor part = at::mm(dz.t(), h_tile);
+            if (i == 0) {
+              acc.copy_(part);
+            } else {
+              lm_accumulate(acc, part);
+            }
           }
-          add_bias_grad(grad_bias, v0, v, dz, i == 0);
+          add_bias_grad(grad_bias, v0, v, dz32, i == 0);
         }
+        if (dw_acc.defined()) gw.copy_(dw_acc.narrow(0, 0, v));
       }
     }
   });
@@ -1045,13 +1079,13 @@ void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::
   }
   const bool exact = hidden.scalar_type() == at::kFloat;  // fp32 GEMMs accumulate in place
   const int64_t tn = std::min(token_tile, n), tv = std::min(vocab_tile, vocab);
-  // fp32 with several threads: one parallel region (bwd_fp32_workers) while the workers' extra d hidden
-  // partials stay within the tile memory budget's cap (64 MiB); each worker's tile is 1/workers as wide.
+  // Several threads: one parallel region (bwd_workers) while the workers' extra d hidden partials stay
+  // within the tile memory budget's cap (64 MiB); each worker's tile is 1/workers as wide.
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, vocab / 64));
-  if (exact && workers > 1 && !at::in_parallel_region() && (workers - 1) * n * hs <= (int64_t{1} << 24)) {
+  if (workers > 1 && !at::in_parallel_region() && (workers - 1) * n * hs <= (int64_t{1} << 24)) {
     const int64_t tvw = tv < 128 ? tv : std::max<int64_t>(64, tv / workers / 64 * 64);
-    bwd_fp32_workers(rows_in, hidden, weight, bias, labels, static_cast<float>(inv_temp), ignore_index, vocab_start,
-                     tn, tvw, std::min(workers, (vocab + tvw - 1) / tvw), grad_hidden, grad_weight, grad_bias);
+    bwd_workers(rows_in, hidden, weight, bias, labels, static_cast<float>(inv_temp), ignore_index, vocab_start, tn,
+                tvw, std::min(workers, (vocab + tvw - 1) / tvw), grad_hidden, grad_weight, grad_bias);
     return;
   }
   const bool one_token_tile = tn >= n;

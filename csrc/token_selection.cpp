@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -210,13 +211,24 @@ void check_tokens(const at::Tensor& logp, const at::Tensor& other, const char* w
               what, " must be contiguous with logp's shape and dtype");
 }
 
+// The token pointers of one call, in their storage types.
+template <typename T, typename M>
+struct Tokens {
+  const T *adv, *lp, *old;
+  const M* mask;
+};
+
+// Calls f(Tokens<T, M>) for logp's storage type T and the mask's M (old_logp: logp when a kernel
+// has none).
 template <typename F>
-void dispatch_tokens(const at::Tensor& logp, const at::Tensor& mask, F&& f) {
+void dispatch_tokens(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                     const at::Tensor& mask, F&& f) {
   dispatch_storage_type(logp.scalar_type(), "logp", [&](auto t) {
     using T = decltype(t);
     dispatch_mask_type(mask.scalar_type(), "mask", [&](auto m) {
       using M = decltype(m);
-      f(T{}, M{});
+      f(Tokens<T, M>{static_cast<const T*>(advantages.const_data_ptr()), static_cast<const T*>(logp.const_data_ptr()),
+                     static_cast<const T*>(old_logp.const_data_ptr()), mask_data<M>(mask)});
     });
   });
 }
@@ -241,15 +253,10 @@ void kl_cov_select(const at::Tensor& advantages, const at::Tensor& logp, const a
   TORCH_CHECK(mask.is_contiguous() && mask.numel() == logp.numel(), "mask must be contiguous with logp's size");
   check_chosen(chosen, logp);
   const Shape s = shape_of(logp);
-  dispatch_tokens(logp, mask, [&](auto t, auto m) {
-    using T = decltype(t);
-    using M = decltype(m);
-    const T* adv = static_cast<const T*>(advantages.const_data_ptr());
-    const T* lp = static_cast<const T*>(logp.const_data_ptr());
-    const M* mk = mask_data<M>(mask);
+  dispatch_tokens(logp, logp, advantages, mask, [&](auto p) {
     RowSums sums(s.rows);
-    row_sums<false, T, M>(adv, lp, nullptr, mk, nullptr, s, sums);
-    select<T, M>(adv, lp, mk, s, sums, ratio, chosen);
+    row_sums<false>(p.adv, p.lp, p.old, p.mask, nullptr, s, sums);
+    select(p.adv, p.lp, p.mask, s, sums, ratio, chosen);
   });
 }
 
@@ -265,16 +272,11 @@ void kl_cov_fwd(const at::Tensor& logp, const at::Tensor& old_logp, const at::Te
               "rows must be contiguous float32 [3, R]");
   const float* w = weights_data(weights, logp);
   const float c = static_cast<float>(coef);
-  dispatch_tokens(logp, mask, [&](auto t, auto m) {
-    using T = decltype(t);
-    using M = decltype(m);
-    const T* adv = static_cast<const T*>(advantages.const_data_ptr());
-    const T* lp = static_cast<const T*>(logp.const_data_ptr());
-    const T* old = static_cast<const T*>(old_logp.const_data_ptr());
-    const M* mk = mask_data<M>(mask);
+  dispatch_tokens(logp, old_logp, advantages, mask, [&](auto p) {
+    const auto *adv = p.adv, *lp = p.lp, *old = p.old;
     RowSums sums(s.rows);
-    row_sums<true, T, M>(adv, lp, old, mk, w, s, sums);
-    for (const int64_t i : select<T, M>(adv, lp, mk, s, sums, ratio, chosen)) {  // swap in the KL term
+    row_sums<true>(adv, lp, old, p.mask, w, s, sums);
+    for (const int64_t i : select(adv, lp, p.mask, s, sums, ratio, chosen)) {  // swap in the KL term
       const float d = static_cast<float>(lp[i]) - static_cast<float>(old[i]);
       const float tok = -static_cast<float>(adv[i]) * exp_one(d);
       const float with_kl = tok + c * std::fabs(d);
@@ -304,13 +306,10 @@ void kl_cov_bwd(const at::Tensor& grad_rows, const at::Tensor& logp, const at::T
   const float* w = weights_data(weights, logp);
   const float c = static_cast<float>(coef);
   const float* g = grad_rows.const_data_ptr<float>();
-  dispatch_tokens(logp, mask, [&](auto t, auto m) {
-    using T = decltype(t);
-    using M = decltype(m);
-    const T* adv = static_cast<const T*>(advantages.const_data_ptr());
-    const T* lp = static_cast<const T*>(logp.const_data_ptr());
-    const T* old = static_cast<const T*>(old_logp.const_data_ptr());
-    const M* mk = mask_data<M>(mask);
+  dispatch_tokens(logp, old_logp, advantages, mask, [&](auto p) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(p.lp)>>;
+    const auto *adv = p.adv, *lp = p.lp, *old = p.old;
+    const auto* mk = p.mask;
     T* out = static_cast<T*>(grad_logp.data_ptr());
     const uint8_t* pick = reinterpret_cast<const uint8_t*>(chosen.const_data_ptr<bool>());
     at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {

@@ -238,22 +238,17 @@ RLKERN_INLINE vfloat clamp_const(vfloat x, float lo, float hi) {
 }
 
 // e^x for every float32 x, as torch.exp: x clamped to [-104, 89] (NaN passes), Cody-Waite reduction
-// x = n ln2 + r and Cephes' degree-6 polynomial as simd.h's vexp_nonpos (~1.5 ulp), then 2^n built as
-// 2^h 2^(n-h), h = floor(n / 2), both normal floats for n in [-150, 128]: results overflow to inf above
-// 88.7228, round through the subnormals to 0 below -103.97, and a NaN x gives NaN (through r).
+// x = n ln2 + r, e^r by simd.h's vexp_nonpos (|r| <= ln2 / 2: its own reduction is then exact, n = 0,
+// leaving its degree-6 polynomial, ~1.5 ulp), then 2^n built as 2^h 2^(n-h), h = floor(n / 2), both
+// normal floats for n in [-150, 128]: results overflow to inf above 88.7228, round through the
+// subnormals to 0 below -103.97, and a NaN x gives NaN (through r).
 RLKERN_INLINE vfloat vexp_any(vfloat x) {
   const vfloat xc = clamp_const(x, -104.0f, 89.0f);
   const vfloat shifter = splat(12582912.0f);  // 1.5 * 2^23: x * log2(e) + shifter rounds to an integer
   const vfloat n = (xc * splat(1.44269504088896341f) + shifter) - shifter;
   vfloat r = xc - n * splat(0.693359375f);
   r = r - n * splat(-2.12194440e-4f);
-  vfloat p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * (r * r) + r + splat(1.0f);
+  const vfloat p = vexp_nonpos(r) + (r - r);  // + (r - r): NaN through (vexp_nonpos clamps it away)
   const vint ni = __builtin_convertvector(n, vint);
   const vint h = ni >> 1;
   return p * as_float((h + 127) << 23) * as_float((ni - h + 127) << 23);

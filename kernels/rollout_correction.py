@@ -80,6 +80,21 @@ def _block(lp_ptr, rlp_ptr, m_ptr, base, offs, length, HAS_RLP: tl.constexpr):
 
 
 @triton.jit
+def _row_terms(n, sum_d, trl, gate_lo, gate_hi, PADDING: tl.constexpr, HAS_GATE: tl.constexpr):
+    """The row's log-weight (level 2: TRL's sum of nan_to_num(m d), else the masked sum of d) and
+    OpenRLHF's row gate (its geometric-mean ratio within [gate_lo, gate_hi]; True without a gate)."""
+    if PADDING == 1:
+        row_log = trl.to(tl.float32)
+    else:
+        row_log = sum_d.to(tl.float32)
+    gate = True
+    if HAS_GATE:
+        geo = tl.exp(sum_d.to(tl.float32) / n.to(tl.float32))
+        gate = (geo >= gate_lo) & (geo <= gate_hi)
+    return row_log, gate
+
+
+@triton.jit
 def _weights(d, mv, row_log, gate, lower, upper, log_clamp, LEVEL: tl.constexpr, MODE: tl.constexpr,
              PADDING: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_CLAMP: tl.constexpr,
              HAS_GATE: tl.constexpr):
@@ -149,14 +164,7 @@ def _rc_kernel(lp_ptr, rlp_ptr, m_ptr, w_ptr, s_ptr, length, lower, upper, log_c
             s_k3u += tl.sum(tl.where(valid, ((ed - d) - 1.0) * mv, 0.0), axis=0).to(tl.float64)
             s_chi += tl.sum(tl.where(valid, (eds * eds) * mv, 0.0), axis=0).to(tl.float64)
     # sweep 2: the weights and their sums
-    if PADDING == 1:
-        row_log = trl.to(tl.float32)
-    else:
-        row_log = sum_d.to(tl.float32)
-    gate = True
-    if HAS_GATE:
-        geo = tl.exp(sum_d.to(tl.float32) / n.to(tl.float32))
-        gate = (geo >= gate_lo) & (geo <= gate_hi)
+    row_log, gate = _row_terms(n, sum_d, trl, gate_lo, gate_hi, PADDING, HAS_GATE)
     if HAS_UPPER:
         up = upper
     else:
@@ -268,14 +276,7 @@ def _rw_kernel(lp_ptr, rlp_ptr, m_ptr, w_ptr, length, lower, upper, log_clamp, g
             n += tl.sum(mv.to(tl.float64), axis=0)  # fp64 sums: the row statistic decides the whole row
             sum_d += tl.sum(tl.where(valid, d * mv, 0.0).to(tl.float64), axis=0)
             trl += tl.sum(_trl(d * mv).to(tl.float64), axis=0)
-        if PADDING == 1:
-            row_log = trl.to(tl.float32)
-        else:
-            row_log = sum_d.to(tl.float32)
-        gate = True
-        if HAS_GATE:
-            geo = tl.exp(sum_d.to(tl.float32) / n.to(tl.float32))
-            gate = (geo >= gate_lo) & (geo <= gate_hi)
+        row_log, gate = _row_terms(n, sum_d, trl, gate_lo, gate_hi, PADDING, HAS_GATE)
         for t0 in range(0, length, BLOCK):
             offs = t0 + lanes
             mv, valid, a, c, d = _block(lp_ptr, rlp_ptr, m_ptr, base, offs, length, HAS_RLP)

@@ -171,9 +171,9 @@ def test_grpo_trainer_default_bf16_autocast(tmp_path):
 
 
 def test_grpo_unfused_option_falls_back_once_and_says_so(tmp_path):
-    """An option rlkern does not fuse (``loss_type="vespo"``) runs TRL's own loss, warns once naming it,
-    and the fused LM head still runs on rlkern."""
-    make = grpo_trainer(tmp_path, loss_type="vespo")
+    """An option rlkern does not fuse (``use_adaptive_entropy``, TRL's adaptive entropy controller) runs
+    TRL's own loss, warns once naming it, and the fused LM head still runs on rlkern."""
+    make = grpo_trainer(tmp_path, use_adaptive_entropy=True)
     base, _ = run(make, patched=False)
     rlkern.compat.patch("trl")
     try:
@@ -187,12 +187,13 @@ def test_grpo_unfused_option_falls_back_once_and_says_so(tmp_path):
     finally:
         rlkern.compat.unpatch("trl")
     ours = [w for w in caught if "rlkern" in str(w.message)]
-    assert len(ours) == 1 and "vespo" in str(ours[0].message), [str(w.message) for w in ours]
+    assert len(ours) == 1 and "use_adaptive_entropy" in str(ours[0].message), [str(w.message) for w in ours]
     for step, c in enumerate(callback.per_step):
-        assert c["grpo_loss"] == 0 and c["fallback:grpo_loss:loss_type='vespo'"] >= 1, (step, c)
+        reason = "fallback:grpo_loss:use_adaptive_entropy (the adaptive entropy controller)"
+        assert c["grpo_loss"] == 0 and c[reason] >= 1, (step, c)
         assert c["linear_logprobs"] >= 1, (step, c)
     fused = [h for h in trainer.state.log_history if "loss" in h]
-    assert_same_metrics(base, fused, ("loss", "grad_norm", "entropy", "vespo/phi_seq_mean"))
+    assert_same_metrics(base, fused, ("loss", "grad_norm", "entropy", "entropy_coef"))
 
 
 def rloo_trainer(tmp_path, **config):

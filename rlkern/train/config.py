@@ -372,7 +372,7 @@ class GRPOConfig(_RolloutConfig):
     loss_type: str = "grpo"
     """Loss (TRL's loss_type): grpo, bnpo, dr_grpo, dapo (normalisations of the clipped surrogate); gspo
     (grpo with the sequence-level ratio, the same as --importance-sampling-level sequence); and the
-    variants rlkern.ops.grpo_loss implements (cispo, sapo, luspo: rlkern.ops.losses.GRPO_LOSS_TYPES)."""
+    variants rlkern.ops.grpo_loss implements (cispo, sapo, luspo, vespo: ops.losses.GRPO_LOSS_TYPES)."""
     importance_sampling_level: str = "token"
     """Importance ratio of the surrogate (TRL's importance_sampling_level): 'token', or 'sequence' (GSPO:
     one ratio per response, exp of the masked mean log-ratio)."""

@@ -13,15 +13,14 @@ Tested against the installed verl by tests/test_verl_policy.py.
 
 What each runs on:
 
-* ``clip_cov``: rlkern.ops.clip_cov_mask (the sync-free selection) and rlkern.ops.policy_loss (the
-  clipped surrogate, with the selected tokens' weight set to 0).
-* ``kl_cov``: rlkern.ops.kl_cov_mask, then verl's unclipped surrogate ``-A r`` plus
-  ``ppo_kl_coef * |log r|`` at the selected tokens in plain torch with a hand-written backward (no
-  fused rlkern op has an unclipped ratio term yet), aggregated by rlkern.compat.verl.agg_loss.
+* ``clip_cov`` (verl_cov.py): rlkern.ops.clip_cov_mask (the sync-free selection) and
+  rlkern.ops.policy_loss (the clipped surrogate, with the selected tokens' weight set to 0).
+* ``kl_cov`` (verl_cov.py): one rlkern.ops.kl_cov_rows call (selection, token losses and row sums in
+  the KL-Cov kernels), aggregated from its row sums.
 * ``gspo``, ``sapo``, ``gpg``, ``cispo``: one rlkern.ops.policy_loss call each (the fused kernel's
   ``ratio_level="sequence_token"`` / ``variant="sapo"`` / ``"gpg"`` / ``"cispo"``); ``dppo_tv``,
-  ``dppo_kl`` and bypass_mode's REINFORCE: its ``variant="gpg"`` with constant weights (the
-  trust-region mask and truncated ratio, computed in plain torch without gradient).
+  ``dppo_kl`` (verl_dppo.py) and bypass_mode's REINFORCE: its ``variant="gpg"`` with constant weights
+  (for DPPO the trust-region weights of rlkern.ops.trust_region_gate, computed without gradient).
 * ``geo_mean`` and ``dro``: one rlkern.ops.policy_loss call each (``variant="gmpo"``: the row pass
   of the fused kernel; ``variant="dro"``: the quadratic penalty fused into the token pass); geo_mean
   with a ``clip_ratio_low`` outside [0, 1) (rlkern's clip_low range) runs in plain torch with
@@ -74,7 +73,6 @@ _CORE = "verl.trainer.ppo.core_algos"
 PATCH_TARGETS = tuple((_CORE, name, name) for name in __all__)
 
 # verl's defaults (core_algos.py) where a config field is None.
-_LOG_RATIO_CLAMP = 20.0
 
 
 def _verl():
@@ -141,10 +139,6 @@ def _padding_zeroed(mask: Tensor, *tensors):
     kernels; verl's ``loss * mask`` lets it through). Values at valid tokens are untouched."""
     valid = mask if mask.dtype == torch.bool else mask != 0
     return [None if t is None else torch.where(valid, t, 0) for t in tensors]
-
-
-def _clamped_log_ratio(log_prob: Tensor, old_log_prob: Tensor) -> Tensor:
-    return torch.clamp(log_prob - old_log_prob, min=-_LOG_RATIO_CLAMP, max=_LOG_RATIO_CLAMP)
 
 
 # ------------------------------------------------------------------------------------------------

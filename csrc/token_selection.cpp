@@ -36,13 +36,6 @@
 namespace rlkern {
 namespace {
 
-struct Cand {
-  float key;
-  int64_t idx;
-};
-// a ranks before b: larger cov, then the earlier token.
-inline bool better(const Cand& a, const Cand& b) { return a.key > b.key || (a.key == b.key && a.idx < b.idx); }
-
 struct Shape {
   int64_t rows, length;
 };
@@ -56,14 +49,42 @@ Shape shape_of(const at::Tensor& x) {
 // region to join: on a loaded machine each join can wait a scheduler slice for the other thread).
 int64_t grain_rows(int64_t length) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(length, 1)); }
 
-// 16 tokens from p (n remain in the row; fewer than 16: a tail, padded with 0 / invalid).
-template <typename T>
-RLKERN_INLINE vfloat load_n(const T* p, int64_t n) {
-  return n >= kLanes ? load16(p) : load_tail(p, n, 0.f);
+// Each hot loop below is the always-inline `run` of a kernel struct K, compiled once per x86-64 level
+// by at_level<K> (simd.h's RLKERN_AT_LEVELS, for templates): AVX-512 on this machine, where a
+// baseline build splits every 16-lane step into 4 SSE ops. A lambda or a non-inline callee would
+// stay at the baseline, so the parallel_for lambdas only call at_level.
+template <typename K, typename... A>
+__attribute__((target("arch=x86-64-v4"))) void run_v4(A... a) { K::run(a...); }
+template <typename K, typename... A>
+__attribute__((target("arch=x86-64-v3"))) void run_v3(A... a) { K::run(a...); }
+template <typename K, typename... A>
+void run_base(A... a) { K::run(a...); }
+template <typename K, typename... A>
+void at_level(A... a) {
+  switch (cpu_level()) {
+    case 4: return run_v4<K>(a...);
+    case 3: return run_v3<K>(a...);
+    default: return run_base<K>(a...);
+  }
 }
-template <typename M>
+
+// 16 tokens from p, or (TAIL) the n < 16 left at the end of a row, padded with 0 / invalid. Full
+// steps and the tail are separate loops: a per-step tail branch costs a stack copy.
+template <bool TAIL, typename T>
+RLKERN_INLINE vfloat load_n(const T* p, int64_t n) {
+  if constexpr (TAIL) {
+    return load_tail(p, n, 0.f);
+  } else {
+    return load16(p);
+  }
+}
+template <bool TAIL, typename M>
 RLKERN_INLINE vfloat mask_n(const M* p, int64_t n) {
-  return n >= kLanes ? mask16(p) : mask_tail(p, n);
+  if constexpr (TAIL) {
+    return mask_tail(p, n);
+  } else {
+    return mask16(p);
+  }
 }
 // x where valid (0/1) is 1, else +0.0, by clearing the bits: a NaN / inf in padding never survives.
 RLKERN_INLINE vfloat clear_invalid(vfloat x, vfloat valid) {
@@ -97,6 +118,14 @@ float exp_one(float d) {
   return lanes[0];
 }
 
+// The token pointers of one call, in their storage types, and the optional float32 weights.
+template <typename T, typename M>
+struct Tokens {
+  const T *adv, *lp, *old;
+  const M* mask;
+  const float* w;
+};
+
 // Per-row sums over the valid tokens: A, logp and the count; with LOSS also the token losses and |d|.
 // 16 lanes of float partial sums over 256 tokens at a time, then added in double.
 struct RowSums {
@@ -107,48 +136,110 @@ struct RowSums {
 constexpr int64_t kSpan = 256;
 
 template <bool LOSS, typename T, typename M>
-void row_sums(const T* adv, const T* lp, const T* old, const M* mask, const float* w, Shape s, RowSums& out) {
-  at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {
+struct RowSumsKernel {
+  struct Acc {
+    vfloat a{}, l{}, n{}, loss{}, d{};
+  };
+  template <bool TAIL>
+  RLKERN_INLINE static void step(const Tokens<T, M>& p, int64_t i, int64_t left, Acc& acc) {
+    const vfloat m = mask_n<TAIL>(p.mask + i, left);
+    const vfloat a = load_n<TAIL>(p.adv + i, left), x = load_n<TAIL>(p.lp + i, left);
+    acc.a += clear_invalid(a, m);
+    acc.l += clear_invalid(x, m);
+    acc.n += m;
+    if constexpr (LOSS) {
+      const vfloat d = x - load_n<TAIL>(p.old + i, left);
+      vfloat tok = -a * vexp_any(d);
+      if (p.w) tok *= load_n<TAIL>(p.w + i, left);
+      acc.loss += clear_invalid(tok, m);
+      acc.d += clear_invalid(vabs(d), m);
+    }
+  }
+  RLKERN_INLINE static void run(Tokens<T, M> p, Shape s, int64_t r0, int64_t r1, RowSums* out) {
+    const int64_t full = s.length - s.length % kLanes;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * s.length;
       double sa = 0, sl = 0, loss = 0, sabs = 0, n = 0;
       for (int64_t t0 = 0; t0 < s.length; t0 += kSpan) {
-        vfloat va{}, vl{}, vn{}, vloss{}, vd{};
-        for (int64_t t = t0, end = std::min(s.length, t0 + kSpan); t < end; t += kLanes) {
-          const int64_t i = base + t, left = s.length - t;
-          const vfloat m = mask_n(mask + i, left);
-          const vfloat a = load_n(adv + i, left), x = load_n(lp + i, left);
-          va += clear_invalid(a, m);
-          vl += clear_invalid(x, m);
-          vn += m;
-          if constexpr (LOSS) {
-            const vfloat d = x - load_n(old + i, left);
-            vfloat tok = -a * vexp_any(d);
-            if (w) tok *= load_n(w + i, left);
-            vloss += clear_invalid(tok, m);
-            vd += clear_invalid(vabs(d), m);
-          }
-        }
-        sa += hsum(va);
-        sl += hsum(vl);
-        n += hsum(vn);
-        loss += hsum(vloss);
-        sabs += hsum(vd);
+        Acc acc;
+        for (int64_t t = t0, end = std::min(full, t0 + kSpan); t < end; t += kLanes)
+          step<false>(p, base + t, kLanes, acc);
+        if (t0 + kSpan >= s.length && full < s.length) step<true>(p, base + full, s.length - full, acc);
+        sa += hsum(acc.a);
+        sl += hsum(acc.l);
+        n += hsum(acc.n);
+        loss += hsum(acc.loss);
+        sabs += hsum(acc.d);
       }
-      out.a[r] = sa;
-      out.l[r] = sl;
-      out.count[r] = static_cast<int64_t>(n);
-      out.loss[r] = loss;
-      out.abs[r] = sabs;
+      out->a[r] = sa;
+      out->l[r] = sl;
+      out->count[r] = static_cast<int64_t>(n);
+      out->loss[r] = loss;
+      out->abs[r] = sabs;
     }
+  }
+};
+
+template <bool LOSS, typename T, typename M>
+void row_sums(const Tokens<T, M>& p, Shape s, RowSums& out) {
+  at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {
+    at_level<RowSumsKernel<LOSS, T, M>>(p, s, r0, r1, &out);
   });
 }
+
+struct Cand {
+  float key;
+  int64_t idx;
+};
+// a ranks before b: larger cov, then the earlier token.
+inline bool better(const Cand& a, const Cand& b) { return a.key > b.key || (a.key == b.key && a.idx < b.idx); }
+
+// One task's candidates: a heap of its best k tokens, front = the worst kept (comparator `better`).
+template <typename T, typename M>
+struct SelectKernel {
+  static void offer(std::vector<Cand>& heap, int64_t k, float key, int64_t idx) {
+    if (static_cast<int64_t>(heap.size()) < k) {
+      heap.push_back({key, idx});
+      std::push_heap(heap.begin(), heap.end(), better);
+    } else if (key > heap.front().key) {
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = {key, idx};
+      std::push_heap(heap.begin(), heap.end(), better);
+    }
+  }
+  template <bool TAIL>
+  RLKERN_INLINE static void step(const Tokens<T, M>& p, int64_t i0, int64_t left, vfloat ma, vfloat ml, int64_t k,
+                                 std::vector<Cand>& heap) {
+    const vfloat m = mask_n<TAIL>(p.mask + i0, left);
+    vfloat c = (load_n<TAIL>(p.adv + i0, left) - ma) * (load_n<TAIL>(p.lp + i0, left) - ml);
+    c = c != c ? splat(kInf) : c;
+    // a full heap: only a valid token above its worst can enter (a tie loses: every kept token
+    // comes earlier), usually none of the 16
+    if (static_cast<int64_t>(heap.size()) == k && !any_lane((c > splat(heap.front().key)) & (m > splat(0.5f))))
+      return;
+    float cs[kLanes], ms[kLanes];
+    store16(cs, c);
+    store16(ms, m);
+    for (int64_t j = 0; j < (TAIL ? left : kLanes); ++j)
+      if (ms[j] != 0.f) offer(heap, k, cs[j], i0 + j);
+  }
+  RLKERN_INLINE static void run(Tokens<T, M> p, Shape s, int64_t r0, int64_t r1, float ma, float ml, int64_t k,
+                                std::vector<Cand>* heap) {
+    const int64_t full = s.length - s.length % kLanes;
+    const vfloat vma = splat(ma), vml = splat(ml);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * s.length;
+      for (int64_t t = 0; t < full; t += kLanes) step<false>(p, base + t, kLanes, vma, vml, k, *heap);
+      if (full < s.length) step<true>(p, base + full, s.length - full, vma, vml, k, *heap);
+    }
+  }
+};
 
 // The selection from the row sums: sets chosen (bool storage) at the selected tokens, clears it
 // elsewhere, and returns their flat indices.
 template <typename T, typename M>
-std::vector<int64_t> select(const T* adv, const T* lp, const M* mask, Shape s, const RowSums& sums,
-                            double ratio, at::Tensor& chosen) {
+std::vector<int64_t> select(const Tokens<T, M>& p, Shape s, const RowSums& sums, double ratio,
+                            at::Tensor& chosen) {
   double sa = 0, sl = 0;
   int64_t n = 0;
   for (int64_t r = 0; r < s.rows; ++r) {  // fixed order: the means never depend on the threads
@@ -168,34 +259,9 @@ std::vector<int64_t> select(const T* adv, const T* lp, const M* mask, Shape s, c
   std::vector<Cand> all;
   std::mutex lock;
   at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {
-    std::vector<Cand> heap;  // front: the worst kept token (comparator `better`)
+    std::vector<Cand> heap;
     heap.reserve(static_cast<size_t>(k));
-    float cs[kLanes], ms[kLanes];
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t t = 0; t < s.length; t += kLanes) {
-        const int64_t i0 = r * s.length + t, left = s.length - t;
-        const vfloat m = mask_n(mask + i0, left);
-        vfloat c = (load_n(adv + i0, left) - splat(ma)) * (load_n(lp + i0, left) - splat(ml));
-        c = c != c ? splat(kInf) : c;
-        const bool full = static_cast<int64_t>(heap.size()) == k;
-        // a full heap: only a valid token above its worst can enter (a tie loses: every kept token
-        // comes earlier), usually none of the 16
-        if (full && !any_lane((c > splat(heap.front().key)) & (m > splat(0.5f)))) continue;
-        store16(cs, c);
-        store16(ms, m);
-        for (int64_t j = 0; j < std::min<int64_t>(left, kLanes); ++j) {
-          if (ms[j] == 0.f) continue;
-          if (static_cast<int64_t>(heap.size()) < k) {
-            heap.push_back({cs[j], i0 + j});
-            std::push_heap(heap.begin(), heap.end(), better);
-          } else if (cs[j] > heap.front().key) {
-            std::pop_heap(heap.begin(), heap.end(), better);
-            heap.back() = {cs[j], i0 + j};
-            std::push_heap(heap.begin(), heap.end(), better);
-          }
-        }
-      }
-    }
+    at_level<SelectKernel<T, M>>(p, s, r0, r1, ma, ml, k, &heap);
     std::lock_guard<std::mutex> guard(lock);
     all.insert(all.end(), heap.begin(), heap.end());
   });
@@ -206,31 +272,40 @@ std::vector<int64_t> select(const T* adv, const T* lp, const M* mask, Shape s, c
   return picked;
 }
 
+// d rows[0] / d logp over rows [r0, r1).
+template <typename T, typename M>
+struct BackwardKernel {
+  template <bool TAIL>
+  RLKERN_INLINE static void step(const Tokens<T, M>& p, const uint8_t* pick, vfloat gr, vfloat c, int64_t i,
+                                 int64_t left, T* out) {
+    const vfloat m = mask_n<TAIL>(p.mask + i, left);
+    const vfloat d = load_n<TAIL>(p.lp + i, left) - load_n<TAIL>(p.old + i, left);
+    vfloat local = -load_n<TAIL>(p.adv + i, left) * vexp_any(d);
+    const vfloat sign = d > splat(0.f) ? splat(1.f) : (d < splat(0.f) ? splat(-1.f) : d);  // torch.sign
+    local = mask_n<TAIL>(pick + i, left) > splat(0.5f) ? local + c * sign : local;
+    const vfloat v = clear_invalid((p.w ? gr * load_n<TAIL>(p.w + i, left) : gr) * local, m);
+    if constexpr (TAIL) {
+      store_tail(out + i, v, left);
+    } else {
+      store16(out + i, v);
+    }
+  }
+  RLKERN_INLINE static void run(Tokens<T, M> p, Shape s, int64_t r0, int64_t r1, const float* g,
+                                const uint8_t* pick, float coef, T* out) {
+    const int64_t full = s.length - s.length % kLanes;
+    const vfloat c = splat(coef);
+    for (int64_t r = r0; r < r1; ++r) {
+      const vfloat gr = splat(g[r]);
+      const int64_t base = r * s.length;
+      for (int64_t t = 0; t < full; t += kLanes) step<false>(p, pick, gr, c, base + t, kLanes, out);
+      if (full < s.length) step<true>(p, pick, gr, c, base + full, s.length - full, out);
+    }
+  }
+};
+
 void check_tokens(const at::Tensor& logp, const at::Tensor& other, const char* what) {
   TORCH_CHECK(other.is_contiguous() && other.sizes() == logp.sizes() && other.scalar_type() == logp.scalar_type(),
               what, " must be contiguous with logp's shape and dtype");
-}
-
-// The token pointers of one call, in their storage types.
-template <typename T, typename M>
-struct Tokens {
-  const T *adv, *lp, *old;
-  const M* mask;
-};
-
-// Calls f(Tokens<T, M>) for logp's storage type T and the mask's M (old_logp: logp when a kernel
-// has none).
-template <typename F>
-void dispatch_tokens(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-                     const at::Tensor& mask, F&& f) {
-  dispatch_storage_type(logp.scalar_type(), "logp", [&](auto t) {
-    using T = decltype(t);
-    dispatch_mask_type(mask.scalar_type(), "mask", [&](auto m) {
-      using M = decltype(m);
-      f(Tokens<T, M>{static_cast<const T*>(advantages.const_data_ptr()), static_cast<const T*>(logp.const_data_ptr()),
-                     static_cast<const T*>(old_logp.const_data_ptr()), mask_data<M>(mask)});
-    });
-  });
 }
 
 void check_chosen(const at::Tensor& chosen, const at::Tensor& logp) {
@@ -245,6 +320,22 @@ const float* weights_data(const std::optional<at::Tensor>& weights, const at::Te
   return weights->const_data_ptr<float>();
 }
 
+// Calls f(Tokens<T, M>) for logp's storage type T and the mask's M (old_logp: logp when a kernel
+// has none).
+template <typename F>
+void dispatch_tokens(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                     const at::Tensor& mask, const std::optional<at::Tensor>& weights, F&& f) {
+  const float* w = weights_data(weights, logp);
+  dispatch_storage_type(logp.scalar_type(), "logp", [&](auto t) {
+    using T = decltype(t);
+    dispatch_mask_type(mask.scalar_type(), "mask", [&](auto m) {
+      using M = decltype(m);
+      f(Tokens<T, M>{static_cast<const T*>(advantages.const_data_ptr()), static_cast<const T*>(logp.const_data_ptr()),
+                     static_cast<const T*>(old_logp.const_data_ptr()), mask_data<M>(mask), w});
+    });
+  });
+}
+
 }  // namespace
 
 void kl_cov_select(const at::Tensor& advantages, const at::Tensor& logp, const at::Tensor& mask, double ratio,
@@ -253,10 +344,10 @@ void kl_cov_select(const at::Tensor& advantages, const at::Tensor& logp, const a
   TORCH_CHECK(mask.is_contiguous() && mask.numel() == logp.numel(), "mask must be contiguous with logp's size");
   check_chosen(chosen, logp);
   const Shape s = shape_of(logp);
-  dispatch_tokens(logp, logp, advantages, mask, [&](auto p) {
+  dispatch_tokens(logp, logp, advantages, mask, std::nullopt, [&](auto p) {
     RowSums sums(s.rows);
-    row_sums<false>(p.adv, p.lp, p.old, p.mask, nullptr, s, sums);
-    select(p.adv, p.lp, p.mask, s, sums, ratio, chosen);
+    row_sums<false>(p, s, sums);
+    select(p, s, sums, ratio, chosen);
   });
 }
 
@@ -270,17 +361,15 @@ void kl_cov_fwd(const at::Tensor& logp, const at::Tensor& old_logp, const at::Te
   const Shape s = shape_of(logp);
   TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.numel() == 3 * s.rows,
               "rows must be contiguous float32 [3, R]");
-  const float* w = weights_data(weights, logp);
   const float c = static_cast<float>(coef);
-  dispatch_tokens(logp, old_logp, advantages, mask, [&](auto p) {
-    const auto *adv = p.adv, *lp = p.lp, *old = p.old;
+  dispatch_tokens(logp, old_logp, advantages, mask, weights, [&](auto p) {
     RowSums sums(s.rows);
-    row_sums<true>(adv, lp, old, p.mask, w, s, sums);
-    for (const int64_t i : select(adv, lp, p.mask, s, sums, ratio, chosen)) {  // swap in the KL term
-      const float d = static_cast<float>(lp[i]) - static_cast<float>(old[i]);
-      const float tok = -static_cast<float>(adv[i]) * exp_one(d);
+    row_sums<true>(p, s, sums);
+    for (const int64_t i : select(p, s, sums, ratio, chosen)) {  // swap in the KL term
+      const float d = static_cast<float>(p.lp[i]) - static_cast<float>(p.old[i]);
+      const float tok = -static_cast<float>(p.adv[i]) * exp_one(d);
       const float with_kl = tok + c * std::fabs(d);
-      const float wi = w ? w[i] : 1.f;
+      const float wi = p.w ? p.w[i] : 1.f;
       sums.loss[i / s.length] += static_cast<double>(wi * with_kl) - static_cast<double>(wi * tok);
     }
     float* out = rows.data_ptr<float>();
@@ -303,33 +392,15 @@ void kl_cov_bwd(const at::Tensor& grad_rows, const at::Tensor& logp, const at::T
   const Shape s = shape_of(logp);
   TORCH_CHECK(grad_rows.scalar_type() == at::kFloat && grad_rows.is_contiguous() && grad_rows.numel() == s.rows,
               "grad_rows must be contiguous float32 [R]");
-  const float* w = weights_data(weights, logp);
   const float c = static_cast<float>(coef);
   const float* g = grad_rows.const_data_ptr<float>();
-  dispatch_tokens(logp, old_logp, advantages, mask, [&](auto p) {
+  const uint8_t* pick = reinterpret_cast<const uint8_t*>(chosen.const_data_ptr<bool>());
+  dispatch_tokens(logp, old_logp, advantages, mask, weights, [&](auto p) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(p.lp)>>;
-    const auto *adv = p.adv, *lp = p.lp, *old = p.old;
-    const auto* mk = p.mask;
+    using M = std::remove_cv_t<std::remove_pointer_t<decltype(p.mask)>>;
     T* out = static_cast<T*>(grad_logp.data_ptr());
-    const uint8_t* pick = reinterpret_cast<const uint8_t*>(chosen.const_data_ptr<bool>());
     at::parallel_for(0, s.rows, grain_rows(s.length), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const vfloat gr = splat(g[r]);
-        for (int64_t t = 0; t < s.length; t += kLanes) {
-          const int64_t i = r * s.length + t, left = s.length - t;
-          const vfloat m = mask_n(mk + i, left);
-          const vfloat d = load_n(lp + i, left) - load_n(old + i, left);
-          vfloat local = -load_n(adv + i, left) * vexp_any(d);
-          const vfloat sign = d > splat(0.f) ? splat(1.f) : (d < splat(0.f) ? splat(-1.f) : d);  // torch.sign
-          local = mask_n(pick + i, left) > splat(0.5f) ? local + splat(c) * sign : local;
-          const vfloat v = clear_invalid((w ? gr * load_n(w + i, left) : gr) * local, m);
-          if (left >= kLanes) {
-            store16(out + i, v);
-          } else {
-            store_tail(out + i, v, left);
-          }
-        }
-      }
+      at_level<BackwardKernel<T, M>>(p, s, r0, r1, g, pick, c, out);
     });
   });
 }

@@ -27,11 +27,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear_logprobs_bwd", &rlkern::linear_logprobs_bwd, release);
   m.def("logprobs_fwd", &rlkern::logprobs_fwd, release);
   m.def("logprobs_bwd", &rlkern::logprobs_bwd, release);
+  m.def("logprobs_autograd", &rlkern::logprobs_autograd, release);
   m.def("losses_fwd", &rlkern::losses_fwd, release);
   m.def("losses_bwd", &rlkern::losses_bwd, release);
   m.def("losses_bwd_saved", &rlkern::losses_bwd_saved, release);
   m.def("masked_stat_fwd", &rlkern::masked_stat_fwd, release);
   m.def("masked_stat_bwd", &rlkern::masked_stat_bwd, release);
+  m.def("masked_stat_autograd", &rlkern::masked_stat_autograd, release);
   m.def("masked_whiten_fwd", &rlkern::masked_whiten_fwd, release);
   m.def("masked_whiten_bwd", &rlkern::masked_whiten_bwd, release);
   m.def("gae_fwd", &rlkern::gae_fwd, release);

@@ -22,6 +22,8 @@
 // -inf and contributes exactly 0 (see kMinExp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
 #include <cmath>
@@ -750,6 +752,92 @@ void logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optiona
                                gg, y, ignore_index, t, is_exact_scale(t), temps, gl, gh, lse_ptr, ent_ptr};
     at::parallel_for(0, rows, rows_per_task(g.vocab), [&](int64_t b, int64_t e) { backward_dispatch(b, e, args); });
   });
+}
+
+namespace {
+
+// A contiguous logits-shaped tensor as the kernels' [outer, inner, V] view (rlkern/ops/logits.py _rows).
+at::Tensor rows_of(const at::Tensor& x) { return x.dim() == 3 ? x : x.view({1, -1, x.size(-1)}); }
+
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options, bool poison) {
+  at::Tensor out = at::empty(shape, options);
+  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+// An upstream gradient as the kernels read it (flat float32), or none where autograd has none (or
+// an empty one, for an output that was not asked for).
+std::optional<at::Tensor> present(const at::Tensor& grad) {
+  if (!grad.defined() || grad.numel() == 0) return std::nullopt;
+  return grad.to(at::kFloat).contiguous();
+}
+
+std::optional<at::Tensor> given(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The logprobs_fwd op's eager autograd on the C++ backend as a C++ autograd node (rlkern/ops/logits.py
+// registers it with KernelOp.register_native_autograd): the same kernels and outputs as the Python
+// torch.autograd.Function of the registered op (logp, lse, entropy, sum_p2; an absent one is an empty
+// [0] tensor), without its per-call Python. logits: contiguous; labels: flat int64 or None;
+// temperatures: flat float32 or None.
+struct LogprobsFunction : torch::autograd::Function<LogprobsFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                                                const std::optional<at::Tensor>& labels, double temperature,
+                                                const std::optional<at::Tensor>& temperatures,
+                                                int64_t ignore_index, bool want_entropy, bool want_p2,
+                                                bool inplace_backward, bool poison) {
+    const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+    const auto f32 = logits.options().dtype(at::kFloat);
+    const at::Tensor absent = at::Tensor();
+    const at::Tensor lse = new_output(lead, f32, poison);
+    const at::Tensor logp = labels.has_value() ? new_output(lead, f32, poison) : absent;
+    const at::Tensor ent = want_entropy ? new_output(lead, f32, poison) : absent;
+    const at::Tensor p2 = want_p2 ? new_output(lead, f32, poison) : absent;
+    logprobs_fwd(rows_of(logits), labels, temperature, temperatures, ignore_index, given(logp), lse, given(ent),
+                 given(p2));
+    ctx->save_for_backward({logits, labels.value_or(absent), lse, ent, temperatures.value_or(absent)});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["inplace"] = inplace_backward;
+    ctx->saved_data["poison"] = poison;
+    // Each absent output is its own empty tensor (a shared one would alias two outputs).
+    auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, f32); };
+    torch::autograd::variable_list outs{or_empty(logp), lse, or_empty(ent), or_empty(p2)};
+    ctx->mark_non_differentiable({outs[1], outs[3]});
+    // An output without a gradient reaches backward undefined, not as materialised zeros.
+    ctx->set_materialize_grads(false);
+    return outs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &logits = s[0], &labels = s[1], &ent = s[3];
+    const auto grad_logp = labels.defined() ? present(grads[0]) : std::nullopt;
+    const auto grad_ent = ent.defined() ? present(grads[2]) : std::nullopt;
+    const bool poison = ctx->saved_data["poison"].toBool();
+    at::Tensor out = ctx->saved_data["inplace"].toBool() ? logits
+                                                         : new_output(logits.sizes(), logits.options(), poison);
+    logprobs_bwd(grad_logp, grad_ent, rows_of(logits), given(labels), s[2],
+                 grad_ent.has_value() ? given(ent) : std::nullopt, ctx->saved_data["temperature"].toDouble(),
+                 given(s[4]), ctx->saved_data["ignore_index"].toInt(), rows_of(out));
+    torch::autograd::variable_list dx(9);
+    dx[0] = out;
+    return dx;
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_autograd(
+    const at::Tensor& logits, const std::optional<at::Tensor>& labels, double temperature,
+    const std::optional<at::Tensor>& temperatures, int64_t ignore_index, bool want_entropy, bool want_p2,
+    bool inplace_backward, bool poison) {
+  TORCH_CHECK(logits.is_contiguous(), "logprobs_autograd: logits must be contiguous");
+  auto outs = LogprobsFunction::apply(logits, labels, temperature, temperatures, ignore_index, want_entropy,
+                                      want_p2, inplace_backward, poison);
+  return {outs[0], outs[1], outs[2], outs[3]};
 }
 
 }  // namespace rlkern

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace rlkern {
 
@@ -21,5 +22,13 @@ void logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::optiona
                   const std::optional<at::Tensor>& ent, double temperature,
                   const std::optional<at::Tensor>& temperatures, int64_t ignore_index,
                   const at::Tensor& grad_logits);
+// logprobs_fwd with autograd (the eager path when the logits require grad): allocates and returns
+// (logp, lse, entropy, sum_p2), an output not asked for as an empty [0] tensor; a C++ node whose
+// backward runs logprobs_bwd into a new buffer, or into the logits with inplace_backward.
+// logits: contiguous [..., V]; labels: flat int64; temperatures: flat float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_autograd(
+    const at::Tensor& logits, const std::optional<at::Tensor>& labels, double temperature,
+    const std::optional<at::Tensor>& temperatures, int64_t ignore_index, bool want_entropy, bool want_p2,
+    bool inplace_backward, bool poison);
 
 }  // namespace rlkern

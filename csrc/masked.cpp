@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
 #include <cmath>
@@ -427,6 +428,50 @@ at::Tensor masked_whiten_bwd(const at::Tensor& grad, const at::Tensor& x, const 
   }
   apply(x, mask, g, l, k, kWhitenGrad, bw.out);
   return bw.out;
+}
+
+namespace {
+
+// masked_stat's eager autograd on the C++ backend as a C++ autograd node (rlkern/ops/masked.py
+// registers it with KernelOp.register_native_autograd): the same two kernels as the Python
+// torch.autograd.Function of the registered op, without its per-call Python (~10 us of a ~40 us
+// forward + backward on tiny inputs). Inputs as masked_stat_fwd's; `low` receives the smallest count.
+struct MaskedStatFunction : torch::autograd::Function<MaskedStatFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& mask, bool merge_all, int64_t kind,
+                                                int64_t ddof, bool poison, double* low) {
+    auto [out, saved, smallest] = masked_stat_fwd(x, mask, merge_all, kind, ddof, poison);
+    *low = smallest;
+    ctx->save_for_backward({x, mask, saved});
+    ctx->saved_data["merge_all"] = merge_all;
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["poison"] = poison;
+    ctx->mark_non_differentiable({saved});
+    ctx->set_materialize_grads(false);  // saved never has a gradient: no zeros for it
+    return {out, saved};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list dx(7);
+    if (grads[0].defined()) {  // else no gradient reaches the statistic
+      const auto s = ctx->get_saved_variables();
+      dx[0] = masked_stat_bwd(grads[0].to(at::kFloat).contiguous(), s[0], s[1], s[2],
+                              ctx->saved_data["merge_all"].toBool(), ctx->saved_data["kind"].toInt(),
+                              ctx->saved_data["poison"].toBool());
+    }
+    return dx;
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, double> masked_stat_autograd(const at::Tensor& x, const at::Tensor& mask,
+                                                                 bool merge_all, int64_t kind, int64_t ddof,
+                                                                 bool poison) {
+  double low = std::numeric_limits<double>::infinity();
+  auto outs = MaskedStatFunction::apply(x, mask, merge_all, kind, ddof, poison, &low);
+  return {outs[0], outs[1], low};
 }
 
 }  // namespace rlkern

@@ -26,5 +26,10 @@ std::tuple<at::Tensor, at::Tensor, double> masked_whiten_fwd(const at::Tensor& x
 // grad: float32 like x. Returns d x: x-shaped, x's dtype.
 at::Tensor masked_whiten_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask,
                              const at::Tensor& saved, bool merge_all, bool shift_mean, bool poison);
+// masked_stat_fwd with autograd: a C++ node whose backward runs masked_stat_bwd (the eager path when
+// x requires grad). Same arguments and returns; d x flows to x.
+std::tuple<at::Tensor, at::Tensor, double> masked_stat_autograd(const at::Tensor& x, const at::Tensor& mask,
+                                                                 bool merge_all, int64_t kind, int64_t ddof,
+                                                                 bool poison);
 
 }  // namespace rlkern

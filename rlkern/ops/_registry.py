@@ -6,8 +6,9 @@ backend's kernels.
 through it and ``opcheck`` tests it. Calling the decorated object runs it:
 
 - while torch.compile traces: the registered op (the graph needs it);
-- eagerly: ``fn`` itself, wrapped in a ``torch.autograd.Function`` when an input requires grad,
-  built from the same ``setup_context`` and ``backward``.
+- eagerly: the op's native path where it registered one (``register_native``: the whole call in
+  C++, with a C++ autograd node), else ``fn`` itself, wrapped in a ``torch.autograd.Function``
+  when an input requires grad, built from the same ``setup_context`` and ``backward``.
 
 The eager path skips the dispatcher's Python machinery, which costs ~100 µs a call and whose
 first call imports dynamo, sympy and triton (1.2 s) even for a CPU tensor on the C++ backend
@@ -44,6 +45,7 @@ class KernelOp:
                                        if "Tensor" in str(p.annotation))
         self.op = torch.library.custom_op(f"rlkern::{name}", fn, mutates_args=mutates_args)
         self._function: type[torch.autograd.Function] | None = None
+        self._native: Callable | None = None
 
     def register_fake(self, fake: Callable) -> Callable:
         self.op.register_fake(fake)
@@ -64,6 +66,16 @@ class KernelOp:
         # costs ~2 us a call; outside functorch transforms the C++ apply underneath does the work.
         self._apply_direct = super(torch.autograd.Function, self._function).apply
 
+    def register_native(self, native: Callable) -> Callable:
+        """``native(*args)``: the op's outputs computed in C++ -- outputs allocated there and, when an
+        input requires grad (and grad mode is on), a C++ autograd node running the same backward
+        kernels as ``backward`` -- or None where it does not apply (another backend, a layout it
+        does not take, a call it would not make cheaper). Eager calls try it first: the Python
+        ``torch.autograd.Function`` costs ~10 us of a ~40 us forward + backward on tiny inputs.
+        Never used while tracing, under functorch transforms or for tensor subclasses."""
+        self._native = native
+        return native
+
     def __call__(self, *args, **kwargs):
         # Tracing (dynamo, or make_fx / AOTAutograd under a dispatch mode such as FakeTensorMode)
         # and tensor subclasses (DTensor, FakeTensor) need the registered op.
@@ -79,6 +91,8 @@ class KernelOp:
                     return self.op(*args)
                 if a.requires_grad:
                     needs_grad = True
+        if self._native is not None and not _functorch_active() and (out := self._native(*args)) is not None:
+            return out
         if needs_grad and self._function is not None and _grad_enabled():
             if _functorch_active():
                 return self._function.apply(*args)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from rlkern import reference
+from rlkern.ops import _common
 from rlkern.ops._common import (
     check_ignore_index,
     check_label_range,
@@ -92,6 +93,19 @@ def _logprobs_fwd(logits: Tensor, labels: Tensor | None, temperature: float, tem
     # An absent output is its own empty tensor (a shared one would alias two outputs).
     return (_absent(logits) if logp is None else logp, lse, _absent(logits) if ent is None else ent,
             _absent(logits) if p2 is None else p2)
+
+
+@_logprobs_fwd.register_native
+def _(logits, labels, temperature, temperatures, ignore_index, want_entropy, want_p2, inplace_backward,
+      backend):
+    """With the logits requiring grad on the C++ backend (contiguous logits): one C++ autograd node
+    (csrc/logits.cpp LogprobsFunction) allocating the same outputs and running the same kernels as
+    _logprobs_fwd and _backward."""
+    if backend != "cpp" or not logits.is_contiguous():
+        return None
+    return kernels("cpp", "").logprobs_autograd(
+        logits, _flat(labels, torch.int64), temperature, _flat(temperatures, torch.float32), ignore_index,
+        want_entropy, want_p2, inplace_backward, _common.POISON_OUTPUTS)
 
 
 def _absent(logits: Tensor) -> Tensor:

@@ -76,11 +76,27 @@ def _check_count(low, need: int, what: str, per_row: bool) -> None:
 def _masked_stat(x: Tensor, mask: Tensor, dim: int | None, kind: int, unbiased: bool, need: int,
                  backend: str) -> tuple[Tensor, Tensor]:
     """(statistic, saved): saved is float64 [2, ...] (centring mean, gradient scale) for backward."""
-    out, saved, low = kernels(backend, "masked").masked_stat_fwd(
-        *_rows2(x, mask, dim), dim is None, kind, int(unbiased), _common.POISON_OUTPUTS)
+    return _run_stat(kernels(backend, "masked").masked_stat_fwd, x, mask, dim, kind, unbiased, need)
+
+
+def _run_stat(forward, x, mask, dim, kind, unbiased, need) -> tuple[Tensor, Tensor]:
+    """(statistic, saved) from ``forward`` (masked_stat_fwd, or masked_stat_autograd: the same with
+    C++ autograd), and the empty-selection check."""
+    out, saved, low = forward(*_rows2(x, mask, dim), dim is None, kind, int(unbiased), _common.POISON_OUTPUTS)
     if need:
         _check_count(low, need, _NAMES[kind], out.dim() > 0)
     return out, saved
+
+
+@_masked_stat.register_native
+def _(x, mask, dim, kind, unbiased, need, backend):
+    """With x (or the mask) requiring grad on the C++ backend: one C++ autograd node (csrc/masked.cpp
+    MaskedStatFunction) over the same two kernels as _stat_backward. The reduced dim is moved last
+    (a copy only when that is not contiguous) by torch ops before the node, so autograd moves the
+    gradient back. Without a gradient, the plain kernel call (fn) is already one C++ call."""
+    if backend != "cpp" or not (x.requires_grad or mask.requires_grad):
+        return None
+    return _run_stat(kernels("cpp", "").masked_stat_autograd, x, mask, dim, kind, unbiased, need)
 
 
 @_masked_stat.register_fake

@@ -608,3 +608,78 @@ def test_torch_compile_fullgraph_row_temperature_and_sum_p2():
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(p2_c, p2_e)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def _fused_call(which, logits, labels, temperature, inplace, p2):
+    """Forward and d logits of one public call on a fresh non-leaf copy of ``logits`` (so that
+    inplace_backward is honoured), with fixed random upstream gradients."""
+    leaf = logits.detach().clone().requires_grad_(True)
+    z = leaf * 1  # not a leaf: backward may write into it
+    kw = {"temperature": temperature, "inplace_backward": inplace, "return_sum_p2": p2}
+    if which == "logprobs":
+        outs = ops.logprobs(z, labels, **kw)
+    elif which == "entropy":
+        outs = ops.entropy(z, **kw)
+    else:
+        outs = ops.logprobs_and_entropy(z, labels, **kw)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(3)
+    diff = [o for o in outs if o.requires_grad]
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in diff)
+    (dx,) = torch.autograd.grad(loss, leaf)
+    return [o.detach() for o in outs], dx, type(outs[0].grad_fn).__name__
+
+
+@pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 4), (7,)])
+@pytest.mark.parametrize("row_t", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cpp_autograd_node_matches_the_python_function(monkeypatch, which, dtype, shape, row_t, inplace):
+    """Eager calls with a gradient on the C++ backend run one C++ autograd node (logprobs_fwd's
+    register_native); it allocates the same outputs and runs the same kernels as the Python
+    torch.autograd.Function it replaces, so values and gradients are the same bits, with and
+    without inplace_backward, per-row temperatures and sum_p2 (outputs poisoned in both)."""
+    if "cpp" not in KERNEL_BACKENDS:
+        pytest.skip("the C++ extension is not built")
+    from rlkern.ops import logits as lg
+
+    logits, labels = _make(shape, 33, dtype, banned=0.1)
+    temperature = (torch.rand(shape) + 0.5) if row_t else 0.7
+    p2 = not inplace  # both settings of return_sum_p2 over the grid
+    with rlkern.use_backend("cpp"):
+        outs, dx, node = _fused_call(which, logits, labels, temperature, inplace, p2)
+        assert node == "CppFunction"
+        monkeypatch.setattr(lg._logprobs_fwd, "_native", None)
+        outs_py, dx_py, node_py = _fused_call(which, logits, labels, temperature, inplace, p2)
+        assert node_py != "CppFunction"
+    for a, b in zip(outs, outs_py, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(dx, dx_py, rtol=0, atol=0, equal_nan=True)
+
+
+def test_cpp_autograd_node_keeps_the_checks():
+    """On the C++ node path: a label out of range raises as on the Python path, a non-contiguous
+    input takes the Python path, logits modified in place after the forward fail autograd's
+    saved-tensor version check, and no_grad gives no graph."""
+    if "cpp" not in KERNEL_BACKENDS:
+        pytest.skip("the C++ extension is not built")
+    logits, labels = _make((4, 6), 11, torch.float32, ignore=0.0)
+    leaf = logits.requires_grad_(True)
+    with rlkern.use_backend("cpp"):
+        bad = labels.clone()
+        bad[2, 3] = 11
+        with pytest.raises((IndexError, RuntimeError, ValueError), match="11"):
+            ops.logprobs(leaf, bad)
+        strided = torch.randn(4, 12, 11)[:, ::2].requires_grad_(True)
+        out = ops.logprobs(strided, labels)
+        assert type(out.grad_fn).__name__ != "CppFunction"
+        ref = reference.logprobs(strided.detach().double(), labels)
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+        z = leaf * 1
+        out = ops.entropy(z)
+        z.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+        with torch.no_grad():
+            assert ops.logprobs(leaf, labels).grad_fn is None

@@ -365,3 +365,65 @@ def test_whitened_values_have_zero_mean_unit_variance(backend_name):
         w = ops.masked_whiten(x, mask, eps=0.0)
         assert abs(ops.masked_mean(w, mask).item()) < 1e-5
         assert abs(ops.masked_var(w, mask).item() - 1) < 1e-5
+
+
+def _stat_and_grad(fn, x, mask, dim, grad_seed):
+    leaf = x.detach().requires_grad_(True)
+    out = fn(leaf, mask, dim=dim)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed))
+    (dx,) = torch.autograd.grad(out, leaf, g)
+    return out, dx
+
+
+@pytest.mark.parametrize("fn_name", ["masked_sum", "masked_mean", "masked_var"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64])
+@pytest.mark.parametrize("dim", [None, 0, 1, -1])
+def test_cpp_autograd_node_matches_the_python_function(monkeypatch, fn_name, dtype, mask_dtype, dim):
+    """Eager calls with a gradient on the C++ backend run one C++ autograd node (masked_stat's
+    register_native); it runs the same kernels as the Python torch.autograd.Function it replaces, so
+    values and gradients are the same bits (outputs poisoned in both)."""
+    if "cpp" not in KERNEL_BACKENDS:
+        pytest.skip("the C++ extension is not built")
+    from rlkern.ops import masked as m
+
+    x, mask = _inputs((5, 37), dtype)
+    mask = mask.to(mask_dtype)
+    fn = getattr(ops, fn_name)
+    with rlkern.use_backend("cpp"):
+        out, dx = _stat_and_grad(fn, x, mask, dim, 1)
+        assert type(out.grad_fn).__name__ == "CppFunction"
+        monkeypatch.setattr(m._masked_stat, "_native", None)
+        out_py, dx_py = _stat_and_grad(fn, x, mask, dim, 1)
+        assert type(out_py.grad_fn).__name__ != "CppFunction"
+    torch.testing.assert_close(out, out_py, rtol=0, atol=0)
+    torch.testing.assert_close(dx, dx_py, rtol=0, atol=0)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+
+
+def test_cpp_autograd_node_keeps_the_checks():
+    """The C++ node path refuses what the Python path refuses: an empty selection (ValueError), x
+    modified in place after the forward (autograd's saved-tensor version check), and it gives no
+    gradient under no_grad."""
+    if "cpp" not in KERNEL_BACKENDS:
+        pytest.skip("the C++ extension is not built")
+    x = torch.randn(3, 8, requires_grad=True)
+    mask = torch.ones(3, 8)
+    mask[1] = 0
+    with rlkern.use_backend("cpp"):
+        with pytest.raises(ValueError, match="masked_mean needs at least 1 selected element"):
+            ops.masked_mean(x, mask, dim=1)
+        with pytest.raises(ValueError, match="masked_var needs at least 2"):
+            ops.masked_var(x, torch.zeros(3, 8))
+        y = x.detach().clone().requires_grad_(True)
+        z = y * 1.0
+        out = ops.masked_var(z, mask)
+        z.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()
+        with torch.no_grad():
+            assert ops.masked_sum(x, mask).grad_fn is None
+        # a gradient to the mask, when it asks for one, is None (as from the Python Function)
+        fmask = mask.clone().requires_grad_(True)
+        out = ops.masked_sum(x, fmask)
+        assert torch.autograd.grad(out, (x, fmask), allow_unused=True)[1] is None

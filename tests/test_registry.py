@@ -71,6 +71,55 @@ def test_traced_calls_use_the_registered_op():
                           (torch.randn(4, requires_grad=True), 2.0))
 
 
+@kernel_op("_test_cubed")
+def _cubed(x: torch.Tensor, native_ok: bool) -> torch.Tensor:
+    calls.append("fn")
+    return x**3
+
+
+@_cubed.register_fake
+def _(x, native_ok):
+    return torch.empty_like(x)
+
+
+_cubed.register_autograd(lambda ctx, grad: (grad * 3 * ctx.saved_tensors[0] ** 2, None),
+                         setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+
+
+@_cubed.register_native
+def _(x, native_ok):
+    if not native_ok:
+        return None
+    calls.append("native")
+    return x * x * x  # autograd through torch ops, standing in for a C++ autograd node
+
+
+def test_a_native_path_runs_eagerly_and_falls_back_when_it_declines():
+    x = torch.randn(5, requires_grad=True)
+    calls.clear()
+    y = _cubed(x, True)
+    assert calls == ["native"] and y.grad_fn is not None
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], 3 * x.detach() ** 2)
+    calls.clear()
+    y = _cubed(x, False)  # declined: the Python autograd.Function over fn
+    assert calls == ["fn"]
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], 3 * x.detach() ** 2)
+
+
+def test_a_native_path_is_not_used_under_tracing_or_functorch():
+    x = torch.randn(4)
+    calls.clear()
+    out = torch.func.vmap(lambda t: _cubed(t, True))(x)  # under a functorch transform: fn
+    torch.testing.assert_close(out, x**3)
+    assert calls == ["fn"]
+    calls.clear()
+    compiled = torch.compile(lambda t: _cubed(t, True).sum(), fullgraph=True, backend="aot_eager")
+    leaf = x.clone().requires_grad_(True)
+    compiled(leaf).backward()
+    torch.testing.assert_close(leaf.grad, 3 * x**2)
+    assert "native" not in calls  # the graph holds the registered op
+
+
 def _run(code: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=600, env={**__import__("os").environ, "RLKERN_BACKEND": "auto"})

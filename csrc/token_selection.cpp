@@ -96,12 +96,14 @@ RLKERN_INLINE vfloat clear_invalid(vfloat x, vfloat valid) {
   return out;
 }
 RLKERN_INLINE vfloat vabs(vfloat x) { return x < splat(0.f) ? -x : x; }
-RLKERN_INLINE bool any_lane(vint m) {
-  uint64_t w[kLanes / 2];
-  std::memcpy(w, &m, sizeof(w));
-  uint64_t acc = 0;
-  for (int i = 0; i < kLanes / 2; ++i) acc |= w[i];
-  return acc != 0;
+// The largest lane, by shuffles (a compare whose int-vector result is read as bits was lowered lane
+// by lane by GCC 12, even for AVX-512).
+RLKERN_INLINE float vhmax(vfloat v) {
+  v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
 }
 // e^d for any float d (torch.exp within ~2 ulp): e^-|d| from simd.h's vexp_nonpos, inverted where
 // d > 0; inf above ln(FLT_MAX), 0 below ln(FLT_MIN) (torch: a subnormal), NaN kept.
@@ -215,7 +217,7 @@ struct SelectKernel {
     c = c != c ? splat(kInf) : c;
     // a full heap: only a valid token above its worst can enter (a tie loses: every kept token
     // comes earlier), usually none of the 16
-    if (static_cast<int64_t>(heap.size()) == k && !any_lane((c > splat(heap.front().key)) & (m > splat(0.5f))))
+    if (static_cast<int64_t>(heap.size()) == k && !(vhmax(m > splat(0.5f) ? c : splat(-kInf)) > heap.front().key))
       return;
     float cs[kLanes], ms[kLanes];
     store16(cs, c);

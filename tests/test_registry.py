@@ -86,12 +86,14 @@ _cubed.register_autograd(lambda ctx, grad: (grad * 3 * ctx.saved_tensors[0] ** 2
                          setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
 
 
-@_cubed.register_native
-def _(x, native_ok):
+def _cubed_native(x, native_ok):
     if not native_ok:
         return None
     calls.append("native")
     return x * x * x  # autograd through torch ops, standing in for a C++ autograd node
+
+
+_cubed.register_native(_cubed_native, without_grad=True)
 
 
 def test_a_native_path_runs_eagerly_and_falls_back_when_it_declines():
@@ -104,6 +106,19 @@ def test_a_native_path_runs_eagerly_and_falls_back_when_it_declines():
     y = _cubed(x, False)  # declined: the Python autograd.Function over fn
     assert calls == ["fn"]
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], 3 * x.detach() ** 2)
+    calls.clear()
+    _cubed(x.detach(), True)  # registered with without_grad=True: calls without a gradient too
+    assert calls == ["native"]
+
+
+def test_a_native_path_registered_for_gradients_only_leaves_other_calls_to_fn(monkeypatch):
+    monkeypatch.setattr(_cubed, "_native_without_grad", False)
+    x = torch.randn(3, requires_grad=True)
+    calls.clear()
+    _cubed(x.detach(), True)
+    assert calls == ["fn"]
+    _cubed(x, True)
+    assert calls == ["fn", "native"]
 
 
 def test_a_native_path_is_not_used_under_tracing_or_functorch():

@@ -46,6 +46,7 @@ class KernelOp:
         self.op = torch.library.custom_op(f"rlkern::{name}", fn, mutates_args=mutates_args)
         self._function: type[torch.autograd.Function] | None = None
         self._native: Callable | None = None
+        self._native_without_grad = False
 
     def register_fake(self, fake: Callable) -> Callable:
         self.op.register_fake(fake)
@@ -66,14 +67,16 @@ class KernelOp:
         # costs ~2 us a call; outside functorch transforms the C++ apply underneath does the work.
         self._apply_direct = super(torch.autograd.Function, self._function).apply
 
-    def register_native(self, native: Callable) -> Callable:
+    def register_native(self, native: Callable, *, without_grad: bool = False) -> Callable:
         """``native(*args)``: the op's outputs computed in C++ -- outputs allocated there and, when an
         input requires grad (and grad mode is on), a C++ autograd node running the same backward
         kernels as ``backward`` -- or None where it does not apply (another backend, a layout it
-        does not take, a call it would not make cheaper). Eager calls try it first: the Python
+        does not take). Eager calls with an input that requires grad try it first: the Python
         ``torch.autograd.Function`` costs ~10 us of a ~40 us forward + backward on tiny inputs.
-        Never used while tracing, under functorch transforms or for tensor subclasses."""
-        self._native = native
+        With ``without_grad``, the other eager calls too (where ``fn`` costs more, e.g. allocating
+        its outputs in Python). Never used while tracing, under functorch transforms or for tensor
+        subclasses."""
+        self._native, self._native_without_grad = native, without_grad
         return native
 
     def __call__(self, *args, **kwargs):
@@ -91,7 +94,8 @@ class KernelOp:
                     return self.op(*args)
                 if a.requires_grad:
                     needs_grad = True
-        if self._native is not None and not _functorch_active() and (out := self._native(*args)) is not None:
+        if (self._native is not None and (needs_grad or self._native_without_grad) and not _functorch_active()
+                and (out := self._native(*args)) is not None):
             return out
         if needs_grad and self._function is not None and _grad_enabled():
             if _functorch_active():

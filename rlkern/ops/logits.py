@@ -95,17 +95,19 @@ def _logprobs_fwd(logits: Tensor, labels: Tensor | None, temperature: float, tem
             _absent(logits) if p2 is None else p2)
 
 
-@_logprobs_fwd.register_native
-def _(logits, labels, temperature, temperatures, ignore_index, want_entropy, want_p2, inplace_backward,
-      backend):
-    """With the logits requiring grad on the C++ backend (contiguous logits): one C++ autograd node
-    (csrc/logits.cpp LogprobsFunction) allocating the same outputs and running the same kernels as
-    _logprobs_fwd and _backward."""
+def _native(logits, labels, temperature, temperatures, ignore_index, want_entropy, want_p2, inplace_backward,
+            backend):
+    """Every eager call on the C++ backend with contiguous logits: one C++ call (csrc/logits.cpp
+    LogprobsFunction) allocating the same outputs and running the same kernels as _logprobs_fwd,
+    and, when the logits require grad, a C++ autograd node running _backward's kernel."""
     if backend != "cpp" or not logits.is_contiguous():
         return None
     return kernels("cpp", "").logprobs_autograd(
         logits, _flat(labels, torch.int64), temperature, _flat(temperatures, torch.float32), ignore_index,
         want_entropy, want_p2, inplace_backward, _common.POISON_OUTPUTS)
+
+
+_logprobs_fwd.register_native(_native, without_grad=True)  # ~3 us less than fn's Python allocations
 
 
 def _absent(logits: Tensor) -> Tensor:

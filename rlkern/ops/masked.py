@@ -93,8 +93,8 @@ def _(x, mask, dim, kind, unbiased, need, backend):
     """With x (or the mask) requiring grad on the C++ backend: one C++ autograd node (csrc/masked.cpp
     MaskedStatFunction) over the same two kernels as _stat_backward. The reduced dim is moved last
     (a copy only when that is not contiguous) by torch ops before the node, so autograd moves the
-    gradient back. Without a gradient, the plain kernel call (fn) is already one C++ call."""
-    if backend != "cpp" or not (x.requires_grad or mask.requires_grad):
+    gradient back. (Without a gradient, fn is already one C++ call.)"""
+    if backend != "cpp":
         return None
     return _run_stat(kernels("cpp", "").masked_stat_autograd, x, mask, dim, kind, unbiased, need)
 

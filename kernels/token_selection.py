@@ -6,7 +6,9 @@ The selection is a handful of torch ops, sync-free: ``torch.topk`` over the flat
 least ``k``; the k-th value read by a tensor index; then every valid token above it plus the first
 ``k - #above`` tokens equal to it in row-major order (a cumulative count): the C++ kernel's tie rule.
 The token losses are Triton kernels: one program per row sums ``l``, ``|d|`` and the count (fp32
-accumulators), one program per BLOCK tokens writes the gradient. Offsets are int64.
+accumulators), one program per BLOCK tokens writes the gradient. Offsets are int64. Mask elements are
+compared as float32 (exact for 0 / nonzero in every mask dtype; Triton's interpreter cannot compare a
+bfloat16 mask directly).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def _kl_cov_rows_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, w_ptr, chosen_ptr, r
         offs = start + tl.arange(0, BLOCK)
         inside = offs < T
         at = base + offs
-        valid = (tl.load(mask_ptr + at, mask=inside, other=0) != 0) & inside
+        valid = (tl.load(mask_ptr + at, mask=inside, other=0).to(tl.float32) != 0) & inside
         x = tl.load(lp_ptr + at, mask=valid, other=0.0).to(tl.float32)
         d = x - tl.load(old_ptr + at, mask=valid, other=0.0).to(tl.float32)
         a = tl.load(adv_ptr + at, mask=valid, other=0.0).to(tl.float32)
@@ -81,7 +83,7 @@ def _kl_cov_bwd_kernel(g_ptr, lp_ptr, old_ptr, adv_ptr, mask_ptr, w_ptr, chosen_
                        HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    valid = (tl.load(mask_ptr + offs, mask=inside, other=0) != 0) & inside
+    valid = (tl.load(mask_ptr + offs, mask=inside, other=0).to(tl.float32) != 0) & inside
     x = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     d = x - tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     a = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(tl.float32)

@@ -302,6 +302,22 @@ def test_kl_cov_rows_nan_and_padding(backend):
     assert sums[2].isnan() and torch.isfinite(sums[[0, 1, 3]]).all()
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, torch.bfloat16,
+                                        torch.float16])
+def test_kl_cov_rows_reads_every_mask_dtype(backend, mask_dtype):
+    """Each mask storage type the kernels read (a separate instantiation per CPU level in C++) gives
+    the float mask's results bit for bit; T = 300 has full 16-lane steps, a second 256-token span
+    and a row tail, and ratio 0.002 fills the selection heap early, so its skip test decides."""
+    logp, old, adv, mask = _rows_inputs(_fresh_seed(), (7, 300))
+    results = []
+    for m in (mask, mask.to(mask_dtype)):
+        leaf = logp.clone().requires_grad_(True)
+        out = ops.kl_cov_rows(leaf, old, adv, m, ratio=0.002, coef=0.4)
+        results.append((*out, torch.autograd.grad(out[0].sum(), leaf)[0]))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_kl_cov_rows_rejects_bad_arguments():
     logp, old, adv, mask = _rows_inputs(0, (3, 8))
     with pytest.raises(ValueError, match="ratio"):

@@ -129,6 +129,9 @@ struct Consts {
   vfloat lo, hi, dual, beta, clip, cap, delta, tau_pos, tau_neg, four_pos, four_neg;
   vfloat log_lo;  // gmpo: -clip_low, the lower bound of the log-ratio (the upper one is cap = clip_high)
   float k_pos, lam_pos, k_neg, lam_neg;  // vespo's gamma weights (lambdas already clamped to >= 1e-4)
+  // The grpo kinds: a ref_logp was passed. Without one (beta = 0) there is no KL term: k3 and its
+  // gradients are skipped (a runtime branch on a launch constant), not computed as 0.
+  bool ref = true;
 };
 
 // The row values of the variants that sweep their row before the tokens (row_extra): vespo's phi
@@ -282,6 +285,7 @@ RLKERN_INLINE TokenTerms policy_terms(vfloat x, vfloat y, vfloat a, vfloat z, co
   else t.neg_log_ratio = q.neg_log_ratio;
   t.k3 = t.kl_d = t.kl_r = splat(0.f);
   if constexpr (kRef) {
+    if (!c.ref) return t;
     const vfloat d_raw = z - x;
     const vfloat d = clamp_const(d_raw, splat(-20.f), splat(20.f));
     const vfloat d_pass = eq(d, d_raw);
@@ -358,6 +362,7 @@ RLKERN_INLINE Block<T> load_block(const Rows<T>& r, int64_t b, int64_t t0, int64
   k.x = load_at(r.x, off, n);
   k.y = load_at(r.y, off, n);
   k.a = r.a_per_row ? splat(static_cast<float>(r.a[b])) : load_at(r.a, off, n);
+  // No ref (the grpo kinds with beta = 0, TRL loading no reference model): not read (Consts::ref).
   k.z = r.z != nullptr ? load_at(r.z, off, n) : splat(0.f);
   k.w = r.w != nullptr ? load_at(r.w, off, n) : splat(1.f);
   return k;
@@ -368,14 +373,15 @@ RLKERN_INLINE Block<T> load_block(const Rows<T>& r, int64_t b, int64_t t0, int64
 // +-20, TRL's importance_sampling_level="sequence" after rlkern's usual clamp; sequence_token:
 // min(s_b, 10), verl compute_policy_loss_gspo), its e^, and whether the clamp lets the gradient pass.
 struct RowRatio {
-  float mean, lr, ratio, pass, count;
+  float mean, lr, ratio, pass, count, sum;  // sum: of logp - old over the valid tokens
   bool through_mean;  // sequence: the gradient flows through the mean (or the row is NaN)
 };
 
-RLKERN_INLINE RowRatio row_from_mean(float s, float count, int64_t level) {
+RLKERN_INLINE RowRatio row_from_mean(float s, float count, int64_t level, float sum = 0.f) {
   RowRatio q;
   q.mean = s;
   q.count = count;
+  q.sum = sum;
   if (level == kLevelSequence) {
     q.lr = std::isnan(s) ? s : std::clamp(s, -20.f, 20.f);
     q.pass = 0.f;  // the gradient goes through the mean: forward_rows' G_b
@@ -402,8 +408,8 @@ RLKERN_INLINE RowRatio row_ratio(const Rows<T>& r, int64_t b, float* valid) {
       n += v;
     }
   }
-  const float count = hsum(n);
-  return row_from_mean(hsum(acc) / std::max(count, 1.f), count, r.level);
+  const float count = hsum(n), sum = hsum(acc);
+  return row_from_mean(sum / std::max(count, 1.f), count, r.level, sum);
 }
 
 // The ratio of one block: per token at the token level, the row's otherwise.
@@ -487,8 +493,8 @@ RLKERN_INLINE vfloat token_grad(const TokenTerms& t, vfloat w, vfloat pass, cons
                 V == kVariantVespo || V == kVariantGmpo || V == kVariantDro)
     g = w * t.dgrad;
   else g = w * nan_grad(t.loss, pick(pass, t.rgrad, splat(0.f)));
-  if constexpr (K == kLossGrpoBc) return g + c.beta * (t.kl_d + t.kl_r * pass);
-  else if constexpr (K == kLossGrpo) return g + c.beta * t.kl_d;
+  if constexpr (K == kLossGrpoBc) return c.ref ? g + c.beta * (t.kl_d + t.kl_r * pass) : g;
+  else if constexpr (K == kLossGrpo) return c.ref ? g + c.beta * t.kl_d : g;
   else return g;
 }
 
@@ -497,25 +503,75 @@ template <int64_t K, int64_t V>
 RLKERN_INLINE vfloat ratio_grad(const TokenTerms& t, vfloat w, const Consts& c) {
   vfloat g = splat(0.f);
   if constexpr (K != kLossValue && (V == kVariantPpo || V == kVariantSapo)) g = w * nan_grad(t.loss, t.rgrad);
-  if constexpr (K == kLossGrpoBc) g = g + c.beta * t.kl_r;
+  if constexpr (K == kLossGrpoBc)
+    if (c.ref) g = g + c.beta * t.kl_r;
   return g;
 }
 
 // The per-row partial sums kind K reports (rlkern/ops/losses.py reads only these stats; the others
 // are written as 0): policy: clip fraction, dual-clip fraction (with the dual clip), approx_kl;
 // grpo: clip_low / clip_high, approx_kl, k3; value: clip fraction. A flag that is not summed is
-// never computed (the token terms are inlined and its value is dead code).
+// never computed (the token terms are inlined and its value is dead code), and neither is one the
+// variant never sets (policy_terms: sapo, gpg and dro clip nothing; only ppo has clip_low).
 template <int64_t K, int64_t V, bool kDual>
 constexpr bool reports(int p) {
   const bool grpo = K == kLossGrpo || K == kLossGrpoBc;
   switch (p) {
     case kLossSum: case kCount: return true;
-    case kClipped: return !grpo;
-    case kClipHigh: case kClipLow: case kK3: return grpo;
+    case kClipped: return !grpo && V != kVariantSapo && V != kVariantGpg && V != kVariantDro;
+    case kClipHigh: return grpo && V != kVariantSapo;
+    case kClipLow: return grpo && V == kVariantPpo;
+    case kK3: return grpo;
     case kDualFlag: return K == kLossPolicy && (kDual || V == kVariantGmpo);
     case kNegLogRatio: return K != kLossValue;
     default: return false;
   }
+}
+
+// Row-constant rows: at the sequence level with per-row advantages, no weights and no KL term (no ref),
+// the ppo / sapo surrogate reads a token only through the row's ratio r_b, so every valid token of
+// the row has the same loss, flags and gradient. The row's sums are n_b times one token's, from the
+// one sweep that found s_b (row_ratio): one read of logp, old and the mask instead of two. The
+// per-token gradient is all in G_b (no part per token: the ratio's own pass is 0 at this level), so
+// rlkern/ops/losses.py saves nothing and the backward writes grad * scale_b * G_b at valid tokens.
+template <int64_t K, int64_t V, typename T>
+RLKERN_INLINE bool row_constant(const Rows<T>& r) {
+  if constexpr (K == kLossValue || (V != kVariantPpo && V != kVariantSapo)) return false;
+  else return r.level == kLevelSequence && r.a_per_row && r.w == nullptr && r.z == nullptr;
+}
+
+RLKERN_INLINE float lane0(vfloat v) { return v[0]; }
+
+template <int64_t K, int64_t V, bool kDual, typename T>
+RLKERN_INLINE void row_constant_sums(const Rows<T>& r, int64_t b, const RowRatio& row, const Consts& c,
+                                     float* p, float* aux) {
+  Ratio q;
+  q.lr = splat(row.lr);
+  q.pass = splat(0.f);
+  q.ratio = splat(row.ratio);
+  q.neg_log_ratio = splat(0.f);
+  // x = y = z = 0: the surrogate does not read them at this level, and there is no KL term.
+  const vfloat zero = splat(0.f);
+  const TokenTerms t = terms<K, V, kDual>(zero, zero, splat(static_cast<float>(r.a[b])), zero, q, c, RowExtra{});
+  const float n = row.count, loss = lane0(t.loss);
+  for (int i = 0; i < kPartials; ++i) p[i] = 0.f;
+  p[kCount] = n;
+  if (n > 0) {
+    p[kLossSum] = n * loss;
+    p[kProbeOk] = lane0(t.probe) == lane0(t.probe) ? n : 0.f;
+    if constexpr (reports<K, V, kDual>(kClipped)) p[kClipped] = n * lane0(t.clipped);
+    if constexpr (reports<K, V, kDual>(kClipHigh)) p[kClipHigh] = n * lane0(t.clip_high);
+    if constexpr (reports<K, V, kDual>(kClipLow)) p[kClipLow] = n * lane0(t.clip_low);
+    if constexpr (reports<K, V, kDual>(kDualFlag)) p[kDualFlag] = n * lane0(t.dual);
+    if (p[kProbeOk] != n)
+      for (int i : {kClipped, kClipHigh, kClipLow, kDualFlag}) p[i] = std::numeric_limits<float>::quiet_NaN();
+  }
+  p[kNegLogRatio] = -row.sum;  // verl gspo's ppo_kl: the unclamped token log-ratios, summed
+  // G_b = pass_b * d l / d log r_b (the mean over n_b tokens of one value); NaN where the loss is, as
+  // the per-token part it stands in for would be.
+  const float rg = lane0(ratio_grad<K, V>(t, splat(1.f), c));
+  aux[2 * b] = row.mean;
+  aux[2 * b + 1] = loss != loss ? loss : (row.through_mean && n > 0 ? rg : 0.f);
 }
 
 // With kSave the forward also writes each token's unscaled gradient (token_grad, float32, unmasked)
@@ -528,8 +584,14 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
                                 float* saved, float* aux) {
   alignas(64) float valid[kChunk];
   for (int64_t b = begin; b < end; ++b) {
-    RowRatio row{0.f, 0.f, 1.f, 0.f, 0.f, false};
+    RowRatio row{0.f, 0.f, 1.f, 0.f, 0.f, 0.f, false};
     if (r.level != kLevelToken) row = row_ratio(r, b, valid);
+    if (row_constant<K, V>(r)) {
+      row_constant_sums<K, V, kDual>(r, b, row, c, partial + b * kPartials, aux);
+      // Their per-token part is 0 (rlkern/ops/losses.py saves nothing for them; a direct caller may).
+      if constexpr (kSave) std::fill(saved + b * r.len, saved + (b + 1) * r.len, 0.f);
+      continue;
+    }
     RowExtra e;
     if constexpr (kRowExtra<V>) e = row_extra<V>(r, b, valid, c);
     vfloat acc[kPartials];
@@ -546,8 +608,10 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
         // Selects, not products with the mask: 0 * NaN from padding would poison the sums (the flags
         // too are NaN where a token's surrogate is).
         const vfloat v = k.valid;
-        // k.w is 1 without weights; k3 is 0 for the policy and value kinds.
-        const vfloat weighted = tt.loss * k.w + c.beta * tt.k3;
+        // k.w is 1 without weights; the KL term: the grpo kinds with a ref only.
+        vfloat weighted = tt.loss * k.w;
+        if constexpr (K == kLossGrpo || K == kLossGrpoBc)
+          if (c.ref) weighted = weighted + c.beta * tt.k3;
         if constexpr (kSave) {
           const int64_t n = std::min<int64_t>(kLanes, cn - t), at = b * r.len + c0 + t;
           const vfloat gx = token_grad<K, V>(tt, k.w, q.pass, c);
@@ -562,7 +626,8 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
         if constexpr (reports<K, V, kDual>(kClipLow)) acc[kClipLow] += keep(tt.clip_low, v);
         if constexpr (reports<K, V, kDual>(kDualFlag)) acc[kDualFlag] += keep(tt.dual, v);
         if constexpr (reports<K, V, kDual>(kNegLogRatio)) acc[kNegLogRatio] += keep(tt.neg_log_ratio, v);
-        if constexpr (reports<K, V, kDual>(kK3)) acc[kK3] += keep(tt.k3, v);
+        if constexpr (reports<K, V, kDual>(kK3))
+          if (c.ref) acc[kK3] += keep(tt.k3, v);
         acc[kProbeOk] += keep(eq(tt.probe, tt.probe), v);
       }
     }
@@ -588,7 +653,7 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
   alignas(64) float valid[kChunk];
   for (int64_t b = begin; b < end; ++b) {
     const vfloat g = splat(grad * scale[b]);
-    RowRatio row{0.f, 0.f, 1.f, 0.f, 0.f, false};
+    RowRatio row{0.f, 0.f, 1.f, 0.f, 0.f, 0.f, false};
     vfloat row_add = splat(0.f);
     if (r.level != kLevelToken) {
       row = row_from_mean(aux[2 * b], 0.f, r.level);
@@ -613,7 +678,8 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
 }
 
 // The backward from the forward's saved per-token gradients: d x = keep(grad * scale_b * (saved +
-// add_b), mask), add_b the row-mean gradient of the sequence level (aux[2 b + 1]; absent: 0).
+// add_b), mask), add_b the row-mean gradient of the sequence level (aux[2 b + 1]; absent: 0). No
+// saved: the row-constant rows (row_constant_sums), whose per-token part is 0.
 template <typename T>
 RLKERN_INLINE void backward_saved_rows(int64_t begin, int64_t end, int64_t len, const float* saved, const char* mask,
                                        int64_t mask_bytes, MaskStager stage, float grad, const float* scale,
@@ -621,14 +687,15 @@ RLKERN_INLINE void backward_saved_rows(int64_t begin, int64_t end, int64_t len, 
   alignas(64) float valid[kChunk];
   for (int64_t b = begin; b < end; ++b) {
     const vfloat g = splat(grad * scale[b]);
-    const bool add = aux != nullptr;
+    const bool add = aux != nullptr, has_saved = saved != nullptr;
     const vfloat row_add = splat(add ? aux[2 * b + 1] : 0.f);
     for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
       const int64_t cn = std::min<int64_t>(kChunk, len - c0);
       stage(mask + (b * len + c0) * mask_bytes, cn, valid);
       for (int64_t t = 0; t < cn; t += kLanes) {
         const int64_t n = std::min<int64_t>(kLanes, cn - t), at = b * len + c0 + t;
-        vfloat x = n == kLanes ? load16(saved + at) : load_tail(saved + at, n, 0.f);
+        vfloat x = splat(0.f);
+        if (has_saved) x = n == kLanes ? load16(saved + at) : load_tail(saved + at, n, 0.f);
         if (add) x = x + row_add;
         const vfloat d = keep(g * x, load16(valid + t));
         if (n == kLanes) store16(out + at, d);
@@ -787,8 +854,7 @@ Rows<T> rows_of(int64_t kind, int64_t level, const at::Tensor& x, const at::Tens
     same(a, "advantages / returns");
   }
   const bool grpo = kind == kLossGrpo || kind == kLossGrpoBc;
-  TORCH_CHECK(!grpo || z.has_value(), "the grpo kinds need ref_logp");
-  TORCH_CHECK(grpo || !z.has_value(), "ref_logp is used by the grpo kinds only");
+  TORCH_CHECK(grpo || !z.has_value(), "ref_logp is used by the grpo kinds only (absent: no KL term)");
   if (z) same(*z, "ref_logp");
   TORCH_CHECK(!w || kind != kLossValue, "weights are supported by the policy and grpo kinds only");
   if (w) same(*w, "weights");
@@ -858,8 +924,9 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
   float* stats_ptr = f32_out(stats, kLossStats, "stats");
   float* scale_ptr = f32_out(row_scale, B, "row_scale");
   float* aux_ptr = f32_out(row_aux, 2 * B, "row_aux");
-  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg, vespo_k_pos,
-                             vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
+  Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg, vespo_k_pos,
+                       vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
+  c.ref = z.has_value();
   std::vector<float> partial(static_cast<size_t>(B) * kPartials, 0.f);
   float* saved_ptr = nullptr;
   if (saved) {
@@ -923,8 +990,9 @@ void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tens
   const float* scale = f32_out(row_scale, B, "row_scale");
   const float* aux = f32_out(row_aux, 2 * B, "row_aux");
   const float g = grad_loss.item<float>();
-  const Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg, vespo_k_pos,
-                             vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
+  Consts c = consts_of(clip_low, clip_high, dual_clip, beta, value_clip, delta, tau_pos, tau_neg, vespo_k_pos,
+                       vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
+  c.ref = z.has_value();
   dispatch_storage_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     const Rows<T> r = rows_of<T>(kind, level, x, y, a, z, w, mask, variant, row_in);
@@ -939,17 +1007,18 @@ void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tens
 
 // row_aux: None at the token level; at the sequence level the forward's [..., 2] row_aux, whose
 // per-row gradient G_b is added to every valid token's saved gradient.
-void losses_bwd_saved(const at::Tensor& grad_loss, const at::Tensor& saved, const at::Tensor& mask,
+void losses_bwd_saved(const at::Tensor& grad_loss, const std::optional<at::Tensor>& saved, const at::Tensor& mask,
                       const at::Tensor& row_scale, at::Tensor grad_x, const std::optional<at::Tensor>& row_aux) {
   TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == at::kFloat,
               "grad_loss must be a float32 scalar");
-  TORCH_CHECK(saved.dim() >= 1 && saved.scalar_type() == at::kFloat && saved.is_contiguous(),
-              "saved must be a contiguous float32 [..., T] tensor");
-  TORCH_CHECK(grad_x.sizes() == saved.sizes() && grad_x.is_contiguous(), "grad_x must be a contiguous tensor of "
-              "saved's shape");
-  TORCH_CHECK(mask.sizes() == saved.sizes() && mask.is_contiguous(), "mask must be a contiguous tensor of saved's "
-              "shape");
-  const int64_t B = rows_in(saved), len = saved.size(-1);
+  TORCH_CHECK(grad_x.dim() >= 1 && grad_x.is_contiguous(), "grad_x must be a contiguous [..., T] tensor");
+  TORCH_CHECK(!saved || (saved->scalar_type() == at::kFloat && saved->is_contiguous() &&
+                         saved->sizes() == grad_x.sizes()),
+              "saved must be a contiguous float32 tensor of grad_x's shape");
+  TORCH_CHECK(saved || row_aux, "without saved (row-constant rows) the gradient is row_aux's: pass it");
+  TORCH_CHECK(mask.sizes() == grad_x.sizes() && mask.is_contiguous(), "mask must be a contiguous tensor of "
+              "grad_x's shape");
+  const int64_t B = rows_in(grad_x), len = grad_x.size(-1);
   const float* scale = f32_out(row_scale, B, "row_scale");
   const float* aux = row_aux ? f32_out(*row_aux, 2 * B, "row_aux") : nullptr;
   const float g = grad_loss.item<float>();
@@ -957,7 +1026,7 @@ void losses_bwd_saved(const at::Tensor& grad_loss, const at::Tensor& saved, cons
   dispatch_mask_type(mask.scalar_type(), "mask", [&](auto mtag) { stage = mask_stager<decltype(mtag)>(); });
   const char* m = static_cast<const char*>(mask.const_data_ptr());
   const int64_t mb = mask.element_size();
-  const float* sv = saved.data_ptr<float>();
+  const float* sv = saved ? saved->data_ptr<float>() : nullptr;
   dispatch_storage_type(grad_x.scalar_type(), "grad_x", [&](auto tag) {
     using T = decltype(tag);
     T* out = static_cast<T*>(grad_x.data_ptr());

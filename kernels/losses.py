@@ -411,6 +411,10 @@ def _losses_fwd_kernel(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, partial_ptr, sa
     if LEVEL != TOKEN:  # (s_b, G_b): the row-mean gradient of the sequence level (0 otherwise)
         tl.store(aux_ptr + row * 2, s)
         g_row = tl.where(through & (n_row > 0), tl.sum(acc_rg, axis=0) / tl.maximum(n_row, 1.0), 0.0)
+        if (LEVEL == SEQUENCE) and not SAVE_GRAD:
+            # No saved per-token part (rlkern/ops/losses.py's row-constant rows, whose backward is
+            # G_b alone): a NaN token's gradient is NaN through G_b, as the saved part would make it.
+            g_row = tl.where(loss_sum != loss_sum, loss_sum, g_row)  # noqa: PLR0124 (a NaN test)
         tl.store(aux_ptr + row * 2 + 1, g_row)
     else:  # every output is written
         tl.store(aux_ptr + row * 2 + tl.arange(0, 2), tl.zeros([2], tl.float32))
@@ -463,11 +467,13 @@ def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, sv_pt
                        vk_pos, vl_pos, vk_neg, vl_neg, KIND: tl.constexpr, A_PER_ROW: tl.constexpr,
                        HAS_W: tl.constexpr, HAS_DUAL: tl.constexpr, SAVED: tl.constexpr,
                        VARIANT: tl.constexpr, LEVEL: tl.constexpr, HAS_RIN: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       ROW_ONLY: tl.constexpr, BLOCK: tl.constexpr):
     """d x = grad * scale_row * (d l / d x + G_row) where the mask is set, else 0; G_row (row_aux[:, 1])
     is the sequence level's gradient through the row mean. SAVED: the forward saved the unscaled
-    per-token gradient (sv_ptr; the token pointers are not read); otherwise every token's terms are
-    evaluated again, with the row's ratio from row_aux[:, 0] at the sequence levels."""
+    per-token gradient (sv_ptr; the token pointers are not read); with ROW_ONLY too, that part is 0
+    and sv_ptr is not read either (the row-constant rows: G_row is the whole gradient); otherwise
+    every token's terms are evaluated again, with the row's ratio from row_aux[:, 0] at the sequence
+    levels."""
     row = tl.program_id(0).to(tl.int64)
     base = row * length
     g = tl.load(grad_ptr) * tl.load(scale_ptr + row)
@@ -489,7 +495,10 @@ def _losses_bwd_kernel(grad_ptr, x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, sv_pt
         in_row = offs < length
         if SAVED:
             valid = tl.load(m_ptr + base + offs, mask=in_row, other=0).to(tl.float32) != 0
-            grad = tl.load(sv_ptr + base + offs, mask=in_row, other=0.0)
+            if ROW_ONLY:
+                grad = tl.zeros([BLOCK], tl.float32)
+            else:
+                grad = tl.load(sv_ptr + base + offs, mask=in_row, other=0.0)
         else:
             x, y, a, z, w, valid = _load_row(x_ptr, y_ptr, a_ptr, z_ptr, w_ptr, m_ptr, row, base, offs,
                                              in_row, KIND, A_PER_ROW, HAS_W)
@@ -572,23 +581,27 @@ def losses_bwd(grad_loss, x, old, adv, ref, weights, mask, row_scale, kind, clip
                                          tau_neg, vk_pos, vl_pos, vk_neg, vl_neg), KIND=kind,
                                 A_PER_ROW=a_per_row, HAS_W=has_w, HAS_DUAL=math.isfinite(dual_clip),
                                 SAVED=False, VARIANT=variant, LEVEL=level, HAS_RIN=row_in is not None,
-                                BLOCK=_block(length),
+                                ROW_ONLY=False, BLOCK=_block(length),
                                 num_warps=8)  # 4 warps: Triton 3.4 spilled (int64 mask)
 
 
 def losses_bwd_saved(grad_loss, saved, mask, row_scale, grad_x, row_aux=None) -> None:
     """Same contract as the C++ rlkern._C.losses_bwd_saved: d x = grad * row_scale * (saved + G_row)
-    where the mask is set (0 elsewhere), in grad_x's dtype; G_row = row_aux[:, 1] (None: 0)."""
-    length = saved.shape[-1]
-    rows = saved.shape[:-1].numel()
+    where the mask is set (0 elsewhere), in grad_x's dtype; G_row = row_aux[:, 1] (None: 0); saved
+    None (the row-constant rows; row_aux then required): 0."""
+    if saved is None and row_aux is None:
+        raise ValueError("without saved (row-constant rows) the gradient is row_aux's: pass it")
+    length = grad_x.shape[-1]
+    rows = grad_x.shape[:-1].numel()
     if rows == 0:
         return
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    unread = (saved,) * 5  # the token pointers of the recomputing mode
-    _losses_bwd_kernel[(rows,)](grad_loss, *unread, m, saved, row_scale,
+    sv = row_scale if saved is None else saved  # not read with ROW_ONLY
+    unread = (sv,) * 5  # the token pointers of the recomputing mode
+    _losses_bwd_kernel[(rows,)](grad_loss, *unread, m, sv, row_scale,
                                 row_scale if row_aux is None else row_aux, row_scale, grad_x, length,
                                 *(0.0,) * 5, 1.0, math.inf, 1.0, 1.0, 0.0, 2.0, 3.0, 3.0, 2.0, KIND=0,
                                 A_PER_ROW=False, HAS_W=False, HAS_DUAL=False, SAVED=True, VARIANT=0,
                                 LEVEL=LEVELS["token"] if row_aux is None else LEVELS["sequence"],
-                                HAS_RIN=False,
+                                HAS_RIN=False, ROW_ONLY=saved is None,
                                 BLOCK=_block(length))

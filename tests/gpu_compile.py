@@ -186,6 +186,8 @@ def _drive_launchers(modules) -> None:
                                   float("inf"), 0.04, 0.2, torch.empty_like(x), *opts)
             losses.losses_bwd_saved(_meta(()), _meta(shape), _meta(shape), _meta(shape[:1]),
                                     torch.empty_like(x), aux)
+            # The row-constant rows (sequence level, per-row advantages, no weights, no ref): no saved.
+            losses.losses_bwd_saved(_meta(()), None, _meta(shape), _meta(shape[:1]), torch.empty_like(x), aux)
             # vespo's / gmpo's per-row input (row_in: vLLM IS log-sums / rollout-weight log means), with
             # per-token and per-sequence advantages, as rlkern/ops/losses.py passes them (gmpo: no weights).
             for (kind, v), adv in itertools.product(

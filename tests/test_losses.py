@@ -551,6 +551,6 @@ def test_cpp_kernel_checks_shapes_itself():
     with pytest.raises(RuntimeError, match="old must be a contiguous"):
         cpp_kernels().losses_fwd(x, torch.randn(2, 4), x, None, None, torch.ones(2, 5, dtype=torch.bool), 0,
                                  0.2, 0.2, math.inf, 0.0, 0.0, False, -1.0, *outs, None, *opts)
-    with pytest.raises(RuntimeError, match="the grpo kinds need ref_logp"):
-        cpp_kernels().losses_fwd(x, x, x, None, None, torch.ones(2, 5, dtype=torch.bool), 1, 0.2, 0.2,
+    with pytest.raises(RuntimeError, match="ref_logp is used by the grpo kinds only"):
+        cpp_kernels().losses_fwd(x, x, x, x, None, torch.ones(2, 5, dtype=torch.bool), 0, 0.2, 0.2,
                                  math.inf, 0.0, 0.0, False, -1.0, *outs, None, *opts)

@@ -517,3 +517,133 @@ def test_matches_trl_compute_loss(backend, case):
     for trl_key, ours in names.items():
         if trl_key in metrics:
             _close(stats[ours], metrics[trl_key], f"{case} {trl_key}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Row-constant rows: the sequence level with per-row advantages, no weights and no KL term (TRL's GSPO
+# with beta = 0, ref_logp None). One sweep per row; the backward is the row's G_b alone.
+# ------------------------------------------------------------------------------------------------
+
+
+def _grpo_ref_no_ref(logp, old, adv, mask, **kw):
+    """The oracle for ref_logp=None: logp itself as the reference (k3 = 0, its gradient 0)."""
+    return reference.grpo_loss_variant(logp, old, logp.detach(), adv, mask, **kw)
+
+
+def _grpo_no_ref(x, old, adv, mask, **kw):
+    return rlkern.ops.grpo_loss(x, old, None, adv, mask, **kw)
+
+
+_ROW_CONSTANT_CASES = [
+    (rlkern.ops.policy_loss, _policy_ref, dict(variant="ppo", ratio_level="sequence", dual_clip=3.0)),
+    (rlkern.ops.policy_loss, _policy_ref, dict(variant="sapo", ratio_level="sequence",
+                                               agg="seq-mean-token-mean")),
+    (_grpo_no_ref, _grpo_ref_no_ref, dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.0,
+                                          clip_low=3e-4, clip_high=4e-4)),
+    (_grpo_no_ref, _grpo_ref_no_ref, dict(loss_type="dr_grpo", importance_sampling_level="sequence",
+                                          beta=0.0, use_bias_correction_kl=True, delta=1.1)),
+    (_grpo_no_ref, _grpo_ref_no_ref, dict(loss_type="sapo", importance_sampling_level="sequence", beta=0.0))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64])
+@pytest.mark.parametrize("case", range(len(_ROW_CONSTANT_CASES)))
+def test_row_constant_rows_match_oracle(backend, dtype, mask_dtype, case):
+    """T = 1100 spans the C++ kernels' mask chunks; row 0 is on-policy (r = 1: never clipped, a
+    nonzero gradient); row 1 is all padding; row 2's mean log-ratio is 30 > 20, where the clamp stops
+    the gradient (torch.clamp's backward: 0 for the whole row); row 3 is random."""
+    op, ref_fn, kw = _ROW_CONSTANT_CASES[case]
+    logp, old, _, adv, valid = _tokens((4, 1100), dtype, spread=0.02)
+    old[0] = logp[0]
+    valid[1] = False
+    old[2] = (logp[2].float() - 30).to(dtype)
+    adv = adv[:, 0].contiguous()
+    mask = valid.to(mask_dtype)
+    _, stats, grad = _compare(lambda x, o, a, m, **k: op(x, o, a, mask, **k), ref_fn, logp, (old, adv, valid),
+                              kw, what=f"{op.__name__} {kw} {dtype} {mask_dtype} mask")
+    assert (grad[~valid] == 0).all() and (grad[1] == 0).all() and (grad[2] == 0).all()
+    assert grad[0][valid[0]].ne(0).all()
+
+
+def test_row_constant_rows_hostile():
+    """NaN at a valid token: the loss and its whole row's gradient NaN (on every backend, as the
+    per-token path); NaN / inf in padding and in the other rows' padding: bit for bit the clean result."""
+    logp, old, _, adv, mask = _tokens((3, 41), torch.float32)
+    adv = adv[:, 0].contiguous()
+    kw = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.0)
+    for backend in ALL_BACKENDS:
+        with rlkern.use_backend(backend):
+            for name in ("logp", "old", "adv"):
+                lp, o, a = logp.clone(), old.clone(), adv.clone()
+                if name == "adv":
+                    a[1] = math.nan
+                else:
+                    (lp if name == "logp" else o)[1, 0] = math.nan
+                x = lp.requires_grad_()
+                loss, stats = rlkern.ops.grpo_loss(x, o, None, a, mask, **kw)
+                loss.backward()
+                what = (backend, name)
+                assert loss.isnan() and stats["clip_ratio"].isnan(), what
+                assert x.grad[1][mask[1]].isnan().all() and (x.grad[1][~mask[1]] == 0).all(), what
+                assert x.grad[0].isfinite().all() and x.grad[2].isfinite().all(), what
+            outs = []
+            for lp, o in ((logp, old), (logp.masked_fill(~mask, math.nan), old.masked_fill(~mask, math.inf))):
+                x = lp.clone().requires_grad_()
+                loss, stats = rlkern.ops.grpo_loss(x, o, None, adv, mask, **kw)
+                loss.backward()
+                outs.append((loss, stats, x.grad))
+            (l1, s1, g1), (l2, s2, g2) = outs
+            assert torch.equal(l1, l2) and torch.equal(g1, g2) and l1.isfinite(), backend
+            assert all(torch.equal(s1[k], s2[k]) for k in s1), backend
+
+
+def test_row_constant_rows_backward_twice_and_grad_entry_point(backend):
+    logp, old, _, adv, mask = _tokens((3, 29), torch.float32)
+    adv = adv[:, 0].contiguous()
+    kw = dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.0)
+    x = logp.clone().requires_grad_()
+    loss, _ = rlkern.ops.grpo_loss(x, old, None, adv, mask, **kw)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g1 = g1.clone()
+    (g2,) = torch.autograd.grad(loss, x)
+    loss3, g3, _ = L.grpo_loss_and_grad(logp, old, None, adv, mask, **kw)
+    assert torch.equal(g1, g2) and torch.equal(loss, loss3) and torch.allclose(g1, g3, rtol=1e-6, atol=1e-9)
+
+
+def test_no_ref_is_no_kl_term(backend):
+    """ref_logp=None (beta = 0 only): the loss, gradient and stats of ref_logp = logp (k3 = 0), kl 0,
+    at the token level too; with beta != 0 a ValueError."""
+    logp, old, _, adv, mask = _tokens((3, 23), torch.float32)
+    for kw in (dict(loss_type="cispo", clip_high=1.2), dict(loss_type="grpo", use_bias_correction_kl=True),
+               dict(loss_type="vespo"), dict(loss_type="luspo", importance_sampling_level="sequence")):
+        outs = []
+        for ref in (None, logp):
+            x = logp.clone().requires_grad_()
+            loss, stats = rlkern.ops.grpo_loss(x, old, ref, adv[:, 0], mask, beta=0.0, **kw)
+            loss.backward()
+            outs.append((loss, stats, x.grad))
+        (l1, s1, g1), (l2, s2, g2) = outs
+        assert torch.allclose(l1, l2, rtol=1e-6, atol=1e-7) and float(s1["kl"]) == 0.0, kw
+        assert torch.allclose(g1, g2, rtol=1e-6, atol=1e-9), kw
+        assert all(torch.allclose(s1[k], s2[k], rtol=1e-6, atol=1e-7) for k in s1), kw
+    with pytest.raises(ValueError, match="ref_logp is required when beta != 0"):
+        rlkern.ops.grpo_loss(logp, old, None, adv[:, 0], mask, beta=0.04)
+
+
+def test_row_constant_rows_compile_fullgraph():
+    logp, old, _, adv, mask = _tokens((3, 20), torch.float32)
+    adv = adv[:, 0].contiguous()
+
+    def step(x):
+        loss, stats = rlkern.ops.grpo_loss(x, old, None, adv, mask, beta=0.0,
+                                           importance_sampling_level="sequence")
+        return loss, stats["clip_ratio"]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1, x2 = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    (out_c, stat_c), (out_e, stat_e) = compiled(x1), step(x2)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(stat_c, stat_e)
+    torch.testing.assert_close(x1.grad, x2.grad)

@@ -189,9 +189,8 @@ def grpo_loss_and_stats(per_token_logps: Tensor, old_per_token_logps: Tensor | N
         old_per_token_logps = per_token_logps.detach()
     if beta != 0.0 and ref_per_token_logps is None:
         raise ValueError("ref_per_token_logps is required when beta != 0")
-    if ref_per_token_logps is None:
-        # beta == 0: the KL term is multiplied by 0; any finite reference gives the same loss.
-        ref_per_token_logps = per_token_logps.detach()
+    # beta == 0 and no reference (TRL loads no reference model then): ops.grpo_loss takes None as "no
+    # KL term" and reads no reference log-probs.
     if advantages.dim() == 2 and advantages.shape[1] == 1:
         advantages = advantages[:, 0]
     if loss_type == "dr_grpo" and max_completion_length is None:

@@ -139,17 +139,18 @@ def _(grad_loss, x, *_):
     return torch.empty_like(x)
 
 
+# saved None: the row-constant rows (_row_constant), whose gradient is all in row_aux's G_b.
 @kernel_op("losses_bwd_saved")
-def _losses_bwd_saved(grad_loss: Tensor, saved: Tensor, mask: Tensor, row_scale: Tensor, dtype: torch.dtype,
-                      backend: str, row_aux: Tensor | None) -> Tensor:
-    grad_x = new_output(saved.shape, device=saved.device, dtype=dtype)
+def _losses_bwd_saved(grad_loss: Tensor, saved: Tensor | None, mask: Tensor, row_scale: Tensor,
+                      dtype: torch.dtype, backend: str, row_aux: Tensor | None) -> Tensor:
+    grad_x = new_output(mask.shape, device=mask.device, dtype=dtype)
     kernels(backend, "losses").losses_bwd_saved(grad_loss.float(), saved, mask, row_scale, grad_x, row_aux)
     return grad_x
 
 
 @_losses_bwd_saved.register_fake
-def _(_grad_loss, saved, _mask, _row_scale, dtype, _backend, _row_aux):
-    return saved.new_empty(saved.shape, dtype=dtype)
+def _(_grad_loss, _saved, mask, _row_scale, dtype, _backend, _row_aux):
+    return mask.new_empty(mask.shape, dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -167,7 +168,22 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (*inputs[6:12], *inputs[15:21])
     ctx.vespo = tuple(inputs[22:26])  # vk_pos, vl_pos, vk_neg, vl_neg
     ctx.row_add = inputs[17] == _SEQUENCE  # the saved gradient misses the row-mean part
+    ctx.row_constant = _row_constant(inputs[6], inputs[0], inputs[2], inputs[3], inputs[4], inputs[16],
+                                     inputs[17])
     ctx.mark_non_differentiable(stats, row_scale, row_aux, saved)
+
+
+_ROW_CONSTANT_VARIANTS = (_VARIANT_CODES["ppo"], _VARIANT_CODES["sapo"])
+
+
+def _row_constant(kind: int, x: Tensor, adv: Tensor, ref: Tensor | None, weights: Tensor | None, variant: int,
+                  level: int) -> bool:
+    """The kernels' row-constant rows (csrc/losses.cpp row_constant): at the sequence level with per-row
+    advantages, no weights and no KL term, the ppo / sapo surrogate is the same at every valid token of
+    a row, so its gradient is the row's G_b alone: the forward saves nothing and the backward is
+    ``grad * scale_b * G_b`` at the valid tokens."""
+    return (level == _SEQUENCE and kind != _VALUE and variant in _ROW_CONSTANT_VARIANTS
+            and adv.dim() < x.dim() and ref is None and weights is None)
 
 
 def _eager(t: Tensor) -> bool:
@@ -181,8 +197,8 @@ def _grad_from_saved(grad_loss: Tensor, saved: Tensor, mask: Tensor, row_scale: 
     """d x from the forward's saved per-token gradients (plus, at the sequence level, each row's
     gradient through its mean log-ratio, ``row_aux[..., 1]``). ``in_place`` (eager, fp32 x): the
     kernel overwrites ``saved`` (an elementwise pass, each element read before it is written), which
-    saves allocating and faulting in a new [..., T] buffer."""
-    if in_place and saved.dtype == dtype and _eager(saved):
+    saves allocating and faulting in a new [..., T] buffer. ``saved`` None: the row-constant rows."""
+    if in_place and saved is not None and saved.dtype == dtype and _eager(saved):
         kernels(backend, "losses").losses_bwd_saved(grad_loss.float(), saved, mask, row_scale, saved, row_aux)
         return saved
     return _losses_bwd_saved(grad_loss, saved, mask, row_scale, dtype, backend, row_aux)
@@ -192,7 +208,10 @@ def _backward(ctx, grad_loss, *_):
     if grad_loss is None:  # only the non-differentiable outputs were used
         return (None,) * 26
     *tensors, row_scale, row_aux, saved, row_in = ctx.saved_tensors
-    if saved is not None and not ctx.saved_spent:
+    if ctx.row_constant:
+        grad_x = _grad_from_saved(grad_loss, None, tensors[5], row_scale, ctx.dtype, ctx.args[6], row_aux,
+                                  in_place=False)
+    elif saved is not None and not ctx.saved_spent:
         ctx.saved_spent = ctx.saved_private and _eager(saved) and saved.dtype == ctx.dtype
         grad_x = _grad_from_saved(grad_loss, saved, tensors[5], row_scale, ctx.dtype, ctx.args[6],
                                   row_aux if ctx.row_add else None, in_place=ctx.saved_spent)
@@ -303,16 +322,20 @@ def _run(kind, main, old, adv, ref, weights, mask, *, clip_low=0.2, clip_high=0.
     lvl = _LEVEL_CODES[level]
     opts = (_VARIANT_CODES[variant], lvl, math.inf if delta is None else delta, tau_pos, tau_neg, row_in,
             *(float(v) for v in vespo))
+    row_constant = _row_constant(kind, x, adv_c, ref_c, w_c, opts[0], lvl)
     if not want_grad:
-        save_grad = 2 if x.requires_grad and torch.is_grad_enabled() else 0  # `saved` is dropped here
+        # `saved` is dropped here; row-constant rows need none
+        save_grad = 2 if x.requires_grad and torch.is_grad_enabled() and not row_constant else 0
         loss, stats, *_ = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts, per_row_mean, denom,
                                       save_grad, backend, *opts)
         return loss, stats
     with torch.no_grad():
         loss, stats, row_scale, row_aux, saved = _losses_fwd(x, old_c, adv_c, ref_c, w_c, mask, kind, *consts,
-                                                             per_row_mean, denom, 1, backend, *opts)
-        grad = _grad_from_saved(torch.ones((), device=x.device), saved, mask, row_scale, x.dtype, backend,
-                                row_aux if lvl == _SEQUENCE else None, in_place=True)
+                                                             per_row_mean, denom, int(not row_constant),
+                                                             backend, *opts)
+        grad = _grad_from_saved(torch.ones((), device=x.device), None if row_constant else saved, mask,
+                                row_scale, x.dtype, backend, row_aux if lvl == _SEQUENCE else None,
+                                in_place=True)
     return loss, grad.to(main.dtype), stats
 
 
@@ -590,6 +613,9 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
                    tau_pos=1.0, tau_neg=1.05, is_ratio=None, vespo=_VESPO_DEFAULTS):
     _check_tokens(logp, "logp", {"old_logp": old_logp, "ref_logp": ref_logp, "weights": weights}, advantages)
     beta = _in_range(beta, "beta", lambda v: v >= 0.0, "a finite number >= 0")
+    if ref_logp is None and beta != 0.0:
+        raise ValueError(f"ref_logp is required when beta != 0 (the KL term reads it), got beta={beta}; "
+                         "None means no KL term, as TRL with beta=0 loads no reference model")
     clip_low, clip_high = _check_clips(clip_low, clip_high)
     delta, tau_pos, tau_neg = _check_variant_options(loss_type, level, delta, tau_pos, tau_neg,
                                                      variants=GRPO_LOSS_TYPES, levels=GRPO_IS_LEVELS,
@@ -606,7 +632,7 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
         num_items_in_batch = _in_range(num_items_in_batch, "num_items_in_batch", lambda v: v >= 0.0,
                                        "None or a finite number >= 0")
     mask = _mask(mask, logp.shape)
-    backend = pick_backend(logp, old_logp, ref_logp, advantages, mask,
+    backend = pick_backend(logp, old_logp, advantages, mask, *(() if ref_logp is None else (ref_logp,)),
                            *(() if weights is None else (weights,)))
     variant = _GRPO_VARIANT.get(loss_type, "ppo")
     # TRL applies delta in the PPO-clip loss types only (it ignores it for cispo and sapo).
@@ -616,7 +642,10 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
 
 
 def _grpo_reference(logp, old_logp, ref_logp, advantages, mask, *, opts, loss_type, is_ratio=None, **kwargs):
-    """rlkern.reference's grpo_loss, or its variant form for the options the first does not have."""
+    """rlkern.reference's grpo_loss, or its variant form for the options the first does not have. No
+    ``ref_logp`` (beta = 0): ``logp`` itself, whose KL term and its gradient are exactly 0."""
+    if ref_logp is None:
+        ref_logp = logp.detach()
     if loss_type in reference.GRPO_LOSS_TYPES and opts["level"] == "token" and opts["delta"] is None:
         loss, stats = reference.grpo_loss(logp, old_logp, ref_logp, advantages, mask, loss_type=loss_type,
                                           **kwargs)
@@ -638,7 +667,7 @@ def _grpo_run(logp, old_logp, ref_logp, advantages, mask, weights, *, beta, clip
                 num_items_in_batch=num_items, backend=backend, want_grad=want_grad, **opts)
 
 
-def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor, *,
               beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2, loss_type: str = "grpo",
               max_completion_length: int | None = None, num_items_in_batch: float | Tensor | None = None,
               use_bias_correction_kl: bool = False, weights: Tensor | None = None,
@@ -687,10 +716,12 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
 
     Args:
         logp: ``[..., T]`` float32/bf16/fp16; the only input with a gradient.
-        old_logp, ref_logp: ``[..., T]``.
+        old_logp: ``[..., T]``.
+        ref_logp: ``[..., T]``, or None with ``beta=0`` (TRL loads no reference model then): no KL
+            term, ``kl`` stat 0, and the kernels read no reference log-probs.
         advantages: ``[...]`` per sequence (TRL) or ``[..., T]`` per token.
         mask: ``[..., T]``, any dtype, nonzero = valid (module docstring).
-        beta: KL coefficient >= 0 (0 still computes the ``kl`` stat).
+        beta: KL coefficient >= 0 (0 with a ``ref_logp`` still computes the ``kl`` stat).
         importance_sampling_level: ``token`` | ``sequence``.
         delta: None or > 0 (PPO-clip loss types only; TRL ignores it for cispo and sapo).
         sapo_temperature_pos, sapo_temperature_neg: > 0.
@@ -728,7 +759,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
     return loss, _grpo_stats(stats, loss_type)
 
 
-def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+def grpo_loss_and_grad(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
+                       mask: Tensor, *,
                        beta: float = 0.04, clip_low: float = 0.2, clip_high: float = 0.2,
                        loss_type: str = "grpo", max_completion_length: int | None = None,
                        num_items_in_batch: float | Tensor | None = None,

@@ -99,12 +99,23 @@ def trl_compute_loss(per_token_logps: Tensor, old_per_token_logps: Tensor, ref_p
                      importance_sampling_level: str = "token", beta: float = 0.0, epsilon_low: float = 0.2,
                      epsilon_high: float = 0.2, use_bias_correction_kl: bool = True,
                      importance_sampling_ratio: Tensor | None = None,
-                     num_items_in_batch: Tensor | None = None) -> Tensor:
+                     num_items_in_batch: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL 1.16 ``GRPOTrainer._compute_loss`` from the log-probs on (no entropy mask, off-policy mask,
     delta or entropy bonus; one process, no gradient accumulation), for loss types grpo, bnpo, dapo,
-    cispo. Returns the loss."""
+    cispo. Returns ``(loss, metrics)``: the batch-mean metric tensors ``_compute_loss`` computes for
+    its log (its ``global_masked_mean`` on one process, before ``.item()``), the ones rlkern's op
+    returns from its pass: ``kl`` (beta != 0), the clip-ratio low / high / region means (PPO-clip
+    loss types) or ``cispo_clip_ratio``. Not TRL's per-sequence ``clip_ratio/low_min`` /
+    ``high_max`` (the patched trainer computes those with the same torch ops as TRL)."""
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
+
+    def global_masked_mean(x):
+        if x.shape[1] == 1:  # importance_sampling_level == "sequence": one value per sequence
+            return x.sum() / x.shape[0]
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+    metrics = {}
     log_ratio = per_token_logps - old_per_token_logps
     if importance_sampling_level == "token":
         log_importance_weights = log_ratio
@@ -130,25 +141,38 @@ def trl_compute_loss(per_token_logps: Tensor, old_per_token_logps: Tensor, ref_p
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl
     if loss_type == "grpo":
-        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "bnpo":
-        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
-    # cispo, dapo: num_items_in_batch is the generation batch's valid-token count
-    normalizer = (mask.sum() if num_items_in_batch is None else num_items_in_batch).clamp(min=1.0)
-    return (per_token_loss * mask).sum() / normalizer
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    else:  # cispo, dapo: num_items_in_batch is the generation batch's valid-token count
+        normalizer = (mask.sum() if num_items_in_batch is None else num_items_in_batch).clamp(min=1.0)
+        loss = (per_token_loss * mask).sum() / normalizer
+    with torch.no_grad():  # the metrics block of _compute_loss
+        if beta != 0.0:
+            metrics["kl"] = global_masked_mean(per_token_kl)
+        if loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = global_masked_mean(
+                ((coef_1 > epsilon_high) & (advantages > 0)).float())
+        else:
+            is_low_clipped = (coef_1 < 1 - epsilon_low) & (advantages < 0)
+            is_high_clipped = (coef_1 > 1 + epsilon_high) & (advantages > 0)
+            metrics["clip_ratio/low_mean"] = global_masked_mean(is_low_clipped.float())
+            metrics["clip_ratio/high_mean"] = global_masked_mean(is_high_clipped.float())
+            metrics["clip_ratio/region_mean"] = global_masked_mean((is_low_clipped | is_high_clipped).float())
+    return loss, metrics
 
 
-def trl_gspo_loss(logp: Tensor, old: Tensor, adv_seq: Tensor, mask: Tensor) -> Tensor:
+def trl_gspo_loss(logp: Tensor, old: Tensor, adv_seq: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
     return trl_compute_loss(logp, old, None, adv_seq, mask, importance_sampling_level="sequence",
                             epsilon_low=GSPO_EPS_LOW, epsilon_high=GSPO_EPS_HIGH)
 
 
-def trl_cispo_loss(logp: Tensor, old: Tensor, adv_seq: Tensor, mask: Tensor) -> Tensor:
+def trl_cispo_loss(logp: Tensor, old: Tensor, adv_seq: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
     return trl_compute_loss(logp, old, None, adv_seq, mask, loss_type="cispo", epsilon_high=CISPO_EPS_HIGH)
 
 
 def trl_tis_grpo_loss(logp: Tensor, old: Tensor, ref: Tensor, sampling: Tensor, adv_seq: Tensor,
-                      mask: Tensor) -> Tensor:
+                      mask: Tensor) -> tuple[Tensor, dict]:
     ratio = trl_vllm_is_ratio(old, sampling, mask)
     return trl_compute_loss(logp, old, ref, adv_seq, mask, beta=TIS_BETA, importance_sampling_ratio=ratio)
 
@@ -234,12 +258,14 @@ def rlkern_fn(variant: str) -> Callable | None:
     when the op has not landed."""
     from rlkern import ops
 
+    # beta = 0 (gspo, cispo): no ref_logp, as the patched GRPOTrainer passes it (TRL loads no reference
+    # model then, and its _compute_loss reads none).
     if variant == "gspo" and _accepts(ops.grpo_loss, "importance_sampling_level"):
-        return lambda x: ops.grpo_loss(x["logp"], x["old"], x["ref"], x["adv_seq"], x["mask"], beta=0.0,
+        return lambda x: ops.grpo_loss(x["logp"], x["old"], None, x["adv_seq"], x["mask"], beta=0.0,
                                        clip_low=GSPO_EPS_LOW, clip_high=GSPO_EPS_HIGH,
                                        importance_sampling_level="sequence", use_bias_correction_kl=True)[0]
     if variant == "cispo" and "cispo" in _loss_types():
-        return lambda x: ops.grpo_loss(x["logp"], x["old"], x["ref"], x["adv_seq"], x["mask"], beta=0.0,
+        return lambda x: ops.grpo_loss(x["logp"], x["old"], None, x["adv_seq"], x["mask"], beta=0.0,
                                        clip_high=CISPO_EPS_HIGH, loss_type="cispo",
                                        use_bias_correction_kl=True)[0]
     if variant == "tis_grpo" and _accepts(ops.grpo_loss, "weights"):

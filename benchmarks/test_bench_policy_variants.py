@@ -30,6 +30,37 @@ def test_rows_of_a_case_compute_the_same_loss_and_gradient():
         if ours is not None:
             calls["rlkern"] = (pv._rlkern_call(ours, x, "fwd"), pv._rlkern_call(ours, x, "fwd+bwd"))
         want_loss, want_grad = (f() for f in calls["peer"])
+        if isinstance(want_loss, tuple):  # TRL's (loss, the metric tensors _compute_loss logs)
+            want_loss, metrics = want_loss
+            _check_metrics(variant, x, metrics)
         for name, (loss, grad) in calls.items():
-            torch.testing.assert_close(loss(), want_loss, rtol=1e-5, atol=1e-6, msg=f"{variant} {name} loss")
+            got = loss()
+            got = got[0] if isinstance(got, tuple) else got
+            torch.testing.assert_close(got, want_loss, rtol=1e-5, atol=1e-6, msg=f"{variant} {name} loss")
             torch.testing.assert_close(grad(), want_grad, rtol=1e-5, atol=1e-6, msg=f"{variant} {name} grad")
+
+
+# TRL's metric names -> rlkern.ops.grpo_loss's stats: the timed rows compute the same numbers.
+_TRL_METRICS = {"kl": "kl", "cispo_clip_ratio": "cispo_clip_ratio", "clip_ratio/low_mean": "clip_ratio_low",
+                "clip_ratio/high_mean": "clip_ratio_high", "clip_ratio/region_mean": "clip_ratio"}
+
+
+def _check_metrics(variant, x, metrics):
+    """The metrics the TRL transcription (and its compiled form) computes are rlkern's stats."""
+    import torch
+
+    from benchmarks import policy_variants as pv
+    from rlkern import ops
+
+    assert metrics, variant
+    kw = {"gspo": dict(beta=0.0, clip_low=pv.GSPO_EPS_LOW, clip_high=pv.GSPO_EPS_HIGH,
+                       importance_sampling_level="sequence"),
+          "cispo": dict(beta=0.0, clip_high=pv.CISPO_EPS_HIGH, loss_type="cispo"),
+          "tis_grpo": dict(beta=pv.TIS_BETA,
+                           weights=pv.trl_vllm_is_ratio(x["old"], x["sampling"], x["mask"]))}
+    ref = x["ref"] if variant == "tis_grpo" else None
+    _, stats = ops.grpo_loss(x["logp"], x["old"], ref, x["adv_seq"], x["mask"], use_bias_correction_kl=True,
+                             **kw[variant])
+    for name, value in metrics.items():
+        torch.testing.assert_close(stats[_TRL_METRICS[name]], value, rtol=1e-5, atol=1e-6,
+                                   msg=f"{variant} {name}")

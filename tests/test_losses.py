@@ -472,6 +472,12 @@ def test_torch_compile_fullgraph():
         v, vs = rlkern.ops.value_loss(x, old, adv, mask)
         return p + g + 0.5 * v, ps["clip_frac"] + gs["kl"] + vs["clip_frac"]
 
+    compiled_matches_eager(step, logp)
+
+
+def compiled_matches_eager(step, logp):
+    """``step(x) -> (loss, stat)`` under torch.compile(fullgraph=True) gives eager's loss, stat and
+    d loss / d x."""
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x1, x2 = logp.clone().requires_grad_(), logp.clone().requires_grad_()
     (out_c, stat_c), (out_e, stat_e) = compiled(x1), step(x2)

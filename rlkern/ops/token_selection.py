@@ -18,10 +18,12 @@ waits for the device. Here every count stays a 0-d device tensor: ``k`` only eve
 compared against ranks, and the one host integer these ops use, the ``topk`` width, comes from the
 tensor's *shape* (the largest ``k`` any mask of that shape could give), so nothing is read back.
 
-Why plain PyTorch (no C++ / Triton kernel): selection is bound by a sort or a top-k over the whole
-batch, which torch already runs at memory speed on CPU and GPU (radix sort / bitonic top-k); the
-elementwise passes around it are a few reads of ``[B, T]``. A hand kernel would reimplement the sort.
-The ops trace with ``torch.compile(fullgraph=True)`` (no data-dependent shapes).
+KL-Cov (:func:`kl_cov_mask`, :func:`kl_cov_rows`) has kernels: on CPU (csrc/token_selection.cpp) a
+pass for the means and one that keeps each thread's best ``k`` tokens in a heap, 4-8x faster than
+``torch.topk`` over the batch at verl's ratio; on GPU (kernels/token_selection.py) ``torch.topk`` and
+Triton for the token losses. Clip-Cov and the entropy mask are plain PyTorch: their selection is a
+sort or a random top-k over the whole batch, which torch runs at memory speed. Every op traces with
+``torch.compile(fullgraph=True)`` (no data-dependent shapes).
 
 Shapes: ``[..., T]`` with any leading dims; the selection is over all tokens of the batch together, in
 row-major order (verl's and TRL's order). Masks: any dtype, nonzero = valid.

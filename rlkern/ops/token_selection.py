@@ -19,10 +19,11 @@ compared against ranks, and the one host integer these ops use, the ``topk`` wid
 tensor's *shape* (the largest ``k`` any mask of that shape could give), so nothing is read back.
 
 KL-Cov (:func:`kl_cov_mask`, :func:`kl_cov_rows`) has kernels: on CPU (csrc/token_selection.cpp) a
-pass for the means and one that keeps each thread's best ``k`` tokens in a heap, 4-8x faster than
-``torch.topk`` over the batch at verl's ratio; on GPU (kernels/token_selection.py) ``torch.topk`` and
-Triton for the token losses. Clip-Cov and the entropy mask are plain PyTorch: their selection is a
-sort or a random top-k over the whole batch, which torch runs at memory speed. Every op traces with
+pass for the means and one that keeps each thread's best ``k`` tokens in a heap (faster than
+``torch.topk`` over the batch at verl's ratio: benchmarks/policy_variants.py); on GPU
+(kernels/token_selection.py) ``torch.topk`` and Triton for the token losses. Clip-Cov and the
+entropy mask are plain PyTorch: their selection is a sort or a random top-k over the whole batch,
+which torch runs at memory speed. Every op traces with
 ``torch.compile(fullgraph=True)`` (no data-dependent shapes).
 
 Shapes: ``[..., T]`` with any leading dims; the selection is over all tokens of the batch together, in

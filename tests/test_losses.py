@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -547,6 +548,35 @@ _M = lambda *s: torch.ones(*s, dtype=torch.bool)  # noqa: E731
 def test_bad_input(backend, make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_remembered_hyperparameters_still_refuse_what_they_refused():
+    """The scalar checks of grpo_loss / policy_loss keep their answers per value *and type*
+    (losses._memoised): a value accepted once must not let a different-typed equal value through
+    (True == 1 == 1.0 hash alike), a refused value is refused on every call, NaN (never equal to
+    itself) always reaches the check, and an unhashable argument gets the check's own error."""
+    x, m = _X(2, 5), _M(2, 5)
+    for _ in range(2):  # the second round runs against filled caches
+        rlkern.ops.grpo_loss(x, x, x, _X(2), m, beta=1, clip_low=0, clip_high=1.0)
+        rlkern.ops.policy_loss(x, x, _X(2), m, clip_low=0, clip_high=1)
+        with pytest.raises(TypeError, match="beta must be a real number"):
+            rlkern.ops.grpo_loss(x, x, x, _X(2), m, beta=True)
+        with pytest.raises(TypeError, match="clip_low must be a real number"):
+            rlkern.ops.policy_loss(x, x, _X(2), m, clip_low=False)
+        with pytest.raises(TypeError, match="clip_high must be a real number"):
+            rlkern.ops.policy_loss(x, x, _X(2), m, clip_high=True)
+        with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+            rlkern.ops.grpo_loss(x, x, x, _X(2), m, beta=float("nan"))
+        with pytest.raises(TypeError, match="clip_high must be a real number"):
+            rlkern.ops.grpo_loss(x, x, x, _X(2), m, clip_high=[0.2])
+        with pytest.raises(TypeError, match="clip_low must be a real number"):
+            rlkern.ops.policy_loss(x, x, _X(2), m, clip_low=torch.tensor(0.2))
+        with pytest.raises(ValueError, match="ref_logp is required when beta != 0"):
+            rlkern.ops.grpo_loss(x, x, None, _X(2), m, beta=1)
+    # The accepted values are the same numbers as before the cache: numpy scalars read exactly.
+    loss_np = rlkern.ops.grpo_loss(x, x, x, _X(2).zero_() + 1, m, beta=np.float32(0.1))[0]
+    loss_py = rlkern.ops.grpo_loss(x, x, x, _X(2).zero_() + 1, m, beta=float(np.float32(0.1)))[0]
+    assert torch.equal(loss_np, loss_py)
 
 
 def test_cpp_kernel_checks_shapes_itself():

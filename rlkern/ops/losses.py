@@ -36,7 +36,9 @@ stats)`` for given tensors without autograd, through the same kernels and normal
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -246,6 +248,26 @@ def _in_range(value, name: str, ok, what: str) -> float:
     return value
 
 
+def _memoised(check: Callable) -> Callable:
+    """``check`` (a pure validation of hashable scalars: numbers, strings, None, bools) with its answer
+    kept per argument values *and types* (``typed``: ``True``, ``1`` and ``1.0`` are three keys, so a
+    bool the check refuses is never answered from an int's entry). A trainer passes the same
+    hyperparameters on every step, so the ~10 us of number checks become one dict lookup. Nothing
+    that raises is kept, NaN never matches itself, and an unhashable argument (a list, a tensor) goes
+    to ``check`` itself, which raises its clear error. While tracing, ``check`` runs as before."""
+    cached = functools.lru_cache(maxsize=64, typed=True)(check)
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return check(*args)
+        try:
+            return cached(*args)
+        except TypeError:  # unhashable, or refused by check: check says why
+            return check(*args)
+
+    return functools.wraps(check)(call)
+
+
 def _check_clips(clip_low, clip_high) -> tuple[float, float]:
     return (_in_range(clip_low, "clip_low", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
             _in_range(clip_high, "clip_high", lambda v: v >= 0.0, "a finite number >= 0"))
@@ -376,6 +398,18 @@ def _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high, dual
                      variant="ppo", ratio_level="token", delta=None, tau_pos=1.0, tau_neg=1.05,
                      dro_beta=None):
     _check_tokens(logp, "logp", {"old_logp": old_logp, "weights": weights}, advantages)
+    clip_low, clip_high, dual_clip, delta, tau_pos, tau_neg, dro_beta = _policy_scalars(
+        clip_low, clip_high, dual_clip, agg, variant, ratio_level, delta, tau_pos, tau_neg, dro_beta)
+    mask = _mask(mask, logp.shape)
+    tensors = [t for t in (logp, old_logp, advantages, mask, weights) if t is not None]
+    return (clip_low, clip_high, dual_clip, mask, pick_backend(*tensors),
+            dict(variant=variant, level=ratio_level, delta=delta, tau_pos=tau_pos, tau_neg=tau_neg,
+                 dro_beta=dro_beta))
+
+
+@_memoised
+def _policy_scalars(clip_low, clip_high, dual_clip, agg, variant, ratio_level, delta, tau_pos, tau_neg,
+                    dro_beta) -> tuple:
     clip_low, clip_high = _check_clips(clip_low, clip_high)
     if dual_clip is not None:
         dual_clip = _in_range(dual_clip, "dual_clip", lambda v: v > 1.0, "None or a finite number > 1")
@@ -393,11 +427,7 @@ def _validate_policy(logp, old_logp, advantages, mask, clip_low, clip_high, dual
         dro_beta = _in_range(dro_beta, "dro_beta", lambda v: v > 0.0, "a finite number > 0")
     elif dro_beta is not None:
         raise ValueError(f"dro_beta applies to variant='dro' only, got variant={variant!r}")
-    mask = _mask(mask, logp.shape)
-    tensors = [t for t in (logp, old_logp, advantages, mask, weights) if t is not None]
-    return (clip_low, clip_high, dual_clip, mask, pick_backend(*tensors),
-            dict(variant=variant, level=ratio_level, delta=delta, tau_pos=tau_pos, tau_neg=tau_neg,
-                 dro_beta=dro_beta))
+    return clip_low, clip_high, dual_clip, delta, tau_pos, tau_neg, dro_beta
 
 
 def _policy_reference(logp, old_logp, advantages, mask, *, opts, **kwargs):
@@ -612,12 +642,11 @@ def _vespo_options(loss_type, importance_sampling_ratio, vespo, logp) -> dict:
     return {"vespo": vespo, "row_in": reference.vespo_is_log_sum(importance_sampling_ratio).contiguous()}
 
 
-def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
-                   max_completion_length, num_items_in_batch, weights=None, level="token", delta=None,
-                   tau_pos=1.0, tau_neg=1.05, is_ratio=None, vespo=_VESPO_DEFAULTS):
-    _check_tokens(logp, "logp", {"old_logp": old_logp, "ref_logp": ref_logp, "weights": weights}, advantages)
+@_memoised
+def _grpo_scalars(beta, clip_low, clip_high, loss_type, level, delta, tau_pos, tau_neg, max_completion_length,
+                  has_ref: bool) -> tuple:
     beta = _in_range(beta, "beta", lambda v: v >= 0.0, "a finite number >= 0")
-    if ref_logp is None and beta != 0.0:
+    if not has_ref and beta != 0.0:
         raise ValueError(f"ref_logp is required when beta != 0 (the KL term reads it), got beta={beta}; "
                          "None means no KL term, as TRL with beta=0 loads no reference model")
     clip_low, clip_high = _check_clips(clip_low, clip_high)
@@ -626,6 +655,16 @@ def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, c
                                                      names=_GRPO_OPTION_NAMES)
     if max_completion_length is not None and check_int(max_completion_length, "max_completion_length") < 1:
         raise ValueError(f"max_completion_length must be None or an int >= 1, got {max_completion_length!r}")
+    return beta, clip_low, clip_high, delta, tau_pos, tau_neg
+
+
+def _validate_grpo(logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
+                   max_completion_length, num_items_in_batch, weights=None, level="token", delta=None,
+                   tau_pos=1.0, tau_neg=1.05, is_ratio=None, vespo=_VESPO_DEFAULTS):
+    _check_tokens(logp, "logp", {"old_logp": old_logp, "ref_logp": ref_logp, "weights": weights}, advantages)
+    beta, clip_low, clip_high, delta, tau_pos, tau_neg = _grpo_scalars(
+        beta, clip_low, clip_high, loss_type, level, delta, tau_pos, tau_neg, max_completion_length,
+        ref_logp is not None)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
             if num_items_in_batch.numel() != 1:

@@ -417,8 +417,8 @@ def test_float64_runs_reference_or_says_why(backend_name):
 def test_linear_policy_loss_matches_reference_composition(backend_name, dtype, loss_type, beta, chunk_size,
                                                           temp_kind):
     """linear_policy_loss == reference.grpo_loss(reference.linear_logprobs(...)) in float64, value
-    and d hidden / d weight. chunk_size=4 cuts the fp32 single pass into 5 token tiles (the gradient
-    of each tile computed while later tokens hold placeholders). fp32: atol 1e-5 (1 + max|.|), the
+    and d hidden / d weight. chunk_size=4 cuts the vocabulary (70) into 18 tiles, the last one of 2
+    rows. fp32: atol 1e-5 (1 + max|.|), the
     fp32 GEMM rounding; bf16: 8 u max|.| as for linear_logprobs' gradients (logits rounded once).
     The temperature is 0.9, or a tensor of one per sequence ([B, 1]) or per token in [0.5, 1.5]
     (used as float32(1 / T): a relative change of ~6e-8 in the logits, inside the fp32 tolerance)."""

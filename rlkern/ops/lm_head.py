@@ -46,13 +46,9 @@ from rlkern.ops._common import (
     raise_at_first,
     token_mask,
 )
-from rlkern.ops._registry import cpp_kernels, kernel_op
+from rlkern.ops._registry import kernel_op
 from rlkern.ops.lm_tiles import (
-    _BUDGET_FRACTION,
-    _BUDGET_MAX,
-    _BUDGET_MIN,
     check_precision,
-    finalize,
     label_logprobs,
     row_inv_temperatures,
     shard_grads,
@@ -302,66 +298,6 @@ def linear_logprobs(
     return outs[0] if len(outs) == 1 else outs
 
 
-# Each token tile of the single pass adds its d logits^T @ hidden into the whole [V, H] fp32 d weight
-# (a read-modify-write of V*H floats), so tiles of fewer rows than this make that traffic dominate:
-# at N=1024, H=512, V=32768 (one thread) 64-row tiles take 1054 ms, 256-row tiles 723 ms against a
-# 689 ms GEMM floor. The tile is then O(256 V) memory, independent of N.
-_POLICY_MIN_TOKEN_TILE = 256
-
-
-def _policy_token_tile(n_tokens: int, vocab: int, chunk_size: int | None) -> int:
-    """Tokens per full-vocabulary tile of the single-pass policy loss: what the memory budget of
-    :func:`rlkern.ops.lm_tiles.tile_sizes` allows, but at least 256 rows (``chunk_size`` here
-    counts tokens)."""
-    if chunk_size is not None:
-        return max(1, min(chunk_size, n_tokens))
-    budget = min(max(n_tokens * vocab * 4 // _BUDGET_FRACTION, _BUDGET_MIN), _BUDGET_MAX)
-    return max(1, min(n_tokens, max(_POLICY_MIN_TOKEN_TILE, budget // (4 * vocab) // 16 * 16)))
-
-
-def _cpp_policy_single_pass(
-    hidden, weight, labels, old_logp, ref_logp, advantages, mask, loss_kwargs, temperature, inv_rows,
-    chunk_size, loss_and_grad,
-):
-    """fp32 GRPO loss and its gradients with three GEMMs per token and no recomputation.
-
-    Tokens are cut into tiles of n rows over the whole vocabulary, so a tile's log-probs are final
-    as soon as it is folded. d loss / d logp of a token depends only on its own log-prob (and
-    old/ref log-prob and advantage) and on normalisers that depend on the mask alone, so
-    ``grpo_loss_and_grad`` run on all tokens, with the tokens not yet computed holding a finite
-    stand-in value (their old log-prob), gives the exact gradient for this tile's tokens. The tile then
-    becomes d logits in place: d hidden = d logits @ W (final), d W += d logits^T @ hidden_tile
-    (accumulated in the fp32 gradient itself, as Liger's fused linear losses do). inv_rows: fp32 [N]
-    per-token inverse temperatures replacing 1 / temperature, or None."""
-    n_tokens, _ = hidden.shape
-    vocab = weight.shape[0]
-    inv_temp = 1.0 / temperature
-    shape = mask.shape
-    logp_all = old_logp.detach().reshape(-1).float().clone()
-    ref = ref_logp if ref_logp is not None else logp_all.view(shape)  # beta = 0: k3 only feeds the stats
-    grad_hidden = new_output(hidden.shape, device=hidden.device)
-    grad_weight = torch.zeros_like(weight)
-    tn = _policy_token_tile(n_tokens, vocab, chunk_size)
-    buf = torch.empty(tn * vocab)
-    for n0 in range(0, n_tokens, tn):
-        n = min(tn, n_tokens - n0)
-        rows = slice(n0, n0 + n)
-        tile = buf[: n * vocab].view(n, vocab)
-        cpp_kernels().lm_logits(hidden[rows], weight, tile)
-        m, s, t, zy = torch.full((n,), -math.inf), torch.zeros(n), torch.zeros(n), torch.zeros(n)
-        inv = inv_rows[rows] if inv_rows is not None else None
-        cpp_kernels().lm_fold(tile, None, labels[rows], inv_temp, -100, 0, False, m, s, t, zy, inv, None)
-        lse, _ = finalize(m, s, t)
-        logp_all[rows] = label_logprobs(zy, lse, labels[rows], -100)
-        _, grad_logp, _ = loss_and_grad(logp_all.view(shape), old_logp, ref, advantages, mask, **loss_kwargs)
-        g = grad_logp.reshape(-1)[rows].float().contiguous()
-        cpp_kernels().lm_grad(tile, None, labels[rows], g, None, lse, None, inv_temp, -100, 0, inv)
-        torch.mm(tile, weight, out=grad_hidden[rows])
-        grad_weight.addmm_(tile.t(), hidden[rows])
-    loss, _, stats = loss_and_grad(logp_all.view(shape), old_logp, ref, advantages, mask, **loss_kwargs)
-    return loss, stats, grad_hidden, grad_weight
-
-
 class _AttachGradients(torch.autograd.Function):
     """Gives a loss computed without autograd the gradients already computed for its inputs:
     backward returns them scaled by the upstream gradient (the loss is a scalar, so this is exact).
@@ -447,8 +383,7 @@ def linear_policy_loss(
         temperature: as for :func:`linear_logprobs`: a number, or a float tensor that broadcasts to
             ``labels``' shape (one temperature per token, or ``[B, 1]`` per sequence; not
             differentiated, checked on CPU).
-        chunk_size: tile override: tokens per full-vocabulary tile on the fp32 CPU path, vocabulary
-            rows per tile otherwise (as for :func:`linear_logprobs`).
+        chunk_size: vocabulary rows per tile, as for :func:`linear_logprobs`.
         precision: ``"ieee"`` (default) or ``"tf32"``, as for :func:`linear_logprobs`: fp32 on the
             Triton backend only; IEEE keeps the training log-probs (and so the importance ratio
             against ``old_logp``) consistent with an fp32 rollout.
@@ -460,9 +395,7 @@ def linear_policy_loss(
     Returns:
         ``(loss, stats)`` as from ``grpo_loss``; the gradient reaches ``hidden`` and ``weight``.
         The gradients are computed during the forward (d loss / d logp is known once the log-probs
-        are, because the output is a scalar) and only scaled in backward. fp32 on CPU takes one
-        pass of three GEMMs (see ``_cpp_policy_single_pass``); bf16 / fp16 take one GEMM more so
-        that d weight needs no ``[V, H]`` fp32 accumulator.
+        are, because the output is a scalar) and only scaled in backward.
     """
     from rlkern.ops.losses import grpo_loss, grpo_loss_and_grad
 
@@ -486,23 +419,11 @@ def linear_policy_loss(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     w = weight.contiguous()
-    # The one backend branch below the torch fallback, kept on purpose: fp32 on the C++ backend runs
-    # a single pass of three GEMMs that keeps each full-vocabulary logits tile in memory between its
-    # fold and its gradient (the tile primitives lm_logits / lm_fold / lm_grad), one GEMM fewer than
-    # the two passes below. The Triton kernels never write a logits tile (GEMM and epilogue share
-    # registers); a GPU single pass would have to write [tile, V] fp32 logits to HBM and read them
-    # twice, the traffic the fused kernels exist to avoid, and no GPU here can show it would pay. So
-    # this is a policy about where a logits tile may live, not plumbing; everything else calls both
-    # backends identically through shard_stats / shard_grads.
-    if backend == "cpp" and hidden.dtype == torch.float32:
-        with torch.no_grad():
-            loss, stats, gh, gw = _cpp_policy_single_pass(
-                flat_hidden, w, flat_labels, old_logp, ref_logp, advantages, mask, kwargs, temperature,
-                inv_rows, chunk_size, grpo_loss_and_grad,
-            )
-        return _AttachGradients.apply(loss, hidden, weight, gh.view(hidden.shape), gw), stats
-    # bf16 / fp16 and Triton: log-probs first, then one backward pass (vocabulary-outer, so d weight
-    # is written tile by tile in the weight's dtype with no [V, H] fp32 accumulator); one GEMM more.
+    # Log-probs first (linear_logprobs' forward, so the same bits), then one backward pass, vocabulary-outer,
+    # that writes d weight tile by tile in the weight's dtype. A single pass that keeps each [tile, V]
+    # fp32 logits tile between its fold and its gradient saves one GEMM but streams the tile through
+    # memory four times: at N=1024, H=512, V=32768 fp32 on this 2-core CPU it took 1213 ms against
+    # 1094 ms for linear_logprobs' forward + backward (1 thread, one run, 2026-12-01), so it was removed.
     with torch.no_grad():
         lse, _, zy = shard_stats(
             flat_hidden, w, None, flat_labels, temperature, -100, 0, False, chunk_size, backend, precision,

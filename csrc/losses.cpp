@@ -53,6 +53,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -76,6 +78,30 @@ static_assert(kLossStats == 6, "rlkern/codes.py LOSS_STATS must match the stats 
 // The mask (any dtype, nonzero = valid; csrc/mask_stage.h) is staged kChunk tokens at a time as float
 // 0/1: it multiplies the 0/1 flags and drives keep().
 constexpr int64_t kChunk = 1024;
+
+// One past the last block (kLanes tokens) of a staged chunk that holds a valid token; the blocks
+// after it are all padding. RLHF batches are right-padded to their longest sequence (a quarter to a
+// half of the tokens are padding), so every pass below stops there: no load and no arithmetic for
+// those tokens. Bit for bit the same sums: a padding token adds keep(., 0) = +0.0, which changes no
+// sum that starts at +0.0 (such a sum is never -0.0), and the backward writes its +0.0 directly.
+RLKERN_INLINE int64_t live_end(const float* valid, int64_t n) {
+  int64_t end = (n + kLanes - 1) / kLanes * kLanes;  // the stager zero-fills up to here
+  while (end > 0) {
+    uint64_t words[kLanes / 2];  // two floats each; 0 is +0.0 or -0.0 (mask16 negates), 1.0f is not
+    std::memcpy(words, valid + end - kLanes, sizeof(words));
+    uint64_t any = 0;
+    for (const uint64_t w : words) any |= w;
+    if ((any & 0x7fffffff7fffffffULL) != 0) break;
+    end -= kLanes;
+  }
+  return end;
+}
+
+// The backward's gradient for the padding after live_end: +0.0, as keep() gives it.
+template <typename T>
+RLKERN_INLINE void zero_padding(T* out, int64_t live, int64_t n) {
+  if (live < n) std::fill(out + live, out + n, T(0.f));
+}
 
 // e^x for the clamped log-ratios, x in [-20, 20] or NaN: simd.h's vexp_nonpos is exact on this whole
 // range (its only clamp, at ln(FLT_MIN), never acts, and for x <= 88 the 2^n it builds is still a
@@ -401,7 +427,8 @@ RLKERN_INLINE RowRatio row_ratio(const Rows<T>& r, int64_t b, float* valid) {
   for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
     const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
     r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
-    for (int64_t t = 0; t < cn; t += kLanes) {
+    const int64_t live = live_end(valid, cn);
+    for (int64_t t = 0; t < live; t += kLanes) {
       const int64_t m = std::min<int64_t>(kLanes, cn - t), off = b * r.len + c0 + t;
       const vfloat v = load16(valid + t);
       acc += keep(load_at(r.x, off, m) - load_at(r.y, off, m), v);
@@ -454,7 +481,8 @@ RLKERN_INLINE RowExtra row_extra(const Rows<T>& r, int64_t b, float* valid, cons
   for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
     const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
     r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
-    for (int64_t t = 0; t < cn; t += kLanes) {
+    const int64_t live = live_end(valid, cn);
+    for (int64_t t = 0; t < live; t += kLanes) {
       const Block<T> k = load_block(r, b, c0 + t, std::min<int64_t>(kLanes, cn - t));
       const vfloat v = load16(valid + t);
       if constexpr (V == kVariantVespo) {
@@ -574,8 +602,9 @@ RLKERN_INLINE void row_constant_sums(const Rows<T>& r, int64_t b, const RowRatio
   aux[2 * b + 1] = loss != loss ? loss : (row.through_mean && n > 0 ? rg : 0.f);
 }
 
-// With kSave the forward also writes each token's unscaled gradient (token_grad, float32, unmasked)
-// into `saved`, so that the backward is one elementwise pass (backward_saved) instead of a second
+// With kSave the forward also writes each token's unscaled gradient (token_grad, float32, unmasked; not
+// written after a chunk's live_end, which the backward never reads) into `saved`, so that the backward
+// is one elementwise pass (backward_saved) instead of a second
 // evaluation of every token's terms. The product order is the backward's, so the result is bitwise the
 // same. At the sequence levels a first sweep of the row finds its ratio (row_ratio), and `aux` gets
 // (log r_b, the row-mean gradient G_b = pass_b / n_b * sum_t d loss_t / d log r_b) per row.
@@ -600,7 +629,8 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const Rows<T>& r, co
     for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
       const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
       r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
-      for (int64_t t = 0; t < cn; t += kLanes) {
+      const int64_t live = live_end(valid, cn);
+      for (int64_t t = 0; t < live; t += kLanes) {
         Block<T> k = load_block(r, b, c0 + t, std::min<int64_t>(kLanes, cn - t));
         k.valid = load16(valid + t);
         const Ratio q = block_ratio(k.x, k.y, r.level, row);
@@ -664,7 +694,8 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
     for (int64_t c0 = 0; c0 < r.len; c0 += kChunk) {
       const int64_t cn = std::min<int64_t>(kChunk, r.len - c0);
       r.stage(r.mask + (b * r.len + c0) * r.mask_bytes, cn, valid);
-      for (int64_t t = 0; t < cn; t += kLanes) {
+      const int64_t live = live_end(valid, cn);
+      for (int64_t t = 0; t < live; t += kLanes) {
         const int64_t n = std::min<int64_t>(kLanes, cn - t), t0 = c0 + t;
         const Block<T> k = load_block(r, b, t0, n);
         const Ratio q = block_ratio(k.x, k.y, r.level, row);
@@ -673,6 +704,7 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const Rows<T>& r, c
         if (n == kLanes) store16(out + b * r.len + t0, d);
         else store_tail(out + b * r.len + t0, d, n);
       }
+      zero_padding(out + b * r.len + c0, live, cn);
     }
   }
 }
@@ -692,7 +724,8 @@ RLKERN_INLINE void backward_saved_rows(int64_t begin, int64_t end, int64_t len, 
     for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
       const int64_t cn = std::min<int64_t>(kChunk, len - c0);
       stage(mask + (b * len + c0) * mask_bytes, cn, valid);
-      for (int64_t t = 0; t < cn; t += kLanes) {
+      const int64_t live = live_end(valid, cn);
+      for (int64_t t = 0; t < live; t += kLanes) {
         const int64_t n = std::min<int64_t>(kLanes, cn - t), at = b * len + c0 + t;
         vfloat x = splat(0.f);
         if (has_saved) x = n == kLanes ? load16(saved + at) : load_tail(saved + at, n, 0.f);
@@ -701,6 +734,7 @@ RLKERN_INLINE void backward_saved_rows(int64_t begin, int64_t end, int64_t len, 
         if (n == kLanes) store16(out + at, d);
         else store_tail(out + at, d, n);
       }
+      zero_padding(out + b * len + c0, live, cn);
     }
   }
 }

@@ -374,6 +374,60 @@ def test_large_t(kernel_backend):
     _compare(rlkern.ops.grpo_loss, _grpo_reference, logp, (old, ref, adv[:, 0], mask), {}, what="large T")
 
 
+# Right-padded rows whose last valid token sits on either side of the C++ kernels' 16-token blocks
+# and 1024-token chunks (csrc/losses.cpp live_end: the blocks after it are skipped), plus an
+# all-padding row and a full one.
+_PADDED_LENGTHS = (0, 1, 15, 16, 17, 1023, 1024, 1025, 1040, 2048, 2085)
+
+
+@pytest.mark.parametrize("dtype, mask_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bool),
+                                               (torch.bfloat16, torch.int64)])
+@pytest.mark.parametrize("case", ["ppo", "cispo", "gspo", "vespo", "gmpo", "value", "and_grad"])
+def test_right_padding_is_skipped_exactly(dtype, mask_dtype, case):
+    """C++ backend, right-padded rows with NaN in every padded input: the loss, the stats and the
+    gradient match the float64 oracle (the skipped padding adds nothing), and every padded gradient
+    is written as +0.0 (outputs start as NaN here). fp32 takes the in-place backward over the saved
+    gradient, bf16 a separate gradient buffer; the masks are verl's float, TRL's int and bool ones
+    (staged differently: a staged 0 is +0.0 from a bool mask and -0.0 from the others)."""
+    rows, length = len(_PADDED_LENGTHS), max(_PADDED_LENGTHS)
+    mask = torch.arange(length) < torch.tensor(_PADDED_LENGTHS)[:, None]
+    typed_mask = mask.to(mask_dtype)
+    logp, old, ref, adv, _ = _tokens((rows, length), dtype)
+    logp, old, ref, adv = (t.masked_fill(~mask, float("nan")) for t in (logp, old, ref, adv))
+    adv_row = torch.randn(rows).to(dtype)
+    if case == "and_grad":  # float64 runs the reference; the float64 padding's NaN is never read either
+        _, expected, _ = L.grpo_loss_and_grad(logp.double(), old.double(), ref.double(), adv.double(), mask,
+                                              loss_type="dapo")
+    with rlkern.use_backend("cpp"):
+        if case == "and_grad":
+            _, grad, _ = L.grpo_loss_and_grad(logp, old, ref, adv, typed_mask, loss_type="dapo")
+            torch.testing.assert_close(grad.double()[mask], expected[mask], atol=1e-6,
+                                       rtol=GRAD_RTOL[dtype])
+        elif case == "value":
+            grad = _compare(rlkern.ops.value_loss, reference.value_loss, logp, (old, adv, typed_mask), {},
+                            what=case)[2]
+        elif case in ("ppo", "gmpo"):
+            kwargs = {"variant": "gmpo"} if case == "gmpo" else {}
+            grad = _compare(rlkern.ops.policy_loss, reference.policy_loss_variant, logp,
+                            (old, adv, typed_mask), kwargs, what=case)[2]
+        else:
+            loss_type = {"gspo": "grpo"}.get(case, case)
+            kwargs = {"loss_type": loss_type, "beta": 0.0}
+            if case == "gspo":
+                kwargs["importance_sampling_level"] = "sequence"
+            grad = _compare(rlkern.ops.grpo_loss, _grpo_variant_reference, logp,
+                            (old, None, adv_row, typed_mask), kwargs, what=case)[2]
+    padded = grad[~mask]
+    assert torch.equal(padded, torch.zeros_like(padded)) and not padded.signbit().any()
+
+
+def _grpo_variant_reference(logp, old, ref, adv, mask, *, loss_type, beta,
+                            importance_sampling_level="token"):
+    """rlkern.reference's GRPO loss of any loss type, with no reference model (beta = 0)."""
+    return reference.grpo_loss_variant(logp, old, logp.detach(), adv, mask, loss_type=loss_type, beta=beta,
+                                       importance_sampling_level=importance_sampling_level)
+
+
 def test_batch_invariance(kernel_backend):
     """A row's gradient is the same bits alone or in a batch (up to its aggregation scale), and the
     loss does not depend on the thread count."""

@@ -213,6 +213,67 @@ RLKERN_INLINE vfloat vfma(vfloat a, vfloat b, vfloat c) {
   return out;
 }
 
+// e^d at AVX-512 (L >= 4), for d <= 0 (clamped, see min_exp_at) or NaN, as 2^{d log2 e} = 2^b 2^r:
+// b = d log2 e rounded to a multiple of 1/16 (t = d log2 e + 1.5 * 2^19 has ulp 1/16, and
+// b = t - 1.5 * 2^19 exactly), r = d log2 e - b in [-1/32, 1/32] (one FMA, exact product).
+// 2^b = 2^{floor b} 2^{k/16} with k = 16 (b - floor b), the low 4 bits of t's mantissa: vpermps reads
+// 2^{k/16} from a 16-entry table and vscalefps applies 2^{floor b}. 2^r = 1 + r q(r), q of degree 2
+// (minimax for the relative error of 2^r on [-1/32, 1/32]: 1.6e-9, 0.03 ulp), summed as
+// 2^{k/16} + (2^{k/16} r) q in one FMA. Nine vector instructions per 16 exps where vexp2_clamped's
+// reduction to [-1/2, 1/2] needs a degree-6 polynomial and takes eleven. Error against float64 exp
+// (a float32 simulation of both over 2e6 d in [-1, 0]): max 1.09 ulp here, 1.13 for vexp2_clamped;
+// over d in [-40, 0] both reach ~10 ulp from float32's log2 e (1.3e-8 relative, times |d log2 e|).
+// A result below 2^-126 (b < -126) is 0: the AVX-512 row loops run with MXCSR.FTZ set (FlushToZero
+// below); without it each such result takes a microcode assist (~150 cycles per instruction,
+// measured on this machine's Sapphire Rapids), and -inf logits or padding would crawl.
+#if RLKERN_LOGITS_X86
+constexpr float kExpShift16 = 786432.f;  // 1.5 * 2^19
+constexpr vfloat kExp2Sixteenths = {0x1.000000p+0f, 0x1.0b5586p+0f, 0x1.172b84p+0f, 0x1.2387a6p+0f,
+                                    0x1.306fe0p+0f, 0x1.3dea64p+0f, 0x1.4bfdaep+0f, 0x1.5ab07ep+0f,
+                                    0x1.6a09e6p+0f, 0x1.7a1148p+0f, 0x1.8ace54p+0f, 0x1.9c4918p+0f,
+                                    0x1.ae89fap+0f, 0x1.c199bep+0f, 0x1.d5818ep+0f, 0x1.ea4afap+0f};
+template <int L>
+RLKERN_INLINE vfloat exp_table(vfloat d, vfloat table) {
+  const vfloat t = vfma<L>(d, splat(kLog2e), splat(kExpShift16));
+  const vfloat b = t - splat(kExpShift16);
+  const vfloat r = vfma<L>(d, splat(kLog2e), -b);
+  const vfloat q = vfma<L>(vfma<L>(splat(0x1.c6ac6cp-5f), r, splat(0x1.ebfff4p-3f)), r, splat(0x1.62e430p-1f));
+  vint k;
+  std::memcpy(&k, &t, sizeof(k));
+  const vfloat tk = __builtin_ia32_permvarsf512_mask(table, k, table, static_cast<__mmask16>(-1));
+  const vfloat m = vfma<L>(tk * r, q, tk);  // 2^{k/16} (1 + r q): one rounding after the table's
+  return __builtin_ia32_scalefps512_mask(m, b, b, static_cast<__mmask16>(-1), _MM_FROUND_CUR_DIRECTION);
+}
+#endif
+
+// Where d = z - max (or z - lse) is clamped so that e^d is exactly 0 there (-inf logits, padding):
+// kMinExp for vexp2_clamped; at AVX-512 -177, where d log2 e < -255 and even |a| 2^{k/16} 2^{floor b}
+// (|a| < 2^126, softmax_grad's kFold) is below 2^-129, flushed to 0. Both clamp only terms < 2^-126.
+template <int L>
+constexpr float min_exp_at() {
+  return L >= 4 ? -177.f : kMinExp;
+}
+
+// e^d for d clamped at min_exp_at<L>: exp_table at AVX-512, vexp2_clamped below it.
+template <int L>
+RLKERN_INLINE vfloat exp_at(vfloat d) {
+#if RLKERN_LOGITS_X86
+  if constexpr (L >= 4) return exp_table<L>(d, kExp2Sixteenths);
+#endif
+  return vexp2_clamped(d * splat(kLog2e));
+}
+
+// MXCSR.FTZ for the AVX-512 row loops (see exp_table), set once per range of rows and restored on
+// exit. The per-row scalar maths runs under it too: any of its results below 2^-126 (a rescale
+// factor of sums that then hold a term 1, a label gradient of magnitude < 1.2e-38) becomes 0.
+struct FlushToZero {
+#if RLKERN_LOGITS_X86
+  unsigned saved = __builtin_ia32_stmxcsr();
+  FlushToZero() { __builtin_ia32_ldmxcsr(saved | 0x8000u); }
+  ~FlushToZero() { __builtin_ia32_ldmxcsr(saved); }
+#endif
+};
+
 template <bool kExact, int L>
 RLKERN_INLINE vfloat scaled(vfloat x, const Temperature& t) {
   const vfloat q = x * splat(t.inv);
@@ -307,15 +368,15 @@ struct RowStats {
 };
 
 // Adds e = e^{d} to vs and, for entropy, e * d to vt, where d = z - m <= 0. d is clamped at
-// kMinExp so that -inf logits add exactly 0 and e * d stays 0 rather than 0 * -inf = NaN; the
+// min_exp_at<L> so that -inf logits add exactly 0 and e * d stays 0 rather than 0 * -inf = NaN; the
 // clamp is max_at(min, d), which returns d where d is NaN: a NaN logit passes through into the sums
 // instead of being clamped away.
 // With kP2 also e^2 to vq (e^{2d} = 0 where e is 0: banned logits and padding add nothing there too).
 template <bool kEntropy, bool kP2, bool kExact, int L>
 RLKERN_INLINE void accumulate_exp(vfloat xv, const Temperature& t, vfloat vm, vfloat& vs, vfloat& vt,
                                   vfloat& vq) {
-  const vfloat d = max_at<L>(splat(kMinExp), scaled<kExact, L>(xv, t) - vm);
-  const vfloat e = vexp2_clamped(d * splat(kLog2e));
+  const vfloat d = max_at<L>(splat(min_exp_at<L>()), scaled<kExact, L>(xv, t) - vm);
+  const vfloat e = exp_at<L>(d);
   vs += e;
   if constexpr (kEntropy) vt += e * d;
   if constexpr (kP2) vq += e * e;
@@ -487,19 +548,62 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const ForwardArgs<T>
 // which is d z = -p (g + h (z - lse + H)) scaled by 1/T, without the label's 1[j=y] g term.
 struct GradCoefficients {
   vfloat lse, a, b;
+  vfloat table;  // with kFold: a 2^{k/16}, k = 0..15 (exp_table's table with the factor a in it)
 };
 
-// Without an entropy gradient (b = 0) the factor is a alone: one FMA less per 16 logits.
-template <bool kExact, bool kEntropyGrad, int L>
+// Without an entropy gradient (b = 0) the factor is a alone: one FMA less per 16 logits. With kFold
+// (AVX-512, no entropy gradient, |a| < 2^126 so that a 2^{k/16} stays finite) a rides in exp_table's
+// table: p a = 2^{floor b} (a 2^{k/16}) (1 + r q), one multiply less again; the extra rounding of
+// a 2^{k/16} (half an ulp) replaces that of p * a.
+template <bool kExact, bool kEntropyGrad, bool kFold, int L>
 RLKERN_INLINE vfloat softmax_grad(vfloat xv, const Temperature& t, const GradCoefficients& c) {
-  // Clamped at kMinExp, where vexp2_clamped is exactly 0: so is the gradient of a -inf logit (d = -inf)
-  // and of any logit below e^-88.03, and a + b d stays finite. A NaN d passes the clamp.
-  const vfloat d = max_at<L>(splat(kMinExp), scaled<kExact, L>(xv, t) - c.lse);
-  const vfloat p = vexp2_clamped(d * splat(kLog2e));
+  // Clamped at min_exp_at<L>, where e^d is exactly 0: so is the gradient of a -inf logit (d = -inf)
+  // and of any logit below e^-88.03 (-177 at AVX-512), and a + b d stays finite. A NaN d passes the clamp.
+  const vfloat d = max_at<L>(splat(min_exp_at<L>()), scaled<kExact, L>(xv, t) - c.lse);
+#if RLKERN_LOGITS_X86
+  if constexpr (kFold) return exp_table<L>(d, c.table);
+#endif
+  const vfloat p = exp_at<L>(d);
   if constexpr (kEntropyGrad) {
     return p * (c.a + c.b * d);
   } else {
     return p * c.a;
+  }
+}
+
+// a 2^{k/16} for softmax_grad's kFold (unused below AVX-512).
+template <int L>
+RLKERN_INLINE vfloat fold_table(float a) {
+#if RLKERN_LOGITS_X86
+  if constexpr (L >= 4) return splat(a) * kExp2Sixteenths;
+#endif
+  return splat(a);
+}
+
+// d logits of one row but the label's term: dx = softmax_grad(x) over the row's vocab.
+template <typename T, bool kExact, bool kEntropyGrad, bool kFold, int L>
+RLKERN_INLINE void backward_row(const T* x, T* dx, int64_t vocab, const Temperature& t, const GradCoefficients& c) {
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= vocab; j += 2 * kLanes) {
+    // Software prefetch far ahead: the loop body is long enough (two exps per 32 logits) that the
+    // out-of-order window alone keeps few cache lines in flight, and the stream stalls on memory.
+    __builtin_prefetch(x + j + kPrefetch, 0, 3);
+    if constexpr (sizeof(T) == 4) __builtin_prefetch(x + j + kPrefetch + kLanes, 0, 3);
+    if (dx != x) {
+      __builtin_prefetch(dx + j + kPrefetch, 1, 3);
+      if constexpr (sizeof(T) == 4) __builtin_prefetch(dx + j + kPrefetch + kLanes, 1, 3);
+    }
+    vfloat a, b;
+    load32(x + j, a, b);
+    store32<L>(dx + j, softmax_grad<kExact, kEntropyGrad, kFold, L>(a, t, c),
+               softmax_grad<kExact, kEntropyGrad, kFold, L>(b, t, c));
+  }
+  for (; j + kLanes <= vocab; j += kLanes) {
+    store16(dx + j, softmax_grad<kExact, kEntropyGrad, kFold, L>(load16(x + j), t, c));
+  }
+  if (j < vocab) {
+    const int64_t n = vocab - j;
+    store_tail(dx + j, softmax_grad<kExact, kEntropyGrad, kFold, L>(load_tail(x + j, n, -kInf), t, c), n);
   }
 }
 
@@ -529,28 +633,12 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const BackwardArgs<
       for (int64_t j = 0; j < g.vocab; ++j) dx[j] = fill;
       continue;
     }
-    const GradCoefficients c{splat(row_lse), splat(-(gl + gh * row_h) * t.inv), splat(-gh * t.inv)};
-    int64_t j = 0;
-    for (; j + 2 * kLanes <= g.vocab; j += 2 * kLanes) {
-      // Software prefetch far ahead: the loop body is long enough (two exps per 32 logits) that the
-      // out-of-order window alone keeps few cache lines in flight, and the stream stalls on memory.
-      __builtin_prefetch(x + j + kPrefetch, 0, 3);
-      if constexpr (sizeof(T) == 4) __builtin_prefetch(x + j + kPrefetch + kLanes, 0, 3);
-      if (dx != x) {
-        __builtin_prefetch(dx + j + kPrefetch, 1, 3);
-        if constexpr (sizeof(T) == 4) __builtin_prefetch(dx + j + kPrefetch + kLanes, 1, 3);
-      }
-      vfloat a, b;
-      load32(x + j, a, b);
-      store32<L>(dx + j, softmax_grad<kExact, kEntropyGrad, L>(a, t, c),
-                 softmax_grad<kExact, kEntropyGrad, L>(b, t, c));
-    }
-    for (; j + kLanes <= g.vocab; j += kLanes) {
-      store16(dx + j, softmax_grad<kExact, kEntropyGrad, L>(load16(x + j), t, c));
-    }
-    if (j < g.vocab) {
-      const int64_t n = g.vocab - j;
-      store_tail(dx + j, softmax_grad<kExact, kEntropyGrad, L>(load_tail(x + j, n, -kInf), t, c), n);
+    const float a = -(gl + gh * row_h) * t.inv;
+    const GradCoefficients c{splat(row_lse), splat(a), splat(-gh * t.inv), fold_table<L>(a)};
+    if (!kEntropyGrad && L >= 4 && std::fabs(a) < 0x1p126f) {
+      backward_row<T, kExact, kEntropyGrad, (!kEntropyGrad && L >= 4), L>(x, dx, g.vocab, t, c);
+    } else {
+      backward_row<T, kExact, kEntropyGrad, false, L>(x, dx, g.vocab, t, c);
     }
     if (has_label) {
       const float d = zy - row_lse;
@@ -570,10 +658,12 @@ bool is_exact_scale(const Temperature& t) {
 // Rows [begin, end) at temperature t with the scaling variant kExact, forward or backward.
 template <typename T, bool kExact, int L>
 RLKERN_INLINE void rows_at(int64_t begin, int64_t end, const ForwardArgs<T>& a, const Temperature& t) {
+  [[maybe_unused]] std::conditional_t<(L >= 4), FlushToZero, int> ftz{};
   forward_rows<T, kExact, L>(begin, end, a, t);
 }
 template <typename T, bool kExact, int L>
 RLKERN_INLINE void rows_at(int64_t begin, int64_t end, const BackwardArgs<T>& a, const Temperature& t) {
+  [[maybe_unused]] std::conditional_t<(L >= 4), FlushToZero, int> ftz{};
   if (a.grad_ent != nullptr) backward_rows<T, kExact, true, L>(begin, end, a, t);
   else backward_rows<T, kExact, false, L>(begin, end, a, t);
 }

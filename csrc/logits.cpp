@@ -244,6 +244,36 @@ RLKERN_INLINE vfloat exp_table(vfloat d, vfloat table) {
   const vfloat m = vfma<L>(tk * r, q, tk);  // 2^{k/16} (1 + r q): one rounding after the table's
   return __builtin_ia32_scalefps512_mask(m, b, b, static_cast<__mmask16>(-1), _MM_FROUND_CUR_DIRECTION);
 }
+
+// exp_table with 32 entries (vpermt2ps over two registers) and q of degree 1, for the one place whose
+// result is stored as bf16: the backward's d logits. r lies in [-1/64, 1/64], where 1 + r q(r) is
+// within 5.3e-8 (0.9 of a float32 half-ulp) of 2^r, minimax; the float32 result within 1.9 ulp
+// of float64 exp on [-1, 0] (simulated, 2e6 values), against 1.1 ulp for exp_table. Rounded to
+// bf16, whose half-ulp is 2^8 float32 ulps, it differs from the bf16 rounding of the correctly
+// rounded float32 e^d in 6e-6 of the values (exp_table: 3.5e-6; both off by one bf16 ulp there).
+constexpr float kExpShift32 = 393216.f;  // 1.5 * 2^18: t's ulp is 1/32
+struct ExpTable32 {
+  vfloat lo, hi;  // 2^{k/32} for k = 0..15 and 16..31, or a times those (softmax_grad's kFold)
+};
+template <int L>
+RLKERN_INLINE vfloat exp_table32(vfloat d, const ExpTable32& table) {
+  const vfloat t = vfma<L>(d, splat(kLog2e), splat(kExpShift32));
+  const vfloat b = t - splat(kExpShift32);
+  const vfloat r = vfma<L>(d, splat(kLog2e), -b);
+  const vfloat q = vfma<L>(splat(0x1.ebfc02p-3f), r, splat(0x1.62e584p-1f));
+  vint k;
+  std::memcpy(&k, &t, sizeof(k));
+  const vfloat tk = __builtin_ia32_vpermt2varps512_mask(k, table.lo, table.hi, static_cast<__mmask16>(-1));
+  const vfloat m = vfma<L>(tk * r, q, tk);
+  return __builtin_ia32_scalefps512_mask(m, b, b, static_cast<__mmask16>(-1), _MM_FROUND_CUR_DIRECTION);
+}
+constexpr ExpTable32 kExp2ThirtySeconds = {
+    {0x1.0p+0f, 0x1.059b0ep+0f, 0x1.0b5586p+0f, 0x1.11301ep+0f, 0x1.172b84p+0f, 0x1.1d4874p+0f, 0x1.2387a6p+0f,
+     0x1.29e9e0p+0f, 0x1.306fe0p+0f, 0x1.371a74p+0f, 0x1.3dea64p+0f, 0x1.44e086p+0f, 0x1.4bfdaep+0f, 0x1.5342b6p+0f,
+     0x1.5ab07ep+0f, 0x1.6247ecp+0f},
+    {0x1.6a09e6p+0f, 0x1.71f75ep+0f, 0x1.7a1148p+0f, 0x1.82589ap+0f, 0x1.8ace54p+0f, 0x1.93737cp+0f, 0x1.9c4918p+0f,
+     0x1.a5503cp+0f, 0x1.ae89fap+0f, 0x1.b7f770p+0f, 0x1.c199bep+0f, 0x1.cb720ep+0f, 0x1.d5818ep+0f, 0x1.dfc974p+0f,
+     0x1.ea4afap+0f, 0x1.f50766p+0f}};
 #endif
 
 // Where d = z - max (or z - lse) is clamped so that e^d is exactly 0 there (-inf logits, padding):
@@ -548,20 +578,24 @@ RLKERN_INLINE void forward_rows(int64_t begin, int64_t end, const ForwardArgs<T>
 // which is d z = -p (g + h (z - lse + H)) scaled by 1/T, without the label's 1[j=y] g term.
 struct GradCoefficients {
   vfloat lse, a, b;
-  vfloat table;  // with kFold: a 2^{k/16}, k = 0..15 (exp_table's table with the factor a in it)
+  vfloat table;  // with kFold 1: a 2^{k/16}, k = 0..15 (exp_table's table with the factor a in it)
+#if RLKERN_LOGITS_X86
+  ExpTable32 table32;  // with kFold 2: a 2^{k/32}, k = 0..31
+#endif
 };
 
 // Without an entropy gradient (b = 0) the factor is a alone: one FMA less per 16 logits. With kFold
 // (AVX-512, no entropy gradient, |a| < 2^126 so that a 2^{k/16} stays finite) a rides in exp_table's
 // table: p a = 2^{floor b} (a 2^{k/16}) (1 + r q), one multiply less again; the extra rounding of
-// a 2^{k/16} (half an ulp) replaces that of p * a.
-template <bool kExact, bool kEntropyGrad, bool kFold, int L>
+// a 2^{k/16} (half an ulp) replaces that of p * a. kFold 2 (bf16 gradients) is exp_table32's.
+template <bool kExact, bool kEntropyGrad, int kFold, int L>
 RLKERN_INLINE vfloat softmax_grad(vfloat xv, const Temperature& t, const GradCoefficients& c) {
   // Clamped at min_exp_at<L>, where e^d is exactly 0: so is the gradient of a -inf logit (d = -inf)
   // and of any logit below e^-88.03 (-177 at AVX-512), and a + b d stays finite. A NaN d passes the clamp.
   const vfloat d = max_at<L>(splat(min_exp_at<L>()), scaled<kExact, L>(xv, t) - c.lse);
 #if RLKERN_LOGITS_X86
-  if constexpr (kFold) return exp_table<L>(d, c.table);
+  if constexpr (kFold == 1) return exp_table<L>(d, c.table);
+  if constexpr (kFold == 2) return exp_table32<L>(d, c.table32);
 #endif
   const vfloat p = exp_at<L>(d);
   if constexpr (kEntropyGrad) {
@@ -581,7 +615,7 @@ RLKERN_INLINE vfloat fold_table(float a) {
 }
 
 // d logits of one row but the label's term: dx = softmax_grad(x) over the row's vocab.
-template <typename T, bool kExact, bool kEntropyGrad, bool kFold, int L>
+template <typename T, bool kExact, bool kEntropyGrad, int kFold, int L>
 RLKERN_INLINE void backward_row(const T* x, T* dx, int64_t vocab, const Temperature& t, const GradCoefficients& c) {
   int64_t j = 0;
   for (; j + 2 * kLanes <= vocab; j += 2 * kLanes) {
@@ -634,11 +668,16 @@ RLKERN_INLINE void backward_rows(int64_t begin, int64_t end, const BackwardArgs<
       continue;
     }
     const float a = -(gl + gh * row_h) * t.inv;
-    const GradCoefficients c{splat(row_lse), splat(a), splat(-gh * t.inv), fold_table<L>(a)};
-    if (!kEntropyGrad && L >= 4 && std::fabs(a) < 0x1p126f) {
-      backward_row<T, kExact, kEntropyGrad, (!kEntropyGrad && L >= 4), L>(x, dx, g.vocab, t, c);
+    GradCoefficients c{splat(row_lse), splat(a), splat(-gh * t.inv), fold_table<L>(a)};
+    // kFold: 0 none, 1 exp_table with a, 2 exp_table32 with a (bf16 gradients).
+    constexpr int kFold = kEntropyGrad || L < 4 ? 0 : std::is_same_v<T, c10::BFloat16> ? 2 : 1;
+#if RLKERN_LOGITS_X86
+    if constexpr (kFold == 2) c.table32 = {splat(a) * kExp2ThirtySeconds.lo, splat(a) * kExp2ThirtySeconds.hi};
+#endif
+    if (kFold != 0 && std::fabs(a) < 0x1p126f) {
+      backward_row<T, kExact, kEntropyGrad, kFold, L>(x, dx, g.vocab, t, c);
     } else {
-      backward_row<T, kExact, kEntropyGrad, false, L>(x, dx, g.vocab, t, c);
+      backward_row<T, kExact, kEntropyGrad, 0, L>(x, dx, g.vocab, t, c);
     }
     if (has_label) {
       const float d = zy - row_lse;

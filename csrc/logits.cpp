@@ -41,7 +41,9 @@
 // registers: the AVX2 clone ran every clamp, max and NaN guard as 16 scalar compares and cmovs
 // (seen with objdump). The helpers below spell those per level: at L3 on two native 8-lane halves,
 // at L4+ as vmaxps (one instruction where the select was a compare and a masked move), and at L5
-// the bf16 rounding of the gradient is vcvtne2ps2bf16. They call GCC's __builtin_ia32_* directly:
+// the bf16 rounding of the gradient is vcvtne2ps2bf16. At L4+ the exps are table-driven (exp_table,
+// exp_table32: vpermps / vpermt2ps + vscalefps, under MXCSR.FTZ), so the levels agree to a few ulp,
+// not bit for bit (tests/test_logits_hostile.py::test_every_isa_level_agrees). They call GCC's __builtin_ia32_* directly:
 // the _mm* intrinsics are always_inline functions with their own target, which GCC refuses to
 // inline into these generic helpers; a builtin is checked only where it is expanded, inside a
 // kernel compiled for a target that has it.
@@ -226,6 +228,9 @@ RLKERN_INLINE vfloat vfma(vfloat a, vfloat b, vfloat c) {
 // A result below 2^-126 (b < -126) is 0: the AVX-512 row loops run with MXCSR.FTZ set (FlushToZero
 // below); without it each such result takes a microcode assist (~150 cycles per instruction,
 // measured on this machine's Sapphire Rapids), and -inf logits or padding would crawl.
+// d = NaN gives NaN; d = +inf gives +inf, not NaN (r is NaN, but vscalefps(NaN, +inf) is +inf, seen
+// here): the forward passes +inf only in a block whose max lane lost it to a NaN logit (S is NaN
+// then anyway), the backward only for a +inf logit against a finite lse, which no forward gives.
 #if RLKERN_LOGITS_X86
 constexpr float kExpShift16 = 786432.f;  // 1.5 * 2^19
 constexpr vfloat kExp2Sixteenths = {0x1.000000p+0f, 0x1.0b5586p+0f, 0x1.172b84p+0f, 0x1.2387a6p+0f,

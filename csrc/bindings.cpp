@@ -29,6 +29,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("logprobs_bwd", &rlkern::logprobs_bwd, release);
   m.def("logprobs_autograd", &rlkern::logprobs_autograd, release);
   m.def("losses_fwd", &rlkern::losses_fwd, release);
+  m.def("losses_fwd_new", &rlkern::losses_fwd_new, release);
   m.def("losses_bwd", &rlkern::losses_bwd, release);
   m.def("losses_bwd_saved", &rlkern::losses_bwd_saved, release);
   m.def("masked_stat_fwd", &rlkern::masked_stat_fwd, release);

@@ -31,6 +31,7 @@
 
 #include "logits.h"
 #include "dispatch.h"
+#include "outputs.h"
 #include "simd.h"
 
 // ISA levels. The row kernels are compiled once per level L, each under a plain target attribute
@@ -892,12 +893,6 @@ namespace {
 
 // A contiguous logits-shaped tensor as the kernels' [outer, inner, V] view (rlkern/ops/logits.py _rows).
 at::Tensor rows_of(const at::Tensor& x) { return x.dim() == 3 ? x : x.view({1, -1, x.size(-1)}); }
-
-at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options, bool poison) {
-  at::Tensor out = at::empty(shape, options);
-  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  return out;
-}
 
 // An upstream gradient as the kernels read it (flat float32), or none where autograd has none (or
 // an empty one, for an output that was not asked for).

@@ -62,6 +62,7 @@
 #include "losses.h"
 #include "dispatch.h"
 #include "mask_stage.h"
+#include "outputs.h"
 #include "rlkern_codes.h"
 #include "simd.h"
 
@@ -72,8 +73,10 @@ namespace {
 enum Partial : int { kLossSum, kCount, kClipped, kClipHigh, kClipLow, kDualFlag, kNegLogRatio, kK3, kProbeOk,
                      kPartials };
 // The stats vector returned to Python (kLossStats entries, rlkern/codes.py): every counter and KL sum
-// divided by the valid-token count: clipped, clip_high, clip_low, dual, approx_kl (mean -log r), k3 mean.
-static_assert(kLossStats == 6, "rlkern/codes.py LOSS_STATS must match the stats the kernels write");
+// divided by the valid-token count: clipped, clip_high, clip_low, dual, approx_kl (mean -log r), k3 mean;
+// then clip_high + clip_low in float32 (grpo's clip_ratio, TRL's region share: the two are disjoint)
+// and 0.
+static_assert(kLossStats == 8, "rlkern/codes.py LOSS_STATS must match the stats the kernels write");
 
 // The mask (any dtype, nonzero = valid; csrc/mask_stage.h) is staged kChunk tokens at a time as float
 // 0/1: it multiplies the 0/1 flags and drives keep().
@@ -1002,11 +1005,38 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
   }
   loss_ptr[0] = static_cast<float>(total);
   const double n = std::max(tokens, 1.0), rows = std::max<double>(static_cast<double>(B), 1.0);
-  const int order[kLossStats] = {kClipped, kClipHigh, kClipLow, kDualFlag, kNegLogRatio, kK3};
-  for (int i = 0; i < kLossStats; ++i) {
+  const int order[] = {kClipped, kClipHigh, kClipLow, kDualFlag, kNegLogRatio, kK3};
+  for (int i = 0; i < 6; ++i) {
     const bool flag = order[i] != kNegLogRatio && order[i] != kK3;
     stats_ptr[i] = static_cast<float>(sums[order[i]] / (flag && flags_per_row ? rows : n));
   }
+  stats_ptr[6] = stats_ptr[1] + stats_ptr[2];
+  stats_ptr[7] = 0.f;
+}
+
+// losses_fwd with its outputs allocated here, for rlkern/ops/losses.py's eager calls that build no
+// autograd node: one call instead of five Python allocations (~20-40 us of a 1M-token GSPO forward,
+// as each runs with the caches the kernel just swept). Returns (loss, stats, row_scale, row_aux,
+// saved: x's shape in float32 when save_grad != 0, else a [0] tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> losses_fwd_new(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& w, const at::Tensor& mask, int64_t kind, double clip_low, double clip_high,
+    double dual_clip, double beta, double value_clip, bool per_row_mean, double denom, int64_t save_grad,
+    int64_t variant, int64_t level, double delta, double tau_pos, double tau_neg,
+    const std::optional<at::Tensor>& row_in, double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg,
+    double vespo_lambda_neg, bool poison) {
+  TORCH_CHECK(x.dim() >= 1, "x must be a [..., T] tensor, got a 0-d tensor");
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  const at::IntArrayRef lead = x.sizes().slice(0, x.dim() - 1);
+  std::vector<int64_t> aux_shape(lead.begin(), lead.end());
+  aux_shape.push_back(2);
+  at::Tensor loss = new_output({}, f32, poison), stats = new_output({kLossStats}, f32, poison),
+             row_scale = new_output(lead, f32, poison), row_aux = new_output(aux_shape, f32, poison),
+             saved = save_grad ? new_output(x.sizes(), f32, poison) : at::empty({0}, f32);
+  losses_fwd(x, y, a, z, w, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip, per_row_mean, denom, loss,
+             stats, row_scale, save_grad ? std::optional<at::Tensor>(saved) : std::nullopt, variant, level, delta,
+             tau_pos, tau_neg, row_aux, row_in, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg);
+  return {loss, stats, row_scale, row_aux, saved};
 }
 
 void losses_bwd(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,

@@ -24,10 +24,10 @@ import triton.language as tl
 
 from rlkern.codes import LOSS_KINDS, LOSS_STATS, LOSS_VARIANTS, RATIO_LEVELS
 
-# Per-row partial sums: loss, count, then the LOSS_STATS stats: clipped, clip_high, clip_low, dual,
-# -log r, k3.
+# Per-row partial sums: loss, count, then the first six of the LOSS_STATS stats: clipped, clip_high,
+# clip_low, dual, -log r, k3 (the combine kernel adds the last two: clip_high + clip_low, and 0).
 N_PARTIALS = 8
-assert N_PARTIALS == 2 + LOSS_STATS
+assert LOSS_STATS == 6 + 2  # the combine kernel writes six sums and the two derived stats
 # The kinds (rlkern/codes.py) as constexpr globals. GRPO_BC: grpo with the KL term weighted by the
 # importance ratio (TRL's use_bias_correction_kl).
 POLICY = tl.constexpr(LOSS_KINDS["policy"])
@@ -459,6 +459,9 @@ def _losses_combine_kernel(partial_ptr, loss_ptr, stats_ptr, scale_ptr, rows, de
     if FLAGS_PER_ROW:
         stats = tl.where(cols < 6, row_shares / tl.maximum(rows.to(tl.float32), 1.0), stats)
     tl.store(stats_ptr + cols - 2, stats, mask=cols >= 2)
+    # stats[6] = clip_high + clip_low (one float32 add: the zeros add nothing), stats[7] = 0.
+    tl.store(stats_ptr + 6, tl.sum(tl.where((cols == 3) | (cols == 4), stats, 0.0), axis=0))
+    tl.store(stats_ptr + 7, 0.0)
 
 
 @triton.jit

@@ -12,8 +12,10 @@ KL_ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 # The objective of one rlkern.ops.losses kernel launch (rlkern/ops/losses.py).
 LOSS_KINDS = {"policy": 0, "grpo": 1, "value": 2, "grpo_bc": 3}
 
-# How many per-row statistics the loss kernels return beside the loss (clip fractions, approx KL...).
-LOSS_STATS = 6
+# How many statistics the loss kernels return beside the loss: six masked means (clip fractions,
+# approx KL, k3), then clip_high + clip_low (grpo's clip_ratio) and a 0 (a stat a loss type lacks), so
+# that rlkern/ops/losses.py builds every stats dict from views of this one vector, with no torch op.
+LOSS_STATS = 8
 
 TABLES = {"kKl": KL_ESTIMATORS, "kLoss": LOSS_KINDS}
 SCALARS = {"kLossStats": LOSS_STATS}

@@ -22,6 +22,7 @@ import torch
 
 import rlkern
 from rlkern import reference
+from rlkern.codes import LOSS_STATS
 from rlkern.ops import losses as L
 from rlkern.ops._registry import cpp_kernels
 from tests.conftest import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_close_to_oracle
@@ -636,7 +637,7 @@ def test_remembered_hyperparameters_still_refuse_what_they_refused():
 def test_cpp_kernel_checks_shapes_itself():
     """Called directly (bypassing the Python checks) the C++ kernel refuses inconsistent tensors."""
     x = torch.randn(2, 5)
-    outs = (torch.empty(()), torch.empty(6), torch.empty(2))
+    outs = (torch.empty(()), torch.empty(LOSS_STATS), torch.empty(2))
     opts = (0, 0, math.inf, 1.0, 1.05, torch.empty(2, 2), None, 2.0, 3.0, 3.0, 2.0)
     with pytest.raises(RuntimeError, match="old must be a contiguous"):
         cpp_kernels().losses_fwd(x, torch.randn(2, 4), x, None, None, torch.ones(2, 5, dtype=torch.bool), 0,

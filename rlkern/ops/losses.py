@@ -47,6 +47,7 @@ from rlkern import reference
 from rlkern.codes import LOSS_KINDS, LOSS_STATS
 from rlkern.codes import LOSS_VARIANTS as _VARIANT_CODES
 from rlkern.codes import RATIO_LEVELS as _LEVEL_CODES
+from rlkern.ops import _common
 from rlkern.ops._common import (
     check_finite,
     check_int,
@@ -74,12 +75,14 @@ _SEQUENCE = _LEVEL_CODES["sequence"]
 # cispo shares dapo's, sapo grpo's; luspo is (per_token_loss * mask).sum(-1).mean()).
 _GRPO_VARIANT = {"cispo": "cispo_cap", "sapo": "sapo", "vespo": "vespo"}
 _GRPO_NORMALISER = {"cispo": "dapo", "sapo": "grpo", "vespo": "dapo"}
-# The layout of the LOSS_STATS-long stats vector the kernels write (csrc/losses.cpp).
-_CLIPPED, _CLIP_HIGH, _CLIP_LOW, _DUAL, _NEG_LOG_RATIO, _K3 = range(LOSS_STATS)
+# The layout of the LOSS_STATS-long stats vector the kernels write (csrc/losses.cpp): six masked means,
+# then clip_high + clip_low (grpo's clip_ratio) and 0.
+_CLIPPED, _CLIP_HIGH, _CLIP_LOW, _DUAL, _NEG_LOG_RATIO, _K3, _CLIP_REGION, _ZERO = range(LOSS_STATS)
 # TRL 1.16 GRPOConfig's vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg.
 _VESPO_DEFAULTS = (2.0, 3.0, 3.0, 2.0)
 # Denominator codes: > 0 is a constant; these two are counts the forward pass finds itself.
 _DENOM_TOKENS, _DENOM_LIVE_ROWS = -1.0, -2.0
+_grad_enabled = torch.is_grad_enabled  # bound once (every eager forward reads it)
 
 
 # The registered ops take canonical tensors: x, old, adv (or per-row advantages of x's leading shape),
@@ -111,6 +114,22 @@ def _losses_fwd(x: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, weights
                                           row_in, vk_pos, vl_pos, vk_neg, vl_neg)
     none = x.new_empty(0, dtype=torch.float32)
     return loss, stats, row_scale, row_aux, saved if saved is not None else none
+
+
+def _native_fwd(x, old, adv, ref, weights, mask, kind, clip_low, clip_high, dual_clip, beta, value_clip,
+                per_row_mean, denom, save_grad, backend, *options):
+    """Eager calls on the C++ backend that build no autograd node: one C++ call allocating the same
+    outputs as _losses_fwd (csrc/losses.cpp losses_fwd_new). None (_losses_fwd's own path) where a
+    tensor input requires grad under grad mode, or on another backend."""
+    if backend != "cpp" or (_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, old, adv, ref, weights, options[5]))):  # row_in
+        return None
+    return kernels("cpp", "").losses_fwd_new(x, old, adv, ref, weights, mask, kind, clip_low, clip_high,
+                                             dual_clip, beta, value_clip, per_row_mean, denom, save_grad,
+                                             *options, _common.POISON_OUTPUTS)
+
+
+_losses_fwd.register_native(_native_fwd, without_grad=True)
 
 
 @_losses_fwd.register_fake
@@ -606,16 +625,16 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 
 
 def _grpo_stats(stats: Tensor, loss_type: str) -> dict[str, Tensor]:
-    s = stats.unbind()  # one call for every view (indexing each costs ~1 us)
-    high = s[_CLIP_HIGH]
+    # Views of the kernels' vector only (one unbind for all of them; indexing each costs ~1 us, a torch
+    # op ~3 us): the region share and the zeros are slots the kernels write.
+    s = stats.unbind()
+    high, zero = s[_CLIP_HIGH], s[_ZERO]
     if loss_type == "vespo":  # the kernels' clip_high slot holds phi (csrc/losses.cpp)
-        zeros = stats.new_zeros(4).unbind()
-        return {"kl": s[_K3], "clip_ratio": zeros[0], "clip_ratio_low": zeros[1], "clip_ratio_high": zeros[2],
-                "cispo_clip_ratio": zeros[3], "approx_kl": s[_NEG_LOG_RATIO], "phi_seq_mean": high}
-    zeros = stats.new_zeros(2).unbind()
-    return {"kl": s[_K3], "clip_ratio": s[_CLIP_LOW] + high, "clip_ratio_low": s[_CLIP_LOW],
-            "clip_ratio_high": high, "cispo_clip_ratio": high if loss_type == "cispo" else zeros[0],
-            "approx_kl": s[_NEG_LOG_RATIO], "phi_seq_mean": zeros[1]}
+        return {"kl": s[_K3], "clip_ratio": zero, "clip_ratio_low": zero, "clip_ratio_high": zero,
+                "cispo_clip_ratio": zero, "approx_kl": s[_NEG_LOG_RATIO], "phi_seq_mean": high}
+    return {"kl": s[_K3], "clip_ratio": s[_CLIP_REGION], "clip_ratio_low": s[_CLIP_LOW],
+            "clip_ratio_high": high, "cispo_clip_ratio": high if loss_type == "cispo" else zero,
+            "approx_kl": s[_NEG_LOG_RATIO], "phi_seq_mean": zero}
 
 
 _GRPO_OPTION_NAMES = ("loss_type", "importance_sampling_level", "delta", "sapo_temperature_pos",

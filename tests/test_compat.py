@@ -606,10 +606,12 @@ def test_trl_grpo_loss_normalisers_match_trl_trainer(loss_type, accumulation, st
     close(torch.autograd.grad(got, logp)[0], torch.autograd.grad(want, logp)[0], what=f"{loss_type} d logp")
 
 
-@pytest.mark.parametrize("is_shape", ["token", "sequence"])
-def test_trl_grpo_compute_loss_with_vllm_is_ratio_matches_trl(is_shape):
-    """GRPOTrainer._compute_loss patched vs TRL's, with vLLM importance-sampling correction (the
-    ratio multiplies the surrogate, not the KL): loss, gradient and every logged metric."""
+# vespo folds the ratios into its gamma weights instead (TRL allows it with the token modes only).
+@pytest.mark.parametrize("loss_type, is_shape", [("dapo", "token"), ("dapo", "sequence"), ("vespo", "token")])
+def test_trl_grpo_compute_loss_with_vllm_is_ratio_matches_trl(loss_type, is_shape):
+    """GRPOTrainer._compute_loss patched vs TRL's, with vLLM importance-sampling correction (dapo: the
+    ratio multiplies the surrogate, not the KL; vespo: its log, summed per row, enters log w of the
+    gamma weights): loss, gradient and every logged metric."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     from rlkern.compat._trl_fused import calls, wrap_grpo_compute_loss
@@ -625,11 +627,14 @@ def test_trl_grpo_compute_loss_with_vllm_is_ratio_matches_trl(is_shape):
             _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.rand(b, t), None),
             top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
             beta=0.05,
-            args=types.SimpleNamespace(use_bias_correction_kl=True, delta=None, steps_per_generation=1),
-            loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, use_vllm=True,
+            args=types.SimpleNamespace(use_bias_correction_kl=True, delta=None, steps_per_generation=1,
+                                       vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=3.0,
+                                       vespo_lambda_neg=2.0),
+            loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, use_vllm=True,
             vllm_importance_sampling_correction=True, model=types.SimpleNamespace(training=True),
             current_gradient_accumulation_steps=1, accelerator=_Accelerator(), _entropy_bonus_enabled=False,
-            aux_loss_enabled=False, _metrics=_metrics(), max_completion_length=t)
+            aux_loss_enabled=False, _metrics=_metrics(), max_completion_length=t,
+            get_gamma_weights=GRPOTrainer.get_gamma_weights)  # a staticmethod
         torch.manual_seed(3)  # the same entropies for both
         mask = rand_mask(b, t)
         inputs = dict(prompt_ids=torch.zeros(b, 2, dtype=torch.long),
@@ -641,6 +646,7 @@ def test_trl_grpo_compute_loss_with_vllm_is_ratio_matches_trl(is_shape):
         results.append((loss, torch.autograd.grad(loss, logp)[0], trainer._metrics["train"]))
     (want, want_grad, want_metrics), (got, got_grad, got_metrics) = results
     assert calls["grpo_loss"] == fused_before + 1  # the wrapped call ran on rlkern, not TRL's fallback
+    assert float(want) != 0.0 and bool(want_grad.abs().sum() > 0)  # the ratios did not zero every weight
     close(got, want, what="loss")
     close(got_grad, want_grad, what="d logp")
     assert set(got_metrics) == set(want_metrics)

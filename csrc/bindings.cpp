@@ -43,5 +43,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("rollout_weights_fwd", &rlkern::rollout_weights_fwd, release);
   m.def("trust_region_fwd", &rlkern::trust_region_fwd, release);
   m.def("kl_cov_select", &rlkern::kl_cov_select, release);
+  m.def("entropy_quantile_bounds", &rlkern::entropy_quantile_bounds, release);
   m.def("kl_cov_fwd", &rlkern::kl_cov_fwd, release);
   m.def("kl_cov_bwd", &rlkern::kl_cov_bwd, release);}

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -405,6 +406,60 @@ void kl_cov_bwd(const at::Tensor& grad_rows, const at::Tensor& logp, const at::T
       at_level<BackwardKernel<T, M>>(p, s, r0, r1, g, pick, c, out);
     });
   });
+}
+
+// The quantile of the high-entropy mask (TRL 1.16 GRPOTrainer.get_high_entropy_mask: torch.quantile
+// over the valid tokens' entropies, its padding sentinel -1e9 dropped). With the n live values in
+// ascending order followed by +inf (the order torch.sort gives rlkern/ops/token_selection.py's
+// torch path) and rank = float32(q) * float32(n - 1), as torch.quantile computes it: bounds = (the
+// value at floor(rank), the value at ceil(rank), rank - floor(rank)); Python interpolates them with
+// torch.lerp, as torch.quantile does. One pass gathers the live values; std::nth_element places the
+// lower one, and the upper one is the least of the values after it: O(n) where the sort is
+// O(n log n) (about 9x faster at 1M tokens). A NaN among the live values: both values NaN
+// (torch.quantile's answer). count: n.
+void entropy_quantile_bounds(const at::Tensor& entropies, const at::Tensor& mask, double q, at::Tensor bounds,
+                             at::Tensor count) {
+  TORCH_CHECK(entropies.scalar_type() == at::kFloat && entropies.is_contiguous(),
+              "entropies must be contiguous float32");
+  TORCH_CHECK(mask.is_contiguous() && mask.numel() == entropies.numel(), "mask must be contiguous with entropies' size");
+  TORCH_CHECK(bounds.scalar_type() == at::kFloat && bounds.is_contiguous() && bounds.numel() == 3,
+              "bounds must be contiguous float32 [3]");
+  TORCH_CHECK(count.scalar_type() == at::kLong && count.numel() == 1, "count must be one int64");
+  TORCH_CHECK(q >= 0 && q <= 1, "q must be in [0, 1], got ", q);
+  constexpr float kTrlPad = -1e9f;  // exactly -1e9 (TRL's pad value, an integer below 2^30)
+  const int64_t N = entropies.numel();
+  const float* e = entropies.const_data_ptr<float>();
+  std::vector<float> live;
+  live.reserve(static_cast<size_t>(N));
+  bool nan = false;
+  dispatch_mask_type(mask.scalar_type(), "mask", [&](auto tag) {
+    using M = decltype(tag);
+    const M* m = mask_data<M>(mask);
+    for (int64_t i = 0; i < N; ++i) {
+      // nonzero = valid (a NaN mask value too); int64 and 16-bit floats convert to a nonzero float
+      if (static_cast<float>(m[i]) == 0.f || e[i] == kTrlPad) continue;
+      live.push_back(e[i]);
+      nan |= std::isnan(e[i]);
+    }
+  });
+  const int64_t n = static_cast<int64_t>(live.size());
+  const float rank = static_cast<float>(q) * static_cast<float>(std::max<int64_t>(n - 1, 0));
+  const int64_t below = static_cast<int64_t>(rank), above = static_cast<int64_t>(std::ceil(rank));
+  float* out = bounds.data_ptr<float>();
+  out[2] = rank - static_cast<float>(below);
+  count.data_ptr<int64_t>()[0] = n;
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  if (nan) {
+    out[0] = out[1] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  // float32(n - 1) rounds up for some n > 2^24, so either index may be n: the +inf after the values.
+  out[0] = out[1] = inf;
+  if (below >= n) return;
+  std::nth_element(live.begin(), live.begin() + below, live.end());
+  out[0] = live[below];
+  if (above == below) out[1] = out[0];
+  else if (above < n) out[1] = *std::min_element(live.begin() + below + 1, live.end());
 }
 
 }  // namespace rlkern

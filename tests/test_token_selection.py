@@ -74,8 +74,9 @@ def _trl_mask(me, entropies, mask, q):
     return GRPOTrainer.get_high_entropy_mask(me, entropies, mask, q)
 
 
+# The backends: cpp runs csrc/token_selection.cpp's selection, torch and triton the sort (the GPU's path).
 @pytest.mark.parametrize("case", range(40))
-def test_high_entropy_mask_matches_trl(trl_self, case):
+def test_high_entropy_mask_matches_trl(trl_self, case, backend):
     seed = _fresh_seed()
     g = _gen(seed)
     b, t = int(torch.randint(1, 9, (), generator=g)), int(torch.randint(1, 70, (), generator=g))
@@ -85,7 +86,7 @@ def test_high_entropy_mask_matches_trl(trl_self, case):
     dtype = (torch.float32, torch.bfloat16, torch.float16)[case % 3]
     entropies = entropies.to(dtype)
     mask = torch.rand(b, t, generator=g) < 0.6
-    mask = (mask, mask.long(), mask.float(), mask.int())[case % 4]
+    mask = (mask, mask.long(), mask.float(), mask.int(), mask.to(torch.uint8), mask.bfloat16())[case % 6]
     q = float(torch.rand((), generator=g)) if case % 5 else (0.0, 1.0)[case % 2]
     want = _trl_mask(trl_self, entropies, mask, q)
     got = ops.high_entropy_mask(entropies, mask, q)
@@ -95,7 +96,7 @@ def test_high_entropy_mask_matches_trl(trl_self, case):
 
 @pytest.mark.parametrize("what", ["all_masked", "nan_valid", "nan_padding", "inf_valid", "sentinel",
                                   "one_token", "empty"])
-def test_high_entropy_mask_edges_match_trl(trl_self, what):
+def test_high_entropy_mask_edges_match_trl(trl_self, what, backend):
     g = _gen(_fresh_seed())
     entropies = torch.rand(4, 9, generator=g) * 3
     mask = torch.rand(4, 9, generator=g) < 0.7
@@ -121,6 +122,23 @@ def test_high_entropy_mask_edges_match_trl(trl_self, what):
     for q in (0.0, 0.2, 0.5, 0.97, 1.0):
         want = _trl_mask(trl_self, entropies, mask, q)
         assert torch.equal(ops.high_entropy_mask(entropies, mask, q), want), (what, q)
+
+
+@pytest.mark.parametrize("q", [1.0, 1.0 - 2.0**-24, 0.5])
+def test_high_entropy_mask_past_2_24_tokens_selects_as_the_sort_does(q):
+    """2^24 + 4 live tokens (beyond torch.quantile's limit, so against the sort path): float32(n - 1)
+    rounds up to n there, so at q = 1 the quantile rank points past the last value, at the +inf that
+    follows the values in the sort (the C++ selection must not read past them)."""
+    g = _gen(_fresh_seed())
+    entropies = torch.rand(2, 2**23 + 2, generator=g) * 4
+    mask = torch.ones(entropies.shape, dtype=torch.bool)
+    with rlkern.use_backend("cpp"):
+        got = ops.high_entropy_mask(entropies, mask, q)
+    with rlkern.use_backend("torch"):
+        want = ops.high_entropy_mask(entropies, mask, q)
+    assert torch.equal(got, want)
+    if q == 0.5:
+        assert 0.49 < float(got.float().mean()) < 0.51
 
 
 def test_high_entropy_mask_rejects_bad_arguments():

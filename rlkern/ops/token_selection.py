@@ -21,10 +21,11 @@ tensor's *shape* (the largest ``k`` any mask of that shape could give), so nothi
 KL-Cov (:func:`kl_cov_mask`, :func:`kl_cov_rows`) has kernels: on CPU (csrc/token_selection.cpp) a
 pass for the means and one that keeps each thread's best ``k`` tokens in a heap (faster than
 ``torch.topk`` over the batch at verl's ratio: benchmarks/policy_variants.py); on GPU
-(kernels/token_selection.py) ``torch.topk`` and Triton for the token losses. Clip-Cov and the
-entropy mask are plain PyTorch: their selection is a sort or a random top-k over the whole batch,
-which torch runs at memory speed. Every op traces with
-``torch.compile(fullgraph=True)`` (no data-dependent shapes).
+(kernels/token_selection.py) ``torch.topk`` and Triton for the token losses. The entropy mask's
+quantile on CPU is csrc/token_selection.cpp's selection (``std::nth_element``, O(n)) where torch
+sorts the batch; on GPU it is that sort, which runs at memory speed there. Clip-Cov is plain
+PyTorch: a random top-k over the batch. Every op traces with ``torch.compile(fullgraph=True)`` (no
+data-dependent shapes).
 
 Shapes: ``[..., T]`` with any leading dims; the selection is over all tokens of the batch together, in
 row-major order (verl's and TRL's order). Masks: any dtype, nonzero = valid.
@@ -405,17 +406,50 @@ def high_entropy_mask(entropies: Tensor, mask: Tensor, threshold: float) -> Tens
     q = check_number(threshold, "threshold")
     if not (0.0 <= q <= 1.0):
         raise ValueError(f"threshold must be in [0, 1] (torch.quantile's q), got {threshold}")
+    if entropies.numel() == 0:
+        return _nothing(entropies)
     e = entropies.float()
+    if pick_backend(entropies, valid) == "cpp":
+        bounds, n = _entropy_quantile_bounds(e.contiguous(), token_mask(mask, "mask", e.shape), q, "cpp")
+        lo, hi, weight = bounds.unbind()
+    else:
+        lo, hi, weight, n = _quantile_bounds_by_sort(e, valid, q)
+    # torch.quantile (aten Sorting.cpp quantile_compute): values_below.lerp_(values_above, ranks - below).
+    thr = torch.lerp(lo, hi, weight)
+    return (entropies * mask.float() >= thr) & valid & (n > 0)
+
+
+def _quantile_bounds_by_sort(e: Tensor, valid: Tensor, q: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """high_entropy_mask's quantile bounds (csrc/token_selection.cpp entropy_quantile_bounds) as
+    torch.quantile finds them: the live values sorted, +inf after them, ranks = q * last_index in
+    float32, below = floor (by the cast), above = ceil; NaN bounds when a live value is NaN. Past
+    2^24 values float32(n - 1) can round up to n: an index past the last element reads +inf."""
     live = valid & (e != _TRL_PAD)
     n = torch.count_nonzero(live)
     ordered = torch.sort(torch.where(live, e, math.inf).reshape(-1)).values
-    if ordered.numel() == 0:
-        return _nothing(entropies)
-    # torch.quantile (aten Sorting.cpp quantile_compute): ranks = q * last_index in the input dtype;
-    # below = floor (by the cast), above = ceil, values_below.lerp_(values_above, ranks - below).
     ranks = torch.tensor(q, dtype=torch.float32, device=e.device) * (n - 1).clamp(min=0).float()
     below = ranks.long()
-    lo, hi = ordered.gather(0, below.reshape(1)), ordered.gather(0, ranks.ceil().long().reshape(1))
-    thr = torch.lerp(lo, hi, ranks - below.float()).reshape(())
-    thr = torch.where((live & torch.isnan(e)).any(), math.nan, thr)
-    return (entropies * mask.float() >= thr) & valid & (n > 0)
+    last = ordered.numel() - 1
+    nan = (live & torch.isnan(e)).any()
+
+    def value_at(index: Tensor) -> Tensor:
+        value = ordered.gather(0, index.clamp(max=last).reshape(1)).reshape(())
+        return torch.where(nan, math.nan, torch.where(index > last, math.inf, value))
+
+    return value_at(below), value_at(ranks.ceil().long()), ranks - below.float(), n
+
+
+# entropies: contiguous float32; mask: its shape, any kernel mask dtype. bounds: float32 (the values at
+# the floor and the ceil of the quantile rank, and the interpolation weight); count: int64 live values.
+@kernel_op("entropy_quantile_bounds")
+def _entropy_quantile_bounds(entropies: Tensor, mask: Tensor, q: float,
+                             backend: str) -> tuple[Tensor, Tensor]:
+    bounds = new_output((3,), device=entropies.device)
+    count = new_output((), device=entropies.device, dtype=torch.int64)
+    kernels(backend, "").entropy_quantile_bounds(entropies, mask, q, bounds, count)
+    return bounds, count
+
+
+@_entropy_quantile_bounds.register_fake
+def _(entropies, *_):
+    return entropies.new_empty((3,)), entropies.new_empty((), dtype=torch.int64)

@@ -154,6 +154,9 @@ def test_grpo_trainer_runs_on_rlkern_and_matches(tmp_path, config):
         # through rlkern's grpo_loss, and no fallback
         assert c["linear_logprobs"] >= c["grpo_loss"] >= 1, (step, c)
         assert not any(k.startswith("fallback") for k in c), (step, c)
+        # the top-entropy-quantile mask too (one process: rlkern's selection, not TRL's sort)
+        entropy_masks = c["grpo_loss"] if "top_entropy_quantile" in config else 0
+        assert c["high_entropy_mask"] == entropy_masks, (step, c)
     keys = GRPO_KEYS + (("kl",) if config.get("beta") else ())
     keys += ("policy_loss", "entropy_coef") if config.get("entropy_coef") else ()
     assert_same_metrics(base, fused, keys)

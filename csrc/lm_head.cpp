@@ -306,34 +306,19 @@ RLKERN_INLINE void store_block(const vfloat (&acc)[R][2], float* c, int64_t ldc,
   }
 }
 
-template <typename T, int R>
-RLKERN_INLINE void logits_block(const T* a, int64_t lda, const float* panel, int64_t depth, float* c, int64_t ldc,
+// One register block of R <= kBlockRows tokens x kPanel ids over `depth` steps of k, its rows packed
+// k-major (pa[k * kBlockRows + i] = hidden[row + i][k], see pack_rows): the broadcasts read one 48-byte
+// line per k instead of R rows 4 KiB-aliased in L1. A block of fewer rows (a tile's last) reads the
+// same stride and leaves the padding lanes alone: each logit's arithmetic is the same for every R.
+template <int R>
+RLKERN_INLINE void logits_block(const float* pa, const float* panel, int64_t depth, float* c, int64_t ldc,
                                 int64_t cols, bool first) {
   vfloat acc[R][2];
   load_block<R>(acc, c, ldc, cols, first);
   for (int64_t k = 0; k < depth; ++k) {
     const vfloat b0 = load16(panel + k * kPanel), b1 = load16(panel + k * kPanel + kLanes);
     for (int i = 0; i < R; ++i) {
-      const vfloat x = broadcast(static_cast<float>(a[i * lda + k]));
-      acc[i][0] += x * b0;
-      acc[i][1] += x * b1;
-    }
-  }
-  store_block<R>(acc, c, ldc, cols);
-}
-
-// logits_block with the rows' operand packed k-major (pa[k * kBlockRows + i] = hidden[row + i][k]):
-// the broadcasts then read one 48-byte line per k instead of 12 rows 4 KiB-aliased in L1 (0.66x MKL
-// -> see lm_logits). Same per-logit arithmetic, in the same order.
-RLKERN_INLINE void logits_block_packed(const float* pa, const float* panel, int64_t depth, float* c, int64_t ldc,
-                                       int64_t cols, bool first) {
-  constexpr int R = kBlockRows;
-  vfloat acc[R][2];
-  load_block<R>(acc, c, ldc, cols, first);
-  for (int64_t k = 0; k < depth; ++k) {
-    const vfloat b0 = load16(panel + k * kPanel), b1 = load16(panel + k * kPanel + kLanes);
-    for (int i = 0; i < R; ++i) {
-      const vfloat x = broadcast(pa[k * R + i]);
+      const vfloat x = broadcast(pa[k * kBlockRows + i]);
       acc[i][0] += x * b0;
       acc[i][1] += x * b1;
     }
@@ -372,26 +357,49 @@ void pack_panels_f32(const float* w, int64_t v, int64_t h, float* packed) {
 
 constexpr int64_t kPanelsPerTask = 16;  // 512 vocabulary ids: 1 MiB of packed weight at H = 512 (L2)
 
+// Rows per token tile once packed: whole register blocks, the last one zero-padded.
+inline int64_t packed_tile_rows(int64_t rows) { return (rows + kBlockRows - 1) / kBlockRows * kBlockRows; }
+
+// hidden [n, H] (fp32, or bf16 / fp16 widened exactly) -> the rows operand of logits_block, packed
+// once per call: token tile t (rows [t tile, +tile)) starts at pa + t packed_tile_rows(tile) H, and its
+// block of rows [r, r + kBlockRows) (r from the tile's start) at + r H, as pa[k kBlockRows + i] =
+// hidden[r + i][k], rows past the tile 0. Packing inside each (vocabulary tile, task), as before, re-
+// packed all N rows for every 512 vocabulary ids: at N=2048, H=1024, V=151936 (fp32, one thread) the
+// GEMM ran at 0.75x MKL's for the same tiles.
+template <typename T>
+void pack_rows(const T* hidden, int64_t n, int64_t h, int64_t tile, float* pa) {
+  const int64_t per_tile = packed_tile_rows(tile) / kBlockRows, tiles = (n + tile - 1) / tile;
+  at::parallel_for(0, tiles * per_tile, grain_for(kBlockRows * h), [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t n0 = blk / per_tile * tile, r = n0 + blk % per_tile * kBlockRows;
+      const int64_t live = std::max<int64_t>(0, std::min<int64_t>(kBlockRows, std::min(n, n0 + tile) - r));
+      float* dst = pa + blk * kBlockRows * h;
+      for (int64_t k0 = 0; k0 < h; k0 += 64) {  // 64 k at a time: 12 source lines stay in L1
+        const int64_t k1 = std::min<int64_t>(h, k0 + 64);
+        for (int64_t i = 0; i < live; ++i) {
+          const T* src = hidden + (r + i) * h;
+          for (int64_t k = k0; k < k1; ++k) dst[k * kBlockRows + i] = static_cast<float>(src[k]);
+        }
+        for (int64_t i = live; i < kBlockRows; ++i) {
+          for (int64_t k = k0; k < k1; ++k) dst[k * kBlockRows + i] = 0.f;
+        }
+      }
+    }
+  });
+}
+
 // Tasks [begin, end) of (panel group, row chunk) pairs, group-major: task t covers panels
 // [16 (t / chunks), +16) and rows [kRowsPerTask (t % chunks), +kRowsPerTask). A thread's consecutive
-// tasks share the group's packed weight (L2) while the rows stream; each task packs its rows once.
-RLKERN_INLINE void logits_tasks(int64_t begin, int64_t end, const float* hidden, const float* packed,
+// tasks share the group's packed weight (L2) while the rows (packed by pack_rows, pa: this tile's)
+// stream.
+RLKERN_INLINE void logits_tasks(int64_t begin, int64_t end, const float* pa, const float* packed,
                                 const LogitsGeometry& g, float* out) {
   const int64_t chunks = (g.rows + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t panels = (g.cols + kPanel - 1) / kPanel;
-  std::vector<float> pa(kRowsPerTask * g.depth);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t p0 = (t / chunks) * kPanelsPerTask, p1 = std::min(panels, p0 + kPanelsPerTask);
     const int64_t row0 = (t % chunks) * kRowsPerTask;
     const int64_t row_end = std::min(g.rows, row0 + kRowsPerTask);
-    const int64_t full_end = row0 + (row_end - row0) / kBlockRows * kBlockRows;
-    for (int64_t blk = row0; blk < full_end; blk += kBlockRows) {  // pa[block][k][i]
-      float* dst = pa.data() + (blk - row0) * g.depth;
-      for (int i = 0; i < kBlockRows; ++i) {
-        const float* src = hidden + (blk + i) * g.depth;
-        for (int64_t k = 0; k < g.depth; ++k) dst[k * kBlockRows + i] = src[k];
-      }
-    }
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t col0 = p * kPanel;
       const int64_t cols = std::min<int64_t>(kPanel, g.cols - col0);
@@ -399,26 +407,24 @@ RLKERN_INLINE void logits_tasks(int64_t begin, int64_t end, const float* hidden,
         const int64_t depth = std::min(kDepth, g.depth - k0);
         const float* panel = packed + p * kPanel * g.depth + k0 * kPanel;
         const bool first = k0 == 0;
-        int64_t i = row0;
-        for (; i < full_end; i += kBlockRows) {
-          logits_block_packed(pa.data() + (i - row0) * g.depth + k0 * kBlockRows, panel, depth,
-                              out + i * g.ldo + col0, g.ldo, cols, first);
-        }
-        const float* a = hidden + i * g.depth + k0;
-        float* c = out + i * g.ldo + col0;
-        switch (row_end - i) {  // the same per-logit arithmetic on fewer rows
-          case 11: logits_block<float, 11>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          case 10: logits_block<float, 10>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          case 9: logits_block<float, 9>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          case 8: logits_block<float, 8>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          case 7: logits_block<float, 7>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          case 6: logits_block<float, 6>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          case 5: logits_block<float, 5>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          case 4: logits_block<float, 4>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          case 3: logits_block<float, 3>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          case 2: logits_block<float, 2>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          case 1: logits_block<float, 1>(a, g.depth, panel, depth, c, g.ldo, cols, first); break;
-          default: break;
+        for (int64_t i = row0; i < row_end; i += kBlockRows) {
+          const float* a = pa + i * g.depth + k0 * kBlockRows;
+          float* c = out + i * g.ldo + col0;
+          switch (std::min<int64_t>(kBlockRows, row_end - i)) {  // the same per-logit arithmetic on fewer rows
+            case kBlockRows: logits_block<kBlockRows>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 11: logits_block<11>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 10: logits_block<10>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 9: logits_block<9>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 8: logits_block<8>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 7: logits_block<7>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 6: logits_block<6>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 5: logits_block<5>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 4: logits_block<4>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 3: logits_block<3>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 2: logits_block<2>(a, panel, depth, c, g.ldo, cols, first); break;
+            case 1: logits_block<1>(a, panel, depth, c, g.ldo, cols, first); break;
+            default: break;
+          }
         }
       }
     }
@@ -610,9 +616,9 @@ void accumulate_dispatch(int64_t b, int64_t e, float* acc, const c10::BFloat16* 
 }
 void accumulate_dispatch(int64_t b, int64_t e, float* acc, const c10::Half* part) { accumulate_f16(b, e, acc, part); }
 
-RLKERN_CLONES void logits_f32(int64_t b, int64_t e, const float* h, const float* packed, const LogitsGeometry& g,
+RLKERN_CLONES void logits_f32(int64_t b, int64_t e, const float* pa, const float* packed, const LogitsGeometry& g,
                               float* out) {
-  logits_tasks(b, e, h, packed, g, out);
+  logits_tasks(b, e, pa, packed, g, out);
 }
 
 TileGeometry tile_geometry(const at::Tensor& tile, int64_t vocab_start) {
@@ -643,6 +649,27 @@ const int64_t* tile_labels(const at::Tensor& labels, int64_t rows) {
   return labels.data_ptr<int64_t>();
 }
 
+// hidden [N, H]'s rows as the fp32 loop reads them (pack_rows), packed once for every token tile of
+// `tile` rows: once per call rather than once per vocabulary tile.
+class PackedRows {
+ public:
+  PackedRows(const at::Tensor& hidden, int64_t tile) : tile_(std::max<int64_t>(tile, 1)), depth_(hidden.size(1)) {
+    const int64_t n = hidden.size(0), tiles = (n + tile_ - 1) / tile_;
+    buf_ = at::empty({tiles * packed_tile_rows(tile_) * depth_}, at::kFloat);
+    dispatch_storage_type(hidden.scalar_type(), "hidden", [&](auto tag) {
+      using T = decltype(tag);
+      pack_rows(static_cast<const T*>(hidden.data_ptr()), n, depth_, tile_, buf_.data_ptr<float>());
+    });
+  }
+
+  // The packed rows of the token tile that starts at row n0 (a multiple of the tile).
+  const float* tile_at(int64_t n0) const { return buf_.data_ptr<float>() + n0 / tile_ * packed_tile_rows(tile_) * depth_; }
+
+ private:
+  int64_t tile_, depth_;
+  at::Tensor buf_;
+};
+
 // The logits of one weight tile against any number of token tiles, with the weight packed once per
 // tile (packing it, and allocating and faulting in its buffer, per token tile cost ~10% of the GEMM).
 // fp32: the packed AVX loop; bf16: AMX where present; fp16 and bf16 without AMX: widened to fp32
@@ -652,8 +679,8 @@ class TileLogits {
  public:
   TileLogits(at::ScalarType dtype, int64_t max_cols, int64_t depth) : depth_(depth) {
     dispatch_storage_type(dtype, "hidden", [](auto) {});
+    amx_ = uses_amx(dtype);
 #ifdef RLKERN_HAVE_AMX
-    amx_ = dtype == at::kBFloat16 && amx::available();
     if (amx_) {
       amx_depth_ = (depth + amx::kStep - 1) / amx::kStep * amx::kStep;
       packed16_ = at::empty({(max_cols + amx::kCols - 1) / amx::kCols * amx::kCols * amx_depth_}, at::kBFloat16);
@@ -676,7 +703,20 @@ class TileLogits {
     pack_panels_f32(w32.data_ptr<float>(), cols_, depth_, packed32_.data_ptr<float>());
   }
 
-  void compute(const at::Tensor& hidden, at::Tensor out) const {
+  // bf16 on a CPU with AMX: the tile unit, which reads hidden itself; else the fp32 loop, which reads
+  // PackedRows.
+  static bool uses_amx(at::ScalarType dtype) {
+#ifdef RLKERN_HAVE_AMX
+    return dtype == at::kBFloat16 && amx::available();
+#else
+    (void)dtype;
+    return false;
+#endif
+  }
+
+  // out = hidden's logits against the weight tile. rows: hidden's PackedRows (tile_at), or nullptr to
+  // pack them here (ignored on AMX).
+  void compute(const at::Tensor& hidden, at::Tensor out, const float* rows = nullptr) const {
     const LogitsGeometry g{hidden.size(0), cols_, depth_, out.stride(0)};
     if (g.rows == 0 || g.cols == 0) return;
     float* o = out.data_ptr<float>();
@@ -690,13 +730,13 @@ class TileLogits {
       return;
     }
 #endif
-    const at::Tensor h32 = widen_ ? hidden.to(at::kFloat) : hidden;
-    const float* h = h32.data_ptr<float>();
+    std::optional<PackedRows> own;
+    if (rows == nullptr) rows = own.emplace(hidden, g.rows).tile_at(0);
     const float* w = packed32_.data_ptr<float>();
     const int64_t panels = (g.cols + kPanel - 1) / kPanel;
     const int64_t tasks = (panels + kPanelsPerTask - 1) / kPanelsPerTask * ((g.rows + kRowsPerTask - 1) / kRowsPerTask);
     const int64_t work = std::min(kRowsPerTask, g.rows) * std::min(kPanelsPerTask * kPanel, g.cols) * g.depth;
-    at::parallel_for(0, tasks, grain_for(work), [&](int64_t b, int64_t e) { logits_f32(b, e, h, w, g, o); });
+    at::parallel_for(0, tasks, grain_for(work), [&](int64_t b, int64_t e) { logits_f32(b, e, rows, w, g, o); });
   }
 
  private:
@@ -882,6 +922,8 @@ void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, con
   // its core takes fewer of them; which thread computes a tile does not change its bits.
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), tiles);
+  std::optional<PackedRows> packed_rows;  // read by every vocabulary tile (not on AMX)
+  if (!TileLogits::uses_amx(hidden.scalar_type())) packed_rows.emplace(hidden, tn);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits for every input dtype
     TileLogits logits(hidden.scalar_type(), tv, hidden.size(1));
@@ -900,7 +942,7 @@ void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, con
       for (int64_t n0 = 0; n0 < n; n0 += tn) {  // nested parallel_for calls below run inline
         const int64_t rows = std::min(tn, n - n0);
         at::Tensor tile = buf.narrow(0, 0, rows * v).view({rows, v});
-        logits.compute(hidden.narrow(0, n0, rows), tile);
+        logits.compute(hidden.narrow(0, n0, rows), tile, packed_rows ? packed_rows->tile_at(n0) : nullptr);
         const FoldState st{m + n0, s + n0, t + n0, zy_p + n0, at_row(q, n0), at_row(inv_p, n0)};
         fold_tile(tile, b, labels.narrow(0, n0, rows), static_cast<float>(inv_temp), ignore_index, vocab_start + v0,
                   want_entropy, st);
@@ -969,6 +1011,8 @@ void bwd_workers(const GradState& rows_in, const at::Tensor& hidden, const at::T
   const bool one_token_tile = tn >= n, exact = hidden.scalar_type() == at::kFloat;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor partials = at::empty({workers - 1, n, hs}, f32);
+  std::optional<PackedRows> packed_rows;  // bf16 / fp16 off AMX: lm_logits' rows, shared by the workers
+  if (!exact && !TileLogits::uses_amx(hidden.scalar_type())) packed_rows.emplace(hidden, tn);
   at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
     // Grad mode is thread-local: a pool thread has it on, and the saved hidden / weight require grad,
     // which the out= GEMMs refuse (autograd's own thread runs this with it off).
@@ -1000,7 +1044,7 @@ void bwd_workers(const GradState& rows_in, const at::Tensor& hidden, const at::T
           if (exact) {
             at::mm_out(dz32, h_tile, w_tile.t());
           } else {
-            logits->compute(h_tile, dz32);
+            logits->compute(h_tile, dz32, packed_rows ? packed_rows->tile_at(n0) : nullptr);
           }
           const GradState st{at_row(rows_in.grad_logp, n0), at_row(rows_in.grad_ent, n0), at_row(rows_in.lse, n0),
                              at_row(rows_in.ent, n0), at_row(rows_in.inv, n0)};
@@ -1093,8 +1137,10 @@ void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::
   at::Tensor buf = at::empty({tn * tv}, f32);  // fp32 logits, then d logits
   at::Tensor low, dh_part, dw_acc;
   std::optional<TileLogits> logits;  // bf16 / fp16: fp32 logits from lm_logits' loop
+  std::optional<PackedRows> packed_rows;  // its rows operand off AMX, packed once
   if (!exact) {
     logits.emplace(hidden.scalar_type(), tv, hs);
+    if (!TileLogits::uses_amx(hidden.scalar_type())) packed_rows.emplace(hidden, tn);
     low = at::empty({tn * tv}, hidden.options());  // d logits in the GEMMs' dtype
     dh_part = at::empty({tn, hs}, hidden.options());
     if (!one_token_tile) dw_acc = at::empty({tv, hs}, f32);
@@ -1113,7 +1159,7 @@ void linear_logprobs_bwd(const std::optional<at::Tensor>& grad_logp, const std::
       if (exact) {
         at::mm_out(dz32, h_tile, w_tile.t());
       } else {
-        logits->compute(h_tile, dz32);
+        logits->compute(h_tile, dz32, packed_rows ? packed_rows->tile_at(n0) : nullptr);
       }
       const GradState st{at_row(rows_in.grad_logp, n0), at_row(rows_in.grad_ent, n0), at_row(rows_in.lse, n0),
                          at_row(rows_in.ent, n0), at_row(rows_in.inv, n0)};

@@ -55,6 +55,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -1006,11 +1007,11 @@ void losses_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
   loss_ptr[0] = static_cast<float>(total);
   const double n = std::max(tokens, 1.0), rows = std::max<double>(static_cast<double>(B), 1.0);
   const int order[] = {kClipped, kClipHigh, kClipLow, kDualFlag, kNegLogRatio, kK3};
-  for (int i = 0; i < 6; ++i) {
+  for (std::size_t i = 0; i < std::size(order); ++i) {
     const bool flag = order[i] != kNegLogRatio && order[i] != kK3;
     stats_ptr[i] = static_cast<float>(sums[order[i]] / (flag && flags_per_row ? rows : n));
   }
-  stats_ptr[6] = stats_ptr[1] + stats_ptr[2];
+  stats_ptr[std::size(order)] = stats_ptr[1] + stats_ptr[2];  // GRPO's clip_ratio: high + low
   stats_ptr[7] = 0.f;
 }
 

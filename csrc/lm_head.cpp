@@ -365,7 +365,7 @@ inline int64_t packed_tile_rows(int64_t rows) { return (rows + kBlockRows - 1) /
 // block of rows [r, r + kBlockRows) (r from the tile's start) at + r H, as pa[k kBlockRows + i] =
 // hidden[r + i][k], rows past the tile 0. Packing inside each (vocabulary tile, task), as before, re-
 // packed all N rows for every 512 vocabulary ids: at N=2048, H=1024, V=151936 (fp32, one thread) the
-// GEMM ran at 0.75x MKL's for the same tiles.
+// forward (GEMM and fold) took 1.22-1.31x as long as MKL's GEMM alone on the same tiles, 1.12-1.18x now.
 template <typename T>
 void pack_rows(const T* hidden, int64_t n, int64_t h, int64_t tile, float* pa) {
   const int64_t per_tile = packed_tile_rows(tile) / kBlockRows, tiles = (n + tile - 1) / tile;
